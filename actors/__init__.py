@@ -1,0 +1,1 @@
+"""Attackers and benign users: pure, stepwise query sources plus the Ray actor that drives them."""

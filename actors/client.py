@@ -1,0 +1,58 @@
+"""The Ray actor that drives one query source (an attack or a benign user) through its accounts.
+
+The actor owns transport, accounts, budget and progress; the source owns the method
+(``propose`` / ``observe`` / ``transfer_set``). Attackers and benign users are the same actor class.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import ray
+
+from .accounts import AccountSplitter
+
+
+@ray.remote(num_cpus=0)
+class ClientActor:
+    def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int,
+                 batch_size: int, app_name: str, progress=None, seed: int = 0):
+        import torch
+        from ray import serve
+
+        torch.set_num_threads(1)
+        self.actor_id = actor_id
+        self.source = source
+        self.splitter = AccountSplitter(keys, split, budget, seed)
+        self.batch_size = batch_size
+        self.handle = serve.get_deployment_handle("victim", app_name)
+        self.progress = progress
+
+    def run(self) -> dict:
+        sent: Counter = Counter()
+        refused: Counter = Counter()
+        total = 0
+        start = time.perf_counter()
+        while self.source.remaining > 0:
+            key, n = self.splitter.next(min(self.batch_size, self.source.remaining))
+            x = self.source.propose(n)
+            reply = self.handle.query.remote(key, x, self.actor_id).result()
+            if reply.status >= 400 and not reply.actions:
+                raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
+            answered = reply.answered
+            self.source.observe(x, reply.probs, answered)
+            sent[reply.account_id] += len(x)
+            refused[reply.account_id] += int((~answered).sum())
+            total += len(x)
+            if self.progress is not None:
+                self.progress.update.remote(self.actor_id, total)
+        return {
+            "actor_id": self.actor_id,
+            "sent": total,
+            "refused": sum(refused.values()),
+            "per_account": dict(sent),
+            "refused_per_account": {a: c for a, c in refused.items() if c},
+            "seconds": time.perf_counter() - start,
+            "transfer": self.source.transfer_set(),
+        }

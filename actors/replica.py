@@ -1,0 +1,37 @@
+"""Replica training: an attacker's model trained on the answers it collected."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from torch import nn
+
+from sim import models
+from sim.config import ReplicaConfig
+from sim.training import train_classifier
+
+
+def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: tuple[int, int, int],
+                  num_classes: int, cfg: ReplicaConfig, seed: int, on_epoch=None) -> nn.Module:
+    """Train a fresh ``arch`` on the transfer set: soft labels (the returned vectors) or hard (argmax)."""
+    model = models.build(arch, input_shape, num_classes)
+    targets = probs if cfg.labels == "soft" else probs.argmax(1)
+    return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                            seed=seed, on_epoch=on_epoch)
+
+
+@ray.remote(num_cpus=0.5)
+def train_replica_task(x, probs, arch, input_shape, num_classes, cfg: ReplicaConfig, seed: int,
+                       board=None, key: str = "replica") -> dict:
+    """Ray task around :func:`train_replica`; posts epochs done to a ProgressBoard; returns a state_dict."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    def on_epoch(epoch, loss):
+        if board is not None:
+            board.update.remote(key, epoch)
+
+    model = train_replica(x, probs, arch=arch, input_shape=input_shape, num_classes=num_classes,
+                          cfg=cfg, seed=seed, on_epoch=on_epoch)
+    return model.state_dict()

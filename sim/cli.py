@@ -1,0 +1,138 @@
+"""``python -m sim [serve] scenario=NAME [key=value ...]`` and ``python -m sim help``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from .errors import SimError
+
+USAGE = """\
+usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print its summary
+       python -m sim serve scenario=NAME [key=value ...]  serve its victim on 127.0.0.1 until Ctrl-C
+       python -m sim help                                 this text
+
+scenarios: {scenarios}
+
+main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
+{keys}
+"""
+
+
+def help_text() -> str:
+    from .config import describe_keys, scenario_names
+
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    keys = "\n".join(f"  {k:<{width}}  default {d:<16} {desc}" for k, d, desc in rows)
+    return USAGE.format(scenarios=", ".join(scenario_names()), keys=keys)
+
+
+def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
+    mode = "run"
+    if argv and argv[0] in ("serve", "run"):
+        mode, argv = argv[0], argv[1:]
+    scenario, overrides = None, []
+    for arg in argv:
+        if arg.startswith("scenario="):
+            scenario = arg.split("=", 1)[1]
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise SimError(f"argument {arg!r} is not understood; expected scenario=NAME or key=value "
+                           f"(see python -m sim help)")
+    return scenario, mode, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print(help_text())
+        return 0 if argv else 2
+    logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        scenario, mode, overrides = _split_args(argv)
+        if scenario is None:
+            raise SimError("scenario=NAME is required (see python -m sim help)")
+        if mode == "serve":
+            return serve_forever(scenario, overrides)
+        from .engine import format_summary, run
+
+        summary = run(scenario, overrides)
+        print(format_summary(summary))
+        return 0
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def serve_forever(scenario: str, overrides: list[str]) -> int:
+    """Deploy the scenario's victim and serve external clients until interrupted."""
+    from . import config as config_mod
+    from . import querylog, storage
+    from .engine import _app_name, _spec, _train_victim, new_run_dir, ray_session
+    from .service import Account, make_keys
+
+    cfg = config_mod.load(scenario, overrides)
+    cfg.run_dir = run_dir = new_run_dir(cfg)
+    storage.makedirs(run_dir)
+    storage.write_text(storage.join(run_dir, "config.yaml"), config_mod.to_yaml(cfg))
+    keys_path = cfg.serve.keys or storage.join(run_dir, "keys.json")
+    keys = load_keys(keys_path) if cfg.serve.keys else make_keys(
+        [Account(f"external-{i:03d}", "external") for i in range(cfg.serve.accounts)])
+    if not cfg.serve.keys:
+        storage.write_text(keys_path, json.dumps(
+            [{"key": k, "account_id": a.account_id, "role": a.role} for k, a in keys.items()], indent=2))
+    victim = _train_victim(cfg, quiet=False)
+    run_id = f"{cfg.name}-serve-{time.strftime('%Y%m%d%H%M%S')}"
+    log_dir = storage.join(run_dir, "queries")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    with ray_session(cfg):
+        from ray import serve
+
+        from .serving import deploy, start_serve
+
+        port = start_serve(cfg.serve.port, http=True)
+        app = _app_name(cfg, run_id)
+        deploy(_spec(cfg, victim, run_id, keys, log_dir), app, replicas=cfg.serve.replicas,
+               replica_cpus=cfg.serve.replica_cpus, max_ongoing_requests=cfg.serve.max_ongoing_requests)
+        print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
+        print(f"url:  http://127.0.0.1:{port}/{app}")
+        print(f"port: {port}")
+        print(f"keys: {keys_path}")
+        print(f"log:  {log_dir}")
+        print("Ctrl-C to stop", flush=True)
+        try:
+            while not stop["now"]:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.delete(app)
+    rows = querylog.compact(log_dir)
+    print(f"stopped; {rows} queries logged in {log_dir}")
+    return 0
+
+
+def load_keys(path: str) -> dict:
+    from . import storage
+    from .service import Account
+
+    try:
+        entries = json.loads(storage.read_text(path))
+        return {e["key"]: Account(e["account_id"], e.get("role", "external"), e.get("attack")) for e in entries}
+    except FileNotFoundError:
+        raise SimError(f"serve.keys={path!r} does not exist; expected a JSON file of "
+                       f"[{{\"key\": …, \"account_id\": …}}]") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SimError(f"serve.keys={path!r} is not a valid accounts file ({exc}); expected a JSON list of "
+                       f"{{\"key\": …, \"account_id\": …, \"role\": …}}") from None

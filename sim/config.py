@@ -1,0 +1,263 @@
+"""Scenario configuration: YAML files merged with ``key=value`` overrides, validated into typed models.
+
+A scenario is ``scenarios/NAME.yaml`` (shipped as package data) or a path to a YAML file.
+A scenario may start with ``extends: OTHER`` to take another scenario as its base.
+Overrides are OmegaConf dotlist entries (``attackers.distributed.accounts=50``).
+Validation is pydantic with ``extra="forbid"``: an unknown key is an error that lists the known ones.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VictimConfig(_Strict):
+    name: str = Field("victim", pattern=r"^[A-Za-z0-9_-]+$", description="victim name (Serve app name)")
+    dataset: str = Field("mnist5k", description="dataset the victim is trained on")
+    arch: str = Field("lenet", description="victim architecture")
+    epochs: int = Field(10, ge=1, description="victim training epochs")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class DataConfig(_Strict):
+    root: str | None = Field(None, description="dataset root (default: per dataset)")
+    download: bool = Field(False, description="let torchvision readers download")
+
+
+class DefenseConfig(_Strict):
+    name: str = Field("identity", description="output defense")
+
+
+class PradaConfig(_Strict):
+    enabled: bool = True
+    delta: float = Field(0.95, gt=0, le=1, description="Shapiro-Wilk W threshold")
+    min_pool: int = Field(50, ge=3, description="distances pooled before PRADA may flag")
+    action: Literal["flag", "refuse"] = Field("flag", description="what a flagged account gets")
+
+
+class DetectorsConfig(_Strict):
+    prada: PradaConfig = PradaConfig()
+
+
+class ReplicaConfig(_Strict):
+    arch: str | None = Field(None, description="replica architecture (default: the victim's)")
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    labels: Literal["soft", "hard"] = "soft"
+
+
+class AttackerConfig(_Strict):
+    attack: Literal["knockoff"] = "knockoff"
+    pool: str = Field("digits", description="natural query pool (a dataset name)")
+    budget: int = Field(1000, ge=1, description="total queries of this attacker")
+    accounts: int = Field(1, ge=1, description="accounts the budget is split over")
+    actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")
+    split: Literal["round_robin", "random", "blocks"] = "round_robin"
+    batch_size: int = Field(64, ge=1, description="images per request")
+    replica: ReplicaConfig = ReplicaConfig()
+
+    @model_validator(mode="after")
+    def _actors_have_accounts(self):
+        if self.actors > self.accounts:
+            raise ValueError(f"actors ({self.actors}) must be <= accounts ({self.accounts}): "
+                             "each actor needs at least one account")
+        if self.actors > self.budget:
+            raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
+        return self
+
+
+class BenignConfig(_Strict):
+    users: int = Field(2, ge=0, description="benign users, one account and one actor each")
+    queries: int = Field(300, ge=1, description="queries per benign user")
+    batch_size: int = Field(16, ge=1)
+
+
+class ServeConfig(_Strict):
+    port: int = Field(0, ge=0, le=65535, description="HTTP port on 127.0.0.1 (0: a free one)")
+    http: bool = Field(True, description="start Serve's HTTP proxy")
+    replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(0.5, gt=0)
+    max_images: int = Field(256, ge=1, description="most images in one request")
+    max_ongoing_requests: int = Field(128, ge=1)
+    keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")
+    accounts: int = Field(10, ge=1, description="accounts generated in `serve` mode")
+
+
+class LogConfig(_Strict):
+    inputs: bool = Field(True, description="store each query's input bytes in the log")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="cluster address (or RAY_ADDRESS); none: a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    object_store_mb: int = Field(512, ge=64)
+
+
+class ScenarioConfig(_Strict):
+    name: str = "custom"
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>)")
+    cache_dir: str = Field("~/.cache/mlsim", description="victim checkpoint cache")
+    victim: VictimConfig = VictimConfig()
+    data: DataConfig = DataConfig()
+    defense: DefenseConfig = DefenseConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
+    attackers: dict[str, AttackerConfig] = {}
+    benign: BenignConfig = BenignConfig()
+    serve: ServeConfig = ServeConfig()
+    log: LogConfig = LogConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _names_are_valid(self):
+        from . import data, defenses, models  # late: registries import torch
+
+        data.check_name("victim.dataset", self.victim.dataset)
+        models.check_name("victim.arch", self.victim.arch)
+        defenses.check_name("defense.name", self.defense.name)
+        for aid, att in self.attackers.items():
+            if not aid.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
+            data.check_name(f"attackers.{aid}.pool", att.pool)
+            if att.replica.arch is not None:
+                models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+def scenario_names() -> list[str]:
+    root = importlib.resources.files("scenarios")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) and path.exists():
+        text = path.read_text()
+    elif name_or_path in scenario_names():
+        text = (importlib.resources.files("scenarios") / f"{name_or_path}.yaml").read_text()
+    else:
+        raise ConfigError(f"scenario={name_or_path!r} is not a known scenario; "
+                          f"expected one of: {', '.join(scenario_names())} (or a path to a .yaml file)")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"scenario {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"scenario {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("extends", None)
+    if base is None:
+        raw.setdefault("name", Path(name_or_path).stem)
+        return raw
+    if base in seen:
+        raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (base,))}")
+    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, seen + (name_or_path,))), OmegaConf.create(raw))
+    out = OmegaConf.to_container(merged)
+    out["name"] = raw.get("name", Path(name_or_path).stem)
+    return out
+
+
+def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | None = None) -> ScenarioConfig:
+    """Scenario name, path or mapping + overrides -> validated :class:`ScenarioConfig`."""
+    if isinstance(scenario, ScenarioConfig):
+        raw = scenario.model_dump()
+    elif isinstance(scenario, dict):
+        raw = dict(scenario)
+    else:
+        raw = _read_yaml(str(scenario))
+    conf = OmegaConf.create(raw)
+    if overrides:
+        try:
+            if isinstance(overrides, dict):
+                extra = OmegaConf.create(overrides)
+            else:
+                for item in overrides:
+                    if "=" not in item:
+                        raise ConfigError(f"override {item!r} must look like key=value")
+                extra = OmegaConf.from_dotlist(list(overrides))
+            conf = OmegaConf.merge(conf, extra)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+    return validate(OmegaConf.to_container(conf, resolve=True))
+
+
+def validate(raw: dict[str, Any]) -> ScenarioConfig:
+    try:
+        return ScenarioConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Known keys of the model reached by following ``loc`` from the scenario root."""
+    model: Any = ScenarioConfig
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            model = field.annotation if field else None
+        elif getattr(model, "__origin__", None) is dict:
+            model = model.__args__[1]
+        else:
+            return []
+    if getattr(model, "__origin__", None) is dict:
+        return ["<any id>"]
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        return f"unknown key {key!r}; known keys here: {', '.join(known)}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    value = err.get("input")
+    if err["type"] == "model_type" or isinstance(value, dict):
+        return f"{key}: {msg}" if key else msg
+    msg = msg.replace("Input should be", "must be").replace("greater than or equal to", ">=").replace(
+        "less than or equal to", "<=").replace("greater than", ">").replace("less than", "<")
+    where = f"{key} " if key else ""
+    return f"{where}{msg[0].lower() + msg[1:]}, got {value!r}"
+
+
+def to_yaml(cfg: ScenarioConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, description) of the main scalar keys, for ``--help``."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif getattr(ann, "__origin__", None) is dict:
+                walk(ann.__args__[1], f"{prefix}{name}.<id>.")
+            else:
+                rows.append((prefix + name, repr(field.default), field.description or ""))
+
+    walk(ScenarioConfig, "")
+    return rows

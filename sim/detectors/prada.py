@@ -1,0 +1,119 @@
+"""PRADA (Juuti et al. 2019): per-account detection of synthetic query streams.
+
+For each account and each predicted class c, PRADA keeps a growing set G_c of past queries and a
+threshold T_c. A new query x with predicted class c:
+  1. d = min L2 distance from x to G_c (the first query of a class has no distance and joins G_c);
+  2. d joins the account's pool D of distances;
+  3. if d > T_c, x joins G_c and T_c = max(T_c, mean(D_c) - std(D_c)) over G_c's own distances;
+  4. once |D| > min_pool, D is trimmed of values beyond 3 standard deviations and the Shapiro-Wilk
+     statistic W of what remains is computed; W < delta flags the account (for good).
+Natural queries give roughly normal distances; synthetic ones (small steps around seeds) do not.
+
+The score is 1 - W (higher = more suspicious), NaN until the pool is large enough.
+State is a dict keyed by account, so a query costs the same however many accounts exist.
+Distances are computed on images scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.stats import shapiro
+
+from .base import Detection, Detector
+
+
+class _ClassSet:
+    """A growing set of flattened queries of one class, with its own distances and threshold."""
+
+    __slots__ = ("points", "n", "dists", "threshold")
+
+    def __init__(self, dim: int):
+        self.points = np.empty((16, dim), np.float32)
+        self.n = 0
+        self.dists: list[float] = []
+        self.threshold = 0.0
+
+    def add(self, x: np.ndarray, d: float | None) -> None:
+        if self.n == len(self.points):
+            self.points = np.concatenate([self.points, np.empty_like(self.points)])
+        self.points[self.n] = x
+        self.n += 1
+        if d is not None:
+            self.dists.append(d)
+            arr = np.asarray(self.dists)
+            self.threshold = max(self.threshold, float(arr.mean() - arr.std()))
+
+    def min_distance(self, x: np.ndarray) -> float:
+        diff = self.points[: self.n] - x
+        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min()))
+
+
+class _Account:
+    __slots__ = ("classes", "pool", "flagged", "last_w")
+
+    def __init__(self):
+        self.classes: dict[int, _ClassSet] = {}
+        self.pool: list[float] = []
+        self.flagged = False
+        self.last_w = float("nan")
+
+
+class Prada(Detector):
+    name = "prada"
+    defaults = {"delta": 0.95, "min_pool": 50}
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        delta, min_pool = params["delta"], params["min_pool"]
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
+            raise ValueError(f"prada.delta must be in (0, 1], got {delta!r}")
+        if isinstance(min_pool, bool) or not isinstance(min_pool, int) or min_pool < 3:
+            raise ValueError(f"prada.min_pool must be an integer >= 3, got {min_pool!r}")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._accounts: dict[str, _Account] = {}
+
+    def _w_statistic(self, pool: list[float]) -> float:
+        d = np.asarray(pool)
+        mean, std = d.mean(), d.std()
+        if std > 0:
+            d = d[np.abs(d - mean) <= 3 * std]
+        if len(d) < 3 or np.ptp(d) == 0:
+            return 1.0 if len(d) >= 3 else float("nan")  # identical distances: no evidence either way
+        return float(shapiro(d).statistic)
+
+    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray) -> Detection:
+        x = np.asarray(inputs)
+        x = x.reshape(len(x), -1).astype(np.float32)
+        if inputs.dtype == np.uint8:
+            x /= 255.0
+        labels = np.asarray(labels)
+        acc = self._accounts.setdefault(account_id, _Account())
+        scores = np.full(len(x), np.nan)
+        flags = np.zeros(len(x), bool)
+        for i in range(len(x)):
+            cls = acc.classes.get(int(labels[i]))
+            if cls is None:
+                cls = acc.classes[int(labels[i])] = _ClassSet(x.shape[1])
+                cls.add(x[i], None)
+            else:
+                d = cls.min_distance(x[i])
+                acc.pool.append(d)
+                if d > cls.threshold:
+                    cls.add(x[i], d)
+                if len(acc.pool) > self.params["min_pool"]:
+                    acc.last_w = self._w_statistic(acc.pool)
+                    if acc.last_w < self.params["delta"]:
+                        acc.flagged = True
+            scores[i] = 1.0 - acc.last_w
+            flags[i] = acc.flagged
+        return Detection(scores, flags)
+
+    def flagged_accounts(self) -> set[str]:
+        return {a for a, s in self._accounts.items() if s.flagged}
+
+    def w_statistic(self, account_id: str) -> float:
+        acc = self._accounts.get(account_id)
+        return acc.last_w if acc else float("nan")

@@ -1,0 +1,344 @@
+"""One scenario run, end to end: victim -> Serve app -> concurrent clients -> replicas -> evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from . import config as config_mod
+from . import data, querylog, storage, zoo
+from .config import ScenarioConfig
+from .service import Account, make_keys
+from .training import accuracy, fidelity, predict_probs
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A child seed for a named random choice, stable across runs and processes."""
+    digest = hashlib.sha256(repr((seed, *names)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ScenarioConfig):
+    """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
+    local one (and stop it afterwards)."""
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb << 20,
+                 **kwargs)
+    try:
+        yield
+    finally:
+        if not address:
+            from ray import serve
+
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _progress(desc: str, total: int, disable: bool):
+    return tqdm(total=total, desc=desc, unit="q" if desc.startswith("query") else "ep", file=sys.stderr,
+                disable=disable, dynamic_ncols=True, leave=True)
+
+
+def _wait_with_progress(refs: list, board, bar) -> list:
+    """Wait for ``refs`` while showing the sum of the board's counters on ``bar``."""
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        done = sum(ray.get(board.snapshot.remote()).values())
+        bar.update(done - bar.n)
+    bar.update(bar.total - bar.n) if bar.total else None
+    bar.close()
+    return ray.get(refs)
+
+
+@dataclass
+class Plan:
+    """Who queries through which accounts: the accounts table and one entry per client actor."""
+
+    accounts: dict[str, Account]  # api key -> account
+    clients: list[dict]
+
+
+def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
+    from actors.accounts import split_evenly
+    from actors.benign import BenignStream
+    from actors.knockoff import KnockoffRandom
+
+    seed = cfg.seed
+    clients = []
+    accounts: list[Account] = []
+    for u in range(cfg.benign.users):
+        acct = Account(f"benign-{u}", "benign")
+        accounts.append(acct)
+        clients.append(dict(actor_id=f"benign-{u}", role="benign", attacker=None, accounts=[acct.account_id],
+                            budget=cfg.benign.queries, batch_size=cfg.benign.batch_size, split="round_robin",
+                            source=BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u))))
+    for aid, att in cfg.attackers.items():
+        pool = data.load(att.pool, cfg.data.root, cfg.data.download).all_images()
+        if pool.shape[1:] != ds.x_train.shape[1:]:
+            raise config_mod.ConfigError(
+                f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the victim "
+                f"takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+        if att.budget > len(pool):
+            raise config_mod.ConfigError(
+                f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool {att.pool!r} "
+                f"(Knockoff samples without replacement); expected at most {len(pool)}")
+        accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack) for j in range(att.accounts)]
+        accounts += accts
+        account_shares = split_evenly(att.accounts, att.actors)
+        budgets = split_evenly(att.budget, att.actors)
+        first = 0
+        for i in range(att.actors):
+            mine = accts[first:first + account_shares[i]]
+            first += account_shares[i]
+            source = KnockoffRandom(pool, budgets[i], seed=derive_seed(seed, "pool", aid), shard=(i, att.actors))
+            clients.append(dict(actor_id=f"{aid}-actor{i}", role="attacker", attacker=aid,
+                                accounts=[a.account_id for a in mine], budget=budgets[i],
+                                batch_size=att.batch_size, split=att.split, source=source))
+    keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
+    return Plan(keys, clients)
+
+
+def new_run_dir(cfg: ScenarioConfig) -> str:
+    if cfg.run_dir:
+        return cfg.run_dir
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+
+
+def _spec(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account], log_dir: str):
+    from .serving import VictimSpec
+
+    prada = cfg.detectors.prada
+    dets = {"prada": {"delta": prada.delta, "min_pool": prada.min_pool}} if prada.enabled else {}
+    return VictimSpec(
+        victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
+        num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys, detectors=dets,
+        detector_actions={"prada": prada.action} if prada.enabled else {},
+        defense=cfg.defense.name, defense_params={}, log_dir=log_dir, log_inputs=cfg.log.inputs,
+        max_images=cfg.serve.max_images,
+    )
+
+
+def _app_name(cfg: ScenarioConfig, run_id: str) -> str:
+    from ray import serve
+
+    try:
+        taken = set(serve.status().applications)
+    except Exception:  # noqa: BLE001 - no Serve yet: nothing is taken
+        taken = set()
+    return cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
+
+
+def _train_victim(cfg: ScenarioConfig, quiet: bool) -> zoo.Victim:
+    bar = None
+
+    def on_epoch(epoch, loss):
+        nonlocal bar
+        if bar is None:
+            bar = _progress("training victim", cfg.victim.epochs, quiet)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir, on_epoch=on_epoch)
+    if bar is not None:
+        bar.close()
+    return victim
+
+
+def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
+    """Run a scenario (name, YAML path, mapping or ScenarioConfig) with overrides; returns the summary."""
+    cfg = config_mod.load(scenario, overrides)
+    start = time.perf_counter()
+    run_dir = new_run_dir(cfg)
+    cfg.run_dir = run_dir
+    run_id = f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage.makedirs(run_dir)
+    storage.write_text(storage.join(run_dir, "config.yaml"), config_mod.to_yaml(cfg))
+    log_dir = storage.join(run_dir, "queries")
+
+    victim = _train_victim(cfg, quiet)
+    ds = victim.dataset
+    plan = plan_clients(cfg, ds)
+    timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
+
+    with ray_session(cfg):
+        from ray import serve
+
+        from actors.client import ClientActor
+        from actors.progress import ProgressBoard
+
+        from .serving import deploy, start_serve
+
+        t0 = time.perf_counter()
+        port = start_serve(cfg.serve.port, cfg.serve.http)
+        app = _app_name(cfg, run_id)
+        deploy(_spec(cfg, victim, run_id, plan.accounts, log_dir), app, replicas=cfg.serve.replicas,
+               replica_cpus=cfg.serve.replica_cpus, max_ongoing_requests=cfg.serve.max_ongoing_requests)
+        timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
+        try:
+            t0 = time.perf_counter()
+            board = ProgressBoard.remote()
+            key_of = {a.account_id: k for k, a in plan.accounts.items()}
+            actors = [
+                ClientActor.options(name=None).remote(
+                    c["actor_id"], c["source"], [key_of[a] for a in c["accounts"]], c["split"], c["budget"],
+                    c["batch_size"], app, board, derive_seed(cfg.seed, "split", c["actor_id"]))
+                for c in plan.clients
+            ]
+            bar = _progress("querying", sum(c["budget"] for c in plan.clients), quiet)
+            results = _wait_with_progress([a.run.remote() for a in actors], board, bar)
+            timings["query_seconds"] = round(time.perf_counter() - t0, 2)
+
+            t0 = time.perf_counter()
+            replicas = _train_replicas(cfg, ds, plan, results, quiet)
+            timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
+        finally:
+            serve.delete(app)
+    logged = querylog.compact(log_dir)
+    summary = summarize(cfg, victim, run_id, plan, results, replicas, log_dir, logged)
+    summary["serve"] = {"app": app, "port": port,
+                        "url": f"http://127.0.0.1:{port}/{app}" if port else None}
+    summary["timings"] = timings
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_replicas(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, results: list[dict], quiet: bool):
+    """Pool each attacker's transfer sets over its actors and train one replica per attacker, in parallel."""
+    from actors.progress import ProgressBoard
+
+    from actors.replica import train_replica_task
+
+    board = ProgressBoard.remote()
+    refs, order = [], []
+    for aid, att in cfg.attackers.items():
+        parts = [r["transfer"] for r, c in zip(results, plan.clients) if c["attacker"] == aid]
+        xs = [p[0] for p in parts if len(p[0])]
+        if not xs:
+            continue
+        x, y = np.concatenate(xs), np.concatenate([p[1] for p in parts if len(p[0])])
+        refs.append(train_replica_task.remote(x, y, att.replica.arch or cfg.victim.arch, ds.input_shape,
+                                              ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
+                                              board, aid))
+        order.append(aid)
+    total = sum(cfg.attackers[a].replica.epochs for a in order)
+    bar = _progress("training replicas", total, quiet)
+    states = _wait_with_progress(refs, board, bar)
+    return dict(zip(order, states))
+
+
+def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, results: list[dict],
+              replicas: dict, log_dir: str, logged: int) -> dict:
+    import pyarrow.compute as pc
+
+    from . import models
+
+    ds = victim.dataset
+    victim_test = predict_probs(victim.model, ds.x_test).argmax(1)
+    table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged"])
+    answered = int(pc.sum(pc.equal(table.column("action"), "answered")).as_py() or 0)
+    flagged = set()
+    if cfg.detectors.prada.enabled and table.num_rows:
+        mask = pc.fill_null(table.column("prada_flagged"), False)
+        flagged = set(pc.unique(table.filter(mask).column("account_id")).to_pylist()) - {None}
+    role_of = {a.account_id: a.role for a in plan.accounts.values()}
+    total = sum(r["sent"] for r in results)
+
+    attackers = []
+    for aid, att in cfg.attackers.items():
+        mine = [r for r, c in zip(results, plan.clients) if c["attacker"] == aid]
+        accts = {a for c in plan.clients if c["attacker"] == aid for a in c["accounts"]}
+        entry = {
+            "id": aid, "attack": att.attack, "pool": att.pool, "accounts": att.accounts, "actors": att.actors,
+            "split": att.split, "queries": sum(r["sent"] for r in mine),
+            "refused": sum(r["refused"] for r in mine),
+            "accounts_flagged": len(flagged & accts),
+            "replica_test_accuracy": None, "replica_fidelity": None,
+        }
+        if aid in replicas:
+            model = models.build(att.replica.arch or cfg.victim.arch, ds.input_shape, ds.num_classes)
+            model.load_state_dict(replicas[aid])
+            pred = predict_probs(model, ds.x_test).argmax(1)
+            entry["replica_test_accuracy"] = round(accuracy(pred, ds.y_test), 4)
+            entry["replica_fidelity"] = round(fidelity(pred, victim_test), 4)
+        attackers.append(entry)
+
+    benign = [r for r, c in zip(results, plan.clients) if c["role"] == "benign"]
+    return {
+        "run_id": run_id,
+        "scenario": cfg.name,
+        "run_dir": cfg.run_dir,
+        "seed": cfg.seed,
+        "victim": {"name": cfg.victim.name, "dataset": cfg.victim.dataset, "arch": cfg.victim.arch,
+                   "test_accuracy": round(victim.test_accuracy, 4), "trained_now": victim.trained_now,
+                   "checkpoint": str(victim.path)},
+        "defense": {"name": cfg.defense.name},
+        "queries": {"total": total, "answered": answered, "refused": table.num_rows - answered,
+                    "logged": logged},
+        "attackers": attackers,
+        "benign": {"users": cfg.benign.users, "queries": sum(r["sent"] for r in benign),
+                   "refused": sum(r["refused"] for r in benign)},
+        "detection": {"prada": {
+            "enabled": cfg.detectors.prada.enabled, "delta": cfg.detectors.prada.delta,
+            "action": cfg.detectors.prada.action,
+            "flagged_accounts": len(flagged),
+            "flagged_attacker_accounts": sum(role_of.get(a) == "attacker" for a in flagged),
+            "flagged_benign_accounts": sum(role_of.get(a) == "benign" for a in flagged),
+            "attacker_accounts": sum(r == "attacker" for r in role_of.values()),
+            "benign_accounts": sum(r == "benign" for r in role_of.values()),
+        }},
+    }
+
+
+def format_summary(s: dict) -> str:
+    """The summary as a small text table for the terminal."""
+    v, q, p = s["victim"], s["queries"], s["detection"]["prada"]
+    lines = [
+        f"run {s['run_id']}  ->  {s['run_dir']}",
+        f"victim {v['arch']} on {v['dataset']}: test accuracy {v['test_accuracy']:.4f}"
+        f"{' (trained now)' if v['trained_now'] else ' (cached)'}",
+        f"queries: {q['total']} sent, {q['answered']} answered, {q['refused']} refused, {q['logged']} logged",
+        "",
+        f"{'attacker':<14}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
+        f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}",
+    ]
+    for a in s["attackers"]:
+        acc = "-" if a["replica_test_accuracy"] is None else f"{a['replica_test_accuracy']:.4f}"
+        fid = "-" if a["replica_fidelity"] is None else f"{a['replica_fidelity']:.4f}"
+        lines.append(f"{a['id']:<14}{a['attack']:<10}{a['accounts']:>9}{a['actors']:>7}{a['queries']:>9}"
+                     f"{a['refused']:>8}{a['accounts_flagged']:>8}{acc:>12}{fid:>9}")
+    b = s["benign"]
+    lines += [
+        f"{'benign':<14}{'-':<10}{b['users']:>9}{b['users']:>7}{b['queries']:>9}{b['refused']:>8}"
+        f"{p['flagged_benign_accounts']:>8}{'-':>12}{'-':>9}",
+        "",
+        f"PRADA (delta={p['delta']}, action={p['action']}): flagged {p['flagged_attacker_accounts']}/"
+        f"{p['attacker_accounts']} attacker accounts, {p['flagged_benign_accounts']}/{p['benign_accounts']} "
+        f"benign accounts" if p["enabled"] else "PRADA off",
+        f"wall time {s['wall_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""User-facing errors: one line naming the field, the bad value and what was expected.
+
+Everything a user can get wrong raises a subclass of :class:`SimError` (itself a
+``ValueError``); the CLI prints its message and exits with status 2.
+"""
+
+
+class SimError(ValueError):
+    """A mistake in the user's input (configuration, data path, request)."""
+
+
+class ConfigError(SimError):
+    """A scenario, key or value that does not validate."""
+
+
+class DataError(SimError):
+    """A dataset that cannot be found or read."""
+
+
+class RequestError(SimError):
+    """A query request the victim service refuses before answering (HTTP 4xx)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason

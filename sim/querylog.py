@@ -1,0 +1,247 @@
+"""The query log: one row per query (answered or refused), defined once here for writer and reader.
+
+Writing: each writer (one per Serve replica) owns an append-only Arrow IPC stream file
+``queries/<writer>.arrows`` and writes one record batch per request, flushed to the operating system
+before the answer is returned, so a replica killed with SIGKILL loses no answered query.
+At the end of a run :func:`compact` turns the streams into one Parquet file and assigns ``query_index``
+(the position of a query in its account's history, over all writers, by time).
+Reading (:func:`read`) takes the Parquet files and any streams left by a crash, tolerating a torn
+last record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+STREAM_SUFFIX = ".arrows"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("victim", pa.string(), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("account_id", pa.string()),  # null: the API key matched no account
+        pa.field("actor_id", pa.string()),
+        pa.field("role", pa.string()),  # attacker / benign / external (ground truth, never used to decide)
+        pa.field("attack", pa.string()),  # e.g. knockoff; null for benign users
+        pa.field("query_index", pa.int64()),  # per account, from 0, assigned at compaction
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("input_sha1", pa.string()),
+        pa.field("clean_probs", pa.list_(pa.float32())),
+        pa.field("returned_probs", pa.list_(pa.float32())),  # null if refused
+        pa.field("returned_label", pa.int32()),  # null if refused
+        pa.field("action", pa.string(), nullable=False),  # answered / refused
+        pa.field("refusal_reason", pa.string()),
+        pa.field("prada_score", pa.float32()),  # 1 - Shapiro-Wilk W; null before PRADA has a score
+        pa.field("prada_flagged", pa.bool_()),
+        pa.field("latency_ms", pa.float32(), nullable=False),  # whole request, same for its queries
+        pa.field("input", pa.binary()),  # uint8 image bytes in C, H, W order; shape in the metadata
+        pa.field("writer", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),  # row number within its writer
+    ],
+    metadata={"schema_version": SCHEMA_VERSION},
+)
+COLUMNS = SCHEMA.names
+
+
+def schema_for(input_shape: tuple[int, ...]) -> pa.Schema:
+    """The schema with the input shape recorded in its metadata."""
+    return SCHEMA.with_metadata({"schema_version": SCHEMA_VERSION,
+                                 "input_shape": ",".join(str(d) for d in input_shape)})
+
+
+def input_shape(schema: pa.Schema) -> tuple[int, ...] | None:
+    raw = (schema.metadata or {}).get(b"input_shape")
+    return tuple(int(v) for v in raw.decode().split(",")) if raw else None
+
+
+def _prob_lists(mat: np.ndarray | None, valid: np.ndarray, n: int) -> pa.Array:
+    if mat is None or not valid.any():
+        return pa.nulls(n, pa.list_(pa.float32()))
+    k = mat.shape[1]
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
+    values = pa.array(np.ascontiguousarray(mat, dtype=np.float32).reshape(-1))
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array(~valid))
+
+
+def _binary(images: np.ndarray | None, n: int) -> pa.Array:
+    if images is None:
+        return pa.nulls(n, pa.binary())
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, -1)
+    offsets = np.arange(n + 1, dtype=np.int32) * flat.shape[1]
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+class QueryLogWriter:
+    """Append-only writer of one process. ``write`` returns once the rows are in the OS's hands."""
+
+    def __init__(self, directory: str, input_shape: tuple[int, ...], writer_id: str | None = None):
+        self.writer_id = writer_id or uuid.uuid4().hex[:12]
+        self.schema = schema_for(input_shape)
+        storage.makedirs(directory)
+        fs, path = storage.resolve(storage.join(directory, f"{self.writer_id}{STREAM_SUFFIX}"))
+        self._sink = fs.open_output_stream(path, compression=None, buffer_size=None)
+        self._stream = ipc.new_stream(self._sink, self.schema)
+        self._seq = 0
+        self.rows = 0
+
+    def write(self, *, run_id: str, victim: str, request_id: str, account_id: str | None,
+              actor_id: str | None, role: str | None, attack: str | None, n: int,
+              action: list[str], refusal_reason: list[str | None], latency_ms: float,
+              input_sha1: list[str] | None = None, clean_probs: np.ndarray | None = None,
+              returned_probs: np.ndarray | None = None, returned_label: np.ndarray | None = None,
+              prada_score: np.ndarray | None = None, prada_flagged: np.ndarray | None = None,
+              inputs: np.ndarray | None = None, timestamp: float | None = None) -> None:
+        answered = np.array([a == "answered" for a in action], bool)
+        ts = pa.array(np.full(n, int((timestamp or time.time()) * 1e6), dtype=np.int64)).cast(
+            pa.timestamp("us", tz="UTC"))
+        label = (pa.nulls(n, pa.int32()) if returned_label is None
+                 else pa.array(np.asarray(returned_label, np.int32), mask=~answered))
+        cols = {
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "victim": pa.array([victim] * n, pa.string()),
+            "request_id": pa.array([request_id] * n, pa.string()),
+            "account_id": pa.array([account_id] * n, pa.string()),
+            "actor_id": pa.array([actor_id] * n, pa.string()),
+            "role": pa.array([role] * n, pa.string()),
+            "attack": pa.array([attack] * n, pa.string()),
+            "query_index": pa.nulls(n, pa.int64()),
+            "timestamp": ts,
+            "input_sha1": pa.array(input_sha1 if input_sha1 is not None else [None] * n, pa.string()),
+            "clean_probs": _prob_lists(clean_probs, np.ones(n, bool), n),
+            "returned_probs": _prob_lists(returned_probs, answered, n),
+            "returned_label": label,
+            "action": pa.array(action, pa.string()),
+            "refusal_reason": pa.array(refusal_reason, pa.string()),
+            "prada_score": (pa.nulls(n, pa.float32()) if prada_score is None
+                            else pa.array(np.asarray(prada_score, np.float32), from_pandas=True)),
+            "prada_flagged": (pa.nulls(n, pa.bool_()) if prada_flagged is None
+                              else pa.array(np.asarray(prada_flagged, bool))),
+            "latency_ms": pa.array(np.full(n, latency_ms, np.float32)),
+            "input": _binary(inputs, n),
+            "writer": pa.array([self.writer_id] * n, pa.string()),
+            "seq": pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64)),
+        }
+        self._stream.write_batch(pa.RecordBatch.from_pydict(cols, schema=self.schema))
+        self._sink.flush()
+        self._seq += n
+        self.rows += n
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._stream.close()
+            self._sink.close()
+            self._sink = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and compaction
+
+def _list(directory: str, suffix: str) -> list[str]:
+    fs, path = storage.resolve(directory)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def _read_stream(fs: pafs.FileSystem, path: str) -> list[pa.RecordBatch]:
+    """All complete record batches of one stream; a torn last record is dropped."""
+    batches: list[pa.RecordBatch] = []
+    with fs.open_input_file(path) as src:
+        try:
+            reader = ipc.open_stream(src)
+            while True:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError) as exc:
+            log.warning("query log %s: dropped a torn record at its end (%s)", path, exc)
+    return batches
+
+
+def _with_query_index(table: pa.Table) -> pa.Table:
+    """Sort by account and time, and number each account's queries from 0."""
+    if table.num_rows == 0:
+        return table
+    table = table.sort_by([("account_id", "ascending"), ("timestamp", "ascending"),
+                           ("writer", "ascending"), ("seq", "ascending")])
+    acc = pc.fill_null(table.column("account_id"), "\x00").to_numpy(zero_copy_only=False)
+    starts = np.r_[True, acc[1:] != acc[:-1]]
+    pos = np.arange(len(acc))
+    first = np.maximum.accumulate(np.where(starts, pos, 0))
+    idx = table.schema.get_field_index("query_index")
+    return table.set_column(idx, SCHEMA.field("query_index"), pa.array(pos - first, pa.int64()))
+
+
+def read(queries_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """The whole log of a run (``RUN/queries``): Parquet parts plus any uncompacted streams."""
+    fs, _ = storage.resolve(queries_dir)
+    parts = [pq.read_table(p, filesystem=fs, columns=columns) for p in _list(queries_dir, ".parquet")]
+    streams = _list(queries_dir, STREAM_SUFFIX)
+    if streams:
+        batches = [b for p in streams for b in _read_stream(fs, p)]
+        if batches:
+            table = pa.Table.from_batches(batches)
+            parts.append(table.select(columns) if columns else table)
+    if not parts:
+        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
+    table = pa.concat_tables(parts, promote_options="default")
+    if streams and (columns is None or {"account_id", "timestamp", "writer", "seq", "query_index"} <= set(columns)):
+        table = _with_query_index(table)
+    return table
+
+
+def compact(queries_dir: str) -> int:
+    """Merge the run's streams (and any earlier Parquet parts) into one Parquet file; returns its rows."""
+    fs, path = storage.resolve(queries_dir)
+    old = _list(queries_dir, ".parquet") + _list(queries_dir, STREAM_SUFFIX)
+    if not old:
+        return 0
+    table = _with_query_index(read(queries_dir))
+    shape = None
+    for p in _list(queries_dir, STREAM_SUFFIX):
+        with fs.open_input_file(p) as src:
+            try:
+                shape = input_shape(ipc.open_stream(src).schema) or shape
+            except (pa.ArrowInvalid, OSError):
+                continue
+    for p in _list(queries_dir, ".parquet"):
+        shape = shape or input_shape(pq.read_schema(p, filesystem=fs))
+    table = table.cast(schema_for(shape) if shape else SCHEMA)
+    out = f"{path}/part-{uuid.uuid4().hex[:8]}.parquet"
+    pq.write_table(table, out, filesystem=fs, compression="zstd")
+    for p in old:
+        fs.delete_file(p)
+    return table.num_rows
+
+
+def decode_inputs(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``input`` column back to uint8 images (N, *shape); rows without input are zeros."""
+    col = table.column("input").combine_chunks()
+    size = int(np.prod(shape))
+    out = np.zeros((len(col), size), np.uint8)
+    for i, v in enumerate(col.to_pylist()):
+        if v is not None:
+            out[i] = np.frombuffer(v, np.uint8)
+    return out.reshape(len(col), *shape)
+
+
+def per_account_counts(table: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(table.column("account_id").combine_chunks()).to_pylist()
+    return {c["values"]: c["counts"] for c in counts if c["values"] is not None}

@@ -1,0 +1,119 @@
+"""Ray Serve wrapper around :class:`sim.service.VictimService`: one Serve application per victim.
+
+HTTP: ``POST http://127.0.0.1:PORT/<app>`` with header ``X-API-Key`` and body ``{"images": [...]}``.
+Python: ``handle.query.remote(api_key, images, actor_id)`` returns a :class:`sim.service.Reply`.
+Both go through ``VictimService``, so validation, detection, policy and logging are the same code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from . import defenses, detectors, models
+from .querylog import QueryLogWriter
+from .service import API_KEY_HEADER, Account, Reply, VictimService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VictimSpec:
+    """Everything a replica needs to rebuild the victim service (picklable)."""
+
+    victim: str
+    run_id: str
+    arch: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    state: bytes  # torch state_dict
+    accounts: dict[str, Account]
+    detectors: dict[str, dict]  # name -> params
+    detector_actions: dict[str, str]
+    defense: str
+    defense_params: dict
+    log_dir: str | None
+    log_inputs: bool
+    max_images: int
+
+
+def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
+    model = models.build(spec.arch, spec.input_shape, spec.num_classes)
+    model.load_state_dict(torch.load(io.BytesIO(spec.state), map_location="cpu", weights_only=True))
+    writer = QueryLogWriter(spec.log_dir, spec.input_shape, writer_id) if spec.log_dir else None
+    return VictimService(
+        model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
+        input_shape=spec.input_shape,
+        detectors={name: detectors.build(name, **params) for name, params in spec.detectors.items()},
+        detector_actions=spec.detector_actions,
+        defense=defenses.build(spec.defense, **spec.defense_params),
+        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
+    )
+
+
+@serve.deployment
+class VictimDeployment:
+    def __init__(self, spec: VictimSpec):
+        torch.set_num_threads(1)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        if request.method != "POST":
+            return JSONResponse({"error": f"method {request.method} not allowed; use POST"}, status_code=405)
+        body = await request.body()
+        reply = self.service.query_json(request.headers.get(API_KEY_HEADER), body,
+                                        request.headers.get("x-actor-id"))
+        return JSONResponse(reply.to_json(), status_code=reply.status)
+
+    def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
+        return self.service.query(api_key, images, actor_id)
+
+    def close_log(self) -> int:
+        writer = self.service.writer
+        if writer is None:
+            return 0
+        writer.close()
+        return writer.rows
+
+    def __del__(self):
+        writer = getattr(getattr(self, "service", None), "writer", None)
+        if writer is not None:
+            writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(port: int, http: bool = True) -> int | None:
+    """Start Serve (once per Ray session) with its proxy on 127.0.0.1; returns the HTTP port in use."""
+    client = serve.context._get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        cfg = client.http_config
+        return cfg.port if cfg and cfg.host else None
+    if not http:
+        serve.start(http_options={"location": "NoServer"})
+        return None
+    port = port or free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
+           max_ongoing_requests: int = 128) -> DeploymentHandle:
+    dep = VictimDeployment.options(
+        name="victim", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": replica_cpus},
+    )
+    return serve.run(dep.bind(spec), name=app_name, route_prefix=f"/{app_name}")

@@ -1,0 +1,42 @@
+"""Paths that may be URIs (``file:///…``, ``s3://…``): run directories and logs go through pyarrow.fs,
+so the same code writes to a local disk or to storage shared by a cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def resolve(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI."""
+    if "://" in path_or_uri:
+        return pafs.FileSystem.from_uri(path_or_uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path_or_uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a path or URI."""
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+def makedirs(path_or_uri: str) -> None:
+    fs, path = resolve(path_or_uri)
+    fs.create_dir(path, recursive=True)
+
+
+def write_text(path_or_uri: str, text: str) -> None:
+    fs, path = resolve(path_or_uri)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def read_text(path_or_uri: str) -> str:
+    fs, path = resolve(path_or_uri)
+    with fs.open_input_stream(path) as src:
+        return src.read().decode()
+
+
+def exists(path_or_uri: str) -> bool:
+    fs, path = resolve(path_or_uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

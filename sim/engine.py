@@ -46,19 +46,16 @@ def ray_session(cfg: ScenarioConfig):
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb << 20,
                  **kwargs)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         yield
     finally:
-        if not address:
-            from ray import serve
-
-            serve.shutdown()
         ray.shutdown()
 
 
 def _progress(desc: str, total: int, disable: bool):
     return tqdm(total=total, desc=desc, unit="q" if desc.startswith("query") else "ep", file=sys.stderr,
-                disable=disable, dynamic_ncols=True, leave=True)
+                disable=disable, dynamic_ncols=True, leave=True, mininterval=1.0)
 
 
 def _wait_with_progress(refs: list, board, bar) -> list:
@@ -288,6 +285,9 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         attackers.append(entry)
 
     benign = [r for r, c in zip(results, plan.clients) if c["role"] == "benign"]
+    clients = [{"actor_id": r["actor_id"], "role": c["role"], "attacker": c["attacker"], "queries": r["sent"],
+                "refused": r["refused"], "seconds": round(r["seconds"], 2), "per_account": r["per_account"]}
+               for r, c in zip(results, plan.clients)]
     return {
         "run_id": run_id,
         "scenario": cfg.name,
@@ -302,6 +302,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         "attackers": attackers,
         "benign": {"users": cfg.benign.users, "queries": sum(r["sent"] for r in benign),
                    "refused": sum(r["refused"] for r in benign)},
+        "clients": clients,
         "detection": {"prada": {
             "enabled": cfg.detectors.prada.enabled, "delta": cfg.detectors.prada.delta,
             "action": cfg.detectors.prada.action,

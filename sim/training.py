@@ -50,7 +50,7 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         if on_epoch is not None:
             on_epoch(epoch + 1, total / len(xt))
     model.eval()

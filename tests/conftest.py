@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")

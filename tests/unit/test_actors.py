@@ -1,0 +1,98 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from actors.accounts import AccountSplitter, split_evenly
+from actors.benign import BenignStream
+from actors.knockoff import KnockoffRandom
+from actors.replica import train_replica
+from sim import data
+from sim.config import ReplicaConfig
+from sim.training import accuracy, fidelity, predict_probs
+
+
+def _drain(splitter, budget, batch):
+    counts, left = Counter(), budget
+    while left:
+        key, n = splitter.next(min(batch, left))
+        counts[key] += n
+        left -= n
+    return counts
+
+
+def test_round_robin_spreads_requests_evenly():
+    keys = [f"k{i}" for i in range(5)]
+    assert _drain(AccountSplitter(keys, "round_robin", 100, 0), 100, 4) == {k: 20 for k in keys}
+
+
+def test_blocks_are_contiguous_and_never_straddle():
+    keys = ["a", "b", "c"]
+    s = AccountSplitter(keys, "blocks", 10, 0)
+    seq = []
+    left = 10
+    while left:
+        key, n = s.next(min(4, left))
+        seq.append((key, n))
+        left -= n
+    assert seq == [("a", 3), ("b", 3), ("c", 4)]  # blocks end after 3, 6 and 10 queries
+
+
+def test_random_split_is_seeded_and_uses_every_account():
+    keys = [f"k{i}" for i in range(4)]
+    a = _drain(AccountSplitter(keys, "random", 400, 1), 400, 4)
+    assert a == _drain(AccountSplitter(keys, "random", 400, 1), 400, 4)
+    assert set(a) == set(keys) and sum(a.values()) == 400
+
+
+def test_split_evenly():
+    assert split_evenly(10, 4) == [3, 3, 2, 2] and sum(split_evenly(1500, 7)) == 1500
+
+
+def test_knockoff_shards_never_repeat_an_image_and_respect_the_budget():
+    pool = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    shards = [KnockoffRandom(pool, 20, seed=5, shard=(i, 4)) for i in range(4)]
+    seen = []
+    for att in shards:
+        while att.remaining:
+            seen += att.propose(7).ravel().tolist()
+    assert len(seen) == 80 and len(set(seen)) == 80
+    with pytest.raises(ValueError, match="budget 30 exceeds the 25 pool images"):
+        KnockoffRandom(pool, 30, seed=5, shard=(0, 4))
+
+
+def test_knockoff_transfer_set_keeps_only_answered_queries():
+    pool = np.zeros((10, 1, 2, 2), np.uint8)
+    att = KnockoffRandom(pool, 10)
+    x = att.propose(4)
+    probs = np.eye(4, dtype=np.float32)
+    att.observe(x, probs, np.array([True, False, True, True]))
+    tx, ty = att.transfer_set()
+    assert len(tx) == 3 and np.array_equal(ty, probs[[0, 2, 3]])
+
+
+def test_benign_stream_cycles_its_images_up_to_the_budget():
+    imgs = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
+    b = BenignStream(imgs, 12, seed=0)
+    got = np.concatenate([b.propose(5) for _ in range(3)]).ravel()
+    assert len(got) == 12 and Counter(got.tolist())[0] >= 2 and b.remaining == 0
+
+
+def test_replica_trained_on_victim_soft_labels_agrees_with_the_victim():
+    ds = data.load("mnist5k")
+    from sim import models
+    from sim.training import train_classifier
+
+    victim = train_classifier(models.build("lenet", (1, 28, 28), 10), ds.x_train[:1000], ds.y_train[:1000],
+                              epochs=3, seed=0)
+    soft = predict_probs(victim, ds.x_train[1000:2000])
+    replica = train_replica(ds.x_train[1000:2000], soft, arch="lenet", input_shape=(1, 28, 28),
+                            num_classes=10, cfg=ReplicaConfig(epochs=5), seed=0)
+    rep = predict_probs(replica, ds.x_test).argmax(1)
+    vic = predict_probs(victim, ds.x_test).argmax(1)
+    assert fidelity(rep, vic) > 0.85 and accuracy(rep, ds.y_test) > 0.8
+
+
+def test_accuracy_and_fidelity_on_known_inputs():
+    assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+    assert fidelity(np.array([0, 0]), np.array([0, 1])) == 0.5

@@ -1,0 +1,90 @@
+import subprocess
+import sys
+
+import pytest
+
+from sim import config
+from sim.errors import ConfigError
+
+
+def test_distributed_knockoff_extends_single_knockoff_and_meets_the_spec():
+    cfg = config.load("distributed_knockoff")
+    assert cfg.name == "distributed_knockoff"
+    assert set(cfg.attackers) == {"single", "distributed"}
+    single, dist = cfg.attackers["single"], cfg.attackers["distributed"]
+    assert single.accounts == 1 and dist.accounts >= 20 and dist.actors >= 4
+    assert single.budget == dist.budget
+    assert cfg.benign.users >= 2 and cfg.detectors.prada.enabled
+    assert cfg.victim.arch == "lenet" and cfg.victim.dataset == "mnist5k"
+
+
+def test_overrides_change_values_and_can_add_an_attacker():
+    cfg = config.load("single_knockoff", ["victim.epochs=3", "attackers.extra.budget=10", "seed=7"])
+    assert cfg.victim.epochs == 3 and cfg.seed == 7
+    assert cfg.attackers["extra"].budget == 10 and cfg.attackers["extra"].attack == "knockoff"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("victim.epoch=3", "unknown key 'victim.epoch'; known keys here: name, dataset, arch, epochs"),
+    ("bogus=1", "unknown key 'bogus'; known keys here: name, description, seed"),
+    ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
+    ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),
+    ("detectors.prada.delta=1.5", "detectors.prada.delta must be <= 1, got 1.5"),
+    ("detectors.prada.action=block", "detectors.prada.action must be 'flag' or 'refuse', got 'block'"),
+    ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
+    ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
+    ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
+    ("attackers.single.split=zigzag", "attackers.single.split must be 'round_robin', 'random' or 'blocks'"),
+])
+def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load("single_knockoff", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_scenario_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="scenario='nope' is not a known scenario; expected one of: "
+                                          "distributed_knockoff, single_knockoff"):
+        config.load("nope")
+
+
+def test_scenario_file_path_and_extends(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: single_knockoff\nvictim:\n  epochs: 2\n")
+    cfg = config.load(str(path))
+    assert cfg.name == "mine" and cfg.victim.epochs == 2 and "single" in cfg.attackers
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load(str(tmp_path / "a.yaml"))
+
+
+def test_resolved_config_round_trips_through_yaml():
+    import yaml
+
+    cfg = config.load("distributed_knockoff", ["victim.epochs=4"])
+    again = config.validate(yaml.safe_load(config.to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("args,message", [
+    (["scenario=nope"], "error: scenario='nope' is not a known scenario"),
+    (["scenario=single_knockoff", "victim.epoch=1"], "error: unknown key 'victim.epoch'"),
+    (["scenario=single_knockoff", "stray"], "error: argument 'stray' is not understood"),
+    (["victim.epochs=1"], "error: scenario=NAME is required"),
+])
+def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
+    proc = subprocess.run([sys.executable, "-m", "sim", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_lists_scenarios_and_keys():
+    proc = subprocess.run([sys.executable, "-m", "sim", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
+    assert "attackers.<id>.accounts" in proc.stdout and "detectors.prada.delta" in proc.stdout

@@ -1,0 +1,67 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from sim import data
+from sim.errors import DataError
+
+
+def test_mnist5k_is_a_fixed_4000_1000_split_of_real_digits():
+    ds = data.load("mnist5k")
+    assert ds.x_train.shape == (4000, 1, 28, 28) and ds.x_test.shape == (1000, 1, 28, 28)
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.max() == 255
+    assert set(np.unique(ds.y_test)) == set(range(10))
+    again = data._mnist5k(None, False)
+    assert np.array_equal(again.x_test, ds.x_test) and np.array_equal(again.y_train, ds.y_train)
+
+
+def test_digits_are_resized_to_mnist_geometry():
+    ds = data.load("digits")
+    x = ds.all_images()
+    assert x.shape == (1797, 1, 28, 28) and x.dtype == np.uint8
+    assert x[:, :, :4].max() == 0 and x[:, :, -4:].max() == 0  # the 4-pixel frame around a 20x20 box
+    assert x.max() > 200
+
+
+def _write_idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_from_data_root(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (12, 28, 28))
+    labels = rng.integers(0, 10, 12)
+    for split, n in (("train", 8), ("t10k", 4)):
+        sl = slice(0, 8) if split == "train" else slice(8, 12)
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", imgs[sl])
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels[sl])
+    ds = data._fashion_mnist(str(tmp_path), False)
+    assert ds.x_train.shape == (8, 1, 28, 28) and ds.x_test.shape == (4, 1, 28, 28)
+    assert np.array_equal(ds.x_test[:, 0], imgs[8:]) and np.array_equal(ds.y_train, labels[:8])
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(struct.pack(">BBBBI", 0, 0, 8, 1, 100) + b"\x00" * 10)
+    with pytest.raises(DataError, match="truncated"):
+        data.read_idx(path)
+
+
+def test_missing_fashion_mnist_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path}.*dataset-fashion-mnist"):
+        data._fashion_mnist(str(tmp_path), False)
+
+
+def test_missing_torchvision_dataset_names_root_and_download(tmp_path):
+    with pytest.raises(DataError, match=f"MNIST not found under data.root='{tmp_path}'.*data.download=true"):
+        data._REGISTRY["mnist"](str(tmp_path), False)
+
+
+def test_unknown_dataset_lists_known():
+    with pytest.raises(DataError, match="expected one of: mnist5k, digits"):
+        data.load("imagenet")

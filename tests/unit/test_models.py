@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from sim import models
+
+
+@pytest.mark.parametrize("arch,shape", [("lenet", (1, 28, 28)), ("conv3", (1, 28, 28)),
+                                        ("resnet18", (3, 32, 32)), ("vgg16_bn", (3, 32, 32)),
+                                        ("lenet", (3, 32, 32))])
+def test_architectures_give_one_logit_per_class(arch, shape):
+    model = models.build(arch, shape, 10).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, *shape))
+    assert out.shape == (2, 10)
+
+
+def test_lenet_matches_the_mad_paper_layout():
+    m = models.build("lenet", (1, 28, 28), 10)
+    convs = [l for l in m.modules() if isinstance(l, torch.nn.Conv2d)]
+    fcs = [l for l in m.modules() if isinstance(l, torch.nn.Linear)]
+    assert [c.out_channels for c in convs] == [20, 50]
+    assert [f.out_features for f in fcs] == [500, 10]
+
+
+def test_unknown_architecture_lists_known():
+    with pytest.raises(ValueError, match="arch='alexnet' is not a known architecture; expected one of: lenet"):
+        models.build("alexnet", (1, 28, 28), 10)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from sim import data, detectors
+from sim.detectors import Prada
+
+
+def _synthetic_stream(n_seeds=10, steps=30, eps=0.03, seed=0):
+    """JBDA-like queries: a few natural seeds, then many small perturbations around them."""
+    ds = data.load("mnist5k")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds.x_train), n_seeds, replace=False)
+    seeds = ds.x_train[idx].astype(np.float32) / 255
+    labels = ds.y_train[idx]
+    xs, ys = [seeds], [labels]
+    cur = seeds.copy()
+    for _ in range(steps):
+        cur = np.clip(cur + eps * rng.choice([-1.0, 1.0], size=cur.shape), 0, 1)
+        xs.append(cur.copy())
+        ys.append(labels)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_prada_flags_a_stream_of_small_perturbations_around_a_few_seeds():
+    x, y = _synthetic_stream()
+    det = detectors.build("prada", delta=0.95, min_pool=50)
+    res = det.score("attacker", x, y)
+    assert res.flags[-1] and det.flagged_accounts() == {"attacker"}
+    assert not res.flags[:50].any()  # cannot flag before the pool is large enough
+    first = int(np.argmax(res.flags))
+    assert res.flags[first:].all()  # a flag stays
+
+
+def test_prada_does_not_flag_iid_natural_test_images():
+    ds = data.load("mnist5k")
+    det = Prada(delta=0.95, min_pool=50)
+    for user in range(3):
+        sl = slice(user * 300, (user + 1) * 300)
+        res = det.score(f"benign-{user}", ds.x_test[sl], ds.y_test[sl])
+        assert not res.flags.any()
+        assert np.isfinite(res.scores[-1]) and res.scores[-1] < 0.05
+    assert det.flagged_accounts() == set()
+
+
+def test_prada_keeps_accounts_apart_and_scores_in_batches_like_one_by_one():
+    x, y = _synthetic_stream(steps=10)
+    whole = Prada().score("a", x, y)
+    det = Prada()
+    parts = [det.score("b", x[i:i + 7], y[i:i + 7]) for i in range(0, len(x), 7)]
+    assert np.array_equal(np.concatenate([p.flags for p in parts]), whole.flags)
+    np.testing.assert_allclose(np.concatenate([p.scores for p in parts]), whole.scores, equal_nan=True)
+    ds = data.load("mnist5k")
+    assert not det.score("c", ds.x_test[:100], ds.y_test[:100]).flags.any()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"delta": 0}, r"prada.delta must be in \(0, 1\], got 0"),
+    ({"delta": 1.2}, r"prada.delta must be in \(0, 1\], got 1.2"),
+    ({"min_pool": 2}, "prada.min_pool must be an integer >= 3, got 2"),
+    ({"window": 5}, "prada: unknown parameter 'window'; expected one of: delta, min_pool"),
+])
+def test_prada_rejects_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        detectors.build("prada", **params)
+
+
+def test_unknown_detector_lists_known():
+    with pytest.raises(ValueError, match="detector='same' is not a known detector; expected one of: prada"):
+        detectors.build("same")

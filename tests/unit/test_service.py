@@ -1,0 +1,109 @@
+import json
+import re
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from sim import data, detectors, models, querylog
+from sim.service import Account, VictimService, make_keys, parse_images
+from sim.errors import RequestError
+
+
+@pytest.fixture()
+def service(tmp_path):
+    model = models.build("lenet", (1, 28, 28), 10)
+    keys = {"k-att": Account("att-0", "attacker", "knockoff"), "k-ben": Account("ben-0", "benign")}
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    svc = VictimService(model=model, victim="v", run_id="r", accounts=keys, input_shape=(1, 28, 28),
+                        detectors={"prada": detectors.build("prada", min_pool=10)},
+                        detector_actions={"prada": "refuse"}, writer=writer, max_images=8)
+    yield svc, tmp_path
+    writer.close()
+
+
+def test_good_request_is_answered_with_probabilities_and_logged(service):
+    svc, path = service
+    x = data.load("mnist5k").x_test[:4]
+    reply = svc.query("k-ben", x, "actor-1")
+    assert reply.status == 200 and reply.actions == ["answered"] * 4
+    np.testing.assert_allclose(reply.probs.sum(1), 1, atol=1e-5)
+    assert (reply.labels == reply.probs.argmax(1)).all()
+    table = querylog.read(str(path))
+    assert table.num_rows == 4 and set(table.column("role").to_pylist()) == {"benign"}
+    assert table.column("actor_id").to_pylist() == ["actor-1"] * 4
+    assert np.array_equal(querylog.decode_inputs(table, (1, 28, 28)), x)
+
+
+def test_float_and_hw_inputs_are_quantised_to_8_bits(service):
+    svc, _ = service
+    x = data.load("mnist5k").x_test[:2]
+    a = svc.query("k-ben", x, None)
+    b = svc.query("k-ben", (x[:, 0] / 255.0).tolist(), None)  # (N, H, W) floats, as JSON sends them
+    np.testing.assert_allclose(a.probs, b.probs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key,images,status,reason", [
+    ("nope", np.zeros((1, 1, 28, 28), np.uint8), 401, "unknown API key"),
+    (None, np.zeros((1, 1, 28, 28), np.uint8), 401, "missing API key"),
+    ("k-att", np.zeros((1, 3, 28, 28), np.uint8), 400, r"images shape \(1, 3, 28, 28\) is wrong"),
+    ("k-att", np.zeros((0, 1, 28, 28), np.uint8), 400, "with N >= 1"),
+    ("k-att", np.zeros((1, 1, 28, 28), np.int64), 400, "images dtype int64 not supported"),
+    ("k-att", np.full((1, 1, 28, 28), np.nan), 400, "NaN or infinite"),
+    ("k-att", np.full((1, 1, 28, 28), 1.5), 400, r"must be in \[0, 1\], got min 1.5 max 1.5"),
+    ("k-att", np.zeros((9, 1, 28, 28), np.uint8), 413, "too many images: 9 > serve.max_images=8"),
+    ("k-att", [[0.1, 0.2], [0.3]], 400, "rectangular array"),
+    ("k-att", [["a"] * 28] * 28, 400, "dtype <U1 not supported"),
+    ("k-att", None, 400, "missing 'images'"),
+])
+def test_bad_requests_get_4xx_and_one_refused_log_row(service, key, images, status, reason):
+    svc, path = service
+    reply = svc.query(key, images, "actor-x")
+    assert reply.status == status
+    assert re.search(reason, reply.reason)
+    assert "\n" not in reply.reason
+    rows = querylog.read(str(path)).to_pylist()
+    assert len(rows) == 1 and rows[0]["action"] == "refused" and rows[0]["refusal_reason"] == reply.reason
+    # the replica still answers afterwards
+    assert svc.query("k-ben", np.zeros((1, 1, 28, 28), np.uint8)).status == 200
+
+
+def test_malformed_json_body_is_400_and_logged(service):
+    svc, path = service
+    for body in (b"{not json", b"[1, 2]", json.dumps({"imgs": []}).encode()):
+        reply = svc.query_json("k-att", body)
+        assert reply.status == 400 and reply.reason.startswith("malformed body")
+    assert querylog.read(str(path)).num_rows == 3
+
+
+def test_prada_refuse_action_refuses_a_flagged_accounts_later_queries(service):
+    svc, path = service
+    ds = data.load("mnist5k")
+    seed = ds.x_test[:1].astype(np.float32) / 255
+    rng = np.random.default_rng(0)
+    xs = np.clip(seed + 0.02 * rng.choice([-1, 1], size=(120, 1, 28, 28)), 0, 1)
+    replies = [svc.query("k-att", xs[i:i + 8]) for i in range(0, 120, 8)]
+    actions = [a for r in replies for a in r.actions]
+    assert "refused" in actions
+    first = actions.index("refused")
+    assert set(actions[first:]) == {"refused"}
+    assert replies[-1].status == 403 and replies[-1].reason == "account flagged by prada"
+    assert svc.query("k-ben", ds.x_test[:8]).status == 200  # other accounts are unaffected
+    table = querylog.read(str(path))
+    att = table.filter(pc.equal(table.column("account_id"), "att-0"))
+    assert att.column("action").to_pylist() == actions
+    assert att.column("prada_flagged").to_pylist()[first - 1] is True
+
+
+def test_parse_images_accepts_uint8_as_is():
+    x = np.arange(784, dtype=np.uint8).reshape(1, 1, 28, 28)
+    assert parse_images(x, (1, 28, 28), 4) is not None
+    with pytest.raises(RequestError):
+        parse_images(x.astype(bool), (1, 28, 28), 4)
+
+
+def test_seeded_keys_are_reproducible_and_distinct():
+    accts = [Account(f"a{i}", "attacker") for i in range(50)]
+    k1, k2 = make_keys(accts, seed=3), make_keys(accts, seed=3)
+    assert list(k1) == list(k2) and len(set(k1)) == 50
+    assert list(make_keys(accts)) != list(k1)

@@ -49,6 +49,7 @@ class ClientActor:
                 self.progress.update.remote(self.actor_id, total)
         return {
             "actor_id": self.actor_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "sent": total,
             "refused": sum(refused.values()),
             "per_account": dict(sent),

@@ -189,6 +189,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
 
         from .serving import deploy, start_serve
 
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         t0 = time.perf_counter()
         port = start_serve(cfg.serve.port, cfg.serve.http)
         app = _app_name(cfg, run_id)
@@ -200,7 +201,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
             board = ProgressBoard.remote()
             key_of = {a.account_id: k for k, a in plan.accounts.items()}
             actors = [
-                ClientActor.options(name=None).remote(
+                ClientActor.options(scheduling_strategy="SPREAD").remote(
                     c["actor_id"], c["source"], [key_of[a] for a in c["accounts"]], c["split"], c["budget"],
                     c["batch_size"], app, board, derive_seed(cfg.seed, "split", c["actor_id"]))
                 for c in plan.clients
@@ -218,6 +219,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     summary = summarize(cfg, victim, run_id, plan, results, replicas, log_dir, logged)
     summary["serve"] = {"app": app, "port": port,
                         "url": f"http://127.0.0.1:{port}/{app}" if port else None}
+    summary["ray"]["nodes"] = nodes
     summary["timings"] = timings
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
@@ -303,6 +305,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         "benign": {"users": cfg.benign.users, "queries": sum(r["sent"] for r in benign),
                    "refused": sum(r["refused"] for r in benign)},
         "clients": clients,
+        "ray": {"client_nodes": len({r["node_id"] for r in results})},
         "detection": {"prada": {
             "enabled": cfg.detectors.prada.enabled, "delta": cfg.detectors.prada.delta,
             "action": cfg.detectors.prada.action,

@@ -96,11 +96,12 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
     if not ok:
         raise RequestError(400, f"images dtype {arr.dtype} not supported; expected uint8 pixels or floats in [0, 1]")
     c, h, w = input_shape
+    given = tuple(arr.shape)
     if arr.ndim == 3 and c == 1:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1:] != (c, h, w) or arr.shape[0] == 0:
         want = f"(N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
-        raise RequestError(400, f"images shape {tuple(arr.shape)} is wrong; expected {want} with N >= 1")
+        raise RequestError(400, f"images shape {given} is wrong; expected {want} with N >= 1")
     if arr.shape[0] > max_images:
         raise RequestError(413, f"too many images: {arr.shape[0]} > serve.max_images={max_images}")
     if arr.dtype == np.uint8:

@@ -1,0 +1,43 @@
+"""One Ray (and one Serve with its HTTP proxy on a free local port) for the whole test session."""
+
+import os
+
+import pytest
+
+from sim.serving import free_port
+
+SMALL = [
+    "victim.epochs=2",
+    "attackers.single.budget=160",
+    "attackers.single.replica.epochs=2",
+    "benign.queries=40",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_serve():
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 << 20,
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    ray.shutdown()
+
+
+@pytest.fixture()
+def small_overrides(cache_dir, tmp_path):
+    return [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *SMALL]
+
+
+def env_without_ray_address():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env

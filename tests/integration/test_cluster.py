@@ -1,0 +1,30 @@
+"""Cluster mode: the same scenario, run by the CLI against a two-node cluster started by the test."""
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import SMALL, env_without_ray_address
+
+
+def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
+    launcher = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cluster_launcher.py")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env_without_ray_address())
+    try:
+        address = json.loads(launcher.stdout.readline())["address"]
+        run_uri = f"file://{tmp_path}/run"  # run directories may be URIs
+        proc = subprocess.run(
+            [sys.executable, "-m", "sim", "scenario=single_knockoff", f"ray.address={address}",
+             f"cache_dir={cache_dir}", f"run_dir={run_uri}", *SMALL],
+            capture_output=True, text=True, timeout=400, env=env_without_ray_address())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "replica acc" in proc.stdout
+        summary = json.load(open(tmp_path / "run" / "summary.json"))
+        assert summary["ray"]["nodes"] == 2 and summary["ray"]["client_nodes"] == 2
+        assert summary["queries"]["logged"] == summary["queries"]["total"] == 160 + 2 * 40
+        assert os.listdir(tmp_path / "run" / "queries")[0].endswith(".parquet")
+    finally:
+        launcher.stdin.close()
+        launcher.wait(timeout=120)

@@ -1,0 +1,81 @@
+"""The HTTP API of a deployed victim: good and bad requests, each bad one a 4xx and a refused log row."""
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from sim import data, models, querylog
+from sim.service import Account
+from sim.serving import VictimSpec, deploy
+
+
+@pytest.fixture()
+def victim_app(ray_serve, tmp_path):
+    from ray import serve
+
+    model = models.build("lenet", (1, 28, 28), 10)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    keys = {"good-key": Account("acct-1", "external")}
+    spec = VictimSpec(victim="httpvictim", run_id="t", arch="lenet", input_shape=(1, 28, 28), num_classes=10,
+                      state=buf.getvalue(), accounts=keys, detectors={"prada": {"delta": 0.95, "min_pool": 50}},
+                      detector_actions={"prada": "flag"}, defense="identity", defense_params={},
+                      log_dir=str(tmp_path / "queries"), log_inputs=True, max_images=4)
+    deploy(spec, "httpvictim")
+    yield f"http://127.0.0.1:{ray_serve}/httpvictim", str(tmp_path / "queries")
+    serve.delete("httpvictim")
+
+
+def post(url, body, key="good-key", method="POST"):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["X-API-Key"] = key
+    data_ = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data_ if method == "POST" else None, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_good_and_bad_requests(victim_app):
+    url, log_dir = victim_app
+    imgs = (data.load("mnist5k").x_test[:3, 0] / 255.0).round(4).tolist()
+    status, body = post(url, {"images": imgs})
+    assert status == 200 and body["account"] == "acct-1" and len(body["results"]) == 3
+    for r in body["results"]:
+        assert r["action"] == "answered" and abs(sum(r["probs"]) - 1) < 1e-4 and r["label"] == int(np.argmax(r["probs"]))
+
+    bad = [
+        ({"images": imgs}, "wrong-key", 401, "unknown API key"),
+        ({"images": imgs}, None, 401, "missing API key"),
+        (b"{oops", "good-key", 400, "malformed body"),
+        ({"pictures": imgs}, "good-key", 400, "malformed body"),
+        ({"images": [[[0.5] * 27] * 28]}, "good-key", 400, "images shape (1, 28, 27) is wrong"),
+        ({"images": [[["x"] * 28] * 28]}, "good-key", 400, "dtype"),
+        ({"images": [[[2.0] * 28] * 28]}, "good-key", 400, "must be in [0, 1]"),
+        ({"images": [[[float("nan")] * 28] * 28]}, "good-key", 400, None),
+        ({"images": imgs * 2}, "good-key", 413, "too many images: 6 > serve.max_images=4"),
+    ]
+    for body_, key, code, reason in bad:
+        status, reply = post(url, body_, key)
+        assert status == code, (body_ if isinstance(body_, bytes) else key, reply)
+        if reason:
+            assert reason in reply["error"]
+        assert "\n" not in reply["error"]
+    # still healthy after all that
+    assert post(url, {"images": imgs[:1]})[0] == 200
+
+    table = querylog.read(log_dir)
+    actions = pc.value_counts(table.column("action")).to_pylist()
+    assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad)}
+    refused = table.filter(pc.equal(table.column("action"), "refused"))
+    assert refused.column("refusal_reason").null_count == 0

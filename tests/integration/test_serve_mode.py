@@ -1,0 +1,52 @@
+"""`python -m sim serve`: deploys the victim, serves external clients, shuts down cleanly on Ctrl-C."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from sim import data, querylog
+from sim.serving import free_port
+
+from .conftest import env_without_ray_address
+from .test_http import post
+
+
+def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir, tmp_path):
+    port = free_port()
+    run_dir = tmp_path / "served"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim", "serve", "scenario=single_knockoff", f"cache_dir={cache_dir}",
+         f"run_dir={run_dir}", f"serve.port={port}", "serve.accounts=3", "victim.epochs=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address())
+    try:
+        lines, deadline = [], time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"serve exited early: {lines}"
+            lines.append(line.strip())
+            if line.startswith("Ctrl-C"):
+                break
+        info = dict(l.split(":  ", 1) if ":  " in l else l.split(": ", 1) for l in lines if ": " in l)
+        url = info["url"].strip()
+        assert url == f"http://127.0.0.1:{port}/victim" and info["keys"].strip() == str(run_dir / "keys.json")
+        keys = json.load(open(run_dir / "keys.json"))
+        assert len(keys) == 3 and {k["role"] for k in keys} == {"external"}
+
+        imgs = (data.load("mnist5k").x_test[:5, 0] / 255.0).tolist()
+        status, body = post(url, {"images": imgs}, key=keys[1]["key"])
+        assert status == 200 and body["account"] == keys[1]["account_id"] and len(body["results"]) == 5
+        assert post(url, {"images": imgs}, key="not-a-key")[0] == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert "stopped; 6 queries logged" in out
+    table = querylog.read(str(run_dir / "queries"))
+    assert table.num_rows == 6
+    answered = table.filter(table.column("returned_label").is_valid())
+    assert answered.column("account_id").to_pylist() == [keys[1]["account_id"]] * 5
+    assert np.isfinite(np.array(answered.column("clean_probs").to_pylist())).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import ray
+import torch
 from torch import nn
 
 from sim import models
@@ -14,6 +15,7 @@ from sim.training import train_classifier
 def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: tuple[int, int, int],
                   num_classes: int, cfg: ReplicaConfig, seed: int, on_epoch=None) -> nn.Module:
     """Train a fresh ``arch`` on the transfer set: soft labels (the returned vectors) or hard (argmax)."""
+    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = models.build(arch, input_shape, num_classes)
     targets = probs if cfg.labels == "soft" else probs.argmax(1)
     return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -24,8 +26,6 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
 def train_replica_task(x, probs, arch, input_shape, num_classes, cfg: ReplicaConfig, seed: int,
                        board=None, key: str = "replica") -> dict:
     """Ray task around :func:`train_replica`; posts epochs done to a ProgressBoard; returns a state_dict."""
-    import torch
-
     torch.set_num_threads(1)
 
     def on_epoch(epoch, loss):

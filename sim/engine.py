@@ -192,6 +192,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         t0 = time.perf_counter()
         port = start_serve(cfg.serve.port, cfg.serve.http)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         app = _app_name(cfg, run_id)
         deploy(_spec(cfg, victim, run_id, plan.accounts, log_dir), app, replicas=cfg.serve.replicas,
                replica_cpus=cfg.serve.replica_cpus, max_ongoing_requests=cfg.serve.max_ongoing_requests)

@@ -54,6 +54,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     folder = Path(cache_dir).expanduser() / "victims"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{cfg.dataset}-{cfg.arch}-{key}.pt"
+    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
     with FileLock(str(path) + ".lock"):
         if path.exists():

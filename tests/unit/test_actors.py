@@ -96,3 +96,15 @@ def test_replica_trained_on_victim_soft_labels_agrees_with_the_victim():
 def test_accuracy_and_fidelity_on_known_inputs():
     assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
     assert fidelity(np.array([0, 0]), np.array([0, 1])) == 0.5
+
+
+def test_replica_training_is_deterministic_for_a_seed():
+    ds = data.load("digits")
+    x, probs = ds.x_train[:200], np.eye(10, dtype=np.float32)[ds.y_train[:200]]
+    kw = dict(arch="lenet", input_shape=(1, 28, 28), num_classes=10, cfg=ReplicaConfig(epochs=1))
+    a = train_replica(x, probs, seed=3, **kw)
+    b = train_replica(x, probs, seed=3, **kw)
+    c = train_replica(x, probs, seed=4, **kw)
+    pa, pb, pc_ = (predict_probs(m, ds.x_test) for m in (a, b, c))
+    np.testing.assert_array_equal(pa, pb)
+    assert not np.array_equal(pa, pc_)

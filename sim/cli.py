@@ -94,8 +94,6 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     victim = _train_victim(cfg, quiet=False)
     run_id = f"{cfg.name}-serve-{time.strftime('%Y%m%d%H%M%S')}"
     log_dir = storage.join(run_dir, "queries")
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     with ray_session(cfg):
         from ray import serve
 
@@ -111,11 +109,13 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
         print(f"keys: {keys_path}")
         print(f"log:  {log_dir}")
         print("Ctrl-C to stop", flush=True)
+        stop = {"now": False}
+        # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.update(now=True))
         try:
             while not stop["now"]:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
         finally:
             serve.delete(app)
     rows = querylog.compact(log_dir)

@@ -92,6 +92,7 @@ class ServeConfig(_Strict):
     http: bool = Field(True, description="start Serve's HTTP proxy")
     replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(0.5, gt=0)
+    threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
     max_ongoing_requests: int = Field(128, ge=1)
     keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")

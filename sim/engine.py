@@ -32,6 +32,18 @@ def derive_seed(seed: int, *names: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+# Serve handles over gRPC: ~1.5x the handle throughput of the default transport on 2 cores
+LOCAL_RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+_RAY_INIT = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> None:
+    """Start a fresh local Ray (never a stale cluster recorded by an earlier crash)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb << 20, **_RAY_INIT)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ScenarioConfig):
     """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
@@ -40,12 +52,10 @@ def ray_session(cfg: ScenarioConfig):
         yield
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **_RAY_INIT)
     else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb << 20,
-                 **kwargs)
+        init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         yield
@@ -135,7 +145,7 @@ def _spec(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, 
         num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys, detectors=dets,
         detector_actions={"prada": prada.action} if prada.enabled else {},
         defense=cfg.defense.name, defense_params={}, log_dir=log_dir, log_inputs=cfg.log.inputs,
-        max_images=cfg.serve.max_images,
+        max_images=cfg.serve.max_images, threads=cfg.serve.threads,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class VictimSpec:
     log_dir: str | None
     log_inputs: bool
     max_images: int
+    threads: int = 1  # torch threads per replica
 
 
 def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
@@ -62,7 +64,7 @@ def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
 @serve.deployment
 class VictimDeployment:
     def __init__(self, spec: VictimSpec):
-        torch.set_num_threads(1)
+        torch.set_num_threads(spec.threads)
         replica = serve.get_replica_context().replica_id.unique_id
         self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
 
@@ -77,12 +79,10 @@ class VictimDeployment:
     def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
         return self.service.query(api_key, images, actor_id)
 
-    def close_log(self) -> int:
+    def info(self) -> dict:
+        """This replica's process id, log writer and rows written (diagnostics)."""
         writer = self.service.writer
-        if writer is None:
-            return 0
-        writer.close()
-        return writer.rows
+        return {"pid": os.getpid(), "writer": writer and writer.writer_id, "rows": writer.rows if writer else 0}
 
     def __del__(self):
         writer = getattr(getattr(self, "service", None), "writer", None)

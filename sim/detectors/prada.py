@@ -16,6 +16,7 @@ Distances are computed on images scaled to [0, 1].
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,30 +24,54 @@ from scipy.stats import shapiro
 
 from .base import Detection, Detector
 
+# scipy's Shapiro-Wilk without its generic axis/NaN-policy wrapper, which costs 3x the test itself here
+_shapiro = getattr(shapiro, "__wrapped__", shapiro)
+
+
+class _Growing:
+    """An append-only float buffer that doubles its capacity."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, shape=(), dtype=np.float64):
+        self.data = np.empty((16, *shape), dtype)
+        self.n = 0
+
+    def append(self, value) -> None:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        self.data[self.n] = value
+        self.n += 1
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.data[: self.n]
+
 
 class _ClassSet:
-    """A growing set of flattened queries of one class, with its own distances and threshold."""
+    """A growing set of flattened queries of one class, with its threshold over its own distances."""
 
-    __slots__ = ("points", "n", "dists", "threshold")
+    __slots__ = ("points", "count", "total", "total_sq", "threshold")
 
     def __init__(self, dim: int):
-        self.points = np.empty((16, dim), np.float32)
-        self.n = 0
-        self.dists: list[float] = []
+        self.points = _Growing((dim,), np.float32)
+        self.count = 0  # distances of the set's members (all but the first)
+        self.total = 0.0
+        self.total_sq = 0.0
         self.threshold = 0.0
 
     def add(self, x: np.ndarray, d: float | None) -> None:
-        if self.n == len(self.points):
-            self.points = np.concatenate([self.points, np.empty_like(self.points)])
-        self.points[self.n] = x
-        self.n += 1
+        self.points.append(x)
         if d is not None:
-            self.dists.append(d)
-            arr = np.asarray(self.dists)
-            self.threshold = max(self.threshold, float(arr.mean() - arr.std()))
+            self.count += 1
+            self.total += d
+            self.total_sq += d * d
+            mean = self.total / self.count
+            std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
+            self.threshold = max(self.threshold, mean - std)
 
     def min_distance(self, x: np.ndarray) -> float:
-        diff = self.points[: self.n] - x
+        diff = self.points.values - x
         return float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min()))
 
 
@@ -55,7 +80,7 @@ class _Account:
 
     def __init__(self):
         self.classes: dict[int, _ClassSet] = {}
-        self.pool: list[float] = []
+        self.pool = _Growing()
         self.flagged = False
         self.last_w = float("nan")
 
@@ -75,14 +100,18 @@ class Prada(Detector):
         super().__init__(**params)
         self._accounts: dict[str, _Account] = {}
 
-    def _w_statistic(self, pool: list[float]) -> float:
-        d = np.asarray(pool)
+    @staticmethod
+    def _w_statistic(d: np.ndarray) -> float:
         mean, std = d.mean(), d.std()
         if std > 0:
             d = d[np.abs(d - mean) <= 3 * std]
         if len(d) < 3 or np.ptp(d) == 0:
             return 1.0 if len(d) >= 3 else float("nan")  # identical distances: no evidence either way
-        return float(shapiro(d).statistic)
+        if len(d) <= 5000:
+            return float(_shapiro(d)[0])
+        with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
+            warnings.simplefilter("ignore", UserWarning)
+            return float(_shapiro(d)[0])
 
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray) -> Detection:
         x = np.asarray(inputs)
@@ -103,8 +132,8 @@ class Prada(Detector):
                 acc.pool.append(d)
                 if d > cls.threshold:
                     cls.add(x[i], d)
-                if len(acc.pool) > self.params["min_pool"]:
-                    acc.last_w = self._w_statistic(acc.pool)
+                if acc.pool.n > self.params["min_pool"]:
+                    acc.last_w = self._w_statistic(acc.pool.values)
                     if acc.last_w < self.params["delta"]:
                         acc.flagged = True
             scores[i] = 1.0 - acc.last_w

@@ -24,8 +24,9 @@ def ray_serve():
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 << 20,
-             log_to_driver=False)
+    from sim.engine import init_local_ray
+
+    init_local_ray(num_cpus=2, object_store_mb=300)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port

@@ -79,3 +79,28 @@ def test_http_good_and_bad_requests(victim_app):
     assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad)}
     refused = table.filter(pc.equal(table.column("action"), "refused"))
     assert refused.column("refusal_reason").null_count == 0
+
+
+def test_a_replica_killed_with_sigkill_loses_no_answered_query(victim_app):
+    import os
+    import signal
+
+    from ray import serve
+
+    url, log_dir = victim_app
+    handle = serve.get_deployment_handle("victim", "httpvictim")
+    imgs = data.load("mnist5k").x_test[:4]
+    answered = 0
+    for _ in range(5):
+        reply = handle.query.remote("good-key", imgs, "killer").result()
+        answered += int(reply.answered.sum())
+    info = handle.info.remote().result()
+    assert info["rows"] == answered == 20
+    os.kill(info["pid"], signal.SIGKILL)  # no close, no flush beyond what each answer already did
+    table = querylog.read(log_dir)
+    assert table.num_rows == answered
+    assert table.column("action").to_pylist() == ["answered"] * answered
+    # Serve brings a new replica up, with a writer of its own; the handle waits for it
+    reply = handle.query.remote("good-key", imgs[:1], "after").result(timeout_s=120)
+    assert reply.status == 200
+    assert querylog.read(log_dir).num_rows == answered + 1

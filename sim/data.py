@@ -108,7 +108,8 @@ def _fashion_mnist(root: str | None, download: bool) -> Dataset:
                    x_te[:, None].copy(), y_te.astype(np.int64), 10)
 
 
-def _torchvision(cls_name: str, num_classes: int, **kwargs) -> Callable[[str | None, bool], Dataset]:
+def _torchvision(cls_name: str, num_classes: int, transpose: bool = False,
+                 **kwargs) -> Callable[[str | None, bool], Dataset]:
     def load(root: str | None, download: bool) -> Dataset:
         import torchvision.datasets as tvd
 
@@ -125,7 +126,7 @@ def _torchvision(cls_name: str, num_classes: int, **kwargs) -> Callable[[str | N
                 ) from None
             x = np.asarray(ds.data)
             if x.ndim == 3:  # (N, H, W) grayscale
-                x = x[:, None]
+                x = x[:, None].swapaxes(2, 3) if transpose else x[:, None]
             else:  # CIFAR: (N, H, W, C)
                 x = x.transpose(0, 3, 1, 2)
             parts += [np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)]
@@ -140,7 +141,7 @@ _REGISTRY: dict[str, Callable[[str | None, bool], Dataset]] = {
     "fashion_mnist": _fashion_mnist,
     "mnist": _torchvision("MNIST", 10),
     "kmnist": _torchvision("KMNIST", 10),
-    "emnist_digits": _torchvision("EMNIST", 10, split="digits"),
+    "emnist_digits": _torchvision("EMNIST", 10, transpose=True, split="digits"),  # EMNIST is stored transposed
     "cifar10": _torchvision("CIFAR10", 10),
     "cifar100": _torchvision("CIFAR100", 100),
 }

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import uuid
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import data, querylog, storage, zoo
 from .config import ScenarioConfig
+from .errors import SimError
 from .service import Account, make_keys
 from .training import accuracy, fidelity, predict_probs
 
@@ -44,6 +46,18 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> N
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb << 20, **_RAY_INIT)
 
 
+def _check_reachable(address: str) -> None:
+    """Fail fast on HOST:PORT that nothing listens on (ray.init would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if address in ("auto", "local") or address.startswith("ray://") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise SimError(f"ray.address={address!r}: cannot connect ({exc.strerror or exc}); expected a running "
+                       f"cluster's HOST:PORT (ray start --head) or 'auto'") from None
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ScenarioConfig):
     """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
@@ -53,7 +67,12 @@ def ray_session(cfg: ScenarioConfig):
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **_RAY_INIT)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **_RAY_INIT)
+        except ConnectionError as exc:
+            raise SimError(f"ray.address={address!r}: no Ray cluster found ({str(exc).splitlines()[0]}); "
+                           f"expected a running cluster's HOST:PORT or 'auto'") from None
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

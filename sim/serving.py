@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import defenses, detectors, models
+from .errors import SimError
 from .querylog import QueryLogWriter
 from .service import API_KEY_HEADER, Account, Reply, VictimService
 
@@ -96,6 +97,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port(port: int) -> int:
+    """``port`` if it is free on 127.0.0.1, else a one-line user error."""
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        raise SimError(f"serve.port={port} cannot be used on 127.0.0.1 ({exc.strerror}); "
+                       f"expected a free port, or 0 for any free one") from None
+    return port
+
+
 def start_serve(port: int, http: bool = True) -> int | None:
     """Start Serve (once per Ray session) with its proxy on 127.0.0.1; returns the HTTP port in use."""
     client = serve.context._get_global_client(raise_if_no_controller_running=False)
@@ -105,7 +117,7 @@ def start_serve(port: int, http: bool = True) -> int | None:
     if not http:
         serve.start(http_options={"location": "NoServer"})
         return None
-    port = port or free_port()
+    port = check_port(port) if port else free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
 

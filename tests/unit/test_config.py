@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from sim import config
-from sim.errors import ConfigError
+from sim.errors import ConfigError, SimError
 
 
 def test_distributed_knockoff_extends_single_knockoff_and_meets_the_spec():
@@ -88,3 +88,25 @@ def test_cli_help_lists_scenarios_and_keys():
     assert proc.returncode == 0
     assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
     assert "attackers.<id>.accounts" in proc.stdout and "detectors.prada.delta" in proc.stdout
+
+
+def test_a_port_in_use_is_a_user_error():
+    import socket
+
+    from sim.serving import check_port, free_port
+
+    port = free_port()
+    assert check_port(port) == port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        with pytest.raises(SimError, match=f"serve.port={port} cannot be used on 127.0.0.1"):
+            check_port(port)
+
+
+def test_an_unreachable_cluster_address_is_a_user_error():
+    from sim.engine import _check_reachable
+    from sim.serving import free_port
+
+    with pytest.raises(SimError, match=r"ray.address='127.0.0.1:\d+': cannot connect"):
+        _check_reachable(f"127.0.0.1:{free_port()}")

@@ -65,3 +65,19 @@ def test_missing_torchvision_dataset_names_root_and_download(tmp_path):
 def test_unknown_dataset_lists_known():
     with pytest.raises(DataError, match="expected one of: mnist5k, digits"):
         data.load("imagenet")
+
+
+def test_torchvision_reader_path_reads_mnist_files_from_data_root(tmp_path):
+    """Users elsewhere bring MNIST through torchvision's own reader: files under ROOT/MNIST/raw."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    imgs, labels = rng.integers(0, 256, (10, 28, 28)), rng.integers(0, 10, 10)
+    for split, sl in (("train", slice(0, 6)), ("t10k", slice(6, 10))):
+        for kind, arr in (("images-idx3", imgs[sl]), ("labels-idx1", labels[sl])):
+            gz = tmp_path / "tmp.gz"
+            _write_idx(gz, arr)
+            (raw / f"{split}-{kind}-ubyte").write_bytes(gzip.decompress(gz.read_bytes()))
+    ds = data.load("mnist", str(tmp_path))
+    assert ds.x_train.shape == (6, 1, 28, 28) and ds.x_test.shape == (4, 1, 28, 28)
+    assert np.array_equal(ds.x_train[:, 0], imgs[:6]) and np.array_equal(ds.y_test, labels[6:])

@@ -1,0 +1,37 @@
+"""The query-source interface that the client actor drives, and the shared pool-walking part.
+
+A source is pure (no Ray): ``propose(n)`` returns the next at most n queries (uint8 images),
+``observe(x, probs, answered)`` takes the victim's answers, ``transfer_set()`` returns what a replica
+trains on (None for sources that train nothing), ``remaining`` counts the queries still to send.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PoolStream:
+    """Walks a fixed order of indices into an image array; subclasses decide the order and what to keep."""
+
+    name: str | None = None
+
+    def __init__(self, images: np.ndarray, order: np.ndarray):
+        self.images = images
+        self._order = order
+        self._next = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._order) - self._next
+
+    def propose(self, n: int) -> np.ndarray:
+        n = min(n, self.remaining)
+        idx = self._order[self._next:self._next + n]
+        self._next += n
+        return self.images[idx]
+
+    def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
+        pass
+
+    def transfer_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None

@@ -7,7 +7,8 @@ Measures, in one run on this machine:
   - served: --clients actors sending batches of --batch images through DeploymentHandles, for each of
     (query log on/off) x (PRADA on/off): images/s, p50/p99 request latency, served / raw;
   - the log's overhead: 1 - served(log on) / served(log off).
-Results are printed and written as JSON.
+With 2 replicas each keeps its own PRADA history (the simulator itself refuses that configuration); the
+per-query cost measured is the same. Results are printed and written as JSON.
 """
 
 from __future__ import annotations

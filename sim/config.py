@@ -129,6 +129,10 @@ class ScenarioConfig(_Strict):
     def _names_are_valid(self):
         from . import data, defenses, models  # late: registries import torch
 
+        if self.serve.replicas > 1 and self.detectors.prada.enabled:
+            raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.prada.enabled=true: PRADA keeps "
+                             "each account's history inside one replica, so all of an account's queries must "
+                             "reach it; expected serve.replicas=1 (or PRADA off)")
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         defenses.check_name("defense.name", self.defense.name)

@@ -34,6 +34,7 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
+    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: PRADA keeps each account's history"),
     ("attackers.single.split=zigzag", "attackers.single.split must be 'round_robin', 'random' or 'blocks'"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(override, message):

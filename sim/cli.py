@@ -78,31 +78,23 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
     from . import config as config_mod
     from . import querylog, storage
-    from .engine import _app_name, _spec, _train_victim, new_run_dir, ray_session
+    from .engine import deploy_victim, new_run_id, prepare_run_dir, ray_session, train_victim
     from .service import Account, make_keys
 
     cfg = config_mod.load(scenario, overrides)
-    cfg.run_dir = run_dir = new_run_dir(cfg)
-    storage.makedirs(run_dir)
-    storage.write_text(storage.join(run_dir, "config.yaml"), config_mod.to_yaml(cfg))
-    keys_path = cfg.serve.keys or storage.join(run_dir, "keys.json")
-    keys = load_keys(keys_path) if cfg.serve.keys else make_keys(
-        [Account(f"external-{i:03d}", "external") for i in range(cfg.serve.accounts)])
+    if cfg.serve.keys:
+        keys_path, keys = cfg.serve.keys, load_keys(cfg.serve.keys)
+    log_dir = prepare_run_dir(cfg)
     if not cfg.serve.keys:
+        keys = make_keys([Account(f"external-{i:03d}", "external") for i in range(cfg.serve.accounts)])
+        keys_path = storage.join(cfg.run_dir, "keys.json")
         storage.write_text(keys_path, json.dumps(
             [{"key": k, "account_id": a.account_id, "role": a.role} for k, a in keys.items()], indent=2))
-    victim = _train_victim(cfg, quiet=False)
-    run_id = f"{cfg.name}-serve-{time.strftime('%Y%m%d%H%M%S')}"
-    log_dir = storage.join(run_dir, "queries")
+    victim = train_victim(cfg)
     with ray_session(cfg):
         from ray import serve
 
-        from .serving import deploy, start_serve
-
-        port = start_serve(cfg.serve.port, http=True)
-        app = _app_name(cfg, run_id)
-        deploy(_spec(cfg, victim, run_id, keys, log_dir), app, replicas=cfg.serve.replicas,
-               replica_cpus=cfg.serve.replica_cpus, max_ongoing_requests=cfg.serve.max_ongoing_requests)
+        app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, http=True)
         print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
         print(f"url:  http://127.0.0.1:{port}/{app}")
         print(f"port: {port}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import config as config_mod
 from . import data, querylog, storage, zoo
 from .config import ScenarioConfig
-from .errors import SimError
+from .errors import ConfigError, SimError
 from .service import Account, make_keys
 from .training import accuracy, fidelity, predict_probs
 
@@ -94,91 +94,92 @@ def _wait_with_progress(refs: list, board, bar) -> list:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         done = sum(ray.get(board.snapshot.remote()).values())
         bar.update(done - bar.n)
-    bar.update(bar.total - bar.n) if bar.total else None
+    if bar.total:
+        bar.update(bar.total - bar.n)
     bar.close()
     return ray.get(refs)
 
 
 @dataclass
+class ClientPlan:
+    """One client actor: who it is, which accounts it drives, what it sends; ``result`` once it ran."""
+
+    actor_id: str
+    role: str  # attacker / benign
+    attacker: str | None  # the attacker id in the scenario, None for benign users
+    accounts: list[str]
+    budget: int
+    batch_size: int
+    split: str
+    source: object  # a pure query source (actors.base.PoolStream)
+    result: dict | None = None
+
+
+@dataclass
 class Plan:
-    """Who queries through which accounts: the accounts table and one entry per client actor."""
+    """Who queries through which accounts: the accounts table and the client actors."""
 
     accounts: dict[str, Account]  # api key -> account
-    clients: list[dict]
+    clients: list[ClientPlan]
+
+    def of(self, attacker: str | None = None, role: str | None = None) -> list[ClientPlan]:
+        return [c for c in self.clients if (attacker is None or c.attacker == attacker)
+                and (role is None or c.role == role)]
 
 
 def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
+    """Accounts, keys and client actors of a scenario; checks each attacker's pool against its budget."""
     from actors.accounts import split_evenly
     from actors.benign import BenignStream
     from actors.knockoff import KnockoffRandom
 
     seed = cfg.seed
-    clients = []
+    clients: list[ClientPlan] = []
     accounts: list[Account] = []
     for u in range(cfg.benign.users):
         acct = Account(f"benign-{u}", "benign")
         accounts.append(acct)
-        clients.append(dict(actor_id=f"benign-{u}", role="benign", attacker=None, accounts=[acct.account_id],
-                            budget=cfg.benign.queries, batch_size=cfg.benign.batch_size, split="round_robin",
-                            source=BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u))))
+        clients.append(ClientPlan(f"benign-{u}", "benign", None, [acct.account_id], cfg.benign.queries,
+                                  cfg.benign.batch_size, "round_robin",
+                                  BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u))))
     for aid, att in cfg.attackers.items():
         pool = data.load(att.pool, cfg.data.root, cfg.data.download).all_images()
         if pool.shape[1:] != ds.x_train.shape[1:]:
-            raise config_mod.ConfigError(
-                f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the victim "
-                f"takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+            raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
+                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
         if att.budget > len(pool):
-            raise config_mod.ConfigError(
-                f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool {att.pool!r} "
-                f"(Knockoff samples without replacement); expected at most {len(pool)}")
+            raise ConfigError(f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool "
+                              f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}")
         accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack) for j in range(att.accounts)]
         accounts += accts
-        account_shares = split_evenly(att.accounts, att.actors)
         budgets = split_evenly(att.budget, att.actors)
         first = 0
-        for i in range(att.actors):
-            mine = accts[first:first + account_shares[i]]
-            first += account_shares[i]
+        for i, share in enumerate(split_evenly(att.accounts, att.actors)):
+            mine = [a.account_id for a in accts[first:first + share]]
+            first += share
             source = KnockoffRandom(pool, budgets[i], seed=derive_seed(seed, "pool", aid), shard=(i, att.actors))
-            clients.append(dict(actor_id=f"{aid}-actor{i}", role="attacker", attacker=aid,
-                                accounts=[a.account_id for a in mine], budget=budgets[i],
-                                batch_size=att.batch_size, split=att.split, source=source))
-    keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
-    return Plan(keys, clients)
+            clients.append(ClientPlan(f"{aid}-actor{i}", "attacker", aid, mine, budgets[i], att.batch_size,
+                                      att.split, source))
+    return Plan(make_keys(accounts, seed=derive_seed(seed, "keys")), clients)
 
 
-def new_run_dir(cfg: ScenarioConfig) -> str:
-    if cfg.run_dir:
-        return cfg.run_dir
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+def prepare_run_dir(cfg: ScenarioConfig) -> str:
+    """Create the run directory (``run_dir`` or ``runs/<scenario>/<time>``), write the resolved config,
+    and return the log directory."""
+    if not cfg.run_dir:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run_dir = os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+    storage.makedirs(cfg.run_dir)
+    storage.write_text(storage.join(cfg.run_dir, "config.yaml"), config_mod.to_yaml(cfg))
+    return storage.join(cfg.run_dir, "queries")
 
 
-def _spec(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account], log_dir: str):
-    from .serving import VictimSpec
-
-    prada = cfg.detectors.prada
-    dets = {"prada": {"delta": prada.delta, "min_pool": prada.min_pool}} if prada.enabled else {}
-    return VictimSpec(
-        victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
-        num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys, detectors=dets,
-        detector_actions={"prada": prada.action} if prada.enabled else {},
-        defense=cfg.defense.name, defense_params={}, log_dir=log_dir, log_inputs=cfg.log.inputs,
-        max_images=cfg.serve.max_images, threads=cfg.serve.threads,
-    )
+def new_run_id(cfg: ScenarioConfig) -> str:
+    return f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def _app_name(cfg: ScenarioConfig, run_id: str) -> str:
-    from ray import serve
-
-    try:
-        taken = set(serve.status().applications)
-    except Exception:  # noqa: BLE001 - no Serve yet: nothing is taken
-        taken = set()
-    return cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
-
-
-def _train_victim(cfg: ScenarioConfig, quiet: bool) -> zoo.Victim:
+def train_victim(cfg: ScenarioConfig, quiet: bool = False) -> zoo.Victim:
+    """The cached victim, or train it with a progress bar."""
     bar = None
 
     def on_epoch(epoch, loss):
@@ -194,20 +195,40 @@ def _train_victim(cfg: ScenarioConfig, quiet: bool) -> zoo.Victim:
     return victim
 
 
+def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account],
+                  log_dir: str, http: bool = True) -> tuple[str, int | None]:
+    """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port)."""
+    from ray import serve
+
+    from .serving import VictimSpec, deploy, start_serve
+
+    port = start_serve(cfg.serve.port, http)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    taken = set(serve.status().applications)
+    app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
+    prada = cfg.detectors.prada
+    spec = VictimSpec(
+        victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
+        num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
+        detectors={"prada": {"delta": prada.delta, "min_pool": prada.min_pool}} if prada.enabled else {},
+        detector_actions={"prada": prada.action} if prada.enabled else {},
+        defense=cfg.defense.name, defense_params={}, log_dir=log_dir, log_inputs=cfg.log.inputs,
+        max_images=cfg.serve.max_images, threads=cfg.serve.threads,
+    )
+    deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
+           max_ongoing_requests=cfg.serve.max_ongoing_requests)
+    return app, port
+
+
 def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     """Run a scenario (name, YAML path, mapping or ScenarioConfig) with overrides; returns the summary."""
     cfg = config_mod.load(scenario, overrides)
     start = time.perf_counter()
-    run_dir = new_run_dir(cfg)
-    cfg.run_dir = run_dir
-    run_id = f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage.makedirs(run_dir)
-    storage.write_text(storage.join(run_dir, "config.yaml"), config_mod.to_yaml(cfg))
-    log_dir = storage.join(run_dir, "queries")
-
-    victim = _train_victim(cfg, quiet)
-    ds = victim.dataset
-    plan = plan_clients(cfg, ds)
+    ds = data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
+    plan = plan_clients(cfg, ds)  # before any training: a pool too small for a budget fails fast
+    log_dir = prepare_run_dir(cfg)
+    run_id = new_run_id(cfg)
+    victim = train_victim(cfg, quiet)
     timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
 
     with ray_session(cfg):
@@ -216,72 +237,66 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
         from actors.client import ClientActor
         from actors.progress import ProgressBoard
 
-        from .serving import deploy, start_serve
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         t0 = time.perf_counter()
-        port = start_serve(cfg.serve.port, cfg.serve.http)
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        app = _app_name(cfg, run_id)
-        deploy(_spec(cfg, victim, run_id, plan.accounts, log_dir), app, replicas=cfg.serve.replicas,
-               replica_cpus=cfg.serve.replica_cpus, max_ongoing_requests=cfg.serve.max_ongoing_requests)
+        app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http)
         timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
         try:
             t0 = time.perf_counter()
             board = ProgressBoard.remote()
             key_of = {a.account_id: k for k, a in plan.accounts.items()}
-            actors = [
-                ClientActor.options(scheduling_strategy="SPREAD").remote(
-                    c["actor_id"], c["source"], [key_of[a] for a in c["accounts"]], c["split"], c["budget"],
-                    c["batch_size"], app, board, derive_seed(cfg.seed, "split", c["actor_id"]))
-                for c in plan.clients
+            actors = [  # clients dealt round-robin over the nodes (soft: Ray may place them elsewhere)
+                ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    nodes[i % len(nodes)], soft=True)).remote(
+                    c.actor_id, c.source, [key_of[a] for a in c.accounts], c.split, c.budget, c.batch_size,
+                    app, board, derive_seed(cfg.seed, "split", c.actor_id))
+                for i, c in enumerate(plan.clients)
             ]
-            bar = _progress("querying", sum(c["budget"] for c in plan.clients), quiet)
-            results = _wait_with_progress([a.run.remote() for a in actors], board, bar)
+            bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
+            for client, result in zip(plan.clients, _wait_with_progress([a.run.remote() for a in actors], board, bar)):
+                client.result = result
             timings["query_seconds"] = round(time.perf_counter() - t0, 2)
 
             t0 = time.perf_counter()
-            replicas = _train_replicas(cfg, ds, plan, results, quiet)
+            replicas = _train_replicas(cfg, ds, plan, quiet)
             timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
         finally:
             serve.delete(app)
     logged = querylog.compact(log_dir)
-    summary = summarize(cfg, victim, run_id, plan, results, replicas, log_dir, logged)
-    summary["serve"] = {"app": app, "port": port,
-                        "url": f"http://127.0.0.1:{port}/{app}" if port else None}
-    summary["ray"]["nodes"] = nodes
+    summary = summarize(cfg, victim, run_id, plan, replicas, log_dir, logged)
+    summary["serve"] = {"app": app, "port": port, "url": f"http://127.0.0.1:{port}/{app}" if port else None}
+    summary["ray"]["nodes"] = len(nodes)
     summary["timings"] = timings
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
-    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
-def _train_replicas(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, results: list[dict], quiet: bool):
+def _train_replicas(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, quiet: bool) -> dict:
     """Pool each attacker's transfer sets over its actors and train one replica per attacker, in parallel."""
     from actors.progress import ProgressBoard
-
     from actors.replica import train_replica_task
 
     board = ProgressBoard.remote()
     refs, order = [], []
     for aid, att in cfg.attackers.items():
-        parts = [r["transfer"] for r, c in zip(results, plan.clients) if c["attacker"] == aid]
-        xs = [p[0] for p in parts if len(p[0])]
-        if not xs:
+        parts = [c.result["transfer"] for c in plan.of(attacker=aid)]
+        parts = [p for p in parts if len(p[0])]
+        if not parts:  # every query refused: nothing to train on
             continue
-        x, y = np.concatenate(xs), np.concatenate([p[1] for p in parts if len(p[0])])
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         refs.append(train_replica_task.remote(x, y, att.replica.arch or cfg.victim.arch, ds.input_shape,
                                               ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
                                               board, aid))
         order.append(aid)
-    total = sum(cfg.attackers[a].replica.epochs for a in order)
-    bar = _progress("training replicas", total, quiet)
-    states = _wait_with_progress(refs, board, bar)
-    return dict(zip(order, states))
+    bar = _progress("training replicas", sum(cfg.attackers[a].replica.epochs for a in order), quiet)
+    return dict(zip(order, _wait_with_progress(refs, board, bar)))
 
 
-def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, results: list[dict],
-              replicas: dict, log_dir: str, logged: int) -> dict:
+def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, replicas: dict,
+              log_dir: str, logged: int) -> dict:
     import pyarrow.compute as pc
 
     from . import models
@@ -295,12 +310,12 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         mask = pc.fill_null(table.column("prada_flagged"), False)
         flagged = set(pc.unique(table.filter(mask).column("account_id")).to_pylist()) - {None}
     role_of = {a.account_id: a.role for a in plan.accounts.values()}
-    total = sum(r["sent"] for r in results)
+    total = sum(c.result["sent"] for c in plan.clients)
 
     attackers = []
     for aid, att in cfg.attackers.items():
-        mine = [r for r, c in zip(results, plan.clients) if c["attacker"] == aid]
-        accts = {a for c in plan.clients if c["attacker"] == aid for a in c["accounts"]}
+        mine = [c.result for c in plan.of(attacker=aid)]
+        accts = {a for c in plan.of(attacker=aid) for a in c.accounts}
         entry = {
             "id": aid, "attack": att.attack, "pool": att.pool, "accounts": att.accounts, "actors": att.actors,
             "split": att.split, "queries": sum(r["sent"] for r in mine),
@@ -316,10 +331,10 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
             entry["replica_fidelity"] = round(fidelity(pred, victim_test), 4)
         attackers.append(entry)
 
-    benign = [r for r, c in zip(results, plan.clients) if c["role"] == "benign"]
-    clients = [{"actor_id": r["actor_id"], "role": c["role"], "attacker": c["attacker"], "queries": r["sent"],
-                "refused": r["refused"], "seconds": round(r["seconds"], 2), "per_account": r["per_account"]}
-               for r, c in zip(results, plan.clients)]
+    benign = [c.result for c in plan.of(role="benign")]
+    clients = [{"actor_id": c.actor_id, "role": c.role, "attacker": c.attacker, "queries": c.result["sent"],
+                "refused": c.result["refused"], "seconds": round(c.result["seconds"], 2),
+                "per_account": c.result["per_account"]} for c in plan.clients]
     return {
         "run_id": run_id,
         "scenario": cfg.name,
@@ -335,7 +350,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         "benign": {"users": cfg.benign.users, "queries": sum(r["sent"] for r in benign),
                    "refused": sum(r["refused"] for r in benign)},
         "clients": clients,
-        "ray": {"client_nodes": len({r["node_id"] for r in results})},
+        "ray": {"client_nodes": len({c.result["node_id"] for c in plan.clients})},
         "detection": {"prada": {
             "enabled": cfg.detectors.prada.enabled, "delta": cfg.detectors.prada.delta,
             "action": cfg.detectors.prada.action,

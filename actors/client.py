@@ -6,6 +6,7 @@ The actor owns transport, accounts, budget and progress; the source owns the met
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 
@@ -18,10 +19,10 @@ from .accounts import AccountSplitter
 class ClientActor:
     def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int,
                  batch_size: int, app_name: str, progress=None, seed: int = 0):
-        import torch
         from ray import serve
 
-        torch.set_num_threads(1)
+        if "torch" in sys.modules:  # a source that computes with torch shares the cores with everyone
+            sys.modules["torch"].set_num_threads(1)
         self.actor_id = actor_id
         self.source = source
         self.splitter = AccountSplitter(keys, split, budget, seed)

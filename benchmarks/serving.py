@@ -73,7 +73,7 @@ def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, 
            replicas: int = 1, threads: int = 1) -> dict:
     from ray import serve
 
-    from sim.service import Account
+    from sim.protocol import Account
     from sim.serving import VictimSpec, deploy
 
     keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench") for i in range(clients)}

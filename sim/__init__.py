@@ -6,12 +6,30 @@ Python API::
     summary = sim.run("distributed_knockoff", ["attackers.distributed.accounts=50"])
     det = sim.detectors.build("prada", delta=0.9)
     result = det.score("account-1", images, predicted_labels)   # result.scores, result.flags
+
+Submodules load on first use, so a process that needs only part of the package (a client actor that
+only sends queries) does not pay for torch and scipy.
 """
 
-from . import defenses, detectors
-from .config import ScenarioConfig, scenario_names
-from .config import load as load_config
+import importlib
+
 from .errors import ConfigError, DataError, RequestError, SimError
+
+_LAZY = {
+    "detectors": ("sim.detectors", None),
+    "defenses": ("sim.defenses", None),
+    "ScenarioConfig": ("sim.config", "ScenarioConfig"),
+    "scenario_names": ("sim.config", "scenario_names"),
+    "load_config": ("sim.config", "load"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sim' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)
 
 
 def run(scenario, overrides=None, *, quiet: bool = False) -> dict:

@@ -79,7 +79,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     from . import config as config_mod
     from . import querylog, storage
     from .engine import deploy_victim, new_run_id, prepare_run_dir, ray_session, train_victim
-    from .service import Account, make_keys
+    from .protocol import Account, make_keys
 
     cfg = config_mod.load(scenario, overrides)
     if cfg.serve.keys:
@@ -117,7 +117,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
 
 def load_keys(path: str) -> dict:
     from . import storage
-    from .service import Account
+    from .protocol import Account
 
     try:
         entries = json.loads(storage.read_text(path))

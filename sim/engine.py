@@ -22,7 +22,7 @@ from . import config as config_mod
 from . import data, querylog, storage, zoo
 from .config import ScenarioConfig
 from .errors import ConfigError, SimError
-from .service import Account, make_keys
+from .protocol import Account, make_keys
 from .training import accuracy, fidelity, predict_probs
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,13 @@ def prepare_run_dir(cfg: ScenarioConfig) -> str:
     if not cfg.run_dir:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.run_dir = os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+    log_dir = storage.join(cfg.run_dir, "queries")
+    if querylog.read(log_dir, columns=["action"]).num_rows:
+        raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run's query log; expected a new or empty "
+                          f"directory (or leave run_dir unset for a fresh one)")
     storage.makedirs(cfg.run_dir)
     storage.write_text(storage.join(cfg.run_dir, "config.yaml"), config_mod.to_yaml(cfg))
-    return storage.join(cfg.run_dir, "queries")
+    return log_dir
 
 
 def new_run_id(cfg: ScenarioConfig) -> str:

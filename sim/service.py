@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,57 +19,9 @@ from torch import nn
 
 from .detectors import Detector
 from .errors import RequestError
+from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter
 from .training import to_float
-
-API_KEY_HEADER = "x-api-key"
-
-
-@dataclass(frozen=True)
-class Account:
-    account_id: str
-    role: str  # attacker / benign / external
-    attack: str | None = None
-
-
-def make_keys(accounts: list[Account], seed: int | None = None) -> dict[str, Account]:
-    """API key -> account. Keys are random tokens (seeded in simulations for reproducible logs)."""
-    if seed is None:
-        return {secrets.token_hex(16): a for a in accounts}
-    rng = np.random.default_rng(seed)
-    return {rng.bytes(16).hex(): a for a in accounts}
-
-
-@dataclass
-class Reply:
-    status: int
-    reason: str | None
-    request_id: str
-    account_id: str | None = None
-    actions: list[str] = field(default_factory=list)
-    reasons: list[str | None] = field(default_factory=list)
-    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1 where refused
-    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # NaN where refused
-
-    @property
-    def answered(self) -> np.ndarray:
-        return np.array([a == "answered" for a in self.actions], bool)
-
-    def to_json(self) -> dict[str, Any]:
-        if self.status >= 400 and not self.actions:
-            return {"error": self.reason, "request_id": self.request_id}
-        results = []
-        for i, action in enumerate(self.actions):
-            if action == "answered":
-                results.append({"action": action, "label": int(self.labels[i]),
-                                "probs": [round(float(p), 7) for p in self.probs[i]]})
-            else:
-                results.append({"action": action, "reason": self.reasons[i]})
-        out = {"request_id": self.request_id, "account": self.account_id, "results": results}
-        if self.reason:
-            out["error"] = self.reason
-        return out
-
 
 def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """Validate a batch of images and return it as uint8 (N, C, H, W).

@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse
 from . import defenses, detectors, models
 from .errors import SimError
 from .querylog import QueryLogWriter
-from .service import API_KEY_HEADER, Account, Reply, VictimService
+from .protocol import API_KEY_HEADER, Account, Reply
+from .service import VictimService
 
 log = logging.getLogger(__name__)
 

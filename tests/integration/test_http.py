@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sim import data, models, querylog
-from sim.service import Account
+from sim.protocol import Account
 from sim.serving import VictimSpec, deploy
 
 

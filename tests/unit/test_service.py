@@ -6,7 +6,8 @@ import pyarrow.compute as pc
 import pytest
 
 from sim import data, detectors, models, querylog
-from sim.service import Account, VictimService, make_keys, parse_images
+from sim.protocol import Account, make_keys
+from sim.service import VictimService, parse_images
 from sim.errors import RequestError
 
 
@@ -107,3 +108,15 @@ def test_seeded_keys_are_reproducible_and_distinct():
     k1, k2 = make_keys(accts, seed=3), make_keys(accts, seed=3)
     assert list(k1) == list(k2) and len(set(k1)) == 50
     assert list(make_keys(accts)) != list(k1)
+
+
+def test_log_inputs_off_leaves_the_input_column_empty(tmp_path):
+    model = models.build("lenet", (1, 28, 28), 10)
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    svc = VictimService(model=model, victim="v", run_id="r", accounts={"k": Account("a", "benign")},
+                        input_shape=(1, 28, 28), writer=writer, log_inputs=False)
+    assert svc.query("k", data.load("mnist5k").x_test[:3]).status == 200
+    writer.close()
+    table = querylog.read(str(tmp_path))
+    assert table.num_rows == 3 and table.column("input").null_count == 3
+    assert table.column("input_sha1").null_count == 0

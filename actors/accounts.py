@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from sim.errors import ConfigError
+
 STRATEGIES = ("round_robin", "random", "blocks")
 
 
 class AccountSplitter:
     def __init__(self, keys: list[str], strategy: str, budget: int, seed: int = 0):
         if not keys:
-            raise ValueError("an actor needs at least one account")
+            raise ConfigError("an actor needs at least one account")
         if strategy not in STRATEGIES:
-            raise ValueError(f"split={strategy!r} is not a known strategy; expected one of: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"split={strategy!r} is not a known strategy; expected one of: {', '.join(STRATEGIES)}")
         self.keys = list(keys)
         self.strategy = strategy
         self.budget = budget

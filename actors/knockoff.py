@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sim.errors import ConfigError
+
 from .base import PoolStream
 
 
@@ -18,7 +20,7 @@ class KnockoffRandom(PoolStream):
         index, count = shard
         mine = np.random.default_rng(seed).permutation(len(pool))[index::count]
         if budget > len(mine):
-            raise ValueError(f"budget {budget} exceeds the {len(mine)} pool images of this actor "
+            raise ConfigError(f"budget {budget} exceeds the {len(mine)} pool images of this actor "
                              f"(pool of {len(pool)} over {count} actors, sampled without replacement)")
         super().__init__(pool, mine[:budget])
         self._x: list[np.ndarray] = []

@@ -122,8 +122,8 @@ def load_keys(path: str) -> dict:
     try:
         entries = json.loads(storage.read_text(path))
         return {e["key"]: Account(e["account_id"], e.get("role", "external"), e.get("attack")) for e in entries}
-    except FileNotFoundError:
-        raise SimError(f"serve.keys={path!r} does not exist; expected a JSON file of "
+    except OSError as exc:
+        raise SimError(f"serve.keys={path!r} cannot be read ({exc.strerror or exc}); expected a JSON file of "
                        f"[{{\"key\": …, \"account_id\": …}}]") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SimError(f"serve.keys={path!r} is not a valid accounts file ({exc}); expected a JSON list of "

@@ -129,6 +129,12 @@ class ScenarioConfig(_Strict):
     def _names_are_valid(self):
         from . import data, defenses, models  # late: registries import torch
 
+        batches = {f"attackers.{aid}.batch_size": a.batch_size for aid, a in self.attackers.items()}
+        batches["benign.batch_size"] = self.benign.batch_size
+        for key, size in batches.items():
+            if size > self.serve.max_images:
+                raise ValueError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
+                                 f"request would be refused; expected at most {self.serve.max_images}")
         if self.serve.replicas > 1 and self.detectors.prada.enabled:
             raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.prada.enabled=true: PRADA keeps "
                              "each account's history inside one replica, so all of an account's queries must "
@@ -201,7 +207,16 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             conf = OmegaConf.merge(conf, extra)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
-    return validate(OmegaConf.to_container(conf, resolve=True))
+    try:
+        raw = OmegaConf.to_container(conf, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot resolve an interpolation: {str(exc).splitlines()[0]}") from None
+    if "detector" in raw:  # `detector.prada.action=refuse` reads naturally too: same as `detectors.…`
+        alias = raw.pop("detector")
+        if not isinstance(alias, dict):
+            raise ConfigError(f"detector={alias!r} must be a mapping like detectors (detector.prada.action=…)")
+        raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
+    return validate(raw)
 
 
 def validate(raw: dict[str, Any]) -> ScenarioConfig:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
 
@@ -153,7 +153,7 @@ def names() -> list[str]:
 
 def check_name(field: str, name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"{field}={name!r} is not a known dataset; expected one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"{field}={name!r} is not a known dataset; expected one of: {', '.join(_REGISTRY)}")
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 from tqdm import tqdm
 
@@ -169,12 +170,18 @@ def prepare_run_dir(cfg: ScenarioConfig) -> str:
     if not cfg.run_dir:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.run_dir = os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+    if "://" not in cfg.run_dir:  # replicas on other nodes or in other folders resolve it the same way
+        cfg.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
     log_dir = storage.join(cfg.run_dir, "queries")
-    if querylog.read(log_dir, columns=["action"]).num_rows:
-        raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run's query log; expected a new or empty "
-                          f"directory (or leave run_dir unset for a fresh one)")
-    storage.makedirs(cfg.run_dir)
-    storage.write_text(storage.join(cfg.run_dir, "config.yaml"), config_mod.to_yaml(cfg))
+    try:
+        if querylog.read(log_dir, columns=["action"]).num_rows:
+            raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run's query log; expected a new or "
+                              f"empty directory (or leave run_dir unset for a fresh one)")
+        storage.makedirs(cfg.run_dir)
+        storage.write_text(storage.join(cfg.run_dir, "config.yaml"), config_mod.to_yaml(cfg))
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"run_dir={cfg.run_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected a "
+                          f"writable directory path or a URI pyarrow knows (file://, s3://, gs://, hdfs://)") from None
     return log_dir
 
 

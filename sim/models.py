@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class LeNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
@@ -79,7 +81,7 @@ def names() -> list[str]:
 
 def check_name(field: str, name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"{field}={name!r} is not a known architecture; expected one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"{field}={name!r} is not a known architecture; expected one of: {', '.join(_REGISTRY)}")
 
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -87,7 +89,7 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
     check_name("arch", name)
     c, h, w = input_shape
     if h != w:
-        raise ValueError(f"arch {name!r} needs square images, got input shape {input_shape}")
+        raise ConfigError(f"arch {name!r} needs square images, got input shape {input_shape}")
     if name == "lenet" and h < 16:
-        raise ValueError(f"arch 'lenet' needs images of at least 16x16, got {h}x{w}")
+        raise ConfigError(f"arch 'lenet' needs images of at least 16x16, got {h}x{w}")
     return _REGISTRY[name](c, num_classes, h)

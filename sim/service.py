@@ -107,16 +107,23 @@ class VictimService:
         """The HTTP path: parse a JSON body ``{"images": [...]}`` then :meth:`query`."""
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None
         if not isinstance(payload, dict) or "images" not in payload:
-            reason = "malformed body: expected a JSON object {\"images\": [[...]]}"
-            account = self.accounts.get(api_key) if api_key else None
-            request_id = uuid.uuid4().hex
-            with self._lock:
-                self._log_rejected(request_id, account, actor_id, reason, time.perf_counter())
-            return Reply(400, reason, request_id, account and account.account_id)
-        return self.query(api_key, payload["images"], actor_id)
+            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}",
+                               actor_id)
+        try:
+            return self.query(api_key, payload["images"], actor_id)
+        except RecursionError:  # absurdly deep nesting that still parsed
+            return self.reject(api_key, 400, "malformed body: images nested too deeply", actor_id)
+
+    def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None) -> Reply:
+        """Refuse a request before reading any image, and log it as one refused row."""
+        account = self.accounts.get(api_key) if isinstance(api_key, str) else None
+        request_id = uuid.uuid4().hex
+        with self._lock:
+            self._log_rejected(request_id, account, actor_id, reason, time.perf_counter())
+        return Reply(status, reason, request_id, account and account.account_id)
 
     # -- internals -----------------------------------------------------------------------------
     def _answer(self, request_id: str, account: Account, actor_id: str | None, x: np.ndarray,

@@ -7,6 +7,7 @@ Both go through ``VictimService``, so validation, detection, policy and logging 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -72,9 +73,13 @@ class VictimDeployment:
 
     async def __call__(self, request: Request) -> JSONResponse:
         if request.method != "POST":
-            return JSONResponse({"error": f"method {request.method} not allowed; use POST"}, status_code=405)
+            reply = self.service.reject(request.headers.get(API_KEY_HEADER), 405,
+                                        f"method {request.method} not allowed; use POST",
+                                        request.headers.get("x-actor-id"))
+            return JSONResponse(reply.to_json(), status_code=reply.status)
         body = await request.body()
-        reply = self.service.query_json(request.headers.get(API_KEY_HEADER), body,
+        # the model runs off the event loop, so the replica keeps accepting requests meanwhile
+        reply = await asyncio.to_thread(self.service.query_json, request.headers.get(API_KEY_HEADER), body,
                                         request.headers.get("x-actor-id"))
         return JSONResponse(reply.to_json(), status_code=reply.status)
 
@@ -114,7 +119,8 @@ def start_serve(port: int, http: bool = True) -> int | None:
     client = serve.context._get_global_client(raise_if_no_controller_running=False)
     if client is not None:
         cfg = client.http_config
-        return cfg.port if cfg and cfg.host else None
+        location = getattr(getattr(cfg, "location", None), "value", None)
+        return cfg.port if cfg and location not in ("Disabled", "NoServer") else None
     if not http:
         serve.start(http_options={"location": "NoServer"})
         return None
@@ -125,6 +131,12 @@ def start_serve(port: int, http: bool = True) -> int | None:
 
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
            max_ongoing_requests: int = 128) -> DeploymentHandle:
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if replicas * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
+        raise SimError(f"serve.replicas={replicas} x serve.replica_cpus={replica_cpus} needs "
+                       f"{replicas * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
     dep = VictimDeployment.options(
         name="victim", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": replica_cpus},

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import data, models
 from .config import DataConfig, VictimConfig
+from .errors import ConfigError
 from .training import accuracy, predict_probs, train_classifier
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,11 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
     key = victim_key(cfg, seed)
     folder = Path(cache_dir).expanduser() / "victims"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cache_dir={cache_dir!r} cannot be used ({exc.strerror}); expected a writable "
+                          f"directory") from None
     path = folder / f"{cfg.dataset}-{cfg.arch}-{key}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)

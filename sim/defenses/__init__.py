@@ -10,12 +10,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import ConfigError
+
 Defense = Callable[..., np.ndarray]
 
 
 def _identity(**params) -> Defense:
     if params:
-        raise ValueError(f"identity: unknown parameter {sorted(params)[0]!r}; it takes none")
+        raise ConfigError(f"identity: unknown parameter {sorted(params)[0]!r}; it takes none")
 
     def identity(probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
         return probs
@@ -32,7 +34,7 @@ def names() -> list[str]:
 
 def check_name(field: str, name: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"{field}={name!r} is not a known defense; expected one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"{field}={name!r} is not a known defense; expected one of: {', '.join(_REGISTRY)}")
 
 
 def build(name: str, **params) -> Defense:

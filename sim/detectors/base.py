@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Detection:
@@ -28,7 +30,7 @@ class Detector(ABC):
     def set_params(self, **params) -> None:
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter {unknown[0]!r}; "
+            raise ConfigError(f"{self.name}: unknown parameter {unknown[0]!r}; "
                              f"expected one of: {', '.join(self.defaults)}")
         merged = {**self.params, **params}
         self._check_params(merged)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import shapiro
 
+from ..errors import ConfigError
 from .base import Detection, Detector
 
 # scipy's Shapiro-Wilk without its generic axis/NaN-policy wrapper, which costs 3x the test itself here
@@ -92,9 +93,9 @@ class Prada(Detector):
     def _check_params(self, params: dict[str, Any]) -> None:
         delta, min_pool = params["delta"], params["min_pool"]
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
-            raise ValueError(f"prada.delta must be in (0, 1], got {delta!r}")
+            raise ConfigError(f"prada.delta must be in (0, 1], got {delta!r}")
         if isinstance(min_pool, bool) or not isinstance(min_pool, int) or min_pool < 3:
-            raise ValueError(f"prada.min_pool must be an integer >= 3, got {min_pool!r}")
+            raise ConfigError(f"prada.min_pool must be an integer >= 3, got {min_pool!r}")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -114,9 +115,9 @@ class Prada(Detector):
             return float(_shapiro(d)[0])
 
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray) -> Detection:
-        x = np.asarray(inputs)
-        x = x.reshape(len(x), -1).astype(np.float32)
-        if inputs.dtype == np.uint8:
+        raw = np.asarray(inputs)
+        x = raw.reshape(len(raw), -1).astype(np.float32)
+        if raw.dtype == np.uint8:
             x /= 255.0
         labels = np.asarray(labels)
         acc = self._accounts.setdefault(account_id, _Account())

@@ -15,13 +15,15 @@ def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
     try:
         address = json.loads(launcher.stdout.readline())["address"]
         run_uri = f"file://{tmp_path}/run"  # run directories may be URIs
+        env = {**env_without_ray_address(), "RAY_ADDRESS": address}  # found through ray.address=auto
         proc = subprocess.run(
-            [sys.executable, "-m", "sim", "scenario=single_knockoff", f"ray.address={address}",
+            [sys.executable, "-m", "sim", "scenario=single_knockoff", "ray.address=auto",
              f"cache_dir={cache_dir}", f"run_dir={run_uri}", *SMALL],
-            capture_output=True, text=True, timeout=400, env=env_without_ray_address())
+            capture_output=True, text=True, timeout=400, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "replica acc" in proc.stdout
+        assert any(line.startswith("single ") and "knockoff" in line for line in proc.stdout.splitlines())
         summary = json.load(open(tmp_path / "run" / "summary.json"))
+        assert summary["attackers"][0]["replica_test_accuracy"] is not None
         assert summary["ray"]["nodes"] == 2 and summary["ray"]["client_nodes"] == 2
         assert summary["queries"]["logged"] == summary["queries"]["total"] == 160 + 2 * 40
         assert os.listdir(tmp_path / "run" / "queries")[0].endswith(".parquet")

@@ -37,7 +37,7 @@ def post(url, body, key="good-key", method="POST"):
     headers = {"Content-Type": "application/json"}
     if key:
         headers["X-API-Key"] = key
-    data_ = body if isinstance(body, bytes) else json.dumps(body).encode()
+    data_ = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data_ if method == "POST" else None, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -71,12 +71,14 @@ def test_http_good_and_bad_requests(victim_app):
         if reason:
             assert reason in reply["error"]
         assert "\n" not in reply["error"]
+    status, reply = post(url, None, method="GET")
+    assert status == 405 and reply["error"] == "method GET not allowed; use POST"
     # still healthy after all that
     assert post(url, {"images": imgs[:1]})[0] == 200
 
     table = querylog.read(log_dir)
     actions = pc.value_counts(table.column("action")).to_pylist()
-    assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad)}
+    assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad) + 1}
     refused = table.filter(pc.equal(table.column("action"), "refused"))
     assert refused.column("refusal_reason").null_count == 0
 

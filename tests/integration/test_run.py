@@ -9,8 +9,8 @@ import sim
 
 
 def test_distributed_knockoff_end_to_end(ray_serve, small_overrides, tmp_path):
-    overrides = small_overrides + ["attackers.distributed.budget=160", "attackers.distributed.replica.epochs=2",
-                                   "attackers.distributed.batch_size=4"]
+    overrides = small_overrides + ["attackers.distributed.budget=160", "attackers.distributed.replica.epochs=8",
+                                   "attackers.single.replica.epochs=8", "attackers.distributed.batch_size=4"]
     s = sim.run("distributed_knockoff", overrides, quiet=True)
     run_dir = str(tmp_path / "run")
 
@@ -23,11 +23,15 @@ def test_distributed_knockoff_end_to_end(ray_serve, small_overrides, tmp_path):
     assert atts["distributed"]["actors"] == 4
     for a in atts.values():
         assert a["attack"] == "knockoff" and a["queries"] == 160
-        assert 0 <= a["replica_test_accuracy"] <= 1 and 0 <= a["replica_fidelity"] <= 1
+        # 160 soft-labelled digits already teach a replica far more than chance (0.1)
+        assert a["replica_test_accuracy"] > 0.3 and a["replica_fidelity"] > 0.3
     prada = s["detection"]["prada"]
-    for key in ("flagged_accounts", "flagged_attacker_accounts", "flagged_benign_accounts"):
-        assert isinstance(prada[key], int)
     assert prada["attacker_accounts"] == 21 and prada["benign_accounts"] == 2
+    assert prada["flagged_accounts"] == prada["flagged_attacker_accounts"] + prada["flagged_benign_accounts"]
+    assert prada["flagged_benign_accounts"] == 0  # 40 natural test images each: too few to flag
+    assert prada["flagged_attacker_accounts"] == sum(a["accounts_flagged"] for a in atts.values())
+    # the distributed attacker's 8 queries per account never reach PRADA's pool of 50
+    assert atts["distributed"]["accounts_flagged"] == 0
     assert s["wall_seconds"] > 0
 
     # the files a run leaves

@@ -35,12 +35,45 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
     ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: PRADA keeps each account's history"),
+    ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
+    ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
+    ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
+    ("detector.prada.acton=refuse", "unknown key 'detectors.prada.acton'"),
+    ("detector=5", "detector=5 must be a mapping"),
     ("attackers.single.split=zigzag", "attackers.single.split must be 'round_robin', 'random' or 'blocks'"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         config.load("single_knockoff", [override])
     assert "\n" not in str(info.value)
+
+
+def test_detector_is_an_alias_of_detectors():
+    cfg = config.load("single_knockoff", ["detector.prada.action=refuse", "detectors.prada.delta=0.9"])
+    assert cfg.detectors.prada.action == "refuse" and cfg.detectors.prada.delta == 0.9
+
+
+@pytest.mark.parametrize("run_dir,message", [
+    ("{file}", "cannot be written"),
+    ("foo://x", "Unrecognized filesystem type"),
+])
+def test_unusable_run_dirs_are_one_line_errors(tmp_path, run_dir, message):
+    from sim.engine import prepare_run_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match=message) as info:
+        prepare_run_dir(config.load("single_knockoff", [f"run_dir={run_dir.format(file=afile)}"]))
+    assert "\n" not in str(info.value)
+
+
+def test_relative_run_dir_becomes_absolute(tmp_path, monkeypatch):
+    from sim.engine import prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("single_knockoff", ["run_dir=rel/run"])
+    assert prepare_run_dir(cfg) == str(tmp_path / "rel" / "run" / "queries")
+    assert cfg.run_dir == str(tmp_path / "rel" / "run")
 
 
 def test_unknown_scenario_lists_the_known_ones():

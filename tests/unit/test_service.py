@@ -96,11 +96,31 @@ def test_prada_refuse_action_refuses_a_flagged_accounts_later_queries(service):
     assert att.column("prada_flagged").to_pylist()[first - 1] is True
 
 
-def test_parse_images_accepts_uint8_as_is():
-    x = np.arange(784, dtype=np.uint8).reshape(1, 1, 28, 28)
-    assert parse_images(x, (1, 28, 28), 4) is not None
-    with pytest.raises(RequestError):
+def test_parse_images_keeps_uint8_and_quantises_floats():
+    x = (np.arange(784) % 256).astype(np.uint8).reshape(1, 1, 28, 28)
+    assert np.array_equal(parse_images(x, (1, 28, 28), 4), x)
+    assert np.array_equal(parse_images(x / 255.0, (1, 28, 28), 4), x)
+    assert np.array_equal(parse_images((x[:, 0] / 255.0).tolist(), (1, 28, 28), 4), x)
+    with pytest.raises(RequestError, match="dtype bool not supported"):
         parse_images(x.astype(bool), (1, 28, 28), 4)
+
+
+def test_absurdly_deep_json_is_a_400_and_logged(service):
+    svc, path = service
+    body = ("{\"images\": " + "[" * 100000 + "]" * 100000 + "}").encode()
+    reply = svc.query_json("k-att", body)
+    assert reply.status == 400 and reply.reason.startswith("malformed body")
+    rows = querylog.read(str(path)).to_pylist()
+    assert len(rows) == 1 and rows[0]["account_id"] == "att-0" and rows[0]["action"] == "refused"
+
+
+def test_reject_logs_one_refused_row_for_known_and_unknown_keys(service):
+    svc, path = service
+    assert svc.reject("k-ben", 405, "method GET not allowed; use POST").status == 405
+    assert svc.reject("nope", 405, "method PUT not allowed; use POST").account_id is None
+    rows = querylog.read(str(path)).to_pylist()
+    assert [(r["account_id"], r["refusal_reason"]) for r in rows] == [
+        ("ben-0", "method GET not allowed; use POST"), (None, "method PUT not allowed; use POST")]
 
 
 def test_seeded_keys_are_reproducible_and_distinct():

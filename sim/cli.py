@@ -16,7 +16,8 @@ usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print 
        python -m sim serve scenario=NAME [key=value ...]  serve its victim on 127.0.0.1 until Ctrl-C
        python -m sim help                                 this text
 
-scenarios: {scenarios}
+scenarios:
+{scenarios}
 
 main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
 {keys}
@@ -24,12 +25,15 @@ main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
 
 
 def help_text() -> str:
-    from .config import describe_keys, scenario_names
+    from .config import describe_keys, load, scenario_names
 
     rows = describe_keys()
     width = max(len(k) for k, _, _ in rows)
     keys = "\n".join(f"  {k:<{width}}  default {d:<16} {desc}" for k, d, desc in rows)
-    return USAGE.format(scenarios=", ".join(scenario_names()), keys=keys)
+    names = scenario_names()
+    scen = "\n".join(f"  {n:<{max(map(len, names))}}  {load(n).description.split('. ')[0].rstrip('.')}"
+                     for n in names)
+    return USAGE.format(scenarios=scen, keys=keys)
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:

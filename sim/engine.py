@@ -258,9 +258,9 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
             t0 = time.perf_counter()
             board = ProgressBoard.remote()
             key_of = {a.account_id: k for k, a in plan.accounts.items()}
-            actors = [  # clients dealt round-robin over the nodes (soft: Ray may place them elsewhere)
+            actors = [  # clients dealt round-robin over the nodes that were alive at the start
                 ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    nodes[i % len(nodes)], soft=True)).remote(
+                    nodes[i % len(nodes)], soft=False)).remote(
                     c.actor_id, c.source, [key_of[a] for a in c.accounts], c.split, c.budget, c.batch_size,
                     app, board, derive_seed(cfg.seed, "split", c.actor_id))
                 for i, c in enumerate(plan.clients)

@@ -242,40 +242,20 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     victim = train_victim(cfg, quiet)
     timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
 
-    with ray_session(cfg):
-        from ray import serve
+    try:
+        with ray_session(cfg):
+            from ray import serve
 
-        from actors.client import ClientActor
-        from actors.progress import ProgressBoard
-
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-        t0 = time.perf_counter()
-        app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http)
-        timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
-        try:
+            nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
-            board = ProgressBoard.remote()
-            key_of = {a.account_id: k for k, a in plan.accounts.items()}
-            actors = [  # clients dealt round-robin over the nodes that were alive at the start
-                ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    nodes[i % len(nodes)], soft=False)).remote(
-                    c.actor_id, c.source, [key_of[a] for a in c.accounts], c.split, c.budget, c.batch_size,
-                    app, board, derive_seed(cfg.seed, "split", c.actor_id))
-                for i, c in enumerate(plan.clients)
-            ]
-            bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
-            for client, result in zip(plan.clients, _wait_with_progress([a.run.remote() for a in actors], board, bar)):
-                client.result = result
-            timings["query_seconds"] = round(time.perf_counter() - t0, 2)
-
-            t0 = time.perf_counter()
-            replicas = _train_replicas(cfg, ds, plan, quiet)
-            timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
-        finally:
-            serve.delete(app)
-    logged = querylog.compact(log_dir)
+            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http)
+            timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
+            try:
+                replicas = _query_and_train(cfg, ds, plan, app, nodes, quiet, timings)
+            finally:
+                serve.delete(app)
+    finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
+        logged = querylog.compact(log_dir)
     summary = summarize(cfg, victim, run_id, plan, replicas, log_dir, logged)
     summary["serve"] = {"app": app, "port": port, "url": f"http://127.0.0.1:{port}/{app}" if port else None}
     summary["ray"]["nodes"] = len(nodes)
@@ -283,6 +263,33 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
     storage.write_text(storage.join(cfg.run_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _query_and_train(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, app: str, nodes: list[str], quiet: bool,
+                     timings: dict) -> dict:
+    """All clients query the victim at once; then each attacker's replica trains. Returns the replicas."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from actors.client import ClientActor
+    from actors.progress import ProgressBoard
+
+    t0 = time.perf_counter()
+    board = ProgressBoard.remote()
+    key_of = {a.account_id: k for k, a in plan.accounts.items()}
+    actors = [  # clients dealt round-robin over the nodes that were alive at the start
+        ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
+        .remote(c.actor_id, c.source, [key_of[a] for a in c.accounts], c.split, c.budget, c.batch_size, app,
+                board, derive_seed(cfg.seed, "split", c.actor_id))
+        for i, c in enumerate(plan.clients)
+    ]
+    bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
+    for client, result in zip(plan.clients, _wait_with_progress([a.run.remote() for a in actors], board, bar)):
+        client.result = result
+    timings["query_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    replicas = _train_replicas(cfg, ds, plan, quiet)
+    timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
+    return replicas
 
 
 def _train_replicas(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, quiet: bool) -> dict:

@@ -1,6 +1,7 @@
 """`python -m sim serve`: deploys the victim, serves external clients, shuts down cleanly on Ctrl-C."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -30,9 +31,10 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
             lines.append(line.strip())
             if line.startswith("Ctrl-C"):
                 break
-        info = dict(l.split(":  ", 1) if ":  " in l else l.split(": ", 1) for l in lines if ": " in l)
-        url = info["url"].strip()
-        assert url == f"http://127.0.0.1:{port}/victim" and info["keys"].strip() == str(run_dir / "keys.json")
+        info = dict(m.groups() for m in map(re.compile(r"^(url|port|keys|log):\s+(.*)$").match, lines) if m)
+        url = info["url"]
+        assert url == f"http://127.0.0.1:{port}/victim" and info["port"] == str(port)
+        assert info["keys"] == str(run_dir / "keys.json") and info["log"] == str(run_dir / "queries")
         keys = json.load(open(run_dir / "keys.json"))
         assert len(keys) == 3 and {k["role"] for k in keys} == {"external"}
 

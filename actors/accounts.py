@@ -25,7 +25,6 @@ class AccountSplitter:
             raise ConfigError(f"split={strategy!r} is not a known strategy; expected one of: {', '.join(STRATEGIES)}")
         self.keys = list(keys)
         self.strategy = strategy
-        self.budget = budget
         self._rng = np.random.default_rng(seed)
         self._requests = 0
         self._sent = 0

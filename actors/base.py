@@ -13,8 +13,6 @@ import numpy as np
 class PoolStream:
     """Walks a fixed order of indices into an image array; subclasses decide the order and what to keep."""
 
-    name: str | None = None
-
     def __init__(self, images: np.ndarray, order: np.ndarray):
         self.images = images
         self._order = order

@@ -32,8 +32,7 @@ class ClientActor:
 
     def run(self) -> dict:
         sent: Counter = Counter()
-        refused: Counter = Counter()
-        total = 0
+        refused = total = 0
         start = time.perf_counter()
         while self.source.remaining > 0:
             key, n = self.splitter.next(min(self.batch_size, self.source.remaining))
@@ -44,7 +43,7 @@ class ClientActor:
             answered = reply.answered
             self.source.observe(x, reply.probs, answered)
             sent[reply.account_id] += len(x)
-            refused[reply.account_id] += int((~answered).sum())
+            refused += int((~answered).sum())
             total += len(x)
             if self.progress is not None:
                 self.progress.update.remote(self.actor_id, total)
@@ -52,9 +51,8 @@ class ClientActor:
             "actor_id": self.actor_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "sent": total,
-            "refused": sum(refused.values()),
+            "refused": refused,
             "per_account": dict(sent),
-            "refused_per_account": {a: c for a, c in refused.items() if c},
             "seconds": time.perf_counter() - start,
             "transfer": self.source.transfer_set(),
         }

@@ -14,15 +14,13 @@ from .base import PoolStream
 
 
 class KnockoffRandom(PoolStream):
-    name = "knockoff"
-
     def __init__(self, pool: np.ndarray, budget: int, seed: int = 0, shard: tuple[int, int] = (0, 1)):
         index, count = shard
         mine = np.random.default_rng(seed).permutation(len(pool))[index::count]
         if budget > len(mine):
             raise ConfigError(f"budget {budget} exceeds the {len(mine)} pool images of this actor "
                              f"(pool of {len(pool)} over {count} actors, sampled without replacement)")
-        super().__init__(pool, mine[:budget])
+        super().__init__(pool[mine[:budget]], np.arange(budget))  # an actor carries only its own shard
         self._x: list[np.ndarray] = []
         self._y: list[np.ndarray] = []
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from . import registry
+from .errors import DataError
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
 
@@ -152,14 +153,11 @@ def names() -> list[str]:
 
 
 def check_name(field: str, name: str) -> None:
-    if name not in _REGISTRY:
-        raise ConfigError(f"{field}={name!r} is not a known dataset; expected one of: {', '.join(_REGISTRY)}")
+    registry.check_name("dataset", field, name, _REGISTRY)
 
 
 @functools.lru_cache(maxsize=8)
 def load(name: str, root: str | None = None, download: bool = False) -> Dataset:
     """Load a registered dataset (cached per process)."""
-    check = name in _REGISTRY
-    if not check:
-        raise DataError(f"dataset={name!r} is not a known dataset; expected one of: {', '.join(_REGISTRY)}")
+    check_name("dataset", name)
     return _REGISTRY[name](root, download)

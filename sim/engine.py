@@ -76,7 +76,6 @@ def ray_session(cfg: ScenarioConfig):
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         yield
     finally:
@@ -108,11 +107,12 @@ class ClientPlan:
     actor_id: str
     role: str  # attacker / benign
     attacker: str | None  # the attacker id in the scenario, None for benign users
-    accounts: list[str]
+    accounts: list[str]  # account ids
     budget: int
     batch_size: int
     split: str
     source: object  # a pure query source (actors.base.PoolStream)
+    keys: list[str] | None = None  # the accounts' API keys
     result: dict | None = None
 
 
@@ -161,7 +161,11 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
             source = KnockoffRandom(pool, budgets[i], seed=derive_seed(seed, "pool", aid), shard=(i, att.actors))
             clients.append(ClientPlan(f"{aid}-actor{i}", "attacker", aid, mine, budgets[i], att.batch_size,
                                       att.split, source))
-    return Plan(make_keys(accounts, seed=derive_seed(seed, "keys")), clients)
+    keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
+    key_of = {a.account_id: k for k, a in keys.items()}
+    for c in clients:
+        c.keys = [key_of[a] for a in c.accounts]
+    return Plan(keys, clients)
 
 
 def prepare_run_dir(cfg: ScenarioConfig) -> str:
@@ -174,7 +178,7 @@ def prepare_run_dir(cfg: ScenarioConfig) -> str:
         cfg.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
     log_dir = storage.join(cfg.run_dir, "queries")
     try:
-        if querylog.read(log_dir, columns=["action"]).num_rows:
+        if querylog.exists(log_dir):
             raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run's query log; expected a new or "
                               f"empty directory (or leave run_dir unset for a fresh one)")
         storage.makedirs(cfg.run_dir)
@@ -214,16 +218,16 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     from .serving import VictimSpec, deploy, start_serve
 
     port = start_serve(cfg.serve.port, http)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # after Serve has set up its own logger
     taken = set(serve.status().applications)
     app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
     prada = cfg.detectors.prada
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
         num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
-        detectors={"prada": {"delta": prada.delta, "min_pool": prada.min_pool}} if prada.enabled else {},
+        detectors={"prada": prada.model_dump(include={"delta", "min_pool"})} if prada.enabled else {},
         detector_actions={"prada": prada.action} if prada.enabled else {},
-        defense=cfg.defense.name, defense_params={}, log_dir=log_dir, log_inputs=cfg.log.inputs,
+        defense=cfg.defense.name, log_dir=log_dir, log_inputs=cfg.log.inputs,
         max_images=cfg.serve.max_images, threads=cfg.serve.threads,
     )
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
@@ -275,10 +279,9 @@ def _query_and_train(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, app: str
 
     t0 = time.perf_counter()
     board = ProgressBoard.remote()
-    key_of = {a.account_id: k for k, a in plan.accounts.items()}
     actors = [  # clients dealt round-robin over the nodes that were alive at the start
         ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
-        .remote(c.actor_id, c.source, [key_of[a] for a in c.accounts], c.split, c.budget, c.batch_size, app,
+        .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app,
                 board, derive_seed(cfg.seed, "split", c.actor_id))
         for i, c in enumerate(plan.clients)
     ]
@@ -360,6 +363,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         "seed": cfg.seed,
         "victim": {"name": cfg.victim.name, "dataset": cfg.victim.dataset, "arch": cfg.victim.arch,
                    "test_accuracy": round(victim.test_accuracy, 4), "trained_now": victim.trained_now,
+                   "train_seconds": round(victim.train_seconds, 1),
                    "checkpoint": str(victim.path)},
         "defense": {"name": cfg.defense.name},
         "queries": {"total": total, "answered": answered, "refused": table.num_rows - answered,

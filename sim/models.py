@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import registry
 from .errors import ConfigError
 
 
@@ -80,8 +81,7 @@ def names() -> list[str]:
 
 
 def check_name(field: str, name: str) -> None:
-    if name not in _REGISTRY:
-        raise ConfigError(f"{field}={name!r} is not a known architecture; expected one of: {', '.join(_REGISTRY)}")
+    registry.check_name("architecture", field, name, _REGISTRY)
 
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

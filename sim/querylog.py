@@ -69,13 +69,14 @@ def input_shape(schema: pa.Schema) -> tuple[int, ...] | None:
     return tuple(int(v) for v in raw.decode().split(",")) if raw else None
 
 
-def _prob_lists(mat: np.ndarray | None, valid: np.ndarray, n: int) -> pa.Array:
-    if mat is None or not valid.any():
+def _prob_lists(mat: np.ndarray | None, valid: np.ndarray | None, n: int) -> pa.Array:
+    """(N, K) probabilities as list<float32>; rows where ``valid`` is False are null (None: all valid)."""
+    if mat is None or (valid is not None and not valid.any()):
         return pa.nulls(n, pa.list_(pa.float32()))
     k = mat.shape[1]
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
     values = pa.array(np.ascontiguousarray(mat, dtype=np.float32).reshape(-1))
-    return pa.ListArray.from_arrays(offsets, values, mask=pa.array(~valid))
+    return pa.ListArray.from_arrays(offsets, values, mask=None if valid is None else pa.array(~valid))
 
 
 def _binary(images: np.ndarray | None, n: int) -> pa.Array:
@@ -96,8 +97,7 @@ class QueryLogWriter:
         fs, path = storage.resolve(storage.join(directory, f"{self.writer_id}{STREAM_SUFFIX}"))
         self._sink = fs.open_output_stream(path, compression=None, buffer_size=None)
         self._stream = ipc.new_stream(self._sink, self.schema)
-        self._seq = 0
-        self.rows = 0
+        self.rows = 0  # rows written so far; also the next row's ``seq``
 
     def write(self, *, run_id: str, victim: str, request_id: str, account_id: str | None,
               actor_id: str | None, role: str | None, attack: str | None, n: int,
@@ -105,10 +105,9 @@ class QueryLogWriter:
               input_sha1: list[str] | None = None, clean_probs: np.ndarray | None = None,
               returned_probs: np.ndarray | None = None, returned_label: np.ndarray | None = None,
               prada_score: np.ndarray | None = None, prada_flagged: np.ndarray | None = None,
-              inputs: np.ndarray | None = None, timestamp: float | None = None) -> None:
+              inputs: np.ndarray | None = None) -> None:
         answered = np.array([a == "answered" for a in action], bool)
-        ts = pa.array(np.full(n, int((timestamp or time.time()) * 1e6), dtype=np.int64)).cast(
-            pa.timestamp("us", tz="UTC"))
+        ts = pa.array(np.full(n, int(time.time() * 1e6), dtype=np.int64)).cast(pa.timestamp("us", tz="UTC"))
         label = (pa.nulls(n, pa.int32()) if returned_label is None
                  else pa.array(np.asarray(returned_label, np.int32), mask=~answered))
         cols = {
@@ -122,7 +121,7 @@ class QueryLogWriter:
             "query_index": pa.nulls(n, pa.int64()),
             "timestamp": ts,
             "input_sha1": pa.array(input_sha1 if input_sha1 is not None else [None] * n, pa.string()),
-            "clean_probs": _prob_lists(clean_probs, np.ones(n, bool), n),
+            "clean_probs": _prob_lists(clean_probs, None, n),
             "returned_probs": _prob_lists(returned_probs, answered, n),
             "returned_label": label,
             "action": pa.array(action, pa.string()),
@@ -134,11 +133,10 @@ class QueryLogWriter:
             "latency_ms": pa.array(np.full(n, latency_ms, np.float32)),
             "input": _binary(inputs, n),
             "writer": pa.array([self.writer_id] * n, pa.string()),
-            "seq": pa.array(np.arange(self._seq, self._seq + n, dtype=np.int64)),
+            "seq": pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64)),
         }
         self._stream.write_batch(pa.RecordBatch.from_pydict(cols, schema=self.schema))
         self._sink.flush()
-        self._seq += n
         self.rows += n
 
     def close(self) -> None:
@@ -152,11 +150,16 @@ class QueryLogWriter:
 # Reading and compaction
 
 def _list(directory: str, suffix: str) -> list[str]:
-    fs, path = storage.resolve(directory)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not storage.exists(directory):
         return []
+    fs, path = storage.resolve(directory)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def exists(queries_dir: str) -> bool:
+    """Whether a log (compacted or not) is there."""
+    return bool(_list(queries_dir, ".parquet") or _list(queries_dir, STREAM_SUFFIX))
 
 
 def _read_stream(fs: pafs.FileSystem, path: str) -> list[pa.RecordBatch]:
@@ -190,19 +193,20 @@ def _with_query_index(table: pa.Table) -> pa.Table:
 
 
 def read(queries_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """The whole log of a run (``RUN/queries``): Parquet parts plus any uncompacted streams."""
+    """The whole log of a run (``RUN/queries``): Parquet parts plus any uncompacted streams, with
+    ``query_index`` assigned over all of them."""
     fs, _ = storage.resolve(queries_dir)
     parts = [pq.read_table(p, filesystem=fs, columns=columns) for p in _list(queries_dir, ".parquet")]
     streams = _list(queries_dir, STREAM_SUFFIX)
-    if streams:
-        batches = [b for p in streams for b in _read_stream(fs, p)]
-        if batches:
-            table = pa.Table.from_batches(batches)
-            parts.append(table.select(columns) if columns else table)
+    batches = [b for p in streams for b in _read_stream(fs, p)]
+    if batches:
+        table = pa.Table.from_batches(batches)
+        parts.append(table.select(columns) if columns else table)
     if not parts:
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
     table = pa.concat_tables(parts, promote_options="default")
-    if streams and (columns is None or {"account_id", "timestamp", "writer", "seq", "query_index"} <= set(columns)):
+    needs_index = batches or len(parts) > 1  # a single Parquet part was indexed when it was compacted
+    if needs_index and (columns is None or {"account_id", "timestamp", "writer", "seq", "query_index"} <= set(columns)):
         table = _with_query_index(table)
     return table
 
@@ -213,19 +217,10 @@ def compact(queries_dir: str) -> int:
     old = _list(queries_dir, ".parquet") + _list(queries_dir, STREAM_SUFFIX)
     if not old:
         return 0
-    table = _with_query_index(read(queries_dir))
-    shape = None
-    for p in _list(queries_dir, STREAM_SUFFIX):
-        with fs.open_input_file(p) as src:
-            try:
-                shape = input_shape(ipc.open_stream(src).schema) or shape
-            except (pa.ArrowInvalid, OSError):
-                continue
-    for p in _list(queries_dir, ".parquet"):
-        shape = shape or input_shape(pq.read_schema(p, filesystem=fs))
+    table = read(queries_dir)
+    shape = input_shape(table.schema)
     table = table.cast(schema_for(shape) if shape else SCHEMA)
-    out = f"{path}/part-{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(table, out, filesystem=fs, compression="zstd")
+    pq.write_table(table, f"{path}/part-{uuid.uuid4().hex[:8]}.parquet", filesystem=fs, compression="zstd")
     for p in old:
         fs.delete_file(p)
     return table.num_rows

@@ -14,14 +14,13 @@ import uuid
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from .detectors import Detector
 from .errors import RequestError
 from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter
-from .training import to_float
+from .training import predict_probs
 
 def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """Validate a batch of images and return it as uint8 (N, C, H, W).
@@ -89,19 +88,18 @@ class VictimService:
     def query(self, api_key: str | None, images: Any, actor_id: str | None = None) -> Reply:
         """Answer one request: one account, a batch of images. Never raises for a bad request."""
         start = time.perf_counter()
-        request_id = uuid.uuid4().hex
         account = self.accounts.get(api_key) if isinstance(api_key, str) else None
-        with self._lock:
-            try:
-                if not api_key:
-                    raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
-                if account is None:
-                    raise RequestError(401, "unknown API key")
-                x = parse_images(images, self.input_shape, self.max_images)
-            except RequestError as exc:
-                self._log_rejected(request_id, account, actor_id, exc.reason, start)
-                return Reply(exc.status, exc.reason, request_id, account and account.account_id)
-            return self._answer(request_id, account, actor_id, x, start)
+        try:
+            if not api_key:
+                raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
+            if account is None:
+                raise RequestError(401, "unknown API key")
+            x = parse_images(images, self.input_shape, self.max_images)
+        except RequestError as exc:
+            return self.reject(api_key, exc.status, exc.reason, actor_id, start)
+        clean = predict_probs(self.model, x)  # stateless: outside the lock
+        with self._lock:  # detectors' histories and the log see each account's requests in one order
+            return self._answer(account, actor_id, x, clean, start)
 
     def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None) -> Reply:
         """The HTTP path: parse a JSON body ``{"images": [...]}`` then :meth:`query`."""
@@ -112,32 +110,36 @@ class VictimService:
         if not isinstance(payload, dict) or "images" not in payload:
             return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}",
                                actor_id)
-        try:
-            return self.query(api_key, payload["images"], actor_id)
-        except RecursionError:  # absurdly deep nesting that still parsed
-            return self.reject(api_key, 400, "malformed body: images nested too deeply", actor_id)
+        return self.query(api_key, payload["images"], actor_id)
 
-    def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None) -> Reply:
+    def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,
+               start: float | None = None) -> Reply:
         """Refuse a request before reading any image, and log it as one refused row."""
         account = self.accounts.get(api_key) if isinstance(api_key, str) else None
         request_id = uuid.uuid4().hex
-        with self._lock:
-            self._log_rejected(request_id, account, actor_id, reason, time.perf_counter())
+        if self.writer is not None:
+            latency = (time.perf_counter() - start) * 1e3 if start is not None else 0.0
+            with self._lock:
+                self.writer.write(
+                    run_id=self.run_id, victim=self.victim, request_id=request_id,
+                    account_id=account and account.account_id, actor_id=actor_id,
+                    role=account and account.role, attack=account and account.attack, n=1,
+                    action=["refused"], refusal_reason=[reason], latency_ms=latency,
+                )
         return Reply(status, reason, request_id, account and account.account_id)
 
     # -- internals -----------------------------------------------------------------------------
-    def _answer(self, request_id: str, account: Account, actor_id: str | None, x: np.ndarray,
+    def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
                 start: float) -> Reply:
         n = len(x)
-        with torch.inference_mode():
-            clean = torch.softmax(self.model(to_float(x)), dim=1).numpy().astype(np.float32)
+        request_id = uuid.uuid4().hex
         clean_labels = clean.argmax(1)
 
         refused = np.zeros(n, bool)
         reasons: list[str | None] = [None] * n
         det_out = {}
         for name, det in self.detectors.items():
-            was_flagged = account.account_id in det.flagged_accounts()
+            was_flagged = det.is_flagged(account.account_id)
             res = det.score(account.account_id, x, clean_labels)
             det_out[name] = res
             if self.detector_actions.get(name) == "refuse":
@@ -166,14 +168,3 @@ class VictimService:
             )
         status, reason = (200, None) if answered.any() else (403, reasons[0])
         return Reply(status, reason, request_id, account.account_id, actions, reasons, labels, returned)
-
-    def _log_rejected(self, request_id: str, account: Account | None, actor_id: str | None,
-                      reason: str, start: float) -> None:
-        if self.writer is None:
-            return
-        self.writer.write(
-            run_id=self.run_id, victim=self.victim, request_id=request_id,
-            account_id=account and account.account_id, actor_id=actor_id,
-            role=account and account.role, attack=account and account.attack, n=1,
-            action=["refused"], refusal_reason=[reason], latency_ms=(time.perf_counter() - start) * 1e3,
-        )

@@ -43,7 +43,6 @@ class VictimSpec:
     detectors: dict[str, dict]  # name -> params
     detector_actions: dict[str, str]
     defense: str
-    defense_params: dict
     log_dir: str | None
     log_inputs: bool
     max_images: int
@@ -59,7 +58,7 @@ def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
         input_shape=spec.input_shape,
         detectors={name: detectors.build(name, **params) for name, params in spec.detectors.items()},
         detector_actions=spec.detector_actions,
-        defense=defenses.build(spec.defense, **spec.defense_params),
+        defense=defenses.build(spec.defense),
         writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
     )
 

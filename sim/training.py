@@ -62,7 +62,7 @@ def predict_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: in
     """Softmax probabilities (N, K) as float32."""
     model.eval()
     out = [torch.softmax(model(to_float(x[i:i + batch_size])), dim=1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def accuracy(pred_labels: np.ndarray, labels: np.ndarray) -> float:

@@ -28,7 +28,6 @@ class Victim:
     arch: str
     dataset: data.Dataset
     test_accuracy: float
-    key: str
     path: Path
     trained_now: bool
     train_seconds: float
@@ -66,7 +65,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt["state_dict"])
             model.eval()
-            return Victim(model, cfg.arch, ds, float(ckpt["test_accuracy"]), key, path, False,
+            return Victim(model, cfg.arch, ds, float(ckpt["test_accuracy"]), path, False,
                           float(ckpt.get("train_seconds", 0.0)))
         log.info("training victim %s on %s (%d epochs)", cfg.arch, cfg.dataset, cfg.epochs)
         start = time.perf_counter()
@@ -78,4 +77,4 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
         torch.save({"state_dict": model.state_dict(), "test_accuracy": acc, "train_seconds": seconds,
                     "config": cfg.model_dump(), "seed": seed}, tmp)
         tmp.replace(path)
-        return Victim(model, cfg.arch, ds, acc, key, path, True, seconds)
+        return Victim(model, cfg.arch, ds, acc, path, True, seconds)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import registry
 from ..errors import ConfigError
 
 Defense = Callable[..., np.ndarray]
@@ -33,8 +34,7 @@ def names() -> list[str]:
 
 
 def check_name(field: str, name: str) -> None:
-    if name not in _REGISTRY:
-        raise ConfigError(f"{field}={name!r} is not a known defense; expected one of: {', '.join(_REGISTRY)}")
+    registry.check_name("defense", field, name, _REGISTRY)
 
 
 def build(name: str, **params) -> Defense:

@@ -9,7 +9,7 @@ replica or over a logged stream offline.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from .. import registry
 from .base import Detection, Detector
 from .prada import Prada
 
@@ -23,6 +23,5 @@ def names() -> list[str]:
 
 
 def build(name: str, **params) -> Detector:
-    if name not in _REGISTRY:
-        raise ConfigError(f"detector={name!r} is not a known detector; expected one of: {', '.join(_REGISTRY)}")
+    registry.check_name("detector", "detector", name, _REGISTRY)
     return _REGISTRY[name](**params)

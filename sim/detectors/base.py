@@ -44,4 +44,8 @@ class Detector(ABC):
         """Score a batch of one account's queries, in order."""
 
     def flagged_accounts(self) -> set[str]:
+        """Accounts this detector has flagged so far (stateless detectors flag none)."""
         return set()
+
+    def is_flagged(self, account_id: str) -> bool:
+        return account_id in self.flagged_accounts()

@@ -108,8 +108,6 @@ class Prada(Detector):
             d = d[np.abs(d - mean) <= 3 * std]
         if len(d) < 3 or np.ptp(d) == 0:
             return 1.0 if len(d) >= 3 else float("nan")  # identical distances: no evidence either way
-        if len(d) <= 5000:
-            return float(_shapiro(d)[0])
         with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
             warnings.simplefilter("ignore", UserWarning)
             return float(_shapiro(d)[0])
@@ -144,6 +142,6 @@ class Prada(Detector):
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}
 
-    def w_statistic(self, account_id: str) -> float:
+    def is_flagged(self, account_id: str) -> bool:  # O(1), on every request
         acc = self._accounts.get(account_id)
-        return acc.last_w if acc else float("nan")
+        return acc is not None and acc.flagged

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sim import data
-from sim.errors import DataError
+from sim.errors import ConfigError, DataError
 
 
 def test_mnist5k_is_a_fixed_4000_1000_split_of_real_digits():
@@ -63,7 +63,7 @@ def test_missing_torchvision_dataset_names_root_and_download(tmp_path):
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(DataError, match="expected one of: mnist5k, digits"):
+    with pytest.raises(ConfigError, match="dataset='imagenet' is not a known dataset; expected one of: mnist5k, digits"):
         data.load("imagenet")
 
 

@@ -38,7 +38,7 @@ class ClientActor:
             key, n = self.splitter.next(min(self.batch_size, self.source.remaining))
             x = self.source.propose(n)
             reply = self.handle.query.remote(key, x, self.actor_id).result()
-            if reply.status >= 400 and not reply.actions:
+            if reply.status >= 400 and not len(reply.answered):
                 raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
             answered = reply.answered
             self.source.observe(x, reply.probs, answered)

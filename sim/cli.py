@@ -95,26 +95,28 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
         storage.write_text(keys_path, json.dumps(
             [{"key": k, "account_id": a.account_id, "role": a.role} for k, a in keys.items()], indent=2))
     victim = train_victim(cfg)
-    with ray_session(cfg):
-        from ray import serve
+    try:
+        with ray_session(cfg):
+            from ray import serve
 
-        app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, http=True)
-        print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
-        print(f"url:  http://127.0.0.1:{port}/{app}")
-        print(f"port: {port}")
-        print(f"keys: {keys_path}")
-        print(f"log:  {log_dir}")
-        print("Ctrl-C to stop", flush=True)
-        stop = {"now": False}
-        # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.update(now=True))
-        try:
-            while not stop["now"]:
-                time.sleep(0.5)
-        finally:
-            serve.delete(app)
-    rows = querylog.compact(log_dir)
+            app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, http=True)
+            print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
+            print(f"url:  http://127.0.0.1:{port}/{app}")
+            print(f"port: {port}")
+            print(f"keys: {keys_path}")
+            print(f"log:  {log_dir}")
+            print("Ctrl-C to stop", flush=True)
+            stop = {"now": False}
+            # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.update(now=True))
+            try:
+                while not stop["now"]:
+                    time.sleep(0.5)
+            finally:
+                serve.delete(app)
+    finally:  # as in a run: whatever happened, the log is left compacted and readable
+        rows = querylog.compact(log_dir)
     print(f"stopped; {rows} queries logged in {log_dir}")
     return 0
 

@@ -35,17 +35,17 @@ class Reply:
     reason: str | None
     request_id: str
     account_id: str | None = None
-    actions: list[str] = field(default_factory=list)
+    answered: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # one per query
     reasons: list[str | None] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1 where refused
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # NaN where refused
 
     @property
-    def answered(self) -> np.ndarray:
-        return np.array([a == "answered" for a in self.actions], bool)
+    def actions(self) -> list[str]:
+        return ["answered" if a else "refused" for a in self.answered]
 
     def to_json(self) -> dict[str, Any]:
-        if self.status >= 400 and not self.actions:
+        if self.status >= 400 and not len(self.answered):
             return {"error": self.reason, "request_id": self.request_id}
         results = []
         for i, action in enumerate(self.actions):

@@ -100,13 +100,15 @@ class QueryLogWriter:
         self.rows = 0  # rows written so far; also the next row's ``seq``
 
     def write(self, *, run_id: str, victim: str, request_id: str, account_id: str | None,
-              actor_id: str | None, role: str | None, attack: str | None, n: int,
-              action: list[str], refusal_reason: list[str | None], latency_ms: float,
+              actor_id: str | None, role: str | None, attack: str | None, answered: np.ndarray,
+              refusal_reason: list[str | None], latency_ms: float,
               input_sha1: list[str] | None = None, clean_probs: np.ndarray | None = None,
               returned_probs: np.ndarray | None = None, returned_label: np.ndarray | None = None,
               prada_score: np.ndarray | None = None, prada_flagged: np.ndarray | None = None,
               inputs: np.ndarray | None = None) -> None:
-        answered = np.array([a == "answered" for a in action], bool)
+        """One request's rows; ``answered`` (bool, one per query) gives the row count and each action."""
+        answered = np.asarray(answered, bool)
+        n = len(answered)
         ts = pa.array(np.full(n, int(time.time() * 1e6), dtype=np.int64)).cast(pa.timestamp("us", tz="UTC"))
         label = (pa.nulls(n, pa.int32()) if returned_label is None
                  else pa.array(np.asarray(returned_label, np.int32), mask=~answered))
@@ -124,7 +126,7 @@ class QueryLogWriter:
             "clean_probs": _prob_lists(clean_probs, None, n),
             "returned_probs": _prob_lists(returned_probs, answered, n),
             "returned_label": label,
-            "action": pa.array(action, pa.string()),
+            "action": pa.array(np.where(answered, "answered", "refused").tolist(), pa.string()),
             "refusal_reason": pa.array(refusal_reason, pa.string()),
             "prada_score": (pa.nulls(n, pa.float32()) if prada_score is None
                             else pa.array(np.asarray(prada_score, np.float32), from_pandas=True)),

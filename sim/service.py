@@ -123,8 +123,8 @@ class VictimService:
                 self.writer.write(
                     run_id=self.run_id, victim=self.victim, request_id=request_id,
                     account_id=account and account.account_id, actor_id=actor_id,
-                    role=account and account.role, attack=account and account.attack, n=1,
-                    action=["refused"], refusal_reason=[reason], latency_ms=latency,
+                    role=account and account.role, attack=account and account.attack,
+                    answered=np.zeros(1, bool), refusal_reason=[reason], latency_ms=latency,
                 )
         return Reply(status, reason, request_id, account and account.account_id)
 
@@ -153,18 +153,17 @@ class VictimService:
             returned[answered] = (self.defense(clean[answered], x[answered]) if self.defense
                                   else clean[answered])
         labels = np.where(answered, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
-        actions = ["answered" if a else "refused" for a in answered]
         latency = (time.perf_counter() - start) * 1e3
         if self.writer is not None:
             prada = det_out.get("prada")
             self.writer.write(
                 run_id=self.run_id, victim=self.victim, request_id=request_id,
                 account_id=account.account_id, actor_id=actor_id, role=account.role,
-                attack=account.attack, n=n, action=actions, refusal_reason=reasons, latency_ms=latency,
+                attack=account.attack, answered=answered, refusal_reason=reasons, latency_ms=latency,
                 input_sha1=[hashlib.sha1(img.tobytes()).hexdigest() for img in x],
                 clean_probs=clean, returned_probs=returned, returned_label=labels,
                 prada_score=prada.scores if prada else None, prada_flagged=prada.flags if prada else None,
                 inputs=x if self.log_inputs else None,
             )
         status, reason = (200, None) if answered.any() else (403, reasons[0])
-        return Reply(status, reason, request_id, account.account_id, actions, reasons, labels, returned)
+        return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)

@@ -8,6 +8,7 @@ Both go through ``VictimService``, so validation, detection, policy and logging 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import os
@@ -71,15 +72,14 @@ class VictimDeployment:
         self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
 
     async def __call__(self, request: Request) -> JSONResponse:
+        key, actor = request.headers.get(API_KEY_HEADER), request.headers.get("x-actor-id")
         if request.method != "POST":
-            reply = self.service.reject(request.headers.get(API_KEY_HEADER), 405,
-                                        f"method {request.method} not allowed; use POST",
-                                        request.headers.get("x-actor-id"))
-            return JSONResponse(reply.to_json(), status_code=reply.status)
-        body = await request.body()
-        # the model runs off the event loop, so the replica keeps accepting requests meanwhile
-        reply = await asyncio.to_thread(self.service.query_json, request.headers.get(API_KEY_HEADER), body,
-                                        request.headers.get("x-actor-id"))
+            call = functools.partial(self.service.reject, key, 405,
+                                     f"method {request.method} not allowed; use POST", actor)
+        else:
+            call = functools.partial(self.service.query_json, key, await request.body(), actor)
+        # the service (model, lock, log) runs off the event loop, which keeps accepting requests meanwhile
+        reply = await asyncio.to_thread(call)
         return JSONResponse(reply.to_json(), status_code=reply.status)
 
     def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:

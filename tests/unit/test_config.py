@@ -147,6 +147,7 @@ def test_an_unreachable_cluster_address_is_a_user_error():
 
 
 def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
+    import numpy as np
 
     from sim import querylog
     from sim.engine import prepare_run_dir
@@ -156,7 +157,7 @@ def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
     assert (tmp_path / "config.yaml").exists()
     w = querylog.QueryLogWriter(log_dir, (1, 28, 28), "w")
     w.write(run_id="r", victim="v", request_id="q", account_id="a", actor_id=None, role="benign", attack=None,
-            n=1, action=["refused"], refusal_reason=["x"], latency_ms=0.0)
+            answered=np.zeros(1, bool), refusal_reason=["x"], latency_ms=0.0)
     w.close()
     with pytest.raises(ConfigError, match=f"run_dir='{tmp_path}' already holds a run's query log"):
         prepare_run_dir(config.load("single_knockoff", [f"run_dir={tmp_path}"]))

@@ -24,6 +24,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DPConfig(_Strict):
+    noise_multiplier: float = Field(1.0, ge=0, description="DP-SGD noise, in multiples of max_grad_norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping norm")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
+
+
 class VictimConfig(_Strict):
     name: str = Field("victim", pattern=r"^[A-Za-z0-9_-]+$", description="victim name (Serve app name)")
     dataset: str = Field("mnist5k", description="dataset the victim is trained on")
@@ -31,6 +37,10 @@ class VictimConfig(_Strict):
     epochs: int = Field(10, ge=1, description="victim training epochs")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    training: Literal["standard", "outlier_exposure", "dp_sgd"] = Field(
+        "standard", description="how the victim is trained (dp_sgd: a training-time defense)")
+    oe_weight: float = Field(0.5, gt=0, description="outlier-exposure loss weight (training=outlier_exposure)")
+    dp: DPConfig = DPConfig()
 
 
 class DataConfig(_Strict):
@@ -38,8 +48,15 @@ class DataConfig(_Strict):
     download: bool = Field(False, description="let torchvision readers download")
 
 
-class DefenseConfig(_Strict):
-    name: str = Field("identity", description="output defense")
+class DefenseConfig(BaseModel):
+    """``name`` plus the defense's own parameters as extra keys (a chain: one mapping per member)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = Field("identity", description="output defense, or several joined by '+' (a chain); parameters: "
+                                              "defense.PARAM=… (chain: defense.MEMBER.PARAM=…)")
+
+    def spec(self) -> dict[str, Any]:
+        return self.model_dump()
 
 
 class PradaConfig(_Strict):
@@ -124,6 +141,8 @@ class ScenarioConfig(_Strict):
     serve: ServeConfig = ServeConfig()
     log: LogConfig = LogConfig()
     ray: RayConfig = RayConfig()
+    undefended_baseline: bool = Field(True, description="with a defense on, also train each attacker's replica on "
+                                                        "the clean answers to its queries, for comparison")
 
     @model_validator(mode="after")
     def _names_are_valid(self):
@@ -141,7 +160,11 @@ class ScenarioConfig(_Strict):
                              "reach it; expected serve.replicas=1 (or PRADA off)")
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
-        defenses.check_name("defense.name", self.defense.name)
+        defenses.check_spec(self.defense.spec())
+        chain = [name for name, _ in defenses.members(self.defense.spec())]
+        if "adaptive_misinformation" in chain and self.victim.training != "outlier_exposure":
+            raise ValueError(f"defense adaptive_misinformation needs an outlier-exposure victim, but "
+                             f"victim.training={self.victim.training!r}; expected victim.training=outlier_exposure")
         for aid, att in self.attackers.items():
             if not aid.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
@@ -194,6 +217,15 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw = dict(scenario)
     else:
         raw = _read_yaml(str(scenario))
+    if isinstance(raw.get("defense"), str):  # `defense: mad` is short for `defense: {name: mad}`
+        raw["defense"] = {"name": raw["defense"]}
+    if overrides and not isinstance(overrides, dict):
+        # `defense=NAME` picks a new defense (dropping the scenario's parameters for the old one) before
+        # any `defense.PARAM=VALUE` applies, whatever their order on the command line
+        for item in overrides:
+            if item.startswith("defense="):
+                raw["defense"] = {"name": item.split("=", 1)[1]}
+        overrides = [item for item in overrides if not item.startswith("defense=")]
     conf = OmegaConf.create(raw)
     if overrides:
         try:

@@ -210,6 +210,16 @@ def train_victim(cfg: ScenarioConfig, quiet: bool = False) -> zoo.Victim:
     return victim
 
 
+def defense_models(cfg: ScenarioConfig, victim: zoo.Victim) -> dict:
+    """The models the scenario's defense needs beyond the victim (adaptive misinformation's model)."""
+    from . import defenses
+
+    chain = [name for name, _ in defenses.members(cfg.defense.spec())]
+    if "adaptive_misinformation" not in chain:
+        return {}
+    return {"misinformation": zoo.get_misinformation_model(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)}
+
+
 def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account],
                   log_dir: str, http: bool = True) -> tuple[str, int | None]:
     """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port)."""
@@ -222,13 +232,15 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     taken = set(serve.status().applications)
     app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
     prada = cfg.detectors.prada
+    mis = defense_models(cfg, victim).get("misinformation")
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
         num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
         detectors={"prada": prada.model_dump(include={"delta", "min_pool"})} if prada.enabled else {},
         detector_actions={"prada": prada.action} if prada.enabled else {},
-        defense=cfg.defense.name, log_dir=log_dir, log_inputs=cfg.log.inputs,
+        defense=cfg.defense.spec(), log_dir=log_dir, log_inputs=cfg.log.inputs,
         max_images=cfg.serve.max_images, threads=cfg.serve.threads,
+        misinformation=mis and zoo.state_bytes(mis),
     )
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
            max_ongoing_requests=cfg.serve.max_ongoing_requests)
@@ -255,7 +267,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
             app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http)
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             try:
-                replicas = _query_and_train(cfg, ds, plan, app, nodes, quiet, timings)
+                replicas = _query_and_train(cfg, victim, plan, app, nodes, quiet, timings)
             finally:
                 serve.delete(app)
     finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
@@ -269,8 +281,8 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     return summary
 
 
-def _query_and_train(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, app: str, nodes: list[str], quiet: bool,
-                     timings: dict) -> dict:
+def _query_and_train(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, app: str, nodes: list[str],
+                     quiet: bool, timings: dict) -> dict:
     """All clients query the victim at once; then each attacker's replica trains. Returns the replicas."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -290,30 +302,70 @@ def _query_and_train(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, app: str
         client.result = result
     timings["query_seconds"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    replicas = _train_replicas(cfg, ds, plan, quiet)
+    replicas = _train_replicas(cfg, victim, plan, quiet)
     timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     return replicas
 
 
-def _train_replicas(cfg: ScenarioConfig, ds: data.Dataset, plan: Plan, quiet: bool) -> dict:
-    """Pool each attacker's transfer sets over its actors and train one replica per attacker, in parallel."""
+def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: bool) -> dict:
+    """Pool each attacker's transfer sets over its actors and train its replica; with a defense on (and
+    ``undefended_baseline``), also a replica on the victim's clean answers to the same queries, under the
+    key ``ID:undefended``. All in parallel. Returns key -> state_dict."""
     from actors.progress import ProgressBoard
     from actors.replica import train_replica_task
 
+    from . import defenses
+
+    ds = victim.dataset
+    baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
     board = ProgressBoard.remote()
-    refs, order = [], []
+    refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         parts = [c.result["transfer"] for c in plan.of(attacker=aid)]
         parts = [p for p in parts if len(p[0])]
         if not parts:  # every query refused: nothing to train on
             continue
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        refs.append(train_replica_task.remote(x, y, att.replica.arch or cfg.victim.arch, ds.input_shape,
-                                              ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
-                                              board, aid))
-        order.append(aid)
-    bar = _progress("training replicas", sum(cfg.attackers[a].replica.epochs for a in order), quiet)
+        sets = {aid: y}
+        if baseline:
+            sets[f"{aid}:undefended"] = predict_probs(victim.model, x)
+        for key, targets in sets.items():
+            refs.append(train_replica_task.remote(x, targets, att.replica.arch or cfg.victim.arch, ds.input_shape,
+                                                  ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
+                                                  board, key))
+            order.append(key)
+            epochs += att.replica.epochs
+    bar = _progress("training replicas", epochs, quiet)
     return dict(zip(order, _wait_with_progress(refs, board, bar)))
+
+
+def evaluate_defense(cfg: ScenarioConfig, victim: zoo.Victim, batch_size: int = 256) -> dict:
+    """The scenario's defense applied to the victim's test set: what honest users get."""
+    from . import defenses
+
+    ds = victim.dataset
+    defense = defenses.from_spec(cfg.defense.spec(), victim=victim.model, **defense_models(cfg, victim))
+    clean = predict_probs(victim.model, ds.x_test)
+    returned = np.concatenate([defense(clean[i:i + batch_size], ds.x_test[i:i + batch_size])
+                               for i in range(0, len(clean), batch_size)])
+    return {
+        "defended_test_accuracy": round(accuracy(returned.argmax(1), ds.y_test), 4),
+        "test_l1_mean": round(float(np.abs(returned - clean).sum(1).mean()), 4),
+        "test_top1_preserved_rate": round(float(np.mean(returned.argmax(1) == clean.argmax(1))), 4),
+    }
+
+
+def _distortion(table) -> dict:
+    """Mean L1 distortion and top-1-preserved rate over the answered rows of a log table."""
+    import pyarrow.compute as pc
+
+    answered = table.filter(pc.equal(table.column("action"), "answered"))
+    if answered.num_rows == 0:
+        return {"answered": 0, "l1_mean": None, "top1_preserved_rate": None}
+    l1 = answered.column("defense_l1").to_numpy(zero_copy_only=False)
+    changed = answered.column("top1_changed").to_numpy(zero_copy_only=False)
+    return {"answered": answered.num_rows, "l1_mean": round(float(np.nanmean(l1)), 4),
+            "top1_preserved_rate": round(1 - float(np.mean(changed.astype(bool))), 4)}
 
 
 def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, replicas: dict,
@@ -324,7 +376,9 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
 
     ds = victim.dataset
     victim_test = predict_probs(victim.model, ds.x_test).argmax(1)
-    table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged"])
+    defended = evaluate_defense(cfg, victim)
+    table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged", "defense_l1",
+                                            "top1_changed"])
     answered = int(pc.sum(pc.equal(table.column("action"), "answered")).as_py() or 0)
     flagged = set()
     if cfg.detectors.prada.enabled and table.num_rows:
@@ -342,14 +396,15 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
             "split": att.split, "queries": sum(r["sent"] for r in mine),
             "refused": sum(r["refused"] for r in mine),
             "accounts_flagged": len(flagged & accts),
-            "replica_test_accuracy": None, "replica_fidelity": None,
+            "labels": att.replica.labels, "replica_test_accuracy": None, "replica_fidelity": None,
         }
-        if aid in replicas:
-            model = models.build(att.replica.arch or cfg.victim.arch, ds.input_shape, ds.num_classes)
-            model.load_state_dict(replicas[aid])
-            pred = predict_probs(model, ds.x_test).argmax(1)
-            entry["replica_test_accuracy"] = round(accuracy(pred, ds.y_test), 4)
-            entry["replica_fidelity"] = round(fidelity(pred, victim_test), 4)
+        for key, suffix in ((aid, ""), (f"{aid}:undefended", "_undefended")):
+            if key in replicas:
+                model = models.build(att.replica.arch or cfg.victim.arch, ds.input_shape, ds.num_classes)
+                model.load_state_dict(replicas[key])
+                pred = predict_probs(model, ds.x_test).argmax(1)
+                entry[f"replica_test_accuracy{suffix}"] = round(accuracy(pred, ds.y_test), 4)
+                entry[f"replica_fidelity{suffix}"] = round(fidelity(pred, victim_test), 4)
         attackers.append(entry)
 
     benign = [c.result for c in plan.of(role="benign")]
@@ -364,8 +419,15 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         "victim": {"name": cfg.victim.name, "dataset": cfg.victim.dataset, "arch": cfg.victim.arch,
                    "test_accuracy": round(victim.test_accuracy, 4), "trained_now": victim.trained_now,
                    "train_seconds": round(victim.train_seconds, 1),
-                   "checkpoint": str(victim.path)},
-        "defense": {"name": cfg.defense.name},
+                   "training": victim.training, "dp_epsilon": victim.dp_epsilon,
+                   "dp": cfg.victim.dp.model_dump() if victim.training == "dp_sgd" else None,
+                   "checkpoint": str(victim.path),
+                   "defended_test_accuracy": defended.pop("defended_test_accuracy")},
+        "defense": {"name": cfg.defense.name, "params": {k: v for k, v in cfg.defense.spec().items() if k != "name"},
+                    **{k: v for k, v in _distortion(table).items() if k != "answered"},
+                    **defended,
+                    "by_role": {role: _distortion(table.filter(pc.equal(table.column("role"), role)))
+                                for role in ("attacker", "benign")}},
         "queries": {"total": total, "answered": answered, "refused": table.num_rows - answered,
                     "logged": logged},
         "attackers": attackers,
@@ -387,25 +449,33 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
 
 def format_summary(s: dict) -> str:
     """The summary as a small text table for the terminal."""
-    v, q, p = s["victim"], s["queries"], s["detection"]["prada"]
+    v, q, p, d = s["victim"], s["queries"], s["detection"]["prada"], s["defense"]
+    params = ", ".join(f"{k}={val}" for k, val in d["params"].items())
+    dp = f", DP-SGD epsilon {v['dp_epsilon']:.2f}" if v.get("dp_epsilon") is not None else ""
     lines = [
         f"run {s['run_id']}  ->  {s['run_dir']}",
-        f"victim {v['arch']} on {v['dataset']}: test accuracy {v['test_accuracy']:.4f}"
+        f"victim {v['arch']} on {v['dataset']} ({v['training']} training{dp}): test accuracy {v['test_accuracy']:.4f}"
         f"{' (trained now)' if v['trained_now'] else ' (cached)'}",
+        f"defense {d['name']}{f' ({params})' if params else ''}: defended test accuracy "
+        f"{v['defended_test_accuracy']:.4f}, test L1 {d['test_l1_mean']:.3f}, top-1 kept "
+        f"{d['test_top1_preserved_rate']:.3f}",
         f"queries: {q['total']} sent, {q['answered']} answered, {q['refused']} refused, {q['logged']} logged",
         "",
         f"{'attacker':<14}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
-        f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}",
+        f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",
     ]
+
+    def num(value):
+        return "-" if value is None else f"{value:.4f}"
+
     for a in s["attackers"]:
-        acc = "-" if a["replica_test_accuracy"] is None else f"{a['replica_test_accuracy']:.4f}"
-        fid = "-" if a["replica_fidelity"] is None else f"{a['replica_fidelity']:.4f}"
         lines.append(f"{a['id']:<14}{a['attack']:<10}{a['accounts']:>9}{a['actors']:>7}{a['queries']:>9}"
-                     f"{a['refused']:>8}{a['accounts_flagged']:>8}{acc:>12}{fid:>9}")
+                     f"{a['refused']:>8}{a['accounts_flagged']:>8}{num(a['replica_test_accuracy']):>12}"
+                     f"{num(a['replica_fidelity']):>9}{num(a.get('replica_test_accuracy_undefended')):>15}")
     b = s["benign"]
     lines += [
         f"{'benign':<14}{'-':<10}{b['users']:>9}{b['users']:>7}{b['queries']:>9}{b['refused']:>8}"
-        f"{p['flagged_benign_accounts']:>8}{'-':>12}{'-':>9}",
+        f"{p['flagged_benign_accounts']:>8}{'-':>12}{'-':>9}{'-':>15}",
         "",
         f"PRADA (delta={p['delta']}, action={p['action']}): flagged {p['flagged_attacker_accounts']}/"
         f"{p['attacker_accounts']} attacker accounts, {p['flagged_benign_accounts']}/{p['benign_accounts']} "

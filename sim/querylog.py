@@ -26,7 +26,7 @@ from . import storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 STREAM_SUFFIX = ".arrows"
 
 SCHEMA = pa.schema(
@@ -46,6 +46,8 @@ SCHEMA = pa.schema(
         pa.field("returned_label", pa.int32()),  # null if refused
         pa.field("action", pa.string(), nullable=False),  # answered / refused
         pa.field("refusal_reason", pa.string()),
+        pa.field("defense_l1", pa.float32()),  # L1 distance clean -> returned; null if refused
+        pa.field("top1_changed", pa.bool_()),  # the defense changed the top-1 label; null if refused
         pa.field("prada_score", pa.float32()),  # 1 - Shapiro-Wilk W; null before PRADA has a score
         pa.field("prada_flagged", pa.bool_()),
         pa.field("latency_ms", pa.float32(), nullable=False),  # whole request, same for its queries
@@ -128,6 +130,11 @@ class QueryLogWriter:
             "returned_label": label,
             "action": pa.array(np.where(answered, "answered", "refused").tolist(), pa.string()),
             "refusal_reason": pa.array(refusal_reason, pa.string()),
+            "defense_l1": (pa.nulls(n, pa.float32()) if returned_probs is None else
+                           pa.array(np.abs(np.nan_to_num(returned_probs) - clean_probs).sum(1).astype(np.float32),
+                                    mask=~answered)),
+            "top1_changed": (pa.nulls(n, pa.bool_()) if returned_label is None else
+                             pa.array(np.asarray(returned_label) != clean_probs.argmax(1), mask=~answered)),
             "prada_score": (pa.nulls(n, pa.float32()) if prada_score is None
                             else pa.array(np.asarray(prada_score, np.float32), from_pandas=True)),
             "prada_flagged": (pa.nulls(n, pa.bool_()) if prada_flagged is None

@@ -128,6 +128,11 @@ class VictimService:
                 )
         return Reply(status, reason, request_id, account and account.account_id)
 
+    def set_defense(self, defense) -> None:
+        """Swap the output defense (live reconfiguration); requests in flight finish with the old one."""
+        with self._lock:
+            self.defense = defense
+
     # -- internals -----------------------------------------------------------------------------
     def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
                 start: float) -> Reply:
@@ -150,7 +155,7 @@ class VictimService:
         answered = ~refused
         returned = np.full_like(clean, np.nan)
         if answered.any():
-            returned[answered] = (self.defense(clean[answered], x[answered]) if self.defense
+            returned[answered] = (self.defense(clean[answered], x[answered]) if self.defense is not None
                                   else clean[answered])
         labels = np.where(answered, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
         latency = (time.perf_counter() - start) * 1e3

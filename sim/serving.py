@@ -8,10 +8,13 @@ Both go through ``VictimService``, so validation, detection, policy and logging 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import hashlib
 import io
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 
@@ -43,23 +46,35 @@ class VictimSpec:
     accounts: dict[str, Account]
     detectors: dict[str, dict]  # name -> params
     detector_actions: dict[str, str]
-    defense: str
+    defense: dict  # defense spec mapping ({"name": ..., params}); changed live through ``reconfigure``
     log_dir: str | None
     log_inputs: bool
     max_images: int
     threads: int = 1  # torch threads per replica
+    misinformation: bytes | None = None  # state_dict of adaptive misinformation's model, when it is used
+
+
+def _model(spec: VictimSpec, state: bytes) -> torch.nn.Module:
+    model = models.build(spec.arch, spec.input_shape, spec.num_classes)
+    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def build_defense(spec: VictimSpec, defense: dict, victim: torch.nn.Module):
+    """The defense a spec mapping describes, given the models it may need."""
+    mis = _model(spec, spec.misinformation) if spec.misinformation else None
+    return defenses.from_spec(defense, victim=victim, misinformation=mis)
 
 
 def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
-    model = models.build(spec.arch, spec.input_shape, spec.num_classes)
-    model.load_state_dict(torch.load(io.BytesIO(spec.state), map_location="cpu", weights_only=True))
+    model = _model(spec, spec.state)
     writer = QueryLogWriter(spec.log_dir, spec.input_shape, writer_id) if spec.log_dir else None
     return VictimService(
         model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
         input_shape=spec.input_shape,
         detectors={name: detectors.build(name, **params) for name, params in spec.detectors.items()},
         detector_actions=spec.detector_actions,
-        defense=defenses.build(spec.defense),
+        defense=build_defense(spec, spec.defense, model),
         writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
     )
 
@@ -69,6 +84,8 @@ class VictimDeployment:
     def __init__(self, spec: VictimSpec):
         torch.set_num_threads(spec.threads)
         replica = serve.get_replica_context().replica_id.unique_id
+        self.spec = spec
+        self.defense_spec = spec.defense
         self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -85,10 +102,18 @@ class VictimDeployment:
     def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
         return self.service.query(api_key, images, actor_id)
 
+    def reconfigure(self, config: dict) -> None:
+        """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every
+        replica without restarting it. The spec was checked by :func:`update_defense` before."""
+        if "defense" in config:
+            self.service.set_defense(build_defense(self.spec, config["defense"], self.service.model))
+            self.defense_spec = config["defense"]
+
     def info(self) -> dict:
         """This replica's process id, log writer and rows written (diagnostics)."""
         writer = self.service.writer
-        return {"pid": os.getpid(), "writer": writer and writer.writer_id, "rows": writer.rows if writer else 0}
+        return {"pid": os.getpid(), "writer": writer and writer.writer_id, "rows": writer.rows if writer else 0,
+                "defense": self.service.defense.describe() if self.service.defense is not None else None}
 
     def __del__(self):
         writer = getattr(getattr(self, "service", None), "writer", None)
@@ -128,16 +153,40 @@ def start_serve(port: int, http: bool = True) -> int | None:
     return port
 
 
+def spec_version(spec: VictimSpec) -> str:
+    """Serve's code version for a spec: a hash of everything but the defense, which travels in
+    ``user_config``. Redeploying the same spec with another defense is then a lightweight update
+    (``reconfigure`` on the running replicas, no restart); any other change restarts them."""
+    blob = pickle.dumps(dataclasses.replace(spec, defense={}))
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
            max_ongoing_requests: int = 128) -> DeploymentHandle:
+    """Deploy (or update) the victim app. Calling it again with only ``spec.defense`` changed reconfigures
+    the running replicas live (see :func:`update_defense`)."""
     import ray
 
+    defenses.check_spec(spec.defense)
     have = ray.cluster_resources().get("CPU", 0)
     if replicas * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
         raise SimError(f"serve.replicas={replicas} x serve.replica_cpus={replica_cpus} needs "
                        f"{replicas * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
     dep = VictimDeployment.options(
         name="victim", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": replica_cpus},
+        ray_actor_options={"num_cpus": replica_cpus}, user_config={"defense": spec.defense},
     )
+    # Serve has no public way to pin a deployment's version; without one every serve.run restarts the
+    # replicas. Pinning it to the spec's hash makes a defense-only change a live reconfigure.
+    dep._version = spec_version(spec)
     return serve.run(dep.bind(spec), name=app_name, route_prefix=f"/{app_name}")
+
+
+def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) -> VictimSpec:
+    """Switch a running victim app to another defense (or other parameters) without restarting its
+    replicas; ``options`` are :func:`deploy`'s. A bad spec is a one-line ConfigError and changes nothing.
+    Returns the updated spec."""
+    defenses.check_spec(defense)
+    new = dataclasses.replace(spec, defense=dict(defense))
+    deploy(new, app_name, **options)
+    return new

@@ -26,11 +26,18 @@ def train_classifier(
     lr: float = 1e-3,
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
+    loss: str = "cross_entropy",
+    outliers: np.ndarray | None = None,
+    outlier_weight: float = 0.5,
 ) -> nn.Module:
     """Train ``model`` with Adam on uint8 images ``x``.
 
     ``targets`` are class indices (N,) for hard labels or probability vectors (N, K) for soft labels;
-    cross-entropy handles both. Deterministic for a seed (up to thread nondeterminism).
+    cross-entropy handles both. ``loss="misinformation"`` instead pushes the probability of the true
+    class down (-log(1 - p_y), Kariyappa & Qureshi 2020). With ``outliers`` (uint8 images), each batch
+    adds ``outlier_weight`` x the cross-entropy between a batch of outliers' predictions and the uniform
+    distribution (outlier exposure, Hendrycks et al. 2019). Deterministic for a seed (up to thread
+    nondeterminism).
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty set")
@@ -38,6 +45,8 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(targets)
+    if outliers is not None:
+        outliers = torch.as_tensor(outliers)
     yt = yt.long() if yt.ndim == 1 else yt.float()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -46,15 +55,91 @@ def train_classifier(
         total = 0.0
         for start in range(0, len(xt), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(to_float(xt[idx])), yt[idx])
+            logits = model(to_float(xt[idx]))
+            if loss == "misinformation":
+                p_true = torch.softmax(logits, 1).gather(1, yt[idx][:, None])[:, 0]
+                value = -torch.log1p(-p_true.clamp(max=1 - 1e-6)).mean()
+            else:
+                value = F.cross_entropy(logits, yt[idx])
+            if outliers is not None:
+                pick = torch.randint(len(outliers), (len(idx),), generator=gen)
+                value = value - outlier_weight * torch.log_softmax(model(to_float(outliers[pick])), 1).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += value.item() * len(idx)
         if on_epoch is not None:
             on_epoch(epoch + 1, total / len(xt))
     model.eval()
     return model
+
+
+def train_dp_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    noise_multiplier: float = 1.0,
+    max_grad_norm: float = 1.0,
+    delta: float = 1e-5,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train ``model`` in place with DP-SGD (Opacus: per-sample clipping to ``max_grad_norm``, Gaussian
+    noise of ``noise_multiplier`` x that norm, Poisson sampling of expected size ``batch_size``, Adam);
+    returns the epsilon spent at ``delta`` (RDP accountant)."""
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    if len(x) == 0:
+        raise ValueError("cannot train on an empty set")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dataset = torch.utils.data.TensorDataset(to_float(torch.as_tensor(x)), torch.as_tensor(labels).long())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():  # "secure RNG turned off": fine for a simulation
+        warnings.simplefilter("ignore")
+        private, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                                                   noise_multiplier=noise_multiplier,
+                                                   max_grad_norm=max_grad_norm, noise_generator=gen)
+        private.train()
+        for epoch in range(epochs):
+            total, seen = 0.0, 0
+            for xb, yb in loader:
+                if len(xb) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                value = F.cross_entropy(private(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                total += value.item() * len(xb)
+                seen += len(xb)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, total / max(seen, 1))
+    model.eval()
+    return float(engine.get_epsilon(delta))
+
+
+def patch_shuffle(x: np.ndarray, seed: int, grid: int = 4) -> np.ndarray:
+    """Outliers made from in-distribution images: each image cut into grid x grid tiles, shuffled.
+    Local texture stays, global shape is gone (used for outlier exposure when no outlier set is given)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = x.shape
+    th, tw = h // grid, w // grid
+    tiles = x[:, :, :th * grid, :tw * grid].reshape(n, c, grid, th, grid, tw).transpose(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(n, grid * grid, c, th, tw)
+    order = np.argsort(rng.random((n, grid * grid)), axis=1)
+    tiles = np.take_along_axis(tiles, order[:, :, None, None, None], axis=1)
+    out = tiles.reshape(n, grid, grid, c, th, tw).transpose(0, 3, 1, 4, 2, 5).reshape(n, c, th * grid, tw * grid)
+    full = x.copy()
+    full[:, :, :th * grid, :tw * grid] = out
+    return full
 
 
 @torch.inference_mode()

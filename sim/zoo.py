@@ -16,10 +16,10 @@ from torch import nn
 from . import data, models
 from .config import DataConfig, VictimConfig
 from .errors import ConfigError
-from .training import accuracy, predict_probs, train_classifier
+from .training import accuracy, patch_shuffle, predict_probs, train_classifier, train_dp_classifier
 
 log = logging.getLogger(__name__)
-ZOO_VERSION = 1  # bump when training code changes what a cached checkpoint means
+ZOO_VERSION = 2  # bump when training code changes what a cached checkpoint means
 
 
 @dataclass
@@ -31,50 +31,103 @@ class Victim:
     path: Path
     trained_now: bool
     train_seconds: float
+    training: str = "standard"
+    dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent, at victim.dp.delta
 
     def state_bytes(self) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(self.model.state_dict(), buf)
-        return buf.getvalue()
+        return state_bytes(self.model)
 
 
-def victim_key(cfg: VictimConfig, seed: int) -> str:
+def state_bytes(model: nn.Module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
+
+def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim") -> str:
     spec = {"dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION}
+            "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind, "training": cfg.training}
+    if cfg.training == "dp_sgd":
+        spec["dp"] = cfg.dp.model_dump()
+    if cfg.training == "outlier_exposure":
+        spec["oe_weight"] = cfg.oe_weight
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str,
-               on_epoch=None) -> Victim:
-    """Load the cached victim for this config, or train and cache it."""
-    ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
-    key = victim_key(cfg, seed)
+def _folder(cache_dir: str) -> Path:
     folder = Path(cache_dir).expanduser() / "victims"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cache_dir={cache_dir!r} cannot be used ({exc.strerror}); expected a writable "
                           f"directory") from None
-    path = folder / f"{cfg.dataset}-{cfg.arch}-{key}.pt"
-    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
+    return folder
+
+
+def _cached(path: Path, model: nn.Module, train) -> tuple[dict, bool]:
+    """Load ``path`` into ``model``, or run ``train(model) -> extra fields`` and save; (fields, trained now)."""
     with FileLock(str(path) + ".lock"):
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(ckpt["state_dict"])
+            model.load_state_dict(ckpt.pop("state_dict"))
             model.eval()
-            return Victim(model, cfg.arch, ds, float(ckpt["test_accuracy"]), path, False,
-                          float(ckpt.get("train_seconds", 0.0)))
-        log.info("training victim %s on %s (%d epochs)", cfg.arch, cfg.dataset, cfg.epochs)
-        start = time.perf_counter()
-        train_classifier(model, ds.x_train, ds.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                         lr=cfg.lr, seed=seed, on_epoch=on_epoch)
-        seconds = time.perf_counter() - start
-        acc = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
+            return ckpt, False
+        fields = train(model)
         tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "test_accuracy": acc, "train_seconds": seconds,
-                    "config": cfg.model_dump(), "seed": seed}, tmp)
+        torch.save({"state_dict": model.state_dict(), **fields}, tmp)
         tmp.replace(path)
-        return Victim(model, cfg.arch, ds, acc, path, True, seconds)
+        return fields, True
+
+
+def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str,
+               on_epoch=None) -> Victim:
+    """Load the cached victim for this config, or train and cache it (standard, outlier exposure or
+    DP-SGD training, per ``cfg.training``)."""
+    ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
+    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed)}.pt"
+    torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
+    model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
+
+    def train(model: nn.Module) -> dict:
+        log.info("training victim %s on %s (%d epochs, %s)", cfg.arch, cfg.dataset, cfg.epochs, cfg.training)
+        start = time.perf_counter()
+        fields = {"config": cfg.model_dump(), "seed": seed}
+        if cfg.training == "dp_sgd":
+            fields["dp_epsilon"] = train_dp_classifier(
+                model, ds.x_train, ds.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                noise_multiplier=cfg.dp.noise_multiplier, max_grad_norm=cfg.dp.max_grad_norm,
+                delta=cfg.dp.delta, seed=seed, on_epoch=on_epoch)
+        else:
+            outliers = patch_shuffle(ds.x_train, seed) if cfg.training == "outlier_exposure" else None
+            train_classifier(model, ds.x_train, ds.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                             lr=cfg.lr, seed=seed, on_epoch=on_epoch, outliers=outliers,
+                             outlier_weight=cfg.oe_weight)
+        fields["train_seconds"] = time.perf_counter() - start
+        fields["test_accuracy"] = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
+        return fields
+
+    fields, now = _cached(path, model, train)
+    return Victim(model, cfg.arch, ds, float(fields["test_accuracy"]), path, now,
+                  float(fields.get("train_seconds", 0.0)), cfg.training,
+                  None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
+
+
+def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str) -> nn.Module:
+    """The misinformation model of adaptive misinformation: the victim's architecture trained on the
+    victim's training data to put little probability on the true class; cached like victims."""
+    ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
+    key = victim_key(cfg.model_copy(update={"training": "standard"}), seed, kind="misinformation")
+    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-misinformation-{key}.pt"
+    torch.manual_seed(seed + 1)
+    model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
+
+    def train(model: nn.Module) -> dict:
+        log.info("training the misinformation model (%s on %s)", cfg.arch, cfg.dataset)
+        train_classifier(model, ds.x_train, ds.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                         lr=cfg.lr, seed=seed + 1, loss="misinformation")
+        return {"true_class_rate": accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)}
+
+    _cached(path, model, train)
+    return model

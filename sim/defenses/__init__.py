@@ -1,42 +1,121 @@
 """Output-perturbation defenses: a batch of clean probability vectors in, the returned vectors out.
 
-``build(name, **params)`` returns a callable ``defense(probs, inputs=None) -> probs``; ``names()`` lists
-them. Only ``identity`` exists so far; the perturbation defenses (MAD and the baselines) plug in here.
+Python API::
+
+    from sim import defenses
+    defenses.names()                                  # the registered defenses
+    d = defenses.build("mad", eps=0.5, surrogate=net) # or victim=net: a seeded random copy of it
+    returned = d(probs, inputs)                       # torch or numpy (N, K); inputs (N, C, H, W)
+    d.set_params(eps=1.0)                             # checked like the constructor
+
+A scenario gives a defense as a mapping ``{"name": "mad", "eps": 0.5}``; a chain is
+``{"name": "reverse_sigmoid+rounding", "reverse_sigmoid": {"beta": 0.3}, "rounding": {"decimals": 2}}``
+(:func:`from_spec`), applied left to right.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Any
 
-import numpy as np
+import torch
+from torch import nn
 
 from .. import registry
 from ..errors import ConfigError
+from .base import Defense, Param
+from .basic import ConfidenceGated, Identity, LabelsOnly, RandomNoise, ReverseSigmoid, Rounding, TopK
+from .mad import MAD, MADArgmax
+from .misinformation import AdaptiveMisinformation
 
-Defense = Callable[..., np.ndarray]
-
-
-def _identity(**params) -> Defense:
-    if params:
-        raise ConfigError(f"identity: unknown parameter {sorted(params)[0]!r}; it takes none")
-
-    def identity(probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
-        return probs
-
-    return identity
-
-
-_REGISTRY: dict[str, Callable[..., Defense]] = {"identity": _identity}
+_REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
+    Identity, TopK, Rounding, LabelsOnly, ReverseSigmoid, RandomNoise, MAD, MADArgmax,
+    AdaptiveMisinformation, ConfidenceGated,
+)}
 
 
 def names() -> list[str]:
     return list(_REGISTRY)
 
 
+def get(name: str) -> type[Defense]:
+    check_name("defense", name)
+    return _REGISTRY[name]
+
+
 def check_name(field: str, name: str) -> None:
     registry.check_name("defense", field, name, _REGISTRY)
 
 
-def build(name: str, **params) -> Defense:
-    check_name("defense", name)
-    return _REGISTRY[name](**params)
+def build(name: str, *, victim: nn.Module | None = None, surrogate: nn.Module | None = None,
+          misinformation: nn.Module | None = None, **params) -> Defense:
+    """One defense with its parameters. Models are passed to the defenses that use them
+    (MAD: ``surrogate`` or ``victim``; adaptive misinformation: ``misinformation``) and ignored by the rest."""
+    cls = get(name)
+    given = {"victim": victim, "surrogate": surrogate, "misinformation": misinformation}
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in given.items() if k in accepted and v is not None}, **params)
+
+
+class Chain(Defense):
+    """Several defenses applied left to right."""
+
+    name = "chain"
+
+    def __init__(self, members: list[Defense]):
+        self.members = members
+        self.needs_inputs = any(m.needs_inputs for m in members)
+        self.on_simplex = all(m.on_simplex for m in members)
+        super().__init__()
+
+    def _perturb(self, y, inputs):
+        for m in self.members:
+            y = m(y, inputs)
+        return y
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "+".join(m.name for m in self.members),
+                **{m.name: {k: v for k, v in m.describe().items() if k != "name"} for m in self.members}}
+
+
+def members(spec: dict[str, Any], field: str = "defense") -> list[tuple[str, dict[str, Any]]]:
+    """(name, params) of each defense in a spec mapping, checked for shape (not yet for values)."""
+    spec = dict(spec)
+    name = spec.pop("name", "identity")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{field}.name must be a defense name (or names joined by '+'), got {name!r}")
+    parts = name.split("+")
+    for part in parts:
+        check_name(f"{field}.name", part)
+    if len(parts) == 1:
+        return [(name, spec)]
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"{field}.name={name!r} names a defense twice; expected each at most once")
+    for key, value in spec.items():
+        if key not in parts:
+            raise ConfigError(f"{field}.{key}: in a chain, parameters go under the member's name "
+                              f"({field}.{parts[0]}.PARAM=…); expected one of: {', '.join(parts)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{field}.{key} must be a mapping of {key}'s parameters, got {value!r}")
+    return [(part, dict(spec.get(part) or {})) for part in parts]
+
+
+def from_spec(spec: dict[str, Any], **models) -> Defense:
+    """The defense (or chain) a spec mapping describes, with models for those that need one."""
+    built = [build(name, **models, **params) for name, params in members(spec)]
+    return built[0] if len(built) == 1 else Chain(built)
+
+
+def check_spec(spec: dict[str, Any], field: str = "defense") -> None:
+    """Validate names and parameter values without building any model."""
+    parts = members(spec, field)
+    for name, params in parts:
+        get(name).check_params(params, owner=field if len(parts) == 1 else f"{field}.{name}")
+
+
+def is_identity(spec: dict[str, Any]) -> bool:
+    return all(name == "identity" for name, _ in members(spec))
+
+
+__all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "check_spec",
+           "is_identity", "check_name"]

@@ -1,0 +1,217 @@
+"""MAD and MAD-argmax prediction poisoning (Orekondy, Schiele, Fritz, ICLR 2020).
+
+The attacker trains on the returned vector y~ and moves its weights along G^T y~, where
+G = grad_w log F_sur(x; w) is the (K, D) Jacobian of a surrogate's log-probabilities. MAD returns
+y~ = (1 - a) y + a y*, where the simplex vertex y* maximises the angular deviation
+H(y~) = || G^T y~ / |G^T y~| - G^T y / |G^T y| ||^2 and a is chosen so that dist(y, y~) = eps
+(or a = 1 when the vertex is closer than eps). MAD-argmax shortens each step so the top-1 label stays.
+
+Everything H needs is the Gram matrix M = G G^T (K x K per query): <G^T a, G^T b> = a^T M b.
+- Over the last linear layer's weight (the default), row k of G is (e_k - p) (x) h, where p is the
+  surrogate's softmax output and h the layer's input, so M = |h|^2 (I - 1 p^T - p 1^T + |p|^2 1 1^T).
+  The |h|^2 factor cancels in every angle, so one batched surrogate forward pass gives M exactly.
+- Over all parameters (``jacobian=all``) M comes from per-sample Jacobians (``torch.func``), in chunks.
+:func:`reference_perturb` is the straightforward per-sample version (K autograd calls per query, an
+explicit G), kept as the executable specification for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..training import to_float
+from .base import Defense, Param, one_hot
+
+
+def default_surrogate(victim: nn.Module, seed: int) -> nn.Module:
+    """A copy of the victim's architecture with fresh, seeded random weights, frozen, in eval mode."""
+    model = copy.deepcopy(victim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError(f"MAD with jacobian=last_layer needs a surrogate with an nn.Linear layer; "
+                         f"{type(model).__name__} has none (use jacobian=all)")
+    return layers[-1]
+
+
+def last_layer_gram(surrogate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """M / |h|^2 for G over the last linear layer's weight, (N, K, K) float64."""
+    with torch.inference_mode():
+        p = torch.softmax(surrogate(to_float(x)), dim=1).to(torch.float64)
+    k = p.shape[1]
+    eye = torch.eye(k, dtype=p.dtype)
+    sq = (p * p).sum(1)[:, None, None]
+    return eye - p[:, None, :] - p[:, :, None] + sq
+
+
+def full_gram(surrogate: nn.Module, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """M = G G^T with G over all parameters, from per-sample Jacobians, (N, K, K) float64."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {name: p.detach() for name, p in surrogate.named_parameters()}
+    buffers = dict(surrogate.named_buffers())
+
+    def log_probs(prm, xi):
+        return torch.log_softmax(functional_call(surrogate, (prm, buffers), (xi[None],)), dim=1)[0]
+
+    jac_fn = vmap(jacrev(log_probs), in_dims=(None, 0))
+    xf = to_float(x)
+    out = []
+    with torch.enable_grad():
+        for start in range(0, len(xf), chunk):
+            jac = jac_fn(params, xf[start:start + chunk])
+            grams = [j.flatten(2).to(torch.float64) for j in jac.values()]
+            out.append(sum(g @ g.transpose(1, 2) for g in grams))
+    return torch.cat(out)
+
+
+def vertex_distances(y: torch.Tensor, norm: str) -> torch.Tensor:
+    """dist(y, e_j) for every vertex j, (N, K)."""
+    if norm == "l1":
+        return 2 * (1 - y)
+    return ((y * y).sum(1, keepdim=True) - 2 * y + 1).clamp_min(0).sqrt()
+
+
+def deviations(gram: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H(e_j) for every vertex j, (N, K): 2 - 2 cos(G^T e_j, G^T y)."""
+    my = (gram @ y[:, :, None])[:, :, 0]
+    yy = (y * my).sum(1, keepdim=True)
+    diag = gram.diagonal(dim1=1, dim2=2)
+    cos = my / (diag * yy).clamp_min(1e-300).sqrt()
+    return 2 - 2 * cos
+
+
+TOP1_MARGIN = 1e-5  # MAD-argmax keeps the top-1 value at least this far above every other
+
+
+def poison(gram: torch.Tensor, y: torch.Tensor, eps: float, norm: str, keep_top1: bool) -> torch.Tensor:
+    """The extreme-point oracle plus the interpolation, batched.
+
+    MAD picks the vertex with the largest H(e_j), then steps toward it until dist = eps. MAD-argmax
+    first shortens each step toward e_j to where the top-1 label would still hold, then picks the
+    candidate point with the largest H (evaluated at that point, through M) and returns it.
+    """
+    n, k = y.shape
+    dv = vertex_distances(y, norm)
+    alpha = torch.where(dv > eps, eps / dv.clamp_min(1e-300), torch.ones_like(dv))
+    if not keep_top1:
+        j = deviations(gram, y).argmax(1)
+    else:
+        top = y.argmax(1, keepdim=True)
+        gap = y.gather(1, top) - y
+        cap = ((gap - TOP1_MARGIN) / (1 + gap)).clamp_min(0)  # (1-a)*gap - a > margin  <=>  a < cap
+        alpha = torch.where(torch.arange(k)[None, :] == top, alpha, torch.minimum(alpha, cap))
+        my = (gram @ y[:, :, None])[:, :, 0]
+        yy = (y * my).sum(1, keepdim=True)
+        diag = gram.diagonal(dim1=1, dim2=2)
+        dot = (1 - alpha) * yy + alpha * my  # <G^T y~_j, G^T y>
+        sq = (1 - alpha) ** 2 * yy + 2 * alpha * (1 - alpha) * my + alpha ** 2 * diag  # |G^T y~_j|^2
+        j = (dot / (sq * yy).clamp_min(1e-300).sqrt()).argmin(1)  # largest H = smallest cosine
+    a = alpha.gather(1, j[:, None])
+    return (1 - a) * y + a * one_hot(j, k, y)
+
+
+class MAD(Defense):
+    """MAD: the vertex maximising the angular deviation, over all K vertices."""
+
+    name = "mad"
+    keep_top1 = False
+    needs_inputs = True
+    params = {"eps": Param(1.0, low=0), "norm": Param("l1", str, choices=("l1", "l2")),
+              "jacobian": Param("last_layer", str, choices=("last_layer", "all")),
+              "seed": Param(0, int, low=0)}
+    neutral = {"eps": 0.0}
+
+    def __init__(self, surrogate: nn.Module | None = None, victim: nn.Module | None = None, **params):
+        self._given, self._victim = surrogate, victim
+        self.surrogate: nn.Module | None = None
+        self._seed_built: int | None = None
+        super().__init__(**params)
+
+    def _configure(self):
+        if self._given is not None:
+            self.surrogate = self._given.eval()
+        elif self._victim is not None and self._seed_built != self.values["seed"]:
+            self.surrogate = default_surrogate(self._victim, self.values["seed"])
+            self._seed_built = self.values["seed"]
+        if self.surrogate is not None and self.values["jacobian"] == "last_layer":
+            last_linear(self.surrogate)
+
+    def gram(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.surrogate is None:
+            raise ValueError(f"defense {self.name} needs a surrogate model: build({self.name!r}, surrogate=net) "
+                             f"or victim=net for a randomly initialised copy of it")
+        if self.values["jacobian"] == "last_layer":
+            return last_layer_gram(self.surrogate, inputs)
+        return full_gram(self.surrogate, inputs)
+
+    def _perturb(self, y, inputs):
+        out = poison(self.gram(inputs), y, self.values["eps"], self.values["norm"], self.keep_top1)
+        if self.keep_top1:  # a near-tie could still flip once rounded to float32: answer those clean
+            flipped = out.float().argmax(1) != y.float().argmax(1)
+            out[flipped] = y[flipped]
+        return out
+
+
+class MADArgmax(MAD):
+    """MAD-argmax: only vertices whose step keeps the top-1 label are candidates."""
+
+    name = "mad_argmax"
+    keep_top1 = True
+
+
+def reference_perturb(y: torch.Tensor, inputs: torch.Tensor, surrogate: nn.Module, eps: float,
+                      norm: str = "l1", keep_top1: bool = False, jacobian: str = "last_layer") -> torch.Tensor:
+    """One query at a time with an explicit Jacobian G (K autograd calls), as the paper's reference
+    code does; returns float64 (N, K). Slow by design: the specification for :class:`MAD`."""
+    params = ([last_linear(surrogate).weight] if jacobian == "last_layer"
+              else list(surrogate.parameters()))
+    flags = [p.requires_grad for p in params]
+    y = y.to(torch.float64)
+    k = y.shape[1]
+    out = torch.empty_like(y)
+    for i in range(len(y)):
+        with torch.enable_grad():
+            for p in params:
+                p.requires_grad_(True)
+            logp = torch.log_softmax(surrogate(to_float(inputs[i:i + 1])), dim=1)[0]
+            rows = []
+            for c in range(k):
+                grads = torch.autograd.grad(logp[c], params, retain_graph=c < k - 1)
+                rows.append(torch.cat([g.reshape(-1) for g in grads]).to(torch.float64))
+        g = torch.stack(rows)  # (K, D)
+        u = g.T @ y[i]
+        u = u / u.norm().clamp_min(1e-300)
+        best, best_h = None, float("-inf")
+        top = int(y[i].argmax())
+        for j in range(k):
+            vertex = torch.zeros(k, dtype=torch.float64)
+            vertex[j] = 1.0
+            d = (vertex - y[i]).abs().sum() if norm == "l1" else (vertex - y[i]).norm()
+            a = 1.0 if d <= eps else eps / float(d)
+            if keep_top1 and j != top:  # the longest step toward e_j that keeps the top-1 label
+                gap = float(y[i, top] - y[i, j])
+                a = min(a, max(0.0, (gap - TOP1_MARGIN) / (1 + gap)))
+            cand = (1 - a) * y[i] + a * vertex
+            v = g.T @ (cand if keep_top1 else vertex)  # MAD-argmax judges the point it would return
+            h = float(((v / v.norm().clamp_min(1e-300)) - u).pow(2).sum())
+            if h > best_h:
+                best, best_h = cand, h
+        out[i] = best
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+    return out

@@ -1,0 +1,37 @@
+"""Adaptive Misinformation (Kariyappa & Qureshi, CVPR 2020).
+
+An outlier-exposure-trained victim is confident on in-distribution queries and unsure on the
+out-of-distribution ones an attacker tends to send. The defense mixes in a misinformation model's
+answer (a model trained to put little probability on the true class) where the victim is unsure:
+returned = (1 - h) y + h y_mis, with h = sigmoid(nu * (tau - max y)).
+The victim (``victim.training=outlier_exposure``) and the misinformation model are trained and cached
+by the victim zoo.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..training import to_float
+from .base import Defense, Param
+
+
+class AdaptiveMisinformation(Defense):
+    name = "adaptive_misinformation"
+    needs_inputs = True
+    params = {"tau": Param(0.5, low=0, high=1), "nu": Param(1000.0, low=0, low_open=True)}
+    neutral = {"tau": 0.0}  # h = sigmoid(-nu * max y) ~ 0: the clean answer
+
+    def __init__(self, misinformation: nn.Module | None = None, **params):
+        self.misinformation = misinformation.eval() if misinformation is not None else None
+        super().__init__(**params)
+
+    def _perturb(self, y, inputs):
+        if self.misinformation is None:
+            raise ValueError("defense adaptive_misinformation needs its misinformation model "
+                             "(build('adaptive_misinformation', misinformation=net))")
+        with torch.inference_mode():
+            y_mis = torch.softmax(self.misinformation(to_float(inputs)), dim=1).to(y.dtype)
+        h = torch.sigmoid(self.values["nu"] * (self.values["tau"] - y.max(1, keepdim=True).values))
+        return (1 - h) * y + h * y_mis

@@ -81,8 +81,8 @@ def full_gram(surrogate: nn.Module, x: torch.Tensor, chunk: int = 8) -> torch.Te
 
 def vertex_distances(y: torch.Tensor, norm: str) -> torch.Tensor:
     """dist(y, e_j) for every vertex j, (N, K)."""
-    if norm == "l1":
-        return 2 * (1 - y)
+    if norm == "l1":  # |1 - y_j| + sum of the others (exact even when float rounding left sum(y) != 1)
+        return 1 + y.sum(1, keepdim=True) - 2 * y
     return ((y * y).sum(1, keepdim=True) - 2 * y + 1).clamp_min(0).sqrt()
 
 

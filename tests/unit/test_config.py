@@ -78,8 +78,9 @@ def test_relative_run_dir_becomes_absolute(tmp_path, monkeypatch):
 
 def test_unknown_scenario_lists_the_known_ones():
     with pytest.raises(ConfigError, match="scenario='nope' is not a known scenario; expected one of: "
-                                          "distributed_knockoff, single_knockoff"):
+                                          + ", ".join(config.scenario_names())):
         config.load("nope")
+    assert {"distributed_knockoff", "single_knockoff", "mad_vs_knockoff"} <= set(config.scenario_names())
 
 
 def test_scenario_file_path_and_extends(tmp_path):
@@ -161,3 +162,45 @@ def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
     w.close()
     with pytest.raises(ConfigError, match=f"run_dir='{tmp_path}' already holds a run's query log"):
         prepare_run_dir(config.load("single_knockoff", [f"run_dir={tmp_path}"]))
+
+
+# -- defenses in scenarios -------------------------------------------------------------------------
+
+def test_defense_name_then_params_in_any_order_and_the_old_params_are_dropped():
+    for overrides in (["defense=reverse_sigmoid", "defense.beta=0.2"], ["defense.beta=0.2", "defense=reverse_sigmoid"]):
+        cfg = config.load("mad_vs_knockoff", overrides)
+        assert cfg.defense.spec() == {"name": "reverse_sigmoid", "beta": 0.2}  # MAD's eps/norm are gone
+    cfg = config.load("mad_vs_knockoff", ["defense.eps=0.25"])
+    assert cfg.defense.spec()["eps"] == 0.25 and cfg.defense.spec()["name"] == "mad"
+
+
+def test_defense_chain_with_per_member_params():
+    cfg = config.load("single_knockoff", ["defense=reverse_sigmoid+rounding", "defense.rounding.decimals=1"])
+    assert cfg.defense.spec() == {"name": "reverse_sigmoid+rounding", "rounding": {"decimals": 1}}
+
+
+def test_defense_as_a_plain_name_in_yaml(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("extends: single_knockoff\ndefense: labels_only\n")
+    assert config.load(str(path)).defense.spec() == {"name": "labels_only"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["defense=mad", "defense.eps=-1"], "defense.eps must be a number >= 0, got -1"),
+    (["defense=mad", "defense.epsilon=1"], "defense.epsilon is not a parameter of defense mad"),
+    (["defense=madd"], "defense.name='madd' is not a known defense; expected one of: identity, top_k"),
+    (["defense=adaptive_misinformation"], "defense adaptive_misinformation needs an outlier-exposure victim, "
+                                           "but victim.training='standard'"),
+    (["victim.training=fancy"], "victim.training must be 'standard', 'outlier_exposure' or 'dp_sgd', got 'fancy'"),
+    (["victim.dp.noise_multiplier=-1"], "victim.dp.noise_multiplier must be >= 0, got -1"),
+])
+def test_bad_defense_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        config.load("single_knockoff", overrides)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_adaptive_misinformation_with_an_outlier_exposure_victim_is_accepted():
+    cfg = config.load("single_knockoff", ["defense=adaptive_misinformation", "defense.tau=0.6",
+                                          "victim.training=outlier_exposure"])
+    assert cfg.defense.spec() == {"name": "adaptive_misinformation", "tau": 0.6}

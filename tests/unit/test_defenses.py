@@ -1,0 +1,319 @@
+"""Output defenses: property tests over random probability batches, MAD against a brute-force oracle."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sim import defenses
+from sim.defenses.mad import reference_perturb
+from sim.errors import ConfigError
+
+SHAPE = (1, 4, 4)  # tiny images: the surrogate and misinformation models here are small MLPs
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def tiny_net(k: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, k)).eval()
+
+
+def make(name: str, classes: int, **params) -> defenses.Defense:
+    return defenses.build(name, victim=tiny_net(classes), misinformation=tiny_net(classes, seed=1), **params)
+
+
+@st.composite
+def batches(draw, min_k=2, max_k=12):
+    """A batch of probability vectors (from logits at a random temperature, so some are near one-hot)
+    and matching uint8 images."""
+    n = draw(st.integers(1, 16))
+    k = draw(st.integers(min_k, max_k))
+    seed = draw(st.integers(0, 2**31 - 1))
+    temp = draw(st.sampled_from([0.3, 1.0, 3.0, 10.0]))
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, k, generator=gen) * temp, dim=1)
+    images = torch.randint(0, 256, (n, *SHAPE), generator=gen, dtype=torch.uint8)
+    return probs, images
+
+
+def assert_on_simplex(out: torch.Tensor):
+    assert torch.isfinite(out).all()
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.double().sum(1), torch.ones(len(out), dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", defenses.names())
+@SETTINGS
+@given(batch=batches())
+def test_every_defense_returns_probability_vectors_of_the_same_shape(name, batch):
+    probs, images = batch
+    out = make(name, probs.shape[1])(probs, images)
+    assert out.shape == probs.shape and out.dtype == probs.dtype
+    assert_on_simplex(out)
+    if name == "labels_only":
+        assert torch.equal(out, torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).float())
+
+
+@pytest.mark.parametrize("name", defenses.names())
+@SETTINGS
+@given(batch=batches())
+def test_same_seed_same_answers(name, batch):
+    probs, images = batch
+    a = make(name, probs.shape[1])(probs, images)
+    b = make(name, probs.shape[1])(probs, images)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(set(defenses.names()) - {"labels_only", "rounding"}))
+@SETTINGS
+@given(batch=batches())
+def test_zero_strength_is_the_identity(name, batch):
+    probs, images = batch
+    neutral = defenses.get(name).neutral
+    out = make(name, probs.shape[1], **neutral)(probs, images)
+    torch.testing.assert_close(out, probs, atol=1e-6, rtol=0)
+
+
+def test_numpy_in_numpy_out():
+    probs = np.array([[0.7, 0.2, 0.1]], np.float32)
+    out = defenses.build("top_k", k=2)(probs)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0.7 / 0.9, 0.2 / 0.9, 0.0]], rtol=1e-6)
+
+
+# -- parameter validation ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,params,message", [
+    ("top_k", {"k": 0}, "top_k.k must be an integer >= 1, got 0"),
+    ("top_k", {"k": 1.5}, "top_k.k must be an integer >= 1, got 1.5"),
+    ("rounding", {"decimals": 7}, r"rounding.decimals must be an integer in \[0, 6\], got 7"),
+    ("rounding", {"renormalize": "yes"}, "rounding.renormalize must be true or false, got 'yes'"),
+    ("reverse_sigmoid", {"beta": -0.1}, "reverse_sigmoid.beta must be a number >= 0, got -0.1"),
+    ("reverse_sigmoid", {"gamma": 0}, "reverse_sigmoid.gamma must be a number > 0, got 0"),
+    ("random_noise", {"norm": "linf"}, "random_noise.norm must be one of: l1, l2, got 'linf'"),
+    ("random_noise", {"eps": float("nan")}, "random_noise.eps must be a number >= 0, got nan"),
+    ("mad", {"eps": -0.5}, "mad.eps must be a number >= 0, got -0.5"),
+    ("mad_argmax", {"jacobian": "first"}, "mad_argmax.jacobian must be one of: last_layer, all, got 'first'"),
+    ("adaptive_misinformation", {"tau": 1.5}, r"adaptive_misinformation.tau must be a number in \[0, 1\], got 1.5"),
+    ("confidence_gated", {"sharpness": -1}, "confidence_gated.sharpness must be a number > 0, got -1"),
+    ("mad", {"epsilon": 1}, "mad.epsilon is not a parameter of defense mad; expected one of: eps, norm"),
+    ("identity", {"eps": 1}, "identity.eps is not a parameter of defense identity; expected one of: none"),
+])
+def test_bad_parameters_are_one_line_errors_at_construction_and_on_set_params(name, params, message):
+    with pytest.raises(ConfigError, match=message):
+        defenses.build(name, **params)
+    d = defenses.build(name)
+    before = dict(d.values)
+    with pytest.raises(ConfigError, match=message):
+        d.set_params(**params)
+    assert d.values == before  # nothing changed
+
+
+def test_set_params_changes_the_answer():
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    d = defenses.build("top_k", k=1)
+    assert (d(probs) > 0).sum() == 1
+    d.set_params(k=2)
+    assert (d(probs) > 0).sum() == 2
+
+
+def test_defenses_that_need_images_or_models_say_so():
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    with pytest.raises(ValueError, match="needs the queries' images"):
+        defenses.build("mad")(probs)
+    with pytest.raises(ValueError, match="needs a surrogate model"):
+        defenses.build("mad")(probs, torch.zeros(1, *SHAPE, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="needs its misinformation model"):
+        defenses.build("adaptive_misinformation")(probs, torch.zeros(1, *SHAPE, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"shape \(N, K\) with K >= 2"):
+        defenses.build("identity")(torch.ones(3))
+
+
+# -- the simple defenses -----------------------------------------------------------------------
+
+@SETTINGS
+@given(batch=batches(), k=st.integers(1, 5))
+def test_top_k_keeps_the_k_largest_in_proportion(batch, k):
+    probs, _ = batch
+    out = defenses.build("top_k", k=k)(probs)
+    kept = out > 0
+    assert (kept.sum(1) <= k).all()
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    assert kept.gather(1, top).all() | (probs.gather(1, top) == 0).any()
+    ratio = out[kept] / probs[kept]
+    rows = kept.nonzero()[:, 0]
+    for r in rows.unique():  # one common scale factor per row
+        torch.testing.assert_close(ratio[rows == r], ratio[rows == r][:1].expand(int((rows == r).sum())))
+
+
+@SETTINGS
+@given(batch=batches(), decimals=st.integers(0, 4))
+def test_rounding_returns_multiples_of_the_unit(batch, decimals):
+    probs, _ = batch
+    unit = 10.0 ** -decimals
+    out = defenses.build("rounding", decimals=decimals)(probs.double())
+    assert torch.allclose(out / unit, torch.round(out / unit), atol=1e-6)
+    assert ((out - probs.double()).abs() < unit + 1e-9).all()  # never more than one unit off
+    plain = defenses.build("rounding", decimals=decimals, renormalize=False)(probs.double())
+    torch.testing.assert_close(plain, torch.round(probs.double() / unit) * unit)
+
+
+def test_reverse_sigmoid_matches_its_formula_and_handles_exact_zeros_and_ones():
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.3, 0.1]], dtype=torch.float64)
+    out = defenses.build("reverse_sigmoid", beta=0.5, gamma=2.0)(y)
+    assert_on_simplex(out)
+    p = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    raw = (p - 0.5 * (torch.sigmoid(2.0 * torch.log(p / (1 - p))) - 0.5)).clamp_min(0)
+    torch.testing.assert_close(out[1], raw / raw.sum())
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@SETTINGS
+@given(batch=batches(), eps=st.floats(0.01, 1.5))
+def test_random_noise_stays_within_eps(batch, eps, norm):
+    probs, _ = batch
+    out = defenses.build("random_noise", eps=eps, norm=norm)(probs.double())
+    d = (out - probs).abs().sum(1) if norm == "l1" else (out - probs).norm(dim=1)
+    assert (d <= eps + 1e-9).all()
+
+
+def test_random_noise_draws_new_noise_per_call_and_restarts_with_the_seed():
+    probs = torch.full((4, 5), 0.2)
+    d = defenses.build("random_noise", eps=0.3, seed=3)
+    first, second = d(probs), d(probs)
+    assert not torch.equal(first, second)
+    d.set_params(seed=3)
+    assert torch.equal(d(probs), first)
+
+
+def test_confidence_gated_leaves_confident_answers_and_perturbs_unsure_ones():
+    y = torch.tensor([[0.99, 0.005, 0.005], [0.5, 0.3, 0.2]], dtype=torch.float64)
+    out = defenses.build("confidence_gated", beta=0.9, rs_beta=0.7)(y)
+    assert (out[0] - y[0]).abs().sum() < 1e-6
+    assert (out[1] - y[1]).abs().sum() > 0.05
+
+
+def test_adaptive_misinformation_mixes_in_the_misinformation_model_when_unsure():
+    mis = tiny_net(3, seed=1)
+    x = torch.randint(0, 256, (2, *SHAPE), dtype=torch.uint8)
+    y = torch.tensor([[0.98, 0.01, 0.01], [0.4, 0.3, 0.3]], dtype=torch.float64)
+    out = defenses.build("adaptive_misinformation", misinformation=mis, tau=0.5, nu=1000)(y, x)
+    y_mis = torch.softmax(mis(x.float() / 255), 1).double()
+    torch.testing.assert_close(out[0], y[0], atol=1e-9, rtol=0)  # confident: h ~ 0
+    torch.testing.assert_close(out[1], y_mis[1], atol=1e-9, rtol=0)  # unsure: h ~ 1
+
+
+# -- MAD ---------------------------------------------------------------------------------------
+
+def explicit_jacobian(model: nn.Module, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """G (K, D) for one image, row by row with torch.autograd."""
+    logp = torch.log_softmax(model(x[None].float() / 255), dim=1)[0]
+    rows = []
+    for k in range(len(logp)):
+        grads = torch.autograd.grad(logp[k], params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(rows)
+
+
+def angular_deviation(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    u, v = g.T @ a, g.T @ b
+    return float((u / u.norm() - v / v.norm()).pow(2).sum())
+
+
+@pytest.mark.parametrize("jacobian", ["last_layer", "all"])
+@SETTINGS
+@given(batch=batches(max_k=8), eps=st.floats(0.05, 2.0))
+def test_mad_picks_the_vertex_of_largest_angular_deviation(batch, eps, jacobian):
+    probs, images = batch
+    k = probs.shape[1]
+    surrogate = tiny_net(k, seed=7)
+    for p in surrogate.parameters():
+        p.requires_grad_(True)
+    params = [surrogate[-1].weight] if jacobian == "last_layer" else list(surrogate.parameters())
+    out = defenses.build("mad", surrogate=surrogate, eps=eps, jacobian=jacobian)(probs.double(), images)
+    y = probs.double()
+    eye = torch.eye(k, dtype=torch.float64)
+    for i in range(len(y)):
+        g = explicit_jacobian(surrogate, images[i], params)
+        h = [angular_deviation(g, eye[j], y[i]) for j in range(k)]
+        step = out[i] - y[i]
+        if step.abs().sum() < 1e-12:  # y is already the chosen vertex
+            continue
+        chosen = int(step.argmax())  # the only coordinate that grows is the vertex's
+        assert h[chosen] >= max(h) - 1e-6
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@SETTINGS
+@given(batch=batches(), eps=st.floats(0.0, 2.0))
+def test_mad_distance_is_eps_unless_the_vertex_is_closer(batch, eps, norm):
+    probs, images = batch
+    y = probs.double()
+    out = make("mad", probs.shape[1], eps=eps, norm=norm)(y, images)
+    d = (out - y).abs().sum(1) if norm == "l1" else (out - y).norm(dim=1)
+    is_vertex = (out.max(1).values > 1 - 1e-9)
+    assert torch.all(((d - eps).abs() < 1e-9) | (is_vertex & (d <= eps + 1e-9)))
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@SETTINGS
+@given(batch=batches(), eps=st.floats(0.0, 2.0))
+def test_mad_argmax_never_changes_the_top1_label(batch, eps, norm):
+    probs, images = batch
+    out = make("mad_argmax", probs.shape[1], eps=eps, norm=norm)(probs, images)
+    assert torch.equal(out.argmax(1), probs.argmax(1))
+    d = (out - probs).double().abs().sum(1) if norm == "l1" else (out - probs).double().norm(dim=1)
+    assert (d <= eps + 1e-5).all()
+
+
+@pytest.mark.parametrize("name,jacobian", [("mad", "last_layer"), ("mad", "all"), ("mad_argmax", "last_layer")])
+def test_batched_mad_agrees_with_the_per_sample_reference(name, jacobian):
+    from sim.models import LeNet
+
+    torch.manual_seed(0)
+    victim = LeNet()
+    x = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    y = torch.softmax(torch.randn(12, 10) * 4, 1)
+    d = defenses.build(name, victim=victim, eps=0.6, jacobian=jacobian)
+    ref = reference_perturb(y, x, d.surrogate, 0.6, keep_top1=name == "mad_argmax", jacobian=jacobian)
+    torch.testing.assert_close(d(y, x).double(), ref, atol=1e-6, rtol=0)
+
+
+def test_default_surrogate_is_a_seeded_random_copy_of_the_victim():
+    from sim.models import LeNet
+
+    victim = LeNet()
+    a = defenses.build("mad", victim=victim, seed=1).surrogate
+    b = defenses.build("mad", victim=victim, seed=1).surrogate
+    c = defenses.build("mad", victim=victim, seed=2).surrogate
+    va, vb, vc, vv = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c, victim))
+    assert torch.equal(va, vb) and not torch.equal(va, vc) and not torch.equal(va, vv)
+    assert type(a) is type(victim)
+
+
+# -- chains and specs --------------------------------------------------------------------------
+
+def test_a_chain_applies_its_members_left_to_right():
+    spec = {"name": "reverse_sigmoid+rounding", "reverse_sigmoid": {"beta": 0.3}, "rounding": {"decimals": 1}}
+    chain = defenses.from_spec(spec)
+    y = torch.softmax(torch.randn(6, 5), 1)
+    manual = defenses.build("rounding", decimals=1)(defenses.build("reverse_sigmoid", beta=0.3)(y))
+    torch.testing.assert_close(chain(y), manual)
+    assert chain.describe() == {"name": "reverse_sigmoid+rounding",
+                                "reverse_sigmoid": {"beta": 0.3, "gamma": 0.5},
+                                "rounding": {"decimals": 1, "renormalize": True}}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "nope"}, "defense.name='nope' is not a known defense; expected one of: identity"),
+    ({"name": "top_k+top_k"}, "names a defense twice"),
+    ({"name": "top_k+rounding", "k": 2}, r"defense.k: in a chain, parameters go under the member's name"),
+    ({"name": "top_k+rounding", "rounding": 2}, "defense.rounding must be a mapping"),
+    ({"name": "top_k+rounding", "rounding": {"decimals": -1}}, r"defense.rounding.decimals must be an integer in \[0, 6\], got -1"),
+    ({"name": "mad", "eps": -1}, "defense.eps must be a number >= 0, got -1"),
+])
+def test_bad_specs_are_one_line_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        defenses.check_spec(spec)

@@ -1,0 +1,68 @@
+"""Victim training modes: outlier exposure, the misinformation model, DP-SGD; the zoo caches each."""
+
+import numpy as np
+import torch
+
+from sim import data, models, zoo
+from sim.config import DataConfig, VictimConfig
+from sim.training import accuracy, patch_shuffle, predict_probs, train_classifier
+
+
+def small_mnist(n=400):
+    ds = data.load("mnist5k")
+    return ds.x_train[:n], ds.y_train[:n], ds.x_test[:300], ds.y_test[:300]
+
+
+def test_patch_shuffle_keeps_every_pixel_and_moves_tiles():
+    x = data.load("mnist5k").x_train[:20]
+    out = patch_shuffle(x, seed=0)
+    assert out.shape == x.shape and out.dtype == np.uint8
+    assert np.array_equal(np.sort(out.reshape(20, -1), 1), np.sort(x.reshape(20, -1), 1))  # same pixels, new places
+    assert (out != x).any(axis=(1, 2, 3)).mean() > 0.9
+    assert np.array_equal(out, patch_shuffle(x, seed=0))
+
+
+def test_misinformation_loss_pushes_the_true_class_down():
+    x, y, xt, yt = small_mnist()
+    torch.manual_seed(0)
+    model = train_classifier(models.build("lenet", (1, 28, 28), 10), x, y, epochs=2, loss="misinformation")
+    p_true = predict_probs(model, xt)[np.arange(len(yt)), yt]
+    assert p_true.mean() < 0.02 and accuracy(predict_probs(model, xt).argmax(1), yt) < 0.05
+
+
+def test_outlier_exposure_makes_the_victim_unsure_on_outliers_only():
+    x, y, xt, yt = small_mnist(800)
+
+    def train(outliers):
+        torch.manual_seed(0)
+        return train_classifier(models.build("lenet", (1, 28, 28), 10), x, y, epochs=4, seed=0,
+                                outliers=outliers, outlier_weight=0.5)
+
+    plain, oe = train(None), train(patch_shuffle(x, seed=1))
+    odd = patch_shuffle(xt, seed=2)
+    conf = {name: (predict_probs(m, xt).max(1).mean(), predict_probs(m, odd).max(1).mean())
+            for name, m in (("plain", plain), ("oe", oe))}
+    assert conf["oe"][1] < conf["plain"][1] - 0.1  # less confident on outliers
+    assert conf["oe"][0] > 0.75  # still confident in distribution
+
+
+def test_zoo_trains_and_caches_a_dp_sgd_victim_with_its_epsilon(tmp_path):
+    cfg = VictimConfig(dataset="digits", epochs=1, training="dp_sgd", batch_size=128, dp={"noise_multiplier": 1.1})
+    first = zoo.get_victim(cfg, DataConfig(), seed=0, cache_dir=str(tmp_path))
+    assert first.trained_now and first.training == "dp_sgd"
+    assert 0 < first.dp_epsilon < 50 and np.isfinite(first.dp_epsilon)
+    again = zoo.get_victim(cfg, DataConfig(), seed=0, cache_dir=str(tmp_path))
+    assert not again.trained_now and again.dp_epsilon == first.dp_epsilon
+    more_noise = zoo.get_victim(cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": 3.0})}),
+                                DataConfig(), seed=0, cache_dir=str(tmp_path))
+    assert more_noise.trained_now and more_noise.dp_epsilon < first.dp_epsilon  # more noise, less privacy spent
+
+
+def test_zoo_keys_separate_training_modes_and_cache_the_misinformation_model(tmp_path):
+    base = VictimConfig(epochs=1)
+    keys = {zoo.victim_key(base.model_copy(update={"training": t}), 0) for t in ("standard", "outlier_exposure", "dp_sgd")}
+    assert len(keys) == 3
+    a = zoo.get_misinformation_model(base, DataConfig(), 0, str(tmp_path))
+    b = zoo.get_misinformation_model(base, DataConfig(), 0, str(tmp_path))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert len(list((tmp_path / "victims").glob("*misinformation*.pt"))) == 1

@@ -70,7 +70,8 @@ def _raw_window(model, images: np.ndarray, batch: int, seconds: float) -> float:
 
 
 def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, seconds: float,
-           replicas: int = 1, threads: int = 1, defense: dict | None = None) -> dict:
+           replicas: int = 1, threads: int = 1, defense: dict | None = None,
+           misinformation: bytes | None = None) -> dict:
     from ray import serve
 
     from sim.protocol import Account
@@ -82,7 +83,8 @@ def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, 
                       num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
                       detectors={"prada": {"delta": 0.95, "min_pool": 50}} if prada else {},
                       detector_actions={}, defense=defense or {"name": "identity"},
-                      log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads)
+                      log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
+                      misinformation=misinformation)
     app = f"bench-{int(log)}{int(prada)}"
     deploy(spec, app, replicas=replicas, replica_cpus=1 / replicas, max_ongoing_requests=128)
     actors = [BenchClient.remote(app, k, images) for k in keys]

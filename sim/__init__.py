@@ -6,6 +6,7 @@ Python API::
     summary = sim.run("distributed_knockoff", ["attackers.distributed.accounts=50"])
     det = sim.detectors.build("prada", delta=0.9)
     result = det.score("account-1", images, predicted_labels)   # result.scores, result.flags
+    mad = sim.defenses.build("mad", eps=0.5, victim=model)       # returned = mad(probs, images)
 
 Submodules load on first use, so a process that needs only part of the package (a client actor that
 only sends queries) does not pay for torch and scipy.

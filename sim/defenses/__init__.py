@@ -65,7 +65,6 @@ class Chain(Defense):
     def __init__(self, members: list[Defense]):
         self.members = members
         self.needs_inputs = any(m.needs_inputs for m in members)
-        self.on_simplex = all(m.on_simplex for m in members)
         super().__init__()
 
     def _perturb(self, y, inputs):

@@ -75,7 +75,6 @@ class Defense(ABC):
     params: ClassVar[dict[str, Param]] = {}
     neutral: ClassVar[dict[str, Any]] = {}  # a setting that makes this defense the identity
     needs_inputs: ClassVar[bool] = False
-    on_simplex: ClassVar[bool] = True  # returns probability vectors (labels_only: one-hot)
 
     def __init__(self, **params):
         self.values: dict[str, Any] = {k: p.default for k, p in self.params.items()}

@@ -38,7 +38,6 @@ class Rounding(Defense):
 
     name = "rounding"
     params = {"decimals": Param(2, int, low=0, high=6), "renormalize": Param(True, bool)}
-    on_simplex = True
 
     def _perturb(self, y, inputs):
         scale = 10.0 ** self.values["decimals"]
@@ -55,7 +54,6 @@ class LabelsOnly(Defense):
     """The one-hot vector of the top-1 label."""
 
     name = "labels_only"
-    on_simplex = False  # defined to return one-hot vectors (which do sum to 1)
 
     def _perturb(self, y, inputs):
         return one_hot(y.argmax(1), y.shape[1], y)

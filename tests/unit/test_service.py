@@ -140,3 +140,25 @@ def test_log_inputs_off_leaves_the_input_column_empty(tmp_path):
     table = querylog.read(str(tmp_path))
     assert table.num_rows == 3 and table.column("input").null_count == 3
     assert table.column("input_sha1").null_count == 0
+
+
+def test_the_defense_shapes_the_answers_and_the_log_records_its_distortion(tmp_path):
+    from sim import defenses
+
+    model = models.build("lenet", (1, 28, 28), 10)
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    svc = VictimService(model=model, victim="v", run_id="r", accounts={"k": Account("a", "benign")},
+                        input_shape=(1, 28, 28), defense=defenses.build("labels_only"), writer=writer)
+    x = data.load("mnist5k").x_test[:5]
+    one_hot = svc.query("k", x).probs
+    assert ((one_hot == 0) | (one_hot == 1)).all() and (one_hot.sum(1) == 1).all()
+    svc.set_defense(defenses.build("mad", eps=0.25, victim=model))
+    mad = svc.query("k", x).probs
+    writer.close()
+    table = querylog.read(str(tmp_path))
+    clean = np.array(table.column("clean_probs").to_pylist())
+    l1 = table.column("defense_l1").to_numpy()
+    np.testing.assert_allclose(l1[:5], np.abs(one_hot - clean[:5]).sum(1), atol=1e-5)
+    np.testing.assert_allclose(l1[5:], 0.25, atol=1e-5)
+    assert not table.column("top1_changed").to_numpy(zero_copy_only=False)[:5].any()  # labels_only keeps top-1
+    np.testing.assert_allclose(mad, np.array(table.column("returned_probs").to_pylist())[5:], atol=1e-7)

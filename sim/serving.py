@@ -85,7 +85,6 @@ class VictimDeployment:
         torch.set_num_threads(spec.threads)
         replica = serve.get_replica_context().replica_id.unique_id
         self.spec = spec
-        self.defense_spec = spec.defense
         self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -107,7 +106,6 @@ class VictimDeployment:
         replica without restarting it. The spec was checked by :func:`update_defense` before."""
         if "defense" in config:
             self.service.set_defense(build_defense(self.spec, config["defense"], self.service.model))
-            self.defense_spec = config["defense"]
 
     def info(self) -> dict:
         """This replica's process id, log writer and rows written (diagnostics)."""

@@ -92,15 +92,18 @@ class ConfidenceGated(Defense):
 
 
 class RandomNoise(Defense):
-    """Noise added in logit space (log y), mapped back by softmax, then pulled toward y so the
-    distance (L1 or L2) is at most eps: returned = y + min(1, eps / d) * (softmax(log y + noise) - y).
-    The step stays on the segment between two probability vectors, so the result is one too.
-    Each defense instance draws its noise from its own generator seeded by ``seed``."""
+    """A random perturbation of L1 or L2 length eps, as the MAD paper's baseline.
+
+    Noise of ``scale`` (uniform in [-scale, scale] or Gaussian) is added in logit space (log y); the
+    softmax of the result gives a random direction d from y, and the defense returns y + t d with t set so
+    that the distance is eps, or shorter where the simplex's edge comes first (y + t d stays a probability
+    vector because d sums to 0). Each defense instance draws its noise from its own generator seeded by
+    ``seed``."""
 
     name = "random_noise"
     params = {"eps": Param(0.5, low=0), "norm": Param("l1", str, choices=("l1", "l2")),
               "dist": Param("uniform", str, choices=("uniform", "gaussian")),
-              "scale": Param(2.0, low=0, low_open=True), "seed": Param(0, int, low=0)}
+              "scale": Param(10.0, low=0, low_open=True), "seed": Param(0, int, low=0)}
     neutral = {"eps": 0.0}
 
     def _configure(self):
@@ -112,7 +115,8 @@ class RandomNoise(Defense):
             noise = (torch.rand(y.shape, generator=self._gen, dtype=y.dtype) * 2 - 1) * v["scale"]
         else:
             noise = torch.randn(y.shape, generator=self._gen, dtype=y.dtype) * v["scale"]
-        noisy = torch.softmax(torch.log(y.clamp_min(1e-12)) + noise, dim=1)
-        d = distance(noisy, y, v["norm"])
-        step = torch.where(d > v["eps"], v["eps"] / d.clamp_min(1e-300), torch.ones_like(d))
-        return y + step[:, None] * (noisy - y)
+        direction = torch.softmax(torch.log(y.clamp_min(1e-12)) + noise, dim=1) - y
+        length = distance(direction, torch.zeros_like(direction), v["norm"])
+        to_edge = torch.where(direction < 0, y / (-direction).clamp_min(1e-300), torch.full_like(y, float("inf")))
+        t = torch.minimum(v["eps"] / length.clamp_min(1e-300), to_edge.min(1).values)
+        return (y + t[:, None] * direction).clamp_min(0)

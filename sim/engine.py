@@ -377,6 +377,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
     ds = victim.dataset
     victim_test = predict_probs(victim.model, ds.x_test).argmax(1)
     defended = evaluate_defense(cfg, victim)
+    defended_accuracy = defended.pop("defended_test_accuracy")
     table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged", "defense_l1",
                                             "top1_changed"])
     answered = int(pc.sum(pc.equal(table.column("action"), "answered")).as_py() or 0)
@@ -422,7 +423,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
                    "training": victim.training, "dp_epsilon": victim.dp_epsilon,
                    "dp": cfg.victim.dp.model_dump() if victim.training == "dp_sgd" else None,
                    "checkpoint": str(victim.path),
-                   "defended_test_accuracy": defended.pop("defended_test_accuracy")},
+                   "defended_test_accuracy": defended_accuracy},
         "defense": {"name": cfg.defense.name, "params": {k: v for k, v in cfg.defense.spec().items() if k != "name"},
                     **{k: v for k, v in _distortion(table).items() if k != "answered"},
                     **defended,

@@ -102,9 +102,9 @@ def train_dp_classifier(
     dataset = torch.utils.data.TensorDataset(to_float(torch.as_tensor(x)), torch.as_tensor(labels).long())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():  # "secure RNG turned off": fine for a simulation
         warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
         private, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                    noise_multiplier=noise_multiplier,
                                                    max_grad_norm=max_grad_norm, noise_generator=gen)

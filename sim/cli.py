@@ -21,6 +21,9 @@ scenarios:
 
 main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
 {keys}
+
+defenses (defense=NAME defense.PARAM=VALUE; a chain: defense=A+B defense.A.PARAM=VALUE):
+{defenses}
 """
 
 
@@ -33,7 +36,11 @@ def help_text() -> str:
     names = scenario_names()
     scen = "\n".join(f"  {n:<{max(map(len, names))}}  {load(n).description.split('. ')[0].rstrip('.')}"
                      for n in names)
-    return USAGE.format(scenarios=scen, keys=keys)
+    from . import defenses
+
+    listed = "\n".join(f"  {n:<24} " + (", ".join(f"{k}={p.default}" for k, p in defenses.get(n).params.items()) or "-")
+                       for n in defenses.names())
+    return USAGE.format(scenarios=scen, keys=keys, defenses=listed)
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:

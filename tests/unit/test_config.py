@@ -123,6 +123,7 @@ def test_cli_help_lists_scenarios_and_keys():
     assert proc.returncode == 0
     assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
     assert "attackers.<id>.accounts" in proc.stdout and "detectors.prada.delta" in proc.stdout
+    assert "mad                      eps=1.0, norm=l1, jacobian=last_layer, seed=0" in proc.stdout
 
 
 def test_a_port_in_use_is_a_user_error():

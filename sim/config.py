@@ -161,6 +161,9 @@ class ScenarioConfig(_Strict):
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         defenses.check_spec(self.defense.spec())
+        if self.victim.training == "dp_sgd" and self.victim.arch not in ("lenet", "conv3"):
+            raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
+                             f"but victim.arch={self.victim.arch!r}; expected victim.arch=lenet or conv3")
         chain = [name for name, _ in defenses.members(self.defense.spec())]
         if "adaptive_misinformation" in chain and self.victim.training != "outlier_exposure":
             raise ValueError(f"defense adaptive_misinformation needs an outlier-exposure victim, but "

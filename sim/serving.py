@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import defenses, detectors, models
-from .errors import SimError
+from .errors import ConfigError, SimError
 from .querylog import QueryLogWriter
 from .protocol import API_KEY_HEADER, Account, Reply
 from .service import VictimService
@@ -185,6 +185,10 @@ def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) ->
     replicas; ``options`` are :func:`deploy`'s. A bad spec is a one-line ConfigError and changes nothing.
     Returns the updated spec."""
     defenses.check_spec(defense)
+    chain = [name for name, _ in defenses.members(defense)]
+    if "adaptive_misinformation" in chain and spec.misinformation is None:
+        raise ConfigError("defense adaptive_misinformation needs its misinformation model, which this app was not "
+                          "deployed with; expected an app deployed with that defense (spec.misinformation set)")
     new = dataclasses.replace(spec, defense=dict(defense))
     deploy(new, app_name, **options)
     return new

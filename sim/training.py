@@ -111,10 +111,8 @@ def train_dp_classifier(
         private.train()
         for epoch in range(epochs):
             total, seen = 0.0, 0
-            for xb, yb in loader:
-                if len(xb) == 0:  # Poisson sampling can draw an empty batch
-                    continue
-                value = F.cross_entropy(private(xb), yb)
+            for xb, yb in loader:  # Poisson sampling can draw an empty batch: it still is a (noisy) step
+                value = F.cross_entropy(private(xb), yb, reduction="sum") / max(len(xb), 1)
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 opt.step()
@@ -122,6 +120,7 @@ def train_dp_classifier(
                 seen += len(xb)
             if on_epoch is not None:
                 on_epoch(epoch + 1, total / max(seen, 1))
+    private._close()  # remove Opacus' hooks from the model
     model.eval()
     return float(engine.get_epsilon(delta))
 

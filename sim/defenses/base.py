@@ -53,14 +53,14 @@ class Param:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise bad
+        if not np.isfinite(float(value)):
+            raise bad
         if self.kind is int:
             if float(value) != int(value):
                 raise bad
             value = int(value)
         else:
             value = float(value)
-        if not np.isfinite(value):
-            raise bad
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             raise bad
         if self.high is not None and value > self.high:
@@ -92,8 +92,15 @@ class Defense(ABC):
 
     def set_params(self, **params) -> None:
         """Check and apply new parameter values; on any error nothing changes."""
-        self.values.update(self.check_params(params))
-        self._configure()
+        checked = self.check_params(params)
+        before = dict(self.values)
+        self.values.update(checked)
+        try:
+            self._configure()
+        except Exception:
+            self.values = before
+            self._configure()
+            raise
 
     def _configure(self) -> None:
         """Hook run after the parameters change (e.g. to reseed a generator)."""
@@ -102,6 +109,8 @@ class Defense(ABC):
         """``probs`` (N, K) as numpy or torch; returns the returned vectors in the same type and dtype."""
         as_numpy = isinstance(probs, np.ndarray)
         y = torch.as_tensor(probs)
+        if not y.is_floating_point():
+            raise ValueError(f"defense {self.name}: probs must be floating point, got {y.dtype}")
         if y.ndim != 2 or y.shape[1] < 2:
             raise ValueError(f"defense {self.name}: probs must have shape (N, K) with K >= 2, got {tuple(y.shape)}")
         if self.needs_inputs:

@@ -116,7 +116,9 @@ class RandomNoise(Defense):
         else:
             noise = torch.randn(y.shape, generator=self._gen, dtype=y.dtype) * v["scale"]
         direction = torch.softmax(torch.log(y.clamp_min(1e-12)) + noise, dim=1) - y
+        direction = direction - direction.mean(1, keepdim=True)  # exactly sum 0, despite rounding
         length = distance(direction, torch.zeros_like(direction), v["norm"])
         to_edge = torch.where(direction < 0, y / (-direction).clamp_min(1e-300), torch.full_like(y, float("inf")))
         t = torch.minimum(v["eps"] / length.clamp_min(1e-300), to_edge.min(1).values)
-        return (y + t[:, None] * direction).clamp_min(0)
+        t = torch.where(length > 1e-6, t, torch.zeros_like(t))  # noise too weak to give a direction: no move
+        return renormalize((y + t[:, None] * direction).clamp_min(0))

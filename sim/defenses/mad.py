@@ -53,6 +53,9 @@ def last_layer_gram(surrogate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         p = torch.softmax(surrogate(to_float(x)), dim=1).to(torch.float64)
     k = p.shape[1]
+    if last_linear(surrogate).out_features != k:
+        raise ValueError(f"MAD with jacobian=last_layer needs the surrogate's last nn.Linear to be its output layer "
+                         f"({k} classes), but it has {last_linear(surrogate).out_features} outputs (use jacobian=all)")
     eye = torch.eye(k, dtype=p.dtype)
     sq = (p * p).sum(1)[:, None, None]
     return eye - p[:, None, :] - p[:, :, None] + sq

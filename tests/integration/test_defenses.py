@@ -80,6 +80,8 @@ def test_defense_changes_live_without_restarting_the_replica(victim_app):
 
     with pytest.raises(ConfigError, match="defense.k must be an integer >= 1, got 0"):
         update_defense(spec, "defvictim", {"name": "top_k", "k": 0})
+    with pytest.raises(ConfigError, match="adaptive_misinformation needs its misinformation model"):
+        update_defense(spec, "defvictim", {"name": "adaptive_misinformation"})
     assert handle.info.remote().result()["defense"] == {"name": "top_k", "k": 2}  # unchanged
 
     update_defense(spec, "defvictim", {"name": "mad", "eps": 0.3})  # a defense that builds a surrogate

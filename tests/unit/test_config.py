@@ -194,6 +194,8 @@ def test_defense_as_a_plain_name_in_yaml(tmp_path):
                                            "but victim.training='standard'"),
     (["victim.training=fancy"], "victim.training must be 'standard', 'outlier_exposure' or 'dp_sgd', got 'fancy'"),
     (["victim.dp.noise_multiplier=-1"], "victim.dp.noise_multiplier must be >= 0, got -1"),
+    (["victim.training=dp_sgd", "victim.dataset=cifar10", "victim.arch=resnet18"],
+     "victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, but victim.arch='resnet18'"),
 ])
 def test_bad_defense_settings_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as exc:

@@ -339,13 +339,15 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: 
     return dict(zip(order, _wait_with_progress(refs, board, bar)))
 
 
-def evaluate_defense(cfg: ScenarioConfig, victim: zoo.Victim, batch_size: int = 256) -> dict:
-    """The scenario's defense applied to the victim's test set: what honest users get."""
+def evaluate_defense(cfg: ScenarioConfig, victim: zoo.Victim, clean: np.ndarray | None = None,
+                     batch_size: int = 256) -> dict:
+    """The scenario's defense applied to the victim's test set (``clean``: the victim's probabilities on it,
+    if already computed): what honest users get."""
     from . import defenses
 
     ds = victim.dataset
     defense = defenses.from_spec(cfg.defense.spec(), victim=victim.model, **defense_models(cfg, victim))
-    clean = predict_probs(victim.model, ds.x_test)
+    clean = predict_probs(victim.model, ds.x_test) if clean is None else clean
     returned = np.concatenate([defense(clean[i:i + batch_size], ds.x_test[i:i + batch_size])
                                for i in range(0, len(clean), batch_size)])
     return {
@@ -375,8 +377,9 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
     from . import models
 
     ds = victim.dataset
-    victim_test = predict_probs(victim.model, ds.x_test).argmax(1)
-    defended = evaluate_defense(cfg, victim)
+    clean_test = predict_probs(victim.model, ds.x_test)
+    victim_test = clean_test.argmax(1)
+    defended = evaluate_defense(cfg, victim, clean_test)
     defended_accuracy = defended.pop("defended_test_accuracy")
     table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged", "defense_l1",
                                             "top1_changed"])

@@ -85,6 +85,7 @@ class VictimDeployment:
         torch.set_num_threads(spec.threads)
         replica = serve.get_replica_context().replica_id.unique_id
         self.spec = spec
+        self.defense = spec.defense  # the spec of the defense in use
         self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
 
     async def __call__(self, request: Request) -> JSONResponse:
@@ -104,8 +105,9 @@ class VictimDeployment:
     def reconfigure(self, config: dict) -> None:
         """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every
         replica without restarting it. The spec was checked by :func:`update_defense` before."""
-        if "defense" in config:
+        if "defense" in config and config["defense"] != self.defense:  # Serve also calls it right after __init__
             self.service.set_defense(build_defense(self.spec, config["defense"], self.service.model))
+            self.defense = config["defense"]
 
     def info(self) -> dict:
         """This replica's process id, log writer and rows written (diagnostics)."""

@@ -2,13 +2,23 @@
 
 An account is an identity (an API key), not a process: one actor can drive many accounts. Requests are
 the unit of assignment (one request = one account, a batch of queries).
-- ``round_robin``: request i goes to account i mod k;
-- ``random``: a seeded uniform choice per request;
-- ``blocks``: contiguous blocks, account j sends queries [j*B/k, (j+1)*B/k) of the actor's budget B;
-  a request never straddles two blocks.
+- ``round_robin``: requests go to the live accounts in turn;
+- ``random``: a seeded uniform choice among the live accounts per request;
+- ``blocks``: contiguous blocks, account j sends queries [j*B/k, (j+1)*B/k) of the actor's budget B
+  (a request never straddles two blocks); when an account retires early, the next one takes over.
+On top of any of them:
+- ``cap``: an account retires once it has sent this many queries (e.g. to stay under PRADA's min_pool);
+- ``max_rate``: an account sends at most this many queries per second (:meth:`AccountSplitter.next`
+  says how long to wait first);
+- churn: :meth:`AccountSplitter.burn` retires an account the victim refused; the others carry on.
+When no live account is left, ``next`` returns None and the actor stops short of its budget.
 """
 
 from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -17,33 +27,73 @@ from sim.errors import ConfigError
 STRATEGIES = ("round_robin", "random", "blocks")
 
 
+class Pick(NamedTuple):
+    key: str
+    n: int  # queries in this request
+    delay: float  # seconds to wait before sending (pacing)
+
+
 class AccountSplitter:
-    def __init__(self, keys: list[str], strategy: str, budget: int, seed: int = 0):
+    def __init__(self, keys: list[str], strategy: str, budget: int, seed: int = 0, *, cap: int | None = None,
+                 max_rate: float | None = None, clock: Callable[[], float] = time.monotonic):
         if not keys:
             raise ConfigError("an actor needs at least one account")
         if strategy not in STRATEGIES:
             raise ConfigError(f"split={strategy!r} is not a known strategy; expected one of: {', '.join(STRATEGIES)}")
         self.keys = list(keys)
         self.strategy = strategy
+        self.cap = cap
+        self.max_rate = max_rate
+        self._clock = clock
         self._rng = np.random.default_rng(seed)
-        self._requests = 0
+        self._turn = 0  # round robin: index of the next account to consider
         self._sent = 0
-        # blocks: account j's block ends after bounds[j] queries
+        self.used: Counter = Counter()  # queries sent per account
+        self.burned: set[str] = set()
+        self._free_at: dict[str, float] = {}  # pacing: when each account may send again
+        # blocks: account j's block ends once the actor has sent bounds[j] queries
         k = len(self.keys)
         self._bounds = [((j + 1) * budget) // k for j in range(k)]
 
-    def next(self, want: int) -> tuple[str, int]:
-        """(API key, number of queries) for the next request of at most ``want`` queries."""
+    def live(self, key: str) -> bool:
+        return key not in self.burned and (self.cap is None or self.used[key] < self.cap)
+
+    def burn(self, key: str) -> None:
+        """Retire an account (churn: the victim refused it)."""
+        self.burned.add(key)
+
+    def next(self, want: int) -> Pick | None:
+        """The account, size and pacing delay of the next request of at most ``want`` queries; None when
+        no account can send any more."""
+        live = [k for k in self.keys if self.live(k)]
+        if not live:
+            return None
         if self.strategy == "round_robin":
-            key, n = self.keys[self._requests % len(self.keys)], want
+            while not self.live(self.keys[self._turn % len(self.keys)]):
+                self._turn += 1
+            key, n = self.keys[self._turn % len(self.keys)], want
+            self._turn += 1
         elif self.strategy == "random":
-            key, n = self.keys[int(self._rng.integers(len(self.keys)))], want
+            key, n = live[int(self._rng.integers(len(live)))], want
         else:
-            j = next(i for i, b in enumerate(self._bounds) if b > self._sent)
-            key, n = self.keys[j], min(want, self._bounds[j] - self._sent)
-        self._requests += 1
+            j = next((i for i, b in enumerate(self._bounds) if b > self._sent and self.live(self.keys[i])), None)
+            if j is None:  # the remaining blocks belong to retired accounts: the last live one takes over
+                j = self.keys.index(live[-1])
+                bound = self._bounds[-1]
+            else:
+                bound = self._bounds[j]
+            key, n = self.keys[j], min(want, max(bound - self._sent, 1))
+        if self.cap is not None:
+            n = min(n, self.cap - self.used[key])
+        delay = 0.0
+        if self.max_rate is not None:
+            now = self._clock()
+            start = max(now, self._free_at.get(key, now))
+            delay = start - now
+            self._free_at[key] = start + n / self.max_rate
+        self.used[key] += n
         self._sent += n
-        return key, n
+        return Pick(key, n, delay)
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

@@ -18,29 +18,39 @@ from .accounts import AccountSplitter
 @ray.remote(num_cpus=0)
 class ClientActor:
     def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int,
-                 batch_size: int, app_name: str, progress=None, seed: int = 0):
+                 batch_size: int, app_name: str, progress=None, seed: int = 0, *, cap: int | None = None,
+                 max_rate: float | None = None, churn: bool = False):
         from ray import serve
 
         if "torch" in sys.modules:  # a source that computes with torch shares the cores with everyone
             sys.modules["torch"].set_num_threads(1)
         self.actor_id = actor_id
         self.source = source
-        self.splitter = AccountSplitter(keys, split, budget, seed)
+        self.splitter = AccountSplitter(keys, split, budget, seed, cap=cap, max_rate=max_rate)
+        self.churn = churn
         self.batch_size = batch_size
         self.handle = serve.get_deployment_handle("victim", app_name)
         self.progress = progress
 
     def run(self) -> dict:
         sent: Counter = Counter()
+        account_of: dict[str, str] = {}  # API key -> account id
         refused = total = 0
         start = time.perf_counter()
         while self.source.remaining > 0:
-            key, n = self.splitter.next(min(self.batch_size, self.source.remaining))
-            x = self.source.propose(n)
-            reply = self.handle.query.remote(key, x, self.actor_id).result()
+            pick = self.splitter.next(min(self.batch_size, self.source.remaining))
+            if pick is None:  # every account retired (cap reached or burned): the rest of the budget is unspent
+                break
+            if pick.delay > 0:  # pacing
+                time.sleep(pick.delay)
+            x = self.source.propose(pick.n)
+            reply = self.handle.query.remote(pick.key, x, self.actor_id).result()
             if reply.status >= 400 and not len(reply.answered):
                 raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
             answered = reply.answered
+            account_of[pick.key] = reply.account_id
+            if self.churn and not answered.all():
+                self.splitter.burn(pick.key)
             self.source.observe(x, reply.probs, answered)
             sent[reply.account_id] += len(x)
             refused += int((~answered).sum())
@@ -53,6 +63,8 @@ class ClientActor:
             "sent": total,
             "refused": refused,
             "per_account": dict(sent),
+            "burned": sorted(account_of[k] for k in self.splitter.burned),
+            "unspent": self.source.remaining,
             "seconds": time.perf_counter() - start,
             "transfer": self.source.transfer_set(),
         }

@@ -85,6 +85,10 @@ class AttackerConfig(_Strict):
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
     actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")
     split: Literal["round_robin", "random", "blocks"] = "round_robin"
+    account_cap: int | None = Field(None, ge=1, description="most queries one account sends, then it retires "
+                                                            "(e.g. below PRADA's min_pool)")
+    max_rate: float | None = Field(None, gt=0, description="pacing: most queries per second per account")
+    churn: bool = Field(False, description="retire an account the victim refused and go on with the others")
     batch_size: int = Field(64, ge=1, description="images per request")
     replica: ReplicaConfig = ReplicaConfig()
 
@@ -95,6 +99,10 @@ class AttackerConfig(_Strict):
                              "each actor needs at least one account")
         if self.actors > self.budget:
             raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
+        if self.account_cap is not None and self.account_cap * self.accounts < self.budget:
+            raise ValueError(f"account_cap={self.account_cap} x accounts={self.accounts} is less than budget="
+                             f"{self.budget}; expected account_cap >= {-(-self.budget // self.accounts)} "
+                             f"or more accounts")
         return self
 
 

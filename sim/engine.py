@@ -113,6 +113,7 @@ class ClientPlan:
     split: str
     source: object  # a pure query source (actors.base.PoolStream)
     keys: list[str] | None = None  # the accounts' API keys
+    strategy: dict | None = None  # account_cap, max_rate, churn
     result: dict | None = None
 
 
@@ -160,7 +161,8 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
             first += share
             source = KnockoffRandom(pool, budgets[i], seed=derive_seed(seed, "pool", aid), shard=(i, att.actors))
             clients.append(ClientPlan(f"{aid}-actor{i}", "attacker", aid, mine, budgets[i], att.batch_size,
-                                      att.split, source))
+                                      att.split, source,
+                                      strategy={"cap": att.account_cap, "max_rate": att.max_rate, "churn": att.churn}))
     keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
     key_of = {a.account_id: k for k, a in keys.items()}
     for c in clients:
@@ -294,7 +296,7 @@ def _query_and_train(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, app: s
     actors = [  # clients dealt round-robin over the nodes that were alive at the start
         ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
         .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app,
-                board, derive_seed(cfg.seed, "split", c.actor_id))
+                board, derive_seed(cfg.seed, "split", c.actor_id), **(c.strategy or {}))
         for i, c in enumerate(plan.clients)
     ]
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
@@ -397,9 +399,12 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         accts = {a for c in plan.of(attacker=aid) for a in c.accounts}
         entry = {
             "id": aid, "attack": att.attack, "pool": att.pool, "accounts": att.accounts, "actors": att.actors,
-            "split": att.split, "queries": sum(r["sent"] for r in mine),
-            "refused": sum(r["refused"] for r in mine),
+            "split": att.split, "account_cap": att.account_cap, "max_rate": att.max_rate, "churn": att.churn,
+            "queries": sum(r["sent"] for r in mine), "refused": sum(r["refused"] for r in mine),
+            "unspent": sum(r["unspent"] for r in mine),
+            "accounts_used": len({a for r in mine for a, n in r["per_account"].items() if n}),
             "accounts_flagged": len(flagged & accts),
+            "accounts_burned": sum(len(r["burned"]) for r in mine),
             "labels": att.replica.labels, "replica_test_accuracy": None, "replica_fidelity": None,
         }
         for key, suffix in ((aid, ""), (f"{aid}:undefended", "_undefended")):

@@ -15,7 +15,7 @@ from sim.training import accuracy, fidelity, predict_probs
 def _drain(splitter, budget, batch):
     counts, left = Counter(), budget
     while left:
-        key, n = splitter.next(min(batch, left))
+        key, n, _ = splitter.next(min(batch, left))
         counts[key] += n
         left -= n
     return counts
@@ -32,7 +32,7 @@ def test_blocks_are_contiguous_and_never_straddle():
     seq = []
     left = 10
     while left:
-        key, n = s.next(min(4, left))
+        key, n, _ = s.next(min(4, left))
         seq.append((key, n))
         left -= n
     assert seq == [("a", 3), ("b", 3), ("c", 4)]  # blocks end after 3, 6 and 10 queries
@@ -43,6 +43,48 @@ def test_random_split_is_seeded_and_uses_every_account():
     a = _drain(AccountSplitter(keys, "random", 400, 1), 400, 4)
     assert a == _drain(AccountSplitter(keys, "random", 400, 1), 400, 4)
     assert set(a) == set(keys) and sum(a.values()) == 400
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "blocks"])
+def test_account_cap_retires_accounts_and_ends_when_all_are_spent(strategy):
+    keys = [f"k{i}" for i in range(4)]
+    s = AccountSplitter(keys, strategy, 100, 0, cap=10)
+    counts = Counter()
+    while (pick := s.next(7)) is not None:
+        assert pick.n >= 1
+        counts[pick.key] += pick.n
+    assert counts == {k: 10 for k in keys}  # 40 of the 100 queries: then no account may send
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "blocks"])
+def test_burned_accounts_never_send_again(strategy):
+    keys = ["a", "b", "c"]
+    s = AccountSplitter(keys, strategy, 90, 3)
+    first = s.next(5).key
+    s.burn(first)
+    later = [s.next(5) for _ in range(12)]
+    assert all(p is not None and p.key != first for p in later)
+    assert sum(p.n for p in later) == 60  # the others carry the budget on
+    for k in set(keys) - {first}:
+        s.burn(k)
+    assert s.next(5) is None
+
+
+def test_blocks_hand_a_burned_account_s_block_to_the_next():
+    s = AccountSplitter(["a", "b", "c"], "blocks", 9, 0)
+    assert s.next(2)[:2] == ("a", 2)
+    s.burn("a")
+    assert [s.next(4)[:2] for _ in range(2)] == [("b", 4), ("c", 3)]  # b takes over a's block up to 6
+
+
+def test_pacing_spaces_each_account_s_requests_by_its_rate():
+    now = [100.0]
+    s = AccountSplitter(["a", "b"], "round_robin", 1000, 0, max_rate=10.0, clock=lambda: now[0])
+    picks = [s.next(5) for _ in range(4)]  # a, b, a, b at the same instant
+    assert [p.key for p in picks] == ["a", "b", "a", "b"]
+    assert [p.delay for p in picks] == [0.0, 0.0, 0.5, 0.5]  # 5 queries at 10/s keep an account busy 0.5 s
+    now[0] = 101.0
+    assert s.next(5).delay == 0.0
 
 
 def test_split_evenly():

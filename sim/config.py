@@ -78,9 +78,18 @@ class ReplicaConfig(_Strict):
     labels: Literal["soft", "hard"] = "soft"
 
 
+class JacobianConfig(_Strict):
+    seed_size: int = Field(150, ge=1, description="seed images from the victim's test split (never trained on)")
+    lam: float = Field(0.1, gt=0, le=1, description="step size of the Jacobian augmentation")
+    rounds: int = Field(6, ge=0, description="augmentation rounds")
+    tau: int = Field(3, ge=1, description="the step's sign flips every tau rounds")
+    substitute_epochs: int = Field(10, ge=1, description="substitute training epochs per round")
+
+
 class AttackerConfig(_Strict):
-    attack: Literal["knockoff"] = "knockoff"
-    pool: str = Field("digits", description="natural query pool (a dataset name)")
+    attack: Literal["knockoff", "jbda", "jb_self", "jb_top3"] = "knockoff"
+    pool: str = Field("digits", description="natural query pool (a dataset name; Knockoff)")
+    jacobian: JacobianConfig = JacobianConfig()
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
     actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,7 @@ class Plan:
 
     accounts: dict[str, Account]  # api key -> account
     clients: list[ClientPlan]
+    held_out: set[int] = dataclasses.field(default_factory=set)  # test images used as attack seeds
 
     def of(self, attacker: str | None = None, role: str | None = None) -> list[ClientPlan]:
         return [c for c in self.clients if (attacker is None or c.attacker == attacker)
@@ -133,7 +135,6 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
     """Accounts, keys and client actors of a scenario; checks each attacker's pool against its budget."""
     from actors.accounts import split_evenly
     from actors.benign import BenignStream
-    from actors.knockoff import KnockoffRandom
 
     seed = cfg.seed
     clients: list[ClientPlan] = []
@@ -144,22 +145,21 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
         clients.append(ClientPlan(f"benign-{u}", "benign", None, [acct.account_id], cfg.benign.queries,
                                   cfg.benign.batch_size, "round_robin",
                                   BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u))))
+    held_out: set[int] = set()
     for aid, att in cfg.attackers.items():
-        pool = data.load(att.pool, cfg.data.root, cfg.data.download).all_images()
-        if pool.shape[1:] != ds.x_train.shape[1:]:
-            raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
-                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
-        if att.budget > len(pool):
-            raise ConfigError(f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool "
-                              f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}")
         accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack) for j in range(att.accounts)]
         accounts += accts
         budgets = split_evenly(att.budget, att.actors)
+        shares = split_evenly(att.accounts, att.actors)
+        if att.attack == "knockoff":
+            sources = _knockoff_sources(cfg, aid, att, ds, budgets)
+        else:
+            sources, seeds = _jacobian_sources(cfg, aid, att, ds, budgets)
+            held_out |= seeds
         first = 0
-        for i, share in enumerate(split_evenly(att.accounts, att.actors)):
+        for i, (share, source) in enumerate(zip(shares, sources)):
             mine = [a.account_id for a in accts[first:first + share]]
             first += share
-            source = KnockoffRandom(pool, budgets[i], seed=derive_seed(seed, "pool", aid), shard=(i, att.actors))
             clients.append(ClientPlan(f"{aid}-actor{i}", "attacker", aid, mine, budgets[i], att.batch_size,
                                       att.split, source,
                                       strategy={"cap": att.account_cap, "max_rate": att.max_rate, "churn": att.churn}))
@@ -167,8 +167,44 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
     key_of = {a.account_id: k for k, a in keys.items()}
     for c in clients:
         c.keys = [key_of[a] for a in c.accounts]
-    return Plan(keys, clients)
+    return Plan(keys, clients, held_out)
 
+
+def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> list:
+    """One Knockoff source per actor, each with its own shard of the shuffled pool."""
+    from actors.knockoff import KnockoffRandom
+
+    pool = data.load(att.pool, cfg.data.root, cfg.data.download).all_images()
+    if pool.shape[1:] != ds.x_train.shape[1:]:
+        raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
+                          f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+    if att.budget > len(pool):
+        raise ConfigError(f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool "
+                          f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}")
+    return [KnockoffRandom(pool, b, seed=derive_seed(cfg.seed, "pool", aid), shard=(i, att.actors))
+            for i, b in enumerate(budgets)]
+
+
+def _jacobian_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> tuple[list, set]:
+    """One Jacobian-attack source per actor, each growing its own shard of the seed set; the seeds come from
+    the victim's test split (which it never trained on) and are left out of the replicas' evaluation."""
+    from actors.jacobian import JacobianAttack
+
+    jc = att.jacobian
+    if jc.seed_size > len(ds.x_test) // 2:
+        raise ConfigError(f"attackers.{aid}.jacobian.seed_size={jc.seed_size} would take more than half of the "
+                          f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
+    if jc.seed_size < att.actors:
+        raise ConfigError(f"attackers.{aid}.jacobian.seed_size={jc.seed_size} is less than actors={att.actors}; "
+                          f"expected at least one seed per actor")
+    idx = np.random.default_rng(derive_seed(cfg.seed, "seeds", aid)).choice(len(ds.x_test), jc.seed_size,
+                                                                             replace=False)
+    sources = [JacobianAttack(att.attack, ds.x_test[idx[i::att.actors]], ds.y_test[idx[i::att.actors]], b,
+                              arch=att.replica.arch or cfg.victim.arch, num_classes=ds.num_classes, lam=jc.lam,
+                              rounds=jc.rounds, tau=jc.tau, substitute_epochs=jc.substitute_epochs,
+                              seed=derive_seed(cfg.seed, "jacobian", aid, i))
+               for i, b in enumerate(budgets)]
+    return sources, set(idx.tolist())
 
 def prepare_run_dir(cfg: ScenarioConfig) -> str:
     """Create the run directory (``run_dir`` or ``runs/<scenario>/<time>``), write the resolved config,
@@ -381,6 +417,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
     ds = victim.dataset
     clean_test = predict_probs(victim.model, ds.x_test)
     victim_test = clean_test.argmax(1)
+    keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))  # replicas never see attack seeds
     defended = evaluate_defense(cfg, victim, clean_test)
     defended_accuracy = defended.pop("defended_test_accuracy")
     table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged", "defense_l1",
@@ -411,9 +448,9 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
             if key in replicas:
                 model = models.build(att.replica.arch or cfg.victim.arch, ds.input_shape, ds.num_classes)
                 model.load_state_dict(replicas[key])
-                pred = predict_probs(model, ds.x_test).argmax(1)
-                entry[f"replica_test_accuracy{suffix}"] = round(accuracy(pred, ds.y_test), 4)
-                entry[f"replica_fidelity{suffix}"] = round(fidelity(pred, victim_test), 4)
+                pred = predict_probs(model, ds.x_test[keep]).argmax(1)
+                entry[f"replica_test_accuracy{suffix}"] = round(accuracy(pred, ds.y_test[keep]), 4)
+                entry[f"replica_fidelity{suffix}"] = round(fidelity(pred, victim_test[keep]), 4)
         attackers.append(entry)
 
     benign = [c.result for c in plan.of(role="benign")]
@@ -437,6 +474,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
                     **defended,
                     "by_role": {role: _distortion(table.filter(pc.equal(table.column("role"), role)))
                                 for role in ("attacker", "benign")}},
+        "evaluation": {"replica_test_images": int(len(keep)), "held_out_attack_seeds": len(plan.held_out)},
         "queries": {"total": total, "answered": answered, "refused": table.num_rows - answered,
                     "logged": logged},
         "attackers": attackers,

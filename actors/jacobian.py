@@ -1,0 +1,139 @@
+"""Jacobian-based synthetic queries: JBDA (Papernot et al. 2017), JB-self and JB-top3 (Juuti et al. 2019).
+
+All three start from a small seed set of the victim's domain, query it, train a substitute on the answers,
+and grow the query set round by round with steps along the substitute's input gradient:
+- ``jbda``: x + lam * sign(d F_sub(x)[c] / dx), c the seed's ground-truth label (inherited by every point
+  grown from it);
+- ``jb_self``: the same step with c the victim's top-1 answer for x (no ground truth needed);
+- ``jb_top3``: for each of the substitute's top-3 classes c other than the victim's top-1, a targeted step
+  x - lam * sign(d CE(F_sub(x), c) / dx): three new points per point.
+The step's sign flips every ``tau`` rounds (Papernot's periodic step size). Each round queries only the
+new points (a seeded subset when they outnumber the budget left); the substitute is retrained from scratch
+each round. Queries are sent as 8-bit images, like every query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sim import models
+from sim.training import predict_probs, to_float, train_classifier
+
+VARIANTS = ("jbda", "jb_self", "jb_top3")
+
+
+def jacobian_step(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, lam: float) -> torch.Tensor:
+    """x + lam * sign(grad_x model(x)[class]) per image, clipped to [0, 1] (x float in [0, 1])."""
+    x = x.detach().clone().requires_grad_(True)
+    score = model(x).gather(1, classes[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    return (x + lam * grad.sign()).clamp(0, 1).detach()
+
+
+def targeted_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lam: float) -> torch.Tensor:
+    """x - lam * sign(grad_x CE(model(x), target)): a step toward class ``target``, clipped to [0, 1]."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(x), target, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return (x - lam * grad.sign()).clamp(0, 1).detach()
+
+
+def quantize(x: torch.Tensor) -> np.ndarray:
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+class JacobianAttack:
+    """A stepwise query source (``propose`` / ``observe`` / ``transfer_set``) for the three variants."""
+
+    def __init__(self, variant: str, seeds: np.ndarray, seed_labels: np.ndarray, budget: int, *, arch: str,
+                 num_classes: int, lam: float = 0.1, rounds: int = 6, tau: int = 3, substitute_epochs: int = 10,
+                 seed: int = 0):
+        if variant not in VARIANTS:
+            raise ValueError(f"attack={variant!r} is not a Jacobian attack; expected one of: {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.arch, self.num_classes = arch, num_classes
+        self.lam, self.rounds, self.tau, self.epochs = lam, rounds, tau, substitute_epochs
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._budget = budget
+        self._sent = 0
+        self.round = 0  # augmentation rounds done
+        self._pending = np.asarray(seeds, np.uint8)[:budget]
+        self._pending_labels = np.asarray(seed_labels, np.int64)[:budget]  # ground truth, inherited (jbda)
+        self._x: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._in_flight: np.ndarray | None = None
+        self.queries_per_round: list[int] = [len(self._pending)]
+
+    @property
+    def remaining(self) -> int:
+        if not len(self._pending) and self.round >= self.rounds:
+            return 0
+        return self._budget - self._sent
+
+    def propose(self, n: int) -> np.ndarray:
+        if not len(self._pending):
+            self._grow()
+        n = min(n, len(self._pending), self.remaining)
+        x, self._pending = self._pending[:n], self._pending[n:]
+        self._in_flight, self._pending_labels = self._pending_labels[:n], self._pending_labels[n:]
+        self._sent += n
+        return x
+
+    def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
+        if answered.any():
+            self._x.append(x[answered])
+            self._y.append(probs[answered])
+            self._labels.append(self._in_flight[answered])
+
+    def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._x:
+            return np.zeros((0, *self._pending.shape[1:]), np.uint8), np.zeros((0, 0), np.float32)
+        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+
+    def substitute(self) -> torch.nn.Module:
+        """A substitute trained from scratch on every answer so far."""
+        x, y = self.transfer_set()
+        torch.manual_seed(self.seed + self.round)
+        model = models.build(self.arch, tuple(x.shape[1:]), self.num_classes)
+        return train_classifier(model, x, y, epochs=self.epochs, seed=self.seed + self.round)
+
+    def _grow(self) -> None:
+        """One augmentation round: the next queries, grown from every point queried so far."""
+        if self.round >= self.rounds or not self._x:
+            self._pending = self._pending[:0]
+            self.round = self.rounds
+            return
+        model = self.substitute()
+        x_all, y_all = self.transfer_set()
+        truth = np.concatenate(self._labels)
+        lam = self.lam * (-1) ** (self.round // self.tau)
+        xf = to_float(x_all)
+        new, labels = [], []
+        for start in range(0, len(xf), 256):
+            xb, sl = xf[start:start + 256], slice(start, start + 256)
+            top1 = torch.as_tensor(y_all[sl].argmax(1))
+            if self.variant == "jbda":
+                new.append(jacobian_step(model, xb, torch.as_tensor(truth[sl]), lam))
+                labels.append(truth[sl])
+            elif self.variant == "jb_self":
+                new.append(jacobian_step(model, xb, top1, lam))
+                labels.append(truth[sl])
+            else:
+                order = torch.as_tensor(predict_probs(model, xb)).argsort(1, descending=True)
+                others = [row[row != t] for row, t in zip(order, top1)]
+                for k in range(min(3, self.num_classes - 1)):
+                    new.append(targeted_step(model, xb, torch.stack([o[k] for o in others]), abs(lam)))
+                    labels.append(truth[sl])
+        grown = quantize(torch.cat(new))
+        grown_labels = np.concatenate(labels)
+        left = self._budget - self._sent
+        if len(grown) > left:
+            keep = np.sort(self._rng.choice(len(grown), left, replace=False))
+            grown, grown_labels = grown[keep], grown_labels[keep]
+        self._pending, self._pending_labels = grown, grown_labels
+        self.round += 1
+        self.queries_per_round.append(len(grown))

@@ -1,0 +1,36 @@
+"""The Jacobian-attack scenarios end to end on tiny budgets."""
+
+import pytest
+
+import sim
+
+TINY = ["victim.epochs=2", "benign.queries=40", "detectors.prada.min_pool=50"]
+
+
+def tiny_attacker(aid: str, budget: int = 200) -> list[str]:
+    return [f"attackers.{aid}.budget={budget}", f"attackers.{aid}.jacobian.seed_size=20",
+            f"attackers.{aid}.jacobian.substitute_epochs=2", f"attackers.{aid}.replica.epochs=10"]
+
+
+def test_distributed_jbda_prada_flags_one_account_not_fifty(ray_serve, cache_dir, tmp_path):
+    overrides = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY, *tiny_attacker("jbda"),
+                 *tiny_attacker("distributed"), "attackers.distributed.batch_size=4"]
+    s = sim.run("distributed_jbda", overrides, quiet=True)
+    atts = {a["id"]: a for a in s["attackers"]}
+    assert atts["jbda"]["attack"] == "jbda" and atts["jbda"]["queries"] == 200
+    assert atts["jbda"]["accounts_flagged"] == 1  # one account, 200 Jacobian steps around 20 seeds: caught
+    assert atts["distributed"]["accounts_used"] == 50 and atts["distributed"]["accounts_flagged"] == 0  # 4 each
+    assert s["detection"]["prada"]["flagged_benign_accounts"] == 0
+    assert s["evaluation"]["held_out_attack_seeds"] == 40  # two attackers' seeds, left out of the evaluation
+    assert s["evaluation"]["replica_test_images"] == 1000 - 40
+    for a in atts.values():
+        assert a["replica_test_accuracy"] > 0.3  # 200 in-domain queries teach far more than chance
+
+
+@pytest.mark.parametrize("scenario,aid", [("single_jbda", "jbda"), ("jbtop3", "jbtop3")])
+def test_jacobian_scenarios_run_end_to_end(ray_serve, cache_dir, tmp_path, scenario, aid):
+    overrides = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY, *tiny_attacker(aid, 120)]
+    s = sim.run(scenario, overrides, quiet=True)
+    (att,) = s["attackers"]
+    assert att["queries"] == 120 and s["queries"]["logged"] == s["queries"]["total"]
+    assert att["replica_test_accuracy"] is not None

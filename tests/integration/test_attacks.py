@@ -34,3 +34,10 @@ def test_jacobian_scenarios_run_end_to_end(ray_serve, cache_dir, tmp_path, scena
     (att,) = s["attackers"]
     assert att["queries"] == 120 and s["queries"]["logged"] == s["queries"]["total"]
     assert att["replica_test_accuracy"] is not None
+
+
+def test_label_only_knockoff_trains_on_hard_labels(ray_serve, small_overrides):
+    s = sim.run("label_only_knockoff", small_overrides + ["attackers.single.replica.epochs=6"], quiet=True)
+    (att,) = s["attackers"]
+    assert att["labels"] == "hard" and att["queries"] == 160
+    assert att["replica_test_accuracy"] > 0.2

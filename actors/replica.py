@@ -19,7 +19,7 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
     model = models.build(arch, input_shape, num_classes)
     targets = probs if cfg.labels == "soft" else probs.argmax(1)
     return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                            seed=seed, on_epoch=on_epoch)
+                            seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer)
 
 
 @ray.remote(num_cpus=0.5)

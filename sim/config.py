@@ -75,6 +75,7 @@ class ReplicaConfig(_Strict):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="replica optimizer (sgd: momentum 0.9)")
     labels: Literal["soft", "hard"] = "soft"
 
 
@@ -89,6 +90,9 @@ class JacobianConfig(_Strict):
 class AttackerConfig(_Strict):
     attack: Literal["knockoff", "jbda", "jb_self", "jb_top3"] = "knockoff"
     pool: str = Field("digits", description="natural query pool (a dataset name; Knockoff)")
+    sample_with_replacement: bool = Field(False, description="Knockoff: draw pool images with replacement, so "
+                                                                 "the budget may exceed the pool")
+    augment: bool = Field(False, description="Knockoff: shift (up to 2 px) and rescale the brightness of each query")
     jacobian: JacobianConfig = JacobianConfig()
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")

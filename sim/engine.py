@@ -178,10 +178,12 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
     if pool.shape[1:] != ds.x_train.shape[1:]:
         raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
                           f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
-    if att.budget > len(pool):
+    if att.budget > len(pool) and not att.sample_with_replacement:
         raise ConfigError(f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool "
-                          f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}")
-    return [KnockoffRandom(pool, b, seed=derive_seed(cfg.seed, "pool", aid), shard=(i, att.actors))
+                          f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}, or "
+                          f"attackers.{aid}.sample_with_replacement=true")
+    return [KnockoffRandom(pool, b, seed=derive_seed(cfg.seed, "pool", aid), shard=(i, att.actors),
+                           replacement=att.sample_with_replacement, augment=att.augment)
             for i, b in enumerate(budgets)]
 
 

@@ -29,8 +29,9 @@ def train_classifier(
     loss: str = "cross_entropy",
     outliers: np.ndarray | None = None,
     outlier_weight: float = 0.5,
+    optimizer: str = "adam",
 ) -> nn.Module:
-    """Train ``model`` with Adam on uint8 images ``x``.
+    """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9) on uint8 images ``x``.
 
     ``targets`` are class indices (N,) for hard labels or probability vectors (N, K) for soft labels;
     cross-entropy handles both. ``loss="misinformation"`` instead pushes the probability of the true
@@ -48,7 +49,8 @@ def train_classifier(
     if outliers is not None:
         outliers = torch.as_tensor(outliers)
     yt = yt.long() if yt.ndim == 1 else yt.float()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr))
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(xt), generator=gen)

@@ -41,3 +41,10 @@ def test_label_only_knockoff_trains_on_hard_labels(ray_serve, small_overrides):
     (att,) = s["attackers"]
     assert att["labels"] == "hard" and att["queries"] == 160
     assert att["replica_test_accuracy"] > 0.2
+
+
+def test_knockoff_budget_beyond_the_pool_with_replacement_and_augmentation(ray_serve, small_overrides):
+    s = sim.run("single_knockoff", small_overrides + [
+        "attackers.single.budget=1900", "attackers.single.sample_with_replacement=true",  # the pool has 1,797
+        "attackers.single.augment=true", "attackers.single.replica.epochs=1", "benign.users=0"], quiet=True)
+    assert s["attackers"][0]["queries"] == 1900 and s["queries"]["logged"] == 1900

@@ -2,6 +2,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from actors.accounts import AccountSplitter, split_evenly
 from actors.benign import BenignStream
@@ -101,6 +102,37 @@ def test_knockoff_shards_never_repeat_an_image_and_respect_the_budget():
     assert len(seen) == 80 and len(set(seen)) == 80
     with pytest.raises(ValueError, match="budget 30 exceeds the 25 pool images"):
         KnockoffRandom(pool, 30, seed=5, shard=(0, 4))
+
+
+def test_knockoff_with_replacement_and_augmentation_exceeds_the_pool_with_new_images():
+    from actors.knockoff import augment_images
+
+    pool = data.load("digits").x_test[:50]
+    shards = [KnockoffRandom(pool, 120, seed=3, shard=(i, 2), replacement=True, augment=True) for i in range(2)]
+    sent = np.concatenate([s.propose(120) for s in shards])
+    assert len(sent) == 240 and all(s.remaining == 0 for s in shards)  # 240 queries from 50 images
+    assert len({img.tobytes() for img in sent}) > 200  # augmented repeats are (nearly all) new queries
+    assert not np.array_equal(shards[0].images, shards[1].images)  # each actor its own draws
+    again = KnockoffRandom(pool, 120, seed=3, shard=(0, 2), replacement=True, augment=True)
+    assert np.array_equal(again.propose(120), sent[:120])  # seeded
+    shifted = augment_images(pool[:10], np.random.default_rng(0))
+    assert shifted.dtype == np.uint8 and shifted.shape == pool[:10].shape
+    # a shift of at most 2 pixels and a 10% brightness change keep most of the ink where it was
+    overlap = ((shifted > 64) & (pool[:10] > 64)).sum() / (pool[:10] > 64).sum()
+    assert 0.3 < overlap <= 1.0
+
+
+def test_replica_optimizer_option_changes_training_deterministically():
+    ds = data.load("mnist5k")
+    x, y = ds.x_train[:200], ds.y_train[:200]
+
+    def weights(opt):
+        model = train_replica(x, np.eye(10, dtype=np.float32)[y], arch="lenet", input_shape=(1, 28, 28),
+                              num_classes=10, cfg=ReplicaConfig(epochs=1, optimizer=opt, lr=0.01), seed=0)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    sgd = weights("sgd")
+    assert torch.equal(sgd, weights("sgd")) and not torch.equal(sgd, weights("adam"))
 
 
 def test_knockoff_transfer_set_keeps_only_answered_queries():

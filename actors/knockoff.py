@@ -12,7 +12,7 @@ import numpy as np
 
 from sim.errors import ConfigError
 
-from .base import PoolStream
+from .base import CollectingStream
 
 
 def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
@@ -27,12 +27,10 @@ def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int 
     return np.clip(np.rint(out * scale), 0, 255).astype(np.uint8)
 
 
-class KnockoffRandom(PoolStream):
+class KnockoffRandom(CollectingStream):
     def __init__(self, pool: np.ndarray, budget: int, seed: int = 0, shard: tuple[int, int] = (0, 1),
                  replacement: bool = False, augment: bool = False):
         index, count = shard
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
         if replacement:  # each actor its own seeded draws; an actor carries only what it will send
             rng = np.random.default_rng([seed, index])
             picks = pool[rng.integers(len(pool), size=budget)]
@@ -47,12 +45,118 @@ class KnockoffRandom(PoolStream):
             picks = augment_images(picks, np.random.default_rng([seed, index]))
         super().__init__(picks, np.arange(budget))  # an actor carries only its own shard
 
-    def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
-        if answered.any():
-            self._x.append(x[answered])
-            self._y.append(probs[answered])
 
-    def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._x:
-            return np.zeros((0, *self.images.shape[1:]), np.uint8), np.zeros((0, 0), np.float32)
-        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+
+REWARDS = ("certainty", "diversity", "loss")
+
+
+class KnockoffAdaptive(CollectingStream):
+    """Knockoff Nets, adaptive strategy (Orekondy et al. 2019): a gradient bandit over the pool's classes.
+
+    Each query picks a class a ~ softmax(H), then an unused image of that class. Its reward is the sum of the
+    chosen signals, each standardised by its running mean and deviation:
+    - certainty: the margin between the victim's two largest probabilities;
+    - diversity: how much the answer exceeds the mean of the last ``window`` answers, sum_k max(0, y_k - mean_k);
+    - loss: the cross-entropy of the attacker's online model against the answer (the model takes one Adam step
+      on every answered batch).
+    The preferences move by ``lr`` (r - mean reward)(1[a = chosen] - pi_a), batched. Softmax subtracts the
+    maximum and logs are clamped, so nothing overflows or takes log 0.
+    """
+
+    def __init__(self, pool: np.ndarray, pool_labels: np.ndarray, budget: int, *, arch: str, num_classes: int,
+                 seed: int = 0, lr: float = 0.01, rewards: tuple[str, ...] = REWARDS, window: int = 25):
+        import torch
+
+        from sim import models
+
+        unknown = sorted(set(rewards) - set(REWARDS))
+        if unknown or not rewards:
+            raise ConfigError(f"rewards={list(rewards)!r}: expected a non-empty subset of {', '.join(REWARDS)}")
+        if budget > len(pool):
+            raise ConfigError(f"budget {budget} exceeds the {len(pool)} pool images (the adaptive strategy "
+                              f"samples without replacement)")
+        super().__init__(pool, np.arange(budget))
+        self._rng = np.random.default_rng(seed)
+        self.actions = np.unique(pool_labels)
+        self._unused = {a: list(self._rng.permutation(np.flatnonzero(pool_labels == a))) for a in self.actions}
+        self.preferences = np.zeros(len(self.actions))
+        self.lr, self.rewards, self.window = lr, tuple(rewards), window
+        self._stats = {r: [0, 0.0, 0.0] for r in self.rewards}  # count, mean, M2 (Welford)
+        self._baseline, self._steps = 0.0, 0
+        self._recent: list[np.ndarray] = []
+        self._chosen: np.ndarray | None = None
+        torch.manual_seed(seed)
+        self.model = models.build(arch, tuple(pool.shape[1:]), num_classes) if "loss" in self.rewards else None
+        self._opt = torch.optim.Adam(self.model.parameters(), lr=1e-3) if self.model is not None else None
+
+    def policy(self) -> np.ndarray:
+        live = np.array([bool(self._unused[a]) for a in self.actions])
+        if not live.any():  # the pool is used up
+            return np.full(len(self.actions), 1.0 / len(self.actions))
+        h = np.where(live, self.preferences, -np.inf)
+        p = np.exp(h - h[live].max())
+        return p / p.sum()
+
+    def propose(self, n: int) -> np.ndarray:
+        n = min(n, self.remaining)
+        chosen, picks = [], []
+        for _ in range(n):
+            a = int(self._rng.choice(len(self.actions), p=self.policy()))
+            chosen.append(a)
+            picks.append(self._unused[self.actions[a]].pop())
+        self._next += n
+        self._chosen = np.array(chosen, int)
+        return self.images[np.array(picks, int)]
+
+    def _standardise(self, name: str, values: np.ndarray) -> np.ndarray:
+        stat = self._stats[name]
+        for v in values:  # Welford's running mean and variance
+            stat[0] += 1
+            delta = v - stat[1]
+            stat[1] += delta / stat[0]
+            stat[2] += delta * (v - stat[1])
+        std = np.sqrt(stat[2] / stat[0]) if stat[0] > 1 else 1.0
+        return (values - stat[1]) / max(std, 1e-8)
+
+    def reward_signals(self, x: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        from sim.training import to_float
+
+        out = {}
+        if "certainty" in self.rewards:
+            top2 = np.sort(probs, axis=1)[:, -2:]
+            out["certainty"] = top2[:, 1] - top2[:, 0]
+        if "diversity" in self.rewards:
+            div = []
+            for y in probs:
+                mean = np.mean(self._recent, axis=0) if self._recent else np.zeros_like(y)
+                div.append(np.maximum(y - mean, 0).sum())
+                self._recent = (self._recent + [y])[-self.window:]
+            out["diversity"] = np.array(div)
+        if self.model is not None:
+            target = torch.as_tensor(probs, dtype=torch.float32)
+            logits = self.model(to_float(x))
+            loss = -(target * torch.log_softmax(logits, 1)).sum(1)
+            out["loss"] = loss.detach().numpy()
+            self._opt.zero_grad()
+            loss.mean().backward()
+            self._opt.step()
+        return out
+
+    def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
+        if not answered.any():
+            return
+        super().observe(x, probs, answered)
+        x, probs, chosen = x[answered], probs[answered], self._chosen[answered]
+        signals = self.reward_signals(x, probs)
+        reward = sum(self._standardise(name, v) for name, v in signals.items())
+        pi = self.policy()
+        grad = np.zeros_like(self.preferences)
+        for a, r in zip(chosen, reward):
+            self._steps += 1
+            self._baseline += (r - self._baseline) / self._steps
+            grad += (r - self._baseline) * ((np.arange(len(pi)) == a) - pi)
+        self.preferences += self.lr * grad
+        self.preferences -= self.preferences.max()  # only differences matter; keeps them bounded

@@ -87,9 +87,19 @@ class JacobianConfig(_Strict):
     substitute_epochs: int = Field(10, ge=1, description="substitute training epochs per round")
 
 
+class AdaptiveConfig(_Strict):
+    lr: float = Field(0.01, gt=0, description="gradient-bandit step size")
+    rewards: list[Literal["certainty", "diversity", "loss"]] = Field(
+        ["certainty", "diversity", "loss"], min_length=1, description="reward signals, summed once standardised")
+    window: int = Field(25, ge=1, description="answers averaged by the diversity reward")
+
+
 class AttackerConfig(_Strict):
     attack: Literal["knockoff", "jbda", "jb_self", "jb_top3"] = "knockoff"
     pool: str = Field("digits", description="natural query pool (a dataset name; Knockoff)")
+    strategy: Literal["random", "adaptive"] = Field("random", description="Knockoff: random sampling or the "
+                                                                         "gradient bandit over the pool's classes")
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     sample_with_replacement: bool = Field(False, description="Knockoff: draw pool images with replacement, so "
                                                                  "the budget may exceed the pool")
     augment: bool = Field(False, description="Knockoff: shift (up to 2 px) and rescale the brightness of each query")
@@ -112,6 +122,8 @@ class AttackerConfig(_Strict):
                              "each actor needs at least one account")
         if self.actors > self.budget:
             raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
+        if self.strategy == "adaptive" and self.sample_with_replacement:
+            raise ValueError("strategy=adaptive samples without replacement; expected sample_with_replacement=false")
         if self.account_cap is not None and self.account_cap * self.accounts < self.budget:
             raise ValueError(f"account_cap={self.account_cap} x accounts={self.accounts} is less than budget="
                              f"{self.budget}; expected account_cap >= {-(-self.budget // self.accounts)} "

@@ -172,9 +172,10 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
 
 def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> list:
     """One Knockoff source per actor, each with its own shard of the shuffled pool."""
-    from actors.knockoff import KnockoffRandom
+    from actors.knockoff import KnockoffAdaptive, KnockoffRandom
 
-    pool = data.load(att.pool, cfg.data.root, cfg.data.download).all_images()
+    pool_ds = data.load(att.pool, cfg.data.root, cfg.data.download)
+    pool = pool_ds.all_images()
     if pool.shape[1:] != ds.x_train.shape[1:]:
         raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
                           f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
@@ -182,6 +183,14 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
         raise ConfigError(f"attackers.{aid}.budget={att.budget} exceeds the {len(pool)} images of pool "
                           f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}, or "
                           f"attackers.{aid}.sample_with_replacement=true")
+    if att.strategy == "adaptive":  # each actor its own bandit over its own shard of the pool
+        labels = np.concatenate([pool_ds.y_train, pool_ds.y_test])
+        order = np.random.default_rng(derive_seed(cfg.seed, "pool", aid)).permutation(len(pool))
+        shards = [order[i::att.actors] for i in range(att.actors)]
+        return [KnockoffAdaptive(pool[sh], labels[sh], b, arch=att.replica.arch or cfg.victim.arch,
+                                 num_classes=ds.num_classes, seed=derive_seed(cfg.seed, "bandit", aid, i),
+                                 lr=att.adaptive.lr, rewards=tuple(att.adaptive.rewards), window=att.adaptive.window)
+                for i, (sh, b) in enumerate(zip(shards, budgets))]
     return [KnockoffRandom(pool, b, seed=derive_seed(cfg.seed, "pool", aid), shard=(i, att.actors),
                            replacement=att.sample_with_replacement, augment=att.augment)
             for i, b in enumerate(budgets)]

@@ -135,6 +135,45 @@ def test_replica_optimizer_option_changes_training_deterministically():
     assert torch.equal(sgd, weights("sgd")) and not torch.equal(sgd, weights("adam"))
 
 
+def test_adaptive_knockoff_learns_the_rewarding_class_and_stays_finite():
+    from actors.knockoff import KnockoffAdaptive
+
+    labels = np.repeat(np.arange(5), 40)
+    pool = (labels[:, None, None, None] * 50 + np.zeros((200, 1, 28, 28))).astype(np.uint8)
+    att = KnockoffAdaptive(pool, labels, 150, arch="lenet", num_classes=5, seed=0, lr=0.05,
+                           rewards=("certainty",))
+
+    def victim(x):  # certain only about class-3 images: the certainty reward favours class 3
+        probs = np.full((len(x), 5), 0.2, np.float32)
+        probs[x[:, 0, 0, 0] == 150] = np.eye(5, dtype=np.float32)[3]
+        return probs
+
+    sent = []
+    while att.remaining:
+        x = att.propose(10)
+        att.observe(x, victim(x), np.ones(len(x), bool))
+        sent.append(x)
+        assert np.isfinite(att.policy()).all() and abs(att.policy().sum() - 1) < 1e-9
+    sent = np.concatenate(sent)
+    assert len(sent) == 150 and len(att.transfer_set()[0]) == 150
+    assert (sent[:, 0, 0, 0] == 150).sum() == 40  # every class-3 image was used up first ...
+    assert att.policy()[3] == 0  # ... and an exhausted class is never drawn again
+
+
+def test_adaptive_knockoff_survives_extreme_answers():
+    from actors.knockoff import KnockoffAdaptive
+
+    labels = np.repeat(np.arange(3), 30)
+    pool = np.random.default_rng(0).integers(0, 256, (90, 1, 28, 28), dtype=np.uint8)
+    att = KnockoffAdaptive(pool, labels, 90, arch="lenet", num_classes=3, seed=1, lr=100.0)
+    while att.remaining:
+        x = att.propose(16)
+        probs = np.zeros((len(x), 3), np.float32)
+        probs[:, 0] = 1.0  # exact zeros and ones: no log 0, no overflow
+        att.observe(x, probs, np.ones(len(x), bool))
+        assert np.isfinite(att.preferences).all() and np.isfinite(att.policy()).all()
+
+
 def test_knockoff_transfer_set_keeps_only_answered_queries():
     pool = np.zeros((10, 1, 2, 2), np.uint8)
     att = KnockoffRandom(pool, 10)

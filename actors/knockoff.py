@@ -158,5 +158,5 @@ class KnockoffAdaptive(CollectingStream):
             self._steps += 1
             self._baseline += (r - self._baseline) / self._steps
             grad += (r - self._baseline) * ((np.arange(len(pi)) == a) - pi)
-        self.preferences += self.lr * grad
-        self.preferences -= self.preferences.max()  # only differences matter; keeps them bounded
+        h = self.preferences + self.lr * grad  # a new array: Ray hands actors read-only numpy arrays
+        self.preferences = h - h.max()  # only differences matter; keeps them bounded

@@ -53,6 +53,6 @@ def test_knockoff_budget_beyond_the_pool_with_replacement_and_augmentation(ray_s
 def test_adaptive_knockoff_runs_over_two_actors(ray_serve, small_overrides):
     s = sim.run("single_knockoff", small_overrides + [
         "attackers.single.strategy=adaptive", "attackers.single.actors=2", "attackers.single.accounts=2",
-        "attackers.single.batch_size=16", "benign.users=0"], quiet=True)
+        "attackers.single.batch_size=16", "attackers.single.replica.epochs=8", "benign.users=0"], quiet=True)
     att = s["attackers"][0]
     assert att["queries"] == 160 and att["replica_test_accuracy"] > 0.2

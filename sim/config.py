@@ -197,8 +197,8 @@ class ScenarioConfig(_Strict):
         if self.victim.training == "dp_sgd" and self.victim.arch not in ("lenet", "conv3"):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
                              f"but victim.arch={self.victim.arch!r}; expected victim.arch=lenet or conv3")
-        chain = [name for name, _ in defenses.members(self.defense.spec())]
-        if "adaptive_misinformation" in chain and self.victim.training != "outlier_exposure":
+        uses_am = "adaptive_misinformation" in defenses.names_in(self.defense.spec())
+        if uses_am and self.victim.training != "outlier_exposure":
             raise ValueError(f"defense adaptive_misinformation needs an outlier-exposure victim, but "
                              f"victim.training={self.victim.training!r}; expected victim.training=outlier_exposure")
         for aid, att in self.attackers.items():

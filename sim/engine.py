@@ -263,8 +263,7 @@ def defense_models(cfg: ScenarioConfig, victim: zoo.Victim) -> dict:
     """The models the scenario's defense needs beyond the victim (adaptive misinformation's model)."""
     from . import defenses
 
-    chain = [name for name, _ in defenses.members(cfg.defense.spec())]
-    if "adaptive_misinformation" not in chain:
+    if "adaptive_misinformation" not in defenses.names_in(cfg.defense.spec()):
         return {}
     return {"misinformation": zoo.get_misinformation_model(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)}
 

@@ -187,8 +187,7 @@ def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) ->
     replicas; ``options`` are :func:`deploy`'s. A bad spec is a one-line ConfigError and changes nothing.
     Returns the updated spec."""
     defenses.check_spec(defense)
-    chain = [name for name, _ in defenses.members(defense)]
-    if "adaptive_misinformation" in chain and spec.misinformation is None:
+    if "adaptive_misinformation" in defenses.names_in(defense) and spec.misinformation is None:
         raise ConfigError("defense adaptive_misinformation needs its misinformation model, which this app was not "
                           "deployed with; expected an app deployed with that defense (spec.misinformation set)")
     new = dataclasses.replace(spec, defense=dict(defense))

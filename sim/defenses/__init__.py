@@ -112,9 +112,14 @@ def check_spec(spec: dict[str, Any], field: str = "defense") -> None:
         get(name).check_params(params, owner=field if len(parts) == 1 else f"{field}.{name}")
 
 
+def names_in(spec: dict[str, Any]) -> list[str]:
+    """The defenses a spec names, in chain order."""
+    return [name for name, _ in members(spec)]
+
+
 def is_identity(spec: dict[str, Any]) -> bool:
-    return all(name == "identity" for name, _ in members(spec))
+    return all(name == "identity" for name in names_in(spec))
 
 
 __all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "check_spec",
-           "is_identity", "check_name"]
+           "is_identity", "names_in", "check_name"]

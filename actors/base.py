@@ -2,7 +2,8 @@
 
 A source is pure (no Ray): ``propose(n)`` returns the next at most n queries (uint8 images),
 ``observe(x, probs, answered)`` takes the victim's answers, ``transfer_set()`` returns what a replica
-trains on (None for sources that train nothing), ``remaining`` counts the queries still to send.
+trains on (None for sources that train nothing), ``remaining`` counts the queries still to send, ``stats()``
+reports what the method did (rounds, iterations, arm probabilities; JSON-ready).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class PoolStream:
 
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray] | None:
         return None
+
+    def stats(self) -> dict:
+        return {}
 
 
 class CollectingStream(PoolStream):

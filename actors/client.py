@@ -67,4 +67,5 @@ class ClientActor:
             "unspent": self.source.remaining,
             "seconds": time.perf_counter() - start,
             "transfer": self.source.transfer_set(),
+            "stats": self.source.stats(),
         }

@@ -91,7 +91,7 @@ class DFME:
         self.student = models.build(arch, self.input_shape, num_classes)
         self._opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_generator)
         self._opt_s = torch.optim.SGD(self.student.parameters(), lr=lr_student, momentum=0.9, weight_decay=5e-4)
-        self._phases = self._schedule()
+        self._phases_started = 0
         self._phase: dict | None = None  # the phase whose queries are out: kind, z, queries, answers
         self._queue = np.zeros((0, *self.input_shape), np.uint8)
         self._x: list[np.ndarray] = []
@@ -108,11 +108,12 @@ class DFME:
     def remaining(self) -> int:
         return self._budget - self._sent
 
-    def _schedule(self):
-        """The phases in order, each with whether it ends an iteration."""
-        cycle = ["generator"] * self.generator_steps + ["student"] * self.student_steps
-        while True:
-            yield from ((kind, i == len(cycle) - 1) for i, kind in enumerate(cycle))
+    def _next_phase(self) -> tuple[str, bool]:
+        """The next phase's kind and whether it ends an iteration."""
+        cycle = self.generator_steps + self.student_steps
+        i = self._phases_started % cycle
+        self._phases_started += 1
+        return ("generator" if i < self.generator_steps else "student"), i == cycle - 1
 
     def _sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.generator.nz, generator=self._gen)
@@ -121,7 +122,7 @@ class DFME:
             return z, self.generator(z)
 
     def _start_phase(self) -> None:
-        kind, last = next(self._phases)
+        kind, last = self._next_phase()
         b, m = self.batch_size, self.directions
         if kind == "generator" and self.remaining < b * (m + 1):  # the budget's tail: no room for a full estimate
             b = self.remaining // (m + 1)

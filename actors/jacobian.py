@@ -94,6 +94,9 @@ class JacobianAttack:
             return np.zeros((0, *self._pending.shape[1:]), np.uint8), np.zeros((0, 0), np.float32)
         return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
 
+    def stats(self) -> dict:
+        return {"rounds": self.round, "queries_per_round": [int(n) for n in self.queries_per_round]}
+
     def substitute(self) -> torch.nn.Module:
         """A substitute trained from scratch on every answer so far."""
         x, y = self.transfer_set()

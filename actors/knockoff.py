@@ -47,13 +47,28 @@ class KnockoffRandom(CollectingStream):
 
 
 
+def coarse_groups(images: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Group id per image: k-means (scikit-learn) on the images average-pooled to at most 14x14, so a bandit
+    can work on a pool without labels, or on coarser arms than its classes."""
+    from sklearn.cluster import KMeans
+
+    x = images.astype(np.float32) / 255
+    f = max(1, x.shape[2] // 14)
+    n, c, h, w = x.shape
+    x = x[:, :, :h // f * f, :w // f * f].reshape(n, c, h // f, f, w // f, f).mean((3, 5)).reshape(n, -1)
+    if k > len(x):
+        raise ConfigError(f"adaptive.clusters={k} exceeds the {len(x)} pool images; expected at most {len(x)}")
+    return KMeans(k, n_init=1, random_state=seed).fit_predict(x).astype(np.int64)
+
+
 REWARDS = ("certainty", "diversity", "loss")
 
 
 class KnockoffAdaptive(CollectingStream):
     """Knockoff Nets, adaptive strategy (Orekondy et al. 2019): a gradient bandit over the pool's classes.
 
-    Each query picks a class a ~ softmax(H), then an unused image of that class. Its reward is the sum of the
+    ``pool_labels`` name the arms: the pool's classes, or coarse groups (:func:`coarse_groups`).
+    Each query picks an arm a ~ softmax(H), then an unused image of that arm. Its reward is the sum of the
     chosen signals, each standardised by its running mean and deviation:
     - certainty: the margin between the victim's two largest probabilities;
     - diversity: how much the answer exceeds the mean of the last ``window`` answers, sum_k max(0, y_k - mean_k);
@@ -96,6 +111,9 @@ class KnockoffAdaptive(CollectingStream):
         h = np.where(live, self.preferences, -np.inf)
         p = np.exp(h - h[live].max())
         return p / p.sum()
+
+    def stats(self) -> dict:
+        return {"arms": [int(a) for a in self.actions], "policy": [round(float(p), 4) for p in self.policy()]}
 
     def propose(self, n: int) -> np.ndarray:
         n = min(n, self.remaining)

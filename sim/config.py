@@ -87,7 +87,22 @@ class JacobianConfig(_Strict):
     substitute_epochs: int = Field(10, ge=1, description="substitute training epochs per round")
 
 
+class DFMEConfig(_Strict):
+    batch: int = Field(64, ge=1, description="generator images per step (B)")
+    directions: int = Field(1, ge=1, description="random directions per image of the gradient estimate (m)")
+    step: float | None = Field(None, gt=0, le=1, description="forward-difference step, L2 norm in [0, 1] pixel "
+                                                             "units (default sqrt(C*H*W)/255: one gray level RMS)")
+    generator_steps: int = Field(1, ge=1, description="generator updates per iteration")
+    student_steps: int = Field(5, ge=1, description="student updates per iteration")
+    lr_student: float = Field(0.1, gt=0, description="student SGD learning rate (momentum 0.9)")
+    lr_generator: float = Field(1e-4, gt=0, description="generator Adam learning rate")
+    nz: int = Field(100, ge=1, description="generator noise dimension")
+
+
 class AdaptiveConfig(_Strict):
+    arms: Literal["labels", "clusters"] = Field("labels", description="bandit arms: the pool's classes, or coarse "
+                                                                       "groups found by k-means on the pool images")
+    clusters: int = Field(10, ge=2, description="k-means groups when arms=clusters")
     lr: float = Field(0.01, gt=0, description="gradient-bandit step size")
     rewards: list[Literal["certainty", "diversity", "loss"]] = Field(
         ["certainty", "diversity", "loss"], min_length=1, description="reward signals, summed once standardised")
@@ -95,8 +110,9 @@ class AdaptiveConfig(_Strict):
 
 
 class AttackerConfig(_Strict):
-    attack: Literal["knockoff", "jbda", "jb_self", "jb_top3"] = "knockoff"
-    pool: str = Field("digits", description="natural query pool (a dataset name; Knockoff)")
+    attack: Literal["knockoff", "jbda", "jb_self", "jb_top3", "dfme"] = "knockoff"
+    pool: str = Field("digits", description="natural query pool of Knockoff: a dataset name, or several joined "
+                                            "by '+' (their train and test images together)")
     strategy: Literal["random", "adaptive"] = Field("random", description="Knockoff: random sampling or the "
                                                                          "gradient bandit over the pool's classes")
     adaptive: AdaptiveConfig = AdaptiveConfig()
@@ -104,6 +120,7 @@ class AttackerConfig(_Strict):
                                                                  "the budget may exceed the pool")
     augment: bool = Field(False, description="Knockoff: shift (up to 2 px) and rescale the brightness of each query")
     jacobian: JacobianConfig = JacobianConfig()
+    dfme: DFMEConfig = DFMEConfig()
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
     actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")
@@ -204,7 +221,8 @@ class ScenarioConfig(_Strict):
         for aid, att in self.attackers.items():
             if not aid.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
-            data.check_name(f"attackers.{aid}.pool", att.pool)
+            for part in att.pool.split("+"):
+                data.check_name(f"attackers.{aid}.pool", part)
             if att.replica.arch is not None:
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
         return self

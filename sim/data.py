@@ -156,6 +156,21 @@ def check_name(field: str, name: str) -> None:
     registry.check_name("dataset", field, name, _REGISTRY)
 
 
+def load_pool(spec: str, root: str | None = None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A query pool: the train and test images of a dataset, or of several joined by '+' (``mnist5k+digits``),
+    with their labels, offset per dataset so that the classes of different datasets stay apart."""
+    images, labels, offset = [], [], 0
+    for name in spec.split("+"):
+        ds = load(name, root, download)
+        if images and ds.input_shape != images[0].shape[1:]:
+            raise DataError(f"pool {spec!r}: {name} has images of shape {ds.input_shape}, the others "
+                            f"{images[0].shape[1:]}; expected datasets of one image shape")
+        images.append(ds.all_images())
+        labels.append(np.concatenate([ds.y_train, ds.y_test]) + offset)
+        offset += ds.num_classes
+    return np.concatenate(images), np.concatenate(labels)
+
+
 @functools.lru_cache(maxsize=8)
 def load(name: str, root: str | None = None, download: bool = False) -> Dataset:
     """Load a registered dataset (cached per process)."""

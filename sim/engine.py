@@ -153,6 +153,8 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
         shares = split_evenly(att.accounts, att.actors)
         if att.attack == "knockoff":
             sources = _knockoff_sources(cfg, aid, att, ds, budgets)
+        elif att.attack == "dfme":
+            sources = _dfme_sources(cfg, aid, att, ds, budgets)
         else:
             sources, seeds = _jacobian_sources(cfg, aid, att, ds, budgets)
             held_out |= seeds
@@ -172,10 +174,9 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
 
 def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> list:
     """One Knockoff source per actor, each with its own shard of the shuffled pool."""
-    from actors.knockoff import KnockoffAdaptive, KnockoffRandom
+    from actors.knockoff import KnockoffAdaptive, KnockoffRandom, coarse_groups
 
-    pool_ds = data.load(att.pool, cfg.data.root, cfg.data.download)
-    pool = pool_ds.all_images()
+    pool, labels = data.load_pool(att.pool, cfg.data.root, cfg.data.download)
     if pool.shape[1:] != ds.x_train.shape[1:]:
         raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
                           f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
@@ -184,7 +185,8 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
                           f"{att.pool!r} (Knockoff samples without replacement); expected at most {len(pool)}, or "
                           f"attackers.{aid}.sample_with_replacement=true")
     if att.strategy == "adaptive":  # each actor its own bandit over its own shard of the pool
-        labels = np.concatenate([pool_ds.y_train, pool_ds.y_test])
+        if att.adaptive.arms == "clusters":
+            labels = coarse_groups(pool, att.adaptive.clusters, derive_seed(cfg.seed, "groups", aid))
         order = np.random.default_rng(derive_seed(cfg.seed, "pool", aid)).permutation(len(pool))
         shards = [order[i::att.actors] for i in range(att.actors)]
         return [KnockoffAdaptive(pool[sh], labels[sh], b, arch=att.replica.arch or cfg.victim.arch,
@@ -193,6 +195,18 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
                 for i, (sh, b) in enumerate(zip(shards, budgets))]
     return [KnockoffRandom(pool, b, seed=derive_seed(cfg.seed, "pool", aid), shard=(i, att.actors),
                            replacement=att.sample_with_replacement, augment=att.augment)
+            for i, b in enumerate(budgets)]
+
+
+def _dfme_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> list:
+    """One DFME source per actor: its own generator and student, its share of the budget."""
+    from actors.dfme import DFME
+
+    d = att.dfme
+    return [DFME(ds.input_shape, b, arch=att.replica.arch or cfg.victim.arch, num_classes=ds.num_classes,
+                 batch_size=d.batch, directions=d.directions, step=d.step, generator_steps=d.generator_steps,
+                 student_steps=d.student_steps, lr_student=d.lr_student, lr_generator=d.lr_generator, nz=d.nz,
+                 seed=derive_seed(cfg.seed, "dfme", aid, i))
             for i, b in enumerate(budgets)]
 
 
@@ -453,6 +467,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
             "accounts_flagged": len(flagged & accts),
             "accounts_burned": sum(len(r["burned"]) for r in mine),
             "labels": att.replica.labels, "replica_test_accuracy": None, "replica_fidelity": None,
+            "stats": [r["stats"] for r in mine],  # what the method did, per actor
         }
         for key, suffix in ((aid, ""), (f"{aid}:undefended", "_undefended")):
             if key in replicas:

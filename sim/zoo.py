@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock
 from torch import nn
@@ -46,8 +47,17 @@ def state_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim") -> str:
-    spec = {"dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+def fingerprint(ds: data.Dataset) -> str:
+    """A short digest of a dataset's shapes and labels: two copies of a dataset that differ (another
+    ``data.root``, a truncated download) do not share cached victims."""
+    digest = hashlib.sha1(repr((ds.x_train.shape, ds.x_test.shape)).encode())
+    for labels in (ds.y_train, ds.y_test):
+        digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()[:12]
+
+
+def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str | None = None) -> str:
+    spec = {"data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
             "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind, "training": cfg.training}
     if cfg.training == "dp_sgd":
         spec["dp"] = cfg.dp.model_dump()
@@ -86,7 +96,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     """Load the cached victim for this config, or train and cache it (standard, outlier exposure or
     DP-SGD training, per ``cfg.training``)."""
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
-    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed)}.pt"
+    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
 
@@ -118,7 +128,8 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
     """The misinformation model of adaptive misinformation: the victim's architecture trained on the
     victim's training data to put little probability on the true class; cached like victims."""
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
-    key = victim_key(cfg.model_copy(update={"training": "standard"}), seed, kind="misinformation")
+    key = victim_key(cfg.model_copy(update={"training": "standard"}), seed, kind="misinformation",
+                     data_id=fingerprint(ds))
     path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-misinformation-{key}.pt"
     torch.manual_seed(seed + 1)
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)

@@ -1,5 +1,6 @@
 """The Jacobian-attack scenarios end to end on tiny budgets."""
 
+import numpy as np
 import pytest
 
 import sim
@@ -56,3 +57,51 @@ def test_adaptive_knockoff_runs_over_two_actors(ray_serve, small_overrides):
         "attackers.single.batch_size=16", "attackers.single.replica.epochs=8", "benign.users=0"], quiet=True)
     att = s["attackers"][0]
     assert att["queries"] == 160 and att["replica_test_accuracy"] > 0.2
+
+
+def test_dfme_scenario_reports_its_iterations(ray_serve, cache_dir, tmp_path):
+    s = sim.run("dfme", [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY,
+                         "attackers.dfme.budget=112", "attackers.dfme.dfme.batch=8", "attackers.dfme.batch_size=20",
+                         "attackers.dfme.replica.epochs=2"], quiet=True)
+    (att,) = s["attackers"]
+    (stats,) = att["stats"]
+    assert stats["queries_per_iteration"] == 8 * (1 * (1 + 1) + 5) == 56
+    assert stats["iterations"] == 2 and stats["generator_updates"] == 2 and stats["student_updates"] == 10
+    assert stats["unmoved_perturbations"] == 0.0  # the default step survives 8-bit rounding
+    assert att["queries"] == 112 and s["queries"]["logged"] == s["queries"]["total"]
+    assert att["replica_test_accuracy"] is not None
+
+
+def _write_idx(path, arr):
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + np.ascontiguousarray(arr, np.uint8).tobytes())
+
+
+def test_fashion_knockoff_scenario_on_a_small_copy_of_fashion_mnist(ray_serve, cache_dir, tmp_path):
+    """The scenario end to end, victim trained on 1,200 Fashion-MNIST images (or, on a machine without the
+    Debian package, MNIST digits written as the same IDX files): the IDX reader, the two-dataset pool, and a
+    budget beyond the pool's size."""
+    from sim import data
+
+    try:
+        full = data.load("fashion_mnist")
+    except data.DataError:
+        full = data.load("mnist5k")
+    root = tmp_path / "fashion"
+    root.mkdir()
+    for split, x, y in (("train", full.x_train[:1000], full.y_train[:1000]),
+                        ("t10k", full.x_test[:200], full.y_test[:200])):
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", x[:, 0])
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", y)
+    s = sim.run("fashion_knockoff", [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", f"data.root={root}",
+                                     "victim.epochs=2", "benign.queries=40", "attackers.knockoff.budget=7000",
+                                     "attackers.knockoff.batch_size=256", "serve.max_images=256",
+                                     "attackers.knockoff.replica.epochs=1"], quiet=True)
+    assert s["victim"]["dataset"] == "fashion_mnist" and s["evaluation"]["replica_test_images"] == 200
+    (att,) = s["attackers"]
+    assert att["pool"] == "mnist5k+digits" and att["queries"] == 7000 > 5000 + 1797
+    assert s["queries"]["logged"] == s["queries"]["total"] == 7080

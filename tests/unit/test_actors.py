@@ -221,3 +221,38 @@ def test_replica_training_is_deterministic_for_a_seed():
     pa, pb, pc_ = (predict_probs(m, ds.x_test) for m in (a, b, c))
     np.testing.assert_array_equal(pa, pb)
     assert not np.array_equal(pa, pc_)
+
+
+def test_coarse_groups_separate_distinct_images_and_are_seeded():
+    from actors.knockoff import coarse_groups
+
+    rng = np.random.default_rng(0)
+    kinds = np.repeat(np.arange(3), 30)  # three kinds of image: dark, mid-grey, bright, plus noise
+    pool = np.clip(kinds[:, None, None, None] * 100 + rng.integers(0, 20, (90, 1, 28, 28)), 0, 255).astype(np.uint8)
+    groups = coarse_groups(pool, 3, seed=1)
+    assert len(set(zip(kinds, groups))) == 3  # each kind is exactly one group
+    assert np.array_equal(groups, coarse_groups(pool, 3, seed=1))
+    with pytest.raises(Exception, match="clusters=100 exceeds the 90 pool images"):
+        coarse_groups(pool, 100)
+
+
+def test_adaptive_knockoff_over_coarse_groups_of_an_unlabelled_pool():
+    from actors.knockoff import KnockoffAdaptive, coarse_groups
+
+    pool = data.load("digits").all_images()[:300]
+    groups = coarse_groups(pool, 5, seed=0)
+    att = KnockoffAdaptive(pool, groups, 120, arch="lenet", num_classes=10, seed=0)
+    sent = []
+    while att.remaining:
+        x = att.propose(32)
+        probs = np.random.default_rng(len(sent)).dirichlet(np.ones(10), len(x)).astype(np.float32)
+        att.observe(x, probs, np.ones(len(x), bool))
+        sent.append(x)
+    assert sum(map(len, sent)) == 120 and len(att.stats()["policy"]) == 5
+    assert np.isclose(sum(att.stats()["policy"]), 1, atol=1e-3)
+
+
+def test_a_pool_of_several_datasets_keeps_their_classes_apart():
+    pool, labels = data.load_pool("mnist5k+digits")
+    assert len(pool) == 5000 + 1797 and pool.shape[1:] == (1, 28, 28)
+    assert set(labels[:5000]) == set(range(10)) and set(labels[5000:]) == set(range(10, 20))

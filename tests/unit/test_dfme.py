@@ -116,3 +116,12 @@ def test_mean_corrected_logits_recover_logits_up_to_a_shift():
     assert torch.allclose(recovered, logits - logits.mean(1, keepdim=True), atol=1e-4)
     assert torch.isfinite(mean_corrected_logits(torch.eye(10))).all()  # zero probabilities: no log 0
     assert torch.allclose(disagreement(logits + 5, torch.softmax(logits, 1)), torch.zeros(6), atol=1e-4)
+
+
+def test_an_attack_pickles_mid_phase_for_ray(victim):
+    import pickle
+
+    attack = DFME((1, 28, 28), 500, arch="lenet", num_classes=10, batch_size=8)
+    x = attack.propose(5)
+    clone = pickle.loads(pickle.dumps(attack))
+    assert np.array_equal(clone.propose(50), attack.propose(50))

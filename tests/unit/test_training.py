@@ -66,3 +66,15 @@ def test_zoo_keys_separate_training_modes_and_cache_the_misinformation_model(tmp
     b = zoo.get_misinformation_model(base, DataConfig(), 0, str(tmp_path))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert len(list((tmp_path / "victims").glob("*misinformation*.pt"))) == 1
+
+
+def test_two_copies_of_a_dataset_that_differ_do_not_share_a_cached_victim(tmp_path):
+    import dataclasses
+
+    ds = data.load("digits")
+    other = dataclasses.replace(ds, y_train=np.roll(ds.y_train, 1))
+    assert zoo.fingerprint(ds) == zoo.fingerprint(data.load("digits"))
+    assert zoo.fingerprint(ds) != zoo.fingerprint(other)
+    assert zoo.fingerprint(ds) != zoo.fingerprint(dataclasses.replace(ds, x_test=ds.x_test[:-1]))
+    cfg = VictimConfig()
+    assert zoo.victim_key(cfg, 0, data_id=zoo.fingerprint(ds)) != zoo.victim_key(cfg, 0, data_id=zoo.fingerprint(other))

@@ -1,0 +1,127 @@
+"""Replica accuracy and fidelity of every attack against the undefended LeNet, versus the query budget.
+
+    python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
+                                 [--budgets 1000 5000 10000 50000] [--out benchmarks/results/attacks.json]
+
+Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
+``single_knockoff`` for ``mnist5k``, with ``attack=`` switched), driven in this process against the victim's
+clean answers (no Serve, no log: this measures the attacks, not the service), then a replica trained on its
+transfer set and evaluated on the victim's test split minus any attack seeds. Settings per attack:
+- knockoff: random strategy, pool ``mnist5k+digits`` (Fashion-MNIST victim) or ``digits`` (mnist5k victim),
+  drawn with replacement and augmented, so every budget is possible;
+- jbda / jb_self / jb_top3: 150 seeds from the victim's test split, lambda 0.1, tau 3, up to 20 rounds (the
+  budget ends the attack), substitute 10 epochs per round;
+- dfme: B = 64, m = 1, 1 generator and 5 student steps per iteration (448 queries per iteration).
+Replicas: the victim's LeNet, soft labels, Adam 1e-3, batch 64, 20 epochs (10 at budgets above 10,000).
+Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
+keeps what it measured; cells already in --out are skipped unless --fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from sim import config, engine, zoo
+from sim.training import accuracy, fidelity, predict_probs
+
+SCENARIO = {"fashion_mnist": ("fashion_knockoff", "knockoff", "mnist5k+digits"), "mnist5k": ("single_knockoff", "single", "digits")}
+PAPER = {"jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7, "knockoff": 69.2}  # MAD paper, Fashion-MNIST, 50k queries
+
+
+def replica_epochs(budget: int) -> int:
+    return 20 if budget <= 10_000 else 10
+
+
+def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
+    from actors.replica import train_replica
+
+    scenario, aid, pool = SCENARIO[dataset]
+    cfg = config.load(scenario, [
+        f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
+        f"attackers.{aid}.pool={pool}", f"attackers.{aid}.sample_with_replacement=true",
+        f"attackers.{aid}.augment=true", f"attackers.{aid}.jacobian.rounds=20",
+        f"attackers.{aid}.replica.epochs={replica_epochs(budget)}"])
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    ds = victim.dataset
+    plan = engine.plan_clients(cfg, ds)
+    (client,) = plan.of(attacker=aid)
+    source, start = client.source, time.perf_counter()
+    while source.remaining:
+        x = source.propose(256)
+        source.observe(x, predict_probs(victim.model, x), np.ones(len(x), bool))
+    attack_seconds = time.perf_counter() - start
+    x, y = source.transfer_set()
+    att = cfg.attackers[aid]
+    start = time.perf_counter()
+    model = train_replica(x, y, arch=cfg.victim.arch, input_shape=ds.input_shape, num_classes=ds.num_classes,
+                          cfg=att.replica, seed=engine.derive_seed(cfg.seed, "replica", aid))
+    keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))
+    pred = predict_probs(model, ds.x_test[keep]).argmax(1)
+    victim_pred = predict_probs(victim.model, ds.x_test[keep]).argmax(1)
+    return {"dataset": dataset, "attack": attack, "budget": budget, "queries": int(len(x)),
+            "victim_accuracy": round(victim.test_accuracy, 4),
+            "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
+            "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
+            "attack_seconds": round(attack_seconds, 1), "replica_seconds": round(time.perf_counter() - start, 1),
+            "stats": source.stats()}
+
+
+def table(cells: list[dict]) -> str:
+    lines = []
+    for dataset in dict.fromkeys(c["dataset"] for c in cells):
+        mine = [c for c in cells if c["dataset"] == dataset]
+        budgets = sorted({c["budget"] for c in mine})
+        paper = dataset == "fashion_mnist"
+        lines += [f"**{dataset}** (victim LeNet, test accuracy {mine[0]['victim_accuracy']:.3f}): replica accuracy / "
+                  f"fidelity, %", "",
+                  "| attack | " + " | ".join(f"{b:,}" for b in budgets) + (" | MAD paper, 50k |" if paper else " |"),
+                  "|---|" + "---:|" * (len(budgets) + paper)]
+        for attack in dict.fromkeys(c["attack"] for c in mine):
+            row = {c["budget"]: c for c in mine if c["attack"] == attack}
+            vals = [f"{100 * row[b]['replica_accuracy']:.1f} / {100 * row[b]['fidelity']:.1f}" if b in row else "–"
+                    for b in budgets]
+            extra = [f"{PAPER[attack]:.1f}" if attack in PAPER else "–"] if paper else []
+            lines.append(f"| {attack} | " + " | ".join(vals + extra) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist5k"], choices=list(SCENARIO))
+    ap.add_argument("--attacks", nargs="+", default=["knockoff", "jbda", "jb_self", "jb_top3", "dfme"])
+    ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 5000, 10000, 50000])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="measure every cell again")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    cells = []
+    if os.path.exists(args.out) and not args.fresh:
+        cells = json.load(open(args.out))["cells"]
+    done = {(c["dataset"], c["attack"], c["budget"]) for c in cells}
+    todo = [(d, a, b) for d in args.datasets for a in args.attacks for b in args.budgets if (d, a, b) not in done]
+    for i, (dataset, attack, budget) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ...", flush=True)
+        cell = run_cell(dataset, attack, budget)
+        print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
+              f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
+        cells.append(cell)
+        with open(args.out, "w") as fh:
+            json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                       "torch_threads": args.threads, "cells": cells}, fh, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+            fh.write(table(cells))
+    print(table(cells))
+
+
+if __name__ == "__main__":
+    main()

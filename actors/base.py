@@ -39,20 +39,34 @@ class PoolStream:
         return {}
 
 
+class TransferSet:
+    """The answered queries and their answers, collected as they come: what a replica trains on."""
+
+    def __init__(self, image_shape: tuple[int, ...]):
+        self.image_shape = tuple(image_shape)
+        self._x: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
+        if answered.any():
+            self._x.append(x[answered])
+            self._y.append(probs[answered])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._x:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros((0, 0), np.float32)
+        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+
+
 class CollectingStream(PoolStream):
     """A pool stream that keeps every answered query and its answer as the replica's transfer set."""
 
     def __init__(self, images: np.ndarray, order: np.ndarray):
         super().__init__(images, order)
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
+        self.collected = TransferSet(images.shape[1:])
 
     def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
-        if answered.any():
-            self._x.append(x[answered])
-            self._y.append(probs[answered])
+        self.collected.add(x, probs, answered)
 
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._x:
-            return np.zeros((0, *self.images.shape[1:]), np.uint8), np.zeros((0, 0), np.float32)
-        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+        return self.collected.arrays()

@@ -31,6 +31,8 @@ from sim import models
 from sim.errors import ConfigError
 from sim.training import to_float
 
+from .base import TransferSet
+
 
 class Generator(nn.Module):
     """Noise (N, nz) -> images (N, C, H, W) in [0, 1]: a linear map to (2w, H/4, W/4), two 2x upsampling
@@ -94,8 +96,7 @@ class DFME:
         self._phases_started = 0
         self._phase: dict | None = None  # the phase whose queries are out: kind, z, queries, answers
         self._queue = np.zeros((0, *self.input_shape), np.uint8)
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
+        self.collected = TransferSet(self.input_shape)
         self.iterations = 0  # full iterations done
         self.generator_updates = self.student_updates = 0
         self._perturbed = self._unmoved = 0
@@ -151,9 +152,7 @@ class DFME:
         return x
 
     def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
-        if answered.any():
-            self._x.append(x[answered])
-            self._y.append(probs[answered])
+        self.collected.add(x, probs, answered)
         phase = self._phase
         phase["probs"].append(np.asarray(probs, np.float32))
         phase["answered"].append(np.asarray(answered, bool))
@@ -200,9 +199,7 @@ class DFME:
             self.student_updates += 1
 
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._x:
-            return np.zeros((0, *self.input_shape), np.uint8), np.zeros((0, 0), np.float32)
-        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+        return self.collected.arrays()
 
     def stats(self) -> dict:
         return {"iterations": self.iterations, "queries_per_iteration": self.queries_per_iteration,

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from sim import models
 from sim.training import predict_probs, to_float, train_classifier
 
+from .base import TransferSet
+
 VARIANTS = ("jbda", "jb_self", "jb_top3")
 
 
@@ -62,8 +64,7 @@ class JacobianAttack:
         self.round = 0  # augmentation rounds done
         self._pending = np.asarray(seeds, np.uint8)[:budget]
         self._pending_labels = np.asarray(seed_labels, np.int64)[:budget]  # ground truth, inherited (jbda)
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
+        self.collected = TransferSet(self._pending.shape[1:])
         self._labels: list[np.ndarray] = []
         self._in_flight: np.ndarray | None = None
         self.queries_per_round: list[int] = [len(self._pending)]
@@ -84,15 +85,11 @@ class JacobianAttack:
         return x
 
     def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
-        if answered.any():
-            self._x.append(x[answered])
-            self._y.append(probs[answered])
-            self._labels.append(self._in_flight[answered])
+        self.collected.add(x, probs, answered)
+        self._labels.append(self._in_flight[answered])
 
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
-        if not self._x:
-            return np.zeros((0, *self._pending.shape[1:]), np.uint8), np.zeros((0, 0), np.float32)
-        return np.concatenate(self._x), np.concatenate(self._y).astype(np.float32)
+        return self.collected.arrays()
 
     def stats(self) -> dict:
         return {"rounds": self.round, "queries_per_round": [int(n) for n in self.queries_per_round]}
@@ -106,7 +103,7 @@ class JacobianAttack:
 
     def _grow(self) -> None:
         """One augmentation round: the next queries, grown from every point queried so far."""
-        if self.round >= self.rounds or not self._x:
+        if self.round >= self.rounds or not any(len(lab) for lab in self._labels):
             self._pending = self._pending[:0]
             self.round = self.rounds
             return

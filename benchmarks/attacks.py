@@ -108,7 +108,8 @@ def main() -> None:
     if os.path.exists(args.out) and not args.fresh:
         cells = json.load(open(args.out))["cells"]
     done = {(c["dataset"], c["attack"], c["budget"]) for c in cells}
-    todo = [(d, a, b) for d in args.datasets for a in args.attacks for b in args.budgets if (d, a, b) not in done]
+    todo = [(d, a, b) for b in sorted(args.budgets) for d in args.datasets for a in args.attacks  # small budgets first
+            if (d, a, b) not in done]
     for i, (dataset, attack, budget) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ...", flush=True)
         cell = run_cell(dataset, attack, budget)

@@ -36,8 +36,10 @@ def derive_seed(seed: int, *names: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-# Serve handles over gRPC: ~1.5x the handle throughput of the default transport on 2 cores
-LOCAL_RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+# Serve handles over gRPC: ~1.5x the handle throughput of the default transport on 2 cores. Serve kills an HTTP
+# proxy not ready within 5 s; on 2 busy cores (a benchmark beside a run) its start-up takes longer than that.
+LOCAL_RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 _RAY_INIT = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 

@@ -57,7 +57,7 @@ def coarse_groups(images: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     n, c, h, w = x.shape
     x = x[:, :, :h // f * f, :w // f * f].reshape(n, c, h // f, f, w // f, f).mean((3, 5)).reshape(n, -1)
     if k > len(x):
-        raise ConfigError(f"adaptive.clusters={k} exceeds the {len(x)} pool images; expected at most {len(x)}")
+        raise ValueError(f"{k} groups asked of {len(x)} pool images; expected at most {len(x)}")
     return KMeans(k, n_init=1, random_state=seed).fit_predict(x).astype(np.int64)
 
 

@@ -188,6 +188,9 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
                           f"attackers.{aid}.sample_with_replacement=true")
     if att.strategy == "adaptive":  # each actor its own bandit over its own shard of the pool
         if att.adaptive.arms == "clusters":
+            if att.adaptive.clusters > len(pool):
+                raise ConfigError(f"attackers.{aid}.adaptive.clusters={att.adaptive.clusters} exceeds the {len(pool)} "
+                                  f"images of pool {att.pool!r}; expected at most {len(pool)}")
             labels = coarse_groups(pool, att.adaptive.clusters, derive_seed(cfg.seed, "groups", aid))
         order = np.random.default_rng(derive_seed(cfg.seed, "pool", aid)).permutation(len(pool))
         shards = [order[i::att.actors] for i in range(att.actors)]

@@ -232,7 +232,7 @@ def test_coarse_groups_separate_distinct_images_and_are_seeded():
     groups = coarse_groups(pool, 3, seed=1)
     assert len(set(zip(kinds, groups))) == 3  # each kind is exactly one group
     assert np.array_equal(groups, coarse_groups(pool, 3, seed=1))
-    with pytest.raises(Exception, match="clusters=100 exceeds the 90 pool images"):
+    with pytest.raises(ValueError, match="100 groups asked of 90 pool images"):
         coarse_groups(pool, 100)
 
 

@@ -41,6 +41,10 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("detector.prada.acton=refuse", "unknown key 'detectors.prada.acton'"),
     ("detector=5", "detector=5 must be a mapping"),
     ("attackers.single.split=zigzag", "attackers.single.split must be 'round_robin', 'random' or 'blocks'"),
+    ("attackers.single.pool=digits+imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
+    ("attackers.single.attack=gan", "attackers.single.attack must be 'knockoff', 'jbda', 'jb_self', 'jb_top3' or 'dfme'"),
+    ("attackers.single.dfme.step=0", "attackers.single.dfme.step must be > 0, got 0"),
+    ("attackers.single.adaptive.arms=pixels", "attackers.single.adaptive.arms must be 'labels' or 'clusters'"),
 ])
 def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(override, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -207,3 +211,14 @@ def test_adaptive_misinformation_with_an_outlier_exposure_victim_is_accepted():
     cfg = config.load("single_knockoff", ["defense=adaptive_misinformation", "defense.tau=0.6",
                                           "victim.training=outlier_exposure"])
     assert cfg.defense.spec() == {"name": "adaptive_misinformation", "tau": 0.6}
+
+
+def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
+    from sim import data
+    from sim.engine import plan_clients
+
+    cfg = config.load("single_knockoff", ["attackers.single.strategy=adaptive", "attackers.single.adaptive.arms=clusters",
+                                          "attackers.single.adaptive.clusters=5000"])
+    with pytest.raises(ConfigError, match="attackers.single.adaptive.clusters=5000 exceeds the 1797 images of pool "
+                                          "'digits'; expected at most 1797"):
+        plan_clients(cfg, data.load("mnist5k"))

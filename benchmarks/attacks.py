@@ -31,7 +31,10 @@ import torch
 from sim import config, engine, zoo
 from sim.training import accuracy, fidelity, predict_probs
 
-SCENARIO = {"fashion_mnist": ("fashion_knockoff", "knockoff", "mnist5k+digits"), "mnist5k": ("single_knockoff", "single", "digits")}
+SCENARIO = {  # dataset -> (scenario, its attacker id, Knockoff's pool)
+    "fashion_mnist": ("fashion_knockoff", "knockoff", "mnist5k+digits"),
+    "mnist5k": ("single_knockoff", "single", "digits"),
+}
 PAPER = {"jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7, "knockoff": 69.2}  # MAD paper, Fashion-MNIST, 50k queries
 
 

@@ -217,7 +217,8 @@ def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
     from sim import data
     from sim.engine import plan_clients
 
-    cfg = config.load("single_knockoff", ["attackers.single.strategy=adaptive", "attackers.single.adaptive.arms=clusters",
+    cfg = config.load("single_knockoff", ["attackers.single.strategy=adaptive",
+                                          "attackers.single.adaptive.arms=clusters",
                                           "attackers.single.adaptive.clusters=5000"])
     with pytest.raises(ConfigError, match="attackers.single.adaptive.clusters=5000 exceeds the 1797 images of pool "
                                           "'digits'; expected at most 1797"):

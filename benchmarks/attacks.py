@@ -63,7 +63,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
     x, y = source.transfer_set()
     att = cfg.attackers[aid]
     start = time.perf_counter()
-    model = train_replica(x, y, arch=cfg.victim.arch, input_shape=ds.input_shape, num_classes=ds.num_classes,
+    model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
                           cfg=att.replica, seed=engine.derive_seed(cfg.seed, "replica", aid))
     keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)

@@ -194,6 +194,10 @@ class ScenarioConfig(_Strict):
     undefended_baseline: bool = Field(True, description="with a defense on, also train each attacker's replica on "
                                                         "the clean answers to its queries, for comparison")
 
+    def replica_arch(self, aid: str) -> str:
+        """The architecture of attacker ``aid``'s replica (and substitute, student): its own, or the victim's."""
+        return self.attackers[aid].replica.arch or self.victim.arch
+
     @model_validator(mode="after")
     def _names_are_valid(self):
         from . import data, defenses, models  # late: registries import torch

@@ -194,7 +194,7 @@ def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
             labels = coarse_groups(pool, att.adaptive.clusters, derive_seed(cfg.seed, "groups", aid))
         order = np.random.default_rng(derive_seed(cfg.seed, "pool", aid)).permutation(len(pool))
         shards = [order[i::att.actors] for i in range(att.actors)]
-        return [KnockoffAdaptive(pool[sh], labels[sh], b, arch=att.replica.arch or cfg.victim.arch,
+        return [KnockoffAdaptive(pool[sh], labels[sh], b, arch=cfg.replica_arch(aid),
                                  num_classes=ds.num_classes, seed=derive_seed(cfg.seed, "bandit", aid, i),
                                  lr=att.adaptive.lr, rewards=tuple(att.adaptive.rewards), window=att.adaptive.window)
                 for i, (sh, b) in enumerate(zip(shards, budgets))]
@@ -208,7 +208,7 @@ def _dfme_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets:
     from actors.dfme import DFME
 
     d = att.dfme
-    return [DFME(ds.input_shape, b, arch=att.replica.arch or cfg.victim.arch, num_classes=ds.num_classes,
+    return [DFME(ds.input_shape, b, arch=cfg.replica_arch(aid), num_classes=ds.num_classes,
                  batch_size=d.batch, directions=d.directions, step=d.step, generator_steps=d.generator_steps,
                  student_steps=d.student_steps, lr_student=d.lr_student, lr_generator=d.lr_generator, nz=d.nz,
                  seed=derive_seed(cfg.seed, "dfme", aid, i))
@@ -230,7 +230,7 @@ def _jacobian_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budg
     idx = np.random.default_rng(derive_seed(cfg.seed, "seeds", aid)).choice(len(ds.x_test), jc.seed_size,
                                                                              replace=False)
     sources = [JacobianAttack(att.attack, ds.x_test[idx[i::att.actors]], ds.y_test[idx[i::att.actors]], b,
-                              arch=att.replica.arch or cfg.victim.arch, num_classes=ds.num_classes, lam=jc.lam,
+                              arch=cfg.replica_arch(aid), num_classes=ds.num_classes, lam=jc.lam,
                               rounds=jc.rounds, tau=jc.tau, substitute_epochs=jc.substitute_epochs,
                               seed=derive_seed(cfg.seed, "jacobian", aid, i))
                for i, b in enumerate(budgets)]
@@ -397,7 +397,7 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: 
         if baseline:
             sets[f"{aid}:undefended"] = predict_probs(victim.model, x)
         for key, targets in sets.items():
-            refs.append(train_replica_task.remote(x, targets, att.replica.arch or cfg.victim.arch, ds.input_shape,
+            refs.append(train_replica_task.remote(x, targets, cfg.replica_arch(aid), ds.input_shape,
                                                   ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
                                                   board, key))
             order.append(key)
@@ -476,7 +476,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
         }
         for key, suffix in ((aid, ""), (f"{aid}:undefended", "_undefended")):
             if key in replicas:
-                model = models.build(att.replica.arch or cfg.victim.arch, ds.input_shape, ds.num_classes)
+                model = models.build(cfg.replica_arch(aid), ds.input_shape, ds.num_classes)
                 model.load_state_dict(replicas[key])
                 pred = predict_probs(model, ds.x_test[keep]).argmax(1)
                 entry[f"replica_test_accuracy{suffix}"] = round(accuracy(pred, ds.y_test[keep]), 4)

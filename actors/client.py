@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import ray
 
 from .accounts import AccountSplitter
@@ -31,6 +32,28 @@ class ClientActor:
         self.batch_size = batch_size
         self.handle = serve.get_deployment_handle("victim", app_name)
         self.progress = progress
+        self.pow = {"puzzles": 0, "queries": 0, "hashes": 0, "seconds": 0.0, "max_bits": 0}
+
+    def _prove(self, key: str, reply) -> None:
+        """Solve the reply's proof-of-work puzzle, send the solution, and fill the answers into ``reply``."""
+        from sim import pow
+
+        ch = reply.challenge
+        t0 = time.perf_counter()
+        counter, hashes = pow.solve(ch["nonce"], ch["bits"])
+        seconds = time.perf_counter() - t0
+        self.pow["seconds"] += seconds
+        self.pow["hashes"] += hashes
+        self.pow["puzzles"] += 1
+        self.pow["queries"] += len(ch["indices"])
+        self.pow["max_bits"] = max(self.pow["max_bits"], ch["bits"])
+        solved = self.handle.solve.remote(key, ch["id"], counter, self.actor_id, seconds).result()
+        idx = np.asarray(ch["indices"])
+        if solved.status == 200:  # arrays from Ray's object store are read-only: copy before filling in
+            reply.answered = reply.answered.copy()
+            reply.probs = reply.probs.copy()
+            reply.answered[idx] = solved.answered
+            reply.probs[idx] = solved.probs
 
     def run(self) -> dict:
         sent: Counter = Counter()
@@ -47,6 +70,8 @@ class ClientActor:
             reply = self.handle.query.remote(pick.key, x, self.actor_id).result()
             if reply.status >= 400 and not len(reply.answered):
                 raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
+            if reply.challenge:
+                self._prove(pick.key, reply)
             answered = reply.answered
             account_of[pick.key] = reply.account_id
             if self.churn and not answered.all():
@@ -68,4 +93,5 @@ class ClientActor:
             "seconds": time.perf_counter() - start,
             "transfer": self.source.transfer_set(),
             "stats": self.source.stats(),
+            "pow": dict(self.pow),
         }

@@ -81,8 +81,8 @@ def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, 
     tmp = tempfile.mkdtemp(prefix="bench-log-")
     spec = VictimSpec(victim="bench", run_id="bench", arch=victim.arch, input_shape=victim.dataset.input_shape,
                       num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
-                      detectors={"prada": {"delta": 0.95, "min_pool": 50}} if prada else {},
-                      detector_actions={}, defense=defense or {"name": "identity"},
+                      detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}} if prada else {},
+                      rules={}, defense=defense or {"name": "identity"},
                       log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
                       misinformation=misinformation)
     app = f"bench-{int(log)}{int(prada)}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -59,15 +59,111 @@ class DefenseConfig(BaseModel):
         return self.model_dump()
 
 
-class PradaConfig(_Strict):
+class PowConfig(_Strict):
+    bits_min: int = Field(8, ge=0, le=30, description="proof-of-work bits at the detector's threshold")
+    bits_max: int = Field(16, ge=0, le=30, description="proof-of-work bits at `saturate` and above")
+    saturate: float | None = Field(None, description="score at which the puzzle reaches bits_max (default: "
+                                                     "PRADA 2 x (1 - delta); calibrated detectors the benign "
+                                                     "score quantile 1 - target_fpr / 10)")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.bits_min > self.bits_max:
+            raise ValueError(f"bits_min ({self.bits_min}) must be <= bits_max ({self.bits_max})")
+        return self
+
+
+class PolicyConfig(_Strict):
+    """What is done with the queries a detector flags (see sim.policy)."""
+
+    enabled: bool = False
+    action: Literal["answer", "refuse", "perturb", "proof_of_work"] = Field(
+        "answer", description="what a flagged query gets: answer (log only), refuse, perturb (through "
+                              "`perturb`'s defense), proof_of_work (a hash puzzle first)")
+    pow: PowConfig = PowConfig()
+    perturb: DefenseConfig = Field(DefenseConfig(name="mad"), description="the defense of action=perturb")
+
+    kind: ClassVar[str]
+
+    def params(self) -> dict[str, Any]:
+        """The detector's own parameters."""
+        skip = set(PolicyConfig.model_fields) | {"group", "target_fpr"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+
+class PradaConfig(PolicyConfig):
+    kind: ClassVar[str] = "prada"
     enabled: bool = True
     delta: float = Field(0.95, gt=0, le=1, description="Shapiro-Wilk W threshold")
     min_pool: int = Field(50, ge=3, description="distances pooled before PRADA may flag")
-    action: Literal["flag", "refuse"] = Field("flag", description="what a flagged account gets")
+    group: Literal["account", "actor", "cohort", "all"] = Field(
+        "account", description="whose queries form one history: each account, each client actor (a client "
+                               "address), each account cohort (a sign-up batch), or all traffic")
+
+
+class StatelessConfig(PolicyConfig):
+    threshold: float | None = Field(None, description="flag queries scoring above this (default: calibrated "
+                                                      "from target_fpr)")
+    target_fpr: float | None = Field(0.05, gt=0, lt=1, description="set the threshold so that this fraction of "
+                                                                   "the defender's held-out benign images is flagged")
+
+
+class SameConfig(StatelessConfig):
+    kind: ClassVar[str] = "same"
+    weight: float = Field(1.0, ge=0, description="weight of the standardised deviation term (0: reconstruction only)")
+    patch: int = Field(4, ge=1, description="MAE patch side in pixels")
+    dim: int = Field(64, ge=4, description="MAE encoder embedding size")
+    depth: int = Field(3, ge=1, description="MAE encoder blocks")
+    heads: int = Field(4, ge=1, description="attention heads")
+    decoder_dim: int = Field(64, ge=4)
+    decoder_depth: int = Field(1, ge=1)
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches hidden")
+    epochs: int = Field(100, ge=1, description="MAE training epochs")
+    aux_epochs: int = Field(10, ge=1, description="auxiliary model training epochs")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+    def params(self) -> dict[str, Any]:
+        return {"weight": self.weight, "threshold": self.threshold}
+
+    def mae_config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth",
+                                              "mask_ratio")}
+
+
+class MspConfig(StatelessConfig):
+    kind: ClassVar[str] = "msp"
+    model: Literal["victim", "oe"] = Field("victim", description="whose softmax: the served victim's, or an "
+                                                                 "outlier-exposure copy's (trained and cached)")
+
+    def params(self) -> dict[str, Any]:
+        return {"threshold": self.threshold}
+
+
+class LinkConfig(PolicyConfig):
+    kind: ClassVar[str] = "link"
+    every: int = Field(500, ge=1, description="re-cluster the accounts every this many queries")
+    min_queries: int = Field(10, ge=1, description="queries an account needs before it is linked")
+    distance: float = Field(0.3, gt=0, description="Hellinger distance at which the cluster tree is cut")
+    min_accounts: int = Field(2, ge=1, description="smallest cluster judged by PRADA")
+    delta: float = Field(0.95, gt=0, le=1, description="PRADA's W threshold on a cluster's pooled queries")
+    min_pool: int = Field(50, ge=3)
 
 
 class DetectorsConfig(_Strict):
     prada: PradaConfig = PradaConfig()
+    pooled_prada: PradaConfig = Field(PradaConfig(enabled=False, group="all"),
+                                      description="a second PRADA over pooled accounts (group=all|cohort|actor)")
+    same: SameConfig = SameConfig()
+    msp: MspConfig = MspConfig()
+    link: LinkConfig = LinkConfig()
+
+    def enabled(self) -> dict[str, PolicyConfig]:
+        """name -> config of the detectors that are on (the name prefixes their log columns)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name).enabled}
+
+    def stateful(self) -> list[str]:
+        return [n for n, d in self.enabled().items() if d.kind in ("prada", "link")]
 
 
 class ReplicaConfig(_Strict):
@@ -123,6 +219,8 @@ class AttackerConfig(_Strict):
     dfme: DFMEConfig = DFMEConfig()
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
+    cohort_size: int | None = Field(None, ge=1, description="accounts created per sign-up batch (a cohort, which "
+                                                            "the victim logs and may group by); default: all at once")
     actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")
     split: Literal["round_robin", "random", "blocks"] = "round_robin"
     account_cap: int | None = Field(None, ge=1, description="most queries one account sends, then it retires "
@@ -208,10 +306,17 @@ class ScenarioConfig(_Strict):
             if size > self.serve.max_images:
                 raise ValueError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
                                  f"request would be refused; expected at most {self.serve.max_images}")
-        if self.serve.replicas > 1 and self.detectors.prada.enabled:
-            raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.prada.enabled=true: PRADA keeps "
-                             "each account's history inside one replica, so all of an account's queries must "
-                             "reach it; expected serve.replicas=1 (or PRADA off)")
+        for name in self.detectors.stateful():
+            if self.serve.replicas > 1:
+                raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.{name}.enabled=true: {name} "
+                                 "keeps its histories inside one replica, so all queries must reach it; expected "
+                                 f"serve.replicas=1 (or {name} off)")
+        for name, det in self.detectors.enabled().items():
+            if det.action == "perturb":
+                try:
+                    defenses.check_spec(det.perturb.spec())
+                except ConfigError as exc:
+                    raise ValueError(f"detectors.{name}.perturb: {exc}") from None
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         defenses.check_spec(self.defense.spec())

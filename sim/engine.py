@@ -142,14 +142,16 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
     clients: list[ClientPlan] = []
     accounts: list[Account] = []
     for u in range(cfg.benign.users):
-        acct = Account(f"benign-{u}", "benign")
+        acct = Account(f"benign-{u}", "benign", cohort=f"benign-{u}")  # honest users sign up one by one
         accounts.append(acct)
         clients.append(ClientPlan(f"benign-{u}", "benign", None, [acct.account_id], cfg.benign.queries,
                                   cfg.benign.batch_size, "round_robin",
                                   BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u))))
     held_out: set[int] = set()
     for aid, att in cfg.attackers.items():
-        accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack) for j in range(att.accounts)]
+        per_cohort = att.cohort_size or att.accounts
+        accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack, f"{aid}-c{j // per_cohort}")
+                 for j in range(att.accounts)]
         accounts += accts
         budgets = split_evenly(att.budget, att.actors)
         shares = split_evenly(att.accounts, att.actors)
@@ -287,24 +289,44 @@ def defense_models(cfg: ScenarioConfig, victim: zoo.Victim) -> dict:
     return {"misinformation": zoo.get_misinformation_model(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)}
 
 
+def train_detectors(cfg: ScenarioConfig, victim: zoo.Victim, quiet: bool = False):
+    """The scenario's detectors (:func:`sim.detection.setup`), with a progress bar while SAME trains."""
+    from . import detection
+
+    bars: dict[str, object] = {}
+
+    def on_epoch(stage, epoch, loss):
+        if stage not in bars:
+            total = cfg.detectors.same.epochs if stage == "mae" else cfg.detectors.same.aux_epochs
+            bars[stage] = _progress(f"training SAME {stage}", total, quiet)
+        bars[stage].update(1)
+        bars[stage].set_postfix(loss=f"{loss:.4f}")
+
+    try:
+        return detection.setup(cfg, victim, on_epoch=on_epoch)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
 def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account],
-                  log_dir: str, http: bool = True) -> tuple[str, int | None]:
-    """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port)."""
+                  log_dir: str, http: bool = True, dets=None) -> tuple[str, int | None]:
+    """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port).
+    ``dets``: the :class:`sim.detection.DetectorSetup` (built here if not given)."""
     from ray import serve
 
     from .serving import VictimSpec, deploy, start_serve
 
+    dets = dets if dets is not None else train_detectors(cfg, victim, quiet=True)
     port = start_serve(cfg.serve.port, http)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # after Serve has set up its own logger
     taken = set(serve.status().applications)
     app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
-    prada = cfg.detectors.prada
     mis = defense_models(cfg, victim).get("misinformation")
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
         num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
-        detectors={"prada": prada.model_dump(include={"delta", "min_pool"})} if prada.enabled else {},
-        detector_actions={"prada": prada.action} if prada.enabled else {},
+        detectors=dets.detectors, rules=dets.rules, detector_models=dets.models,
         defense=cfg.defense.spec(), log_dir=log_dir, log_inputs=cfg.log.inputs,
         max_images=cfg.serve.max_images, threads=cfg.serve.threads,
         misinformation=mis and zoo.state_bytes(mis),
@@ -324,6 +346,9 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     run_id = new_run_id(cfg)
     victim = train_victim(cfg, quiet)
     timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
+    t0 = time.perf_counter()
+    dets = train_detectors(cfg, victim, quiet)
+    timings["detector_seconds"] = round(time.perf_counter() - t0, 2)
 
     try:
         with ray_session(cfg):
@@ -331,7 +356,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
 
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
-            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http)
+            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http, dets=dets)
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             try:
                 replicas = _query_and_train(cfg, victim, plan, app, nodes, quiet, timings)

@@ -19,6 +19,7 @@ class Account:
     account_id: str
     role: str  # attacker / benign / external
     attack: str | None = None
+    cohort: str | None = None  # accounts created together (a sign-up batch); logged, and a grouping key
 
 
 def make_keys(accounts: list[Account], seed: int | None = None) -> dict[str, Account]:
@@ -39,10 +40,15 @@ class Reply:
     reasons: list[str | None] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # -1 where refused
     probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # NaN where refused
+    # proof of work: {"id", "nonce", "bits", "indices"}: the queries at ``indices`` are answered once the
+    # client sends a counter solving the puzzle (see sim.pow) with the challenge id
+    challenge: dict | None = None
 
     @property
     def actions(self) -> list[str]:
-        return ["answered" if a else "refused" for a in self.answered]
+        pending = set(self.challenge["indices"]) if self.challenge else set()
+        return ["answered" if a else "challenged" if i in pending else "refused"
+                for i, a in enumerate(self.answered)]
 
     def to_json(self) -> dict[str, Any]:
         if self.status >= 400 and not len(self.answered):
@@ -52,9 +58,13 @@ class Reply:
             if action == "answered":
                 results.append({"action": action, "label": int(self.labels[i]),
                                 "probs": [round(float(p), 7) for p in self.probs[i]]})
+            elif action == "challenged":
+                results.append({"action": action})
             else:
                 results.append({"action": action, "reason": self.reasons[i]})
         out = {"request_id": self.request_id, "account": self.account_id, "results": results}
+        if self.challenge:
+            out["challenge"] = {k: self.challenge[k] for k in ("id", "nonce", "bits")}
         if self.reason:
             out["error"] = self.reason
         return out

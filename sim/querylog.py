@@ -26,7 +26,7 @@ from . import storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 STREAM_SUFFIX = ".arrows"
 
 SCHEMA = pa.schema(
@@ -38,18 +38,23 @@ SCHEMA = pa.schema(
         pa.field("actor_id", pa.string()),
         pa.field("role", pa.string()),  # attacker / benign / external (ground truth, never used to decide)
         pa.field("attack", pa.string()),  # e.g. knockoff; null for benign users
+        pa.field("cohort", pa.string()),  # the account's sign-up batch (a grouping key for detectors)
         pa.field("query_index", pa.int64()),  # per account, from 0, assigned at compaction
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("input_sha1", pa.string()),
         pa.field("clean_probs", pa.list_(pa.float32())),
         pa.field("returned_probs", pa.list_(pa.float32())),  # null if refused
         pa.field("returned_label", pa.int32()),  # null if refused
-        pa.field("action", pa.string(), nullable=False),  # answered / refused
+        # answered / perturbed (answered through a policy's defense) / challenged (proof of work asked,
+        # not answered) / refused
+        pa.field("action", pa.string(), nullable=False),
         pa.field("refusal_reason", pa.string()),
-        pa.field("defense_l1", pa.float32()),  # L1 distance clean -> returned; null if refused
-        pa.field("top1_changed", pa.bool_()),  # the defense changed the top-1 label; null if refused
-        pa.field("prada_score", pa.float32()),  # 1 - Shapiro-Wilk W; null before PRADA has a score
-        pa.field("prada_flagged", pa.bool_()),
+        pa.field("defense_l1", pa.float32()),  # L1 distance clean -> returned; null if not answered
+        pa.field("top1_changed", pa.bool_()),  # the defense changed the top-1 label; null if not answered
+        pa.field("pow_bits", pa.int16()),  # this query's proof-of-work difficulty; null if none was asked
+        pa.field("pow_seconds", pa.float32()),  # client's solving time, its share of the puzzle (resubmissions)
+        # the answer to a solved (or wrongly solved) challenge: the same query a second time, not scored
+        pa.field("resubmission", pa.bool_(), nullable=False),
         pa.field("latency_ms", pa.float32(), nullable=False),  # whole request, same for its queries
         pa.field("input", pa.binary()),  # uint8 image bytes in C, H, W order; shape in the metadata
         pa.field("writer", pa.string(), nullable=False),
@@ -58,17 +63,34 @@ SCHEMA = pa.schema(
     metadata={"schema_version": SCHEMA_VERSION},
 )
 COLUMNS = SCHEMA.names
+ANSWERED = ("answered", "perturbed")  # actions that returned probabilities
 
 
-def schema_for(input_shape: tuple[int, ...]) -> pa.Schema:
-    """The schema with the input shape recorded in its metadata."""
-    return SCHEMA.with_metadata({"schema_version": SCHEMA_VERSION,
-                                 "input_shape": ",".join(str(d) for d in input_shape)})
+def detector_fields(name: str) -> list[pa.Field]:
+    """The two columns of each detector a run has: its score (higher = more suspicious; null before it
+    has one) and its flag (for stateful detectors, the key's flag as of this query)."""
+    return [pa.field(f"{name}_score", pa.float32()), pa.field(f"{name}_flagged", pa.bool_())]
+
+
+def schema_for(input_shape: tuple[int, ...], detectors: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """The schema of a run: the base columns plus each detector's, with the input shape and the
+    detector names recorded in its metadata."""
+    fields = list(SCHEMA) + [f for d in detectors for f in detector_fields(d)]
+    return pa.schema(fields, metadata={"schema_version": SCHEMA_VERSION, "detectors": ",".join(detectors),
+                                       "input_shape": ",".join(str(d) for d in input_shape)})
 
 
 def input_shape(schema: pa.Schema) -> tuple[int, ...] | None:
     raw = (schema.metadata or {}).get(b"input_shape")
     return tuple(int(v) for v in raw.decode().split(",")) if raw else None
+
+
+def detector_names(schema: pa.Schema) -> list[str]:
+    """The detectors whose columns a log has (from its metadata, else from its column names)."""
+    raw = (schema.metadata or {}).get(b"detectors")
+    if raw is not None:
+        return [d for d in raw.decode().split(",") if d]
+    return [n[: -len("_score")] for n in schema.names if n.endswith("_score")]
 
 
 def _prob_lists(mat: np.ndarray | None, valid: np.ndarray | None, n: int) -> pa.Array:
@@ -92,9 +114,11 @@ def _binary(images: np.ndarray | None, n: int) -> pa.Array:
 class QueryLogWriter:
     """Append-only writer of one process. ``write`` returns once the rows are in the OS's hands."""
 
-    def __init__(self, directory: str, input_shape: tuple[int, ...], writer_id: str | None = None):
+    def __init__(self, directory: str, input_shape: tuple[int, ...], writer_id: str | None = None,
+                 detectors: tuple[str, ...] | list[str] = ()):
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
-        self.schema = schema_for(input_shape)
+        self.detectors = tuple(detectors)
+        self.schema = schema_for(input_shape, self.detectors)
         storage.makedirs(directory)
         fs, path = storage.resolve(storage.join(directory, f"{self.writer_id}{STREAM_SUFFIX}"))
         self._sink = fs.open_output_stream(path, compression=None, buffer_size=None)
@@ -102,14 +126,16 @@ class QueryLogWriter:
         self.rows = 0  # rows written so far; also the next row's ``seq``
 
     def write(self, *, run_id: str, victim: str, request_id: str, account_id: str | None,
-              actor_id: str | None, role: str | None, attack: str | None, answered: np.ndarray,
-              refusal_reason: list[str | None], latency_ms: float,
+              actor_id: str | None, role: str | None, attack: str | None, actions: list[str],
+              refusal_reason: list[str | None], latency_ms: float, cohort: str | None = None,
               input_sha1: list[str] | None = None, clean_probs: np.ndarray | None = None,
               returned_probs: np.ndarray | None = None, returned_label: np.ndarray | None = None,
-              prada_score: np.ndarray | None = None, prada_flagged: np.ndarray | None = None,
+              detections: dict | None = None, pow_bits: np.ndarray | None = None,
+              pow_seconds: np.ndarray | None = None, resubmission: bool = False,
               inputs: np.ndarray | None = None) -> None:
-        """One request's rows; ``answered`` (bool, one per query) gives the row count and each action."""
-        answered = np.asarray(answered, bool)
+        """One request's rows; ``actions`` (one per query: answered / perturbed / challenged / refused)
+        gives the row count. ``detections``: detector name -> :class:`sim.detectors.Detection`."""
+        answered = np.isin(np.asarray(actions, object), ANSWERED)
         n = len(answered)
         ts = pa.array(np.full(n, int(time.time() * 1e6), dtype=np.int64)).cast(pa.timestamp("us", tz="UTC"))
         label = (pa.nulls(n, pa.int32()) if returned_label is None
@@ -122,28 +148,36 @@ class QueryLogWriter:
             "actor_id": pa.array([actor_id] * n, pa.string()),
             "role": pa.array([role] * n, pa.string()),
             "attack": pa.array([attack] * n, pa.string()),
+            "cohort": pa.array([cohort] * n, pa.string()),
             "query_index": pa.nulls(n, pa.int64()),
             "timestamp": ts,
             "input_sha1": pa.array(input_sha1 if input_sha1 is not None else [None] * n, pa.string()),
             "clean_probs": _prob_lists(clean_probs, None, n),
             "returned_probs": _prob_lists(returned_probs, answered, n),
             "returned_label": label,
-            "action": pa.array(np.where(answered, "answered", "refused").tolist(), pa.string()),
+            "action": pa.array(list(actions), pa.string()),
             "refusal_reason": pa.array(refusal_reason, pa.string()),
             "defense_l1": (pa.nulls(n, pa.float32()) if returned_probs is None else
                            pa.array(np.abs(np.nan_to_num(returned_probs) - clean_probs).sum(1).astype(np.float32),
                                     mask=~answered)),
             "top1_changed": (pa.nulls(n, pa.bool_()) if returned_label is None else
                              pa.array(np.asarray(returned_label) != clean_probs.argmax(1), mask=~answered)),
-            "prada_score": (pa.nulls(n, pa.float32()) if prada_score is None
-                            else pa.array(np.asarray(prada_score, np.float32), from_pandas=True)),
-            "prada_flagged": (pa.nulls(n, pa.bool_()) if prada_flagged is None
-                              else pa.array(np.asarray(prada_flagged, bool))),
+            "pow_bits": (pa.nulls(n, pa.int16()) if pow_bits is None
+                         else pa.array(np.asarray(pow_bits, np.int16), mask=np.asarray(pow_bits) <= 0)),
+            "pow_seconds": (pa.nulls(n, pa.float32()) if pow_seconds is None
+                            else pa.array(np.asarray(pow_seconds, np.float32))),
+            "resubmission": pa.array(np.full(n, resubmission)),
             "latency_ms": pa.array(np.full(n, latency_ms, np.float32)),
             "input": _binary(inputs, n),
             "writer": pa.array([self.writer_id] * n, pa.string()),
             "seq": pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64)),
         }
+        for name in self.detectors:
+            det = (detections or {}).get(name)
+            cols[f"{name}_score"] = (pa.nulls(n, pa.float32()) if det is None
+                                     else pa.array(np.asarray(det.scores, np.float32), from_pandas=True))
+            cols[f"{name}_flagged"] = (pa.nulls(n, pa.bool_()) if det is None
+                                       else pa.array(np.asarray(det.flags, bool)))
         self._stream.write_batch(pa.RecordBatch.from_pydict(cols, schema=self.schema))
         self._sink.flush()
         self.rows += n
@@ -228,7 +262,7 @@ def compact(queries_dir: str) -> int:
         return 0
     table = read(queries_dir)
     shape = input_shape(table.schema)
-    table = table.cast(schema_for(shape) if shape else SCHEMA)
+    table = table.cast(schema_for(shape or (), detector_names(table.schema)))
     pq.write_table(table, f"{path}/part-{uuid.uuid4().hex[:8]}.parquet", filesystem=fs, compression="zstd")
     for p in old:
         fs.delete_file(p)

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from . import pow
 from .detectors import Detector
 from .errors import RequestError
+from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter
 from .training import predict_probs
@@ -65,35 +67,40 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
 
 
 class VictimService:
-    """One victim behind its detectors, response policy, output defense and query log."""
+    """One victim behind its detectors, response policy, output defense and query log.
+
+    ``detectors`` maps a name (the log's column prefix) to a detector, ``rules`` the same names to their
+    :class:`sim.policy.Rule` (default: answer, keyed by account). ``perturbers`` maps a rule's name to the
+    defense its ``perturb`` action uses.
+    """
 
     def __init__(self, *, model: nn.Module, victim: str, run_id: str, accounts: dict[str, Account],
                  input_shape: tuple[int, int, int], detectors: dict[str, Detector] | None = None,
-                 detector_actions: dict[str, str] | None = None, defense=None,
-                 writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True):
+                 rules: dict[str, Rule] | None = None, perturbers: dict | None = None, defense=None,
+                 writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True,
+                 max_pending: int = 100_000):
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
         self.accounts = accounts
         self.input_shape = tuple(input_shape)
         self.detectors = detectors or {}
-        self.detector_actions = detector_actions or {}
+        self.rules = {name: (rules or {}).get(name) or Rule() for name in self.detectors}
+        self.perturbers = perturbers or {}
         self.defense = defense
         self.writer = writer
         self.max_images = max_images
         self.log_inputs = log_inputs
+        self.max_pending = max_pending
+        self._pending: dict[str, dict] = {}  # challenge id -> what answering it needs (insertion ordered)
         self._lock = threading.Lock()  # detectors and the writer are stateful; Serve may call from threads
 
     # -- entry points --------------------------------------------------------------------------
     def query(self, api_key: str | None, images: Any, actor_id: str | None = None) -> Reply:
         """Answer one request: one account, a batch of images. Never raises for a bad request."""
         start = time.perf_counter()
-        account = self.accounts.get(api_key) if isinstance(api_key, str) else None
         try:
-            if not api_key:
-                raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
-            if account is None:
-                raise RequestError(401, "unknown API key")
+            account = self._account(api_key)
             x = parse_images(images, self.input_shape, self.max_images)
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
@@ -101,15 +108,54 @@ class VictimService:
         with self._lock:  # detectors' histories and the log see each account's requests in one order
             return self._answer(account, actor_id, x, clean, start)
 
+    def solve(self, api_key: str | None, challenge_id: Any, counter: Any, actor_id: str | None = None,
+              seconds: float | None = None) -> Reply:
+        """The second half of a proof-of-work request: the counter solving challenge ``challenge_id``.
+        Right: the challenged queries are answered. Wrong: they are refused (and the challenge is spent).
+        ``seconds``: the client's solving time, as it reports it (logged)."""
+        start = time.perf_counter()
+        try:
+            account = self._account(api_key)
+            with self._lock:
+                item = self._pending.get(challenge_id) if isinstance(challenge_id, str) else None
+                if item is None or item["account"] != account.account_id:
+                    raise RequestError(404, f"unknown challenge {challenge_id!r} for this account")
+                del self._pending[challenge_id]
+        except RequestError as exc:
+            return self.reject(api_key, exc.status, exc.reason, actor_id, start)
+        ok = pow.verify(item["nonce"], item["bits"], counter)
+        x, clean, bits = item["x"], item["clean"], item["pow_bits"]
+        n = len(x)
+        if ok:
+            returned = self._defend(clean, x, item["perturb"])
+            actions = ["perturbed" if r is not None else "answered" for r in item["perturb"]]
+            reasons: list[str | None] = [None] * n
+        else:
+            returned = np.full_like(clean, np.nan)
+            actions = ["refused"] * n
+            reasons = ["wrong proof-of-work solution"] * n
+        labels = np.where(ok, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
+        share = None if seconds is None else np.full(n, float(seconds) * bits / max(bits.sum(), 1))
+        with self._lock:
+            request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
+                                   pow_bits=bits, pow_seconds=share, resubmission=True)
+        answered = np.full(n, ok)
+        status, reason = (200, None) if ok else (403, reasons[0])
+        return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)
+
     def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None) -> Reply:
-        """The HTTP path: parse a JSON body ``{"images": [...]}`` then :meth:`query`."""
+        """The HTTP path: a JSON body ``{"images": [...]}`` is a query, ``{"challenge": ID, "solution": N}``
+        (optionally ``"seconds"``) answers a proof-of-work challenge."""
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None
+        if isinstance(payload, dict) and "challenge" in payload:
+            return self.solve(api_key, payload["challenge"], payload.get("solution"), actor_id,
+                              payload.get("seconds") if isinstance(payload.get("seconds"), (int, float)) else None)
         if not isinstance(payload, dict) or "images" not in payload:
-            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}",
-                               actor_id)
+            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]} or "
+                                             "{\"challenge\": ID, \"solution\": N}", actor_id)
         return self.query(api_key, payload["images"], actor_id)
 
     def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,
@@ -124,7 +170,8 @@ class VictimService:
                     run_id=self.run_id, victim=self.victim, request_id=request_id,
                     account_id=account and account.account_id, actor_id=actor_id,
                     role=account and account.role, attack=account and account.attack,
-                    answered=np.zeros(1, bool), refusal_reason=[reason], latency_ms=latency,
+                    cohort=account and account.cohort,
+                    actions=["refused"], refusal_reason=[reason], latency_ms=latency,
                 )
         return Reply(status, reason, request_id, account and account.account_id)
 
@@ -134,41 +181,86 @@ class VictimService:
             self.defense = defense
 
     # -- internals -----------------------------------------------------------------------------
+    def _account(self, api_key) -> Account:
+        if not api_key:
+            raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
+        account = self.accounts.get(api_key) if isinstance(api_key, str) else None
+        if account is None:
+            raise RequestError(401, "unknown API key")
+        return account
+
+    def _defend(self, clean: np.ndarray, x: np.ndarray, perturb: list) -> np.ndarray:
+        """Returned probabilities: each query through its rule's perturbation, or the victim's defense."""
+        out = np.empty_like(clean)
+        for rule in set(perturb):
+            idx = np.array([i for i, r in enumerate(perturb) if r is rule])
+            defense = self.defense if rule is None else self.perturbers[rule]
+            out[idx] = defense(clean[idx], x[idx]) if defense is not None else clean[idx]
+        return out
+
     def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
                 start: float) -> Reply:
         n = len(x)
-        request_id = uuid.uuid4().hex
         clean_labels = clean.argmax(1)
-
-        refused = np.zeros(n, bool)
-        reasons: list[str | None] = [None] * n
-        det_out = {}
+        detections, decisions = {}, []
         for name, det in self.detectors.items():
-            was_flagged = det.is_flagged(account.account_id)
-            res = det.score(account.account_id, x, clean_labels)
-            det_out[name] = res
-            if self.detector_actions.get(name) == "refuse":
-                before = np.r_[was_flagged, res.flags[:-1]]  # the query that trips the flag is answered
-                for i in np.flatnonzero(before & ~refused):
-                    reasons[i] = f"account flagged by {name}"
-                refused |= before
-        answered = ~refused
+            rule = self.rules[name]
+            key = rule.key(account, actor_id)
+            was_flagged = det.is_flagged(key)
+            res = det.score(key, x, clean_labels, clean)
+            detections[name] = res
+            decisions.append((rule, acted_on(res.flags, was_flagged, det.stateful), res.scores, name))
+        level, bits, perturb_rules = combine([d[:3] for d in decisions], n)
+        names_of = {id(d[0]): d[3] for d in decisions}
+        perturb = [None if r is None else names_of[id(r)] for r in perturb_rules]
+        act = np.array(ACTIONS)[level]
+        reasons: list[str | None] = [None] * n
+        for rule, mask, _, name in decisions:  # a refusing detector gives the reason
+            what = "account" if self.detectors[name].stateful else "query"
+            for i in np.flatnonzero(mask & (act == "refuse") & (rule.action == "refuse")):
+                reasons[i] = reasons[i] or f"{what} flagged by {name}"
+        answer = (act == "answer") | (act == "perturb")
         returned = np.full_like(clean, np.nan)
-        if answered.any():
-            returned[answered] = (self.defense(clean[answered], x[answered]) if self.defense is not None
-                                  else clean[answered])
-        labels = np.where(answered, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
-        latency = (time.perf_counter() - start) * 1e3
+        if answer.any():
+            idx = np.flatnonzero(answer)
+            returned[idx] = self._defend(clean[idx], x[idx], [perturb[i] for i in idx])
+        labels = np.where(answer, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
+        actions = np.where(act == "perturb", "perturbed", np.where(answer, "answered",
+                           np.where(act == "proof_of_work", "challenged", "refused"))).tolist()
+        challenge = None
+        asked = np.flatnonzero(act == "proof_of_work")
+        if len(asked):
+            challenge = {"id": uuid.uuid4().hex, "nonce": pow.new_nonce(), "bits": pow.combined_bits(bits[asked]),
+                         "indices": asked.tolist()}
+            self._pending[challenge["id"]] = {
+                "account": account.account_id, "nonce": challenge["nonce"], "bits": challenge["bits"],
+                "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked],
+                "perturb": [perturb[i] for i in asked]}
+            while len(self._pending) > self.max_pending:  # forget the oldest unanswered challenge
+                del self._pending[next(iter(self._pending))]
+        request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
+                               detections=detections, pow_bits=np.where(act == "proof_of_work", bits, 0))
+        if answer.any():
+            status, reason = 200, None
+        elif challenge is not None:
+            status, reason = 202, "proof of work required"
+        else:
+            status, reason = 403, reasons[0]
+        return Reply(status, reason, request_id, account.account_id, answer, reasons, labels, returned,
+                     challenge)
+
+    def _log(self, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start, *,
+             detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> str:
+        request_id = uuid.uuid4().hex
         if self.writer is not None:
-            prada = det_out.get("prada")
             self.writer.write(
                 run_id=self.run_id, victim=self.victim, request_id=request_id,
-                account_id=account.account_id, actor_id=actor_id, role=account.role,
-                attack=account.attack, answered=answered, refusal_reason=reasons, latency_ms=latency,
+                account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
+                cohort=account.cohort, actions=actions, refusal_reason=reasons,
+                latency_ms=(time.perf_counter() - start) * 1e3,
                 input_sha1=[hashlib.sha1(img.tobytes()).hexdigest() for img in x],
-                clean_probs=clean, returned_probs=returned, returned_label=labels,
-                prada_score=prada.scores if prada else None, prada_flagged=prada.flags if prada else None,
-                inputs=x if self.log_inputs else None,
+                clean_probs=clean, returned_probs=returned, returned_label=labels, detections=detections,
+                pow_bits=pow_bits, pow_seconds=pow_seconds, resubmission=resubmission,
+                inputs=x if self.log_inputs and not resubmission else None,
             )
-        status, reason = (200, None) if answered.any() else (403, reasons[0])
-        return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)
+        return request_id

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 
 from . import defenses, detectors, models
 from .errors import ConfigError, SimError
+from .policy import Rule
 from .querylog import QueryLogWriter
 from .protocol import API_KEY_HEADER, Account, Reply
 from .service import VictimService
@@ -44,14 +45,30 @@ class VictimSpec:
     num_classes: int
     state: bytes  # torch state_dict
     accounts: dict[str, Account]
-    detectors: dict[str, dict]  # name -> params
-    detector_actions: dict[str, str]
+    detectors: dict[str, dict]  # name -> {"kind": registry name, "params": {...}}
+    rules: dict[str, dict]  # name -> sim.policy.Rule fields
     defense: dict  # defense spec mapping ({"name": ..., params}); changed live through ``reconfigure``
     log_dir: str | None
     log_inputs: bool
     max_images: int
     threads: int = 1  # torch threads per replica
     misinformation: bytes | None = None  # state_dict of adaptive misinformation's model, when it is used
+    detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> trained models
+
+
+def build_detectors(spec: "VictimSpec") -> tuple[dict, dict]:
+    """The spec's detectors and their rules, with the trained models they need."""
+    built, rules = {}, {}
+    for name, d in spec.detectors.items():
+        extra = {}
+        blob = spec.detector_models.get(name)
+        if d["kind"] == "same":
+            extra["models"] = blob
+        elif d["kind"] == "msp" and blob is not None:
+            extra["model"] = _model(spec, blob)
+        built[name] = detectors.build(d["kind"], **d.get("params", {}), **extra)
+        rules[name] = Rule(**spec.rules.get(name, {}))
+    return built, rules
 
 
 def _model(spec: VictimSpec, state: bytes) -> torch.nn.Module:
@@ -68,12 +85,13 @@ def build_defense(spec: VictimSpec, defense: dict, victim: torch.nn.Module):
 
 def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
     model = _model(spec, spec.state)
-    writer = QueryLogWriter(spec.log_dir, spec.input_shape, writer_id) if spec.log_dir else None
+    writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
+              if spec.log_dir else None)
+    dets, rules = build_detectors(spec)
+    perturbers = {name: build_defense(spec, r.perturb, model) for name, r in rules.items() if r.action == "perturb"}
     return VictimService(
         model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
-        input_shape=spec.input_shape,
-        detectors={name: detectors.build(name, **params) for name, params in spec.detectors.items()},
-        detector_actions=spec.detector_actions,
+        input_shape=spec.input_shape, detectors=dets, rules=rules, perturbers=perturbers,
         defense=build_defense(spec, spec.defense, model),
         writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
     )
@@ -101,6 +119,10 @@ class VictimDeployment:
 
     def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
         return self.service.query(api_key, images, actor_id)
+
+    def solve(self, api_key: str, challenge_id: str, counter: int, actor_id: str | None = None,
+              seconds: float | None = None) -> Reply:
+        return self.service.solve(api_key, challenge_id, counter, actor_id, seconds)
 
     def reconfigure(self, config: dict) -> None:
         """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every

@@ -142,3 +142,30 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
 
     _cached(path, model, train)
     return model
+
+
+def get_same(victim: Victim, seed: int, cache_dir: str, same_cfg, on_epoch=None):
+    """SAME's masked autoencoder and auxiliary model for this victim (``same_cfg``: a
+    :class:`sim.config.SameConfig`), trained on the victim's training data and cached beside it.
+    ``on_epoch(stage, epoch, loss)`` reports training progress."""
+    from .detectors.same import SameModels, train_same
+
+    spec = {"victim": victim.path.name, "mae": same_cfg.mae_config(), "epochs": same_cfg.epochs,
+            "aux_epochs": same_cfg.aux_epochs, "batch_size": same_cfg.batch_size, "lr": same_cfg.lr,
+            "seed": seed, "version": ZOO_VERSION}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = _folder(cache_dir) / f"{victim.path.stem}-same-{key}.pt"
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            return SameModels.from_bytes(path.read_bytes())
+        log.info("training SAME's MAE (%d epochs) and auxiliary model (%d epochs)", same_cfg.epochs,
+                 same_cfg.aux_epochs)
+        ds = victim.dataset
+        models_ = train_same(victim.model, victim.arch, ds.x_train, ds.num_classes, seed=seed,
+                             mae_config=same_cfg.mae_config(), epochs=same_cfg.epochs,
+                             aux_epochs=same_cfg.aux_epochs, batch_size=same_cfg.batch_size, lr=same_cfg.lr,
+                             on_epoch=on_epoch)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(models_.to_bytes())
+        tmp.replace(path)
+        return models_

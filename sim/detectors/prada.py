@@ -9,7 +9,9 @@ threshold T_c. A new query x with predicted class c:
      statistic W of what remains is computed; W < delta flags the account (for good).
 Natural queries give roughly normal distances; synthetic ones (small steps around seeds) do not.
 
-The score is 1 - W (higher = more suspicious), NaN until the pool is large enough.
+The score is 1 - W (higher = more suspicious), NaN until the pool is large enough; the flag is
+score > 1 - delta. The key need not be an account: the victim service can pool a group of accounts
+(a client address, an account-creation batch, all traffic) under one key to catch split attacks.
 State is a dict keyed by account, so a query costs the same however many accounts exist.
 Distances are computed on images scaled to [0, 1].
 """
@@ -112,7 +114,8 @@ class Prada(Detector):
             warnings.simplefilter("ignore", UserWarning)
             return float(_shapiro(d)[0])
 
-    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray) -> Detection:
+    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
+              probs: np.ndarray | None = None) -> Detection:
         raw = np.asarray(inputs)
         x = raw.reshape(len(raw), -1).astype(np.float32)
         if raw.dtype == np.uint8:

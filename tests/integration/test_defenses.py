@@ -56,7 +56,7 @@ def victim_app(ray_serve, tmp_path):
     torch.save(model.state_dict(), buf)
     spec = VictimSpec(victim="defvictim", run_id="t", arch="lenet", input_shape=(1, 28, 28), num_classes=10,
                       state=buf.getvalue(), accounts={"key": Account("acct", "external")}, detectors={},
-                      detector_actions={}, defense={"name": "identity"}, log_dir=str(tmp_path / "queries"),
+                      rules={}, defense={"name": "identity"}, log_dir=str(tmp_path / "queries"),
                       log_inputs=False, max_images=16)
     handle = deploy(spec, "defvictim")
     yield spec, handle, str(tmp_path / "queries")

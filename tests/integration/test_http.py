@@ -25,8 +25,8 @@ def victim_app(ray_serve, tmp_path):
     torch.save(model.state_dict(), buf)
     keys = {"good-key": Account("acct-1", "external")}
     spec = VictimSpec(victim="httpvictim", run_id="t", arch="lenet", input_shape=(1, 28, 28), num_classes=10,
-                      state=buf.getvalue(), accounts=keys, detectors={"prada": {"delta": 0.95, "min_pool": 50}},
-                      detector_actions={"prada": "flag"}, defense={"name": "identity"},
+                      state=buf.getvalue(), accounts=keys, detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}},
+                      rules={}, defense={"name": "identity"},
                       log_dir=str(tmp_path / "queries"), log_inputs=True, max_images=4)
     deploy(spec, "httpvictim")
     yield f"http://127.0.0.1:{ray_serve}/httpvictim", str(tmp_path / "queries")

@@ -30,11 +30,11 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
     ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),
     ("detectors.prada.delta=1.5", "detectors.prada.delta must be <= 1, got 1.5"),
-    ("detectors.prada.action=block", "detectors.prada.action must be 'flag' or 'refuse', got 'block'"),
+    ("detectors.prada.action=block", "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
-    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: PRADA keeps each account's history"),
+    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories inside one replica"),
     ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
     ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
     ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
@@ -163,7 +163,7 @@ def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
     assert (tmp_path / "config.yaml").exists()
     w = querylog.QueryLogWriter(log_dir, (1, 28, 28), "w")
     w.write(run_id="r", victim="v", request_id="q", account_id="a", actor_id=None, role="benign", attack=None,
-            answered=np.zeros(1, bool), refusal_reason=["x"], latency_ms=0.0)
+            actions=["refused"], refusal_reason=["x"], latency_ms=0.0)
     w.close()
     with pytest.raises(ConfigError, match=f"run_dir='{tmp_path}' already holds a run's query log"):
         prepare_run_dir(config.load("single_knockoff", [f"run_dir={tmp_path}"]))

@@ -65,5 +65,5 @@ def test_prada_rejects_bad_parameters(params, message):
 
 
 def test_unknown_detector_lists_known():
-    with pytest.raises(ValueError, match="detector='same' is not a known detector; expected one of: prada"):
-        detectors.build("same")
+    with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: prada, same, msp, link"):
+        detectors.build("eDM")

@@ -11,10 +11,10 @@ def _write(writer, account, n, rng, action="answered"):
     x = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
     probs = rng.dirichlet(np.ones(10), n).astype(np.float32)
     writer.write(run_id="r", victim="v", request_id=f"req-{writer.rows}", account_id=account, actor_id="a0",
-                 role="attacker", attack="knockoff", answered=np.full(n, action == "answered"),
+                 role="attacker", attack="knockoff", actions=[action] * n,
                  refusal_reason=[None] * n,
                  latency_ms=1.5, input_sha1=["h"] * n, clean_probs=probs, returned_probs=probs,
-                 returned_label=probs.argmax(1), prada_score=np.full(n, np.nan), prada_flagged=np.zeros(n, bool),
+                 returned_label=probs.argmax(1),
                  inputs=x)
     return x, probs
 
@@ -24,7 +24,7 @@ def test_round_trip_keeps_every_value(tmp_path):
     w = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w1")
     x, probs = _write(w, "acct-1", 5, rng)
     w.write(run_id="r", victim="v", request_id="bad", account_id=None, actor_id=None, role=None, attack=None,
-            answered=np.zeros(1, bool), refusal_reason=["unknown API key"], latency_ms=0.1)
+            actions=["refused"], refusal_reason=["unknown API key"], latency_ms=0.1)
     w.close()
     table = querylog.read(str(tmp_path))
     assert table.num_rows == 6 and table.schema.names == querylog.COLUMNS

@@ -6,6 +6,7 @@ import pyarrow.compute as pc
 import pytest
 
 from sim import data, detectors, models, querylog
+from sim.policy import Rule
 from sim.protocol import Account, make_keys
 from sim.service import VictimService, parse_images
 from sim.errors import RequestError
@@ -15,10 +16,10 @@ from sim.errors import RequestError
 def service(tmp_path):
     model = models.build("lenet", (1, 28, 28), 10)
     keys = {"k-att": Account("att-0", "attacker", "knockoff"), "k-ben": Account("ben-0", "benign")}
-    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w", detectors=["prada"])
     svc = VictimService(model=model, victim="v", run_id="r", accounts=keys, input_shape=(1, 28, 28),
                         detectors={"prada": detectors.build("prada", min_pool=10)},
-                        detector_actions={"prada": "refuse"}, writer=writer, max_images=8)
+                        rules={"prada": Rule(action="refuse")}, writer=writer, max_images=8)
     yield svc, tmp_path
     writer.close()
 

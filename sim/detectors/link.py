@@ -1,0 +1,129 @@
+"""Account linking: catch an attacker who splits its queries over many accounts (our own method).
+
+Per-account PRADA needs about ``min_pool`` queries of one account before it can judge it; an attacker
+with 50 accounts and 1,500 queries sends 30 per account and is never judged. Linking puts back together
+what the split took apart, in two steps, every ``every`` queries:
+
+1. **Link.** Each account with at least ``min_queries`` queries is described by what it asks, not when:
+   the histogram of its query pixels' intensities (16 bins) and the histogram of the victim's top-1
+   labels on its queries, both normalised and square-rooted, so that the Euclidean distance between two
+   accounts is the Hellinger distance of their query distributions (summed over the two histograms).
+   Accounts are clustered by average linkage (scipy) and the tree is cut at ``distance``. Sybil accounts
+   of one attacker draw from one generator (seed perturbations, a synthetic generator, one natural pool)
+   and land together; honest users' natural queries land in their own cluster.
+2. **Test.** Each cluster of at least ``min_accounts`` accounts is judged as one stream: PRADA (with
+   this detector's ``delta`` and ``min_pool``) runs over the cluster's queries in arrival order. A cluster
+   PRADA flags has all its accounts flagged, for good.
+
+Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
+score of a query is 1 - W of its account's cluster at the last re-clustering (NaN before its account
+was linked into a cluster of ``min_accounts``), and the flag is the account's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from ..errors import ConfigError
+from .base import Detection, Detector
+from .prada import Prada
+
+PIXEL_BINS = 16
+
+
+class _Acct:
+    __slots__ = ("pixels", "labels", "n", "w", "flagged")
+
+    def __init__(self, classes: int):
+        self.pixels = np.zeros(PIXEL_BINS)
+        self.labels = np.zeros(classes)
+        self.n = 0
+        self.w = float("nan")
+        self.flagged = False
+
+
+class AccountLinker(Detector):
+    name = "link"
+    stateful = True
+    defaults = {"every": 500, "min_queries": 10, "distance": 0.3, "min_accounts": 2, "delta": 0.95,
+                "min_pool": 50, "num_classes": 10}
+
+    def _check_params(self, params: dict[str, Any]) -> None:
+        for key in ("every", "min_queries", "min_accounts", "num_classes"):
+            v = params[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"link.{key} must be an integer >= 1, got {v!r}")
+        d = params["distance"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or d <= 0:
+            raise ConfigError(f"link.distance must be a number > 0, got {d!r}")
+        Prada(delta=params["delta"], min_pool=params["min_pool"])  # the same checks as PRADA's
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._accounts: dict[str, _Acct] = {}
+        self._stream_acct: list[str] = []  # every query in arrival order: account, image, label
+        self._stream_x: list[np.ndarray] = []
+        self._stream_y: list[np.ndarray] = []
+        self._since = 0
+        self.clusters: list[list[str]] = []  # the last clustering (accounts with enough queries)
+
+    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
+              probs: np.ndarray | None = None) -> Detection:
+        x = np.asarray(inputs)
+        x = x if x.dtype == np.uint8 else np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8)
+        labels = np.asarray(labels, np.int64)
+        acc = self._accounts.setdefault(account_id, _Acct(self.params["num_classes"]))
+        acc.pixels += np.bincount(x.reshape(-1) >> 4, minlength=PIXEL_BINS)
+        acc.labels += np.bincount(labels, minlength=len(acc.labels))[: len(acc.labels)]
+        acc.n += len(x)
+        self._stream_acct.append(account_id)
+        self._stream_x.append(x.reshape(len(x), -1))
+        self._stream_y.append(labels)
+        self._since += len(x)
+        if self._since >= self.params["every"]:
+            self._since = 0
+            self.relink()
+        return Detection(np.full(len(x), 1.0 - acc.w), np.full(len(x), acc.flagged))
+
+    def features(self, accounts: list[str]) -> np.ndarray:
+        """Hellinger embedding of each account's pixel and label histograms."""
+        rows = []
+        for a in accounts:
+            s = self._accounts[a]
+            rows.append(np.r_[np.sqrt(s.pixels / s.pixels.sum()), np.sqrt(s.labels / max(s.labels.sum(), 1))])
+        return np.array(rows) / np.sqrt(2)
+
+    def relink(self) -> None:
+        """Re-cluster the accounts and judge every cluster of ``min_accounts`` or more with PRADA."""
+        p = self.params
+        ready = sorted(a for a, s in self._accounts.items() if s.n >= p["min_queries"])
+        if len(ready) < p["min_accounts"]:
+            return
+        ids = fcluster(linkage(self.features(ready), "average"), p["distance"], "distance")
+        groups: dict[int, list[str]] = {}
+        for a, c in zip(ready, ids):
+            groups.setdefault(int(c), []).append(a)
+        self.clusters = sorted(groups.values(), key=lambda g: (-len(g), g))
+        per_block = np.array(self._stream_acct)
+        for members in self.clusters:
+            if len(members) < p["min_accounts"]:
+                continue
+            pick = np.flatnonzero(np.isin(per_block, members))
+            prada = Prada(delta=p["delta"], min_pool=p["min_pool"])
+            det = prada.score("cluster", np.concatenate([self._stream_x[i] for i in pick]),
+                              np.concatenate([self._stream_y[i] for i in pick]))
+            w = 1.0 - float(det.scores[-1])
+            for a in members:
+                s = self._accounts[a]
+                s.w = w
+                s.flagged = s.flagged or bool(det.flags[-1])
+
+    def flagged_accounts(self) -> set[str]:
+        return {a for a, s in self._accounts.items() if s.flagged}
+
+    def is_flagged(self, account_id: str) -> bool:
+        acc = self._accounts.get(account_id)
+        return acc is not None and acc.flagged

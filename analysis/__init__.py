@@ -1,6 +1,21 @@
-"""Offline analysis of a run's Parquet query log (no Ray needed)."""
+"""Offline analysis of runs: reads a run directory's Parquet query log (and summary), never Ray.
+
+- :func:`read_run`: the query log as a pyarrow Table;
+- :func:`detection_report` / :func:`detection_metrics`: AUROC, AUPR, FPR95, FPR90 per detector and attack,
+  at query and account level;
+- :func:`replay`: any detector over a logged stream, with other parameters or another grouping;
+- :func:`replication_report`: what each attacker got and paid;
+- :func:`write_report`: ``report.md`` with tables and PNG figures.
+The command line: ``python -m analysis RUN_DIR [RUN_DIR ...]``.
+"""
 
 from sim.querylog import decode_inputs, per_account_counts, read
+
+from .detection import detection_report, scored_rows
+from .metrics import MetricError, detection_metrics, fpr_at_tpr
+from .replay import replay
+from .replication import read_summary, replication_report
+from .report import analyse, comparison, write_report
 
 
 def read_run(run_dir: str, columns: list[str] | None = None):
@@ -10,4 +25,6 @@ def read_run(run_dir: str, columns: list[str] | None = None):
     return read(storage.join(run_dir, "queries"), columns)
 
 
-__all__ = ["read_run", "read", "decode_inputs", "per_account_counts"]
+__all__ = ["MetricError", "analyse", "comparison", "decode_inputs", "detection_metrics", "detection_report",
+           "fpr_at_tpr", "per_account_counts", "read", "read_run", "read_summary", "replay", "replication_report",
+           "scored_rows", "write_report"]

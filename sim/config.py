@@ -101,6 +101,15 @@ class PradaConfig(PolicyConfig):
                                "address), each account cohort (a sign-up batch), or all traffic")
 
 
+class PooledPradaConfig(PradaConfig):
+    """PRADA over the pooled queries of a group of accounts: a second PRADA beside the per-account one."""
+
+    enabled: bool = False
+    group: Literal["account", "actor", "cohort", "all"] = Field(
+        "all", description="whose queries form one history: all traffic, each client actor (a client address), "
+                           "each account cohort (a sign-up batch), or each account")
+
+
 class StatelessConfig(PolicyConfig):
     threshold: float | None = Field(None, description="flag queries scoring above this (default: calibrated "
                                                       "from target_fpr)")
@@ -140,6 +149,12 @@ class MspConfig(StatelessConfig):
         return {"threshold": self.threshold}
 
 
+class MspOeConfig(MspConfig):
+    """The maximum-softmax baseline on an outlier-exposure copy of the victim, beside the plain one."""
+
+    model: Literal["victim", "oe"] = Field("oe", description="whose softmax (default: the outlier-exposure copy's)")
+
+
 class LinkConfig(PolicyConfig):
     kind: ClassVar[str] = "link"
     every: int = Field(500, ge=1, description="re-cluster the accounts every this many queries")
@@ -152,10 +167,10 @@ class LinkConfig(PolicyConfig):
 
 class DetectorsConfig(_Strict):
     prada: PradaConfig = PradaConfig()
-    pooled_prada: PradaConfig = Field(PradaConfig(enabled=False, group="all"),
-                                      description="a second PRADA over pooled accounts (group=all|cohort|actor)")
+    pooled_prada: PooledPradaConfig = PooledPradaConfig()
     same: SameConfig = SameConfig()
     msp: MspConfig = MspConfig()
+    msp_oe: MspOeConfig = MspOeConfig()
     link: LinkConfig = LinkConfig()
 
     def enabled(self) -> dict[str, PolicyConfig]:

@@ -364,7 +364,7 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
                 serve.delete(app)
     finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
         logged = querylog.compact(log_dir)
-    summary = summarize(cfg, victim, run_id, plan, replicas, log_dir, logged)
+    summary = summarize(cfg, victim, run_id, plan, replicas, log_dir, logged, dets)
     summary["serve"] = {"app": app, "port": port, "url": f"http://127.0.0.1:{port}/{app}" if port else None}
     summary["ray"]["nodes"] = len(nodes)
     summary["timings"] = timings
@@ -453,7 +453,7 @@ def _distortion(table) -> dict:
     """Mean L1 distortion and top-1-preserved rate over the answered rows of a log table."""
     import pyarrow.compute as pc
 
-    answered = table.filter(pc.equal(table.column("action"), "answered"))
+    answered = table.filter(pc.is_in(table.column("action"), pa.array(querylog.ANSWERED)))
     if answered.num_rows == 0:
         return {"answered": 0, "l1_mean": None, "top1_preserved_rate": None}
     l1 = answered.column("defense_l1").to_numpy(zero_copy_only=False)
@@ -463,7 +463,7 @@ def _distortion(table) -> dict:
 
 
 def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, replicas: dict,
-              log_dir: str, logged: int) -> dict:
+              log_dir: str, logged: int, dsetup=None) -> dict:
     import pyarrow.compute as pc
 
     from . import models
@@ -474,13 +474,21 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
     keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))  # replicas never see attack seeds
     defended = evaluate_defense(cfg, victim, clean_test)
     defended_accuracy = defended.pop("defended_test_accuracy")
-    table = querylog.read(log_dir, columns=["account_id", "role", "action", "prada_flagged", "defense_l1",
-                                            "top1_changed"])
-    answered = int(pc.sum(pc.equal(table.column("action"), "answered")).as_py() or 0)
-    flagged = set()
-    if cfg.detectors.prada.enabled and table.num_rows:
-        mask = pc.fill_null(table.column("prada_flagged"), False)
-        flagged = set(pc.unique(table.filter(mask).column("account_id")).to_pylist()) - {None}
+    from analysis.detection import detection_report
+
+    dets = cfg.detectors.enabled()
+    table = querylog.read(log_dir, columns=["account_id", "role", "attack", "action", "input_sha1", "resubmission",
+                                            "defense_l1", "top1_changed", *[f"{d}_{c}" for d in dets
+                                                                            for c in ("score", "flagged")]])
+    actions = {a: int(pc.sum(pc.equal(table.column("action"), a)).as_py() or 0)
+               for a in ("answered", "perturbed", "challenged", "refused")}
+    answered = actions["answered"] + actions["perturbed"]
+    report = detection_report(table, list(dets)) if table.num_rows else {}
+    flagged_by: dict[str, set] = {}
+    for name in dets:
+        mask = pc.fill_null(table.column(f"{name}_flagged"), False)
+        flagged_by[name] = set(pc.unique(table.filter(mask).column("account_id")).to_pylist()) - {None}
+    flagged = flagged_by.get("prada", set())
     role_of = {a.account_id: a.role for a in plan.accounts.values()}
     total = sum(c.result["sent"] for c in plan.clients)
 
@@ -495,6 +503,8 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
             "unspent": sum(r["unspent"] for r in mine),
             "accounts_used": len({a for r in mine for a, n in r["per_account"].items() if n}),
             "accounts_flagged": len(flagged & accts),
+            "accounts_flagged_by": {name: len(f & accts) for name, f in flagged_by.items()},
+            "pow": _pow_paid(mine),
             "accounts_burned": sum(len(r["burned"]) for r in mine),
             "labels": att.replica.labels, "replica_test_accuracy": None, "replica_fidelity": None,
             "stats": [r["stats"] for r in mine],  # what the method did, per actor
@@ -530,28 +540,52 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
                     "by_role": {role: _distortion(table.filter(pc.equal(table.column("role"), role)))
                                 for role in ("attacker", "benign")}},
         "evaluation": {"replica_test_images": int(len(keep)), "held_out_attack_seeds": len(plan.held_out)},
-        "queries": {"total": total, "answered": answered, "refused": table.num_rows - answered,
+        "queries": {"total": total, "answered": answered, **{k: v for k, v in actions.items() if k != "answered"},
                     "logged": logged},
         "attackers": attackers,
         "benign": {"users": cfg.benign.users, "queries": sum(r["sent"] for r in benign),
-                   "refused": sum(r["refused"] for r in benign)},
+                   "refused": sum(r["refused"] for r in benign), "pow": _pow_paid(benign)},
         "clients": clients,
         "ray": {"client_nodes": len({c.result["node_id"] for c in plan.clients})},
-        "detection": {"prada": {
-            "enabled": cfg.detectors.prada.enabled, "delta": cfg.detectors.prada.delta,
-            "action": cfg.detectors.prada.action,
-            "flagged_accounts": len(flagged),
-            "flagged_attacker_accounts": sum(role_of.get(a) == "attacker" for a in flagged),
-            "flagged_benign_accounts": sum(role_of.get(a) == "benign" for a in flagged),
-            "attacker_accounts": sum(r == "attacker" for r in role_of.values()),
-            "benign_accounts": sum(r == "benign" for r in role_of.values()),
-        }},
+        "detection": {name: _detection_entry(det, flagged_by[name], role_of, report.get(name, {}),
+                                             dsetup.calibration.get(name) if dsetup else None)
+                      for name, det in dets.items()},
+    }
+
+
+def _pow_paid(results: list[dict]) -> dict:
+    """Proof of work the clients of ``results`` did: puzzles, queries covered, hashes, seconds."""
+    out = {"puzzles": 0, "queries": 0, "hashes": 0, "seconds": 0.0, "max_bits": 0}
+    for r in results:
+        for k, v in r.get("pow", {}).items():
+            out[k] = max(out[k], v) if k == "max_bits" else out[k] + v
+    out["seconds"] = round(out["seconds"], 3)
+    return out
+
+
+def _detection_entry(det, flagged: set, role_of: dict, report: dict, calibration: dict | None) -> dict:
+    """One detector's part of the summary: its settings, accounts it flagged, AUROC/AUPR/FPR95 at query and
+    account level over all attacks (per attack: ``python -m analysis RUN_DIR``)."""
+    def brief(m):
+        return ({k: round(m[k], 4) for k in ("auroc", "aupr", "fpr95", "fpr90")} if "auroc" in m
+                else {"error": m.get("error")})
+
+    return {
+        "kind": det.kind, "action": det.action, "group": getattr(det, "group", "account"),
+        "params": det.params(), "calibration": calibration,
+        "flagged_accounts": len(flagged),
+        "flagged_attacker_accounts": sum(role_of.get(a) == "attacker" for a in flagged),
+        "flagged_benign_accounts": sum(role_of.get(a) == "benign" for a in flagged),
+        "attacker_accounts": sum(r == "attacker" for r in role_of.values()),
+        "benign_accounts": sum(r == "benign" for r in role_of.values()),
+        "query_level": brief(report.get("query", {}).get("all", {})),
+        "account_level": brief(report.get("account", {}).get("all", {})),
     }
 
 
 def format_summary(s: dict) -> str:
     """The summary as a small text table for the terminal."""
-    v, q, p, d = s["victim"], s["queries"], s["detection"]["prada"], s["defense"]
+    v, q, d = s["victim"], s["queries"], s["defense"]
     params = ", ".join(f"{k}={val}" for k, val in d["params"].items())
     dp = f", DP-SGD epsilon {v['dp_epsilon']:.2f}" if v.get("dp_epsilon") is not None else ""
     lines = [
@@ -561,7 +595,8 @@ def format_summary(s: dict) -> str:
         f"defense {d['name']}{f' ({params})' if params else ''}: defended test accuracy "
         f"{v['defended_test_accuracy']:.4f}, test L1 {d['test_l1_mean']:.3f}, top-1 kept "
         f"{d['test_top1_preserved_rate']:.3f}",
-        f"queries: {q['total']} sent, {q['answered']} answered, {q['refused']} refused, {q['logged']} logged",
+        f"queries: {q['total']} sent, {q['answered']} answered ({q['perturbed']} perturbed), {q['challenged']} "
+        f"challenged with proof of work, {q['refused']} refused, {q['logged']} log rows",
         "",
         f"{'attacker':<14}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
         f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",
@@ -577,11 +612,22 @@ def format_summary(s: dict) -> str:
     b = s["benign"]
     lines += [
         f"{'benign':<14}{'-':<10}{b['users']:>9}{b['users']:>7}{b['queries']:>9}{b['refused']:>8}"
-        f"{p['flagged_benign_accounts']:>8}{'-':>12}{'-':>9}{'-':>15}",
+        f"{s['detection'].get('prada', {}).get('flagged_benign_accounts', 0):>8}{'-':>12}{'-':>9}{'-':>15}",
         "",
-        f"PRADA (delta={p['delta']}, action={p['action']}): flagged {p['flagged_attacker_accounts']}/"
-        f"{p['attacker_accounts']} attacker accounts, {p['flagged_benign_accounts']}/{p['benign_accounts']} "
-        f"benign accounts" if p["enabled"] else "PRADA off",
-        f"wall time {s['wall_seconds']:.1f} s",
     ]
+    for name, det in s["detection"].items():
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in det["params"].items()
+                           if v is not None)
+        ql = det["query_level"]
+        quality = (f"; query AUROC {ql['auroc']:.3f}, FPR95 {ql['fpr95']:.3f}" if "auroc" in ql else "")
+        lines.append(f"{name} ({params}; action={det['action']}, group={det['group']}): flagged "
+                     f"{det['flagged_attacker_accounts']}/{det['attacker_accounts']} attacker accounts, "
+                     f"{det['flagged_benign_accounts']}/{det['benign_accounts']} benign{quality}")
+    if not s["detection"]:
+        lines.append("no detectors")
+    paid = [(a["id"], a["pow"]) for a in s["attackers"]] + [("benign", s["benign"]["pow"])]
+    if any(p["puzzles"] for _, p in paid):
+        lines.append("proof of work paid: " + ", ".join(f"{who} {p['seconds']:.2f} s ({p['queries']} queries, "
+                                                         f"{p['hashes']:,} hashes)" for who, p in paid))
+    lines.append(f"wall time {s['wall_seconds']:.1f} s")
     return "\n".join(lines)

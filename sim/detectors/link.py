@@ -5,15 +5,19 @@ with 50 accounts and 1,500 queries sends 30 per account and is never judged. Lin
 what the split took apart, in two steps, every ``every`` queries:
 
 1. **Link.** Each account with at least ``min_queries`` queries is described by what it asks, not when:
-   the histogram of its query pixels' intensities (16 bins) and the histogram of the victim's top-1
-   labels on its queries, both normalised and square-rooted, so that the Euclidean distance between two
-   accounts is the Hellinger distance of their query distributions (summed over the two histograms).
+   the histogram of its query pixels' intensities (16 bins), normalised and square-rooted, so that the
+   Euclidean distance between two accounts is (√2 x) the Hellinger distance of their pixel distributions.
+   (Label histograms were tried too: over 15 queries an account's labels are too noisy to link on.)
    Accounts are clustered by average linkage (scipy) and the tree is cut at ``distance``. Sybil accounts
    of one attacker draw from one generator (seed perturbations, a synthetic generator, one natural pool)
    and land together; honest users' natural queries land in their own cluster.
 2. **Test.** Each cluster of at least ``min_accounts`` accounts is judged as one stream: PRADA (with
-   this detector's ``delta`` and ``min_pool``) runs over the cluster's queries in arrival order. A cluster
-   PRADA flags has all its accounts flagged, for good.
+   this detector's ``delta`` and ``min_pool``) runs over the cluster's queries in arrival order. If PRADA
+   flags it, the test descends the cluster's own linkage tree: each sub-cluster with enough queries for
+   PRADA is tested on its own, so an honest account that was pooled with an attacker's is cleared by its
+   own stream, while sub-clusters too small to judge (sybil accounts of 15 queries) keep their parent's
+   flag. Flags are for good. Exact repeats are skipped in pooled streams (honest users share popular
+   images; see ``Prada.skip_repeats``).
 
 Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
 score of a query is 1 - W of its account's cluster at the last re-clustering (NaN before its account
@@ -25,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster.hierarchy import fcluster, linkage, to_tree
 
 from ..errors import ConfigError
 from .base import Detection, Detector
@@ -93,33 +97,74 @@ class AccountLinker(Detector):
         rows = []
         for a in accounts:
             s = self._accounts[a]
-            rows.append(np.r_[np.sqrt(s.pixels / s.pixels.sum()), np.sqrt(s.labels / max(s.labels.sum(), 1))])
+            rows.append(np.sqrt(s.pixels / s.pixels.sum()))
         return np.array(rows) / np.sqrt(2)
 
     def relink(self) -> None:
-        """Re-cluster the accounts and judge every cluster of ``min_accounts`` or more with PRADA."""
+        """Re-cluster the accounts and judge the clusters with PRADA, descending into flagged ones."""
         p = self.params
         ready = sorted(a for a, s in self._accounts.items() if s.n >= p["min_queries"])
         if len(ready) < p["min_accounts"]:
             return
-        ids = fcluster(linkage(self.features(ready), "average"), p["distance"], "distance")
-        groups: dict[int, list[str]] = {}
-        for a, c in zip(ready, ids):
-            groups.setdefault(int(c), []).append(a)
-        self.clusters = sorted(groups.values(), key=lambda g: (-len(g), g))
-        per_block = np.array(self._stream_acct)
-        for members in self.clusters:
+        feats = self.features(ready)
+        ids = fcluster(linkage(feats, "average"), p["distance"], "distance")
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(ids):
+            groups.setdefault(int(c), []).append(i)
+        self.clusters = sorted(([ready[i] for i in g] for g in groups.values()), key=lambda g: (-len(g), g))
+        owner = np.array(self._stream_acct)
+        for members in groups.values():
             if len(members) < p["min_accounts"]:
                 continue
-            pick = np.flatnonzero(np.isin(per_block, members))
-            prada = Prada(delta=p["delta"], min_pool=p["min_pool"])
-            det = prada.score("cluster", np.concatenate([self._stream_x[i] for i in pick]),
-                              np.concatenate([self._stream_y[i] for i in pick]))
-            w = 1.0 - float(det.scores[-1])
-            for a in members:
-                s = self._accounts[a]
-                s.w = w
-                s.flagged = s.flagged or bool(det.flags[-1])
+            names = [ready[i] for i in members]
+            if len(members) == 1:  # min_accounts=1: a lone account is judged on its own
+                result = self._test(names, owner)
+                if result is not None:
+                    self._accounts[names[0]].w = result[0]
+                    if result[1]:
+                        self._flag(names)
+                continue
+            self._descend(to_tree(linkage(feats[members], "average")), names, owner)
+
+    def _test(self, accounts: list[str], owner: np.ndarray) -> tuple[float, bool] | None:
+        """PRADA over the pooled queries of ``accounts`` in arrival order: (W, flagged), or None if they
+        are too few for PRADA to judge (``min_pool``)."""
+        pick = np.flatnonzero(np.isin(owner, accounts))
+        y = np.concatenate([self._stream_y[i] for i in pick])
+        if len(y) <= self.params["min_pool"] + len(np.unique(y)):
+            return None
+        prada = Prada(delta=self.params["delta"], min_pool=self.params["min_pool"], skip_repeats=True)
+        det = prada.score("group", np.concatenate([self._stream_x[i] for i in pick]), y)
+        return 1.0 - float(det.scores[-1]), bool(det.flags[-1])
+
+    def _descend(self, node, names: list[str], owner: np.ndarray) -> None:
+        """Test a node of the cluster tree. Cleared (PRADA passes): done. Flagged: the flag goes down to the
+        children, and each child that PRADA can judge on its own is tested in turn, so an honest account
+        pooled with an attacker's is cleared by its own stream; a child too small to judge keeps its
+        parent's flag. Accounts of a flagged leaf, or of a flagged node whose children are too small, are
+        flagged."""
+        accounts = [names[i] for i in node.pre_order()]
+        result = self._test(accounts, owner)
+        if result is None:
+            return
+        w, flagged = result
+        for a in accounts:
+            self._accounts[a].w = w
+        if not flagged:
+            return
+        if node.is_leaf():
+            self._flag(accounts)
+            return
+        for child in (node.get_left(), node.get_right()):
+            sub = [names[i] for i in child.pre_order()]
+            if self._test(sub, owner) is None:
+                self._flag(sub)
+            else:
+                self._descend(child, names, owner)
+
+    def _flag(self, accounts: list[str]) -> None:
+        for a in accounts:
+            self._accounts[a].flagged = True
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}

@@ -14,6 +14,9 @@ score > 1 - delta. The key need not be an account: the victim service can pool a
 (a client address, an account-creation batch, all traffic) under one key to catch split attacks.
 State is a dict keyed by account, so a query costs the same however many accounts exist.
 Distances are computed on images scaled to [0, 1].
+``skip_repeats``: an exact repeat of an earlier query of its class adds no distance. Off by default (as
+published); pooled streams want it on, since honest users of a group often send the same popular image,
+and a pile of zero distances alone would make the pool look non-normal.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class _Account:
 
 class Prada(Detector):
     name = "prada"
-    defaults = {"delta": 0.95, "min_pool": 50}
+    defaults = {"delta": 0.95, "min_pool": 50, "skip_repeats": False}
 
     def _check_params(self, params: dict[str, Any]) -> None:
         delta, min_pool = params["delta"], params["min_pool"]
@@ -98,6 +101,8 @@ class Prada(Detector):
             raise ConfigError(f"prada.delta must be in (0, 1], got {delta!r}")
         if isinstance(min_pool, bool) or not isinstance(min_pool, int) or min_pool < 3:
             raise ConfigError(f"prada.min_pool must be an integer >= 3, got {min_pool!r}")
+        if not isinstance(params["skip_repeats"], bool):
+            raise ConfigError(f"prada.skip_repeats must be true or false, got {params['skip_repeats']!r}")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -131,6 +136,9 @@ class Prada(Detector):
                 cls.add(x[i], None)
             else:
                 d = cls.min_distance(x[i])
+                if d == 0 and self.params["skip_repeats"]:  # a repeated image: no new evidence either way
+                    scores[i], flags[i] = 1.0 - acc.last_w, acc.flagged
+                    continue
                 acc.pool.append(d)
                 if d > cls.threshold:
                     cls.add(x[i], d)

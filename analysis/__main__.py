@@ -1,0 +1,87 @@
+"""python -m analysis RUN_DIR [RUN_DIR ...] [--replay KIND [--param KEY=VALUE ...] [--group G]]
+
+Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run and prints its detection table.
+With several runs, also prints a comparison; ``--out DIR`` writes it (comparison.md and a plot) there.
+``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries and adds
+it to the report as ``replay_prada`` (``--name`` to choose). SAME replays load the run's models from the
+victim zoo (training them if the cache lacks them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+
+def _value(text: str):
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--replay", metavar="KIND", help="a detector to re-run over the logs (prada, link, msp, same)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a replayed detector's parameter")
+    ap.add_argument("--group", default="account", help="history key of the replay: account, actor, cohort or all")
+    ap.add_argument("--name", help="the replay's name in the report (default replay_KIND)")
+    ap.add_argument("--out", help="directory for the comparison of several runs")
+    args = ap.parse_args(argv)
+
+    from sim.errors import SimError
+    from sim.querylog import exists
+
+    from . import comparison, plots, write_report
+    from .metrics import MetricError
+    from .replay import replay
+
+    try:
+        params = {}
+        for item in args.param:
+            if "=" not in item:
+                raise SimError(f"--param {item!r} must look like KEY=VALUE")
+            key, val = item.split("=", 1)
+            params[key] = _value(val)
+        for run in args.runs:
+            if not os.path.isdir(run) or not exists(os.path.join(run, "queries")):
+                raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
+        for run in args.runs:
+            replays = {}
+            if args.replay:
+                from . import read_run
+
+                replays[args.name or f"replay_{args.replay}"] = replay(
+                    read_run(run), args.replay, params, args.group, **_models(run, args.replay, params))
+            path = write_report(run, replays)
+            print(f"{run}: {path}")
+        if len(args.runs) > 1:
+            text, points = comparison(args.runs)
+            print(text)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "comparison.md"), "w") as fh:
+                    fh.write(text + "\n\n![accuracy vs queries](accuracy_vs_queries.png)\n")
+                plots.accuracy_vs_queries(points, os.path.join(args.out, "accuracy_vs_queries.png"))
+    except (SimError, MetricError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _models(run: str, kind: str, params: dict) -> dict:
+    """What a replayed detector needs beyond its parameters: SAME's models for the run's victim."""
+    if kind == "link":
+        params.setdefault("num_classes", 10)
+    if kind != "same":
+        return {}
+    from sim import config, zoo
+
+    cfg = config.load(os.path.join(run, "config.yaml"))
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    return {"models": zoo.get_same(victim, cfg.seed, cfg.cache_dir, cfg.detectors.same)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Detection quality per detector and per attack, from a run's query log, at query and account level.
+
+Items: every scored query (resubmissions after a proof of work are the same query again and are left
+out) of a known account. Positives are attacker queries, negatives benign ones; per attack, the
+positives are that attack's queries and the negatives all benign queries.
+- Query level: the query's score. A stateful detector has no score before it has enough history (PRADA:
+  ``min_pool`` queries); such queries get the lowest score seen, i.e. "no evidence".
+- Account level: an account's score is the highest its queries reached.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sim import querylog
+
+from .metrics import MetricError, detection_metrics
+
+COLUMNS = ["account_id", "role", "attack", "resubmission", "action"]
+
+
+def scored_rows(table: pa.Table) -> pa.Table:
+    """The rows detection is judged on: queries the detectors scored (a known account's images, not a
+    request refused before its images were read) of attackers and benign users, not resubmissions."""
+    keep = pc.and_(table.column("input_sha1").is_valid(), pc.is_in(table.column("role"),
+                                                                   pa.array(["attacker", "benign"])))
+    if "resubmission" in table.column_names:
+        keep = pc.and_(keep, pc.invert(pc.fill_null(table.column("resubmission"), False)))
+    return table.filter(keep)
+
+
+def _filled(scores: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, np.float64)
+    if np.isnan(scores).all():
+        return np.zeros_like(scores)
+    return np.where(np.isnan(scores), np.nanmin(scores), scores)
+
+
+def _per_account(accounts: np.ndarray, scores: np.ndarray, attacker: np.ndarray):
+    order = np.argsort(accounts, kind="stable")
+    acc, s, a = accounts[order], scores[order], attacker[order]
+    starts = np.r_[0, np.flatnonzero(acc[1:] != acc[:-1]) + 1]
+    return acc[starts], np.maximum.reduceat(s, starts), a[starts]
+
+
+def _metrics_or_reason(labels, scores, what) -> dict:
+    try:
+        return detection_metrics(labels, scores, what)
+    except MetricError as exc:
+        return {"error": str(exc), "positives": int(np.sum(labels)), "negatives": int(np.sum(~np.asarray(labels, bool)))}
+
+
+def detection_report(table: pa.Table, detectors: list[str] | None = None,
+                     scores: dict[str, np.ndarray] | None = None) -> dict:
+    """detector -> {"query": {attack -> metrics}, "account": {attack -> metrics}, "flagged": counts}.
+    ``attack`` is each attack in the log and ``"all"``. ``scores``: extra score columns (e.g. replayed)
+    aligned with ``scored_rows(table)``. Metrics that cannot be computed (no benign traffic) carry
+    an ``error`` saying why."""
+    rows = scored_rows(table)
+    detectors = list(detectors if detectors is not None else querylog.detector_names(table.schema))
+    columns = {d: rows.column(f"{d}_score").to_numpy(zero_copy_only=False) for d in detectors
+               if f"{d}_score" in rows.column_names}
+    columns.update(scores or {})
+    role = np.asarray(rows.column("role").to_pylist())
+    attack = np.asarray([a or "" for a in rows.column("attack").to_pylist()])
+    accounts = np.asarray(rows.column("account_id").to_pylist())
+    attacker = role == "attacker"
+    attacks = ["all"] + sorted(str(a) for a in set(attack[attacker]))
+    out = {}
+    for name, raw in columns.items():
+        s = _filled(raw)
+        entry = {"query": {}, "account": {}}
+        for att in attacks:
+            keep = ~attacker | (attack == att) if att != "all" else np.ones(len(s), bool)
+            entry["query"][att] = _metrics_or_reason(attacker[keep], s[keep], f"{name} on {att} queries")
+            _, acc_scores, acc_attacker = _per_account(accounts[keep], s[keep], attacker[keep])
+            entry["account"][att] = _metrics_or_reason(acc_attacker, acc_scores, f"{name} on {att} accounts")
+        flag_col = f"{name}_flagged"
+        if flag_col in rows.column_names:
+            flags = np.asarray(pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False), bool)
+            flagged = set(accounts[flags])
+            entry["flagged"] = {
+                "attacker_accounts": len(flagged & set(accounts[attacker])), "attacker_total": len(set(accounts[attacker])),
+                "benign_accounts": len(flagged & set(accounts[~attacker])), "benign_total": len(set(accounts[~attacker])),
+                "attacker_queries": int(flags[attacker].sum()), "benign_queries": int(flags[~attacker].sum()),
+            }
+        out[name] = entry
+    return out

@@ -1,0 +1,81 @@
+"""PNG figures of a run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from .detection import scored_rows  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roc_curves(rows: pa.Table, name: str, scores: np.ndarray, path: str) -> str | None:
+    """ROC of one detector at query level, one curve per attack against all benign queries."""
+    role = np.asarray(rows.column("role").to_pylist())
+    attack = np.asarray([a or "" for a in rows.column("attack").to_pylist()])
+    benign = role == "benign"
+    if not benign.any() or benign.all():
+        return None
+    s = np.where(np.isnan(scores), np.nanmin(scores) if not np.isnan(scores).all() else 0.0, scores)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for att in sorted(set(attack[role == "attacker"])):
+        keep = benign | (attack == att)
+        fpr, tpr, _ = roc_curve(~benign[keep], s[keep])
+        ax.plot(fpr, tpr, label=att)
+    ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
+    ax.set(xlabel="false-positive rate (benign queries)", ylabel="true-positive rate (attacker queries)",
+           title=f"{name}: ROC per attack", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def prada_w(table: pa.Table, path: str, delta: float = 0.95, column: str = "prada_score") -> str | None:
+    """PRADA's Shapiro-Wilk W over each account's queries (attackers red, benign blue), with delta."""
+    rows = scored_rows(table)
+    if column not in rows.column_names:
+        return None
+    rows = rows.sort_by([("account_id", "ascending"), ("query_index", "ascending")])
+    acc = np.asarray(rows.column("account_id").to_pylist())
+    role = np.asarray(rows.column("role").to_pylist())
+    idx = rows.column("query_index").to_numpy(zero_copy_only=False)
+    w = 1 - rows.column(column).to_numpy(zero_copy_only=False).astype(float)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for a in dict.fromkeys(acc):
+        m = acc == a
+        ax.plot(idx[m], w[m], color="tab:red" if role[m][0] == "attacker" else "tab:blue", lw=0.8, alpha=0.7)
+    ax.axhline(delta, color="black", ls="--", lw=0.8)
+    ax.plot([], [], color="tab:red", label="attacker accounts")
+    ax.plot([], [], color="tab:blue", label="benign accounts")
+    ax.plot([], [], color="black", ls="--", label=f"delta = {delta}")
+    ax.set(xlabel="query index within the account", ylabel="Shapiro-Wilk W of the account's distances",
+           title="PRADA per account")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def accuracy_vs_queries(points: list[dict], path: str) -> str | None:
+    """Replica accuracy against queries spent, one point per attacker and run (``points``: dicts with
+    label, queries, accuracy, and optionally fidelity)."""
+    points = [p for p in points if p.get("accuracy") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 4))
+    for label in dict.fromkeys(p["label"] for p in points):
+        mine = sorted((p for p in points if p["label"] == label), key=lambda p: p["queries"])
+        ax.plot([p["queries"] for p in mine], [p["accuracy"] for p in mine], "o-", label=label)
+    ax.set(xlabel="queries spent", ylabel="replica test accuracy", title="What the queries bought")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,54 @@
+"""What each attacker got and paid, and what honest users paid: from the run's summary and query log."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from sim import querylog, storage
+
+
+def read_summary(run_dir: str) -> dict:
+    path = storage.join(run_dir, "summary.json")
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+
+
+def replication_report(table: pa.Table, summary: dict) -> dict:
+    """Per attacker (and ``benign``): queries sent, answered (directly or after a proof of work), challenged
+    with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
+    solving time the clients reported), and from the summary the accounts flagged and burned and the
+    replica's accuracy and fidelity; plus the defense's cost to honest users."""
+    col = lambda name: np.asarray(table.column(name).to_pylist(), dtype=object)
+    role, account, action, attack = col("role"), col("account_id"), col("action"), col("attack")
+    resub = col("resubmission").astype(bool) if "resubmission" in table.column_names else np.zeros(len(role), bool)
+    seconds = np.array([s or 0.0 for s in table.column("pow_seconds").to_pylist()]) \
+        if "pow_seconds" in table.column_names else np.zeros(len(role))
+
+    def entry(mask: np.ndarray, label: str, kind: str | None) -> dict:
+        return {"id": label, "attack": kind, "queries": int((mask & ~resub).sum()),
+                "answered": int((mask & np.isin(action, querylog.ANSWERED)).sum()),
+                "challenged": int((mask & (action == "challenged")).sum()),
+                "refused": int((mask & (action == "refused")).sum()),
+                "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3)}
+
+    out = {"attackers": [], "benign": None, "defense": None}
+    attackers = summary.get("attackers") or [{"id": a, "attack": a} for a in sorted(set(attack[role == "attacker"]))]
+    for a in attackers:
+        if summary:  # accounts are named after their attacker: ID-0000
+            mask = (role == "attacker") & np.array([str(x).startswith(f"{a['id']}-") for x in account])
+        else:  # a log without its summary (a crashed run): one entry per attack
+            mask = (role == "attacker") & (attack == a["attack"])
+        e = entry(mask, a["id"], a.get("attack"))
+        e.update({k: a.get(k) for k in ("accounts_flagged", "accounts_burned", "replica_test_accuracy",
+                                        "replica_fidelity", "replica_test_accuracy_undefended")})
+        out["attackers"].append(e)
+    if (role == "benign").any():
+        out["benign"] = entry(role == "benign", "benign", None)
+    if summary:
+        v, d = summary["victim"], summary["defense"]
+        out["defense"] = {"name": d["name"], "victim_accuracy": v["test_accuracy"],
+                          "defended_accuracy": v["defended_test_accuracy"], "test_l1": d.get("test_l1_mean"),
+                          "top1_preserved": d.get("test_top1_preserved_rate")}
+    return out

@@ -1,0 +1,142 @@
+"""``report.md`` of a run: what ran, what the attackers got and paid, how well each detector did, figures.
+Everything comes from the run directory (query log, summary.json, config.yaml), never from Ray."""
+
+from __future__ import annotations
+
+import os
+
+
+from sim import querylog, storage
+
+from . import plots
+from .detection import detection_report, scored_rows
+from .replication import read_summary, replication_report
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _metrics_cell(m: dict) -> str:
+    if "auroc" not in m:
+        return "n/a"
+    return f"{100 * m['auroc']:.2f} / {100 * m['aupr']:.2f} / {100 * m['fpr95']:.2f} / {100 * m['fpr90']:.2f}"
+
+
+def analyse(run_dir: str, replays: dict[str, dict] | None = None) -> dict:
+    """Everything the report shows, as data: ``replication``, ``detection`` (detector -> report), the table,
+    the summary. ``replays``: name -> the output of :func:`analysis.replay.replay`, added as detectors."""
+    table = querylog.read(storage.join(run_dir, "queries"))
+    summary = read_summary(run_dir)
+    extra = {name: r["scores"] for name, r in (replays or {}).items()}
+    return {"table": table, "summary": summary, "replication": replication_report(table, summary),
+            "detection": detection_report(table, scores=extra) if table.num_rows else {}}
+
+
+def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
+    """Write ``RUN/report.md`` and its figures under ``RUN/report/``; returns the report's path."""
+    if "://" in run_dir:
+        raise ValueError(f"run_dir={run_dir!r}: reports are written to local run directories only")
+    a = analyse(run_dir, replays)
+    table, summary, rep, det = a["table"], a["summary"], a["replication"], a["detection"]
+    fig_dir = os.path.join(run_dir, "report")
+    os.makedirs(fig_dir, exist_ok=True)
+    lines = [f"# Run report: {summary.get('scenario', os.path.basename(run_dir))}", ""]
+    lines += [f"Run `{summary.get('run_id', '?')}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
+              "Written by `python -m analysis` from the run directory alone (query log, summary.json).", ""]
+    if summary:
+        v, d = summary["victim"], summary["defense"]
+        params = ", ".join(f"{k}={val}" for k, val in d["params"].items())
+        lines += ["## What ran", "",
+                  f"- **Victim**: {v['arch']} trained on {v['dataset']} ({v['training']}), test accuracy "
+                  f"{_pct(v['test_accuracy'])}%.",
+                  f"- **Output defense**: {d['name']}{f' ({params})' if params else ''}. Honest users get "
+                  f"{_pct(v['defended_test_accuracy'])}% accuracy on the test set, mean L1 distortion "
+                  f"{d.get('test_l1_mean', 0):.3f}.",
+                  f"- **Clients**: {len(summary['attackers'])} attacker(s), {summary['benign']['users']} benign "
+                  f"user(s); {summary['queries']['total']:,} queries sent in {summary['wall_seconds']:.0f} s."]
+        for name, dd in summary.get("detection", {}).items():
+            cal = dd.get("calibration")
+            thr = (f", threshold {cal['threshold']:.4g} (benign false-positive target {cal['target_fpr']})"
+                   if cal else "")
+            lines.append(f"- **Detector `{name}`** ({dd.get('kind', name)}, group by {dd.get('group', 'account')}): flagged queries get "
+                         f"*{dd.get('action')}*{thr}.")
+        lines.append("")
+    lines += ["## What the attackers got and what everyone paid", "",
+              "Replica accuracy and fidelity are on the victim's test set (attack seeds left out). Proof-of-work "
+              "seconds are the solving time the clients spent before their challenged queries were answered.", "",
+              "| client | attack | queries | answered | challenged | refused | accounts | flagged | replica acc % "
+              "| fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []):
+        lines.append(f"| {e['id']} | {e['attack'] or '–'} | {e['queries']:,} | {e['answered']:,} | {e['challenged']:,} "
+                     f"| {e['refused']:,} | {e['accounts_used']} | {e.get('accounts_flagged', '–')} "
+                     f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
+                     f"| {e['pow_seconds']:.2f} |")
+    lines.append("")
+    rows = scored_rows(table)
+    figures = []
+    if det:
+        lines += ["## Detection", "",
+                  "Positives are attacker queries (or accounts), negatives benign ones. Cells: AUROC / AUPR / "
+                  "FPR95 / FPR90 in %. AUROC 100 is perfect, 50 chance; FPR95 is the share of benign queries "
+                  "flagged at the threshold that catches 95% of the attacker's. Account level scores each "
+                  "account by its most suspicious query. A stateful detector's queries before it has enough "
+                  "history count as least suspicious.", ""]
+        attacks = list(next(iter(det.values()))["query"])
+        lines += ["| detector | level | " + " | ".join(attacks) + " | accounts flagged (attacker / benign) |",
+                  "|---|---|" + "---|" * len(attacks) + "---|"]
+        for name, d in det.items():
+            f = d.get("flagged")
+            flagged = f"{f['attacker_accounts']}/{f['attacker_total']} / {f['benign_accounts']}/{f['benign_total']}" \
+                if f else "–"
+            for level in ("query", "account"):
+                lines.append(f"| {name} | {level} | " + " | ".join(_metrics_cell(d[level][a]) for a in attacks)
+                             + f" | {flagged if level == 'query' else ''} |")
+        errors = {m["error"] for d in det.values() for lv in ("query", "account") for m in d[lv].values()
+                  if "error" in m}
+        lines += [""] + [f"- n/a: {e}" for e in sorted(errors)] + ([""] if errors else [])
+        for name in det:
+            col = f"{name}_score"
+            s = (replays or {}).get(name, {}).get("scores")
+            s = s if s is not None else rows.column(col).to_numpy(zero_copy_only=False).astype(float)
+            p = plots.roc_curves(rows, name, s, os.path.join(fig_dir, f"roc_{name}.png"))
+            if p:
+                figures.append((f"ROC of {name} per attack (query level)", p))
+    prada = summary.get("detection", {}).get("prada") if summary else None
+    p = plots.prada_w(table, os.path.join(fig_dir, "prada_w.png"),
+                      delta=(prada.get("params") or prada or {}).get("delta", 0.95) if prada else 0.95)
+    if p:
+        figures.append(("PRADA's W over each account's queries: an account is flagged once W drops below delta", p))
+    points = [{"label": e["id"], "queries": e["queries"], "accuracy": e.get("replica_test_accuracy")}
+              for e in rep["attackers"]]
+    p = plots.accuracy_vs_queries(points, os.path.join(fig_dir, "accuracy_vs_queries.png"))
+    if p:
+        figures.append(("Replica accuracy against the queries each attacker spent", p))
+    if figures:
+        lines += ["## Figures", ""]
+        for caption, path in figures:
+            lines += [f"**{caption}**", "", f"![{caption}](report/{os.path.basename(path)})", ""]
+    out = os.path.join(run_dir, "report.md")
+    with open(out, "w") as fh:
+        fh.write("\n".join(lines))
+    return out
+
+
+def comparison(run_dirs: list[str]) -> tuple[str, list[dict]]:
+    """A Markdown table comparing runs (one row per attacker per run) and the accuracy-vs-queries points."""
+    lines = ["| run | attacker | queries | replica acc % | fidelity % | flagged | defended acc % |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    points = []
+    for run in run_dirs:
+        s = read_summary(run)
+        for a in s.get("attackers", []):
+            lines.append(f"| {os.path.basename(run.rstrip('/'))} | {a['id']} | {a['queries']:,} | "
+                         f"{_pct(a.get('replica_test_accuracy'))} | {_pct(a.get('replica_fidelity'))} | "
+                         f"{a.get('accounts_flagged', '–')}/{a.get('accounts', '–')} | "
+                         f"{_pct(s['victim'].get('defended_test_accuracy'))} |")
+            points.append({"label": f"{a['id']} ({a['attack']})", "queries": a["queries"],
+                           "accuracy": a.get("replica_test_accuracy")})
+    return "\n".join(lines), points
+
+
+__all__ = ["analyse", "write_report", "comparison"]

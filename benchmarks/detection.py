@@ -1,0 +1,190 @@
+"""Detection quality of SAME and the baselines per attack, and PRADA against account splitting.
+
+    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100] [--out benchmarks/results/detection.json]
+
+Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
+models (MAE and auxiliary model, trained and cached by the zoo as a run would) and its attackers, each built
+as the scenario builds it and driven in this process against the victim's clean answers (8-bit images, no
+Serve). Positives: the attacker's queries at each budget; negatives: the victim's 1,000 test images (benign
+traffic). Scores: SAME (z-scored reconstruction + deviation, weight 1), SAME-X (reconstruction only), SAME-Y
+(deviation only), maximum softmax of the victim (MSP) and of an outlier-exposure copy (MSP-OE). AUROC, AUPR
+and FPR95 from scikit-learn (analysis.metrics).
+
+Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
+over N accounts, with two benign users (300 test images each), all through one in-process victim service
+(sim.service.VictimService: the code a Serve replica runs) with per-account PRADA, PRADA pooled per account
+cohort (the attacker's accounts signed up in batches of ``--cohort`` accounts) and account linking. Reported:
+attacker accounts flagged, benign accounts flagged.
+Results are written to --out (JSON) and a Markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from analysis.metrics import detection_metrics
+from sim import config, detectors, engine, zoo
+from sim.detectors.same import Same
+from sim.training import predict_probs
+
+PAPER_1K = {"jbda": 93.30, "knockoff": 99.37, "dfme": 100.00}  # SAME paper, MNIST, 1k queries, AUROC %
+PAPER_4K = {"jbda": 93.10, "knockoff": 99.19, "dfme": 99.91}
+
+
+def attack_queries(cfg, victim, aid: str) -> np.ndarray:
+    """Every query attacker ``aid`` sends, driven against the victim's clean answers."""
+    plan = engine.plan_clients(cfg, victim.dataset)
+    (client,) = plan.of(attacker=aid)
+    source, sent = client.source, []
+    while source.remaining:
+        x = source.propose(64)
+        source.observe(x, predict_probs(victim.model, x), np.ones(len(x), bool))
+        sent.append(x)
+    return np.concatenate(sent)
+
+
+def part_same(budgets: list[int], seed: int = 0) -> list[dict]:
+    cfg = config.load("same_detection", [f"seed={seed}"])
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    t0 = time.perf_counter()
+    models = zoo.get_same(victim, cfg.seed, cfg.cache_dir, cfg.detectors.same)
+    print(f"SAME models ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    oe = zoo.get_victim(cfg.victim.model_copy(update={"training": "outlier_exposure"}), cfg.data, cfg.seed,
+                        cfg.cache_dir)
+    same = Same(models)
+    benign = victim.dataset.x_test
+
+    def scores(x):
+        probs = predict_probs(victim.model, x)
+        zr, zd = same.components(x, probs)
+        return {"SAME": zr + zd, "SAME-X": zr, "SAME-Y": zd, "MSP": 1 - probs.max(1),
+                "MSP-OE": 1 - predict_probs(oe.model, x).max(1)}
+
+    neg = scores(benign)
+    cells = []
+    for budget in budgets:
+        for aid in cfg.attackers:
+            run_cfg = config.load(cfg, [f"attackers.{aid}.budget={budget}"])
+            x = attack_queries(run_cfg, victim, aid)
+            pos = scores(x)
+            for name in pos:
+                m = detection_metrics(np.r_[np.ones(len(x)), np.zeros(len(benign))], np.r_[pos[name], neg[name]])
+                cells.append({"budget": budget, "attack": cfg.attackers[aid].attack, "detector": name,
+                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}})
+                print(f"  {budget:>5} {aid:<9} {name:<7} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} "
+                      f"FPR95 {m['fpr95']:.4f}", flush=True)
+    return cells
+
+
+def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dict]:
+    from actors.accounts import AccountSplitter
+    from sim.policy import Rule
+    from sim.service import VictimService
+
+    rows = []
+    for n in accounts_list:
+        cfg = config.load("distributed_jbda", [f"seed={seed}", f"attackers.distributed.accounts={n}",
+                                               f"attackers.distributed.cohort_size={cohort}"])
+        victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+        plan = engine.plan_clients(cfg, victim.dataset)
+        clients = plan.of(attacker="distributed") + plan.of(role="benign")
+        p = cfg.detectors.prada
+        svc = VictimService(
+            model=victim.model, victim="v", run_id="bench", accounts=plan.accounts, input_shape=victim.dataset.input_shape,
+            detectors={"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
+                       "cohort_prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
+                       "link": detectors.build("link", **cfg.detectors.link.params(), num_classes=10)},
+            rules={"cohort_prada": Rule(group="cohort")})
+        splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed) for c in clients}
+        t0 = time.perf_counter()
+        live = list(clients)
+        while live:  # one request per client in turn: the victim sees the traffic interleaved
+            for c in list(live):
+                if not c.source.remaining:
+                    live.remove(c)
+                    continue
+                pick = splitters[c.actor_id].next(min(c.batch_size, c.source.remaining))
+                x = c.source.propose(pick.n)
+                reply = svc.query(pick.key, x, c.actor_id)
+                c.source.observe(x, reply.probs, reply.answered)
+        role = {a.account_id: a.role for a in plan.accounts.values()}
+        cohorts = {a.account_id: f"cohort:{a.cohort}" for a in plan.accounts.values()}
+        flagged = {"prada": svc.detectors["prada"].flagged_accounts(), "link": svc.detectors["link"].flagged_accounts(),
+                   "cohort_prada": {a for a, k in cohorts.items() if svc.detectors["cohort_prada"].is_flagged(k)}}
+        flagged["any"] = set().union(*flagged.values())
+        row = {"accounts": n, "queries_per_account": 1500 // n, "seconds": round(time.perf_counter() - t0, 1)}
+        for name, accts in flagged.items():
+            row[f"{name}_attacker"] = sum(role.get(a) == "attacker" for a in accts)
+            row[f"{name}_benign"] = sum(role.get(a) == "benign" for a in accts)
+        row["attacker_accounts"], row["benign_accounts"] = n, cfg.benign.users
+        rows.append(row)
+        print(f"  {n:>4} accounts: " + ", ".join(f"{k} {row[k + '_attacker']}/{n} (benign {row[k + '_benign']})"
+                                               for k in flagged), flush=True)
+    return rows
+
+
+def tables(result: dict) -> str:
+    lines = []
+    cells = result.get("same", [])
+    if cells:
+        names = list(dict.fromkeys(c["detector"] for c in cells))
+        attacks = list(dict.fromkeys(c["attack"] for c in cells))
+        lines += ["AUROC / AUPR / FPR95 in %, attacker queries vs the victim's 1,000 test images:", "",
+                  "| budget | detector | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+        for budget in sorted({c["budget"] for c in cells}):
+            for name in names:
+                row = {c["attack"]: c for c in cells if c["budget"] == budget and c["detector"] == name}
+                lines.append(f"| {budget:,} | {name} | " + " | ".join(
+                    f"{100 * row[a]['auroc']:.2f} / {100 * row[a]['aupr']:.2f} / {100 * row[a]['fpr95']:.2f}"
+                    if a in row else "–" for a in attacks) + " |")
+            paper = PAPER_1K if budget == 1000 else PAPER_4K if budget == 4000 else None
+            if paper:
+                lines.append(f"| {budget:,} | SAME paper (AUROC) | " + " | ".join(
+                    f"{paper[a]:.2f}" if a in paper else "–" for a in attacks) + " |")
+        lines.append("")
+    rows = result.get("sybil", [])
+    if rows:
+        lines += ["Attacker accounts flagged (benign accounts flagged), distributed JBDA, 1,500 queries:", "",
+                  "| accounts | queries/account | per-account PRADA | PRADA pooled per cohort | account linking | any |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            cell = lambda k: f"{r[k + '_attacker']}/{r['attacker_accounts']} ({r[k + '_benign']}/{r['benign_accounts']})"
+            lines.append(f"| {r['accounts']} | {r['queries_per_account']} | {cell('prada')} | {cell('cohort_prada')} | "
+                         f"{cell('link')} | {cell('any')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 4000])
+    ap.add_argument("--accounts", nargs="+", type=int, default=[1, 10, 50, 100])
+    ap.add_argument("--cohort", type=int, default=25, help="attacker accounts per sign-up cohort")
+    ap.add_argument("--parts", nargs="+", default=["same", "sybil"], choices=["same", "sybil"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "detection.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    result = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    for part in args.parts:
+        print(f"part {part}", flush=True)
+        t0 = time.perf_counter()
+        result[part] = part_same(args.budgets) if part == "same" else part_sybil(args.accounts, args.cohort)
+        result[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+            fh.write(tables(result))
+    print(tables(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,11 @@ what the split took apart, in two steps, every ``every`` queries:
    and land together; honest users' natural queries land in their own cluster.
 2. **Test.** Each cluster of at least ``min_accounts`` accounts is judged as one stream: PRADA (with
    this detector's ``delta`` and ``min_pool``) runs over the cluster's queries in arrival order. If PRADA
-   flags it, the test descends the cluster's own linkage tree: each sub-cluster with enough queries for
-   PRADA is tested on its own, so an honest account that was pooled with an attacker's is cleared by its
-   own stream, while sub-clusters too small to judge (sybil accounts of 15 queries) keep their parent's
-   flag. Flags are for good. Exact repeats are skipped in pooled streams (honest users share popular
+   flags it (W below delta at the end of the pooled stream, not a dip along the way), the test descends
+   the cluster's own linkage tree (:meth:`AccountLinker._descend`): sub-clusters with enough queries
+   are judged on their own, so honest accounts pooled with an attacker's are cleared by their own
+   streams, and sub-clusters too small to judge (sybil accounts of 15 queries) keep the flag. Flags
+   are for good. Exact repeats are skipped in pooled streams (honest users share popular
    images; see ``Prada.skip_repeats``).
 
 Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
@@ -127,22 +128,22 @@ class AccountLinker(Detector):
             self._descend(to_tree(linkage(feats[members], "average")), names, owner)
 
     def _test(self, accounts: list[str], owner: np.ndarray) -> tuple[float, bool] | None:
-        """PRADA over the pooled queries of ``accounts`` in arrival order: (W, flagged), or None if they
-        are too few for PRADA to judge (``min_pool``)."""
+        """PRADA over the pooled queries of ``accounts`` in arrival order: (W, W < delta) with W at the end
+        of the stream, or None if they are too few for PRADA to judge (``min_pool``)."""
         pick = np.flatnonzero(np.isin(owner, accounts))
         y = np.concatenate([self._stream_y[i] for i in pick])
         if len(y) <= self.params["min_pool"] + len(np.unique(y)):
             return None
         prada = Prada(delta=self.params["delta"], min_pool=self.params["min_pool"], skip_repeats=True)
         det = prada.score("group", np.concatenate([self._stream_x[i] for i in pick]), y)
-        return 1.0 - float(det.scores[-1]), bool(det.flags[-1])
+        w = 1.0 - float(det.scores[-1])
+        return w, w < self.params["delta"]  # the pooled stream as it stands now, not a dip along the way
 
     def _descend(self, node, names: list[str], owner: np.ndarray) -> None:
-        """Test a node of the cluster tree. Cleared (PRADA passes): done. Flagged: the flag goes down to the
-        children, and each child that PRADA can judge on its own is tested in turn, so an honest account
-        pooled with an attacker's is cleared by its own stream; a child too small to judge keeps its
-        parent's flag. Accounts of a flagged leaf, or of a flagged node whose children are too small, are
-        flagged."""
+        """Test a node of the cluster tree with PRADA. Cleared: done. Flagged: each child that has enough
+        queries for PRADA is tested on its own in turn (so an honest account pooled with an attacker's is
+        cleared by its own stream), and a child too small to judge alone keeps the flag (sybil accounts of
+        15 queries each)."""
         accounts = [names[i] for i in node.pre_order()]
         result = self._test(accounts, owner)
         if result is None:
@@ -157,7 +158,7 @@ class AccountLinker(Detector):
             return
         for child in (node.get_left(), node.get_right()):
             sub = [names[i] for i in child.pre_order()]
-            if self._test(sub, owner) is None:
+            if self._test(sub, owner) is None:  # too small to judge alone: it keeps its parent's flag
                 self._flag(sub)
             else:
                 self._descend(child, names, owner)

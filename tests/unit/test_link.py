@@ -1,0 +1,79 @@
+"""Account linking: sybil accounts too small for per-account PRADA are linked, pooled and flagged;
+honest users are not."""
+
+import numpy as np
+import pytest
+
+from sim import data, detectors
+from sim.errors import ConfigError
+
+
+def _jbda_like(n_seeds=10, steps=30, eps=0.1, seed=0):
+    """Natural seeds, then rounds of +-eps sign steps around them (the pixel statistics of JBDA)."""
+    ds = data.load("mnist5k")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds.x_train), n_seeds, replace=False)
+    cur, labels = ds.x_train[idx].astype(np.float32) / 255, ds.y_train[idx]
+    xs, ys = [], []
+    for _ in range(steps):
+        cur = np.clip(cur + eps * rng.choice([-1.0, 1.0], size=cur.shape), 0, 1)
+        xs.append(np.rint(cur * 255).astype(np.uint8))
+        ys.append(labels)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _interleave(link, prada, sybils: int, benign_users: int = 2, per_request: int = 10):
+    """Sybil accounts get the attack's requests in turn; benign users send test images in between."""
+    x, y = _jbda_like()
+    ds = data.load("mnist5k")
+    rng = np.random.default_rng(1)
+    benign = [rng.permutation(len(ds.x_test))[:150] for _ in range(benign_users)]
+    for r, start in enumerate(range(0, len(x), per_request)):
+        acct = f"sybil-{r % sybils}"
+        for det in (link, prada):
+            det.score(acct, x[start:start + per_request], y[start:start + per_request])
+        for u, idx in enumerate(benign):
+            part = idx[(r * 5) % 150:(r * 5) % 150 + 5]
+            if len(part):
+                for det in (link, prada):
+                    det.score(f"benign-{u}", ds.x_test[part], ds.y_test[part])
+    return link, prada
+
+
+def test_linking_flags_sybils_that_per_account_prada_cannot_judge_and_spares_honest_users():
+    link = detectors.build("link", every=100, min_queries=10, min_pool=50)
+    prada = detectors.build("prada", min_pool=50)
+    _interleave(link, prada, sybils=15)  # 300 queries over 15 accounts: 20 each, under PRADA's pool of 50
+    sybils = {f"sybil-{i}" for i in range(15)}
+    assert prada.flagged_accounts() == set()
+    assert len(link.flagged_accounts() & sybils) >= 12
+    assert not link.flagged_accounts() & {"benign-0", "benign-1"}
+    assert any(set(c) <= sybils and len(c) >= 2 for c in link.clusters)
+
+
+def test_a_lone_attacker_account_pooled_with_honest_ones_does_not_drag_them_down():
+    link = detectors.build("link", every=100, min_queries=10, min_pool=50, distance=10.0)  # one big cluster
+    prada = detectors.build("prada", min_pool=50)
+    _interleave(link, prada, sybils=1)
+    assert "sybil-0" in prada.flagged_accounts()  # the attacker is plain to see on its own
+    assert link.clusters == [["benign-0", "benign-1", "sybil-0"]]
+    assert not link.flagged_accounts() & {"benign-0", "benign-1"}  # pooling never blames the honest users
+
+
+def test_repeated_images_add_no_distance_when_skipped():
+    ds = data.load("mnist5k")
+    x = np.concatenate([ds.x_test[:200], ds.x_test[:200]])  # two honest users asking the same images
+    y = np.concatenate([ds.y_test[:200], ds.y_test[:200]])
+    plain = detectors.build("prada").score("g", x, y)
+    skipping = detectors.build("prada", skip_repeats=True).score("g", x, y)
+    assert plain.flags[-1] and not skipping.flags.any()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"every": 0}, "link.every must be an integer >= 1, got 0"),
+    ({"distance": -1}, "link.distance must be a number > 0, got -1"),
+    ({"delta": 2}, "prada.delta must be in \\(0, 1\\], got 2"),
+])
+def test_bad_link_parameters_are_errors(params, message):
+    with pytest.raises(ConfigError, match=message):
+        detectors.build("link", **params)

@@ -1,0 +1,96 @@
+"""Response policies in the victim service (Ray-free): proof of work, perturbation, per-query refusal."""
+
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from sim import data, defenses, detectors, models, pow, querylog
+from sim.policy import Rule
+from sim.protocol import Account
+from sim.service import VictimService
+
+
+def _service(tmp_path, rule: Rule, threshold: float = 0.0):
+    """A victim whose max-softmax detector flags every query scoring above ``threshold``."""
+    model = models.build("lenet", (1, 28, 28), 10)  # untrained: unsure about everything (score ~0.9)
+    keys = {"k-att": Account("att-0", "attacker", "jbda", "att-c0"), "k-ben": Account("ben-0", "benign")}
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w", detectors=["msp"])
+    perturbers = {"msp": defenses.from_spec(rule.perturb, victim=model)} if rule.action == "perturb" else {}
+    svc = VictimService(model=model, victim="v", run_id="r", accounts=keys, input_shape=(1, 28, 28),
+                        detectors={"msp": detectors.build("msp", threshold=threshold)}, rules={"msp": rule},
+                        perturbers=perturbers, writer=writer, max_images=16)
+    return svc, writer
+
+
+def test_proof_of_work_answers_only_after_a_right_solution(tmp_path):
+    svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, saturate=1.0, bits_min=4, bits_max=6))
+    x = data.load("mnist5k").x_test[:4]
+    first = svc.query("k-att", x, "actor-0")
+    assert first.status == 202 and first.actions == ["challenged"] * 4
+    assert np.isnan(first.probs).all() and (first.labels == -1).all()  # nothing is answered yet
+    ch = first.challenge
+    assert ch["indices"] == [0, 1, 2, 3] and 6 <= ch["bits"] <= 8  # 4 puzzles of 4-6 bits: 6-8 bits of work
+    assert json.loads(json.dumps(first.to_json()))["challenge"]["bits"] == ch["bits"]
+
+    counter, _ = pow.solve(ch["nonce"], ch["bits"])
+    assert svc.solve("k-ben", ch["id"], counter).status == 404  # another account cannot redeem it
+    solved = svc.solve("k-att", ch["id"], counter, "actor-0", seconds=0.5)
+    assert solved.status == 200 and solved.answered.all()
+    np.testing.assert_allclose(solved.probs.sum(1), 1, atol=1e-5)
+    assert svc.solve("k-att", ch["id"], counter).status == 404  # a challenge is spent once
+    writer.close()
+    table = querylog.read(str(tmp_path))
+    # sorted by account: att-0's challenge, its answers, its spent retry; then ben-0's refused attempt
+    assert table.column("action").to_pylist() == ["challenged"] * 4 + ["answered"] * 4 + ["refused"] * 2
+    rows = table.filter(pc.equal(table.column("account_id"), "att-0")).to_pylist()
+    assert all(r["returned_probs"] is None and r["pow_bits"] >= 4 for r in rows[:4])
+    assert [r["resubmission"] for r in rows] == [False] * 4 + [True] * 4 + [False]
+    assert sum(r["pow_seconds"] for r in rows[4:8]) == pytest.approx(0.5)
+    assert rows[0]["msp_score"] > 0 and rows[0]["msp_flagged"] and rows[0]["cohort"] == "att-c0"
+
+
+def test_a_wrong_solution_is_refused_and_never_answered(tmp_path):
+    svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, bits_min=12, bits_max=12))
+    x = data.load("mnist5k").x_test[:2]
+    ch = svc.query("k-att", x).challenge
+    wrong = next(c for c in range(1000) if not pow.verify(ch["nonce"], ch["bits"], c))
+    reply = svc.solve("k-att", ch["id"], wrong)
+    assert reply.status == 403 and not reply.answered.any() and np.isnan(reply.probs).all()
+    assert reply.reasons == ["wrong proof-of-work solution"] * 2
+    assert svc.solve("k-att", ch["id"], pow.solve(ch["nonce"], ch["bits"])[0]).status == 404  # spent
+    writer.close()
+    table = querylog.read(str(tmp_path))
+    assert pc.sum(pc.is_in(table.column("action"), pc.cast(np.array(querylog.ANSWERED), "string"))).as_py() in (0, None)
+    assert table.column("returned_probs").null_count == table.num_rows
+
+
+def test_http_body_can_carry_a_solution(tmp_path):
+    svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, bits_min=3, bits_max=3))
+    ch = svc.query_json("k-att", json.dumps({"images": (data.load("mnist5k").x_test[:1] / 255).tolist()}).encode()).challenge
+    body = {"challenge": ch["id"], "solution": pow.solve(ch["nonce"], ch["bits"])[0], "seconds": 0.01}
+    assert svc.query_json("k-att", json.dumps(body).encode()).status == 200
+    writer.close()
+
+
+def test_perturb_routes_only_flagged_queries_through_its_defense(tmp_path):
+    rule = Rule("perturb", perturb={"name": "labels_only"})
+    svc, writer = _service(tmp_path, rule, threshold=0.5)
+    x = data.load("mnist5k").x_test[:8]
+    reply = svc.query("k-ben", x)
+    flagged = 1 - svc.model(__import__("torch").as_tensor(x / 255.0).float()).softmax(1).max(1).values.detach().numpy() > 0.5
+    assert reply.status == 200 and reply.answered.all()
+    assert reply.actions == ["answered"] * 8
+    one_hot = (reply.probs.max(1) == 1.0)
+    assert (one_hot == flagged).all() and flagged.any()
+    writer.close()
+    acts = querylog.read(str(tmp_path)).column("action").to_pylist()
+    assert acts == ["perturbed" if f else "answered" for f in flagged]
+
+
+def test_a_stateless_refusal_refuses_the_flagged_query_itself(tmp_path):
+    svc, writer = _service(tmp_path, Rule("refuse"), threshold=-1.0)  # every query scores above -1
+    reply = svc.query("k-ben", data.load("mnist5k").x_test[:3])
+    assert reply.status == 403 and reply.reasons == ["query flagged by msp"] * 3 and np.isnan(reply.probs).all()
+    writer.close()

@@ -85,6 +85,7 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
                 "attacker_accounts": len(flagged & set(accounts[attacker])), "attacker_total": len(set(accounts[attacker])),
                 "benign_accounts": len(flagged & set(accounts[~attacker])), "benign_total": len(set(accounts[~attacker])),
                 "attacker_queries": int(flags[attacker].sum()), "benign_queries": int(flags[~attacker].sum()),
+                "attacker_queries_total": int(attacker.sum()), "benign_queries_total": int((~attacker).sum()),
             }
         out[name] = entry
     return out

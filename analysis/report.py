@@ -83,12 +83,13 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                   "account by its most suspicious query. A stateful detector's queries before it has enough "
                   "history count as least suspicious.", ""]
         attacks = list(next(iter(det.values()))["query"])
-        lines += ["| detector | level | " + " | ".join(attacks) + " | accounts flagged (attacker / benign) |",
+        lines += ["| detector | level | " + " | ".join(attacks) + " | flagged (attacker / benign) |",
                   "|---|---|" + "---|" * len(attacks) + "---|"]
         for name, d in det.items():
             f = d.get("flagged")
-            flagged = f"{f['attacker_accounts']}/{f['attacker_total']} / {f['benign_accounts']}/{f['benign_total']}" \
-                if f else "–"
+            flagged = (f"accounts {f['attacker_accounts']}/{f['attacker_total']} / {f['benign_accounts']}/"
+                       f"{f['benign_total']}; queries {f['attacker_queries'] / max(f['attacker_queries_total'], 1):.1%}"
+                       f" / {f['benign_queries'] / max(f['benign_queries_total'], 1):.1%}") if f else "–"
             for level in ("query", "account"):
                 lines.append(f"| {name} | {level} | " + " | ".join(_metrics_cell(d[level][a]) for a in attacks)
                              + f" | {flagged if level == 'query' else ''} |")

@@ -578,6 +578,7 @@ def _detection_entry(det, flagged: set, role_of: dict, report: dict, calibration
         "flagged_benign_accounts": sum(role_of.get(a) == "benign" for a in flagged),
         "attacker_accounts": sum(r == "attacker" for r in role_of.values()),
         "benign_accounts": sum(r == "benign" for r in role_of.values()),
+        "flagged_queries": {k: v for k, v in report.get("flagged", {}).items() if "queries" in k},
         "query_level": brief(report.get("query", {}).get("all", {})),
         "account_level": brief(report.get("account", {}).get("all", {})),
     }
@@ -616,13 +617,19 @@ def format_summary(s: dict) -> str:
         "",
     ]
     for name, det in s["detection"].items():
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in det["params"].items()
+        shown = {**det["params"], **({"threshold": det["calibration"]["threshold"]} if det.get("calibration") else {})}
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
                            if v is not None)
-        ql = det["query_level"]
+        ql, fq = det["query_level"], det.get("flagged_queries") or {}
         quality = (f"; query AUROC {ql['auroc']:.3f}, FPR95 {ql['fpr95']:.3f}" if "auroc" in ql else "")
-        lines.append(f"{name} ({params}; action={det['action']}, group={det['group']}): flagged "
-                     f"{det['flagged_attacker_accounts']}/{det['attacker_accounts']} attacker accounts, "
-                     f"{det['flagged_benign_accounts']}/{det['benign_accounts']} benign{quality}")
+        if det["kind"] in ("prada", "link"):  # stateful: an account is flagged for good
+            flagged = (f"flagged {det['flagged_attacker_accounts']}/{det['attacker_accounts']} attacker accounts, "
+                       f"{det['flagged_benign_accounts']}/{det['benign_accounts']} benign")
+        else:  # stateless: queries are flagged one by one
+            rate = lambda k: fq[f"{k}_queries"] / max(fq[f"{k}_queries_total"], 1)
+            flagged = (f"flagged {rate('attacker'):.1%} of attacker queries, {rate('benign'):.1%} of benign"
+                       if fq else "flagged nothing")
+        lines.append(f"{name} ({params}; action={det['action']}, group={det['group']}): {flagged}{quality}")
     if not s["detection"]:
         lines.append("no detectors")
     paid = [(a["id"], a["pow"]) for a in s["attackers"]] + [("benign", s["benign"]["pow"])]

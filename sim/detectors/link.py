@@ -113,6 +113,7 @@ class AccountLinker(Detector):
         for i, c in enumerate(ids):
             groups.setdefault(int(c), []).append(i)
         self.clusters = sorted(([ready[i] for i in g] for g in groups.values()), key=lambda g: (-len(g), g))
+        self._verdicts: dict = {}  # PRADA's verdict on each group tested in this round
         owner = np.array(self._stream_acct)
         for members in groups.values():
             if len(members) < p["min_accounts"]:
@@ -130,14 +131,16 @@ class AccountLinker(Detector):
     def _test(self, accounts: list[str], owner: np.ndarray) -> tuple[float, bool] | None:
         """PRADA over the pooled queries of ``accounts`` in arrival order: (W, W < delta) with W at the end
         of the stream, or None if they are too few for PRADA to judge (``min_pool``)."""
+        key = frozenset(accounts)
+        if key in self._verdicts:
+            return self._verdicts[key]
         pick = np.flatnonzero(np.isin(owner, accounts))
-        y = np.concatenate([self._stream_y[i] for i in pick])
-        if len(y) <= self.params["min_pool"] + len(np.unique(y)):
-            return None
         prada = Prada(delta=self.params["delta"], min_pool=self.params["min_pool"], skip_repeats=True)
-        det = prada.score("group", np.concatenate([self._stream_x[i] for i in pick]), y)
-        w = 1.0 - float(det.scores[-1])
-        return w, w < self.params["delta"]  # the pooled stream as it stands now, not a dip along the way
+        w = prada.final_w(np.concatenate([self._stream_x[i] for i in pick]),
+                          np.concatenate([self._stream_y[i] for i in pick]))
+        # the pooled stream as it stands now, not a dip along the way
+        self._verdicts[key] = None if w is None else (w, w < self.params["delta"])
+        return self._verdicts[key]
 
     def _descend(self, node, names: list[str], owner: np.ndarray) -> None:
         """Test a node of the cluster tree with PRADA. Cleared: done. Flagged: each child that has enough

@@ -119,36 +119,50 @@ class Prada(Detector):
             warnings.simplefilter("ignore", UserWarning)
             return float(_shapiro(d)[0])
 
-    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
-              probs: np.ndarray | None = None) -> Detection:
+    @staticmethod
+    def _flat(inputs: np.ndarray) -> np.ndarray:
         raw = np.asarray(inputs)
         x = raw.reshape(len(raw), -1).astype(np.float32)
-        if raw.dtype == np.uint8:
-            x /= 255.0
+        return x / 255.0 if raw.dtype == np.uint8 else x
+
+    def _distance(self, acc: _Account, x: np.ndarray, label: int) -> bool:
+        """Put one query through the account's class sets; True when its distance joined the pool."""
+        cls = acc.classes.get(label)
+        if cls is None:
+            acc.classes[label] = _ClassSet(x.shape[0])
+            acc.classes[label].add(x, None)
+            return False
+        d = cls.min_distance(x)
+        if d == 0 and self.params["skip_repeats"]:  # a repeated image: no new evidence either way
+            return False
+        acc.pool.append(d)
+        if d > cls.threshold:
+            cls.add(x, d)
+        return True
+
+    def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
+              probs: np.ndarray | None = None) -> Detection:
+        x = self._flat(inputs)
         labels = np.asarray(labels)
         acc = self._accounts.setdefault(account_id, _Account())
         scores = np.full(len(x), np.nan)
         flags = np.zeros(len(x), bool)
         for i in range(len(x)):
-            cls = acc.classes.get(int(labels[i]))
-            if cls is None:
-                cls = acc.classes[int(labels[i])] = _ClassSet(x.shape[1])
-                cls.add(x[i], None)
-            else:
-                d = cls.min_distance(x[i])
-                if d == 0 and self.params["skip_repeats"]:  # a repeated image: no new evidence either way
-                    scores[i], flags[i] = 1.0 - acc.last_w, acc.flagged
-                    continue
-                acc.pool.append(d)
-                if d > cls.threshold:
-                    cls.add(x[i], d)
-                if acc.pool.n > self.params["min_pool"]:
-                    acc.last_w = self._w_statistic(acc.pool.values)
-                    if acc.last_w < self.params["delta"]:
-                        acc.flagged = True
+            if self._distance(acc, x[i], int(labels[i])) and acc.pool.n > self.params["min_pool"]:
+                acc.last_w = self._w_statistic(acc.pool.values)
+                if acc.last_w < self.params["delta"]:
+                    acc.flagged = True
             scores[i] = 1.0 - acc.last_w
             flags[i] = acc.flagged
         return Detection(scores, flags)
+
+    def final_w(self, inputs: np.ndarray, labels: np.ndarray) -> float | None:
+        """W of a whole stream judged at its end (None if fewer than ``min_pool`` distances): what
+        :meth:`score` gives at the stream's last query, without a Shapiro-Wilk test after every query."""
+        x, labels, acc = self._flat(inputs), np.asarray(labels), _Account()
+        for i in range(len(x)):
+            self._distance(acc, x[i], int(labels[i]))
+        return self._w_statistic(acc.pool.values) if acc.pool.n > self.params["min_pool"] else None
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}

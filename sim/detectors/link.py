@@ -13,11 +13,11 @@ what the split took apart, in two steps, every ``every`` queries:
    and land together; honest users' natural queries land in their own cluster.
 2. **Test.** Each cluster of at least ``min_accounts`` accounts is judged as one stream: PRADA (with
    this detector's ``delta`` and ``min_pool``) runs over the cluster's queries in arrival order. If PRADA
-   flags it (W below delta at the end of the pooled stream, not a dip along the way), the test descends
-   the cluster's own linkage tree (:meth:`AccountLinker._descend`): sub-clusters with enough queries
-   are judged on their own, so honest accounts pooled with an attacker's are cleared by their own
-   streams, and sub-clusters too small to judge (sybil accounts of 15 queries) keep the flag. Flags
-   are for good. Exact repeats are skipped in pooled streams (honest users share popular
+   flags it (W below delta at the end of the pooled stream, not a dip along the way), the blame is
+   searched down the cluster's own linkage tree (:meth:`AccountLinker._descend`): sub-clusters with
+   enough queries are judged on their own, so honest accounts pooled with an attacker's are cleared by
+   their own streams; sub-clusters too small to judge (sybil accounts of 15 queries) keep the flag; and
+   when two sub-clusters are each cleared but flagged together, both are flagged. Flags are for good. Exact repeats are skipped in pooled streams (honest users share popular
    images; see ``Prada.skip_repeats``).
 
 Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
@@ -143,27 +143,33 @@ class AccountLinker(Detector):
         return self._verdicts[key]
 
     def _descend(self, node, names: list[str], owner: np.ndarray) -> None:
-        """Test a node of the cluster tree with PRADA. Cleared: done. Flagged: each child that has enough
-        queries for PRADA is tested on its own in turn (so an honest account pooled with an attacker's is
-        cleared by its own stream), and a child too small to judge alone keeps the flag (sybil accounts of
-        15 queries each)."""
+        """Test a node of the cluster tree with PRADA; if it is flagged, find whom to blame among its two
+        children, each judged on its own where it has enough queries for PRADA:
+        - a child too small to judge keeps the flag (sybil accounts of 15 queries each);
+        - children flagged on their own are searched in turn, and a cleared sibling is spared (an honest
+          account pooled with an attacker's clears itself);
+        - if both children are cleared, the attack only shows when they are pooled (sybils each holding a
+          different round of a Jacobian attack): the whole node is flagged."""
         accounts = [names[i] for i in node.pre_order()]
         result = self._test(accounts, owner)
         if result is None:
             return
-        w, flagged = result
         for a in accounts:
-            self._accounts[a].w = w
-        if not flagged:
+            self._accounts[a].w = result[0]
+        if not result[1]:
             return
         if node.is_leaf():
             self._flag(accounts)
             return
-        for child in (node.get_left(), node.get_right()):
-            sub = [names[i] for i in child.pre_order()]
-            if self._test(sub, owner) is None:  # too small to judge alone: it keeps its parent's flag
+        children = [(c, [names[i] for i in c.pre_order()]) for c in (node.get_left(), node.get_right())]
+        verdicts = [self._test(sub, owner) for _, sub in children]
+        if all(v is not None and not v[1] for v in verdicts):
+            self._flag(accounts)
+            return
+        for (child, sub), v in zip(children, verdicts):
+            if v is None:
                 self._flag(sub)
-            else:
+            elif v[1]:
                 self._descend(child, names, owner)
 
     def _flag(self, accounts: list[str]) -> None:

@@ -65,11 +65,12 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     lines += ["## What the attackers got and what everyone paid", "",
               "Replica accuracy and fidelity are on the victim's test set (attack seeds left out). Proof-of-work "
               "seconds are the solving time the clients spent before their challenged queries were answered.", "",
-              "| client | attack | queries | answered | challenged | refused | accounts | flagged | replica acc % "
-              "| fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| client | attack | queries | answered | challenged | refused | accounts | flagged by PRADA | burned "
+              "| replica acc % | fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []):
         lines.append(f"| {e['id']} | {e['attack'] or '–'} | {e['queries']:,} | {e['answered']:,} | {e['challenged']:,} "
                      f"| {e['refused']:,} | {e['accounts_used']} | {e.get('accounts_flagged', '–')} "
+                     f"| {e.get('accounts_burned', '–')} "
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
                      f"| {e['pow_seconds']:.2f} |")
     lines.append("")

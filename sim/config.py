@@ -59,6 +59,11 @@ class DefenseConfig(BaseModel):
         return self.model_dump()
 
 
+class PerturbConfig(DefenseConfig):
+    name: str = Field("mad", description="output defense a flagged query is answered through (action=perturb), "
+                                         "with its parameters as keys, like `defense`")
+
+
 class PowConfig(_Strict):
     bits_min: int = Field(8, ge=0, le=30, description="proof-of-work bits at the detector's threshold")
     bits_max: int = Field(16, ge=0, le=30, description="proof-of-work bits at `saturate` and above")
@@ -81,7 +86,7 @@ class PolicyConfig(_Strict):
         "answer", description="what a flagged query gets: answer (log only), refuse, perturb (through "
                               "`perturb`'s defense), proof_of_work (a hash puzzle first)")
     pow: PowConfig = PowConfig()
-    perturb: DefenseConfig = Field(DefenseConfig(name="mad"), description="the defense of action=perturb")
+    perturb: PerturbConfig = PerturbConfig()
 
     kind: ClassVar[str]
 

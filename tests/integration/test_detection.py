@@ -46,6 +46,11 @@ def test_same_msp_and_cross_account_detectors_with_proof_of_work(ray_serve, smal
         assert f"{name}_score" in table.column_names
     assert np.isfinite(table.column("same_score").to_numpy(zero_copy_only=False)[~resub_mask(table)]).all()
 
+    # replaying PRADA over the logged stream gives the online flags back, query by query
+    again = analysis.replay(table, "prada", {"delta": 0.95, "min_pool": 50})
+    online = analysis.scored_rows(table).column("prada_flagged").to_numpy(zero_copy_only=False)
+    assert np.array_equal(again["flags"], online)
+
     # the summary's detection quality is the offline analysis's
     rep = analysis.detection_report(table)
     assert s["detection"]["msp"]["query_level"]["auroc"] == round(rep["msp"]["query"]["all"]["auroc"], 4)

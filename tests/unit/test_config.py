@@ -223,3 +223,32 @@ def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
     with pytest.raises(ConfigError, match="attackers.single.adaptive.clusters=5000 exceeds the 1797 images of pool "
                                           "'digits'; expected at most 1797"):
         plan_clients(cfg, data.load("mnist5k"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("detectors.same.mask_ratio=1", "detectors.same.mask_ratio must be < 1, got 1"),
+    ("detectors.msp.target_fpr=0", "detectors.msp.target_fpr must be > 0, got 0"),
+    ("detectors.prada.pow.bits_max=4", "bits_min \\(8\\) must be <= bits_max \\(4\\)"),
+    ("detectors.pooled_prada.group=ip", "detectors.pooled_prada.group must be 'account', 'actor', 'cohort' or 'all'"),
+    ("detectors.link.group=all", "unknown key 'detectors.link.group'"),
+    ("detectors.same.action=block", "detectors.same.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work'"),
+    ("detectors.eDM.enabled=true", "unknown key 'detectors.eDM'; known keys here: prada, pooled_prada, same, msp, "
+                                   "msp_oe, link"),
+])
+def test_bad_detector_settings_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("single_knockoff", [override])
+
+
+def test_detector_defaults_survive_partial_overrides():
+    cfg = config.load("single_knockoff", ["detectors.pooled_prada.enabled=true", "detectors.msp.action=perturb",
+                                          "detectors.msp.perturb.eps=0.5", "detectors.msp.enabled=true"])
+    assert cfg.detectors.pooled_prada.group == "all"  # not the per-account default of plain PRADA
+    assert cfg.detectors.msp.perturb.spec() == {"name": "mad", "eps": 0.5}
+    assert list(cfg.detectors.enabled()) == ["prada", "pooled_prada", "msp"]
+    with pytest.raises(ConfigError, match="detectors.msp.perturb: defense.name='nope' is not a known defense"):
+        config.load("single_knockoff", ["detectors.msp.enabled=true", "detectors.msp.action=perturb",
+                                        "detectors.msp.perturb.name=nope"])
+    with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.link.enabled=true"):
+        config.load("single_knockoff", ["detectors.prada.enabled=false", "detectors.link.enabled=true",
+                                        "serve.replicas=2"])

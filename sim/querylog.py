@@ -245,8 +245,11 @@ def read(queries_dir: str, columns: list[str] | None = None) -> pa.Table:
     if batches:
         table = pa.Table.from_batches(batches)
         parts.append(table.select(columns) if columns else table)
-    if not parts:
-        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
+    if not parts:  # no log yet: an empty table with the columns asked for (detector columns included)
+        extra = [f for c in columns or [] if c not in SCHEMA.names
+                 for f in detector_fields(c.rsplit("_", 1)[0]) if f.name == c]
+        empty = pa.schema(list(SCHEMA) + extra).empty_table()
+        return empty.select(columns) if columns else empty
     table = pa.concat_tables(parts, promote_options="default")
     needs_index = batches or len(parts) > 1  # a single Parquet part was indexed when it was compacted
     if needs_index and (columns is None or {"account_id", "timestamp", "writer", "seq", "query_index"} <= set(columns)):

@@ -16,10 +16,6 @@ import sys
 import yaml
 
 
-def _value(text: str):
-    return yaml.safe_load(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -43,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             if "=" not in item:
                 raise SimError(f"--param {item!r} must look like KEY=VALUE")
             key, val = item.split("=", 1)
-            params[key] = _value(val)
+            try:
+                params[key] = yaml.safe_load(val)
+            except yaml.YAMLError:
+                raise SimError(f"--param {item!r}: {val!r} is not a value; expected a number, true/false or "
+                               f"a word") from None
         for run in args.runs:
             if not os.path.isdir(run) or not exists(os.path.join(run, "queries")):
                 raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
@@ -72,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _models(run: str, kind: str, params: dict) -> dict:
     """What a replayed detector needs beyond its parameters: SAME's models for the run's victim."""
-    if kind == "link":
-        params.setdefault("num_classes", 10)
     if kind != "same":
         return {}
     from sim import config, zoo

@@ -22,10 +22,10 @@ COLUMNS = ["account_id", "role", "attack", "resubmission", "action"]
 
 
 def scored_rows(table: pa.Table) -> pa.Table:
-    """The rows detection is judged on: queries the detectors scored (a known account's images, not a
-    request refused before its images were read) of attackers and benign users, not resubmissions."""
-    keep = pc.and_(table.column("input_sha1").is_valid(), pc.is_in(table.column("role"),
-                                                                   pa.array(["attacker", "benign"])))
+    """The rows the detectors scored: every query whose images were read (not a request refused before
+    that), of any role, less resubmissions (a challenged query answered after its proof of work).
+    Detection metrics then judge the attacker and benign ones among them."""
+    keep = table.column("input_sha1").is_valid()
     if "resubmission" in table.column_names:
         keep = pc.and_(keep, pc.invert(pc.fill_null(table.column("resubmission"), False)))
     return table.filter(keep)
@@ -39,6 +39,8 @@ def _filled(scores: np.ndarray) -> np.ndarray:
 
 
 def _per_account(accounts: np.ndarray, scores: np.ndarray, attacker: np.ndarray):
+    if not len(accounts):
+        return accounts, scores, attacker
     order = np.argsort(accounts, kind="stable")
     acc, s, a = accounts[order], scores[order], attacker[order]
     starts = np.r_[0, np.flatnonzero(acc[1:] != acc[:-1]) + 1]
@@ -56,16 +58,19 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
                      scores: dict[str, np.ndarray] | None = None) -> dict:
     """detector -> {"query": {attack -> metrics}, "account": {attack -> metrics}, "flagged": counts}.
     ``attack`` is each attack in the log and ``"all"``. ``scores``: extra score columns (e.g. replayed)
-    aligned with ``scored_rows(table)``. Metrics that cannot be computed (no benign traffic) carry
-    an ``error`` saying why."""
+    aligned with ``scored_rows(table)``. Only attacker and benign queries are judged. Metrics that cannot
+    be computed (no benign traffic, no queries at all) carry an ``error`` saying why."""
     rows = scored_rows(table)
     detectors = list(detectors if detectors is not None else querylog.detector_names(table.schema))
     columns = {d: rows.column(f"{d}_score").to_numpy(zero_copy_only=False) for d in detectors
                if f"{d}_score" in rows.column_names}
     columns.update(scores or {})
-    role = np.asarray(rows.column("role").to_pylist())
-    attack = np.asarray([a or "" for a in rows.column("attack").to_pylist()])
-    accounts = np.asarray(rows.column("account_id").to_pylist())
+    role = np.asarray(rows.column("role").to_pylist(), dtype=object)
+    judged = (role == "attacker") | (role == "benign")  # external users (serve mode) have no ground truth
+    columns = {name: np.asarray(col)[judged] for name, col in columns.items()}
+    role = role[judged]
+    attack = np.asarray([a or "" for a in rows.column("attack").to_pylist()], dtype=object)[judged].astype(str)
+    accounts = np.asarray(rows.column("account_id").to_pylist(), dtype=object)[judged].astype(str)
     attacker = role == "attacker"
     attacks = ["all"] + sorted(str(a) for a in set(attack[attacker]))
     out = {}
@@ -79,7 +84,7 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
             entry["account"][att] = _metrics_or_reason(acc_attacker, acc_scores, f"{name} on {att} accounts")
         flag_col = f"{name}_flagged"
         if flag_col in rows.column_names:
-            flags = np.asarray(pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False), bool)
+            flags = np.asarray(pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False), bool)[judged]
             flagged = set(accounts[flags])
             entry["flagged"] = {
                 "attacker_accounts": len(flagged & set(accounts[attacker])), "attacker_total": len(set(accounts[attacker])),

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .detection import scored_rows  # noqa: E402
+from .detection import _filled, scored_rows  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -26,12 +26,12 @@ def roc_curves(rows: pa.Table, name: str, scores: np.ndarray, path: str) -> str 
     role = np.asarray(rows.column("role").to_pylist())
     attack = np.asarray([a or "" for a in rows.column("attack").to_pylist()])
     benign = role == "benign"
-    if not benign.any() or benign.all():
+    if not benign.any() or not (role == "attacker").any():
         return None
-    s = np.where(np.isnan(scores), np.nanmin(scores) if not np.isnan(scores).all() else 0.0, scores)
+    s = _filled(scores)
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     for att in sorted(set(attack[role == "attacker"])):
-        keep = benign | (attack == att)
+        keep = benign | ((role == "attacker") & (attack == att))
         fpr, tpr, _ = roc_curve(~benign[keep], s[keep])
         ax.plot(fpr, tpr, label=att)
     ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)

@@ -26,11 +26,18 @@ IMAGE_FREE = {"msp"}
 
 
 def arrival_order(rows: pa.Table) -> np.ndarray:
-    """Indices of ``rows`` in the order the victim saw them."""
+    """Indices of ``rows`` in the order the victim saw them: each writer's (Serve replica's) rows in their
+    sequence, writers interleaved by time (a clock step back inside one writer cannot reorder its rows)."""
     ts = rows.column("timestamp").cast(pa.int64()).to_numpy()
     writer = np.asarray(rows.column("writer").to_pylist())
     seq = rows.column("seq").to_numpy()
-    return np.lexsort((seq, writer, ts))
+    by_writer = np.lexsort((seq, writer))
+    ts_sorted, w_sorted = ts[by_writer], writer[by_writer]
+    monotone = np.empty_like(ts)
+    for w in np.unique(w_sorted):
+        part = w_sorted == w
+        monotone[by_writer[part]] = np.maximum.accumulate(ts_sorted[part])
+    return np.lexsort((seq, writer, monotone))
 
 
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", **models) -> dict:

@@ -10,9 +10,18 @@ import pyarrow as pa
 from sim import querylog, storage
 
 
+SUMMARY_KEYS = {"victim", "defense", "attackers", "benign", "queries"}
+
+
 def read_summary(run_dir: str) -> dict:
+    """The run's summary.json, or {} when it is missing or not a run summary (a crashed run: the report is
+    then built from the log alone)."""
     path = storage.join(run_dir, "summary.json")
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    try:
+        data = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) and SUMMARY_KEYS <= set(data) else {}
 
 
 def replication_report(table: pa.Table, summary: dict) -> dict:

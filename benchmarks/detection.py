@@ -100,7 +100,7 @@ def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dic
             model=victim.model, victim="v", run_id="bench", accounts=plan.accounts, input_shape=victim.dataset.input_shape,
             detectors={"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
                        "cohort_prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
-                       "link": detectors.build("link", **cfg.detectors.link.params(), num_classes=10)},
+                       "link": detectors.build("link", **cfg.detectors.link.params())},
             rules={"cohort_prada": Rule(group="cohort")})
         splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed) for c in clients}
         t0 = time.perf_counter()

@@ -65,8 +65,9 @@ class PerturbConfig(DefenseConfig):
 
 
 class PowConfig(_Strict):
-    bits_min: int = Field(8, ge=0, le=30, description="proof-of-work bits at the detector's threshold")
-    bits_max: int = Field(16, ge=0, le=30, description="proof-of-work bits at `saturate` and above")
+    bits_min: int = Field(8, ge=1, le=24, description="proof-of-work bits at the detector's threshold")
+    bits_max: int = Field(16, ge=1, le=24, description="proof-of-work bits at `saturate` and above (a request's "
+                                                       "puzzle adds log2 of its challenged queries)")
     saturate: float | None = Field(None, description="score at which the puzzle reaches bits_max (default: "
                                                      "PRADA 2 x (1 - delta); calibrated detectors the benign "
                                                      "score quantile 1 - target_fpr / 10)")
@@ -104,6 +105,7 @@ class PradaConfig(PolicyConfig):
     group: Literal["account", "actor", "cohort", "all"] = Field(
         "account", description="whose queries form one history: each account, each client actor (a client "
                                "address), each account cohort (a sign-up batch), or all traffic")
+    skip_repeats: bool = Field(False, description="an exact repeat of an earlier query adds no distance")
 
 
 class PooledPradaConfig(PradaConfig):
@@ -113,6 +115,7 @@ class PooledPradaConfig(PradaConfig):
     group: Literal["account", "actor", "cohort", "all"] = Field(
         "all", description="whose queries form one history: all traffic, each client actor (a client address), "
                            "each account cohort (a sign-up batch), or each account")
+    skip_repeats: bool = Field(True, description="an exact repeat adds no distance (honest users share popular images)")
 
 
 class StatelessConfig(PolicyConfig):
@@ -326,11 +329,12 @@ class ScenarioConfig(_Strict):
             if size > self.serve.max_images:
                 raise ValueError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
                                  f"request would be refused; expected at most {self.serve.max_images}")
-        for name in self.detectors.stateful():
+        pow_users = [n for n, d in self.detectors.enabled().items() if d.action == "proof_of_work"]
+        for name in dict.fromkeys(self.detectors.stateful() + pow_users):
             if self.serve.replicas > 1:
                 raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.{name}.enabled=true: {name} "
-                                 "keeps its histories inside one replica, so all queries must reach it; expected "
-                                 f"serve.replicas=1 (or {name} off)")
+                                 "keeps its histories (or open proof-of-work challenges) inside one replica, so all "
+                                 f"queries must reach it; expected serve.replicas=1 (or {name} off)")
         for name, det in self.detectors.enabled().items():
             if det.action == "perturb":
                 try:

@@ -60,8 +60,6 @@ def setup(cfg: ScenarioConfig, victim: zoo.Victim, on_epoch=None) -> DetectorSet
         params = det.params()
         extra: dict = {}
         if det.kind in ("prada", "link"):
-            if det.kind == "link":
-                params["num_classes"] = ds.num_classes
             t = 1.0 - det.delta
             out.detectors[name] = {"kind": det.kind, "params": params}
             out.rules[name] = _rule(det, getattr(det, "group", "account"), t, min(1.0, 2 * t))

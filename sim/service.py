@@ -78,7 +78,7 @@ class VictimService:
                  input_shape: tuple[int, int, int], detectors: dict[str, Detector] | None = None,
                  rules: dict[str, Rule] | None = None, perturbers: dict | None = None, defense=None,
                  writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True,
-                 max_pending: int = 100_000):
+                 max_pending: int = 100_000, pending_ttl_s: float = 600.0):
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
@@ -91,8 +91,10 @@ class VictimService:
         self.writer = writer
         self.max_images = max_images
         self.log_inputs = log_inputs
-        self.max_pending = max_pending
+        self.max_pending = max_pending  # most challenged queries kept waiting for their proof, over all accounts
+        self.pending_ttl_s = pending_ttl_s  # an unanswered challenge expires after this long
         self._pending: dict[str, dict] = {}  # challenge id -> what answering it needs (insertion ordered)
+        self._pending_queries = 0
         self._lock = threading.Lock()  # detectors and the writer are stateful; Serve may call from threads
 
     # -- entry points --------------------------------------------------------------------------
@@ -118,25 +120,25 @@ class VictimService:
             account = self._account(api_key)
             with self._lock:
                 item = self._pending.get(challenge_id) if isinstance(challenge_id, str) else None
-                if item is None or item["account"] != account.account_id:
-                    raise RequestError(404, f"unknown challenge {challenge_id!r} for this account")
-                del self._pending[challenge_id]
+                if item is None or item["account"] != account.account_id or item["expires"] < time.monotonic():
+                    raise RequestError(404, f"unknown or expired challenge {challenge_id!r} for this account")
+                self._take(challenge_id)
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
         ok = pow.verify(item["nonce"], item["bits"], counter)
         x, clean, bits = item["x"], item["clean"], item["pow_bits"]
         n = len(x)
-        if ok:
-            returned = self._defend(clean, x, item["perturb"])
-            actions = ["perturbed" if r is not None else "answered" for r in item["perturb"]]
-            reasons: list[str | None] = [None] * n
-        else:
-            returned = np.full_like(clean, np.nan)
-            actions = ["refused"] * n
-            reasons = ["wrong proof-of-work solution"] * n
-        labels = np.where(ok, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
         share = None if seconds is None else np.full(n, float(seconds) * bits / max(bits.sum(), 1))
-        with self._lock:
+        with self._lock:  # defenses may hold state (a random generator): one request at a time, as in query
+            if ok:
+                returned = self._defend(clean, x, item["perturb"])
+                actions = ["perturbed" if r is not None else "answered" for r in item["perturb"]]
+                reasons: list[str | None] = [None] * n
+            else:
+                returned = np.full_like(clean, np.nan)
+                actions = ["refused"] * n
+                reasons = ["wrong proof-of-work solution"] * n
+            labels = np.where(ok, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
             request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
                                    pow_bits=bits, pow_seconds=share, resubmission=True)
         answered = np.full(n, ok)
@@ -189,6 +191,11 @@ class VictimService:
             raise RequestError(401, "unknown API key")
         return account
 
+    def _take(self, challenge_id: str) -> dict:
+        item = self._pending.pop(challenge_id)
+        self._pending_queries -= len(item["x"])
+        return item
+
     def _defend(self, clean: np.ndarray, x: np.ndarray, perturb: list) -> np.ndarray:
         """Returned probabilities: each query through its rule's perturbation, or the victim's defense."""
         out = np.empty_like(clean)
@@ -235,9 +242,12 @@ class VictimService:
             self._pending[challenge["id"]] = {
                 "account": account.account_id, "nonce": challenge["nonce"], "bits": challenge["bits"],
                 "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked],
-                "perturb": [perturb[i] for i in asked]}
-            while len(self._pending) > self.max_pending:  # forget the oldest unanswered challenge
-                del self._pending[next(iter(self._pending))]
+                "perturb": [perturb[i] for i in asked], "expires": time.monotonic() + self.pending_ttl_s}
+            self._pending_queries += len(asked)
+            now = time.monotonic()
+            while self._pending and (self._pending_queries > self.max_pending  # forget the oldest unanswered
+                                     or next(iter(self._pending.values()))["expires"] < now):
+                self._take(next(iter(self._pending)))
         request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
                                detections=detections, pow_bits=np.where(act == "proof_of_work", bits, 0))
         if answer.any():

@@ -28,13 +28,11 @@ class Detector(ABC):
     ``stateful`` detectors (PRADA) keep a history per key and flag the key for good: a policy acts on the
     queries that come after the flag. Stateless ones score each query alone and flag the queries whose
     score exceeds their ``threshold`` parameter: a policy acts on those queries themselves.
-    ``needs_probs``: ``score`` needs the victim's probabilities of the queries, not only its labels.
     """
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     stateful: ClassVar[bool] = True
-    needs_probs: ClassVar[bool] = False
 
     def __init__(self, **params):
         self.params: dict[str, Any] = dict(self.defaults)

@@ -40,11 +40,10 @@ PIXEL_BINS = 16
 
 
 class _Acct:
-    __slots__ = ("pixels", "labels", "n", "w", "flagged")
+    __slots__ = ("pixels", "n", "w", "flagged")
 
-    def __init__(self, classes: int):
+    def __init__(self):
         self.pixels = np.zeros(PIXEL_BINS)
-        self.labels = np.zeros(classes)
         self.n = 0
         self.w = float("nan")
         self.flagged = False
@@ -54,10 +53,10 @@ class AccountLinker(Detector):
     name = "link"
     stateful = True
     defaults = {"every": 500, "min_queries": 10, "distance": 0.3, "min_accounts": 2, "delta": 0.95,
-                "min_pool": 50, "num_classes": 10}
+                "min_pool": 50}
 
     def _check_params(self, params: dict[str, Any]) -> None:
-        for key in ("every", "min_queries", "min_accounts", "num_classes"):
+        for key in ("every", "min_queries", "min_accounts"):
             v = params[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"link.{key} must be an integer >= 1, got {v!r}")
@@ -80,21 +79,23 @@ class AccountLinker(Detector):
         x = np.asarray(inputs)
         x = x if x.dtype == np.uint8 else np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8)
         labels = np.asarray(labels, np.int64)
-        acc = self._accounts.setdefault(account_id, _Acct(self.params["num_classes"]))
+        acc = self._accounts.setdefault(account_id, _Acct())
+        was_flagged = acc.flagged
         acc.pixels += np.bincount(x.reshape(-1) >> 4, minlength=PIXEL_BINS)
-        acc.labels += np.bincount(labels, minlength=len(acc.labels))[: len(acc.labels)]
         acc.n += len(x)
         self._stream_acct.append(account_id)
         self._stream_x.append(x.reshape(len(x), -1))
         self._stream_y.append(labels)
         self._since += len(x)
-        if self._since >= self.params["every"]:
+        flags = np.full(len(x), was_flagged)
+        if self._since >= self.params["every"]:  # after this batch: only its last query sees the new verdict
             self._since = 0
             self.relink()
-        return Detection(np.full(len(x), 1.0 - acc.w), np.full(len(x), acc.flagged))
+            flags[-1] = acc.flagged
+        return Detection(np.full(len(x), 1.0 - acc.w), flags)
 
     def features(self, accounts: list[str]) -> np.ndarray:
-        """Hellinger embedding of each account's pixel and label histograms."""
+        """Hellinger embedding of each account's pixel-intensity histogram."""
         rows = []
         for a in accounts:
             s = self._accounts[a]
@@ -105,10 +106,11 @@ class AccountLinker(Detector):
         """Re-cluster the accounts and judge the clusters with PRADA, descending into flagged ones."""
         p = self.params
         ready = sorted(a for a, s in self._accounts.items() if s.n >= p["min_queries"])
-        if len(ready) < p["min_accounts"]:
+        if len(ready) < p["min_accounts"] or not ready:
             return
         feats = self.features(ready)
-        ids = fcluster(linkage(feats, "average"), p["distance"], "distance")
+        ids = (fcluster(linkage(feats, "average"), p["distance"], "distance") if len(ready) > 1
+               else np.ones(1, int))  # one account: a cluster of its own (min_accounts=1)
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(ids):
             groups.setdefault(int(c), []).append(i)

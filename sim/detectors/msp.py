@@ -19,7 +19,6 @@ from .base import Detection, Detector, check_threshold
 class MaxSoftmax(Detector):
     name = "msp"
     stateful = False
-    needs_probs = True
     defaults = {"threshold": None}
 
     def __init__(self, model: nn.Module | None = None, **params):

@@ -36,8 +36,6 @@ from ..training import predict_probs, train_classifier
 from .base import Detection, Detector, check_threshold
 from .mae import MAE, train_mae
 
-MAE_KEYS = ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth", "mask_ratio")
-
 
 @dataclass
 class SameModels:
@@ -113,7 +111,6 @@ class Same(Detector):
 
     name = "same"
     stateful = False
-    needs_probs = True
     defaults = {"weight": 1.0, "threshold": None}
 
     def __init__(self, models: SameModels | bytes, **params):

@@ -112,3 +112,24 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli([str(empty)]) == 2
     assert cli([str(empty), "--param", "delta"]) == 2
     assert "must look like KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = analysis.read_run(run_dir)
+    external = table.set_column(table.schema.get_field_index("role"), "role",
+                                pa.array(["external"] * table.num_rows, pa.string()))  # serve mode: no ground truth
+    rep = analysis.detection_report(external)
+    assert "needs both attacker" in rep["prada"]["query"]["all"]["error"]
+    assert rep["prada"]["account"]["all"]["positives"] == 0
+    refused_only = table.filter(pc.equal(table.column("account_id"), "nobody"))
+    assert "needs both attacker" in analysis.detection_report(refused_only)["prada"]["query"]["all"]["error"]
+    (tmp_path / "summary.json").write_text('{"run_id": "x"}')  # not a run summary: ignored
+    assert analysis.read_summary(str(tmp_path)) == {}
+
+
+def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):
+    assert cli([run_dir, "--replay", "prada", "--param", "delta=[1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --param 'delta=[1': '[1' is not a value")

@@ -34,7 +34,7 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
-    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories inside one replica"),
+    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories \\(or open proof-of-work challenges\\) inside one replica"),
     ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
     ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
     ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
@@ -252,3 +252,14 @@ def test_detector_defaults_survive_partial_overrides():
     with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.link.enabled=true"):
         config.load("single_knockoff", ["detectors.prada.enabled=false", "detectors.link.enabled=true",
                                         "serve.replicas=2"])
+
+
+def test_proof_of_work_needs_one_replica_and_sane_difficulty():
+    with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.msp.enabled=true: msp keeps its histories "
+                                          "\\(or open proof-of-work challenges\\)"):
+        config.load("single_knockoff", ["detectors.prada.enabled=false", "detectors.msp.enabled=true",
+                                        "detectors.msp.action=proof_of_work", "serve.replicas=2"])
+    with pytest.raises(ConfigError, match="detectors.msp.pow.bits_min must be >= 1, got 0"):
+        config.load("single_knockoff", ["detectors.msp.pow.bits_min=0"])
+    with pytest.raises(ConfigError, match="detectors.msp.pow.bits_max must be <= 24, got 30"):
+        config.load("single_knockoff", ["detectors.msp.pow.bits_max=30"])

@@ -77,3 +77,12 @@ def test_repeated_images_add_no_distance_when_skipped():
 def test_bad_link_parameters_are_errors(params, message):
     with pytest.raises(ConfigError, match=message):
         detectors.build("link", **params)
+
+
+def test_a_lone_account_can_be_judged_and_only_the_last_query_of_a_batch_sees_a_new_verdict():
+    x, y = _jbda_like()
+    link = detectors.build("link", every=100, min_queries=10, min_pool=50, min_accounts=1)
+    flags = np.concatenate([link.score("solo", x[i:i + 50], y[i:i + 50]).flags for i in range(0, len(x), 50)])
+    first = int(np.argmax(flags))
+    assert flags.any() and (first + 1) % 50 == 0  # the flag arrives on the query that closed a re-clustering batch
+    assert flags[first:].all() and link.flagged_accounts() == {"solo"}

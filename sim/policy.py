@@ -71,14 +71,14 @@ def acted_on(flags: np.ndarray, was_flagged: bool, stateful: bool) -> np.ndarray
     return np.r_[was_flagged, flags[:-1]] if len(flags) else flags
 
 
-def combine(decisions: list[tuple[Rule, np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Per query: the strictest action (index into ACTIONS), the proof-of-work bits (0: none) and the
-    rule whose perturbation applies (None: the victim's own defense), from (rule, acted-on mask, scores)
-    of each detector."""
+def combine(decisions: list[tuple[str, Rule, np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Per query: the strictest action (index into ACTIONS), the proof-of-work bits (0: none) and the name
+    of the detector whose perturbation applies (None: the victim's own defense), from (detector name, rule,
+    acted-on mask, scores) of each detector."""
     level = np.zeros(n, np.int64)
     bits = np.zeros(n, np.int64)
-    perturb: list[Rule | None] = [None] * n
-    for rule, mask, scores in decisions:
+    perturb: list[str | None] = [None] * n
+    for name, rule, mask, scores in decisions:
         if not mask.any():
             continue
         a = ACTIONS.index(rule.action)
@@ -87,5 +87,5 @@ def combine(decisions: list[tuple[Rule, np.ndarray, np.ndarray]], n: int) -> tup
             bits = np.where(mask, np.maximum(bits, rule.pow_bits(scores)), bits)
         if rule.action == "perturb":
             for i in np.flatnonzero(mask):
-                perturb[i] = perturb[i] or rule
+                perturb[i] = perturb[i] or name
     return level, bits, perturb

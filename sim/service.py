@@ -216,13 +216,11 @@ class VictimService:
             was_flagged = det.is_flagged(key)
             res = det.score(key, x, clean_labels, clean)
             detections[name] = res
-            decisions.append((rule, acted_on(res.flags, was_flagged, det.stateful), res.scores, name))
-        level, bits, perturb_rules = combine([d[:3] for d in decisions], n)
-        names_of = {id(d[0]): d[3] for d in decisions}
-        perturb = [None if r is None else names_of[id(r)] for r in perturb_rules]
+            decisions.append((name, rule, acted_on(res.flags, was_flagged, det.stateful), res.scores))
+        level, bits, perturb = combine(decisions, n)
         act = np.array(ACTIONS)[level]
         reasons: list[str | None] = [None] * n
-        for rule, mask, _, name in decisions:  # a refusing detector gives the reason
+        for name, rule, mask, _ in decisions:  # a refusing detector gives the reason
             what = "account" if self.detectors[name].stateful else "query"
             for i in np.flatnonzero(mask & (act == "refuse") & (rule.action == "refuse")):
                 reasons[i] = reasons[i] or f"{what} flagged by {name}"

@@ -42,12 +42,12 @@ def test_stateful_flags_act_from_the_next_query_stateless_on_the_query_itself():
 
 def test_the_strictest_action_wins():
     refuse, pw, perturb = Rule("refuse"), Rule("proof_of_work", threshold=0, saturate=1), Rule("perturb", perturb={})
-    level, bits, which = combine([(perturb, np.array([1, 1, 0, 0], bool), np.zeros(4)),
-                                  (pw, np.array([0, 1, 1, 0], bool), np.array([0, 0.5, 1, 0])),
-                                  (refuse, np.array([0, 0, 1, 0], bool), np.zeros(4))], 4)
+    level, bits, which = combine([("p", perturb, np.array([1, 1, 0, 0], bool), np.zeros(4)),
+                                  ("w", pw, np.array([0, 1, 1, 0], bool), np.array([0, 0.5, 1, 0])),
+                                  ("r", refuse, np.array([0, 0, 1, 0], bool), np.zeros(4))], 4)
     assert [ACTIONS[i] for i in level] == ["perturb", "proof_of_work", "refuse", "answer"]
     assert bits.tolist() == [0, 12, 16, 0]
-    assert which == [perturb, perturb, None, None]
+    assert which == ["p", "p", None, None]
 
 
 def test_history_keys_follow_the_grouping():

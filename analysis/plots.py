@@ -79,3 +79,45 @@ def accuracy_vs_queries(points: list[dict], path: str) -> str | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def tradeoff(rows: list[dict], attackers: list[str], out, target: float | None = None) -> bool:
+    """The utility / non-replicability trade-off of a sweep (``rows``: :func:`analysis.sweep.read_sweep`):
+    one row of panels per attacker, x = test L1 distortion (left) or defended test accuracy (right),
+    y = replica test accuracy, one curve per defense, the Pareto front over all of them circled, the
+    replica accuracy without defense (dotted) and ``target`` (dashed). ``out``: a path or a binary file.
+    False when no finished trial has the numbers."""
+    from .sweep import UNDEFENDED, pareto
+
+    done = [r for r in rows if r.get("status") == "done" and r.get("test_l1_mean") is not None]
+    attackers = [a for a in attackers if any(r.get(f"{a}.replica_test_accuracy") is not None for r in done)]
+    if not attackers:
+        return False
+    axes_x = (("test_l1_mean", "mean L1 distortion on the test set", "min"),
+              ("defended_test_accuracy", "defended test accuracy (honest users)", "max"))
+    fig, axes = plt.subplots(len(attackers), 2, figsize=(10, 3.9 * len(attackers)), squeeze=False)
+    curves = list(dict.fromkeys(r["curve"] for r in done))
+    colors = {c: f"C{i % 10}" for i, c in enumerate(curves)}
+    for row_axes, att in zip(axes, attackers):
+        metric = f"{att}.replica_test_accuracy"
+        pts = [r for r in done if r.get(metric) is not None]
+        base = [r[metric + UNDEFENDED] for r in pts if r.get(metric + UNDEFENDED) is not None]
+        for ax, (xkey, xlabel, better) in zip(row_axes, axes_x):
+            for c in curves:
+                mine = sorted((r for r in pts if r["curve"] == c), key=lambda r: r[xkey])
+                ax.plot([r[xkey] for r in mine], [r[metric] for r in mine], "o-", color=colors[c], label=c, ms=4)
+            front = [pts[i] for i in pareto([(r[xkey], r[metric]) for r in pts], better)]
+            ax.plot([r[xkey] for r in front], [r[metric] for r in front], "o", mfc="none", mec="black", ms=10,
+                    mew=1.2, label="Pareto front")
+            ax.step([r[xkey] for r in front], [r[metric] for r in front], where="post", color="black", lw=0.7,
+                    ls="--")
+            if base:
+                ax.axhline(float(np.mean(base)), color="gray", ls=":", lw=1, label="no defense")
+            if target is not None:
+                ax.axhline(target, color="tab:red", ls="--", lw=0.8, label=f"target {target:.0%}")
+            ax.set(xlabel=xlabel, ylabel=f"{att}: replica test accuracy")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("What the defense costs honest users vs. what the attacker's replica reaches")
+    _save(fig, out)
+    return True

@@ -14,10 +14,16 @@ from .errors import SimError
 USAGE = """\
 usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print its summary
        python -m sim serve scenario=NAME [key=value ...]  serve its victim on 127.0.0.1 until Ctrl-C
+       python -m sim sweep=NAME [scenario=NAME] [sweep.KEY=VALUE ...] [key=value ...] [resume=true]
+                                                          a Ray Tune sweep of defense settings (sweep.KEY: the
+                                                          sweep's own keys; key=value: every trial's scenario)
        python -m sim help                                 this text
 
 scenarios:
 {scenarios}
+
+sweeps (sweep.space.LABEL.PARAM=[a, b] | {{uniform: [lo, hi]}} | {{loguniform: …}} | {{choice: […]}}; sweep.dir=PATH):
+{sweeps}
 
 main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
 {keys}
@@ -40,7 +46,12 @@ def help_text() -> str:
 
     listed = "\n".join(f"  {n:<24} " + (", ".join(f"{k}={p.default}" for k, p in defenses.get(n).params.items()) or "-")
                        for n in defenses.names())
-    return USAGE.format(scenarios=scen, keys=keys, defenses=listed)
+    from . import sweep
+
+    snames = sweep.sweep_names()
+    sweeps = "\n".join(f"  {n:<{max(map(len, snames))}}  {sweep.load(n).description.split('. ')[0].rstrip('.')}"
+                       for n in snames)
+    return USAGE.format(scenarios=scen, keys=keys, defenses=listed, sweeps=sweeps)
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
@@ -51,6 +62,10 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
     for arg in argv:
         if arg.startswith("scenario="):
             scenario = arg.split("=", 1)[1]
+        elif arg.startswith("sweep="):
+            if mode == "serve":
+                raise SimError(f"{arg!r} cannot be served; expected python -m sim serve scenario=NAME")
+            mode, overrides = "sweep", [arg, *overrides]
         elif "=" in arg:
             overrides.append(arg)
         else:
@@ -68,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         scenario, mode, overrides = _split_args(argv)
+        if mode == "sweep":
+            return run_sweep(scenario, overrides)
         if scenario is None:
             raise SimError("scenario=NAME is required (see python -m sim help)")
         if mode == "serve":
@@ -83,6 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_sweep(scenario: str | None, overrides: list[str]) -> int:
+    """``sweep=NAME [resume=true] …``: run or continue a sweep, print where its results are."""
+    from . import sweep
+
+    name = overrides[0].split("=", 1)[1]
+    resume = False
+    rest = []
+    for item in overrides[1:]:
+        key, _, value = item.partition("=")
+        if key == "resume":
+            if value.lower() not in ("true", "false"):
+                raise SimError(f"resume={value!r} must be true or false")
+            resume = value.lower() == "true"
+        else:
+            rest.append(item)
+    out = sweep.run(name, rest, scenario=scenario, resume=resume)
+    print(sweep.format_result(out))
+    return 130 if out["interrupted"] else 0
 
 
 def serve_forever(scenario: str, overrides: list[str]) -> int:

@@ -445,9 +445,9 @@ def validate(raw: dict[str, Any]) -> ScenarioConfig:
         raise ConfigError(_one_line(exc)) from None
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Known keys of the model reached by following ``loc`` from the scenario root."""
-    model: Any = ScenarioConfig
+def _fields_at(loc: tuple, root: type[BaseModel]) -> list[str]:
+    """Known keys of the model reached by following ``loc`` from ``root``."""
+    model: Any = root
     for part in loc:
         if isinstance(model, type) and issubclass(model, BaseModel):
             field = model.model_fields.get(str(part))
@@ -461,12 +461,13 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError, root: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """A pydantic error as one line naming the key (``prefix`` + dotted path), the value and what was expected."""
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"])
-    key = ".".join(str(p) for p in loc)
+    key = prefix + ".".join(str(p) for p in loc)
     if err["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1])
+        known = _fields_at(loc[:-1], root or ScenarioConfig)
         return f"unknown key {key!r}; known keys here: {', '.join(known)}"
     msg = err["msg"]
     if msg.startswith("Value error, "):

@@ -90,13 +90,16 @@ def _progress(desc: str, total: int, disable: bool):
                 disable=disable, dynamic_ncols=True, leave=True, mininterval=1.0)
 
 
-def _wait_with_progress(refs: list, board, bar) -> list:
-    """Wait for ``refs`` while showing the sum of the board's counters on ``bar``."""
+def _wait_with_progress(refs: list, board, bar, on_poll=None) -> list:
+    """Wait for ``refs`` while showing the sum of the board's counters on ``bar`` (and calling
+    ``on_poll(board)`` after each look)."""
     pending = list(refs)
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         done = sum(ray.get(board.snapshot.remote()).values())
         bar.update(done - bar.n)
+        if on_poll is not None:
+            on_poll(board)
     if bar.total:
         bar.update(bar.total - bar.n)
     bar.close()
@@ -133,8 +136,15 @@ class Plan:
                 and (role is None or c.role == role)]
 
 
-def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
-    """Accounts, keys and client actors of a scenario; checks each attacker's pool against its budget."""
+def load_pools(cfg: ScenarioConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The query pools of the scenario's Knockoff attackers: pool name -> (images, labels)."""
+    return {att.pool: data.load_pool(att.pool, cfg.data.root, cfg.data.download)
+            for att in cfg.attackers.values() if att.attack == "knockoff"}
+
+
+def plan_clients(cfg: ScenarioConfig, ds: data.Dataset, pools: dict | None = None) -> Plan:
+    """Accounts, keys and client actors of a scenario; checks each attacker's pool against its budget.
+    ``pools``: query pools already loaded (:func:`load_pools`), to share them between runs."""
     from actors.accounts import split_evenly
     from actors.benign import BenignStream
 
@@ -156,7 +166,7 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
         budgets = split_evenly(att.budget, att.actors)
         shares = split_evenly(att.accounts, att.actors)
         if att.attack == "knockoff":
-            sources = _knockoff_sources(cfg, aid, att, ds, budgets)
+            sources = _knockoff_sources(cfg, aid, att, ds, budgets, (pools or {}).get(att.pool))
         elif att.attack == "dfme":
             sources = _dfme_sources(cfg, aid, att, ds, budgets)
         else:
@@ -176,11 +186,13 @@ def plan_clients(cfg: ScenarioConfig, ds: data.Dataset) -> Plan:
     return Plan(keys, clients, held_out)
 
 
-def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int]) -> list:
-    """One Knockoff source per actor, each with its own shard of the shuffled pool."""
+def _knockoff_sources(cfg: ScenarioConfig, aid: str, att, ds: data.Dataset, budgets: list[int],
+                      loaded: tuple | None = None) -> list:
+    """One Knockoff source per actor, each with its own shard of the shuffled pool (``loaded``: the pool's
+    (images, labels) if already in memory)."""
     from actors.knockoff import KnockoffAdaptive, KnockoffRandom, coarse_groups
 
-    pool, labels = data.load_pool(att.pool, cfg.data.root, cfg.data.download)
+    pool, labels = loaded if loaded is not None else data.load_pool(att.pool, cfg.data.root, cfg.data.download)
     if pool.shape[1:] != ds.x_train.shape[1:]:
         raise ConfigError(f"attackers.{aid}.pool={att.pool!r} has images of shape {pool.shape[1:]}, but the "
                           f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
@@ -310,9 +322,10 @@ def train_detectors(cfg: ScenarioConfig, victim: zoo.Victim, quiet: bool = False
 
 
 def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account],
-                  log_dir: str, http: bool = True, dets=None) -> tuple[str, int | None]:
+                  log_dir: str, http: bool = True, dets=None, app: str | None = None) -> tuple[str, int | None]:
     """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port).
-    ``dets``: the :class:`sim.detection.DetectorSetup` (built here if not given)."""
+    ``dets``: the :class:`sim.detection.DetectorSetup` (built here if not given); ``app``: the Serve app
+    name (default the victim's name, suffixed with the run id if another app has it)."""
     from ray import serve
 
     from .serving import VictimSpec, deploy, start_serve
@@ -320,8 +333,9 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     dets = dets if dets is not None else train_detectors(cfg, victim, quiet=True)
     port = start_serve(cfg.serve.port, http)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # after Serve has set up its own logger
-    taken = set(serve.status().applications)
-    app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
+    if app is None:
+        taken = set(serve.status().applications)
+        app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
     mis = defense_models(cfg, victim).get("misinformation")
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, arch=victim.arch, input_shape=victim.dataset.input_shape,
@@ -336,34 +350,44 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     return app, port
 
 
-def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
-    """Run a scenario (name, YAML path, mapping or ScenarioConfig) with overrides; returns the summary."""
+def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | None = None,
+        pools: dict | None = None, app: str | None = None, on_replica_epoch=None) -> dict:
+    """Run a scenario (name, YAML path, mapping or ScenarioConfig) with overrides; returns the summary.
+
+    A sweep shares work between its runs: ``victim`` (the trained victim of this config) and ``pools``
+    (:func:`load_pools`) skip loading them again; ``app`` names the Serve app; ``on_replica_epoch(accuracies)``
+    is called while replicas train with ``{attacker id: {epoch: replica test accuracy}}`` so far."""
     cfg = config_mod.load(scenario, overrides)
     start = time.perf_counter()
-    ds = data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
-    plan = plan_clients(cfg, ds)  # before any training: a pool too small for a budget fails fast
+    ds = victim.dataset if victim is not None else data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
+    plan = plan_clients(cfg, ds, pools)  # before any training: a pool too small for a budget fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
-    victim = train_victim(cfg, quiet)
+    victim = victim if victim is not None else train_victim(cfg, quiet)
     timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
     t0 = time.perf_counter()
     dets = train_detectors(cfg, victim, quiet)
     timings["detector_seconds"] = round(time.perf_counter() - t0, 2)
 
-    try:
-        with ray_session(cfg):
-            from ray import serve
+    with ray_session(cfg):
+        from ray import serve
 
+        try:
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
-            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http, dets=dets)
+            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, http=cfg.serve.http, dets=dets,
+                                      app=app)
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             try:
-                replicas = _query_and_train(cfg, victim, plan, app, nodes, quiet, timings)
-            finally:
+                _query(cfg, plan, app, nodes, quiet)
+            finally:  # the victim is not needed while replicas train: its CPUs go to them
                 serve.delete(app)
-    finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
-        logged = querylog.compact(log_dir)
+            timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
+        finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
+            logged = querylog.compact(log_dir)
+        t0 = time.perf_counter()
+        replicas = _train_replicas(cfg, victim, plan, quiet, on_replica_epoch)
+        timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     summary = summarize(cfg, victim, run_id, plan, replicas, log_dir, logged, dets)
     summary["serve"] = {"app": app, "port": port, "url": f"http://127.0.0.1:{port}/{app}" if port else None}
     summary["ray"]["nodes"] = len(nodes)
@@ -373,16 +397,14 @@ def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
     return summary
 
 
-def _query_and_train(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, app: str, nodes: list[str],
-                     quiet: bool, timings: dict) -> dict:
-    """All clients query the victim at once; then each attacker's replica trains. Returns the replicas."""
+def _query(cfg: ScenarioConfig, plan: Plan, app: str, nodes: list[str], quiet: bool) -> None:
+    """All clients query the victim at once; each client's result lands in its plan entry."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.client import ClientActor
     from actors.progress import ProgressBoard
 
-    t0 = time.perf_counter()
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     actors = [  # clients dealt round-robin over the nodes that were alive at the start
         ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
         .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app,
@@ -392,17 +414,20 @@ def _query_and_train(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, app: s
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
     for client, result in zip(plan.clients, _wait_with_progress([a.run.remote() for a in actors], board, bar)):
         client.result = result
-    timings["query_seconds"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    replicas = _train_replicas(cfg, victim, plan, quiet)
-    timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
-    return replicas
 
 
-def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: bool) -> dict:
+def _eval_indices(ds: data.Dataset, plan: Plan) -> np.ndarray:
+    """The test images replicas are evaluated on: all but the attack seeds taken from the test split."""
+    return np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))
+
+
+def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: bool, on_epoch=None) -> dict:
     """Pool each attacker's transfer sets over its actors and train its replica; with a defense on (and
     ``undefended_baseline``), also a replica on the victim's clean answers to the same queries, under the
-    key ``ID:undefended``. All in parallel. Returns key -> state_dict."""
+    key ``ID:undefended``. All in parallel. ``on_epoch``: see :func:`run`. Returns key -> state_dict.
+
+    Tasks and board are scheduled explicitly ("DEFAULT"), so that inside a Tune trial they are not held to
+    the trial's own placement group (which reserves only what the trial itself uses)."""
     from actors.progress import ProgressBoard
     from actors.replica import train_replica_task
 
@@ -410,7 +435,9 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: 
 
     ds = victim.dataset
     baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
+    keep = _eval_indices(ds, plan)
+    eval_set = ray.put((ds.x_test[keep], ds.y_test[keep])) if on_epoch is not None else None
     refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         parts = [c.result["transfer"] for c in plan.of(attacker=aid)]
@@ -422,13 +449,15 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: 
         if baseline:
             sets[f"{aid}:undefended"] = predict_probs(victim.model, x)
         for key, targets in sets.items():
-            refs.append(train_replica_task.remote(x, targets, cfg.replica_arch(aid), ds.input_shape,
-                                                  ds.num_classes, att.replica, derive_seed(cfg.seed, "replica", aid),
-                                                  board, key))
+            task = train_replica_task.options(scheduling_strategy="DEFAULT")
+            refs.append(task.remote(x, targets, cfg.replica_arch(aid), ds.input_shape, ds.num_classes, att.replica,
+                                    derive_seed(cfg.seed, "replica", aid), board, key,
+                                    eval_set if key == aid else None))
             order.append(key)
             epochs += att.replica.epochs
     bar = _progress("training replicas", epochs, quiet)
-    return dict(zip(order, _wait_with_progress(refs, board, bar)))
+    poll = (lambda b: on_epoch(ray.get(b.values.remote()))) if on_epoch is not None else None
+    return dict(zip(order, _wait_with_progress(refs, board, bar, poll)))
 
 
 def evaluate_defense(cfg: ScenarioConfig, victim: zoo.Victim, clean: np.ndarray | None = None,
@@ -471,7 +500,7 @@ def summarize(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, plan: Plan, 
     ds = victim.dataset
     clean_test = predict_probs(victim.model, ds.x_test)
     victim_test = clean_test.argmax(1)
-    keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))  # replicas never see attack seeds
+    keep = _eval_indices(ds, plan)  # replicas never see attack seeds
     defended = evaluate_defense(cfg, victim, clean_test)
     defended_accuracy = defended.pop("defended_test_accuracy")
     from analysis.detection import detection_report

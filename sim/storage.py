@@ -40,3 +40,24 @@ def read_text(path_or_uri: str) -> str:
 def exists(path_or_uri: str) -> bool:
     fs, path = resolve(path_or_uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes(path_or_uri: str, blob: bytes) -> None:
+    fs, path = resolve(path_or_uri)
+    with fs.open_output_stream(path) as out:
+        out.write(blob)
+
+
+def listdir(path_or_uri: str) -> list[str]:
+    """Names of the entries directly inside a directory (empty if it does not exist), sorted."""
+    fs, path = resolve(path_or_uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
+
+
+def remove_tree(path_or_uri: str) -> None:
+    """Delete a directory and everything in it (nothing if it does not exist)."""
+    fs, path = resolve(path_or_uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)

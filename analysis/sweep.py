@@ -1,0 +1,230 @@
+"""A sweep directory, offline: one row per trial, the utility / non-replicability trade-off, ``sweep.md``.
+
+A sweep directory (written by ``python -m sim sweep=NAME``) holds ``sweep.yaml`` (the resolved sweep),
+``sweep.json`` (trial statuses and the driver's sessions) and ``runs/<trial id>/``: each trial's run
+directory (config.yaml, queries/, summary.json once it finished) plus ``trial.json`` (its curve, its
+sampled defense, the node it ran on and, while replicas trained, the last accuracies it reported).
+Everything here reads those files alone, so a sweep can be re-analysed anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import yaml
+
+from sim import storage
+
+from .replication import read_summary
+
+UNDEFENDED = "_undefended"
+
+
+def flat_metrics(summary: dict) -> dict:
+    """The numbers a trial reports (to Tune and to the table) from a run summary, flat."""
+    d, v = summary["defense"], summary["victim"]
+    out = {
+        "defended_test_accuracy": v["defended_test_accuracy"],
+        "test_l1_mean": d["test_l1_mean"],
+        "test_top1_preserved_rate": d["test_top1_preserved_rate"],
+        "answered_l1_mean": d.get("l1_mean"),
+        "queries_total": summary["queries"]["total"],
+        "queries_refused": summary["queries"]["refused"],
+        "queries_challenged": summary["queries"]["challenged"],
+        "benign_refused": summary["benign"]["refused"],
+        "wall_seconds": summary.get("wall_seconds"),
+    }
+    accs = []
+    for a in summary["attackers"]:
+        for key in ("replica_test_accuracy", "replica_fidelity", "replica_test_accuracy_undefended",
+                    "replica_fidelity_undefended", "refused", "accounts_flagged", "accounts_burned"):
+            out[f"{a['id']}.{key}"] = a.get(key)
+        if a.get("replica_test_accuracy") is not None:
+            accs.append(a["replica_test_accuracy"])
+    out["replica_accuracy_max"] = max(accs) if accs else None
+    for name, det in summary.get("detection", {}).items():
+        out[f"{name}.query_auroc"] = det["query_level"].get("auroc")
+        out[f"{name}.account_auroc"] = det["account_level"].get("auroc")
+        out[f"{name}.flagged_attacker_accounts"] = det["flagged_attacker_accounts"]
+        out[f"{name}.flagged_benign_accounts"] = det["flagged_benign_accounts"]
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    except ValueError:
+        return {}
+
+
+def is_sweep_dir(path: str) -> bool:
+    return storage.exists(storage.join(path, "sweep.yaml"))
+
+
+def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
+    """(the sweep's settings, one row per trial). A row: trial id, curve, defense, its swept parameters
+    (``param.NAME``), status (done / stopped early / error / unfinished), node, and :func:`flat_metrics`
+    of the trial's summary (for a trial stopped early: the replica accuracies it last reported)."""
+    if not is_sweep_dir(sweep_dir):
+        raise ValueError(f"sweep dir {sweep_dir!r} holds no sweep.yaml; expected a directory written by "
+                         f"python -m sim sweep=NAME")
+    settings = yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))) or {}
+    statuses = _read_json(storage.join(sweep_dir, "sweep.json")).get("trials", {})
+    rows = []
+    for trial_id in storage.listdir(storage.join(sweep_dir, "runs")):
+        run_dir = storage.join(sweep_dir, "runs", trial_id)
+        info = _read_json(storage.join(run_dir, "trial.json"))
+        if not info:
+            continue
+        summary = read_summary(run_dir)
+        status = "done" if summary else statuses.get(trial_id, {}).get("status", "unfinished")
+        row = {"trial_id": trial_id, "curve": info["curve"], "defense": info["defense"]["name"],
+               **{f"param.{k}": v for k, v in info["defense"].items() if k != "name"},
+               "status": status, "error": statuses.get(trial_id, {}).get("error"),
+               "node_ip": info.get("node_ip"), "node_id": info.get("node_id"), "run_dir": run_dir}
+        row.update(flat_metrics(summary) if summary else info.get("last", {}))
+        rows.append(row)
+    return settings, rows
+
+
+def pareto(points: list[tuple[float, float]], x_better: str = "min") -> list[int]:
+    """Indices of the points no other point beats: y (replica accuracy) lower is better; x lower
+    (distortion, ``x_better="min"``) or higher (defended accuracy, ``"max"``) is better."""
+    sign = 1 if x_better == "min" else -1
+    keep = []
+    for i, (xi, yi) in enumerate(points):
+        dominated = any(sign * xj <= sign * xi and yj <= yi and (sign * xj < sign * xi or yj < yi)
+                        for j, (xj, yj) in enumerate(points) if j != i)
+        if not dominated:
+            keep.append(i)
+    return sorted(keep, key=lambda i: sign * points[i][0])
+
+
+def distortion_to_reach(rows: list[dict], metric: str, target: float) -> float | None:
+    """The least test L1 distortion at which ``metric`` (a replica accuracy) falls below ``target`` along
+    one curve: linear interpolation between the last trial above and the first below, in order of L1;
+    None when no trial gets below it."""
+    pts = sorted((r["test_l1_mean"], r[metric]) for r in rows
+                 if r.get("test_l1_mean") is not None and r.get(metric) is not None)
+    for k, (x, y) in enumerate(pts):
+        if y < target:
+            if k == 0:
+                return x
+            (x0, y0) = pts[k - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y) if y0 != y else x
+    return None
+
+
+def attackers_of(rows: list[dict]) -> list[str]:
+    """Attacker ids with a replica accuracy column, in first-seen order."""
+    suffix = ".replica_test_accuracy"
+    return list(dict.fromkeys(k[:-len(suffix)] for r in rows for k in r if k.endswith(suffix)))
+
+
+def write_table(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
+    """``results.parquet`` and ``results.csv`` of all trials; returns their paths."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]) if rows else pa.table({})
+    parquet, csv = storage.join(sweep_dir, "results.parquet"), storage.join(sweep_dir, "results.csv")
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(parquet, buf.getvalue())
+    buf = io.BytesIO()
+    pacsv.write_csv(table, buf)
+    storage.write_bytes(csv, buf.getvalue())
+    return parquet, csv
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_report(sweep_dir: str) -> dict:
+    """Table, trade-off plot and ``sweep.md`` of a sweep directory; returns their paths and the rows."""
+    from . import plots
+
+    settings, rows = read_sweep(sweep_dir)
+    parquet, csv = write_table(rows, sweep_dir)
+    target = settings.get("target", 0.8)
+    attackers = attackers_of(rows)
+    buf = io.BytesIO()
+    png = storage.join(sweep_dir, "frontier.png")
+    if plots.tradeoff(rows, attackers, buf, target=target):
+        storage.write_bytes(png, buf.getvalue())
+    else:
+        png = None
+    md = storage.join(sweep_dir, "sweep.md")
+    storage.write_text(md, _markdown(settings, rows, attackers, target, png is not None,
+                                     _read_json(storage.join(sweep_dir, "sweep.json"))))
+    return {"rows": rows, "parquet": parquet, "csv": csv, "plot": png, "markdown": md}
+
+
+def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: float, plot: bool,
+              state: dict) -> str:
+    params = sorted({k for r in rows for k in r if k.startswith("param.")})
+    done = [r for r in rows if r["status"] == "done"]
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    seconds = sum(s.get("seconds", 0) for s in state.get("sessions", []))
+    lines = [f"# Sweep `{settings.get('name', '?')}`", "",
+             settings.get("description", "").strip(), "",
+             f"- **Base scenario**: `{settings.get('scenario')}`"
+             + (f", with {', '.join(f'`{o}`' for o in settings.get('overrides', []))}" if settings.get("overrides")
+                else ""),
+             f"- **Search space**: " + "; ".join(f"`{label}`: {yaml.safe_dump(spec, default_flow_style=True).strip()}"
+                                               for label, spec in settings.get("space", {}).items()),
+             f"- **Trials**: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}), "
+             f"scheduler {settings.get('scheduler', 'fifo')}, up to {settings.get('max_concurrent')} at once",
+             ]
+    if seconds:
+        lines.append(f"- **Time**: {seconds / 60:.1f} min over {len(state['sessions'])} session(s): "
+                     f"{len(done) / (seconds / 3600):.1f} finished trials per hour")
+    lines += ["", "Utility is what honest users keep (defended test accuracy, mean L1 distortion of the returned "
+              "vectors on the test set); non-replicability is what the attacker's replica reaches on the test set.",
+              ""]
+    if plot:
+        lines += ["![trade-off](frontier.png)", ""]
+    head = ["curve", *[p[len("param."):] for p in params], "status", "defended acc", "test L1"]
+    for a in attackers:
+        head += [f"{a} replica acc", f"{a} fidelity", f"{a} undefended acc"]
+    lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["curve"], [_sort_key(r.get(p)) for p in params])):
+        cells = [r["curve"], *[_fmt(r.get(p), 4) for p in params], r["status"],
+                 _fmt(r.get("defended_test_accuracy")), _fmt(r.get("test_l1_mean"))]
+        for a in attackers:
+            cells += [_fmt(r.get(f"{a}.replica_test_accuracy")), _fmt(r.get(f"{a}.replica_fidelity")),
+                      _fmt(r.get(f"{a}.replica_test_accuracy{UNDEFENDED}"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    for a in attackers:
+        metric = f"{a}.replica_test_accuracy"
+        scored = [r for r in done if r.get(metric) is not None and r.get("test_l1_mean") is not None]
+        if not scored:
+            continue
+        front = pareto([(r["test_l1_mean"], r[metric]) for r in scored])
+        lines += ["", f"## Attacker `{a}`", "",
+                  f"Pareto front (least distortion for the lowest replica accuracy): "
+                  + ", ".join(f"{scored[i]['curve']} {_params(scored[i], params)} (L1 {scored[i]['test_l1_mean']:.3f}, "
+                              f"replica {scored[i][metric]:.3f})" for i in front) + ".", "",
+                  f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]
+        for curve in dict.fromkeys(r["curve"] for r in scored):
+            need = distortion_to_reach([r for r in scored if r["curve"] == curve], metric, target)
+            lines.append(f"| {curve} | {'not reached' if need is None else f'{need:.3f}'} |")
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- `{r['trial_id']}` ({r['curve']}): {r.get('error')}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _sort_key(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _params(row: dict, params: list[str]) -> str:
+    shown = [f"{p[len('param.'):]}={_fmt(row.get(p), 4)}" for p in params if row.get(p) is not None]
+    return ", ".join(shown)

@@ -1,0 +1,451 @@
+"""Ray Tune sweeps of defense hyperparameters: each trial is one scenario run with a sampled defense.
+
+A sweep is ``scenarios/sweeps/NAME.yaml`` (or a path to a YAML file)::
+
+    description: …
+    scenario: mad_vs_knockoff          # the base scenario every trial runs
+    overrides: [undefended_baseline=false]   # scenario key=value for every trial
+    space:                             # one curve per entry: a defense and its search space
+      mad:       {eps: {grid: [0.1, 0.5, 1.0]}}
+      mad_l2:    {name: mad, norm: l2, eps: {loguniform: [0.05, 2.0]}}
+    num_samples: 1                     # Tune repeats the grid this often (and samples ranges as often)
+    max_concurrent: 2                  # trials at once
+    trial_cpus: 0.5                    # CPUs a trial reserves for itself (its replicas and Serve app: their own)
+    scheduler: fifo                    # or asha: stop trials early on their replicas' accuracy per epoch
+    metric: replica_accuracy_max       # what asha judges (lower is better for the defense: mode min)
+    target: 0.8                        # the report's question: what L1 pushes the replica below this?
+
+A parameter is a value (fixed), a list (a grid), or ``{grid: […]}``, ``{choice: […]}``, ``{uniform: [lo, hi]}``,
+``{loguniform: [lo, hi]}``. The victim is trained (or read from the cache) once by the driver and the attack
+pools loaded once; both reach the trials through Ray's object store. Each trial writes a run directory under
+``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.sweep` builds the table, plot and ``sweep.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.resources
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import config as config_mod
+from . import storage
+from .errors import ConfigError, SimError
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform")
+SWEEP_PREFIX = "sweep."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AshaConfig(_Strict):
+    grace_period: int = Field(2, ge=1, description="replica epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="1/this of the trials go on at each rung")
+
+
+class SweepConfig(_Strict):
+    name: str = "custom"
+    description: str = ""
+    scenario: str = Field(description="base scenario every trial runs")
+    overrides: list[str] = Field([], description="scenario key=value applied to every trial")
+    space: dict[str, dict[str, Any]] = Field(description="curve label -> defense name and parameter space")
+    num_samples: int = Field(1, ge=1, description="Tune's num_samples: grid repeats, samples of ranges")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    trial_cpus: float = Field(0.5, gt=0, description="CPUs a trial reserves for itself")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: stop bad trials early")
+    metric: str = Field("replica_accuracy_max", description="metric asha judges")
+    mode: Literal["min", "max"] = Field("min", description="min: a lower metric is a better defense")
+    asha: AshaConfig = AshaConfig()
+    target: float = Field(0.8, gt=0, lt=1, description="replica accuracy the report asks the distortion for")
+    dir: str | None = Field(None, description="sweep directory or URI (default runs/sweeps/<name>-<time>)")
+
+    @field_validator("space")
+    @classmethod
+    def _some_curve(cls, space):
+        if not space:
+            raise ValueError("must name at least one defense to sweep")
+        return space
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checking
+
+def sweep_names() -> list[str]:
+    root = importlib.resources.files("scenarios") / "sweeps"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) and path.exists():
+        text = path.read_text()
+    elif name_or_path in sweep_names():
+        text = (importlib.resources.files("scenarios") / "sweeps" / f"{name_or_path}.yaml").read_text()
+    else:
+        raise ConfigError(f"sweep={name_or_path!r} is not a known sweep; expected one of: "
+                          f"{', '.join(sweep_names())} (or a path to a .yaml file)")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return raw
+
+
+def load(name_or_path: str, overrides: list[str] | None = None, scenario: str | None = None) -> SweepConfig:
+    """A sweep by name or path, with ``KEY=VALUE`` overrides of its own keys (without the ``sweep.`` prefix;
+    ``space.LABEL=null`` drops a curve) and optionally another base scenario."""
+    raw = _read(name_or_path)
+    conf = OmegaConf.create(raw)
+    for item in overrides or []:
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{SWEEP_PREFIX}{key}={text!r} is not a value; expected a number, a word, "
+                              f"[a, list] or {{a: mapping}}") from None
+        try:
+            OmegaConf.update(conf, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override {SWEEP_PREFIX}{item}: {str(exc).splitlines()[0]}") from None
+    raw = OmegaConf.to_container(conf)
+    if scenario:
+        raw["scenario"] = scenario
+    if isinstance(raw.get("space"), dict):
+        raw["space"] = {label: spec for label, spec in raw["space"].items() if spec is not None}
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(config_mod._one_line(exc, SweepConfig, SWEEP_PREFIX)) from None
+    check_space(cfg.space)
+    return cfg
+
+
+def _domain(where: str, value):
+    """(kind, values) of one parameter's spec: fixed, grid, choice, uniform or loguniform."""
+    if isinstance(value, list):
+        value = {"grid": value}
+    if not isinstance(value, dict):
+        return "fixed", [value]
+    if len(value) != 1 or next(iter(value)) not in SAMPLERS:
+        raise ConfigError(f"{where}={value!r} is not a search space; expected a value, a list, or one of "
+                          + ", ".join(f"{{{s}: …}}" for s in SAMPLERS))
+    kind, args = next(iter(value.items()))
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}.{kind}={args!r} must be a non-empty list")
+    if kind in ("uniform", "loguniform"):
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) \
+                or args[0] >= args[1]:
+            raise ConfigError(f"{where}.{kind}={args!r}; expected [low, high] with low < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"{where}.loguniform={args!r}; expected a low bound > 0")
+    return kind, args
+
+
+def check_space(space: dict[str, dict[str, Any]]) -> None:
+    """Every curve names a known defense, only its parameters, and values it accepts (each grid or choice
+    value, both ends of each range), before any trial starts."""
+    from . import defenses
+
+    for label, spec in space.items():
+        where = f"{SWEEP_PREFIX}space.{label}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}={spec!r} must be a mapping of a defense's parameters (and optionally "
+                              f"name: DEFENSE)")
+        name = spec.get("name", label)
+        if not isinstance(name, str) or "+" in name:
+            raise ConfigError(f"{where}.name={name!r}: expected one defense's name ({', '.join(defenses.names())})")
+        defenses.check_name(f"{where}.name" if "name" in spec else f"{where} (a defense name)", name)
+        domains = {k: _domain(f"{where}.{k}", v) for k, v in spec.items() if k != "name"}
+        first = {k: vals[0] for k, (_, vals) in domains.items()}
+        for key, (_, values) in domains.items():
+            for value in values:
+                try:
+                    defenses.check_spec({"name": name, **first, key: value}, field=where)
+                except ConfigError as exc:
+                    raise ConfigError(str(exc)) from None
+
+
+def param_space(space: dict[str, dict[str, Any]]) -> dict:
+    """Tune's search space: a grid over the curves, each with its own parameters' domains."""
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a)}
+    curves = []
+    for label, spec in space.items():
+        defense = {"name": spec.get("name", label)}
+        for key, value in spec.items():
+            if key != "name":
+                kind, args = _domain(key, value)
+                defense[key] = args[0] if kind == "fixed" else make[kind](args)
+        curves.append({"curve": label, "defense": defense})
+    return {"trial": tune.grid_search(curves)}
+
+
+def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.ScenarioConfig:
+    """The scenario every trial starts from: the base scenario, the sweep's overrides, then the command
+    line's. The defense is what the sweep varies, and each trial has its own run directory."""
+    for item in [*sweep.overrides, *overrides]:
+        key = item.split("=", 1)[0]
+        if key == "defense" or key.startswith("defense."):
+            raise ConfigError(f"{item!r}: the defense is what the sweep varies; expected its space under "
+                              f"{SWEEP_PREFIX}space.LABEL.PARAM=… instead")
+        if key == "run_dir":
+            raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
+                              f"{SWEEP_PREFIX}dir=PATH to place the sweep")
+    return config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial
+
+def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> None:
+    """A Tune trial: the base scenario with this trial's defense, run in its own run directory. Reports the
+    replicas' accuracy after each epoch (for early stopping), then the run's metrics."""
+    import ray
+    from ray import tune
+
+    from analysis.sweep import flat_metrics
+
+    from . import engine
+
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = storage.join(sweep_dir, "runs", trial_id)
+    storage.remove_tree(run_dir)  # an attempt cut short (interrupted, errored) starts afresh
+    storage.makedirs(run_dir)
+    cfg = config_mod.validate({**base, "defense": dict(config["trial"]["defense"]), "run_dir": run_dir})
+    info = {"trial_id": trial_id, "curve": config["trial"]["curve"], "defense": cfg.defense.spec(),
+            "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    trial_json = storage.join(run_dir, "trial.json")
+    storage.write_text(trial_json, json.dumps(info, indent=2))
+    epochs = max(a.replica.epochs for a in cfg.attackers.values())
+    reported = {"epoch": 0}
+
+    def on_replica_epoch(values: dict) -> None:
+        mine = {aid: v for aid, v in values.items() if aid in cfg.attackers and v}
+        if len(mine) < len(cfg.attackers):
+            return  # not every attacker's replica is training yet
+        epoch = min(max(v) for v in mine.values())
+        if epoch <= reported["epoch"]:
+            return
+        reported["epoch"] = epoch
+        accs = {f"{aid}.replica_test_accuracy": v[max(e for e in v if e <= epoch)] for aid, v in mine.items()}
+        metrics = {"replica_epoch": epoch, "replica_accuracy_max": max(accs.values()), **accs}
+        storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
+        tune.report(metrics)
+
+    summary = engine.run(cfg, quiet=True, victim=victim, pools=pools, app=f"{cfg.victim.name}-{trial_id}",
+                         on_replica_epoch=on_replica_epoch)
+    tune.report({"replica_epoch": epochs, **flat_metrics(summary), "run_dir": run_dir})
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+def _latest(name: str) -> str | None:
+    root = os.path.abspath(os.path.join("runs", "sweeps"))
+    found = [d for d in storage.listdir(root) if d.startswith(f"{name}-")]
+    return os.path.join(root, found[-1]) if found else None
+
+
+def _sweep_dir(cfg: SweepConfig, resume: bool) -> str:
+    if cfg.dir:
+        return cfg.dir if "://" in cfg.dir else os.path.abspath(os.path.expanduser(cfg.dir))
+    if resume:
+        latest = _latest(cfg.name)
+        if latest is None:
+            raise ConfigError(f"resume=true but runs/sweeps holds no sweep {cfg.name!r}; expected "
+                              f"{SWEEP_PREFIX}dir=PATH of the sweep to continue")
+        return latest
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.abspath(os.path.join("runs", "sweeps", f"{cfg.name}-{stamp}"))
+
+
+def _progress_callback(total: int):
+    """A Tune callback that prints one line per finished (or failed) trial."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.finished = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.finished += 1
+            r, t = trial.last_result or {}, trial.config["trial"]
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in t["defense"].items() if k != "name")
+            nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
+                    f"{r['replica_accuracy_max']:.3f}" if r.get("test_l1_mean") is not None
+                    and r.get("replica_accuracy_max") is not None else
+                    f"replica {r['replica_accuracy_max']:.3f} at epoch {r.get('replica_epoch')}"
+                    if r.get("replica_accuracy_max") is not None else "no result")
+            print(f"[{self.finished}/{total}] {t['curve']} ({params}): {what}; {nums}", file=sys.stderr, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done" if (trial.last_result or {}).get("test_l1_mean") is not None
+                       else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "error")
+
+    return Progress()
+
+
+def _trial_count(cfg: SweepConfig) -> int:
+    """Trials the sweep will run: per curve the product of its grid sizes, times num_samples."""
+    total = 0
+    for label, spec in cfg.space.items():
+        n = 1
+        for key, value in spec.items():
+            if key != "name":
+                kind, args = _domain(key, value)
+                n *= len(args) if kind == "grid" else 1
+        total += n
+    return total * cfg.num_samples
+
+
+def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str | None = None,
+        resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or with ``resume`` continue) a sweep. ``overrides``: ``sweep.KEY=VALUE`` for the sweep, any
+    other ``KEY=VALUE`` for the scenario of every trial. Returns :func:`analysis.sweep.write_report`'s
+    output plus ``dir`` and ``interrupted``."""
+    overrides = list(overrides or [])
+    own = [o[len(SWEEP_PREFIX):] for o in overrides if o.startswith(SWEEP_PREFIX)]
+    rest = [o for o in overrides if not o.startswith(SWEEP_PREFIX)]
+    if resume:
+        return _resume(name_or_path, own, rest, scenario, quiet)
+    cfg = load(name_or_path, own, scenario)
+    base = base_config(cfg, rest)
+    sweep_dir = _sweep_dir(cfg, resume=False)
+    if storage.exists(storage.join(sweep_dir, "sweep.yaml")):
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} already holds a sweep; expected a new directory, or "
+                          f"resume=true to continue it")
+    try:
+        storage.makedirs(sweep_dir)
+        storage.write_text(storage.join(sweep_dir, "sweep.yaml"),
+                           yaml.safe_dump({**cfg.model_dump(mode="json"), "dir": sweep_dir}, sort_keys=False))
+        storage.write_text(storage.join(sweep_dir, "base.yaml"), config_mod.to_yaml(base))
+    except OSError as exc:
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({exc}); expected a writable "
+                          f"directory or a URI pyarrow knows (file://, s3://, gs://)") from None
+    return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet)
+
+
+def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | None, quiet: bool) -> dict:
+    extra = [o for o in own if not o.startswith("dir=")] + rest + ([f"scenario={scenario}"] if scenario else [])
+    if extra:
+        raise ConfigError(f"resume=true continues the sweep as it was started, but {extra[0]!r} would change it; "
+                          f"expected only sweep={name_or_path} and {SWEEP_PREFIX}dir=PATH")
+    given = next((o[len("dir="):] for o in own if o.startswith("dir=")), None)
+    probe = SweepConfig.model_construct(name=Path(name_or_path).stem, dir=given)
+    sweep_dir = _sweep_dir(probe, resume=True)
+    if not storage.exists(storage.join(sweep_dir, "sweep.yaml")):
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} holds no sweep to resume; expected the directory "
+                          f"a sweep was started in")
+    cfg = SweepConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))))
+    base = config_mod.load(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "base.yaml"))))
+    return _execute(cfg, base, sweep_dir, restore=True, quiet=quiet)
+
+
+def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, restore: bool,
+             quiet: bool) -> dict:
+    from ray import tune
+
+    from analysis.sweep import write_report
+
+    from . import engine
+    from .serving import start_serve
+
+    total = _trial_count(cfg)
+    print(f"sweep {cfg.name}: {total} trials of {base.name} (up to {cfg.max_concurrent} at once) -> {sweep_dir}",
+          file=sys.stderr, flush=True)
+    victim = engine.train_victim(base, quiet)  # once, for every trial
+    pools = engine.load_pools(base)
+    started = time.perf_counter()
+    with engine.ray_session(base):
+        start_serve(base.serve.port, base.serve.http)  # once, before trials race to start it
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, base=base.model_dump(mode="json"), victim=victim, pools=pools,
+                                 sweep_dir=sweep_dir),
+            {"cpu": cfg.trial_cpus})
+        tune_dir = storage.join(sweep_dir, "tune")
+        if restore:
+            if not tune.Tuner.can_restore(tune_dir):
+                raise SimError(f"{SWEEP_PREFIX}dir={sweep_dir!r} has no Tune experiment state to restore "
+                               f"(it stopped before its first trial started); start it afresh")
+            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space(cfg.space),
+                               tune_config=_tune_config(cfg, base), run_config=tune.RunConfig(
+                                   name="tune", storage_path=sweep_dir, verbose=0,
+                                   callbacks=[_progress_callback(total)],
+                                   failure_config=tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+    seconds = time.perf_counter() - started
+    errors = {os.path.basename(str(r.path)): r.error for r in grid if r.error}
+    statuses = {}
+    for t in tune.ExperimentAnalysis(tune_dir).trials:
+        finished = storage.exists(storage.join(sweep_dir, "runs", t.trial_id, "summary.json"))
+        status = {"TERMINATED": "done" if finished else "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
+        error = errors.get(t.trial_id)
+        statuses[t.trial_id] = {"status": status,
+                                "error": str(error).strip().splitlines()[-1][:300] if error else None}
+    interrupted = len(statuses) < total or any(s["status"] == "unfinished" for s in statuses.values())
+    state_path = storage.join(sweep_dir, "sweep.json")
+    state = json.loads(storage.read_text(state_path)) if storage.exists(state_path) else {"sessions": []}
+    state["sessions"].append({"ended": dt.datetime.now().isoformat(timespec="seconds"),
+                              "seconds": round(seconds, 1), "restored": restore})
+    state["trials"] = statuses
+    storage.write_text(state_path, json.dumps(state, indent=2))
+    out = write_report(sweep_dir)
+    out.update(dir=sweep_dir, interrupted=interrupted, seconds=round(seconds, 1))
+    return out
+
+
+def _trial_dirname(t) -> str:
+    """Tune's folder of a trial: its id, the same as the trial's run directory under ``runs/``."""
+    return t.trial_id
+
+
+def _tune_config(cfg: SweepConfig, base: config_mod.ScenarioConfig):
+    from ray import tune
+
+    kwargs = {"num_samples": cfg.num_samples, "max_concurrent_trials": cfg.max_concurrent,
+              "reuse_actors": False, "trial_dirname_creator": _trial_dirname}
+    if cfg.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        allowed = ["replica_accuracy_max", *[f"{aid}.replica_test_accuracy" for aid in base.attackers]]
+        if cfg.metric not in allowed:
+            raise ConfigError(f"{SWEEP_PREFIX}metric={cfg.metric!r} is not reported while replicas train; "
+                              f"expected one of: {', '.join(allowed)}")
+        epochs = max(a.replica.epochs for a in base.attackers.values())
+        kwargs.update(metric=cfg.metric, mode=cfg.mode, scheduler=ASHAScheduler(
+            time_attr="replica_epoch", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),
+            reduction_factor=cfg.asha.reduction_factor))
+    return tune.TuneConfig(**kwargs)
+
+
+def format_result(out: dict) -> str:
+    """What the CLI prints when a sweep ends."""
+    rows = out["rows"]
+    done = sum(r["status"] == "done" for r in rows)
+    lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done, in {out['seconds']:.0f} s",
+             f"table:  {out['parquet']} (and .csv)", f"plot:   {out['plot']}", f"report: {out['markdown']}"]
+    if out["interrupted"]:
+        lines.append(f"interrupted: continue with python -m sim sweep=... {SWEEP_PREFIX}dir={out['dir']} resume=true")
+    return "\n".join(lines)

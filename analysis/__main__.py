@@ -1,5 +1,9 @@
 """python -m analysis RUN_DIR [RUN_DIR ...] [--replay KIND [--param KEY=VALUE ...] [--group G]]
 
+A sweep directory (python -m sim sweep=NAME) in place of a run: rewrites its table (results.parquet/csv),
+trade-off plot and sweep.md from the trials' run directories, and stands for its finished trials' runs
+(each gets its report, and ``--replay`` runs over each).
+
 Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run and prints its detection table.
 With several runs, also prints a comparison; ``--out DIR`` writes it (comparison.md and a plot) there.
 ``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries and adds
@@ -18,7 +22,7 @@ import yaml
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory, or a sweep directory")
     ap.add_argument("--replay", metavar="KIND", help="a detector to re-run over the logs (prada, link, msp, same)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a replayed detector's parameter")
     ap.add_argument("--group", default="account", help="history key of the replay: account, actor, cohort or all")
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from sim.errors import SimError
     from sim.querylog import exists
 
-    from . import comparison, plots, write_report
+    from . import comparison, plots, sweep, write_report
     from .metrics import MetricError
     from .replay import replay
 
@@ -44,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             except yaml.YAMLError:
                 raise SimError(f"--param {item!r}: {val!r} is not a value; expected a number, true/false or "
                                f"a word") from None
+        runs = []
+        for run in args.runs:
+            if sweep.is_sweep_dir(run):
+                out = sweep.write_report(run)
+                print(f"{run}: {out['markdown']} ({len(out['rows'])} trials; table {out['parquet']})")
+                runs += [r["run_dir"] for r in out["rows"] if r["status"] == "done"]
+            else:
+                runs.append(run)
+        args.runs = runs
         for run in args.runs:
             if not os.path.isdir(run) or not exists(os.path.join(run, "queries")):
                 raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")

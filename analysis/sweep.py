@@ -105,18 +105,19 @@ def pareto(points: list[tuple[float, float]], x_better: str = "min") -> list[int
     return sorted(keep, key=lambda i: sign * points[i][0])
 
 
-def distortion_to_reach(rows: list[dict], metric: str, target: float) -> float | None:
+def distortion_to_reach(rows: list[dict], metric: str, target: float) -> tuple[float, bool] | None:
     """The least test L1 distortion at which ``metric`` (a replica accuracy) falls below ``target`` along
-    one curve: linear interpolation between the last trial above and the first below, in order of L1;
-    None when no trial gets below it."""
+    one curve, in order of L1: interpolated linearly between the last trial above the target and the first
+    below it, as ``(l1, True)``; ``(l1, False)`` when the curve's least-distorting trial is already below
+    (an upper bound); None when no trial gets below it."""
     pts = sorted((r["test_l1_mean"], r[metric]) for r in rows
                  if r.get("test_l1_mean") is not None and r.get(metric) is not None)
     for k, (x, y) in enumerate(pts):
         if y < target:
             if k == 0:
-                return x
+                return x, False
             (x0, y0) = pts[k - 1]
-            return x0 + (x - x0) * (y0 - target) / (y0 - y) if y0 != y else x
+            return x0 + (x - x0) * (y0 - target) / (y0 - y), True
     return None
 
 
@@ -140,10 +141,10 @@ def write_table(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
     return parquet, csv
 
 
-def _fmt(v, digits: int = 3) -> str:
+def _fmt(v, spec: str = ".4g") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def write_report(sweep_dir: str) -> dict:
@@ -190,16 +191,15 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
               ""]
     if plot:
         lines += ["![trade-off](frontier.png)", ""]
-    head = ["curve", *[p[len("param."):] for p in params], "status", "defended acc", "test L1"]
+    columns = [("defended acc", "defended_test_accuracy"), ("test L1", "test_l1_mean")]
     for a in attackers:
-        head += [f"{a} replica acc", f"{a} fidelity", f"{a} undefended acc"]
+        columns += [(f"{a} replica acc", f"{a}.replica_test_accuracy"), (f"{a} fidelity", f"{a}.replica_fidelity"),
+                    (f"{a} undefended acc", f"{a}.replica_test_accuracy{UNDEFENDED}")]
+    columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
+    head = ["curve", *[p[len("param."):] for p in params], "status", *[title for title, _ in columns]]
     lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["curve"], [_sort_key(r.get(p)) for p in params])):
-        cells = [r["curve"], *[_fmt(r.get(p), 4) for p in params], r["status"],
-                 _fmt(r.get("defended_test_accuracy")), _fmt(r.get("test_l1_mean"))]
-        for a in attackers:
-            cells += [_fmt(r.get(f"{a}.replica_test_accuracy")), _fmt(r.get(f"{a}.replica_fidelity")),
-                      _fmt(r.get(f"{a}.replica_test_accuracy{UNDEFENDED}"))]
+        cells = [r["curve"], *[_fmt(r.get(p)) for p in params], r["status"], *[_fmt(r.get(k), ".3f") for _, k in columns]]
         lines.append("| " + " | ".join(cells) + " |")
     for a in attackers:
         metric = f"{a}.replica_test_accuracy"
@@ -214,7 +214,8 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
                   f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]
         for curve in dict.fromkeys(r["curve"] for r in scored):
             need = distortion_to_reach([r for r in scored if r["curve"] == curve], metric, target)
-            lines.append(f"| {curve} | {'not reached' if need is None else f'{need:.3f}'} |")
+            cell = "not reached" if need is None else f"{need[0]:.3f}" if need[1] else f"≤ {need[0]:.3f}"
+            lines.append(f"| {curve} | {cell} |")
     errors = [r for r in rows if r["status"] == "error"]
     if errors:
         lines += ["", "## Errors", ""] + [f"- `{r['trial_id']}` ({r['curve']}): {r.get('error')}" for r in errors]
@@ -226,5 +227,5 @@ def _sort_key(value) -> tuple:
 
 
 def _params(row: dict, params: list[str]) -> str:
-    shown = [f"{p[len('param.'):]}={_fmt(row.get(p), 4)}" for p in params if row.get(p) is not None]
+    shown = [f"{p[len('param.'):]}={_fmt(row.get(p))}" for p in params if row.get(p) is not None]
     return ", ".join(shown)

@@ -234,17 +234,18 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
     storage.write_text(trial_json, json.dumps(info, indent=2))
     epochs = max(a.replica.epochs for a in cfg.attackers.values())
     reported = {"epoch": 0}
+    utility = engine.evaluate_defense(cfg, victim)  # what honest users get: known before any query
 
     def on_replica_epoch(values: dict) -> None:
         mine = {aid: v for aid, v in values.items() if aid in cfg.attackers and v}
         if len(mine) < len(cfg.attackers):
             return  # not every attacker's replica is training yet
         epoch = min(max(v) for v in mine.values())
-        if epoch <= reported["epoch"]:
-            return
+        if epoch <= reported["epoch"] or epoch >= epochs:
+            return  # the last epoch is reported with the run's summary
         reported["epoch"] = epoch
         accs = {f"{aid}.replica_test_accuracy": v[max(e for e in v if e <= epoch)] for aid, v in mine.items()}
-        metrics = {"replica_epoch": epoch, "replica_accuracy_max": max(accs.values()), **accs}
+        metrics = {"replica_epoch": epoch, "replica_accuracy_max": max(accs.values()), **accs, **utility}
         storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
         tune.report(metrics)
 
@@ -280,27 +281,25 @@ def _progress_callback(total: int):
     from ray.tune import Callback
 
     class Progress(Callback):
-        def __init__(self):
-            self.finished = 0
-
-        def _line(self, trial, what: str) -> None:
-            self.finished += 1
+        def _line(self, trials, trial, what: str) -> None:
+            # counted from Tune's own trial states: right after a restore too
+            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             r, t = trial.last_result or {}, trial.config["trial"]
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in t["defense"].items() if k != "name")
-            nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
-                    f"{r['replica_accuracy_max']:.3f}" if r.get("test_l1_mean") is not None
-                    and r.get("replica_accuracy_max") is not None else
-                    f"replica {r['replica_accuracy_max']:.3f} at epoch {r.get('replica_epoch')}"
-                    if r.get("replica_accuracy_max") is not None else "no result")
-            print(f"[{self.finished}/{total}] {t['curve']} ({params}): {what}; {nums}", file=sys.stderr, flush=True)
+            nums = "no result"
+            if r.get("replica_accuracy_max") is not None:
+                nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
+                        f"{r['replica_accuracy_max']:.3f}")
+                if "run_dir" not in r:  # stopped before its replicas finished
+                    nums += f" at epoch {r['replica_epoch']}"
+            print(f"[{done}/{total}] {t['curve']} ({params}): {what}; {nums}", file=sys.stderr, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "done" if (trial.last_result or {}).get("test_l1_mean") is not None
-                       else "stopped early")
+            self._line(trials, trial, "done" if "run_dir" in (trial.last_result or {}) else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, "error")
+            self._line(trials, trial, "error")
 
     return Progress()
 
@@ -363,6 +362,7 @@ def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | 
 
 def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, restore: bool,
              quiet: bool) -> dict:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our one line per trial
     from ray import tune
 
     from analysis.sweep import write_report
@@ -412,7 +412,7 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     state["trials"] = statuses
     storage.write_text(state_path, json.dumps(state, indent=2))
     out = write_report(sweep_dir)
-    out.update(dir=sweep_dir, interrupted=interrupted, seconds=round(seconds, 1))
+    out.update(dir=sweep_dir, name=cfg.name, interrupted=interrupted, seconds=round(seconds, 1))
     return out
 
 
@@ -447,5 +447,6 @@ def format_result(out: dict) -> str:
     lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done, in {out['seconds']:.0f} s",
              f"table:  {out['parquet']} (and .csv)", f"plot:   {out['plot']}", f"report: {out['markdown']}"]
     if out["interrupted"]:
-        lines.append(f"interrupted: continue with python -m sim sweep=... {SWEEP_PREFIX}dir={out['dir']} resume=true")
+        lines.append(f"interrupted: continue with python -m sim sweep={out['name']} {SWEEP_PREFIX}dir={out['dir']} "
+                     f"resume=true")
     return "\n".join(lines)

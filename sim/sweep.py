@@ -225,6 +225,12 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = storage.join(sweep_dir, "runs", trial_id)
+    summary_path = storage.join(run_dir, "summary.json")
+    if storage.exists(summary_path):  # the run finished, but the sweep was interrupted before Tune noted it
+        epochs = max(a["replica"]["epochs"] for a in base["attackers"].values())
+        summary = json.loads(storage.read_text(summary_path))
+        tune.report({"replica_epoch": epochs, **flat_metrics(summary), "run_dir": run_dir})
+        return
     storage.remove_tree(run_dir)  # an attempt cut short (interrupted, errored) starts afresh
     storage.makedirs(run_dir)
     cfg = config_mod.validate({**base, "defense": dict(config["trial"]["defense"]), "run_dir": run_dir})

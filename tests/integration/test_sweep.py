@@ -1,0 +1,104 @@
+"""Sweeps end to end through the CLI: a tiny sweep interrupted and resumed; a sweep over a two-node cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+
+from .conftest import SMALL, env_without_ray_address
+
+# 2 defenses x 2 values against the single Knockoff attacker, tiny budgets
+TINY = ["sweep=mad_eps", "scenario=single_knockoff", "sweep.space={mad: {eps: [0.5, 1.0]}, random_noise: {eps: [0.5, 1.0]}}",
+        *SMALL]
+
+
+def _sweep(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "sim", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*TINY, f"cache_dir={cache_dir}", f"sweep.dir={sweep_dir}", "ray.num_cpus=2"]
+    proc = _sweep(*args, env=env_without_ray_address())
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.time() + 400
+    while not any(line.startswith("[1/4]") for line in lines) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)  # until Tune has seen the first trial finish
+    runs = sweep_dir / "runs"
+    done = [d for d in os.listdir(runs) if (runs / d / "summary.json").exists()]
+    assert done, "".join(lines)[-3000:]
+    first = done[0]
+    before = json.loads((sweep_dir / "runs" / first / "summary.json").read_text())
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
+    out = proc.stdout.read()
+    proc.wait(timeout=300)
+    reader.join(timeout=60)
+    assert proc.returncode == 130, "".join(lines)[-3000:]
+    assert f"sweep.dir={sweep_dir} resume=true" in out
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert any(s["status"] == "unfinished" for s in state["trials"].values()) or len(state["trials"]) < 4
+
+    resumed = _sweep("sweep=mad_eps", f"sweep.dir={sweep_dir}", "resume=true", env=env_without_ray_address())
+    out, err = resumed.communicate(timeout=500)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "4 trials, 4 done" in out
+    # the finished trial was not run again: same run, same summary
+    assert json.loads((sweep_dir / "runs" / first / "summary.json").read_text()) == before
+    table = pq.read_table(sweep_dir / "results.parquet").to_pylist()
+    assert len(table) == 4 and all(r["status"] == "done" for r in table)
+    assert sorted((r["curve"], r["param.eps"]) for r in table) == [("mad", 0.5), ("mad", 1.0),
+                                                                   ("random_noise", 0.5), ("random_noise", 1.0)]
+    for r in table:  # every trial is a run directory like any run's, and its numbers are its summary's
+        run = sweep_dir / "runs" / r["trial_id"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["queries"]["logged"] == summary["queries"]["total"] == 160 + 2 * 40
+        assert any(f.endswith(".parquet") for f in os.listdir(run / "queries"))
+        assert r["single.replica_test_accuracy"] == summary["attackers"][0]["replica_test_accuracy"]
+        assert r["test_l1_mean"] == summary["defense"]["test_l1_mean"] > 0
+        assert summary["defense"]["name"] == r["curve"] and summary["defense"]["params"]["eps"] == r["param.eps"]
+    # bigger noise budgets distort more
+    l1 = {(r["curve"], r["param.eps"]): r["test_l1_mean"] for r in table}
+    assert l1[("mad", 1.0)] > l1[("mad", 0.5)] and l1[("random_noise", 1.0)] > l1[("random_noise", 0.5)]
+    assert (sweep_dir / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "4 (4 done)" in md and "over 2 session(s)" in md and "| random_noise | 1 | done |" in md
+    # Tune saw each trial's replica accuracy after its first epoch (what early stopping judges), then the run
+    progress = [json.loads(line) for line in open(sweep_dir / "tune" / first / "result.json")]
+    assert [p["replica_epoch"] for p in progress] == [1, 2]
+    assert progress[-1]["run_dir"].endswith(first)
+
+    analysed = subprocess.run([sys.executable, "-m", "analysis", str(sweep_dir)], capture_output=True, text=True,
+                              timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-2000:]
+    assert "4 trials" in analysed.stdout and all((sweep_dir / "runs" / r["trial_id"] / "report.md").exists()
+                                                 for r in table)
+
+
+def test_sweep_spreads_trials_over_a_two_node_cluster(cache_dir, tmp_path):
+    """Each node has 2 logical CPUs and each trial reserves 1.5, so the two trials must run on different
+    nodes; the sweep directory is a URI."""
+    launcher = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cluster_launcher.py"), "2"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env_without_ray_address())
+    try:
+        address = json.loads(launcher.stdout.readline())["address"]
+        env = {**env_without_ray_address(), "RAY_ADDRESS": address}
+        proc = _sweep("sweep=random_noise_eps", "scenario=single_knockoff", "sweep.space={random_noise: {eps: [0.5, 1.0]}}",
+                      "sweep.trial_cpus=1.5", "sweep.max_concurrent=2", f"sweep.dir=file://{tmp_path}/sweep",
+                      "ray.address=auto", f"cache_dir={cache_dir}", *SMALL, env=env)
+        out, err = proc.communicate(timeout=500)
+        assert proc.returncode == 0, err[-3000:]
+        table = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
+        assert [r["status"] for r in table] == ["done", "done"]
+        assert len({r["node_id"] for r in table}) == 2
+    finally:
+        launcher.stdin.close()
+        launcher.wait(timeout=120)

@@ -1,0 +1,166 @@
+"""Sweep configuration, search spaces and the offline sweep report (no Ray started)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from analysis import sweep as asweep
+from sim import sweep
+from sim.errors import ConfigError
+
+
+def test_shipped_sweeps_load_and_count_their_trials():
+    assert {"mad_eps", "reverse_sigmoid_beta", "random_noise_eps", "defense_frontier"} <= set(sweep.sweep_names())
+    mad = sweep.load("mad_eps")
+    assert mad.scenario == "mad_vs_knockoff"
+    assert {s.get("name", label) for label, s in mad.space.items()} == {"identity", "mad", "mad_argmax"}
+    assert sweep._trial_count(mad) == 1 + 6 + 6
+    frontier = sweep.load("defense_frontier")
+    assert len(frontier.space) >= 4
+    for name in sweep.sweep_names():
+        base = sweep.base_config(sweep.load(name), [])
+        assert base.attackers, name
+
+
+def test_overrides_replace_spaces_drop_curves_and_change_settings():
+    cfg = sweep.load("mad_eps", ["space.mad.eps={uniform: [0.1, 2.0]}", "space.mad_argmax=null",
+                                 "num_samples=3", "scheduler=asha"], scenario="single_knockoff")
+    assert cfg.space["mad"]["eps"] == {"uniform": [0.1, 2.0]}
+    assert "mad_argmax" not in cfg.space and cfg.scenario == "single_knockoff"
+    assert sweep._trial_count(cfg) == (1 + 1) * 3 and cfg.scheduler == "asha"
+
+
+def test_param_space_gives_one_trial_per_grid_point_with_its_own_defense():
+    from ray.tune.search.variant_generator import generate_variants
+
+    cfg = sweep.load("mad_eps", ["space={mad: {eps: [0.5, 1.0]}, rs: {name: reverse_sigmoid, gamma: 0.5, "
+                                 "beta: {loguniform: [0.01, 1.0]}}}"])
+    trials = [v for _, v in generate_variants(sweep.param_space(cfg.space))]
+    assert [t["trial"]["curve"] for t in trials] == ["mad", "mad", "rs"]
+    assert [t["trial"]["defense"]["eps"] for t in trials[:2]] == [0.5, 1.0]
+    rs = trials[2]["trial"]["defense"]
+    assert rs["name"] == "reverse_sigmoid" and rs["gamma"] == 0.5 and 0.01 <= rs["beta"] <= 1.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("space.mad.eps={unifrom: [0, 1]}", r"sweep.space.mad.eps=\{'unifrom': \[0, 1\]\} is not a search space; "
+                                        r"expected a value, a list, or one of \{grid: …\}"),
+    ("space.mad.eps={uniform: [1, 0.5]}", r"sweep.space.mad.eps.uniform=\[1, 0.5\]; expected \[low, high\] with low < high"),
+    ("space.mad.eps={loguniform: [0, 1]}", r"sweep.space.mad.eps.loguniform=\[0, 1\]; expected a low bound > 0"),
+    ("space.mad.eps=[]", r"sweep.space.mad.eps.grid=\[\] must be a non-empty list"),
+    ("space.mad.eps=[0.5, -1]", r"sweep.space.mad.eps must be a number >= 0, got -1"),
+    ("space.mad.epsilon=[0.5]", r"sweep.space.mad.epsilon is not a parameter of defense mad; expected one of: eps, norm"),
+    ("space.madd={eps: [1]}", r"sweep.space.madd \(a defense name\)='madd' is not a known defense"),
+    ("space.x={name: rounding+top_k}", r"sweep.space.x.name='rounding\+top_k': expected one defense's name"),
+    ("max_concurent=3", r"unknown key 'sweep.max_concurent'; known keys here: name, description, scenario"),
+    ("max_concurrent=0", r"sweep.max_concurrent must be >= 1, got 0"),
+    ("scheduler=hyperband", r"sweep.scheduler must be 'fifo' or 'asha', got 'hyperband'"),
+    ("space={}", r"sweep.space: must name at least one defense to sweep"),
+])
+def test_bad_sweep_settings_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as info:
+        sweep.load("mad_eps", [override])
+    assert re.search(message, str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
+    cfg = sweep.load("mad_eps")
+    with pytest.raises(ConfigError, match="the defense is what the sweep varies"):
+        sweep.base_config(cfg, ["defense.eps=0.3"])
+    with pytest.raises(ConfigError, match="each trial has its own run directory"):
+        sweep.base_config(cfg, ["run_dir=/tmp/x"])
+
+
+def test_asha_judges_only_metrics_reported_while_replicas_train():
+    cfg = sweep.load("mad_eps", ["scheduler=asha", "asha.grace_period=3"])
+    base = sweep.base_config(cfg, [])
+    tc = sweep._tune_config(cfg, base)
+    assert tc.metric == "replica_accuracy_max" and tc.mode == "min"
+    assert tc.scheduler._time_attr == "replica_epoch" and tc.scheduler._max_t == 20  # mad_vs_knockoff's epochs
+    assert tc.scheduler._reduction_factor == 2
+    with pytest.raises(ConfigError, match=r"sweep.metric='test_l1_mean' is not reported while replicas train; "
+                                          r"expected one of: replica_accuracy_max, knockoff.replica_test_accuracy"):
+        sweep._tune_config(sweep.load("mad_eps", ["scheduler=asha", "metric=test_l1_mean"]), base)
+
+
+def test_cli_sweep_errors_are_one_line_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "sim", "sweep=mad_eps", "sweep.space.mad.eps={uniform: [2, 1]}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: sweep.space.mad.eps.uniform=[2, 1]; expected [low, high] with low < high"]
+    proc = subprocess.run([sys.executable, "-m", "sim", "sweep=nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "sweep='nope' is not a known sweep; expected one of: " in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_directory_without_a_sweep_and_changed_settings(tmp_path):
+    with pytest.raises(ConfigError, match="holds no sweep to resume"):
+        sweep.run("mad_eps", [f"sweep.dir={tmp_path}"], resume=True)
+    with pytest.raises(ConfigError, match="resume=true continues the sweep as it was started, but "
+                                          "'victim.epochs=2' would change it"):
+        sweep.run("mad_eps", [f"sweep.dir={tmp_path}", "victim.epochs=2"], resume=True)
+
+
+def test_pareto_front_keeps_points_no_other_beats():
+    pts = [(0.1, 0.9), (0.5, 0.5), (0.6, 0.6), (1.0, 0.2), (0.5, 0.7)]
+    assert asweep.pareto(pts) == [0, 1, 3]
+    # defended accuracy: higher x is better
+    assert asweep.pareto([(0.99, 0.9), (0.95, 0.5), (0.90, 0.6)], x_better="max") == [0, 1]
+
+
+def test_distortion_to_reach_interpolates_between_the_trials_around_the_target():
+    rows = [{"test_l1_mean": 0.2, "a": 0.95}, {"test_l1_mean": 0.6, "a": 0.70}, {"test_l1_mean": 1.0, "a": 0.3}]
+    l1, exact = asweep.distortion_to_reach(rows, "a", 0.8)
+    assert exact and l1 == pytest.approx(0.2 + 0.4 * (0.95 - 0.8) / (0.95 - 0.70))
+    assert asweep.distortion_to_reach(rows, "a", 0.99) == (0.2, False)  # already below at the least L1
+    assert asweep.distortion_to_reach(rows, "a", 0.1) is None
+
+
+def _summary(acc, l1, defended):
+    return {"victim": {"defended_test_accuracy": defended}, "wall_seconds": 10.0,
+            "defense": {"test_l1_mean": l1, "test_top1_preserved_rate": 1.0, "l1_mean": l1},
+            "queries": {"total": 100, "refused": 0, "challenged": 0}, "benign": {"refused": 0},
+            "attackers": [{"id": "knockoff", "replica_test_accuracy": acc, "replica_fidelity": acc, "refused": 0,
+                           "accounts_flagged": 0, "accounts_burned": 0}],
+            "detection": {}}
+
+
+def test_sweep_report_from_trial_directories(tmp_path):
+    """The report reads the sweep directory alone: finished trials from their summaries, a trial stopped
+    early from what it last reported."""
+    (tmp_path / "sweep.yaml").write_text("name: t\nscenario: single_knockoff\ntarget: 0.8\nmax_concurrent: 2\n"
+                                         "space: {mad: {eps: [0.5, 1.0]}, random_noise: {eps: [1.0]}}\n")
+    (tmp_path / "sweep.json").write_text(json.dumps({"sessions": [{"seconds": 360}],
+                                                     "trials": {"t3": {"status": "stopped early"}}}))
+    trials = {"t0": ("mad", 0.5, 0.9), "t1": ("mad", 1.0, 0.5), "t2": ("random_noise", 1.0, 0.85)}
+    for tid, (curve, eps, acc) in trials.items():
+        run = tmp_path / "runs" / tid
+        run.mkdir(parents=True)
+        (run / "trial.json").write_text(json.dumps({"trial_id": tid, "curve": curve,
+                                                    "defense": {"name": curve, "eps": eps}}))
+        (run / "summary.json").write_text(json.dumps(_summary(acc, eps, 0.99 - eps / 10)))
+    stopped = tmp_path / "runs" / "t3"
+    stopped.mkdir()
+    (stopped / "trial.json").write_text(json.dumps({"trial_id": "t3", "curve": "random_noise",
+                                                    "defense": {"name": "random_noise", "eps": 0.2},
+                                                    "last": {"knockoff.replica_test_accuracy": 0.95,
+                                                             "replica_epoch": 4}}))
+    out = asweep.write_report(str(tmp_path))
+    rows = {r["trial_id"]: r for r in out["rows"]}
+    assert rows["t0"]["status"] == "done" and rows["t0"]["knockoff.replica_test_accuracy"] == 0.9
+    assert rows["t3"]["status"] == "stopped early" and rows["t3"]["replica_epoch"] == 4
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out["parquet"])
+    assert table.num_rows == 4 and {"curve", "param.eps", "test_l1_mean", "status"} <= set(table.column_names)
+    assert open(out["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    md = open(out["markdown"]).read()
+    assert "| mad | 0.5 | done | 0.940 | 0.500 | 0.900 |" in md
+    assert "3 done, 1 stopped early" in md and "30.0 finished trials per hour" in md
+    assert "| mad | 0.625 |" in md  # L1 at which the replica crosses 80%: between 0.5 (0.9) and 1.0 (0.5)
+    assert "| random_noise | not reached |" in md

@@ -35,18 +35,15 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from . import config as config_mod
 from . import storage
+from .config import _Strict
 from .errors import ConfigError, SimError
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 SWEEP_PREFIX = "sweep."
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class AshaConfig(_Strict):
@@ -173,10 +170,12 @@ def check_space(space: dict[str, dict[str, Any]]) -> None:
         first = {k: vals[0] for k, (_, vals) in domains.items()}
         for key, (_, values) in domains.items():
             for value in values:
-                try:
-                    defenses.check_spec({"name": name, **first, key: value}, field=where)
-                except ConfigError as exc:
-                    raise ConfigError(str(exc)) from None
+                defenses.check_spec({"name": name, **first, key: value}, field=where)
+
+
+def first_point(label: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A curve's defense at the first value of each parameter's space."""
+    return {"name": spec.get("name", label), **{k: _domain(k, v)[1][0] for k, v in spec.items() if k != "name"}}
 
 
 def param_space(space: dict[str, dict[str, Any]]) -> dict:
@@ -207,7 +206,14 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
         if key == "run_dir":
             raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
                               f"{SWEEP_PREFIX}dir=PATH to place the sweep")
-    return config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
+    base = config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
+    raw = base.model_dump()
+    for label, spec in sweep.space.items():  # what a defense needs of the scenario (a victim kind)
+        try:
+            config_mod.validate({**raw, "defense": first_point(label, spec)})
+        except ConfigError as exc:
+            raise ConfigError(f"{SWEEP_PREFIX}space.{label} on scenario {base.name!r}: {exc}") from None
+    return base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def _progress_callback(total: int):
             done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             r, t = trial.last_result or {}, trial.config["trial"]
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in t["defense"].items() if k != "name")
+                               for k, v in t["defense"].items() if k != "name") or t["defense"]["name"]
             nums = "no result"
             if r.get("replica_accuracy_max") is not None:
                 nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "

@@ -102,3 +102,21 @@ def test_sweep_spreads_trials_over_a_two_node_cluster(cache_dir, tmp_path):
     finally:
         launcher.stdin.close()
         launcher.wait(timeout=120)
+
+
+def test_asha_stops_the_weakest_defense_early(ray_serve, cache_dir, tmp_path):
+    """In-process, on the session's Ray: three MAD trials one after another, the strongest first. The last
+    (eps=0, no perturbation at all) trains the best replica by far, so ASHA stops it at its first rung."""
+    from sim import sweep
+
+    out = sweep.run("mad_eps", ["sweep.space={mad: {eps: [2.0, 1.0, 0.0]}}", "sweep.max_concurrent=1",
+                                "sweep.scheduler=asha", "sweep.asha.grace_period=1", f"sweep.dir={tmp_path / 'asha'}",
+                                "attackers.single.replica.epochs=3", *[o for o in SMALL if "replica" not in o],
+                                f"cache_dir={cache_dir}"], scenario="single_knockoff", quiet=True)
+    rows = {r["param.eps"]: r for r in out["rows"]}
+    assert rows[2.0]["status"] == "done"
+    weakest = rows[0.0]
+    assert weakest["status"] == "stopped early" and weakest["replica_epoch"] < 3
+    assert weakest["single.replica_test_accuracy"] > rows[2.0]["single.replica_test_accuracy"]
+    assert weakest["test_l1_mean"] < 1e-6  # what honest users get is known before the replica trains
+    assert not out["interrupted"]

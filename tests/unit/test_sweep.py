@@ -73,6 +73,12 @@ def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
         sweep.base_config(cfg, ["defense.eps=0.3"])
     with pytest.raises(ConfigError, match="each trial has its own run directory"):
         sweep.base_config(cfg, ["run_dir=/tmp/x"])
+    # what a swept defense needs of the scenario is checked before any trial
+    am = sweep.load("mad_eps", ["space={am: {name: adaptive_misinformation, tau: [0.5, 0.9]}}"])
+    with pytest.raises(ConfigError, match="sweep.space.am on scenario 'mad_vs_knockoff': defense "
+                                          "adaptive_misinformation needs an outlier-exposure victim"):
+        sweep.base_config(am, [])
+    assert sweep.base_config(am, ["victim.training=outlier_exposure"]).victim.training == "outlier_exposure"
 
 
 def test_asha_judges_only_metrics_reported_while_replicas_train():

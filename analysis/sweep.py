@@ -178,7 +178,7 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
              f"- **Base scenario**: `{settings.get('scenario')}`"
              + (f", with {', '.join(f'`{o}`' for o in settings.get('overrides', []))}" if settings.get("overrides")
                 else ""),
-             f"- **Search space**: " + "; ".join(f"`{label}`: {yaml.safe_dump(spec, default_flow_style=True).strip()}"
+             "- **Search space**: " + "; ".join(f"`{label}`: {yaml.safe_dump(spec, default_flow_style=True).strip()}"
                                                for label, spec in settings.get("space", {}).items()),
              f"- **Trials**: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}), "
              f"scheduler {settings.get('scheduler', 'fifo')}, up to {settings.get('max_concurrent')} at once",
@@ -208,7 +208,7 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
             continue
         front = pareto([(r["test_l1_mean"], r[metric]) for r in scored])
         lines += ["", f"## Attacker `{a}`", "",
-                  f"Pareto front (least distortion for the lowest replica accuracy): "
+                  "Pareto front (least distortion for the lowest replica accuracy): "
                   + ", ".join(f"{scored[i]['curve']} {_params(scored[i], params)} (L1 {scored[i]['test_l1_mean']:.3f}, "
                               f"replica {scored[i][metric]:.3f})" for i in front) + ".", "",
                   f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]

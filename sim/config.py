@@ -364,26 +364,36 @@ class ScenarioConfig(_Strict):
 # ----------------------------------------------------------------------------------------------
 # Loading
 
+def yaml_names(folder) -> list[str]:
+    """Names of the YAML files shipped in a package folder (``importlib.resources`` traversable)."""
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def scenario_names() -> list[str]:
-    root = importlib.resources.files("scenarios")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return yaml_names(importlib.resources.files("scenarios"))
 
 
-def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
-    path = Path(name_or_path)
+def read_mapping(name_or_path: str, kind: str, folder) -> dict:
+    """A YAML mapping: a shipped file ``folder/NAME.yaml`` or a path to one; ``kind`` names it in errors."""
+    path, names = Path(name_or_path), yaml_names(folder)
     if name_or_path.endswith((".yaml", ".yml")) and path.exists():
         text = path.read_text()
-    elif name_or_path in scenario_names():
-        text = (importlib.resources.files("scenarios") / f"{name_or_path}.yaml").read_text()
+    elif name_or_path in names:
+        text = (folder / f"{name_or_path}.yaml").read_text()
     else:
-        raise ConfigError(f"scenario={name_or_path!r} is not a known scenario; "
-                          f"expected one of: {', '.join(scenario_names())} (or a path to a .yaml file)")
+        raise ConfigError(f"{kind}={name_or_path!r} is not a known {kind}; "
+                          f"expected one of: {', '.join(names)} (or a path to a .yaml file)")
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"scenario {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"scenario {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
+        raise ConfigError(f"{kind} {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    raw = read_mapping(name_or_path, "scenario", importlib.resources.files("scenarios"))
     base = raw.pop("extends", None)
     if base is None:
         raw.setdefault("name", Path(name_or_path).stem)

@@ -82,6 +82,9 @@ def ray_session(cfg: ScenarioConfig):
     try:
         yield
     finally:
+        from .serving import forget_serve
+
+        forget_serve()
         ray.shutdown()
 
 

@@ -175,6 +175,13 @@ def start_serve(port: int, http: bool = True) -> int | None:
     return port
 
 
+def forget_serve() -> None:
+    """Drop this process's cached Serve client before its Ray shuts down. Serve keys the cache by job id, which
+    starts again at the same value in the next local Ray this process starts, so a second run (or sweep) in
+    the same process would otherwise take that Ray's Serve as already running."""
+    serve.context._disconnect()
+
+
 def spec_version(spec: VictimSpec) -> str:
     """Serve's code version for a spec: a hash of everything but the defense, which travels in
     ``user_config``. Redeploying the same spec with another defense is then a lightweight update

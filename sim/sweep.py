@@ -78,27 +78,17 @@ class SweepConfig(_Strict):
 # ----------------------------------------------------------------------------------------------
 # Loading and checking
 
+def _folder():
+    return importlib.resources.files("scenarios") / "sweeps"
+
+
 def sweep_names() -> list[str]:
-    root = importlib.resources.files("scenarios") / "sweeps"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return config_mod.yaml_names(_folder())
 
 
 def _read(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) and path.exists():
-        text = path.read_text()
-    elif name_or_path in sweep_names():
-        text = (importlib.resources.files("scenarios") / "sweeps" / f"{name_or_path}.yaml").read_text()
-    else:
-        raise ConfigError(f"sweep={name_or_path!r} is not a known sweep; expected one of: "
-                          f"{', '.join(sweep_names())} (or a path to a .yaml file)")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
+    raw = config_mod.read_mapping(name_or_path, "sweep", _folder())
+    raw.setdefault("name", Path(name_or_path).stem)
     return raw
 
 
@@ -311,7 +301,11 @@ def _progress_callback(total: int):
             self._line(trials, trial, "done" if "run_dir" in (trial.last_result or {}) else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trials, trial, "error")
+            try:
+                error = str(trial.get_error()).strip().splitlines()[-1][:300]
+            except Exception:  # the message is a courtesy: never let it stop the sweep
+                error = "see " + str(trial.error_file)
+            self._line(trials, trial, f"error ({error})")
 
     return Progress()
 

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sim.errors import SimError
+    from sim import storage
     from sim.querylog import exists
 
     from . import comparison, plots, sweep, write_report
@@ -53,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             if sweep.is_sweep_dir(run):
                 out = sweep.write_report(run)
                 print(f"{run}: {out['markdown']} ({len(out['rows'])} trials; table {out['parquet']})")
-                runs += [r["run_dir"] for r in out["rows"] if r["status"] == "done"]
+                if "://" in run:  # run reports are written to local directories only
+                    print(f"{run}: a URI; the trials' own reports need a local copy of the sweep directory")
+                else:
+                    runs += [r["run_dir"] for r in out["rows"] if r["status"] == "done"]
             else:
                 runs.append(run)
         args.runs = runs
         for run in args.runs:
-            if not os.path.isdir(run) or not exists(os.path.join(run, "queries")):
+            if not exists(storage.join(run, "queries")):
                 raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
         for run in args.runs:
             replays = {}

@@ -76,11 +76,12 @@ def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
     settings = yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))) or {}
     statuses = _read_json(storage.join(sweep_dir, "sweep.json")).get("trials", {})
     rows = []
-    for trial_id in storage.listdir(storage.join(sweep_dir, "runs")):
+    trial_ids = list(dict.fromkeys([*storage.listdir(storage.join(sweep_dir, "runs")), *statuses]))
+    for trial_id in trial_ids:
         run_dir = storage.join(sweep_dir, "runs", trial_id)
-        info = _read_json(storage.join(run_dir, "trial.json"))
-        if not info:
-            continue
+        info = _read_json(storage.join(run_dir, "trial.json")) or statuses.get(trial_id)
+        if not info or "curve" not in info:
+            continue  # a folder that is no trial's, or a trial that failed before it began
         summary = read_summary(run_dir)
         status = "done" if summary else statuses.get(trial_id, {}).get("status", "unfinished")
         row = {"trial_id": trial_id, "curve": info["curve"], "defense": info["defense"]["name"],
@@ -109,9 +110,11 @@ def distortion_to_reach(rows: list[dict], metric: str, target: float) -> tuple[f
     """The least test L1 distortion at which ``metric`` (a replica accuracy) falls below ``target`` along
     one curve, in order of L1: interpolated linearly between the last trial above the target and the first
     below it, as ``(l1, True)``; ``(l1, False)`` when the curve's least-distorting trial is already below
-    (an upper bound); None when no trial gets below it."""
+    (an upper bound); None when no trial gets below it. Finished trials count, and trials stopped early
+    whose replica was already at or above the target (it would only have gone higher)."""
     pts = sorted((r["test_l1_mean"], r[metric]) for r in rows
-                 if r.get("test_l1_mean") is not None and r.get(metric) is not None)
+                 if r.get("test_l1_mean") is not None and r.get(metric) is not None
+                 and (r.get("status", "done") == "done" or r[metric] >= target))
     for k, (x, y) in enumerate(pts):
         if y < target:
             if k == 0:
@@ -206,6 +209,8 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
         scored = [r for r in done if r.get(metric) is not None and r.get("test_l1_mean") is not None]
         if not scored:
             continue
+        stopped = [r for r in rows if r["status"] == "stopped early" and r.get(metric) is not None
+                   and r.get("test_l1_mean") is not None]
         front = pareto([(r["test_l1_mean"], r[metric]) for r in scored])
         lines += ["", f"## Attacker `{a}`", "",
                   "Pareto front (least distortion for the lowest replica accuracy): "
@@ -213,7 +218,7 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
                               f"replica {scored[i][metric]:.3f})" for i in front) + ".", "",
                   f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]
         for curve in dict.fromkeys(r["curve"] for r in scored):
-            need = distortion_to_reach([r for r in scored if r["curve"] == curve], metric, target)
+            need = distortion_to_reach([r for r in scored + stopped if r["curve"] == curve], metric, target)
             cell = "not reached" if need is None else f"{need[0]:.3f}" if need[1] else f"≤ {need[0]:.3f}"
             lines.append(f"| {curve} | {cell} |")
     errors = [r for r in rows if r["status"] == "error"]

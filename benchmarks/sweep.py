@@ -28,6 +28,7 @@ from sim import sweep
 
 PAPER_RATIO = 0.63
 TARGETS = (0.8, 0.7, 0.6, 0.5)  # replica accuracies; the undefended replica here is only just above 0.8
+MARGIN = 0.05  # replica accuracy moves by a few points from trial to trial (thread timing, which queries)
 BASELINES = ("reverse_sigmoid", "random_noise")
 
 
@@ -62,7 +63,7 @@ def build(out: str, names: list[str]) -> tuple[dict, list[str]]:
         sweep_dir = os.path.join(out, "sweeps", name)
         _, mine = read_sweep(sweep_dir)
         with open(os.path.join(sweep_dir, "sweep.json")) as fh:
-            seconds = sum(s["seconds"] for s in json.load(fh)["sessions"])
+            seconds = max(sum(s["seconds"] for s in json.load(fh)["sessions"]), 1e-9)
         done = [r for r in mine if r["status"] == "done"]
         runs[name] = {"trials": len(mine), "done": len(done), "seconds": round(seconds, 1),
                       "trials_per_hour": round(len(done) / (seconds / 3600), 1),
@@ -76,7 +77,8 @@ def build(out: str, names: list[str]) -> tuple[dict, list[str]]:
         curves = [c for c in dict.fromkeys(r["curve"] for r in rows) if c != "none"]
         undefended = next((r[metric] for r in rows if r["curve"] == "none"), None)
         frontier[a] = {"undefended": undefended, "targets": {}}
-        for target in [t for t in TARGETS if undefended is None or t < undefended]:  # else nothing to push
+        # a target within MARGIN of the undefended replica measures noise, not the defense
+        for target in [t for t in TARGETS if undefended is None or t < undefended - MARGIN]:
             need = {c: distortion_to_reach([r for r in rows if r["curve"] == c], metric, target) for c in curves}
             ratios = {b: need["mad"][0] / need[b][0] for b in BASELINES
                       if need.get("mad") and need.get(b) and need["mad"][1] and need[b][1]}
@@ -106,20 +108,24 @@ def markdown(report: dict, attackers: list[str]) -> str:
         cells = [t["curve"], *[_num(t.get(p), ".3g") for p in params], _num(t.get("defended_test_accuracy")),
                  _num(t.get("test_l1_mean")), *[_num(t.get(f"{a}.replica_test_accuracy")) for a in attackers]]
         lines.append("| " + " | ".join(cells) + " |")
-    curves = list(next(iter(next(iter(report["frontier"].values()))["targets"].values()))["l1"])
+    curves = [c for c in dict.fromkeys(t["curve"] for t in report["trials"]) if c != "none"]
     lines += ["", "Mean L1 distortion at which the replica falls below the target accuracy, interpolated between "
-              "neighbouring trials (≤: already below at the curve's least-distorting trial):", "",
+              "neighbouring trials (≤: already below at the curve's least-distorting trial); only targets at least "
+              f"{MARGIN:.0%} below the undefended replica:", "",
               "| attacker (undefended) | target | " + " | ".join(curves)
               + " | MAD ÷ reverse sigmoid | MAD ÷ random noise |", "|---|---:|" + "---:|" * (len(curves) + 2)]
     for a, f in report["frontier"].items():
         for target, t in f["targets"].items():
-            cells = ["not reached" if v is None else f"{v['l1']:.3f}" if v["interpolated"] else f"≤ {v['l1']:.3f}"
-                     for v in t["l1"].values()]
+            cells = [_l1(t["l1"].get(c)) for c in curves]
             cells += [_num(t["mad_over"].get(b), ".2f") for b in BASELINES]
             lines.append(f"| {a} ({_num(f['undefended'])}) | {float(target):.0%} | " + " | ".join(cells) + " |")
     lines.append(f"\nThe MAD paper's claim: MAD needs about {report['paper_ratio']}x the distortion of reverse sigmoid "
                  "or random noise to push a Knockoff replica below 80% on MNIST.")
     return "\n".join(lines) + "\n"
+
+
+def _l1(v: dict | None) -> str:
+    return "not reached" if v is None else f"{v['l1']:.3f}" if v["interpolated"] else f"≤ {v['l1']:.3f}"
 
 
 def _num(v, spec: str = ".3f") -> str:

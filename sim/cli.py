@@ -65,6 +65,8 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
         elif arg.startswith("sweep="):
             if mode == "serve":
                 raise SimError(f"{arg!r} cannot be served; expected python -m sim serve scenario=NAME")
+            if mode == "sweep":
+                raise SimError(f"{arg!r}: a second sweep; expected one sweep=NAME")
             mode, overrides = "sweep", [arg, *overrides]
         elif "=" in arg:
             overrides.append(arg)

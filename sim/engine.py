@@ -359,7 +359,8 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
 
     A sweep shares work between its runs: ``victim`` (the trained victim of this config) and ``pools``
     (:func:`load_pools`) skip loading them again; ``app`` names the Serve app; ``on_replica_epoch(accuracies)``
-    is called while replicas train with ``{attacker id: {epoch: replica test accuracy}}`` so far."""
+    is called while replicas train with ``{attacker id: {epoch: replica test accuracy}}`` so far, for every
+    attacker whose replica trains (``{}`` until its first epoch ends)."""
     cfg = config_mod.load(scenario, overrides)
     start = time.perf_counter()
     ds = victim.dataset if victim is not None else data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
@@ -459,7 +460,8 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, quiet: 
             order.append(key)
             epochs += att.replica.epochs
     bar = _progress("training replicas", epochs, quiet)
-    poll = (lambda b: on_epoch(ray.get(b.values.remote()))) if on_epoch is not None else None
+    training = {key: {} for key in order if key in cfg.attackers}  # the attackers' own replicas post accuracies
+    poll = (lambda b: on_epoch({**training, **ray.get(b.values.remote())})) if on_epoch is not None else None
     return dict(zip(order, _wait_with_progress(refs, board, bar, poll)))
 
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -157,6 +158,12 @@ def check_space(space: dict[str, dict[str, Any]]) -> None:
             raise ConfigError(f"{where}.name={name!r}: expected one defense's name ({', '.join(defenses.names())})")
         defenses.check_name(f"{where}.name" if "name" in spec else f"{where} (a defense name)", name)
         domains = {k: _domain(f"{where}.{k}", v) for k, v in spec.items() if k != "name"}
+        params = defenses.get(name).params
+        for key, (kind, args) in domains.items():
+            param = params.get(key)
+            if kind in ("uniform", "loguniform") and param is not None and (param.kind is not float or param.choices):
+                raise ConfigError(f"{where}.{key}.{kind}={args!r}: {key} takes {param.expected()}, not a continuous "
+                                  f"range; expected a list or {{choice: […]}}")
         first = {k: vals[0] for k, (_, vals) in domains.items()}
         for key, (_, values) in domains.items():
             for value in values:
@@ -197,6 +204,9 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
             raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
                               f"{SWEEP_PREFIX}dir=PATH to place the sweep")
     base = config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
+    if not base.attackers:
+        raise ConfigError(f"scenario {base.name!r} has no attackers, so a sweep has no replica to measure; "
+                          f"expected a scenario with at least one (attackers.ID.attack=knockoff …)")
     raw = base.model_dump()
     for label, spec in sweep.space.items():  # what a defense needs of the scenario (a victim kind)
         try:
@@ -222,10 +232,14 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
     trial_id = tune.get_context().get_trial_id()
     run_dir = storage.join(sweep_dir, "runs", trial_id)
     summary_path = storage.join(run_dir, "summary.json")
+    epochs = {aid: a["replica"]["epochs"] for aid, a in base["attackers"].items()}
+
+    def final(summary: dict) -> dict:  # the run's metrics; Tune's schedulers take no None
+        return {"replica_epoch": max(epochs.values()), "run_dir": run_dir,
+                **{k: v for k, v in flat_metrics(summary).items() if v is not None}}
+
     if storage.exists(summary_path):  # the run finished, but the sweep was interrupted before Tune noted it
-        epochs = max(a["replica"]["epochs"] for a in base["attackers"].values())
-        summary = json.loads(storage.read_text(summary_path))
-        tune.report({"replica_epoch": epochs, **flat_metrics(summary), "run_dir": run_dir})
+        tune.report(final(json.loads(storage.read_text(summary_path))))
         return
     storage.remove_tree(run_dir)  # an attempt cut short (interrupted, errored) starts afresh
     storage.makedirs(run_dir)
@@ -234,26 +248,35 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
             "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     trial_json = storage.join(run_dir, "trial.json")
     storage.write_text(trial_json, json.dumps(info, indent=2))
-    epochs = max(a.replica.epochs for a in cfg.attackers.values())
     reported = {"epoch": 0}
     utility = engine.evaluate_defense(cfg, victim)  # what honest users get: known before any query
 
     def on_replica_epoch(values: dict) -> None:
-        mine = {aid: v for aid, v in values.items() if aid in cfg.attackers and v}
-        if len(mine) < len(cfg.attackers):
-            return  # not every attacker's replica is training yet
-        epoch = min(max(v) for v in mine.values())
-        if epoch <= reported["epoch"] or epoch >= epochs:
-            return  # the last epoch is reported with the run's summary
-        reported["epoch"] = epoch
-        accs = {f"{aid}.replica_test_accuracy": v[max(e for e in v if e <= epoch)] for aid, v in mine.items()}
-        metrics = {"replica_epoch": epoch, "replica_accuracy_max": max(accs.values()), **accs, **utility}
-        storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
-        tune.report(metrics)
+        for metrics in epoch_reports(values, epochs, reported["epoch"]):
+            reported["epoch"] = metrics["replica_epoch"]
+            metrics.update(utility)
+            storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
+            tune.report(metrics)
 
     summary = engine.run(cfg, quiet=True, victim=victim, pools=pools, app=f"{cfg.victim.name}-{trial_id}",
                          on_replica_epoch=on_replica_epoch)
-    tune.report({"replica_epoch": epochs, **flat_metrics(summary), "run_dir": run_dir})
+    tune.report(final(summary))
+
+
+def epoch_reports(values: dict[str, dict[int, float]], epochs: dict[str, int], after: int) -> list[dict]:
+    """The per-epoch reports now due, in order: ``values`` maps each attacker whose replica trains to its test
+    accuracy per epoch so far; ``epochs``, each attacker's replica epochs. An epoch is due once every replica
+    has reached it (a finished replica stays at its last accuracy); the longest replica's last epoch is not,
+    as it comes with the run's summary."""
+    if not values or any(not v for v in values.values()):
+        return []  # a replica has not finished its first epoch yet
+    last = max(epochs[aid] for aid in values)
+    reached = min(last if max(v) >= epochs[aid] else max(v) for aid, v in values.items())
+    reports = []
+    for epoch in range(after + 1, min(reached, last - 1) + 1):
+        accs = {f"{aid}.replica_test_accuracy": v[max(e for e in v if e <= epoch)] for aid, v in values.items()}
+        reports.append({"replica_epoch": epoch, "replica_accuracy_max": max(accs.values()), **accs})
+    return reports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,17 +359,17 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
     cfg = load(name_or_path, own, scenario)
     base = base_config(cfg, rest)
     sweep_dir = _sweep_dir(cfg, resume=False)
-    if storage.exists(storage.join(sweep_dir, "sweep.yaml")):
-        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} already holds a sweep; expected a new directory, or "
-                          f"resume=true to continue it")
     try:
+        if storage.exists(storage.join(sweep_dir, "sweep.yaml")):
+            raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} already holds a sweep; expected a new directory, "
+                              f"or resume=true to continue it")
         storage.makedirs(sweep_dir)
         storage.write_text(storage.join(sweep_dir, "sweep.yaml"),
                            yaml.safe_dump({**cfg.model_dump(mode="json"), "dir": sweep_dir}, sort_keys=False))
         storage.write_text(storage.join(sweep_dir, "base.yaml"), config_mod.to_yaml(base))
-    except OSError as exc:
-        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({exc}); expected a writable "
-                          f"directory or a URI pyarrow knows (file://, s3://, gs://)") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected "
+                          f"a writable directory or a URI pyarrow knows (file://, s3://, gs://)") from None
     return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet)
 
 
@@ -356,12 +379,20 @@ def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | 
         raise ConfigError(f"resume=true continues the sweep as it was started, but {extra[0]!r} would change it; "
                           f"expected only sweep={name_or_path} and {SWEEP_PREFIX}dir=PATH")
     given = next((o[len("dir="):] for o in own if o.startswith("dir=")), None)
-    probe = SweepConfig.model_construct(name=Path(name_or_path).stem, dir=given)
+    probe = SweepConfig.model_construct(name=_read(name_or_path)["name"], dir=given)
     sweep_dir = _sweep_dir(probe, resume=True)
-    if not storage.exists(storage.join(sweep_dir, "sweep.yaml")):
+    try:
+        found = storage.exists(storage.join(sweep_dir, "sweep.yaml"))
+    except (OSError, pa.ArrowException) as exc:
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be read ({str(exc).splitlines()[0]})") from None
+    if not found:
         raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} holds no sweep to resume; expected the directory "
                           f"a sweep was started in")
-    cfg = SweepConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))))
+    try:
+        cfg = SweepConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))))
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{sweep_dir}/sweep.yaml is not a sweep this version can resume: "
+                          f"{str(exc).splitlines()[0]}") from None
     base = config_mod.load(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "base.yaml"))))
     return _execute(cfg, base, sweep_dir, restore=True, quiet=quiet)
 
@@ -391,8 +422,9 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         tune_dir = storage.join(sweep_dir, "tune")
         if restore:
             if not tune.Tuner.can_restore(tune_dir):
-                raise SimError(f"{SWEEP_PREFIX}dir={sweep_dir!r} has no Tune experiment state to restore "
-                               f"(it stopped before its first trial started); start it afresh")
+                raise SimError(f"{SWEEP_PREFIX}dir={sweep_dir!r} has no Tune experiment state to restore (it stopped "
+                           f"before its first trial started); expected a sweep to continue: start this one again "
+                           f"with another {SWEEP_PREFIX}dir, or after deleting this directory")
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space=param_space(cfg.space),
@@ -408,7 +440,8 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         finished = storage.exists(storage.join(sweep_dir, "runs", t.trial_id, "summary.json"))
         status = {"TERMINATED": "done" if finished else "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
         error = errors.get(t.trial_id)
-        statuses[t.trial_id] = {"status": status,
+        statuses[t.trial_id] = {"status": status, "curve": t.config["trial"]["curve"],
+                                "defense": t.config["trial"]["defense"],
                                 "error": str(error).strip().splitlines()[-1][:300] if error else None}
     interrupted = len(statuses) < total or any(s["status"] == "unfinished" for s in statuses.values())
     state_path = storage.join(sweep_dir, "sweep.json")

@@ -33,7 +33,7 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     while not any(line.startswith("[1/4]") for line in lines) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)  # until Tune has seen the first trial finish
     runs = sweep_dir / "runs"
-    done = [d for d in os.listdir(runs) if (runs / d / "summary.json").exists()]
+    done = [d for d in (os.listdir(runs) if runs.exists() else []) if (runs / d / "summary.json").exists()]
     assert done, "".join(lines)[-3000:]
     first = done[0]
     before = json.loads((sweep_dir / "runs" / first / "summary.json").read_text())

@@ -59,6 +59,8 @@ def test_param_space_gives_one_trial_per_grid_point_with_its_own_defense():
     ("max_concurrent=0", r"sweep.max_concurrent must be >= 1, got 0"),
     ("scheduler=hyperband", r"sweep.scheduler must be 'fifo' or 'asha', got 'hyperband'"),
     ("space={}", r"sweep.space: must name at least one defense to sweep"),
+    ("space={top_k: {k: {uniform: [1, 5]}}}", r"sweep.space.top_k.k.uniform=\[1, 5\]: k takes an integer >= 1, not a "
+                                              r"continuous range; expected a list or \{choice: \[…\]\}"),
 ])
 def test_bad_sweep_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:
@@ -79,6 +81,26 @@ def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
                                           "adaptive_misinformation needs an outlier-exposure victim"):
         sweep.base_config(am, [])
     assert sweep.base_config(am, ["victim.training=outlier_exposure"]).victim.training == "outlier_exposure"
+
+
+def test_a_sweep_needs_an_attacker(tmp_path):
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("benign: {users: 1}\n")
+    with pytest.raises(ConfigError, match="scenario 'quiet' has no attackers, so a sweep has no replica to measure"):
+        sweep.base_config(sweep.load("mad_eps", scenario=str(quiet)), [])
+
+
+def test_epoch_reports_wait_for_every_replica_and_never_skip_an_epoch():
+    epochs = {"a": 4, "b": 2}
+    assert sweep.epoch_reports({"a": {1: 0.5}, "b": {}}, epochs, 0) == []  # b has not finished an epoch
+    # polled late: epochs 1 and 2 both due at once, in order; b is finished at 2 and stays at its last accuracy
+    due = sweep.epoch_reports({"a": {1: 0.5, 2: 0.6, 3: 0.7}, "b": {1: 0.9, 2: 0.8}}, epochs, 0)
+    assert [d["replica_epoch"] for d in due] == [1, 2, 3]
+    assert due[0] == {"replica_epoch": 1, "replica_accuracy_max": 0.9, "a.replica_test_accuracy": 0.5,
+                      "b.replica_test_accuracy": 0.9}
+    assert due[2]["b.replica_test_accuracy"] == 0.8 and due[2]["replica_accuracy_max"] == 0.8
+    # nothing twice, and the last epoch is left to the run's summary
+    assert sweep.epoch_reports({"a": {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.75}, "b": {1: 0.9, 2: 0.8}}, epochs, 3) == []
 
 
 def test_asha_judges_only_metrics_reported_while_replicas_train():
@@ -125,6 +147,11 @@ def test_distortion_to_reach_interpolates_between_the_trials_around_the_target()
     assert exact and l1 == pytest.approx(0.2 + 0.4 * (0.95 - 0.8) / (0.95 - 0.70))
     assert asweep.distortion_to_reach(rows, "a", 0.99) == (0.2, False)  # already below at the least L1
     assert asweep.distortion_to_reach(rows, "a", 0.1) is None
+    # a trial stopped early counts only when its replica was already above the target
+    early = [{"test_l1_mean": 0.4, "a": 0.85, "status": "stopped early"},
+             {"test_l1_mean": 0.5, "a": 0.60, "status": "stopped early"}]
+    l1, _ = asweep.distortion_to_reach(rows + early, "a", 0.8)
+    assert l1 == pytest.approx(0.4 + 0.2 * (0.85 - 0.8) / (0.85 - 0.70))
 
 
 def _summary(acc, l1, defended):

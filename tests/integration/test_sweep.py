@@ -111,7 +111,9 @@ def test_asha_stops_the_weakest_defense_early(ray_serve, cache_dir, tmp_path):
 
     out = sweep.run("mad_eps", ["sweep.space={mad: {eps: [2.0, 1.0, 0.0]}}", "sweep.max_concurrent=1",
                                 "sweep.scheduler=asha", "sweep.asha.grace_period=1", f"sweep.dir={tmp_path / 'asha'}",
-                                "attackers.single.replica.epochs=3", *[o for o in SMALL if "replica" not in o],
+                                # enough queries and steps that an undefended replica learns in its first epoch
+                                "victim.epochs=2", "benign.queries=40", "attackers.single.budget=400",
+                                "attackers.single.replica.epochs=3", "attackers.single.replica.batch_size=16",
                                 f"cache_dir={cache_dir}"], scenario="single_knockoff", quiet=True)
     rows = {r["param.eps"]: r for r in out["rows"]}
     assert rows[2.0]["status"] == "done"

@@ -31,21 +31,17 @@ def train_replica_task(x, probs, arch, input_shape, num_classes, cfg: ReplicaCon
     """Ray task around :func:`train_replica`; posts epochs done to a ProgressBoard (with ``eval_set``
     ``(x, y)``, also the replica's accuracy on it after each epoch); returns a state_dict."""
     torch.set_num_threads(1)
-    model = None
+    built = {}  # the model, once train_replica has built it
 
     def on_epoch(epoch, loss):
         if board is None:
             return
         value = None
-        if eval_set is not None and model is not None:
-            value = accuracy(predict_probs(model, eval_set[0]).argmax(1), eval_set[1])
-            model.train()  # predict_probs left it in eval mode; training goes on
+        if eval_set is not None:
+            value = accuracy(predict_probs(built["model"], eval_set[0]).argmax(1), eval_set[1])
+            built["model"].train()  # predict_probs left it in eval mode; training goes on
         board.update.remote(key, epoch, value)
 
-    def build(m):
-        nonlocal model
-        model = m
-
     model = train_replica(x, probs, arch=arch, input_shape=input_shape, num_classes=num_classes,
-                          cfg=cfg, seed=seed, on_epoch=on_epoch, on_build=build)
+                          cfg=cfg, seed=seed, on_epoch=on_epoch, on_build=lambda m: built.update(model=m))
     return model.state_dict()

@@ -358,6 +358,7 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
         return _resume(name_or_path, own, rest, scenario, quiet)
     cfg = load(name_or_path, own, scenario)
     base = base_config(cfg, rest)
+    _tune_config(cfg, base)  # the scheduler's settings, checked before any training
     sweep_dir = _sweep_dir(cfg, resume=False)
     try:
         if storage.exists(storage.join(sweep_dir, "sweep.yaml")):
@@ -422,9 +423,9 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         tune_dir = storage.join(sweep_dir, "tune")
         if restore:
             if not tune.Tuner.can_restore(tune_dir):
-                raise SimError(f"{SWEEP_PREFIX}dir={sweep_dir!r} has no Tune experiment state to restore (it stopped "
-                           f"before its first trial started); expected a sweep to continue: start this one again "
-                           f"with another {SWEEP_PREFIX}dir, or after deleting this directory")
+                raise SimError(f"{SWEEP_PREFIX}dir={sweep_dir!r} has no Tune experiment state to restore (it "
+                               f"stopped before its first trial started); expected a sweep to continue: start this "
+                               f"one again with another {SWEEP_PREFIX}dir, or after deleting this directory")
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(trainable, param_space=param_space(cfg.space),

@@ -133,7 +133,7 @@ def attackers_of(rows: list[dict]) -> list[str]:
 def write_table(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
     """``results.parquet`` and ``results.csv`` of all trials; returns their paths."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]) if rows else pa.table({})
+    table = pa.table({k: _column([r.get(k) for r in rows]) for k in keys})
     parquet, csv = storage.join(sweep_dir, "results.parquet"), storage.join(sweep_dir, "results.csv")
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -142,6 +142,14 @@ def write_table(rows: list[dict], sweep_dir: str) -> tuple[str, str]:
     pacsv.write_csv(table, buf)
     storage.write_bytes(csv, buf.getvalue())
     return parquet, csv
+
+
+def _column(values: list) -> pa.Array:
+    """One table column; a parameter that is a word in one curve and a number in another becomes text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values])
 
 
 def _fmt(v, spec: str = ".4g") -> str:

@@ -197,3 +197,14 @@ def test_sweep_report_from_trial_directories(tmp_path):
     assert "3 done, 1 stopped early" in md and "30.0 finished trials per hour" in md
     assert "| mad | 0.625 |" in md  # L1 at which the replica crosses 80%: between 0.5 (0.9) and 1.0 (0.5)
     assert "| random_noise | not reached |" in md
+
+
+def test_results_table_keeps_a_parameter_that_is_a_word_in_one_curve_and_a_number_in_another(tmp_path):
+    import pyarrow.parquet as pq
+
+    parquet, csv = asweep.write_table([{"curve": "a", "param.x": "l1"}, {"curve": "b", "param.x": 0.5},
+                                       {"curve": "c", "param.y": 2}], str(tmp_path))
+    assert pq.read_table(parquet).to_pylist() == [{"curve": "a", "param.x": "l1", "param.y": None},
+                                                   {"curve": "b", "param.x": "0.5", "param.y": None},
+                                                   {"curve": "c", "param.x": None, "param.y": 2}]
+    assert open(csv).read().splitlines()[0] == '"curve","param.x","param.y"'

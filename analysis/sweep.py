@@ -124,6 +124,11 @@ def distortion_to_reach(rows: list[dict], metric: str, target: float) -> tuple[f
     return None
 
 
+def format_need(need: tuple[float, bool] | None) -> str:
+    """A :func:`distortion_to_reach` result for a table: the L1, "≤ L1" for an upper bound, or "not reached"."""
+    return "not reached" if need is None else f"{need[0]:.3f}" if need[1] else f"≤ {need[0]:.3f}"
+
+
 def attackers_of(rows: list[dict]) -> list[str]:
     """Attacker ids with a replica accuracy column, in first-seen order."""
     suffix = ".replica_test_accuracy"
@@ -227,8 +232,7 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
                   f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]
         for curve in dict.fromkeys(r["curve"] for r in scored):
             need = distortion_to_reach([r for r in scored + stopped if r["curve"] == curve], metric, target)
-            cell = "not reached" if need is None else f"{need[0]:.3f}" if need[1] else f"≤ {need[0]:.3f}"
-            lines.append(f"| {curve} | {cell} |")
+            lines.append(f"| {curve} | {format_need(need)} |")
     errors = [r for r in rows if r["status"] == "error"]
     if errors:
         lines += ["", "## Errors", ""] + [f"- `{r['trial_id']}` ({r['curve']}): {r.get('error')}" for r in errors]

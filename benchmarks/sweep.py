@@ -23,7 +23,7 @@ import shutil
 import sys
 
 from analysis import plots
-from analysis.sweep import attackers_of, distortion_to_reach, read_sweep
+from analysis.sweep import attackers_of, distortion_to_reach, format_need, read_sweep
 from sim import sweep
 
 PAPER_RATIO = 0.63
@@ -125,7 +125,7 @@ def markdown(report: dict, attackers: list[str]) -> str:
 
 
 def _l1(v: dict | None) -> str:
-    return "not reached" if v is None else f"{v['l1']:.3f}" if v["interpolated"] else f"≤ {v['l1']:.3f}"
+    return format_need(None if v is None else (v["l1"], v["interpolated"]))
 
 
 def _num(v, spec: str = ".3f") -> str:

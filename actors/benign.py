@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import PoolStream
+from .attacks.base import PoolStream
 
 
 class BenignStream(PoolStream):

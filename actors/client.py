@@ -1,37 +1,34 @@
-"""The Ray actor that drives one query source (an attack or a benign user) through its accounts.
+"""A client: drives one query source (an attack or a benign user) through its accounts. Pure, no Ray.
 
-The actor owns transport, accounts, budget and progress; the source owns the method
-(``propose`` / ``observe`` / ``transfer_set``). Attackers and benign users are the same actor class.
+The client owns accounts, budget, pacing, proof of work and progress; the source owns the method
+(``propose`` / ``observe`` / ``transfer_set``); the transport is two callables, ``query(key, images, actor_id)``
+and ``solve(key, challenge_id, counter, actor_id, seconds)``, each returning a :class:`sim.protocol.Reply`.
+:class:`actors.remote.ClientActor` runs one against a Serve app; a test or benchmark runs one against a
+:class:`sim.service.VictimService` in-process. Attackers and benign users are the same class.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
-import ray
 
 from .accounts import AccountSplitter
 
 
-@ray.remote(num_cpus=0)
-class ClientActor:
-    def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int,
-                 batch_size: int, app_name: str, progress=None, seed: int = 0, *, cap: int | None = None,
-                 max_rate: float | None = None, churn: bool = False):
-        from ray import serve
-
-        if "torch" in sys.modules:  # a source that computes with torch shares the cores with everyone
-            sys.modules["torch"].set_num_threads(1)
+class Client:
+    def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int, batch_size: int, *,
+                 query: Callable, solve: Callable, seed: int = 0, cap: int | None = None,
+                 max_rate: float | None = None, churn: bool = False,
+                 on_progress: Callable[[int], None] | None = None):
         self.actor_id = actor_id
         self.source = source
         self.splitter = AccountSplitter(keys, split, budget, seed, cap=cap, max_rate=max_rate)
         self.churn = churn
         self.batch_size = batch_size
-        self.handle = serve.get_deployment_handle("victim", app_name)
-        self.progress = progress
+        self._query, self._solve, self._on_progress = query, solve, on_progress
         self.pow = {"puzzles": 0, "queries": 0, "hashes": 0, "seconds": 0.0, "max_bits": 0}
 
     def _prove(self, key: str, reply) -> None:
@@ -47,7 +44,7 @@ class ClientActor:
         self.pow["puzzles"] += 1
         self.pow["queries"] += len(ch["indices"])
         self.pow["max_bits"] = max(self.pow["max_bits"], ch["bits"])
-        solved = self.handle.solve.remote(key, ch["id"], counter, self.actor_id, seconds).result()
+        solved = self._solve(key, ch["id"], counter, self.actor_id, seconds)
         idx = np.asarray(ch["indices"])
         if solved.status == 200:  # arrays from Ray's object store are read-only: copy before filling in
             reply.answered = reply.answered.copy()
@@ -56,6 +53,8 @@ class ClientActor:
             reply.probs[idx] = solved.probs
 
     def run(self) -> dict:
+        """Spend the budget; returns the report (queries sent and refused, per account, burned accounts, budget
+        left unspent, seconds, what the method did, proof of work paid). The transfer set stays in the source."""
         sent: Counter = Counter()
         account_of: dict[str, str] = {}  # API key -> account id
         refused = total = 0
@@ -67,7 +66,7 @@ class ClientActor:
             if pick.delay > 0:  # pacing
                 time.sleep(pick.delay)
             x = self.source.propose(pick.n)
-            reply = self.handle.query.remote(pick.key, x, self.actor_id).result()
+            reply = self._query(pick.key, x, self.actor_id)
             if reply.status >= 400 and not len(reply.answered):
                 raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
             if reply.challenge:
@@ -80,18 +79,16 @@ class ClientActor:
             sent[reply.account_id] += len(x)
             refused += int((~answered).sum())
             total += len(x)
-            if self.progress is not None:
-                self.progress.update.remote(self.actor_id, total)
+            if self._on_progress is not None:
+                self._on_progress(total)
         return {
             "actor_id": self.actor_id,
-            "node_id": ray.get_runtime_context().get_node_id(),
             "sent": total,
             "refused": refused,
             "per_account": dict(sent),
             "burned": sorted(account_of[k] for k in self.splitter.burned),
             "unspent": self.source.remaining,
             "seconds": time.perf_counter() - start,
-            "transfer": self.source.transfer_set(),
             "stats": self.source.stats(),
             "pow": dict(self.pow),
         }

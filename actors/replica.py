@@ -1,15 +1,16 @@
-"""Replica training: an attacker's model trained on the answers it collected."""
+"""Replica training: an attacker's model trained on the answers it collected, and scored on the victim's test set.
+Pure; :func:`actors.remote.train_replica_task` runs it as a Ray task."""
 
 from __future__ import annotations
 
 import numpy as np
-import ray
 import torch
 from torch import nn
 
 from sim import models
 from sim.config import ReplicaConfig
-from sim.training import accuracy, predict_probs, train_classifier
+from sim.querylog import input_digest
+from sim.training import accuracy, fidelity, predict_probs, train_classifier
 
 
 def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: tuple[int, int, int],
@@ -25,23 +26,16 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
                             seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer)
 
 
-@ray.remote(num_cpus=0.5)
-def train_replica_task(x, probs, arch, input_shape, num_classes, cfg: ReplicaConfig, seed: int,
-                       board=None, key: str = "replica", eval_set: tuple | None = None) -> dict:
-    """Ray task around :func:`train_replica`; posts epochs done to a ProgressBoard (with ``eval_set``
-    ``(x, y)``, also the replica's accuracy on it after each epoch); returns a state_dict."""
-    torch.set_num_threads(1)
-    built = {}  # the model, once train_replica has built it
+def undefended_targets(x: np.ndarray, clean: dict[str, np.ndarray]) -> np.ndarray:
+    """The victim's clean answers to queries ``x``, looked up in the log's (input digest -> clean probabilities)."""
+    return np.stack([clean[input_digest(img)] for img in x]).astype(np.float32)
 
-    def on_epoch(epoch, loss):
-        if board is None:
-            return
-        value = None
-        if eval_set is not None:
-            value = accuracy(predict_probs(built["model"], eval_set[0]).argmax(1), eval_set[1])
-            built["model"].train()  # predict_probs left it in eval mode; training goes on
-        board.update.remote(key, epoch, value)
 
-    model = train_replica(x, probs, arch=arch, input_shape=input_shape, num_classes=num_classes,
-                          cfg=cfg, seed=seed, on_epoch=on_epoch, on_build=lambda m: built.update(model=m))
-    return model.state_dict()
+def score(model: nn.Module, eval_set: tuple) -> dict:
+    """A replica's test accuracy and fidelity (top-1 agreement with the victim) on ``eval_set`` (test images,
+    labels, the victim's labels), rounded to 4 decimals; the model is left in the mode it was in."""
+    x, y, victim_labels = eval_set
+    training = model.training
+    pred = predict_probs(model, x).argmax(1)
+    model.train(training)
+    return {"test_accuracy": round(accuracy(pred, y), 4), "fidelity": round(fidelity(pred, victim_labels), 4)}

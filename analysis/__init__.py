@@ -10,11 +10,12 @@ The command line: ``python -m analysis RUN_DIR [RUN_DIR ...]``.
 """
 
 from sim.querylog import decode_inputs, per_account_counts, read
+from sim.summary import read as read_summary
 
 from .detection import detection_report, scored_rows
 from .metrics import MetricError, detection_metrics, fpr_at_tpr
 from .replay import replay
-from .replication import read_summary, replication_report
+from .replication import replication_report
 from .report import analyse, comparison, write_report
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import comparison, plots, sweep, write_report
     from .metrics import MetricError
-    from .replay import replay
+    from .replay import prepare, replay
 
     try:
         params = {}
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 from . import read_run
 
                 replays[args.name or f"replay_{args.replay}"] = replay(
-                    read_run(run), args.replay, params, args.group, **_models(run, args.replay, params))
+                    read_run(run), args.replay, params, args.group, models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")
         if len(args.runs) > 1:
@@ -85,17 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _models(run: str, kind: str, params: dict) -> dict:
-    """What a replayed detector needs beyond its parameters: SAME's models for the run's victim."""
-    if kind != "same":
-        return {}
-    from sim import config, zoo
-
-    cfg = config.load(os.path.join(run, "config.yaml"))
-    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
-    return {"models": zoo.get_same(victim, cfg.seed, cfg.cache_dir, cfg.detectors.same)}
 
 
 if __name__ == "__main__":

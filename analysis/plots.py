@@ -41,8 +41,10 @@ def roc_curves(rows: pa.Table, name: str, scores: np.ndarray, path: str) -> str 
     return _save(fig, path)
 
 
-def prada_w(table: pa.Table, path: str, delta: float = 0.95, column: str = "prada_score") -> str | None:
-    """PRADA's Shapiro-Wilk W over each account's queries (attackers red, benign blue), with delta."""
+def account_scores(table: pa.Table, name: str, path: str, threshold: float | None = None) -> str | None:
+    """A stateful detector's score over each account's queries (attackers red, benign blue), with the score at
+    which it flags (PRADA: 1 - W, flagged above 1 - delta)."""
+    column = f"{name}_score"
     rows = scored_rows(table)
     if column not in rows.column_names:
         return None
@@ -50,18 +52,19 @@ def prada_w(table: pa.Table, path: str, delta: float = 0.95, column: str = "prad
     acc = np.asarray(rows.column("account_id").to_pylist())
     role = np.asarray(rows.column("role").to_pylist())
     idx = rows.column("query_index").to_numpy(zero_copy_only=False)
-    w = 1 - rows.column(column).to_numpy(zero_copy_only=False).astype(float)
+    score = rows.column(column).to_numpy(zero_copy_only=False).astype(float)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for a in dict.fromkeys(acc):
         m = acc == a
-        ax.plot(idx[m], w[m], color="tab:red" if role[m][0] == "attacker" else "tab:blue", lw=0.8, alpha=0.7)
-    ax.axhline(delta, color="black", ls="--", lw=0.8)
+        ax.plot(idx[m], score[m], color="tab:red" if role[m][0] == "attacker" else "tab:blue", lw=0.8, alpha=0.7)
     ax.plot([], [], color="tab:red", label="attacker accounts")
     ax.plot([], [], color="tab:blue", label="benign accounts")
-    ax.plot([], [], color="black", ls="--", label=f"delta = {delta}")
-    ax.set(xlabel="query index within the account", ylabel="Shapiro-Wilk W of the account's distances",
-           title="PRADA per account")
-    ax.legend(fontsize=8, loc="lower right")
+    if threshold is not None:
+        ax.axhline(threshold, color="black", ls="--", lw=0.8)
+        ax.plot([], [], color="black", ls="--", label=f"flags above {threshold:.3g}")
+    ax.set(xlabel="query index within the account", ylabel=f"{name} score (higher: more suspicious)",
+           title=f"{name} per account")
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 

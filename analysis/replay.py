@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import yaml
 
 from sim import detectors as detector_registry
 from sim import querylog
@@ -21,8 +22,6 @@ from sim.policy import GROUPS, Rule
 from sim.protocol import Account
 
 from .detection import scored_rows
-
-IMAGE_FREE = {"msp"}
 
 
 def arrival_order(rows: pa.Table) -> np.ndarray:
@@ -40,10 +39,41 @@ def arrival_order(rows: pa.Table) -> np.ndarray:
     return np.lexsort((seq, writer, monotone))
 
 
+class _RunModels:
+    """A run's :class:`sim.zoo.ModelContext`, made on first use: most detectors need no models, and a log may
+    come without its run's config."""
+
+    def __init__(self, run_dir: str, cfg):
+        self._run_dir, self._cfg, self._ctx = run_dir, cfg, None
+
+    def __getattr__(self, name: str):
+        if self._ctx is None:
+            from sim import zoo
+
+            if self._cfg is None:
+                raise SimError(f"{self._run_dir} has no config.yaml, so the models this replay needs cannot be made "
+                               f"as the run made them; expected a run directory written by python -m sim")
+            victim = zoo.get_victim(self._cfg.victim, self._cfg.data, self._cfg.seed, self._cfg.cache_dir)
+            self._ctx = zoo.ModelContext.of(self._cfg, victim)
+        return getattr(self._ctx, name)
+
+
+def prepare(run_dir: str, kind: str, params: dict | None = None):
+    """The trained models a replay of detector ``kind`` needs over a run (SAME's, an outlier-exposure victim),
+    made like the run made them: through the victim zoo, from the run's own settings (those of its first
+    detector of this kind) with ``params`` over them. None when the kind needs none."""
+    from sim import config, storage
+
+    path = storage.join(run_dir, "config.yaml")
+    cfg = config.load(yaml.safe_load(storage.read_text(path))) if storage.exists(path) else None
+    base = next((d.params() for d in cfg.detectors.values() if d.kind == kind), {}) if cfg else {}
+    return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg))
+
+
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", **models) -> dict:
     """Run detector ``kind`` (a registry name) with ``params`` over the log ``table``, keying its history by
     ``group`` (account, actor, cohort or all). ``models``: what the detector needs beyond its parameters
-    (``models=`` SAME's, ``model=`` an outlier-exposure victim for msp). Returns ``scores`` and ``flags``
+    (``models=``: what its :meth:`Detector.prepare` made, see :func:`prepare`). Returns ``scores`` and ``flags``
     aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
     if group not in GROUPS:
         raise SimError(f"group={group!r} is not a grouping; expected one of: {', '.join(GROUPS)}")
@@ -53,7 +83,7 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
     scores, flags = np.full(n, np.nan), np.zeros(n, bool)
     if n == 0:
         return {"scores": scores, "flags": flags, "rows": rows}
-    needs_images = kind not in IMAGE_FREE or "model" in models
+    needs_images = det.needs_images
     shape = querylog.input_shape(table.schema)
     if needs_images and (shape is None or rows.column("input").null_count == n):
         raise SimError(f"replay of {kind} needs the query images, but this run's log has none; expected a run "

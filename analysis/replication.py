@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
-from sim import querylog, storage
+from sim import querylog
+from sim.summary import Summary
 
 
-SUMMARY_KEYS = {"victim", "defense", "attackers", "benign", "queries"}
-
-
-def read_summary(run_dir: str) -> dict:
-    """The run's summary.json, or {} when it is missing or not a run summary (a crashed run: the report is
-    then built from the log alone)."""
-    path = storage.join(run_dir, "summary.json")
-    try:
-        data = json.loads(storage.read_text(path)) if storage.exists(path) else {}
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) and SUMMARY_KEYS <= set(data) else {}
-
-
-def replication_report(table: pa.Table, summary: dict) -> dict:
+def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     """Per attacker (and ``benign``): queries sent, answered (directly or after a proof of work), challenged
     with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
     solving time the clients reported), and from the summary the accounts flagged and burned and the
@@ -43,21 +28,22 @@ def replication_report(table: pa.Table, summary: dict) -> dict:
                 "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3)}
 
     out = {"attackers": [], "benign": None, "defense": None}
-    attackers = summary.get("attackers") or [{"id": a, "attack": a} for a in sorted(set(attack[role == "attacker"]))]
-    for a in attackers:
-        if summary:  # accounts are named after their attacker: ID-0000
-            mask = (role == "attacker") & np.array([str(x).startswith(f"{a['id']}-") for x in account])
-        else:  # a log without its summary (a crashed run): one entry per attack
-            mask = (role == "attacker") & (attack == a["attack"])
-        e = entry(mask, a["id"], a.get("attack"))
-        e.update({k: a.get(k) for k in ("accounts_flagged", "accounts_burned", "replica_test_accuracy",
-                                        "replica_fidelity", "replica_test_accuracy_undefended")})
-        out["attackers"].append(e)
+    if summary is None:  # a log without its summary (a crashed run): one entry per attack
+        for kind in sorted(set(attack[role == "attacker"])):
+            out["attackers"].append(entry((role == "attacker") & (attack == kind), kind, kind))
+    else:
+        for a in summary.attackers:  # accounts are named after their attacker: ID-0000
+            e = entry((role == "attacker") & np.array([str(x).startswith(f"{a.id}-") for x in account]), a.id, a.attack)
+            e.update(accounts_flagged=a.accounts_flagged, accounts_burned=a.accounts_burned,
+                     replica_test_accuracy=a.replica and a.replica.test_accuracy,
+                     replica_fidelity=a.replica and a.replica.fidelity,
+                     replica_test_accuracy_undefended=a.undefended and a.undefended.test_accuracy)
+            out["attackers"].append(e)
     if (role == "benign").any():
         out["benign"] = entry(role == "benign", "benign", None)
-    if summary:
-        v, d = summary["victim"], summary["defense"]
-        out["defense"] = {"name": d["name"], "victim_accuracy": v["test_accuracy"],
-                          "defended_accuracy": v["defended_test_accuracy"], "test_l1": d.get("test_l1_mean"),
-                          "top1_preserved": d.get("test_top1_preserved_rate")}
+    if summary is not None:
+        v, d = summary.victim, summary.defense
+        out["defense"] = {"name": d.name, "victim_accuracy": v.test_accuracy,
+                          "defended_accuracy": v.defended_test_accuracy, "test_l1": d.test_l1_mean,
+                          "top1_preserved": d.test_top1_preserved_rate}
     return out

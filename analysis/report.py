@@ -8,9 +8,11 @@ import os
 
 from sim import querylog, storage
 
+from sim.summary import read as read_summary
+
 from . import plots
 from .detection import detection_report, scored_rows
-from .replication import read_summary, replication_report
+from .replication import replication_report
 
 
 def _pct(v) -> str:
@@ -41,31 +43,32 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     table, summary, rep, det = a["table"], a["summary"], a["replication"], a["detection"]
     fig_dir = os.path.join(run_dir, "report")
     os.makedirs(fig_dir, exist_ok=True)
-    lines = [f"# Run report: {summary.get('scenario', os.path.basename(run_dir))}", ""]
-    lines += [f"Run `{summary.get('run_id', '?')}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
+    scenario, run_id = (summary.scenario, summary.run_id) if summary else (os.path.basename(run_dir), "?")
+    lines = [f"# Run report: {scenario}", ""]
+    lines += [f"Run `{run_id}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
               "Written by `python -m analysis` from the run directory alone (query log, summary.json).", ""]
     if summary:
-        v, d = summary["victim"], summary["defense"]
-        params = ", ".join(f"{k}={val}" for k, val in d["params"].items())
+        v, d = summary.victim, summary.defense
+        params = ", ".join(f"{k}={val}" for k, val in d.params.items())
         lines += ["## What ran", "",
-                  f"- **Victim**: {v['arch']} trained on {v['dataset']} ({v['training']}), test accuracy "
-                  f"{_pct(v['test_accuracy'])}%.",
-                  f"- **Output defense**: {d['name']}{f' ({params})' if params else ''}. Honest users get "
-                  f"{_pct(v['defended_test_accuracy'])}% accuracy on the test set, mean L1 distortion "
-                  f"{d.get('test_l1_mean', 0):.3f}.",
-                  f"- **Clients**: {len(summary['attackers'])} attacker(s), {summary['benign']['users']} benign "
-                  f"user(s); {summary['queries']['total']:,} queries sent in {summary['wall_seconds']:.0f} s."]
-        for name, dd in summary.get("detection", {}).items():
-            cal = dd.get("calibration")
+                  f"- **Victim**: {v.arch} trained on {v.dataset} ({v.training}), test accuracy "
+                  f"{_pct(v.test_accuracy)}%.",
+                  f"- **Output defense**: {d.name}{f' ({params})' if params else ''}. Honest users get "
+                  f"{_pct(v.defended_test_accuracy)}% accuracy on the test set, mean L1 distortion "
+                  f"{d.test_l1_mean:.3f}.",
+                  f"- **Clients**: {len(summary.attackers)} attacker(s), {summary.benign.users} benign "
+                  f"user(s); {summary.queries.total:,} queries sent in {summary.wall_seconds:.0f} s."]
+        for name, dd in summary.detection.items():
+            cal = dd.calibration
             thr = (f", threshold {cal['threshold']:.4g} (benign false-positive target {cal['target_fpr']})"
                    if cal else "")
-            lines.append(f"- **Detector `{name}`** ({dd.get('kind', name)}, group by {dd.get('group', 'account')}): flagged queries get "
-                         f"*{dd.get('action')}*{thr}.")
+            lines.append(f"- **Detector `{name}`** ({dd.kind}, group by {dd.group}): flagged queries get "
+                         f"*{dd.action}*{thr}.")
         lines.append("")
     lines += ["## What the attackers got and what everyone paid", "",
               "Replica accuracy and fidelity are on the victim's test set (attack seeds left out). Proof-of-work "
               "seconds are the solving time the clients spent before their challenged queries were answered.", "",
-              "| client | attack | queries | answered | challenged | refused | accounts | flagged by PRADA | burned "
+              "| client | attack | queries | answered | challenged | refused | accounts | flagged | burned "
               "| replica acc % | fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []):
         lines.append(f"| {e['id']} | {e['attack'] or '–'} | {e['queries']:,} | {e['answered']:,} | {e['challenged']:,} "
@@ -104,11 +107,14 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
             p = plots.roc_curves(rows, name, s, os.path.join(fig_dir, f"roc_{name}.png"))
             if p:
                 figures.append((f"ROC of {name} per attack (query level)", p))
-    prada = summary.get("detection", {}).get("prada") if summary else None
-    p = plots.prada_w(table, os.path.join(fig_dir, "prada_w.png"),
-                      delta=(prada.get("params") or prada or {}).get("delta", 0.95) if prada else 0.95)
-    if p:
-        figures.append(("PRADA's W over each account's queries: an account is flagged once W drops below delta", p))
+    # per account, the scores of the detectors that flag accounts (of every detector, without a summary to say)
+    per_account = ({n: d.threshold for n, d in summary.detection.items() if d.stateful} if summary
+                   else dict.fromkeys(querylog.detector_names(table.schema)))
+    for name, threshold in per_account.items():
+        p = plots.account_scores(table, name, os.path.join(fig_dir, f"scores_{name}.png"), threshold)
+        if p:
+            figures.append((f"{name}'s score over each account's queries: an account is flagged for good once "
+                            f"it crosses the threshold", p))
     points = [{"label": e["id"], "queries": e["queries"], "accuracy": e.get("replica_test_accuracy")}
               for e in rep["attackers"]]
     p = plots.accuracy_vs_queries(points, os.path.join(fig_dir, "accuracy_vs_queries.png"))
@@ -131,13 +137,12 @@ def comparison(run_dirs: list[str]) -> tuple[str, list[dict]]:
     points = []
     for run in run_dirs:
         s = read_summary(run)
-        for a in s.get("attackers", []):
-            lines.append(f"| {os.path.basename(run.rstrip('/'))} | {a['id']} | {a['queries']:,} | "
-                         f"{_pct(a.get('replica_test_accuracy'))} | {_pct(a.get('replica_fidelity'))} | "
-                         f"{a.get('accounts_flagged', '–')}/{a.get('accounts', '–')} | "
-                         f"{_pct(s['victim'].get('defended_test_accuracy'))} |")
-            points.append({"label": f"{a['id']} ({a['attack']})", "queries": a["queries"],
-                           "accuracy": a.get("replica_test_accuracy")})
+        for a in s.attackers if s else []:
+            acc = a.replica and a.replica.test_accuracy
+            lines.append(f"| {os.path.basename(run.rstrip('/'))} | {a.id} | {a.queries:,} | {_pct(acc)} | "
+                         f"{_pct(a.replica and a.replica.fidelity)} | {a.accounts_flagged}/{a.accounts} | "
+                         f"{_pct(s.victim.defended_test_accuracy)} |")
+            points.append({"label": f"{a.id} ({a.attack})", "queries": a.queries, "accuracy": acc})
     return "\n".join(lines), points
 
 

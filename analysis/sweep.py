@@ -19,39 +19,38 @@ import pyarrow.parquet as pq
 import yaml
 
 from sim import storage
-
-from .replication import read_summary
+from sim.summary import Summary
+from sim.summary import read as read_summary
 
 UNDEFENDED = "_undefended"
 
 
-def flat_metrics(summary: dict) -> dict:
+def flat_metrics(summary: Summary) -> dict:
     """The numbers a trial reports (to Tune and to the table) from a run summary, flat."""
-    d, v = summary["defense"], summary["victim"]
+    d, v = summary.defense, summary.victim
     out = {
-        "defended_test_accuracy": v["defended_test_accuracy"],
-        "test_l1_mean": d["test_l1_mean"],
-        "test_top1_preserved_rate": d["test_top1_preserved_rate"],
-        "answered_l1_mean": d.get("l1_mean"),
-        "queries_total": summary["queries"]["total"],
-        "queries_refused": summary["queries"]["refused"],
-        "queries_challenged": summary["queries"]["challenged"],
-        "benign_refused": summary["benign"]["refused"],
-        "wall_seconds": summary.get("wall_seconds"),
+        "defended_test_accuracy": v.defended_test_accuracy,
+        "test_l1_mean": d.test_l1_mean,
+        "test_top1_preserved_rate": d.test_top1_preserved_rate,
+        "answered_l1_mean": d.l1_mean,
+        "queries_total": summary.queries.total,
+        "queries_refused": summary.queries.refused,
+        "queries_challenged": summary.queries.challenged,
+        "benign_refused": summary.benign.refused,
+        "wall_seconds": summary.wall_seconds,
     }
-    accs = []
-    for a in summary["attackers"]:
-        for key in ("replica_test_accuracy", "replica_fidelity", "replica_test_accuracy_undefended",
-                    "replica_fidelity_undefended", "refused", "accounts_flagged", "accounts_burned"):
-            out[f"{a['id']}.{key}"] = a.get(key)
-        if a.get("replica_test_accuracy") is not None:
-            accs.append(a["replica_test_accuracy"])
+    for a in summary.attackers:
+        for name, replica in (("", a.replica), (UNDEFENDED, a.undefended)):
+            out[f"{a.id}.replica_test_accuracy{name}"] = replica and replica.test_accuracy
+            out[f"{a.id}.replica_fidelity{name}"] = replica and replica.fidelity
+        out.update({f"{a.id}.{key}": getattr(a, key) for key in ("refused", "accounts_flagged", "accounts_burned")})
+    accs = [a.replica.test_accuracy for a in summary.attackers if a.replica]
     out["replica_accuracy_max"] = max(accs) if accs else None
-    for name, det in summary.get("detection", {}).items():
-        out[f"{name}.query_auroc"] = det["query_level"].get("auroc")
-        out[f"{name}.account_auroc"] = det["account_level"].get("auroc")
-        out[f"{name}.flagged_attacker_accounts"] = det["flagged_attacker_accounts"]
-        out[f"{name}.flagged_benign_accounts"] = det["flagged_benign_accounts"]
+    for name, det in summary.detection.items():
+        out[f"{name}.query_auroc"] = det.query_level.auroc
+        out[f"{name}.account_auroc"] = det.account_level.auroc
+        out[f"{name}.flagged_attacker_accounts"] = det.flagged_attacker_accounts
+        out[f"{name}.flagged_benign_accounts"] = det.flagged_benign_accounts
     return out
 
 

@@ -22,6 +22,8 @@ _LAZY = {
     "ScenarioConfig": ("sim.config", "ScenarioConfig"),
     "scenario_names": ("sim.config", "scenario_names"),
     "load_config": ("sim.config", "load"),
+    "Summary": ("sim.summary", "Summary"),
+    "read_summary": ("sim.summary", "read"),
 }
 
 
@@ -33,13 +35,13 @@ def __getattr__(name: str):
     return mod if attr is None else getattr(mod, attr)
 
 
-def run(scenario, overrides=None, *, quiet: bool = False) -> dict:
+def run(scenario, overrides=None, *, quiet: bool = False):
     """Run a scenario (name, path, mapping or ScenarioConfig) with ``key=value`` overrides; returns the
-    summary dict also written to ``RUN/summary.json``."""
+    :class:`sim.summary.Summary` also written to ``RUN/summary.json``."""
     from .engine import run as _run
 
     return _run(scenario, overrides, quiet=quiet)
 
 
-__all__ = ["run", "load_config", "scenario_names", "ScenarioConfig", "detectors", "defenses",
-           "SimError", "ConfigError", "DataError", "RequestError"]
+__all__ = ["run", "load_config", "scenario_names", "ScenarioConfig", "Summary", "read_summary", "detectors",
+           "defenses", "SimError", "ConfigError", "DataError", "RequestError"]

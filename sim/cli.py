@@ -25,33 +25,20 @@ scenarios:
 sweeps (sweep.space.LABEL.PARAM=[a, b] | {{uniform: [lo, hi]}} | {{loguniform: …}} | {{choice: […]}}; sweep.dir=PATH):
 {sweeps}
 
-main keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker):
+keys (dotted, any depth; `attackers.<id>.…` adds or changes an attacker, `detectors.<name>.…` a detector;
+the full reference with every component's parameters: docs/reference.md):
 {keys}
-
-defenses (defense=NAME defense.PARAM=VALUE; a chain: defense=A+B defense.A.PARAM=VALUE):
-{defenses}
 """
 
 
 def help_text() -> str:
-    from .config import describe_keys, load, scenario_names
-
-    rows = describe_keys()
-    width = max(len(k) for k, _, _ in rows)
-    keys = "\n".join(f"  {k:<{width}}  default {d:<16} {desc}" for k, d, desc in rows)
-    names = scenario_names()
-    scen = "\n".join(f"  {n:<{max(map(len, names))}}  {load(n).description.split('. ')[0].rstrip('.')}"
-                     for n in names)
-    from . import defenses
-
-    listed = "\n".join(f"  {n:<24} " + (", ".join(f"{k}={p.default}" for k, p in defenses.get(n).params.items()) or "-")
-                       for n in defenses.names())
     from . import sweep
+    from .config import load, scenario_names
+    from .reference import first_sentence, listing, text
 
-    snames = sweep.sweep_names()
-    sweeps = "\n".join(f"  {n:<{max(map(len, snames))}}  {sweep.load(n).description.split('. ')[0].rstrip('.')}"
-                       for n in snames)
-    return USAGE.format(scenarios=scen, keys=keys, defenses=listed, sweeps=sweeps)
+    return USAGE.format(scenarios=listing([(n, first_sentence(load(n).description)) for n in scenario_names()]),
+                        sweeps=listing([(n, first_sentence(sweep.load(n).description)) for n in sweep.sweep_names()]),
+                        keys=text())
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
@@ -91,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SimError("scenario=NAME is required (see python -m sim help)")
         if mode == "serve":
             return serve_forever(scenario, overrides)
-        from .engine import format_summary, run
+        from .engine import run
+        from .summary import format_summary
 
         summary = run(scenario, overrides)
         print(format_summary(summary))
@@ -128,7 +116,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
     from . import config as config_mod
     from . import querylog, storage
-    from .engine import deploy_victim, new_run_id, prepare_run_dir, ray_session, train_victim
+    from .engine import deploy_victim, new_run_id, prepare_models, prepare_run_dir, ray_session, train_victim
     from .protocol import Account, make_keys
 
     cfg = config_mod.load(scenario, overrides)
@@ -141,11 +129,12 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
         storage.write_text(keys_path, json.dumps(
             [{"key": k, "account_id": a.account_id, "role": a.role} for k, a in keys.items()], indent=2))
     victim = train_victim(cfg)
+    dets, defense_models = prepare_models(cfg, victim)
     try:
         with ray_session(cfg):
             from ray import serve
 
-            app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, http=True)
+            app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, dets, defense_models, http=True)
             print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
             print(f"url:  http://127.0.0.1:{port}/{app}")
             print(f"port: {port}")

@@ -35,8 +35,8 @@ class VictimConfig(_Strict):
     dataset: str = Field("mnist5k", description="dataset the victim is trained on")
     arch: str = Field("lenet", description="victim architecture")
     epochs: int = Field(10, ge=1, description="victim training epochs")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1, description="victim training batch size")
+    lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
     training: Literal["standard", "outlier_exposure", "dp_sgd"] = Field(
         "standard", description="how the victim is trained (dp_sgd: a training-time defense)")
     oe_weight: float = Field(0.5, gt=0, description="outlier-exposure loss weight (training=outlier_exposure)")
@@ -79,179 +79,59 @@ class PowConfig(_Strict):
         return self
 
 
-class PolicyConfig(_Strict):
-    """What is done with the queries a detector flags (see sim.policy)."""
+class DetectorConfig(BaseModel):
+    """One detector instance: its kind, whether it is on, what is done with the queries it flags, and the kind's
+    own parameters (declared by the kind, see :mod:`sim.detectors`) as further keys."""
 
-    enabled: bool = False
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    kind: str = Field(description="the detector kind (a shorthand name such as pooled_prada implies its own)")
+    enabled: bool = Field(True, description="score queries with it")
     action: Literal["answer", "refuse", "perturb", "proof_of_work"] = Field(
         "answer", description="what a flagged query gets: answer (log only), refuse, perturb (through "
                               "`perturb`'s defense), proof_of_work (a hash puzzle first)")
     pow: PowConfig = PowConfig()
     perturb: PerturbConfig = PerturbConfig()
 
-    kind: ClassVar[str]
-
     def params(self) -> dict[str, Any]:
-        """The detector's own parameters."""
-        skip = set(PolicyConfig.model_fields) | {"group", "target_fpr"}
-        return {k: v for k, v in self.model_dump().items() if k not in skip}
-
-
-class PradaConfig(PolicyConfig):
-    kind: ClassVar[str] = "prada"
-    enabled: bool = True
-    delta: float = Field(0.95, gt=0, le=1, description="Shapiro-Wilk W threshold")
-    min_pool: int = Field(50, ge=3, description="distances pooled before PRADA may flag")
-    group: Literal["account", "actor", "cohort", "all"] = Field(
-        "account", description="whose queries form one history: each account, each client actor (a client "
-                               "address), each account cohort (a sign-up batch), or all traffic")
-    skip_repeats: bool = Field(False, description="an exact repeat of an earlier query adds no distance")
-
-
-class PooledPradaConfig(PradaConfig):
-    """PRADA over the pooled queries of a group of accounts: a second PRADA beside the per-account one."""
-
-    enabled: bool = False
-    group: Literal["account", "actor", "cohort", "all"] = Field(
-        "all", description="whose queries form one history: all traffic, each client actor (a client address), "
-                           "each account cohort (a sign-up batch), or each account")
-    skip_repeats: bool = Field(True, description="an exact repeat adds no distance (honest users share popular images)")
-
-
-class StatelessConfig(PolicyConfig):
-    threshold: float | None = Field(None, description="flag queries scoring above this (default: calibrated "
-                                                      "from target_fpr)")
-    target_fpr: float | None = Field(0.05, gt=0, lt=1, description="set the threshold so that this fraction of "
-                                                                   "the defender's held-out benign images is flagged")
-
-
-class SameConfig(StatelessConfig):
-    kind: ClassVar[str] = "same"
-    weight: float = Field(1.0, ge=0, description="weight of the standardised deviation term (0: reconstruction only)")
-    patch: int = Field(4, ge=1, description="MAE patch side in pixels")
-    dim: int = Field(64, ge=4, description="MAE encoder embedding size")
-    depth: int = Field(3, ge=1, description="MAE encoder blocks")
-    heads: int = Field(4, ge=1, description="attention heads")
-    decoder_dim: int = Field(64, ge=4)
-    decoder_depth: int = Field(1, ge=1)
-    mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of patches hidden")
-    epochs: int = Field(100, ge=1, description="MAE training epochs")
-    aux_epochs: int = Field(10, ge=1, description="auxiliary model training epochs")
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-
-    def params(self) -> dict[str, Any]:
-        return {"weight": self.weight, "threshold": self.threshold}
-
-    def mae_config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth",
-                                              "mask_ratio")}
-
-
-class MspConfig(StatelessConfig):
-    kind: ClassVar[str] = "msp"
-    model: Literal["victim", "oe"] = Field("victim", description="whose softmax: the served victim's, or an "
-                                                                 "outlier-exposure copy's (trained and cached)")
-
-    def params(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
-
-
-class MspOeConfig(MspConfig):
-    """The maximum-softmax baseline on an outlier-exposure copy of the victim, beside the plain one."""
-
-    model: Literal["victim", "oe"] = Field("oe", description="whose softmax (default: the outlier-exposure copy's)")
-
-
-class LinkConfig(PolicyConfig):
-    kind: ClassVar[str] = "link"
-    every: int = Field(500, ge=1, description="re-cluster the accounts every this many queries")
-    min_queries: int = Field(10, ge=1, description="queries an account needs before it is linked")
-    distance: float = Field(0.3, gt=0, description="Hellinger distance at which the cluster tree is cut")
-    min_accounts: int = Field(2, ge=1, description="smallest cluster judged by PRADA")
-    delta: float = Field(0.95, gt=0, le=1, description="PRADA's W threshold on a cluster's pooled queries")
-    min_pool: int = Field(50, ge=3)
-
-
-class DetectorsConfig(_Strict):
-    prada: PradaConfig = PradaConfig()
-    pooled_prada: PooledPradaConfig = PooledPradaConfig()
-    same: SameConfig = SameConfig()
-    msp: MspConfig = MspConfig()
-    msp_oe: MspOeConfig = MspOeConfig()
-    link: LinkConfig = LinkConfig()
-
-    def enabled(self) -> dict[str, PolicyConfig]:
-        """name -> config of the detectors that are on (the name prefixes their log columns)."""
-        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name).enabled}
-
-    def stateful(self) -> list[str]:
-        return [n for n, d in self.enabled().items() if d.kind in ("prada", "link")]
+        """The kind's own parameters (all of them, once the scenario is validated)."""
+        return dict(self.model_extra or {})
 
 
 class ReplicaConfig(_Strict):
     arch: str | None = Field(None, description="replica architecture (default: the victim's)")
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(20, ge=1, description="replica training epochs")
+    batch_size: int = Field(64, ge=1, description="replica training batch size")
+    lr: float = Field(1e-3, gt=0, description="replica learning rate")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="replica optimizer (sgd: momentum 0.9)")
-    labels: Literal["soft", "hard"] = "soft"
+    labels: Literal["soft", "hard"] = Field("soft", description="train on the returned vectors (soft) or on their "
+                                                                "top-1 labels only (hard)")
 
 
-class JacobianConfig(_Strict):
-    seed_size: int = Field(150, ge=1, description="seed images from the victim's test split (never trained on)")
-    lam: float = Field(0.1, gt=0, le=1, description="step size of the Jacobian augmentation")
-    rounds: int = Field(6, ge=0, description="augmentation rounds")
-    tau: int = Field(3, ge=1, description="the step's sign flips every tau rounds")
-    substitute_epochs: int = Field(10, ge=1, description="substitute training epochs per round")
+class AttackerConfig(BaseModel):
+    """One attacker: its attack, budget, accounts and actors, replica training, and the attack's own parameters
+    (declared by the attack, see :mod:`actors.attacks`) as further keys."""
 
-
-class DFMEConfig(_Strict):
-    batch: int = Field(64, ge=1, description="generator images per step (B)")
-    directions: int = Field(1, ge=1, description="random directions per image of the gradient estimate (m)")
-    step: float | None = Field(None, gt=0, le=1, description="forward-difference step, L2 norm in [0, 1] pixel "
-                                                             "units (default sqrt(C*H*W)/255: one gray level RMS)")
-    generator_steps: int = Field(1, ge=1, description="generator updates per iteration")
-    student_steps: int = Field(5, ge=1, description="student updates per iteration")
-    lr_student: float = Field(0.1, gt=0, description="student SGD learning rate (momentum 0.9)")
-    lr_generator: float = Field(1e-4, gt=0, description="generator Adam learning rate")
-    nz: int = Field(100, ge=1, description="generator noise dimension")
-
-
-class AdaptiveConfig(_Strict):
-    arms: Literal["labels", "clusters"] = Field("labels", description="bandit arms: the pool's classes, or coarse "
-                                                                       "groups found by k-means on the pool images")
-    clusters: int = Field(10, ge=2, description="k-means groups when arms=clusters")
-    lr: float = Field(0.01, gt=0, description="gradient-bandit step size")
-    rewards: list[Literal["certainty", "diversity", "loss"]] = Field(
-        ["certainty", "diversity", "loss"], min_length=1, description="reward signals, summed once standardised")
-    window: int = Field(25, ge=1, description="answers averaged by the diversity reward")
-
-
-class AttackerConfig(_Strict):
-    attack: Literal["knockoff", "jbda", "jb_self", "jb_top3", "dfme"] = "knockoff"
-    pool: str = Field("digits", description="natural query pool of Knockoff: a dataset name, or several joined "
-                                            "by '+' (their train and test images together)")
-    strategy: Literal["random", "adaptive"] = Field("random", description="Knockoff: random sampling or the "
-                                                                         "gradient bandit over the pool's classes")
-    adaptive: AdaptiveConfig = AdaptiveConfig()
-    sample_with_replacement: bool = Field(False, description="Knockoff: draw pool images with replacement, so "
-                                                                 "the budget may exceed the pool")
-    augment: bool = Field(False, description="Knockoff: shift (up to 2 px) and rescale the brightness of each query")
-    jacobian: JacobianConfig = JacobianConfig()
-    dfme: DFMEConfig = DFMEConfig()
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    attack: str = Field("knockoff", description="the attack (see the attacks' reference)")
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
     cohort_size: int | None = Field(None, ge=1, description="accounts created per sign-up batch (a cohort, which "
                                                             "the victim logs and may group by); default: all at once")
     actors: int = Field(1, ge=1, description="Ray actors sharing the accounts")
-    split: Literal["round_robin", "random", "blocks"] = "round_robin"
+    split: Literal["round_robin", "random", "blocks"] = Field(
+        "round_robin", description="which live account sends each request: in turn, at random (seeded), or in "
+                                   "contiguous blocks")
     account_cap: int | None = Field(None, ge=1, description="most queries one account sends, then it retires "
                                                             "(e.g. below PRADA's min_pool)")
     max_rate: float | None = Field(None, gt=0, description="pacing: most queries per second per account")
     churn: bool = Field(False, description="retire an account the victim refused and go on with the others")
     batch_size: int = Field(64, ge=1, description="images per request")
     replica: ReplicaConfig = ReplicaConfig()
+
+    def params(self) -> dict[str, Any]:
+        """The attack's own parameters, flat with dotted names (``jacobian.lam``), all of them once the scenario
+        is validated."""
+        return _flatten(self.model_extra or {})
 
     @model_validator(mode="after")
     def _actors_have_accounts(self):
@@ -260,8 +140,6 @@ class AttackerConfig(_Strict):
                              "each actor needs at least one account")
         if self.actors > self.budget:
             raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
-        if self.strategy == "adaptive" and self.sample_with_replacement:
-            raise ValueError("strategy=adaptive samples without replacement; expected sample_with_replacement=false")
         if self.account_cap is not None and self.account_cap * self.accounts < self.budget:
             raise ValueError(f"account_cap={self.account_cap} x accounts={self.accounts} is less than budget="
                              f"{self.budget}; expected account_cap >= {-(-self.budget // self.accounts)} "
@@ -269,20 +147,53 @@ class AttackerConfig(_Strict):
         return self
 
 
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys ({"a": {"b": 1}} -> {"a.b": 1})."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_flatten`."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _own_params(owner: str, component, given: dict[str, Any], common: list[str]) -> dict[str, Any]:
+    """A component instance's own parameters (flat), checked by its declaration, with the defaults filled in."""
+    flat = _flatten(given)
+    for key in flat:
+        if key not in component.params:
+            raise ConfigError(f"unknown key '{owner}.{key}'; known keys here: {', '.join([*common, *component.params])}")
+    return component.resolve(flat, owner=owner)
+
+
 class BenignConfig(_Strict):
     users: int = Field(2, ge=0, description="benign users, one account and one actor each")
     queries: int = Field(300, ge=1, description="queries per benign user")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per request")
 
 
 class ServeConfig(_Strict):
     port: int = Field(0, ge=0, le=65535, description="HTTP port on 127.0.0.1 (0: a free one)")
     http: bool = Field(True, description="start Serve's HTTP proxy")
-    replicas: int = Field(1, ge=1)
-    replica_cpus: float = Field(0.5, gt=0)
+    replicas: int = Field(1, ge=1, description="Serve replicas of the victim (one while a detector keeps "
+                                                "per-account state or asks proof of work)")
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs each Serve replica reserves")
     threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
-    max_ongoing_requests: int = Field(128, ge=1)
+    max_ongoing_requests: int = Field(128, ge=1, description="requests one replica works on at once")
     keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")
     accounts: int = Field(10, ge=1, description="accounts generated in `serve` mode")
 
@@ -294,19 +205,21 @@ class LogConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="cluster address (or RAY_ADDRESS); none: a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
-    object_store_mb: int = Field(512, ge=64)
+    object_store_mb: int = Field(512, ge=64, description="object store of the local Ray, MiB")
 
 
 class ScenarioConfig(_Strict):
     name: str = "custom"
     description: str = ""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="every random choice derives from it")
     run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>)")
     cache_dir: str = Field("~/.cache/mlsim", description="victim checkpoint cache")
     victim: VictimConfig = VictimConfig()
     data: DataConfig = DataConfig()
     defense: DefenseConfig = DefenseConfig()
-    detectors: DetectorsConfig = DetectorsConfig()
+    detectors: dict[str, DetectorConfig] = Field(
+        default_factory=dict, description="detector instances by name (the name prefixes its log columns); the "
+                                          "shorthands prada, pooled_prada, same, msp, msp_oe and link are always there")
     attackers: dict[str, AttackerConfig] = {}
     benign: BenignConfig = BenignConfig()
     serve: ServeConfig = ServeConfig()
@@ -319,9 +232,37 @@ class ScenarioConfig(_Strict):
         """The architecture of attacker ``aid``'s replica (and substitute, student): its own, or the victim's."""
         return self.attackers[aid].replica.arch or self.victim.arch
 
+    def enabled_detectors(self) -> dict[str, DetectorConfig]:
+        """name -> config of the detectors that are on, in the scenario's order."""
+        return {name: d for name, d in self.detectors.items() if d.enabled}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _with_detector_shorthands(cls, raw: Any) -> Any:
+        """Every shorthand detector (``prada``, ``pooled_prada``, …) is there, with its kind and settings under
+        what the scenario gives; a new name needs a ``kind``."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("detectors", {}), dict):
+            return raw
+        from .detectors import names, presets
+
+        shorthands = presets()
+        given = raw.get("detectors") or {}
+        merged = {}
+        for name, settings in given.items():
+            if isinstance(settings, dict) and "kind" not in settings:
+                if name not in shorthands:
+                    raise ConfigError(f"detectors.{name}.kind is missing: {name!r} is not a shorthand ("
+                                      f"{', '.join(shorthands)}); expected detectors.{name}.kind= one of: "
+                                      f"{', '.join(names())}")
+                settings = {**shorthands[name], **settings}
+            merged[name] = settings
+        for name, settings in shorthands.items():
+            merged.setdefault(name, dict(settings))
+        return {**raw, "detectors": merged}
+
     @model_validator(mode="after")
-    def _names_are_valid(self):
-        from . import data, defenses, models  # late: registries import torch
+    def _components_are_valid(self):
+        from . import data, defenses, detectors, models, registry  # late: registries import torch
 
         batches = {f"attackers.{aid}.batch_size": a.batch_size for aid, a in self.attackers.items()}
         batches["benign.batch_size"] = self.benign.batch_size
@@ -329,13 +270,18 @@ class ScenarioConfig(_Strict):
             if size > self.serve.max_images:
                 raise ValueError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
                                  f"request would be refused; expected at most {self.serve.max_images}")
-        pow_users = [n for n, d in self.detectors.enabled().items() if d.action == "proof_of_work"]
-        for name in dict.fromkeys(self.detectors.stateful() + pow_users):
-            if self.serve.replicas > 1:
+        for name, det in self.detectors.items():
+            if not name.isidentifier():
+                raise ValueError(f"detector name {name!r} must be letters, digits and '_' (it prefixes log columns)")
+            kind = detectors.get(det.kind, f"detectors.{name}.kind")
+            det.__pydantic_extra__ = _own_params(f"detectors.{name}", kind, det.params(),
+                                                 list(DetectorConfig.model_fields))
+            if not det.enabled:
+                continue
+            if (kind.stateful or det.action == "proof_of_work") and self.serve.replicas > 1:
                 raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.{name}.enabled=true: {name} "
                                  "keeps its histories (or open proof-of-work challenges) inside one replica, so all "
                                  f"queries must reach it; expected serve.replicas=1 (or {name} off)")
-        for name, det in self.detectors.enabled().items():
             if det.action == "perturb":
                 try:
                     defenses.check_spec(det.perturb.spec())
@@ -344,18 +290,21 @@ class ScenarioConfig(_Strict):
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         defenses.check_spec(self.defense.spec())
-        if self.victim.training == "dp_sgd" and self.victim.arch not in ("lenet", "conv3"):
+        if self.victim.training == "dp_sgd" and models.has_batch_norm(self.victim.arch):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
-                             f"but victim.arch={self.victim.arch!r}; expected victim.arch=lenet or conv3")
-        uses_am = "adaptive_misinformation" in defenses.names_in(self.defense.spec())
-        if uses_am and self.victim.training != "outlier_exposure":
-            raise ValueError(f"defense adaptive_misinformation needs an outlier-exposure victim, but "
-                             f"victim.training={self.victim.training!r}; expected victim.training=outlier_exposure")
+                             f"but victim.arch={self.victim.arch!r} has batch norm; expected an architecture "
+                             f"without it")
+        for name in defenses.names_in(self.defense.spec()):
+            needed = defenses.get(name).victim_training
+            if needed and self.victim.training != needed:
+                raise ValueError(f"defense {name} needs victim.training={needed}, but victim.training="
+                                 f"{self.victim.training!r}; expected victim.training={needed}")
         for aid, att in self.attackers.items():
             if not aid.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
-            for part in att.pool.split("+"):
-                data.check_name(f"attackers.{aid}.pool", part)
+            attack = registry.get("attack", att.attack, f"attackers.{aid}.attack")
+            att.__pydantic_extra__ = _nest(_own_params(f"attackers.{aid}", attack, att.model_extra or {},
+                                                       list(AttackerConfig.model_fields)))
             if att.replica.arch is not None:
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
         return self

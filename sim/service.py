@@ -6,7 +6,6 @@ method, so both paths share every check. It is also usable directly (tests, benc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -21,7 +20,7 @@ from .detectors import Detector
 from .errors import RequestError
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply
-from .querylog import QueryLogWriter
+from .querylog import QueryLogWriter, input_digest
 from .training import predict_probs
 
 def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
@@ -266,7 +265,7 @@ class VictimService:
                 account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
                 cohort=account.cohort, actions=actions, refusal_reason=reasons,
                 latency_ms=(time.perf_counter() - start) * 1e3,
-                input_sha1=[hashlib.sha1(img.tobytes()).hexdigest() for img in x],
+                input_sha1=[input_digest(img) for img in x],
                 clean_probs=clean, returned_probs=returned, returned_label=labels, detections=detections,
                 pow_bits=pow_bits, pow_seconds=pow_seconds, resubmission=resubmission,
                 inputs=x if self.log_inputs and not resubmission else None,

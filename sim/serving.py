@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -40,10 +39,8 @@ class VictimSpec:
 
     victim: str
     run_id: str
-    arch: str
+    model: bytes  # sim.models.to_bytes of the victim
     input_shape: tuple[int, int, int]
-    num_classes: int
-    state: bytes  # torch state_dict
     accounts: dict[str, Account]
     detectors: dict[str, dict]  # name -> {"kind": registry name, "params": {...}}
     rules: dict[str, dict]  # name -> sim.policy.Rule fields
@@ -52,39 +49,24 @@ class VictimSpec:
     log_inputs: bool
     max_images: int
     threads: int = 1  # torch threads per replica
-    misinformation: bytes | None = None  # state_dict of adaptive misinformation's model, when it is used
-    detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> trained models
+    defense_models: dict[str, dict[str, bytes]] = dataclasses.field(default_factory=dict)  # see defenses.prepare
+    detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> Detector.prepare's
 
 
-def build_detectors(spec: "VictimSpec") -> tuple[dict, dict]:
+def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
     """The spec's detectors and their rules, with the trained models they need."""
-    built, rules = {}, {}
-    for name, d in spec.detectors.items():
-        extra = {}
-        blob = spec.detector_models.get(name)
-        if d["kind"] == "same":
-            extra["models"] = blob
-        elif d["kind"] == "msp" and blob is not None:
-            extra["model"] = _model(spec, blob)
-        built[name] = detectors.build(d["kind"], **d.get("params", {}), **extra)
-        rules[name] = Rule(**spec.rules.get(name, {}))
-    return built, rules
-
-
-def _model(spec: VictimSpec, state: bytes) -> torch.nn.Module:
-    model = models.build(spec.arch, spec.input_shape, spec.num_classes)
-    model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
-    return model.eval()
+    built = {name: detectors.build(d["kind"], models=spec.detector_models.get(name), **d.get("params", {}))
+             for name, d in spec.detectors.items()}
+    return built, {name: Rule(**spec.rules.get(name, {})) for name in spec.detectors}
 
 
 def build_defense(spec: VictimSpec, defense: dict, victim: torch.nn.Module):
     """The defense a spec mapping describes, given the models it may need."""
-    mis = _model(spec, spec.misinformation) if spec.misinformation else None
-    return defenses.from_spec(defense, victim=victim, misinformation=mis)
+    return defenses.from_spec(defense, victim=victim, models=spec.defense_models)
 
 
 def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
-    model = _model(spec, spec.state)
+    model = models.from_bytes(spec.model)
     writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
               if spec.log_dir else None)
     dets, rules = build_detectors(spec)
@@ -216,9 +198,11 @@ def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) ->
     replicas; ``options`` are :func:`deploy`'s. A bad spec is a one-line ConfigError and changes nothing.
     Returns the updated spec."""
     defenses.check_spec(defense)
-    if "adaptive_misinformation" in defenses.names_in(defense) and spec.misinformation is None:
-        raise ConfigError("defense adaptive_misinformation needs its misinformation model, which this app was not "
-                          "deployed with; expected an app deployed with that defense (spec.misinformation set)")
+    for name in defenses.names_in(defense):
+        missing = [m for m in defenses.get(name).models if m not in spec.defense_models.get(name, {})]
+        if missing:
+            raise ConfigError(f"defense {name} needs its trained {', '.join(missing)} model, which this app was not "
+                              f"deployed with; expected an app deployed with that defense (spec.defense_models)")
     new = dataclasses.replace(spec, defense=dict(defense))
     deploy(new, app_name, **options)
     return new

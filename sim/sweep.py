@@ -16,8 +16,8 @@ A sweep is ``scenarios/sweeps/NAME.yaml`` (or a path to a YAML file)::
     target: 0.8                        # the report's question: what L1 pushes the replica below this?
 
 A parameter is a value (fixed), a list (a grid), or ``{grid: […]}``, ``{choice: […]}``, ``{uniform: [lo, hi]}``,
-``{loguniform: [lo, hi]}``. The victim is trained (or read from the cache) once by the driver and the attack
-pools loaded once; both reach the trials through Ray's object store. Each trial writes a run directory under
+``{loguniform: [lo, hi]}``. The victim is trained (or read from the cache) once by the driver and the scenario's
+plan (accounts, attack sources) made once; both reach the trials through Ray's object store. Each trial writes a run directory under
 ``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.sweep` builds the table, plot and ``sweep.md``.
 """
 
@@ -40,6 +40,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from . import config as config_mod
 from . import storage
+from . import summary as summary_mod
 from .config import _Strict
 from .errors import ConfigError, SimError
 
@@ -219,7 +220,7 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
 # ----------------------------------------------------------------------------------------------
 # One trial
 
-def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> None:
+def trial(config: dict, *, base: dict, victim, plan, sweep_dir: str) -> None:
     """A Tune trial: the base scenario with this trial's defense, run in its own run directory. Reports the
     replicas' accuracy after each epoch (for early stopping), then the run's metrics."""
     import ray
@@ -231,15 +232,15 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = storage.join(sweep_dir, "runs", trial_id)
-    summary_path = storage.join(run_dir, "summary.json")
     epochs = {aid: a["replica"]["epochs"] for aid, a in base["attackers"].items()}
 
-    def final(summary: dict) -> dict:  # the run's metrics; Tune's schedulers take no None
+    def final(summary) -> dict:  # the run's metrics; Tune's schedulers take no None
         return {"replica_epoch": max(epochs.values()), "run_dir": run_dir,
                 **{k: v for k, v in flat_metrics(summary).items() if v is not None}}
 
-    if storage.exists(summary_path):  # the run finished, but the sweep was interrupted before Tune noted it
-        tune.report(final(json.loads(storage.read_text(summary_path))))
+    finished = summary_mod.read(run_dir)
+    if finished is not None:  # the run finished, but the sweep was interrupted before Tune noted it
+        tune.report(final(finished))
         return
     storage.remove_tree(run_dir)  # an attempt cut short (interrupted, errored) starts afresh
     storage.makedirs(run_dir)
@@ -249,7 +250,7 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
     trial_json = storage.join(run_dir, "trial.json")
     storage.write_text(trial_json, json.dumps(info, indent=2))
     reported = {"epoch": 0}
-    utility = engine.evaluate_defense(cfg, victim)  # what honest users get: known before any query
+    utility = engine.defended_test_set(cfg, victim)  # what honest users get: known before any query
 
     def on_replica_epoch(values: dict) -> None:
         for metrics in epoch_reports(values, epochs, reported["epoch"]):
@@ -258,7 +259,7 @@ def trial(config: dict, *, base: dict, victim, pools: dict, sweep_dir: str) -> N
             storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
             tune.report(metrics)
 
-    summary = engine.run(cfg, quiet=True, victim=victim, pools=pools, app=f"{cfg.victim.name}-{trial_id}",
+    summary = engine.run(cfg, quiet=True, victim=victim, plan=plan, app=f"{cfg.victim.name}-{trial_id}",
                          on_replica_epoch=on_replica_epoch)
     tune.report(final(summary))
 
@@ -406,18 +407,19 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     from analysis.sweep import write_report
 
     from . import engine
+    from .plan import make_plan
     from .serving import start_serve
 
     total = _trial_count(cfg)
     print(f"sweep {cfg.name}: {total} trials of {base.name} (up to {cfg.max_concurrent} at once) -> {sweep_dir}",
           file=sys.stderr, flush=True)
     victim = engine.train_victim(base, quiet)  # once, for every trial
-    pools = engine.load_pools(base)
+    plan = make_plan(base, victim.dataset)  # the same for every trial: only the defense varies
     started = time.perf_counter()
     with engine.ray_session(base):
         start_serve(base.serve.port, base.serve.http)  # once, before trials race to start it
         trainable = tune.with_resources(
-            tune.with_parameters(trial, base=base.model_dump(mode="json"), victim=victim, pools=pools,
+            tune.with_parameters(trial, base=base.model_dump(mode="json"), victim=victim, plan=plan,
                                  sweep_dir=sweep_dir),
             {"cpu": cfg.trial_cpus})
         tune_dir = storage.join(sweep_dir, "tune")

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -144,28 +145,45 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
     return model
 
 
-def get_same(victim: Victim, seed: int, cache_dir: str, same_cfg, on_epoch=None):
-    """SAME's masked autoencoder and auxiliary model for this victim (``same_cfg``: a
-    :class:`sim.config.SameConfig`), trained on the victim's training data and cached beside it.
-    ``on_epoch(stage, epoch, loss)`` reports training progress."""
-    from .detectors.same import SameModels, train_same
+@dataclass
+class ModelContext:
+    """What a component needs to train or load its models through the zoo (:meth:`Defense.prepare`,
+    :meth:`Detector.prepare`): the served victim, the scenario's victim and data settings, seed and cache, and
+    ``on_epoch(stage, epoch, epochs, loss)`` for progress."""
 
-    spec = {"victim": victim.path.name, "mae": same_cfg.mae_config(), "epochs": same_cfg.epochs,
-            "aux_epochs": same_cfg.aux_epochs, "batch_size": same_cfg.batch_size, "lr": same_cfg.lr,
-            "seed": seed, "version": ZOO_VERSION}
-    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    path = _folder(cache_dir) / f"{victim.path.stem}-same-{key}.pt"
-    with FileLock(str(path) + ".lock"):
-        if path.exists():
-            return SameModels.from_bytes(path.read_bytes())
-        log.info("training SAME's MAE (%d epochs) and auxiliary model (%d epochs)", same_cfg.epochs,
-                 same_cfg.aux_epochs)
-        ds = victim.dataset
-        models_ = train_same(victim.model, victim.arch, ds.x_train, ds.num_classes, seed=seed,
-                             mae_config=same_cfg.mae_config(), epochs=same_cfg.epochs,
-                             aux_epochs=same_cfg.aux_epochs, batch_size=same_cfg.batch_size, lr=same_cfg.lr,
-                             on_epoch=on_epoch)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(models_.to_bytes())
-        tmp.replace(path)
-        return models_
+    victim: Victim
+    victim_config: VictimConfig
+    data_config: DataConfig
+    seed: int
+    cache_dir: str
+    on_epoch: Callable[[str, int, int, float], None] | None = None
+
+    @classmethod
+    def of(cls, cfg, victim: Victim, on_epoch=None) -> "ModelContext":
+        """The context of a :class:`sim.config.ScenarioConfig` and its trained victim."""
+        return cls(victim, cfg.victim, cfg.data, cfg.seed, cfg.cache_dir, on_epoch)
+
+    def victim_variant(self, **changes) -> Victim:
+        """The victim's architecture and data trained another way (``training="outlier_exposure"``), cached."""
+        return get_victim(self.victim_config.model_copy(update=changes), self.data_config, self.seed, self.cache_dir)
+
+    def misinformation_model(self) -> bytes:
+        """Adaptive misinformation's model for this victim (see :func:`get_misinformation_model`), serialised."""
+        model = get_misinformation_model(self.victim_config, self.data_config, self.seed, self.cache_dir)
+        ds = self.victim.dataset
+        return models.to_bytes(model, self.victim_config.arch, ds.input_shape, ds.num_classes)
+
+    def cached(self, name: str, spec: dict, make: Callable[[], bytes]) -> bytes:
+        """Bytes cached beside the victim's checkpoint under ``name`` and a digest of ``spec`` (everything that
+        shapes them): read from the cache, or made by ``make()`` and stored."""
+        key = hashlib.sha1(json.dumps({**spec, "seed": self.seed, "version": ZOO_VERSION},
+                                      sort_keys=True).encode()).hexdigest()[:16]
+        path = _folder(self.cache_dir) / f"{self.victim.path.stem}-{name}-{key}.pt"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                return path.read_bytes()
+            blob = make()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(path)
+            return blob

@@ -10,7 +10,8 @@ Python API::
 
 A scenario gives a defense as a mapping ``{"name": "mad", "eps": 0.5}``; a chain is
 ``{"name": "reverse_sigmoid+rounding", "reverse_sigmoid": {"beta": 0.3}, "rounding": {"decimals": 2}}``
-(:func:`from_spec`), applied left to right.
+(:func:`from_spec`), applied left to right. A new defense is a module here with a :class:`Defense` subclass
+decorated ``@register("defense")`` (see :mod:`sim.registry`).
 """
 
 from __future__ import annotations
@@ -24,35 +25,27 @@ from torch import nn
 from .. import registry
 from ..errors import ConfigError
 from .base import Defense, Param
-from .basic import ConfidenceGated, Identity, LabelsOnly, RandomNoise, ReverseSigmoid, Rounding, TopK
-from .mad import MAD, MADArgmax
-from .misinformation import AdaptiveMisinformation
-
-_REGISTRY: dict[str, type[Defense]] = {cls.name: cls for cls in (
-    Identity, TopK, Rounding, LabelsOnly, ReverseSigmoid, RandomNoise, MAD, MADArgmax,
-    AdaptiveMisinformation, ConfidenceGated,
-)}
 
 
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return registry.names("defense")
 
 
 def get(name: str) -> type[Defense]:
-    check_name("defense", name)
-    return _REGISTRY[name]
+    return registry.get("defense", name)
 
 
 def check_name(field: str, name: str) -> None:
-    registry.check_name("defense", field, name, _REGISTRY)
+    registry.check_name("defense", field, name)
 
 
 def build(name: str, *, victim: nn.Module | None = None, surrogate: nn.Module | None = None,
-          misinformation: nn.Module | None = None, **params) -> Defense:
-    """One defense with its parameters. Models are passed to the defenses that use them
-    (MAD: ``surrogate`` or ``victim``; adaptive misinformation: ``misinformation``) and ignored by the rest."""
+          misinformation: nn.Module | None = None, models: dict[str, Any] | None = None, **params) -> Defense:
+    """One defense with its parameters. The models go to the defenses that take them and are ignored by the
+    rest: ``victim`` (MAD builds a random surrogate of its architecture), ``surrogate`` (MAD), ``misinformation``
+    (adaptive misinformation), and ``models``, what :meth:`Defense.prepare` made (constructor keyword -> model)."""
     cls = get(name)
-    given = {"victim": victim, "surrogate": surrogate, "misinformation": misinformation}
+    given = {"victim": victim, "surrogate": surrogate, "misinformation": misinformation, **(models or {})}
     accepted = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in given.items() if k in accepted and v is not None}, **params)
 
@@ -99,17 +92,25 @@ def members(spec: dict[str, Any], field: str = "defense") -> list[tuple[str, dic
     return [(part, dict(spec.get(part) or {})) for part in parts]
 
 
-def from_spec(spec: dict[str, Any], **models) -> Defense:
-    """The defense (or chain) a spec mapping describes, with models for those that need one."""
-    built = [build(name, **models, **params) for name, params in members(spec)]
+def from_spec(spec: dict[str, Any], victim: nn.Module | None = None,
+              models: dict[str, dict[str, Any]] | None = None) -> Defense:
+    """The defense (or chain) a spec mapping describes; ``models``: member name -> what its
+    :meth:`Defense.prepare` made (see :func:`prepare`)."""
+    built = [build(name, victim=victim, models=(models or {}).get(name), **params) for name, params in members(spec)]
     return built[0] if len(built) == 1 else Chain(built)
+
+
+def prepare(spec: dict[str, Any], ctx) -> dict[str, dict[str, bytes]]:
+    """The trained models every member of ``spec`` needs (member name -> constructor keyword -> serialised
+    model), from the victim zoo (``ctx``: a :class:`sim.zoo.ModelContext`)."""
+    return {name: made for name, params in members(spec) if (made := get(name).prepare(params, ctx))}
 
 
 def check_spec(spec: dict[str, Any], field: str = "defense") -> None:
     """Validate names and parameter values without building any model."""
     parts = members(spec, field)
     for name, params in parts:
-        get(name).check_params(params, owner=field if len(parts) == 1 else f"{field}.{name}")
+        get(name).resolve(params, owner=field if len(parts) == 1 else f"{field}.{name}")
 
 
 def names_in(spec: dict[str, Any]) -> list[str]:
@@ -121,5 +122,5 @@ def is_identity(spec: dict[str, Any]) -> bool:
     return all(name == "identity" for name in names_in(spec))
 
 
-__all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "check_spec",
+__all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "prepare", "check_spec",
            "is_identity", "names_in", "check_name"]

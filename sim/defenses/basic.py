@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import register
 from .base import Defense, Param, distance, one_hot, renormalize
 
 
+@register("defense")
 class Identity(Defense):
+    """The clean vector, unchanged."""
+
     name = "identity"
 
     def _perturb(self, y, inputs):
         return y
 
 
+@register("defense")
 class TopK(Defense):
     """Keep the k largest probabilities, zero the rest, renormalise (k >= K keeps everything)."""
 
     name = "top_k"
-    params = {"k": Param(1, int, low=1)}
+    params = {"k": Param(1, int, low=1, help="probabilities kept")}
     neutral = {"k": 1_000_000}
 
     def _perturb(self, y, inputs):
@@ -28,6 +33,7 @@ class TopK(Defense):
         return renormalize(torch.where(keep, y, torch.zeros_like(y)))
 
 
+@register("defense")
 class Rounding(Defense):
     """Round to ``decimals`` decimals.
 
@@ -37,7 +43,8 @@ class Rounding(Defense):
     """
 
     name = "rounding"
-    params = {"decimals": Param(2, int, low=0, high=6), "renormalize": Param(True, bool)}
+    params = {"decimals": Param(2, int, low=0, high=6, help="decimals kept"),
+              "renormalize": Param(True, bool, help="round so that each vector still sums to 1")}
 
     def _perturb(self, y, inputs):
         scale = 10.0 ** self.values["decimals"]
@@ -50,6 +57,7 @@ class Rounding(Defense):
         return (units + (rank < missing).to(y.dtype)) / scale
 
 
+@register("defense")
 class LabelsOnly(Defense):
     """The one-hot vector of the top-1 label."""
 
@@ -66,23 +74,31 @@ def _reverse_sigmoid(y: torch.Tensor, beta: float, gamma: float) -> torch.Tensor
     return renormalize((y - r).clamp_min(0))
 
 
+@register("defense")
 class ReverseSigmoid(Defense):
+    """Reverse sigmoid (Lee et al. 2018): y - beta * (sigmoid(gamma * logit(y)) - 1/2), clipped at 0 and
+    renormalised."""
+
     name = "reverse_sigmoid"
-    params = {"beta": Param(0.7, low=0), "gamma": Param(0.5, low=0, low_open=True)}
+    params = {"beta": Param(0.7, low=0, help="strength of the perturbation"),
+              "gamma": Param(0.5, low=0, low_open=True, help="slope of the sigmoid")}
     neutral = {"beta": 0.0}
 
     def _perturb(self, y, inputs):
         return _reverse_sigmoid(y, self.values["beta"], self.values["gamma"])
 
 
+@register("defense")
 class ConfidenceGated(Defense):
     """The heuristic of Khaled et al. (ICMLA 2023): reverse sigmoid weighted by
     w = sigmoid(sharpness * (beta - max y)), so confident answers pass almost untouched:
     returned = (1 - w) * y + w * reverse_sigmoid(y; rs_beta, gamma)."""
 
     name = "confidence_gated"
-    params = {"beta": Param(0.9, low=0, high=1), "rs_beta": Param(0.7, low=0),
-              "gamma": Param(0.5, low=0, low_open=True), "sharpness": Param(1000.0, low=0, low_open=True)}
+    params = {"beta": Param(0.9, low=0, high=1, help="confidence below which answers are perturbed"),
+              "rs_beta": Param(0.7, low=0, help="reverse sigmoid's beta"),
+              "gamma": Param(0.5, low=0, low_open=True, help="reverse sigmoid's gamma"),
+              "sharpness": Param(1000.0, low=0, low_open=True, help="how sharply the gate opens below beta")}
     neutral = {"rs_beta": 0.0}
 
     def _perturb(self, y, inputs):
@@ -91,6 +107,7 @@ class ConfidenceGated(Defense):
         return (1 - w) * y + w * _reverse_sigmoid(y, v["rs_beta"], v["gamma"])
 
 
+@register("defense")
 class RandomNoise(Defense):
     """A random perturbation of L1 or L2 length eps, as the MAD paper's baseline.
 
@@ -101,9 +118,11 @@ class RandomNoise(Defense):
     ``seed``."""
 
     name = "random_noise"
-    params = {"eps": Param(0.5, low=0), "norm": Param("l1", str, choices=("l1", "l2")),
-              "dist": Param("uniform", str, choices=("uniform", "gaussian")),
-              "scale": Param(10.0, low=0, low_open=True), "seed": Param(0, int, low=0)}
+    params = {"eps": Param(0.5, low=0, help="distance budget per answer"),
+              "norm": Param("l1", str, choices=("l1", "l2"), help="distance the budget is measured in"),
+              "dist": Param("uniform", str, choices=("uniform", "gaussian"), help="noise added to log y"),
+              "scale": Param(10.0, low=0, low_open=True, help="scale of that noise"),
+              "seed": Param(0, int, low=0, help="seed of the noise generator")}
     neutral = {"eps": 0.0}
 
     def _configure(self):

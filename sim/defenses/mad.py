@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..training import to_float
+from ..registry import register
 from .base import Defense, Param, one_hot
 
 
@@ -128,15 +129,20 @@ def poison(gram: torch.Tensor, y: torch.Tensor, eps: float, norm: str, keep_top1
     return (1 - a) * y + a * one_hot(j, k, y)
 
 
+@register("defense")
 class MAD(Defense):
-    """MAD: the vertex maximising the angular deviation, over all K vertices."""
+    """MAD prediction poisoning (Orekondy et al. 2020): a step of length eps toward the simplex vertex that
+    maximises the angular deviation of a surrogate's gradient."""
 
     name = "mad"
     keep_top1 = False
     needs_inputs = True
-    params = {"eps": Param(1.0, low=0), "norm": Param("l1", str, choices=("l1", "l2")),
-              "jacobian": Param("last_layer", str, choices=("last_layer", "all")),
-              "seed": Param(0, int, low=0)}
+    params = {"eps": Param(1.0, low=0, help="distance budget per answer"),
+              "norm": Param("l1", str, choices=("l1", "l2"), help="distance the budget is measured in"),
+              "jacobian": Param("last_layer", str, choices=("last_layer", "all"),
+                                help="the surrogate's parameters the gradient is taken over"),
+              "seed": Param(0, int, low=0, help="seed of the surrogate's random weights (a copy of the victim's "
+                                                "architecture)")}
     neutral = {"eps": 0.0}
 
     def __init__(self, surrogate: nn.Module | None = None, victim: nn.Module | None = None, **params):
@@ -170,8 +176,9 @@ class MAD(Defense):
         return out
 
 
+@register("defense")
 class MADArgmax(MAD):
-    """MAD-argmax: only vertices whose step keeps the top-1 label are candidates."""
+    """MAD-argmax: MAD restricted to the steps that keep the top-1 label."""
 
     name = "mad_argmax"
     keep_top1 = True

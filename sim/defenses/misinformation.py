@@ -13,19 +13,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import from_bytes
 from ..training import to_float
+from ..registry import register
 from .base import Defense, Param
 
 
+@register("defense")
 class AdaptiveMisinformation(Defense):
+    """Adaptive misinformation (Kariyappa & Qureshi 2020): where the victim is unsure, a misinformation model's
+    answer is mixed in; needs victim.training=outlier_exposure."""
+
     name = "adaptive_misinformation"
     needs_inputs = True
-    params = {"tau": Param(0.5, low=0, high=1), "nu": Param(1000.0, low=0, low_open=True)}
+    victim_training = "outlier_exposure"
+    params = {"tau": Param(0.5, low=0, high=1, help="confidence below which the misinformation takes over"),
+              "nu": Param(1000.0, low=0, low_open=True, help="sharpness of that switch")}
     neutral = {"tau": 0.0}  # h = sigmoid(-nu * max y) ~ 0: the clean answer
 
-    def __init__(self, misinformation: nn.Module | None = None, **params):
+    models = ("misinformation",)
+
+    def __init__(self, misinformation: nn.Module | bytes | None = None, **params):
+        if isinstance(misinformation, bytes):
+            misinformation = from_bytes(misinformation)
         self.misinformation = misinformation.eval() if misinformation is not None else None
         super().__init__(**params)
+
+    @classmethod
+    def prepare(cls, params, ctx) -> dict[str, bytes]:
+        """The misinformation model: the victim's architecture trained to put little probability on the true
+        class, cached by the victim zoo."""
+        return {"misinformation": ctx.misinformation_model()}
 
     def _perturb(self, y, inputs):
         if self.misinformation is None:

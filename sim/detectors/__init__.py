@@ -1,40 +1,39 @@
 """Query detectors: each scores every query; a separate policy in the victim service acts on the scores.
 
-``build(name, **params)`` returns a detector (``models=`` the trained models SAME needs, ``model=`` the
-outlier-exposure victim of ``msp``); ``names()`` lists them. Every detector has
-``score(key, inputs, labels, probs) -> Detection`` where ``inputs`` is a batch of images (uint8 or float
-in [0, 1]), ``labels`` the victim's predicted classes and ``probs`` its probabilities; scores are
-"higher = more suspicious".
-- ``prada``: PRADA over one key's history (an account, or a pooled group of accounts);
-- ``same``: SAME's reconstruction score, per query;
-- ``msp``: 1 - maximum softmax probability, per query;
-- ``link``: account linking, then PRADA over each cluster of linked accounts.
-Detectors are pure Python/numpy objects with no Ray in them, so the same object runs inside a Serve
-replica or over a logged stream offline.
+``build(kind, **params)`` returns a detector (``models=``: what its :meth:`Detector.prepare` made, e.g. SAME's
+trained models); ``names()`` lists the kinds. Every detector has ``score(key, inputs, labels, probs) ->
+Detection`` where ``inputs`` is a batch of images (uint8 or float in [0, 1]), ``labels`` the victim's predicted
+classes and ``probs`` its probabilities; scores are "higher = more suspicious". Detectors are pure Python/numpy
+objects with no Ray in them, so the same object runs inside a Serve replica or over a logged stream offline.
+A new kind is a module here with a :class:`Detector` subclass decorated ``@register("detector")``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .. import registry
-from .base import Detection, Detector
-from .link import AccountLinker
-from .msp import MaxSoftmax
-from .prada import Prada
-from .same import Same
+from .base import Detection, Detector, StatelessDetector, calibration_split
 
-_REGISTRY: dict[str, type[Detector]] = {"prada": Prada, "same": Same, "msp": MaxSoftmax, "link": AccountLinker}
-
-__all__ = ["AccountLinker", "Detection", "Detector", "MaxSoftmax", "Prada", "Same", "build", "names"]
+__all__ = ["Detection", "Detector", "StatelessDetector", "build", "calibration_split", "get", "names", "presets"]
 
 
 def names() -> list[str]:
-    return list(_REGISTRY)
+    return registry.names("detector")
 
 
-def kind(name: str) -> type[Detector]:
-    registry.check_name("detector", "detector", name, _REGISTRY)
-    return _REGISTRY[name]
+def get(kind: str, field: str = "detector") -> type[Detector]:
+    return registry.get("detector", kind, field)
 
 
-def build(name: str, **params) -> Detector:
-    return kind(name)(**params)
+def build(kind: str, **params) -> Detector:
+    return get(kind)(**params)
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Scenario names that stand for a kind with settings (``pooled_prada``): name -> {"kind": …, settings}."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, cls in registry.entries("detector").items():
+        for name, settings in cls.presets.items():
+            out[name] = {"kind": kind, **settings}
+    return out

@@ -1,14 +1,27 @@
-"""The detector interface and its parameter checking."""
+"""The detector interface: declared parameters, state, models, thresholds.
+
+A detector kind is a :class:`Detector` subclass registered with ``@register("detector")``. It declares:
+
+- ``params``: its parameters (:class:`sim.registry.Param`), which a scenario sets as ``detectors.NAME.PARAM``;
+- ``stateful``: whether it keeps a history per key (an account, or a group of accounts) and flags keys for
+  good, or scores each query alone and flags the queries above its threshold;
+- ``presets``: scenario names that stand for this kind with some settings (``pooled_prada`` is PRADA with
+  ``group=all``), usable without a ``kind``;
+- :meth:`Detector.prepare`: the trained models it needs, made through the victim zoo on the driver and
+  handed to its constructor (``models=``) in every Serve replica.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..registry import Component, Param
+
+__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split"]
 
 
 @dataclass
@@ -17,38 +30,36 @@ class Detection:
     flags: np.ndarray  # bool (N,): the account (or query) is flagged as of this query
 
 
-def check_threshold(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{name}.threshold must be a number (or null: score only), got {value!r}")
+def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, calibration) of the defender's training images: a seeded ``fraction`` is held out, never
+    trained on by detector models and used to calibrate thresholds."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
-class Detector(ABC):
-    """Base class. Subclasses declare ``defaults`` and check them in ``_check_params``.
+class Detector(Component):
+    """Base class. ``stateful`` detectors (PRADA) keep a history per key and flag the key for good: a policy
+    acts on the queries that come after the flag. Stateless ones score each query alone and flag the queries
+    whose score exceeds their threshold: a policy acts on those queries themselves."""
 
-    ``stateful`` detectors (PRADA) keep a history per key and flag the key for good: a policy acts on the
-    queries that come after the flag. Stateless ones score each query alone and flag the queries whose
-    score exceeds their ``threshold`` parameter: a policy acts on those queries themselves.
-    """
-
-    name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
+    category = "detector"
     stateful: ClassVar[bool] = True
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, **params):
-        self.params: dict[str, Any] = dict(self.defaults)
-        self.set_params(**params)
+    def __init__(self, models: Any = None, **params):
+        super().__init__(**params)
 
-    def set_params(self, **params) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise ConfigError(f"{self.name}: unknown parameter {unknown[0]!r}; "
-                             f"expected one of: {', '.join(self.defaults)}")
-        merged = {**self.params, **params}
-        self._check_params(merged)
-        self.params = merged
+    @classmethod
+    def prepare(cls, params: dict[str, Any], ctx) -> bytes | None:
+        """The trained models this detector needs, serialised (trained or loaded through the victim zoo; ``ctx``
+        is a :class:`sim.zoo.ModelContext`), or None. The constructor takes them back as ``models=``."""
+        return None
 
-    def _check_params(self, params: dict[str, Any]) -> None:
-        pass
+    @property
+    def needs_images(self) -> bool:
+        """Whether :meth:`score` reads the query images (else the victim's probabilities are enough)."""
+        return True
 
     @abstractmethod
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
@@ -56,11 +67,13 @@ class Detector(ABC):
         """Score a batch of queries of one key (an account, or a group of accounts), in order.
         ``labels`` are the victim's top-1 classes, ``probs`` its probabilities (N, K)."""
 
-    def decide(self, scores: np.ndarray) -> Detection:
-        """A stateless detector's detection: flag the scores above ``threshold`` (none if it is null)."""
-        t = self.params.get("threshold")
-        scores = np.asarray(scores, np.float64)
-        return Detection(scores, np.zeros(len(scores), bool) if t is None else scores > t)
+    def threshold(self) -> float | None:
+        """The score at which flagging starts (proof of work asks ``bits_min`` there)."""
+        return None
+
+    def saturation(self) -> float | None:
+        """The score at which proof of work reaches ``bits_max`` by default."""
+        return None
 
     def flagged_accounts(self) -> set[str]:
         """Accounts this detector has flagged so far (stateless detectors flag none)."""
@@ -68,3 +81,44 @@ class Detector(ABC):
 
     def is_flagged(self, account_id: str) -> bool:
         return account_id in self.flagged_accounts()
+
+
+class StatelessDetector(Detector):
+    """A detector that scores each query alone and flags those scoring above ``threshold``; with no threshold
+    given, :meth:`calibrate` sets it for ``target_fpr`` false positives on benign images."""
+
+    stateful = False
+    params = {
+        "threshold": Param(None, help="flag queries scoring above this (unset: calibrated for target_fpr)"),
+        "target_fpr": Param(0.05, low=0, high=1, low_open=True, high_open=True, brief=False, nullable=True,
+                            help="the threshold flags this fraction of the defender's held-out benign images"),
+    }
+
+    def __init__(self, models: Any = None, **params):
+        super().__init__(models, **params)
+        self._saturation: float | None = None
+
+    def decide(self, scores: np.ndarray) -> Detection:
+        """Flag the scores above ``threshold`` (none while it is unset)."""
+        t = self.values["threshold"]
+        scores = np.asarray(scores, np.float64)
+        return Detection(scores, np.zeros(len(scores), bool) if t is None else scores > t)
+
+    def calibrate(self, x: np.ndarray, probs: np.ndarray) -> dict | None:
+        """With no threshold given and a ``target_fpr``: set the threshold at the (1 - target_fpr) quantile of the
+        scores of benign images ``x`` (victim probabilities ``probs``), and proof of work's saturation at
+        1 - target_fpr / 10. Returns what was set, or None when nothing was to calibrate."""
+        fpr = self.values["target_fpr"]
+        if self.values["threshold"] is not None or fpr is None:
+            return None
+        scores = self.score("calibration", x, probs.argmax(1), probs).scores
+        self.set_params(threshold=float(np.quantile(scores, 1 - fpr)))
+        self._saturation = float(np.quantile(scores, 1 - fpr / 10))
+        return {"threshold": self.values["threshold"], "saturate": self._saturation, "images": int(len(x)),
+                "target_fpr": fpr}
+
+    def threshold(self) -> float | None:
+        return self.values["threshold"]
+
+    def saturation(self) -> float | None:
+        return self._saturation

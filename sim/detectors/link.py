@@ -27,13 +27,11 @@ was linked into a cluster of ``min_accounts``), and the flag is the account's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage, to_tree
 
-from ..errors import ConfigError
-from .base import Detection, Detector
+from ..registry import register
+from .base import Detection, Detector, Param
 from .prada import Prada
 
 PIXEL_BINS = 16
@@ -49,24 +47,27 @@ class _Acct:
         self.flagged = False
 
 
+@register("detector")
 class AccountLinker(Detector):
+    """Account linking (our own): cluster the accounts by the pixel statistics of what they ask, then judge each
+    cluster's pooled queries with PRADA; the flag is the account's. Score 1 - W of the account's cluster."""
+
     name = "link"
     stateful = True
-    defaults = {"every": 500, "min_queries": 10, "distance": 0.3, "min_accounts": 2, "delta": 0.95,
-                "min_pool": 50}
+    params = {
+        "every": Param(500, int, low=1, help="re-cluster the accounts every this many queries"),
+        "min_queries": Param(10, int, low=1, help="queries an account needs before it is linked"),
+        "distance": Param(0.3, low=0, low_open=True, help="Hellinger distance at which the cluster tree is cut"),
+        "min_accounts": Param(2, int, low=1, help="smallest cluster judged by PRADA"),
+        "delta": Prada.params["delta"],
+        "min_pool": Prada.params["min_pool"],
+    }
+    presets = {"link": {"enabled": False}}
+    threshold = Prada.threshold  # both flag where W falls below delta
+    saturation = Prada.saturation
 
-    def _check_params(self, params: dict[str, Any]) -> None:
-        for key in ("every", "min_queries", "min_accounts"):
-            v = params[key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"link.{key} must be an integer >= 1, got {v!r}")
-        d = params["distance"]
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or d <= 0:
-            raise ConfigError(f"link.distance must be a number > 0, got {d!r}")
-        Prada(delta=params["delta"], min_pool=params["min_pool"])  # the same checks as PRADA's
-
-    def __init__(self, **params):
-        super().__init__(**params)
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
         self._accounts: dict[str, _Acct] = {}
         self._stream_acct: list[str] = []  # every query in arrival order: account, image, label
         self._stream_x: list[np.ndarray] = []
@@ -88,7 +89,7 @@ class AccountLinker(Detector):
         self._stream_y.append(labels)
         self._since += len(x)
         flags = np.full(len(x), was_flagged)
-        if self._since >= self.params["every"]:  # after this batch: only its last query sees the new verdict
+        if self._since >= self.values["every"]:  # after this batch: only its last query sees the new verdict
             self._since = 0
             self.relink()
             flags[-1] = acc.flagged
@@ -104,7 +105,7 @@ class AccountLinker(Detector):
 
     def relink(self) -> None:
         """Re-cluster the accounts and judge the clusters with PRADA, descending into flagged ones."""
-        p = self.params
+        p = self.values
         ready = sorted(a for a, s in self._accounts.items() if s.n >= p["min_queries"])
         if len(ready) < p["min_accounts"] or not ready:
             return
@@ -137,11 +138,11 @@ class AccountLinker(Detector):
         if key in self._verdicts:
             return self._verdicts[key]
         pick = np.flatnonzero(np.isin(owner, accounts))
-        prada = Prada(delta=self.params["delta"], min_pool=self.params["min_pool"], skip_repeats=True)
+        prada = Prada(delta=self.values["delta"], min_pool=self.values["min_pool"], skip_repeats=True)
         w = prada.final_w(np.concatenate([self._stream_x[i] for i in pick]),
                           np.concatenate([self._stream_y[i] for i in pick]))
         # the pooled stream as it stands now, not a dip along the way
-        self._verdicts[key] = None if w is None else (w, w < self.params["delta"])
+        self._verdicts[key] = None if w is None else (w, w < self.values["delta"])
         return self._verdicts[key]
 
     def _descend(self, node, names: list[str], owner: np.ndarray) -> None:

@@ -2,31 +2,48 @@
 
 With the served victim's probabilities it needs no model of its own. With an outlier-exposure victim
 (trained to be unsure away from its training distribution, Hendrycks et al. 2019; SAME's OE baseline)
-the same score separates better; ``model`` is then that victim, scored on the query images.
+the same score separates better; ``model=oe`` scores the query images with that victim, trained and cached by
+the zoo.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from torch import nn
 
+from ..models import from_bytes, to_bytes
+from ..registry import register
 from ..training import predict_probs
-from .base import Detection, Detector, check_threshold
+from .base import Detection, Param, StatelessDetector
 
 
-class MaxSoftmax(Detector):
+@register("detector")
+class MaxSoftmax(StatelessDetector):
+    """Maximum softmax (Hendrycks & Gimpel 2017): score 1 - the largest probability, of the served victim or of
+    an outlier-exposure copy of it."""
+
     name = "msp"
-    stateful = False
-    defaults = {"threshold": None}
+    params = {**StatelessDetector.params,
+              "model": Param("victim", str, choices=("victim", "oe"),
+                             help="whose softmax: the served victim's, or an outlier-exposure copy's (trained and "
+                                  "cached)")}
+    presets = {"msp": {"enabled": False}, "msp_oe": {"enabled": False, "model": "oe"}}
 
-    def __init__(self, model: nn.Module | None = None, **params):
-        super().__init__(**params)
-        self.model = model
+    def __init__(self, models: nn.Module | bytes | None = None, **params):
+        super().__init__(models, **params)
+        self.model = from_bytes(models) if isinstance(models, bytes) else models
 
-    def _check_params(self, params: dict[str, Any]) -> None:
-        check_threshold(self.name, params["threshold"])
+    @classmethod
+    def prepare(cls, params, ctx) -> bytes | None:
+        if params.get("model", "victim") != "oe":
+            return None
+        oe = ctx.victim_variant(training="outlier_exposure")
+        ds = oe.dataset
+        return to_bytes(oe.model, oe.arch, ds.input_shape, ds.num_classes)
+
+    @property
+    def needs_images(self) -> bool:
+        return self.model is not None
 
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
               probs: np.ndarray | None = None) -> Detection:

@@ -22,13 +22,13 @@ and a pile of zero distances alone would make the pool look non-normal.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 from scipy.stats import shapiro
 
-from ..errors import ConfigError
-from .base import Detection, Detector
+from ..policy import GROUPS
+from ..registry import register
+from .base import Detection, Detector, Param
 
 # scipy's Shapiro-Wilk without its generic axis/NaN-policy wrapper, which costs 3x the test itself here
 _shapiro = getattr(shapiro, "__wrapped__", shapiro)
@@ -91,22 +91,36 @@ class _Account:
         self.last_w = float("nan")
 
 
+@register("detector")
 class Prada(Detector):
+    """PRADA (Juuti et al. 2019): per key, the Shapiro-Wilk W of the distances between each query and the key's
+    earlier queries of its class; W below delta flags the key for good. Score 1 - W."""
+
     name = "prada"
-    defaults = {"delta": 0.95, "min_pool": 50, "skip_repeats": False}
+    params = {
+        "delta": Param(0.95, low=0, high=1, low_open=True, help="Shapiro-Wilk W threshold"),
+        "min_pool": Param(50, int, low=3, help="distances pooled before PRADA may flag"),
+        "skip_repeats": Param(False, bool, help="an exact repeat of an earlier query adds no distance"),
+        "group": Param("account", str, choices=GROUPS, brief=False,
+                       help="whose queries form one history: each account, each client actor (a client address), "
+                            "each account cohort (a sign-up batch), or all traffic"),
+    }
+    presets = {
+        "prada": {"enabled": True},
+        # a second PRADA over pooled accounts, against attackers who split their queries; honest users of a
+        # group share popular images, so exact repeats are skipped
+        "pooled_prada": {"enabled": False, "group": "all", "skip_repeats": True},
+    }
 
-    def _check_params(self, params: dict[str, Any]) -> None:
-        delta, min_pool = params["delta"], params["min_pool"]
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta <= 1:
-            raise ConfigError(f"prada.delta must be in (0, 1], got {delta!r}")
-        if isinstance(min_pool, bool) or not isinstance(min_pool, int) or min_pool < 3:
-            raise ConfigError(f"prada.min_pool must be an integer >= 3, got {min_pool!r}")
-        if not isinstance(params["skip_repeats"], bool):
-            raise ConfigError(f"prada.skip_repeats must be true or false, got {params['skip_repeats']!r}")
-
-    def __init__(self, **params):
-        super().__init__(**params)
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
         self._accounts: dict[str, _Account] = {}
+
+    def threshold(self) -> float:
+        return 1.0 - self.values["delta"]
+
+    def saturation(self) -> float:
+        return min(1.0, 2 * self.threshold())
 
     @staticmethod
     def _w_statistic(d: np.ndarray) -> float:
@@ -133,7 +147,7 @@ class Prada(Detector):
             acc.classes[label].add(x, None)
             return False
         d = cls.min_distance(x)
-        if d == 0 and self.params["skip_repeats"]:  # a repeated image: no new evidence either way
+        if d == 0 and self.values["skip_repeats"]:  # a repeated image: no new evidence either way
             return False
         acc.pool.append(d)
         if d > cls.threshold:
@@ -148,9 +162,9 @@ class Prada(Detector):
         scores = np.full(len(x), np.nan)
         flags = np.zeros(len(x), bool)
         for i in range(len(x)):
-            if self._distance(acc, x[i], int(labels[i])) and acc.pool.n > self.params["min_pool"]:
+            if self._distance(acc, x[i], int(labels[i])) and acc.pool.n > self.values["min_pool"]:
                 acc.last_w = self._w_statistic(acc.pool.values)
-                if acc.last_w < self.params["delta"]:
+                if acc.last_w < self.values["delta"]:
                     acc.flagged = True
             scores[i] = 1.0 - acc.last_w
             flags[i] = acc.flagged
@@ -162,7 +176,7 @@ class Prada(Detector):
         x, labels, acc = self._flat(inputs), np.asarray(labels), _Account()
         for i in range(len(x)):
             self._distance(acc, x[i], int(labels[i]))
-        return self._w_statistic(acc.pool.values) if acc.pool.n > self.params["min_pool"] else None
+        return self._w_statistic(acc.pool.values) if acc.pool.n > self.values["min_pool"] else None
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}

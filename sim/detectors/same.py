@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from .. import models
-from ..errors import ConfigError
+from ..registry import register
 from ..training import predict_probs, train_classifier
-from .base import Detection, Detector, check_threshold
+from .base import Param, StatelessDetector, calibration_split
 from .mae import MAE, train_mae
 
 
@@ -75,13 +75,6 @@ class SameModels:
         return r.astype(np.float64), d
 
 
-def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, calibration) of the defender's training images: a seeded ``fraction`` is held out."""
-    order = np.random.default_rng(seed).permutation(n)
-    k = max(1, int(round(n * fraction)))
-    return np.sort(order[k:]), np.sort(order[:k])
-
-
 def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_classes: int, *, seed: int,
                mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
                lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None) -> SameModels:
@@ -106,22 +99,56 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
     return out
 
 
-class Same(Detector):
-    """Stateless: each query's score depends on that query alone. Flags queries above ``threshold``."""
+_TRAINING = dict(brief=False)  # settings of SAME's models, not of its score
+
+
+@register("detector")
+class Same(StatelessDetector):
+    """SAME (Xie et al. 2024): a masked autoencoder's reconstruction error plus an auxiliary model's deviation
+    from the victim, each standardised on held-out benign images; score z(r) + weight * z(d)."""
 
     name = "same"
-    stateful = False
-    defaults = {"weight": 1.0, "threshold": None}
+    params = {
+        **StatelessDetector.params,
+        "weight": Param(1.0, low=0, help="weight of the standardised deviation term (0: reconstruction only, "
+                                         "SAME-X)"),
+        "patch": Param(4, int, low=1, help="MAE patch side in pixels", **_TRAINING),
+        "dim": Param(64, int, low=4, help="MAE encoder embedding size", **_TRAINING),
+        "depth": Param(3, int, low=1, help="MAE encoder blocks", **_TRAINING),
+        "heads": Param(4, int, low=1, help="attention heads", **_TRAINING),
+        "decoder_dim": Param(64, int, low=4, help="MAE decoder embedding size", **_TRAINING),
+        "decoder_depth": Param(1, int, low=1, help="MAE decoder blocks", **_TRAINING),
+        "mask_ratio": Param(0.75, low=0, high=1, low_open=True, high_open=True, help="fraction of patches hidden",
+                            **_TRAINING),
+        "epochs": Param(100, int, low=1, help="MAE training epochs (AdamW, cosine schedule)", **_TRAINING),
+        "aux_epochs": Param(10, int, low=1, help="auxiliary model training epochs", **_TRAINING),
+        "batch_size": Param(128, int, low=1, help="training batch size", **_TRAINING),
+        "lr": Param(1e-3, low=0, low_open=True, help="training learning rate", **_TRAINING),
+    }
+    presets = {"same": {"enabled": False}}
+    MAE_KEYS = ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth", "mask_ratio")
 
     def __init__(self, models: SameModels | bytes, **params):
-        super().__init__(**params)
+        super().__init__(models, **params)
         self.models = SameModels.from_bytes(models) if isinstance(models, bytes) else models
 
-    def _check_params(self, params: dict[str, Any]) -> None:
-        w = params["weight"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"same.weight must be a number >= 0, got {w!r}")
-        check_threshold("same", params["threshold"])
+    @classmethod
+    def prepare(cls, params, ctx) -> bytes:
+        """SAME's MAE and auxiliary model for this victim, trained on its training split (less the calibration
+        slice) and cached beside it."""
+        v = cls.resolve(params)
+        spec = {"victim": ctx.victim.path.name, "mae": {k: v[k] for k in cls.MAE_KEYS},
+                **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")}}
+
+        def train() -> bytes:
+            ds = ctx.victim.dataset
+            progress = ctx.on_epoch and (lambda stage, e, loss: ctx.on_epoch(
+                f"training SAME {stage}", e, v["epochs"] if stage == "mae" else v["aux_epochs"], loss))
+            return train_same(ctx.victim.model, ctx.victim.arch, ds.x_train, ds.num_classes, seed=ctx.seed,
+                              mae_config=spec["mae"], epochs=v["epochs"], aux_epochs=v["aux_epochs"],
+                              batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress).to_bytes()
+
+        return ctx.cached("same", spec, train)
 
     def components(self, inputs: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The standardised (reconstruction, deviation) terms of each query."""
@@ -133,4 +160,4 @@ class Same(Detector):
         if probs is None:
             raise ValueError("same needs the victim's probabilities of the queries")
         zr, zd = self.components(inputs, probs)
-        return self.decide(zr + self.params["weight"] * zd)
+        return self.decide(zr + self.values["weight"] * zd)

@@ -16,18 +16,17 @@ def test_cap_and_churn_show_in_the_log_and_the_summary(ray_serve, small_override
         "attackers.capped.batch_size=8", "attackers.capped.replica.epochs=2",
     ]
     s = sim.run("single_knockoff", overrides, quiet=True)
-    atts = {a["id"]: a for a in s["attackers"]}
     table = analysis.read_run(str(tmp_path / "run"))
 
-    capped = atts["capped"]  # 8 queries per account: PRADA (min_pool 10) never gets a statistic
-    assert capped["accounts_used"] == 20 and capped["accounts_flagged"] == 0 and capped["refused"] == 0
+    capped = s.attacker("capped")  # 8 queries per account: PRADA (min_pool 10) never gets a statistic
+    assert capped.accounts_used == 20 and capped.accounts_flagged == 0 and capped.refused == 0
     counts = analysis.per_account_counts(table.filter(pc.equal(table.column("attack"), "knockoff")))
     assert all(n == 8 for a, n in counts.items() if a.startswith("capped-"))
 
-    churn = atts["single"]  # blocks of 20 queries: each account is flagged, refused once, then retired
-    assert churn["accounts_burned"] >= 1 and churn["refused"] >= 1
-    assert churn["accounts_burned"] <= churn["accounts_flagged"] <= churn["accounts_used"]
-    assert churn["queries"] + churn["unspent"] == 160
+    churn = s.attacker("single")  # blocks of 20 queries: each account is flagged, refused once, then retired
+    assert churn.accounts_burned >= 1 and churn.refused >= 1
+    assert churn.accounts_burned <= churn.accounts_flagged <= churn.accounts_used
+    assert churn.queries + churn.unspent == 160
     for account in {a for a in counts if a.startswith("single-")}:
         rows = table.filter(pc.equal(table.column("account_id"), account)).sort_by("query_index")
         actions = rows.column("action").to_pylist()

@@ -17,59 +17,59 @@ def test_distributed_jbda_prada_flags_one_account_not_fifty(ray_serve, cache_dir
     overrides = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY, *tiny_attacker("jbda"),
                  *tiny_attacker("distributed"), "attackers.distributed.batch_size=4"]
     s = sim.run("distributed_jbda", overrides, quiet=True)
-    atts = {a["id"]: a for a in s["attackers"]}
-    assert atts["jbda"]["attack"] == "jbda" and atts["jbda"]["queries"] == 200
-    assert atts["jbda"]["accounts_flagged"] == 1  # one account, 200 Jacobian steps around 20 seeds: caught
-    assert atts["distributed"]["accounts_used"] == 50 and atts["distributed"]["accounts_flagged"] == 0  # 4 each
-    assert s["detection"]["prada"]["flagged_benign_accounts"] == 0
-    assert s["evaluation"]["held_out_attack_seeds"] == 40  # two attackers' seeds, left out of the evaluation
-    assert s["evaluation"]["replica_test_images"] == 1000 - 40
-    for a in atts.values():
-        assert a["replica_test_accuracy"] > 0.3  # 200 in-domain queries teach far more than chance
+    jbda, dist = s.attacker("jbda"), s.attacker("distributed")
+    assert jbda.attack == "jbda" and jbda.queries == 200 and jbda.params["jacobian.seed_size"] == 20
+    assert jbda.accounts_flagged == 1  # one account, 200 Jacobian steps around 20 seeds: caught
+    assert dist.accounts_used == 50 and dist.accounts_flagged == 0  # 4 each
+    assert s.detection["prada"].flagged_benign_accounts == 0
+    assert s.evaluation.held_out_attack_seeds == 40  # two attackers' seeds, left out of the evaluation
+    assert s.evaluation.replica_test_images == 1000 - 40
+    for a in s.attackers:
+        assert a.replica.test_accuracy > 0.3  # 200 in-domain queries teach far more than chance
 
 
 @pytest.mark.parametrize("scenario,aid", [("single_jbda", "jbda"), ("jbtop3", "jbtop3")])
 def test_jacobian_scenarios_run_end_to_end(ray_serve, cache_dir, tmp_path, scenario, aid):
     overrides = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY, *tiny_attacker(aid, 120)]
     s = sim.run(scenario, overrides, quiet=True)
-    (att,) = s["attackers"]
-    assert att["queries"] == 120 and s["queries"]["logged"] == s["queries"]["total"]
-    assert att["replica_test_accuracy"] is not None
+    (att,) = s.attackers
+    assert att.queries == 120 and s.queries.logged == s.queries.total
+    assert att.replica is not None
 
 
 def test_label_only_knockoff_trains_on_hard_labels(ray_serve, small_overrides):
     s = sim.run("label_only_knockoff", small_overrides + ["attackers.single.replica.epochs=6"], quiet=True)
-    (att,) = s["attackers"]
-    assert att["labels"] == "hard" and att["queries"] == 160
-    assert att["replica_test_accuracy"] > 0.2
+    (att,) = s.attackers
+    assert att.labels == "hard" and att.queries == 160
+    assert att.replica.test_accuracy > 0.2
 
 
 def test_knockoff_budget_beyond_the_pool_with_replacement_and_augmentation(ray_serve, small_overrides):
     s = sim.run("single_knockoff", small_overrides + [
         "attackers.single.budget=1900", "attackers.single.sample_with_replacement=true",  # the pool has 1,797
         "attackers.single.augment=true", "attackers.single.replica.epochs=1", "benign.users=0"], quiet=True)
-    assert s["attackers"][0]["queries"] == 1900 and s["queries"]["logged"] == 1900
+    assert s.attackers[0].queries == 1900 and s.queries.logged == 1900
 
 
 def test_adaptive_knockoff_runs_over_two_actors(ray_serve, small_overrides):
     s = sim.run("single_knockoff", small_overrides + [
         "attackers.single.strategy=adaptive", "attackers.single.actors=2", "attackers.single.accounts=2",
         "attackers.single.batch_size=16", "attackers.single.replica.epochs=8", "benign.users=0"], quiet=True)
-    att = s["attackers"][0]
-    assert att["queries"] == 160 and att["replica_test_accuracy"] > 0.2
+    att = s.attackers[0]
+    assert att.queries == 160 and att.replica.test_accuracy > 0.2
 
 
 def test_dfme_scenario_reports_its_iterations(ray_serve, cache_dir, tmp_path):
     s = sim.run("dfme", [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", *TINY,
                          "attackers.dfme.budget=112", "attackers.dfme.dfme.batch=8", "attackers.dfme.batch_size=20",
                          "attackers.dfme.replica.epochs=2"], quiet=True)
-    (att,) = s["attackers"]
-    (stats,) = att["stats"]
+    (att,) = s.attackers
+    (stats,) = att.stats
     assert stats["queries_per_iteration"] == 8 * (1 * (1 + 1) + 5) == 56
     assert stats["iterations"] == 2 and stats["generator_updates"] == 2 and stats["student_updates"] == 10
     assert stats["unmoved_perturbations"] == 0.0  # the default step survives 8-bit rounding
-    assert att["queries"] == 112 and s["queries"]["logged"] == s["queries"]["total"]
-    assert att["replica_test_accuracy"] is not None
+    assert att.queries == 112 and s.queries.logged == s.queries.total
+    assert att.replica is not None
 
 
 def _write_idx(path, arr):
@@ -101,7 +101,7 @@ def test_fashion_knockoff_scenario_on_a_small_copy_of_fashion_mnist(ray_serve, c
                                      "victim.epochs=2", "benign.queries=40", "attackers.knockoff.budget=7000",
                                      "attackers.knockoff.batch_size=256", "serve.max_images=256",
                                      "attackers.knockoff.replica.epochs=1"], quiet=True)
-    assert s["victim"]["dataset"] == "fashion_mnist" and s["evaluation"]["replica_test_images"] == 200
-    (att,) = s["attackers"]
-    assert att["pool"] == "mnist5k+digits" and att["queries"] == 7000 > 5000 + 1797
-    assert s["queries"]["logged"] == s["queries"]["total"] == 7080
+    assert s.victim.dataset == "fashion_mnist" and s.evaluation.replica_test_images == 200
+    (att,) = s.attackers
+    assert att.params["pool"] == "mnist5k+digits" and att.queries == 7000 > 5000 + 1797
+    assert s.queries.logged == s.queries.total == 7080

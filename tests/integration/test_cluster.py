@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import sim
+
 from .conftest import SMALL, env_without_ray_address
 
 
@@ -22,10 +24,10 @@ def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
             capture_output=True, text=True, timeout=400, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert any(line.startswith("single ") and "knockoff" in line for line in proc.stdout.splitlines())
-        summary = json.load(open(tmp_path / "run" / "summary.json"))
-        assert summary["attackers"][0]["replica_test_accuracy"] is not None
-        assert summary["ray"]["nodes"] == 2 and summary["ray"]["client_nodes"] == 2
-        assert summary["queries"]["logged"] == summary["queries"]["total"] == 160 + 2 * 40
+        summary = sim.read_summary(str(tmp_path / "run"))
+        assert summary.attackers[0].replica is not None
+        assert summary.ray.nodes == 2 and summary.ray.client_nodes == 2
+        assert summary.queries.logged == summary.queries.total == 160 + 2 * 40
         assert os.listdir(tmp_path / "run" / "queries")[0].endswith(".parquet")
     finally:
         launcher.stdin.close()

@@ -1,7 +1,5 @@
 """Defenses in the serving path: a short MAD run end to end, and live reconfiguration on Serve."""
 
-import io
-
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -22,15 +20,14 @@ def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache
         "attackers.knockoff.budget=400", "attackers.label_only.budget=400",
         "attackers.knockoff.replica.epochs=6", "attackers.label_only.replica.epochs=6",
     ], quiet=True)
-    v, d = s["victim"], s["defense"]
-    eps = d["params"]["eps"]
-    assert d["name"] == "mad" and d["params"] == {"eps": eps, "norm": "l1", "jacobian": "last_layer"}
-    assert v["test_accuracy"] - v["defended_test_accuracy"] < 0.02  # honest users barely notice
-    atts = {a["id"]: a for a in s["attackers"]}
-    soft = atts["knockoff"]
-    assert soft["labels"] == "soft" and soft["replica_test_accuracy_undefended"] > 0.5
-    assert soft["replica_test_accuracy"] < soft["replica_test_accuracy_undefended"]
-    assert atts["label_only"]["labels"] == "hard" and atts["label_only"]["replica_test_accuracy_undefended"] is not None
+    v, d = s.victim, s.defense
+    eps = d.params["eps"]
+    assert d.name == "mad" and d.params == {"eps": eps, "norm": "l1", "jacobian": "last_layer"}
+    assert v.test_accuracy - v.defended_test_accuracy < 0.02  # honest users barely notice
+    soft, hard = s.attacker("knockoff"), s.attacker("label_only")
+    assert soft.labels == "soft" and soft.undefended.test_accuracy > 0.5
+    assert soft.replica.test_accuracy < soft.undefended.test_accuracy
+    assert hard.labels == "hard" and hard.undefended is not None
 
     # the log: per query, the L1 distortion (eps unless the vertex was closer) and whether top-1 changed
     table = analysis.read_run(str(run_dir))
@@ -42,8 +39,8 @@ def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache
     assert (l1 <= eps + 1e-4).all() and np.mean(np.abs(l1 - eps) < 1e-3) > 0.9
     changed = answered.column("top1_changed").to_numpy(zero_copy_only=False)
     assert np.array_equal(changed, returned.argmax(1) != clean.argmax(1))
-    assert d["top1_preserved_rate"] == pytest.approx(1 - changed.mean(), abs=1e-4)
-    assert d["l1_mean"] == pytest.approx(l1.mean(), abs=1e-4)
+    assert d.top1_preserved_rate == pytest.approx(1 - changed.mean(), abs=1e-4)
+    assert d.l1_mean == pytest.approx(l1.mean(), abs=1e-4)
 
 
 @pytest.fixture()
@@ -52,10 +49,8 @@ def victim_app(ray_serve, tmp_path):
 
     torch.manual_seed(0)
     model = models.build("lenet", (1, 28, 28), 10)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    spec = VictimSpec(victim="defvictim", run_id="t", arch="lenet", input_shape=(1, 28, 28), num_classes=10,
-                      state=buf.getvalue(), accounts={"key": Account("acct", "external")}, detectors={},
+    spec = VictimSpec(victim="defvictim", run_id="t", model=models.to_bytes(model, "lenet", (1, 28, 28), 10),
+                      input_shape=(1, 28, 28), accounts={"key": Account("acct", "external")}, detectors={},
                       rules={}, defense={"name": "identity"}, log_dir=str(tmp_path / "queries"),
                       log_inputs=False, max_images=16)
     handle = deploy(spec, "defvictim")
@@ -80,7 +75,7 @@ def test_defense_changes_live_without_restarting_the_replica(victim_app):
 
     with pytest.raises(ConfigError, match="defense.k must be an integer >= 1, got 0"):
         update_defense(spec, "defvictim", {"name": "top_k", "k": 0})
-    with pytest.raises(ConfigError, match="adaptive_misinformation needs its misinformation model"):
+    with pytest.raises(ConfigError, match="adaptive_misinformation needs its trained misinformation model"):
         update_defense(spec, "defvictim", {"name": "adaptive_misinformation"})
     assert handle.info.remote().result()["defense"] == {"name": "top_k", "k": 2}  # unchanged
 

@@ -23,17 +23,19 @@ def test_same_msp_and_cross_account_detectors_with_proof_of_work(ray_serve, smal
     ]
     s = sim.run("distributed_knockoff", overrides, quiet=True)
     run_dir = str(tmp_path / "run")
-    assert set(s["detection"]) == {"prada", "pooled_prada", "same", "msp", "link"}
-    msp = s["detection"]["msp"]
-    assert msp["action"] == "proof_of_work" and msp["calibration"]["target_fpr"] == 0.2
-    q = s["queries"]
-    assert q["challenged"] > 0 and q["refused"] == 0
+    assert set(s.detection) == {"prada", "pooled_prada", "same", "msp", "link"}
+    msp = s.detection["msp"]
+    assert msp.action == "proof_of_work" and msp.calibration["target_fpr"] == 0.2 and not msp.stateful
+    assert msp.threshold == msp.calibration["threshold"]
+    assert s.detection["link"].stateful and s.detection["pooled_prada"].kind == "prada"
+    q = s.queries
+    assert q.challenged > 0 and q.refused == 0
     # every challenged query was solved and answered in a resubmission: the clients got all they asked for
-    assert q["answered"] == q["total"] and q["logged"] == q["total"] + q["challenged"]  # challenge + answer rows
-    paid = [a["pow"] for a in s["attackers"]] + [s["benign"]["pow"]]
-    assert sum(p["queries"] for p in paid) == q["challenged"] and sum(p["seconds"] for p in paid) > 0
-    assert all(4 <= p["max_bits"] for p in paid if p["puzzles"])
-    assert all(a["queries"] == 160 and a["replica_test_accuracy"] is not None for a in s["attackers"])
+    assert q.answered == q.total and q.logged == q.total + q.challenged  # challenge + answer rows
+    paid = [a.pow for a in s.attackers] + [s.benign.pow]
+    assert sum(p.queries for p in paid) == q.challenged and sum(p.seconds for p in paid) > 0
+    assert all(4 <= p.max_bits for p in paid if p.puzzles)
+    assert all(a.queries == 160 and a.replica is not None for a in s.attackers)
 
     table = analysis.read_run(run_dir)
     challenged = table.filter(pc.equal(table.column("action"), "challenged"))
@@ -53,7 +55,7 @@ def test_same_msp_and_cross_account_detectors_with_proof_of_work(ray_serve, smal
 
     # the summary's detection quality is the offline analysis's
     rep = analysis.detection_report(table)
-    assert s["detection"]["msp"]["query_level"]["auroc"] == round(rep["msp"]["query"]["all"]["auroc"], 4)
+    assert s.detection["msp"].query_level.auroc == round(rep["msp"]["query"]["all"]["auroc"], 4)
     assert analysis.write_report(run_dir).endswith("report.md")
     assert os.path.exists(os.path.join(run_dir, "report", "roc_same.png"))
 

@@ -19,13 +19,10 @@ def victim_app(ray_serve, tmp_path):
     from ray import serve
 
     model = models.build("lenet", (1, 28, 28), 10)
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
     keys = {"good-key": Account("acct-1", "external")}
-    spec = VictimSpec(victim="httpvictim", run_id="t", arch="lenet", input_shape=(1, 28, 28), num_classes=10,
-                      state=buf.getvalue(), accounts=keys, detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}},
+    spec = VictimSpec(victim="httpvictim", run_id="t", model=models.to_bytes(model, "lenet", (1, 28, 28), 10),
+                      input_shape=(1, 28, 28), accounts=keys,
+                      detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}},
                       rules={}, defense={"name": "identity"},
                       log_dir=str(tmp_path / "queries"), log_inputs=True, max_images=4)
     deploy(spec, "httpvictim")

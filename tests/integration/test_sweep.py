@@ -10,6 +10,8 @@ import time
 
 import pyarrow.parquet as pq
 
+import sim
+
 from .conftest import SMALL, env_without_ray_address
 
 # 2 defenses x 2 values against the single Knockoff attacker, tiny budgets
@@ -58,12 +60,12 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
                                                                    ("random_noise", 0.5), ("random_noise", 1.0)]
     for r in table:  # every trial is a run directory like any run's, and its numbers are its summary's
         run = sweep_dir / "runs" / r["trial_id"]
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["queries"]["logged"] == summary["queries"]["total"] == 160 + 2 * 40
+        summary = sim.read_summary(str(run))
+        assert summary.queries.logged == summary.queries.total == 160 + 2 * 40
         assert any(f.endswith(".parquet") for f in os.listdir(run / "queries"))
-        assert r["single.replica_test_accuracy"] == summary["attackers"][0]["replica_test_accuracy"]
-        assert r["test_l1_mean"] == summary["defense"]["test_l1_mean"] > 0
-        assert summary["defense"]["name"] == r["curve"] and summary["defense"]["params"]["eps"] == r["param.eps"]
+        assert r["single.replica_test_accuracy"] == summary.attackers[0].replica.test_accuracy
+        assert r["test_l1_mean"] == summary.defense.test_l1_mean > 0
+        assert summary.defense.name == r["curve"] and summary.defense.params["eps"] == r["param.eps"]
     # bigger noise budgets distort more
     l1 = {(r["curve"], r["param.eps"]): r["test_l1_mean"] for r in table}
     assert l1[("mad", 1.0)] > l1[("mad", 0.5)] and l1[("random_noise", 1.0)] > l1[("random_noise", 0.5)]

@@ -6,7 +6,7 @@ import torch
 
 from actors.accounts import AccountSplitter, split_evenly
 from actors.benign import BenignStream
-from actors.knockoff import KnockoffRandom
+from actors.attacks.knockoff import KnockoffRandom
 from actors.replica import train_replica
 from sim import data
 from sim.config import ReplicaConfig
@@ -105,7 +105,7 @@ def test_knockoff_shards_never_repeat_an_image_and_respect_the_budget():
 
 
 def test_knockoff_with_replacement_and_augmentation_exceeds_the_pool_with_new_images():
-    from actors.knockoff import augment_images
+    from actors.attacks.knockoff import augment_images
 
     pool = data.load("digits").x_test[:50]
     shards = [KnockoffRandom(pool, 120, seed=3, shard=(i, 2), replacement=True, augment=True) for i in range(2)]
@@ -136,7 +136,7 @@ def test_replica_optimizer_option_changes_training_deterministically():
 
 
 def test_adaptive_knockoff_learns_the_rewarding_class_and_stays_finite():
-    from actors.knockoff import KnockoffAdaptive
+    from actors.attacks.knockoff import KnockoffAdaptive
 
     labels = np.repeat(np.arange(5), 40)
     pool = (labels[:, None, None, None] * 50 + np.zeros((200, 1, 28, 28))).astype(np.uint8)
@@ -161,7 +161,7 @@ def test_adaptive_knockoff_learns_the_rewarding_class_and_stays_finite():
 
 
 def test_adaptive_knockoff_survives_extreme_answers():
-    from actors.knockoff import KnockoffAdaptive
+    from actors.attacks.knockoff import KnockoffAdaptive
 
     labels = np.repeat(np.arange(3), 30)
     pool = np.random.default_rng(0).integers(0, 256, (90, 1, 28, 28), dtype=np.uint8)
@@ -224,7 +224,7 @@ def test_replica_training_is_deterministic_for_a_seed():
 
 
 def test_coarse_groups_separate_distinct_images_and_are_seeded():
-    from actors.knockoff import coarse_groups
+    from actors.attacks.knockoff import coarse_groups
 
     rng = np.random.default_rng(0)
     kinds = np.repeat(np.arange(3), 30)  # three kinds of image: dark, mid-grey, bright, plus noise
@@ -237,7 +237,7 @@ def test_coarse_groups_separate_distinct_images_and_are_seeded():
 
 
 def test_adaptive_knockoff_over_coarse_groups_of_an_unlabelled_pool():
-    from actors.knockoff import KnockoffAdaptive, coarse_groups
+    from actors.attacks.knockoff import KnockoffAdaptive, coarse_groups
 
     pool = data.load("digits").all_images()[:300]
     groups = coarse_groups(pool, 5, seed=0)

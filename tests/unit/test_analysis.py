@@ -99,7 +99,7 @@ def test_cli_writes_a_report_with_figures(run_dir, capsys):
     assert cli([run_dir, "--replay", "prada", "--group", "all", "--param", "delta=0.9"]) == 0
     text = open(os.path.join(run_dir, "report.md")).read()
     assert "## Detection" in text and "| replay_prada | query |" in text and "| cohort | account |" in text
-    for png in ("roc_prada.png", "roc_replay_prada.png", "prada_w.png"):
+    for png in ("roc_prada.png", "roc_replay_prada.png", "scores_prada.png"):
         path = os.path.join(run_dir, "report", png)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 
@@ -127,7 +127,7 @@ def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir,
     refused_only = table.filter(pc.equal(table.column("account_id"), "nobody"))
     assert "needs both attacker" in analysis.detection_report(refused_only)["prada"]["query"]["all"]["error"]
     (tmp_path / "summary.json").write_text('{"run_id": "x"}')  # not a run summary: ignored
-    assert analysis.read_summary(str(tmp_path)) == {}
+    assert analysis.read_summary(str(tmp_path)) is None
 
 
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):

@@ -14,7 +14,7 @@ def test_distributed_knockoff_extends_single_knockoff_and_meets_the_spec():
     single, dist = cfg.attackers["single"], cfg.attackers["distributed"]
     assert single.accounts == 1 and dist.accounts >= 20 and dist.actors >= 4
     assert single.budget == dist.budget
-    assert cfg.benign.users >= 2 and cfg.detectors.prada.enabled
+    assert cfg.benign.users >= 2 and cfg.detectors["prada"].enabled
     assert cfg.victim.arch == "lenet" and cfg.victim.dataset == "mnist5k"
 
 
@@ -29,7 +29,7 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("bogus=1", "unknown key 'bogus'; known keys here: name, description, seed"),
     ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
     ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),
-    ("detectors.prada.delta=1.5", "detectors.prada.delta must be <= 1, got 1.5"),
+    ("detectors.prada.delta=1.5", r"detectors.prada.delta must be a number in \(0, 1\], got 1.5"),
     ("detectors.prada.action=block", "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
@@ -42,11 +42,17 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("detector=5", "detector=5 must be a mapping"),
     ("attackers.single.split=zigzag", "attackers.single.split must be 'round_robin', 'random' or 'blocks'"),
     ("attackers.single.pool=digits+imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
-    ("attackers.single.attack=gan", "attackers.single.attack must be 'knockoff', 'jbda', 'jb_self', 'jb_top3' or 'dfme'"),
-    ("attackers.single.dfme.step=0", "attackers.single.dfme.step must be > 0, got 0"),
-    ("attackers.single.adaptive.arms=pixels", "attackers.single.adaptive.arms must be 'labels' or 'clusters'"),
+    ("attackers.single.attack=gan", "attackers.single.attack='gan' is not a known attack; expected one of: dfme, jbda"),
+    ("attackers.single.dfme.step=0", "unknown key 'attackers.single.dfme.step'; known keys here: attack, budget"),
+    ("attackers.single.adaptive.arms=pixels",
+     "attackers.single.adaptive.arms must be one of: labels, clusters, got 'pixels'"),
+    ("attackers.single.strategy=adaptive", None),
+    ("attackers.single.sample_with_replacement=true", None),
 ])
 def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(override, message):
+    if message is None:  # fine alone
+        config.load("single_knockoff", [override])
+        return
     with pytest.raises(ConfigError, match=message) as info:
         config.load("single_knockoff", [override])
     assert "\n" not in str(info.value)
@@ -54,7 +60,7 @@ def test_bad_overrides_are_one_line_errors_naming_key_value_and_expectation(over
 
 def test_detector_is_an_alias_of_detectors():
     cfg = config.load("single_knockoff", ["detector.prada.action=refuse", "detectors.prada.delta=0.9"])
-    assert cfg.detectors.prada.action == "refuse" and cfg.detectors.prada.delta == 0.9
+    assert cfg.detectors["prada"].action == "refuse" and cfg.detectors["prada"].delta == 0.9
 
 
 @pytest.mark.parametrize("run_dir,message", [
@@ -126,8 +132,11 @@ def test_cli_help_lists_scenarios_and_keys():
     proc = subprocess.run([sys.executable, "-m", "sim", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
-    assert "attackers.<id>.accounts" in proc.stdout and "detectors.prada.delta" in proc.stdout
-    assert "mad                      eps=1.0, norm=l1, jacobian=last_layer, seed=0" in proc.stdout
+    assert "attackers.<id>.accounts" in proc.stdout and "detectors.<name>.action" in proc.stdout
+    assert "  mad                      eps=1, norm=l1, jacobian=last_layer, seed=0\n" in proc.stdout
+    assert "  prada  delta=0.95, min_pool=50, skip_repeats=false, group=account\n" in proc.stdout
+    assert "  pooled_prada  kind=prada, enabled=false, group=all, skip_repeats=true\n" in proc.stdout
+    assert "DFME (Truong et al. 2021), data-free: a generator's images" in proc.stdout  # not cut at "al."
 
 
 def test_a_port_in_use_is_a_user_error():
@@ -194,7 +203,7 @@ def test_defense_as_a_plain_name_in_yaml(tmp_path):
     (["defense=mad", "defense.eps=-1"], "defense.eps must be a number >= 0, got -1"),
     (["defense=mad", "defense.epsilon=1"], "defense.epsilon is not a parameter of defense mad"),
     (["defense=madd"], "defense.name='madd' is not a known defense; expected one of: identity, top_k"),
-    (["defense=adaptive_misinformation"], "defense adaptive_misinformation needs an outlier-exposure victim, "
+    (["defense=adaptive_misinformation"], "defense adaptive_misinformation needs victim.training=outlier_exposure, "
                                            "but victim.training='standard'"),
     (["victim.training=fancy"], "victim.training must be 'standard', 'outlier_exposure' or 'dp_sgd', got 'fancy'"),
     (["victim.dp.noise_multiplier=-1"], "victim.dp.noise_multiplier must be >= 0, got -1"),
@@ -215,25 +224,30 @@ def test_adaptive_misinformation_with_an_outlier_exposure_victim_is_accepted():
 
 def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
     from sim import data
-    from sim.engine import plan_clients
+    from sim.plan import make_plan
 
     cfg = config.load("single_knockoff", ["attackers.single.strategy=adaptive",
                                           "attackers.single.adaptive.arms=clusters",
                                           "attackers.single.adaptive.clusters=5000"])
     with pytest.raises(ConfigError, match="attackers.single.adaptive.clusters=5000 exceeds the 1797 images of pool "
                                           "'digits'; expected at most 1797"):
-        plan_clients(cfg, data.load("mnist5k"))
+        make_plan(cfg, data.load("mnist5k"))
 
 
 @pytest.mark.parametrize("override, message", [
-    ("detectors.same.mask_ratio=1", "detectors.same.mask_ratio must be < 1, got 1"),
-    ("detectors.msp.target_fpr=0", "detectors.msp.target_fpr must be > 0, got 0"),
+    ("detectors.same.mask_ratio=1", r"detectors.same.mask_ratio must be a number in \(0, 1\), got 1"),
+    ("detectors.msp.target_fpr=0", r"detectors.msp.target_fpr must be a number in \(0, 1\) \(or null\), got 0"),
     ("detectors.prada.pow.bits_max=4", "bits_min \\(8\\) must be <= bits_max \\(4\\)"),
-    ("detectors.pooled_prada.group=ip", "detectors.pooled_prada.group must be 'account', 'actor', 'cohort' or 'all'"),
+    ("detectors.pooled_prada.group=ip",
+     "detectors.pooled_prada.group must be one of: account, actor, cohort, all, got 'ip'"),
     ("detectors.link.group=all", "unknown key 'detectors.link.group'"),
     ("detectors.same.action=block", "detectors.same.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work'"),
-    ("detectors.eDM.enabled=true", "unknown key 'detectors.eDM'; known keys here: prada, pooled_prada, same, msp, "
-                                   "msp_oe, link"),
+    ("detectors.eDM.enabled=true", "detectors.eDM.kind is missing: 'eDM' is not a shorthand .*; expected "
+                                   "detectors.eDM.kind= one of: link, msp, prada, same"),
+    ("detectors.p2.kind=prad", "detectors.p2.kind='prad' is not a known detector; expected one of: link, msp"),
+    ("detectors.p-2.kind=prada", "detector name 'p-2' must be letters, digits and '_'"),
+    ("detectors.prada.window=3", "unknown key 'detectors.prada.window'; known keys here: kind, enabled, action, pow, "
+                                 "perturb, delta, min_pool, skip_repeats, group"),
 ])
 def test_bad_detector_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -243,9 +257,10 @@ def test_bad_detector_settings_are_one_line_errors(override, message):
 def test_detector_defaults_survive_partial_overrides():
     cfg = config.load("single_knockoff", ["detectors.pooled_prada.enabled=true", "detectors.msp.action=perturb",
                                           "detectors.msp.perturb.eps=0.5", "detectors.msp.enabled=true"])
-    assert cfg.detectors.pooled_prada.group == "all"  # not the per-account default of plain PRADA
-    assert cfg.detectors.msp.perturb.spec() == {"name": "mad", "eps": 0.5}
-    assert list(cfg.detectors.enabled()) == ["prada", "pooled_prada", "msp"]
+    assert cfg.detectors["pooled_prada"].group == "all"  # not the per-account default of plain PRADA
+    assert cfg.detectors["pooled_prada"].kind == "prada" and cfg.detectors["pooled_prada"].skip_repeats
+    assert cfg.detectors["msp"].perturb.spec() == {"name": "mad", "eps": 0.5}
+    assert list(cfg.enabled_detectors()) == ["prada", "pooled_prada", "msp"]
     with pytest.raises(ConfigError, match="detectors.msp.perturb: defense.name='nope' is not a known defense"):
         config.load("single_knockoff", ["detectors.msp.enabled=true", "detectors.msp.action=perturb",
                                         "detectors.msp.perturb.name=nope"])

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from sim import data
+from sim import data, registry
 from sim.errors import ConfigError, DataError
 
 
@@ -59,7 +59,7 @@ def test_missing_fashion_mnist_names_the_path_and_the_fix(tmp_path):
 
 def test_missing_torchvision_dataset_names_root_and_download(tmp_path):
     with pytest.raises(DataError, match=f"MNIST not found under data.root='{tmp_path}'.*data.download=true"):
-        data._REGISTRY["mnist"](str(tmp_path), False)
+        registry.get("dataset", "mnist")(str(tmp_path), False)
 
 
 def test_unknown_dataset_lists_known():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.dfme import DFME, Generator, disagreement, mean_corrected_logits
+from actors.attacks.dfme import DFME, Generator, disagreement, mean_corrected_logits
 from sim import data, models
 from sim.training import predict_probs, to_float, train_classifier
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.jacobian import JacobianAttack, jacobian_step, targeted_step
+from actors.attacks.jacobian import JacobianAttack, jacobian_step, targeted_step
 from sim import data, models
 from sim.training import predict_probs, train_classifier
 

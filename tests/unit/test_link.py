@@ -72,7 +72,7 @@ def test_repeated_images_add_no_distance_when_skipped():
 @pytest.mark.parametrize("params, message", [
     ({"every": 0}, "link.every must be an integer >= 1, got 0"),
     ({"distance": -1}, "link.distance must be a number > 0, got -1"),
-    ({"delta": 2}, "prada.delta must be in \\(0, 1\\], got 2"),
+    ({"delta": 2}, "link.delta must be a number in \\(0, 1\\], got 2"),
 ])
 def test_bad_link_parameters_are_errors(params, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sim import data, detectors
-from sim.detectors import Prada
+from sim.detectors.prada import Prada
 
 
 def _synthetic_stream(n_seeds=10, steps=30, eps=0.03, seed=0):
@@ -54,10 +54,10 @@ def test_prada_keeps_accounts_apart_and_scores_in_batches_like_one_by_one():
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"delta": 0}, r"prada.delta must be in \(0, 1\], got 0"),
-    ({"delta": 1.2}, r"prada.delta must be in \(0, 1\], got 1.2"),
+    ({"delta": 0}, r"prada.delta must be a number in \(0, 1\], got 0"),
+    ({"delta": 1.2}, r"prada.delta must be a number in \(0, 1\], got 1.2"),
     ({"min_pool": 2}, "prada.min_pool must be an integer >= 3, got 2"),
-    ({"window": 5}, "prada: unknown parameter 'window'; expected one of: delta, min_pool"),
+    ({"window": 5}, "prada.window is not a parameter of detector prada; expected one of: delta, min_pool"),
 ])
 def test_prada_rejects_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
@@ -65,5 +65,5 @@ def test_prada_rejects_bad_parameters(params, message):
 
 
 def test_unknown_detector_lists_known():
-    with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: prada, same, msp, link"):
+    with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: link, msp, prada, same"):
         detectors.build("eDM")

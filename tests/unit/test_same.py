@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actors.dfme import DFME
+from actors.attacks.dfme import DFME
 from sim import data, detectors, models
 from sim.detectors.mae import MAE
 from sim.detectors.same import Same, SameModels, train_same
@@ -64,7 +64,7 @@ def test_same_survives_serialisation_and_flags_above_its_threshold(tiny):
 @pytest.mark.parametrize("params, message", [
     ({"weight": -1}, "same.weight must be a number >= 0, got -1"),
     ({"threshold": "high"}, "same.threshold must be a number"),
-    ({"alpha": 1}, "unknown parameter 'alpha'"),
+    ({"alpha": 1}, "same.alpha is not a parameter of detector same"),
 ])
 def test_bad_same_parameters_are_errors(tiny, params, message):
     with pytest.raises(ConfigError, match=message):

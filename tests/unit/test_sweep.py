@@ -4,11 +4,12 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from analysis import sweep as asweep
-from sim import sweep
+from sim import summary, sweep
 from sim.errors import ConfigError
 
 
@@ -78,7 +79,7 @@ def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
     # what a swept defense needs of the scenario is checked before any trial
     am = sweep.load("mad_eps", ["space={am: {name: adaptive_misinformation, tau: [0.5, 0.9]}}"])
     with pytest.raises(ConfigError, match="sweep.space.am on scenario 'mad_vs_knockoff': defense "
-                                          "adaptive_misinformation needs an outlier-exposure victim"):
+                                          "adaptive_misinformation needs victim.training=outlier_exposure"):
         sweep.base_config(am, [])
     assert sweep.base_config(am, ["victim.training=outlier_exposure"]).victim.training == "outlier_exposure"
 
@@ -154,13 +155,15 @@ def test_distortion_to_reach_interpolates_between_the_trials_around_the_target()
     assert l1 == pytest.approx(0.4 + 0.2 * (0.85 - 0.8) / (0.85 - 0.70))
 
 
-def _summary(acc, l1, defended):
-    return {"victim": {"defended_test_accuracy": defended}, "wall_seconds": 10.0,
-            "defense": {"test_l1_mean": l1, "test_top1_preserved_rate": 1.0, "l1_mean": l1},
-            "queries": {"total": 100, "refused": 0, "challenged": 0}, "benign": {"refused": 0},
-            "attackers": [{"id": "knockoff", "replica_test_accuracy": acc, "replica_fidelity": acc, "refused": 0,
-                           "accounts_flagged": 0, "accounts_burned": 0}],
-            "detection": {}}
+def _summary(acc, l1, defended) -> str:
+    """A run summary (the version-1 fixture, read as today's) with one attacker and these numbers."""
+    s = summary.parse(json.loads((Path(__file__).parent.parent / "data" / "summary_v1.json").read_text()))
+    s.victim.defended_test_accuracy = defended
+    s.defense = s.defense.model_copy(update={"test_l1_mean": l1, "test_top1_preserved_rate": 1.0, "l1_mean": l1})
+    s.attackers = [s.attackers[0].model_copy(update={"id": "knockoff", "undefended": None,
+                                                     "replica": summary.Replica(test_accuracy=acc, fidelity=acc)})]
+    s.detection = {}
+    return s.model_dump_json()
 
 
 def test_sweep_report_from_trial_directories(tmp_path):
@@ -176,7 +179,7 @@ def test_sweep_report_from_trial_directories(tmp_path):
         run.mkdir(parents=True)
         (run / "trial.json").write_text(json.dumps({"trial_id": tid, "curve": curve,
                                                     "defense": {"name": curve, "eps": eps}}))
-        (run / "summary.json").write_text(json.dumps(_summary(acc, eps, 0.99 - eps / 10)))
+        (run / "summary.json").write_text(_summary(acc, eps, 0.99 - eps / 10))
     stopped = tmp_path / "runs" / "t3"
     stopped.mkdir()
     (stopped / "trial.json").write_text(json.dumps({"trial_id": "t3", "curve": "random_noise",

@@ -3,16 +3,19 @@
 By default it samples without replacement; an actor of a distributed attacker takes its own shard of the
 shuffled pool so the attacker as a whole never queries an image twice. With ``replacement=True`` the budget
 may exceed the pool: each actor draws with replacement. With ``augment=True`` every query is lightly augmented
-(a random shift of up to 2 pixels and a brightness scale in [0.9, 1.1]), so that repeats are new queries. The answers form the replica's transfer set.
+(a random shift of up to 2 pixels and a brightness scale in [0.9, 1.1]), so that repeats are new queries. The
+answers form the replica's transfer set.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from sim import data
 from sim.errors import ConfigError
+from sim.registry import Param, register
 
-from .base import CollectingStream
+from .base import Attack, AttackContext, CollectingStream
 
 
 def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
@@ -44,7 +47,6 @@ class KnockoffRandom(CollectingStream):
         if augment:
             picks = augment_images(picks, np.random.default_rng([seed, index]))
         super().__init__(picks, np.arange(budget))  # an actor carries only its own shard
-
 
 
 def coarse_groups(images: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -178,3 +180,64 @@ class KnockoffAdaptive(CollectingStream):
             grad += (r - self._baseline) * ((np.arange(len(pi)) == a) - pi)
         h = self.preferences + self.lr * grad  # a new array: Ray hands actors read-only numpy arrays
         self.preferences = h - h.max()  # only differences matter; keeps them bounded
+
+
+@register("attack")
+class KnockoffNets(Attack):
+    """Knockoff Nets (Orekondy et al. 2019): natural images from a pool, drawn at random or chosen by a gradient
+    bandit over the pool's classes; each actor takes its own shard of the shuffled pool."""
+
+    name = "knockoff"
+    params = {
+        "pool": Param("digits", str, help="natural query pool: a dataset, or several of one image shape joined by "
+                                          "'+' (their train and test images together)"),
+        "strategy": Param("random", str, choices=("random", "adaptive"),
+                          help="random sampling, or the gradient bandit over the pool's classes"),
+        "sample_with_replacement": Param(False, bool, help="draw pool images with replacement, so the budget may "
+                                                           "exceed the pool"),
+        "augment": Param(False, bool, help="shift (up to 2 px) and rescale the brightness of each query"),
+        "adaptive.arms": Param("labels", str, choices=("labels", "clusters"),
+                               help="bandit arms: the pool's classes, or coarse groups (k-means on the images)"),
+        "adaptive.clusters": Param(10, int, low=2, help="k-means groups when adaptive.arms=clusters"),
+        "adaptive.lr": Param(0.01, low=0, low_open=True, help="gradient-bandit step size"),
+        "adaptive.rewards": Param(list(REWARDS), list, choices=REWARDS,
+                                  help="reward signals, summed once standardised"),
+        "adaptive.window": Param(25, int, low=1, help="answers averaged by the diversity reward"),
+    }
+
+    @classmethod
+    def _check_params(cls, values: dict, owner: str) -> None:
+        if values["strategy"] == "adaptive" and values["sample_with_replacement"]:
+            raise ConfigError(f"{owner}.strategy=adaptive samples without replacement; expected "
+                              f"{owner}.sample_with_replacement=false")
+        for part in values["pool"].split("+"):
+            data.check_name(f"{owner}.pool", part)
+
+    def sources(self, ctx: AttackContext) -> list:
+        """One source per actor, each with its own shard of the shuffled pool (the adaptive strategy: its own
+        bandit over its own shard)."""
+        v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
+        pool, labels = data.load_pool(v["pool"], ctx.data_root, ctx.download)
+        budget = sum(ctx.budgets)
+        if pool.shape[1:] != ds.x_train.shape[1:]:
+            raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} has images of shape {pool.shape[1:]}, but the "
+                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+        if budget > len(pool) and not v["sample_with_replacement"]:
+            raise ConfigError(f"{ctx.owner}.budget={budget} exceeds the {len(pool)} images of pool {v['pool']!r} "
+                              f"(Knockoff samples without replacement); expected at most {len(pool)}, or "
+                              f"{ctx.owner}.sample_with_replacement=true")
+        if v["strategy"] == "random":
+            return [KnockoffRandom(pool, b, seed=ctx.seed("pool"), shard=(i, actors),
+                                   replacement=v["sample_with_replacement"], augment=v["augment"])
+                    for i, b in enumerate(ctx.budgets)]
+        if v["adaptive.arms"] == "clusters":
+            if v["adaptive.clusters"] > len(pool):
+                raise ConfigError(f"{ctx.owner}.adaptive.clusters={v['adaptive.clusters']} exceeds the {len(pool)} "
+                                  f"images of pool {v['pool']!r}; expected at most {len(pool)}")
+            labels = coarse_groups(pool, v["adaptive.clusters"], ctx.seed("groups"))
+        order = np.random.default_rng(ctx.seed("pool")).permutation(len(pool))
+        shards = [order[i::actors] for i in range(actors)]
+        return [KnockoffAdaptive(pool[sh], labels[sh], b, arch=ctx.arch, num_classes=ds.num_classes,
+                                 seed=ctx.seed("bandit", i), lr=v["adaptive.lr"], rewards=tuple(v["adaptive.rewards"]),
+                                 window=v["adaptive.window"])
+                for i, (sh, b) in enumerate(zip(shards, ctx.budgets))]

@@ -29,9 +29,10 @@ from torch import nn
 
 from sim import models
 from sim.errors import ConfigError
+from sim.registry import Param, register
 from sim.training import to_float
 
-from .base import TransferSet
+from .base import Attack, AttackContext, TransferSet
 
 
 class Generator(nn.Module):
@@ -206,3 +207,31 @@ class DFME:
                 "generator_updates": self.generator_updates, "student_updates": self.student_updates,
                 "step": round(self.step, 6),
                 "unmoved_perturbations": round(self._unmoved / self._perturbed, 4) if self._perturbed else None}
+
+
+@register("attack")
+class DataFreeExtraction(Attack):
+    """DFME (Truong et al. 2021), data-free: a generator's images, steered by a zeroth-order estimate of where
+    the student and the victim disagree; each actor its own generator and student."""
+
+    name = "dfme"
+    params = {
+        "dfme.batch": Param(64, int, low=1, help="generator images per step (B)"),
+        "dfme.directions": Param(1, int, low=1, help="random directions per image of the gradient estimate (m)"),
+        "dfme.step": Param(None, low=0, high=1, low_open=True,
+                           help="forward-difference step, L2 norm in [0, 1] pixel units (unset: sqrt(C*H*W)/255, "
+                                "one gray level RMS)"),
+        "dfme.generator_steps": Param(1, int, low=1, help="generator updates per iteration"),
+        "dfme.student_steps": Param(5, int, low=1, help="student updates per iteration"),
+        "dfme.lr_student": Param(0.1, low=0, low_open=True, help="student SGD learning rate (momentum 0.9)"),
+        "dfme.lr_generator": Param(1e-4, low=0, low_open=True, help="generator Adam learning rate"),
+        "dfme.nz": Param(100, int, low=1, help="generator noise dimension"),
+    }
+
+    def sources(self, ctx: AttackContext) -> list:
+        v = {k.removeprefix("dfme."): value for k, value in self.values.items()}
+        return [DFME(ctx.dataset.input_shape, b, arch=ctx.arch, num_classes=ctx.dataset.num_classes,
+                     batch_size=v["batch"], directions=v["directions"], step=v["step"],
+                     generator_steps=v["generator_steps"], student_steps=v["student_steps"],
+                     lr_student=v["lr_student"], lr_generator=v["lr_generator"], nz=v["nz"], seed=ctx.seed("dfme", i))
+                for i, b in enumerate(ctx.budgets)]

@@ -1,4 +1,8 @@
-"""The query-source interface that the client actor drives, and the shared pool-walking part.
+"""Attacks: their declaration, and the query-source interface that the client actor drives.
+
+An attack kind is an :class:`Attack` subclass registered with ``@register("attack")``: it declares its parameters
+(``params``, set as ``attackers.ID.PARAM``; dotted names nest, ``jacobian.lam``) and builds one query source
+per actor of the attacker (:meth:`Attack.sources`).
 
 A source is pure (no Ray): ``propose(n)`` returns the next at most n queries (uint8 images),
 ``observe(x, probs, answered)`` takes the victim's answers, ``transfer_set()`` returns what a replica
@@ -8,7 +12,38 @@ reports what the method did (rounds, iterations, arm probabilities; JSON-ready).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
+
+from sim.data import Dataset
+from sim.registry import Component
+
+
+@dataclass
+class AttackContext:
+    """What planning gives an attack to build its sources."""
+
+    owner: str  # the attacker's settings ("attackers.ID"), for error messages
+    dataset: Dataset  # the victim's data: image shape, classes, and the test split that natural seeds come from
+    budgets: list[int]  # queries of each actor
+    arch: str  # the replica's architecture (of substitutes and students too)
+    seed: Callable[..., int]  # seed(name, *more): a child of the scenario's seed for this attacker
+    data_root: str | None = None  # where pools are read (data.root, data.download)
+    download: bool = False
+    held_out: set[int] = field(default_factory=set)  # test images queried as seeds: replicas are not evaluated on them
+
+
+class Attack(Component):
+    """An attack kind with its parameters (``self.values``); :meth:`sources` splits it over the actors."""
+
+    category = "attack"
+
+    @abstractmethod
+    def sources(self, ctx: AttackContext) -> list:
+        """One query source per actor (``ctx.budgets``); test images used as seeds go into ``ctx.held_out``."""
 
 
 class PoolStream:

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from sim import models
+from sim.errors import ConfigError
+from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
-from .base import TransferSet
+from .base import Attack, AttackContext, TransferSet
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
 
@@ -137,3 +139,58 @@ class JacobianAttack:
         self._pending, self._pending_labels = grown, grown_labels
         self.round += 1
         self.queries_per_round.append(len(grown))
+
+
+class JacobianAugmentation(Attack):
+    """The three Jacobian attacks' declaration: their settings, and one source per actor, each growing its own
+    shard of the seed set. The seeds come from the victim's test split (which it never trained on) and are left
+    out of the replicas' evaluation."""
+
+    params = {
+        "jacobian.seed_size": Param(150, int, low=1, help="seed images from the victim's test split (never trained "
+                                                          "on)"),
+        "jacobian.lam": Param(0.1, low=0, high=1, low_open=True, help="step size of the Jacobian augmentation"),
+        "jacobian.rounds": Param(6, int, low=0, help="augmentation rounds"),
+        "jacobian.tau": Param(3, int, low=1, help="the step's sign flips every tau rounds"),
+        "jacobian.substitute_epochs": Param(10, int, low=1, help="substitute training epochs per round"),
+    }
+
+    def sources(self, ctx: AttackContext) -> list:
+        v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
+        size = v["jacobian.seed_size"]
+        if size > len(ds.x_test) // 2:
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
+                              f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
+        if size < actors:
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} is less than actors={actors}; expected at "
+                              f"least one seed per actor")
+        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(ds.x_test), size, replace=False)
+        ctx.held_out.update(idx.tolist())
+        return [JacobianAttack(self.name, ds.x_test[idx[i::actors]], ds.y_test[idx[i::actors]], b, arch=ctx.arch,
+                               num_classes=ds.num_classes, lam=v["jacobian.lam"], rounds=v["jacobian.rounds"],
+                               tau=v["jacobian.tau"], substitute_epochs=v["jacobian.substitute_epochs"],
+                               seed=ctx.seed("jacobian", i))
+                for i, b in enumerate(ctx.budgets)]
+
+
+@register("attack")
+class JBDA(JacobianAugmentation):
+    """JBDA (Papernot et al. 2017): steps x + lam * sign of the substitute's input gradient for the seed's true
+    class, grown from a few natural seeds round by round."""
+
+    name = "jbda"
+
+
+@register("attack")
+class JBSelf(JacobianAugmentation):
+    """JB-self (Juuti et al. 2019): JBDA with the victim's top-1 answer in place of the true class."""
+
+    name = "jb_self"
+
+
+@register("attack")
+class JBTop3(JacobianAugmentation):
+    """JB-top3 (Juuti et al. 2019): a targeted step toward each of the substitute's top-3 classes other than the
+    victim's top-1, three new points per point."""
+
+    name = "jb_top3"

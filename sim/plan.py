@@ -1,0 +1,111 @@
+"""Who queries the victim, through which accounts, with what: a scenario's plan, made before any Ray starts.
+
+A plan has the accounts (API key -> account) and one :class:`ClientPlan` per client actor: each benign user,
+and each actor of each attacker, with its share of the attacker's accounts and budget and the pure query
+source its attack built for it (:meth:`actors.attacks.base.Attack.sources`). Everything random derives from the
+scenario's seed, so the same scenario gives the same plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import registry
+from .config import ScenarioConfig
+from .data import Dataset
+from .protocol import Account, make_keys
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A child seed for a named random choice, stable across runs and processes."""
+    digest = hashlib.sha256(repr((seed, *names)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class ClientPlan:
+    """One client actor: who it is, which accounts it drives, what it sends; ``result`` once it ran."""
+
+    actor_id: str
+    role: str  # attacker / benign
+    attacker: str | None  # the attacker id in the scenario, None for benign users
+    accounts: list[str]  # account ids
+    budget: int
+    batch_size: int
+    split: str
+    source: object  # a pure query source (propose / observe / transfer_set)
+    keys: list[str] | None = None  # the accounts' API keys
+    strategy: dict | None = None  # account_cap, max_rate, churn
+    seed: int = 0  # of the account split
+    result: dict | None = None  # what the actor reports (sent, refused, per account, seconds, stats, pow)
+
+
+@dataclass
+class Plan:
+    """Who queries through which accounts: the accounts table and the client actors."""
+
+    accounts: dict[str, Account]  # api key -> account
+    clients: list[ClientPlan]
+    held_out: set[int] = dataclasses.field(default_factory=set)  # test images used as attack seeds
+
+    def of(self, attacker: str | None = None, role: str | None = None) -> list[ClientPlan]:
+        return [c for c in self.clients if (attacker is None or c.attacker == attacker)
+                and (role is None or c.role == role)]
+
+    def eval_indices(self, n_test: int) -> np.ndarray:
+        """The test images replicas are evaluated on: all but the attack seeds taken from the test split."""
+        return np.setdiff1d(np.arange(n_test), sorted(self.held_out))
+
+
+def make_plan(cfg: ScenarioConfig, ds: Dataset) -> Plan:
+    """Accounts, keys and client actors of a scenario on the victim's dataset ``ds``. Each attack builds its
+    sources here, so a pool too small for a budget fails before any training."""
+    from actors.accounts import split_evenly
+    from actors.benign import BenignStream
+
+    seed = cfg.seed
+    clients: list[ClientPlan] = []
+    accounts: list[Account] = []
+    for u in range(cfg.benign.users):
+        acct = Account(f"benign-{u}", "benign", cohort=f"benign-{u}")  # honest users sign up one by one
+        accounts.append(acct)
+        clients.append(ClientPlan(f"benign-{u}", "benign", None, [acct.account_id], cfg.benign.queries,
+                                  cfg.benign.batch_size, "round_robin",
+                                  BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u)),
+                                  seed=derive_seed(seed, "split", f"benign-{u}")))
+    held_out: set[int] = set()
+    for aid, att in cfg.attackers.items():
+        per_cohort = att.cohort_size or att.accounts
+        accts = [Account(f"{aid}-{j:04d}", "attacker", att.attack, f"{aid}-c{j // per_cohort}")
+                 for j in range(att.accounts)]
+        accounts += accts
+        budgets = split_evenly(att.budget, att.actors)
+        shares = split_evenly(att.accounts, att.actors)
+        ctx = _attack_context(cfg, aid, ds, budgets)
+        sources = registry.build("attack", att.attack, **att.params()).sources(ctx)
+        held_out |= ctx.held_out
+        first = 0
+        for i, (share, source) in enumerate(zip(shares, sources)):
+            mine = [a.account_id for a in accts[first:first + share]]
+            first += share
+            actor_id = f"{aid}-actor{i}"
+            clients.append(ClientPlan(actor_id, "attacker", aid, mine, budgets[i], att.batch_size, att.split, source,
+                                      strategy={"cap": att.account_cap, "max_rate": att.max_rate, "churn": att.churn},
+                                      seed=derive_seed(seed, "split", actor_id)))
+    keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
+    key_of = {a.account_id: k for k, a in keys.items()}
+    for c in clients:
+        c.keys = [key_of[a] for a in c.accounts]
+    return Plan(keys, clients, held_out)
+
+
+def _attack_context(cfg: ScenarioConfig, aid: str, ds: Dataset, budgets: list[int]):
+    from actors.attacks.base import AttackContext
+
+    return AttackContext(owner=f"attackers.{aid}", dataset=ds, budgets=budgets, arch=cfg.replica_arch(aid),
+                         seed=lambda name, *more: derive_seed(cfg.seed, name, aid, *more),
+                         data_root=cfg.data.root, download=cfg.data.download)

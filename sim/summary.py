@@ -1,0 +1,297 @@
+"""The run summary: the project's second data contract (the query log's schema is the first).
+
+:class:`Summary` is written by the run core (:mod:`sim.summarize`) as ``RUN/summary.json`` and read back through
+the same definition by the offline analysis, the sweeps and the benchmarks (:func:`read`). It carries its
+``version``; a version-1 summary (written before the version field existed) is upgraded on reading.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from . import storage
+
+SUMMARY_VERSION = 2
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Victim(_Part):
+    name: str
+    dataset: str
+    arch: str
+    test_accuracy: float
+    trained_now: bool
+    train_seconds: float
+    training: str
+    dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent at dp.delta
+    dp: dict[str, Any] | None = None
+    checkpoint: str
+    defended_test_accuracy: float  # what honest users get on the test set, through the defense
+
+
+class Distortion(_Part):
+    """What the defense did to answered queries: mean L1 between clean and returned vectors, top-1 kept."""
+
+    answered: int | None = None
+    l1_mean: float | None = None
+    top1_preserved_rate: float | None = None
+
+
+class Defense(_Part):
+    name: str
+    params: dict[str, Any]
+    l1_mean: float | None = None  # over the answered queries of the run
+    top1_preserved_rate: float | None = None
+    test_l1_mean: float  # over the victim's test set
+    test_top1_preserved_rate: float
+    by_role: dict[str, Distortion] = {}
+
+
+class Evaluation(_Part):
+    replica_test_images: int  # test images replicas are evaluated on (all but attack seeds)
+    held_out_attack_seeds: int
+
+
+class Queries(_Part):
+    total: int  # what the clients say they sent
+    answered: int  # including perturbed ones and those answered after a proof of work
+    perturbed: int
+    challenged: int
+    refused: int
+    logged: int  # rows in the query log
+
+
+class ProofOfWork(_Part):
+    """Proof of work the clients did: puzzles solved, queries they covered, hashes, seconds, hardest puzzle."""
+
+    puzzles: int = 0
+    queries: int = 0
+    hashes: int = 0
+    seconds: float = 0.0
+    max_bits: int = 0
+
+
+class Replica(_Part):
+    test_accuracy: float
+    fidelity: float  # top-1 agreement with the victim on its test set
+
+
+class Attacker(_Part):
+    id: str
+    attack: str
+    params: dict[str, Any] = {}  # the attack's own parameters
+    accounts: int
+    actors: int
+    split: str
+    account_cap: int | None = None
+    max_rate: float | None = None
+    churn: bool = False
+    queries: int
+    refused: int
+    unspent: int  # budget left when every account had retired
+    accounts_used: int
+    accounts_flagged: int  # flagged by any detector
+    accounts_flagged_by: dict[str, int] = {}  # per detector
+    pow: ProofOfWork = ProofOfWork()
+    accounts_burned: int = 0
+    labels: str  # what the replica trained on: soft (the returned vectors) or hard (top-1 labels)
+    replica: Replica | None = None  # None when every query was refused
+    undefended: Replica | None = None  # the same queries and training on the clean answers (a defense was on)
+    stats: list[dict[str, Any]] = []  # per actor: what the method did
+
+
+class Benign(_Part):
+    users: int
+    queries: int
+    refused: int
+    accounts_flagged: int | None = None  # by any detector (unknown in version-1 summaries)
+    pow: ProofOfWork = ProofOfWork()
+
+
+class Client(_Part):
+    actor_id: str
+    role: str
+    attacker: str | None = None
+    queries: int
+    refused: int
+    seconds: float
+    per_account: dict[str, int]
+
+
+class Quality(_Part):
+    """Detection quality over all attacks: AUROC, AUPR, FPR95, FPR90 in [0, 1], or why there is none."""
+
+    auroc: float | None = None
+    aupr: float | None = None
+    fpr95: float | None = None
+    fpr90: float | None = None
+    error: str | None = None
+
+
+class Detector(_Part):
+    kind: str
+    stateful: bool  # flags keys for good (else single queries)
+    action: str
+    group: str
+    params: dict[str, Any]  # the parameters of its one-line description
+    threshold: float | None = None  # the score at which it flags
+    calibration: dict[str, Any] | None = None  # a threshold calibrated for a benign false-positive rate
+    flagged_accounts: int
+    flagged_attacker_accounts: int
+    flagged_benign_accounts: int
+    attacker_accounts: int
+    benign_accounts: int
+    flagged_queries: dict[str, int] = {}
+    query_level: Quality = Quality()
+    account_level: Quality = Quality()
+
+
+class Ray(_Part):
+    nodes: int | None = None
+    client_nodes: int
+
+
+class Serve(_Part):
+    app: str
+    port: int | None = None
+    url: str | None = None
+
+
+class Summary(_Part):
+    version: int = SUMMARY_VERSION
+    run_id: str
+    scenario: str
+    run_dir: str
+    seed: int
+    victim: Victim
+    defense: Defense
+    evaluation: Evaluation
+    queries: Queries
+    attackers: list[Attacker]
+    benign: Benign
+    clients: list[Client]
+    ray: Ray
+    detection: dict[str, Detector]
+    serve: Serve | None = None
+    timings: dict[str, float] = {}
+    wall_seconds: float = 0.0
+
+    def attacker(self, aid: str) -> Attacker:
+        return next(a for a in self.attackers if a.id == aid)
+
+    def write(self, run_dir: str) -> None:
+        storage.write_text(storage.join(run_dir, "summary.json"), self.model_dump_json(indent=2))
+
+
+class SummaryError(ValueError):
+    """A file that is not a run summary this version can read."""
+
+
+def parse(data: dict) -> Summary:
+    """A summary from its JSON mapping, upgraded from version 1 if need be."""
+    if not isinstance(data, dict):
+        raise SummaryError(f"a run summary is a JSON object, got {type(data).__name__}")
+    version = data.get("version", 1)
+    if version > SUMMARY_VERSION:
+        raise SummaryError(f"summary version {version} is newer than this mlsim reads ({SUMMARY_VERSION})")
+    if version == 1:
+        data = _upgrade_v1(data)
+    try:
+        return Summary.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SummaryError(f"not a run summary: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def read(run_dir: str) -> Summary | None:
+    """The run's ``summary.json``, or None when it is missing or is not a run summary (a crashed run: a report
+    is then built from the log alone)."""
+    path = storage.join(run_dir, "summary.json")
+    try:
+        return parse(json.loads(storage.read_text(path))) if storage.exists(path) else None
+    except (ValueError, SummaryError):
+        return None
+
+
+def _upgrade_v1(old: dict) -> dict:
+    """Version 1 had each replica's numbers as flat keys (``replica_test_accuracy``, ``…_undefended``), the
+    Knockoff pool as a key of every attacker, and no flag threshold or statefulness per detector."""
+    from . import detectors, registry
+
+    data = {**old, "version": SUMMARY_VERSION}
+    attackers = []
+    for a in old.get("attackers", []):
+        a = dict(a)
+        for name, suffix in (("replica", ""), ("undefended", "_undefended")):
+            acc, fid = a.pop(f"replica_test_accuracy{suffix}", None), a.pop(f"replica_fidelity{suffix}", None)
+            a[name] = {"test_accuracy": acc, "fidelity": fid} if acc is not None else None
+        pool = a.pop("pool", None)
+        a["params"] = {"pool": pool} if a.get("attack") == "knockoff" and pool else {}
+        attackers.append(a)
+    data["attackers"] = attackers
+    known = registry.names("detector")
+    data["detection"] = {name: {**d, "stateful": detectors.get(d["kind"]).stateful if d.get("kind") in known
+                                else True}
+                         for name, d in old.get("detection", {}).items()}
+    return data
+
+
+def format_summary(s: Summary) -> str:
+    """The summary as a small text table for the terminal."""
+    v, q, d = s.victim, s.queries, s.defense
+    params = ", ".join(f"{k}={val}" for k, val in d.params.items())
+    dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
+    lines = [
+        f"run {s.run_id}  ->  {s.run_dir}",
+        f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"
+        f"{' (trained now)' if v.trained_now else ' (cached)'}",
+        f"defense {d.name}{f' ({params})' if params else ''}: defended test accuracy "
+        f"{v.defended_test_accuracy:.4f}, test L1 {d.test_l1_mean:.3f}, top-1 kept {d.test_top1_preserved_rate:.3f}",
+        f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed), {q.challenged} "
+        f"challenged with proof of work, {q.refused} refused, {q.logged} log rows",
+        "",
+        f"{'attacker':<14}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
+        f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",
+    ]
+
+    def num(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    for a in s.attackers:
+        lines.append(f"{a.id:<14}{a.attack:<10}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
+                     f"{a.accounts_flagged:>8}{num(a.replica and a.replica.test_accuracy):>12}"
+                     f"{num(a.replica and a.replica.fidelity):>9}{num(a.undefended and a.undefended.test_accuracy):>15}")
+    b = s.benign
+    flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
+    lines += [f"{'benign':<14}{'-':<10}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
+              f"{'-':>12}{'-':>9}{'-':>15}", ""]
+    for name, det in s.detection.items():
+        shown = {**det.params, **({"threshold": det.calibration["threshold"]} if det.calibration else {})}
+        params = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in shown.items()
+                           if val is not None)
+        ql, fq = det.query_level, det.flagged_queries
+        quality = f"; query AUROC {ql.auroc:.3f}, FPR95 {ql.fpr95:.3f}" if ql.auroc is not None else ""
+        if det.stateful:  # an account is flagged for good
+            flagged = (f"flagged {det.flagged_attacker_accounts}/{det.attacker_accounts} attacker accounts, "
+                       f"{det.flagged_benign_accounts}/{det.benign_accounts} benign")
+        else:  # queries are flagged one by one
+            def rate(k):
+                return fq[f"{k}_queries"] / max(fq[f"{k}_queries_total"], 1)
+
+            flagged = (f"flagged {rate('attacker'):.1%} of attacker queries, {rate('benign'):.1%} of benign"
+                       if fq else "flagged nothing")
+        lines.append(f"{name} ({params}; action={det.action}, group={det.group}): {flagged}{quality}")
+    if not s.detection:
+        lines.append("no detectors")
+    paid = [(a.id, a.pow) for a in s.attackers] + [("benign", s.benign.pow)]
+    if any(p.puzzles for _, p in paid):
+        lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "
+                                                         f"{p.hashes:,} hashes)" for who, p in paid))
+    lines.append(f"wall time {s.wall_seconds:.1f} s")
+    return "\n".join(lines)

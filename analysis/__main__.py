@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="directory for the comparison of several runs")
     args = ap.parse_args(argv)
 
-    from sim.errors import SimError
     from sim import storage
+    from sim.errors import SimError
     from sim.querylog import exists
 
     from . import comparison, plots, sweep, write_report

@@ -51,7 +51,8 @@ def _metrics_or_reason(labels, scores, what) -> dict:
     try:
         return detection_metrics(labels, scores, what)
     except MetricError as exc:
-        return {"error": str(exc), "positives": int(np.sum(labels)), "negatives": int(np.sum(~np.asarray(labels, bool)))}
+        labels = np.asarray(labels, bool)
+        return {"error": str(exc), "positives": int(labels.sum()), "negatives": int((~labels).sum())}
 
 
 def detection_report(table: pa.Table, detectors: list[str] | None = None,
@@ -87,8 +88,10 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
             flags = np.asarray(pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False), bool)[judged]
             flagged = set(accounts[flags])
             entry["flagged"] = {
-                "attacker_accounts": len(flagged & set(accounts[attacker])), "attacker_total": len(set(accounts[attacker])),
-                "benign_accounts": len(flagged & set(accounts[~attacker])), "benign_total": len(set(accounts[~attacker])),
+                "attacker_accounts": len(flagged & set(accounts[attacker])),
+                "attacker_total": len(set(accounts[attacker])),
+                "benign_accounts": len(flagged & set(accounts[~attacker])),
+                "benign_total": len(set(accounts[~attacker])),
                 "attacker_queries": int(flags[attacker].sum()), "benign_queries": int(flags[~attacker].sum()),
                 "attacker_queries_total": int(attacker.sum()), "benign_queries_total": int((~attacker).sum()),
             }

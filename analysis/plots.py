@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pyarrow as pa
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

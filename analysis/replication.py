@@ -14,7 +14,9 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
     solving time the clients reported), and from the summary the accounts flagged and burned and the
     replica's accuracy and fidelity; plus the defense's cost to honest users."""
-    col = lambda name: np.asarray(table.column(name).to_pylist(), dtype=object)
+    def col(name):
+        return np.asarray(table.column(name).to_pylist(), dtype=object)
+
     role, account, action, attack = col("role"), col("account_id"), col("action"), col("attack")
     resub = col("resubmission").astype(bool) if "resubmission" in table.column_names else np.zeros(len(role), bool)
     seconds = np.array([s or 0.0 for s in table.column("pow_seconds").to_pylist()]) \

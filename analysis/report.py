@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 
-
 from sim import querylog, storage
-
 from sim.summary import read as read_summary
 
 from . import plots

@@ -214,7 +214,8 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
     head = ["curve", *[p[len("param."):] for p in params], "status", *[title for title, _ in columns]]
     lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["curve"], [_sort_key(r.get(p)) for p in params])):
-        cells = [r["curve"], *[_fmt(r.get(p)) for p in params], r["status"], *[_fmt(r.get(k), ".3f") for _, k in columns]]
+        cells = [r["curve"], *[_fmt(r.get(p)) for p in params], r["status"],
+                 *[_fmt(r.get(k), ".3f") for _, k in columns]]
         lines.append("| " + " | ".join(cells) + " |")
     for a in attackers:
         metric = f"{a}.replica_test_accuracy"

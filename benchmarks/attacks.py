@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from sim import config, engine, zoo
+from sim import config, registry, zoo
+from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
 
 SCENARIO = {  # dataset -> (scenario, its attacker id, Knockoff's pool)
@@ -46,14 +47,15 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
     from actors.replica import train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
+    declared = registry.get("attack", attack).params
+    own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20}
     cfg = config.load(scenario, [
         f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
-        f"attackers.{aid}.pool={pool}", f"attackers.{aid}.sample_with_replacement=true",
-        f"attackers.{aid}.augment=true", f"attackers.{aid}.jacobian.rounds=20",
-        f"attackers.{aid}.replica.epochs={replica_epochs(budget)}"])
+        f"attackers.{aid}.replica.epochs={replica_epochs(budget)}",
+        *[f"attackers.{aid}.{k}={v}" for k, v in own.items() if k in declared]])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     ds = victim.dataset
-    plan = engine.plan_clients(cfg, ds)
+    plan = make_plan(cfg, ds)
     (client,) = plan.of(attacker=aid)
     source, start = client.source, time.perf_counter()
     while source.remaining:
@@ -64,7 +66,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
     att = cfg.attackers[aid]
     start = time.perf_counter()
     model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
-                          cfg=att.replica, seed=engine.derive_seed(cfg.seed, "replica", aid))
+                          cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid))
     keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     victim_pred = predict_probs(victim.model, ds.x_test[keep]).argmax(1)

@@ -23,8 +23,9 @@ import time
 import numpy as np
 import ray
 import torch
-
 from serving import served  # benchmarks/serving.py
+
+from sim import models
 
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
@@ -104,11 +105,13 @@ def main() -> None:
     from ray import serve
 
     serve.start(http_options={"location": "NoServer"})
-    mis_state = zoo.state_bytes(mis)
+    ds = victim.dataset
+    mis_models = {"adaptive_misinformation": {
+        "misinformation": models.to_bytes(mis, cfg.victim.arch, ds.input_shape, ds.num_classes)}}
     for row in rows:
         r = served(victim, images, log=True, prada=False, clients=args.clients, batch=args.batch,
                    seconds=args.seconds, defense={"name": row["defense"], **row["params"]},
-                   misinformation=mis_state)
+                   defense_models=mis_models)
         row["served_images_per_s"] = r["images_per_s"]
         row["served_p50_ms"] = r["p50_ms"]
     ray.shutdown()

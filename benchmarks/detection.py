@@ -1,6 +1,7 @@
 """Detection quality of SAME and the baselines per attack, and PRADA against account splitting.
 
-    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100] [--out benchmarks/results/detection.json]
+    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100]
+                                   [--out benchmarks/results/detection.json]
 
 Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
 models (MAE and auxiliary model, trained and cached by the zoo as a run would) and its attackers, each built
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from analysis.metrics import detection_metrics
-from sim import config, detectors, engine, zoo
+from sim import config, detectors, zoo
 from sim.detectors.same import Same
+from sim.plan import make_plan
 from sim.training import predict_probs
 
 PAPER_1K = {"jbda": 93.30, "knockoff": 99.37, "dfme": 100.00}  # SAME paper, MNIST, 1k queries, AUROC %
@@ -40,7 +42,7 @@ PAPER_4K = {"jbda": 93.10, "knockoff": 99.19, "dfme": 99.91}
 
 def attack_queries(cfg, victim, aid: str) -> np.ndarray:
     """Every query attacker ``aid`` sends, driven against the victim's clean answers."""
-    plan = engine.plan_clients(cfg, victim.dataset)
+    plan = make_plan(cfg, victim.dataset)
     (client,) = plan.of(attacker=aid)
     source, sent = client.source, []
     while source.remaining:
@@ -54,11 +56,10 @@ def part_same(budgets: list[int], seed: int = 0) -> list[dict]:
     cfg = config.load("same_detection", [f"seed={seed}"])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
-    models = zoo.get_same(victim, cfg.seed, cfg.cache_dir, cfg.detectors.same)
+    ctx = zoo.ModelContext.of(cfg, victim)
+    same = Same(Same.prepare(cfg.detectors["same"].params(), ctx))
     print(f"SAME models ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    oe = zoo.get_victim(cfg.victim.model_copy(update={"training": "outlier_exposure"}), cfg.data, cfg.seed,
-                        cfg.cache_dir)
-    same = Same(models)
+    oe = ctx.victim_variant(training="outlier_exposure")
     benign = victim.dataset.x_test
 
     def scores(x):
@@ -93,14 +94,15 @@ def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dic
         cfg = config.load("distributed_jbda", [f"seed={seed}", f"attackers.distributed.accounts={n}",
                                                f"attackers.distributed.cohort_size={cohort}"])
         victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
-        plan = engine.plan_clients(cfg, victim.dataset)
+        plan = make_plan(cfg, victim.dataset)
         clients = plan.of(attacker="distributed") + plan.of(role="benign")
-        p = cfg.detectors.prada
+        p = cfg.detectors["prada"]
         svc = VictimService(
-            model=victim.model, victim="v", run_id="bench", accounts=plan.accounts, input_shape=victim.dataset.input_shape,
+            model=victim.model, victim="v", run_id="bench", accounts=plan.accounts,
+            input_shape=victim.dataset.input_shape,
             detectors={"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
                        "cohort_prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
-                       "link": detectors.build("link", **cfg.detectors.link.params())},
+                       "link": detectors.build("link", **cfg.detectors["link"].params())},
             rules={"cohort_prada": Rule(group="cohort")})
         splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed) for c in clients}
         t0 = time.perf_counter()
@@ -152,10 +154,13 @@ def tables(result: dict) -> str:
     rows = result.get("sybil", [])
     if rows:
         lines += ["Attacker accounts flagged (benign accounts flagged), distributed JBDA, 1,500 queries:", "",
-                  "| accounts | queries/account | per-account PRADA | PRADA pooled per cohort | account linking | any |",
+                  "| accounts | queries/account | per-account PRADA | PRADA pooled per cohort | account linking "
+                  "| any |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            cell = lambda k: f"{r[k + '_attacker']}/{r['attacker_accounts']} ({r[k + '_benign']}/{r['benign_accounts']})"
+            def cell(k, r=r):
+                return f"{r[k + '_attacker']}/{r['attacker_accounts']} ({r[k + '_benign']}/{r['benign_accounts']})"
+
             lines.append(f"| {r['accounts']} | {r['queries_per_account']} | {cell('prada')} | {cell('cohort_prada')} | "
                          f"{cell('link')} | {cell('any')} |")
     return "\n".join(lines)

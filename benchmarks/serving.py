@@ -8,7 +8,8 @@ Measures, in one run on this machine:
     (query log on/off) x (PRADA on/off): images/s, p50/p99 request latency, served / raw;
   - the log's overhead: 1 - served(log on) / served(log off).
 With 2 replicas each keeps its own PRADA history (the simulator itself refuses that configuration); the
-per-query cost measured is the same. Results are printed and written as JSON.
+per-query cost measured is the same. Results are printed and written as JSON and as a Markdown table beside it
+(``--out`` with ``.md``); ``--report-only`` rewrites the table from the JSON.
 """
 
 from __future__ import annotations
@@ -71,20 +72,23 @@ def _raw_window(model, images: np.ndarray, batch: int, seconds: float) -> float:
 
 def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, seconds: float,
            replicas: int = 1, threads: int = 1, defense: dict | None = None,
-           misinformation: bytes | None = None) -> dict:
+           defense_models: dict | None = None) -> dict:
     from ray import serve
 
+    from sim import models
     from sim.protocol import Account
     from sim.serving import VictimSpec, deploy
 
     keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench") for i in range(clients)}
     tmp = tempfile.mkdtemp(prefix="bench-log-")
-    spec = VictimSpec(victim="bench", run_id="bench", arch=victim.arch, input_shape=victim.dataset.input_shape,
-                      num_classes=victim.dataset.num_classes, state=victim.state_bytes(), accounts=keys,
-                      detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}} if prada else {},
+    ds = victim.dataset
+    spec = VictimSpec(victim="bench", run_id="bench", input_shape=ds.input_shape, accounts=keys,
+                      model=models.to_bytes(victim.model, victim.arch, ds.input_shape, ds.num_classes),
+                      detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}}
+                      if prada else {},
                       rules={}, defense=defense or {"name": "identity"},
                       log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
-                      misinformation=misinformation)
+                      defense_models=defense_models or {})
     app = f"bench-{int(log)}{int(prada)}"
     deploy(spec, app, replicas=replicas, replica_cpus=1 / replicas, max_ongoing_requests=128)
     actors = [BenchClient.remote(app, k, images) for k in keys]
@@ -106,7 +110,12 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the victim")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from --out's JSON")
     args = ap.parse_args()
+    if args.report_only:
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+            fh.write(table(json.load(open(args.out))))
+        return
 
     from sim import config, zoo
 
@@ -152,7 +161,26 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+        fh.write(table(result))
     print(f"written to {args.out}")
+
+
+def table(result: dict) -> str:
+    """The results as Markdown: raw against served, with the query log and PRADA on and off."""
+    lines = [f"{result['clients']} client actors sending batches of {result['batch']} through DeploymentHandles to "
+             f"{result['replicas']} Serve replica(s) ({result['threads_per_replica']} torch thread each), "
+             f"{result['seconds_per_config']:g} s per configuration, on {result['machine']['cpus']} CPUs; raw is the "
+             f"best of three windows of batched forward passes in one process on all cores.", "",
+             "| configuration | images/s | p50 ms | p99 ms | served ÷ raw |", "|---|---:|---:|---:|---:|",
+             f"| raw forward pass | {result['raw_images_per_s']:,.0f} | | | 1 |"]
+    for r in result["served"]:
+        lines.append(f"| served, log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'} | "
+                     f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['served_over_raw']:.2f} |")
+    o = result["log_overhead"]
+    lines += ["", f"The query log's cost: {o['prada_off']:.0%} of served throughput with PRADA off, "
+                  f"{o['prada_on']:.0%} with it on."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -83,7 +83,8 @@ def build(out: str, names: list[str]) -> tuple[dict, list[str]]:
             ratios = {b: need["mad"][0] / need[b][0] for b in BASELINES
                       if need.get("mad") and need.get(b) and need["mad"][1] and need[b][1]}
             frontier[a]["targets"][str(target)] = {
-                "l1": {c: (None if v is None else {"l1": round(v[0], 4), "interpolated": v[1]}) for c, v in need.items()},
+                "l1": {c: (None if v is None else {"l1": round(v[0], 4), "interpolated": v[1]})
+                       for c, v in need.items()},
                 "mad_over": {b: round(r, 3) for b, r in ratios.items()}}
     plots.tradeoff(rows, attackers, os.path.join(out, "sweep_frontier.png"), target=TARGETS[0])
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "sweeps": runs,

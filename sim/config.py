@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -175,7 +175,8 @@ def _own_params(owner: str, component, given: dict[str, Any], common: list[str])
     flat = _flatten(given)
     for key in flat:
         if key not in component.params:
-            raise ConfigError(f"unknown key '{owner}.{key}'; known keys here: {', '.join([*common, *component.params])}")
+            known = ", ".join([*common, *component.params])
+            raise ConfigError(f"unknown key '{owner}.{key}'; known keys here: {known}")
     return component.resolve(flat, owner=owner)
 
 
@@ -367,10 +368,17 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw["defense"] = {"name": raw["defense"]}
     if overrides and not isinstance(overrides, dict):
         # `defense=NAME` picks a new defense (dropping the scenario's parameters for the old one) before
-        # any `defense.PARAM=VALUE` applies, whatever their order on the command line
+        # any `defense.PARAM=VALUE` applies, whatever their order on the command line; likewise
+        # `attackers.ID.attack=KIND` drops the parameters of the scenario's attack for ID
         for item in overrides:
-            if item.startswith("defense="):
-                raw["defense"] = {"name": item.split("=", 1)[1]}
+            key, _, value = item.partition("=")
+            if key == "defense":
+                raw["defense"] = {"name": value}
+            aid = key[len("attackers."):-len(".attack")] if key.startswith("attackers.") else None
+            old = (raw.get("attackers") or {}).get(aid) if key.endswith(".attack") else None
+            if isinstance(old, dict) and old.get("attack", "knockoff") != value:
+                raw["attackers"] = {**raw["attackers"],
+                                    aid: {k: v for k, v in old.items() if k in AttackerConfig.model_fields}}
         overrides = [item for item in overrides if not item.startswith("defense=")]
     conf = OmegaConf.create(raw)
     if overrides:

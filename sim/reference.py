@@ -92,7 +92,9 @@ def _param_default(p: registry.Param) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return f"[{', '.join(value)}]" if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, list):
+        return f"[{', '.join(value)}]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _settings(values: dict) -> str:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-from abc import ABC
 import pkgutil
+from abc import ABC
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar

@@ -23,6 +23,7 @@ from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter, input_digest
 from .training import predict_probs
 
+
 def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """Validate a batch of images and return it as uint8 (N, C, H, W).
 
@@ -38,7 +39,8 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
         try:
             arr = np.asarray(images)
         except (ValueError, TypeError):
-            raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed data)") from None
+            raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed "
+                                    "data)") from None
     if arr.dtype == object:
         raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed data)")
     from_json = not isinstance(images, np.ndarray)

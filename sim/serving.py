@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse
 from . import defenses, detectors, models
 from .errors import ConfigError, SimError
 from .policy import Rule
-from .querylog import QueryLogWriter
 from .protocol import API_KEY_HEADER, Account, Reply
+from .querylog import QueryLogWriter
 from .service import VictimService
 
 log = logging.getLogger(__name__)

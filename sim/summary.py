@@ -264,9 +264,10 @@ def format_summary(s: Summary) -> str:
         return "-" if value is None else f"{value:.4f}"
 
     for a in s.attackers:
+        replica, undefended = a.replica, a.undefended
         lines.append(f"{a.id:<14}{a.attack:<10}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
-                     f"{a.accounts_flagged:>8}{num(a.replica and a.replica.test_accuracy):>12}"
-                     f"{num(a.replica and a.replica.fidelity):>9}{num(a.undefended and a.undefended.test_accuracy):>15}")
+                     f"{a.accounts_flagged:>8}{num(replica and replica.test_accuracy):>12}"
+                     f"{num(replica and replica.fidelity):>9}{num(undefended and undefended.test_accuracy):>15}")
     b = s.benign
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
     lines += [f"{'benign':<14}{'-':<10}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"

@@ -17,8 +17,9 @@ A sweep is ``scenarios/sweeps/NAME.yaml`` (or a path to a YAML file)::
 
 A parameter is a value (fixed), a list (a grid), or ``{grid: […]}``, ``{choice: […]}``, ``{uniform: [lo, hi]}``,
 ``{loguniform: [lo, hi]}``. The victim is trained (or read from the cache) once by the driver and the scenario's
-plan (accounts, attack sources) made once; both reach the trials through Ray's object store. Each trial writes a run directory under
-``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.sweep` builds the table, plot and ``sweep.md``.
+plan (accounts, attack sources) made once; both reach the trials through Ray's object store. Each trial writes a
+run directory under ``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.sweep` builds the table, plot and
+``sweep.md``.
 """
 
 from __future__ import annotations

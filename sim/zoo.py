@@ -59,7 +59,8 @@ def fingerprint(ds: data.Dataset) -> str:
 
 def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str | None = None) -> str:
     spec = {"data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind, "training": cfg.training}
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind,
+            "training": cfg.training}
     if cfg.training == "dp_sgd":
         spec["dp"] = cfg.dp.model_dump()
     if cfg.training == "outlier_exposure":

@@ -140,7 +140,6 @@ class KnockoffAdaptive(CollectingStream):
 
     def reward_signals(self, x: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
 
         from sim.training import to_float
 

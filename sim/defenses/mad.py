@@ -22,8 +22,8 @@ import copy
 import torch
 from torch import nn
 
-from ..training import to_float
 from ..registry import register
+from ..training import to_float
 from .base import Defense, Param, one_hot
 
 

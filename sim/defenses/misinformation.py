@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..models import from_bytes
-from ..training import to_float
 from ..registry import register
+from ..training import to_float
 from .base import Defense, Param
 
 

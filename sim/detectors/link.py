@@ -17,8 +17,8 @@ what the split took apart, in two steps, every ``every`` queries:
    searched down the cluster's own linkage tree (:meth:`AccountLinker._descend`): sub-clusters with
    enough queries are judged on their own, so honest accounts pooled with an attacker's are cleared by
    their own streams; sub-clusters too small to judge (sybil accounts of 15 queries) keep the flag; and
-   when two sub-clusters are each cleared but flagged together, both are flagged. Flags are for good. Exact repeats are skipped in pooled streams (honest users share popular
-   images; see ``Prada.skip_repeats``).
+   when two sub-clusters are each cleared but flagged together, both are flagged. Flags are for good. Exact
+   repeats are skipped in pooled streams (honest users share popular images; see ``Prada.skip_repeats``).
 
 Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
 score of a query is 1 - W of its account's cluster at the last re-clustering (NaN before its account

@@ -15,8 +15,8 @@ import sim
 from .conftest import SMALL, env_without_ray_address
 
 # 2 defenses x 2 values against the single Knockoff attacker, tiny budgets
-TINY = ["sweep=mad_eps", "scenario=single_knockoff", "sweep.space={mad: {eps: [0.5, 1.0]}, random_noise: {eps: [0.5, 1.0]}}",
-        *SMALL]
+TINY = ["sweep=mad_eps", "scenario=single_knockoff",
+        "sweep.space={mad: {eps: [0.5, 1.0]}, random_noise: {eps: [0.5, 1.0]}}", *SMALL]
 
 
 def _sweep(*args, **kwargs):
@@ -93,7 +93,8 @@ def test_sweep_spreads_trials_over_a_two_node_cluster(cache_dir, tmp_path):
     try:
         address = json.loads(launcher.stdout.readline())["address"]
         env = {**env_without_ray_address(), "RAY_ADDRESS": address}
-        proc = _sweep("sweep=random_noise_eps", "scenario=single_knockoff", "sweep.space={random_noise: {eps: [0.5, 1.0]}}",
+        proc = _sweep("sweep=random_noise_eps", "scenario=single_knockoff",
+                      "sweep.space={random_noise: {eps: [0.5, 1.0]}}",
                       "sweep.trial_cpus=1.5", "sweep.max_concurrent=2", f"sweep.dir=file://{tmp_path}/sweep",
                       "ray.address=auto", f"cache_dir={cache_dir}", *SMALL, env=env)
         out, err = proc.communicate(timeout=500)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from actors.accounts import AccountSplitter, split_evenly
-from actors.benign import BenignStream
 from actors.attacks.knockoff import KnockoffRandom
+from actors.benign import BenignStream
 from actors.replica import train_replica
 from sim import data
 from sim.config import ReplicaConfig

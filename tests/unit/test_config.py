@@ -30,11 +30,13 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
     ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),
     ("detectors.prada.delta=1.5", r"detectors.prada.delta must be a number in \(0, 1\], got 1.5"),
-    ("detectors.prada.action=block", "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
+    ("detectors.prada.action=block",
+     "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
-    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories \\(or open proof-of-work challenges\\) inside one replica"),
+    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories "
+                         "\\(or open proof-of-work challenges\\) inside one replica"),
     ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
     ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
     ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
@@ -162,7 +164,6 @@ def test_an_unreachable_cluster_address_is_a_user_error():
 
 
 def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
-    import numpy as np
 
     from sim import querylog
     from sim.engine import prepare_run_dir

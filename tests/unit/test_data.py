@@ -63,7 +63,8 @@ def test_missing_torchvision_dataset_names_root_and_download(tmp_path):
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(ConfigError, match="dataset='imagenet' is not a known dataset; expected one of: mnist5k, digits"):
+    with pytest.raises(ConfigError, match="dataset='imagenet' is not a known dataset; expected one of: mnist5k, "
+                                          "digits"):
         data.load("imagenet")
 
 

@@ -349,7 +349,8 @@ def test_a_chain_applies_its_members_left_to_right():
     ({"name": "top_k+top_k"}, "names a defense twice"),
     ({"name": "top_k+rounding", "k": 2}, r"defense.k: in a chain, parameters go under the member's name"),
     ({"name": "top_k+rounding", "rounding": 2}, "defense.rounding must be a mapping"),
-    ({"name": "top_k+rounding", "rounding": {"decimals": -1}}, r"defense.rounding.decimals must be an integer in \[0, 6\], got -1"),
+    ({"name": "top_k+rounding", "rounding": {"decimals": -1}},
+     r"defense.rounding.decimals must be an integer in \[0, 6\], got -1"),
     ({"name": "mad", "eps": -1}, "defense.eps must be a number >= 0, got -1"),
 ])
 def test_bad_specs_are_one_line_errors(spec, message):

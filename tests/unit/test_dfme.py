@@ -122,6 +122,6 @@ def test_an_attack_pickles_mid_phase_for_ray(victim):
     import pickle
 
     attack = DFME((1, 28, 28), 500, arch="lenet", num_classes=10, batch_size=8)
-    x = attack.propose(5)
+    attack.propose(5)
     clone = pickle.loads(pickle.dumps(attack))
     assert np.array_equal(clone.propose(50), attack.propose(50))

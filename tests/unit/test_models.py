@@ -16,8 +16,8 @@ def test_architectures_give_one_logit_per_class(arch, shape):
 
 def test_lenet_matches_the_mad_paper_layout():
     m = models.build("lenet", (1, 28, 28), 10)
-    convs = [l for l in m.modules() if isinstance(l, torch.nn.Conv2d)]
-    fcs = [l for l in m.modules() if isinstance(l, torch.nn.Linear)]
+    convs = [layer for layer in m.modules() if isinstance(layer, torch.nn.Conv2d)]
+    fcs = [layer for layer in m.modules() if isinstance(layer, torch.nn.Linear)]
     assert [c.out_channels for c in convs] == [20, 50]
     assert [f.out_features for f in fcs] == [500, 10]
 

@@ -68,7 +68,8 @@ def test_a_wrong_solution_is_refused_and_never_answered(tmp_path):
 
 def test_http_body_can_carry_a_solution(tmp_path):
     svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, bits_min=3, bits_max=3))
-    ch = svc.query_json("k-att", json.dumps({"images": (data.load("mnist5k").x_test[:1] / 255).tolist()}).encode()).challenge
+    body = json.dumps({"images": (data.load("mnist5k").x_test[:1] / 255).tolist()}).encode()
+    ch = svc.query_json("k-att", body).challenge
     body = {"challenge": ch["id"], "solution": pow.solve(ch["nonce"], ch["bits"])[0], "seconds": 0.01}
     assert svc.query_json("k-att", json.dumps(body).encode()).status == 200
     writer.close()
@@ -79,7 +80,8 @@ def test_perturb_routes_only_flagged_queries_through_its_defense(tmp_path):
     svc, writer = _service(tmp_path, rule, threshold=0.5)
     x = data.load("mnist5k").x_test[:8]
     reply = svc.query("k-ben", x)
-    flagged = 1 - svc.model(__import__("torch").as_tensor(x / 255.0).float()).softmax(1).max(1).values.detach().numpy() > 0.5
+    probs = svc.model(__import__("torch").as_tensor(x / 255.0).float()).softmax(1)
+    flagged = 1 - probs.max(1).values.detach().numpy() > 0.5
     assert reply.status == 200 and reply.answered.all()
     assert reply.actions == ["answered"] * 8
     one_hot = (reply.probs.max(1) == 1.0)

@@ -6,10 +6,10 @@ import pyarrow.compute as pc
 import pytest
 
 from sim import data, detectors, models, querylog
+from sim.errors import RequestError
 from sim.policy import Rule
 from sim.protocol import Account, make_keys
 from sim.service import VictimService, parse_images
-from sim.errors import RequestError
 
 
 @pytest.fixture()

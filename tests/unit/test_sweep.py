@@ -49,11 +49,13 @@ def test_param_space_gives_one_trial_per_grid_point_with_its_own_defense():
 @pytest.mark.parametrize("override,message", [
     ("space.mad.eps={unifrom: [0, 1]}", r"sweep.space.mad.eps=\{'unifrom': \[0, 1\]\} is not a search space; "
                                         r"expected a value, a list, or one of \{grid: …\}"),
-    ("space.mad.eps={uniform: [1, 0.5]}", r"sweep.space.mad.eps.uniform=\[1, 0.5\]; expected \[low, high\] with low < high"),
+    ("space.mad.eps={uniform: [1, 0.5]}",
+     r"sweep.space.mad.eps.uniform=\[1, 0.5\]; expected \[low, high\] with low < high"),
     ("space.mad.eps={loguniform: [0, 1]}", r"sweep.space.mad.eps.loguniform=\[0, 1\]; expected a low bound > 0"),
     ("space.mad.eps=[]", r"sweep.space.mad.eps.grid=\[\] must be a non-empty list"),
     ("space.mad.eps=[0.5, -1]", r"sweep.space.mad.eps must be a number >= 0, got -1"),
-    ("space.mad.epsilon=[0.5]", r"sweep.space.mad.epsilon is not a parameter of defense mad; expected one of: eps, norm"),
+    ("space.mad.epsilon=[0.5]",
+     r"sweep.space.mad.epsilon is not a parameter of defense mad; expected one of: eps, norm"),
     ("space.madd={eps: [1]}", r"sweep.space.madd \(a defense name\)='madd' is not a known defense"),
     ("space.x={name: rounding+top_k}", r"sweep.space.x.name='rounding\+top_k': expected one defense's name"),
     ("max_concurent=3", r"unknown key 'sweep.max_concurent'; known keys here: name, description, scenario"),

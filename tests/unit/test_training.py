@@ -60,7 +60,8 @@ def test_zoo_trains_and_caches_a_dp_sgd_victim_with_its_epsilon(tmp_path):
 
 def test_zoo_keys_separate_training_modes_and_cache_the_misinformation_model(tmp_path):
     base = VictimConfig(epochs=1)
-    keys = {zoo.victim_key(base.model_copy(update={"training": t}), 0) for t in ("standard", "outlier_exposure", "dp_sgd")}
+    keys = {zoo.victim_key(base.model_copy(update={"training": t}), 0)
+            for t in ("standard", "outlier_exposure", "dp_sgd")}
     assert len(keys) == 3
     a = zoo.get_misinformation_model(base, DataConfig(), 0, str(tmp_path))
     b = zoo.get_misinformation_model(base, DataConfig(), 0, str(tmp_path))

@@ -1,0 +1,114 @@
+"""The registry: every built-in component declares itself, undeclared parameters are errors, and a new component
+joins config validation, the help and the victim service by its declaration alone."""
+
+import numpy as np
+import pytest
+
+from sim import config, detectors, registry
+from sim.detectors.base import Detection, Detector, Param
+from sim.errors import ConfigError
+
+CLASSES = [(category, name, cls) for category in ("defense", "detector", "attack")
+           for name, cls in registry.entries(category).items()]
+
+
+def test_every_category_has_its_built_ins():
+    assert {"mnist5k", "digits", "fashion_mnist", "cifar10"} <= set(registry.names("dataset"))
+    assert {"lenet", "conv3", "resnet18", "vgg16_bn"} <= set(registry.names("model"))
+    assert {"identity", "mad", "mad_argmax", "reverse_sigmoid", "adaptive_misinformation"} <= set(
+        registry.names("defense"))
+    assert set(registry.names("detector")) == {"prada", "same", "msp", "link"}
+    assert set(registry.names("attack")) == {"knockoff", "jbda", "jb_self", "jb_top3", "dfme"}
+    for category in ("dataset", "model"):
+        for name, obj in registry.entries(category).items():
+            assert registry.summary_line(obj), f"{category} {name} has no description"
+
+
+@pytest.mark.parametrize("category,name,cls", CLASSES, ids=[f"{c}-{n}" for c, n, _ in CLASSES])
+def test_every_component_declares_its_parameters_with_defaults_it_accepts(category, name, cls):
+    assert cls.name == name and cls.category == category and registry.summary_line(cls)
+    for key, p in cls.params.items():
+        assert isinstance(p, Param) and p.help, f"{name}.{key} has no help"
+        assert p.check(name, key, p.default) == p.default  # the default passes its own check
+    assert set(cls.resolve({})) == set(cls.params)  # the defaults alone are a valid setting
+    with pytest.raises(ConfigError, match=f"{name}.not_a_param is not a parameter of {category} {name}"):
+        cls.resolve({"not_a_param": 1})
+
+
+def test_undeclared_parameters_are_errors_when_built_and_when_configured():
+    with pytest.raises(ConfigError, match="prada.window is not a parameter of detector prada"):
+        detectors.build("prada", window=3)
+    with pytest.raises(ConfigError, match="unknown key 'attackers.single.window'; known keys here: attack, budget"):
+        config.load("single_knockoff", ["attackers.single.window=3"])
+    with pytest.raises(ConfigError, match="unknown key 'detectors.link.group'"):
+        config.load("single_knockoff", ["detectors.link.group=all"])
+
+
+def test_every_detector_shorthand_is_a_valid_detector():
+    shorthands = detectors.presets()
+    assert set(shorthands) == {"prada", "pooled_prada", "same", "msp", "msp_oe", "link"}
+    cfg = config.load("single_knockoff", [f"detectors.{n}.enabled=true" for n in shorthands])
+    assert set(cfg.enabled_detectors()) == set(shorthands)
+    assert cfg.detectors["msp_oe"].kind == "msp" and cfg.detectors["msp_oe"].model == "oe"
+    assert cfg.detectors["pooled_prada"].params() == {"delta": 0.95, "min_pool": 50, "skip_repeats": True,
+                                                      "group": "all"}
+
+
+def test_several_detectors_of_one_kind_run_side_by_side():
+    cfg = config.load("single_knockoff", ["detectors.strict.kind=prada", "detectors.strict.delta=0.99",
+                                          "detectors.strict.action=refuse"])
+    assert list(cfg.enabled_detectors()) == ["prada", "strict"]
+    assert cfg.detectors["strict"].params() == {"delta": 0.99, "min_pool": 50, "skip_repeats": False,
+                                                "group": "account"}
+    assert cfg.detectors["prada"].delta == 0.95 and cfg.detectors["strict"].action == "refuse"
+    # the resolved configuration reads back as it was
+    assert config.load(cfg.model_dump()).detectors["strict"].params() == cfg.detectors["strict"].params()
+
+
+class Burst(Detector):
+    """A test detector: flags an account once it has sent more than ``limit`` queries."""
+
+    name = "burst"
+    params = {"limit": Param(3, int, low=1, help="queries an account may send")}
+
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
+        self.sent: dict[str, int] = {}
+
+    def score(self, account_id, inputs, labels, probs=None):
+        start = self.sent.get(account_id, 0)
+        self.sent[account_id] = start + len(inputs)
+        counts = np.arange(start + 1, start + len(inputs) + 1)
+        return Detection(counts.astype(float), counts > self.values["limit"])
+
+    def flagged_accounts(self):
+        return {a for a, n in self.sent.items() if n > self.values["limit"]}
+
+
+def test_a_new_detector_joins_by_its_declaration_alone(monkeypatch, tmp_path):
+    """Registered in its own module (here, this test), a detector is configured, listed, checked and served
+    like the built-ins: no other file names it."""
+    from sim import models
+    from sim.protocol import Account
+    from sim.reference import text
+    from sim.serving import VictimSpec, build_service
+
+    monkeypatch.setitem(registry._entries["detector"], "burst", Burst)
+    cfg = config.load("single_knockoff", ["detectors.b.kind=burst", "detectors.b.limit=5",
+                                          "detectors.b.action=refuse"])
+    assert cfg.detectors["b"].params() == {"limit": 5}
+    with pytest.raises(ConfigError, match=r"detectors.b.limit must be an integer >= 1, got 0"):
+        config.load("single_knockoff", ["detectors.b.kind=burst", "detectors.b.limit=0"])
+    assert "  burst  limit=3" in text()
+
+    model = models.build("lenet", (1, 28, 28), 10)
+    spec = VictimSpec(victim="v", run_id="r", model=models.to_bytes(model, "lenet", (1, 28, 28), 10),
+                      input_shape=(1, 28, 28), accounts={"k": Account("a", "attacker", "x")},
+                      detectors={"b": {"kind": "burst", "params": {"limit": 3}}},
+                      rules={"b": {"action": "refuse"}}, defense={"name": "identity"}, log_dir=None,
+                      log_inputs=False, max_images=16)
+    svc = build_service(spec, "w")
+    x = np.zeros((4, 1, 28, 28), np.uint8)
+    assert svc.query("k", x).answered.all()  # flagged by the 4th query, which is still answered
+    reply = svc.query("k", x)  # a stateful detector's flag acts from the next query on
+    assert not reply.answered.any() and reply.reasons[0] == "account flagged by b"

@@ -1,0 +1,156 @@
+"""The Ray-free run core: planning, summarising and the typed summary, with the real victim service in-process."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.client import Client
+from actors.replica import score, train_replica, undefended_targets
+from sim import config, data, defenses, detection, models, querylog, summary, zoo
+from sim.plan import derive_seed, make_plan
+from sim.serving import VictimSpec, build_service
+from sim.summarize import Outcome, evaluate_defense, log_columns, summarize
+from sim.training import predict_probs
+
+V1 = Path(__file__).parent.parent / "data" / "summary_v1.json"
+def tiny(*attackers: str) -> list[str]:
+    return ["victim.epochs=1", "benign.queries=32", *[f"attackers.{aid}.{k}" for aid in attackers
+                                                       for k in ("budget=96", "replica.epochs=1", "batch_size=32")]]
+
+
+def test_plan_splits_accounts_budget_and_actors_and_is_seeded():
+    cfg = config.load("distributed_knockoff", ["attackers.distributed.budget=1498"])
+    ds = data.load("mnist5k")
+    plan = make_plan(cfg, ds)
+    dist = plan.of(attacker="distributed")
+    assert [c.budget for c in dist] == [375, 375, 374, 374] and [len(c.accounts) for c in dist] == [5, 5, 5, 5]
+    assert len({a for c in dist for a in c.accounts}) == 20 and len(plan.of(role="benign")) == 2
+    assert len(plan.accounts) == 1 + 20 + 2 and all(len(c.keys) == len(c.accounts) for c in plan.clients)
+    assert {plan.accounts[k].cohort for c in dist for k in c.keys} == {"distributed-c0"}
+    assert dist[0].seed == derive_seed(cfg.seed, "split", "distributed-actor0")
+    # each actor its own shard of the pool: no image twice over the attacker
+    sent = np.concatenate([c.source.propose(c.budget) for c in dist])
+    assert len({img.tobytes() for img in sent}) == 1498
+    again = make_plan(cfg, ds)  # the same seed, the same plan
+    assert list(again.accounts) == list(plan.accounts)
+    (first,), (second,) = again.of(attacker="single"), plan.of(attacker="single")
+    assert np.array_equal(first.source.propose(8), second.source.propose(8))
+
+
+def test_plan_holds_out_the_jacobian_seeds_and_checks_the_pool_first():
+    cfg = config.load("distributed_jbda", ["attackers.jbda.jacobian.seed_size=30",
+                                           "attackers.distributed.jacobian.seed_size=40"])
+    plan = make_plan(cfg, data.load("mnist5k"))
+    assert 60 <= len(plan.held_out) <= 70 and len(plan.eval_indices(1000)) == 1000 - len(plan.held_out)
+    too_big = config.load("single_knockoff", ["attackers.single.budget=5000"])
+    with pytest.raises(Exception, match="attackers.single.budget=5000 exceeds the 1797 images of pool 'digits'"):
+        make_plan(too_big, data.load("mnist5k"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny mad_vs_knockoff run without Ray: plan, detectors, the victim service writing a real log, the
+    clients driven in-process, replicas trained here; what the engine hands to :func:`summarize`."""
+    root = tmp_path_factory.mktemp("run")
+    cfg = config.load("mad_vs_knockoff", [f"cache_dir={root / 'cache'}", f"run_dir={root / 'run'}",
+                                          *tiny("knockoff", "label_only"), "detectors.msp.enabled=true"])
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    ds = victim.dataset
+    plan = make_plan(cfg, ds)
+    ctx = zoo.ModelContext.of(cfg, victim)
+    dets, defense_models = detection.setup(cfg, ctx), defenses.prepare(cfg.defense.spec(), ctx)
+    log_dir = str(root / "run" / "queries")
+    spec = VictimSpec(victim="victim", run_id="r", model=models.to_bytes(victim.model, "lenet", ds.input_shape, 10),
+                      input_shape=ds.input_shape, accounts=plan.accounts, detectors=dets.detectors, rules=dets.rules,
+                      detector_models=dets.models, defense=cfg.defense.spec(), defense_models=defense_models,
+                      log_dir=log_dir, log_inputs=True, max_images=256)
+    svc = build_service(spec, "w0")
+    for c in plan.clients:
+        c.result = Client(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, seed=c.seed,
+                          query=svc.query, solve=svc.solve, **c.strategy or {}).run()
+        c.result["node_id"] = "local"
+    svc.writer.close()
+    logged = querylog.compact(log_dir)
+    table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), "clean_probs"])
+    clean_test = predict_probs(victim.model, ds.x_test)
+    keep = plan.eval_indices(len(ds.x_test))
+    eval_set = (ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1))
+    replicas = {}
+    for aid, att in cfg.attackers.items():
+        (client,) = plan.of(attacker=aid)
+        x, y = client.source.transfer_set()
+        clean = querylog.clean_answers(table, set(client.accounts))
+        for key, targets in ((aid, y), (f"{aid}:undefended", undefended_targets(x, clean))):
+            model = train_replica(x, targets, arch="lenet", input_shape=ds.input_shape, num_classes=10,
+                                  cfg=att.replica, seed=0)
+            replicas[key] = summary.Replica(**score(model, eval_set))
+    defense = defenses.from_spec(cfg.defense.spec(), victim=victim.model, models=defense_models)
+    outcome = Outcome(run_id="r", victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
+                      defended=evaluate_defense(defense, clean_test, ds.x_test, ds.y_test), detectors=dets.info)
+    return cfg, outcome, clean_test
+
+
+def test_the_baseline_reads_the_logs_clean_answers(finished_run):
+    cfg, out, _ = finished_run
+    (client,) = out.plan.of(attacker="knockoff")
+    x, returned = client.source.transfer_set()
+    clean = undefended_targets(x, querylog.clean_answers(out.log, set(client.accounts)))
+    victim = out.victim.model
+    np.testing.assert_allclose(clean, predict_probs(victim, x), atol=1e-5)  # what the victim answers, undefended
+    assert np.abs(clean - returned).sum(1).mean() == pytest.approx(0.8, abs=0.05)  # MAD moved them by eps
+    with pytest.raises(KeyError):  # only this attacker's own queries
+        undefended_targets(x, querylog.clean_answers(out.log, {"benign-0"}))
+
+
+def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finished_run):
+    cfg, out, clean_test = finished_run
+    s = summarize(cfg, out)
+    assert s.version == summary.SUMMARY_VERSION and s.scenario == "mad_vs_knockoff"
+    assert s.queries.total == 96 + 96 + 2 * 32 == s.queries.logged == s.queries.answered
+    assert [a.id for a in s.attackers] == ["knockoff", "label_only"]
+    k = s.attacker("knockoff")
+    assert k.queries == 96 and k.accounts_used == 1 and k.params["pool"] == "digits" and k.labels == "soft"
+    assert k.replica == out.replicas["knockoff"] and k.undefended == out.replicas["knockoff:undefended"]
+    assert s.defense.name == "mad" and s.defense.params["eps"] == 0.8
+    assert s.defense.test_l1_mean == pytest.approx(0.8, abs=0.02) and s.defense.by_role["benign"].answered == 64
+    assert s.victim.defended_test_accuracy == out.defended["defended_test_accuracy"]
+    assert s.evaluation.replica_test_images == 1000
+    assert set(s.detection) == {"prada", "msp"}
+    prada, msp = s.detection["prada"], s.detection["msp"]
+    assert prada.stateful and prada.kind == "prada" and prada.threshold == pytest.approx(0.05)
+    assert prada.attacker_accounts == 2 and prada.benign_accounts == 2 and prada.group == "account"
+    assert not msp.stateful and msp.calibration["target_fpr"] == 0.05
+    assert msp.params == {"threshold": msp.threshold, "model": "victim"}
+    assert msp.flagged_queries["benign_queries_total"] == 64 and msp.query_level.auroc is not None
+    assert sum(c.queries for c in s.clients) == s.queries.total and s.ray.client_nodes == 1
+    text = summary.format_summary(s)
+    assert "knockoff      knockoff          1      1       96" in text
+    assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
+    assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
+
+
+def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path):
+    cfg, out, _ = finished_run
+    s = summarize(cfg, out)
+    s.write(str(tmp_path))
+    assert summary.read(str(tmp_path)) == s
+
+    old = json.loads(V1.read_text())
+    assert "version" not in old and old["attackers"][0]["replica_test_accuracy"] is not None
+    v1 = summary.parse(old)
+    assert v1.version == 2
+    a = v1.attacker("knockoff")
+    assert a.replica.test_accuracy == old["attackers"][0]["replica_test_accuracy"]
+    assert a.undefended.fidelity == old["attackers"][0]["replica_fidelity_undefended"]
+    assert a.params == {"pool": "digits"} and v1.detection["prada"].stateful
+    assert v1.benign.accounts_flagged is None and "benign" in summary.format_summary(v1)
+
+
+def test_what_is_not_a_readable_summary(tmp_path):
+    assert summary.read(str(tmp_path)) is None  # none at all
+    (tmp_path / "summary.json").write_text('{"run_id": "x"}')
+    assert summary.read(str(tmp_path)) is None  # not a run summary
+    with pytest.raises(summary.SummaryError, match="summary version 9 is newer than this mlsim reads"):
+        summary.parse({"version": 9})

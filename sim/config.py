@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 
 
+def _names(category: str) -> dict:
+    """Field metadata: the value is the name of a registered component of ``category`` (for the reference)."""
+    return {"registry": category}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -32,8 +37,8 @@ class DPConfig(_Strict):
 
 class VictimConfig(_Strict):
     name: str = Field("victim", pattern=r"^[A-Za-z0-9_-]+$", description="victim name (Serve app name)")
-    dataset: str = Field("mnist5k", description="dataset the victim is trained on")
-    arch: str = Field("lenet", description="victim architecture")
+    dataset: str = Field("mnist5k", description="dataset the victim is trained on", json_schema_extra=_names("dataset"))
+    arch: str = Field("lenet", description="victim architecture", json_schema_extra=_names("model"))
     epochs: int = Field(10, ge=1, description="victim training epochs")
     batch_size: int = Field(64, ge=1, description="victim training batch size")
     lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
@@ -84,7 +89,8 @@ class DetectorConfig(BaseModel):
     own parameters (declared by the kind, see :mod:`sim.detectors`) as further keys."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    kind: str = Field(description="the detector kind (a shorthand name such as pooled_prada implies its own)")
+    kind: str = Field(description="the detector kind; a shorthand name (listed with the detectors) implies its own",
+                      json_schema_extra=_names("detector"))
     enabled: bool = Field(True, description="score queries with it")
     action: Literal["answer", "refuse", "perturb", "proof_of_work"] = Field(
         "answer", description="what a flagged query gets: answer (log only), refuse, perturb (through "
@@ -98,7 +104,8 @@ class DetectorConfig(BaseModel):
 
 
 class ReplicaConfig(_Strict):
-    arch: str | None = Field(None, description="replica architecture (default: the victim's)")
+    arch: str | None = Field(None, description="replica architecture (default: the victim's)",
+                             json_schema_extra=_names("model"))
     epochs: int = Field(20, ge=1, description="replica training epochs")
     batch_size: int = Field(64, ge=1, description="replica training batch size")
     lr: float = Field(1e-3, gt=0, description="replica learning rate")
@@ -112,7 +119,8 @@ class AttackerConfig(BaseModel):
     (declared by the attack, see :mod:`actors.attacks`) as further keys."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    attack: str = Field("knockoff", description="the attack (see the attacks' reference)")
+    attack: str = Field("knockoff", description="the attack; its own keys are listed with it below",
+                        json_schema_extra=_names("attack"))
     budget: int = Field(1000, ge=1, description="total queries of this attacker")
     accounts: int = Field(1, ge=1, description="accounts the budget is split over")
     cohort_size: int | None = Field(None, ge=1, description="accounts created per sign-up batch (a cohort, which "
@@ -220,7 +228,7 @@ class ScenarioConfig(_Strict):
     defense: DefenseConfig = DefenseConfig()
     detectors: dict[str, DetectorConfig] = Field(
         default_factory=dict, description="detector instances by name (the name prefixes its log columns); the "
-                                          "shorthands prada, pooled_prada, same, msp, msp_oe and link are always there")
+                                          "shorthand names are always there")
     attackers: dict[str, AttackerConfig] = {}
     benign: BenignConfig = BenignConfig()
     serve: ServeConfig = ServeConfig()
@@ -450,21 +458,3 @@ def _one_line(exc: ValidationError, root: type[BaseModel] | None = None, prefix:
 
 def to_yaml(cfg: ScenarioConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, default, description) of the main scalar keys, for ``--help``."""
-    rows: list[tuple[str, str, str]] = []
-
-    def walk(model: type[BaseModel], prefix: str):
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
-            elif getattr(ann, "__origin__", None) is dict:
-                walk(ann.__args__[1], f"{prefix}{name}.<id>.")
-            else:
-                rows.append((prefix + name, repr(field.default), field.description or ""))
-
-    walk(ScenarioConfig, "")
-    return rows

@@ -187,7 +187,6 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     name (default the victim's name, suffixed with the run id if another app has it)."""
     from ray import serve
 
-    from . import models
     from .serving import VictimSpec, deploy, start_serve
 
     port = start_serve(cfg.serve.port, http)
@@ -195,11 +194,9 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     if app is None:
         taken = set(serve.status().applications)
         app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
-    ds = victim.dataset
     spec = VictimSpec(
-        victim=cfg.victim.name, run_id=run_id, model=models.to_bytes(victim.model, victim.arch, ds.input_shape,
-                                                                      ds.num_classes),
-        input_shape=ds.input_shape, accounts=keys, detectors=dets.detectors, rules=dets.rules,
+        victim=cfg.victim.name, run_id=run_id, model=victim.to_bytes(), input_shape=victim.dataset.input_shape,
+        accounts=keys, detectors=dets.detectors, rules=dets.rules,
         detector_models=dets.models, defense=cfg.defense.spec(), defense_models=defense_models, log_dir=log_dir,
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
     )

@@ -19,6 +19,8 @@ class LeNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
         super().__init__()
+        if size < 16:
+            raise ConfigError(f"arch 'lenet' needs images of at least 16x16, got {size}x{size}")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -88,8 +90,6 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
     c, h, w = input_shape
     if h != w:
         raise ConfigError(f"arch {name!r} needs square images, got input shape {input_shape}")
-    if name == "lenet" and h < 16:
-        raise ConfigError(f"arch 'lenet' needs images of at least 16x16, got {h}x{w}")
     return registry.get("model", name)(c, num_classes, h)
 
 

@@ -33,6 +33,10 @@ def first_sentence(text: str) -> str:
 
 def _allowed(annotation: Any, field) -> str:
     """What a pydantic field accepts, in words."""
+    category = (field.json_schema_extra or {}).get("registry")
+    if category:
+        what = f"one of the {registry.CATEGORIES[category][1]} names: " + ", ".join(registry.names(category))
+        return what + (" (or null)" if field.default is None and field.default is not PydanticUndefined else "")
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return "one of: " + ", ".join(map(str, args))
@@ -55,7 +59,7 @@ def _name(annotation: Any) -> str:
 
 def _default(field) -> str:
     if field.default is PydanticUndefined:
-        return "{}" if field.default_factory is not None else "required"
+        return "{}" if field.default_factory is not None else "–"
     value = field.default
     if isinstance(value, BaseModel):
         return "–"

@@ -231,8 +231,9 @@ def _upgrade_v1(old: dict) -> dict:
         for name, suffix in (("replica", ""), ("undefended", "_undefended")):
             acc, fid = a.pop(f"replica_test_accuracy{suffix}", None), a.pop(f"replica_fidelity{suffix}", None)
             a[name] = {"test_accuracy": acc, "fidelity": fid} if acc is not None else None
-        pool = a.pop("pool", None)
-        a["params"] = {"pool": pool} if a.get("attack") == "knockoff" and pool else {}
+        pool = a.pop("pool", None)  # every attacker had one; only the attacks that declare it used it
+        declares = a.get("attack") in registry.names("attack") and "pool" in registry.get("attack", a["attack"]).params
+        a["params"] = {"pool": pool} if declares and pool else {}
         attackers.append(a)
     data["attackers"] = attackers
     known = registry.names("detector")

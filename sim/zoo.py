@@ -36,16 +36,9 @@ class Victim:
     training: str = "standard"
     dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent, at victim.dp.delta
 
-    def state_bytes(self) -> bytes:
-        return state_bytes(self.model)
-
-
-def state_bytes(model: nn.Module) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getvalue()
+    def to_bytes(self) -> bytes:
+        """The model with what rebuilds it (:func:`sim.models.to_bytes`)."""
+        return models.to_bytes(self.model, self.arch, self.dataset.input_shape, self.dataset.num_classes)
 
 
 def fingerprint(ds: data.Dataset) -> str:

@@ -118,7 +118,8 @@ def names_in(spec: dict[str, Any]) -> list[str]:
 
 
 def is_identity(spec: dict[str, Any]) -> bool:
-    return all(name == "identity" for name in names_in(spec))
+    """Whether the spec returns the clean answers unchanged, whatever they are."""
+    return all(get(name).identity for name in names_in(spec))
 
 
 __all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "prepare", "check_spec",

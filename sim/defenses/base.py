@@ -27,6 +27,7 @@ class Defense(Component):
     needs_inputs: ClassVar[bool] = False
     models: ClassVar[tuple[str, ...]] = ()  # constructor keywords of the trained models :meth:`prepare` makes
     victim_training: ClassVar[str | None] = None  # the victim.training this defense needs, if any
+    identity: ClassVar[bool] = False  # returns the clean answers unchanged, whatever its parameters
 
     @classmethod
     def prepare(cls, params: dict[str, Any], ctx) -> dict[str, bytes]:

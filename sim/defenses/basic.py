@@ -14,6 +14,7 @@ class Identity(Defense):
     """The clean vector, unchanged."""
 
     name = "identity"
+    identity = True
 
     def _perturb(self, y, inputs):
         return y

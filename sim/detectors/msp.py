@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ..models import from_bytes, to_bytes
+from ..models import from_bytes
 from ..registry import register
 from ..training import predict_probs
 from .base import Detection, Param, StatelessDetector
@@ -37,9 +37,7 @@ class MaxSoftmax(StatelessDetector):
     def prepare(cls, params, ctx) -> bytes | None:
         if params.get("model", "victim") != "oe":
             return None
-        oe = ctx.victim_variant(training="outlier_exposure")
-        ds = oe.dataset
-        return to_bytes(oe.model, oe.arch, ds.input_shape, ds.num_classes)
+        return ctx.victim_variant(training="outlier_exposure").to_bytes()
 
     @property
     def needs_images(self) -> bool:

@@ -133,3 +133,14 @@ def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir,
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):
     assert cli([run_dir, "--replay", "prada", "--param", "delta=[1"]) == 2
     assert capsys.readouterr().err.startswith("error: --param 'delta=[1': '[1' is not a value")
+
+
+def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir):
+    """PRADA needs no models, so a log without its run's config replays; SAME needs the run's own, which
+    only a run directory written by python -m sim can say how to make."""
+    from analysis.replay import prepare
+    from sim.errors import SimError
+
+    assert prepare(run_dir, "prada", {"delta": 0.9}) is None
+    with pytest.raises(SimError, match="has no config.yaml, so the models this replay needs cannot be made"):
+        prepare(run_dir, "same")

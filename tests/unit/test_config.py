@@ -279,3 +279,12 @@ def test_proof_of_work_needs_one_replica_and_sane_difficulty():
         config.load("single_knockoff", ["detectors.msp.pow.bits_min=0"])
     with pytest.raises(ConfigError, match="detectors.msp.pow.bits_max must be <= 24, got 30"):
         config.load("single_knockoff", ["detectors.msp.pow.bits_max=30"])
+
+
+def test_switching_an_attackers_attack_drops_the_old_attacks_parameters():
+    cfg = config.load("single_knockoff", ["attackers.single.jacobian.rounds=3", "attackers.single.attack=jb_self"])
+    single = cfg.attackers["single"]
+    assert single.attack == "jb_self" and single.params()["jacobian.rounds"] == 3 and "pool" not in single.params()
+    assert single.budget == 1500  # the keys every attacker has are kept
+    with pytest.raises(ConfigError, match="unknown key 'attackers.single.pool'"):  # in the same breath: an error
+        config.load("single_knockoff", ["attackers.single.attack=jbda", "attackers.single.pool=digits"])

@@ -112,3 +112,21 @@ def test_a_new_detector_joins_by_its_declaration_alone(monkeypatch, tmp_path):
     assert svc.query("k", x).answered.all()  # flagged by the 4th query, which is still answered
     reply = svc.query("k", x)  # a stateful detector's flag acts from the next query on
     assert not reply.answered.any() and reply.reasons[0] == "account flagged by b"
+
+
+def test_models_a_component_needs_are_made_through_the_zoo_and_travel_as_bytes(tmp_path):
+    """Adaptive misinformation declares its trained model; prepare makes it once (cached), the spec carries the
+    bytes, and the defense built from them answers."""
+    from sim import defenses, zoo
+
+    cfg = config.load("single_knockoff", ["victim.dataset=digits", "victim.epochs=1", f"cache_dir={tmp_path}",
+                                          "victim.training=outlier_exposure", "defense=adaptive_misinformation"])
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    made = defenses.prepare(cfg.defense.spec(), zoo.ModelContext.of(cfg, victim))
+    assert list(made) == ["adaptive_misinformation"] and isinstance(made["adaptive_misinformation"]["misinformation"],
+                                                                    bytes)
+    assert defenses.prepare({"name": "top_k+rounding"}, zoo.ModelContext.of(cfg, victim)) == {}
+    defense = defenses.from_spec(cfg.defense.spec(), victim=victim.model, models=made)
+    x = victim.dataset.x_test[:16]
+    probs = np.full((16, 10), 0.1)  # an unsure victim: the misinformation model's answer takes over
+    assert not np.allclose(defense(probs, x), probs)

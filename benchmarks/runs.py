@@ -1,0 +1,236 @@
+"""Scenario runs whose summaries make the result tables of the docs (docs/results.md links them).
+
+    python benchmarks/runs.py [--studies splits_knockoff splits_jbda defenses scenarios] [--fresh]
+                                   [--report-only] [--out benchmarks/results/runs.json]
+
+Each study is a list of runs: a shipped scenario with overrides, run by ``sim.run`` exactly as
+``python -m sim scenario=NAME key=value …`` runs it (one local Ray for all of them), in its own run directory under
+``benchmarks/results/runs/`` (not committed). Every run's summary is kept in ``--out`` as it finishes, and the
+Markdown tables (``--out`` with ``.md``) are rewritten from the summaries, so an interrupted benchmark keeps what it
+measured; runs already in ``--out`` are not run again unless ``--fresh``. ``--report-only`` rewrites the tables.
+
+- ``splits_knockoff``: ``distributed_knockoff`` with the distributed attacker's budget over 1 to 100 accounts;
+- ``splits_jbda``: ``distributed_jbda``, the same with JBDA;
+- ``defenses``: ``mad_vs_knockoff`` (and ``reverse_sigmoid_vs_knockoff``) behind each output defense, and with a
+  DP-SGD victim;
+- ``scenarios``: the other shipped scenarios at their defaults, and the README's default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
+    "splits_knockoff": [(f"{n} accounts", "distributed_knockoff",  # 4 actors, or 1 for a single account
+                         [f"attackers.distributed.accounts={n}", f"attackers.distributed.actors={min(n, 4)}"])
+                        for n in (1, 10, 20, 40, 100)],
+    "splits_jbda": [(f"{n} accounts", "distributed_jbda", [f"attackers.distributed.accounts={n}"])
+                    for n in (5, 10, 20, 50, 100)],
+    "defenses": [
+        ("mad eps=0.8", "mad_vs_knockoff", []),
+        ("mad_argmax eps=1", "mad_vs_knockoff", ["defense=mad_argmax", "defense.eps=1.0"]),
+        ("reverse_sigmoid beta=0.7", "reverse_sigmoid_vs_knockoff", []),
+        ("random_noise eps=0.8", "mad_vs_knockoff", ["defense=random_noise", "defense.eps=0.8"]),
+        ("confidence_gated", "mad_vs_knockoff", ["defense=confidence_gated"]),
+        ("adaptive_misinformation, OE victim", "mad_vs_knockoff",
+         ["defense=adaptive_misinformation", "victim.training=outlier_exposure"]),
+        ("none, DP-SGD victim", "mad_vs_knockoff", ["defense=identity", "victim.training=dp_sgd"]),
+    ],
+    "scenarios": [
+        ("distributed_knockoff", "distributed_knockoff", []),
+        ("single_knockoff", "single_knockoff", []),
+        ("single_knockoff, adaptive", "single_knockoff", ["attackers.single.strategy=adaptive"]),
+        ("jbtop3", "jbtop3", []),
+        ("dfme", "dfme", []),
+        ("same_detection", "same_detection", []),
+        ("distributed_jbda, cross-account detectors", "distributed_jbda",
+         ["detectors.link.enabled=true", "detectors.pooled_prada.enabled=true", "detectors.pooled_prada.group=cohort",
+          "attackers.distributed.cohort_size=25"]),
+        ("sybil_vs_prada", "sybil_vs_prada", []),
+        ("fashion_knockoff", "fashion_knockoff", []),
+    ],
+}
+
+
+LEADS = {
+    "splits_knockoff": "Knockoff Nets through one account, and the same attack and budget spread over N accounts.",
+    "splits_jbda": "JBDA through one account, and the same attack and budget spread round robin over N accounts.",
+    "defenses": "Two Knockoff attackers (soft labels, top-1 labels) behind each output defense; the undefended "
+                "replica trains on the clean answers to the same queries.",
+    "scenarios": "The shipped scenarios at their defaults.",
+}
+
+
+def command(scenario: str, overrides: list[str]) -> str:
+    return " ".join(["python -m sim", f"scenario={scenario}", *overrides])
+
+
+def run_one(scenario: str, overrides: list[str], run_dir: str) -> dict:
+    import sim
+
+    start = time.perf_counter()
+    s = sim.run(scenario, [*overrides, f"run_dir={run_dir}"], quiet=True)
+    return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _flagged(a) -> str:
+    """Accounts flagged by any detector, and by each when there are several."""
+    by = ", ".join(f"{name} {n}" for name, n in a.accounts_flagged_by.items())
+    return f"{a.accounts_flagged} / {a.accounts}" + (f" ({by})" if len(a.accounts_flagged_by) > 1 else "")
+
+
+def _replica(a) -> str:
+    return "–" if a.replica is None else f"{_pct(a.replica.test_accuracy)} / {_pct(a.replica.fidelity)}"
+
+
+def tables(runs: dict) -> str:
+    """Markdown tables of every study with runs in ``runs`` (study -> label -> {"summary", "seconds", …})."""
+    from sim.summary import parse
+
+    out = []
+    for study, entries in STUDIES.items():
+        done = [(label, scenario, overrides, runs[study][label]) for label, scenario, overrides in entries
+                if label in runs.get(study, {})]
+        if not done:
+            continue
+        out += [f"## {study}", "", f"{LEADS[study]} Replica accuracy / fidelity in % on the victim's test set (attack "
+                f"seeds left out); accounts flagged by any detector; seed 0. One row per run.", ""]
+        if study.startswith("splits"):
+            out += ["| command | attacker | accounts | queries / account | accounts flagged | replica / fidelity "
+                    "| benign flagged | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for label, scenario, overrides, r in done:
+                s = parse(r["summary"])
+                for i, a in enumerate(s.attackers):
+                    lead = f"`{command(scenario, overrides)}`" if i == 0 else ""
+                    tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
+                    out.append(f"| {lead} | {a.id} | {a.accounts} | {a.queries // a.accounts:,} | "
+                               f"{a.accounts_flagged} / {a.accounts} | {_replica(a)} | {tail} |")
+        elif study == "defenses":
+            out += ["| command | defended acc % | test L1 | L1 / top-1 kept on attacker queries | attacker "
+                    "| replica / fidelity | undefended replica / fidelity |", "|---|---:|---:|---:|---|---:|---:|"]
+            for label, scenario, overrides, r in done:
+                s = parse(r["summary"])
+                att = s.defense.by_role.get("attacker")
+                dist = (f"{att.l1_mean:.3f} / {att.top1_preserved_rate:.3f}" if att and att.l1_mean is not None
+                        else "–")
+                for i, a in enumerate(s.attackers):
+                    lead = (f"`{command(scenario, overrides)}` | {_pct(s.victim.defended_test_accuracy)} | "
+                            f"{s.defense.test_l1_mean:.3f} | {dist}") if i == 0 else " | | |"
+                    undefended = "–" if a.undefended is None else (f"{_pct(a.undefended.test_accuracy)} / "
+                                                                   f"{_pct(a.undefended.fidelity)}")
+                    out.append(f"| {lead} | {a.id} | {_replica(a)} | {undefended} |")
+            dp = [parse(r["summary"]).victim for *_, r in done if parse(r["summary"]).victim.dp_epsilon is not None]
+            for v in dp:
+                out += ["", f"The DP-SGD victim: test accuracy {_pct(v.test_accuracy)}%, epsilon {v.dp_epsilon:.2f} "
+                        f"at delta {v.dp['delta']:g} (noise {v.dp['noise_multiplier']:g}, clipping "
+                        f"{v.dp['max_grad_norm']:g})."]
+        else:
+            out += ["| command | victim acc % | attacker | queries | replica / fidelity | accounts flagged "
+                    "| benign flagged | wall s |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+            for label, scenario, overrides, r in done:
+                s = parse(r["summary"])
+                for i, a in enumerate(s.attackers):
+                    lead = (f"`{command(scenario, overrides)}` | {_pct(s.victim.test_accuracy)}" if i == 0
+                            else " |")
+                    tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
+                    out.append(f"| {lead} | {a.id} | {a.queries:,} | {_replica(a)} | {_flagged(a)} | {tail} |")
+            printed = runs[study].get("distributed_knockoff", {}).get("printed")
+            if printed:
+                out += ["", "What `python -m sim scenario=distributed_knockoff` printed:", "", "```", printed, "```"]
+        detectors = {(label, name): d for label, *_, r in done for name, d in parse(r["summary"]).detection.items()
+                     if len(parse(r["summary"]).detection) > 1 or d.kind != "prada"}
+        if detectors:
+            out += ["", "Detectors (query-level AUROC over all attacks; attacker / benign accounts flagged):", "",
+                    "| run | detector | kind | query AUROC | attacker accounts flagged | benign accounts flagged |",
+                    "|---|---|---|---:|---:|---:|"]
+            for (label, name), d in detectors.items():
+                auroc = "–" if d.query_level.auroc is None else f"{100 * d.query_level.auroc:.1f}"
+                out.append(f"| {label} | {name} | {d.kind} | {auroc} | {d.flagged_attacker_accounts} / "
+                           f"{d.attacker_accounts} | {d.flagged_benign_accounts} / {d.benign_accounts} |")
+        out.append("")
+    return "\n".join(out)
+
+
+README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+MARK = "<!-- printed:"  # the README's sample output follows this line, as a fenced block
+
+
+def readme_sample(result: dict) -> str | None:
+    """What the README's default run printed, as this benchmark recorded it."""
+    return result["runs"].get("scenarios", {}).get("distributed_knockoff", {}).get("printed")
+
+
+def replace_sample(text: str, printed: str) -> str:
+    """``text`` (the README) with the fenced block after the marker line replaced by ``printed``."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(MARK)) + 1
+    end = lines.index("```", start + 1)
+    return "\n".join(lines[:start] + ["```", *printed.split("\n"), "```"] + lines[end + 1:])
+
+
+def write_tables(path: str, result: dict) -> None:
+    with open(os.path.splitext(path)[0] + ".md", "w") as fh:
+        fh.write(f"# Scenario runs\n\nWritten by `python benchmarks/runs.py` on {result['machine']} "
+                 f"({result['updated']}). Every row is one run of the command shown.\n\n{tables(result['runs'])}")
+    printed = readme_sample(result)
+    if printed and os.path.abspath(path) == os.path.join(RESULTS, "runs.json"):  # the README shows the default
+        with open(README) as fh:
+            text = fh.read()
+        with open(README, "w") as fh:
+            fh.write(replace_sample(text, printed))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    ap.add_argument("--fresh", action="store_true", help="run every run again")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))
+    args = ap.parse_args()
+    result = {"runs": {}}
+    if os.path.exists(args.out) and not args.fresh:
+        result = json.load(open(args.out))
+    if args.report_only:
+        write_tables(args.out, result)
+        return
+
+    from sim import engine, serving
+    from sim.errors import DataError
+    from sim.summary import format_summary, parse
+
+    engine.init_local_ray()
+    serving.start_serve(0, http=True)
+    todo = [(study, *run) for study in args.studies for run in STUDIES[study]
+            if run[0] not in result["runs"].get(study, {})]
+    for i, (study, label, scenario, overrides) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {study}: {command(scenario, overrides)}", file=sys.stderr, flush=True)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        try:
+            entry = run_one(scenario, overrides, os.path.join(RESULTS, "runs", f"{study}-{stamp}"))
+        except DataError as exc:  # a dataset this machine lacks (fashion_knockoff): say so and go on
+            print(f"    skipped: {exc}", file=sys.stderr, flush=True)
+            continue
+        entry["printed"] = format_summary(parse(entry["summary"]))
+        print(entry["printed"], file=sys.stderr, flush=True)
+        result["runs"].setdefault(study, {})[label] = entry
+        result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        result["updated"] = dt.date.today().isoformat()
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        write_tables(args.out, result)
+    print(f"written to {args.out} and {os.path.splitext(args.out)[0]}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

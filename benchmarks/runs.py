@@ -85,7 +85,8 @@ def _pct(v) -> str:
 
 
 def _flagged(a) -> str:
-    """Accounts flagged by any detector, and by each when there are several."""
+    """Accounts flagged for good (by any stateful detector), and by each detector when there are several (a
+    stateless one: accounts with a flagged query)."""
     by = ", ".join(f"{name} {n}" for name, n in a.accounts_flagged_by.items())
     return f"{a.accounts_flagged} / {a.accounts}" + (f" ({by})" if len(a.accounts_flagged_by) > 1 else "")
 
@@ -105,7 +106,8 @@ def tables(runs: dict) -> str:
         if not done:
             continue
         out += [f"## {study}", "", f"{LEADS[study]} Replica accuracy / fidelity in % on the victim's test set (attack "
-                f"seeds left out); accounts flagged by any detector; seed 0. One row per run.", ""]
+                f"seeds left out); accounts flagged for good by a stateful detector (in brackets, per detector: for a "
+                f"stateless one, accounts with a flagged query); seed 0. One row per run.", ""]
         if study.startswith("splits"):
             out += ["| command | attacker | accounts | queries / account | accounts flagged | replica / fidelity "
                     "| benign flagged | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -151,13 +153,20 @@ def tables(runs: dict) -> str:
         detectors = {(label, name): d for label, *_, r in done for name, d in parse(r["summary"]).detection.items()
                      if len(parse(r["summary"]).detection) > 1 or d.kind != "prada"}
         if detectors:
-            out += ["", "Detectors (query-level AUROC over all attacks; attacker / benign accounts flagged):", "",
-                    "| run | detector | kind | query AUROC | attacker accounts flagged | benign accounts flagged |",
+            out += ["", "Detectors: query-level AUROC over all attacks, and what they flagged (a stateful detector: "
+                    "accounts, for good; a stateless one: single queries):", "",
+                    "| run | detector | kind | query AUROC % | flagged, attackers | flagged, benign |",
                     "|---|---|---|---:|---:|---:|"]
             for (label, name), d in detectors.items():
                 auroc = "–" if d.query_level.auroc is None else f"{100 * d.query_level.auroc:.1f}"
-                out.append(f"| {label} | {name} | {d.kind} | {auroc} | {d.flagged_attacker_accounts} / "
-                           f"{d.attacker_accounts} | {d.flagged_benign_accounts} / {d.benign_accounts} |")
+                if d.stateful:
+                    flagged = (f"{d.flagged_attacker_accounts} / {d.attacker_accounts} accounts | "
+                               f"{d.flagged_benign_accounts} / {d.benign_accounts} accounts")
+                else:
+                    q = d.flagged_queries
+                    flagged = " | ".join(f"{100 * q[f'{who}_queries'] / max(q[f'{who}_queries_total'], 1):.1f}% of "
+                                         f"queries" for who in ("attacker", "benign"))
+                out.append(f"| {label} | {name} | {d.kind} | {auroc} | {flagged} |")
         out.append("")
     return "\n".join(out)
 

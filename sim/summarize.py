@@ -102,7 +102,8 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
     for name in out.detectors:
         mask = pc.fill_null(table.column(f"{name}_flagged"), False)
         flagged_by[name] = set(pc.unique(table.filter(mask).column("account_id")).to_pylist()) - {None}
-    flagged_any = set().union(*flagged_by.values())
+    # an account is flagged for good by a stateful detector; a stateless one flags single queries
+    flagged_any = set().union(*(f for name, f in flagged_by.items() if out.detectors[name].stateful))
     role_of = {a.account_id: a.role for a in plan.accounts.values()}
 
     attackers = []

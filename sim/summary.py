@@ -96,8 +96,8 @@ class Attacker(_Part):
     refused: int
     unspent: int  # budget left when every account had retired
     accounts_used: int
-    accounts_flagged: int  # flagged by any detector
-    accounts_flagged_by: dict[str, int] = {}  # per detector
+    accounts_flagged: int  # flagged for good by any stateful detector
+    accounts_flagged_by: dict[str, int] = {}  # per detector (a stateless one: accounts with a flagged query)
     pow: ProofOfWork = ProofOfWork()
     accounts_burned: int = 0
     labels: str  # what the replica trained on: soft (the returned vectors) or hard (top-1 labels)
@@ -110,7 +110,7 @@ class Benign(_Part):
     users: int
     queries: int
     refused: int
-    accounts_flagged: int | None = None  # by any detector (unknown in version-1 summaries)
+    accounts_flagged: int | None = None  # by any stateful detector (unknown in version-1 summaries)
     pow: ProofOfWork = ProofOfWork()
 
 

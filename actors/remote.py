@@ -1,5 +1,6 @@
 """The Ray wrappers of the actors package: the client actor, the progress board and the replica task. Everything
-they run is pure and lives beside them (:mod:`actors.client`, :mod:`actors.replica`)."""
+they run is pure and lives beside them (:mod:`actors.client`, :mod:`actors.replica`). Torch is imported only where
+it is used, so that client actors that only send queries start fast."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ import sys
 import numpy as np
 import ray
 
-from sim.config import ReplicaConfig
-
 from .client import Client
-from .replica import score, train_replica, undefended_targets
 
 
 @ray.remote(num_cpus=0)
@@ -63,15 +61,17 @@ class ProgressBoard:
 
 
 @ray.remote(num_cpus=0.5)
-def train_replica_task(arch: str, input_shape, num_classes: int, cfg: ReplicaConfig, seed: int, eval_set: tuple,
+def train_replica_task(arch: str, input_shape, num_classes: int, cfg, seed: int, eval_set: tuple,
                        board=None, key: str = "replica", post_accuracy: bool = False,
                        clean: dict | None = None, *parts) -> dict:
     """:func:`actors.replica.train_replica` on the transfer sets ``parts`` ((images, returned probabilities) of
     each actor), or with ``clean`` (the log's clean answers by input digest) on the victim's undefended answers to
     the same images. Posts epochs done to a ProgressBoard (with ``post_accuracy``, also the replica's test
-    accuracy after each epoch). ``eval_set`` is (test images, labels, the victim's labels). Returns the
-    replica's test accuracy and fidelity."""
+    accuracy after each epoch). ``cfg``: the attacker's :class:`sim.config.ReplicaConfig`; ``eval_set``: (test
+    images, labels, the victim's labels). Returns the replica's test accuracy and fidelity."""
     import torch
+
+    from .replica import score, train_replica, undefended_targets
 
     torch.set_num_threads(1)
     x = np.concatenate([p[0] for p in parts])

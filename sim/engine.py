@@ -89,13 +89,14 @@ def _progress(desc: str, total: int, disable: bool):
                 disable=disable, dynamic_ncols=True, leave=True, mininterval=1.0)
 
 
-def _wait_with_progress(refs: list, board, bar, on_poll=None) -> list:
-    """Wait for ``refs`` while showing the sum of the board's counters on ``bar`` (and calling
+def _wait_with_progress(refs: list, board, keys: list[str], bar, on_poll=None) -> list:
+    """Wait for ``refs`` while showing the sum of the board's counters of ``keys`` on ``bar`` (and calling
     ``on_poll(board)`` after each look)."""
     pending = list(refs)
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        done = sum(ray.get(board.snapshot.remote()).values())
+        snapshot = ray.get(board.snapshot.remote())
+        done = sum(snapshot.get(key, 0) for key in keys)
         bar.update(done - bar.n)
         if on_poll is not None:
             on_poll(board)
@@ -231,14 +232,17 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     with ray_session(cfg):
         from ray import serve
 
+        from actors.remote import ProgressBoard
+
         try:
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
             app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
                                       http=cfg.serve.http, app=app)
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
+            board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()  # progress of everything below
             try:
-                transfers = _query(plan, app, nodes, quiet)
+                transfers = _query(plan, app, nodes, board, quiet)
             finally:  # the victim is not needed while replicas train: its CPUs go to them
                 serve.delete(app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
@@ -246,7 +250,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
             logged = querylog.compact(log_dir)
         t0 = time.perf_counter()
         table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), "clean_probs"])
-        replicas = _train_replicas(cfg, victim, plan, transfers, table, clean_test, quiet, on_replica_epoch)
+        replicas = _train_replicas(cfg, victim, plan, transfers, table, clean_test, board, quiet, on_replica_epoch)
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
@@ -258,14 +262,13 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     return summary
 
 
-def _query(plan: Plan, app: str, nodes: list[str], quiet: bool) -> dict[str, object]:
+def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool) -> dict[str, object]:
     """All clients query the victim at once; each client's report lands in its plan entry. Returns each client's
     transfer set as an object reference (actor id -> ref), left in the object store."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from actors.remote import ClientActor, ProgressBoard
+    from actors.remote import ClientActor
 
-    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     actors = [  # clients dealt round-robin over the nodes that were alive at the start
         ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
         .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app, board, c.seed,
@@ -274,24 +277,24 @@ def _query(plan: Plan, app: str, nodes: list[str], quiet: bool) -> dict[str, obj
     ]
     refs = [a.run.remote() for a in actors]
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
-    for client, result in zip(plan.clients, _wait_with_progress([r for r, _ in refs], board, bar)):
+    keys = [c.actor_id for c in plan.clients]
+    for client, result in zip(plan.clients, _wait_with_progress([r for r, _ in refs], board, keys, bar)):
         client.result = result
     return {c.actor_id: transfer for c, (_, transfer) in zip(plan.clients, refs)}
 
 
 def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfers: dict, table: pa.Table,
-                    clean_test: np.ndarray, quiet: bool, on_epoch=None) -> dict[str, Replica]:
+                    clean_test: np.ndarray, board, quiet: bool, on_epoch=None) -> dict[str, Replica]:
     """Each attacker's replica on the transfer sets of its actors; with a defense on (and ``undefended_baseline``),
     also a replica on the victim's clean answers to the same queries (as the log holds them), under the key
     ``ID:undefended``. All in parallel; ``on_epoch``: see :func:`run`.
 
     Tasks and board are scheduled explicitly ("DEFAULT"), so that inside a Tune trial they are not held to
     the trial's own placement group (which reserves only what the trial itself uses)."""
-    from actors.remote import ProgressBoard, train_replica_task
+    from actors.remote import train_replica_task
 
     ds = victim.dataset
     baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
-    board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
     keep = plan.eval_indices(len(ds.x_test))
     eval_set = ray.put((ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1)))
     refs, order, epochs = [], [], 0
@@ -313,4 +316,4 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     bar = _progress("training replicas", epochs, quiet)
     training = {key: {} for key in order if key in cfg.attackers}  # the attackers' own replicas post accuracies
     poll = (lambda b: on_epoch({**training, **ray.get(b.values.remote())})) if on_epoch is not None else None
-    return {key: Replica(**scores) for key, scores in zip(order, _wait_with_progress(refs, board, bar, poll))}
+    return {key: Replica(**scores) for key, scores in zip(order, _wait_with_progress(refs, board, order, bar, poll))}

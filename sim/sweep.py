@@ -468,7 +468,7 @@ def _tune_config(cfg: SweepConfig, base: config_mod.ScenarioConfig):
     from ray import tune
 
     kwargs = {"num_samples": cfg.num_samples, "max_concurrent_trials": cfg.max_concurrent,
-              "reuse_actors": False, "trial_dirname_creator": _trial_dirname}
+              "reuse_actors": True, "trial_dirname_creator": _trial_dirname}
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 

@@ -14,9 +14,10 @@ import sim
 
 from .conftest import SMALL, env_without_ray_address
 
-# 2 defenses x 2 values against the single Knockoff attacker, tiny budgets
+# 2 defenses x 2 values against the single Knockoff attacker, tiny budgets, no benign users (each trial starts
+# fewer actors: what a sweep does is the same)
 TINY = ["sweep=mad_eps", "scenario=single_knockoff",
-        "sweep.space={mad: {eps: [0.5, 1.0]}, random_noise: {eps: [0.5, 1.0]}}", *SMALL]
+        "sweep.space={mad: {eps: [0.5, 1.0]}, random_noise: {eps: [0.5, 1.0]}}", *SMALL, "benign.users=0"]
 
 
 def _sweep(*args, **kwargs):
@@ -61,7 +62,7 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     for r in table:  # every trial is a run directory like any run's, and its numbers are its summary's
         run = sweep_dir / "runs" / r["trial_id"]
         summary = sim.read_summary(str(run))
-        assert summary.queries.logged == summary.queries.total == 160 + 2 * 40
+        assert summary.queries.logged == summary.queries.total == 160
         assert any(f.endswith(".parquet") for f in os.listdir(run / "queries"))
         assert r["single.replica_test_accuracy"] == summary.attackers[0].replica.test_accuracy
         assert r["test_l1_mean"] == summary.defense.test_l1_mean > 0
@@ -96,7 +97,7 @@ def test_sweep_spreads_trials_over_a_two_node_cluster(cache_dir, tmp_path):
         proc = _sweep("sweep=random_noise_eps", "scenario=single_knockoff",
                       "sweep.space={random_noise: {eps: [0.5, 1.0]}}",
                       "sweep.trial_cpus=1.5", "sweep.max_concurrent=2", f"sweep.dir=file://{tmp_path}/sweep",
-                      "ray.address=auto", f"cache_dir={cache_dir}", *SMALL, env=env)
+                      "ray.address=auto", f"cache_dir={cache_dir}", *SMALL, "benign.users=0", env=env)
         out, err = proc.communicate(timeout=500)
         assert proc.returncode == 0, err[-3000:]
         table = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
@@ -115,7 +116,7 @@ def test_asha_stops_the_weakest_defense_early(ray_serve, cache_dir, tmp_path):
     out = sweep.run("mad_eps", ["sweep.space={mad: {eps: [2.0, 1.0, 0.0]}}", "sweep.max_concurrent=1",
                                 "sweep.scheduler=asha", "sweep.asha.grace_period=1", f"sweep.dir={tmp_path / 'asha'}",
                                 # enough queries and steps that an undefended replica learns in its first epoch
-                                "victim.epochs=2", "benign.queries=40", "attackers.single.budget=400",
+                                "victim.epochs=2", "benign.users=0", "attackers.single.budget=400",
                                 "attackers.single.replica.epochs=3", "attackers.single.replica.batch_size=16",
                                 f"cache_dir={cache_dir}"], scenario="single_knockoff", quiet=True)
     rows = {r["param.eps"]: r for r in out["rows"]}

@@ -437,10 +437,16 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
                                    callbacks=[_progress_callback(total)],
                                    failure_config=tune.FailureConfig(max_failures=0)))
         grid = tuner.fit()
+        trials = tune.ExperimentAnalysis(tune_dir).trials
+        # after Ctrl-C, Tune kills the trials still running after 10 s, before they delete their Serve apps
+        from ray import serve
+
+        for app in {f"{base.victim.name}-{t.trial_id}" for t in trials} & set(serve.status().applications):
+            serve.delete(app)
     seconds = time.perf_counter() - started
     errors = {os.path.basename(str(r.path)): r.error for r in grid if r.error}
     statuses = {}
-    for t in tune.ExperimentAnalysis(tune_dir).trials:
+    for t in trials:
         finished = storage.exists(storage.join(sweep_dir, "runs", t.trial_id, "summary.json"))
         status = {"TERMINATED": "done" if finished else "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
         error = errors.get(t.trial_id)

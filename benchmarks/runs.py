@@ -101,8 +101,8 @@ def tables(runs: dict) -> str:
 
     out = []
     for study, entries in STUDIES.items():
-        done = [(label, scenario, overrides, runs[study][label]) for label, scenario, overrides in entries
-                if label in runs.get(study, {})]
+        done = [(label, scenario, overrides, {**runs[study][label], "summary": parse(runs[study][label]["summary"])})
+                for label, scenario, overrides in entries if label in runs.get(study, {})]
         if not done:
             continue
         out += [f"## {study}", "", f"{LEADS[study]} Replica accuracy / fidelity in % on the victim's test set (attack "
@@ -112,7 +112,7 @@ def tables(runs: dict) -> str:
             out += ["| command | attacker | accounts | queries / account | accounts flagged | replica / fidelity "
                     "| benign flagged | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
             for label, scenario, overrides, r in done:
-                s = parse(r["summary"])
+                s = r["summary"]
                 for i, a in enumerate(s.attackers):
                     lead = f"`{command(scenario, overrides)}`" if i == 0 else ""
                     tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
@@ -122,7 +122,7 @@ def tables(runs: dict) -> str:
             out += ["| command | defended acc % | test L1 | L1 / top-1 kept on attacker queries | attacker "
                     "| replica / fidelity | undefended replica / fidelity |", "|---|---:|---:|---:|---|---:|---:|"]
             for label, scenario, overrides, r in done:
-                s = parse(r["summary"])
+                s = r["summary"]
                 att = s.defense.by_role.get("attacker")
                 dist = (f"{att.l1_mean:.3f} / {att.top1_preserved_rate:.3f}" if att and att.l1_mean is not None
                         else "–")
@@ -132,7 +132,7 @@ def tables(runs: dict) -> str:
                     undefended = "–" if a.undefended is None else (f"{_pct(a.undefended.test_accuracy)} / "
                                                                    f"{_pct(a.undefended.fidelity)}")
                     out.append(f"| {lead} | {a.id} | {_replica(a)} | {undefended} |")
-            dp = [parse(r["summary"]).victim for *_, r in done if parse(r["summary"]).victim.dp_epsilon is not None]
+            dp = [r["summary"].victim for *_, r in done if r["summary"].victim.dp_epsilon is not None]
             for v in dp:
                 out += ["", f"The DP-SGD victim: test accuracy {_pct(v.test_accuracy)}%, epsilon {v.dp_epsilon:.2f} "
                         f"at delta {v.dp['delta']:g} (noise {v.dp['noise_multiplier']:g}, clipping "
@@ -141,7 +141,7 @@ def tables(runs: dict) -> str:
             out += ["| command | victim acc % | attacker | queries | replica / fidelity | accounts flagged "
                     "| benign flagged | wall s |", "|---|---:|---|---:|---:|---:|---:|---:|"]
             for label, scenario, overrides, r in done:
-                s = parse(r["summary"])
+                s = r["summary"]
                 for i, a in enumerate(s.attackers):
                     lead = (f"`{command(scenario, overrides)}` | {_pct(s.victim.test_accuracy)}" if i == 0
                             else " |")
@@ -150,8 +150,8 @@ def tables(runs: dict) -> str:
             printed = runs[study].get("distributed_knockoff", {}).get("printed")
             if printed:
                 out += ["", "What `python -m sim scenario=distributed_knockoff` printed:", "", "```", printed, "```"]
-        detectors = {(label, name): d for label, *_, r in done for name, d in parse(r["summary"]).detection.items()
-                     if len(parse(r["summary"]).detection) > 1 or d.kind != "prada"}
+        detectors = {(label, name): d for label, *_, r in done for name, d in r["summary"].detection.items()
+                     if len(r["summary"].detection) > 1}  # the runs with more than the default PRADA
         if detectors:
             out += ["", "Detectors: query-level AUROC over all attacks, and what they flagged (a stateful detector: "
                     "accounts, for good; a stateless one: single queries):", "",

@@ -19,7 +19,6 @@ import importlib
 import inspect
 import pkgutil
 from abc import ABC
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -88,13 +87,10 @@ def names(category: str) -> list[str]:
 
 def check_name(category: str, field: str, name: Any) -> None:
     """A one-line error naming the field, the unknown name and the known ones."""
-    known_names(CATEGORIES[category][1], field, name, names(category))
-
-
-def known_names(what: str, field: str, name: Any, known: Iterable[str]) -> None:
-    known = list(known)
+    known = names(category)
     if name not in known:
-        raise ConfigError(f"{field}={name!r} is not a known {what}; expected one of: {', '.join(known)}")
+        raise ConfigError(f"{field}={name!r} is not a known {CATEGORIES[category][1]}; expected one of: "
+                          f"{', '.join(known)}")
 
 
 def get(category: str, name: str, field: str | None = None) -> Any:

@@ -27,7 +27,7 @@ class ClientActor:
             actor_id, source, keys, split, budget, batch_size, seed=seed, **strategy,
             query=lambda key, x, actor: handle.query.remote(key, x, actor).result(),
             solve=lambda *args: handle.solve.remote(*args).result(),
-            on_progress=None if progress is None else (lambda done: progress.update.remote(actor_id, done)))
+            on_progress=None if progress is None else (lambda done: progress.update.remote(f"query:{actor_id}", done)))
 
     @ray.method(num_returns=2)
     def run(self) -> tuple[dict, tuple | None]:

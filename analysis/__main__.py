@@ -23,7 +23,8 @@ import yaml
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory, or a sweep directory")
-    ap.add_argument("--replay", metavar="KIND", help="a detector to re-run over the logs (prada, link, msp, same)")
+    ap.add_argument("--replay", metavar="KIND",
+                    help="a detector kind to re-run over the logs (python -m sim help lists them)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a replayed detector's parameter")
     ap.add_argument("--group", default="account", help="history key of the replay: account, actor, cohort or all")
     ap.add_argument("--name", help="the replay's name in the report (default replay_KIND)")

@@ -43,16 +43,16 @@ class _RunModels:
     """A run's :class:`sim.zoo.ModelContext`, made on first use: most detectors need no models, and a log may
     come without its run's config."""
 
-    def __init__(self, run_dir: str, cfg):
-        self._run_dir, self._cfg, self._ctx = run_dir, cfg, None
+    def __init__(self, run_dir: str, cfg, why: str):
+        self._run_dir, self._cfg, self._why, self._ctx = run_dir, cfg, why, None
 
     def __getattr__(self, name: str):
         if self._ctx is None:
             from sim import zoo
 
             if self._cfg is None:
-                raise SimError(f"{self._run_dir} has no config.yaml, so the models this replay needs cannot be made "
-                               f"as the run made them; expected a run directory written by python -m sim")
+                raise SimError(f"{self._run_dir}: {self._why}, so the models this replay needs cannot be made as the "
+                               f"run made them; expected a run directory written by this version of python -m sim")
             victim = zoo.get_victim(self._cfg.victim, self._cfg.data, self._cfg.seed, self._cfg.cache_dir)
             self._ctx = zoo.ModelContext.of(self._cfg, victim)
         return getattr(self._ctx, name)
@@ -65,9 +65,14 @@ def prepare(run_dir: str, kind: str, params: dict | None = None):
     from sim import config, storage
 
     path = storage.join(run_dir, "config.yaml")
-    cfg = config.load(yaml.safe_load(storage.read_text(path))) if storage.exists(path) else None
+    cfg, why = None, "the run has no config.yaml"
+    if storage.exists(path):
+        try:
+            cfg = config.load(yaml.safe_load(storage.read_text(path)))
+        except SimError as exc:  # a run of another version: fine for what needs no models
+            why = f"its config.yaml does not load ({exc})"
     base = next((d.params() for d in cfg.detectors.values() if d.kind == kind), {}) if cfg else {}
-    return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg))
+    return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why))
 
 
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", **models) -> dict:

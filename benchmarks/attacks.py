@@ -67,7 +67,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
     start = time.perf_counter()
     model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
                           cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid))
-    keep = np.setdiff1d(np.arange(len(ds.x_test)), sorted(plan.held_out))
+    keep = plan.eval_indices(len(ds.x_test))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     victim_pred = predict_probs(victim.model, ds.x_test[keep]).argmax(1)
     return {"dataset": dataset, "attack": attack, "budget": budget, "queries": int(len(x)),

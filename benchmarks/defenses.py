@@ -25,8 +25,6 @@ import ray
 import torch
 from serving import served  # benchmarks/serving.py
 
-from sim import models
-
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
     "top_k": {"k": 1},
@@ -70,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = config.load("mad_vs_knockoff")
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
-    mis = zoo.get_misinformation_model(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    mis = {"misinformation": zoo.ModelContext.of(cfg, victim).misinformation_model()}  # as a run prepares it
     images = victim.dataset.x_test
     x = images[:args.batch]
     clean = predict_probs(victim.model, x)
@@ -79,7 +77,7 @@ def main() -> None:
 
     rows = []
     for name, params in SETTINGS.items():
-        d = defenses.build(name, victim=victim.model, misinformation=mis, **params)
+        d = defenses.build(name, victim=victim.model, models=mis, **params)
         rate = best_rate(lambda: d(clean, x), len(x), args.seconds)
         rows.append({"defense": name, "params": params, "alone_images_per_s": round(rate, 1)})
         print(f"{name:<24} alone {rate:>12,.0f} images/s", flush=True)
@@ -105,13 +103,10 @@ def main() -> None:
     from ray import serve
 
     serve.start(http_options={"location": "NoServer"})
-    ds = victim.dataset
-    mis_models = {"adaptive_misinformation": {
-        "misinformation": models.to_bytes(mis, cfg.victim.arch, ds.input_shape, ds.num_classes)}}
     for row in rows:
         r = served(victim, images, log=True, prada=False, clients=args.clients, batch=args.batch,
                    seconds=args.seconds, defense={"name": row["defense"], **row["params"]},
-                   defense_models=mis_models)
+                   defense_models={"adaptive_misinformation": mis})
         row["served_images_per_s"] = r["images_per_s"]
         row["served_p50_ms"] = r["p50_ms"]
     ray.shutdown()

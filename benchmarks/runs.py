@@ -74,10 +74,12 @@ def command(scenario: str, overrides: list[str]) -> str:
 
 def run_one(scenario: str, overrides: list[str], run_dir: str) -> dict:
     import sim
+    from sim.summary import format_summary
 
     start = time.perf_counter()
     s = sim.run(scenario, [*overrides, f"run_dir={run_dir}"], quiet=True)
-    return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1)}
+    return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1),
+            "printed": format_summary(s)}
 
 
 def _pct(v) -> str:
@@ -216,7 +218,6 @@ def main() -> None:
 
     from sim import engine, serving
     from sim.errors import DataError
-    from sim.summary import format_summary, parse
 
     engine.init_local_ray()
     serving.start_serve(0, http=True)
@@ -230,7 +231,6 @@ def main() -> None:
         except DataError as exc:  # a dataset this machine lacks (fashion_knockoff): say so and go on
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
-        entry["printed"] = format_summary(parse(entry["summary"]))
         print(entry["printed"], file=sys.stderr, flush=True)
         result["runs"].setdefault(study, {})[label] = entry
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"

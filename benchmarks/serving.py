@@ -75,7 +75,6 @@ def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, 
            defense_models: dict | None = None) -> dict:
     from ray import serve
 
-    from sim import models
     from sim.protocol import Account
     from sim.serving import VictimSpec, deploy
 
@@ -83,7 +82,7 @@ def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, 
     tmp = tempfile.mkdtemp(prefix="bench-log-")
     ds = victim.dataset
     spec = VictimSpec(victim="bench", run_id="bench", input_shape=ds.input_shape, accounts=keys,
-                      model=models.to_bytes(victim.model, victim.arch, ds.input_shape, ds.num_classes),
+                      model=victim.to_bytes(),
                       detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}}
                       if prada else {},
                       rules={}, defense=defense or {"name": "identity"},

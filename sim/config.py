@@ -245,24 +245,31 @@ class ScenarioConfig(_Strict):
         """name -> config of the detectors that are on, in the scenario's order."""
         return {name: d for name, d in self.detectors.items() if d.enabled}
 
+    def defense_specs(self) -> dict[str, dict[str, Any]]:
+        """Every output defense the victim may answer through: ``defense`` and each enabled detector's
+        ``perturb`` (keyed by where they are set)."""
+        return {"defense": self.defense.spec(), **{f"detectors.{n}.perturb": d.perturb.spec()
+                                                   for n, d in self.enabled_detectors().items()
+                                                   if d.action == "perturb"}}
+
     @model_validator(mode="before")
     @classmethod
     def _with_detector_shorthands(cls, raw: Any) -> Any:
         """Every shorthand detector (``prada``, ``pooled_prada``, …) is there, with its kind and settings under
         what the scenario gives; a new name needs a ``kind``."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("detectors", {}), dict):
+        if not isinstance(raw, dict) or not isinstance(raw.get("detectors") or {}, dict):
             return raw
         from .detectors import names, presets
 
         shorthands = presets()
-        given = raw.get("detectors") or {}
         merged = {}
-        for name, settings in given.items():
-            if isinstance(settings, dict) and "kind" not in settings:
-                if name not in shorthands:
-                    raise ConfigError(f"detectors.{name}.kind is missing: {name!r} is not a shorthand ("
-                                      f"{', '.join(shorthands)}); expected detectors.{name}.kind= one of: "
-                                      f"{', '.join(names())}")
+        for name, settings in (raw.get("detectors") or {}).items():
+            if isinstance(settings, dict) and "kind" not in settings and name not in shorthands:
+                raise ConfigError(f"detectors.{name}.kind is missing: {name!r} is not a shorthand ("
+                                  f"{', '.join(shorthands)}); expected detectors.{name}.kind= one of: "
+                                  f"{', '.join(names())}")
+            if isinstance(settings, dict) and name in shorthands \
+                    and settings.get("kind", shorthands[name]["kind"]) == shorthands[name]["kind"]:
                 settings = {**shorthands[name], **settings}
             merged[name] = settings
         for name, settings in shorthands.items():
@@ -291,23 +298,19 @@ class ScenarioConfig(_Strict):
                 raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.{name}.enabled=true: {name} "
                                  "keeps its histories (or open proof-of-work challenges) inside one replica, so all "
                                  f"queries must reach it; expected serve.replicas=1 (or {name} off)")
-            if det.action == "perturb":
-                try:
-                    defenses.check_spec(det.perturb.spec())
-                except ConfigError as exc:
-                    raise ValueError(f"detectors.{name}.perturb: {exc}") from None
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
-        defenses.check_spec(self.defense.spec())
         if self.victim.training == "dp_sgd" and models.has_batch_norm(self.victim.arch):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
                              f"but victim.arch={self.victim.arch!r} has batch norm; expected an architecture "
                              f"without it")
-        for name in defenses.names_in(self.defense.spec()):
-            needed = defenses.get(name).victim_training
-            if needed and self.victim.training != needed:
-                raise ValueError(f"defense {name} needs victim.training={needed}, but victim.training="
-                                 f"{self.victim.training!r}; expected victim.training={needed}")
+        for field, spec in self.defense_specs().items():
+            defenses.check_spec(spec, field=field)
+            for name in defenses.names_in(spec):
+                needed = defenses.get(name).victim_training
+                if needed and self.victim.training != needed:
+                    raise ValueError(f"{field} {name} needs victim.training={needed}, but victim.training="
+                                     f"{self.victim.training!r}; expected victim.training={needed}")
         for aid, att in self.attackers.items():
             if not aid.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
@@ -377,16 +380,12 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     if overrides and not isinstance(overrides, dict):
         # `defense=NAME` picks a new defense (dropping the scenario's parameters for the old one) before
         # any `defense.PARAM=VALUE` applies, whatever their order on the command line; likewise
-        # `attackers.ID.attack=KIND` drops the parameters of the scenario's attack for ID
+        # `attackers.ID.attack=KIND` and `detectors.NAME.kind=KIND` drop what the new kind does not declare
         for item in overrides:
             key, _, value = item.partition("=")
             if key == "defense":
                 raw["defense"] = {"name": value}
-            aid = key[len("attackers."):-len(".attack")] if key.startswith("attackers.") else None
-            old = (raw.get("attackers") or {}).get(aid) if key.endswith(".attack") else None
-            if isinstance(old, dict) and old.get("attack", "knockoff") != value:
-                raw["attackers"] = {**raw["attackers"],
-                                    aid: {k: v for k, v in old.items() if k in AttackerConfig.model_fields}}
+            _switch_kind(raw, key, value)
         overrides = [item for item in overrides if not item.startswith("defense=")]
     conf = OmegaConf.create(raw)
     if overrides:
@@ -411,6 +410,31 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             raise ConfigError(f"detector={alias!r} must be a mapping like detectors (detector.prada.action=…)")
         raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
     return validate(raw)
+
+
+def _switch_kind(raw: dict[str, Any], key: str, kind: str) -> None:
+    """For an override ``attackers.ID.attack=KIND`` or ``detectors.NAME.kind=KIND`` that changes the kind of an
+    entry of ``raw``: keep of that entry the keys every attacker (detector) has and the parameters the new kind
+    declares, and drop the rest (the old kind's own parameters)."""
+    from . import detectors, registry
+
+    section, _, rest = key.partition(".")
+    name, _, field = rest.rpartition(".")
+    model, category = {"attackers": (AttackerConfig, "attack"), "detectors": (DetectorConfig, "detector")}.get(
+        section, (None, None))
+    old = (raw.get(section) or {}).get(name) if model is not None else None
+    if not isinstance(old, dict) or field != ("attack" if section == "attackers" else "kind") \
+            or kind not in registry.names(category):
+        return
+    before = old.get(field, model.model_fields[field].default if section == "attackers"
+                     else detectors.presets().get(name, {}).get("kind"))
+    if before == kind:
+        return
+    declared = registry.get(category, kind).params
+    own = {k: v for k, v in _flatten({k: v for k, v in old.items() if k not in model.model_fields}).items()
+           if k in declared}
+    raw[section] = {**raw[section], name: {**{k: v for k, v in old.items() if k in model.model_fields},
+                                           **_nest(own)}}
 
 
 def validate(raw: dict[str, Any]) -> ScenarioConfig:

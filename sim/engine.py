@@ -159,12 +159,13 @@ def train_victim(cfg: ScenarioConfig, quiet: bool = False) -> zoo.Victim:
 
 
 def prepare_models(cfg: ScenarioConfig, victim: zoo.Victim, quiet: bool = False):
-    """The scenario's detectors (:func:`sim.detection.setup`) and the trained models its defense needs, with
-    progress bars while models train."""
+    """The scenario's detectors (:func:`sim.detection.setup`) and the trained models its defenses need (the
+    victim's, and those detectors answer flagged queries through), with progress bars while models train."""
     bars = _Bars(quiet)
     ctx = zoo.ModelContext.of(cfg, victim, on_epoch=bars)
-    try:
-        return detection.setup(cfg, ctx), defenses.prepare(cfg.defense.spec(), ctx)
+    try:  # the models of the victim's defense and of the detectors' perturbations, by defense name
+        return detection.setup(cfg, ctx), {name: made for spec in cfg.defense_specs().values()
+                                           for name, made in defenses.prepare(spec, ctx).items()}
     finally:
         bars.close()
 
@@ -249,8 +250,10 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
         finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
             logged = querylog.compact(log_dir)
         t0 = time.perf_counter()
-        table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), "clean_probs"])
-        replicas = _train_replicas(cfg, victim, plan, transfers, table, clean_test, board, quiet, on_replica_epoch)
+        baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
+        table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), *(["clean_probs"] if baseline else [])])
+        replicas = _train_replicas(cfg, victim, plan, transfers, table if baseline else None, clean_test, board,
+                                   quiet, on_replica_epoch)
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
@@ -277,24 +280,23 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool) -> dict[s
     ]
     refs = [a.run.remote() for a in actors]
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
-    keys = [c.actor_id for c in plan.clients]
+    keys = [f"query:{c.actor_id}" for c in plan.clients]  # the clients' posts (replicas post under their key)
     for client, result in zip(plan.clients, _wait_with_progress([r for r, _ in refs], board, keys, bar)):
         client.result = result
     return {c.actor_id: transfer for c, (_, transfer) in zip(plan.clients, refs)}
 
 
-def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfers: dict, table: pa.Table,
+def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfers: dict, log: pa.Table | None,
                     clean_test: np.ndarray, board, quiet: bool, on_epoch=None) -> dict[str, Replica]:
-    """Each attacker's replica on the transfer sets of its actors; with a defense on (and ``undefended_baseline``),
-    also a replica on the victim's clean answers to the same queries (as the log holds them), under the key
-    ``ID:undefended``. All in parallel; ``on_epoch``: see :func:`run`.
+    """Each attacker's replica on the transfer sets of its actors; given the query ``log`` (a defense is on and
+    ``undefended_baseline``), also a replica on the victim's clean answers to the same queries, as the log holds
+    them, under the key ``ID:undefended``. All in parallel; ``on_epoch``: see :func:`run`.
 
     Tasks and board are scheduled explicitly ("DEFAULT"), so that inside a Tune trial they are not held to
     the trial's own placement group (which reserves only what the trial itself uses)."""
     from actors.remote import train_replica_task
 
     ds = victim.dataset
-    baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
     keep = plan.eval_indices(len(ds.x_test))
     eval_set = ray.put((ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1)))
     refs, order, epochs = [], [], 0
@@ -304,8 +306,8 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
             continue  # every query refused: nothing to train on
         parts = [transfers[c.actor_id] for c in clients if c.result["sent"] > c.result["refused"]]
         runs = {aid: None}
-        if baseline:
-            runs[f"{aid}:undefended"] = querylog.clean_answers(table, {a for c in clients for a in c.accounts})
+        if log is not None:
+            runs[f"{aid}:undefended"] = querylog.clean_answers(log, {a for c in clients for a in c.accounts})
         for key, clean in runs.items():
             task = train_replica_task.options(scheduling_strategy="DEFAULT")
             refs.append(task.remote(cfg.replica_arch(aid), ds.input_shape, ds.num_classes, att.replica,

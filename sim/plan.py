@@ -39,7 +39,7 @@ class ClientPlan:
     split: str
     source: object  # a pure query source (propose / observe / transfer_set)
     keys: list[str] | None = None  # the accounts' API keys
-    strategy: dict | None = None  # account_cap, max_rate, churn
+    strategy: dict | None = None  # the account strategy: cap, max_rate, churn
     seed: int = 0  # of the account split
     result: dict | None = None  # what the actor reports (sent, refused, per account, seconds, stats, pow)
 

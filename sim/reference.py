@@ -36,7 +36,7 @@ def _allowed(annotation: Any, field) -> str:
     category = (field.json_schema_extra or {}).get("registry")
     if category:
         what = f"one of the {registry.CATEGORIES[category][1]} names: " + ", ".join(registry.names(category))
-        return what + (" (or null)" if field.default is None and field.default is not PydanticUndefined else "")
+        return what + (" (or null)" if field.default is None else "")
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return "one of: " + ", ".join(map(str, args))
@@ -150,7 +150,7 @@ def markdown() -> str:
     for name, cls in registry.entries("attack").items():
         out += [f"### `{name}`", "", registry.summary_line(cls), "", *_params_table(cls.params, "attackers.<id>."), ""]
     for title, category, key in (("Architectures", "model", "`victim.arch`, `attackers.<id>.replica.arch`"),
-                                 ("Datasets", "dataset", "`victim.dataset`, Knockoff's `pool`")):
+                                 ("Datasets", "dataset", "`victim.dataset` and an attack's `pool`")):
         out += [f"## {title}", "", f"Names for {key}.", "", "| name | what |", "|---|---|"]
         out += [f"| `{n}` | {registry.summary_line(obj)} |" for n, obj in registry.entries(category).items()]
         out.append("")

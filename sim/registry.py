@@ -105,7 +105,7 @@ def build(category: str, name: str, *args, **params) -> Any:
 
 
 def summary_line(obj: Any) -> str:
-    """The first line of a component's docstring: its one-line description in help and the reference."""
+    """The first paragraph of a component's docstring, on one line: its description in help and the reference."""
     doc = inspect.getdoc(obj) or ""
     return doc.strip().split("\n\n")[0].replace("\n", " ")
 

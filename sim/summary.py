@@ -198,6 +198,8 @@ def parse(data: dict) -> Summary:
     if not isinstance(data, dict):
         raise SummaryError(f"a run summary is a JSON object, got {type(data).__name__}")
     version = data.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise SummaryError(f"summary version {version!r} is not an integer")
     if version > SUMMARY_VERSION:
         raise SummaryError(f"summary version {version} is newer than this mlsim reads ({SUMMARY_VERSION})")
     if version == 1:
@@ -222,7 +224,7 @@ def read(run_dir: str) -> Summary | None:
 def _upgrade_v1(old: dict) -> dict:
     """Version 1 had each replica's numbers as flat keys (``replica_test_accuracy``, ``…_undefended``), the
     Knockoff pool as a key of every attacker, and no flag threshold or statefulness per detector."""
-    from . import detectors, registry
+    from . import registry
 
     data = {**old, "version": SUMMARY_VERSION}
     attackers = []
@@ -236,11 +238,25 @@ def _upgrade_v1(old: dict) -> dict:
         a["params"] = {"pool": pool} if declares and pool else {}
         attackers.append(a)
     data["attackers"] = attackers
-    known = registry.names("detector")
-    data["detection"] = {name: {**d, "stateful": detectors.get(d["kind"]).stateful if d.get("kind") in known
-                                else True}
-                         for name, d in old.get("detection", {}).items()}
+    data["detection"] = {name: {**d, **_v1_detector(d)} for name, d in old.get("detection", {}).items()}
     return data
+
+
+def _v1_detector(d: dict) -> dict:
+    """What version 1 did not record of a detector, asked of its kind's declaration: whether it is stateful, and
+    the score at which it flagged (calibrated, given, or the kind's own for its parameters)."""
+    from . import detectors, registry
+
+    if d.get("kind") not in registry.names("detector"):
+        return {"stateful": True}
+    kind = detectors.get(d["kind"])
+    threshold = (d.get("calibration") or {}).get("threshold", (d.get("params") or {}).get("threshold"))
+    if threshold is None and kind.stateful:
+        try:
+            threshold = kind(**{k: v for k, v in (d.get("params") or {}).items() if k in kind.params}).threshold()
+        except (ValueError, TypeError):
+            threshold = None
+    return {"stateful": kind.stateful, "threshold": threshold}
 
 
 def format_summary(s: Summary) -> str:

@@ -9,6 +9,9 @@ A detector kind is a :class:`Detector` subclass registered with ``@register("det
   ``group=all``), usable without a ``kind``;
 - :meth:`Detector.prepare`: the trained models it needs, made through the victim zoo on the driver and
   handed to its constructor (``models=``) in every Serve replica.
+
+A stateful kind that declares a ``group`` parameter (PRADA) keeps its history under that grouping of the
+requests (account, actor, cohort, all: :class:`sim.policy.Rule`); the others key it by account.
 """
 
 from __future__ import annotations

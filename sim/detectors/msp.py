@@ -31,6 +31,8 @@ class MaxSoftmax(StatelessDetector):
 
     def __init__(self, models: nn.Module | bytes | None = None, **params):
         super().__init__(models, **params)
+        if self.values["model"] == "oe" and models is None:
+            raise ValueError("msp with model=oe needs the outlier-exposure model (models=, see MaxSoftmax.prepare)")
         self.model = from_bytes(models) if isinstance(models, bytes) else models
 
     @classmethod

@@ -142,5 +142,5 @@ def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir):
     from sim.errors import SimError
 
     assert prepare(run_dir, "prada", {"delta": 0.9}) is None
-    with pytest.raises(SimError, match="has no config.yaml, so the models this replay needs cannot be made"):
+    with pytest.raises(SimError, match="the run has no config.yaml, so the models this replay needs cannot be made"):
         prepare(run_dir, "same")

@@ -262,7 +262,7 @@ def test_detector_defaults_survive_partial_overrides():
     assert cfg.detectors["pooled_prada"].kind == "prada" and cfg.detectors["pooled_prada"].skip_repeats
     assert cfg.detectors["msp"].perturb.spec() == {"name": "mad", "eps": 0.5}
     assert list(cfg.enabled_detectors()) == ["prada", "pooled_prada", "msp"]
-    with pytest.raises(ConfigError, match="detectors.msp.perturb: defense.name='nope' is not a known defense"):
+    with pytest.raises(ConfigError, match="detectors.msp.perturb.name='nope' is not a known defense"):
         config.load("single_knockoff", ["detectors.msp.enabled=true", "detectors.msp.action=perturb",
                                         "detectors.msp.perturb.name=nope"])
     with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.link.enabled=true"):
@@ -281,10 +281,36 @@ def test_proof_of_work_needs_one_replica_and_sane_difficulty():
         config.load("single_knockoff", ["detectors.msp.pow.bits_max=30"])
 
 
-def test_switching_an_attackers_attack_drops_the_old_attacks_parameters():
+def test_switching_a_kind_drops_what_the_new_kind_does_not_declare():
     cfg = config.load("single_knockoff", ["attackers.single.jacobian.rounds=3", "attackers.single.attack=jb_self"])
     single = cfg.attackers["single"]
     assert single.attack == "jb_self" and single.params()["jacobian.rounds"] == 3 and "pool" not in single.params()
     assert single.budget == 1500  # the keys every attacker has are kept
     with pytest.raises(ConfigError, match="unknown key 'attackers.single.pool'"):  # in the same breath: an error
         config.load("single_knockoff", ["attackers.single.attack=jbda", "attackers.single.pool=digits"])
+    # what both kinds declare stays (same_detection's jbda attacker has jacobian.rounds=20 in its file)
+    jb = config.load("same_detection", ["attackers.jbda.attack=jb_top3"]).attackers["jbda"]
+    assert jb.attack == "jb_top3" and jb.params()["jacobian.rounds"] == 20
+    # a detector's kind likewise: single_jbda gives prada delta and min_pool, which msp does not have
+    prada = config.load("single_jbda", ["detectors.prada.kind=msp"]).detectors["prada"]
+    assert prada.kind == "msp" and "delta" not in prada.params() and prada.enabled
+    # naming a shorthand's own kind keeps its settings
+    pooled = config.load("single_knockoff", ["detectors.pooled_prada.kind=prada"]).detectors["pooled_prada"]
+    assert pooled.group == "all" and pooled.skip_repeats
+
+
+def test_every_defense_the_victim_may_answer_through_is_checked():
+    with pytest.raises(ConfigError, match="detectors.prada.perturb adaptive_misinformation needs "
+                                          "victim.training=outlier_exposure"):
+        config.load("single_knockoff", ["detectors.prada.action=perturb",
+                                        "detectors.prada.perturb.name=adaptive_misinformation"])
+    with pytest.raises(ConfigError, match=r"detectors.prada.perturb.eps must be a number >= 0, got -1"):
+        config.load("single_knockoff", ["detectors.prada.action=perturb", "detectors.prada.perturb.eps=-1"])
+    cfg = config.load("single_knockoff", ["detectors.prada.action=perturb", "defense=rounding"])
+    assert cfg.defense_specs() == {"defense": {"name": "rounding"}, "detectors.prada.perturb": {"name": "mad"}}
+
+
+def test_an_empty_detectors_mapping_is_the_shorthands(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("extends: single_knockoff\ndetectors:\n")
+    assert list(config.load(str(path)).enabled_detectors()) == ["prada"]

@@ -44,6 +44,12 @@ def test_undeclared_parameters_are_errors_when_built_and_when_configured():
         config.load("single_knockoff", ["detectors.link.group=all"])
 
 
+def test_a_detector_without_the_models_its_settings_need_says_so():
+    with pytest.raises(ValueError, match="msp with model=oe needs the outlier-exposure model"):
+        detectors.build("msp", model="oe")
+    assert not detectors.build("msp").needs_images  # the victim's own softmax: the logged probabilities suffice
+
+
 def test_every_detector_shorthand_is_a_valid_detector():
     shorthands = detectors.presets()
     assert set(shorthands) == {"prada", "pooled_prada", "same", "msp", "msp_oe", "link"}

@@ -145,6 +145,7 @@ def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path)
     assert a.replica.test_accuracy == old["attackers"][0]["replica_test_accuracy"]
     assert a.undefended.fidelity == old["attackers"][0]["replica_fidelity_undefended"]
     assert a.params == {"pool": "digits"} and v1.detection["prada"].stateful
+    assert v1.detection["prada"].threshold == pytest.approx(1 - old["detection"]["prada"]["params"]["delta"])
     assert v1.benign.accounts_flagged is None and "benign" in summary.format_summary(v1)
 
 
@@ -154,3 +155,5 @@ def test_what_is_not_a_readable_summary(tmp_path):
     assert summary.read(str(tmp_path)) is None  # not a run summary
     with pytest.raises(summary.SummaryError, match="summary version 9 is newer than this mlsim reads"):
         summary.parse({"version": 9})
+    with pytest.raises(summary.SummaryError, match="summary version '2' is not an integer"):
+        summary.parse({"version": "2"})

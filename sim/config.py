@@ -412,6 +412,9 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     return validate(raw)
 
 
+_KINDED = {"attackers": ("attack", "attack", AttackerConfig), "detectors": ("kind", "detector", DetectorConfig)}
+
+
 def _switch_kind(raw: dict[str, Any], key: str, kind: str) -> None:
     """For an override ``attackers.ID.attack=KIND`` or ``detectors.NAME.kind=KIND`` that changes the kind of an
     entry of ``raw``: keep of that entry the keys every attacker (detector) has and the parameters the new kind
@@ -420,21 +423,20 @@ def _switch_kind(raw: dict[str, Any], key: str, kind: str) -> None:
 
     section, _, rest = key.partition(".")
     name, _, field = rest.rpartition(".")
-    model, category = {"attackers": (AttackerConfig, "attack"), "detectors": (DetectorConfig, "detector")}.get(
-        section, (None, None))
-    old = (raw.get(section) or {}).get(name) if model is not None else None
-    if not isinstance(old, dict) or field != ("attack" if section == "attackers" else "kind") \
-            or kind not in registry.names(category):
+    if section not in _KINDED or field != _KINDED[section][0]:
         return
-    before = old.get(field, model.model_fields[field].default if section == "attackers"
-                     else detectors.presets().get(name, {}).get("kind"))
-    if before == kind:
+    _, category, model = _KINDED[section]
+    old = (raw.get(section) or {}).get(name)
+    if not isinstance(old, dict) or kind not in registry.names(category):
         return
+    implied = (detectors.presets().get(name, {}).get("kind") if section == "detectors"
+               else model.model_fields[field].default)  # a shorthand's kind, or the default attack
+    if old.get(field, implied) == kind:
+        return
+    common = {k: v for k, v in old.items() if k in model.model_fields}
     declared = registry.get(category, kind).params
-    own = {k: v for k, v in _flatten({k: v for k, v in old.items() if k not in model.model_fields}).items()
-           if k in declared}
-    raw[section] = {**raw[section], name: {**{k: v for k, v in old.items() if k in model.model_fields},
-                                           **_nest(own)}}
+    own = {k: v for k, v in _flatten({k: v for k, v in old.items() if k not in common}).items() if k in declared}
+    raw[section] = {**raw[section], name: {**common, **_nest(own)}}
 
 
 def validate(raw: dict[str, Any]) -> ScenarioConfig:

@@ -6,6 +6,10 @@ y~ = (1 - a) y + a y*, where the simplex vertex y* maximises the angular deviati
 H(y~) = || G^T y~ / |G^T y~| - G^T y / |G^T y| ||^2 and a is chosen so that dist(y, y~) = eps
 (or a = 1 when the vertex is closer than eps). MAD-argmax shortens each step so the top-1 label stays.
 
+The paper's ablation is the ``objective`` parameter: ``identity`` replaces G by the identity (the vertex
+farthest in angle from y itself, i.e. the least likely class) and ``random`` steps toward a vertex drawn at
+random; both keep the same eps and interpolation, so only the choice of vertex differs from MAD.
+
 Everything H needs is the Gram matrix M = G G^T (K x K per query): <G^T a, G^T b> = a^T M b.
 - Over the last linear layer's weight (the default), row k of G is (e_k - p) (x) h, where p is the
   surrogate's softmax output and h the layer's input, so M = |h|^2 (I - 1 p^T - p 1^T + |p|^2 1 1^T).
@@ -102,17 +106,26 @@ def deviations(gram: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 TOP1_MARGIN = 1e-5  # MAD-argmax keeps the top-1 value at least this far above every other
 
 
-def poison(gram: torch.Tensor, y: torch.Tensor, eps: float, norm: str, keep_top1: bool) -> torch.Tensor:
+def poison(gram: torch.Tensor | None, y: torch.Tensor, eps: float, norm: str, keep_top1: bool,
+           pick: torch.Tensor | None = None) -> torch.Tensor:
     """The extreme-point oracle plus the interpolation, batched.
 
     MAD picks the vertex with the largest H(e_j), then steps toward it until dist = eps. MAD-argmax
     first shortens each step toward e_j to where the top-1 label would still hold, then picks the
-    candidate point with the largest H (evaluated at that point, through M) and returns it.
+    candidate point with the largest H (evaluated at that point, through M) and returns it. Given ``pick``
+    (N,) the vertices are those instead (``gram`` is then unused), with the same step length and cap.
     """
     n, k = y.shape
     dv = vertex_distances(y, norm)
     alpha = torch.where(dv > eps, eps / dv.clamp_min(1e-300), torch.ones_like(dv))
-    if not keep_top1:
+    if pick is not None:
+        j = pick
+        if keep_top1:
+            top = y.argmax(1, keepdim=True)
+            gap = y.gather(1, top) - y
+            cap = ((gap - TOP1_MARGIN) / (1 + gap)).clamp_min(0)
+            alpha = torch.where(torch.arange(k)[None, :] == top, alpha, torch.minimum(alpha, cap))
+    elif not keep_top1:
         j = deviations(gram, y).argmax(1)
     else:
         top = y.argmax(1, keepdim=True)
@@ -142,7 +155,11 @@ class MAD(Defense):
               "jacobian": Param("last_layer", str, choices=("last_layer", "all"),
                                 help="the surrogate's parameters the gradient is taken over"),
               "seed": Param(0, int, low=0, help="seed of the surrogate's random weights (a copy of the victim's "
-                                                "architecture)")}
+                                                "architecture) and of objective=random's draws"),
+              "objective": Param("angle", str, choices=("angle", "identity", "random"),
+                                 help="how the vertex is chosen: angle (MAD: the surrogate gradient's largest "
+                                      "angular deviation), identity (the same with the Jacobian replaced by the "
+                                      "identity) or random (a vertex drawn at random); the paper's ablation")}
     neutral = {"eps": 0.0}
 
     def __init__(self, surrogate: nn.Module | None = None, victim: nn.Module | None = None, **params):
@@ -159,6 +176,7 @@ class MAD(Defense):
             self._seed_built = self.values["seed"]
         if self.surrogate is not None and self.values["jacobian"] == "last_layer":
             last_linear(self.surrogate)
+        self._gen = torch.Generator().manual_seed(self.values["seed"])
 
     def gram(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.surrogate is None:
@@ -169,7 +187,15 @@ class MAD(Defense):
         return full_gram(self.surrogate, inputs)
 
     def _perturb(self, y, inputs):
-        out = poison(self.gram(inputs), y, self.values["eps"], self.values["norm"], self.keep_top1)
+        objective, (n, k) = self.values["objective"], y.shape
+        if objective == "angle":
+            out = poison(self.gram(inputs), y, self.values["eps"], self.values["norm"], self.keep_top1)
+        elif objective == "identity":
+            eye = torch.eye(k, dtype=y.dtype).expand(n, k, k)
+            out = poison(eye, y, self.values["eps"], self.values["norm"], self.keep_top1)
+        else:
+            pick = torch.randint(k, (n,), generator=self._gen)
+            out = poison(None, y, self.values["eps"], self.values["norm"], self.keep_top1, pick=pick)
         if self.keep_top1:  # a near-tie could still flip once rounded to float32: answer those clean
             flipped = out.float().argmax(1) != y.float().argmax(1)
             out[flipped] = y[flipped]

@@ -293,6 +293,34 @@ def test_mad_argmax_never_changes_the_top1_label(batch, eps, norm):
     assert (d <= eps + 1e-5).all()
 
 
+@pytest.mark.parametrize("name", ["mad", "mad_argmax"])
+@pytest.mark.parametrize("objective", ["identity", "random"])
+@SETTINGS
+@given(batch=batches(), eps=st.floats(0.0, 2.0))
+def test_the_ablation_objectives_keep_the_simplex_and_the_budget(name, objective, batch, eps):
+    probs, images = batch
+    y = probs.double()
+    out = make(name, probs.shape[1], eps=eps, objective=objective)(y, images)
+    assert_on_simplex(out)
+    d = (out - y).abs().sum(1)
+    is_vertex = out.max(1).values > 1 - 1e-9
+    if name == "mad":
+        assert torch.all(((d - eps).abs() < 1e-9) | (is_vertex & (d <= eps + 1e-9)))
+    else:
+        assert torch.equal(out.argmax(1), y.argmax(1)) and (d <= eps + 1e-9).all()
+
+
+def test_identity_objective_steps_toward_the_least_likely_class_and_random_draws_vary():
+    y = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.05, 0.75]], dtype=torch.float64)
+    images = torch.zeros(2, *SHAPE, dtype=torch.uint8)
+    out = make("mad", 3, eps=0.2, objective="identity")(y, images)
+    assert (out - y).argmax(1).tolist() == [2, 1]
+    draws = make("mad", 30, eps=0.1, objective="random", seed=3)
+    y = torch.full((200, 30), 1 / 30, dtype=torch.float64)
+    picked = (draws(y, torch.zeros(200, *SHAPE, dtype=torch.uint8)) - y).argmax(1)
+    assert len(set(picked.tolist())) > 20  # uniform over 30 vertices, not one favourite
+
+
 @SETTINGS
 @given(batch=batches(), eps=st.floats(0.0, 2.0))
 def test_the_argmax_step_cap_alone_keeps_the_top1_label(batch, eps):

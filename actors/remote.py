@@ -61,27 +61,44 @@ class ProgressBoard:
 
 
 @ray.remote(num_cpus=0.5)
-def train_replica_task(arch: str, input_shape, num_classes: int, cfg, seed: int, eval_set: tuple,
-                       board=None, key: str = "replica", post_accuracy: bool = False,
-                       clean: dict | None = None, *parts) -> dict:
+def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | None = None, *parts) -> dict:
     """:func:`actors.replica.train_replica` on the transfer sets ``parts`` ((images, returned probabilities) of
-    each actor), or with ``clean`` (the log's clean answers by input digest) on the victim's undefended answers to
-    the same images. Posts epochs done to a ProgressBoard (with ``post_accuracy``, also the replica's test
-    accuracy after each epoch). ``cfg``: the attacker's :class:`sim.config.ReplicaConfig`; ``eval_set``: (test
-    images, labels, the victim's labels). Returns the replica's test accuracy and fidelity."""
+    each actor), or, with ``job["on_clean"]``, on the victim's clean answers to the same images (``clean``: the
+    log's clean answers by input digest). ``job``: ``arch``, ``input_shape``, ``num_classes``, ``cfg`` (the
+    attacker's :class:`sim.config.ReplicaConfig`), ``seed``, ``key`` (what it posts under to the ProgressBoard),
+    ``post_accuracy`` (also post the test accuracy after each epoch), ``robustness`` (PGD settings and samples for
+    the robust accuracy, or None) and ``angles`` (with ``clean``: measure the gradient angle between returned and
+    clean answers at each epoch). ``eval_set``: (test images, labels, the victim's labels). Returns the replica's
+    scores (:func:`actors.replica.score`), with ``gradient_angle`` when measured."""
     import torch
 
-    from .replica import score, train_replica, undefended_targets
+    from .replica import ANGLE_SAMPLE, gradient_angles, score, train_replica, training_targets, undefended_targets
 
     torch.set_num_threads(1)
     x = np.concatenate([p[0] for p in parts])
-    y = undefended_targets(x, clean) if clean is not None else np.concatenate([p[1] for p in parts])
-    built = {}  # the model, once train_replica has built it
+    returned = np.concatenate([p[1] for p in parts])
+    truth = undefended_targets(x, clean) if clean is not None else None
+    y = truth if job.get("on_clean") else returned
+    built, angles = {}, []  # the model, once train_replica has built it; mean angle after each epoch
+    if job.get("angles") and truth is not None:
+        pick = np.random.default_rng(job["seed"]).permutation(len(x))[:ANGLE_SAMPLE]
+        sample = (x[pick], training_targets(returned[pick], job["cfg"].labels),
+                  training_targets(truth[pick], job["cfg"].labels))
+    else:
+        sample = None
 
     def on_epoch(epoch, loss):
+        if sample is not None:
+            angles.append(round(float(gradient_angles(built["model"], *sample).mean()), 3))
         if board is not None:
-            board.update.remote(key, epoch, score(built["model"], eval_set)["test_accuracy"] if post_accuracy else None)
+            accuracy = score(built["model"], eval_set)["test_accuracy"] if job.get("post_accuracy") else None
+            board.update.remote(job["key"], epoch, accuracy)
 
-    model = train_replica(x, y, arch=arch, input_shape=input_shape, num_classes=num_classes,
-                          cfg=cfg, seed=seed, on_epoch=on_epoch, on_build=lambda m: built.update(model=m))
-    return score(model, eval_set)
+    model = train_replica(x, y, arch=job["arch"], input_shape=job["input_shape"], num_classes=job["num_classes"],
+                          cfg=job["cfg"], seed=job["seed"], on_epoch=on_epoch,
+                          on_build=lambda m: built.update(model=m))
+    out = score(model, eval_set, job.get("robustness"))
+    if angles:
+        out["gradient_angle"] = {"mean": round(float(np.mean(angles)), 3), "by_epoch": angles,
+                                 "queries": len(sample[0])}
+    return out

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sim import models
+from sim.adversarial import robust_accuracy
 from sim.config import ReplicaConfig
 from sim.querylog import input_digest
-from sim.training import accuracy, fidelity, predict_probs, train_classifier
+from sim.training import accuracy, fidelity, predict_probs, to_float, train_classifier
+
+ANGLE_SAMPLE = 64  # queries the gradient angle is averaged over, the same ones at every epoch
 
 
 def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: tuple[int, int, int],
@@ -21,7 +25,7 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
     model = models.build(arch, input_shape, num_classes)
     if on_build is not None:
         on_build(model)
-    targets = probs if cfg.labels == "soft" else probs.argmax(1)
+    targets = training_targets(probs, cfg.labels)
     return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer)
 
@@ -31,11 +35,44 @@ def undefended_targets(x: np.ndarray, clean: dict[str, np.ndarray]) -> np.ndarra
     return np.stack([clean[input_digest(img)] for img in x]).astype(np.float32)
 
 
-def score(model: nn.Module, eval_set: tuple) -> dict:
+def training_targets(probs: np.ndarray, labels: str) -> np.ndarray:
+    """What a replica trains on: the vectors themselves (soft) or their top-1 labels (hard)."""
+    return probs if labels == "soft" else probs.argmax(1)
+
+
+def gradient_angles(model: nn.Module, x: np.ndarray, returned: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Per query, the angle in degrees between the gradients of the replica's cross-entropy loss over all its
+    parameters when it trains on the returned answer and when it trains on the clean one (MAD's angular deviation,
+    Orekondy et al. 2020, Fig. 5). Targets are probability vectors (N, K) or labels (N,). The model is left in the
+    mode it was in."""
+    training = model.training
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):
+        grads = []
+        for target in (returned[i:i + 1], clean[i:i + 1]):
+            t = torch.as_tensor(target)
+            loss = F.cross_entropy(model(to_float(x[i:i + 1])), t.long() if t.ndim == 1 else t.float())
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+        a, b = grads
+        cos = (a @ b) / (a.norm() * b.norm()).clamp_min(1e-300)
+        out.append(float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))))
+    model.train(training)
+    return np.asarray(out)
+
+
+def score(model: nn.Module, eval_set: tuple, robustness: dict | None = None) -> dict:
     """A replica's test accuracy and fidelity (top-1 agreement with the victim) on ``eval_set`` (test images,
-    labels, the victim's labels), rounded to 4 decimals; the model is left in the mode it was in."""
+    labels, the victim's labels), and given ``robustness`` (PGD settings and ``samples``), its accuracy under PGD
+    on the first ``samples`` of those images; rounded to 4 decimals. The model is left in the mode it was in."""
     x, y, victim_labels = eval_set
     training = model.training
     pred = predict_probs(model, x).argmax(1)
+    out = {"test_accuracy": round(accuracy(pred, y), 4), "fidelity": round(fidelity(pred, victim_labels), 4)}
+    if robustness is not None:
+        settings = dict(robustness)
+        n = settings.pop("samples")
+        out["robust_accuracy"] = round(robust_accuracy(model, x[:n], y[:n], **settings), 4)
     model.train(training)
-    return {"test_accuracy": round(accuracy(pred, y), 4), "fidelity": round(fidelity(pred, victim_labels), 4)}
+    return out

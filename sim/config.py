@@ -35,6 +35,35 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
 
 
+class AdversarialConfig(_Strict):
+    eps: float = Field(0.1, gt=0, le=1, description="PGD budget, L-infinity in [0, 1] pixel units (adversarial "
+                                                    "training and the robust accuracy of every model)")
+    step: float = Field(0.025, gt=0, description="PGD step size (same units; at most eps)")
+    steps: int = Field(10, ge=1, description="PGD steps")
+    restarts: int = Field(1, ge=1, description="PGD random restarts (the worst one per image counts)")
+
+    @model_validator(mode="after")
+    def _step_within_eps(self):
+        if self.step > self.eps:
+            raise ValueError(f"step={self.step} is larger than eps={self.eps}; expected step <= eps")
+        return self
+
+
+class QuantConfig(_Strict):
+    calibration: int = Field(1024, ge=1, description="training images the observers see (PTQ calibration, and "
+                                                     "the initial ranges of QAT)")
+    epochs: int = Field(3, ge=1, description="quantization-aware fine-tuning epochs from the float victim (qat, "
+                                             "divqat)")
+    lr: float = Field(1e-4, gt=0, description="quantization-aware fine-tuning learning rate (Adam)")
+
+
+class DivQATConfig(_Strict):
+    alpha: float = Field(0.5, ge=0, description="weight of the divergence term DivQAT maximises: the KL divergence "
+                                                "from the float victim's answers to the quantized model's")
+    kl_cap: float = Field(5.0, gt=0, description="each image's KL divergence counts up to this much (the paper "
+                                                 "states no bound; an unbounded maximum would run away)")
+
+
 class VictimConfig(_Strict):
     name: str = Field("victim", pattern=r"^[A-Za-z0-9_-]+$", description="victim name (Serve app name)")
     dataset: str = Field("mnist5k", description="dataset the victim is trained on", json_schema_extra=_names("dataset"))
@@ -42,10 +71,17 @@ class VictimConfig(_Strict):
     epochs: int = Field(10, ge=1, description="victim training epochs")
     batch_size: int = Field(64, ge=1, description="victim training batch size")
     lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
-    training: Literal["standard", "outlier_exposure", "dp_sgd"] = Field(
-        "standard", description="how the victim is trained (dp_sgd: a training-time defense)")
+    training: Literal["standard", "outlier_exposure", "dp_sgd", "adversarial"] = Field(
+        "standard", description="how the victim is trained (dp_sgd: a training-time defense; adversarial: PGD "
+                                "adversarial training with `adversarial`'s settings)")
     oe_weight: float = Field(0.5, gt=0, description="outlier-exposure loss weight (training=outlier_exposure)")
     dp: DPConfig = DPConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
+    quantization: Literal["none", "ptq", "qat", "divqat"] = Field(
+        "none", description="8-bit victim: post-training quantization, quantization-aware training, or DivQAT "
+                            "(QAT that pushes the quantized answers away from the float victim's)")
+    quant: QuantConfig = QuantConfig()
+    divqat: DivQATConfig = DivQATConfig()
 
 
 class DataConfig(_Strict):
@@ -217,6 +253,12 @@ class RayConfig(_Strict):
     object_store_mb: int = Field(512, ge=64, description="object store of the local Ray, MiB")
 
 
+class RobustnessConfig(_Strict):
+    enabled: bool = Field(True, description="measure robust accuracy (PGD with victim.adversarial's settings) of "
+                                            "the victim and of every replica")
+    samples: int = Field(500, ge=1, description="test images it is measured on")
+
+
 class ScenarioConfig(_Strict):
     name: str = "custom"
     description: str = ""
@@ -234,6 +276,7 @@ class ScenarioConfig(_Strict):
     serve: ServeConfig = ServeConfig()
     log: LogConfig = LogConfig()
     ray: RayConfig = RayConfig()
+    robustness: RobustnessConfig = RobustnessConfig()
     undefended_baseline: bool = Field(True, description="with a defense on, also train each attacker's replica on "
                                                         "the clean answers to its queries, for comparison")
 
@@ -304,6 +347,9 @@ class ScenarioConfig(_Strict):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
                              f"but victim.arch={self.victim.arch!r} has batch norm; expected an architecture "
                              f"without it")
+        if self.victim.quantization in ("qat", "divqat") and self.victim.training == "dp_sgd":
+            raise ValueError(f"victim.quantization={self.victim.quantization} fine-tunes without DP-SGD, which would "
+                             f"void victim.training=dp_sgd's guarantee; expected victim.quantization=ptq or none")
         for field, spec in self.defense_specs().items():
             defenses.check_spec(spec, field=field)
             for name in defenses.names_in(spec):

@@ -26,7 +26,7 @@ from .config import ScenarioConfig
 from .errors import ConfigError, SimError
 from .plan import Plan, derive_seed, make_plan
 from .protocol import Account
-from .summarize import Outcome, evaluate_defense, log_columns, summarize
+from .summarize import Outcome, evaluate_defense, log_columns, measure_victim, robustness_settings, summarize
 from .summary import Replica, Serve, Summary
 from .training import predict_probs
 
@@ -178,7 +178,7 @@ def defended_test_set(cfg: ScenarioConfig, victim: zoo.Victim, defense_models: d
     if defense_models is None:
         defense_models = defenses.prepare(cfg.defense.spec(), zoo.ModelContext.of(cfg, victim))
     clean = predict_probs(victim.model, ds.x_test) if clean is None else clean
-    defense = defenses.from_spec(cfg.defense.spec(), victim=victim.model, models=defense_models)
+    defense = defenses.from_spec(cfg.defense.spec(), victim=victim.float_victim, models=defense_models)
     return evaluate_defense(defense, clean, ds.x_test, ds.y_test)
 
 
@@ -255,8 +255,10 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
         replicas = _train_replicas(cfg, victim, plan, transfers, table if baseline else None, clean_test, board,
                                    quiet, on_replica_epoch)
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
+    keep = plan.eval_indices(len(ds.x_test))
     outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
+                      victim_measures=measure_victim(cfg, victim, ds.x_test[keep], ds.y_test[keep]),
                       nodes=len(nodes), serve=Serve(app=app, port=port, url=f"http://127.0.0.1:{port}/{app}"
                                                     if port else None), timings=timings)
     outcome.wall_seconds = round(time.perf_counter() - start, 2)
@@ -299,20 +301,23 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     ds = victim.dataset
     keep = plan.eval_indices(len(ds.x_test))
     eval_set = ray.put((ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1)))
+    robustness = robustness_settings(cfg)
     refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         clients = plan.of(attacker=aid)
         if sum(c.result["sent"] - c.result["refused"] for c in clients) == 0:
             continue  # every query refused: nothing to train on
         parts = [transfers[c.actor_id] for c in clients if c.result["sent"] > c.result["refused"]]
-        runs = {aid: None}
-        if log is not None:
-            runs[f"{aid}:undefended"] = querylog.clean_answers(log, {a for c in clients for a in c.accounts})
-        for key, clean in runs.items():
+        clean = (ray.put(querylog.clean_answers(log, {a for c in clients for a in c.accounts}))
+                 if log is not None else None)
+        runs = {aid: False} if clean is None else {aid: False, f"{aid}:undefended": True}
+        for key, on_clean in runs.items():
+            job = {"arch": cfg.replica_arch(aid), "input_shape": ds.input_shape, "num_classes": ds.num_classes,
+                   "cfg": att.replica, "seed": derive_seed(cfg.seed, "replica", aid), "key": key,
+                   "post_accuracy": on_epoch is not None and not on_clean, "on_clean": on_clean,
+                   "robustness": robustness, "angles": not on_clean}
             task = train_replica_task.options(scheduling_strategy="DEFAULT")
-            refs.append(task.remote(cfg.replica_arch(aid), ds.input_shape, ds.num_classes, att.replica,
-                                    derive_seed(cfg.seed, "replica", aid), eval_set, board, key,
-                                    on_epoch is not None and clean is None, clean, *parts))
+            refs.append(task.remote(job, eval_set, board, clean, *parts))
             order.append(key)
             epochs += att.replica.epochs
     bar = _progress("training replicas", epochs, quiet)

@@ -99,17 +99,31 @@ def has_batch_norm(name: str) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def to_bytes(model: nn.Module, arch: str, input_shape: tuple[int, int, int], num_classes: int) -> bytes:
-    """A model with what rebuilds it (architecture, input shape, classes): what travels to a Serve replica."""
+def to_bytes(model: nn.Module, arch: str, input_shape: tuple[int, int, int], num_classes: int,
+             quantization: str = "none") -> bytes:
+    """A model with what rebuilds it (architecture, input shape, classes, quantization mode of an int8 model):
+    what travels to a Serve replica."""
+    from . import quantize
+
     buf = io.BytesIO()
-    torch.save({"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
-                "state_dict": model.state_dict()}, buf)
+    with quantize.quiet():  # an int8 state dict's storages
+        torch.save({"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
+                    "quantization": quantization, "state_dict": model.state_dict()}, buf)
     return buf.getvalue()
 
 
-def from_bytes(blob: bytes) -> nn.Module:
-    """The model :func:`to_bytes` saved, in eval mode."""
-    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+def from_bytes(blob: bytes, architecture_only: bool = False) -> nn.Module:
+    """The model :func:`to_bytes` saved, in eval mode; ``architecture_only``: a fresh float model of its
+    architecture instead (untrained: what a component that only needs the architecture gets)."""
+    from . import quantize
+
+    with quantize.quiet():
+        d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     model = build(d["arch"], tuple(d["input_shape"]), d["num_classes"])
+    if architecture_only:
+        return model.eval()
+    if d.get("quantization", "none") != "none":
+        int8, _ = quantize.skeleton(model, tuple(d["input_shape"]), d["quantization"])
+        return quantize.load(int8, d["state_dict"])
     model.load_state_dict(d["state_dict"])
     return model.eval()

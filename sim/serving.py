@@ -60,9 +60,11 @@ def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
     return built, {name: Rule(**spec.rules.get(name, {})) for name in spec.detectors}
 
 
-def build_defense(spec: VictimSpec, defense: dict, victim: torch.nn.Module):
-    """The defense a spec mapping describes, given the models it may need."""
-    return defenses.from_spec(defense, victim=victim, models=spec.defense_models)
+def build_defense(spec: VictimSpec, defense: dict):
+    """The defense a spec mapping describes, given the models it may need and the victim's architecture (a fresh
+    float copy: MAD's default surrogate is a seeded random copy of it, also for an int8 victim)."""
+    architecture = models.from_bytes(spec.model, architecture_only=True)
+    return defenses.from_spec(defense, victim=architecture, models=spec.defense_models)
 
 
 def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
@@ -70,11 +72,11 @@ def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
     writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
               if spec.log_dir else None)
     dets, rules = build_detectors(spec)
-    perturbers = {name: build_defense(spec, r.perturb, model) for name, r in rules.items() if r.action == "perturb"}
+    perturbers = {name: build_defense(spec, r.perturb) for name, r in rules.items() if r.action == "perturb"}
     return VictimService(
         model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
         input_shape=spec.input_shape, detectors=dets, rules=rules, perturbers=perturbers,
-        defense=build_defense(spec, spec.defense, model),
+        defense=build_defense(spec, spec.defense),
         writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
     )
 
@@ -110,7 +112,7 @@ class VictimDeployment:
         """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every
         replica without restarting it. The spec was checked by :func:`update_defense` before."""
         if "defense" in config and config["defense"] != self.defense:  # Serve also calls it right after __init__
-            self.service.set_defense(build_defense(self.spec, config["defense"], self.service.model))
+            self.service.set_defense(build_defense(self.spec, config["defense"]))
             self.defense = config["defense"]
 
     def info(self) -> dict:

@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 
 from . import querylog
 from . import summary as S
+from .adversarial import robust_accuracy
 from .config import ScenarioConfig
-from .plan import Plan
+from .plan import Plan, derive_seed
 from .training import accuracy
 
 
@@ -43,6 +44,7 @@ class Outcome:
     log: pa.Table  # the query log (the columns of :data:`LOG_COLUMNS` and each detector's)
     logged: int
     defended: dict  # evaluate_defense() on the test set
+    victim_measures: dict = field(default_factory=dict)  # measure_victim()
     detectors: dict[str, DetectorInfo] = field(default_factory=dict)
     nodes: int | None = None
     serve: S.Serve | None = None
@@ -51,6 +53,25 @@ class Outcome:
 
 
 LOG_COLUMNS = ["account_id", "role", "attack", "action", "input_sha1", "resubmission", "defense_l1", "top1_changed"]
+
+
+def robustness_settings(cfg) -> dict | None:
+    """PGD settings and sample size of the robust accuracy every model is scored with, or None (switched off)."""
+    if not cfg.robustness.enabled:
+        return None
+    return {**cfg.victim.adversarial.model_dump(), "samples": cfg.robustness.samples,
+            "seed": derive_seed(cfg.seed, "robustness")}
+
+
+def measure_victim(cfg, victim, eval_x: np.ndarray, eval_y: np.ndarray) -> dict:
+    """The victim's robust accuracy on the replicas' evaluation images (through a quantized victim's fake-quantized
+    twin), its size and latency (:meth:`sim.zoo.Victim.footprint`)."""
+    out = victim.footprint()
+    settings = robustness_settings(cfg)
+    if settings is not None:
+        n = settings.pop("samples")
+        out["robust_accuracy"] = round(robust_accuracy(victim.differentiable, eval_x[:n], eval_y[:n], **settings), 4)
+    return out
 
 
 def log_columns(detectors) -> list[str]:
@@ -132,7 +153,11 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                         test_accuracy=round(v.test_accuracy, 4), trained_now=v.trained_now,
                         train_seconds=round(v.train_seconds, 1), training=v.training, dp_epsilon=v.dp_epsilon,
                         dp=cfg.victim.dp.model_dump() if v.training == "dp_sgd" else None, checkpoint=str(v.path),
-                        defended_test_accuracy=defended.pop("defended_test_accuracy")),
+                        defended_test_accuracy=defended.pop("defended_test_accuracy"),
+                        adversarial=cfg.victim.adversarial.model_dump() if v.training == "adversarial" else None,
+                        quantization=cfg.victim.quantization, quant=_quant_settings(cfg.victim),
+                        float_test_accuracy=v.float_test_accuracy and round(v.float_test_accuracy, 4),
+                        **out.victim_measures),
         defense=S.Defense(name=cfg.defense.name,
                           params={k: val for k, val in cfg.defense.spec().items() if k != "name"},
                           **distortion(table).model_dump(exclude={"answered"}), **defended,
@@ -155,6 +180,15 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                    for name, info in out.detectors.items()},
         serve=out.serve, timings=out.timings, wall_seconds=out.wall_seconds,
     )
+
+
+def _quant_settings(victim_cfg) -> dict | None:
+    if victim_cfg.quantization == "none":
+        return None
+    out = {"mode": victim_cfg.quantization, **victim_cfg.quant.model_dump()}
+    if victim_cfg.quantization == "divqat":
+        out["divqat"] = victim_cfg.divqat.model_dump()
+    return out
 
 
 def _detector(info: DetectorInfo, action: str, flagged: set, role_of: dict, report: dict) -> S.Detector:

@@ -33,6 +33,25 @@ class Victim(_Part):
     dp: dict[str, Any] | None = None
     checkpoint: str
     defended_test_accuracy: float  # what honest users get on the test set, through the defense
+    adversarial: dict[str, Any] | None = None  # adversarially trained victims: the PGD settings
+    robust_accuracy: float | None = None  # accuracy under PGD (robustness section), on its first `samples` images
+    quantization: str = "none"
+    quant: dict[str, Any] | None = None  # quantized victims: calibration and fine-tuning (and DivQAT's) settings
+    float_test_accuracy: float | None = None  # quantized victims: the float model they were made from
+    size_bytes: int | None = None  # serialised weights
+    float_size_bytes: int | None = None
+    latency_ms: float | None = None  # one forward pass over latency_batch test images, one thread
+    float_latency_ms: float | None = None
+    latency_batch: int | None = None
+
+
+class GradientAngle(_Part):
+    """Angle (degrees) between the replica's loss gradients under the returned and the clean answers, averaged over
+    a fixed sample of its queries after each epoch (MAD's angular deviation)."""
+
+    mean: float
+    by_epoch: list[float]
+    queries: int
 
 
 class Distortion(_Part):
@@ -80,6 +99,8 @@ class ProofOfWork(_Part):
 class Replica(_Part):
     test_accuracy: float
     fidelity: float  # top-1 agreement with the victim on its test set
+    robust_accuracy: float | None = None  # under PGD with the victim's adversarial settings
+    gradient_angle: GradientAngle | None = None  # a defense was on: how far its answers turned the gradient
 
 
 class Attacker(_Part):

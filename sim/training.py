@@ -30,6 +30,10 @@ def train_classifier(
     outliers: np.ndarray | None = None,
     outlier_weight: float = 0.5,
     optimizer: str = "adam",
+    adversary: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    divergence: float = 0.0,
+    divergence_cap: float = float("inf"),
 ) -> nn.Module:
     """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9) on uint8 images ``x``.
 
@@ -37,7 +41,9 @@ def train_classifier(
     cross-entropy handles both. ``loss="misinformation"`` instead pushes the probability of the true
     class down (-log(1 - p_y), Kariyappa & Qureshi 2020). With ``outliers`` (uint8 images), each batch
     adds ``outlier_weight`` x the cross-entropy between a batch of outliers' predictions and the uniform
-    distribution (outlier exposure, Hendrycks et al. 2019). Deterministic for a seed (up to thread
+    distribution (outlier exposure, Hendrycks et al. 2019). With ``adversary(model, images, labels)`` (float
+    images in [0, 1]) each batch is replaced by what it returns (adversarial training). With a ``teacher``, the
+    loss is :func:`divqat_loss` against the teacher's answers. Deterministic for a seed (up to thread
     nondeterminism).
     """
     if len(x) == 0:
@@ -57,8 +63,15 @@ def train_classifier(
         total = 0.0
         for start in range(0, len(xt), batch_size):
             idx = order[start:start + batch_size]
-            logits = model(to_float(xt[idx]))
-            if loss == "misinformation":
+            xb = to_float(xt[idx])
+            if adversary is not None:
+                xb = adversary(model, xb, yt[idx])
+            logits = model(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    reference = teacher(xb)
+                value = divqat_loss(logits, yt[idx], reference, divergence, divergence_cap)
+            elif loss == "misinformation":
                 p_true = torch.softmax(logits, 1).gather(1, yt[idx][:, None])[:, 0]
                 value = -torch.log1p(-p_true.clamp(max=1 - 1e-6)).mean()
             else:
@@ -74,6 +87,18 @@ def train_classifier(
             on_epoch(epoch + 1, total / len(xt))
     model.eval()
     return model
+
+
+def divqat_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, weight: float,
+                cap: float = float("inf")) -> torch.Tensor:
+    """DivQAT's objective: cross-entropy on the targets minus ``weight`` x the KL divergence KL(p_teacher || p)
+    from the full-precision teacher's answers to the model's, each sample's KL capped at ``cap`` (maximising an
+    unbounded divergence would otherwise run away); batch means."""
+    ce = F.cross_entropy(logits, targets)
+    log_p = torch.log_softmax(logits, 1)
+    log_t = torch.log_softmax(teacher_logits, 1)
+    kl = (log_t.exp() * (log_t - log_p)).sum(1).clamp(max=cap)
+    return ce - weight * kl.mean()
 
 
 def train_dp_classifier(

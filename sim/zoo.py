@@ -15,13 +15,14 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from . import data, models
+from . import adversarial, data, models, quantize
 from .config import DataConfig, VictimConfig
 from .errors import ConfigError
 from .training import accuracy, patch_shuffle, predict_probs, train_classifier, train_dp_classifier
 
 log = logging.getLogger(__name__)
 ZOO_VERSION = 2  # bump when training code changes what a cached checkpoint means
+LATENCY_BATCH = 256  # images per forward pass when a victim's latency is measured
 
 
 @dataclass
@@ -35,10 +36,36 @@ class Victim:
     train_seconds: float
     training: str = "standard"
     dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent, at victim.dp.delta
+    quantization: str = "none"
+    twin: nn.Module | None = None  # quantized victims: the fake-quantized float twin (differentiable)
+    float_model: nn.Module | None = None  # quantized victims: the float victim they were made from
+    float_test_accuracy: float | None = None
+
+    @property
+    def differentiable(self) -> nn.Module:
+        """The model gradients are taken through: the victim itself, or a quantized victim's fake-quantized twin."""
+        return self.twin if self.twin is not None else self.model
+
+    @property
+    def float_victim(self) -> nn.Module:
+        """The float model: the victim itself, or the one a quantized victim was made from."""
+        return self.float_model if self.float_model is not None else self.model
 
     def to_bytes(self) -> bytes:
         """The model with what rebuilds it (:func:`sim.models.to_bytes`)."""
-        return models.to_bytes(self.model, self.arch, self.dataset.input_shape, self.dataset.num_classes)
+        return models.to_bytes(self.model, self.arch, self.dataset.input_shape, self.dataset.num_classes,
+                               quantization=self.quantization)
+
+    def footprint(self) -> dict:
+        """Serialised size and single-thread latency (one forward pass over a batch of test images) of the victim,
+        and of the float model beside it for a quantized victim."""
+        x = self.dataset.x_test[:LATENCY_BATCH]
+        out = {"size_bytes": quantize.size_bytes(self.model), "latency_batch": len(x),
+               "latency_ms": round(quantize.latency_ms(self.model, x), 3)}
+        if self.float_model is not None:
+            out.update(float_size_bytes=quantize.size_bytes(self.float_model),
+                       float_latency_ms=round(quantize.latency_ms(self.float_model, x), 3))
+        return out
 
 
 def fingerprint(ds: data.Dataset) -> str:
@@ -58,6 +85,12 @@ def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str 
         spec["dp"] = cfg.dp.model_dump()
     if cfg.training == "outlier_exposure":
         spec["oe_weight"] = cfg.oe_weight
+    if cfg.training == "adversarial":
+        spec["adversarial"] = cfg.adversarial.model_dump()
+    if cfg.quantization != "none":
+        spec.update(quantization=cfg.quantization, quant=cfg.quant.model_dump())
+    if cfg.quantization == "divqat":
+        spec["divqat"] = cfg.divqat.model_dump()
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,8 +121,10 @@ def _cached(path: Path, model: nn.Module, train) -> tuple[dict, bool]:
 
 def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str,
                on_epoch=None) -> Victim:
-    """Load the cached victim for this config, or train and cache it (standard, outlier exposure or
-    DP-SGD training, per ``cfg.training``)."""
+    """Load the cached victim for this config, or train and cache it (standard, outlier exposure, DP-SGD or
+    adversarial training, per ``cfg.training``; then quantized, per ``cfg.quantization``)."""
+    if cfg.quantization != "none":
+        return _quantized_victim(cfg, data_cfg, seed, cache_dir, on_epoch)
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
     path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
@@ -108,7 +143,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
             outliers = patch_shuffle(ds.x_train, seed) if cfg.training == "outlier_exposure" else None
             train_classifier(model, ds.x_train, ds.y_train, epochs=cfg.epochs, batch_size=cfg.batch_size,
                              lr=cfg.lr, seed=seed, on_epoch=on_epoch, outliers=outliers,
-                             outlier_weight=cfg.oe_weight)
+                             outlier_weight=cfg.oe_weight, adversary=_adversary(cfg, seed))
         fields["train_seconds"] = time.perf_counter() - start
         fields["test_accuracy"] = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
         return fields
@@ -117,6 +152,56 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     return Victim(model, cfg.arch, ds, float(fields["test_accuracy"]), path, now,
                   float(fields.get("train_seconds", 0.0)), cfg.training,
                   None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
+
+
+def _adversary(cfg: VictimConfig, seed: int):
+    """PGD examples for adversarial training, or None."""
+    if cfg.training != "adversarial":
+        return None
+    return adversarial.adversary(**cfg.adversarial.model_dump(), seed=seed)
+
+
+def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str, on_epoch=None) -> Victim:
+    """The float victim of ``cfg`` (cached), quantized: calibrated (ptq) or fine-tuned with fake quantization (qat,
+    divqat: plus DivQAT's divergence from the float victim's answers, adversarial examples if the float victim was
+    trained on them), then converted to int8; the int8 model and its twin are cached beside the float victim."""
+    base = get_victim(cfg.model_copy(update={"quantization": "none"}), data_cfg, seed, cache_dir, on_epoch)
+    ds = base.dataset
+    path = _folder(cache_dir) / (f"{cfg.dataset}-{cfg.arch}-{cfg.quantization}-"
+                                 f"{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt")
+    int8, twin = quantize.skeleton(base.model, ds.input_shape, cfg.quantization)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            with quantize.quiet():
+                fields = torch.load(path, map_location="cpu", weights_only=True)
+            quantize.load(int8, fields.pop("int8"))
+            quantize.load(twin, fields.pop("twin"))
+            now = False
+        else:
+            log.info("quantizing victim %s on %s (%s)", cfg.arch, cfg.dataset, cfg.quantization)
+            start = time.perf_counter()
+            calibration = ds.x_train[np.random.default_rng(seed).permutation(len(ds.x_train))[:cfg.quant.calibration]]
+            if cfg.quantization == "ptq":
+                int8, twin = quantize.post_training(base.model, ds.input_shape, calibration)
+            else:
+                twin = quantize.prepare_twin(base.model, ds.input_shape)
+                divqat = cfg.quantization == "divqat"
+                train_classifier(twin, ds.x_train, ds.y_train, epochs=cfg.quant.epochs, batch_size=cfg.batch_size,
+                                 lr=cfg.quant.lr, seed=seed, on_epoch=on_epoch, adversary=_adversary(cfg, seed),
+                                 teacher=base.model if divqat else None, divergence=cfg.divqat.alpha,
+                                 divergence_cap=cfg.divqat.kl_cap)
+                int8 = quantize.convert(quantize.freeze(twin))
+            fields = {"config": cfg.model_dump(), "seed": seed, "train_seconds": time.perf_counter() - start,
+                      "test_accuracy": accuracy(predict_probs(int8, ds.x_test).argmax(1), ds.y_test)}
+            tmp = path.with_suffix(".tmp")
+            with quantize.quiet():
+                torch.save({"int8": int8.state_dict(), "twin": twin.state_dict(), **fields}, tmp)
+            tmp.replace(path)
+            now = True
+    return Victim(int8, cfg.arch, ds, float(fields["test_accuracy"]), path, now or base.trained_now,
+                  float(fields["train_seconds"]) + base.train_seconds, cfg.training, base.dp_epsilon,
+                  quantization=cfg.quantization, twin=twin, float_model=base.model,
+                  float_test_accuracy=base.test_accuracy)
 
 
 def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str) -> nn.Module:

@@ -135,7 +135,7 @@ def test_cli_help_lists_scenarios_and_keys():
     assert proc.returncode == 0
     assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
     assert "attackers.<id>.accounts" in proc.stdout and "detectors.<name>.action" in proc.stdout
-    assert "  mad                      eps=1, norm=l1, jacobian=last_layer, seed=0\n" in proc.stdout
+    assert "  mad                      eps=1, norm=l1, jacobian=last_layer, seed=0, objective=angle\n" in proc.stdout
     assert "  prada  delta=0.95, min_pool=50, skip_repeats=false, group=account\n" in proc.stdout
     assert "  pooled_prada  kind=prada, enabled=false, group=all, skip_repeats=true\n" in proc.stdout
     assert "DFME (Truong et al. 2021), data-free: a generator's images" in proc.stdout  # not cut at "al."
@@ -206,7 +206,12 @@ def test_defense_as_a_plain_name_in_yaml(tmp_path):
     (["defense=madd"], "defense.name='madd' is not a known defense; expected one of: identity, top_k"),
     (["defense=adaptive_misinformation"], "defense adaptive_misinformation needs victim.training=outlier_exposure, "
                                            "but victim.training='standard'"),
-    (["victim.training=fancy"], "victim.training must be 'standard', 'outlier_exposure' or 'dp_sgd', got 'fancy'"),
+    (["victim.training=fancy"], "victim.training must be 'standard', 'outlier_exposure', 'dp_sgd' or 'adversarial', "
+                                "got 'fancy'"),
+    (["victim.adversarial.step=0.5"], "victim.adversarial: step=0.5 is larger than eps=0.1; expected step <= eps"),
+    (["victim.quantization=int4"], "victim.quantization must be 'none', 'ptq', 'qat' or 'divqat', got 'int4'"),
+    (["victim.divqat.alpha=-1"], "victim.divqat.alpha must be >= 0, got -1"),
+    (["victim.training=dp_sgd", "victim.quantization=qat"], "victim.quantization=qat fine-tunes without DP-SGD"),
     (["victim.dp.noise_multiplier=-1"], "victim.dp.noise_multiplier must be >= 0, got -1"),
     (["victim.training=dp_sgd", "victim.dataset=cifar10", "victim.arch=resnet18"],
      "victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, but victim.arch='resnet18'"),

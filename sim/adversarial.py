@@ -1,0 +1,67 @@
+"""PGD (Madry et al. 2018) under an L-infinity budget: the attack behind adversarial training
+(``victim.training=adversarial``) and behind the robust accuracy the run reports for the victim and each replica."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .training import accuracy, to_float
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
+        restarts: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images within ``eps`` (L-infinity) of ``x`` (float, [0, 1]) that maximise the cross-entropy on labels ``y``:
+    ``steps`` signed-gradient steps of size ``step`` from a uniform random start in the ball, projected back onto
+    the ball and [0, 1] after each; with ``restarts`` > 1, per image the restart with the highest loss. The
+    model's mode and its parameters' gradients are left as they were."""
+    if eps == 0 or steps == 0:
+        return x.detach().clone()
+    training = model.training
+    model.eval()  # batch norm and dropout as at inference: the attack sees the deployed function
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = x.detach()
+    best, best_loss = x.clone(), torch.full((len(x),), -float("inf"))
+    try:
+        for _ in range(restarts):
+            noise = torch.rand(x.shape, generator=generator) * 2 - 1
+            adv = (x + eps * noise).clamp(0, 1)
+            for _ in range(steps):
+                adv.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = F.cross_entropy(model(adv), y, reduction="sum")
+                    (grad,) = torch.autograd.grad(loss, adv)
+                adv = torch.min(torch.max(adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+            with torch.no_grad():
+                loss = F.cross_entropy(model(adv), y, reduction="none")
+            better = loss > best_loss
+            best[better], best_loss[better] = adv[better], loss[better]
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(training)
+    return best
+
+
+def adversary(eps: float, step: float, steps: int, restarts: int = 1, seed: int = 0):
+    """``adversary(model, images, labels)`` for :func:`sim.training.train_classifier`: PGD examples of each batch."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda model, x, y: pgd(model, x, y, eps=eps, step=step, steps=steps, restarts=restarts, generator=gen)
+
+
+def robust_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, eps: float, step: float, steps: int,
+                    restarts: int = 1, seed: int = 0, batch_size: int = 256) -> float:
+    """Accuracy of ``model`` on PGD examples of the uint8 images ``x`` (labels ``y``)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(np.asarray(y)).long()
+    right = []
+    for start in range(0, len(x), batch_size):
+        xb, yb = to_float(x[start:start + batch_size]), labels[start:start + batch_size]
+        adv = pgd(model, xb, yb, eps=eps, step=step, steps=steps, restarts=restarts, generator=gen)
+        with torch.no_grad():
+            right.append(model(adv).argmax(1).numpy())
+    return accuracy(np.concatenate(right), labels.numpy()) if right else float("nan")

@@ -29,6 +29,8 @@ def flat_metrics(summary: Summary) -> dict:
     """The numbers a trial reports (to Tune and to the table) from a run summary, flat."""
     d, v = summary.defense, summary.victim
     out = {
+        "victim_test_accuracy": v.test_accuracy,
+        "victim_robust_accuracy": v.robust_accuracy,
         "defended_test_accuracy": v.defended_test_accuracy,
         "test_l1_mean": d.test_l1_mean,
         "test_top1_preserved_rate": d.test_top1_preserved_rate,
@@ -43,6 +45,9 @@ def flat_metrics(summary: Summary) -> dict:
         for name, replica in (("", a.replica), (UNDEFENDED, a.undefended)):
             out[f"{a.id}.replica_test_accuracy{name}"] = replica and replica.test_accuracy
             out[f"{a.id}.replica_fidelity{name}"] = replica and replica.fidelity
+            out[f"{a.id}.replica_robust_accuracy{name}"] = replica and replica.robust_accuracy
+        angle = a.replica and a.replica.gradient_angle
+        out[f"{a.id}.gradient_angle"] = angle and angle.mean
         out.update({f"{a.id}.{key}": getattr(a, key) for key in ("refused", "accounts_flagged", "accounts_burned")})
     accs = [a.replica.test_accuracy for a in summary.attackers if a.replica]
     out["replica_accuracy_max"] = max(accs) if accs else None
@@ -67,8 +72,10 @@ def is_sweep_dir(path: str) -> bool:
 
 def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
     """(the sweep's settings, one row per trial). A row: trial id, curve, defense, its swept parameters
-    (``param.NAME``), status (done / stopped early / error / unfinished), node, and :func:`flat_metrics`
-    of the trial's summary (for a trial stopped early: the replica accuracies it last reported)."""
+    (``param.NAME``), the scenario settings it varied (``vary.KEY``), status (done / stopped early / error /
+    unfinished), node, and :func:`flat_metrics` of the trial's summary (for a trial stopped early: the replica
+    accuracies it last reported). A sweep that varies scenario keys has one curve per defense curve and setting
+    (``mad [victim.quantization=ptq]``)."""
     if not is_sweep_dir(sweep_dir):
         raise ValueError(f"sweep dir {sweep_dir!r} holds no sweep.yaml; expected a directory written by "
                          f"python -m sim sweep=NAME")
@@ -83,8 +90,11 @@ def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
             continue  # a folder that is no trial's, or a trial that failed before it began
         summary = read_summary(run_dir)
         status = "done" if summary else statuses.get(trial_id, {}).get("status", "unfinished")
-        row = {"trial_id": trial_id, "curve": info["curve"], "defense": info["defense"]["name"],
+        vary = info.get("vary") or {}
+        curve = info["curve"] + (" [" + ", ".join(f"{k}={v}" for k, v in vary.items()) + "]" if vary else "")
+        row = {"trial_id": trial_id, "curve": curve, "defense": info["defense"]["name"],
                **{f"param.{k}": v for k, v in info["defense"].items() if k != "name"},
+               **{f"vary.{k}": v for k, v in vary.items()},
                "status": status, "error": statuses.get(trial_id, {}).get("error"),
                "node_ip": info.get("node_ip"), "node_id": info.get("node_id"), "run_dir": run_dir}
         row.update(flat_metrics(summary) if summary else info.get("last", {}))
@@ -194,7 +204,9 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
              + (f", with {', '.join(f'`{o}`' for o in settings.get('overrides', []))}" if settings.get("overrides")
                 else ""),
              "- **Search space**: " + "; ".join(f"`{label}`: {yaml.safe_dump(spec, default_flow_style=True).strip()}"
-                                               for label, spec in settings.get("space", {}).items()),
+                                               for label, spec in settings.get("space", {}).items())
+             + (", crossed with " + "; ".join(f"`{k}`: {v}" for k, v in settings["vary"].items())
+                if settings.get("vary") else ""),
              f"- **Trials**: {len(rows)} ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}), "
              f"scheduler {settings.get('scheduler', 'fifo')}, up to {settings.get('max_concurrent')} at once",
              ]
@@ -206,10 +218,14 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
               ""]
     if plot:
         lines += ["![trade-off](frontier.png)", ""]
-    columns = [("defended acc", "defended_test_accuracy"), ("test L1", "test_l1_mean")]
+    columns = [("victim acc", "victim_test_accuracy"), ("defended acc", "defended_test_accuracy"),
+               ("test L1", "test_l1_mean")]
     for a in attackers:
         columns += [(f"{a} replica acc", f"{a}.replica_test_accuracy"), (f"{a} fidelity", f"{a}.replica_fidelity"),
-                    (f"{a} undefended acc", f"{a}.replica_test_accuracy{UNDEFENDED}")]
+                    (f"{a} undefended acc", f"{a}.replica_test_accuracy{UNDEFENDED}"),
+                    (f"{a} gradient angle", f"{a}.gradient_angle")]
+    columns.append(("victim robust acc", "victim_robust_accuracy"))
+    columns += [(f"{a} replica robust acc", f"{a}.replica_robust_accuracy") for a in attackers]
     columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
     head = ["curve", *[p[len("param."):] for p in params], "status", *[title for title, _ in columns]]
     lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

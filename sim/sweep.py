@@ -8,6 +8,8 @@ A sweep is ``scenarios/sweeps/NAME.yaml`` (or a path to a YAML file)::
     space:                             # one curve per entry: a defense and its search space
       mad:       {eps: {grid: [0.1, 0.5, 1.0]}}
       mad_l2:    {name: mad, norm: l2, eps: {loguniform: [0.05, 2.0]}}
+    vary:                              # optional: scenario keys crossed with every curve
+      victim.quantization: [none, ptq, qat]
     num_samples: 1                     # Tune repeats the grid this often (and samples ranges as often)
     max_concurrent: 2                  # trials at once
     trial_cpus: 0.5                    # CPUs a trial reserves for itself (its replicas and Serve app: their own)
@@ -16,8 +18,10 @@ A sweep is ``scenarios/sweeps/NAME.yaml`` (or a path to a YAML file)::
     target: 0.8                        # the report's question: what L1 pushes the replica below this?
 
 A parameter is a value (fixed), a list (a grid), or ``{grid: […]}``, ``{choice: […]}``, ``{uniform: [lo, hi]}``,
-``{loguniform: [lo, hi]}``. The victim is trained (or read from the cache) once by the driver and the scenario's
-plan (accounts, attack sources) made once; both reach the trials through Ray's object store. Each trial writes a
+``{loguniform: [lo, hi]}``; ``vary`` takes the same for scenario keys (victim keys: values, lists or choices
+only). Each distinct victim is trained (or read from the cache) once by the driver, and the scenario's plan
+(accounts, attack sources) made once unless ``vary`` changes more than the victim's training; both reach the
+trials through Ray's object store. Each trial writes a
 run directory under ``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.sweep` builds the table, plot and
 ``sweep.md``.
 """
@@ -60,6 +64,8 @@ class SweepConfig(_Strict):
     scenario: str = Field(description="base scenario every trial runs")
     overrides: list[str] = Field([], description="scenario key=value applied to every trial")
     space: dict[str, dict[str, Any]] = Field(description="curve label -> defense name and parameter space")
+    vary: dict[str, Any] = Field({}, description="scenario key (dotted) -> value or space, crossed with every "
+                                                 "curve: victims, attackers, anything but the defense")
     num_samples: int = Field(1, ge=1, description="Tune's num_samples: grid repeats, samples of ranges")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
     trial_cpus: float = Field(0.5, gt=0, description="CPUs a trial reserves for itself")
@@ -177,21 +183,44 @@ def first_point(label: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"name": spec.get("name", label), **{k: _domain(k, v)[1][0] for k, v in spec.items() if k != "name"}}
 
 
-def param_space(space: dict[str, dict[str, Any]]) -> dict:
-    """Tune's search space: a grid over the curves, each with its own parameters' domains."""
+def param_space(space: dict[str, dict[str, Any]], vary: dict[str, Any] | None = None) -> dict:
+    """Tune's search space: a grid over the curves, each with its own parameters' domains, crossed with the
+    domains of the scenario keys ``vary`` changes."""
     from ray import tune
 
     make = {"grid": tune.grid_search, "choice": tune.choice,
             "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a)}
+
+    def domain(key, value):
+        kind, args = _domain(key, value)
+        return args[0] if kind == "fixed" else make[kind](args)
+
     curves = []
     for label, spec in space.items():
         defense = {"name": spec.get("name", label)}
-        for key, value in spec.items():
-            if key != "name":
-                kind, args = _domain(key, value)
-                defense[key] = args[0] if kind == "fixed" else make[kind](args)
+        defense.update({key: domain(key, value) for key, value in spec.items() if key != "name"})
         curves.append({"curve": label, "defense": defense})
-    return {"trial": tune.grid_search(curves)}
+    return {"trial": tune.grid_search(curves), "vary": {k: domain(k, v) for k, v in (vary or {}).items()}}
+
+
+def victim_settings(vary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the victim keys ``vary`` sets (their grid and choice values): the victims a sweep
+    trains before its trials."""
+    combos = [{}]
+    for key, value in vary.items():
+        if key.startswith("victim."):
+            combos = [{**c, key: v} for c in combos for v in _domain(key, value)[1]]
+    return combos
+
+
+def shares_plan(vary: dict[str, Any]) -> bool:
+    """Whether every trial can use one plan: ``vary`` changes only how the victim is trained."""
+    return all(k.startswith("victim.") and k not in ("victim.dataset", "victim.name") for k in vary)
+
+
+def victim_id(cfg: config_mod.ScenarioConfig) -> str:
+    """What tells a sweep's victims apart: the victim settings, as JSON."""
+    return json.dumps(cfg.victim.model_dump(mode="json"), sort_keys=True)
 
 
 def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.ScenarioConfig:
@@ -210,6 +239,20 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
         raise ConfigError(f"scenario {base.name!r} has no attackers, so a sweep has no replica to measure; "
                           f"expected a scenario with at least one (attackers.ID.attack=knockoff …)")
     raw = base.model_dump()
+    for key, value in sweep.vary.items():
+        where = f"{SWEEP_PREFIX}vary.{key}"
+        if key == "defense" or key.startswith("defense.") or key in ("run_dir", "name"):
+            raise ConfigError(f"{where}: the defense and the run directory are the sweep's own; expected a scenario "
+                              f"key such as victim.quantization")
+        kind, values = _domain(where, value)
+        if key.startswith("victim.") and kind in ("uniform", "loguniform"):
+            raise ConfigError(f"{where}.{kind}={values!r}: every victim is trained before the trials start, so its "
+                              f"settings must be finite; expected a value, a list or {{choice: […]}}")
+        for v in values:
+            try:
+                config_mod.load(raw, config_mod._nest({key: v}))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}={v!r}: {exc}") from None
     for label, spec in sweep.space.items():  # what a defense needs of the scenario (a victim kind)
         try:
             config_mod.validate({**raw, "defense": first_point(label, spec)})
@@ -221,9 +264,10 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
 # ----------------------------------------------------------------------------------------------
 # One trial
 
-def trial(config: dict, *, base: dict, victim, plan, sweep_dir: str) -> None:
-    """A Tune trial: the base scenario with this trial's defense, run in its own run directory. Reports the
-    replicas' accuracy after each epoch (for early stopping), then the run's metrics."""
+def trial(config: dict, *, base: dict, victims: dict, plan, sweep_dir: str) -> None:
+    """A Tune trial: the base scenario with this trial's defense and ``vary`` settings, run in its own run
+    directory on the victim the driver prepared for those settings (``victims``: :func:`victim_id` -> victim).
+    Reports the replicas' accuracy after each epoch (for early stopping), then the run's metrics."""
     import ray
     from ray import tune
 
@@ -245,8 +289,11 @@ def trial(config: dict, *, base: dict, victim, plan, sweep_dir: str) -> None:
         return
     storage.remove_tree(run_dir)  # an attempt cut short (interrupted, errored) starts afresh
     storage.makedirs(run_dir)
-    cfg = config_mod.validate({**base, "defense": dict(config["trial"]["defense"]), "run_dir": run_dir})
-    info = {"trial_id": trial_id, "curve": config["trial"]["curve"], "defense": cfg.defense.spec(),
+    vary = dict(config.get("vary") or {})
+    cfg = config_mod.load({**base, "defense": dict(config["trial"]["defense"]), "run_dir": run_dir},
+                          config_mod._nest(vary))
+    victim = victims.get(victim_id(cfg)) or engine.train_victim(cfg, quiet=True)
+    info = {"trial_id": trial_id, "curve": config["trial"]["curve"], "defense": cfg.defense.spec(), "vary": vary,
             "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
     trial_json = storage.join(run_dir, "trial.json")
     storage.write_text(trial_json, json.dumps(info, indent=2))
@@ -312,8 +359,9 @@ def _progress_callback(total: int):
             # counted from Tune's own trial states: right after a restore too
             done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
             r, t = trial.last_result or {}, trial.config["trial"]
+            shown = {**{k: v for k, v in t["defense"].items() if k != "name"}, **(trial.config.get("vary") or {})}
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in t["defense"].items() if k != "name") or t["defense"]["name"]
+                               for k, v in shown.items()) or t["defense"]["name"]
             nums = "no result"
             if r.get("replica_accuracy_max") is not None:
                 nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
@@ -345,6 +393,9 @@ def _trial_count(cfg: SweepConfig) -> int:
                 kind, args = _domain(key, value)
                 n *= len(args) if kind == "grid" else 1
         total += n
+    for key, value in cfg.vary.items():
+        kind, args = _domain(key, value)
+        total *= len(args) if kind == "grid" else 1
     return total * cfg.num_samples
 
 
@@ -414,13 +465,18 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     total = _trial_count(cfg)
     print(f"sweep {cfg.name}: {total} trials of {base.name} (up to {cfg.max_concurrent} at once) -> {sweep_dir}",
           file=sys.stderr, flush=True)
-    victim = engine.train_victim(base, quiet)  # once, for every trial
-    plan = make_plan(base, victim.dataset)  # the same for every trial: only the defense varies
+    victims = {}  # once each, for every trial
+    for settings in victim_settings(cfg.vary):
+        vcfg = config_mod.load(base.model_dump(), config_mod._nest(settings))
+        if victim_id(vcfg) not in victims:
+            victims[victim_id(vcfg)] = engine.train_victim(vcfg, quiet)
+    first = next(iter(victims.values()))
+    plan = make_plan(base, first.dataset) if shares_plan(cfg.vary) else None  # else each trial makes its own
     started = time.perf_counter()
     with engine.ray_session(base):
         start_serve(base.serve.port, base.serve.http)  # once, before trials race to start it
         trainable = tune.with_resources(
-            tune.with_parameters(trial, base=base.model_dump(mode="json"), victim=victim, plan=plan,
+            tune.with_parameters(trial, base=base.model_dump(mode="json"), victims=victims, plan=plan,
                                  sweep_dir=sweep_dir),
             {"cpu": cfg.trial_cpus})
         tune_dir = storage.join(sweep_dir, "tune")
@@ -431,7 +487,7 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
                                f"one again with another {SWEEP_PREFIX}dir, or after deleting this directory")
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, restart_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space=param_space(cfg.space),
+            tuner = tune.Tuner(trainable, param_space=param_space(cfg.space, cfg.vary),
                                tune_config=_tune_config(cfg, base), run_config=tune.RunConfig(
                                    name="tune", storage_path=sweep_dir, verbose=0,
                                    callbacks=[_progress_callback(total)],
@@ -451,7 +507,7 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         status = {"TERMINATED": "done" if finished else "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
         error = errors.get(t.trial_id)
         statuses[t.trial_id] = {"status": status, "curve": t.config["trial"]["curve"],
-                                "defense": t.config["trial"]["defense"],
+                                "defense": t.config["trial"]["defense"], "vary": t.config.get("vary") or {},
                                 "error": str(error).strip().splitlines()[-1][:300] if error else None}
     interrupted = len(statuses) < total or any(s["status"] == "unfinished" for s in statuses.values())
     state_path = storage.join(sweep_dir, "sweep.json")

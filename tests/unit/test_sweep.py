@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from analysis import sweep as asweep
-from sim import summary, sweep
+from sim import config, summary, sweep
 from sim.errors import ConfigError
 
 
@@ -84,6 +84,38 @@ def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
                                           "adaptive_misinformation needs victim.training=outlier_exposure"):
         sweep.base_config(am, [])
     assert sweep.base_config(am, ["victim.training=outlier_exposure"]).victim.training == "outlier_exposure"
+
+
+def test_vary_crosses_scenario_settings_with_every_curve_and_trains_each_victim_once():
+    from ray.tune.search.variant_generator import generate_variants
+
+    cfg = sweep.load("mad_eps", ["space={none: {name: identity}, mad: {eps: [0.5, 1.0]}}",
+                                 "vary={victim.quantization: [none, ptq], victim.divqat.alpha: 0.5}"])
+    trials = [v for _, v in generate_variants(sweep.param_space(cfg.space, cfg.vary))]
+    assert sweep._trial_count(cfg) == len(trials) == 6
+    assert {(t["trial"]["curve"], t["trial"]["defense"].get("eps"), t["vary"]["victim.quantization"])
+            for t in trials} == {(c, e, q) for c, e in (("none", None), ("mad", 0.5), ("mad", 1.0))
+                                 for q in ("none", "ptq")}
+    assert sweep.victim_settings(cfg.vary) == [{"victim.quantization": "none", "victim.divqat.alpha": 0.5},
+                                               {"victim.quantization": "ptq", "victim.divqat.alpha": 0.5}]
+    assert sweep.shares_plan(cfg.vary)
+    assert not sweep.shares_plan({"victim.quantization": ["ptq"], "attackers.knockoff.budget": [500, 1000]})
+    base = sweep.base_config(cfg, [])
+    a, b = (sweep.victim_id(config.load(base.model_dump(), config._nest(s))) for s in sweep.victim_settings(cfg.vary))
+    assert a != b
+
+
+@pytest.mark.parametrize("vary,message", [
+    ("{victim.quantization: [ptq, int4]}", r"sweep.vary.victim.quantization='int4': victim.quantization must be"),
+    ("{victim.divqat.alpha: {uniform: [0, 1]}}", r"sweep.vary.victim.divqat.alpha.uniform=\[0, 1\]: every victim is "
+                                                 r"trained before the trials start"),
+    ("{defense.eps: [1]}", r"sweep.vary.defense.eps: the defense and the run directory are the sweep's own"),
+    ("{victim.epoch: [1]}", r"sweep.vary.victim.epoch=1: unknown key 'victim.epoch'"),
+])
+def test_bad_vary_settings_are_one_line_errors_before_any_trial(vary, message):
+    with pytest.raises(ConfigError) as info:
+        sweep.base_config(sweep.load("mad_eps", [f"vary={vary}"]), [])
+    assert re.search(message, str(info.value)), str(info.value)
 
 
 def test_a_sweep_needs_an_attacker(tmp_path):
@@ -198,7 +230,7 @@ def test_sweep_report_from_trial_directories(tmp_path):
     assert table.num_rows == 4 and {"curve", "param.eps", "test_l1_mean", "status"} <= set(table.column_names)
     assert open(out["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(out["markdown"]).read()
-    assert "| mad | 0.5 | done | 0.940 | 0.500 | 0.900 |" in md
+    assert "| mad | 0.5 | done | 0.921 | 0.940 | 0.500 | 0.900 |" in md
     assert "3 done, 1 stopped early" in md and "30.0 finished trials per hour" in md
     assert "| mad | 0.625 |" in md  # L1 at which the replica crosses 80%: between 0.5 (0.9) and 1.0 (0.5)
     assert "| random_noise | not reached |" in md

@@ -41,6 +41,22 @@ class Victim:
     float_model: nn.Module | None = None  # quantized victims: the float victim they were made from
     float_test_accuracy: float | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickled (to Ray workers) with a quantized victim's int8 model and twin as state dicts: FX graph modules
+        of quantized models do not pickle."""
+        state = dict(self.__dict__)
+        if self.quantization != "none":
+            state["model"], state["twin"] = self.model.state_dict(), self.twin.state_dict()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("quantization", "none") != "none":
+            ds = state["dataset"]
+            int8, twin = quantize.skeleton(models.build(state["arch"], ds.input_shape, ds.num_classes),
+                                           ds.input_shape, state["quantization"])
+            state = {**state, "model": quantize.load(int8, state["model"]), "twin": quantize.load(twin, state["twin"])}
+        self.__dict__.update(state)
+
     @property
     def differentiable(self) -> nn.Module:
         """The model gradients are taken through: the victim itself, or a quantized victim's fake-quantized twin."""

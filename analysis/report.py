@@ -48,9 +48,15 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     if summary:
         v, d = summary.victim, summary.defense
         params = ", ".join(f"{k}={val}" for k, val in d.params.items())
+        quant = (f"; int8 ({v.quantization}), {v.size_bytes / 1e6:.2f} MB and {v.latency_ms:.1f} ms per "
+                 f"{v.latency_batch} images against the float model's {_pct(v.float_test_accuracy)}%, "
+                 f"{v.float_size_bytes / 1e6:.2f} MB, {v.float_latency_ms:.1f} ms" if v.quantization != "none" else "")
+        robust = (f"; {_pct(v.robust_accuracy)}% under PGD (eps {v.robustness['eps']}, {v.robustness['steps']} "
+                  f"steps, {v.robustness['samples']} test images)"
+                  if v.robust_accuracy is not None else "")
         lines += ["## What ran", "",
                   f"- **Victim**: {v.arch} trained on {v.dataset} ({v.training}), test accuracy "
-                  f"{_pct(v.test_accuracy)}%.",
+                  f"{_pct(v.test_accuracy)}%{robust}{quant}.",
                   f"- **Output defense**: {d.name}{f' ({params})' if params else ''}. Honest users get "
                   f"{_pct(v.defended_test_accuracy)}% accuracy on the test set, mean L1 distortion "
                   f"{d.test_l1_mean:.3f}.",
@@ -75,6 +81,22 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
                      f"| {e['pow_seconds']:.2f} |")
     lines.append("")
+    if summary and any(a.replica and (a.replica.robust_accuracy is not None or a.replica.gradient_angle)
+                       for a in summary.attackers):
+        lines += ["## Robustness and gradient deviation", "",
+                  "Robust accuracy: the replica's accuracy under PGD with the victim's adversarial settings, on the "
+                  "first images of the test set (a quantized victim's through its fake-quantized twin). Gradient "
+                  "angle: how far the answers the attacker got turned its loss gradient from the one the clean "
+                  "answers give (degrees, over all replica parameters, the mean over 64 fixed queries after each "
+                  "epoch, then over epochs; MAD's angular deviation).", "",
+                  "| attacker | replica acc % | robust acc % | undefended robust acc % | gradient angle (deg) |",
+                  "|---|---:|---:|---:|---:|"]
+        for a in summary.attackers:
+            r, u = a.replica, a.undefended
+            angle = r and r.gradient_angle
+            lines.append(f"| {a.id} | {_pct(r and r.test_accuracy)} | {_pct(r and r.robust_accuracy)} | "
+                         f"{_pct(u and u.robust_accuracy)} | {f'{angle.mean:.1f}' if angle else '–'} |")
+        lines.append("")
     rows = scored_rows(table)
     figures = []
     if det:

@@ -69,6 +69,7 @@ def measure_victim(cfg, victim, eval_x: np.ndarray, eval_y: np.ndarray) -> dict:
     out = victim.footprint()
     settings = robustness_settings(cfg)
     if settings is not None:
+        out["robustness"] = dict(settings)
         n = settings.pop("samples")
         out["robust_accuracy"] = round(robust_accuracy(victim.differentiable, eval_x[:n], eval_y[:n], **settings), 4)
     return out

@@ -35,6 +35,7 @@ class Victim(_Part):
     defended_test_accuracy: float  # what honest users get on the test set, through the defense
     adversarial: dict[str, Any] | None = None  # adversarially trained victims: the PGD settings
     robust_accuracy: float | None = None  # accuracy under PGD (robustness section), on its first `samples` images
+    robustness: dict[str, Any] | None = None  # the PGD settings and sample size of every robust accuracy
     quantization: str = "none"
     quant: dict[str, Any] | None = None  # quantized victims: calibration and fine-tuning (and DivQAT's) settings
     float_test_accuracy: float | None = None  # quantized victims: the float model they were made from
@@ -285,6 +286,8 @@ def format_summary(s: Summary) -> str:
     v, q, d = s.victim, s.queries, s.defense
     params = ", ".join(f"{k}={val}" for k, val in d.params.items())
     dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
+    if v.quantization != "none":
+        dp += f", int8 {v.quantization}: float model {v.float_test_accuracy:.4f}"
     lines = [
         f"run {s.run_id}  ->  {s.run_dir}",
         f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"

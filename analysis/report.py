@@ -53,7 +53,7 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                  f"{v.float_size_bytes / 1e6:.2f} MB, {v.float_latency_ms:.1f} ms" if v.quantization != "none" else "")
         robust = (f"; {_pct(v.robust_accuracy)}% under PGD (eps {v.robustness['eps']}, {v.robustness['steps']} "
                   f"steps, {v.robustness['samples']} test images)"
-                  if v.robust_accuracy is not None else "")
+                  if v.robust_accuracy is not None and v.robustness else "")
         lines += ["## What ran", "",
                   f"- **Victim**: {v.arch} trained on {v.dataset} ({v.training}), test accuracy "
                   f"{_pct(v.test_accuracy)}%{robust}{quant}.",

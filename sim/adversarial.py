@@ -16,11 +16,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     """Images within ``eps`` (L-infinity) of ``x`` (float, [0, 1]) that maximise the cross-entropy on labels ``y``:
     ``steps`` signed-gradient steps of size ``step`` from a uniform random start in the ball, projected back onto
     the ball and [0, 1] after each; with ``restarts`` > 1, per image the restart with the highest loss. The
-    model's mode and its parameters' gradients are left as they were."""
+    model's mode, its parameters' gradients and a fake-quantized model's observers are left as they were (the
+    attack's own forward passes do not move the observed ranges)."""
     if eps == 0 or steps == 0:
         return x.detach().clone()
     training = model.training
     model.eval()  # batch norm and dropout as at inference: the attack sees the deployed function
+    observers = [(m, m.observer_enabled.clone()) for m in model.modules() if hasattr(m, "observer_enabled")]
+    for m, _ in observers:
+        m.observer_enabled[0] = 0
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -43,6 +47,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+        for m, enabled in observers:
+            m.observer_enabled.copy_(enabled)
         model.train(training)
     return best
 
@@ -54,8 +60,10 @@ def adversary(eps: float, step: float, steps: int, restarts: int = 1, seed: int 
 
 
 def robust_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, eps: float, step: float, steps: int,
-                    restarts: int = 1, seed: int = 0, batch_size: int = 256) -> float:
-    """Accuracy of ``model`` on PGD examples of the uint8 images ``x`` (labels ``y``)."""
+                    restarts: int = 1, seed: int = 0, batch_size: int = 256, scored: nn.Module | None = None) -> float:
+    """Accuracy of ``model`` (or of ``scored``: a quantized model whose fake-quantized twin ``model`` is) on PGD
+    examples of the uint8 images ``x`` (labels ``y``) crafted through ``model``."""
+    scored = model if scored is None else scored
     gen = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(np.asarray(y)).long()
     right = []
@@ -63,5 +71,5 @@ def robust_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, eps: floa
         xb, yb = to_float(x[start:start + batch_size]), labels[start:start + batch_size]
         adv = pgd(model, xb, yb, eps=eps, step=step, steps=steps, restarts=restarts, generator=gen)
         with torch.no_grad():
-            right.append(model(adv).argmax(1).numpy())
+            right.append(scored.eval()(adv).argmax(1).numpy())
     return accuracy(np.concatenate(right), labels.numpy()) if right else float("nan")

@@ -50,8 +50,8 @@ class AdversarialConfig(_Strict):
 
 
 class QuantConfig(_Strict):
-    calibration: int = Field(1024, ge=1, description="training images the observers see (PTQ calibration, and "
-                                                     "the initial ranges of QAT)")
+    calibration: int = Field(1024, ge=1, description="training images PTQ calibrates its ranges on (QAT learns "
+                                                     "them while it fine-tunes)")
     epochs: int = Field(3, ge=1, description="quantization-aware fine-tuning epochs from the float victim (qat, "
                                              "divqat)")
     lr: float = Field(1e-4, gt=0, description="quantization-aware fine-tuning learning rate (Adam)")
@@ -202,7 +202,7 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`_flatten`."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
@@ -361,7 +361,7 @@ class ScenarioConfig(_Strict):
             if not aid.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"attacker id {aid!r} must be letters, digits, '_' or '-'")
             attack = registry.get("attack", att.attack, f"attackers.{aid}.attack")
-            att.__pydantic_extra__ = _nest(_own_params(f"attackers.{aid}", attack, att.model_extra or {},
+            att.__pydantic_extra__ = nest(_own_params(f"attackers.{aid}", attack, att.model_extra or {},
                                                        list(AttackerConfig.model_fields)))
             if att.replica.arch is not None:
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
@@ -482,7 +482,7 @@ def _switch_kind(raw: dict[str, Any], key: str, kind: str) -> None:
     common = {k: v for k, v in old.items() if k in model.model_fields}
     declared = registry.get(category, kind).params
     own = {k: v for k, v in _flatten({k: v for k, v in old.items() if k not in common}).items() if k in declared}
-    raw[section] = {**raw[section], name: {**common, **_nest(own)}}
+    raw[section] = {**raw[section], name: {**common, **nest(own)}}
 
 
 def validate(raw: dict[str, Any]) -> ScenarioConfig:

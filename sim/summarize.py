@@ -64,14 +64,16 @@ def robustness_settings(cfg) -> dict | None:
 
 
 def measure_victim(cfg, victim, eval_x: np.ndarray, eval_y: np.ndarray) -> dict:
-    """The victim's robust accuracy on the replicas' evaluation images (through a quantized victim's fake-quantized
-    twin), its size and latency (:meth:`sim.zoo.Victim.footprint`)."""
+    """The victim's robust accuracy on the first of the replicas' evaluation images (for a quantized victim: the int8
+    model on PGD examples crafted through its fake-quantized twin), its size and latency
+    (:meth:`sim.zoo.Victim.footprint`)."""
     out = victim.footprint()
     settings = robustness_settings(cfg)
     if settings is not None:
         out["robustness"] = dict(settings)
         n = settings.pop("samples")
-        out["robust_accuracy"] = round(robust_accuracy(victim.differentiable, eval_x[:n], eval_y[:n], **settings), 4)
+        out["robust_accuracy"] = round(robust_accuracy(victim.differentiable, eval_x[:n], eval_y[:n], **settings,
+                                                       scored=victim.model), 4)
     return out
 
 

@@ -203,12 +203,19 @@ def param_space(space: dict[str, dict[str, Any]], vary: dict[str, Any] | None = 
     return {"trial": tune.grid_search(curves), "vary": {k: domain(k, v) for k, v in (vary or {}).items()}}
 
 
+VICTIM_KEYS = ("victim.", "data.", "seed", "cache_dir")  # what a trained victim depends on
+
+
+def _shapes_victim(key: str) -> bool:
+    return key.startswith(VICTIM_KEYS[:2]) or key in VICTIM_KEYS[2:]
+
+
 def victim_settings(vary: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every combination of the victim keys ``vary`` sets (their grid and choice values): the victims a sweep
-    trains before its trials."""
+    """Every combination of the keys in ``vary`` a victim depends on (their grid and choice values): the victims a
+    sweep trains before its trials."""
     combos = [{}]
     for key, value in vary.items():
-        if key.startswith("victim."):
+        if _shapes_victim(key):
             combos = [{**c, key: v} for c in combos for v in _domain(key, value)[1]]
     return combos
 
@@ -219,8 +226,9 @@ def shares_plan(vary: dict[str, Any]) -> bool:
 
 
 def victim_id(cfg: config_mod.ScenarioConfig) -> str:
-    """What tells a sweep's victims apart: the victim settings, as JSON."""
-    return json.dumps(cfg.victim.model_dump(mode="json"), sort_keys=True)
+    """What tells a sweep's victims apart: the victim settings, data, seed and cache, as JSON."""
+    return json.dumps({"victim": cfg.victim.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+                       "seed": cfg.seed, "cache_dir": cfg.cache_dir}, sort_keys=True)
 
 
 def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.ScenarioConfig:
@@ -245,12 +253,12 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
             raise ConfigError(f"{where}: the defense and the run directory are the sweep's own; expected a scenario "
                               f"key such as victim.quantization")
         kind, values = _domain(where, value)
-        if key.startswith("victim.") and kind in ("uniform", "loguniform"):
+        if _shapes_victim(key) and kind in ("uniform", "loguniform"):
             raise ConfigError(f"{where}.{kind}={values!r}: every victim is trained before the trials start, so its "
                               f"settings must be finite; expected a value, a list or {{choice: […]}}")
         for v in values:
             try:
-                config_mod.load(raw, config_mod._nest({key: v}))
+                config_mod.load(raw, config_mod.nest({key: v}))
             except ConfigError as exc:
                 raise ConfigError(f"{where}={v!r}: {exc}") from None
     for label, spec in sweep.space.items():  # what a defense needs of the scenario (a victim kind)
@@ -291,7 +299,7 @@ def trial(config: dict, *, base: dict, victims: dict, plan, sweep_dir: str) -> N
     storage.makedirs(run_dir)
     vary = dict(config.get("vary") or {})
     cfg = config_mod.load({**base, "defense": dict(config["trial"]["defense"]), "run_dir": run_dir},
-                          config_mod._nest(vary))
+                          config_mod.nest(vary))
     victim = victims.get(victim_id(cfg)) or engine.train_victim(cfg, quiet=True)
     info = {"trial_id": trial_id, "curve": config["trial"]["curve"], "defense": cfg.defense.spec(), "vary": vary,
             "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
@@ -467,7 +475,7 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
           file=sys.stderr, flush=True)
     victims = {}  # once each, for every trial
     for settings in victim_settings(cfg.vary):
-        vcfg = config_mod.load(base.model_dump(), config_mod._nest(settings))
+        vcfg = config_mod.load(base.model_dump(), config_mod.nest(settings))
         if victim_id(vcfg) not in victims:
             victims[victim_id(vcfg)] = engine.train_victim(vcfg, quiet)
     first = next(iter(victims.values()))

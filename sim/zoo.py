@@ -103,8 +103,10 @@ def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str 
         spec["oe_weight"] = cfg.oe_weight
     if cfg.training == "adversarial":
         spec["adversarial"] = cfg.adversarial.model_dump()
-    if cfg.quantization != "none":
-        spec.update(quantization=cfg.quantization, quant=cfg.quant.model_dump())
+    if cfg.quantization == "ptq":  # only what each mode uses
+        spec.update(quantization="ptq", calibration=cfg.quant.calibration)
+    elif cfg.quantization in ("qat", "divqat"):
+        spec.update(quantization=cfg.quantization, quant_epochs=cfg.quant.epochs, quant_lr=cfg.quant.lr)
     if cfg.quantization == "divqat":
         spec["divqat"] = cfg.divqat.model_dump()
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -224,8 +226,8 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
     """The misinformation model of adaptive misinformation: the victim's architecture trained on the
     victim's training data to put little probability on the true class; cached like victims."""
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
-    key = victim_key(cfg.model_copy(update={"training": "standard"}), seed, kind="misinformation",
-                     data_id=fingerprint(ds))
+    float_standard = cfg.model_copy(update={"training": "standard", "quantization": "none"})
+    key = victim_key(float_standard, seed, kind="misinformation", data_id=fingerprint(ds))
     path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-misinformation-{key}.pt"
     torch.manual_seed(seed + 1)
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)

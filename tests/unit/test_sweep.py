@@ -101,7 +101,7 @@ def test_vary_crosses_scenario_settings_with_every_curve_and_trains_each_victim_
     assert sweep.shares_plan(cfg.vary)
     assert not sweep.shares_plan({"victim.quantization": ["ptq"], "attackers.knockoff.budget": [500, 1000]})
     base = sweep.base_config(cfg, [])
-    a, b = (sweep.victim_id(config.load(base.model_dump(), config._nest(s))) for s in sweep.victim_settings(cfg.vary))
+    a, b = (sweep.victim_id(config.load(base.model_dump(), config.nest(s))) for s in sweep.victim_settings(cfg.vary))
     assert a != b
 
 

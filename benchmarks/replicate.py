@@ -439,8 +439,10 @@ def report(result: dict) -> tuple[list[dict], str]:
             measured, verdict, why = claim.judge(cells)
         rows.append({"id": claim.id, "paper": claim.paper, "claim": claim.statement, "measured": measured,
                      "verdict": verdict, "why": why, "settings": claim.settings})
-    mode = "quick (small budgets and short training: a smoke test, not the figures)" if result["quick"] else "full"
-    lines = [f"# The papers' claims, measured here ({mode})", "",
+    mode = ("quick: a smoke test, not the figures. Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
+            + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says"
+            if result["quick"] else "full")
+    lines = ["# The papers' claims, measured here", "", f"Mode: {mode}.", "",
              f"Regenerate with `python benchmarks/replicate.py{' --quick' if result['quick'] else ''}`. Measured on "
              f"{result['machine']} (CPU only); each cell's run, settings and date are in the JSON beside this file.",
              "", "| claim | paper | measured here | verdict | settings |", "|---|---|---|---|---|"]

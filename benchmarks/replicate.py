@@ -367,7 +367,7 @@ def compact(summary) -> dict:
 def run_cell(label: str, cell: Cell, quick: bool, runs_dir: str) -> dict:
     import sim
 
-    slug = "".join(ch if ch.isalnum() else "_" for ch in label)
+    slug = "".join(ch if ch.isalnum() else "_" for ch in label) + dt.datetime.now().strftime("-%Y%m%d-%H%M%S")
     start = time.perf_counter()
     args = cell.args(quick)
     summary = sim.run(cell.scenario, [*args, f"run_dir={os.path.join(runs_dir, slug)}"], quiet=True)

@@ -180,17 +180,20 @@ def judge_latency(c):
             f"the 37x matches MAD {matches} (the abstract names no baseline)")
 
 
-def _adv(c, ds):
-    return f"standard victim, {ds}", f"adversarial victim, {ds}"
+def adversarial_pairs(c) -> list[tuple[str, str, str]]:
+    """(dataset, standard cell, adversarial cell) for each dataset whose two cells have finished."""
+    pairs = [(ds, f"standard victim, {ds}", f"adversarial victim, {ds}") for ds in ("mnist5k", "fashion_mnist")]
+    return [(ds, std, adv) for ds, std, adv in pairs if std in c and adv in c]
+
+
+def unmeasured_datasets(c) -> str:
+    missing = {"mnist5k", "fashion_mnist"} - {ds for ds, _, _ in adversarial_pairs(c)}
+    return f" ({', '.join(sorted(missing))} not measured: python benchmarks/replicate.py runs it)" if missing else ""
 
 
 def judge_adv_easier(c):
     parts, verdicts = [], []
-    for ds in ("mnist5k", "fashion_mnist"):
-        std, adv = _adv(c, ds)
-        if std not in c or adv not in c:
-            parts.append(f"{ds}: not measured")
-            continue
+    for ds, std, adv in adversarial_pairs(c):
         ratios = []
         for att in ADV_ATTACKERS:
             a, s = acc(c, adv, att), acc(c, std, att)
@@ -202,16 +205,14 @@ def judge_adv_easier(c):
         return "not measured", "cannot be tested here", "no cell finished"
     holds = all(verdicts)
     return ("adversarial / standard victim, replica ratios: " + "; ".join(parts), "holds" if holds else
-            "does not hold", "replicas of the robust victim beat those of the standard one for most attackers" if holds
-            else "replicas of the robust victim are not better for most attackers on every dataset")
+            "does not hold", ("replicas of the robust victim beat those of the standard one for most attackers" if holds
+                              else "replicas of the robust victim are not better for most attackers on every dataset")
+            + unmeasured_datasets(c))
 
 
 def judge_adv_fewer_queries(c):
     parts, hits = [], []
-    for ds in ("mnist5k", "fashion_mnist"):
-        std, adv = _adv(c, ds)
-        if std not in c or adv not in c:
-            continue
+    for ds, std, adv in adversarial_pairs(c):
         for att in ("knockoff", "jbda"):
             small, big = acc(c, adv, f"{att}_500"), acc(c, std, att)
             parts.append(f"{ds} {att}: adversarial at 500 {pct(small)} vs standard at 2,000 {pct(big)}")
@@ -220,15 +221,12 @@ def judge_adv_fewer_queries(c):
         return "not measured", "cannot be tested here", "no cell finished"
     return ("; ".join(parts), "holds" if all(hits) else "does not hold",
             f"the robust victim's replica at 0.25x the queries matches the standard one's in {sum(hits)} of "
-            f"{len(hits)} cases")
+            f"{len(hits)} cases" + unmeasured_datasets(c))
 
 
 def judge_robust_transfer(c):
     parts, hits = [], []
-    for ds in ("mnist5k", "fashion_mnist"):
-        std, adv = _adv(c, ds)
-        if std not in c or adv not in c:
-            continue
+    for ds, std, adv in adversarial_pairs(c):
         for att in ("knockoff", "jbda"):
             a, s = acc(c, adv, att, key="robust_accuracy"), acc(c, std, att, key="robust_accuracy")
             parts.append(f"{ds} {att}: {pct(a)} vs {pct(s)}")
@@ -238,7 +236,8 @@ def judge_robust_transfer(c):
     if not parts:
         return "not measured", "cannot be tested here", "no cell finished"
     return ("robust accuracy % (PGD, same eps), from adversarial vs standard victim: " + "; ".join(parts),
-            "holds" if all(hits) else "does not hold", f"{sum(hits)} of {len(hits)} replicas more robust")
+            "holds" if all(hits) else "does not hold",
+            f"{sum(hits)} of {len(hits)} replicas more robust" + unmeasured_datasets(c))
 
 
 def judge_ablation(c):

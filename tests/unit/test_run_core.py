@@ -157,3 +157,18 @@ def test_what_is_not_a_readable_summary(tmp_path):
         summary.parse({"version": 9})
     with pytest.raises(summary.SummaryError, match="summary version '2' is not an integer"):
         summary.parse({"version": "2"})
+
+
+@pytest.mark.parametrize("name", config.scenario_names())
+def test_every_shipped_scenario_can_make_its_plan_at_its_defaults(name):
+    """Budgets, pools and seeds fit together as shipped (a pool smaller than a budget fails here, not mid-study)."""
+    from sim.errors import DataError
+
+    cfg = config.load(name)
+    try:
+        ds = data.load(cfg.victim.dataset)
+    except DataError as exc:  # Fashion-MNIST where the Debian package is missing
+        pytest.skip(str(exc))
+    plan = make_plan(cfg, ds)
+    for aid, att in cfg.attackers.items():
+        assert sum(c.budget for c in plan.of(attacker=aid)) == att.budget

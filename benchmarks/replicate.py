@@ -273,10 +273,11 @@ def judge_evasion(c):
     best = max(rows, key=lambda k: rows[k][0] or 0)
     d, u = rows["argmax"]
     cost = None if d is None or u is None else u - d
-    holds = best == "argmax" and cost is not None and cost > 0
+    holds = best == "argmax" and cost is not None and cost >= 0.05  # "about 9 points": at least 5
     return (f"replica % under MAD eps 0.8: {text}; argmax loses {pct(cost)} points to MAD",
             "holds" if holds else "does not hold",
-            f"the strongest countermeasure here is {best}" + ("" if holds else "; the paper's was argmax"))
+            f"the strongest countermeasure here is {best} (the paper's: argmax), and MAD costs argmax "
+            f"{pct(cost)} points (the paper: about 9)")
 
 
 def judge_mad_table(c):

@@ -254,8 +254,8 @@ class RayConfig(_Strict):
 
 
 class RobustnessConfig(_Strict):
-    enabled: bool = Field(True, description="measure robust accuracy (PGD with victim.adversarial's settings) of "
-                                            "the victim and of every replica")
+    enabled: bool = Field(False, description="measure robust accuracy (PGD with victim.adversarial's settings) of "
+                                             "the victim and of every replica (on in the scenarios that study it)")
     samples: int = Field(500, ge=1, description="test images it is measured on")
 
 

@@ -57,6 +57,15 @@ def prepare_twin(model: nn.Module, input_shape) -> nn.Module:
                               _example(input_shape))
 
 
+def prepare_observed(model: nn.Module, input_shape) -> nn.Module:
+    """A copy of ``model`` with PTQ observers (x86 default), in eval mode: what PTQ calibrates and converts."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    with quiet():
+        return prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), _example(input_shape))
+
+
 def freeze(twin: nn.Module) -> nn.Module:
     """Observers off (scales and zero points fixed), batch-norm statistics frozen, eval mode."""
     from torch.ao.quantization import disable_observer
@@ -79,12 +88,7 @@ def calibrate(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> nn.Modu
 
 def post_training(model: nn.Module, input_shape, x: np.ndarray) -> tuple[nn.Module, nn.Module]:
     """PTQ of a trained float ``model`` calibrated on ``x``: (int8 model, its fake-quantized twin)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
-    with quiet():
-        observed = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), _example(input_shape))
-    int8 = convert(calibrate(observed, x))
+    int8 = convert(calibrate(prepare_observed(model, input_shape), x))
     twin = prepare_twin(model, input_shape).eval()  # eval: batch norm uses its running statistics
     return int8, freeze(calibrate(twin, x))
 
@@ -99,16 +103,8 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 def skeleton(float_model: nn.Module, input_shape, mode: str) -> tuple[nn.Module, nn.Module]:
     """Empty (int8, twin) structures for ``mode`` that the state dicts of a quantized victim load into."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import prepare_fx
-
     twin = prepare_twin(float_model, input_shape)
-    if mode == "ptq":
-        with quiet():
-            int8 = convert(prepare_fx(copy.deepcopy(float_model).eval(), get_default_qconfig_mapping("x86"),
-                                      _example(input_shape)))
-    else:
-        int8 = convert(twin)
+    int8 = convert(prepare_observed(float_model, input_shape) if mode == "ptq" else twin)
     return int8, freeze(twin)
 
 

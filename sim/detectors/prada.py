@@ -13,7 +13,9 @@ The score is 1 - W (higher = more suspicious), NaN until the pool is large enoug
 score > 1 - delta. The key need not be an account: the victim service can pool a group of accounts
 (a client address, an account-creation batch, all traffic) under one key to catch split attacks.
 State is a dict keyed by account, so a query costs the same however many accounts exist.
-Distances are computed on images scaled to [0, 1].
+Distances are those of images scaled to [0, 1], computed exactly from the 8-bit pixels (integer differences,
+then one division by 255), and the class sets keep each query as its 8-bit pixels: 1 byte per pixel (784 bytes
+for a 28x28 query, a quarter of float32), with the same distances.
 ``skip_repeats``: an exact repeat of an earlier query of its class adds no distance. Off by default (as
 published); pooled streams want it on, since honest users of a group often send the same popular image,
 and a pile of zero distances alone would make the pool look non-normal.
@@ -35,12 +37,12 @@ _shapiro = getattr(shapiro, "__wrapped__", shapiro)
 
 
 class _Growing:
-    """An append-only float buffer that doubles its capacity."""
+    """An append-only buffer that doubles its capacity."""
 
     __slots__ = ("data", "n")
 
     def __init__(self, shape=(), dtype=np.float64):
-        self.data = np.empty((16, *shape), dtype)
+        self.data = np.empty((2, *shape), dtype)  # small: most accounts of a large population send few queries
         self.n = 0
 
     def append(self, value) -> None:
@@ -60,7 +62,7 @@ class _ClassSet:
     __slots__ = ("points", "count", "total", "total_sq", "threshold")
 
     def __init__(self, dim: int):
-        self.points = _Growing((dim,), np.float32)
+        self.points = _Growing((dim,), np.uint8)
         self.count = 0  # distances of the set's members (all but the first)
         self.total = 0.0
         self.total_sq = 0.0
@@ -77,8 +79,9 @@ class _ClassSet:
             self.threshold = max(self.threshold, mean - std)
 
     def min_distance(self, x: np.ndarray) -> float:
-        diff = self.points.values - x
-        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min()))
+        """L2 distance, in [0, 1] pixel units, from ``x`` (uint8) to the nearest member: exact integers to the end."""
+        diff = np.subtract(self.points.values, x, dtype=np.int16).astype(np.int32)
+        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min())) / 255.0
 
 
 class _Account:
@@ -135,9 +138,11 @@ class Prada(Detector):
 
     @staticmethod
     def _flat(inputs: np.ndarray) -> np.ndarray:
+        """The queries as flat 8-bit pixels (floats in [0, 1] are quantised as the victim service does)."""
         raw = np.asarray(inputs)
-        x = raw.reshape(len(raw), -1).astype(np.float32)
-        return x / 255.0 if raw.dtype == np.uint8 else x
+        if raw.dtype != np.uint8:
+            raw = np.rint(np.clip(raw, 0, 1) * 255).astype(np.uint8)
+        return raw.reshape(len(raw), -1)
 
     def _distance(self, acc: _Account, x: np.ndarray, label: int) -> bool:
         """Put one query through the account's class sets; True when its distance joined the pool."""
@@ -180,6 +185,18 @@ class Prada(Detector):
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}
+
+    def memory(self) -> dict[str, int]:
+        """What the histories hold: keys, kept queries (class-set members), distances pooled, and the bytes of
+        their buffers as allocated (capacity doubles, so up to twice what is used)."""
+        kept = pooled = nbytes = 0
+        for acc in self._accounts.values():
+            pooled += acc.pool.n
+            nbytes += acc.pool.data.nbytes
+            for cls in acc.classes.values():
+                kept += cls.points.n
+                nbytes += cls.points.data.nbytes
+        return {"keys": len(self._accounts), "kept": kept, "pooled": pooled, "bytes": nbytes}
 
     def is_flagged(self, account_id: str) -> bool:  # O(1), on every request
         acc = self._accounts.get(account_id)

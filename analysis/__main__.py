@@ -7,7 +7,8 @@ trade-off plot and sweep.md from the trials' run directories, and stands for its
 Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run and prints its detection table.
 With several runs, also prints a comparison; ``--out DIR`` writes it (comparison.md and a plot) there.
 ``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries and adds
-it to the report as ``replay_prada`` (``--name`` to choose). SAME replays load the run's models from the
+it to the report as ``replay_prada`` (``--name`` to choose; ``--order prada`` to follow the per-key order the
+run's detector ``prada`` saw, exact for a run with several Serve replicas). SAME replays load the run's models from the
 victim zoo (training them if the cache lacks them).
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a detector kind to re-run over the logs (python -m sim help lists them)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a replayed detector's parameter")
     ap.add_argument("--group", default="account", help="history key of the replay: account, actor, cohort or all")
+    ap.add_argument("--order", metavar="NAME", help="follow the per-key order of the run's stateful detector NAME "
+                                                   "(exact over many Serve replicas; default: arrival order)")
     ap.add_argument("--name", help="the replay's name in the report (default replay_KIND)")
     ap.add_argument("--out", help="directory for the comparison of several runs")
     args = ap.parse_args(argv)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 from . import read_run
 
                 replays[args.name or f"replay_{args.replay}"] = replay(
-                    read_run(run), args.replay, params, args.group, models=prepare(run, args.replay, params))
+                    read_run(run), args.replay, params, args.group, args.order,
+                    models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")
         if len(args.runs) > 1:

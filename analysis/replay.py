@@ -1,10 +1,13 @@
 """Replay: run any detector over a logged query stream, with other parameters or another grouping,
 without re-running the simulation.
 
-The stream is every scored query (see :func:`analysis.detection.scored_rows`) in arrival order (by
-writer sequence within a Serve replica, by time across replicas), fed request by request exactly as
-the victim service fed it. With the parameters and grouping the run used, PRADA's replayed flags are
-the online ones, bit for bit. Detectors that look at images (PRADA, SAME, linking) need the run to
+The stream is every scored query (see :func:`analysis.detection.scored_rows`), fed request by request
+as the victim service fed it. Its order: with ``order=NAME`` (a stateful detector of the run), each key's
+queries in the order that detector's owner in the detection tier saw them (the log's ``NAME_seq``), which
+is exact for a detector keyed like NAME however many Serve replicas and shards the run had: with the
+parameters and grouping the run used, PRADA's replayed scores and flags are the online ones, bit for bit.
+Without it, arrival order (by writer sequence within a Serve replica, by time across replicas), which is
+exact for a run with one replica. Detectors that look at images (PRADA, SAME, linking) need the run to
 have logged its inputs (``log.inputs=true``, the default); the maximum-softmax score needs only the
 logged probabilities.
 """
@@ -75,13 +78,19 @@ def prepare(run_dir: str, kind: str, params: dict | None = None):
     return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why))
 
 
-def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", **models) -> dict:
+def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", order: str | None = None,
+           **models) -> dict:
     """Run detector ``kind`` (a registry name) with ``params`` over the log ``table``, keying its history by
-    ``group`` (account, actor, cohort or all). ``models``: what the detector needs beyond its parameters
-    (``models=``: what its :meth:`Detector.prepare` made, see :func:`prepare`). Returns ``scores`` and ``flags``
-    aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
+    ``group`` (account, actor, cohort or all). ``order``: a logged stateful detector whose per-key order to follow
+    (see the module's note; it should key its history like ``group``). ``models``: what the detector needs
+    beyond its parameters (``models=``: what its :meth:`Detector.prepare` made, see :func:`prepare`). Returns
+    ``scores`` and ``flags`` aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
     if group not in GROUPS:
         raise SimError(f"group={group!r} is not a grouping; expected one of: {', '.join(GROUPS)}")
+    if order is not None and f"{order}_seq" not in table.column_names:
+        logged = [c[:-4] for c in table.column_names if c.endswith("_seq")]
+        raise SimError(f"order={order!r}: the log has no {order}_seq column; expected one of the run's stateful "
+                       f"detectors ({', '.join(logged) or 'none logged an order'})")
     det = detector_registry.build(kind, **(params or {}), **models)
     rows = scored_rows(table)
     n = rows.num_rows
@@ -93,19 +102,27 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
     if needs_images and (shape is None or rows.column("input").null_count == n):
         raise SimError(f"replay of {kind} needs the query images, but this run's log has none; expected a run "
                        f"logged with log.inputs=true")
-    order = arrival_order(rows)
+    cols = {c: rows.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
+            if c in rows.column_names}
+    rule = Rule(group=group)
+    keys = np.asarray([rule.key(Account(cols["account_id"][i], cols["role"][i], cols["attack"][i],
+                                        cols.get("cohort", [None] * n)[i]), cols["actor_id"][i]) for i in range(n)])
+    if order is None:
+        order = arrival_order(rows)
+    else:
+        seq = rows.column(f"{order}_seq").to_numpy(zero_copy_only=False)
+        if np.isnan(seq.astype(np.float64)).any():
+            raise SimError(f"order={order!r}: some scored queries have no {order}_seq; expected a stateful detector "
+                           f"that scored every query of the run")
+        order = np.lexsort((seq.astype(np.int64), keys))
     rows_sorted = rows.take(order)
+    keys = keys[order]
     probs = np.asarray(rows_sorted.column("clean_probs").to_pylist(), np.float32)
     images = querylog.decode_inputs(rows_sorted, shape) if needs_images else np.zeros((n, 1), np.uint8)
     req = np.asarray(rows_sorted.column("request_id").to_pylist())
     starts = np.r_[0, np.flatnonzero(req[1:] != req[:-1]) + 1, n]
-    cols = {c: rows_sorted.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
-            if c in rows_sorted.column_names}
-    rule = Rule(group=group)
     for a, b in zip(starts[:-1], starts[1:]):
-        account = Account(cols["account_id"][a], cols["role"][a], cols["attack"][a],
-                          cols.get("cohort", [None] * n)[a])
-        key = rule.key(account, cols["actor_id"][a])
+        key = keys[a]
         res = det.score(key, images[a:b], probs[a:b].argmax(1), probs[a:b])
         scores[order[a:b]] = res.scores
         flags[order[a:b]] = res.flags

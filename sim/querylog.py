@@ -27,7 +27,7 @@ from . import storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 STREAM_SUFFIX = ".arrows"
 
 SCHEMA = pa.schema(
@@ -68,9 +68,11 @@ ANSWERED = ("answered", "perturbed")  # actions that returned probabilities
 
 
 def detector_fields(name: str) -> list[pa.Field]:
-    """The two columns of each detector a run has: its score (higher = more suspicious; null before it
-    has one) and its flag (for stateful detectors, the key's flag as of this query)."""
-    return [pa.field(f"{name}_score", pa.float32()), pa.field(f"{name}_flagged", pa.bool_())]
+    """The columns of each detector a run has: its score (higher = more suspicious; null before it has one), its
+    flag (for stateful detectors, the key's flag as of this query) and, for stateful detectors, the query's position
+    in its key's history, in the order the key's owner in the detection tier saw it (null for stateless ones)."""
+    return [pa.field(f"{name}_score", pa.float32()), pa.field(f"{name}_flagged", pa.bool_()),
+            pa.field(f"{name}_seq", pa.int64())]
 
 
 def schema_for(input_shape: tuple[int, ...], detectors: tuple[str, ...] | list[str] = ()) -> pa.Schema:
@@ -179,6 +181,8 @@ class QueryLogWriter:
                                      else pa.array(np.asarray(det.scores, np.float32), from_pandas=True))
             cols[f"{name}_flagged"] = (pa.nulls(n, pa.bool_()) if det is None
                                        else pa.array(np.asarray(det.flags, bool)))
+            cols[f"{name}_seq"] = (pa.nulls(n, pa.int64()) if det is None or det.seq is None
+                                   else pa.array(np.asarray(det.seq, np.int64)))
         self._stream.write_batch(pa.RecordBatch.from_pydict(cols, schema=self.schema))
         self._sink.flush()
         self.rows += n

@@ -21,6 +21,7 @@ from .errors import RequestError
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter, input_digest
+from .tier import LocalTier
 from .training import predict_probs
 
 
@@ -72,31 +73,36 @@ class VictimService:
 
     ``detectors`` maps a name (the log's column prefix) to a detector, ``rules`` the same names to their
     :class:`sim.policy.Rule` (default: answer, keyed by account). ``perturbers`` maps a rule's name to the
-    defense its ``perturb`` action uses.
+    defense its ``perturb`` action uses. The stateful detectors' state and the open proof-of-work challenges live
+    in ``tier`` (:mod:`sim.tier`; a Serve replica gets the shared, sharded one of its app); without one, the
+    service keeps them in its own :class:`sim.tier.LocalTier`. The model, the tier and the stateless detectors run
+    outside any lock, so requests of different accounts overlap; only the output defense and the log writer take
+    one request at a time.
     """
 
     def __init__(self, *, model: nn.Module, victim: str, run_id: str, accounts: dict[str, Account],
                  input_shape: tuple[int, int, int], detectors: dict[str, Detector] | None = None,
                  rules: dict[str, Rule] | None = None, perturbers: dict | None = None, defense=None,
                  writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True,
-                 max_pending: int = 100_000, pending_ttl_s: float = 600.0):
+                 tier=None, max_pending: int = 100_000, pending_ttl_s: float = 600.0):
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
         self.accounts = accounts
         self.input_shape = tuple(input_shape)
         self.detectors = detectors or {}
+        self.stateful = {name for name, det in self.detectors.items() if det.stateful}
         self.rules = {name: (rules or {}).get(name) or Rule() for name in self.detectors}
         self.perturbers = perturbers or {}
         self.defense = defense
         self.writer = writer
         self.max_images = max_images
         self.log_inputs = log_inputs
-        self.max_pending = max_pending  # most challenged queries kept waiting for their proof, over all accounts
-        self.pending_ttl_s = pending_ttl_s  # an unanswered challenge expires after this long
-        self._pending: dict[str, dict] = {}  # challenge id -> what answering it needs (insertion ordered)
-        self._pending_queries = 0
-        self._lock = threading.Lock()  # detectors and the writer are stateful; Serve may call from threads
+        if tier is None and (self.stateful or any(r.action == "proof_of_work" for r in self.rules.values())):
+            tier = LocalTier({n: self.detectors[n] for n in self.stateful}, max_pending=max_pending,
+                             pending_ttl_s=pending_ttl_s)
+        self.tier = tier
+        self._lock = threading.Lock()  # the defense (a random generator) and the writer: one request at a time
 
     # -- entry points --------------------------------------------------------------------------
     def query(self, api_key: str | None, images: Any, actor_id: str | None = None) -> Reply:
@@ -107,9 +113,8 @@ class VictimService:
             x = parse_images(images, self.input_shape, self.max_images)
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
-        clean = predict_probs(self.model, x)  # stateless: outside the lock
-        with self._lock:  # detectors' histories and the log see each account's requests in one order
-            return self._answer(account, actor_id, x, clean, start)
+        clean = predict_probs(self.model, x)
+        return self._answer(account, actor_id, x, clean, start)
 
     def solve(self, api_key: str | None, challenge_id: Any, counter: Any, actor_id: str | None = None,
               seconds: float | None = None) -> Reply:
@@ -119,17 +124,17 @@ class VictimService:
         start = time.perf_counter()
         try:
             account = self._account(api_key)
-            with self._lock:
-                item = self._pending.get(challenge_id) if isinstance(challenge_id, str) else None
-                if item is None or item["account"] != account.account_id or item["expires"] < time.monotonic():
-                    raise RequestError(404, f"unknown or expired challenge {challenge_id!r} for this account")
-                self._take(challenge_id)
+            item = (self.tier.take(account.account_id, challenge_id)
+                    if isinstance(challenge_id, str) and self.tier is not None else None)
+            if item is None:
+                raise RequestError(404, f"unknown or expired challenge {challenge_id!r} for this account")
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
         ok = pow.verify(item["nonce"], item["bits"], counter)
         x, clean, bits = item["x"], item["clean"], item["pow_bits"]
         n = len(x)
         share = None if seconds is None else np.full(n, float(seconds) * bits / max(bits.sum(), 1))
+        request_id = uuid.uuid4().hex
         with self._lock:  # defenses may hold state (a random generator): one request at a time, as in query
             if ok:
                 returned = self._defend(clean, x, item["perturb"])
@@ -140,8 +145,8 @@ class VictimService:
                 actions = ["refused"] * n
                 reasons = ["wrong proof-of-work solution"] * n
             labels = np.where(ok, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
-            request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
-                                   pow_bits=bits, pow_seconds=share, resubmission=True)
+            self._log(request_id, account, actor_id, x, clean, returned, labels, actions, reasons, start,
+                      pow_bits=bits, pow_seconds=share, resubmission=True)
         answered = np.full(n, ok)
         status, reason = (200, None) if ok else (403, reasons[0])
         return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)
@@ -192,11 +197,6 @@ class VictimService:
             raise RequestError(401, "unknown API key")
         return account
 
-    def _take(self, challenge_id: str) -> dict:
-        item = self._pending.pop(challenge_id)
-        self._pending_queries -= len(item["x"])
-        return item
-
     def _defend(self, clean: np.ndarray, x: np.ndarray, perturb: list) -> np.ndarray:
         """Returned probabilities: each query through its rule's perturbation, or the victim's defense."""
         out = np.empty_like(clean)
@@ -206,31 +206,37 @@ class VictimService:
             out[idx] = defense(clean[idx], x[idx]) if defense is not None else clean[idx]
         return out
 
+    def _detect(self, request_id: str, account: Account, actor_id: str | None, x: np.ndarray,
+                clean: np.ndarray) -> dict:
+        """Every detector's verdict on the request: the stateful ones from the tier (one call per shard
+        involved), the stateless ones here."""
+        labels = clean.argmax(1)
+        out = {}
+        items = [(name, self.rules[name].key(account, actor_id)) for name in self.detectors if name in self.stateful]
+        if items:
+            out.update(self.tier.score(request_id, items, x, labels, clean))
+        for name, det in self.detectors.items():
+            if name not in self.stateful:
+                out[name] = det.score(account.account_id, x, labels, clean)
+        return out
+
     def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
                 start: float) -> Reply:
         n = len(x)
-        clean_labels = clean.argmax(1)
-        detections, decisions = {}, []
-        for name, det in self.detectors.items():
-            rule = self.rules[name]
-            key = rule.key(account, actor_id)
-            was_flagged = det.is_flagged(key)
-            res = det.score(key, x, clean_labels, clean)
-            detections[name] = res
-            decisions.append((name, rule, acted_on(res.flags, was_flagged, det.stateful), res.scores))
+        request_id = uuid.uuid4().hex
+        detections = self._detect(request_id, account, actor_id, x, clean)
+        decisions = []
+        for name in self.detectors:
+            res, stateful = detections[name], name in self.stateful
+            decisions.append((name, self.rules[name], acted_on(res.flags, res.was_flagged, stateful), res.scores))
         level, bits, perturb = combine(decisions, n)
         act = np.array(ACTIONS)[level]
         reasons: list[str | None] = [None] * n
         for name, rule, mask, _ in decisions:  # a refusing detector gives the reason
-            what = "account" if self.detectors[name].stateful else "query"
+            what = "account" if name in self.stateful else "query"
             for i in np.flatnonzero(mask & (act == "refuse") & (rule.action == "refuse")):
                 reasons[i] = reasons[i] or f"{what} flagged by {name}"
         answer = (act == "answer") | (act == "perturb")
-        returned = np.full_like(clean, np.nan)
-        if answer.any():
-            idx = np.flatnonzero(answer)
-            returned[idx] = self._defend(clean[idx], x[idx], [perturb[i] for i in idx])
-        labels = np.where(answer, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
         actions = np.where(act == "perturb", "perturbed", np.where(answer, "answered",
                            np.where(act == "proof_of_work", "challenged", "refused"))).tolist()
         challenge = None
@@ -238,17 +244,17 @@ class VictimService:
         if len(asked):
             challenge = {"id": uuid.uuid4().hex, "nonce": pow.new_nonce(), "bits": pow.combined_bits(bits[asked]),
                          "indices": asked.tolist()}
-            self._pending[challenge["id"]] = {
+            self.tier.issue(account.account_id, challenge["id"], {
                 "account": account.account_id, "nonce": challenge["nonce"], "bits": challenge["bits"],
-                "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked],
-                "perturb": [perturb[i] for i in asked], "expires": time.monotonic() + self.pending_ttl_s}
-            self._pending_queries += len(asked)
-            now = time.monotonic()
-            while self._pending and (self._pending_queries > self.max_pending  # forget the oldest unanswered
-                                     or next(iter(self._pending.values()))["expires"] < now):
-                self._take(next(iter(self._pending)))
-        request_id = self._log(account, actor_id, x, clean, returned, labels, actions, reasons, start,
-                               detections=detections, pow_bits=np.where(act == "proof_of_work", bits, 0))
+                "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked], "perturb": [perturb[i] for i in asked]})
+        returned = np.full_like(clean, np.nan)
+        with self._lock:
+            if answer.any():
+                idx = np.flatnonzero(answer)
+                returned[idx] = self._defend(clean[idx], x[idx], [perturb[i] for i in idx])
+            labels = np.where(answer, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
+            self._log(request_id, account, actor_id, x, clean, returned, labels, actions, reasons, start,
+                      detections=detections, pow_bits=np.where(act == "proof_of_work", bits, 0))
         if answer.any():
             status, reason = 200, None
         elif challenge is not None:
@@ -258,9 +264,8 @@ class VictimService:
         return Reply(status, reason, request_id, account.account_id, answer, reasons, labels, returned,
                      challenge)
 
-    def _log(self, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start, *,
-             detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> str:
-        request_id = uuid.uuid4().hex
+    def _log(self, request_id: str, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start,
+             *, detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> None:
         if self.writer is not None:
             self.writer.write(
                 run_id=self.run_id, victim=self.victim, request_id=request_id,
@@ -272,4 +277,3 @@ class VictimService:
                 pow_bits=pow_bits, pow_seconds=pow_seconds, resubmission=resubmission,
                 inputs=x if self.log_inputs and not resubmission else None,
             )
-        return request_id

@@ -31,6 +31,8 @@ __all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_s
 class Detection:
     scores: np.ndarray  # float (N,), higher = more suspicious; NaN where the detector has no score yet
     flags: np.ndarray  # bool (N,): the account (or query) is flagged as of this query
+    seq: np.ndarray | None = None  # int (N,): each query's position in its key's history (set by the tier)
+    was_flagged: bool = False  # the key was flagged before this batch (set by the tier)
 
 
 def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

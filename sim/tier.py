@@ -1,0 +1,324 @@
+"""The detection tier, Ray-free: the state of the stateful detectors, sharded by key, and what makes it durable.
+
+A stateful detector (PRADA, pooled PRADA, account linking, a user's own) keeps a history per key: an account, or a
+group of accounts (a cohort, a client actor, all traffic: :class:`sim.policy.Rule`). Each key has exactly one
+owner among S shards, :func:`owner`, a hash of the key: stable for a given S and even over keys. A :class:`Shard`
+holds every stateful detector's state for the keys it owns, and sees their requests one at a time in the order
+they reach it: that order is each key's history, and each verdict carries each query's position in it
+(``Detection.seq``), which the query log records, so that an offline replay feeds every key its queries in the
+order the shard saw them. The shard of an account also holds its open proof-of-work challenges, so a challenge
+issued through one Serve replica can be solved through another.
+
+Account linking needs every account at once. Its per-account part (what each account asked, its W and flag)
+lives in the account's shard like any other history; a :class:`Linker` pulls what the shards recorded, in bulk,
+every ``every`` queries, re-clusters all accounts as :class:`sim.detectors.link.AccountLinker` does, and publishes
+the verdicts back to the shards (see :class:`LocalTier` for the in-process version and ``sim.serving`` for the
+Ray one, where the flags arrive a little later: the shards measure how much, in queries).
+
+Durability (:class:`Durable`): every change to a shard is appended to a journal before its result leaves the
+shard, and the whole state is snapshotted every so often; a shard restarted after a crash loads the snapshot and
+re-applies the journal, so it comes back with exactly the state it had. A verdict is remembered by request id, so
+a call retried after the crash gets the verdict it had, not a second scoring of the same queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .detectors import Detection, Detector
+from .detectors.link import AccountLinker
+
+__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "owner", "spread"]
+
+
+def owner(key: str, shards: int) -> int:
+    """The shard that owns ``key``: a hash of the key modulo the number of shards (the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
+
+
+def spread(keys, shards: int) -> list[int]:
+    """How many of ``keys`` each shard owns."""
+    counts = [0] * shards
+    for key in keys:
+        counts[owner(key, shards)] += 1
+    return counts
+
+
+class _LinkBook:
+    """A shard's part of account linking: per account, what it asked since the linker last pulled (8-bit pixels,
+    labels, the time the shard scored them), how many queries it has sent, and the linker's latest verdict."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.rows: list[tuple[int, int, str, np.ndarray, np.ndarray]] = []  # (time ns, order, account, x, labels)
+        self.count: dict[str, int] = {}
+        self.verdict: dict[str, tuple[float, bool]] = {}  # account -> (W of its cluster, flagged)
+        self.since = 0  # queries since the last pull
+        self.order = 0
+        self.lags: list[int] = []  # queries an account sent between the linker's pull and its flag's arrival
+        self.last_pull: tuple[str | None, Any] = (None, None)
+
+    def score(self, account: str, x: np.ndarray, labels: np.ndarray) -> Detection:
+        w, flagged = self.verdict.get(account, (float("nan"), False))
+        self.rows.append((time.time_ns(), self.order, account, x.reshape(len(x), -1), np.asarray(labels, np.int64)))
+        self.order += 1
+        self.count[account] = self.count.get(account, 0) + len(x)
+        self.since += len(x)
+        return Detection(np.full(len(x), 1.0 - w), np.full(len(x), flagged), was_flagged=flagged)
+
+    def pull(self, pull_id: str | None = None) -> tuple[list, dict[str, int]]:
+        if pull_id is not None and self.last_pull[0] == pull_id:  # a retried pull gets the same rows again
+            return self.last_pull[1]
+        rows, self.rows, self.since = self.rows, [], 0
+        self.last_pull = (pull_id, (rows, dict(self.count)))
+        return self.last_pull[1]
+
+    def publish(self, updates: dict[str, tuple[float, bool, int]]) -> None:
+        for account, (w, flagged, as_of) in updates.items():
+            if flagged and not self.verdict.get(account, (0, False))[1]:
+                self.lags.append(self.count.get(account, as_of) - as_of)
+            self.verdict[account] = (w, flagged)
+
+    def is_flagged(self, account: str) -> bool:
+        return self.verdict.get(account, (0, False))[1]
+
+
+class Shard:
+    """The stateful detectors' state for the keys one shard owns, with the open proof-of-work challenges of its
+    accounts. ``detectors``: name -> a fresh stateful detector (account linking gets a :class:`_LinkBook`).
+
+    ``score`` takes one request's items (detector name, key) that this shard owns, with the request's 8-bit
+    images, the victim's labels and probabilities; it returns each item's :class:`Detection` with the queries'
+    positions in the key's history (``seq``) and whether the key was flagged before the request."""
+
+    def __init__(self, detectors: dict[str, Detector], *, max_pending: int = 100_000, pending_ttl_s: float = 600.0,
+                 recent: int = 4096):
+        self.detectors: dict[str, Any] = {
+            name: _LinkBook(det.values["every"]) if isinstance(det, AccountLinker) else det
+            for name, det in detectors.items()}
+        self.seq: dict[tuple[str, str], int] = {}
+        self.queries = 0
+        self.requests = 0
+        self.max_pending = max_pending
+        self.pending_ttl_s = pending_ttl_s
+        self.pending: OrderedDict[str, dict] = OrderedDict()  # challenge id -> what answering it needs
+        self.pending_queries = 0
+        self.recent: OrderedDict[str, dict[str, Detection]] = OrderedDict()  # request id -> its verdicts
+        self.recent_size = recent
+
+    def score(self, request_id: str, items: list[tuple[str, str]], x: np.ndarray, labels: np.ndarray,
+              probs: np.ndarray) -> dict[str, Detection]:
+        done = self.recent.get(request_id)
+        if done is not None:  # a retried call: the verdicts it had, not a second history entry
+            return done
+        n = len(x)
+        out = {}
+        for name, key in items:
+            det = self.detectors[name]
+            if isinstance(det, _LinkBook):
+                res = det.score(key, x, labels)
+            else:
+                was = det.is_flagged(key)
+                res = det.score(key, x, labels, probs)
+                res.was_flagged = was
+            start = self.seq.get((name, key), 0)
+            self.seq[(name, key)] = start + n
+            res.seq = np.arange(start, start + n, dtype=np.int64)
+            out[name] = res
+        self.queries += n
+        self.requests += 1
+        self.recent[request_id] = out
+        if len(self.recent) > self.recent_size:
+            self.recent.popitem(last=False)
+        return out
+
+    # -- proof of work ---------------------------------------------------------------------------
+    def issue(self, challenge_id: str, item: dict) -> None:
+        """Hold a challenge (``item``: its account, nonce, bits, the challenged queries) until it is solved,
+        expires (``pending_ttl_s``) or is pushed out by newer ones beyond ``max_pending`` queries."""
+        now = time.time()
+        self.pending[challenge_id] = {**item, "expires": now + self.pending_ttl_s}
+        self.pending_queries += len(item["x"])
+        while self.pending and (self.pending_queries > self.max_pending
+                                or next(iter(self.pending.values()))["expires"] < now):
+            self._drop(next(iter(self.pending)))
+
+    def take(self, challenge_id: str, account_id: str) -> dict | None:
+        """The open challenge ``challenge_id`` of ``account_id``, removed (a challenge is answered once); None if
+        there is none (unknown, another account's, expired)."""
+        item = self.pending.get(challenge_id)
+        if item is None or item["account"] != account_id or item["expires"] < time.time():
+            return None
+        return self._drop(challenge_id)
+
+    def _drop(self, challenge_id: str) -> dict:
+        item = self.pending.pop(challenge_id)
+        self.pending_queries -= len(item["x"])
+        return item
+
+    # -- account linking -------------------------------------------------------------------------
+    def pull(self, name: str, pull_id: str | None = None) -> tuple[list, dict[str, int]]:
+        """What linking detector ``name`` recorded since the last pull (rows), and each account's query count.
+        A pull repeated with the same ``pull_id`` (a retry) returns the same rows."""
+        return self.detectors[name].pull(pull_id)
+
+    def publish(self, name: str, updates: dict[str, tuple[float, bool, int]]) -> None:
+        """The linker's verdicts on this shard's accounts: account -> (W, flagged, its query count at the pull)."""
+        self.detectors[name].publish(updates)
+
+    # -- what it holds -----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        keys: dict[str, int] = {}
+        for name, _ in self.seq:
+            keys[name] = keys.get(name, 0) + 1
+        out = {"requests": self.requests, "queries": self.queries, "keys": keys,
+               "pending_challenges": len(self.pending)}
+        memory = {name: det.memory() for name, det in self.detectors.items() if hasattr(det, "memory")}
+        if memory:
+            out["memory"] = memory
+        lags = [lag for det in self.detectors.values() if isinstance(det, _LinkBook) for lag in det.lags]
+        if lags:
+            out["link_lags"] = lags
+        return out
+
+
+class Linker:
+    """Account linking over the whole population: an :class:`AccountLinker` fed, in arrival order, what the shards
+    recorded. It re-clusters every ``every`` queries of that stream, as it would inline; :meth:`verdicts` is what to
+    publish (account -> W, flagged, the account's query count when the linker pulled)."""
+
+    def __init__(self, detector: AccountLinker):
+        self.linker = detector
+        self.counts: dict[str, int] = {}
+
+    def ingest(self, pulled: list[tuple[list, dict[str, int]]]) -> None:
+        """Rows pulled from every shard, merged by the time each shard scored them."""
+        rows = sorted((row for part, _ in pulled for row in part), key=lambda r: (r[0], r[1]))
+        for _, _, account, x, labels in rows:
+            self.linker.score(account, x, labels)
+        for _, counts in pulled:
+            self.counts.update(counts)
+
+    def verdicts(self) -> dict[str, tuple[float, bool, int]]:
+        return {a: (s.w, s.flagged, self.counts.get(a, s.n)) for a, s in self.linker._accounts.items()
+                if not np.isnan(s.w) or s.flagged}
+
+
+class LocalTier:
+    """The tier in one process (tests, benchmarks, a service used without Ray): ``shards`` in-process shards, and
+    account linking fed synchronously once ``every`` queries have passed, right after the request that crossed
+    it: it re-clusters at the same queries as inline, and the next request sees the verdict."""
+
+    def __init__(self, detectors: dict[str, Detector], shards: int = 1, **options):
+        import copy
+
+        def fresh(d):  # one shard holds the given detectors themselves (their state is then the service's)
+            return d if shards == 1 else copy.deepcopy(d)
+
+        self.shards = [Shard({n: fresh(d) for n, d in detectors.items()}, **options) for _ in range(shards)]
+        self.linkers = {n: Linker(d) for n, d in detectors.items() if isinstance(d, AccountLinker)}
+        self.every = {n: d.values["every"] for n, d in detectors.items() if isinstance(d, AccountLinker)}
+
+    def score(self, request_id: str, items: list[tuple[str, str]], x, labels, probs) -> dict[str, Detection]:
+        out: dict[str, Detection] = {}
+        for s, own in _by_owner(items, len(self.shards)).items():
+            out.update(self.shards[s].score(request_id, own, x, labels, probs))
+        for name, linker in self.linkers.items():
+            if sum(sh.detectors[name].since for sh in self.shards) >= self.every[name]:
+                linker.ingest([sh.pull(name) for sh in self.shards])
+                updates = linker.verdicts()
+                for i, sh in enumerate(self.shards):
+                    sh.publish(name, {a: u for a, u in updates.items() if owner(a, len(self.shards)) == i})
+        return out
+
+    def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
+        self.shards[owner(account_id, len(self.shards))].issue(challenge_id, item)
+
+    def take(self, account_id: str, challenge_id: str) -> dict | None:
+        return self.shards[owner(account_id, len(self.shards))].take(challenge_id, account_id)
+
+    def stats(self) -> list[dict]:
+        return [s.stats() for s in self.shards]
+
+
+def _by_owner(items: list[tuple[str, str]], shards: int) -> dict[int, list[tuple[str, str]]]:
+    out: dict[int, list[tuple[str, str]]] = {}
+    for name, key in items:
+        out.setdefault(owner(key, shards), []).append((name, key))
+    return out
+
+
+class Journal:
+    """A shard's durable record in a local directory: ``snapshot.pkl`` (the whole state, replaced atomically) and
+    ``journal.pkl`` (the changes since, one pickle each, flushed to the operating system before the change's result
+    is returned: a process killed with SIGKILL loses none of them)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.snapshot_path = os.path.join(directory, "snapshot.pkl")
+        self.journal_path = os.path.join(directory, "journal.pkl")
+        self._out = None
+
+    def load(self) -> tuple[Any, list]:
+        """(the last snapshot or None, the changes recorded after it); a torn last record is dropped."""
+        state = None
+        if os.path.exists(self.snapshot_path):
+            with open(self.snapshot_path, "rb") as fh:
+                state = pickle.load(fh)
+        ops = []
+        if os.path.exists(self.journal_path):
+            with open(self.journal_path, "rb") as fh:
+                while True:
+                    try:
+                        ops.append(pickle.load(fh))
+                    except (EOFError, pickle.UnpicklingError, ValueError, AttributeError):
+                        break
+        return state, ops
+
+    def append(self, op) -> None:
+        if self._out is None:
+            self._out = open(self.journal_path, "ab")
+        pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
+        self._out.flush()
+
+    def snapshot(self, state) -> None:
+        tmp = self.snapshot_path + ".tmp"
+        with open(tmp, "wb") as fh:
+            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.snapshot_path)  # the new snapshot holds everything the journal held
+        if self._out is not None:
+            self._out.close()
+        self._out = open(self.journal_path, "wb")
+
+
+class Durable:
+    """An object (a :class:`Shard`, a :class:`Linker`) whose every change is journaled (see :class:`Journal`): made
+    by ``make()`` the first time, and from its snapshot and journal after a restart, with exactly the state it had.
+    ``changes``: the methods that change it (the others are only read); ``every``: changes between snapshots."""
+
+    def __init__(self, make, directory: str, changes: tuple[str, ...], every: int = 500):
+        self.journal = Journal(directory)
+        state, ops = self.journal.load()
+        self.obj = state if state is not None else make()
+        for method, args in ops:
+            getattr(self.obj, method)(*args)
+        self.restored = {"snapshot": state is not None, "changes": len(ops)}
+        self.changes, self.every, self.since = changes, every, len(ops)
+
+    def apply(self, method: str, *args):
+        result = getattr(self.obj, method)(*args)
+        if method in self.changes:
+            self.journal.append((method, args))
+            self.since += 1
+            if self.since >= self.every:
+                self.journal.snapshot(self.obj)
+                self.since = 0
+        return result

@@ -132,9 +132,8 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     dets, defense_models = prepare_models(cfg, victim)
     try:
         with ray_session(cfg):
-            from ray import serve
-
-            app, port = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, dets, defense_models, http=True)
+            app, port, spec = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, dets, defense_models,
+                                            http=True)
             print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
             print(f"url:  http://127.0.0.1:{port}/{app}")
             print(f"port: {port}")
@@ -149,7 +148,9 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
                 while not stop["now"]:
                     time.sleep(0.5)
             finally:
-                serve.delete(app)
+                from .serving import delete
+
+                delete(spec, app)
     finally:  # as in a run: whatever happened, the log is left compacted and readable
         rows = querylog.compact(log_dir)
     print(f"stopped; {rows} queries logged in {log_dir}")

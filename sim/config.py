@@ -233,14 +233,23 @@ class BenignConfig(_Strict):
 class ServeConfig(_Strict):
     port: int = Field(0, ge=0, le=65535, description="HTTP port on 127.0.0.1 (0: a free one)")
     http: bool = Field(True, description="start Serve's HTTP proxy")
-    replicas: int = Field(1, ge=1, description="Serve replicas of the victim (one while a detector keeps "
-                                                "per-account state or asks proof of work)")
+    replicas: int = Field(1, ge=1, description="Serve replicas of the victim (any number: stateful detectors' "
+                                                "state lives in the detection tier's shards)")
+    shards: int | None = Field(None, ge=1, description="shards of the detection tier, each owning a share of the "
+                                                       "keys (accounts, cohorts, ...) of the stateful detectors and "
+                                                       "proof of work (default: one per replica, at most one per "
+                                                       "CPU of the cluster)")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs each Serve replica reserves")
     threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
     max_ongoing_requests: int = Field(128, ge=1, description="requests one replica works on at once")
     keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")
     accounts: int = Field(10, ge=1, description="accounts generated in `serve` mode")
+
+    def shards_for(self, cpus: float) -> int:
+        """The tier's shards on a cluster of ``cpus`` CPUs: ``shards`` if set, else one per replica, at most one
+        per CPU."""
+        return self.shards or max(1, min(self.replicas, int(cpus)))
 
 
 class LogConfig(_Strict):
@@ -335,12 +344,6 @@ class ScenarioConfig(_Strict):
             kind = detectors.get(det.kind, f"detectors.{name}.kind")
             det.__pydantic_extra__ = _own_params(f"detectors.{name}", kind, det.params(),
                                                  list(DetectorConfig.model_fields))
-            if not det.enabled:
-                continue
-            if (kind.stateful or det.action == "proof_of_work") and self.serve.replicas > 1:
-                raise ValueError(f"serve.replicas={self.serve.replicas} with detectors.{name}.enabled=true: {name} "
-                                 "keeps its histories (or open proof-of-work challenges) inside one replica, so all "
-                                 f"queries must reach it; expected serve.replicas=1 (or {name} off)")
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         if self.victim.training == "dp_sgd" and models.has_batch_norm(self.victim.arch):

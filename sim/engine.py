@@ -184,9 +184,10 @@ def defended_test_set(cfg: ScenarioConfig, victim: zoo.Victim, defense_models: d
 
 def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account], log_dir: str,
                   dets: detection.DetectorSetup, defense_models: dict, http: bool = True,
-                  app: str | None = None) -> tuple[str, int | None]:
-    """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port). ``app``: the Serve app
-    name (default the victim's name, suffixed with the run id if another app has it)."""
+                  app: str | None = None):
+    """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port, its
+    :class:`sim.serving.VictimSpec`). ``app``: the Serve app name (default the victim's name, suffixed with the
+    run id if another app has it)."""
     from ray import serve
 
     from .serving import VictimSpec, deploy, start_serve
@@ -201,10 +202,12 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
         accounts=keys, detectors=dets.detectors, rules=dets.rules,
         detector_models=dets.models, defense=cfg.defense.spec(), defense_models=defense_models, log_dir=log_dir,
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
+        shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
+        state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"),
     )
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
            max_ongoing_requests=cfg.serve.max_ongoing_requests)
-    return app, port
+    return app, port, spec
 
 
 def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | None = None, plan: Plan | None = None,
@@ -231,21 +234,21 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     clean_test = predict_probs(victim.model, ds.x_test)
 
     with ray_session(cfg):
-        from ray import serve
-
         from actors.remote import ProgressBoard
+
+        from . import serving
 
         try:
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
-            app, port = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
-                                      http=cfg.serve.http, app=app)
+            app, port, spec = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
+                                            http=cfg.serve.http, app=app)
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()  # progress of everything below
             try:
                 transfers = _query(plan, app, nodes, board, quiet)
             finally:  # the victim is not needed while replicas train: its CPUs go to them
-                serve.delete(app)
+                tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
         finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
             logged = querylog.compact(log_dir)
@@ -260,7 +263,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
                       victim_measures=measure_victim(cfg, victim, ds.x_test[keep], ds.y_test[keep]),
                       nodes=len(nodes), serve=Serve(app=app, port=port, url=f"http://127.0.0.1:{port}/{app}"
-                                                    if port else None), timings=timings)
+                                                    if port else None, tier=tier), timings=timings)
     outcome.wall_seconds = round(time.perf_counter() - start, 2)
     summary = summarize(cfg, outcome)
     summary.write(cfg.run_dir)

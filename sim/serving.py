@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import defenses, detectors, models
+from . import defenses, detectors, models, tier_actors
 from .errors import ConfigError, SimError
 from .policy import Rule
 from .protocol import API_KEY_HEADER, Account, Reply
@@ -51,6 +51,8 @@ class VictimSpec:
     threads: int = 1  # torch threads per replica
     defense_models: dict[str, dict[str, bytes]] = dataclasses.field(default_factory=dict)  # see defenses.prepare
     detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> Detector.prepare's
+    shards: int = 1  # shards of the detection tier (sim.tier_actors), when the victim keeps per-key state
+    state_dir: str | None = None  # where the tier journals its state (default: a temporary directory)
 
 
 def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
@@ -67,7 +69,8 @@ def build_defense(spec: VictimSpec, defense: dict):
     return defenses.from_spec(defense, victim=architecture, models=spec.defense_models)
 
 
-def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
+def build_service(spec: VictimSpec, writer_id: str, tier=None) -> VictimService:
+    """The service a replica runs (``tier``: its app's detection tier; None: one of its own, in-process)."""
     model = models.from_bytes(spec.model)
     writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
               if spec.log_dir else None)
@@ -77,7 +80,7 @@ def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
         model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
         input_shape=spec.input_shape, detectors=dets, rules=rules, perturbers=perturbers,
         defense=build_defense(spec, spec.defense),
-        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs,
+        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs, tier=tier,
     )
 
 
@@ -85,10 +88,11 @@ def build_service(spec: VictimSpec, writer_id: str) -> VictimService:
 class VictimDeployment:
     def __init__(self, spec: VictimSpec):
         torch.set_num_threads(spec.threads)
-        replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
         self.spec = spec
         self.defense = spec.defense  # the spec of the defense in use
-        self.service = build_service(spec, writer_id=f"{spec.victim}-{replica}")
+        tier = tier_actors.RayTier(context.app_name, spec.shards) if tier_actors.needs_tier(spec) else None
+        self.service = build_service(spec, writer_id=f"{spec.victim}-{context.replica_id.unique_id}", tier=tier)
 
     async def __call__(self, request: Request) -> JSONResponse:
         key, actor = request.headers.get(API_KEY_HEADER), request.headers.get("x-actor-id")
@@ -185,6 +189,7 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     if replicas * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
         raise SimError(f"serve.replicas={replicas} x serve.replica_cpus={replica_cpus} needs "
                        f"{replicas * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
+    tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)
     dep = VictimDeployment.options(
         name="victim", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": replica_cpus}, user_config={"defense": spec.defense},
@@ -196,6 +201,15 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     # replicas. Pinning it to the spec's hash makes a defense-only change a live reconfigure.
     dep._version = spec_version(spec)
     return serve.run(dep.bind(spec), name=app_name, route_prefix=f"/{app_name}")
+
+
+def delete(spec: VictimSpec, app_name: str) -> dict | None:
+    """Delete the victim app and its detection tier; returns what the tier's shards held and did (None: no
+    tier, or it could not be read)."""
+    tier = tier_actors.stats(spec, app_name)
+    serve.delete(app_name)
+    tier_actors.stop(app_name)
+    return tier
 
 
 def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) -> VictimSpec:

@@ -183,6 +183,7 @@ class Serve(_Part):
     app: str
     port: int | None = None
     url: str | None = None
+    tier: dict | None = None  # the detection tier: shards, and per shard its requests, queries, keys, memory
 
 
 class Summary(_Part):

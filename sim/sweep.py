@@ -505,8 +505,12 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         # after Ctrl-C, Tune kills the trials still running after 10 s, before they delete their Serve apps
         from ray import serve
 
-        for app in {f"{base.victim.name}-{t.trial_id}" for t in trials} & set(serve.status().applications):
-            serve.delete(app)
+        from . import tier_actors
+
+        for app in {f"{base.victim.name}-{t.trial_id}" for t in trials}:
+            if app in serve.status().applications:
+                serve.delete(app)
+            tier_actors.stop(app)
     seconds = time.perf_counter() - started
     errors = {os.path.basename(str(r.path)): r.error for r in grid if r.error}
     statuses = {}

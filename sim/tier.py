@@ -35,7 +35,7 @@ import numpy as np
 from .detectors import Detection, Detector
 from .detectors.link import AccountLinker
 
-__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "owner", "spread"]
+__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "owner", "spread"]
 
 
 def owner(key: str, shards: int) -> int:
@@ -97,6 +97,8 @@ class Shard:
     ``score`` takes one request's items (detector name, key) that this shard owns, with the request's 8-bit
     images, the victim's labels and probabilities; it returns each item's :class:`Detection` with the queries'
     positions in the key's history (``seq``) and whether the key was flagged before the request."""
+
+    CHANGES = ("score", "issue", "take", "pull", "publish")  # the methods that change it (journaled)
 
     def __init__(self, detectors: dict[str, Detector], *, max_pending: int = 100_000, pending_ttl_s: float = 600.0,
                  recent: int = 4096):
@@ -197,6 +199,7 @@ class Linker:
     def __init__(self, detector: AccountLinker):
         self.linker = detector
         self.counts: dict[str, int] = {}
+        self.pulls = 0
 
     def ingest(self, pulled: list[tuple[list, dict[str, int]]]) -> None:
         """Rows pulled from every shard, merged by the time each shard scored them."""
@@ -205,6 +208,7 @@ class Linker:
             self.linker.score(account, x, labels)
         for _, counts in pulled:
             self.counts.update(counts)
+        self.pulls += 1
 
     def verdicts(self) -> dict[str, tuple[float, bool, int]]:
         return {a: (s.w, s.flagged, self.counts.get(a, s.n)) for a, s in self.linker._accounts.items()
@@ -228,7 +232,7 @@ class LocalTier:
 
     def score(self, request_id: str, items: list[tuple[str, str]], x, labels, probs) -> dict[str, Detection]:
         out: dict[str, Detection] = {}
-        for s, own in _by_owner(items, len(self.shards)).items():
+        for s, own in by_owner(items, len(self.shards)).items():
             out.update(self.shards[s].score(request_id, own, x, labels, probs))
         for name, linker in self.linkers.items():
             if sum(sh.detectors[name].since for sh in self.shards) >= self.every[name]:
@@ -248,7 +252,7 @@ class LocalTier:
         return [s.stats() for s in self.shards]
 
 
-def _by_owner(items: list[tuple[str, str]], shards: int) -> dict[int, list[tuple[str, str]]]:
+def by_owner(items: list[tuple[str, str]], shards: int) -> dict[int, list[tuple[str, str]]]:
     out: dict[int, list[tuple[str, str]]] = {}
     for name, key in items:
         out.setdefault(owner(key, shards), []).append((name, key))

@@ -35,8 +35,7 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
     ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
-    ("serve.replicas=2", "serve.replicas=2 with detectors.prada.enabled=true: prada keeps its histories "
-                         "\\(or open proof-of-work challenges\\) inside one replica"),
+    ("serve.shards=0", "serve.shards must be >= 1, got 0"),
     ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
     ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
     ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
@@ -270,16 +269,13 @@ def test_detector_defaults_survive_partial_overrides():
     with pytest.raises(ConfigError, match="detectors.msp.perturb.name='nope' is not a known defense"):
         config.load("single_knockoff", ["detectors.msp.enabled=true", "detectors.msp.action=perturb",
                                         "detectors.msp.perturb.name=nope"])
-    with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.link.enabled=true"):
-        config.load("single_knockoff", ["detectors.prada.enabled=false", "detectors.link.enabled=true",
-                                        "serve.replicas=2"])
+    # stateful detectors live in the detection tier, so any number of replicas serves them
+    cfg = config.load("single_knockoff", ["detectors.link.enabled=true", "serve.replicas=4"])
+    assert cfg.serve.shards_for(cpus=2) == 2 and cfg.serve.shards_for(cpus=16) == 4
+    assert config.load("single_knockoff", ["serve.shards=3"]).serve.shards_for(cpus=2) == 3
 
 
-def test_proof_of_work_needs_one_replica_and_sane_difficulty():
-    with pytest.raises(ConfigError, match="serve.replicas=2 with detectors.msp.enabled=true: msp keeps its histories "
-                                          "\\(or open proof-of-work challenges\\)"):
-        config.load("single_knockoff", ["detectors.prada.enabled=false", "detectors.msp.enabled=true",
-                                        "detectors.msp.action=proof_of_work", "serve.replicas=2"])
+def test_proof_of_work_needs_sane_difficulty():
     with pytest.raises(ConfigError, match="detectors.msp.pow.bits_min must be >= 1, got 0"):
         config.load("single_knockoff", ["detectors.msp.pow.bits_min=0"])
     with pytest.raises(ConfigError, match="detectors.msp.pow.bits_max must be <= 24, got 30"):

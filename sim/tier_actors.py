@@ -1,0 +1,201 @@
+"""The detection tier on Ray: thin actors around :mod:`sim.tier`, and the client a Serve replica uses.
+
+One victim app has ``shards`` :class:`ShardActor` s (named ``APP:shard:I`` in the ``mlsim`` namespace) and, per
+account-linking detector, one :class:`LinkerActor` (``APP:link:NAME``). A shard actor handles its calls one at a time
+in arrival order, which is each of its keys' history; Ray restarts a killed one (``max_restarts=-1``), which comes
+back from its journal with exactly the state it had, and retries the calls that were in flight to it
+(``max_task_retries=-1``): the shard answers a retried request with the verdicts it recorded, so no query is answered
+without a verdict and none is scored twice. A replica calls each shard its request's keys live on once per request
+(:class:`RayTier`), with the images as 8-bit pixels.
+
+The linker is fed in bulk: each shard tells it how many linking queries it has recorded (every ``every / (2 x
+shards)`` queries), and once ``every`` have accumulated it pulls the shards' new rows (one call per shard), re-clusters
+and publishes the verdicts to the shards. Its flags therefore reach the shards a little after the query that
+completed the round; each shard measures that delay in queries per newly flagged account (``stats()["link_lags"]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import ray
+
+from . import detectors
+from .tier import Durable, Linker, Shard, by_owner, owner
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "mlsim"
+SNAPSHOT_EVERY = 500  # journaled changes between a shard's snapshots
+
+
+def shard_name(app: str, index: int) -> str:
+    return f"{app}:shard:{index}"
+
+
+def linker_name(app: str, detector: str) -> str:
+    return f"{app}:link:{detector}"
+
+
+def _stateful(spec) -> dict[str, dict]:
+    return {name: d for name, d in spec.detectors.items() if detectors.get(d["kind"]).stateful}
+
+
+def _build(spec, names) -> dict:
+    return {name: detectors.build(spec.detectors[name]["kind"], models=spec.detector_models.get(name),
+                                  **spec.detectors[name].get("params", {})) for name in names}
+
+
+def _links(spec) -> dict[str, int]:
+    """Account-linking detectors of the spec: name -> its ``every``."""
+    from .detectors.link import AccountLinker
+
+    return {name: d.get("params", {}).get("every", AccountLinker.params["every"].default)
+            for name, d in _stateful(spec).items() if detectors.get(d["kind"]) is AccountLinker}
+
+
+def needs_tier(spec) -> bool:
+    """Whether the victim keeps per-key state: a stateful detector, or a rule that asks proof of work."""
+    return bool(_stateful(spec)) or any(r.get("action") == "proof_of_work" for r in spec.rules.values())
+
+
+def _actor(name: str):
+    """A named tier actor; retried briefly, since a replica may start while the tier is being created."""
+    for attempt in range(50):
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class ShardActor:
+    def __init__(self, app: str, index: int, spec, directory: str):
+        self.app, self.index, self.shards = app, index, spec.shards
+        names = list(_stateful(spec))
+        self.durable = Durable(lambda: Shard(_build(spec, names)), directory, Shard.CHANGES, every=SNAPSHOT_EVERY)
+        if self.durable.restored["snapshot"] or self.durable.restored["changes"]:
+            log.warning("%s restored: %s", shard_name(app, index), self.durable.restored)
+        self.links = _links(spec)
+        self.told = dict.fromkeys(self.links, 0)  # linking queries recorded when the linker was last told
+
+    def score(self, request_id, items, x, labels, probs):
+        out = self.durable.apply("score", request_id, items, x, labels, probs)
+        for name, every in self.links.items():
+            since = self.durable.obj.detectors[name].since
+            if since < self.told[name]:  # the linker pulled meanwhile
+                self.told[name] = 0
+            if since - self.told[name] >= max(1, every // (2 * self.shards)):
+                _actor(linker_name(self.app, name)).tick.remote(self.index, since)
+                self.told[name] = since
+        return out
+
+    def issue(self, challenge_id, item):
+        return self.durable.apply("issue", challenge_id, item)
+
+    def take(self, challenge_id, account_id):
+        return self.durable.apply("take", challenge_id, account_id)
+
+    def pull(self, name, pull_id):
+        return self.durable.apply("pull", name, pull_id)
+
+    def publish(self, name, updates):
+        return self.durable.apply("publish", name, updates)
+
+    def stats(self):
+        return {**self.durable.obj.stats(), "pid": os.getpid(), "restored": self.durable.restored}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class LinkerActor:
+    def __init__(self, app: str, name: str, spec, directory: str):
+        self.app, self.name, self.shards = app, name, spec.shards
+        self.every = _links(spec)[name]
+        self.durable = Durable(lambda: Linker(_build(spec, [name])[name]), directory, ("ingest",), every=20)
+        self.since: dict[int, int] = {}
+
+    def tick(self, shard: int, since: int) -> None:
+        """Shard ``shard`` has recorded ``since`` linking queries since the last pull; once the shards together
+        have ``every``, pull, re-cluster and publish."""
+        self.since[shard] = since
+        if sum(self.since.values()) < self.every:
+            return
+        self.since = {}
+        linker = self.durable.obj
+        pull_id = f"{self.name}-{linker.pulls}"  # the same id again if this call is retried after a crash
+        handles = [_actor(shard_name(self.app, i)) for i in range(self.shards)]
+        pulled = ray.get([h.pull.remote(self.name, pull_id) for h in handles])
+        self.durable.apply("ingest", pulled)
+        verdicts = linker.verdicts()
+        ray.get([h.publish.remote(self.name, {a: v for a, v in verdicts.items() if owner(a, self.shards) == i})
+                 for i, h in enumerate(handles)])
+
+    def stats(self):
+        return {"pid": os.getpid(), "pulls": self.durable.obj.pulls, "restored": self.durable.restored}
+
+
+class RayTier:
+    """What a Serve replica holds of its app's tier: handles to the shards. One call per shard a request's keys
+    live on, all in flight at once."""
+
+    def __init__(self, app: str, shards: int):
+        self.handles = [_actor(shard_name(app, i)) for i in range(shards)]
+
+    def score(self, request_id, items, x, labels, probs) -> dict:
+        refs = [self.handles[s].score.remote(request_id, own, x, labels, probs)
+                for s, own in by_owner(items, len(self.handles)).items()]
+        out: dict = {}
+        for part in ray.get(refs):
+            out.update(part)
+        return out
+
+    def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
+        ray.get(self.handles[owner(account_id, len(self.handles))].issue.remote(challenge_id, item))
+
+    def take(self, account_id: str, challenge_id: str) -> dict | None:
+        return ray.get(self.handles[owner(account_id, len(self.handles))].take.remote(challenge_id, account_id))
+
+
+def start(spec, app: str) -> str | None:
+    """Create the app's tier (its shards and linkers) unless it runs already; returns its state directory (None:
+    the spec keeps no per-key state)."""
+    if not needs_tier(spec):
+        return None
+    directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
+    opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None}
+    for name in _links(spec):
+        LinkerActor.options(name=linker_name(app, name), **opts).remote(
+            app, name, spec, os.path.join(directory, f"link-{name}"))
+    handles = [ShardActor.options(name=shard_name(app, i), **opts).remote(
+        app, i, spec, os.path.join(directory, f"shard-{i}")) for i in range(spec.shards)]
+    ray.get([h.stats.remote() for h in handles])  # up before the replicas look for them
+    return directory
+
+
+def stats(spec, app: str) -> dict | None:
+    """What each shard holds and did (requests, queries, keys per detector, memory, linking's delays)."""
+    if not needs_tier(spec):
+        return None
+    try:
+        per_shard = ray.get([_actor(shard_name(app, i)).stats.remote() for i in range(spec.shards)], timeout=60)
+    except (ValueError, ray.exceptions.RayError) as exc:
+        log.warning("the detection tier's statistics could not be read: %s", exc)
+        return None
+    return {"shards": spec.shards, "per_shard": per_shard}
+
+
+def stop(app: str) -> None:
+    """Kill the app's tier actors (their state stays in the state directory)."""
+    from ray.util import list_named_actors
+
+    for entry in list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{app}:"):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+            except ValueError:  # gone meanwhile
+                pass

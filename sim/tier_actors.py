@@ -29,6 +29,7 @@ from .tier import Durable, Linker, Shard, by_owner, owner
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mlsim"
+_HELD: dict[str, list] = {}  # app -> handles of its tier actors: a named actor lives while its creator holds one
 SNAPSHOT_EVERY = 500  # journaled changes between a shard's snapshots
 
 
@@ -42,6 +43,16 @@ def linker_name(app: str, detector: str) -> str:
 
 def _stateful(spec) -> dict[str, dict]:
     return {name: d for name, d in spec.detectors.items() if detectors.get(d["kind"]).stateful}
+
+
+def _tier_spec(spec):
+    """What the tier's actors need of a victim spec: the stateful detectors and their models, the number of shards
+    (small, so that it travels inline with the actor's creation and a restart always finds it)."""
+    from types import SimpleNamespace
+
+    names = _stateful(spec)
+    return SimpleNamespace(detectors=names, shards=spec.shards, rules={},
+                           detector_models={n: m for n, m in spec.detector_models.items() if n in names})
 
 
 def _build(spec, names) -> dict:
@@ -168,12 +179,13 @@ def start(spec, app: str) -> str | None:
         return None
     directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
     opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None}
-    for name in _links(spec):
-        LinkerActor.options(name=linker_name(app, name), **opts).remote(
-            app, name, spec, os.path.join(directory, f"link-{name}"))
-    handles = [ShardActor.options(name=shard_name(app, i), **opts).remote(
+    spec = _tier_spec(spec)
+    linkers = [LinkerActor.options(name=linker_name(app, name), **opts).remote(
+        app, name, spec, os.path.join(directory, f"link-{name}")) for name in _links(spec)]
+    shards = [ShardActor.options(name=shard_name(app, i), **opts).remote(
         app, i, spec, os.path.join(directory, f"shard-{i}")) for i in range(spec.shards)]
-    ray.get([h.stats.remote() for h in handles])  # up before the replicas look for them
+    ray.get([h.stats.remote() for h in shards + linkers])  # up before the replicas look for them
+    _HELD[app] = shards + linkers
     return directory
 
 
@@ -193,6 +205,7 @@ def stop(app: str) -> None:
     """Kill the app's tier actors (their state stays in the state directory)."""
     from ray.util import list_named_actors
 
+    _HELD.pop(app, None)
     for entry in list_named_actors(all_namespaces=True):
         if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{app}:"):
             try:

@@ -10,7 +10,7 @@ import sim
 from sim import data, models
 from sim.errors import ConfigError
 from sim.protocol import Account
-from sim.serving import VictimSpec, deploy, update_defense
+from sim.serving import VictimSpec, delete, deploy, update_defense
 
 
 def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache_dir, tmp_path):
@@ -45,7 +45,6 @@ def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache
 
 @pytest.fixture()
 def victim_app(ray_serve, tmp_path):
-    from ray import serve
 
     torch.manual_seed(0)
     model = models.build("lenet", (1, 28, 28), 10)
@@ -55,7 +54,7 @@ def victim_app(ray_serve, tmp_path):
                       log_inputs=False, max_images=16)
     handle = deploy(spec, "defvictim")
     yield spec, handle, str(tmp_path / "queries")
-    serve.delete("defvictim")
+    delete(spec, "defvictim")
 
 
 def test_defense_changes_live_without_restarting_the_replica(victim_app):

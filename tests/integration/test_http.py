@@ -10,12 +10,11 @@ import pytest
 
 from sim import data, models, querylog
 from sim.protocol import Account
-from sim.serving import VictimSpec, deploy
+from sim.serving import VictimSpec, delete, deploy
 
 
 @pytest.fixture()
 def victim_app(ray_serve, tmp_path):
-    from ray import serve
 
     model = models.build("lenet", (1, 28, 28), 10)
     keys = {"good-key": Account("acct-1", "external")}
@@ -26,7 +25,7 @@ def victim_app(ray_serve, tmp_path):
                       log_dir=str(tmp_path / "queries"), log_inputs=True, max_images=4)
     deploy(spec, "httpvictim")
     yield f"http://127.0.0.1:{ray_serve}/httpvictim", str(tmp_path / "queries")
-    serve.delete("httpvictim")
+    delete(spec, "httpvictim")
 
 
 def post(url, body, key="good-key", method="POST"):

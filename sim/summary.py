@@ -282,8 +282,23 @@ def _v1_detector(d: dict) -> dict:
     return {"stateful": kind.stateful, "threshold": threshold}
 
 
+def tier_line(tier: dict) -> str:
+    """One line on the detection tier: its shards, how the keys spread over them, and linking's delay."""
+    shards = tier["per_shard"]
+    names = sorted({n for sh in shards for n in sh.get("keys", {})})
+    spread = ", ".join(f"{n} " + "/".join(str(sh.get("keys", {}).get(n, 0)) for sh in shards) for n in names)
+    line = f"detection tier: {tier['shards']} shard{'s' if tier['shards'] > 1 else ''}"
+    line += f"; keys per shard: {spread}" if spread else ""
+    lags = [lag for sh in shards for lag in sh.get("link_lags", [])]
+    if lags:
+        line += (f"; linking's flags reached the shards {sum(lags) / len(lags):.0f} queries (max {max(lags)}) "
+                 f"after the data they judge")
+    return line
+
+
 def format_summary(s: Summary) -> str:
     """The summary as a small text table for the terminal."""
+    w = max([14, *(len(a.id) + 2 for a in s.attackers)])  # the attacker column
     v, q, d = s.victim, s.queries, s.defense
     params = ", ".join(f"{k}={val}" for k, val in d.params.items())
     dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
@@ -298,7 +313,7 @@ def format_summary(s: Summary) -> str:
         f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed), {q.challenged} "
         f"challenged with proof of work, {q.refused} refused, {q.logged} log rows",
         "",
-        f"{'attacker':<14}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
+        f"{'attacker':<{w}}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
         f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",
     ]
 
@@ -307,13 +322,20 @@ def format_summary(s: Summary) -> str:
 
     for a in s.attackers:
         replica, undefended = a.replica, a.undefended
-        lines.append(f"{a.id:<14}{a.attack:<10}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
+        lines.append(f"{a.id:<{w}}{a.attack:<10}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
                      f"{a.accounts_flagged:>8}{num(replica and replica.test_accuracy):>12}"
                      f"{num(replica and replica.fidelity):>9}{num(undefended and undefended.test_accuracy):>15}")
     b = s.benign
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
-    lines += [f"{'benign':<14}{'-':<10}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
+    lines += [f"{'benign':<{w}}{'-':<10}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
               f"{'-':>12}{'-':>9}{'-':>15}", ""]
+    if len(s.detection) > 1:  # who flagged what
+        names = list(s.detection)
+        lines.append(f"{'flagged by':<{w}}" + "".join(f"{n:>{max(len(n) + 2, 8)}}" for n in names))
+        for a in s.attackers:
+            lines.append(f"{a.id:<{w}}" + "".join(f"{a.accounts_flagged_by.get(n, 0):>{max(len(n) + 2, 8)}}"
+                                                  for n in names))
+        lines.append("")
     for name, det in s.detection.items():
         shown = {**det.params, **({"threshold": det.calibration["threshold"]} if det.calibration else {})}
         params = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in shown.items()
@@ -332,6 +354,9 @@ def format_summary(s: Summary) -> str:
         lines.append(f"{name} ({params}; action={det.action}, group={det.group}): {flagged}{quality}")
     if not s.detection:
         lines.append("no detectors")
+    tier = s.serve and s.serve.tier
+    if tier:
+        lines.append(tier_line(tier))
     paid = [(a.id, a.pow) for a in s.attackers] + [("benign", s.benign.pow)]
     if any(p.puzzles for _, p in paid):
         lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "

@@ -183,3 +183,29 @@ def test_state_survives_sigkill_of_a_shard_and_of_a_replica_mid_run(app, tmp_pat
         assert np.array_equal(seq, np.arange(len(seq))), a
     again = analysis.replay(table, "prada", PRADA, "account", order="prada")
     assert np.array_equal(again["flags"], rows.column("prada_flagged").to_numpy(zero_copy_only=False))
+
+
+def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
+    import sim
+
+    small = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", "victim.epochs=2", "benign.queries=30",
+             "attackers.single.budget=96", "attackers.knockoff_sybils.budget=300",
+             "attackers.knockoff_sybils.accounts=100", "attackers.jbda_sybils.budget=300",
+             "attackers.jbda_sybils.accounts=100", "attackers.adaptive.budget=200", "attackers.adaptive.accounts=20",
+             "detectors.link.every=200",
+             *(f"attackers.{a}.replica.epochs=1" for a in ("single", "knockoff_sybils", "jbda_sybils", "adaptive"))]
+    s = sim.run("crowd", small, quiet=True)
+    assert s.queries.logged == s.queries.total == 96 + 300 + 300 + 200 + 8 * 30
+    assert sum(c.attacker is not None for c in s.clients) == 16 and s.benign.users == 8
+    tier = s.serve.tier
+    assert tier["shards"] == 2
+    per_shard = [sh["keys"]["prada"] for sh in tier["per_shard"]]
+    assert all(k > 0 for k in per_shard) and sum(per_shard) == 1 + 100 + 100 + 20 + 8  # every account, once
+    table = analysis.read_run(str(tmp_path / "run"))
+    rows = analysis.scored_rows(table)
+    again = analysis.replay(table, "prada", {"delta": 0.95, "min_pool": 50, "skip_repeats": True}, "cohort",
+                            order="pooled_prada")  # each cohort's queries in the order its shard saw them
+    assert np.array_equal(again["flags"], rows.column("pooled_prada_flagged").to_numpy(zero_copy_only=False))
+    for a in s.attackers:
+        assert set(a.accounts_flagged_by) == {"prada", "pooled_prada", "link"}
+    assert s.attacker("jbda_sybils").accounts_flagged_by["prada"] == 0  # 3 queries per account: never judged

@@ -6,6 +6,9 @@ method, so both paths share every check. It is also usable directly (tests, benc
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import threading
 import time
@@ -66,6 +69,59 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
     if lo < 0 or hi > 1:
         raise RequestError(400, f"image values must be in [0, 1], got min {lo:g} max {hi:g}")
     return np.rint(arr * 255).astype(np.uint8)
+
+
+NPY_TYPE = "application/x-npy"
+
+
+def _batch_shape(shape: Any, input_shape: tuple[int, int, int], max_images: int) -> tuple[int, ...]:
+    """A declared batch shape, checked before any image is decoded: (N, C, H, W), or (N, H, W) for one channel."""
+    c, h, w = input_shape
+    want = f"(N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
+    if (not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or tuple(shape[1:]) not in {(c, h, w), *([(h, w)] if c == 1 else [])} or len(shape) < 3 or shape[0] < 1):
+        raise RequestError(400, f"images shape {shape!r} is wrong; expected {want} with N >= 1")
+    if shape[0] > max_images:
+        raise RequestError(413, f"too many images: {shape[0]} > serve.max_images={max_images}")
+    return tuple(shape)
+
+
+def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
+    """``{"uint8": BASE64, "shape": [N, C, H, W]}``: 8-bit pixels, C order, as base64 text. The shape is checked and
+    the text's length bounded before it is decoded."""
+    shape = _batch_shape(payload.get("shape"), input_shape, max_images)
+    text = payload.get("uint8")
+    size = int(np.prod(shape))
+    if not isinstance(text, str) or len(text) != 4 * -(-size // 3):
+        got = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+        raise RequestError(400, f"'uint8' must be the base64 text of {size} bytes ({4 * -(-size // 3)} characters) "
+                                f"for shape {list(shape)}, got {got}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "'uint8' is not valid base64 text") from None
+    return np.frombuffer(raw, np.uint8).reshape(shape)
+
+
+def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
+    """A ``.npy`` body (``Content-Type: application/x-npy``) of uint8 pixels or floats in [0, 1]; its header is read and
+    checked before the array."""
+    buf = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(buf, max_header_size=1024)
+    except (ValueError, SyntaxError, TypeError):
+        raise RequestError(400, f"malformed {NPY_TYPE} body: expected a .npy file (numpy.save) of one array") from None
+    if dtype.hasobject or dtype.kind not in "uf" or fortran:
+        raise RequestError(400, f"a .npy body must hold uint8 pixels or floats in [0, 1] in C order, got dtype "
+                                f"{dtype}{' (Fortran order)' if fortran else ''}")
+    shape = _batch_shape(list(shape), input_shape, max_images)
+    count = int(np.prod(shape))
+    if len(body) - buf.tell() != count * dtype.itemsize:
+        raise RequestError(400, f"the .npy body holds {len(body) - buf.tell()} bytes of data; its header "
+                                f"({dtype}, {list(shape)}) needs {count * dtype.itemsize}")
+    return np.frombuffer(body, dtype, count=count, offset=buf.tell()).reshape(shape)
 
 
 class VictimService:
@@ -151,9 +207,18 @@ class VictimService:
         status, reason = (200, None) if ok else (403, reasons[0])
         return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)
 
-    def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None) -> Reply:
-        """The HTTP path: a JSON body ``{"images": [...]}`` is a query, ``{"challenge": ID, "solution": N}``
-        (optionally ``"seconds"``) answers a proof-of-work challenge."""
+    def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None,
+                   content_type: str | None = None) -> Reply:
+        """The HTTP path. A JSON body ``{"images": [...]}`` (floats in [0, 1] or 0..255 integers) or ``{"uint8":
+        BASE64, "shape": [N, C, H, W]}`` is a query, ``{"challenge": ID, "solution": N}`` (optionally
+        ``"seconds"``) answers a proof-of-work challenge; a body of type ``application/x-npy`` is a query too."""
+        start = time.perf_counter()
+        if (content_type or "").split(";")[0].strip().lower() == NPY_TYPE:
+            try:
+                images = parse_npy(body, self.input_shape, self.max_images)
+            except RequestError as exc:
+                return self.reject(api_key, exc.status, exc.reason, actor_id, start)
+            return self.query(api_key, images, actor_id)
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -161,9 +226,16 @@ class VictimService:
         if isinstance(payload, dict) and "challenge" in payload:
             return self.solve(api_key, payload["challenge"], payload.get("solution"), actor_id,
                               payload.get("seconds") if isinstance(payload.get("seconds"), (int, float)) else None)
+        if isinstance(payload, dict) and "uint8" in payload:
+            try:
+                images = parse_base64(payload, self.input_shape, self.max_images)
+            except RequestError as exc:
+                return self.reject(api_key, exc.status, exc.reason, actor_id, start)
+            return self.query(api_key, images, actor_id)
         if not isinstance(payload, dict) or "images" not in payload:
-            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]} or "
-                                             "{\"challenge\": ID, \"solution\": N}", actor_id)
+            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}, "
+                                             "{\"uint8\": BASE64, \"shape\": [N, C, H, W]} or {\"challenge\": ID, "
+                                             f"\"solution\": N}}, or a {NPY_TYPE} body", actor_id, start)
         return self.query(api_key, payload["images"], actor_id)
 
     def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,

@@ -100,7 +100,8 @@ class VictimDeployment:
             call = functools.partial(self.service.reject, key, 405,
                                      f"method {request.method} not allowed; use POST", actor)
         else:
-            call = functools.partial(self.service.query_json, key, await request.body(), actor)
+            call = functools.partial(self.service.query_json, key, await request.body(), actor,
+                                     request.headers.get("content-type"))
         # the service (model, lock, log) runs off the event loop, which keeps accepting requests meanwhile
         reply = await asyncio.to_thread(call)
         return JSONResponse(reply.to_json(), status_code=reply.status)

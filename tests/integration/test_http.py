@@ -102,3 +102,53 @@ def test_a_replica_killed_with_sigkill_loses_no_answered_query(victim_app):
     reply = handle.query.remote("good-key", imgs[:1], "after").result(timeout_s=120)
     assert reply.status == 200
     assert querylog.read(log_dir).num_rows == answered + 1
+
+
+def test_compact_encodings_base64_and_npy_answer_like_json_floats(victim_app):
+    import base64
+    import io
+
+    url, log_dir = victim_app
+    x = data.load("mnist5k").x_test[:3]
+    _, floats = post(url, {"images": (x[:, 0] / 255.0).tolist()})
+    _, b64 = post(url, {"uint8": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape)})
+    buf = io.BytesIO()
+    np.save(buf, x)
+    req = urllib.request.Request(url, data=buf.getvalue(), method="POST",
+                                 headers={"Content-Type": "application/x-npy", "X-API-Key": "good-key"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        npy = json.loads(resp.read())
+    for body in (b64, npy):  # the same pixels, the same answers
+        assert [r["probs"] for r in body["results"]] == [r["probs"] for r in floats["results"]]
+
+    def npy_body(arr, cut=0):
+        out = io.BytesIO()
+        np.save(out, arr)
+        return out.getvalue()[:len(out.getvalue()) - cut]
+
+    def post_npy(body):
+        req = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/x-npy", "X-API-Key": "good-key"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    text = base64.b64encode(x.tobytes()).decode()
+    bad = [
+        (post, {"uint8": text[:-4], "shape": list(x.shape)}, 400, "must be the base64 text of 2352 bytes"),
+        (post, {"uint8": text, "shape": [3, 28, 28, 1]}, 400, "images shape [3, 28, 28, 1] is wrong"),
+        (post, {"uint8": text, "shape": [9, 1, 28, 28]}, 413, "too many images: 9 > serve.max_images=4"),
+        (post, {"uint8": "!" * len(text), "shape": list(x.shape)}, 400, "not valid base64"),
+        (post_npy, b"not numpy at all", 400, "malformed application/x-npy body"),
+        (post_npy, npy_body(x, cut=10), 400, "needs 2352"),
+        (post_npy, npy_body(x.astype(np.int64)), 400, "dtype int64"),
+        (post_npy, npy_body(np.zeros((5, 1, 28, 28), np.uint8)), 413, "too many images: 5"),
+        (post_npy, npy_body(np.full((1, 28, 28), 2.0)), 400, "must be in [0, 1]"),
+    ]
+    for send, body, code, reason in bad:
+        status, reply = send(body) if send is post_npy else send(url, body)
+        assert status == code and reason in reply["error"], (reason, reply)
+    table = querylog.read(log_dir)
+    assert table.num_rows == 9 + len(bad)  # every bad body is a refused row

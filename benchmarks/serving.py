@@ -1,20 +1,27 @@
-"""Serving throughput of the victim: raw forward pass vs. Ray Serve with the full pipeline.
+"""Serving throughput of the defended victim: raw forward pass, Ray Serve with the full pipeline and the detection
+tier, the HTTP encodings, scaling over replicas and shards, and PRADA's cost per query and per account.
 
-    python benchmarks/serving.py [--seconds 10] [--clients 4] [--batch 64] [--out benchmarks/results/serving.json]
+    python benchmarks/serving.py [--seconds 10] [--only pipeline,http,scaling,prada] [--out FILE.json]
 
-Measures, in one run on this machine:
-  - raw: batched forward passes of the victim in one process, all cores (images/s, best of 3 windows);
-  - served: --clients actors sending batches of --batch images through DeploymentHandles, for each of
-    (query log on/off) x (PRADA on/off): images/s, p50/p99 request latency, served / raw;
-  - the log's overhead: 1 - served(log on) / served(log off).
-With 2 replicas each keeps its own PRADA history (the simulator itself refuses that configuration); the
-per-query cost measured is the same. Results are printed and written as JSON and as a Markdown table beside it
-(``--out`` with ``.md``); ``--report-only`` rewrites the table from the JSON.
+Sections, each measured in this one run on this machine (``--only`` runs some and keeps the others' last results):
+  - pipeline: --clients actors sending batches of --batch images through DeploymentHandles to --replicas replicas,
+    for (query log on/off) x (PRADA on/off): images/s, p50/p99 request latency, served / raw; PRADA's cost is
+    served(PRADA on) / served(PRADA off), both with the log on;
+  - http: 16 clients x 64 images per request, over HTTP with JSON floats, base64 uint8 and .npy bodies, beside the
+    handle path at the same load (bodies are encoded once beforehand: what is measured is the service's side);
+  - scaling: 1, 2 and 4 replicas x 1 and 2 shards with PRADA and linking on, on a local two-node cluster
+    (ray.cluster_utils.Cluster, 1 CPU per node): images/s, p50/p99, per-replica efficiency;
+  - prada: PRADA alone (no Ray), 10 to 10,000 accounts: microseconds per query and bytes per account and per kept
+    query.
+Results are printed and written as JSON and as Markdown beside it (``--report-only`` rewrites the Markdown).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
+import io
 import json
 import os
 import platform
@@ -25,28 +32,49 @@ import numpy as np
 import ray
 import torch
 
+SECTIONS = ("pipeline", "http", "scaling", "prada")
+PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
+LINK = {"kind": "link", "params": {}}
+
 
 @ray.remote(num_cpus=0)
 class BenchClient:
-    def __init__(self, app: str, key: str, images: np.ndarray):
+    """Sends batches for ``seconds``, through the app's handle, or over HTTP with ``bodies`` (pre-encoded)."""
+
+    def __init__(self, app: str, key: str, images: np.ndarray, port: int | None = None, bodies=None,
+                 content_type: str = "application/json"):
         from ray import serve
 
         torch.set_num_threads(1)
-        self.handle = serve.get_deployment_handle("victim", app)
-        self.key, self.images = key, images
+        self.key, self.images, self.app, self.port = key, images, app, port
+        self.bodies, self.content_type = bodies, content_type
+        self.handle = serve.get_deployment_handle("victim", app) if bodies is None else None
+
+    def _send(self, i: int, batch: int, rng) -> int:
+        if self.bodies is None:
+            idx = rng.integers(0, len(self.images), batch)
+            return len(self.handle.query.remote(self.key, self.images[idx]).result().answered)
+        self.conn.request("POST", f"/{self.app}", body=self.bodies[i % len(self.bodies)],
+                          headers={"Content-Type": self.content_type, "X-API-Key": self.key})
+        resp = self.conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+        return len(json.loads(body)["results"])
 
     def run(self, seconds: float, batch: int) -> dict:
         rng = np.random.default_rng(0)
-        lat, n = [], 0
-        self.handle.query.remote(self.key, self.images[:batch]).result()  # warm up
-        end = time.perf_counter() + seconds
+        if self.bodies is not None:
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        self._send(0, batch, rng)  # warm up
+        lat, n, i = [], 0, 0
         start = time.perf_counter()
+        end = start + seconds
         while time.perf_counter() < end:
-            idx = rng.integers(0, len(self.images), batch)
             t = time.perf_counter()
-            reply = self.handle.query.remote(self.key, self.images[idx]).result()
+            n += self._send(i, batch, rng)
             lat.append(time.perf_counter() - t)
-            n += len(reply.answered)
+            i += 1
         return {"images": n, "seconds": time.perf_counter() - start, "latencies": lat}
 
 
@@ -70,35 +98,146 @@ def _raw_window(model, images: np.ndarray, batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def served(victim, images, *, log: bool, prada: bool, clients: int, batch: int, seconds: float,
-           replicas: int = 1, threads: int = 1, defense: dict | None = None,
-           defense_models: dict | None = None) -> dict:
-    from ray import serve
+def encode(images: np.ndarray, encoding: str, batch: int, count: int = 8) -> tuple[list[bytes], str]:
+    """``count`` request bodies of ``batch`` random test images in ``encoding``, and their content type."""
+    rng = np.random.default_rng(1)
+    bodies = []
+    for _ in range(count):
+        x = images[rng.integers(0, len(images), batch)]
+        if encoding == "json":
+            bodies.append(json.dumps({"images": (x / 255.0).round(4).tolist()}).encode())
+        elif encoding == "base64":
+            bodies.append(json.dumps({"uint8": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape)})
+                          .encode())
+        else:
+            buf = io.BytesIO()
+            np.save(buf, x)
+            bodies.append(buf.getvalue())
+    return bodies, "application/x-npy" if encoding == "npy" else "application/json"
 
+
+def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: int, seconds: float,
+           replicas: int = 1, shards: int | None = None, threads: int = 1, encoding: str | None = None,
+           port: int | None = None, replica_cpus: float | None = None) -> dict:
+    """Deploy the victim with ``detectors`` and measure ``clients`` clients (``encoding``: over HTTP, else handles)."""
     from sim.protocol import Account
-    from sim.serving import VictimSpec, deploy
+    from sim.serving import VictimSpec, delete, deploy
 
-    keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench") for i in range(clients)}
+    keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench", f"cohort-{i % 2}") for i in range(clients)}
     tmp = tempfile.mkdtemp(prefix="bench-log-")
     ds = victim.dataset
     spec = VictimSpec(victim="bench", run_id="bench", input_shape=ds.input_shape, accounts=keys,
-                      model=victim.to_bytes(),
-                      detectors={"prada": {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}}
-                      if prada else {},
-                      rules={}, defense=defense or {"name": "identity"},
+                      model=victim.to_bytes(), detectors=detectors, rules={}, defense={"name": "identity"},
                       log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
-                      defense_models=defense_models or {})
-    app = f"bench-{int(log)}{int(prada)}"
-    deploy(spec, app, replicas=replicas, replica_cpus=1 / replicas, max_ongoing_requests=128)
-    actors = [BenchClient.remote(app, k, images) for k in keys]
-    out = ray.get([a.run.remote(seconds, batch) for a in actors])
-    serve.delete(app)
+                      shards=shards or replicas, state_dir=os.path.join(tmp, "tier"))
+    app = f"bench-{int(time.time() * 1000) % 10**8}"
+    deploy(spec, app, replicas=replicas, replica_cpus=replica_cpus or 1 / replicas, max_ongoing_requests=128)
+    bodies, ctype = encode(images, encoding, batch) if encoding else (None, "application/json")
+    actors = [BenchClient.remote(app, k, images, port, bodies, ctype) for k in keys]
+    try:
+        out = ray.get([a.run.remote(seconds, batch) for a in actors])
+    finally:
+        delete(spec, app)
+        for a in actors:
+            ray.kill(a)
     total = sum(o["images"] for o in out)
     secs = max(o["seconds"] for o in out)
     lat = np.concatenate([o["latencies"] for o in out]) * 1e3
-    return {"log": log, "prada": prada, "images_per_s": round(total / secs, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "requests": int(len(lat))}
+    return {"images_per_s": round(total / secs, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests": int(len(lat))}
+
+
+def _line(label: str, r: dict, ref: float | None = None, what: str = "served/raw") -> None:
+    extra = f"  {what} {r['images_per_s'] / ref:.2f}" if ref else ""
+    print(f"{label:<44}{r['images_per_s']:>9,.0f} images/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
+          f"{extra}", flush=True)
+
+
+def pipeline(victim, images, raw: float, args) -> dict:
+    rows = []
+    for prada in (False, True):
+        for log in (False, True):
+            r = served(victim, images, log=log, detectors={"prada": PRADA} if prada else {}, clients=args.clients,
+                       batch=args.batch, seconds=args.seconds, replicas=args.replicas, threads=args.threads)
+            r.update(log=log, prada=prada, served_over_raw=round(r["images_per_s"] / raw, 3))
+            rows.append(r)
+            _line(f"served log={'on' if log else 'off'} prada={'on' if prada else 'off'}", r, raw)
+
+    def get(log, prada):
+        return next(r for r in rows if r["log"] == log and r["prada"] == prada)["images_per_s"]
+
+    return {"clients": args.clients, "batch": args.batch, "replicas": args.replicas, "threads": args.threads,
+            "rows": rows, "prada_cost": round(get(True, True) / get(True, False), 3),
+            "log_overhead": round(1 - get(True, False) / get(False, False), 3)}
+
+
+def http_section(victim, images, port: int, args) -> dict:
+    rows = []
+    for encoding in (None, "json", "base64", "npy"):
+        r = served(victim, images, log=True, detectors={}, clients=16, batch=64, seconds=args.seconds,
+                   replicas=args.replicas, encoding=encoding, port=port)
+        r["encoding"] = encoding or "handle"
+        rows.append(r)
+        _line(f"16 clients x 64 images, {r['encoding']}", r, rows[0]["images_per_s"], "of handle")
+    for r in rows:
+        r["of_handle"] = round(r["images_per_s"] / rows[0]["images_per_s"], 3)
+    return {"clients": 16, "batch": 64, "replicas": args.replicas, "rows": rows}
+
+
+def scaling(victim, images, args) -> dict:
+    """Replicas x shards on a local two-node cluster (the driver joins it)."""
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    rows = []
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        serve.start(http_options={"location": "NoServer"})
+        for replicas in (1, 2, 4):
+            for shards in (1, 2):
+                r = served(victim, images, log=True, detectors={"prada": PRADA, "link": LINK}, clients=8,
+                           batch=args.batch, seconds=args.seconds, replicas=replicas, shards=shards,
+                           replica_cpus=0.5)
+                r.update(replicas=replicas, shards=shards)
+                rows.append(r)
+                _line(f"cluster: {replicas} replicas, {shards} shards", r)
+        base = rows[0]["images_per_s"]
+        for r in rows:
+            r["per_replica_efficiency"] = round(r["images_per_s"] / (base * r["replicas"]), 3)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"nodes": 2, "cpus_per_node": 1, "clients": 8, "batch": args.batch, "rows": rows}
+
+
+def prada_scale(images: np.ndarray, per_account: int = 60) -> dict:
+    """PRADA alone: time per query and memory, as the number of accounts grows (``per_account`` queries each,
+    sent 8 at a time, accounts interleaved)."""
+    from sim.detectors import build
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, len(images))
+    rows = []
+    for accounts in (10, 100, 1000, 10_000):
+        det = build("prada", delta=0.95, min_pool=50)
+        n, t = 0, 0.0
+        for step in range(per_account // 8 + (per_account % 8 > 0)):
+            for a in range(accounts):
+                idx = rng.integers(0, len(images), 8)
+                start = time.perf_counter()
+                det.score(f"acct-{a}", images[idx], labels[idx])
+                t += time.perf_counter() - start
+                n += 8
+        mem = det.memory()
+        rows.append({"accounts": accounts, "queries": n, "us_per_query": round(t / n * 1e6, 1),
+                     "bytes_per_account": round(mem["bytes"] / accounts), "kept_per_account": mem["kept"] / accounts,
+                     "bytes_per_kept_query": round(mem["bytes"] / max(mem["kept"], 1))})
+        print(f"prada {accounts:>6} accounts: {rows[-1]['us_per_query']:.1f} us/query, "
+              f"{rows[-1]['bytes_per_account']:,} bytes/account", flush=True)
+    return {"queries_per_account": per_account, "rows": rows, "pixels": int(np.prod(images.shape[1:]))}
 
 
 def main() -> None:
@@ -108,78 +247,120 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the victim")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
-    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown table from --out's JSON")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON")
     args = ap.parse_args()
+    md = os.path.splitext(args.out)[0] + ".md"
     if args.report_only:
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+        with open(md, "w") as fh:
             fh.write(table(json.load(open(args.out))))
         return
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--only {','.join(unknown)}: expected some of {', '.join(SECTIONS)}")
+    result = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    result = {k: v for k, v in result.items() if k in SECTIONS}
 
     from sim import config, zoo
+    from sim.serving import free_port
 
     cfg = config.load("distributed_knockoff")
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     images = victim.dataset.x_test
     raw = raw_throughput(victim.model, images, args.batch, args.seconds)
     print(f"raw forward ({os.cpu_count()} threads, batch {args.batch}): {raw:,.0f} images/s", flush=True)
+    if "prada" in only:
+        result["prada"] = prada_scale(images)
+    if {"pipeline", "http"} & set(only):
+        from ray import serve
 
-    from sim.engine import init_local_ray
+        from sim.engine import init_local_ray
 
-    init_local_ray(num_cpus=os.cpu_count())
-    from ray import serve
-
-    serve.start(http_options={"location": "NoServer"})
-    rows = []
-    for prada in (False, True):
-        for log in (False, True):
-            r = served(victim, images, log=log, prada=prada, clients=args.clients, batch=args.batch,
-                       seconds=args.seconds, replicas=args.replicas, threads=args.threads)
-            r["served_over_raw"] = round(r["images_per_s"] / raw, 3)
-            rows.append(r)
-            print(f"served  log={'on ' if log else 'off'} prada={'on ' if prada else 'off'}: "
-                  f"{r['images_per_s']:>8,.0f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-                  f"served/raw {r['served_over_raw']:.2f}", flush=True)
-    ray.shutdown()
-
-    def overhead(prada):
-        on = next(r for r in rows if r["log"] and r["prada"] == prada)["images_per_s"]
-        off = next(r for r in rows if not r["log"] and r["prada"] == prada)["images_per_s"]
-        return round(1 - on / off, 3)
-
-    result = {
+        init_local_ray(num_cpus=os.cpu_count())
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        if "pipeline" in only:
+            result["pipeline"] = pipeline(victim, images, raw, args)
+        if "http" in only:
+            result["http"] = http_section(victim, images, port, args)
+        ray.shutdown()
+    if "scaling" in only:
+        result["scaling"] = scaling(victim, images, args)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    result.update({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": ray.__version__},
-        "victim": {"arch": victim.arch, "dataset": cfg.victim.dataset},
-        "clients": args.clients, "batch": args.batch, "seconds_per_config": args.seconds,
-        "replicas": args.replicas, "threads_per_replica": args.threads,
-        "raw_images_per_s": round(raw, 1), "served": rows,
-        "log_overhead": {"prada_off": overhead(False), "prada_on": overhead(True)},
-    }
-    print(f"log overhead: {result['log_overhead']}")
+                    "ray": ray.__version__, "gpu": gpu},
+        "victim": {"arch": victim.arch, "dataset": cfg.victim.dataset}, "seconds_per_config": args.seconds,
+        "raw_images_per_s": round(raw, 1), "date": time.strftime("%Y-%m-%d"),
+    })
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+    with open(md, "w") as fh:
         fh.write(table(result))
-    print(f"written to {args.out}")
+    print(f"written to {args.out} and {md}")
 
 
 def table(result: dict) -> str:
-    """The results as Markdown: raw against served, with the query log and PRADA on and off."""
-    lines = [f"{result['clients']} client actors sending batches of {result['batch']} through DeploymentHandles to "
-             f"{result['replicas']} Serve replica(s) ({result['threads_per_replica']} torch thread each), "
-             f"{result['seconds_per_config']:g} s per configuration, on {result['machine']['cpus']} CPUs; raw is the "
-             f"best of three windows of batched forward passes in one process on all cores.", "",
-             "| configuration | images/s | p50 ms | p99 ms | served ÷ raw |", "|---|---:|---:|---:|---:|",
-             f"| raw forward pass | {result['raw_images_per_s']:,.0f} | | | 1 |"]
-    for r in result["served"]:
-        lines.append(f"| served, log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'} | "
-                     f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['served_over_raw']:.2f} |")
-    o = result["log_overhead"]
-    lines += ["", f"The query log's cost: {o['prada_off']:.0%} of served throughput with PRADA off, "
-                  f"{o['prada_on']:.0%} with it on."]
-    return "\n".join(lines) + "\n"
+    """The results as Markdown, one section per part measured."""
+    m = result["machine"]
+    lines = [f"Measured {result.get('date', '')} on {m['cpus']} CPUs{' and ' + m['gpu'] if m.get('gpu') else ''} "
+             f"(torch {m['torch']}, Ray {m['ray']}), {result['victim']['arch']} on {result['victim']['dataset']}, "
+             f"{result['seconds_per_config']:g} s per configuration. Raw: the best of three windows of batched forward "
+             f"passes in one process on all cores, {result['raw_images_per_s']:,.0f} images/s.", ""]
+    p = result.get("pipeline")
+    if p:
+        lines += ["## The pipeline", "",
+                  f"{p['clients']} client actors sending {p['batch']} images per request through DeploymentHandles to "
+                  f"{p['replicas']} Serve replicas (1 torch thread each); PRADA's state in the detection tier "
+                  f"({p['replicas']} shards).", "",
+                  "| configuration | images/s | p50 ms | p99 ms | served ÷ raw |", "|---|---:|---:|---:|---:|"]
+        for r in p["rows"]:
+            lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'} | "
+                         f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['served_over_raw']:.2f} |")
+        lines += ["", f"PRADA's cost: served with PRADA ÷ without, log on: **{p['prada_cost']:.2f}**. "
+                      f"The log's cost: {p['log_overhead']:.0%} of served throughput (PRADA off).", ""]
+    h = result.get("http")
+    if h:
+        lines += ["## HTTP encodings", "",
+                  f"{h['clients']} clients, {h['batch']} images per request, {h['replicas']} replicas, log on; bodies "
+                  f"encoded once beforehand, so this is the service's side of the cost.", "",
+                  "| path | images/s | p50 ms | p99 ms | ÷ handle path |", "|---|---:|---:|---:|---:|"]
+        for r in h["rows"]:
+            lines.append(f"| {r['encoding']} | {r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                         f"{r['of_handle']:.2f} |")
+        lines.append("")
+    s = result.get("scaling")
+    if s:
+        lines += ["## Replicas and shards", "",
+                  f"A local cluster of {s['nodes']} nodes with {s['cpus_per_node']} CPU each "
+                  f"(`ray.cluster_utils.Cluster`) on this machine; PRADA and linking on, log on, {s['clients']} "
+                  f"clients x {s['batch']} images per request; replicas reserve 0.5 CPU each. Every node shares the "
+                  f"same {m['cpus']} cores, so more replicas cannot add compute here: the table shows what the tier "
+                  f"costs and that it stays correct, not how it would scale on separate machines.", "",
+                  "| replicas | shards | images/s | p50 ms | p99 ms | per-replica efficiency |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in s["rows"]:
+            lines.append(f"| {r['replicas']} | {r['shards']} | {r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | "
+                         f"{r['p99_ms']:.1f} | {r['per_replica_efficiency']:.2f} |")
+        lines.append("")
+    pr = result.get("prada")
+    if pr:
+        lines += ["## PRADA per query and per account", "",
+                  f"PRADA alone, no Ray: {pr['queries_per_account']} queries per account, 8 per call, accounts "
+                  f"interleaved; memory as allocated (buffers double, so up to twice what is used).", "",
+                  "| accounts | µs per query | bytes per account | kept queries per account | bytes per kept query |",
+                  "|---:|---:|---:|---:|---:|"]
+        for r in pr["rows"]:
+            lines.append(f"| {r['accounts']:,} | {r['us_per_query']:.1f} | {r['bytes_per_account']:,} | "
+                         f"{r['kept_per_account']:.1f} | {r['bytes_per_kept_query']:,} |")
+        last = pr["rows"][-1]
+        lines += ["", f"A million accounts of this traffic would hold about "
+                      f"{last['bytes_per_account'] * 1e6 / 2**30:.1f} GiB of PRADA state, spread over the shards.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,21 @@ from ..policy import GROUPS
 from ..registry import register
 from .base import Detection, Detector, Param
 
-# scipy's Shapiro-Wilk without its generic axis/NaN-policy wrapper, which costs 3x the test itself here
-_shapiro = getattr(shapiro, "__wrapped__", shapiro)
+try:  # the Shapiro-Wilk algorithm (AS R94) scipy.stats.shapiro runs, on a sample sorted already
+    from scipy.stats._ansari_swilk_statistics import swilk as _swilk
+except ImportError:  # another scipy: its public test, which sorts again
+    _swilk = None
+
+
+def _w_sorted(d: np.ndarray) -> float:
+    """Shapiro-Wilk W of a sorted sample of at least 3 values that are not all equal."""
+    if _swilk is None:
+        with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
+            warnings.simplefilter("ignore", UserWarning)
+            return float(shapiro(d)[0])
+    y = d - d[len(d) // 2]  # shifted by a middle value, as scipy does, for accuracy
+    w, _, _ = _swilk(y, np.zeros(len(d) // 2), 0)
+    return float(w)
 
 
 class _Growing:
@@ -54,6 +67,31 @@ class _Growing:
     @property
     def values(self) -> np.ndarray:
         return self.data[: self.n]
+
+
+class _SortedPool(_Growing):
+    """The pool of distances, kept sorted as it grows: W needs it sorted, and an insertion costs a memmove where a
+    sort of the whole pool per query cost most of PRADA's time."""
+
+    __slots__ = ("total", "total_sq")
+
+    def __init__(self):
+        super().__init__()
+        self.total = self.total_sq = 0.0  # running sums, for the mean and standard deviation
+
+    def stats(self) -> tuple[float, float]:
+        mean = self.total / self.n
+        return mean, float(np.sqrt(max(self.total_sq / self.n - mean * mean, 0.0)))
+
+    def append(self, value) -> None:
+        self.total += value
+        self.total_sq += value * value
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.empty_like(self.data)])
+        i = int(np.searchsorted(self.data[: self.n], value, side="right"))
+        self.data[i + 1: self.n + 1] = self.data[i: self.n]
+        self.data[i] = value
+        self.n += 1
 
 
 class _ClassSet:
@@ -89,7 +127,7 @@ class _Account:
 
     def __init__(self):
         self.classes: dict[int, _ClassSet] = {}
-        self.pool = _Growing()
+        self.pool = _SortedPool()
         self.flagged = False
         self.last_w = float("nan")
 
@@ -126,15 +164,15 @@ class Prada(Detector):
         return min(1.0, 2 * self.threshold())
 
     @staticmethod
-    def _w_statistic(d: np.ndarray) -> float:
-        mean, std = d.mean(), d.std()
-        if std > 0:
-            d = d[np.abs(d - mean) <= 3 * std]
-        if len(d) < 3 or np.ptp(d) == 0:
+    def _w_statistic(pool: _SortedPool) -> float:
+        """W of the pool once the values beyond 3 standard deviations of its mean are trimmed."""
+        d = pool.values
+        mean, std = pool.stats()
+        if std > 0:  # the values within mean +- 3 std: a slice of the sorted pool
+            d = d[np.searchsorted(d, mean - 3 * std, "left"): np.searchsorted(d, mean + 3 * std, "right")]
+        if len(d) < 3 or d[-1] == d[0]:
             return 1.0 if len(d) >= 3 else float("nan")  # identical distances: no evidence either way
-        with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
-            warnings.simplefilter("ignore", UserWarning)
-            return float(_shapiro(d)[0])
+        return _w_sorted(d)
 
     @staticmethod
     def _flat(inputs: np.ndarray) -> np.ndarray:
@@ -168,7 +206,7 @@ class Prada(Detector):
         flags = np.zeros(len(x), bool)
         for i in range(len(x)):
             if self._distance(acc, x[i], int(labels[i])) and acc.pool.n > self.values["min_pool"]:
-                acc.last_w = self._w_statistic(acc.pool.values)
+                acc.last_w = self._w_statistic(acc.pool)
                 if acc.last_w < self.values["delta"]:
                     acc.flagged = True
             scores[i] = 1.0 - acc.last_w
@@ -181,7 +219,7 @@ class Prada(Detector):
         x, labels, acc = self._flat(inputs), np.asarray(labels), _Account()
         for i in range(len(x)):
             self._distance(acc, x[i], int(labels[i]))
-        return self._w_statistic(acc.pool.values) if acc.pool.n > self.values["min_pool"] else None
+        return self._w_statistic(acc.pool) if acc.pool.n > self.values["min_pool"] else None
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}

@@ -230,6 +230,28 @@ class BenignConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="images per request")
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve's own autoscaling of the victim's replicas (its ``autoscaling_config``), the settings passed through."""
+
+    min_replicas: int = Field(1, ge=1, description="fewest replicas")
+    max_replicas: int = Field(4, ge=1, description="most replicas")
+    initial_replicas: int | None = Field(None, ge=1, description="replicas at the start (default: min_replicas)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica Serve aims at")
+    upscale_delay_s: float = Field(30.0, ge=0, description="seconds of high load before Serve adds replicas")
+    downscale_delay_s: float = Field(600.0, ge=0, description="seconds of low load before Serve removes replicas")
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window Serve averages the load over")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must be between min_replicas "
+                             f"({self.min_replicas}) and max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
     port: int = Field(0, ge=0, le=65535, description="HTTP port on 127.0.0.1 (0: a free one)")
     http: bool = Field(True, description="start Serve's HTTP proxy")
@@ -239,6 +261,8 @@ class ServeConfig(_Strict):
                                                        "keys (accounts, cohorts, ...) of the stateful detectors and "
                                                        "proof of work (default: one per replica, at most one per "
                                                        "CPU of the cluster)")
+    autoscaling: AutoscalingConfig | None = Field(None, description="let Serve scale the replicas with the load "
+                                                                    "(instead of a fixed serve.replicas)")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs each Serve replica reserves")
     threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
@@ -246,10 +270,18 @@ class ServeConfig(_Strict):
     keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")
     accounts: int = Field(10, ge=1, description="accounts generated in `serve` mode")
 
+    @model_validator(mode="after")
+    def _one_way_to_size(self):
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError(f"serve.replicas={self.replicas} and serve.autoscaling are both set; expected one of "
+                             f"them (autoscaling sizes the replicas between its min_replicas and max_replicas)")
+        return self
+
     def shards_for(self, cpus: float) -> int:
-        """The tier's shards on a cluster of ``cpus`` CPUs: ``shards`` if set, else one per replica, at most one
-        per CPU."""
-        return self.shards or max(1, min(self.replicas, int(cpus)))
+        """The tier's shards on a cluster of ``cpus`` CPUs: ``shards`` if set, else one per replica (autoscaling:
+        per replica at most), at most one per CPU."""
+        most = self.autoscaling.max_replicas if self.autoscaling else self.replicas
+        return self.shards or max(1, min(most, int(cpus)))
 
 
 class LogConfig(_Strict):

@@ -205,8 +205,9 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
         shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
         state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"),
     )
+    auto = cfg.serve.autoscaling
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
-           max_ongoing_requests=cfg.serve.max_ongoing_requests)
+           max_ongoing_requests=cfg.serve.max_ongoing_requests, autoscaling=auto and auto.model_dump())
     return app, port, spec
 
 

@@ -180,19 +180,23 @@ def spec_version(spec: VictimSpec) -> str:
 
 
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
-           max_ongoing_requests: int = 128) -> DeploymentHandle:
+           max_ongoing_requests: int = 128, autoscaling: dict | None = None) -> DeploymentHandle:
     """Deploy (or update) the victim app. Calling it again with only ``spec.defense`` changed reconfigures
-    the running replicas live (see :func:`update_defense`)."""
+    the running replicas live (see :func:`update_defense`). ``autoscaling``: Serve's ``autoscaling_config``
+    (min_replicas, max_replicas, target_ongoing_requests, ...) in place of a fixed number of ``replicas``."""
     import ray
 
     defenses.check_spec(spec.defense)
     have = ray.cluster_resources().get("CPU", 0)
-    if replicas * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
-        raise SimError(f"serve.replicas={replicas} x serve.replica_cpus={replica_cpus} needs "
-                       f"{replicas * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
+    first = (autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)) if autoscaling else replicas
+    if first * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
+        what = f"serve.autoscaling's first {first} replicas" if autoscaling else f"serve.replicas={first}"
+        raise SimError(f"{what} x serve.replica_cpus={replica_cpus} needs "
+                       f"{first * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
     tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)
+    size = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     dep = VictimDeployment.options(
-        name="victim", num_replicas=replicas, max_ongoing_requests=max_ongoing_requests,
+        name="victim", **size, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options={"num_cpus": replica_cpus}, user_config={"defense": spec.defense},
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for
         # them up to graceful_shutdown_timeout_s; deleting an app whose clients are done takes 1 s instead of 3

@@ -209,3 +209,41 @@ def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
     for a in s.attackers:
         assert set(a.accounts_flagged_by) == {"prada", "pooled_prada", "link"}
     assert s.attacker("jbda_sybils").accounts_flagged_by["prada"] == 0  # 3 queries per account: never judged
+
+
+def test_autoscaling_adds_replicas_under_load_and_the_tier_serves_them_all(ray_serve, tmp_path):
+    from ray import serve
+
+    keys = _accounts(8)
+    spec = _spec(tmp_path, keys, {"prada": {"kind": "prada", "params": PRADA}}, {}, shards=2)
+    auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+            "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    handle = deploy(spec, "tiered", replica_cpus=0.5, autoscaling=auto)
+    try:
+        def running():
+            states = serve.status().applications["tiered"].deployments["victim"].replica_states
+            return states.get("RUNNING", 0)
+
+        assert running() == 1
+        stop, replies = threading.Event(), []
+
+        def load(key):
+            x = _requests({key: keys[key]}, per_account=2)[key][0]
+            while not stop.is_set():
+                replies.append(handle.query.remote(key, x, "load").result(timeout_s=60).status)
+
+        threads = [threading.Thread(target=load, args=(k,)) for k in keys]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 90
+        while running() < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        grown = running()
+        stop.set()
+        for t in threads:
+            t.join()
+        assert grown == 2 and replies and set(replies) == {200}
+        writers = set(querylog.read(str(tmp_path / "queries")).column("writer").to_pylist())
+        assert len(writers) == 2  # the new replica served too, through the same tier
+    finally:
+        delete(spec, "tiered")

@@ -96,7 +96,7 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
 
     model = train_replica(x, y, arch=job["arch"], input_shape=job["input_shape"], num_classes=job["num_classes"],
                           cfg=job["cfg"], seed=job["seed"], on_epoch=on_epoch,
-                          on_build=lambda m: built.update(model=m))
+                          on_build=lambda m: built.update(model=m), device=job.get("device", "cpu"))
     out = score(model, eval_set, job.get("robustness"))
     if angles:
         out["gradient_angle"] = {"mean": round(float(np.mean(angles)), 3), "by_epoch": angles,

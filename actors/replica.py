@@ -12,22 +12,24 @@ from sim import models
 from sim.adversarial import robust_accuracy
 from sim.config import ReplicaConfig
 from sim.querylog import input_digest
-from sim.training import accuracy, fidelity, predict_probs, to_float, train_classifier
+from sim.training import accuracy, device_of, fidelity, predict_probs, to_float, train_classifier
 
 ANGLE_SAMPLE = 64  # queries the gradient angle is averaged over, the same ones at every epoch
 
 
 def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: tuple[int, int, int],
-                  num_classes: int, cfg: ReplicaConfig, seed: int, on_epoch=None, on_build=None) -> nn.Module:
-    """Train a fresh ``arch`` on the transfer set: soft labels (the returned vectors) or hard (argmax).
-    ``on_build(model)`` sees the model before training starts (to evaluate it between epochs)."""
+                  num_classes: int, cfg: ReplicaConfig, seed: int, on_epoch=None, on_build=None,
+                  device: str = "cpu") -> nn.Module:
+    """Train a fresh ``arch`` on the transfer set: soft labels (the returned vectors) or hard (argmax), on
+    ``device``; the trained model is returned on the CPU. ``on_build(model)`` sees the model before training
+    starts (to evaluate it between epochs)."""
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = models.build(arch, input_shape, num_classes)
+    model = models.build(arch, input_shape, num_classes).to(device)
     if on_build is not None:
         on_build(model)
     targets = training_targets(probs, cfg.labels)
     return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                            seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer)
+                            seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer).cpu()
 
 
 def undefended_targets(x: np.ndarray, clean: dict[str, np.ndarray]) -> np.ndarray:
@@ -48,12 +50,13 @@ def gradient_angles(model: nn.Module, x: np.ndarray, returned: np.ndarray, clean
     training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    dev = device_of(model)
     out = []
     for i in range(len(x)):
         grads = []
         for target in (returned[i:i + 1], clean[i:i + 1]):
-            t = torch.as_tensor(target)
-            loss = F.cross_entropy(model(to_float(x[i:i + 1])), t.long() if t.ndim == 1 else t.float())
+            t = torch.as_tensor(target).to(dev)
+            loss = F.cross_entropy(model(to_float(x[i:i + 1]).to(dev)), t.long() if t.ndim == 1 else t.float())
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
         a, b = grads
         cos = (a @ b) / (a.norm() * b.norm()).clamp_min(1e-300)

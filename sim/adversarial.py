@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .training import accuracy, to_float
+from .training import accuracy, device_of, to_float
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
@@ -29,10 +29,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
     for p in model.parameters():
         p.requires_grad_(False)
     x = x.detach()
-    best, best_loss = x.clone(), torch.full((len(x),), -float("inf"))
+    best, best_loss = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
     try:
         for _ in range(restarts):
-            noise = torch.rand(x.shape, generator=generator) * 2 - 1
+            noise = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x.device)  # drawn on the CPU: reproducible
             adv = (x + eps * noise).clamp(0, 1)
             for _ in range(steps):
                 adv.requires_grad_(True)
@@ -66,10 +66,11 @@ def robust_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, eps: floa
     scored = model if scored is None else scored
     gen = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(np.asarray(y)).long()
+    dev, scored_dev = device_of(model), device_of(scored)
     right = []
     for start in range(0, len(x), batch_size):
-        xb, yb = to_float(x[start:start + batch_size]), labels[start:start + batch_size]
+        xb, yb = to_float(x[start:start + batch_size]).to(dev), labels[start:start + batch_size].to(dev)
         adv = pgd(model, xb, yb, eps=eps, step=step, steps=steps, restarts=restarts, generator=gen)
         with torch.no_grad():
-            right.append(scored.eval()(adv).argmax(1).numpy())
+            right.append(scored.eval()(adv.to(scored_dev)).argmax(1).cpu().numpy())
     return accuracy(np.concatenate(right), labels.numpy()) if right else float("nan")

@@ -231,7 +231,7 @@ class BenignConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
-    """Ray Serve's own autoscaling of the victim's replicas (its ``autoscaling_config``), the settings passed through."""
+    """Ray Serve's own autoscaling of the victim's replicas (its ``autoscaling_config``): the settings passed on."""
 
     min_replicas: int = Field(1, ge=1, description="fewest replicas")
     max_replicas: int = Field(4, ge=1, description="most replicas")
@@ -264,6 +264,9 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingConfig | None = Field(None, description="let Serve scale the replicas with the load "
                                                                     "(instead of a fixed serve.replicas)")
     replica_cpus: float = Field(0.5, gt=0, description="CPUs each Serve replica reserves")
+    replica_gpus: float | None = Field(None, ge=0, description="GPUs each Serve replica reserves when the device is "
+                                                               "CUDA (fractional; default: the cluster's GPUs shared "
+                                                               "among the replicas)")
     threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
     max_ongoing_requests: int = Field(128, ge=1, description="requests one replica works on at once")
@@ -306,6 +309,9 @@ class ScenarioConfig(_Strict):
     seed: int = Field(0, ge=0, description="every random choice derives from it")
     run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>)")
     cache_dir: str = Field("~/.cache/mlsim", description="victim checkpoint cache")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where victim and replica training and the Serve replicas' model run: auto (CUDA when a "
+                            "GPU is visible, else the CPU), cpu, cuda (an error where there is none)")
     victim: VictimConfig = VictimConfig()
     data: DataConfig = DataConfig()
     defense: DefenseConfig = DefenseConfig()

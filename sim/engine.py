@@ -21,7 +21,7 @@ import ray
 from tqdm import tqdm
 
 from . import config as config_mod
-from . import data, defenses, detection, querylog, storage, zoo
+from . import data, defenses, detection, devices, querylog, storage, zoo
 from .config import ScenarioConfig
 from .errors import ConfigError, SimError
 from .plan import Plan, derive_seed, make_plan
@@ -153,7 +153,8 @@ def train_victim(cfg: ScenarioConfig, quiet: bool = False) -> zoo.Victim:
     bars = _Bars(quiet)
     try:
         return zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir,
-                              on_epoch=lambda epoch, loss: bars("training victim", epoch, cfg.victim.epochs, loss))
+                              on_epoch=lambda epoch, loss: bars("training victim", epoch, cfg.victim.epochs, loss),
+                              device=devices.local(cfg.device))
     finally:
         bars.close()
 
@@ -197,16 +198,21 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     if app is None:
         taken = set(serve.status().applications)
         app = cfg.victim.name if cfg.victim.name not in taken else f"{cfg.victim.name}-{run_id[-6:]}"
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = "cpu" if victim.quantization != "none" else devices.resolve(cfg.device, gpus)  # int8 runs on the CPU
+    auto = cfg.serve.autoscaling
+    most = auto.max_replicas if auto else cfg.serve.replicas
+    replica_gpus = 0.0 if device == "cpu" else (cfg.serve.replica_gpus if cfg.serve.replica_gpus is not None
+                                                 else min(1.0, gpus / most))
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, model=victim.to_bytes(), input_shape=victim.dataset.input_shape,
         accounts=keys, detectors=dets.detectors, rules=dets.rules,
         detector_models=dets.models, defense=cfg.defense.spec(), defense_models=defense_models, log_dir=log_dir,
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
         shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
-        state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"),
+        state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"), device=device,
     )
-    auto = cfg.serve.autoscaling
-    deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
+    deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus, replica_gpus=replica_gpus,
            max_ongoing_requests=cfg.serve.max_ongoing_requests, autoscaling=auto and auto.model_dump())
     return app, port, spec
 
@@ -222,6 +228,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     ``{attacker id: {epoch: replica test accuracy}}`` so far, for every attacker whose replica trains (``{}``
     until its first epoch ends)."""
     cfg = config_mod.load(scenario, overrides)
+    devices.local(cfg.device)  # device=cuda where there is none: an error before any work
     start = time.perf_counter()
     ds = victim.dataset if victim is not None else data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
@@ -306,6 +313,10 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     keep = plan.eval_indices(len(ds.x_test))
     eval_set = ray.put((ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1)))
     robustness = robustness_settings(cfg)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    device = devices.resolve(cfg.device, gpus)
+    jobs = sum(1 + (log is not None) for _ in cfg.attackers)
+    task_gpus = {"num_gpus": min(1.0, gpus / max(jobs, 1))} if device == "cuda" else {}
     refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         clients = plan.of(attacker=aid)
@@ -319,8 +330,8 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
             job = {"arch": cfg.replica_arch(aid), "input_shape": ds.input_shape, "num_classes": ds.num_classes,
                    "cfg": att.replica, "seed": derive_seed(cfg.seed, "replica", aid), "key": key,
                    "post_accuracy": on_epoch is not None and not on_clean, "on_clean": on_clean,
-                   "robustness": robustness, "angles": not on_clean}
-            task = train_replica_task.options(scheduling_strategy="DEFAULT")
+                   "robustness": robustness, "angles": not on_clean, "device": device}
+            task = train_replica_task.options(scheduling_strategy="DEFAULT", **task_gpus)
             refs.append(task.remote(job, eval_set, board, clean, *parts))
             order.append(key)
             epochs += att.replica.epochs

@@ -53,6 +53,7 @@ class VictimSpec:
     detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> Detector.prepare's
     shards: int = 1  # shards of the detection tier (sim.tier_actors), when the victim keeps per-key state
     state_dir: str | None = None  # where the tier journals its state (default: a temporary directory)
+    device: str = "cpu"  # where the replicas run the model (sim.devices)
 
 
 def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
@@ -71,7 +72,7 @@ def build_defense(spec: VictimSpec, defense: dict):
 
 def build_service(spec: VictimSpec, writer_id: str, tier=None) -> VictimService:
     """The service a replica runs (``tier``: its app's detection tier; None: one of its own, in-process)."""
-    model = models.from_bytes(spec.model)
+    model = models.from_bytes(spec.model).to(spec.device)
     writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
               if spec.log_dir else None)
     dets, rules = build_detectors(spec)
@@ -180,10 +181,12 @@ def spec_version(spec: VictimSpec) -> str:
 
 
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
-           max_ongoing_requests: int = 128, autoscaling: dict | None = None) -> DeploymentHandle:
+           max_ongoing_requests: int = 128, autoscaling: dict | None = None,
+           replica_gpus: float = 0.0) -> DeploymentHandle:
     """Deploy (or update) the victim app. Calling it again with only ``spec.defense`` changed reconfigures
     the running replicas live (see :func:`update_defense`). ``autoscaling``: Serve's ``autoscaling_config``
-    (min_replicas, max_replicas, target_ongoing_requests, ...) in place of a fixed number of ``replicas``."""
+    (min_replicas, max_replicas, target_ongoing_requests, ...) in place of a fixed number of ``replicas``.
+    ``replica_gpus``: the GPU share each replica reserves (with ``spec.device`` cuda)."""
     import ray
 
     defenses.check_spec(spec.defense)
@@ -197,7 +200,8 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     size = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     dep = VictimDeployment.options(
         name="victim", **size, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": replica_cpus}, user_config={"defense": spec.defense},
+        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        user_config={"defense": spec.defense},
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for
         # them up to graceful_shutdown_timeout_s; deleting an app whose clients are done takes 1 s instead of 3
         graceful_shutdown_wait_loop_s=0.1,

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's parameters live (CPU for a model without any): training and prediction follow it."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1]."""
     t = torch.as_tensor(x)
@@ -58,27 +63,29 @@ def train_classifier(
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     model.train()
+    dev = device_of(model)  # batches go where the model is (a GPU, when it was put on one)
     for epoch in range(epochs):
         order = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for start in range(0, len(xt), batch_size):
             idx = order[start:start + batch_size]
-            xb = to_float(xt[idx])
+            xb, yb = to_float(xt[idx]).to(dev), yt[idx].to(dev)
             if adversary is not None:
-                xb = adversary(model, xb, yt[idx])
+                xb = adversary(model, xb, yb)
             logits = model(xb)
             if teacher is not None:
                 with torch.no_grad():
                     reference = teacher(xb)
-                value = divqat_loss(logits, yt[idx], reference, divergence, divergence_cap)
+                value = divqat_loss(logits, yb, reference, divergence, divergence_cap)
             elif loss == "misinformation":
-                p_true = torch.softmax(logits, 1).gather(1, yt[idx][:, None])[:, 0]
+                p_true = torch.softmax(logits, 1).gather(1, yb[:, None])[:, 0]
                 value = -torch.log1p(-p_true.clamp(max=1 - 1e-6)).mean()
             else:
-                value = F.cross_entropy(logits, yt[idx])
+                value = F.cross_entropy(logits, yb)
             if outliers is not None:
                 pick = torch.randint(len(outliers), (len(idx),), generator=gen)
-                value = value - outlier_weight * torch.log_softmax(model(to_float(outliers[pick])), 1).mean()
+                outlier_logits = model(to_float(outliers[pick]).to(dev))
+                value = value - outlier_weight * torch.log_softmax(outlier_logits, 1).mean()
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -172,7 +179,9 @@ def patch_shuffle(x: np.ndarray, seed: int, grid: int = 4) -> np.ndarray:
 def predict_probs(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Softmax probabilities (N, K) as float32."""
     model.eval()
-    out = [torch.softmax(model(to_float(x[i:i + batch_size])), dim=1) for i in range(0, len(x), batch_size)]
+    dev = device_of(model)
+    out = [torch.softmax(model(to_float(x[i:i + batch_size]).to(dev)), dim=1).cpu()
+           for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -138,19 +138,22 @@ def _cached(path: Path, model: nn.Module, train) -> tuple[dict, bool]:
 
 
 def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str,
-               on_epoch=None) -> Victim:
+               on_epoch=None, device: str = "cpu") -> Victim:
     """Load the cached victim for this config, or train and cache it (standard, outlier exposure, DP-SGD or
-    adversarial training, per ``cfg.training``; then quantized, per ``cfg.quantization``)."""
+    adversarial training, per ``cfg.training``, on ``device``; then quantized, per ``cfg.quantization``, on the
+    CPU). The victim comes back on the CPU."""
     if cfg.quantization != "none":
-        return _quantized_victim(cfg, data_cfg, seed, cache_dir, on_epoch)
+        return _quantized_victim(cfg, data_cfg, seed, cache_dir, on_epoch, device)
     ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
     path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
 
     def train(model: nn.Module) -> dict:
-        log.info("training victim %s on %s (%d epochs, %s)", cfg.arch, cfg.dataset, cfg.epochs, cfg.training)
+        log.info("training victim %s on %s (%d epochs, %s, %s)", cfg.arch, cfg.dataset, cfg.epochs, cfg.training,
+                 device)
         start = time.perf_counter()
+        model.to(device)
         fields = {"config": cfg.model_dump(), "seed": seed}
         if cfg.training == "dp_sgd":
             fields["dp_epsilon"] = train_dp_classifier(
@@ -163,6 +166,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
                              lr=cfg.lr, seed=seed, on_epoch=on_epoch, outliers=outliers,
                              outlier_weight=cfg.oe_weight, adversary=_adversary(cfg, seed))
         fields["train_seconds"] = time.perf_counter() - start
+        model.cpu()
         fields["test_accuracy"] = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
         return fields
 
@@ -179,11 +183,12 @@ def _adversary(cfg: VictimConfig, seed: int):
     return adversarial.adversary(**cfg.adversarial.model_dump(), seed=seed)
 
 
-def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str, on_epoch=None) -> Victim:
+def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str, on_epoch=None,
+                      device: str = "cpu") -> Victim:
     """The float victim of ``cfg`` (cached), quantized: calibrated (ptq) or fine-tuned with fake quantization (qat,
     divqat: plus DivQAT's divergence from the float victim's answers, adversarial examples if the float victim was
     trained on them), then converted to int8; the int8 model and its twin are cached beside the float victim."""
-    base = get_victim(cfg.model_copy(update={"quantization": "none"}), data_cfg, seed, cache_dir, on_epoch)
+    base = get_victim(cfg.model_copy(update={"quantization": "none"}), data_cfg, seed, cache_dir, on_epoch, device)
     ds = base.dataset
     path = _folder(cache_dir) / (f"{cfg.dataset}-{cfg.arch}-{cfg.quantization}-"
                                  f"{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt")

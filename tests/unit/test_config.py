@@ -315,3 +315,32 @@ def test_an_empty_detectors_mapping_is_the_shorthands(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("extends: single_knockoff\ndetectors:\n")
     assert list(config.load(str(path)).enabled_detectors()) == ["prada"]
+
+
+def test_the_device_resolves_to_the_cpu_here_and_cuda_without_a_gpu_is_a_user_error():
+    import torch
+
+    from sim import devices
+
+    assert config.load("single_knockoff").device == "auto"
+    assert devices.resolve("cpu") == "cpu" and devices.resolve("cpu", cluster_gpus=4) == "cpu"
+    assert devices.resolve("auto", cluster_gpus=2) == "cuda"  # a GPU somewhere in the cluster
+    if not torch.cuda.is_available():
+        assert devices.resolve("auto") == "cpu" and devices.local("auto") == "cpu"
+        with pytest.raises(ConfigError, match="device=cuda but no CUDA device is visible"):
+            devices.local("cuda")
+        proc = subprocess.run([sys.executable, "-m", "sim", "scenario=single_knockoff", "device=cuda"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: device=cuda but no CUDA device is visible")
+
+
+def test_autoscaling_is_checked_and_exclusive_with_a_fixed_number_of_replicas():
+    cfg = config.load("distributed_knockoff", ["serve.autoscaling.max_replicas=3"])
+    assert cfg.serve.autoscaling.max_replicas == 3 and cfg.serve.shards_for(cpus=8) == 3
+    with pytest.raises(ConfigError, match="serve.replicas=2 and serve.autoscaling are both set"):
+        config.load("distributed_knockoff", ["serve.autoscaling.max_replicas=3", "serve.replicas=2"])
+    with pytest.raises(ConfigError, match=r"min_replicas \(5\) must be <= max_replicas \(4\)"):
+        config.load("distributed_knockoff", ["serve.autoscaling.min_replicas=5"])
+    with pytest.raises(ConfigError, match="unknown key 'serve.autoscaling.max'"):
+        config.load("distributed_knockoff", ["serve.autoscaling.max=3"])

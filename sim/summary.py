@@ -355,8 +355,8 @@ def format_summary(s: Summary) -> str:
     if not s.detection:
         lines.append("no detectors")
     tier = s.serve and s.serve.tier
-    if tier:
-        lines.append(tier_line(tier))
+    if tier and (tier["shards"] > 1 or any(sh.get("link_lags") for sh in tier["per_shard"])):
+        lines.append(tier_line(tier))  # one shard and no linking: nothing to say
     paid = [(a.id, a.pow) for a in s.attackers] + [("benign", s.benign.pow)]
     if any(p.puzzles for _, p in paid):
         lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "

@@ -102,7 +102,9 @@ class ShardActor:
             if since < self.told[name]:  # the linker pulled meanwhile
                 self.told[name] = 0
             if since - self.told[name] >= max(1, every // (2 * self.shards)):
-                _actor(linker_name(self.app, name)).tick.remote(self.index, since)
+                # fire and forget, never retried: a lost tick only delays the next round (the next one carries
+                # the count so far)
+                _actor(linker_name(self.app, name)).tick.options(max_task_retries=0).remote(self.index, since)
                 self.told[name] = since
         return out
 
@@ -205,10 +207,12 @@ def stop(app: str) -> None:
     """Kill the app's tier actors (their state stays in the state directory)."""
     from ray.util import list_named_actors
 
+    names = sorted((e["name"] for e in list_named_actors(all_namespaces=True)
+                    if e["namespace"] == NAMESPACE and e["name"].startswith(f"{app}:")),
+                   key=lambda n: ":link:" in n)  # the shards first: nothing calls the linkers after them
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # gone meanwhile
+            pass
     _HELD.pop(app, None)
-    for entry in list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{app}:"):
-            try:
-                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
-            except ValueError:  # gone meanwhile
-                pass

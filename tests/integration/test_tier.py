@@ -187,20 +187,28 @@ def test_state_survives_sigkill_of_a_shard_and_of_a_replica_mid_run(app, tmp_pat
 
 def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
     import sim
+    from sim import config
+    from sim.plan import make_plan
 
+    # at its defaults: 16 attacker actors over 1,001 accounts and 8 benign users (the plan alone, no run)
+    plan = make_plan(config.load("crowd"), data.load("mnist5k"))
+    attackers = [c for c in plan.clients if c.attacker is not None]
+    assert len(attackers) == 16 and sum(len(c.accounts) for c in attackers) == 1001
+    assert len(plan.clients) - len(attackers) == 8
+    # run with fewer actors and tiny budgets (every actor is a process; two cores start them slowly)
     small = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", "victim.epochs=2", "benign.queries=30",
-             "attackers.single.budget=96", "attackers.knockoff_sybils.budget=300",
+             "benign.users=2", "attackers.single.budget=96", "attackers.knockoff_sybils.budget=300",
              "attackers.knockoff_sybils.accounts=100", "attackers.jbda_sybils.budget=300",
              "attackers.jbda_sybils.accounts=100", "attackers.adaptive.budget=200", "attackers.adaptive.accounts=20",
              "detectors.link.every=200",
+             *(f"attackers.{a}.actors=2" for a in ("knockoff_sybils", "jbda_sybils", "adaptive")),
              *(f"attackers.{a}.replica.epochs=1" for a in ("single", "knockoff_sybils", "jbda_sybils", "adaptive"))]
     s = sim.run("crowd", small, quiet=True)
-    assert s.queries.logged == s.queries.total == 96 + 300 + 300 + 200 + 8 * 30
-    assert sum(c.attacker is not None for c in s.clients) == 16 and s.benign.users == 8
+    assert s.queries.logged == s.queries.total == 96 + 300 + 300 + 200 + 2 * 30
     tier = s.serve.tier
     assert tier["shards"] == 2
     per_shard = [sh["keys"]["prada"] for sh in tier["per_shard"]]
-    assert all(k > 0 for k in per_shard) and sum(per_shard) == 1 + 100 + 100 + 20 + 8  # every account, once
+    assert all(k > 0 for k in per_shard) and sum(per_shard) == 1 + 100 + 100 + 20 + 2  # every account, once
     table = analysis.read_run(str(tmp_path / "run"))
     rows = analysis.scored_rows(table)
     again = analysis.replay(table, "prada", {"delta": 0.95, "min_pool": 50, "skip_repeats": True}, "cohort",
@@ -247,3 +255,4 @@ def test_autoscaling_adds_replicas_under_load_and_the_tier_serves_them_all(ray_s
         assert len(writers) == 2  # the new replica served too, through the same tier
     finally:
         delete(spec, "tiered")
+        handle.shutdown()  # its router reports load to Serve's autoscaler until told to stop

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -229,8 +230,13 @@ class LocalTier:
         self.shards = [Shard({n: fresh(d) for n, d in detectors.items()}, **options) for _ in range(shards)]
         self.linkers = {n: Linker(d) for n, d in detectors.items() if isinstance(d, AccountLinker)}
         self.every = {n: d.values["every"] for n, d in detectors.items() if isinstance(d, AccountLinker)}
+        self._lock = threading.Lock()  # a shard sees one call at a time, as its actor would
 
     def score(self, request_id: str, items: list[tuple[str, str]], x, labels, probs) -> dict[str, Detection]:
+        with self._lock:
+            return self._score(request_id, items, x, labels, probs)
+
+    def _score(self, request_id: str, items: list[tuple[str, str]], x, labels, probs) -> dict[str, Detection]:
         out: dict[str, Detection] = {}
         for s, own in by_owner(items, len(self.shards)).items():
             out.update(self.shards[s].score(request_id, own, x, labels, probs))
@@ -243,10 +249,12 @@ class LocalTier:
         return out
 
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
-        self.shards[owner(account_id, len(self.shards))].issue(challenge_id, item)
+        with self._lock:
+            self.shards[owner(account_id, len(self.shards))].issue(challenge_id, item)
 
     def take(self, account_id: str, challenge_id: str) -> dict | None:
-        return self.shards[owner(account_id, len(self.shards))].take(challenge_id, account_id)
+        with self._lock:
+            return self.shards[owner(account_id, len(self.shards))].take(challenge_id, account_id)
 
     def stats(self) -> list[dict]:
         return [s.stats() for s in self.shards]

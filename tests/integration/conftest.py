@@ -2,9 +2,13 @@
 
 import os
 
-import pytest
+# Serve's autoscaler counts requests where the replicas report them, not through the test driver's handles: runs in
+# this process (sim.run) drop the driver's Serve client, after which a handle's reports would no longer arrive
+os.environ.setdefault("RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE", "0")
 
-from sim.serving import free_port
+import pytest  # noqa: E402
+
+from sim.serving import free_port  # noqa: E402
 
 SMALL = [
     "victim.epochs=2",

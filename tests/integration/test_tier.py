@@ -226,10 +226,10 @@ def test_autoscaling_adds_replicas_under_load_and_the_tier_serves_them_all(ray_s
     spec = _spec(tmp_path, keys, {"prada": {"kind": "prada", "params": PRADA}}, {}, shards=2)
     auto = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
             "metrics_interval_s": 0.5, "look_back_period_s": 1}
-    handle = deploy(spec, "tiered", replica_cpus=0.1, autoscaling=auto)  # small: placement never holds it back
+    handle = deploy(spec, "autoscaled", replica_cpus=0.1, autoscaling=auto)  # small: placement never holds it back
     try:
         def running():
-            states = serve.status().applications["tiered"].deployments["victim"].replica_states
+            states = serve.status().applications["autoscaled"].deployments["victim"].replica_states
             return states.get("RUNNING", 0)
 
         assert running() == 1
@@ -246,7 +246,7 @@ def test_autoscaling_adds_replicas_under_load_and_the_tier_serves_them_all(ray_s
         deadline = time.time() + 120
         while running() < 2 and time.time() < deadline:
             time.sleep(0.5)
-        grown, seen = running(), serve.status().applications["tiered"].deployments["victim"]
+        grown, seen = running(), serve.status().applications["autoscaled"].deployments["victim"]
         stop.set()
         for t in threads:
             t.join()
@@ -255,5 +255,5 @@ def test_autoscaling_adds_replicas_under_load_and_the_tier_serves_them_all(ray_s
         writers = set(querylog.read(str(tmp_path / "queries")).column("writer").to_pylist())
         assert len(writers) == 2  # the new replica served too, through the same tier
     finally:
-        delete(spec, "tiered")
+        delete(spec, "autoscaled")
         handle.shutdown()  # its router reports load to Serve's autoscaler until told to stop

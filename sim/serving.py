@@ -58,8 +58,7 @@ class VictimSpec:
 
 def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
     """The spec's detectors and their rules, with the trained models they need."""
-    built = {name: detectors.build(d["kind"], models=spec.detector_models.get(name), **d.get("params", {}))
-             for name, d in spec.detectors.items()}
+    built = detectors.build_named(spec.detectors, spec.detector_models)
     return built, {name: Rule(**spec.rules.get(name, {})) for name in spec.detectors}
 
 

@@ -55,11 +55,6 @@ def _tier_spec(spec):
                            detector_models={n: m for n, m in spec.detector_models.items() if n in names})
 
 
-def _build(spec, names) -> dict:
-    return {name: detectors.build(spec.detectors[name]["kind"], models=spec.detector_models.get(name),
-                                  **spec.detectors[name].get("params", {})) for name in names}
-
-
 def _links(spec) -> dict[str, int]:
     """Account-linking detectors of the spec: name -> its ``every``."""
     from .detectors.link import AccountLinker
@@ -88,8 +83,8 @@ def _actor(name: str):
 class ShardActor:
     def __init__(self, app: str, index: int, spec, directory: str):
         self.app, self.index, self.shards = app, index, spec.shards
-        names = list(_stateful(spec))
-        self.durable = Durable(lambda: Shard(_build(spec, names)), directory, Shard.CHANGES, every=SNAPSHOT_EVERY)
+        self.durable = Durable(lambda: Shard(detectors.build_named(spec.detectors, spec.detector_models)), directory,
+                               Shard.CHANGES, every=SNAPSHOT_EVERY)
         if self.durable.restored["snapshot"] or self.durable.restored["changes"]:
             log.warning("%s restored: %s", shard_name(app, index), self.durable.restored)
         self.links = _links(spec)
@@ -129,7 +124,9 @@ class LinkerActor:
     def __init__(self, app: str, name: str, spec, directory: str):
         self.app, self.name, self.shards = app, name, spec.shards
         self.every = _links(spec)[name]
-        self.durable = Durable(lambda: Linker(_build(spec, [name])[name]), directory, ("ingest",), every=20)
+        made = {name: spec.detectors[name]}
+        self.durable = Durable(lambda: Linker(detectors.build_named(made, spec.detector_models)[name]), directory,
+                               ("ingest",), every=20)
         self.since: dict[int, int] = {}
 
     def tick(self, shard: int, since: int) -> None:

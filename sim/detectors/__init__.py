@@ -15,7 +15,8 @@ from typing import Any
 from .. import registry
 from .base import Detection, Detector, StatelessDetector, calibration_split
 
-__all__ = ["Detection", "Detector", "StatelessDetector", "build", "calibration_split", "get", "names", "presets"]
+__all__ = ["Detection", "Detector", "StatelessDetector", "build", "build_named", "calibration_split", "get", "names",
+           "presets"]
 
 
 def names() -> list[str]:
@@ -28,6 +29,12 @@ def get(kind: str, field: str = "detector") -> type[Detector]:
 
 def build(kind: str, **params) -> Detector:
     return get(kind)(**params)
+
+
+def build_named(specs: dict[str, dict], models: dict[str, Any]) -> dict[str, Detector]:
+    """Named detectors from their specs (name -> {"kind", "params"}), each with the models :meth:`Detector.prepare`
+    made for it (name -> models; none where absent)."""
+    return {name: build(d["kind"], models=models.get(name), **d.get("params", {})) for name, d in specs.items()}
 
 
 def presets() -> dict[str, dict[str, Any]]:

@@ -7,7 +7,12 @@ queries in the order that detector's owner in the detection tier saw them (the l
 is exact for a detector keyed like NAME however many Serve replicas and shards the run had: with the
 parameters and grouping the run used, PRADA's replayed scores and flags are the online ones, bit for bit.
 Without it, arrival order (by writer sequence within a Serve replica, by time across replicas), which is
-exact for a run with one replica. Detectors that look at images (PRADA, SAME, linking) need the run to
+exact for a run with one replica. Account linking is fed in rounds (:mod:`sim.tier`): with ``order=NAME`` (the run's
+linking detector), the replay takes the queries in round by round as the run's linker did (the log's ``NAME_round``,
+each round's queries in request-id order) and gives each query the verdict of the round it got online
+(``NAME_as_of``), so with the run's parameters it reproduces linking's scores and flags exactly, however many
+replicas and shards the run had; with other parameters it shows what they would have flagged at the same
+publication points. Detectors that look at images (PRADA, SAME, linking) need the run to
 have logged its inputs (``log.inputs=true``, the default); the maximum-softmax score needs only the
 logged probabilities.
 """
@@ -104,6 +109,8 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
                        f"logged with log.inputs=true")
     cols = {c: rows.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
             if c in rows.column_names}
+    if order is not None and _in_rounds(det):
+        return _replay_rounds(det, rows, order, shape)
     rule = Rule(group=group)
     keys = np.asarray([rule.key(Account(cols["account_id"][i], cols["role"][i], cols["attack"][i],
                                         cols.get("cohort", [None] * n)[i]), cols["actor_id"][i]) for i in range(n)])
@@ -126,4 +133,48 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
         res = det.score(key, images[a:b], probs[a:b].argmax(1), probs[a:b])
         scores[order[a:b]] = res.scores
         flags[order[a:b]] = res.flags
+    return {"scores": scores, "flags": flags, "rows": rows}
+
+
+def _in_rounds(det) -> bool:
+    from sim.detectors.link import AccountLinker
+
+    return isinstance(det, AccountLinker)
+
+
+def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
+    """Account linking over ``rows`` round by round: the rounds' queries ingested as the run's linker ingested them,
+    each query given the verdict of the round it saw (see the module's note)."""
+    from sim.tier import Linker
+
+    n = rows.num_rows
+    cols = {c: rows.column(f"{order}_{c}").to_numpy(zero_copy_only=False).astype(np.float64)
+            for c in ("round", "as_of")}
+    if any(np.isnan(v).any() for v in cols.values()):
+        raise SimError(f"order={order!r}: some scored queries have no {order}_round; expected the run's "
+                       f"account-linking detector, logged by this version (query log schema "
+                       f"{querylog.SCHEMA_VERSION})")
+    rounds, as_of = cols["round"].astype(np.int64), cols["as_of"].astype(np.int64)
+    req = np.asarray(rows.column("request_id").to_pylist())
+    accounts = np.asarray(rows.column("account_id").to_pylist())
+    order_idx = np.lexsort((rows.column("seq").to_numpy(), req, rounds))
+    images = querylog.decode_inputs(rows.take(order_idx), shape).reshape(n, -1)
+    labels = np.asarray(rows.take(order_idx).column("clean_probs").to_pylist(), np.float32).argmax(1)
+    linker = Linker(det)
+    seen: dict[int, dict] = {0: {}}
+    r_sorted, req_sorted = rounds[order_idx], req[order_idx]
+    bounds = np.r_[0, np.flatnonzero((r_sorted[1:] != r_sorted[:-1]) | (req_sorted[1:] != req_sorted[:-1])) + 1, n]
+    batch: list = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        batch.append((req_sorted[a], accounts[order_idx[a]], images[a:b], labels[a:b]))
+        if b == n or r_sorted[b] != r_sorted[a]:  # the round is complete: ingest it, keep its verdicts
+            linker.ingest([(batch, {})])
+            seen[int(r_sorted[a])] = linker.verdicts()
+            batch = []
+    for r in range(1, int(as_of.max(initial=0)) + 1):  # a round with no logged query changed no verdict
+        seen.setdefault(r, seen[r - 1])
+    scores, flags = np.full(n, np.nan), np.zeros(n, bool)
+    for i in range(n):
+        w, flagged, _ = seen[int(as_of[i])].get(accounts[i], (np.nan, False, 0))
+        scores[i], flags[i] = 1.0 - w, flagged
     return {"scores": scores, "flags": flags, "rows": rows}

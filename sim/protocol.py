@@ -6,6 +6,7 @@ Kept free of torch and scipy so that client actors, which only send queries, sta
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,12 @@ def make_keys(accounts: list[Account], seed: int | None = None) -> dict[str, Acc
         return {secrets.token_hex(16): a for a in accounts}
     rng = np.random.default_rng(seed)
     return {rng.bytes(16).hex(): a for a in accounts}
+
+
+def new_request_id() -> str:
+    """A request's id: 32 hex digits, the time it was made (nanoseconds since the epoch) then 64 random bits, so that
+    sorting ids sorts requests by when they were made (account linking merges its shards' rows that way)."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 @dataclass

@@ -27,7 +27,7 @@ from . import storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 STREAM_SUFFIX = ".arrows"
 
 SCHEMA = pa.schema(
@@ -67,12 +67,18 @@ COLUMNS = SCHEMA.names
 ANSWERED = ("answered", "perturbed")  # actions that returned probabilities
 
 
+DETECTOR_SUFFIXES = ("_score", "_flagged", "_seq", "_round", "_as_of")
+
+
 def detector_fields(name: str) -> list[pa.Field]:
     """The columns of each detector a run has: its score (higher = more suspicious; null before it has one), its
     flag (for stateful detectors, the key's flag as of this query) and, for stateful detectors, the query's position
-    in its key's history, in the order the key's owner in the detection tier saw it (null for stateless ones)."""
+    in its key's history, in the order the key's owner in the detection tier saw it (null for stateless ones). A
+    detector fed in rounds (account linking) also records the round that took the query in and the round whose
+    verdict the query got (0: none yet); null for the others."""
     return [pa.field(f"{name}_score", pa.float32()), pa.field(f"{name}_flagged", pa.bool_()),
-            pa.field(f"{name}_seq", pa.int64())]
+            pa.field(f"{name}_seq", pa.int64()), pa.field(f"{name}_round", pa.int32()),
+            pa.field(f"{name}_as_of", pa.int32())]
 
 
 def schema_for(input_shape: tuple[int, ...], detectors: tuple[str, ...] | list[str] = ()) -> pa.Schema:
@@ -181,8 +187,11 @@ class QueryLogWriter:
                                      else pa.array(np.asarray(det.scores, np.float32), from_pandas=True))
             cols[f"{name}_flagged"] = (pa.nulls(n, pa.bool_()) if det is None
                                        else pa.array(np.asarray(det.flags, bool)))
-            cols[f"{name}_seq"] = (pa.nulls(n, pa.int64()) if det is None or det.seq is None
-                                   else pa.array(np.asarray(det.seq, np.int64)))
+            for col, kind, dtype in (("seq", pa.int64(), np.int64), ("round", pa.int32(), np.int32),
+                                     ("as_of", pa.int32(), np.int32)):
+                value = None if det is None else getattr(det, col)
+                cols[f"{name}_{col}"] = (pa.nulls(n, kind) if value is None
+                                         else pa.array(np.asarray(value, dtype)))
         self._stream.write_batch(pa.RecordBatch.from_pydict(cols, schema=self.schema))
         self._sink.flush()
         self.rows += n
@@ -252,7 +261,8 @@ def read(queries_dir: str, columns: list[str] | None = None) -> pa.Table:
         parts.append(table.select(columns) if columns else table)
     if not parts:  # no log yet: an empty table with the columns asked for (detector columns included)
         extra = [f for c in columns or [] if c not in SCHEMA.names
-                 for f in detector_fields(c.rsplit("_", 1)[0]) if f.name == c]
+                 for suffix in DETECTOR_SUFFIXES if c.endswith(suffix)
+                 for f in detector_fields(c[: -len(suffix)]) if f.name == c]
         empty = pa.schema(list(SCHEMA) + extra).empty_table()
         return empty.select(columns) if columns else empty
     table = pa.concat_tables(parts, promote_options="default")

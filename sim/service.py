@@ -10,9 +10,9 @@ import base64
 import binascii
 import io
 import json
+import secrets
 import threading
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from . import pow
 from .detectors import Detector
 from .errors import RequestError
 from .policy import ACTIONS, Rule, acted_on, combine
-from .protocol import API_KEY_HEADER, Account, Reply
+from .protocol import API_KEY_HEADER, Account, Reply, new_request_id
 from .querylog import QueryLogWriter, input_digest
 from .tier import LocalTier
 from .training import predict_probs
@@ -190,7 +190,7 @@ class VictimService:
         x, clean, bits = item["x"], item["clean"], item["pow_bits"]
         n = len(x)
         share = None if seconds is None else np.full(n, float(seconds) * bits / max(bits.sum(), 1))
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         with self._lock:  # defenses may hold state (a random generator): one request at a time, as in query
             if ok:
                 returned = self._defend(clean, x, item["perturb"])
@@ -242,7 +242,7 @@ class VictimService:
                start: float | None = None) -> Reply:
         """Refuse a request before reading any image, and log it as one refused row."""
         account = self.accounts.get(api_key) if isinstance(api_key, str) else None
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         if self.writer is not None:
             latency = (time.perf_counter() - start) * 1e3 if start is not None else 0.0
             with self._lock:
@@ -295,7 +295,7 @@ class VictimService:
     def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
                 start: float) -> Reply:
         n = len(x)
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         detections = self._detect(request_id, account, actor_id, x, clean)
         decisions = []
         for name in self.detectors:
@@ -314,7 +314,7 @@ class VictimService:
         challenge = None
         asked = np.flatnonzero(act == "proof_of_work")
         if len(asked):
-            challenge = {"id": uuid.uuid4().hex, "nonce": pow.new_nonce(), "bits": pow.combined_bits(bits[asked]),
+            challenge = {"id": secrets.token_hex(16), "nonce": pow.new_nonce(), "bits": pow.combined_bits(bits[asked]),
                          "indices": asked.tolist()}
             self.tier.issue(account.account_id, challenge["id"], {
                 "account": account.account_id, "nonce": challenge["nonce"], "bits": challenge["bits"],

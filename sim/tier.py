@@ -53,39 +53,51 @@ def spread(keys, shards: int) -> list[int]:
 
 
 class _LinkBook:
-    """A shard's part of account linking: per account, what it asked since the linker last pulled (8-bit pixels,
-    labels, the time the shard scored them), how many queries it has sent, and the linker's latest verdict."""
+    """A shard's part of account linking: per account, what it asked since the linker last pulled (request id,
+    8-bit pixels, labels), how many queries it has sent, and the linker's latest verdict.
+
+    The linker works in rounds: round r pulls every shard's new rows once (:meth:`pull`), re-clusters, and publishes
+    its verdicts (:meth:`publish`). Each query's :class:`Detection` says which round takes it in (``round``: the
+    pulls so far + 1) and which round's verdict it got (``as_of``; 0 before the first), which the query log keeps,
+    so that an offline replay reproduces linking's flags at the points where they were published."""
 
     def __init__(self, every: int):
         self.every = every
-        self.rows: list[tuple[int, int, str, np.ndarray, np.ndarray]] = []  # (time ns, order, account, x, labels)
+        self.rows: list[tuple[str, str, np.ndarray, np.ndarray]] = []  # (request id, account, x, labels)
         self.count: dict[str, int] = {}
         self.verdict: dict[str, tuple[float, bool]] = {}  # account -> (W of its cluster, flagged)
         self.since = 0  # queries since the last pull
-        self.order = 0
+        self.pulled = 0  # rounds that have pulled this shard
+        self.published = 0  # the round whose verdicts this shard holds
         self.lags: list[int] = []  # queries an account sent between the linker's pull and its flag's arrival
-        self.last_pull: tuple[str | None, Any] = (None, None)
+        self.last_pull: tuple[list, dict[str, int]] = ([], {})
 
-    def score(self, account: str, x: np.ndarray, labels: np.ndarray) -> Detection:
+    def score(self, request_id: str, account: str, x: np.ndarray, labels: np.ndarray) -> Detection:
         w, flagged = self.verdict.get(account, (float("nan"), False))
-        self.rows.append((time.time_ns(), self.order, account, x.reshape(len(x), -1), np.asarray(labels, np.int64)))
-        self.order += 1
+        self.rows.append((request_id, account, x.reshape(len(x), -1), np.asarray(labels, np.int64)))
         self.count[account] = self.count.get(account, 0) + len(x)
         self.since += len(x)
-        return Detection(np.full(len(x), 1.0 - w), np.full(len(x), flagged), was_flagged=flagged)
+        n = len(x)
+        return Detection(np.full(n, 1.0 - w), np.full(n, flagged), was_flagged=flagged,
+                         round=np.full(n, self.pulled + 1, np.int32), as_of=np.full(n, self.published, np.int32))
 
-    def pull(self, pull_id: str | None = None) -> tuple[list, dict[str, int]]:
-        if pull_id is not None and self.last_pull[0] == pull_id:  # a retried pull gets the same rows again
-            return self.last_pull[1]
+    def pull(self, round_: int) -> tuple[list, dict[str, int]]:
+        if round_ == self.pulled:  # a retried pull gets the same rows again
+            return self.last_pull
+        if round_ != self.pulled + 1:
+            raise ValueError(f"linking round {round_} pulled from a shard at round {self.pulled}")
         rows, self.rows, self.since = self.rows, [], 0
-        self.last_pull = (pull_id, (rows, dict(self.count)))
-        return self.last_pull[1]
+        self.pulled, self.last_pull = round_, (rows, dict(self.count))
+        return self.last_pull
 
-    def publish(self, updates: dict[str, tuple[float, bool, int]]) -> None:
+    def publish(self, round_: int, updates: dict[str, tuple[float, bool, int]]) -> None:
+        if round_ <= self.published:  # a retried publish: applied already
+            return
         for account, (w, flagged, as_of) in updates.items():
             if flagged and not self.verdict.get(account, (0, False))[1]:
                 self.lags.append(self.count.get(account, as_of) - as_of)
             self.verdict[account] = (w, flagged)
+        self.published = round_
 
     def is_flagged(self, account: str) -> bool:
         return self.verdict.get(account, (0, False))[1]
@@ -126,7 +138,7 @@ class Shard:
         for name, key in items:
             det = self.detectors[name]
             if isinstance(det, _LinkBook):
-                res = det.score(key, x, labels)
+                res = det.score(request_id, key, x, labels)
             else:
                 was = det.is_flagged(key)
                 res = det.score(key, x, labels, probs)
@@ -167,14 +179,15 @@ class Shard:
         return item
 
     # -- account linking -------------------------------------------------------------------------
-    def pull(self, name: str, pull_id: str | None = None) -> tuple[list, dict[str, int]]:
-        """What linking detector ``name`` recorded since the last pull (rows), and each account's query count.
-        A pull repeated with the same ``pull_id`` (a retry) returns the same rows."""
-        return self.detectors[name].pull(pull_id)
+    def pull(self, name: str, round_: int) -> tuple[list, dict[str, int]]:
+        """What linking detector ``name`` recorded since the last pull (rows), and each account's query count, for
+        the linker's round ``round_``. Pulling the same round again (a retry) returns the same rows."""
+        return self.detectors[name].pull(round_)
 
-    def publish(self, name: str, updates: dict[str, tuple[float, bool, int]]) -> None:
-        """The linker's verdicts on this shard's accounts: account -> (W, flagged, its query count at the pull)."""
-        self.detectors[name].publish(updates)
+    def publish(self, name: str, round_: int, updates: dict[str, tuple[float, bool, int]]) -> None:
+        """Round ``round_``'s verdicts on this shard's accounts: account -> (W, flagged, its query count at the
+        pull). Publishing a round again (a retry) changes nothing."""
+        self.detectors[name].publish(round_, updates)
 
     # -- what it holds -----------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -203,9 +216,10 @@ class Linker:
         self.pulls = 0
 
     def ingest(self, pulled: list[tuple[list, dict[str, int]]]) -> None:
-        """Rows pulled from every shard, merged by the time each shard scored them."""
-        rows = sorted((row for part, _ in pulled for row in part), key=lambda r: (r[0], r[1]))
-        for _, _, account, x, labels in rows:
+        """One round: the rows pulled from every shard, merged by request id (which starts with the time the Serve
+        replica made it, :func:`sim.protocol.new_request_id`), so the merge depends only on what the log records."""
+        rows = sorted((row for part, _ in pulled for row in part), key=lambda r: r[0])
+        for _, account, x, labels in rows:
             self.linker.score(account, x, labels)
         for _, counts in pulled:
             self.counts.update(counts)
@@ -242,10 +256,11 @@ class LocalTier:
             out.update(self.shards[s].score(request_id, own, x, labels, probs))
         for name, linker in self.linkers.items():
             if sum(sh.detectors[name].since for sh in self.shards) >= self.every[name]:
-                linker.ingest([sh.pull(name) for sh in self.shards])
+                linker.ingest([sh.pull(name, linker.pulls + 1) for sh in self.shards])
                 updates = linker.verdicts()
                 for i, sh in enumerate(self.shards):
-                    sh.publish(name, {a: u for a, u in updates.items() if owner(a, len(self.shards)) == i})
+                    sh.publish(name, linker.pulls,
+                               {a: u for a, u in updates.items() if owner(a, len(self.shards)) == i})
         return out
 
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:

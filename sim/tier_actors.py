@@ -109,11 +109,11 @@ class ShardActor:
     def take(self, challenge_id, account_id):
         return self.durable.apply("take", challenge_id, account_id)
 
-    def pull(self, name, pull_id):
-        return self.durable.apply("pull", name, pull_id)
+    def pull(self, name, round_):
+        return self.durable.apply("pull", name, round_)
 
-    def publish(self, name, updates):
-        return self.durable.apply("publish", name, updates)
+    def publish(self, name, round_, updates):
+        return self.durable.apply("publish", name, round_, updates)
 
     def stats(self):
         return {**self.durable.obj.stats(), "pid": os.getpid(), "restored": self.durable.restored}
@@ -137,12 +137,12 @@ class LinkerActor:
             return
         self.since = {}
         linker = self.durable.obj
-        pull_id = f"{self.name}-{linker.pulls}"  # the same id again if this call is retried after a crash
+        round_ = linker.pulls + 1  # the same round again if the linker crashed before ingesting it
         handles = [_actor(shard_name(self.app, i)) for i in range(self.shards)]
-        pulled = ray.get([h.pull.remote(self.name, pull_id) for h in handles])
+        pulled = ray.get([h.pull.remote(self.name, round_) for h in handles])
         self.durable.apply("ingest", pulled)
         verdicts = linker.verdicts()
-        ray.get([h.publish.remote(self.name, {a: v for a, v in verdicts.items() if owner(a, self.shards) == i})
+        ray.get([h.publish.remote(self.name, round_, {a: v for a, v in verdicts.items() if owner(a, self.shards) == i})
                  for i, h in enumerate(handles)])
 
     def stats(self):

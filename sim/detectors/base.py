@@ -33,6 +33,10 @@ class Detection:
     flags: np.ndarray  # bool (N,): the account (or query) is flagged as of this query
     seq: np.ndarray | None = None  # int (N,): each query's position in its key's history (set by the tier)
     was_flagged: bool = False  # the key was flagged before this batch (set by the tier)
+    # a detector fed in rounds (account linking, see sim.tier): the round that takes each query in, and the round
+    # whose verdict it got (0: none yet)
+    round: np.ndarray | None = None
+    as_of: np.ndarray | None = None
 
 
 def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from sim.serving import VictimSpec, delete, deploy
 from ..unit.test_link import _jbda_like
 
 PRADA = {"delta": 0.95, "min_pool": 50}
+LINK = {"every": 60, "min_queries": 10, "min_pool": 50}
 
 
 def _model():
@@ -85,7 +86,8 @@ def app(ray_serve):
 def test_two_replicas_and_two_shards_flag_what_one_service_flags_and_replay_is_exact(app, tmp_path):
     keys = _accounts()
     dets = {"prada": {"kind": "prada", "params": PRADA},
-            "cohort_prada": {"kind": "prada", "params": {**PRADA, "group": "cohort", "skip_repeats": True}}}
+            "cohort_prada": {"kind": "prada", "params": {**PRADA, "group": "cohort", "skip_repeats": True}},
+            "link": {"kind": "link", "params": LINK}}
     rules = {"cohort_prada": {"group": "cohort"}}
     handle = app(_spec(tmp_path, keys, dets, rules, shards=2), replicas=2)
     requests, replies = _requests(keys), {}
@@ -118,6 +120,14 @@ def test_two_replicas_and_two_shards_flag_what_one_service_flags_and_replay_is_e
         assert np.array_equal(again["flags"], rows.column(f"{name}_flagged").to_numpy(zero_copy_only=False)), name
         np.testing.assert_array_equal(np.float32(again["scores"]),
                                       np.float32(rows.column(f"{name}_score").to_numpy(zero_copy_only=False)))
+    # linking, round by round as the linker took the queries in, each query with the verdict it got online
+    rounds, as_of = (rows.column(f"link_{c}").to_numpy() for c in ("round", "as_of"))
+    assert rounds.max() >= 5 and as_of.max() >= 4
+    again = analysis.replay(table, "link", LINK, order="link")
+    assert np.array_equal(again["flags"], rows.column("link_flagged").to_numpy(zero_copy_only=False))
+    online = np.float32(rows.column("link_score").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(np.float32(again["scores"]), online)
+    assert not np.isnan(online).all()
 
 
 def _probs(service, x):

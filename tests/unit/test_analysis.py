@@ -82,6 +82,69 @@ def test_replay_needs_logged_images_for_image_detectors(run_dir, tmp_path):
         analysis.replay(table, "prada", group="ip")
 
 
+class _LaggingTier:
+    """The detection tier as on Ray, in one process: account linking's verdicts reach the shards ``lag`` requests
+    after the linker pulled its round, so queries in between are scored with the previous round's verdict."""
+
+    def __init__(self, det, shards=3, lag=4):
+        import copy
+
+        from sim import tier
+        self.tier, self.lag, self.waiting = tier, lag, None
+        self.shards = [tier.Shard({"link": copy.deepcopy(det)}) for _ in range(shards)]
+        self.linker = tier.Linker(det)
+
+    def score(self, request_id, items, x, labels, probs):
+        out = {}
+        for s, own in self.tier.by_owner(items, len(self.shards)).items():
+            out.update(self.shards[s].score(request_id, own, x, labels, probs))
+        if self.waiting is not None:
+            self.waiting[0] -= 1
+            if self.waiting[0] == 0:
+                for i, shard in enumerate(self.shards):
+                    shard.publish("link", self.linker.pulls, {a: v for a, v in self.waiting[1].items()
+                                                              if self.tier.owner(a, len(self.shards)) == i})
+                self.waiting = None
+        elif sum(s.detectors["link"].since for s in self.shards) >= self.linker.linker.values["every"]:
+            self.linker.ingest([s.pull("link", self.linker.pulls + 1) for s in self.shards])
+            self.waiting = [self.lag, self.linker.verdicts()]
+        return out
+
+
+def test_replaying_linking_round_by_round_reproduces_its_delayed_online_flags(tmp_path):
+    from .test_link import _jbda_like as jbda
+    params = {"every": 100, "min_queries": 10, "min_pool": 50}
+    ds = data.load("mnist5k")
+    model = models.build("lenet", ds.input_shape, 10)
+    keys = {f"k-s{i}": Account(f"sybil-{i:02d}", "attacker", "jbda") for i in range(15)}
+    keys.update({f"k-b{u}": Account(f"benign-{u}", "benign") for u in range(2)})
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), ds.input_shape, "w0", detectors=["link"])
+    det = detectors.build("link", **params)
+    svc = VictimService(model=model, victim="v", run_id="r", accounts=keys, input_shape=ds.input_shape,
+                        detectors={"link": det}, writer=writer, tier=_LaggingTier(det))
+    x, _ = jbda()
+    benign = np.random.default_rng(1).permutation(len(ds.x_test))[:300]
+    for r, start in enumerate(range(0, len(x), 10)):
+        svc.query(f"k-s{r % 15}", x[start:start + 10], "sybils")
+        svc.query(f"k-b{r % 2}", ds.x_test[benign[(r * 5) % 300:(r * 5) % 300 + 5]], f"user-{r % 2}")
+    writer.close()
+    table = querylog.read(str(tmp_path / "queries"))
+    rows = analysis.scored_rows(table)
+    rounds, as_of = (rows.column(f"link_{c}").to_numpy() for c in ("round", "as_of"))
+    assert (as_of < rounds - 1).any() and as_of.max() >= 3  # some queries were scored before their round's verdict
+    online = rows.column("link_flagged").to_numpy(zero_copy_only=False)
+    again = analysis.replay(table, "link", params, order="link")
+    flagged = set(np.asarray(rows.column("account_id").to_pylist())[online])
+    assert len(flagged) >= 5 and not {"benign-0", "benign-1"} & flagged, flagged
+    assert np.array_equal(again["flags"], online)
+    np.testing.assert_array_equal(np.float32(again["scores"]),
+                                  rows.column("link_score").to_numpy(zero_copy_only=False))
+    # other parameters at the same publication points: a cut so tight no two accounts link flags nothing
+    assert not analysis.replay(table, "link", {**params, "distance": 1e-6}, order="link")["flags"].any()
+    with pytest.raises(Exception, match="order='nope'"):
+        analysis.replay(table, "link", params, order="nope")
+
+
 def test_detection_report_per_detector_attack_and_level(run_dir):
     rep = analysis.detection_report(analysis.read_run(run_dir))
     assert set(rep) == {"prada", "cohort", "msp"}

@@ -144,7 +144,7 @@ def test_linking_through_the_tier_flags_what_inline_linking_flags():
         for i, (acct, xb, yb) in enumerate(reqs):
             was = inline.is_flagged(acct)
             inline.score(acct, xb, yb)
-            got = sharded.score(f"r{r}-{i}", [("link", acct)], xb, yb, None)["link"]
+            got = sharded.score(f"r{r:04d}-{i}", [("link", acct)], xb, yb, None)["link"]
             assert got.was_flagged == was  # the verdict a request sees is the inline one
             lags_seen = lags_seen or any("link_lags" in s.stats() for s in sharded.shards)
     linker = sharded.linkers["link"].linker

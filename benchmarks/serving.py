@@ -62,7 +62,8 @@ class BenchClient:
         body = resp.read()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
-        return len(json.loads(body)["results"])
+        answer = json.loads(body)
+        return len(answer["actions"] if "actions" in answer else answer["results"])  # compact answers / JSON
 
     def run(self, seconds: float, batch: int) -> dict:
         rng = np.random.default_rng(0)

@@ -5,6 +5,7 @@ Kept free of torch and scipy so that client actors, which only send queries, sta
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Reply:
     # proof of work: {"id", "nonce", "bits", "indices"}: the queries at ``indices`` are answered once the
     # client sends a counter solving the puzzle (see sim.pow) with the challenge id
     challenge: dict | None = None
+    compact: bool = False  # the request came in a compact encoding: answer in kind (see to_json)
 
     @property
     def actions(self) -> list[str]:
@@ -58,8 +60,26 @@ class Reply:
                 for i, a in enumerate(self.answered)]
 
     def to_json(self) -> dict[str, Any]:
+        """The HTTP answer: one result per query, probabilities as JSON numbers; for a request that came in a compact
+        encoding (``compact``), the answer in kind: per-query ``actions``, ``labels`` (-1 where not answered) and
+        ``reasons``, and ``probs`` as ``{"float32": BASE64, "shape": [N, K]}`` (the exact float32 values, NaN where
+        not answered)."""
         if self.status >= 400 and not len(self.answered):
             return {"error": self.reason, "request_id": self.request_id}
+        if self.compact:
+            probs = np.ascontiguousarray(self.probs, np.float32)
+            out = {"request_id": self.request_id, "account": self.account_id, "actions": self.actions,
+                   "labels": [int(v) for v in self.labels], "reasons": list(self.reasons),
+                   "probs": {"float32": base64.b64encode(probs.tobytes()).decode(), "shape": list(probs.shape)}}
+        else:
+            out = {"request_id": self.request_id, "account": self.account_id, "results": self._results()}
+        if self.challenge:
+            out["challenge"] = {k: self.challenge[k] for k in ("id", "nonce", "bits")}
+        if self.reason:
+            out["error"] = self.reason
+        return out
+
+    def _results(self) -> list[dict]:
         results = []
         for i, action in enumerate(self.actions):
             if action == "answered":
@@ -69,9 +89,4 @@ class Reply:
                 results.append({"action": action})
             else:
                 results.append({"action": action, "reason": self.reasons[i]})
-        out = {"request_id": self.request_id, "account": self.account_id, "results": results}
-        if self.challenge:
-            out["challenge"] = {k: self.challenge[k] for k in ("id", "nonce", "bits")}
-        if self.reason:
-            out["error"] = self.reason
-        return out
+        return results

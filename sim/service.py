@@ -100,7 +100,7 @@ def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: i
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, "'uint8' is not valid base64 text") from None
-    return np.frombuffer(raw, np.uint8).reshape(shape)
+    return np.frombuffer(bytearray(raw), np.uint8).reshape(shape)  # writable, as torch wants it
 
 
 def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
@@ -121,7 +121,35 @@ def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_images: int) -
     if len(body) - buf.tell() != count * dtype.itemsize:
         raise RequestError(400, f"the .npy body holds {len(body) - buf.tell()} bytes of data; its header "
                                 f"({dtype}, {list(shape)}) needs {count * dtype.itemsize}")
-    return np.frombuffer(body, dtype, count=count, offset=buf.tell()).reshape(shape)
+    return np.frombuffer(body, dtype, count=count, offset=buf.tell()).reshape(shape).copy()  # writable
+
+
+PNG_TYPE = "image/png"
+PNG_MODES = {1: "L", 3: "RGB"}
+
+
+def parse_png(body: bytes, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
+    """One image as a PNG body (``Content-Type: image/png``): 8-bit grayscale for one channel, 8-bit RGB for three,
+    of the victim's size; its header (size, mode) is checked before the pixels are decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = input_shape
+    try:
+        img = Image.open(io.BytesIO(body), formats=["PNG"])  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise RequestError(400, f"malformed {PNG_TYPE} body: expected one PNG image") from None
+    want = PNG_MODES.get(c)
+    if img.size != (w, h) or img.mode != want:
+        raise RequestError(400, f"PNG image is {img.size[0]}x{img.size[1]} {img.mode}; expected {w}x{h} "
+                                f"{want or f'(no PNG mode holds {c} channels)'}")
+    try:
+        pixels = np.asarray(img, np.uint8)
+    except (OSError, ValueError, SyntaxError):
+        raise RequestError(400, f"malformed {PNG_TYPE} body: its pixel data does not decode") from None
+    return (pixels[None, None] if c == 1 else pixels.transpose(2, 0, 1)[None]).copy()
+
+
+BINARY_TYPES = {NPY_TYPE: parse_npy, PNG_TYPE: parse_png}  # Content-Type -> parser of a binary query body
 
 
 class VictimService:
@@ -161,8 +189,9 @@ class VictimService:
         self._lock = threading.Lock()  # the defense (a random generator) and the writer: one request at a time
 
     # -- entry points --------------------------------------------------------------------------
-    def query(self, api_key: str | None, images: Any, actor_id: str | None = None) -> Reply:
-        """Answer one request: one account, a batch of images. Never raises for a bad request."""
+    def query(self, api_key: str | None, images: Any, actor_id: str | None = None, compact: bool = False) -> Reply:
+        """Answer one request: one account, a batch of images. Never raises for a bad request. ``compact``: the
+        request came over HTTP in a compact encoding, and so does its answer (and the answer to its challenge)."""
         start = time.perf_counter()
         try:
             account = self._account(api_key)
@@ -170,7 +199,7 @@ class VictimService:
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
         clean = predict_probs(self.model, x)
-        return self._answer(account, actor_id, x, clean, start)
+        return self._answer(account, actor_id, x, clean, start, compact)
 
     def solve(self, api_key: str | None, challenge_id: Any, counter: Any, actor_id: str | None = None,
               seconds: float | None = None) -> Reply:
@@ -205,20 +234,24 @@ class VictimService:
                       pow_bits=bits, pow_seconds=share, resubmission=True)
         answered = np.full(n, ok)
         status, reason = (200, None) if ok else (403, reasons[0])
-        return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned)
+        return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned,
+                     compact=item.get("compact", False))
 
     def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None,
                    content_type: str | None = None) -> Reply:
         """The HTTP path. A JSON body ``{"images": [...]}`` (floats in [0, 1] or 0..255 integers) or ``{"uint8":
         BASE64, "shape": [N, C, H, W]}`` is a query, ``{"challenge": ID, "solution": N}`` (optionally
-        ``"seconds"``) answers a proof-of-work challenge; a body of type ``application/x-npy`` is a query too."""
+        ``"seconds"``) answers a proof-of-work challenge; a body of type ``application/x-npy`` (a batch) or
+        ``image/png`` (one image) is a query too. A query in a compact encoding (base64, .npy, PNG) is answered in
+        kind (:meth:`sim.protocol.Reply.to_json`)."""
         start = time.perf_counter()
-        if (content_type or "").split(";")[0].strip().lower() == NPY_TYPE:
+        kind = (content_type or "").split(";")[0].strip().lower()
+        if kind in BINARY_TYPES:
             try:
-                images = parse_npy(body, self.input_shape, self.max_images)
+                images = BINARY_TYPES[kind](body, self.input_shape, self.max_images)
             except RequestError as exc:
                 return self.reject(api_key, exc.status, exc.reason, actor_id, start)
-            return self.query(api_key, images, actor_id)
+            return self.query(api_key, images, actor_id, compact=True)
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -231,11 +264,11 @@ class VictimService:
                 images = parse_base64(payload, self.input_shape, self.max_images)
             except RequestError as exc:
                 return self.reject(api_key, exc.status, exc.reason, actor_id, start)
-            return self.query(api_key, images, actor_id)
+            return self.query(api_key, images, actor_id, compact=True)
         if not isinstance(payload, dict) or "images" not in payload:
             return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}, "
                                              "{\"uint8\": BASE64, \"shape\": [N, C, H, W]} or {\"challenge\": ID, "
-                                             f"\"solution\": N}}, or a {NPY_TYPE} body", actor_id, start)
+                                             f"\"solution\": N}}, or a {NPY_TYPE} or {PNG_TYPE} body", actor_id, start)
         return self.query(api_key, payload["images"], actor_id)
 
     def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,
@@ -293,7 +326,7 @@ class VictimService:
         return out
 
     def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
-                start: float) -> Reply:
+                start: float, compact: bool = False) -> Reply:
         n = len(x)
         request_id = new_request_id()
         detections = self._detect(request_id, account, actor_id, x, clean)
@@ -318,7 +351,8 @@ class VictimService:
                          "indices": asked.tolist()}
             self.tier.issue(account.account_id, challenge["id"], {
                 "account": account.account_id, "nonce": challenge["nonce"], "bits": challenge["bits"],
-                "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked], "perturb": [perturb[i] for i in asked]})
+                "x": x[asked], "clean": clean[asked], "pow_bits": bits[asked], "perturb": [perturb[i] for i in asked],
+                "compact": compact})
         returned = np.full_like(clean, np.nan)
         with self._lock:
             if answer.any():
@@ -334,7 +368,7 @@ class VictimService:
         else:
             status, reason = 403, reasons[0]
         return Reply(status, reason, request_id, account.account_id, answer, reasons, labels, returned,
-                     challenge)
+                     challenge, compact)
 
     def _log(self, request_id: str, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start,
              *, detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> None:

@@ -104,51 +104,63 @@ def test_a_replica_killed_with_sigkill_loses_no_answered_query(victim_app):
     assert querylog.read(log_dir).num_rows == answered + 1
 
 
-def test_compact_encodings_base64_and_npy_answer_like_json_floats(victim_app):
+def test_compact_encodings_base64_npy_and_png_are_answered_in_kind(victim_app):
     import base64
     import io
+
+    from PIL import Image
 
     url, log_dir = victim_app
     x = data.load("mnist5k").x_test[:3]
     _, floats = post(url, {"images": (x[:, 0] / 255.0).tolist()})
-    _, b64 = post(url, {"uint8": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape)})
-    buf = io.BytesIO()
-    np.save(buf, x)
-    req = urllib.request.Request(url, data=buf.getvalue(), method="POST",
-                                 headers={"Content-Type": "application/x-npy", "X-API-Key": "good-key"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        npy = json.loads(resp.read())
-    for body in (b64, npy):  # the same pixels, the same answers
-        assert [r["probs"] for r in body["results"]] == [r["probs"] for r in floats["results"]]
 
-    def npy_body(arr, cut=0):
-        out = io.BytesIO()
-        np.save(out, arr)
-        return out.getvalue()[:len(out.getvalue()) - cut]
-
-    def post_npy(body):
-        req = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/x-npy", "X-API-Key": "good-key"})
+    def send(body, kind):
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": kind,
+                                                                               "X-API-Key": "good-key"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
+    def npy_body(arr, cut=0):
+        out = io.BytesIO()
+        np.save(out, arr)
+        return out.getvalue()[:len(out.getvalue()) - cut]
+
+    def png_body(img, mode="L"):
+        out = io.BytesIO()
+        Image.fromarray(img, mode).save(out, format="PNG")
+        return out.getvalue()
+
     text = base64.b64encode(x.tobytes()).decode()
+    _, b64 = post(url, {"uint8": text, "shape": list(x.shape)})
+    _, npy = send(npy_body(x), "application/x-npy")
+    _, png = send(png_body(x[0, 0]), "image/png")
+    want = np.array([r["probs"] for r in floats["results"]], np.float32)
+    for body, n in ((b64, 3), (npy, 3), (png, 1)):  # the same pixels, the same answers, as exact float32
+        probs = np.frombuffer(base64.b64decode(body["probs"]["float32"]), np.float32).reshape(body["probs"]["shape"])
+        assert body["actions"] == ["answered"] * n and body["labels"] == [r["label"] for r in floats["results"][:n]]
+        np.testing.assert_allclose(probs, want[:n], atol=1e-6)
+    assert "results" not in b64
+
     bad = [
-        (post, {"uint8": text[:-4], "shape": list(x.shape)}, 400, "must be the base64 text of 2352 bytes"),
-        (post, {"uint8": text, "shape": [3, 28, 28, 1]}, 400, "images shape [3, 28, 28, 1] is wrong"),
-        (post, {"uint8": text, "shape": [9, 1, 28, 28]}, 413, "too many images: 9 > serve.max_images=4"),
-        (post, {"uint8": "!" * len(text), "shape": list(x.shape)}, 400, "not valid base64"),
-        (post_npy, b"not numpy at all", 400, "malformed application/x-npy body"),
-        (post_npy, npy_body(x, cut=10), 400, "needs 2352"),
-        (post_npy, npy_body(x.astype(np.int64)), 400, "dtype int64"),
-        (post_npy, npy_body(np.zeros((5, 1, 28, 28), np.uint8)), 413, "too many images: 5"),
-        (post_npy, npy_body(np.full((1, 28, 28), 2.0)), 400, "must be in [0, 1]"),
+        (None, {"uint8": text[:-4], "shape": list(x.shape)}, 400, "must be the base64 text of 2352 bytes"),
+        (None, {"uint8": text, "shape": [3, 28, 28, 1]}, 400, "images shape [3, 28, 28, 1] is wrong"),
+        (None, {"uint8": text, "shape": [9, 1, 28, 28]}, 413, "too many images: 9 > serve.max_images=4"),
+        (None, {"uint8": "!" * len(text), "shape": list(x.shape)}, 400, "not valid base64"),
+        ("application/x-npy", b"not numpy at all", 400, "malformed application/x-npy body"),
+        ("application/x-npy", npy_body(x, cut=10), 400, "needs 2352"),
+        ("application/x-npy", npy_body(x.astype(np.int64)), 400, "dtype int64"),
+        ("application/x-npy", npy_body(np.zeros((5, 1, 28, 28), np.uint8)), 413, "too many images: 5"),
+        ("application/x-npy", npy_body(np.full((1, 28, 28), 2.0)), 400, "must be in [0, 1]"),
+        ("image/png", b"\x89PNG but not really", 400, "malformed image/png body"),
+        ("image/png", png_body(np.zeros((32, 32), np.uint8)), 400, "PNG image is 32x32 L; expected 28x28 L"),
+        ("image/png", png_body(np.zeros((28, 28, 3), np.uint8), "RGB"), 400, "28x28 RGB; expected 28x28 L"),
+        ("image/png", png_body(x[0, 0])[:-30], 400, "does not decode"),
     ]
-    for send, body, code, reason in bad:
-        status, reply = send(body) if send is post_npy else send(url, body)
+    for kind, body, code, reason in bad:
+        status, reply = post(url, body) if kind is None else send(body, kind)
         assert status == code and reason in reply["error"], (reason, reply)
     table = querylog.read(log_dir)
-    assert table.num_rows == 9 + len(bad)  # every bad body is a refused row
+    assert table.num_rows == 10 + len(bad)  # every bad body is a refused row

@@ -163,3 +163,31 @@ def test_the_defense_shapes_the_answers_and_the_log_records_its_distortion(tmp_p
     np.testing.assert_allclose(l1[5:], 0.25, atol=1e-5)
     assert not table.column("top1_changed").to_numpy(zero_copy_only=False)[:5].any()  # labels_only keeps top-1
     np.testing.assert_allclose(mad, np.array(table.column("returned_probs").to_pylist())[5:], atol=1e-7)
+
+
+def test_a_compact_query_and_its_proof_of_work_are_answered_in_kind():
+    import base64
+
+    from sim import pow
+
+    model = models.build("lenet", (1, 28, 28), 10)
+    keys = {"k": Account("a-0", "attacker", "jbda")}
+    svc = VictimService(model=model, victim="v", run_id="r", accounts=keys, input_shape=(1, 28, 28),
+                        detectors={"msp": detectors.build("msp", threshold=-1.0)},  # flags every query
+                        rules={"msp": Rule(action="proof_of_work", threshold=0, saturate=1, bits_min=4, bits_max=4)})
+    x = data.load("mnist5k").x_test[:3]
+    body = json.dumps({"uint8": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape)}).encode()
+    asked = svc.query_json("k", body)
+    out = asked.to_json()
+    assert asked.status == 202 and out["actions"] == ["challenged"] * 3 and out["labels"] == [-1] * 3
+    assert np.isnan(np.frombuffer(base64.b64decode(out["probs"]["float32"]), np.float32)).all()
+    counter, _ = pow.solve(out["challenge"]["nonce"], out["challenge"]["bits"])
+    solved = svc.query_json("k", json.dumps({"challenge": out["challenge"]["id"], "solution": counter}).encode())
+    got = solved.to_json()
+    probs = np.frombuffer(base64.b64decode(got["probs"]["float32"]), np.float32).reshape(got["probs"]["shape"])
+    assert got["actions"] == ["answered"] * 3 and got["probs"]["shape"] == [3, 10]
+    np.testing.assert_array_equal(probs, solved.probs)  # the exact float32 values
+    assert got["labels"] == probs.argmax(1).tolist()
+    # the same request as JSON numbers gets the per-query results
+    plain = svc.query_json("k", json.dumps({"images": (x[:, 0] / 255.0).tolist()}).encode()).to_json()
+    assert [r["action"] for r in plain["results"]] == ["challenged"] * 3 and "actions" not in plain

@@ -310,8 +310,9 @@ class ScenarioConfig(_Strict):
     run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>)")
     cache_dir: str = Field("~/.cache/mlsim", description="victim checkpoint cache")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where victim and replica training and the Serve replicas' model run: auto (CUDA when a "
-                            "GPU is visible, else the CPU), cpu, cuda (an error where there is none)")
+        "auto", description="where victim, replica and detector-model training and the Serve replicas' models (the "
+                            "victim, MAD's surrogate, the detectors' own) run: auto (CUDA when a GPU is visible, "
+                            "else the CPU), cpu, cuda (an error where there is none)")
     victim: VictimConfig = VictimConfig()
     data: DataConfig = DataConfig()
     defense: DefenseConfig = DefenseConfig()

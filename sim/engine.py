@@ -163,7 +163,7 @@ def prepare_models(cfg: ScenarioConfig, victim: zoo.Victim, quiet: bool = False)
     """The scenario's detectors (:func:`sim.detection.setup`) and the trained models its defenses need (the
     victim's, and those detectors answer flagged queries through), with progress bars while models train."""
     bars = _Bars(quiet)
-    ctx = zoo.ModelContext.of(cfg, victim, on_epoch=bars)
+    ctx = zoo.ModelContext.of(cfg, victim, on_epoch=bars, device=devices.local(cfg.device))
     try:  # the models of the victim's defense and of the detectors' perturbations, by defense name
         return detection.setup(cfg, ctx), {name: made for spec in cfg.defense_specs().values()
                                            for name, made in defenses.prepare(spec, ctx).items()}
@@ -177,10 +177,11 @@ def defended_test_set(cfg: ScenarioConfig, victim: zoo.Victim, defense_models: d
     :func:`sim.defenses.prepare` made, if done already; ``clean``: the victim's probabilities there, likewise)."""
     ds = victim.dataset
     if defense_models is None:
-        defense_models = defenses.prepare(cfg.defense.spec(), zoo.ModelContext.of(cfg, victim))
+        ctx = zoo.ModelContext.of(cfg, victim, device=devices.local(cfg.device))
+        defense_models = defenses.prepare(cfg.defense.spec(), ctx)
     clean = predict_probs(victim.model, ds.x_test) if clean is None else clean
     defense = defenses.from_spec(cfg.defense.spec(), victim=victim.float_victim, models=defense_models)
-    return evaluate_defense(defense, clean, ds.x_test, ds.y_test)
+    return evaluate_defense(defense.to(devices.local(cfg.device)), clean, ds.x_test, ds.y_test)
 
 
 def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: dict[str, Account], log_dir: str,

@@ -195,10 +195,20 @@ class Component(ABC):
     category: ClassVar[str] = "component"
     name: ClassVar[str] = "?"
     params: ClassVar[dict[str, Param]] = {}
+    device: str = "cpu"  # where its models are (see to)
 
     def __init__(self, **params):
         self.values: dict[str, Any] = self.defaults()
         self.set_params(**params)
+
+    def to(self, device: str) -> "Component":
+        """Put the component's models (its public attributes that are torch modules) on ``device``; its computations
+        follow them there and hand back CPU results. A component holding models elsewhere overrides this."""
+        self.device = device
+        for name, value in vars(self).items():
+            if not name.startswith("_") and hasattr(value, "parameters") and hasattr(value, "to"):
+                value.to(device)  # a private one may be the caller's (MAD's victim architecture): left alone
+        return self
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

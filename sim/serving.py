@@ -59,6 +59,9 @@ class VictimSpec:
 def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
     """The spec's detectors and their rules, with the trained models they need."""
     built = detectors.build_named(spec.detectors, spec.detector_models)
+    for det in built.values():
+        if not det.stateful:  # the stateful ones live in the detection tier's shards, on the CPU
+            det.to(spec.device)
     return built, {name: Rule(**spec.rules.get(name, {})) for name in spec.detectors}
 
 
@@ -66,7 +69,7 @@ def build_defense(spec: VictimSpec, defense: dict):
     """The defense a spec mapping describes, given the models it may need and the victim's architecture (a fresh
     float copy: MAD's default surrogate is a seeded random copy of it, also for an int8 victim)."""
     architecture = models.from_bytes(spec.model, architecture_only=True)
-    return defenses.from_spec(defense, victim=architecture, models=spec.defense_models)
+    return defenses.from_spec(defense, victim=architecture, models=spec.defense_models).to(spec.device)
 
 
 def build_service(spec: VictimSpec, writer_id: str, tier=None) -> VictimService:

@@ -259,11 +259,12 @@ class ModelContext:
     seed: int
     cache_dir: str
     on_epoch: Callable[[str, int, int, float], None] | None = None
+    device: str = "cpu"  # where components train their models (what they make is stored for the CPU)
 
     @classmethod
-    def of(cls, cfg, victim: Victim, on_epoch=None) -> "ModelContext":
+    def of(cls, cfg, victim: Victim, on_epoch=None, device: str = "cpu") -> "ModelContext":
         """The context of a :class:`sim.config.ScenarioConfig` and its trained victim."""
-        return cls(victim, cfg.victim, cfg.data, cfg.seed, cfg.cache_dir, on_epoch)
+        return cls(victim, cfg.victim, cfg.data, cfg.seed, cfg.cache_dir, on_epoch, device)
 
     def victim_variant(self, **changes) -> Victim:
         """The victim's architecture and data trained another way (``training="outlier_exposure"``), cached."""

@@ -59,6 +59,12 @@ class Chain(Defense):
         self.needs_inputs = any(m.needs_inputs for m in members)
         super().__init__()
 
+    def to(self, device: str) -> "Chain":
+        for m in self.members:
+            m.to(device)
+        self.device = device
+        return self
+
     def _perturb(self, y, inputs):
         for m in self.members:
             y = m(y, inputs)

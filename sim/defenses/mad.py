@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..registry import register
-from ..training import to_float
+from ..training import device_of, to_float
 from .base import Defense, Param, one_hot
 
 
@@ -56,7 +56,7 @@ def last_linear(model: nn.Module) -> nn.Linear:
 def last_layer_gram(surrogate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """M / |h|^2 for G over the last linear layer's weight, (N, K, K) float64."""
     with torch.inference_mode():
-        p = torch.softmax(surrogate(to_float(x)), dim=1).to(torch.float64)
+        p = torch.softmax(surrogate(to_float(x).to(device_of(surrogate))), dim=1).to(torch.float64).cpu()
     k = p.shape[1]
     if last_linear(surrogate).out_features != k:
         raise ValueError(f"MAD with jacobian=last_layer needs the surrogate's last nn.Linear to be its output layer "
@@ -77,13 +77,13 @@ def full_gram(surrogate: nn.Module, x: torch.Tensor, chunk: int = 8) -> torch.Te
         return torch.log_softmax(functional_call(surrogate, (prm, buffers), (xi[None],)), dim=1)[0]
 
     jac_fn = vmap(jacrev(log_probs), in_dims=(None, 0))
-    xf = to_float(x)
+    xf = to_float(x).to(device_of(surrogate))
     out = []
     with torch.enable_grad():
         for start in range(0, len(xf), chunk):
             jac = jac_fn(params, xf[start:start + chunk])
             grams = [j.flatten(2).to(torch.float64) for j in jac.values()]
-            out.append(sum(g @ g.transpose(1, 2) for g in grams))
+            out.append(sum(g @ g.transpose(1, 2) for g in grams).cpu())
     return torch.cat(out)
 
 
@@ -172,7 +172,7 @@ class MAD(Defense):
         if self._given is not None:
             self.surrogate = self._given.eval()
         elif self._victim is not None and self._seed_built != self.values["seed"]:
-            self.surrogate = default_surrogate(self._victim, self.values["seed"])
+            self.surrogate = default_surrogate(self._victim, self.values["seed"]).to(self.device)
             self._seed_built = self.values["seed"]
         if self.surrogate is not None and self.values["jacobian"] == "last_layer":
             last_linear(self.surrogate)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models import from_bytes
 from ..registry import register
-from ..training import to_float
+from ..training import device_of, to_float
 from .base import Defense, Param
 
 
@@ -50,6 +50,7 @@ class AdaptiveMisinformation(Defense):
             raise ValueError("defense adaptive_misinformation needs its misinformation model "
                              "(build('adaptive_misinformation', misinformation=net))")
         with torch.inference_mode():
-            y_mis = torch.softmax(self.misinformation(to_float(inputs)), dim=1).to(y.dtype)
+            x = to_float(inputs).to(device_of(self.misinformation))
+            y_mis = torch.softmax(self.misinformation(x), dim=1).cpu().to(y.dtype)
         h = torch.sigmoid(self.values["nu"] * (self.values["tau"] - y.max(1, keepdim=True).values))
         return (1 - h) * y + h * y_mis

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..training import to_float
+from ..training import device_of, to_float
 
 
 def _blocks(dim: int, heads: int, depth: int) -> nn.TransformerEncoder:
@@ -84,18 +84,19 @@ class MAE(nn.Module):
         """Images (uint8 or float in [0, 1]) -> reconstructions, float (N, C, H, W) in [0, 1]."""
         self.eval()
         out = []
-        groups = self.groups()
+        dev = device_of(self)  # computed where the model is, returned on the CPU
+        groups = [g.to(dev) for g in self.groups()]
         for start in range(0, len(x), batch_size):
-            patches = self.patchify(to_float(x[start:start + batch_size]))
+            patches = self.patchify(to_float(x[start:start + batch_size]).to(dev))
             total = torch.zeros_like(patches)
-            count = torch.zeros(1, self.tokens, 1)
+            count = torch.zeros(1, self.tokens, 1, device=dev)
             for g in groups:
                 pred = self(patches, g.expand(len(patches), -1))
-                hidden = torch.ones(1, self.tokens, 1)
+                hidden = torch.ones(1, self.tokens, 1, device=dev)
                 hidden[:, g] = 0
                 total += pred * hidden
                 count += hidden
-            out.append(self.unpatchify(total / count))
+            out.append(self.unpatchify(total / count).cpu())
         return torch.cat(out) if out else torch.zeros(0, *self.shape)
 
 
@@ -108,14 +109,16 @@ def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr
     opt = torch.optim.AdamW(mae.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     mae.train()
+    dev = device_of(mae)  # batches go where the model is; the random draws stay on the CPU (reproducible)
     for epoch in range(epochs):
         order = torch.randperm(len(patches), generator=gen)
         total = 0.0
         for start in range(0, len(order), batch_size):
-            batch = patches[order[start:start + batch_size]]
+            batch = patches[order[start:start + batch_size]].to(dev)
             keep = torch.rand(len(batch), mae.tokens, generator=gen).argsort(1)[:, :mae.visible]
             hidden = torch.ones(len(batch), mae.tokens)
             hidden.scatter_(1, keep, 0)
+            keep, hidden = keep.to(dev), hidden.to(dev)
             err = ((mae(batch, keep) - batch) ** 2).mean(-1)
             loss = (err * hidden).sum() / hidden.sum()
             opt.zero_grad(set_to_none=True)

@@ -77,22 +77,24 @@ class SameModels:
 
 def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_classes: int, *, seed: int,
                mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
-               lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None) -> SameModels:
-    """Train SAME's MAE and auxiliary model on ``x_train`` (uint8) less a calibration slice, and measure
-    both signals on that slice. ``on_epoch(stage, epoch, loss)`` reports progress ('mae' then 'aux')."""
+               lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None,
+               device: str = "cpu") -> SameModels:
+    """Train SAME's MAE and auxiliary model on ``x_train`` (uint8) less a calibration slice, on ``device``, and
+    measure both signals on that slice; both are returned on the CPU. ``on_epoch(stage, epoch, loss)`` reports
+    progress ('mae' then 'aux')."""
     fit, calib = calibration_split(len(x_train), seed)
     cfg = {"input_shape": list(x_train.shape[1:]), **mae_config}
     torch.manual_seed(seed)
-    mae = MAE(**cfg)
+    mae = MAE(**cfg).to(device)
     train_mae(mae, x_train[fit], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
               on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
     recon = mae.reconstruct(x_train[fit])
     targets = predict_probs(victim, x_train[fit])
     torch.manual_seed(seed + 1)
-    aux = models.build(victim_arch, tuple(x_train.shape[1:]), num_classes)
+    aux = models.build(victim_arch, tuple(x_train.shape[1:]), num_classes).to(device)
     train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1,
                      on_epoch=on_epoch and (lambda e, loss: on_epoch("aux", e, loss)))
-    out = SameModels(mae, aux.eval(), cfg, victim_arch, num_classes, {})
+    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {})
     r, d = out.signals(x_train[calib], predict_probs(victim, x_train[calib]))
     out.stats = {"r_mean": float(r.mean()), "r_std": float(r.std() + 1e-12),
                  "d_mean": float(d.mean()), "d_std": float(d.std() + 1e-12)}
@@ -132,6 +134,12 @@ class Same(StatelessDetector):
         super().__init__(models, **params)
         self.models = SameModels.from_bytes(models) if isinstance(models, bytes) else models
 
+    def to(self, device: str) -> "Same":
+        self.models.mae.to(device)
+        self.models.aux.to(device)
+        self.device = device
+        return self
+
     @classmethod
     def prepare(cls, params, ctx) -> bytes:
         """SAME's MAE and auxiliary model for this victim, trained on its training split (less the calibration
@@ -146,7 +154,7 @@ class Same(StatelessDetector):
                 f"training SAME {stage}", e, v["epochs"] if stage == "mae" else v["aux_epochs"], loss))
             return train_same(ctx.victim.model, ctx.victim.arch, ds.x_train, ds.num_classes, seed=ctx.seed,
                               mae_config=spec["mae"], epochs=v["epochs"], aux_epochs=v["aux_epochs"],
-                              batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress).to_bytes()
+                              batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress, device=ctx.device).to_bytes()
 
         return ctx.cached("same", spec, train)
 

@@ -384,3 +384,32 @@ def test_a_chain_applies_its_members_left_to_right():
 def test_bad_specs_are_one_line_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         defenses.check_spec(spec)
+
+
+def test_to_a_device_moves_every_model_a_component_computes_with():
+    """``Component.to`` reaches every model (checked with a dtype, which torch moves like a device; a GPU run is a
+    benchmark's business): MAD's surrogate, also one rebuilt for a new seed, the misinformation model, a chain's
+    members, SAME's MAE and auxiliary model, msp's own model."""
+    import torch
+
+    from sim import detectors, models
+    from sim.detectors.mae import MAE
+    from sim.detectors.same import SameModels
+
+    net = models.build("lenet", (1, 28, 28), 10)
+    dtypes = lambda *ms: {p.dtype for m in ms for p in m.parameters()}  # noqa: E731
+    mad = defenses.build("mad", eps=0.5, victim=net).to(torch.float64)
+    assert dtypes(mad.surrogate) == {torch.float64}
+    mad.set_params(seed=3)  # a new seed builds a new surrogate: where the old one was
+    assert dtypes(mad.surrogate) == {torch.float64} and dtypes(net) == {torch.float32}
+    chain = defenses.from_spec({"name": "adaptive_misinformation+mad", "mad": {"eps": 0.2}}, victim=net,
+                               models={"adaptive_misinformation": {"misinformation": models.build(
+                                   "lenet", (1, 28, 28), 10)}})
+    chain.to(torch.float64)
+    assert dtypes(chain.members[0].misinformation, chain.members[1].surrogate) == {torch.float64}
+    same = SameModels(MAE((1, 28, 28), patch=7, dim=16, depth=1, heads=2, decoder_dim=16), models.build(
+        "lenet", (1, 28, 28), 10), {}, "lenet", 10, {"r_mean": 0, "r_std": 1, "d_mean": 0, "d_std": 1})
+    det = detectors.build("same", models=same).to(torch.float64)
+    assert dtypes(same.mae, same.aux) == {torch.float64}
+    msp = detectors.build("msp", model="oe", models=models.build("lenet", (1, 28, 28), 10)).to(torch.float64)
+    assert dtypes(msp.model) == {torch.float64} and det.device == torch.float64

@@ -14,7 +14,10 @@ Sections, each measured in this one run on this machine (``--only`` runs some an
   - prada: PRADA alone (no Ray), 10 to 10,000 accounts: microseconds per query and bytes per account and per kept
     query;
   - linking: the scenario sybil_vs_prada on 2 replicas and 2 shards: how many queries after the data they judge
-    account linking's flags reached the shards (each newly flagged account's queries in between).
+    account linking's flags reached the shards (each newly flagged account's queries in between);
+  - device: ResNet-18 on 32x32 RGB inputs on the CPU and, where one is visible, on a GPU: raw forward, served (handle
+    path, log on), training images/s, and MAD's cost per query with a ResNet-18 surrogate (and, on a GPU, how far its
+    answers are from the CPU's).
 Results are printed and written as JSON and as Markdown beside it (``--report-only`` rewrites the Markdown).
 """
 
@@ -34,7 +37,7 @@ import numpy as np
 import ray
 import torch
 
-SECTIONS = ("pipeline", "http", "scaling", "prada", "linking")
+SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device")
 PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
 LINK = {"kind": "link", "params": {}}
 
@@ -81,22 +84,23 @@ class BenchClient:
         return {"images": n, "seconds": time.perf_counter() - start, "latencies": lat}
 
 
-def raw_throughput(model, images: np.ndarray, batch: int, seconds: float) -> float:
+def raw_throughput(model, images: np.ndarray, batch: int, seconds: float, device: str = "cpu") -> float:
     """Best of three windows (the machine is noisy; the best is the conservative denominator)."""
-    return max(_raw_window(model, images, batch, seconds / 3) for _ in range(3))
+    return max(_raw_window(model, images, batch, seconds / 3, device) for _ in range(3))
 
 
-def _raw_window(model, images: np.ndarray, batch: int, seconds: float) -> float:
+def _raw_window(model, images: np.ndarray, batch: int, seconds: float, device: str = "cpu") -> float:
     from sim.training import to_float
 
     torch.set_num_threads(os.cpu_count() or 1)
-    x = to_float(images[:batch])
+    model.eval()
+    x = to_float(images[:batch]).to(device)
     with torch.inference_mode():
         for _ in range(5):
-            torch.softmax(model(x), 1)
+            torch.softmax(model(x), 1).cpu()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            torch.softmax(model(x), 1)
+            torch.softmax(model(x), 1).cpu()  # the answers back on the host, as a server needs them
             n += batch
     return n / (time.perf_counter() - start)
 
@@ -121,20 +125,23 @@ def encode(images: np.ndarray, encoding: str, batch: int, count: int = 8) -> tup
 
 def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: int, seconds: float,
            replicas: int = 1, shards: int | None = None, threads: int = 1, encoding: str | None = None,
-           port: int | None = None, replica_cpus: float | None = None) -> dict:
-    """Deploy the victim with ``detectors`` and measure ``clients`` clients (``encoding``: over HTTP, else handles)."""
+           port: int | None = None, replica_cpus: float | None = None, device: str = "cpu",
+           replica_gpus: float = 0.0) -> dict:
+    """Deploy the victim (a zoo victim, or ``(model bytes, input shape)``) with ``detectors`` and measure ``clients``
+    clients (``encoding``: over HTTP, else handles)."""
     from sim.protocol import Account
     from sim.serving import VictimSpec, delete, deploy
 
     keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench", f"cohort-{i % 2}") for i in range(clients)}
     tmp = tempfile.mkdtemp(prefix="bench-log-")
-    ds = victim.dataset
-    spec = VictimSpec(victim="bench", run_id="bench", input_shape=ds.input_shape, accounts=keys,
-                      model=victim.to_bytes(), detectors=detectors, rules={}, defense={"name": "identity"},
+    model, shape = victim if isinstance(victim, tuple) else (victim.to_bytes(), victim.dataset.input_shape)
+    spec = VictimSpec(victim="bench", run_id="bench", input_shape=shape, accounts=keys,
+                      model=model, detectors=detectors, rules={}, defense={"name": "identity"},
                       log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
-                      shards=shards or replicas, state_dir=os.path.join(tmp, "tier"))
+                      shards=shards or replicas, state_dir=os.path.join(tmp, "tier"), device=device)
     app = f"bench-{int(time.time() * 1000) % 10**8}"
-    deploy(spec, app, replicas=replicas, replica_cpus=replica_cpus or 1 / replicas, max_ongoing_requests=128)
+    deploy(spec, app, replicas=replicas, replica_cpus=replica_cpus or 1 / replicas, max_ongoing_requests=128,
+           replica_gpus=replica_gpus)
     bodies, ctype = encode(images, encoding, batch) if encoding else (None, "application/json")
     actors = [BenchClient.remote(app, k, images, port, bodies, ctype) for k in keys]
     try:
@@ -243,6 +250,45 @@ def prada_scale(images: np.ndarray, per_account: int = 60) -> dict:
     return {"queries_per_account": per_account, "rows": rows, "pixels": int(np.prod(images.shape[1:]))}
 
 
+def device_section(args) -> dict:
+    """ResNet-18 on 32x32 RGB inputs (random pixels: the cost does not depend on them) on each device there is."""
+    from sim import defenses, models
+    from sim.training import predict_probs, train_classifier
+
+    shape, rng = (3, 32, 32), np.random.default_rng(0)
+    images = rng.integers(0, 256, (4096, *shape), dtype=np.uint8)
+    rows, mad_cpu = [], None
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        torch.manual_seed(0)
+        model = models.build("resnet18", shape, 10)
+        raw = raw_throughput(model.to(device), images, args.batch, args.seconds, device)
+        r = served((models.to_bytes(model.cpu(), "resnet18", shape, 10), shape), images, log=True, detectors={},
+                   clients=args.clients, batch=args.batch, seconds=args.seconds, replicas=args.replicas,
+                   device=device, replica_gpus=(1 / args.replicas) if device == "cuda" else 0.0)
+        torch.set_num_threads(os.cpu_count() or 1)
+        net = models.build("resnet18", shape, 10).to(device)
+        start = time.perf_counter()
+        train_classifier(net, images[:2048], rng.integers(0, 10, 2048), epochs=1, batch_size=128)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        train = 2048 / (time.perf_counter() - start)
+        mad = defenses.build("mad", eps=0.5, victim=models.build("resnet18", shape, 10)).to(device)
+        clean = predict_probs(model.cpu(), images[:256])
+        start = time.perf_counter()
+        answers = mad(clean, images[:256])
+        mad_us = (time.perf_counter() - start) / 256 * 1e6
+        if device == "cpu":
+            mad_cpu = answers
+        rows.append({"device": device, "raw_images_per_s": round(raw, 1), "served": r,
+                     "served_over_raw": round(r["images_per_s"] / raw, 3), "train_images_per_s": round(train, 1),
+                     "mad_us_per_query": round(mad_us, 1),
+                     "mad_max_diff_from_cpu": None if device == "cpu" else float(np.abs(answers - mad_cpu).max())})
+        print(f"{device}: raw {raw:,.0f} images/s, served {r['images_per_s']:,.0f}, training {train:,.0f} images/s, "
+              f"MAD {mad_us:,.0f} us/query", flush=True)
+    return {"model": "resnet18", "input": list(shape), "clients": args.clients, "batch": args.batch,
+            "replicas": args.replicas, "rows": rows}
+
+
 def linking() -> dict:
     """Linking's delay in a real run: sybil_vs_prada with 2 replicas (and so 2 shards)."""
     import sim
@@ -291,7 +337,7 @@ def main() -> None:
     print(f"raw forward ({os.cpu_count()} threads, batch {args.batch}): {raw:,.0f} images/s", flush=True)
     if "prada" in only:
         result["prada"] = prada_scale(images)
-    if {"pipeline", "http"} & set(only):
+    if {"pipeline", "http", "device"} & set(only):
         from ray import serve
 
         from sim.engine import init_local_ray
@@ -303,6 +349,8 @@ def main() -> None:
             result["pipeline"] = pipeline(victim, images, raw, args)
         if "http" in only:
             result["http"] = http_section(victim, images, port, args)
+        if "device" in only:
+            result["device"] = device_section(args)
         ray.shutdown()
     if "scaling" in only:
         result["scaling"] = scaling(victim, images, args)
@@ -380,6 +428,23 @@ def table(result: dict) -> str:
         last = pr["rows"][-1]
         lines += ["", f"A million accounts of this traffic would hold about "
                       f"{last['bytes_per_account'] * 1e6 / 2**30:.1f} GiB of PRADA state, spread over the shards.", ""]
+    d = result.get("device")
+    if d:
+        lines += ["## Devices", "",
+                  f"{d['model']} on {'x'.join(map(str, d['input']))} inputs (random pixels), {d['clients']} clients x "
+                  f"{d['batch']} images per request to {d['replicas']} replicas through handles, log on; training: one "
+                  f"epoch over 2,048 images, batch 128; MAD (eps 0.5, last-layer Jacobian of a ResNet-18 surrogate) "
+                  f"over 256 queries. "
+                  + ("No GPU was visible where this ran: the GPU row is missing, not zero." if len(d["rows"]) == 1
+                     else "On the GPU the replicas share it (1/replicas each)."), "",
+                  "| device | raw images/s | served images/s | served ÷ raw | training images/s | MAD µs/query | "
+                  "MAD max diff from CPU |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in d["rows"]:
+            diff = "" if r["mad_max_diff_from_cpu"] is None else f"{r['mad_max_diff_from_cpu']:.1e}"
+            lines.append(f"| {r['device']} | {r['raw_images_per_s']:,.0f} | {r['served']['images_per_s']:,.0f} | "
+                         f"{r['served_over_raw']:.2f} | {r['train_images_per_s']:,.0f} | {r['mad_us_per_query']:,.0f} "
+                         f"| {diff} |")
+        lines.append("")
     lk = result.get("linking")
     if lk:
         flagged = ", ".join(f"{a} {n}" for a, n in lk["flagged_by_link"].items())

@@ -24,6 +24,7 @@ and a pile of zero distances alone would make the pool look non-normal.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 from scipy.stats import shapiro
@@ -38,15 +39,40 @@ except ImportError:  # another scipy: its public test, which sorts again
     _swilk = None
 
 
+class _Coefficients:
+    """Shapiro-Wilk's coefficients per sample size, computed once and shared by every key in the process (they depend
+    on the size alone, and computing them is half the test's time): least recently used first out beyond
+    ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 32 << 20):
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bytes, self.max_bytes = 0, max_bytes
+
+    def w(self, y: np.ndarray) -> float:
+        n = len(y)
+        a = self.cache.get(n)
+        if a is not None:
+            self.cache.move_to_end(n)
+            return float(_swilk(y, a, 1)[0])  # init=1: the given coefficients
+        a = np.zeros(n // 2)
+        w = float(_swilk(y, a, 0)[0])  # computes them into a
+        self.cache[n] = a
+        self.bytes += a.nbytes
+        while self.bytes > self.max_bytes:
+            self.bytes -= self.cache.popitem(last=False)[1].nbytes
+        return w
+
+
+_COEFFICIENTS = _Coefficients()
+
+
 def _w_sorted(d: np.ndarray) -> float:
-    """Shapiro-Wilk W of a sorted sample of at least 3 values that are not all equal."""
+    """Shapiro-Wilk W of a sorted sample of at least 3 values that are not all equal (exactly scipy's)."""
     if _swilk is None:
         with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
             warnings.simplefilter("ignore", UserWarning)
             return float(shapiro(d)[0])
-    y = d - d[len(d) // 2]  # shifted by a middle value, as scipy does, for accuracy
-    w, _, _ = _swilk(y, np.zeros(len(d) // 2), 0)
-    return float(w)
+    return _COEFFICIENTS.w(d - d[len(d) // 2])  # shifted by a middle value, as scipy does, for accuracy
 
 
 class _Growing:

@@ -68,3 +68,19 @@ def test_unknown_detector_lists_known():
     with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: link, msp, "
                                          "prada, same"):
         detectors.build("eDM")
+
+
+def test_w_is_scipys_shapiro_wilk_also_from_the_shared_coefficient_cache():
+    import warnings
+
+    from scipy.stats import shapiro
+
+    from sim.detectors.prada import _COEFFICIENTS, _w_sorted
+
+    rng = np.random.default_rng(3)
+    for n in (3, 11, 12, 200, 200, 5001, 5001):  # each size twice or more: computed, then from the cache
+        d = np.sort(rng.exponential(size=n))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # scipy: p-value approximate past 5,000
+            assert _w_sorted(d) == float(shapiro(d)[0]), n
+    assert 5001 in _COEFFICIENTS.cache and _COEFFICIENTS.bytes <= _COEFFICIENTS.max_bytes

@@ -207,6 +207,8 @@ def scaling(victim, images, args) -> dict:
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from sim.serving import forget_serve
+
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
@@ -226,6 +228,7 @@ def scaling(victim, images, args) -> dict:
         for r in rows:
             r["per_replica_efficiency"] = round(r["images_per_s"] / (base * r["replicas"]), 3)
     finally:
+        forget_serve()
         ray.shutdown()
         cluster.shutdown()
     return {"nodes": 2, "cpus_per_node": 1, "clients": 8, "batch": args.batch, "rows": rows}
@@ -336,7 +339,7 @@ def main() -> None:
     result = {k: v for k, v in result.items() if k in SECTIONS}
 
     from sim import config, zoo
-    from sim.serving import free_port
+    from sim.serving import forget_serve, free_port
 
     cfg = config.load("distributed_knockoff")
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
@@ -359,6 +362,7 @@ def main() -> None:
             result["http"] = http_section(victim, images, port, args)
         if "device" in only:
             result["device"] = device_section(args)
+        forget_serve()  # the next section's Ray is another one
         ray.shutdown()
     if "scaling" in only:
         result["scaling"] = scaling(victim, images, args)

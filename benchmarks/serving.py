@@ -15,6 +15,9 @@ Sections, each measured in this one run on this machine (``--only`` runs some an
     query;
   - linking: the scenario sybil_vs_prada on 2 replicas and 2 shards: how many queries after the data they judge
     account linking's flags reached the shards (each newly flagged account's queries in between);
+  - tier: one request's trip through the detection tier (--batch images to a PRADA shard actor, one at a time, the
+    machine otherwise idle) beside the same requests scored by the shard in this process, for 64 accounts in turn
+    (short histories) and for one account whose history grows;
   - device: ResNet-18 on 32x32 RGB inputs on the CPU and, where one is visible, on a GPU: raw forward, served (handle
     path, log on), training images/s, and MAD's cost per query with a ResNet-18 surrogate (and, on a GPU, how far its
     answers are from the CPU's).
@@ -38,7 +41,7 @@ import ray
 import torch
 
 MANY_ACCOUNTS = 64  # accounts per client in the pipeline's many-accounts row
-SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device")
+SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
 PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
 LINK = {"kind": "link", "params": {}}
 
@@ -300,6 +303,42 @@ def device_section(args) -> dict:
             "replicas": args.replicas, "rows": rows}
 
 
+def tier_hop(images: np.ndarray, batch: int, requests: int = 300) -> dict:
+    """Milliseconds per request: through a shard actor (Ray) and in-process, the same request sequence."""
+    from types import SimpleNamespace
+
+    from sim import detectors, tier, tier_actors
+
+    rng = np.random.default_rng(0)
+    probs = np.full((batch, 10), 0.1, np.float32)
+    rows = []
+    for label, keys in (("64 accounts in turn", [f"acct-{i}" for i in range(64)]), ("one account", ["one"])):
+        reqs = [(f"r{i}", [("prada", keys[i % len(keys)])], images[rng.integers(0, len(images), batch)],
+                 rng.integers(0, 10, batch), probs) for i in range(requests)]
+        spec = SimpleNamespace(detectors={"prada": PRADA}, rules={}, shards=1,
+                               state_dir=None, detector_models={})
+        app = f"hop-{len(keys)}"
+        tier_actors.start(spec, app)
+        remote = tier_actors.RayTier(app, 1)
+        hop = []
+        for req in reqs:
+            start = time.perf_counter()
+            remote.score(*req)
+            hop.append(time.perf_counter() - start)
+        tier_actors.stop(app)
+        local = tier.Shard({"prada": detectors.build("prada", **PRADA["params"])})
+        inproc = []
+        for req in reqs:
+            start = time.perf_counter()
+            local.score(*req)
+            inproc.append(time.perf_counter() - start)
+        rows.append({"histories": label, "requests": requests, "hop_p50_ms": round(float(np.median(hop)) * 1e3, 2),
+                     "in_process_p50_ms": round(float(np.median(inproc)) * 1e3, 2),
+                     "queries_per_key": requests * batch // len(keys)})
+        print(f"tier, {label}: {rows[-1]}", flush=True)
+    return {"batch": batch, "rows": rows}
+
+
 def linking() -> dict:
     """Linking's delay in a real run: sybil_vs_prada with 2 replicas (and so 2 shards)."""
     import sim
@@ -348,7 +387,7 @@ def main() -> None:
     print(f"raw forward ({os.cpu_count()} threads, batch {args.batch}): {raw:,.0f} images/s", flush=True)
     if "prada" in only:
         result["prada"] = prada_scale(images)
-    if {"pipeline", "http", "device"} & set(only):
+    if {"pipeline", "http", "device", "tier"} & set(only):
         from ray import serve
 
         from sim.engine import init_local_ray
@@ -362,6 +401,8 @@ def main() -> None:
             result["http"] = http_section(victim, images, port, args)
         if "device" in only:
             result["device"] = device_section(args)
+        if "tier" in only:
+            result["tier"] = tier_hop(images, args.batch)
         forget_serve()  # the next section's Ray is another one
         ray.shutdown()
     if "scaling" in only:
@@ -445,6 +486,18 @@ def table(result: dict) -> str:
         last = pr["rows"][-1]
         lines += ["", f"A million accounts of this traffic would hold about "
                       f"{last['bytes_per_account'] * 1e6 / 2**30:.1f} GiB of PRADA state, spread over the shards.", ""]
+    t = result.get("tier")
+    if t:
+        lines += ["## One request through the detection tier", "",
+                  f"{t['batch']} images per request to one PRADA shard, one request at a time on an otherwise idle "
+                  f"machine: the time of the call through Ray (`RayTier.score`) and of the same requests scored by a "
+                  f"shard in the calling process (PRADA's own work).", "",
+                  "| histories | queries per key | through the shard actor, p50 ms | in process, p50 ms |",
+                  "|---|---:|---:|---:|"]
+        for r in t["rows"]:
+            lines.append(f"| {r['histories']} | {r['queries_per_key']:,} | {r['hop_p50_ms']:.2f} | "
+                         f"{r['in_process_p50_ms']:.2f} |")
+        lines.append("")
     d = result.get("device")
     if d:
         lines += ["## Devices", "",

@@ -107,10 +107,10 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
     if needs_images and (shape is None or rows.column("input").null_count == n):
         raise SimError(f"replay of {kind} needs the query images, but this run's log has none; expected a run "
                        f"logged with log.inputs=true")
-    cols = {c: rows.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
-            if c in rows.column_names}
     if order is not None and _in_rounds(det):
         return _replay_rounds(det, rows, order, shape)
+    cols = {c: rows.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
+            if c in rows.column_names}
     rule = Rule(group=group)
     keys = np.asarray([rule.key(Account(cols["account_id"][i], cols["role"][i], cols["attack"][i],
                                         cols.get("cohort", [None] * n)[i]), cols["actor_id"][i]) for i in range(n)])
@@ -158,8 +158,9 @@ def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
     req = np.asarray(rows.column("request_id").to_pylist())
     accounts = np.asarray(rows.column("account_id").to_pylist())
     order_idx = np.lexsort((rows.column("seq").to_numpy(), req, rounds))
-    images = querylog.decode_inputs(rows.take(order_idx), shape).reshape(n, -1)
-    labels = np.asarray(rows.take(order_idx).column("clean_probs").to_pylist(), np.float32).argmax(1)
+    in_order = rows.take(order_idx)
+    images = querylog.decode_inputs(in_order, shape).reshape(n, -1)
+    labels = np.asarray(in_order.column("clean_probs").to_pylist(), np.float32).argmax(1)
     linker = Linker(det)
     seen: dict[int, dict] = {0: {}}
     r_sorted, req_sorted = rounds[order_idx], req[order_idx]

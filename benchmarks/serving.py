@@ -1,12 +1,12 @@
 """Serving throughput of the defended victim: raw forward pass, Ray Serve with the full pipeline and the detection
 tier, the HTTP encodings, scaling over replicas and shards, and PRADA's cost per query and per account.
 
-    python benchmarks/serving.py [--seconds 10] [--only pipeline,http,scaling,prada] [--out FILE.json]
+    python benchmarks/serving.py [--seconds 10] [--rounds 3] [--only pipeline,http,...] [--out FILE.json]
 
 Sections, each measured in this one run on this machine (``--only`` runs some and keeps the others' last results):
   - pipeline: --clients actors sending batches of --batch images through DeploymentHandles to --replicas replicas,
-    for (query log on/off) x (PRADA on/off): images/s, p50/p99 request latency, served / raw; PRADA's cost is
-    served(PRADA on) / served(PRADA off), both with the log on;
+    for (query log on/off) x (PRADA on/off), taking turns --rounds times: images/s, p50/p99 request latency, served /
+    raw; PRADA's cost is served(PRADA on) / served(PRADA off), both with the log on;
   - http: 16 clients x 64 images per request, over HTTP with JSON floats, base64 uint8 and .npy bodies, beside the
     handle path at the same load (bodies are encoded once beforehand: what is measured is the service's side);
   - scaling: 1, 2 and 4 replicas x 1 and 2 shards with PRADA and linking on, on a local two-node cluster
@@ -172,24 +172,39 @@ def _line(label: str, r: dict, ref: float | None = None, what: str = "served/raw
 
 def pipeline(victim, images, raw: float, args) -> dict:
     """Log and PRADA on and off with one account per client; then PRADA on with ``MANY_ACCOUNTS`` accounts per client,
-    whose histories stay short (PRADA's work per query grows with its account's history)."""
+    whose histories stay short (PRADA's work per query grows with its account's history). The configurations take
+    turns, ``--rounds`` times, so that a machine whose speed drifts affects them alike: each figure is the median over
+    rounds, and each ratio the median of the rounds' own ratios (with its range)."""
+    configs = ((False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1), (True, True, MANY_ACCOUNTS))
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for round_ in range(args.rounds):
+        for prada, log, accounts in configs:
+            r = served(victim, images, log=log, detectors={"prada": PRADA} if prada else {}, clients=args.clients,
+                       batch=args.batch, seconds=args.seconds, replicas=args.replicas, threads=args.threads,
+                       accounts=accounts)
+            runs[(prada, log, accounts)].append(r)
+            _line(f"round {round_ + 1}: log={'on' if log else 'off'} prada={'on' if prada else 'off'} "
+                  f"accounts={accounts}", r, raw)
     rows = []
-    for prada, log, accounts in ((False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1),
-                                 (True, True, MANY_ACCOUNTS)):
-        r = served(victim, images, log=log, detectors={"prada": PRADA} if prada else {}, clients=args.clients,
-                   batch=args.batch, seconds=args.seconds, replicas=args.replicas, threads=args.threads,
-                   accounts=accounts)
-        r.update(log=log, prada=prada, accounts=accounts, served_over_raw=round(r["images_per_s"] / raw, 3))
-        rows.append(r)
-        _line(f"served log={'on' if log else 'off'} prada={'on' if prada else 'off'} accounts={accounts}", r, raw)
+    for (prada, log, accounts), rs in runs.items():
+        row = {k: round(float(np.median([r[k] for r in rs])), 2) for k in ("images_per_s", "p50_ms", "p99_ms")}
+        row.update(log=log, prada=prada, accounts=accounts, requests=sum(r["requests"] for r in rs),
+                   served_over_raw=round(row["images_per_s"] / raw, 3))
+        rows.append(row)
 
-    def get(log, prada, accounts=1):
-        return next(r for r in rows if (r["log"], r["prada"], r["accounts"]) == (log, prada, accounts))["images_per_s"]
+    def ratio(num, den) -> dict:
+        per_round = [n["images_per_s"] / d["images_per_s"] for n, d in zip(runs[num], runs[den])]
+        return {"median": round(float(np.median(per_round)), 3), "min": round(min(per_round), 3),
+                "max": round(max(per_round), 3)}
 
-    return {"clients": args.clients, "batch": args.batch, "replicas": args.replicas, "threads": args.threads,
-            "rows": rows, "prada_cost": round(get(True, True) / get(True, False), 3),
-            "prada_cost_many": round(get(True, True, MANY_ACCOUNTS) / get(True, False), 3),
-            "many_accounts": MANY_ACCOUNTS, "log_overhead": round(1 - get(True, False) / get(False, False), 3)}
+    out = {"clients": args.clients, "batch": args.batch, "replicas": args.replicas, "threads": args.threads,
+           "rounds": args.rounds, "rows": rows, "many_accounts": MANY_ACCOUNTS,
+           "prada_cost": ratio((True, True, 1), (False, True, 1)),
+           "prada_cost_many": ratio((True, True, MANY_ACCOUNTS), (False, True, 1)),
+           "log_cost": ratio((False, True, 1), (False, False, 1))}
+    print(f"PRADA's cost (on / off, log on): {out['prada_cost']}; {MANY_ACCOUNTS} accounts per client: "
+          f"{out['prada_cost_many']}; the log's (on / off): {out['log_cost']}", flush=True)
+    return out
 
 
 def http_section(victim, images, port: int, args) -> dict:
@@ -358,6 +373,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="turns of the pipeline's configurations")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the victim")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
@@ -445,12 +461,16 @@ def table(result: dict) -> str:
             lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'}{many} | "
                          f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                          f"{r['served_over_raw']:.2f} |")
-        lines += ["", f"PRADA's cost: served with PRADA ÷ without, log on: **{p['prada_cost']:.2f}** with one account "
-                      f"per client, whose history grows to thousands of queries in the run (PRADA's Shapiro-Wilk test "
-                      f"and nearest-neighbour search cost time in proportion to it, on every query)"
-                  + (f"; **{p['prada_cost_many']:.2f}** with {p['many_accounts']} accounts per client in turn, whose "
-                     f"histories stay a few hundred queries long" if "prada_cost_many" in p else "")
-                  + f". The log's cost: {p['log_overhead']:.0%} of served throughput (PRADA off).", ""]
+        def ratio(r) -> str:
+            return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"
+
+        lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
+                      f"ratio is the median of the rounds' own ratios. PRADA's cost, served with PRADA ÷ without, log "
+                      f"on: {ratio(p['prada_cost'])} with one account per client, whose history grows to thousands of "
+                      f"queries in the run (PRADA's Shapiro-Wilk test costs time in proportion to it, on every query); "
+                      f"{ratio(p['prada_cost_many'])} with {p['many_accounts']} accounts per client in turn, whose "
+                      f"histories stay a few hundred queries long. The log: served with it ÷ without (PRADA off) "
+                      f"{ratio(p['log_cost'])}.", ""]
     h = result.get("http")
     if h:
         lines += ["## HTTP encodings", "",

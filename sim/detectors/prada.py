@@ -13,9 +13,11 @@ The score is 1 - W (higher = more suspicious), NaN until the pool is large enoug
 score > 1 - delta. The key need not be an account: the victim service can pool a group of accounts
 (a client address, an account-creation batch, all traffic) under one key to catch split attacks.
 State is a dict keyed by account, so a query costs the same however many accounts exist.
-Distances are those of images scaled to [0, 1], computed exactly from the 8-bit pixels (integer differences,
-then one division by 255), and the class sets keep each query as its 8-bit pixels: 1 byte per pixel (784 bytes
-for a 28x28 query, a quarter of float32), with the same distances.
+Distances are those of images scaled to [0, 1], computed exactly from the 8-bit pixels (squared distances are
+integers, exact in float64; then one square root and one division by 255). The class sets keep each query as its
+8-bit pixels, 1 byte per pixel (784 bytes for a 28x28 query, a quarter of float32), and its squared norm. The
+distances a request needs come from a few matrix products (its queries against their class sets and against each
+other), not one query at a time.
 ``skip_repeats``: an exact repeat of an earlier query of its class adds no distance. Off by default (as
 published); pooled streams want it on, since honest users of a group often send the same popular image,
 and a pile of zero distances alone would make the pool look non-normal.
@@ -23,6 +25,7 @@ and a pile of zero distances alone would make the pool look non-normal.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 
@@ -114,26 +117,29 @@ class _SortedPool(_Growing):
         self.total_sq += value * value
         if self.n == len(self.data):
             self.data = np.concatenate([self.data, np.empty_like(self.data)])
-        i = int(np.searchsorted(self.data[: self.n], value, side="right"))
+        i = int(self.data[: self.n].searchsorted(value, "right"))
         self.data[i + 1: self.n + 1] = self.data[i: self.n]
         self.data[i] = value
         self.n += 1
 
 
 class _ClassSet:
-    """A growing set of flattened queries of one class, with its threshold over its own distances."""
+    """A growing set of flattened queries of one class (8-bit pixels, with their squared norms), with its threshold
+    over its own distances."""
 
-    __slots__ = ("points", "count", "total", "total_sq", "threshold")
+    __slots__ = ("points", "norms", "count", "total", "total_sq", "threshold")
 
     def __init__(self, dim: int):
         self.points = _Growing((dim,), np.uint8)
+        self.norms = _Growing()  # each member's squared norm (an exact integer)
         self.count = 0  # distances of the set's members (all but the first)
         self.total = 0.0
         self.total_sq = 0.0
         self.threshold = 0.0
 
-    def add(self, x: np.ndarray, d: float | None) -> None:
+    def add(self, x: np.ndarray, norm: float, d: float | None) -> None:
         self.points.append(x)
+        self.norms.append(norm)
         if d is not None:
             self.count += 1
             self.total += d
@@ -141,11 +147,6 @@ class _ClassSet:
             mean = self.total / self.count
             std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
             self.threshold = max(self.threshold, mean - std)
-
-    def min_distance(self, x: np.ndarray) -> float:
-        """L2 distance, in [0, 1] pixel units, from ``x`` (uint8) to the nearest member: exact integers to the end."""
-        diff = np.subtract(self.points.values, x, dtype=np.int16).astype(np.int32)
-        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff).min())) / 255.0
 
 
 class _Account:
@@ -179,6 +180,8 @@ class Prada(Detector):
         "pooled_prada": {"enabled": False, "group": "all", "skip_repeats": True},
     }
 
+    CHUNK = 256  # queries whose distances to each other are computed at once (at most CHUNK x CHUNK)
+
     def __init__(self, models=None, **params):
         super().__init__(models, **params)
         self._accounts: dict[str, _Account] = {}
@@ -195,7 +198,7 @@ class Prada(Detector):
         d = pool.values
         mean, std = pool.stats()
         if std > 0:  # the values within mean +- 3 std: a slice of the sorted pool
-            d = d[np.searchsorted(d, mean - 3 * std, "left"): np.searchsorted(d, mean + 3 * std, "right")]
+            d = d[d.searchsorted(mean - 3 * std, "left"): d.searchsorted(mean + 3 * std, "right")]
         if len(d) < 3 or d[-1] == d[0]:
             return 1.0 if len(d) >= 3 else float("nan")  # identical distances: no evidence either way
         return _w_sorted(d)
@@ -206,45 +209,68 @@ class Prada(Detector):
         raw = np.asarray(inputs)
         if raw.dtype != np.uint8:
             raw = np.rint(np.clip(raw, 0, 1) * 255).astype(np.uint8)
-        return raw.reshape(len(raw), -1)
+        return raw.reshape(len(raw), int(np.prod(raw.shape[1:])))
 
-    def _distance(self, acc: _Account, x: np.ndarray, label: int) -> bool:
-        """Put one query through the account's class sets; True when its distance joined the pool."""
-        cls = acc.classes.get(label)
-        if cls is None:
-            acc.classes[label] = _ClassSet(x.shape[0])
-            acc.classes[label].add(x, None)
-            return False
-        d = cls.min_distance(x)
-        if d == 0 and self.values["skip_repeats"]:  # a repeated image: no new evidence either way
-            return False
-        acc.pool.append(d)
-        if d > cls.threshold:
-            cls.add(x, d)
-        return True
+    def _feed(self, acc: _Account, x: np.ndarray, labels: np.ndarray, judge: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Put queries (flat 8-bit pixels, the victim's labels) through the account's history, in order, ``CHUNK`` at
+        a time. ``judge``: test the pool after each distance and return each query's score and flag (:meth:`score`);
+        otherwise only grow the history (:meth:`final_w`)."""
+        scores, flags = np.full(len(x), np.nan), np.zeros(len(x), bool)
+        for s in range(0, len(x), self.CHUNK):
+            part = slice(s, s + self.CHUNK)
+            self._chunk(acc, x[part], labels[part], scores[part], flags[part], judge)
+        return scores, flags
+
+    def _chunk(self, acc: _Account, x: np.ndarray, labels: np.ndarray, scores: np.ndarray, flags: np.ndarray,
+               judge: bool) -> None:
+        # every distance the chunk needs, one exact matrix product per class: from its queries of the class to the
+        # class set as the chunk found it, and to each other (one may join the set before another is scored)
+        xf = x.astype(np.float64)
+        norms = np.einsum("ij,ij->i", xf, xf)
+        nearest, to_chunk, local = {}, {}, np.empty(len(x), np.int64)
+        for c in np.unique(labels).tolist():
+            idx = np.flatnonzero(labels == c)
+            local[idx] = np.arange(len(idx))
+            cls, own = acc.classes.get(c), xf[idx]
+            if cls is None:
+                others, others_norms = own, norms[idx]
+            else:
+                others = np.concatenate([cls.points.values.astype(np.float64), own])
+                others_norms = np.concatenate([cls.norms.values, norms[idx]])
+            sq = norms[idx, None] + others_norms[None, :] - 2.0 * (own @ others.T)
+            k = len(others) - len(idx)
+            nearest[c] = sq[:, :k].min(1) if k else np.full(len(idx), np.inf)  # updated as queries join the set
+            to_chunk[c] = sq[:, k:]
+        skip, min_pool, delta = self.values["skip_repeats"], self.values["min_pool"], self.values["delta"]
+        for i, c in enumerate(labels.tolist()):
+            cls, p = acc.classes.get(c), local[i]
+            if cls is None:  # the first query of a class has no distance and starts the set
+                acc.classes[c] = cls = _ClassSet(x.shape[1])
+                cls.add(x[i], norms[i], None)
+                np.minimum(nearest[c], to_chunk[c][:, p], out=nearest[c])
+            else:
+                d = math.sqrt(nearest[c][p]) / 255.0  # in [0, 1] pixel units
+                if d > 0 or not skip:  # a repeated image, when skipped, is no new evidence either way
+                    acc.pool.append(d)
+                    if d > cls.threshold:
+                        cls.add(x[i], norms[i], d)
+                        np.minimum(nearest[c], to_chunk[c][:, p], out=nearest[c])
+                    if judge and acc.pool.n > min_pool:
+                        acc.last_w = self._w_statistic(acc.pool)
+                        acc.flagged = acc.flagged or acc.last_w < delta
+            scores[i] = 1.0 - acc.last_w
+            flags[i] = acc.flagged
 
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
               probs: np.ndarray | None = None) -> Detection:
-        x = self._flat(inputs)
-        labels = np.asarray(labels)
         acc = self._accounts.setdefault(account_id, _Account())
-        scores = np.full(len(x), np.nan)
-        flags = np.zeros(len(x), bool)
-        for i in range(len(x)):
-            if self._distance(acc, x[i], int(labels[i])) and acc.pool.n > self.values["min_pool"]:
-                acc.last_w = self._w_statistic(acc.pool)
-                if acc.last_w < self.values["delta"]:
-                    acc.flagged = True
-            scores[i] = 1.0 - acc.last_w
-            flags[i] = acc.flagged
-        return Detection(scores, flags)
+        return Detection(*self._feed(acc, self._flat(inputs), np.asarray(labels), judge=True))
 
     def final_w(self, inputs: np.ndarray, labels: np.ndarray) -> float | None:
         """W of a whole stream judged at its end (None if fewer than ``min_pool`` distances): what
         :meth:`score` gives at the stream's last query, without a Shapiro-Wilk test after every query."""
-        x, labels, acc = self._flat(inputs), np.asarray(labels), _Account()
-        for i in range(len(x)):
-            self._distance(acc, x[i], int(labels[i]))
+        acc = _Account()
+        self._feed(acc, self._flat(inputs), np.asarray(labels), judge=False)
         return self._w_statistic(acc.pool) if acc.pool.n > self.values["min_pool"] else None
 
     def flagged_accounts(self) -> set[str]:
@@ -259,7 +285,7 @@ class Prada(Detector):
             nbytes += acc.pool.data.nbytes
             for cls in acc.classes.values():
                 kept += cls.points.n
-                nbytes += cls.points.data.nbytes
+                nbytes += cls.points.data.nbytes + cls.norms.data.nbytes
         return {"keys": len(self._accounts), "kept": kept, "pooled": pooled, "bytes": nbytes}
 
     def is_flagged(self, account_id: str) -> bool:  # O(1), on every request

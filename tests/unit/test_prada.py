@@ -84,3 +84,56 @@ def test_w_is_scipys_shapiro_wilk_also_from_the_shared_coefficient_cache():
             warnings.simplefilter("ignore", UserWarning)  # scipy: p-value approximate past 5,000
             assert _w_sorted(d) == float(shapiro(d)[0]), n
     assert 5001 in _COEFFICIENTS.cache and _COEFFICIENTS.bytes <= _COEFFICIENTS.max_bytes
+
+
+def _reference(stream, labels, delta=0.95, min_pool=50, skip_repeats=False):
+    """PRADA one query at a time, as the paper states it: the per-query scores and flags ``Prada.score`` must give."""
+    from scipy.stats import shapiro
+
+    sets, thresholds, own, pool = {}, {}, {}, []
+    w, flagged, scores, flags = float("nan"), False, [], []
+    for x, c in zip(stream.reshape(len(stream), -1).astype(np.int64), labels.tolist()):
+        if c not in sets:
+            sets[c], thresholds[c], own[c] = [x], 0.0, []
+        else:
+            d = float(np.sqrt(min(int(((m - x) ** 2).sum()) for m in sets[c]))) / 255.0
+            if d > 0 or not skip_repeats:
+                pool.append(d)
+                if d > thresholds[c]:
+                    sets[c].append(x)
+                    own[c].append(d)
+                    thresholds[c] = max(thresholds[c], np.mean(own[c]) - np.std(own[c]))
+                if len(pool) > min_pool:
+                    p = np.sort(pool)
+                    if p.std() > 0:
+                        p = p[(p >= p.mean() - 3 * p.std()) & (p <= p.mean() + 3 * p.std())]
+                    w = 1.0 if p[-1] == p[0] else float(shapiro(p)[0])
+                    flagged = flagged or w < delta
+        scores.append(1 - w)
+        flags.append(flagged)
+    return np.array(scores), np.array(flags)
+
+
+@pytest.mark.parametrize("skip_repeats", [False, True])
+def test_prada_batched_distances_give_the_one_query_at_a_time_scores(skip_repeats):
+    """Distances come from matrix products over a request (and over chunks of ``CHUNK`` queries): the scores and
+    flags are those of the query-by-query algorithm, whatever the request sizes, repeats included."""
+    x, y = _synthetic_stream(n_seeds=6, steps=25, seed=4)  # 156 queries
+    ds = data.load("mnist5k")
+    x = np.concatenate([x, ds.x_test[:150] / 255.0, x[:20]])  # natural images, then repeats of the first queries
+    y = np.concatenate([y, ds.y_test[:150], y[:20]])
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    want_scores, want_flags = _reference(np.rint(x * 255), y, skip_repeats=skip_repeats)
+    det = Prada(skip_repeats=skip_repeats)
+    det.CHUNK = 40  # chunk boundaries inside requests
+    parts, i = [], 0
+    for size in (1, 64, 3, 100, 7, 200, 300):
+        parts.append(det.score("a", x[i:i + size], y[i:i + size]))
+        i += size
+    assert i >= len(x)
+    got_scores = np.concatenate([p.scores for p in parts])
+    assert np.isfinite(want_scores[100:]).all() and want_flags.any() and not want_flags.all()
+    np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-12, equal_nan=True)
+    assert np.array_equal(np.concatenate([p.flags for p in parts]), want_flags)
+    assert det.final_w(x, y) == pytest.approx(1 - want_scores[-1], abs=1e-12)

@@ -148,6 +148,18 @@ class _ClassSet:
             std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
             self.threshold = max(self.threshold, mean - std)
 
+    def nearest(self, xf: np.ndarray, norms: np.ndarray, block: int = 4096) -> np.ndarray:
+        """Squared L2 distance, in 8-bit pixel units, from each row of ``xf`` (8-bit pixels as float64, with their
+        squared ``norms``) to its nearest member: matrix products over ``block`` members at a time, exact (every term
+        is an integer far below 2**53, so the order of the sums does not matter)."""
+        points, member_norms = self.points.values, self.norms.values
+        best = None
+        for s in range(0, len(points), block):
+            products = xf @ points[s:s + block].T.astype(np.float64)
+            part = (member_norms[s:s + block] - 2.0 * products).min(1)
+            best = part if best is None else np.minimum(best, part)
+        return best + norms
+
 
 class _Account:
     __slots__ = ("classes", "pool", "flagged", "last_w")
@@ -180,7 +192,7 @@ class Prada(Detector):
         "pooled_prada": {"enabled": False, "group": "all", "skip_repeats": True},
     }
 
-    CHUNK = 256  # queries whose distances to each other are computed at once (at most CHUNK x CHUNK)
+    CHUNK = 128  # queries whose distances to each other are computed at once (a CHUNK x CHUNK product)
 
     def __init__(self, models=None, **params):
         super().__init__(models, **params)
@@ -223,43 +235,55 @@ class Prada(Detector):
 
     def _chunk(self, acc: _Account, x: np.ndarray, labels: np.ndarray, scores: np.ndarray, flags: np.ndarray,
                judge: bool) -> None:
-        # every distance the chunk needs, one exact matrix product per class: from its queries of the class to the
-        # class set as the chunk found it, and to each other (one may join the set before another is scored)
+        # every distance the chunk needs, in exact matrix products: from each query to its class set as the chunk
+        # found it, and between the chunk's queries of one class (one may join the set before another is scored)
         xf = x.astype(np.float64)
         norms = np.einsum("ij,ij->i", xf, xf)
-        nearest, to_chunk, local = {}, {}, np.empty(len(x), np.int64)
-        for c in np.unique(labels).tolist():
-            idx = np.flatnonzero(labels == c)
-            local[idx] = np.arange(len(idx))
-            cls, own = acc.classes.get(c), xf[idx]
-            if cls is None:
-                others, others_norms = own, norms[idx]
-            else:
-                others = np.concatenate([cls.points.values.astype(np.float64), own])
-                others_norms = np.concatenate([cls.norms.values, norms[idx]])
-            sq = norms[idx, None] + others_norms[None, :] - 2.0 * (own @ others.T)
-            k = len(others) - len(idx)
-            nearest[c] = sq[:, :k].min(1) if k else np.full(len(idx), np.inf)  # updated as queries join the set
-            to_chunk[c] = sq[:, k:]
+        near = self._nearest(acc, xf, norms, labels)
+        pairs = norms[:, None] + norms[None, :] - 2.0 * (xf @ xf.T)
+        pairs[labels[:, None] != labels[None, :]] = np.inf
         skip, min_pool, delta = self.values["skip_repeats"], self.values["min_pool"], self.values["delta"]
         for i, c in enumerate(labels.tolist()):
-            cls, p = acc.classes.get(c), local[i]
+            cls, joins = acc.classes.get(c), False
             if cls is None:  # the first query of a class has no distance and starts the set
                 acc.classes[c] = cls = _ClassSet(x.shape[1])
                 cls.add(x[i], norms[i], None)
-                np.minimum(nearest[c], to_chunk[c][:, p], out=nearest[c])
+                joins = True
             else:
-                d = math.sqrt(nearest[c][p]) / 255.0  # in [0, 1] pixel units
+                d = math.sqrt(near[i]) / 255.0  # in [0, 1] pixel units
                 if d > 0 or not skip:  # a repeated image, when skipped, is no new evidence either way
                     acc.pool.append(d)
                     if d > cls.threshold:
                         cls.add(x[i], norms[i], d)
-                        np.minimum(nearest[c], to_chunk[c][:, p], out=nearest[c])
+                        joins = True
                     if judge and acc.pool.n > min_pool:
                         acc.last_w = self._w_statistic(acc.pool)
                         acc.flagged = acc.flagged or acc.last_w < delta
+            if joins:  # the chunk's later queries of its class now have it in their set
+                np.minimum(near, pairs[:, i], out=near)
             scores[i] = 1.0 - acc.last_w
             flags[i] = acc.flagged
+
+    @staticmethod
+    def _nearest(acc: _Account, xf: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Squared distance from each query to its class set (inf where the account has none yet). A small request
+        against small sets takes one product against all their members with the other classes masked out (a few
+        numpy calls in all); otherwise one product per class (a few calls per class, the least arithmetic)."""
+        present = [c for c in np.unique(labels).tolist() if c in acc.classes]
+        sets = [acc.classes[c] for c in present]
+        members = sum(cls.points.n for cls in sets)
+        near = np.full(len(xf), np.inf)
+        if not sets:
+            return near
+        if len(xf) * members <= 256 * len(sets):
+            points = np.concatenate([cls.points.values for cls in sets]).astype(np.float64)
+            sq = np.concatenate([cls.norms.values for cls in sets]) - 2.0 * (xf @ points.T)
+            sq[labels[:, None] != np.repeat(present, [cls.points.n for cls in sets])[None, :]] = np.inf
+            return sq.min(1) + norms
+        for c, cls in zip(present, sets):
+            idx = np.flatnonzero(labels == c)
+            near[idx] = cls.nearest(xf[idx], norms[idx])
+        return near
 
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
               probs: np.ndarray | None = None) -> Detection:

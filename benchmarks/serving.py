@@ -425,6 +425,8 @@ def main() -> None:
         result["scaling"] = scaling(victim, images, args)
     if "linking" in only:
         result["linking"] = linking()
+    for section in only:  # each section remembers when it was measured (--only keeps the others' last results)
+        result[section]["date"] = time.strftime("%Y-%m-%d")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result.update({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -445,13 +447,18 @@ def main() -> None:
 def table(result: dict) -> str:
     """The results as Markdown, one section per part measured."""
     m = result["machine"]
+
+    def measured(section: dict) -> str:  # a section kept from an earlier run says so
+        when = section.get("date")
+        return "" if when == result.get("date") else f" (measured {when})" if when else " (from an earlier run)"
+
     lines = [f"Measured {result.get('date', '')} on {m['cpus']} CPUs{' and ' + m['gpu'] if m.get('gpu') else ''} "
              f"(torch {m['torch']}, Ray {m['ray']}), {result['victim']['arch']} on {result['victim']['dataset']}, "
              f"{result['seconds_per_config']:g} s per configuration. Raw: the best of three windows of batched forward "
              f"passes in one process on all cores, {result['raw_images_per_s']:,.0f} images/s.", ""]
     p = result.get("pipeline")
     if p:
-        lines += ["## The pipeline", "",
+        lines += ["## The pipeline" + measured(p), "",
                   f"{p['clients']} client actors sending {p['batch']} images per request through DeploymentHandles to "
                   f"{p['replicas']} Serve replicas (1 torch thread each); PRADA's state in the detection tier "
                   f"({p['replicas']} shards).", "",
@@ -473,7 +480,7 @@ def table(result: dict) -> str:
                       f"{ratio(p['log_cost'])}.", ""]
     h = result.get("http")
     if h:
-        lines += ["## HTTP encodings", "",
+        lines += ["## HTTP encodings" + measured(h), "",
                   f"{h['clients']} clients, {h['batch']} images per request, {h['replicas']} replicas, log on; bodies "
                   f"encoded once beforehand, so this is the service's side of the cost.", "",
                   "| path | images/s | p50 ms | p99 ms | ÷ handle path |", "|---|---:|---:|---:|---:|"]
@@ -483,7 +490,7 @@ def table(result: dict) -> str:
         lines.append("")
     s = result.get("scaling")
     if s:
-        lines += ["## Replicas and shards", "",
+        lines += ["## Replicas and shards" + measured(s), "",
                   f"A local cluster of {s['nodes']} nodes with {s['cpus_per_node']} CPU each "
                   f"(`ray.cluster_utils.Cluster`) on this machine; PRADA and linking on, log on, {s['clients']} "
                   f"clients x {s['batch']} images per request; replicas reserve 0.5 CPU each. Every node shares the "
@@ -497,7 +504,7 @@ def table(result: dict) -> str:
         lines.append("")
     pr = result.get("prada")
     if pr:
-        lines += ["## PRADA per query and per account", "",
+        lines += ["## PRADA per query and per account" + measured(pr), "",
                   f"PRADA alone, no Ray: {pr['queries_per_account']} queries per account, 8 per call, accounts "
                   f"interleaved; memory as allocated (buffers double, so up to twice what is used).", "",
                   "| accounts | µs per query | bytes per account | kept queries per account | bytes per kept query |",
@@ -510,7 +517,7 @@ def table(result: dict) -> str:
                       f"{last['bytes_per_account'] * 1e6 / 2**30:.1f} GiB of PRADA state, spread over the shards.", ""]
     t = result.get("tier")
     if t:
-        lines += ["## One request through the detection tier", "",
+        lines += ["## One request through the detection tier" + measured(t), "",
                   f"{t['batch']} images per request to one PRADA shard, one request at a time on an otherwise idle "
                   f"machine: the time of the call through Ray (`RayTier.score`) and of the same requests scored by a "
                   f"shard in the calling process (PRADA's own work).", "",
@@ -522,7 +529,7 @@ def table(result: dict) -> str:
         lines.append("")
     d = result.get("device")
     if d:
-        lines += ["## Devices", "",
+        lines += ["## Devices" + measured(d), "",
                   f"{d['model']} on {'x'.join(map(str, d['input']))} inputs (random pixels), {d['clients']} clients x "
                   f"{d['batch']} images per request to {d['replicas']} replicas through handles, log on; training: one "
                   f"epoch over 2,048 images, batch 128; MAD (eps 0.5, last-layer Jacobian of a ResNet-18 surrogate) "
@@ -540,7 +547,7 @@ def table(result: dict) -> str:
     lk = result.get("linking")
     if lk:
         flagged = ", ".join(f"{a} {n}" for a, n in lk["flagged_by_link"].items())
-        lines += ["## Linking's delay", "",
+        lines += ["## Linking's delay" + measured(lk), "",
                   f"`{lk['scenario']}` on {lk['replicas']} replicas and {lk['shards']} shards (`serve.replicas=2`). "
                   f"The linker flagged {lk['newly_flagged']} accounts; {lk['lag_zero']} of these flags reached the "
                   f"shards before the account sent another query; on average {lk['lag_mean']} queries, at most "

@@ -162,8 +162,8 @@ class _Line:
     """The calls of one Serve replica to one shard. Requests that arrive while a call is in flight wait and go
     together in the next one, in arrival order: under load, one Ray call carries several requests (a call's fixed
     cost is most of what the tier adds); alone, a request goes at once. Requests and their verdicts travel as one
-    pickled ``bytes`` each way, which Ray passes for about half the cost of the same arrays and objects as separate
-    arguments (its serializer visits each object in Python)."""
+    pickled ``bytes`` each way, which Ray passes more cheaply than the same arrays and objects as separate arguments
+    (its serializer visits each object in Python)."""
 
     MAX_BATCH = 16  # requests per call at most
 

@@ -148,11 +148,13 @@ class _ClassSet:
             std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
             self.threshold = max(self.threshold, mean - std)
 
-    def nearest(self, xf: np.ndarray, norms: np.ndarray, block: int = 4096) -> np.ndarray:
+    BLOCK = 4096  # members per matrix product (bounds the float64 copy of a large set)
+
+    def nearest(self, xf: np.ndarray, norms: np.ndarray) -> np.ndarray:
         """Squared L2 distance, in 8-bit pixel units, from each row of ``xf`` (8-bit pixels as float64, with their
-        squared ``norms``) to its nearest member: matrix products over ``block`` members at a time, exact (every term
+        squared ``norms``) to its nearest member: matrix products over ``BLOCK`` members at a time, exact (every term
         is an integer far below 2**53, so the order of the sums does not matter)."""
-        points, member_norms = self.points.values, self.norms.values
+        points, member_norms, block = self.points.values, self.norms.values, self.BLOCK
         best = None
         for s in range(0, len(points), block):
             products = xf @ points[s:s + block].T.astype(np.float64)
@@ -193,6 +195,7 @@ class Prada(Detector):
     }
 
     CHUNK = 128  # queries whose distances to each other are computed at once (a CHUNK x CHUNK product)
+    SMALL = 256  # (queries x members) per class present, below which one masked product beats one per class
 
     def __init__(self, models=None, **params):
         super().__init__(models, **params)
@@ -264,8 +267,7 @@ class Prada(Detector):
             scores[i] = 1.0 - acc.last_w
             flags[i] = acc.flagged
 
-    @staticmethod
-    def _nearest(acc: _Account, xf: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def _nearest(self, acc: _Account, xf: np.ndarray, norms: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Squared distance from each query to its class set (inf where the account has none yet). A small request
         against small sets takes one product against all their members with the other classes masked out (a few
         numpy calls in all); otherwise one product per class (a few calls per class, the least arithmetic)."""
@@ -275,7 +277,7 @@ class Prada(Detector):
         near = np.full(len(xf), np.inf)
         if not sets:
             return near
-        if len(xf) * members <= 256 * len(sets):
+        if len(xf) * members <= self.SMALL * len(sets):
             points = np.concatenate([cls.points.values for cls in sets]).astype(np.float64)
             sq = np.concatenate([cls.norms.values for cls in sets]) - 2.0 * (xf @ points.T)
             sq[labels[:, None] != np.repeat(present, [cls.points.n for cls in sets])[None, :]] = np.inf

@@ -115,9 +115,16 @@ def _reference(stream, labels, delta=0.95, min_pool=50, skip_repeats=False):
 
 
 @pytest.mark.parametrize("skip_repeats", [False, True])
-def test_prada_batched_distances_give_the_one_query_at_a_time_scores(skip_repeats):
-    """Distances come from matrix products over a request (and over chunks of ``CHUNK`` queries): the scores and
-    flags are those of the query-by-query algorithm, whatever the request sizes, repeats included."""
+@pytest.mark.parametrize("one_product", [True, False])
+def test_prada_batched_distances_give_the_one_query_at_a_time_scores(skip_repeats, one_product, monkeypatch):
+    """Distances come from matrix products over a request (and over chunks of ``CHUNK`` queries), one masked product
+    for all classes or one per class in blocks of members: the scores and flags are those of the query-by-query
+    algorithm, whatever the request sizes, repeats included."""
+    from sim.detectors.prada import _ClassSet
+
+    if not one_product:
+        monkeypatch.setattr(Prada, "SMALL", 0)
+        monkeypatch.setattr(_ClassSet, "BLOCK", 4)
     x, y = _synthetic_stream(n_seeds=6, steps=25, seed=4)  # 156 queries
     ds = data.load("mnist5k")
     x = np.concatenate([x, ds.x_test[:150] / 255.0, x[:20]])  # natural images, then repeats of the first queries

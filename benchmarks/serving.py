@@ -372,7 +372,9 @@ def linking() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=8,
+                    help="closed-loop clients of the pipeline and device sections: enough to keep the cores busy in "
+                         "every configuration (with 4, PRADA's requests waiting on their shard left them partly idle)")
     ap.add_argument("--rounds", type=int, default=3, help="turns of the pipeline's configurations")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the victim")

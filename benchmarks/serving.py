@@ -17,7 +17,8 @@ Sections, each measured in this one run on this machine (``--only`` runs some an
     account linking's flags reached the shards (each newly flagged account's queries in between);
   - tier: one request's trip through the detection tier (--batch images to a PRADA shard actor, one at a time, the
     machine otherwise idle) beside the same requests scored by the shard in this process, for 64 accounts in turn
-    (short histories) and for one account whose history grows;
+    (short histories) and for one account whose history grows; and the whole service in this process on one core,
+    PRADA off and on: PRADA's cost without the hop;
   - device: ResNet-18 on 32x32 RGB inputs on the CPU and, where one is visible, on a GPU: raw forward, served (handle
     path, log on), training images/s, and MAD's cost per query with a ResNet-18 surrogate (and, on a GPU, how far its
     answers are from the CPU's).
@@ -318,7 +319,7 @@ def device_section(args) -> dict:
             "replicas": args.replicas, "rows": rows}
 
 
-def tier_hop(images: np.ndarray, batch: int, requests: int = 300) -> dict:
+def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dict:
     """Milliseconds per request: through a shard actor (Ray) and in-process, the same request sequence."""
     from types import SimpleNamespace
 
@@ -351,7 +352,47 @@ def tier_hop(images: np.ndarray, batch: int, requests: int = 300) -> dict:
                      "in_process_p50_ms": round(float(np.median(inproc)) * 1e3, 2),
                      "queries_per_key": requests * batch // len(keys)})
         print(f"tier, {label}: {rows[-1]}", flush=True)
-    return {"batch": batch, "rows": rows}
+    return {"batch": batch, "rows": rows, "service": service_in_process(victim, images, batch)}
+
+
+def service_in_process(victim, images: np.ndarray, batch: int, clients: int = 8, requests: int = 400,
+                       rounds: int = 2) -> dict:
+    """The whole service (model, detectors, log) in this process on one core, PRADA off and on, the same request
+    stream (``clients`` accounts in turn, one per client as in the pipeline): CPU milliseconds per request. Their
+    ratio is PRADA's cost without the tier's hop, what the pipeline's ratio would be if Ray's calls were free."""
+    from threadpoolctl import threadpool_limits
+
+    from sim.protocol import Account
+    from sim.serving import VictimSpec, build_service
+
+    rng = np.random.default_rng(1)
+    reqs = [images[rng.integers(0, len(images), batch)] for _ in range(requests)]
+    keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "bench", f"cohort-{i % 2}") for i in range(clients)}
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):  # one core, as a Ray worker has (OMP_NUM_THREADS=1)
+            for _ in range(rounds):
+                for prada in (False, True):
+                    spec = VictimSpec(victim="bench", run_id="bench", input_shape=victim.dataset.input_shape,
+                                      accounts=keys, model=victim.to_bytes(),
+                                      detectors={"prada": PRADA} if prada else {}, rules={},
+                                      defense={"name": "identity"}, log_dir=tempfile.mkdtemp(prefix="bench-log-"),
+                                      log_inputs=True, max_images=max(256, batch), threads=1, shards=1)
+                    service = build_service(spec, "bench")
+                    start = time.process_time()
+                    for i, x in enumerate(reqs):
+                        service.query(f"key-{i % clients}", x)
+                    ms[prada].append((time.process_time() - start) / requests * 1e3)
+                    service.writer.close()
+    finally:
+        torch.set_num_threads(torch_threads)
+    off, on = (float(np.median(ms[k])) for k in (False, True))
+    out = {"clients": clients, "requests": requests, "rounds": rounds, "off_ms": round(off, 2), "on_ms": round(on, 2),
+           "ratio": round(off / on, 3), "queries_per_key": requests * batch // clients}
+    print(f"service in one process: {out}", flush=True)
+    return out
 
 
 def linking() -> dict:
@@ -420,7 +461,7 @@ def main() -> None:
         if "device" in only:
             result["device"] = device_section(args)
         if "tier" in only:
-            result["tier"] = tier_hop(images, args.batch)
+            result["tier"] = tier_hop(victim, images, args.batch)
         forget_serve()  # the next section's Ray is another one
         ray.shutdown()
     if "scaling" in only:
@@ -528,6 +569,13 @@ def table(result: dict) -> str:
         for r in t["rows"]:
             lines.append(f"| {r['histories']} | {r['queries_per_key']:,} | {r['hop_p50_ms']:.2f} | "
                          f"{r['in_process_p50_ms']:.2f} |")
+        sv = t.get("service")
+        if sv:
+            lines += ["", f"The whole service in one process on one core (model, PRADA, log; no Ray), {sv['clients']} "
+                          f"accounts in turn as in the pipeline, {sv['requests']} requests, median of {sv['rounds']} "
+                          f"rounds: {sv['off_ms']:.2f} CPU ms per request with PRADA off, {sv['on_ms']:.2f} with it "
+                          f"on, a ratio of **{sv['ratio']:.2f}**. That is PRADA's cost without the tier's hop: the "
+                          f"pipeline's ratio would be this if Ray's calls cost nothing."]
         lines.append("")
     d = result.get("device")
     if d:

@@ -30,6 +30,7 @@ class Client:
         self.batch_size = batch_size
         self._query, self._solve, self._on_progress = query, solve, on_progress
         self.pow = {"puzzles": 0, "queries": 0, "hashes": 0, "seconds": 0.0, "max_bits": 0}
+        self.limited = {"waits": 0, "seconds": 0.0, "quota_spent": 0}  # what the victim's limits cost this client
 
     def _prove(self, key: str, reply) -> None:
         """Solve the reply's proof-of-work puzzle, send the solution, and fill the answers into ``reply``."""
@@ -52,6 +53,16 @@ class Client:
             reply.answered[idx] = solved.answered
             reply.probs[idx] = solved.probs
 
+    def _send(self, key: str, x: np.ndarray):
+        """One request; over the victim's rate limit (429 with a wait), wait as told and send it again."""
+        while True:
+            reply = self._query(key, x, self.actor_id)
+            if reply.status != 429 or reply.retry_after is None:
+                return reply
+            self.limited["waits"] += 1
+            self.limited["seconds"] += reply.retry_after
+            time.sleep(reply.retry_after)
+
     def run(self) -> dict:
         """Spend the budget; returns the report (queries sent and refused, per account, burned accounts, budget
         left unspent, seconds, what the method did, proof of work paid). The transfer set stays in the source."""
@@ -66,14 +77,17 @@ class Client:
             if pick.delay > 0:  # pacing
                 time.sleep(pick.delay)
             x = self.source.propose(pick.n)
-            reply = self._query(pick.key, x, self.actor_id)
+            reply = self._send(pick.key, x)
             if reply.status >= 400 and not len(reply.answered):
                 raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
             if reply.challenge:
                 self._prove(pick.key, reply)
             answered = reply.answered
             account_of[pick.key] = reply.account_id
-            if self.churn and not answered.all():
+            if "quota" in reply.reasons:  # the account's quota is spent: it will not be answered again
+                self.limited["quota_spent"] += 1
+                self.splitter.burn(pick.key)
+            elif self.churn and not answered.all():
                 self.splitter.burn(pick.key)
             self.source.observe(x, reply.probs, answered)
             sent[reply.account_id] += len(x)
@@ -91,4 +105,5 @@ class Client:
             "seconds": time.perf_counter() - start,
             "stats": self.source.stats(),
             "pow": dict(self.pow),
+            "limited": dict(self.limited),
         }

@@ -12,6 +12,22 @@ import ray
 from .client import Client
 
 
+def _patiently(call, tries: int = 100):
+    """``call()``, sent again while Serve sheds it because the replicas' queues are full (serve.max_queued_requests:
+    BackPressureError), after the wait Serve suggests or a short one."""
+    import time
+
+    from ray.serve.exceptions import BackPressureError
+
+    for attempt in range(tries):
+        try:
+            return call()
+        except BackPressureError as exc:
+            if attempt == tries - 1:
+                raise
+            time.sleep(getattr(exc, "retry_after_s", None) or min(0.05 * 2 ** attempt, 1.0))
+
+
 @ray.remote(num_cpus=0)
 class ClientActor:
     """A :class:`actors.client.Client` whose transport is the Serve app ``app_name``'s DeploymentHandle."""
@@ -25,8 +41,8 @@ class ClientActor:
         handle = serve.get_deployment_handle("victim", app_name)
         self.client = Client(
             actor_id, source, keys, split, budget, batch_size, seed=seed, **strategy,
-            query=lambda key, x, actor: handle.query.remote(key, x, actor).result(),
-            solve=lambda *args: handle.solve.remote(*args).result(),
+            query=lambda key, x, actor: _patiently(lambda: handle.query.remote(key, x, actor).result()),
+            solve=lambda *args: _patiently(lambda: handle.solve.remote(*args).result()),
             on_progress=None if progress is None else (lambda done: progress.update.remote(f"query:{actor_id}", done)))
 
     @ray.method(num_returns=2)

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .limits import Limits
 
 
 def _names(category: str) -> dict:
@@ -270,6 +271,26 @@ class ServeConfig(_Strict):
     threads: int = Field(1, ge=1, description="torch threads per Serve replica")
     max_images: int = Field(256, ge=1, description="most images in one request")
     max_ongoing_requests: int = Field(128, ge=1, description="requests one replica works on at once")
+    max_body_bytes: int | None = Field(None, ge=1024, description="largest HTTP request body; a larger one gets 413 "
+                                                                  "before it is read (default: room for "
+                                                                  "serve.max_images images as JSON floats)")
+    max_queued_requests: int = Field(256, ge=1, description="requests waiting for one replica; beyond them Serve "
+                                                            "answers 503 (HTTP) or raises BackPressureError (handles)")
+    request_timeout_s: float = Field(60.0, gt=0, description="an HTTP request (its body included) that takes longer "
+                                                             "gets 408 from Serve's proxy: a slow client cannot hold "
+                                                             "a replica")
+    quota: int | None = Field(None, ge=1, description="queries each key (serve.limit_by) may send in all; a request "
+                                                      "that crosses it is answered up to it, later ones get 429 "
+                                                      "(reason quota)")
+    rate: float | None = Field(None, gt=0, description="queries per second each key may send, sustained (a token "
+                                                       "bucket of serve.burst); over it a request gets 429 with "
+                                                       "Retry-After")
+    burst: int | None = Field(None, ge=1, description="the rate limit's bucket: queries a key may send at once "
+                                                      "(default serve.max_images; at least that, or larger requests "
+                                                      "could never pass)")
+    limit_by: Literal["account", "actor", "cohort", "all"] = Field(
+        "account", description="what serve.quota and serve.rate count per: account, actor (client), cohort or all "
+                               "traffic")
     keys: str | None = Field(None, description="accounts file for `serve` mode (JSON)")
     accounts: int = Field(10, ge=1, description="accounts generated in `serve` mode")
 
@@ -279,6 +300,20 @@ class ServeConfig(_Strict):
             raise ValueError(f"serve.replicas={self.replicas} and serve.autoscaling are both set; expected one of "
                              f"them (autoscaling sizes the replicas between its min_replicas and max_replicas)")
         return self
+
+    @model_validator(mode="after")
+    def _burst_holds_a_request(self):
+        if self.burst is not None and self.burst < self.max_images:
+            raise ValueError(f"serve.burst={self.burst} is below serve.max_images={self.max_images}: a request of more "
+                             f"images than the burst could never pass; expected serve.burst >= {self.max_images} "
+                             f"(or a smaller serve.max_images)")
+        return self
+
+    def limits(self) -> Limits | None:
+        """The per-key limits these settings ask for (None: no limit)."""
+        if self.quota is None and self.rate is None:
+            return None
+        return Limits(quota=self.quota, rate=self.rate, burst=self.burst or self.max_images, group=self.limit_by)
 
     def shards_for(self, cpus: float) -> int:
         """The tier's shards on a cluster of ``cpus`` CPUs: ``shards`` if set, else one per replica (autoscaling:

@@ -194,7 +194,7 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
 
     from .serving import VictimSpec, deploy, start_serve
 
-    port = start_serve(cfg.serve.port, http)
+    port = start_serve(cfg.serve.port, http, cfg.serve.request_timeout_s)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # after Serve has set up its own logger
     if app is None:
         taken = set(serve.status().applications)
@@ -212,9 +212,11 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
         shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
         state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"), device=device,
+        limits=cfg.serve.limits(), max_body_bytes=cfg.serve.max_body_bytes,
     )
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus, replica_gpus=replica_gpus,
-           max_ongoing_requests=cfg.serve.max_ongoing_requests, autoscaling=auto and auto.model_dump())
+           max_ongoing_requests=cfg.serve.max_ongoing_requests, max_queued_requests=cfg.serve.max_queued_requests,
+           autoscaling=auto and auto.model_dump())
     return app, port, spec
 
 

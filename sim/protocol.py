@@ -6,6 +6,7 @@ Kept free of torch and scipy so that client actors, which only send queries, sta
 from __future__ import annotations
 
 import base64
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,12 @@ class Reply:
     # client sends a counter solving the puzzle (see sim.pow) with the challenge id
     challenge: dict | None = None
     compact: bool = False  # the request came in a compact encoding: answer in kind (see to_json)
+    retry_after: float | None = None  # 429 over a rate limit: seconds after which the request would pass
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """HTTP's ``Retry-After`` (whole seconds, rounded up), or None."""
+        return None if self.retry_after is None else str(max(1, math.ceil(self.retry_after)))
 
     @property
     def actions(self) -> list[str]:
@@ -65,7 +72,10 @@ class Reply:
         ``reasons``, and ``probs`` as ``{"float32": BASE64, "shape": [N, K]}`` (the exact float32 values, NaN where
         not answered)."""
         if self.status >= 400 and not len(self.answered):
-            return {"error": self.reason, "request_id": self.request_id}
+            out = {"error": self.reason, "request_id": self.request_id}
+            if self.retry_after is not None:
+                out["retry_after"] = round(self.retry_after, 3)
+            return out
         if self.compact:
             probs = np.ascontiguousarray(self.probs, np.float32)
             out = {"request_id": self.request_id, "account": self.account_id, "actions": self.actions,
@@ -77,6 +87,8 @@ class Reply:
             out["challenge"] = {k: self.challenge[k] for k in ("id", "nonce", "bits")}
         if self.reason:
             out["error"] = self.reason
+        if self.retry_after is not None:
+            out["retry_after"] = round(self.retry_after, 3)
         return out
 
     def _results(self) -> list[dict]:

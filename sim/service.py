@@ -21,6 +21,7 @@ from torch import nn
 from . import pow
 from .detectors import Detector
 from .errors import RequestError
+from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply, new_request_id
 from .querylog import QueryLogWriter, input_digest
@@ -168,7 +169,7 @@ class VictimService:
                  input_shape: tuple[int, int, int], detectors: dict[str, Detector] | None = None,
                  rules: dict[str, Rule] | None = None, perturbers: dict | None = None, defense=None,
                  writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True,
-                 tier=None, max_pending: int = 100_000, pending_ttl_s: float = 600.0):
+                 tier=None, limits: Limits | None = None, max_pending: int = 100_000, pending_ttl_s: float = 600.0):
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
@@ -182,11 +183,14 @@ class VictimService:
         self.writer = writer
         self.max_images = max_images
         self.log_inputs = log_inputs
-        if tier is None and (self.stateful or any(r.action == "proof_of_work" for r in self.rules.values())):
-            tier = LocalTier({n: self.detectors[n] for n in self.stateful}, max_pending=max_pending,
-                             pending_ttl_s=pending_ttl_s)
+        self.limits = limits if limits is not None and limits.enabled else None
+        if tier is None and (self.stateful or self.limits
+                             or any(r.action == "proof_of_work" for r in self.rules.values())):
+            tier = LocalTier({n: self.detectors[n] for n in self.stateful}, limits=self.limits,
+                             max_pending=max_pending, pending_ttl_s=pending_ttl_s)
         self.tier = tier
         self._lock = threading.Lock()  # the defense (a random generator) and the writer: one request at a time
+        self.classes = predict_probs(self.model, np.zeros((1, *self.input_shape), np.uint8)).shape[1]
 
     # -- entry points --------------------------------------------------------------------------
     def query(self, api_key: str | None, images: Any, actor_id: str | None = None, compact: bool = False) -> Reply:
@@ -198,8 +202,20 @@ class VictimService:
             x = parse_images(images, self.input_shape, self.max_images)
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
-        clean = predict_probs(self.model, x)
-        return self._answer(account, actor_id, x, clean, start, compact)
+        request_id = new_request_id()
+        admitted = len(x)
+        if self.limits is not None:  # before the model: a refused query costs no model time
+            admission = self.tier.admit(request_id, self.limits.key(account, actor_id), len(x))
+            if not admission.admitted:
+                with self._lock:
+                    self._log_refused(request_id, account, actor_id, x, admission.reason, start)
+                n = len(x)
+                return Reply(429, admission.reason, request_id, account.account_id, np.zeros(n, bool),
+                             [admission.reason] * n, np.full(n, -1), np.full((n, self.classes), np.nan, np.float32),
+                             compact=compact, retry_after=admission.retry_after)
+            admitted = admission.admitted
+        clean = predict_probs(self.model, x[:admitted])
+        return self._answer(request_id, account, actor_id, x, clean, start, compact)
 
     def solve(self, api_key: str | None, challenge_id: Any, counter: Any, actor_id: str | None = None,
               seconds: float | None = None) -> Reply:
@@ -325,10 +341,12 @@ class VictimService:
                 out[name] = det.score(account.account_id, x, labels, clean)
         return out
 
-    def _answer(self, account: Account, actor_id: str | None, x: np.ndarray, clean: np.ndarray,
+    def _answer(self, request_id: str, account: Account, actor_id: str | None, batch: np.ndarray, clean: np.ndarray,
                 start: float, compact: bool = False) -> Reply:
-        n = len(x)
-        request_id = new_request_id()
+        """Answer the queries of ``batch`` the model saw (``clean``: its probabilities, the first ones); the rest
+        are refused for the quota."""
+        n = len(clean)
+        x = batch[:n]
         detections = self._detect(request_id, account, actor_id, x, clean)
         decisions = []
         for name in self.detectors:
@@ -361,6 +379,14 @@ class VictimService:
             labels = np.where(answer, np.nan_to_num(returned, nan=-1.0).argmax(1), -1)
             self._log(request_id, account, actor_id, x, clean, returned, labels, actions, reasons, start,
                       detections=detections, pow_bits=np.where(act == "proof_of_work", bits, 0))
+            if n < len(batch):
+                self._log_refused(request_id, account, actor_id, batch[n:], "quota", start)
+        if n < len(batch):  # the quota ran out within the request
+            cut = len(batch) - n
+            answer = np.r_[answer, np.zeros(cut, bool)]
+            reasons += ["quota"] * cut
+            labels = np.r_[labels, np.full(cut, -1)]
+            returned = np.concatenate([returned, np.full((cut, returned.shape[1]), np.nan, returned.dtype)])
         if answer.any():
             status, reason = 200, None
         elif challenge is not None:
@@ -369,6 +395,17 @@ class VictimService:
             status, reason = 403, reasons[0]
         return Reply(status, reason, request_id, account.account_id, answer, reasons, labels, returned,
                      challenge, compact)
+
+    def _log_refused(self, request_id: str, account: Account, actor_id, x, reason: str, start: float) -> None:
+        """Rows for queries refused before the model saw them (a limit)."""
+        if self.writer is not None:
+            self.writer.write(
+                run_id=self.run_id, victim=self.victim, request_id=request_id,
+                account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
+                cohort=account.cohort, actions=["refused"] * len(x), refusal_reason=[reason] * len(x),
+                latency_ms=(time.perf_counter() - start) * 1e3, input_sha1=[input_digest(img) for img in x],
+                inputs=x if self.log_inputs else None,
+            )
 
     def _log(self, request_id: str, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start,
              *, detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> None:

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 
 from . import defenses, detectors, models, tier_actors
 from .errors import ConfigError, SimError
+from .limits import Limits
 from .policy import Rule
 from .protocol import API_KEY_HEADER, Account, Reply
 from .querylog import QueryLogWriter
@@ -54,6 +55,15 @@ class VictimSpec:
     shards: int = 1  # shards of the detection tier (sim.tier_actors), when the victim keeps per-key state
     state_dir: str | None = None  # where the tier journals its state (default: a temporary directory)
     device: str = "cpu"  # where the replicas run the model (sim.devices)
+    limits: Limits | None = None  # per-account quota and rate (sim.limits), held in the detection tier
+    max_body_bytes: int | None = None  # largest HTTP body (None: room for max_images images as JSON floats)
+
+    @property
+    def body_limit(self) -> int:
+        """The largest HTTP body a replica reads: ``max_body_bytes``, or room for ``max_images`` images of JSON
+        floats (24 characters a value, more than ``repr`` of a float needs) and a little more."""
+        c, h, w = self.input_shape
+        return self.max_body_bytes or self.max_images * c * h * w * 24 + 65536
 
 
 def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
@@ -83,8 +93,26 @@ def build_service(spec: VictimSpec, writer_id: str, tier=None) -> VictimService:
         model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
         input_shape=spec.input_shape, detectors=dets, rules=rules, perturbers=perturbers,
         defense=build_defense(spec, spec.defense),
-        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs, tier=tier,
+        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs, tier=tier, limits=spec.limits,
     )
+
+
+QUEUE_RETRY_AFTER_S = 1.0  # the wait Serve suggests (Retry-After) with a 503 when a replica's queue is full
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to be larger than ``limit`` bytes (from its declared
+    length, else while it streams in): never more than ``limit`` bytes are held."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 @serve.deployment
@@ -103,11 +131,17 @@ class VictimDeployment:
             call = functools.partial(self.service.reject, key, 405,
                                      f"method {request.method} not allowed; use POST", actor)
         else:
-            call = functools.partial(self.service.query_json, key, await request.body(), actor,
-                                     request.headers.get("content-type"))
+            body = await _read_body(request, self.spec.body_limit)
+            if body is None:
+                call = functools.partial(self.service.reject, key, 413, f"request body larger than "
+                                         f"serve.max_body_bytes={self.spec.body_limit}", actor)
+            else:
+                call = functools.partial(self.service.query_json, key, body, actor,
+                                         request.headers.get("content-type"))
         # the service (model, lock, log) runs off the event loop, which keeps accepting requests meanwhile
         reply = await asyncio.to_thread(call)
-        return JSONResponse(reply.to_json(), status_code=reply.status)
+        wait = reply.retry_after_header
+        return JSONResponse(reply.to_json(), status_code=reply.status, headers={"Retry-After": wait} if wait else None)
 
     def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
         return self.service.query(api_key, images, actor_id)
@@ -152,8 +186,10 @@ def check_port(port: int) -> int:
     return port
 
 
-def start_serve(port: int, http: bool = True) -> int | None:
-    """Start Serve (once per Ray session) with its proxy on 127.0.0.1; returns the HTTP port in use."""
+def start_serve(port: int, http: bool = True, request_timeout_s: float | None = None) -> int | None:
+    """Start Serve (once per Ray session) with its proxy on 127.0.0.1; returns the HTTP port in use.
+    ``request_timeout_s``: the proxy answers 408 to a request still unfinished after it (a body that trickles in
+    included); it is set when Serve starts, so a Serve already running keeps its own."""
     client = serve.context._get_global_client(raise_if_no_controller_running=False)
     if client is not None:
         cfg = client.http_config
@@ -163,7 +199,7 @@ def start_serve(port: int, http: bool = True) -> int | None:
         serve.start(http_options={"location": "NoServer"})
         return None
     port = check_port(port) if port else free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": request_timeout_s})
     return port
 
 
@@ -183,7 +219,7 @@ def spec_version(spec: VictimSpec) -> str:
 
 
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
-           max_ongoing_requests: int = 128, autoscaling: dict | None = None,
+           max_ongoing_requests: int = 128, max_queued_requests: int = -1, autoscaling: dict | None = None,
            replica_gpus: float = 0.0) -> DeploymentHandle:
     """Deploy (or update) the victim app. Calling it again with only ``spec.defense`` changed reconfigures
     the running replicas live (see :func:`update_defense`). ``autoscaling``: Serve's ``autoscaling_config``
@@ -201,7 +237,8 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)
     size = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     dep = VictimDeployment.options(
-        name="victim", **size, max_ongoing_requests=max_ongoing_requests,
+        name="victim", **size, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": QUEUE_RETRY_AFTER_S},
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         user_config={"defense": spec.defense},
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for

@@ -115,6 +115,14 @@ def pow_paid(results: list[dict]) -> S.ProofOfWork:
     return S.ProofOfWork(**out)
 
 
+def limited(results: list[dict]) -> S.Limited:
+    """What the victim's limits cost the clients of ``results``."""
+    parts = [r.get("limited", {}) for r in results]
+    return S.Limited(waits=sum(p.get("waits", 0) for p in parts),
+                     seconds=round(sum(p.get("seconds", 0.0) for p in parts), 3),
+                     quota_spent=sum(p.get("quota_spent", 0) for p in parts))
+
+
 def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
     from analysis.detection import detection_report
 
@@ -142,7 +150,8 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
             accounts_used=len({a for r in mine for a, n in r["per_account"].items() if n}),
             accounts_flagged=len(flagged_any & accts),
             accounts_flagged_by={name: len(f & accts) for name, f in flagged_by.items()},
-            pow=pow_paid(mine), accounts_burned=sum(len(r["burned"]) for r in mine), labels=att.replica.labels,
+            pow=pow_paid(mine), limited=limited(mine), accounts_burned=sum(len(r["burned"]) for r in mine),
+            labels=att.replica.labels,
             replica=out.replicas.get(aid), undefended=out.replicas.get(f"{aid}:undefended"),
             stats=[r["stats"] for r in mine]))
 
@@ -174,7 +183,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
         attackers=attackers,
         benign=S.Benign(users=cfg.benign.users, queries=sum(r["sent"] for r in benign),
                         refused=sum(r["refused"] for r in benign), accounts_flagged=len(flagged_any & benign_accounts),
-                        pow=pow_paid(benign)),
+                        pow=pow_paid(benign), limited=limited(benign)),
         clients=[S.Client(actor_id=c.actor_id, role=c.role, attacker=c.attacker, queries=c.result["sent"],
                           refused=c.result["refused"], seconds=round(c.result["seconds"], 2),
                           per_account=c.result["per_account"]) for c in plan.clients],

@@ -97,6 +97,15 @@ class ProofOfWork(_Part):
     max_bits: int = 0
 
 
+class Limited(_Part):
+    """What the victim's per-key limits (serve.quota, serve.rate) cost the clients: requests that waited out a 429
+    and the seconds waited, accounts whose quota ran out."""
+
+    waits: int = 0
+    seconds: float = 0.0
+    quota_spent: int = 0
+
+
 class Replica(_Part):
     test_accuracy: float
     fidelity: float  # top-1 agreement with the victim on its test set
@@ -121,6 +130,7 @@ class Attacker(_Part):
     accounts_flagged: int  # flagged for good by any stateful detector
     accounts_flagged_by: dict[str, int] = {}  # per detector (a stateless one: accounts with a flagged query)
     pow: ProofOfWork = ProofOfWork()
+    limited: Limited = Limited()
     accounts_burned: int = 0
     labels: str  # what the replica trained on: soft (the returned vectors) or hard (top-1 labels)
     replica: Replica | None = None  # None when every query was refused
@@ -134,6 +144,7 @@ class Benign(_Part):
     refused: int
     accounts_flagged: int | None = None  # by any stateful detector (unknown in version-1 summaries)
     pow: ProofOfWork = ProofOfWork()
+    limited: Limited = Limited()
 
 
 class Client(_Part):
@@ -361,5 +372,9 @@ def format_summary(s: Summary) -> str:
     if any(p.puzzles for _, p in paid):
         lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "
                                                          f"{p.hashes:,} hashes)" for who, p in paid))
+    held = [(a.id, a.limited) for a in s.attackers] + [("benign", s.benign.limited)]
+    if any(h.waits or h.quota_spent for _, h in held):
+        lines.append("limits: " + ", ".join(f"{who} waited {h.seconds:.1f} s ({h.waits} requests), "
+                                            f"{h.quota_spent} accounts out of quota" for who, h in held))
     lines.append(f"wall time {s.wall_seconds:.1f} s")
     return "\n".join(lines)

@@ -482,7 +482,8 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     plan = make_plan(base, first.dataset) if shares_plan(cfg.vary) else None  # else each trial makes its own
     started = time.perf_counter()
     with engine.ray_session(base):
-        start_serve(base.serve.port, base.serve.http)  # once, before trials race to start it
+        # once, before trials race to start it
+        start_serve(base.serve.port, base.serve.http, base.serve.request_timeout_s)
         trainable = tune.with_resources(
             tune.with_parameters(trial, base=base.model_dump(mode="json"), victims=victims, plan=plan,
                                  sweep_dir=sweep_dir),

@@ -7,7 +7,8 @@ holds every stateful detector's state for the keys it owns, and sees their reque
 they reach it: that order is each key's history, and each verdict carries each query's position in it
 (``Detection.seq``), which the query log records, so that an offline replay feeds every key its queries in the
 order the shard saw them. The shard of an account also holds its open proof-of-work challenges, so a challenge
-issued through one Serve replica can be solved through another.
+issued through one Serve replica can be solved through another, and the shard of a limit's key its quota and rate
+(:mod:`sim.limits`), so a limit holds exactly across replicas.
 
 Account linking needs every account at once. Its per-account part (what each account asked, its W and flag)
 lives in the account's shard like any other history; a :class:`Linker` pulls what the shards recorded, in bulk,
@@ -35,6 +36,7 @@ import numpy as np
 
 from .detectors import Detection, Detector
 from .detectors.link import AccountLinker
+from .limits import Admission, LimitBook, Limits
 
 __all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "owner", "spread"]
 
@@ -111,10 +113,12 @@ class Shard:
     images, the victim's labels and probabilities; it returns each item's :class:`Detection` with the queries'
     positions in the key's history (``seq``) and whether the key was flagged before the request."""
 
-    CHANGES = ("score", "issue", "take", "pull", "publish")  # the methods that change it (journaled)
+    CHANGES = ("score", "admit", "issue", "take", "pull", "publish")  # the methods that change it (journaled)
 
-    def __init__(self, detectors: dict[str, Detector], *, max_pending: int = 100_000, pending_ttl_s: float = 600.0,
-                 recent: int = 4096):
+    def __init__(self, detectors: dict[str, Detector], *, limits: Limits | None = None, max_pending: int = 100_000,
+                 pending_ttl_s: float = 600.0, recent: int = 4096):
+        self.limits = LimitBook(limits) if limits is not None and limits.enabled else None
+        self.admitted: OrderedDict[str, Admission] = OrderedDict()  # request id -> its admission (for retries)
         self.detectors: dict[str, Any] = {
             name: _LinkBook(det.values["every"]) if isinstance(det, AccountLinker) else det
             for name, det in detectors.items()}
@@ -153,6 +157,17 @@ class Shard:
         if len(self.recent) > self.recent_size:
             self.recent.popitem(last=False)
         return out
+
+    # -- per-account limits -----------------------------------------------------------------------
+    def admit(self, request_id: str, key: str, n: int, now: float) -> Admission:
+        """How many of a request's ``n`` queries ``key``'s quota and rate let through at time ``now`` (see
+        :mod:`sim.limits`); a retried call gets the admission it had."""
+        done = self.admitted.get(request_id)
+        if done is None:
+            done = self.admitted[request_id] = self.limits.admit(key, n, now)
+            if len(self.admitted) > self.recent_size:
+                self.admitted.popitem(last=False)
+        return done
 
     # -- proof of work ---------------------------------------------------------------------------
     def issue(self, challenge_id: str, item: dict) -> None:
@@ -196,6 +211,8 @@ class Shard:
             keys[name] = keys.get(name, 0) + 1
         out = {"requests": self.requests, "queries": self.queries, "keys": keys,
                "pending_challenges": len(self.pending)}
+        if self.limits is not None:
+            out["limits"] = self.limits.stats()
         memory = {name: det.memory() for name, det in self.detectors.items() if hasattr(det, "memory")}
         if memory:
             out["memory"] = memory
@@ -262,6 +279,10 @@ class LocalTier:
                     sh.publish(name, linker.pulls,
                                {a: u for a, u in updates.items() if owner(a, len(self.shards)) == i})
         return out
+
+    def admit(self, request_id: str, key: str, n: int) -> Admission:
+        with self._lock:
+            return self.shards[owner(key, len(self.shards))].admit(request_id, key, n, time.time())
 
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
         with self._lock:

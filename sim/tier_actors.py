@@ -55,7 +55,7 @@ def _tier_spec(spec):
     from types import SimpleNamespace
 
     names = _stateful(spec)
-    return SimpleNamespace(detectors=names, shards=spec.shards, rules={},
+    return SimpleNamespace(detectors=names, shards=spec.shards, rules={}, limits=getattr(spec, "limits", None),
                            detector_models={n: m for n, m in spec.detector_models.items() if n in names})
 
 
@@ -68,8 +68,9 @@ def _links(spec) -> dict[str, int]:
 
 
 def needs_tier(spec) -> bool:
-    """Whether the victim keeps per-key state: a stateful detector, or a rule that asks proof of work."""
-    return bool(_stateful(spec)) or any(r.get("action") == "proof_of_work" for r in spec.rules.values())
+    """Whether the victim keeps per-key state: a stateful detector, a rule that asks proof of work, or a limit."""
+    return (bool(_stateful(spec)) or any(r.get("action") == "proof_of_work" for r in spec.rules.values())
+            or getattr(getattr(spec, "limits", None), "enabled", False))
 
 
 def _actor(name: str):
@@ -87,8 +88,8 @@ def _actor(name: str):
 class ShardActor:
     def __init__(self, app: str, index: int, spec, directory: str):
         self.app, self.index, self.shards = app, index, spec.shards
-        self.durable = Durable(lambda: Shard(detectors.build_named(spec.detectors, spec.detector_models)), directory,
-                               Shard.CHANGES, every=SNAPSHOT_EVERY)
+        self.durable = Durable(lambda: Shard(detectors.build_named(spec.detectors, spec.detector_models),
+                                             limits=spec.limits), directory, Shard.CHANGES, every=SNAPSHOT_EVERY)
         if self.durable.restored["snapshot"] or self.durable.restored["changes"]:
             log.warning("%s restored: %s", shard_name(app, index), self.durable.restored)
         self.links = _links(spec)
@@ -111,6 +112,9 @@ class ShardActor:
                 _actor(linker_name(self.app, name)).tick.options(max_task_retries=0).remote(self.index, since)
                 self.told[name] = since
         return out
+
+    def admit(self, request_id, key, n):
+        return self.durable.apply("admit", request_id, key, n, time.time())  # the time is journaled: replays exactly
 
     def issue(self, challenge_id, item):
         return self.durable.apply("issue", challenge_id, item)
@@ -210,6 +214,9 @@ class RayTier:
         for f in futures:
             out.update(f.result())
         return out
+
+    def admit(self, request_id: str, key: str, n: int):
+        return ray.get(self.handles[owner(key, len(self.handles))].admit.remote(request_id, key, n))
 
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
         ray.get(self.handles[owner(account_id, len(self.handles))].issue.remote(challenge_id, item))

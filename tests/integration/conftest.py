@@ -32,7 +32,7 @@ def ray_serve():
 
     init_local_ray(num_cpus=2, object_store_mb=300)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
     yield port
     ray.shutdown()
 

@@ -13,6 +13,7 @@ measured; runs already in ``--out`` are not run again unless ``--fresh``. ``--re
 - ``splits_jbda``: ``distributed_jbda``, the same with JBDA;
 - ``defenses``: ``mad_vs_knockoff`` (and ``reverse_sigmoid_vs_knockoff``) behind each output defense, and with a
   DP-SGD victim;
+- ``limits``: ``distributed_knockoff`` without limits, with a per-account rate limit and with a per-account quota;
 - ``scenarios``: the other shipped scenarios at their defaults, and the README's default run.
 """
 
@@ -43,6 +44,11 @@ STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, sce
          ["defense=adaptive_misinformation", "victim.training=outlier_exposure"]),
         ("none, DP-SGD victim", "mad_vs_knockoff", ["defense=identity", "victim.training=dp_sgd"]),
     ],
+    "limits": [
+        ("no limit", "distributed_knockoff", []),
+        ("rate 20/s", "distributed_knockoff", ["serve.rate=20"]),
+        ("quota 300", "distributed_knockoff", ["serve.quota=300"]),
+    ],
     "scenarios": [
         ("distributed_knockoff", "distributed_knockoff", []),
         ("single_knockoff", "single_knockoff", []),
@@ -65,6 +71,10 @@ LEADS = {
     "defenses": "Two Knockoff attackers (soft labels, top-1 labels) behind each output defense; the undefended "
                 "replica trains on the clean answers to the same queries.",
     "scenarios": "The shipped scenarios at their defaults.",
+    "limits": "The single-account and the 20-account Knockoff attacker of `distributed_knockoff` (the same budget) "
+              "against per-account limits: a rate limit (each account may send 20 queries a second, in bursts of "
+              "serve.max_images) and a quota (300 queries per account). The attackers wait out each 429 as told; an "
+              "account out of quota retires.",
 }
 
 
@@ -120,6 +130,17 @@ def tables(runs: dict) -> str:
                     tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
                     out.append(f"| {lead} | {a.id} | {a.accounts} | {a.queries // a.accounts:,} | "
                                f"{a.accounts_flagged} / {a.accounts} | {_replica(a)} | {tail} |")
+        elif study == "limits":
+            out += ["| command | attacker | accounts | queries answered | waited s (requests) | accounts out of quota "
+                    "| attacker's wall s | replica / fidelity |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for label, scenario, overrides, r in done:
+                s = r["summary"]
+                for i, a in enumerate(s.attackers):
+                    lead = f"`{command(scenario, overrides)}`" if i == 0 else ""
+                    wall = max((c.seconds for c in s.clients if c.attacker == a.id), default=0.0)
+                    out.append(f"| {lead} | {a.id} | {a.accounts} | {a.queries - a.refused:,} | "
+                               f"{a.limited.seconds:.1f} ({a.limited.waits}) | {a.limited.quota_spent} | {wall:.1f} | "
+                               f"{_replica(a)} |")
         elif study == "defenses":
             out += ["| command | defended acc % | test L1 | L1 / top-1 kept on attacker queries | attacker "
                     "| replica / fidelity | undefended replica / fidelity |", "|---|---:|---:|---:|---|---:|---:|"]

@@ -157,16 +157,29 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     return 0
 
 
+def _stored_key(entry: dict) -> str:
+    """An accounts file entry's key: the key itself, or only its SHA-256 (``key_sha256``, 64 hex digits)."""
+    from .protocol import HASHED
+
+    if "key" in entry:
+        return entry["key"]
+    digest = entry["key_sha256"]
+    if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+        raise ValueError(f"key_sha256={digest!r} is not 64 lowercase hex digits")
+    return HASHED + digest
+
+
 def load_keys(path: str) -> dict:
     from . import storage
     from .protocol import Account
 
     try:
         entries = json.loads(storage.read_text(path))
-        return {e["key"]: Account(e["account_id"], e.get("role", "external"), e.get("attack")) for e in entries}
+        return {_stored_key(e): Account(e["account_id"], e.get("role", "external"), e.get("attack"), e.get("cohort"))
+                for e in entries}
     except OSError as exc:
         raise SimError(f"serve.keys={path!r} cannot be read ({exc.strerror or exc}); expected a JSON file of "
                        f"[{{\"key\": …, \"account_id\": …}}]") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise SimError(f"serve.keys={path!r} is not a valid accounts file ({exc}); expected a JSON list of "
-                       f"{{\"key\": …, \"account_id\": …, \"role\": …}}") from None
+                       f"{{\"key\" (or \"key_sha256\"): …, \"account_id\": …, \"role\": …}}") from None

@@ -6,6 +6,7 @@ Kept free of torch and scipy so that client actors, which only send queries, sta
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import secrets
 import time
@@ -26,11 +27,24 @@ class Account:
 
 
 def make_keys(accounts: list[Account], seed: int | None = None) -> dict[str, Account]:
-    """API key -> account. Keys are random tokens (seeded in simulations for reproducible logs)."""
+    """API key -> account. Keys are random tokens of 128 bits (seeded in simulations for reproducible logs)."""
     if seed is None:
         return {secrets.token_hex(16): a for a in accounts}
     rng = np.random.default_rng(seed)
     return {rng.bytes(16).hex(): a for a in accounts}
+
+
+HASHED = "sha256:"  # the prefix of a stored key: the SHA-256 of the key a client sends, never the key itself
+
+
+def hash_key(key: str) -> str:
+    """What the service stores and compares for an API key."""
+    return HASHED + hashlib.sha256(key.encode()).hexdigest()
+
+
+def hashed(keys: dict[str, Account]) -> dict[str, Account]:
+    """``keys`` (API key -> account) with every key replaced by its hash (keys hashed already are kept)."""
+    return {k if k.startswith(HASHED) else hash_key(k): a for k, a in keys.items()}
 
 
 def new_request_id() -> str:

@@ -23,7 +23,7 @@ from .detectors import Detector
 from .errors import RequestError
 from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
-from .protocol import API_KEY_HEADER, Account, Reply, new_request_id
+from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_request_id
 from .querylog import QueryLogWriter, input_digest
 from .tier import LocalTier
 from .training import predict_probs
@@ -173,7 +173,7 @@ class VictimService:
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
-        self.accounts = accounts
+        self.accounts = hashed(accounts)  # only the keys' hashes are kept
         self.input_shape = tuple(input_shape)
         self.detectors = detectors or {}
         self.stateful = {name for name, det in self.detectors.items() if det.stateful}
@@ -290,7 +290,7 @@ class VictimService:
     def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,
                start: float | None = None) -> Reply:
         """Refuse a request before reading any image, and log it as one refused row."""
-        account = self.accounts.get(api_key) if isinstance(api_key, str) else None
+        account = self._lookup(api_key)
         request_id = new_request_id()
         if self.writer is not None:
             latency = (time.perf_counter() - start) * 1e3 if start is not None else 0.0
@@ -313,10 +313,19 @@ class VictimService:
     def _account(self, api_key) -> Account:
         if not api_key:
             raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
-        account = self.accounts.get(api_key) if isinstance(api_key, str) else None
+        account = self._lookup(api_key)
         if account is None:
             raise RequestError(401, "unknown API key")
         return account
+
+    def _lookup(self, api_key) -> Account | None:
+        """The account of a key: found by the key's SHA-256, so what a lookup's time depends on is a digest the
+        client cannot steer toward a stored one, and no key is held in the clear."""
+        return self.accounts.get(hash_key(api_key)) if isinstance(api_key, str) else None
+
+    def set_keys(self, base: dict[str, Account], added: dict[str, Account], revoked: set[str]) -> None:
+        """The accounts, changed live: ``base`` (hashed keys) with ``added`` and without ``revoked``."""
+        self.accounts = {k: a for k, a in {**base, **added}.items() if k not in revoked}
 
     def _defend(self, clean: np.ndarray, x: np.ndarray, perturb: list) -> np.ndarray:
         """Returned probabilities: each query through its rule's perturbation, or the victim's defense."""

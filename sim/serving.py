@@ -27,7 +27,7 @@ from . import defenses, detectors, models, tier_actors
 from .errors import ConfigError, SimError
 from .limits import Limits
 from .policy import Rule
-from .protocol import API_KEY_HEADER, Account, Reply
+from .protocol import API_KEY_HEADER, HASHED, Account, Reply, hash_key, hashed
 from .querylog import QueryLogWriter
 from .service import VictimService
 
@@ -42,7 +42,7 @@ class VictimSpec:
     run_id: str
     model: bytes  # sim.models.to_bytes of the victim
     input_shape: tuple[int, int, int]
-    accounts: dict[str, Account]
+    accounts: dict[str, Account]  # API key -> account; only their hashes travel and are kept (__post_init__)
     detectors: dict[str, dict]  # name -> {"kind": registry name, "params": {...}}
     rules: dict[str, dict]  # name -> sim.policy.Rule fields
     defense: dict  # defense spec mapping ({"name": ..., params}); changed live through ``reconfigure``
@@ -57,6 +57,11 @@ class VictimSpec:
     device: str = "cpu"  # where the replicas run the model (sim.devices)
     limits: Limits | None = None  # per-account quota and rate (sim.limits), held in the detection tier
     max_body_bytes: int | None = None  # largest HTTP body (None: room for max_images images as JSON floats)
+    # keys added and revoked on the running app (update_keys): {"added": {hash: account fields}, "revoked": [hash]}
+    key_changes: dict = dataclasses.field(default_factory=lambda: {"added": {}, "revoked": []})
+
+    def __post_init__(self):
+        self.accounts = hashed(self.accounts)
 
     @property
     def body_limit(self) -> int:
@@ -156,6 +161,13 @@ class VictimDeployment:
         if "defense" in config and config["defense"] != self.defense:  # Serve also calls it right after __init__
             self.service.set_defense(build_defense(self.spec, config["defense"]))
             self.defense = config["defense"]
+        if "keys" in config:
+            added = {k: Account(**fields) for k, fields in config["keys"].get("added", {}).items()}
+            revoked = set(config["keys"].get("revoked", []))
+            self.service.set_keys(self.spec.accounts, added, revoked)
+            if added or revoked:
+                log.info("keys: %d added, %d revoked; %d accounts now", len(added), len(revoked),
+                         len(self.service.accounts))
 
     def info(self) -> dict:
         """This replica's process id, log writer and rows written (diagnostics)."""
@@ -214,7 +226,7 @@ def spec_version(spec: VictimSpec) -> str:
     """Serve's code version for a spec: a hash of everything but the defense, which travels in
     ``user_config``. Redeploying the same spec with another defense is then a lightweight update
     (``reconfigure`` on the running replicas, no restart); any other change restarts them."""
-    blob = pickle.dumps(dataclasses.replace(spec, defense={}))
+    blob = pickle.dumps(dataclasses.replace(spec, defense={}, key_changes={}))
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
@@ -240,7 +252,7 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
         name="victim", **size, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": QUEUE_RETRY_AFTER_S},
         ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
-        user_config={"defense": spec.defense},
+        user_config={"defense": spec.defense, "keys": spec.key_changes},
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for
         # them up to graceful_shutdown_timeout_s; deleting an app whose clients are done takes 1 s instead of 3
         graceful_shutdown_wait_loop_s=0.1,
@@ -272,4 +284,26 @@ def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) ->
                               f"deployed with; expected an app deployed with that defense (spec.defense_models)")
     new = dataclasses.replace(spec, defense=dict(defense))
     deploy(new, app_name, **options)
+    return new
+
+
+def update_keys(spec: VictimSpec, app_name: str, *, add: dict[str, Account] | None = None,
+                revoke: list[str] = (), **options) -> VictimSpec:
+    """Add accounts (API key, or its hash, -> account) to a running victim app and revoke keys (or their hashes),
+    live, without restarting its replicas; ``options`` are :func:`deploy`'s. Every change is logged. Revoking a key
+    the app does not know is a one-line ConfigError and changes nothing. Returns the updated spec."""
+    add, revoke = hashed(add or {}), [k if k.startswith(HASHED) else hash_key(k) for k in revoke]
+    added = {**spec.key_changes["added"], **{k: dataclasses.asdict(a) for k, a in add.items()}}
+    known = set(spec.accounts) | set(added)
+    unknown = [k for k in revoke if k not in known]
+    if unknown:
+        raise ConfigError(f"cannot revoke {len(unknown)} key(s) this app does not know ({unknown[0][:19]}…); "
+                          f"expected keys (or their sha256: hashes) of its accounts")
+    revoked = sorted((set(spec.key_changes["revoked"]) - set(add)) | set(revoke))
+    new = dataclasses.replace(spec, key_changes={"added": added, "revoked": revoked})
+    deploy(new, app_name, **options)
+    log.warning("app %s: keys of %s added, keys of %s revoked", app_name,
+                sorted(a.account_id for a in add.values()) or "none",
+                sorted({**spec.accounts, **{k: Account(**v) for k, v in added.items()}}[k].account_id
+                       for k in revoke) or "none")
     return new

@@ -373,8 +373,11 @@ def format_summary(s: Summary) -> str:
         lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "
                                                          f"{p.hashes:,} hashes)" for who, p in paid))
     held = [(a.id, a.limited) for a in s.attackers] + [("benign", s.benign.limited)]
-    if any(h.waits or h.quota_spent for _, h in held):
-        lines.append("limits: " + ", ".join(f"{who} waited {h.seconds:.1f} s ({h.waits} requests), "
-                                            f"{h.quota_spent} accounts out of quota" for who, h in held))
+    limited = [f"{who} " + " and ".join(
+        ([f"waited {h.seconds:.1f} s over {h.waits} requests"] if h.waits else [])
+        + ([f"ran {h.quota_spent} account(s) out of quota"] if h.quota_spent else []))
+        for who, h in held if h.waits or h.quota_spent]
+    if limited:
+        lines.append("limits: " + "; ".join(limited))
     lines.append(f"wall time {s.wall_seconds:.1f} s")
     return "\n".join(lines)

@@ -191,3 +191,34 @@ def test_a_compact_query_and_its_proof_of_work_are_answered_in_kind():
     # the same request as JSON numbers gets the per-query results
     plain = svc.query_json("k", json.dumps({"images": (x[:, 0] / 255.0).tolist()}).encode()).to_json()
     assert [r["action"] for r in plain["results"]] == ["challenged"] * 3 and "actions" not in plain
+
+
+def test_the_service_keeps_only_hashes_of_keys_and_finds_accounts_by_them(service):
+    svc, _ = service
+    from sim.protocol import hash_key
+
+    assert set(svc.accounts) == {hash_key("k-att"), hash_key("k-ben")}
+    assert svc.query("k-att", np.zeros((1, 1, 28, 28), np.uint8)).status == 200
+    assert svc.query(hash_key("k-att"), np.zeros((1, 1, 28, 28), np.uint8)).status == 401  # a hash is not a key
+    svc.set_keys(dict(svc.accounts), {hash_key("k-new"): Account("new", "external")}, {hash_key("k-att")})
+    assert svc.query("k-att", np.zeros((1, 1, 28, 28), np.uint8)).reason == "unknown API key"
+    assert svc.query("k-new", np.zeros((1, 1, 28, 28), np.uint8)).account_id == "new"
+
+
+def test_an_accounts_file_may_hold_keys_or_only_their_hashes(tmp_path):
+    import hashlib
+
+    from sim.cli import load_keys
+    from sim.errors import SimError
+    from sim.protocol import hashed
+
+    digest = hashlib.sha256(b"secret-key").hexdigest()
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps([{"key": "plain-key", "account_id": "a"},
+                                {"key_sha256": digest, "account_id": "b", "role": "benign", "cohort": "c"}]))
+    keys = hashed(load_keys(str(path)))
+    assert keys[f"sha256:{digest}"] == Account("b", "benign", None, "c")
+    assert keys[f"sha256:{hashlib.sha256(b'plain-key').hexdigest()}"].account_id == "a"
+    path.write_text(json.dumps([{"key_sha256": "XYZ", "account_id": "b"}]))
+    with pytest.raises(SimError, match=r"is not a valid accounts file \(key_sha256='XYZ' is not 64 lowercase hex"):
+        load_keys(str(path))

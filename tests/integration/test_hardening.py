@@ -1,8 +1,10 @@
-"""Per-account limits and resource limits on a real Serve app: exact under concurrent clients and two replicas, the
-same answers over HTTP and handles, oversize bodies refused unread, full queues shed."""
+"""The victim API's hardening on a real Serve app: per-account limits exact under concurrent clients and two replicas
+(the same answers over HTTP and handles), oversize bodies refused unread, full queues shed, keys kept as hashes and
+added or revoked live."""
 
 import http.client
 import json
+import pickle
 import threading
 import time
 import urllib.error
@@ -15,9 +17,10 @@ import pytest
 from ray import serve
 
 from sim import models, querylog
+from sim.errors import ConfigError
 from sim.limits import Limits
 from sim.protocol import Account
-from sim.serving import VictimSpec, delete, deploy
+from sim.serving import VictimSpec, delete, deploy, update_keys
 
 
 def _spec(tmp_path, name, limits=None, **extra):
@@ -151,3 +154,34 @@ def test_bad_limits_are_config_errors(value):
 
     with pytest.raises(ConfigError, match=value.split("=")[0]):
         config.load("distributed_knockoff", [value])
+
+
+def test_keys_are_kept_hashed_and_added_or_revoked_live_on_every_replica(ray_serve, tmp_path):
+    spec = _spec(tmp_path, "keyed")
+    assert all(k.startswith("sha256:") for k in spec.accounts) and b"k-one" not in pickle.dumps(spec)
+    deploy(spec, "keyed", replicas=2, replica_cpus=0.5)
+    url = f"http://127.0.0.1:{ray_serve}/keyed"
+    handle = serve.get_deployment_handle("victim", "keyed")
+    pids = set()
+    try:
+        assert _post(url, BODY, key="k-one")[0] == 200
+        spec = update_keys(spec, "keyed", add={"k-new": Account("acct-new", "external")}, revoke=["k-one"],
+                           replicas=2, replica_cpus=0.5)
+        for _ in range(12):  # requests spread over both replicas: each has the change
+            pids.add(handle.info.remote().result()["pid"])
+            status, _, body = _post(url, BODY, key="k-one")
+            assert status == 401 and body["error"] == "unknown API key"
+            status, _, body = _post(url, BODY, key="k-new")
+            assert status == 200 and body["account"] == "acct-new"
+            assert _post(url, BODY, key="k-two")[0] == 200  # the others are untouched
+        assert len(pids) == 2  # and the replicas were not restarted for it
+        with pytest.raises(ConfigError, match="cannot revoke 1 key"):
+            update_keys(spec, "keyed", revoke=["never-issued"], replicas=2, replica_cpus=0.5)
+        spec = update_keys(spec, "keyed", add={"k-one": Account("acct-one", "attacker", "knockoff")}, replicas=2,
+                           replica_cpus=0.5)  # given back
+        assert _post(url, BODY, key="k-one")[0] == 200
+    finally:
+        delete(spec, "keyed")
+    rows = querylog.read(str(tmp_path / "queries"))
+    refused = rows.filter(pc.equal(rows.column("refusal_reason"), "unknown API key"))
+    assert refused.num_rows == 12  # each revoked request left its refused row

@@ -4,7 +4,8 @@ A sweep directory (python -m sim sweep=NAME) in place of a run: rewrites its tab
 trade-off plot and sweep.md from the trials' run directories, and stands for its finished trials' runs
 (each gets its report, and ``--replay`` runs over each).
 
-Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run and prints its detection table.
+Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run, and prints a line per run on its alerts
+(RUN_DIR/alerts.parquet: each detector flag and limit hit).
 With several runs, also prints a comparison; ``--out DIR`` writes it (comparison.md and a plot) there.
 ``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries and adds
 it to the report as ``replay_prada`` (``--name`` to choose; ``--order prada`` to follow the per-key order the
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="directory for the comparison of several runs")
     args = ap.parse_args(argv)
 
-    from sim import storage
+    from sim import alerts, storage
     from sim.errors import SimError
     from sim.querylog import exists
 
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                     models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")
+            if storage.exists(alerts.path_of(run)):
+                found = alerts.summary(alerts.read(run))
+                print(f"{run}: alerts: " + (", ".join(f"{s['source']} {s['alerts']} on {s['accounts']} accounts"
+                                                      for s in found) or "none"))
         if len(args.runs) > 1:
             text, points = comparison(args.runs)
             print(text)

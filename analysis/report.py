@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from sim import querylog, storage
+from sim import alerts, querylog, storage
 from sim.summary import read as read_summary
 
 from . import plots
@@ -31,6 +31,31 @@ def analyse(run_dir: str, replays: dict[str, dict] | None = None) -> dict:
     extra = {name: r["scores"] for name, r in (replays or {}).items()}
     return {"table": table, "summary": summary, "replication": replication_report(table, summary),
             "detection": detection_report(table, scores=extra) if table.num_rows else {}}
+
+
+def _alerts_section(run_dir: str, table) -> list[str]:
+    """What the run's alerts table (``RUN/alerts.parquet``; derived from the log for runs without one) holds, per
+    detector and limit, with how many of the alerted accounts were attackers (the log's ground truth)."""
+    import pyarrow.compute as pc
+
+    found = storage.exists(alerts.path_of(run_dir))
+    table_ = alerts.read(run_dir) if found else alerts.from_log(table)
+    if not table_.num_rows:
+        return []
+    role = dict(zip(table.column("account_id").to_pylist(), table.column("role").to_pylist()))
+    lines = ["## Alerts", "",
+             f"The alerts table{' (`alerts.parquet`)' if found else ' (derived from the log)'}: one row per detector "
+             f"flag (a stateful detector: an account's first flagged query; a stateless one: each request with "
+             f"flagged queries) and per request a limit refused, with the account's queries so far. What a "
+             f"provider's security team would read; the attacker/benign split is the simulation's ground truth.", "",
+             "| source | kind | alerts | accounts (attackers / benign) | median queries at an account's first alert |",
+             "|---|---|---:|---:|---:|"]
+    for s in alerts.summary(table_):
+        accounts = set(table_.filter(pc.equal(table_.column("source"), s["source"])).column("account_id").to_pylist())
+        attackers = sum(role.get(a) == "attacker" for a in accounts)
+        lines.append(f"| {s['source']} | {s['kind']} | {s['alerts']:,} | {s['accounts']} ({attackers} / "
+                     f"{s['accounts'] - attackers}) | {s['median_queries_at_first']:,} |")
+    return lines + [""]
 
 
 def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
@@ -127,6 +152,7 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
             p = plots.roc_curves(rows, name, s, os.path.join(fig_dir, f"roc_{name}.png"))
             if p:
                 figures.append((f"ROC of {name} per attack (query level)", p))
+    lines += _alerts_section(run_dir, table)
     # per account, the scores of the detectors that flag accounts (of every detector, without a summary to say)
     per_account = ({n: d.threshold for n, d in summary.detection.items() if d.stateful} if summary
                    else dict.fromkeys(querylog.detector_names(table.schema)))

@@ -114,8 +114,8 @@ def run_sweep(scenario: str | None, overrides: list[str]) -> int:
 
 def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
+    from . import alerts, querylog, storage
     from . import config as config_mod
-    from . import querylog, storage
     from .engine import deploy_victim, new_run_id, prepare_models, prepare_run_dir, ray_session, train_victim
     from .protocol import Account, make_keys
 
@@ -151,8 +151,9 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
                 from .serving import delete
 
                 delete(spec, app)
-    finally:  # as in a run: whatever happened, the log is left compacted and readable
+    finally:  # as in a run: whatever happened, the log is left compacted and readable, with its alerts
         rows = querylog.compact(log_dir)
+        alerts.write(cfg.run_dir, list(dets.detectors))
     print(f"stopped; {rows} queries logged in {log_dir}")
     return 0
 

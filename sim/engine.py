@@ -20,8 +20,8 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
+from . import alerts, data, defenses, detection, devices, querylog, storage, zoo
 from . import config as config_mod
-from . import data, defenses, detection, devices, querylog, storage, zoo
 from .config import ScenarioConfig
 from .errors import ConfigError, SimError
 from .plan import Plan, derive_seed, make_plan
@@ -261,8 +261,9 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
             finally:  # the victim is not needed while replicas train: its CPUs go to them
                 tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
-        finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log
+        finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log, and its alerts
             logged = querylog.compact(log_dir)
+            alerts.write(cfg.run_dir, list(dets.detectors))
         t0 = time.perf_counter()
         baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
         table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), *(["clean_probs"] if baseline else [])])

@@ -1,0 +1,49 @@
+"""The alerts table: one row per detector flag (stateful: an account's first; stateless: per request) and per limit
+hit, derived from the query log."""
+
+import numpy as np
+import pyarrow.compute as pc
+
+from sim import alerts, data, detectors, models, querylog
+from sim.limits import Limits
+from sim.protocol import Account
+from sim.service import VictimService
+
+
+def test_alerts_record_each_flag_and_each_limit_hit_with_the_accounts_queries_so_far(tmp_path):
+    keys = {"k-att": Account("att-0", "attacker", "knockoff", cohort="c1"), "k-ben": Account("ben-0", "benign")}
+    dets = {"prada": detectors.build("prada", min_pool=10), "msp": detectors.build("msp", threshold=0.85)}
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), (1, 28, 28), "w", detectors=list(dets))
+    svc = VictimService(model=models.build("lenet", (1, 28, 28), 10), victim="v", run_id="r", accounts=keys,
+                        input_shape=(1, 28, 28), detectors=dets, writer=writer, max_images=8,
+                        limits=Limits(quota=100))
+    ds = data.load("mnist5k")
+    seed = ds.x_test[:1].astype(np.float32) / 255
+    xs = np.clip(seed + 0.02 * np.random.default_rng(0).choice([-1, 1], size=(120, 1, 28, 28)), 0, 1)
+    replies = [svc.query("k-att", xs[i:i + 8]) for i in range(0, 120, 8)]  # 100 answered, then the quota
+    svc.query("k-ben", ds.x_test[:8])
+    writer.close()
+    querylog.compact(str(tmp_path / "queries"))
+    assert alerts.write(str(tmp_path), list(dets)) > 0
+    table = alerts.read(str(tmp_path))
+    log = querylog.read(str(tmp_path / "queries"))
+
+    prada = table.filter(pc.equal(table.column("source"), "prada")).to_pylist()
+    att = log.filter(pc.equal(log.column("account_id"), "att-0"))
+    first = att.column("prada_flagged").to_pylist().index(True)
+    assert len(prada) == 1 and prada[0]["account_id"] == "att-0" and prada[0]["cohort"] == "c1"
+    assert prada[0]["queries"] == first + 1 and prada[0]["kind"] == "detector"  # when it tripped, in queries
+    assert prada[0]["score"] == att.column("prada_score")[first].as_py()
+
+    quota = table.filter(pc.equal(table.column("source"), "quota")).to_pylist()
+    refused = sum(r.actions.count("refused") for r in replies)
+    assert refused == 20 and [a["kind"] for a in quota] == ["limit"] * 3  # the cut request and two refused whole
+    assert sum(a["flagged"] for a in quota) == 20 and quota[-1]["queries"] == 120 and quota[0]["score"] is None
+
+    msp = table.filter(pc.equal(table.column("source"), "msp"))
+    flagged = log.filter(pc.fill_null(log.column("msp_flagged"), False))
+    assert 0 < msp.num_rows == len(set(flagged.column("request_id").to_pylist()))  # one per request with flags
+    assert pc.sum(msp.column("flagged")).as_py() == flagged.num_rows
+    assert table.column("time").to_pylist() == sorted(table.column("time").to_pylist())
+    summary = {s["source"]: s for s in alerts.summary(table)}
+    assert summary["prada"]["accounts"] == 1 and summary["quota"]["alerts"] == 3

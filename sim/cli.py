@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from .errors import SimError
+from .errors import Interrupted, SimError
 
 USAGE = """\
 usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print its summary
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import alerts, data, defenses, detection, devices, querylog, storage, zoo
 from . import config as config_mod
 from .config import ScenarioConfig
-from .errors import ConfigError, SimError
+from .errors import ConfigError, Interrupted, SimError
 from .plan import Plan, derive_seed, make_plan
 from .protocol import Account
 from .summarize import Outcome, evaluate_defense, log_columns, measure_victim, robustness_settings, summarize
@@ -237,7 +237,50 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
+    progress = {"phase": "victim training", "logged": 0}
+    try:
+        with _second_interrupt_exits(log_dir):
+            return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
+    except KeyboardInterrupt:  # the log is compacted already (the query phase's own cleanup); say where it stopped
+        from .summary import write_interrupted
+
+        write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
+        raise Interrupted(progress["phase"], cfg.run_dir, progress["logged"]) from None
+
+
+@contextlib.contextmanager
+def _second_interrupt_exits(log_dir: str):
+    """Ctrl-C once: KeyboardInterrupt, and the run cleans up (deletes its Serve app, compacts its log). Ctrl-C again
+    while it does: exit at once with status 130, the log left as streams (every row written is there, and
+    :func:`sim.querylog.read` reads them). Only where signals can be handled (the main thread)."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    seen = []
+
+    def handler(signum, frame):
+        if seen:
+            print(f"\nstopped at once; the query log in {log_dir} is left uncompacted (readable as it is)",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch) -> Summary:
+    """:func:`run`'s phases; ``progress`` says which one it is in and how many rows the log kept."""
     victim = victim if victim is not None else train_victim(cfg, quiet)
+    progress["phase"] = "detector training"
     timings = {"victim_seconds": round(time.perf_counter() - start, 2)}
     t0 = time.perf_counter()
     dets, defense_models = prepare_models(cfg, victim, quiet)
@@ -250,10 +293,12 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
         from . import serving
 
         try:
+            progress["phase"] = "deploying the victim"
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
             app, port, spec = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
                                             http=cfg.serve.http, app=app)
+            progress["phase"] = "querying"
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()  # progress of everything below
             try:
@@ -262,14 +307,16 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
                 tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
         finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log, and its alerts
-            logged = querylog.compact(log_dir)
+            logged = progress["logged"] = querylog.compact(log_dir)
             alerts.write(cfg.run_dir, list(dets.detectors))
+        progress["phase"] = "replica training"
         t0 = time.perf_counter()
         baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
         table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), *(["clean_probs"] if baseline else [])])
         replicas = _train_replicas(cfg, victim, plan, transfers, table if baseline else None, clean_test, board,
                                    quiet, on_replica_epoch)
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
+    progress["phase"] = "evaluation"
     keep = plan.eval_indices(len(ds.x_test))
     outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,

@@ -24,3 +24,12 @@ class RequestError(SimError):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (or SIGINT): where it was, and what it left (the CLI exits with status 130)."""
+
+    def __init__(self, phase: str, run_dir: str, logged: int):
+        super().__init__(f"interrupted during {phase}; the run directory {run_dir} keeps its query log ({logged:,} "
+                         f"rows, compacted) and a summary marked interrupted")
+        self.phase, self.run_dir, self.logged = phase, run_dir, logged

@@ -279,6 +279,10 @@ def compact(queries_dir: str) -> int:
     if not old:
         return 0
     table = read(queries_dir)
+    if table.num_rows == 0:  # streams opened but never written to (a run stopped early): nothing to keep
+        for p in old:
+            fs.delete_file(p)
+        return 0
     shape = input_shape(table.schema)
     table = table.cast(schema_for(shape or (), detector_names(table.schema)))
     pq.write_table(table, f"{path}/part-{uuid.uuid4().hex[:8]}.parquet", filesystem=fs, compression="zstd")

@@ -223,6 +223,14 @@ class Summary(_Part):
         storage.write_text(storage.join(run_dir, "summary.json"), self.model_dump_json(indent=2))
 
 
+def write_interrupted(run_dir: str, run_id: str, scenario: str, phase: str, logged: int) -> None:
+    """``summary.json`` of a run stopped by Ctrl-C: where it stopped and the rows its log kept (no results; :func:`read`
+    gives None for it, so a report is built from the log alone)."""
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(
+        {"version": SUMMARY_VERSION, "interrupted": phase, "run_id": run_id, "scenario": scenario,
+         "run_dir": run_dir, "logged": logged}, indent=2))
+
+
 class SummaryError(ValueError):
     """A file that is not a run summary this version can read."""
 
@@ -231,6 +239,8 @@ def parse(data: dict) -> Summary:
     """A summary from its JSON mapping, upgraded from version 1 if need be."""
     if not isinstance(data, dict):
         raise SummaryError(f"a run summary is a JSON object, got {type(data).__name__}")
+    if "interrupted" in data:
+        raise SummaryError(f"run {data.get('run_id')} was interrupted during {data['interrupted']}: it has no results")
     version = data.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         raise SummaryError(f"summary version {version!r} is not an integer")

@@ -345,7 +345,13 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool) -> dict[s
     refs = [a.run.remote() for a in actors]
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
     keys = [f"query:{c.actor_id}" for c in plan.clients]  # the clients' posts (replicas post under their key)
-    for client, result in zip(plan.clients, _wait_with_progress([r for r, _ in refs], board, keys, bar)):
+    try:
+        results = _wait_with_progress([r for r, _ in refs], board, keys, bar)
+    except BaseException:  # Ctrl-C, a failure: stop every client, or they query on (a later app of the same name)
+        for a in actors:
+            ray.kill(a)
+        raise
+    for client, result in zip(plan.clients, results):
         client.result = result
     return {c.actor_id: transfer for c, (_, transfer) in zip(plan.clients, refs)}
 

@@ -2,6 +2,7 @@
 (the same answers over HTTP and handles), oversize bodies refused unread, full queues shed, keys kept as hashes and
 added or revoked live."""
 
+import base64
 import http.client
 import json
 import pickle
@@ -185,3 +186,40 @@ def test_keys_are_kept_hashed_and_added_or_revoked_live_on_every_replica(ray_ser
     rows = querylog.read(str(tmp_path / "queries"))
     refused = rows.filter(pc.equal(rows.column("refusal_reason"), "unknown API key"))
     assert refused.num_rows == 12  # each revoked request left its refused row
+
+
+def test_sixteen_concurrent_http_clients_get_every_answer_logged_once(ray_serve, tmp_path):
+    model = models.build("lenet", (1, 28, 28), 10)
+    keys = {f"k-{i}": Account(f"acct-{i}", "benign") for i in range(16)}
+    spec = VictimSpec(victim="loaded", run_id="t", model=models.to_bytes(model, "lenet", (1, 28, 28), 10),
+                      input_shape=(1, 28, 28), accounts=keys, detectors={"prada": {"kind": "prada", "params": {}}},
+                      rules={}, defense={"name": "identity"}, log_dir=str(tmp_path / "queries"), log_inputs=True,
+                      max_images=16)
+    deploy(spec, "loaded", replicas=2, replica_cpus=0.5)
+    url = f"http://127.0.0.1:{ray_serve}/loaded"
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 1, 28, 28), dtype=np.uint8)
+    body = json.dumps({"uint8": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape)}).encode()
+    deadline = time.monotonic() + 10  # bounded in time, not in requests
+
+    def client(i):
+        out = []
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            status, _, reply = _post(url, body, key=f"k-{i}")
+            out.append((status, time.perf_counter() - t0, reply.get("request_id"), len(reply.get("actions", []))))
+        return out
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            done = [r for part in pool.map(client, range(16)) for r in part]
+    finally:
+        delete(spec, "loaded")
+    assert {s for s, *_ in done} == {200} and all(n == 16 for *_, n in done)  # no error of any kind
+    latency = np.array([t for _, t, *_ in done]) * 1e3
+    print(f"{len(done)} requests, {16 * len(done)} queries in 10 s: p50 {np.percentile(latency, 50):.0f} ms, "
+          f"p99 {np.percentile(latency, 99):.0f} ms")
+    log = querylog.read(str(tmp_path / "queries"))
+    assert log.num_rows == 16 * len(done)  # every answered query, once
+    assert sorted(set(log.column("request_id").to_pylist())) == sorted(r for _, _, r, _ in done)
+    assert pc.all(pc.equal(log.column("action"), "answered")).as_py()

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from sim import querylog
 from sim.summary import read as read_summary
 
 from .conftest import env_without_ray_address
 
-QUERYING = r"querying:\s+\d+%\|[^|]*\|\s*[1-9]\d*/480"  # some queries answered already
 RUN = ["scenario=single_knockoff", "victim.epochs=2", "attackers.single.budget=400",
        "attackers.single.replica.epochs=200", "benign.queries=40"]
 
@@ -50,49 +50,72 @@ def _interrupt(args: list[str], marker: str, twice: bool = False) -> tuple[int, 
     return proc.returncode, time.monotonic() - sent, "".join(out)
 
 
-CASES = [  # phase, what the output shows when it is under way, the run's own settings
-    ("victim training", "training victim:", ["victim.epochs=400"]),  # a victim of its own to train
-    ("querying", QUERYING, ["attackers.single.max_rate=50"]),  # paced: 8 s of querying
-    ("replica training", "training replicas:", []),
-]
-
-
-def test_ctrl_c_in_each_phase_stops_the_run_and_keeps_what_it_logged(tmp_path, cache_dir):
-    """The phases' runs go at once (each process waits more than it computes), and a fourth gets Ctrl-C twice."""
-    def one(case):
-        phase, marker, extra = case
-        run_dir = tmp_path / phase.replace(" ", "_")
-        cache = tmp_path / "cache" if phase == "victim training" else cache_dir
-        return _interrupt([*RUN, *extra, f"run_dir={run_dir}", f"cache_dir={cache}"], marker)
-
-    twice_dir = tmp_path / "twice"
-    with ThreadPoolExecutor(len(CASES) + 1) as pool:
-        twice = pool.submit(_interrupt, [*RUN, f"run_dir={twice_dir}", f"cache_dir={cache_dir}"], "Started Serve",
-                            twice=True)
-        runs = list(pool.map(one, CASES))
-    status, seconds, out = twice.result()
-    assert status == 130 and seconds < 15 and "stopped at once" in out, out[-2000:]  # not waiting for the cleanup
-    querylog.read(str(twice_dir / "queries"))  # the log as it was left: readable
-
-    for (phase, _, _), (status, seconds, out) in zip(CASES, runs):
-        run_dir = tmp_path / phase.replace(" ", "_")
-        assert status == 130 and seconds < 45, out[-2000:]
-        stub = json.loads((run_dir / "summary.json").read_text())
-        said = [line for line in out.replace("\r", "\n").splitlines() if "interrupted during" in line]
-        assert len(said) == 1 and said[0].endswith(f"interrupted during {phase}; the run directory {run_dir} keeps "
-                                                   f"its query log ({stub['logged']:,} rows, compacted) and a summary "
-                                                   f"marked interrupted"), out[-2000:]
-        assert stub["interrupted"] == phase and read_summary(str(run_dir)) is None
-        log_dir = run_dir / "queries"
-        rows = querylog.read(str(log_dir))
-        assert stub["logged"] == rows.num_rows
-        if phase == "victim training":
-            assert rows.num_rows == 0
-            continue
-        assert rows.num_rows > 0 and (run_dir / "alerts.parquet").exists()
-        assert not list(log_dir.glob(f"*{querylog.STREAM_SUFFIX}")) and list(log_dir.glob("*.parquet"))  # compacted
+def _check_interrupted(run_dir, phase: str) -> "querylog.pa.Table":
+    """What an interrupted run leaves: a summary marked interrupted, its log compacted (when it has one)."""
+    stub = json.loads((run_dir / "summary.json").read_text())
+    assert stub["interrupted"] == phase and read_summary(str(run_dir)) is None
+    log_dir = run_dir / "queries"
+    rows = querylog.read(str(log_dir))
+    assert stub["logged"] == rows.num_rows
+    if rows.num_rows:
+        assert not list(log_dir.glob(f"*{querylog.STREAM_SUFFIX}")) and list(log_dir.glob("*.parquet"))
+        assert (run_dir / "alerts.parquet").exists()
         ids = list(zip(rows.column("request_id").to_pylist(), rows.column("seq").to_pylist(),
                        rows.column("writer").to_pylist()))
         assert len(set(ids)) == len(ids)  # each row once
-        if phase == "replica training":  # the querying had finished: every query the clients sent is there
-            assert rows.num_rows == 480
+    return rows
+
+
+def test_ctrl_c_stops_a_run_with_one_line_and_status_130_and_twice_at_once(tmp_path, cache_dir):
+    """The signal itself, in a process of its own: once while the victim trains (no Ray yet), and twice right after
+    Serve started (the second lands in the cleanup, which it cuts short)."""
+    run_dir = tmp_path / "victim"
+    status, seconds, out = _interrupt([*RUN, "victim.epochs=400", f"run_dir={run_dir}",
+                                       f"cache_dir={tmp_path / 'cache'}"], "training victim:")
+    assert status == 130 and seconds < 30, out[-2000:]
+    said = [line for line in out.replace("\r", "\n").splitlines() if "interrupted during" in line]
+    assert said == [f"interrupted during victim training; the run directory {run_dir} keeps its query log (0 rows, "
+                    f"compacted) and a summary marked interrupted"], out[-2000:]
+    assert _check_interrupted(run_dir, "victim training").num_rows == 0
+
+    twice_dir = tmp_path / "twice"
+    status, seconds, out = _interrupt([*RUN, f"run_dir={twice_dir}", f"cache_dir={cache_dir}"], "Started Serve",
+                                      twice=True)
+    assert status == 130 and seconds < 15 and "stopped at once" in out, out[-2000:]  # not waiting for the cleanup
+    querylog.read(str(twice_dir / "queries"))  # the log as it was left: readable
+
+
+def test_a_run_interrupted_while_querying_or_training_replicas_keeps_its_log(ray_serve, small_overrides, tmp_path,
+                                                                              monkeypatch):
+    """Ctrl-C as the run sees it (KeyboardInterrupt in the driver), in this process's Ray: while clients query (once
+    some queries are answered), and while replicas train (after their first epoch)."""
+    import ray
+
+    from sim import engine
+    from sim.errors import Interrupted
+
+    wait = engine._wait_with_progress
+
+    def interrupted_once_answered(refs, board, keys, bar, on_poll=None):
+        if any(k.startswith("query:") for k in keys):
+            while not sum(ray.get(board.snapshot.remote()).get(k, 0) for k in keys):
+                time.sleep(0.1)
+            raise KeyboardInterrupt
+        return wait(refs, board, keys, bar, on_poll)
+
+    monkeypatch.setattr(engine, "_wait_with_progress", interrupted_once_answered)
+    querying = tmp_path / "querying"
+    with pytest.raises(Interrupted, match="interrupted during querying"):
+        engine.run("single_knockoff", [*small_overrides, f"run_dir={querying}"], quiet=True)
+    assert _check_interrupted(querying, "querying").num_rows > 0
+    monkeypatch.setattr(engine, "_wait_with_progress", wait)
+
+    def stop(accuracies):
+        if any(accuracies.values()):
+            raise KeyboardInterrupt
+
+    training = tmp_path / "training"
+    with pytest.raises(Interrupted, match="interrupted during replica training"):
+        engine.run("single_knockoff", [*small_overrides, f"run_dir={training}", "attackers.single.replica.epochs=3"],
+            quiet=True, on_replica_epoch=stop)
+    assert _check_interrupted(training, "replica training").num_rows == 160 + 2 * 40  # every query the clients sent

@@ -55,11 +55,10 @@ def from_log(table: pa.Table) -> pa.Table:
                                       queries=first["query_index"] + 1))
         else:  # single queries: one alert per request
             per = flagged.groupby("request_id", sort=False).agg(
-                time=("timestamp", "first"), account_id=("account_id", "first"), cohort=("cohort", "first"),
+                timestamp=("timestamp", "first"), account_id=("account_id", "first"), cohort=("cohort", "first"),
                 score=(f"{name}_score", "max"), flagged=(f"{name}_score", "size"),
                 queries=("query_index", "max")).reset_index()
-            parts.append(per.assign(source=name, kind="detector", queries=per["queries"] + 1)
-                         .rename(columns={"time": "timestamp"}))
+            parts.append(per.assign(source=name, kind="detector", queries=per["queries"] + 1))
     limited = df[df["refusal_reason"].isin(LIMITS)]
     if not limited.empty:
         per = limited.groupby("request_id", sort=False).agg(

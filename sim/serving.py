@@ -302,8 +302,8 @@ def update_keys(spec: VictimSpec, app_name: str, *, add: dict[str, Account] | No
     revoked = sorted((set(spec.key_changes["revoked"]) - set(add)) | set(revoke))
     new = dataclasses.replace(spec, key_changes={"added": added, "revoked": revoked})
     deploy(new, app_name, **options)
+    everyone = {**spec.accounts, **{k: Account(**v) for k, v in added.items()}}
     log.warning("app %s: keys of %s added, keys of %s revoked", app_name,
                 sorted(a.account_id for a in add.values()) or "none",
-                sorted({**spec.accounts, **{k: Account(**v) for k, v in added.items()}}[k].account_id
-                       for k in revoke) or "none")
+                sorted(everyone[k].account_id for k in revoke) or "none")
     return new

@@ -334,7 +334,7 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
         spec = SimpleNamespace(detectors={"prada": PRADA}, rules={}, shards=1,
                                state_dir=None, detector_models={})
         app = f"hop-{len(keys)}"
-        tier_actors.start(spec, app)
+        ray.get(tier_actors.start(spec, app))
         remote = tier_actors.RayTier(app, 1)
         hop = []
         for req in reqs:

@@ -246,7 +246,7 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
         what = f"serve.autoscaling's first {first} replicas" if autoscaling else f"serve.replicas={first}"
         raise SimError(f"{what} x serve.replica_cpus={replica_cpus} needs "
                        f"{first * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
-    tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)
+    tier_up = tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)
     size = {"autoscaling_config": dict(autoscaling)} if autoscaling else {"num_replicas": replicas}
     dep = VictimDeployment.options(
         name="victim", **size, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
@@ -260,7 +260,9 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     # Serve has no public way to pin a deployment's version; without one every serve.run restarts the
     # replicas. Pinning it to the spec's hash makes a defense-only change a live reconfigure.
     dep._version = spec_version(spec)
-    return serve.run(dep.bind(spec), name=app_name, route_prefix=f"/{app_name}")
+    handle = serve.run(dep.bind(spec), name=app_name, route_prefix=f"/{app_name}")
+    ray.get(tier_up)  # up by now (they started beside the replicas); a shard that failed to start fails here
+    return handle
 
 
 def delete(spec: VictimSpec, app_name: str) -> dict | None:

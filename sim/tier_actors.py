@@ -84,9 +84,17 @@ def _actor(name: str):
             time.sleep(0.1)
 
 
+def _preload() -> None:
+    """Import what the stateful detectors import on first use (scipy, a second or so) now, while the app starts, rather
+    than during a tier actor's first request."""
+    import scipy.cluster.hierarchy  # noqa: F401
+    import scipy.stats  # noqa: F401
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ShardActor:
     def __init__(self, app: str, index: int, spec, directory: str):
+        _preload()
         self.app, self.index, self.shards = app, index, spec.shards
         self.durable = Durable(lambda: Shard(detectors.build_named(spec.detectors, spec.detector_models),
                                              limits=spec.limits), directory, Shard.CHANGES, every=SNAPSHOT_EVERY)
@@ -135,6 +143,7 @@ class ShardActor:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LinkerActor:
     def __init__(self, app: str, name: str, spec, directory: str):
+        _preload()
         self.app, self.name, self.shards = app, name, spec.shards
         self.every = _links(spec)[name]
         made = {name: spec.detectors[name]}
@@ -225,11 +234,12 @@ class RayTier:
         return ray.get(self.handles[owner(account_id, len(self.handles))].take.remote(challenge_id, account_id))
 
 
-def start(spec, app: str) -> str | None:
-    """Create the app's tier (its shards and linkers) unless it runs already; returns its state directory (None:
-    the spec keeps no per-key state)."""
+def start(spec, app: str) -> list:
+    """Create the app's tier (its shards and linkers) unless it runs already, without waiting for them: they start
+    while the Serve replicas do (which find them by name and whose first calls wait for them). Returns what to
+    :func:`ray.get` to know they are up ([] when the spec keeps no per-key state)."""
     if not needs_tier(spec):
-        return None
+        return []
     directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
     opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None}
     spec = _tier_spec(spec)
@@ -237,9 +247,8 @@ def start(spec, app: str) -> str | None:
         app, name, spec, os.path.join(directory, f"link-{name}")) for name in _links(spec)]
     shards = [ShardActor.options(name=shard_name(app, i), **opts).remote(
         app, i, spec, os.path.join(directory, f"shard-{i}")) for i in range(spec.shards)]
-    ray.get([h.stats.remote() for h in shards + linkers])  # up before the replicas look for them
     _HELD[app] = shards + linkers
-    return directory
+    return [h.stats.remote() for h in shards + linkers]
 
 
 def stats(spec, app: str) -> dict | None:

@@ -28,7 +28,6 @@ was linked into a cluster of ``min_accounts``), and the flag is the account's.
 from __future__ import annotations
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage, to_tree
 
 from ..registry import register
 from .base import Detection, Detector, Param
@@ -105,6 +104,8 @@ class AccountLinker(Detector):
 
     def relink(self) -> None:
         """Re-cluster the accounts and judge the clusters with PRADA, descending into flagged ones."""
+        from scipy.cluster.hierarchy import fcluster, linkage, to_tree  # here: importing scipy takes a while
+
         p = self.values
         ready = sorted(a for a, s in self._accounts.items() if s.n >= p["min_queries"])
         if len(ready) < p["min_accounts"] or not ready:

@@ -25,21 +25,28 @@ and a pile of zero distances alone would make the pool look non-normal.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
 
 import numpy as np
-from scipy.stats import shapiro
 
 from ..policy import GROUPS
 from ..registry import register
 from .base import Detection, Detector, Param
 
-try:  # the Shapiro-Wilk algorithm (AS R94) scipy.stats.shapiro runs, on a sample sorted already
-    from scipy.stats._ansari_swilk_statistics import swilk as _swilk
-except ImportError:  # another scipy: its public test, which sorts again
-    _swilk = None
+
+@functools.cache
+def _swilk():
+    """The Shapiro-Wilk algorithm (AS R94) scipy.stats.shapiro runs, on a sample sorted already; None in another scipy
+    (its public test, which sorts again, is used). Imported on first use: scipy.stats takes a second to import, which
+    processes that never test (Serve replicas, clients) do not pay."""
+    try:
+        from scipy.stats._ansari_swilk_statistics import swilk
+    except ImportError:
+        return None
+    return swilk
 
 
 class _Coefficients:
@@ -56,9 +63,9 @@ class _Coefficients:
         a = self.cache.get(n)
         if a is not None:
             self.cache.move_to_end(n)
-            return float(_swilk(y, a, 1)[0])  # init=1: the given coefficients
+            return float(_swilk()(y, a, 1)[0])  # init=1: the given coefficients
         a = np.zeros(n // 2)
-        w = float(_swilk(y, a, 0)[0])  # computes them into a
+        w = float(_swilk()(y, a, 0)[0])  # computes them into a
         self.cache[n] = a
         self.bytes += a.nbytes
         while self.bytes > self.max_bytes:
@@ -71,7 +78,9 @@ _COEFFICIENTS = _Coefficients()
 
 def _w_sorted(d: np.ndarray) -> float:
     """Shapiro-Wilk W of a sorted sample of at least 3 values that are not all equal (exactly scipy's)."""
-    if _swilk is None:
+    if _swilk() is None:
+        from scipy.stats import shapiro
+
         with warnings.catch_warnings():  # scipy warns that its p-value is approximate past 5,000; W is exact
             warnings.simplefilter("ignore", UserWarning)
             return float(shapiro(d)[0])

@@ -18,6 +18,18 @@ import numpy as np
 from .accounts import AccountSplitter
 
 
+class VictimRefused(RuntimeError):
+    """The victim refused a whole request for a reason that is not the client's to handle (a 4xx that is not a limit,
+    a 503 when its log cannot be written): the client stops."""
+
+    def __init__(self, actor_id: str, status: int, reason: str | None):
+        super().__init__(f"actor {actor_id}: the victim refused a request ({status}: {reason})")
+        self.actor_id, self.status, self.reason = actor_id, status, reason
+
+    def __reduce__(self):  # raised inside a Ray actor, it reaches the driver pickled
+        return VictimRefused, (self.actor_id, self.status, self.reason)
+
+
 class Client:
     def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int, batch_size: int, *,
                  query: Callable, solve: Callable, seed: int = 0, cap: int | None = None,
@@ -79,7 +91,7 @@ class Client:
             x = self.source.propose(pick.n)
             reply = self._send(pick.key, x)
             if reply.status >= 400 and not len(reply.answered):
-                raise RuntimeError(f"actor {self.actor_id}: victim rejected a request: {reply.reason}")
+                raise VictimRefused(self.actor_id, reply.status, reply.reason)
             if reply.challenge:
                 self._prove(pick.key, reply)
             answered = reply.answered

@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from .errors import Interrupted, SimError
+from .errors import Interrupted, RunFailed, SimError
 
 USAGE = """\
 usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print its summary
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(exc, file=sys.stderr)
         return 130
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -17,13 +17,14 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
 from . import alerts, data, defenses, detection, devices, querylog, storage, zoo
 from . import config as config_mod
 from .config import ScenarioConfig
-from .errors import ConfigError, Interrupted, SimError
+from .errors import ConfigError, Interrupted, RunFailed, SimError
 from .plan import Plan, derive_seed, make_plan
 from .protocol import Account
 from .summarize import Outcome, evaluate_defense, log_columns, measure_victim, robustness_settings, summarize
@@ -33,9 +34,10 @@ from .training import predict_probs
 log = logging.getLogger(__name__)
 
 # Serve handles over gRPC: ~1.5x the handle throughput of the default transport on 2 cores. Serve kills an HTTP
-# proxy not ready within 5 s; on 2 busy cores (a benchmark beside a run) its start-up takes longer than that.
+# proxy not ready within 5 s; on 2 busy cores (a benchmark beside a run) its start-up takes longer than that. Serve
+# replaces a dead proxy after three failed health checks: every 2 s, not 10, it is back in seconds, not half a minute.
 LOCAL_RAY_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+                 "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30", "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
 _RAY_INIT = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
@@ -89,9 +91,9 @@ def _progress(desc: str, total: int, disable: bool):
                 disable=disable, dynamic_ncols=True, leave=True, mininterval=1.0)
 
 
-def _wait_with_progress(refs: list, board, keys: list[str], bar, on_poll=None) -> list:
-    """Wait for ``refs`` while showing the sum of the board's counters of ``keys`` on ``bar`` (and calling
-    ``on_poll(board)`` after each look)."""
+def _wait_with_progress(refs: list, board, keys: list[str], bar, on_poll=None) -> None:
+    """Wait until ``refs`` are ready (done or failed) while showing the sum of the board's counters of ``keys`` on
+    ``bar`` (and calling ``on_poll(board)`` after each look)."""
     pending = list(refs)
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
@@ -103,7 +105,6 @@ def _wait_with_progress(refs: list, board, keys: list[str], bar, on_poll=None) -
     if bar.total:
         bar.update(bar.total - bar.n)
     bar.close()
-    return ray.get(refs)
 
 
 class _Bars:
@@ -238,14 +239,21 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
     progress = {"phase": "victim training", "logged": 0}
+    from .summary import write_interrupted
+
     try:
         with _second_interrupt_exits(log_dir):
             return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
     except KeyboardInterrupt:  # the log is compacted already (the query phase's own cleanup); say where it stopped
-        from .summary import write_interrupted
-
         write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
         raise Interrupted(progress["phase"], cfg.run_dir, progress["logged"]) from None
+    except _VictimStopped as exc:
+        write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"], error=str(exc))
+        raise RunFailed(progress["phase"], str(exc), cfg.run_dir, progress["logged"]) from None
+
+
+class _VictimStopped(Exception):
+    """The victim refused whole requests for a reason no client handles (its query log cannot be written)."""
 
 
 @contextlib.contextmanager
@@ -302,13 +310,13 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()  # progress of everything below
             try:
-                transfers = _query(plan, app, nodes, board, quiet)
+                transfers, died = _query(plan, app, nodes, board, quiet, run_id)
             finally:  # the victim is not needed while replicas train: its CPUs go to them
                 tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
         finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log, and its alerts
-            logged = progress["logged"] = querylog.compact(log_dir)
-            alerts.write(cfg.run_dir, list(dets.detectors))
+            logged = progress["logged"] = _compact(cfg, log_dir, list(dets.detectors))
+        transfers.update(_rebuild_from_log(plan, died, log_dir, ds.input_shape))
         progress["phase"] = "replica training"
         t0 = time.perf_counter()
         baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
@@ -329,15 +337,29 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
     return summary
 
 
-def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool) -> dict[str, object]:
+def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:
+    """Compact the query log and write the alerts; returns the log's rows. Where the run directory cannot take them
+    (a full disk), the log stays as the streams the service wrote, which :func:`sim.querylog.read` reads as well."""
+    try:
+        logged = querylog.compact(log_dir)
+        alerts.write(cfg.run_dir, detectors)
+        return logged
+    except OSError as exc:
+        log.warning("the query log in %s is left as written, uncompacted (%s)", log_dir, str(exc).splitlines()[0])
+        return querylog.read(log_dir, columns=["seq"]).num_rows
+
+
+def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: str) -> tuple[dict, dict]:
     """All clients query the victim at once; each client's report lands in its plan entry. Returns each client's
-    transfer set as an object reference (actor id -> ref), left in the object store."""
+    transfer set as an object reference (actor id -> ref, left in the object store), and the clients whose actor
+    died (actor id -> why): the run goes on without them (see :func:`_rebuild_from_log`)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.remote import ClientActor
 
-    actors = [  # clients dealt round-robin over the nodes that were alive at the start
-        ClientActor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
+    actors = [  # clients dealt round-robin over the nodes that were alive at the start; named for Ray's tools
+        ClientActor.options(name=f"{run_id}:{c.actor_id}",
+                            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
         .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app, board, c.seed,
                 **(c.strategy or {}))
         for i, c in enumerate(plan.clients)
@@ -346,14 +368,58 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool) -> dict[s
     bar = _progress("querying", sum(c.budget for c in plan.clients), quiet)
     keys = [f"query:{c.actor_id}" for c in plan.clients]  # the clients' posts (replicas post under their key)
     try:
-        results = _wait_with_progress([r for r, _ in refs], board, keys, bar)
+        _wait_with_progress([r for r, _ in refs], board, keys, bar)
     except BaseException:  # Ctrl-C, a failure: stop every client, or they query on (a later app of the same name)
         for a in actors:
             ray.kill(a)
         raise
-    for client, result in zip(plan.clients, results):
-        client.result = result
-    return {c.actor_id: transfer for c, (_, transfer) in zip(plan.clients, refs)}
+    from actors.client import VictimRefused
+
+    transfers, died, refused = {}, {}, []
+    for client, (report, transfer) in zip(plan.clients, refs):
+        try:
+            client.result = ray.get(report)
+            transfers[client.actor_id] = transfer
+        except ray.exceptions.RayActorError as exc:  # its process died: killed, out of memory, its node lost
+            died[client.actor_id] = str(exc).strip().splitlines()[0]
+            log.warning("client actor %s died (%s); the run goes on without it", client.actor_id,
+                        died[client.actor_id])
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, VictimRefused):
+                raise
+            refused.append(exc.cause)
+    if refused:
+        raise _VictimStopped(f"the victim answered {refused[0].status}: {refused[0].reason}")
+    return transfers, died
+
+
+def _rebuild_from_log(plan: Plan, died: dict[str, str], log_dir: str, input_shape: tuple) -> dict[str, object]:
+    """The reports of the clients whose actor died (``died``: actor id -> why), rebuilt from the log, which has every
+    query the service answered them (each row is written before its answer): queries sent and refused, per account,
+    the budget left unspent. Returns their transfer sets (actor id -> ref), rebuilt likewise from the answered rows
+    when the log keeps inputs (``log.inputs``). What only the actor knew (its method's statistics, proof of work
+    and limits) died with it."""
+    if not died:
+        return {}
+    table = querylog.read(log_dir, columns=["actor_id", "account_id", "action", "resubmission", "timestamp",
+                                            "returned_probs", "input"])
+    transfers = {}
+    for client in plan.clients:
+        if client.actor_id not in died:
+            continue
+        rows = table.filter(pc.equal(table.column("actor_id"), client.actor_id)).sort_by("timestamp")
+        fresh = rows.filter(pc.invert(rows.column("resubmission")))  # a solved challenge's answer is no new query
+        answered = rows.filter(pc.is_in(rows.column("action"), pa.array(querylog.ANSWERED)))
+        stamps = rows.column("timestamp").to_pylist()
+        client.result = {
+            "actor_id": client.actor_id, "sent": fresh.num_rows, "refused": fresh.num_rows - answered.num_rows,
+            "per_account": querylog.per_account_counts(fresh), "burned": [],
+            "unspent": client.budget - fresh.num_rows, "node_id": None, "failed": died[client.actor_id],
+            "seconds": (stamps[-1] - stamps[0]).total_seconds() if stamps else 0.0, "stats": {}}
+        if answered.num_rows and answered.column("input").null_count == 0:
+            probs = np.asarray(answered.column("returned_probs").to_pylist(), np.float32)
+            transfers[client.actor_id] = ray.put((querylog.decode_inputs(answered, input_shape), probs))
+    return transfers
 
 
 def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfers: dict, log: pa.Table | None,
@@ -377,9 +443,10 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         clients = plan.of(attacker=aid)
-        if sum(c.result["sent"] - c.result["refused"] for c in clients) == 0:
-            continue  # every query refused: nothing to train on
-        parts = [transfers[c.actor_id] for c in clients if c.result["sent"] > c.result["refused"]]
+        parts = [transfers[c.actor_id] for c in clients
+                 if c.actor_id in transfers and c.result["sent"] > c.result["refused"]]
+        if not parts:
+            continue  # every query refused (or its actors died and the log keeps no inputs): nothing to train on
         clean = (ray.put(querylog.clean_answers(log, {a for c in clients for a in c.accounts}))
                  if log is not None else None)
         runs = {aid: False} if clean is None else {aid: False, f"{aid}:undefended": True}
@@ -395,4 +462,5 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     bar = _progress("training replicas", epochs, quiet)
     training = {key: {} for key in order if key in cfg.attackers}  # the attackers' own replicas post accuracies
     poll = (lambda b: on_epoch({**training, **ray.get(b.values.remote())})) if on_epoch is not None else None
-    return {key: Replica(**scores) for key, scores in zip(order, _wait_with_progress(refs, board, order, bar, poll))}
+    _wait_with_progress(refs, board, order, bar, poll)
+    return {key: Replica(**scores) for key, scores in zip(order, ray.get(refs))}

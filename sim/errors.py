@@ -1,7 +1,8 @@
 """User-facing errors: one line naming the field, the bad value and what was expected.
 
 Everything a user can get wrong raises a subclass of :class:`SimError` (itself a
-``ValueError``); the CLI prints its message and exits with status 2.
+``ValueError``); the CLI prints its message and exits with status 2. A run stopped by Ctrl-C raises
+:class:`Interrupted` (status 130), one stopped by a fault it cannot go on past :class:`RunFailed` (status 1).
 """
 
 
@@ -33,3 +34,13 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted during {phase}; the run directory {run_dir} keeps its query log ({logged:,} "
                          f"rows, compacted) and a summary marked interrupted")
         self.phase, self.run_dir, self.logged = phase, run_dir, logged
+
+
+class RunFailed(RuntimeError):
+    """A run stopped by a fault it cannot go on past (its victim's query log cannot be written): where it was, why,
+    and what it left (the CLI prints it and exits with status 1)."""
+
+    def __init__(self, phase: str, why: str, run_dir: str, logged: int):
+        super().__init__(f"the run stopped during {phase}: {why}; the run directory {run_dir} keeps its query log "
+                         f"({logged:,} rows) and a summary marked failed")
+        self.phase, self.why, self.run_dir, self.logged = phase, why, run_dir, logged

@@ -11,6 +11,7 @@ last record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -285,7 +286,14 @@ def compact(queries_dir: str) -> int:
         return 0
     shape = input_shape(table.schema)
     table = table.cast(schema_for(shape or (), detector_names(table.schema)))
-    pq.write_table(table, f"{path}/part-{uuid.uuid4().hex[:8]}.parquet", filesystem=fs, compression="zstd")
+    part = f"{path}/part-{uuid.uuid4().hex[:8]}.parquet"
+    try:  # under another name until whole, so that a failure (a full disk) leaves the streams as the only copy
+        pq.write_table(table, part + ".partial", filesystem=fs, compression="zstd")
+        fs.move(part + ".partial", part)
+    except OSError:
+        with contextlib.suppress(OSError):
+            fs.delete_file(part + ".partial")
+        raise
     for p in old:
         fs.delete_file(p)
     return table.num_rows

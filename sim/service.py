@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
+import logging
 import secrets
 import threading
 import time
@@ -27,6 +29,8 @@ from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_requ
 from .querylog import QueryLogWriter, input_digest
 from .tier import LocalTier
 from .training import predict_probs
+
+log = logging.getLogger(__name__)
 
 
 def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
@@ -153,6 +157,25 @@ def parse_png(body: bytes, input_shape: tuple[int, int, int], max_images: int) -
 BINARY_TYPES = {NPY_TYPE: parse_npy, PNG_TYPE: parse_png}  # Content-Type -> parser of a binary query body
 
 
+class _LogFailed(Exception):
+    """The query log could not take a request's rows."""
+
+
+def _while_logging(method):
+    """An entry point that, once the query log cannot be written (a full disk, a directory gone), answers 503 and
+    nothing else: no answer goes out that the log does not have."""
+    @functools.wraps(method)
+    def entry(self, api_key, *args, **kwargs):
+        if self.log_error is None:
+            try:
+                return method(self, api_key, *args, **kwargs)
+            except _LogFailed:
+                pass
+        account = self._lookup(api_key)
+        return Reply(503, self.log_error, new_request_id(), account and account.account_id)
+    return entry
+
+
 class VictimService:
     """One victim behind its detectors, response policy, output defense and query log.
 
@@ -189,10 +212,12 @@ class VictimService:
             tier = LocalTier({n: self.detectors[n] for n in self.stateful}, limits=self.limits,
                              max_pending=max_pending, pending_ttl_s=pending_ttl_s)
         self.tier = tier
+        self.log_error: str | None = None  # why the log cannot be written: from then on every request gets 503
         self._lock = threading.Lock()  # the defense (a random generator) and the writer: one request at a time
         self.classes = predict_probs(self.model, np.zeros((1, *self.input_shape), np.uint8)).shape[1]
 
     # -- entry points --------------------------------------------------------------------------
+    @_while_logging
     def query(self, api_key: str | None, images: Any, actor_id: str | None = None, compact: bool = False) -> Reply:
         """Answer one request: one account, a batch of images. Never raises for a bad request. ``compact``: the
         request came over HTTP in a compact encoding, and so does its answer (and the answer to its challenge)."""
@@ -217,6 +242,7 @@ class VictimService:
         clean = predict_probs(self.model, x[:admitted])
         return self._answer(request_id, account, actor_id, x, clean, start, compact)
 
+    @_while_logging
     def solve(self, api_key: str | None, challenge_id: Any, counter: Any, actor_id: str | None = None,
               seconds: float | None = None) -> Reply:
         """The second half of a proof-of-work request: the counter solving challenge ``challenge_id``.
@@ -253,6 +279,7 @@ class VictimService:
         return Reply(status, reason, request_id, account.account_id, answered, reasons, labels, returned,
                      compact=item.get("compact", False))
 
+    @_while_logging
     def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None,
                    content_type: str | None = None) -> Reply:
         """The HTTP path. A JSON body ``{"images": [...]}`` (floats in [0, 1] or 0..255 integers) or ``{"uint8":
@@ -287,6 +314,7 @@ class VictimService:
                                              f"\"solution\": N}}, or a {NPY_TYPE} or {PNG_TYPE} body", actor_id, start)
         return self.query(api_key, payload["images"], actor_id)
 
+    @_while_logging
     def reject(self, api_key: str | None, status: int, reason: str, actor_id: str | None = None,
                start: float | None = None) -> Reply:
         """Refuse a request before reading any image, and log it as one refused row."""
@@ -295,7 +323,7 @@ class VictimService:
         if self.writer is not None:
             latency = (time.perf_counter() - start) * 1e3 if start is not None else 0.0
             with self._lock:
-                self.writer.write(
+                self._write(
                     run_id=self.run_id, victim=self.victim, request_id=request_id,
                     account_id=account and account.account_id, actor_id=actor_id,
                     role=account and account.role, attack=account and account.attack,
@@ -310,6 +338,16 @@ class VictimService:
             self.defense = defense
 
     # -- internals -----------------------------------------------------------------------------
+    def _write(self, **rows) -> None:
+        """One request's rows into the log (under the lock); a failure stops the service answering (503)."""
+        try:
+            self.writer.write(**rows)
+        except OSError as exc:  # pyarrow's I/O errors are OSErrors too
+            self.log_error = (f"the query log cannot be written ({str(exc).splitlines()[0]}); the service answers "
+                              f"nothing it cannot log")
+            log.error("%s: %s", self.writer.writer_id, self.log_error)
+            raise _LogFailed from exc
+
     def _account(self, api_key) -> Account:
         if not api_key:
             raise RequestError(401, f"missing API key (header {API_KEY_HEADER})")
@@ -408,7 +446,7 @@ class VictimService:
     def _log_refused(self, request_id: str, account: Account, actor_id, x, reason: str, start: float) -> None:
         """Rows for queries refused before the model saw them (a limit)."""
         if self.writer is not None:
-            self.writer.write(
+            self._write(
                 run_id=self.run_id, victim=self.victim, request_id=request_id,
                 account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
                 cohort=account.cohort, actions=["refused"] * len(x), refusal_reason=[reason] * len(x),
@@ -419,7 +457,7 @@ class VictimService:
     def _log(self, request_id: str, account: Account, actor_id, x, clean, returned, labels, actions, reasons, start,
              *, detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> None:
         if self.writer is not None:
-            self.writer.write(
+            self._write(
                 run_id=self.run_id, victim=self.victim, request_id=request_id,
                 account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
                 cohort=account.cohort, actions=actions, refusal_reason=reasons,

@@ -125,7 +125,8 @@ class Attacker(_Part):
     churn: bool = False
     queries: int
     refused: int
-    unspent: int  # budget left when every account had retired
+    unspent: int  # budget left when every account had retired, or when an actor died
+    actors_failed: int = 0  # actors that died mid-run (killed, out of memory, node lost); the run went on
     accounts_used: int
     accounts_flagged: int  # flagged for good by any stateful detector
     accounts_flagged_by: dict[str, int] = {}  # per detector (a stateless one: accounts with a flagged query)
@@ -155,6 +156,7 @@ class Client(_Part):
     refused: int
     seconds: float
     per_account: dict[str, int]
+    failed: str | None = None  # why its actor died mid-run (its report then comes from the log)
 
 
 class Quality(_Part):
@@ -223,12 +225,13 @@ class Summary(_Part):
         storage.write_text(storage.join(run_dir, "summary.json"), self.model_dump_json(indent=2))
 
 
-def write_interrupted(run_dir: str, run_id: str, scenario: str, phase: str, logged: int) -> None:
-    """``summary.json`` of a run stopped by Ctrl-C: where it stopped and the rows its log kept (no results; :func:`read`
-    gives None for it, so a report is built from the log alone)."""
+def write_interrupted(run_dir: str, run_id: str, scenario: str, phase: str, logged: int,
+                      error: str | None = None) -> None:
+    """``summary.json`` of a run stopped by Ctrl-C, or by a fault (``error``: why): where it stopped and the rows its
+    log kept (no results; :func:`read` gives None for it, so a report is built from the log alone)."""
     storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(
         {"version": SUMMARY_VERSION, "interrupted": phase, "run_id": run_id, "scenario": scenario,
-         "run_dir": run_dir, "logged": logged}, indent=2))
+         "run_dir": run_dir, "logged": logged, **({"error": error} if error else {})}, indent=2))
 
 
 class SummaryError(ValueError):
@@ -389,5 +392,9 @@ def format_summary(s: Summary) -> str:
         for who, h in held if h.waits or h.quota_spent]
     if limited:
         lines.append("limits: " + "; ".join(limited))
+    for c in s.clients:
+        if c.failed:
+            lines.append(f"client actor {c.actor_id} died after {c.queries} queries ({c.failed}); its answered "
+                         f"queries are in the log, and its unspent budget in the summary")
     lines.append(f"wall time {s.wall_seconds:.1f} s")
     return "\n".join(lines)

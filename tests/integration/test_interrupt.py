@@ -79,7 +79,8 @@ def test_a_second_ctrl_c_stops_the_run_at_once(tmp_path, cache_dir):
 def test_a_run_interrupted_in_each_phase_stops_and_keeps_its_log(ray_serve, small_overrides, tmp_path,
                                                                               monkeypatch):
     """Ctrl-C as the run sees it (KeyboardInterrupt in the driver), in this process's Ray: while the victim trains,
-    while clients query (once some queries are answered), and while replicas train (after their first epoch)."""
+    while clients query (once some queries are answered), while replicas train (after their first epoch) and while
+    the run evaluates them."""
     import ray
 
     from sim import engine
@@ -92,7 +93,7 @@ def test_a_run_interrupted_in_each_phase_stops_and_keeps_its_log(ray_serve, smal
             while not sum(ray.get(board.snapshot.remote()).get(k, 0) for k in keys):
                 time.sleep(0.1)
             raise KeyboardInterrupt
-        return wait(refs, board, keys, bar, on_poll)
+        wait(refs, board, keys, bar, on_poll)
 
     def interrupted_training(self, stage, *args):
         raise KeyboardInterrupt
@@ -121,3 +122,12 @@ def test_a_run_interrupted_in_each_phase_stops_and_keeps_its_log(ray_serve, smal
         engine.run("single_knockoff", [*small_overrides, f"run_dir={training}", "attackers.single.replica.epochs=3"],
             quiet=True, on_replica_epoch=stop)
     assert _check_interrupted(training, "replica training").num_rows == 160 + 2 * 40  # every query the clients sent
+
+    def interrupted_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "measure_victim", interrupted_evaluation)  # after the replicas have trained
+    evaluating = tmp_path / "evaluation"
+    with pytest.raises(Interrupted, match="interrupted during evaluation"):
+        engine.run("single_knockoff", [*small_overrides, f"run_dir={evaluating}"], quiet=True)
+    assert _check_interrupted(evaluating, "evaluation").num_rows == 160 + 2 * 40

@@ -82,3 +82,30 @@ def test_unclosed_stream_of_a_killed_writer_is_readable(tmp_path):
 
 def test_empty_log_reads_as_an_empty_table(tmp_path):
     assert querylog.read(str(tmp_path / "none")).num_rows == 0
+
+
+def test_a_compaction_that_fails_half_way_leaves_the_streams_as_they_were(tmp_path, monkeypatch):
+    """A full disk while the Parquet file is written: no partial file is left to read, the streams keep every row."""
+    import errno
+
+    rng = np.random.default_rng(5)
+    w = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    _write(w, "a", 6, rng)
+    w.close()
+    real = pq.write_table
+
+    def full_disk(table, where, **kwargs):
+        real(table.slice(0, 2), where, **kwargs)  # some bytes land, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(querylog.pq, "write_table", full_disk)
+    try:
+        querylog.compact(str(tmp_path))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the compaction did not fail")
+    assert sorted(os.listdir(tmp_path)) == ["w.arrows"]
+    assert querylog.read(str(tmp_path)).num_rows == 6
+    monkeypatch.setattr(querylog.pq, "write_table", real)
+    assert querylog.compact(str(tmp_path)) == 6 and querylog.read(str(tmp_path)).num_rows == 6

@@ -222,3 +222,26 @@ def test_an_accounts_file_may_hold_keys_or_only_their_hashes(tmp_path):
     path.write_text(json.dumps([{"key_sha256": "XYZ", "account_id": "b"}]))
     with pytest.raises(SimError, match=r"is not a valid accounts file \(key_sha256='XYZ' is not 64 lowercase hex"):
         load_keys(str(path))
+
+
+def test_once_the_log_cannot_be_written_nothing_more_is_answered(service, monkeypatch):
+    """A full disk (a write that fails): that request and every later one get 503 and no answer, since an answer the
+    log does not have would be lost; what was logged before stays readable."""
+    import errno
+
+    svc, path = service
+    x = data.load("mnist5k").x_test[:2]
+    assert svc.query("k-ben", x).status == 200
+    writes = []
+
+    def full(**rows):
+        writes.append(rows["request_id"])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(svc.writer, "write", full)
+    for call in (lambda: svc.query("k-ben", x), lambda: svc.query_json("k-att", b"{}"), lambda: svc.query("bad", x)):
+        reply = call()
+        assert reply.status == 503 and not len(reply.answered) and "No space left on device" in reply.reason
+        assert reply.to_json()["error"] == reply.reason
+    assert len(writes) == 1  # after the first failure the service writes nothing more
+    assert querylog.read(str(path)).num_rows == 2

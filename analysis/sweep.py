@@ -48,7 +48,10 @@ def flat_metrics(summary: Summary) -> dict:
             out[f"{a.id}.replica_robust_accuracy{name}"] = replica and replica.robust_accuracy
         angle = a.replica and a.replica.gradient_angle
         out[f"{a.id}.gradient_angle"] = angle and angle.mean
-        out.update({f"{a.id}.{key}": getattr(a, key) for key in ("refused", "accounts_flagged", "accounts_burned")})
+        out.update({f"{a.id}.{key}": getattr(a, key) for key in ("refused", "accounts_flagged", "accounts_burned",
+                                                                  "unspent")})
+        out.update({f"{a.id}.limit_waits": a.limited.waits, f"{a.id}.limit_seconds": a.limited.seconds,
+                    f"{a.id}.quota_spent": a.limited.quota_spent})
     accs = [a.replica.test_accuracy for a in summary.attackers if a.replica]
     out["replica_accuracy_max"] = max(accs) if accs else None
     for name, det in summary.detection.items():
@@ -169,6 +172,8 @@ def _column(values: list) -> pa.Array:
 def _fmt(v, spec: str = ".4g") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, int) and not isinstance(v, bool):  # counts
+        return str(v)
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
@@ -227,6 +232,9 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
     columns.append(("victim robust acc", "victim_robust_accuracy"))
     columns += [(f"{a} replica robust acc", f"{a}.replica_robust_accuracy") for a in attackers]
     columns = [(title, key) for title, key in columns if any(r.get(key) is not None for r in rows)]
+    limits = [(f"{a} {what}", f"{a}.{key}") for a in attackers for what, key in (
+        ("waited s", "limit_seconds"), ("accounts out of quota", "quota_spent"), ("unspent", "unspent"))]
+    columns += [(title, key) for title, key in limits if any(r.get(key) for r in rows)]  # where a limit bit
     head = ["curve", *[p[len("param."):] for p in params], "status", *[title for title, _ in columns]]
     lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["curve"], [_sort_key(r.get(p)) for p in params])):

@@ -123,7 +123,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     from . import alerts, querylog, storage
     from . import config as config_mod
     from .engine import deploy_victim, new_run_id, prepare_models, prepare_run_dir, ray_session, train_victim
-    from .protocol import Account, make_keys
+    from .protocol import Account, hashed, make_keys
 
     cfg = config_mod.load(scenario, overrides)
     if cfg.serve.keys:
@@ -150,9 +150,11 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.update(now=True))
+            watched = {"text": storage.read_text(keys_path), "keys": hashed(keys)}
             try:
                 while not stop["now"]:
                     time.sleep(0.5)
+                    spec = _follow_keys(keys_path, watched, spec, app)
             finally:
                 from .serving import delete
 
@@ -162,6 +164,36 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
         alerts.write(cfg.run_dir, list(dets.detectors))
     print(f"stopped; {rows} queries logged in {log_dir}")
     return 0
+
+
+def _follow_keys(path: str, seen: dict, spec, app: str):
+    """Serve mode: apply what changed in the keys file since ``seen`` (its text and hashed keys) to the running app,
+    live: keys added (or whose account changed) and keys removed, which are revoked. A file that does not parse keeps
+    the app's keys, with a line saying why. Returns the app's spec."""
+    from . import storage
+    from .protocol import hashed
+    from .serving import update_keys
+
+    try:
+        text = storage.read_text(path)
+    except OSError:  # being replaced: look again next time
+        return spec
+    if text == seen["text"]:
+        return spec
+    seen["text"] = text
+    try:
+        keys = hashed(load_keys(path, text))
+    except SimError as exc:
+        print(f"keys file changed but not applied, the app keeps its keys: {exc}", flush=True)
+        return spec
+    add = {k: a for k, a in keys.items() if seen["keys"].get(k) != a}
+    revoke = [k for k in seen["keys"] if k not in keys]
+    if add or revoke:
+        spec = update_keys(spec, app, add=add, revoke=revoke)
+        print(f"keys: added {sorted(a.account_id for a in add.values()) or 'none'}, revoked "
+              f"{sorted(seen['keys'][k].account_id for k in revoke) or 'none'}", flush=True)
+    seen["keys"] = keys
+    return spec
 
 
 def _stored_key(entry: dict) -> str:
@@ -176,12 +208,13 @@ def _stored_key(entry: dict) -> str:
     return HASHED + digest
 
 
-def load_keys(path: str) -> dict:
+def load_keys(path: str, text: str | None = None) -> dict:
+    """The accounts file at ``path`` (or its ``text``, read already): API key, or ``sha256:`` digest, -> account."""
     from . import storage
     from .protocol import Account
 
     try:
-        entries = json.loads(storage.read_text(path))
+        entries = json.loads(storage.read_text(path) if text is None else text)
         return {_stored_key(e): Account(e["account_id"], e.get("role", "external"), e.get("attack"), e.get("cohort"))
                 for e in entries}
     except OSError as exc:

@@ -230,6 +230,9 @@ def spec_version(spec: VictimSpec) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
+_OPTIONS: dict[str, dict] = {}  # app -> the options it was deployed with here (what its live updates keep)
+
+
 def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: float = 0.5,
            max_ongoing_requests: int = 128, max_queued_requests: int = -1, autoscaling: dict | None = None,
            replica_gpus: float = 0.0) -> DeploymentHandle:
@@ -238,6 +241,10 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     (min_replicas, max_replicas, target_ongoing_requests, ...) in place of a fixed number of ``replicas``.
     ``replica_gpus``: the GPU share each replica reserves (with ``spec.device`` cuda)."""
     import ray
+
+    _OPTIONS[app_name] = dict(replicas=replicas, replica_cpus=replica_cpus, max_ongoing_requests=max_ongoing_requests,
+                              max_queued_requests=max_queued_requests, autoscaling=autoscaling,
+                              replica_gpus=replica_gpus)
 
     defenses.check_spec(spec.defense)
     have = ray.cluster_resources().get("CPU", 0)
@@ -271,13 +278,14 @@ def delete(spec: VictimSpec, app_name: str) -> dict | None:
     tier = tier_actors.stats(spec, app_name)
     serve.delete(app_name)
     tier_actors.stop(app_name)
+    _OPTIONS.pop(app_name, None)
     return tier
 
 
 def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) -> VictimSpec:
     """Switch a running victim app to another defense (or other parameters) without restarting its
-    replicas; ``options`` are :func:`deploy`'s. A bad spec is a one-line ConfigError and changes nothing.
-    Returns the updated spec."""
+    replicas; ``options`` are :func:`deploy`'s (default: those the app was deployed with from this process). A bad
+    spec is a one-line ConfigError and changes nothing. Returns the updated spec."""
     defenses.check_spec(defense)
     for name in defenses.names_in(defense):
         missing = [m for m in defenses.get(name).models if m not in spec.defense_models.get(name, {})]
@@ -285,15 +293,16 @@ def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) ->
             raise ConfigError(f"defense {name} needs its trained {', '.join(missing)} model, which this app was not "
                               f"deployed with; expected an app deployed with that defense (spec.defense_models)")
     new = dataclasses.replace(spec, defense=dict(defense))
-    deploy(new, app_name, **options)
+    deploy(new, app_name, **{**_OPTIONS.get(app_name, {}), **options})
     return new
 
 
 def update_keys(spec: VictimSpec, app_name: str, *, add: dict[str, Account] | None = None,
                 revoke: list[str] = (), **options) -> VictimSpec:
     """Add accounts (API key, or its hash, -> account) to a running victim app and revoke keys (or their hashes),
-    live, without restarting its replicas; ``options`` are :func:`deploy`'s. Every change is logged. Revoking a key
-    the app does not know is a one-line ConfigError and changes nothing. Returns the updated spec."""
+    live, without restarting its replicas; ``options`` are :func:`deploy`'s (default: those the app was deployed with
+    from this process). Every change is logged. Revoking a key the app does not know is a one-line ConfigError and
+    changes nothing. Returns the updated spec."""
     add, revoke = hashed(add or {}), [k if k.startswith(HASHED) else hash_key(k) for k in revoke]
     added = {**spec.key_changes["added"], **{k: dataclasses.asdict(a) for k, a in add.items()}}
     known = set(spec.accounts) | set(added)
@@ -303,7 +312,7 @@ def update_keys(spec: VictimSpec, app_name: str, *, add: dict[str, Account] | No
                           f"expected keys (or their sha256: hashes) of its accounts")
     revoked = sorted((set(spec.key_changes["revoked"]) - set(add)) | set(revoke))
     new = dataclasses.replace(spec, key_changes={"added": added, "revoked": revoked})
-    deploy(new, app_name, **options)
+    deploy(new, app_name, **{**_OPTIONS.get(app_name, {}), **options})
     everyone = {**spec.accounts, **{k: Account(**v) for k, v in added.items()}}
     log.warning("app %s: keys of %s added, keys of %s revoked", app_name,
                 sorted(a.account_id for a in add.values()) or "none",

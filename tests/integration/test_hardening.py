@@ -166,8 +166,8 @@ def test_keys_are_kept_hashed_and_added_or_revoked_live_on_every_replica(ray_ser
     pids = set()
     try:
         assert _post(url, BODY, key="k-one")[0] == 200
-        spec = update_keys(spec, "keyed", add={"k-new": Account("acct-new", "external")}, revoke=["k-one"],
-                           replicas=2, replica_cpus=0.5)
+        # the deploy options default to the app's own: it keeps its two replicas
+        spec = update_keys(spec, "keyed", add={"k-new": Account("acct-new", "external")}, revoke=["k-one"])
         for _ in range(12):  # requests spread over both replicas: each has the change
             pids.add(handle.info.remote().result()["pid"])
             status, _, body = _post(url, BODY, key="k-one")
@@ -177,9 +177,8 @@ def test_keys_are_kept_hashed_and_added_or_revoked_live_on_every_replica(ray_ser
             assert _post(url, BODY, key="k-two")[0] == 200  # the others are untouched
         assert len(pids) == 2  # and the replicas were not restarted for it
         with pytest.raises(ConfigError, match="cannot revoke 1 key"):
-            update_keys(spec, "keyed", revoke=["never-issued"], replicas=2, replica_cpus=0.5)
-        spec = update_keys(spec, "keyed", add={"k-one": Account("acct-one", "attacker", "knockoff")}, replicas=2,
-                           replica_cpus=0.5)  # given back
+            update_keys(spec, "keyed", revoke=["never-issued"])
+        spec = update_keys(spec, "keyed", add={"k-one": Account("acct-one", "attacker", "knockoff")})  # given back
         assert _post(url, BODY, key="k-one")[0] == 200
     finally:
         delete(spec, "keyed")

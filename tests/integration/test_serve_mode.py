@@ -42,13 +42,25 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
         status, body = post(url, {"images": imgs}, key=keys[1]["key"])
         assert status == 200 and body["account"] == keys[1]["account_id"] and len(body["results"]) == 5
         assert post(url, {"images": imgs}, key="not-a-key")[0] == 401
+
+        # the keys file edited while it serves: one key removed (revoked), one added, applied live
+        edited = [*keys[1:], {"key": "a-fresh-key-of-128-bits-or-more-0001", "account_id": "external-new"}]
+        (run_dir / "keys.json").write_text(json.dumps(edited))
+        one = imgs[:1]
+        deadline = time.time() + 60
+        while not (post(url, {"images": one}, key=keys[0]["key"])[0] == 401
+                   and post(url, {"images": one}, key=edited[-1]["key"])[0] == 200):
+            assert time.time() < deadline, "the edited keys file was not applied within 60 s"
+            time.sleep(0.5)
+        assert post(url, {"images": one}, key=keys[2]["key"])[0] == 200  # untouched keys keep working
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
-    assert "stopped; 6 queries logged" in out
+    assert f"keys: added ['external-new'], revoked ['{keys[0]['account_id']}']" in out
     table = querylog.read(str(run_dir / "queries"))
-    assert table.num_rows == 6
+    assert f"stopped; {table.num_rows} queries logged" in out
     answered = table.filter(table.column("returned_label").is_valid())
-    assert answered.column("account_id").to_pylist() == [keys[1]["account_id"]] * 5
+    assert answered.column("account_id").to_pylist()[:5] == [keys[1]["account_id"]] * 5
+    assert answered.column("account_id").to_pylist()[-2:] == ["external-new", keys[2]["account_id"]]
     assert np.isfinite(np.array(answered.column("clean_probs").to_pylist())).all()

@@ -24,6 +24,11 @@ def test_shipped_sweeps_load_and_count_their_trials():
     for name in sweep.sweep_names():
         base = sweep.base_config(sweep.load(name), [])
         assert base.attackers, name
+    rate = sweep.load("rate_limit")  # a limit is a scenario key like any other: each trial runs with its own
+    assert sweep._trial_count(rate) == 4 and not sweep.shares_plan(rate.vary)
+    base = sweep.base_config(rate, [])
+    assert [config.load(base.model_dump(), config.nest({"serve.rate": r})).serve.rate
+            for r in rate.vary["serve.rate"]] == [5, 20, 80, 320]
 
 
 def test_overrides_replace_spaces_drop_curves_and_change_settings():
@@ -111,6 +116,7 @@ def test_vary_crosses_scenario_settings_with_every_curve_and_trains_each_victim_
                                                  r"trained before the trials start"),
     ("{defense.eps: [1]}", r"sweep.vary.defense.eps: the defense and the run directory are the sweep's own"),
     ("{victim.epoch: [1]}", r"sweep.vary.victim.epoch=1: unknown key 'victim.epoch'"),
+    ("{serve.rate: [0, 5]}", r"sweep.vary.serve.rate=0: serve.rate must be > 0, got 0"),
 ])
 def test_bad_vary_settings_are_one_line_errors_before_any_trial(vary, message):
     with pytest.raises(ConfigError) as info:

@@ -28,7 +28,7 @@ from .errors import ConfigError, Interrupted, RunFailed, SimError
 from .plan import Plan, derive_seed, make_plan
 from .protocol import Account
 from .summarize import Outcome, evaluate_defense, log_columns, measure_victim, robustness_settings, summarize
-from .summary import Replica, Serve, Summary
+from .summary import Replica, Serve, Summary, write_interrupted
 from .training import predict_probs
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,6 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
     progress = {"phase": "victim training", "logged": 0}
-    from .summary import write_interrupted
-
     try:
         with _second_interrupt_exits(log_dir):
             return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
@@ -355,6 +353,7 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: s
     died (actor id -> why): the run goes on without them (see :func:`_rebuild_from_log`)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from actors.client import VictimRefused
     from actors.remote import ClientActor
 
     actors = [  # clients dealt round-robin over the nodes that were alive at the start; named for Ray's tools
@@ -373,8 +372,6 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: s
         for a in actors:
             ray.kill(a)
         raise
-    from actors.client import VictimRefused
-
     transfers, died, refused = {}, {}, []
     for client, (report, transfer) in zip(plan.clients, refs):
         try:

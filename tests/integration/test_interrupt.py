@@ -26,8 +26,11 @@ def _interrupt(args: list[str], marker: str, twice: bool = False) -> tuple[int, 
     """Start ``python -m sim ARGS``, wait until its output matches ``marker`` (a regex), send SIGINT to its process
     group (twice: again a second later); returns (exit status, seconds from the first signal to the exit, its
     output)."""
+    # SIGINT's default disposition in the child, as a terminal's foreground job has it: a test run started in the
+    # background of a non-interactive shell ignores SIGINT, which its children inherit (and Python then keeps)
     proc = subprocess.Popen([sys.executable, "-m", "sim", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env_without_ray_address())
+                            start_new_session=True, env=env_without_ray_address(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(256).decode(errors="replace"),
                                                              "")), daemon=True)

@@ -238,7 +238,7 @@ def start(spec, app: str) -> list:
     """Create the app's tier (its shards and linkers) unless it runs already, without waiting for them: they start
     while the Serve replicas do (which find them by name and whose first calls wait for them). Returns what to
     :func:`ray.get` to know they are up ([] when the spec keeps no per-key state)."""
-    if not needs_tier(spec):
+    if not needs_tier(spec) or app in _HELD:  # none needed, or running already (a live update of its app)
         return []
     directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
     opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None}

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -61,6 +62,7 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
     table = querylog.read(str(run_dir / "queries"))
     assert f"stopped; {table.num_rows} queries logged" in out
     answered = table.filter(table.column("returned_label").is_valid())
-    assert answered.column("account_id").to_pylist()[:5] == [keys[1]["account_id"]] * 5
-    assert answered.column("account_id").to_pylist()[-2:] == ["external-new", keys[2]["account_id"]]
+    per_account = Counter(answered.column("account_id").to_pylist())
+    assert per_account[keys[1]["account_id"]] == 5  # the first request
+    assert per_account["external-new"] == per_account[keys[2]["account_id"]] == 1  # once the change was applied
     assert np.isfinite(np.array(answered.column("clean_probs").to_pylist())).all()

@@ -3,6 +3,7 @@ memory of its replicas and detection-tier shards over time.
 
     python benchmarks/load.py [--minutes 5] [--clients 16] [--rate 40] [--batch 16] [--replicas 2]
                               [--encoding base64|json|npy] [--no-prada] [--window 15] [--out FILE.json]
+                              [--report-only]
 
 The victim is the `distributed_knockoff` scenario's (LeNet on mnist5k, from the zoo's cache; trained first if not
 there), behind PRADA per account (unless --no-prada) with the query log on, deployed with this tool's defaults on a
@@ -194,7 +195,7 @@ def report(r: dict) -> str:
         f"- latency: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms",
         f"- query log: {r['logged_answered_queries']:,} answered rows for {r['answered_queries']:,} answered queries; "
         f"every answered query logged exactly once: {'yes' if r['logged_once'] else 'NO'}",
-        "- resident memory (MiB), first window to last: " + ", ".join(
+        "- resident memory (MiB), when the load started and when it ended: " + ", ".join(
             f"{k} {v['start']} -> {v['end']}" for k, v in r["memory_mb"].items()), "",
         "| t (s) | requests/s | queries/s | p50 ms | p95 ms | p99 ms | errors | memory (MiB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -217,7 +218,13 @@ def main() -> None:
     ap.add_argument("--no-prada", dest="prada", action="store_false")
     ap.add_argument("--window", type=float, default=15.0, help="seconds per row of the time series")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load.json"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON")
     args = ap.parse_args()
+    md = os.path.splitext(args.out)[0] + ".md"
+    if args.report_only:
+        with open(md, "w") as fh:
+            fh.write(report(json.load(open(args.out))))
+        return
     for name in ("minutes", "clients", "batch", "replicas", "window"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name}={getattr(args, name)}: expected a positive number")
@@ -226,7 +233,6 @@ def main() -> None:
     result = run(args)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
-    md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as fh:
         fh.write(report(result))
     print(report(result))

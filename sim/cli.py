@@ -151,10 +151,12 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.update(now=True))
             watched = {"text": storage.read_text(keys_path), "keys": hashed(keys)}
+            proxies: dict = {}
             try:
                 while not stop["now"]:
                     time.sleep(0.5)
                     spec = _follow_keys(keys_path, watched, spec, app)
+                    _report_proxies(proxies, port)
             finally:
                 from .serving import delete
 
@@ -194,6 +196,24 @@ def _follow_keys(path: str, seen: dict, spec, app: str):
               f"{sorted(seen['keys'][k].account_id for k in revoke) or 'none'}", flush=True)
     seen["keys"] = keys
     return spec
+
+
+def _report_proxies(seen: dict, port: int) -> None:
+    """Serve mode: one line whenever an HTTP proxy's health changes (``seen``: node -> its last status). Serve replaces
+    a dead proxy within seconds; requests to the port fail meanwhile."""
+    import ray
+    from ray import serve
+
+    try:
+        now = {node: getattr(status, "value", str(status)) for node, status in serve.status().proxies.items()}
+    except ray.exceptions.RayError:  # the controller itself may be restarting: look again next time
+        return
+    for node, status in now.items():
+        if seen.get(node, "HEALTHY") != status:
+            print(f"HTTP proxy on node {node[:8]}: {status}" + ("" if status == "HEALTHY" else
+                  f" (requests to port {port} fail until Serve has replaced it)"), flush=True)
+    seen.clear()
+    seen.update(now)
 
 
 def _stored_key(entry: dict) -> str:

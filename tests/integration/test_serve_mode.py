@@ -1,11 +1,14 @@
-"""`python -m sim serve`: deploys the victim, serves external clients, shuts down cleanly on Ctrl-C."""
+"""`python -m sim serve`: deploys the victim, serves external clients, follows its keys file, reports its HTTP proxy's
+health, shuts down cleanly on Ctrl-C."""
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from collections import Counter
 
 import numpy as np
@@ -15,6 +18,30 @@ from sim.serving import free_port
 
 from .conftest import env_without_ray_address
 from .test_http import post
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its Ray's processes, for a driver that started its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return b""
 
 
 def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir, tmp_path):
@@ -54,15 +81,32 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
             assert time.time() < deadline, "the edited keys file was not applied within 60 s"
             time.sleep(0.5)
         assert post(url, {"images": one}, key=keys[2]["key"])[0] == 200  # untouched keys keep working
+
+        # its HTTP proxy killed: connections fail until Serve has replaced it, and serve mode says so
+        proxy = next(p for p in _descendants(proc.pid) if _cmdline(p).startswith(b"ray::ProxyActor"))
+        os.kill(proxy, signal.SIGKILL)
+        refused, deadline = 0, time.time() + 90
+        while True:
+            assert time.time() < deadline, "the proxy was not replaced within 90 s"
+            try:
+                if post(url, {"images": one}, key=keys[2]["key"])[0] == 200:
+                    break
+            except (ConnectionError, urllib.error.URLError):
+                refused += 1
+                time.sleep(0.3)
+        assert refused
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
+    health = re.findall(r"^HTTP proxy on node \w+: (\w+)", out, re.M)
+    assert len(health) >= 2 and health[0] != "HEALTHY" and health[-1] == "HEALTHY", out
     assert f"keys: added ['external-new'], revoked ['{keys[0]['account_id']}']" in out
     table = querylog.read(str(run_dir / "queries"))
     assert f"stopped; {table.num_rows} queries logged" in out
     answered = table.filter(table.column("returned_label").is_valid())
     per_account = Counter(answered.column("account_id").to_pylist())
     assert per_account[keys[1]["account_id"]] == 5  # the first request
-    assert per_account["external-new"] == per_account[keys[2]["account_id"]] == 1  # once the change was applied
+    assert per_account["external-new"] == 1  # once the change was applied
+    assert per_account[keys[2]["account_id"]] == 2  # then, and once the proxy was back
     assert np.isfinite(np.array(answered.column("clean_probs").to_pylist())).all()

@@ -23,7 +23,7 @@ from .test_http import post
 def _descendants(pid: int) -> list[int]:
     """The processes below ``pid`` (its Ray's processes, for a driver that started its own)."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):

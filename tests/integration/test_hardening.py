@@ -6,6 +6,7 @@ import base64
 import http.client
 import json
 import pickle
+import socket
 import threading
 import time
 import urllib.error
@@ -187,7 +188,17 @@ def test_keys_are_kept_hashed_and_added_or_revoked_live_on_every_replica(ray_ser
     assert refused.num_rows == 12  # each revoked request left its refused row
 
 
+def _slow_body(port: int, app: str) -> socket.socket:
+    """A request whose body never arrives: headers that promise 100 kB, then 10 bytes."""
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(f"POST /{app} HTTP/1.1\r\nHost: x\r\nX-API-Key: k-0\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 100000\r\n\r\n{{\"images\": ".encode())
+    return conn
+
+
 def test_sixteen_concurrent_http_clients_get_every_answer_logged_once(ray_serve, tmp_path):
+    """16 clients for 10 s, while 4 other connections hold requests whose bodies never come: no error for the 16
+    (the slow ones wedge nothing), and the proxy answers the slow ones 408 at its request timeout."""
     model = models.build("lenet", (1, 28, 28), 10)
     keys = {f"k-{i}": Account(f"acct-{i}", "benign") for i in range(16)}
     spec = VictimSpec(victim="loaded", run_id="t", model=models.to_bytes(model, "lenet", (1, 28, 28), 10),
@@ -209,9 +220,16 @@ def test_sixteen_concurrent_http_clients_get_every_answer_logged_once(ray_serve,
             out.append((status, time.perf_counter() - t0, reply.get("request_id"), len(reply.get("actions", []))))
         return out
 
+    slow = [_slow_body(ray_serve, "loaded") for _ in range(4)]
+    started = time.monotonic()
     try:
         with ThreadPoolExecutor(16) as pool:
             done = [r for part in pool.map(client, range(16)) for r in part]
+        for conn in slow:  # the session's proxy times requests out after 30 s
+            conn.settimeout(max(1.0, started + 60 - time.monotonic()))
+            assert conn.recv(64).startswith(b"HTTP/1.1 408"), "a slow body was not cut off"
+            conn.close()
+        assert 25 < time.monotonic() - started < 60
     finally:
         delete(spec, "loaded")
     assert {s for s, *_ in done} == {200} and all(n == 16 for *_, n in done)  # no error of any kind

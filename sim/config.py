@@ -9,6 +9,8 @@ Validation is pydantic with ``extra="forbid"``: an unknown key is an error that 
 from __future__ import annotations
 
 import importlib.resources
+import inspect
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,10 +67,42 @@ class DivQATConfig(_Strict):
                                                  "states no bound; an unbounded maximum would run away)")
 
 
+class PreprocessConfig(_Strict):
+    mean: list[float] = Field(description="per-channel mean subtracted (one value, or one per channel)")
+    std: list[float] = Field(description="per-channel deviation divided by (one value, or one per channel)")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} must be non-empty lists of one length")
+        if any(v <= 0 for v in self.std):
+            raise ValueError(f"std {self.std} must be > 0")
+        return self
+
+
 class VictimConfig(_Strict):
     name: str = Field("victim", pattern=r"^[A-Za-z0-9_-]+$", description="victim name (Serve app name)")
-    dataset: str = Field("mnist5k", description="dataset the victim is trained on", json_schema_extra=_names("dataset"))
-    arch: str = Field("lenet", description="victim architecture", json_schema_extra=_names("model"))
+    dataset: str = Field("mnist5k", description="dataset the victim is trained on (npz:PATH, folder:PATH, "
+                                                "module:attr: your own)", json_schema_extra=_names("dataset"))
+    arch: str = Field("lenet", description="victim architecture (module:attr: your own factory, called with the "
+                                           "input shape and the number of classes)", json_schema_extra=_names("model"))
+    checkpoint: str | None = Field(None, description="a trained model to serve instead of training one: a state "
+                                                     "dict for victim.arch, or a TorchScript file (no architecture "
+                                                     "needed; replicas then need replica.arch)")
+    preprocess: PreprocessConfig | None = Field(None, description="the normalisation the model expects "
+                                                                  "(victim.preprocess.mean/std), applied inside the "
+                                                                  "served model: the API still takes images in [0, 1]")
+
+    def torchscript(self) -> bool:
+        """Whether the victim is a TorchScript checkpoint (no architecture of its own)."""
+        from .models import is_torchscript
+
+        return self.checkpoint is not None and is_torchscript(os.path.expanduser(self.checkpoint))
+
+    def architecture(self) -> str | None:
+        """``arch``, or None for a TorchScript checkpoint unless ``arch`` is set explicitly (then it is what
+        replicas and components that need an architecture take)."""
+        return None if self.torchscript() and "arch" not in self.model_fields_set else self.arch
     epochs: int = Field(10, ge=1, description="victim training epochs")
     batch_size: int = Field(64, ge=1, description="victim training batch size")
     lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
@@ -88,6 +122,8 @@ class VictimConfig(_Strict):
 class DataConfig(_Strict):
     root: str | None = Field(None, description="dataset root (default: per dataset)")
     download: bool = Field(False, description="let torchvision readers download")
+    image_size: int | None = Field(None, ge=1, description="folder: datasets and pools: resize images to this "
+                                                           "square size (default: they must share one size)")
 
 
 class DefenseConfig(BaseModel):
@@ -365,7 +401,7 @@ class ScenarioConfig(_Strict):
 
     def replica_arch(self, aid: str) -> str:
         """The architecture of attacker ``aid``'s replica (and substitute, student): its own, or the victim's."""
-        return self.attackers[aid].replica.arch or self.victim.arch
+        return self.attackers[aid].replica.arch or self.victim_arch()
 
     def enabled_detectors(self) -> dict[str, DetectorConfig]:
         """name -> config of the detectors that are on, in the scenario's order."""
@@ -420,6 +456,7 @@ class ScenarioConfig(_Strict):
                                                  list(DetectorConfig.model_fields))
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
+        self._checkpoint_is_usable()
         if self.victim.training == "dp_sgd" and models.has_batch_norm(self.victim.arch):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
                              f"but victim.arch={self.victim.arch!r} has batch norm; expected an architecture "
@@ -443,6 +480,43 @@ class ScenarioConfig(_Strict):
             if att.replica.arch is not None:
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
         return self
+
+    def victim_arch(self) -> str | None:
+        return self.victim.architecture()
+
+    def _checkpoint_is_usable(self) -> None:
+        """With ``victim.checkpoint``: nothing that trains the victim, and an architecture for whatever needs one."""
+        from . import defenses
+
+        path = self.victim.checkpoint
+        if path is None:
+            return
+        where = f"victim.checkpoint={path!r}"
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"{where}: no such file; expected a state dict (torch.save) or a TorchScript file")
+        v = self.victim
+        for key, value, default in (("training", v.training, "standard"), ("quantization", v.quantization, "none")):
+            if value != default:
+                raise ConfigError(f"victim.{key}={value} trains the victim, but {where} is a trained one; expected "
+                                  f"victim.{key}={default} (see docs/own-components.md for what needs training)")
+        for field, spec in self.defense_specs().items():
+            for name in defenses.names_in(spec):
+                if defenses.get(name).victim_training:
+                    raise ConfigError(f"{field} {name} needs a victim trained with victim.training="
+                                      f"{defenses.get(name).victim_training}, which {where} is not; expected another "
+                                      f"defense (see docs/own-components.md)")
+        if self.victim_arch() is not None:
+            return
+        for aid, att in self.attackers.items():
+            if att.replica.arch is None:
+                raise ConfigError(f"attackers.{aid}.replica.arch is needed: {where} is TorchScript, which has no "
+                                  f"architecture for replicas; expected attackers.{aid}.replica.arch=NAME or "
+                                  f"module:attr (or victim.arch=NAME for every replica)")
+        for field, spec in self.defense_specs().items():
+            for name in defenses.names_in(spec):
+                if "victim" in inspect.signature(defenses.get(name).__init__).parameters:
+                    raise ConfigError(f"{field} {name} needs the victim's architecture, which {where} (TorchScript) "
+                                      f"does not give; expected victim.arch=NAME naming it")
 
 
 # ----------------------------------------------------------------------------------------------

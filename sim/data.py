@@ -1,5 +1,8 @@
-"""Datasets, registered by name (``@register("dataset", NAME)`` on a loader ``(root, download) -> Dataset``).
-Every dataset is uint8 arrays in (N, C, H, W) with int64 labels.
+"""Datasets, registered by name (``@register("dataset", NAME)`` on a loader ``(root, download) -> Dataset``), and
+the user's own: ``npz:PATH`` (arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``), ``folder:PATH`` (class
+folders of images; a folder of images without classes is an unlabeled pool) and plug-in loaders (``module:attr``
+or the entry-point group ``mlsim.datasets``: a callable of no arguments returning a :class:`Dataset` or such
+arrays). Every dataset is uint8 arrays in (N, C, H, W) with int64 labels.
 
 Images are 8-bit everywhere in the simulator: that is what an image API receives, and it makes the
 query log exact (the stored bytes are what the victim and the detectors saw).
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from . import registry
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .registry import register
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
@@ -150,26 +154,211 @@ def names() -> list[str]:
     return registry.names("dataset")
 
 
+SCHEMES = ("npz", "folder")  # the user's own data: SCHEME:PATH
+
+
 def check_name(field: str, name: str) -> None:
+    """A registered dataset, ``module:attr``, or ``npz:PATH`` / ``folder:PATH`` naming something that exists."""
+    scheme, _, path = name.partition(":")
+    if scheme in SCHEMES:
+        kind = os.path.isfile if scheme == "npz" else os.path.isdir
+        if not path or not kind(os.path.expanduser(path)):
+            raise ConfigError(f"{field}={name!r}: no such {'file' if scheme == 'npz' else 'folder'} {path!r}; "
+                              f"expected {scheme}:PATH to an existing {'.npz file' if scheme == 'npz' else 'folder'}")
+        return
     registry.check_name("dataset", field, name)
 
 
-def load_pool(spec: str, root: str | None = None, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_pool(spec: str, root: str | None = None, download: bool = False,
+              image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A query pool: the train and test images of a dataset, or of several joined by '+' (``mnist5k+digits``),
-    with their labels, offset per dataset so that the classes of different datasets stay apart."""
+    with their labels, offset per dataset so that the classes of different datasets stay apart. A folder of
+    images without class folders is an unlabeled pool (labels -1)."""
     images, labels, offset = [], [], 0
     for name in spec.split("+"):
-        ds = load(name, root, download)
-        if images and ds.input_shape != images[0].shape[1:]:
-            raise DataError(f"pool {spec!r}: {name} has images of shape {ds.input_shape}, the others "
+        if name.startswith("folder:") and not _class_folders(_path(name)):
+            x = _read_images(_images_in(_path(name), name), name, image_size)
+            y = np.full(len(x), -1, np.int64)
+        else:
+            ds = load(name, root, download, image_size)
+            x, y = ds.all_images(), np.concatenate([ds.y_train, ds.y_test]) + offset
+            offset += ds.num_classes
+        if images and x.shape[1:] != images[0].shape[1:]:
+            raise DataError(f"pool {spec!r}: {name} has images of shape {x.shape[1:]}, the others "
                             f"{images[0].shape[1:]}; expected datasets of one image shape")
-        images.append(ds.all_images())
-        labels.append(np.concatenate([ds.y_train, ds.y_test]) + offset)
-        offset += ds.num_classes
+        images.append(x)
+        labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
 
 
 @functools.lru_cache(maxsize=8)
-def load(name: str, root: str | None = None, download: bool = False) -> Dataset:
-    """Load a registered dataset (cached per process)."""
-    return registry.get("dataset", name)(root, download)
+def load(name: str, root: str | None = None, download: bool = False, image_size: int | None = None) -> Dataset:
+    """Load a dataset (cached per process): registered, ``npz:PATH``, ``folder:PATH`` (resized to ``image_size``
+    when given) or a plug-in loader."""
+    if name.startswith("npz:"):
+        return _npz(name)
+    if name.startswith("folder:"):
+        return _folder(name, image_size)
+    registry.check_name("dataset", "dataset", name)
+    if registry.is_builtin("dataset", name):
+        return registry.get("dataset", name)(root, download)
+    made = registry.get("dataset", name)()
+    if isinstance(made, Dataset):
+        return from_arrays(name, {"x_train": made.x_train, "y_train": made.y_train, "x_test": made.x_test,
+                                  "y_test": made.y_test}, made.num_classes)
+    if not isinstance(made, dict):
+        raise DataError(f"dataset {name!r} returned {type(made).__name__}; expected a sim.data.Dataset or a mapping "
+                        f"with x_train, y_train, x_test, y_test")
+    return from_arrays(name, made)
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own data
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _path(name: str) -> str:
+    return os.path.expanduser(name.partition(":")[2])
+
+
+def _images(name: str, key: str, x: np.ndarray) -> np.ndarray:
+    """Images as uint8 (N, C, H, W): from uint8 or float in [0, 1], channels first or last (a 3-d array is
+    grayscale)."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"dataset {name!r}: {key} has shape {x.shape}; expected images (N, C, H, W), (N, H, W, C) "
+                        f"or (N, H, W)")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"dataset {name!r}: {key} has dtype {x.dtype}; expected uint8 or float in [0, 1]")
+    if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+        raise DataError(f"dataset {name!r}: {key} has values in [{np.nanmin(x):g}, {np.nanmax(x):g}]; expected float "
+                        f"images in [0, 1] (or uint8)")
+    return np.ascontiguousarray(np.rint(x * 255), dtype=np.uint8)
+
+
+def from_arrays(name: str, arrays, num_classes: int | None = None) -> Dataset:
+    """A :class:`Dataset` of the four arrays, checked: images (see :func:`_images`) of one shape, as many labels as
+    images, labels integers in [0, classes)."""
+    missing = [k for k in ARRAYS if k not in arrays]
+    if missing:
+        raise DataError(f"dataset {name!r} lacks {', '.join(missing)}; expected arrays {', '.join(ARRAYS)}")
+    x_tr, x_te = _images(name, "x_train", arrays["x_train"]), _images(name, "x_test", arrays["x_test"])
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"dataset {name!r}: x_train has images of shape {x_tr.shape[1:]}, x_test {x_te.shape[1:]}; "
+                        f"expected one shape")
+    ys = []
+    for key, x in (("y_train", x_tr), ("y_test", x_te)):
+        y = np.asarray(arrays[key])
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"dataset {name!r}: {key} has shape {y.shape}; expected ({len(x)},), a label per image")
+        if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
+            raise DataError(f"dataset {name!r}: {key} holds {y.dtype} labels from {y.min()}; expected integer class "
+                            f"labels >= 0")
+        ys.append(y.astype(np.int64))
+    if not len(x_tr) or not len(x_te):
+        raise DataError(f"dataset {name!r} has {len(x_tr)} training and {len(x_te)} test images; expected some of each")
+    classes = int(max(ys[0].max(), ys[1].max())) + 1
+    if num_classes is not None and classes > num_classes:
+        raise DataError(f"dataset {name!r} has label {classes - 1} but num_classes={num_classes}; expected labels "
+                        f"below num_classes")
+    return Dataset(name, x_tr, ys[0], x_te, ys[1], num_classes or classes)
+
+
+def _npz(name: str) -> Dataset:
+    path = _path(name)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"dataset {name!r} cannot be read ({str(exc).splitlines()[0]}); expected a .npz file "
+                        f"(numpy.savez) with arrays {', '.join(ARRAYS)}") from None
+    return from_arrays(name, arrays)
+
+
+def _images_in(folder: str, name: str) -> list[str]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    found = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMG_EXTENSIONS))
+    if not found:
+        raise DataError(f"{name!r} holds no images ({', '.join(IMG_EXTENSIONS)}); expected image files, or class "
+                        f"folders of them")
+    return found
+
+
+def _class_folders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _read_images(paths: list[str], name: str, image_size: int | None) -> np.ndarray:
+    """Images read with PIL as uint8 (N, C, H, W): grayscale when every one is, else RGB; resized to
+    ``image_size`` x ``image_size`` when given, else they must share one size."""
+    from PIL import Image, UnidentifiedImageError
+
+    imgs = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                imgs.append(img)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"dataset {name!r}: {p} is not a readable image ({exc})") from None
+    mode = "L" if all(i.mode in ("1", "L", "I", "I;16", "F") for i in imgs) else "RGB"
+    sizes = {i.size for i in imgs}
+    if image_size is None and len(sizes) > 1:
+        some = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
+        raise DataError(f"dataset {name!r} has images of {len(sizes)} sizes ({some}, …); expected one size, or "
+                        f"data.image_size=N to resize them to NxN")
+    out = []
+    for img in imgs:
+        img = img.convert(mode)
+        if image_size is not None and img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BILINEAR)
+        a = np.asarray(img, np.uint8)
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def _image_folder(folder: str, name: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        found = ImageFolder(folder, loader=lambda p: p)  # paths and class indices; the images are read below
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"dataset {name!r}: {str(exc).splitlines()[0]}; expected class folders of images "
+                        f"(PATH/CLASS/IMAGE)") from None
+    paths, labels = zip(*found.samples)
+    return _read_images(list(paths), name, image_size), np.asarray(labels, np.int64), found.classes
+
+
+def _folder(name: str, image_size: int | None) -> Dataset:
+    """Class folders read with torchvision's ImageFolder: ``PATH/train/CLASS/…`` and ``PATH/test/CLASS/…``, or
+    ``PATH/CLASS/…`` split 80 / 20 (seeded, stratified when every class has at least two images)."""
+    root = _path(name)
+    classes = _class_folders(root)
+    if not classes:
+        raise DataError(f"dataset {name!r} has no class folders; expected PATH/CLASS/IMAGE (a folder of images "
+                        f"without classes can only be an attacker's pool)")
+    if set(classes) >= {"train", "test"}:
+        x_tr, y_tr, c_tr = _image_folder(os.path.join(root, "train"), name, image_size)
+        x_te, y_te, c_te = _image_folder(os.path.join(root, "test"), name, image_size)
+        if c_tr != c_te:
+            raise DataError(f"dataset {name!r}: train has classes {c_tr}, test {c_te}; expected the same classes")
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise DataError(f"dataset {name!r}: train images are {x_tr.shape[1:]}, test images {x_te.shape[1:]}; "
+                            f"expected one shape (data.image_size=N resizes both)")
+        return Dataset(name, x_tr, y_tr, x_te, y_te, len(c_tr))
+    x, y, found = _image_folder(root, name, image_size)
+    from sklearn.model_selection import train_test_split
+
+    stratify = y if np.bincount(y).min() >= 2 and len(x) >= 2 * len(found) else None
+    if len(x) < 2:
+        raise DataError(f"dataset {name!r} has {len(x)} image; expected at least 2 (a training and a test image)")
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=SPLIT_SEED, stratify=stratify)
+    return Dataset(name, x_tr, y_tr, x_te, y_te, len(found))

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from . import alerts, data, defenses, detection, devices, querylog, storage, zoo
+from . import alerts, defenses, detection, devices, querylog, storage, zoo
 from . import config as config_mod
 from .config import ScenarioConfig
 from .errors import ConfigError, Interrupted, RunFailed, SimError
@@ -234,7 +234,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     cfg = config_mod.load(scenario, overrides)
     devices.local(cfg.device)  # device=cuda where there is none: an error before any work
     start = time.perf_counter()
-    ds = victim.dataset if victim is not None else data.load(cfg.victim.dataset, cfg.data.root, cfg.data.download)
+    ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)

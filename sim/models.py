@@ -1,5 +1,7 @@
 """Classifier architectures, registered by name (``@register("model", NAME)`` on a class or a factory taking
-``(in_channels, num_classes, size)``). Every model takes float images in [0, 1], shape (N, C, H, W)."""
+``(in_channels, num_classes, size)``), and the user's own: ``module:attr`` or the entry-point group
+``mlsim.models``, a callable ``(input_shape, num_classes) -> nn.Module``. Every model takes float images in [0, 1],
+shape (N, C, H, W); a model that expects normalised inputs is wrapped in :class:`Preprocessed`."""
 
 from __future__ import annotations
 
@@ -87,10 +89,89 @@ def check_name(field: str, name: str) -> None:
 def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """A fresh model for images of ``input_shape`` (C, H, W)."""
     check_name("arch", name)
+    factory = registry.get("model", name)
+    if not registry.is_builtin("model", name):  # the user's own: checked once it is made
+        model = factory(tuple(input_shape), num_classes)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"arch {name!r} returned {type(model).__name__}; expected a torch.nn.Module")
+        check_output(model, input_shape, num_classes, f"arch {name!r}")
+        return model
     c, h, w = input_shape
     if h != w:
         raise ConfigError(f"arch {name!r} needs square images, got input shape {input_shape}")
-    return registry.get("model", name)(c, num_classes, h)
+    return factory(c, num_classes, h)
+
+
+def check_output(model: nn.Module, input_shape, num_classes: int, what: str) -> None:
+    """A one-line ConfigError unless ``model`` maps a batch of two images of ``input_shape`` to (2, num_classes)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as exc:  # noqa: BLE001 - the user's model: any failure is a mismatch to report
+        raise ConfigError(f"{what} fails on a batch of images of shape {tuple(input_shape)}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what} maps 2 images of shape {tuple(input_shape)} to {got}; expected (2, {num_classes}) "
+                          f"logits")
+
+
+class Preprocessed(nn.Module):
+    """A model that expects normalised inputs, taking images in [0, 1]: ``inner((x - mean) / std)``, per channel."""
+
+    def __init__(self, inner: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner((x - self.mean) / self.std)
+
+    def settings(self) -> dict:
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (torch.jit.save) rather than a torch.save checkpoint."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_checkpoint(path: str, arch: str | None, input_shape, num_classes: int) -> nn.Module:
+    """The trained model in ``path``, in eval mode: a TorchScript archive, or a state dict for ``arch`` (a bare
+    state dict, or one under the key ``state_dict`` or ``model``); one-line errors when it does not fit."""
+    if is_torchscript(path):
+        model = torch.jit.load(path, map_location="cpu")
+        check_output(model, input_shape, num_classes, f"victim.checkpoint={path!r}")
+        return model.eval()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a file of the user's: whatever fails, say so in one line
+        raise ConfigError(f"victim.checkpoint={path!r} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]}); expected a state dict saved with torch.save, or a "
+                          f"TorchScript file (torch.jit.save)") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"victim.checkpoint={path!r} holds {type(state).__name__}; expected a state dict")
+    model = build(arch, input_shape, num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split("\n\t")[:2]).replace("\n", " ")[:300]
+        raise ConfigError(f"victim.checkpoint={path!r} does not fit victim.arch={arch!r}: {first}") from None
+    return model.eval()
 
 
 def has_batch_norm(name: str) -> bool:
@@ -99,31 +180,57 @@ def has_batch_norm(name: str) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def to_bytes(model: nn.Module, arch: str, input_shape: tuple[int, int, int], num_classes: int,
+def to_bytes(model: nn.Module, arch: str | None, input_shape: tuple[int, int, int], num_classes: int,
              quantization: str = "none") -> bytes:
-    """A model with what rebuilds it (architecture, input shape, classes, quantization mode of an int8 model):
-    what travels to a Serve replica."""
+    """A model with what rebuilds it (architecture, input shape, classes, quantization mode of an int8 model, the
+    normalisation of a :class:`Preprocessed` one): what travels to a Serve replica. A TorchScript model travels as
+    its archive; one with no registered architecture (``arch`` None: a live module handed to :func:`sim.run`) as
+    a cloudpickle of the module. ``arch`` is kept either way: the architecture a component that only needs one
+    gets (None: none)."""
     from . import quantize
 
+    d = {"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes, "quantization": quantization}
+    if isinstance(model, Preprocessed):
+        d["preprocess"], model = model.settings(), model.inner
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        d["torchscript"] = buf.getvalue()
+    elif arch is None:
+        from ray import cloudpickle
+
+        d["pickled"] = cloudpickle.dumps(model)
+    else:
+        d["state_dict"] = model.state_dict()
     buf = io.BytesIO()
     with quantize.quiet():  # an int8 state dict's storages
-        torch.save({"arch": arch, "input_shape": list(input_shape), "num_classes": num_classes,
-                    "quantization": quantization, "state_dict": model.state_dict()}, buf)
+        torch.save(d, buf)
     return buf.getvalue()
 
 
-def from_bytes(blob: bytes, architecture_only: bool = False) -> nn.Module:
+def from_bytes(blob: bytes, architecture_only: bool = False) -> nn.Module | None:
     """The model :func:`to_bytes` saved, in eval mode; ``architecture_only``: a fresh float model of its
-    architecture instead (untrained: what a component that only needs the architecture gets)."""
+    architecture instead (untrained: what a component that only needs the architecture gets; None when the blob
+    names no architecture)."""
     from . import quantize
 
     with quantize.quiet():
         d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    model = build(d["arch"], tuple(d["input_shape"]), d["num_classes"])
+    shape, k = tuple(d["input_shape"]), d["num_classes"]
     if architecture_only:
-        return model.eval()
-    if d.get("quantization", "none") != "none":
-        int8, _ = quantize.skeleton(model, tuple(d["input_shape"]), d["quantization"])
+        return None if d["arch"] is None else build(d["arch"], shape, k).eval()
+    if "torchscript" in d:
+        model = torch.jit.load(io.BytesIO(d["torchscript"]), map_location="cpu")
+    elif "pickled" in d:
+        from ray import cloudpickle
+
+        model = cloudpickle.loads(d["pickled"])
+    elif d.get("quantization", "none") != "none":
+        int8, _ = quantize.skeleton(build(d["arch"], shape, k), shape, d["quantization"])
         return quantize.load(int8, d["state_dict"])
-    model.load_state_dict(d["state_dict"])
+    else:
+        model = build(d["arch"], shape, k)
+        model.load_state_dict(d["state_dict"])
+    if "preprocess" in d:
+        model = Preprocessed(model, **d["preprocess"])
     return model.eval()

@@ -108,4 +108,5 @@ def _attack_context(cfg: ScenarioConfig, aid: str, ds: Dataset, budgets: list[in
 
     return AttackContext(owner=f"attackers.{aid}", dataset=ds, budgets=budgets, arch=cfg.replica_arch(aid),
                          seed=lambda name, *more: derive_seed(cfg.seed, name, aid, *more),
-                         data_root=cfg.data.root, download=cfg.data.download)
+                         data_root=cfg.data.root, download=cfg.data.download,
+                         image_size=cfg.data.image_size)

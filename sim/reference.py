@@ -35,7 +35,8 @@ def _allowed(annotation: Any, field) -> str:
     """What a pydantic field accepts, in words."""
     category = (field.json_schema_extra or {}).get("registry")
     if category:
-        what = f"one of the {registry.CATEGORIES[category][1]} names: " + ", ".join(registry.names(category))
+        what = f"one of the {registry.CATEGORIES[category][1]} names: " + ", ".join(registry.builtins(category))
+        what += ", or npz:PATH, folder:PATH, module:attr" if category == "dataset" else ", or module:attr"
         return what + (" (or null)" if field.default is None else "")
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
@@ -77,10 +78,15 @@ def scenario_keys() -> list[tuple[str, str, str, str]]:
                 continue
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 if ann.model_config.get("extra") == "allow":  # a defense spec: name + the defense's parameters
-                    rows.append((f"{prefix}{name}.name", _default(ann.model_fields["name"]), "a defense name, or "
-                                 "several joined by '+'", ann.model_fields["name"].description or ""))
+                    rows.append((f"{prefix}{name}.name", _default(ann.model_fields["name"]), "a defense name or "
+                                 "module:attr, or several joined by '+'", ann.model_fields["name"].description or ""))
                 else:
                     walk(ann, f"{prefix}{name}.")
+            elif typing.get_origin(ann) in (typing.Union, types.UnionType) and (
+                    inner := [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]):
+                rows.append((prefix + name, _default(field), "a mapping of the keys below (or null)",
+                             field.description or ""))
+                walk(inner[0], f"{prefix}{name}.")
             elif name in _SECTIONS and not prefix:
                 walk(_SECTIONS[name], f"{name}.<{'name' if name == 'detectors' else 'id'}>.")
             else:
@@ -131,7 +137,7 @@ def markdown() -> str:
     out += ["", *_scenarios()]
     out += ["", "## Defenses", "", "`defense=NAME defense.PARAM=VALUE`; a chain `defense=A+B defense.A.PARAM=VALUE`;",
             "the same specs serve `detectors.<name>.perturb`. More in [defenses](defenses.md).", ""]
-    for name, cls in registry.entries("defense").items():
+    for name, cls in registry.builtins("defense").items():
         out += [f"### `{name}`", "", registry.summary_line(cls), "", *_params_table(cls.params, "defense."), ""]
     presets = detectors.presets()
     out += ["## Detectors", "",
@@ -141,18 +147,18 @@ def markdown() -> str:
     for name, p in presets.items():
         out.append(f"| `{name}` | `{p['kind']}` | {_settings({k: v for k, v in p.items() if k != 'kind'})} |")
     out.append("")
-    for name, cls in registry.entries("detector").items():
+    for name, cls in registry.builtins("detector").items():
         state = "keeps a history per key and flags keys for good" if cls.stateful else "scores each query alone"
         out += [f"### `{name}`", "", f"{registry.summary_line(cls)} It {state}.", "",
                 *_params_table(cls.params, "detectors.<name>."), ""]
     out += ["## Attacks", "", "`attackers.ID.attack=KIND`, with the attack's own keys under `attackers.ID.`. More in",
             "[attacks](attacks.md).", ""]
-    for name, cls in registry.entries("attack").items():
+    for name, cls in registry.builtins("attack").items():
         out += [f"### `{name}`", "", registry.summary_line(cls), "", *_params_table(cls.params, "attackers.<id>."), ""]
     for title, category, key in (("Architectures", "model", "`victim.arch`, `attackers.<id>.replica.arch`"),
                                  ("Datasets", "dataset", "`victim.dataset` and an attack's `pool`")):
         out += [f"## {title}", "", f"Names for {key}.", "", "| name | what |", "|---|---|"]
-        out += [f"| `{n}` | {registry.summary_line(obj)} |" for n, obj in registry.entries(category).items()]
+        out += [f"| `{n}` | {registry.summary_line(obj)} |" for n, obj in registry.builtins(category).items()]
         out.append("")
     return "\n".join(out)
 
@@ -187,18 +193,29 @@ def text() -> str:
 
     parts = [listing([(k, f"{d}. {m}" if m else d) for k, d, _, m in scenario_keys()])]
 
-    def params(cls) -> str:
-        return ", ".join(f"{k}={_param_default(p)}" for k, p in cls.params.items()) or "-"
+    plugins = registry.plugins()
+
+    def params(category: str, name: str, cls) -> str:
+        own = ", ".join(f"{k}={_param_default(p)}" for k, p in cls.params.items()) or "-"
+        where = plugins.get(category, {}).get(name)
+        return f"{own}  [plug-in: {where}]" if where else own
 
     for title, category in (("defenses (defense=NAME defense.PARAM=VALUE)", "defense"),
                             ("detector kinds (detectors.NAME.kind=KIND detectors.NAME.PARAM=VALUE)", "detector"),
                             ("attacks (attackers.ID.attack=KIND attackers.ID.PARAM=VALUE)", "attack")):
-        parts.append(f"{title}:\n" + listing([(n, params(cls)) for n, cls in registry.entries(category).items()]))
+        parts.append(f"{title}:\n" + listing([(n, params(category, n, cls))
+                                              for n, cls in registry.entries(category).items()]))
         if category == "detector":
             parts.append("detector shorthands (need no kind):\n" + listing(
                 [(n, _settings(p)) for n, p in detectors.presets().items()]))
     for title, category in (("architectures", "model"), ("datasets", "dataset")):
-        parts.append(f"{title}: " + ", ".join(registry.names(category)))
+        names = [f"{n} [plug-in: {plugins[category][n]}]" if n in plugins.get(category, {}) else n
+                 for n in registry.names(category)]
+        more = " (and npz:PATH, folder:PATH)" if category == "dataset" else ""
+        parts.append(f"{title}: " + ", ".join(names) + more)
+    parts.append("plug-ins: any of these may also be module:attr of your own, and installed packages add their own "
+                 "through the entry-point groups " + ", ".join(registry.GROUPS.values())
+                 + " (docs/own-components.md)")
     return "\n\n".join(parts)
 
 

@@ -10,14 +10,24 @@ A component joins the registry with ``@register(CATEGORY)`` (its ``name`` attrib
 ``@register(CATEGORY, NAME)``. Configuration checks, ``python -m sim help``, the generated configuration
 reference, the Serve replica, the summary and the offline analysis all ask the declaration, so a new
 component is one new module in its category's package.
+
+Plug-ins join the same registry without touching the package: a setting may name a component ``module:attr``
+(imported and checked against its category's interface on first use), and installed distributions may declare
+entry points in the groups ``mlsim.datasets``, ``mlsim.models``, ``mlsim.defenses``, ``mlsim.detectors`` and
+``mlsim.attacks`` (loaded with the built-ins). :func:`runtime_env` is what Ray workers need to find the same
+plug-ins: the modules' code and the names they were registered under.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.metadata
 import inspect
+import json
+import os
 import pkgutil
+import sysconfig
 from abc import ABC
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -35,6 +45,13 @@ CATEGORIES = {  # category -> (the module or package of its built-ins, what a us
 }
 _entries: dict[str, dict[str, Any]] = {c: {} for c in CATEGORIES}
 _modules: dict[str, list[str]] = {}  # category -> its built-in modules, in the order they are listed
+_plugins: dict[str, dict[str, str]] = {c: {} for c in CATEGORIES}  # category -> name -> "module:attr" it came from
+_broken: dict[str, dict[str, str]] = {c: {} for c in CATEGORIES}  # entry points that did not load -> why
+GROUPS = {c: f"mlsim.{c}s" for c in CATEGORIES}  # entry-point group of each category
+PLUGINS_ENV = "MLSIM_PLUGINS"  # JSON {category: {name: "module:attr"}}: the plug-ins a Ray worker registers too
+_BASES = {  # category -> the class its components subclass (functions otherwise)
+    "defense": "sim.defenses.base:Defense", "detector": "sim.detectors.base:Detector",
+    "attack": "actors.attacks.base:Attack"}
 
 
 def register(category: str, name: str | None = None) -> Callable:
@@ -68,7 +85,106 @@ def _discover(category: str) -> list[str]:
         for name in found[1:]:
             importlib.import_module(name)
         _modules[category] = found
+        _load_installed(category)
     return _modules[category]
+
+
+def _load_installed(category: str) -> None:
+    """Register the plug-ins of ``category`` that installed distributions declare as entry points, and those this
+    process was handed in :data:`PLUGINS_ENV` (a Ray worker of a run that uses them). One that does not load is
+    remembered with the reason, which naming it reports."""
+    declared = [(ep.name, ep.value, f"entry point {ep.name!r} of group {GROUPS[category]}")
+                for ep in importlib.metadata.entry_points(group=GROUPS[category])]
+    handed = json.loads(os.environ.get(PLUGINS_ENV) or "{}").get(category, {})
+    declared += [(name, target, f"plug-in {name!r}") for name, target in handed.items()]
+    for name, target, what in declared:
+        if name in _entries[category]:
+            if _plugins[category].get(name) != target:
+                _broken[category].setdefault(name, f"{what} ({target}) clashes with a {category} of that name")
+            continue
+        try:
+            register(category, name)(load(category, target, what))
+            _plugins[category][name] = target
+        except (ConfigError, ValueError) as exc:
+            _broken[category][name] = str(exc)
+
+
+def load(category: str, target: str, field: str) -> Any:
+    """The object ``module:attr`` names, checked against ``category``'s interface; a one-line ConfigError naming
+    ``field`` otherwise (a module that does not import, a missing attribute, a wrong base class, a method not
+    implemented, a parameter that is not declared with :class:`Param`)."""
+    module_name, _, attr = target.partition(":")
+    where = f"{field}={target!r}"
+    if not module_name or not attr:
+        raise ConfigError(f"{where} must be a registered name or module:attr")
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(f"{where}: no module named {exc.name!r} on this Python's path; expected an "
+                              f"importable module (run from its folder, add it to PYTHONPATH or install it)") from None
+        raise ConfigError(f"{where}: importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module: whatever it raises is the user's to fix
+        raise ConfigError(f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    check_interface(category, obj, where)
+    return obj
+
+
+def check_interface(category: str, obj: Any, where: str) -> None:
+    """A one-line ConfigError if ``obj`` cannot serve as a component of ``category``."""
+    if category not in _BASES:
+        if not callable(obj):
+            shape = "(input_shape, num_classes) -> nn.Module" if category == "model" else "() -> Dataset"
+            raise ConfigError(f"{where} is {type(obj).__name__} {obj!r}; expected a callable {shape}")
+        return
+    module_name, _, base_name = _BASES[category].partition(":")
+    base = getattr(importlib.import_module(module_name), base_name)
+    if not inspect.isclass(obj) or not issubclass(obj, base):
+        raise ConfigError(f"{where} is {obj!r}; expected a subclass of {module_name.rsplit('.', 1)[0]}."
+                          f"{base_name} ({_BASES[category].replace(':', '.')})")
+    missing = sorted(getattr(obj, "__abstractmethods__", ()))
+    if missing:
+        raise ConfigError(f"{where} does not implement {', '.join(missing)}; expected every abstract method of "
+                          f"{base_name} to be defined")
+    if not isinstance(obj.params, dict):
+        raise ConfigError(f"{where}.params is {type(obj.params).__name__}; expected a dict of name -> Param")
+    for key, p in obj.params.items():
+        if not isinstance(p, Param):
+            raise ConfigError(f"{where} declares parameter {key!r} as {p!r}; expected a sim.registry.Param")
+
+
+def plugins(category: str | None = None) -> dict[str, dict[str, str]] | dict[str, str]:
+    """The plug-ins registered in this process: name -> "module:attr" (of one category, or category -> that)."""
+    return dict(_plugins[category]) if category else {c: dict(p) for c, p in _plugins.items() if p}
+
+
+def is_builtin(category: str, name: str) -> bool:
+    return name in entries(category) and name not in _plugins[category]
+
+
+def runtime_env() -> dict | None:
+    """What a Ray worker needs to find this process's plug-ins (None without any): their names in
+    :data:`PLUGINS_ENV`, and in ``py_modules`` the code of each plug-in's top-level module that is not installed
+    (Ray ships it to every node)."""
+    used = plugins()
+    if not used:
+        return None
+    installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    ship = set()
+    for targets in used.values():
+        for target in targets.values():
+            top = importlib.import_module(target.partition(":")[0].split(".")[0])
+            path = os.path.realpath(top.__path__[0] if hasattr(top, "__path__") else top.__file__)
+            if not any(path.startswith(root + os.sep) for root in installed):
+                ship.add(path)
+    env: dict[str, Any] = {"env_vars": {PLUGINS_ENV: json.dumps(used, sort_keys=True)}}
+    if ship:
+        env["py_modules"] = sorted(ship)
+    return env
 
 
 def entries(category: str) -> dict[str, Any]:
@@ -85,12 +201,25 @@ def names(category: str) -> list[str]:
     return list(entries(category))
 
 
+def builtins(category: str) -> dict[str, Any]:
+    """name -> component of ``category``, the package's own only (no plug-ins)."""
+    return {n: obj for n, obj in entries(category).items() if n not in _plugins[category]}
+
+
 def check_name(category: str, field: str, name: Any) -> None:
-    """A one-line error naming the field, the unknown name and the known ones."""
+    """Known names pass; ``module:attr`` is loaded and registered under that name; anything else is a one-line
+    error naming the field, the name and the known ones."""
     known = names(category)
-    if name not in known:
-        raise ConfigError(f"{field}={name!r} is not a known {CATEGORIES[category][1]}; expected one of: "
-                          f"{', '.join(known)}")
+    if name in known:
+        return
+    if name in _broken[category]:
+        raise ConfigError(f"{field}={name!r} did not load: {_broken[category][name]}")
+    if isinstance(name, str) and ":" in name:
+        register(category, name)(load(category, name, field))
+        _plugins[category][name] = name
+        return
+    raise ConfigError(f"{field}={name!r} is not a known {CATEGORIES[category][1]}; expected one of: "
+                      f"{', '.join(known)}, or module:attr of your own")
 
 
 def get(category: str, name: str, field: str | None = None) -> Any:

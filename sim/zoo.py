@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from . import adversarial, data, models, quantize
+from . import adversarial, data, models, quantize, registry
 from .config import DataConfig, VictimConfig
 from .errors import ConfigError
 from .training import accuracy, patch_shuffle, predict_probs, train_classifier, train_dp_classifier
@@ -40,6 +41,12 @@ class Victim:
     twin: nn.Module | None = None  # quantized victims: the fake-quantized float twin (differentiable)
     float_model: nn.Module | None = None  # quantized victims: the float victim they were made from
     float_test_accuracy: float | None = None
+    checkpoint_digest: str | None = None  # a victim.checkpoint's: what its cached companions are keyed by
+
+    @property
+    def cache_name(self) -> str:
+        """The name the models made for this victim are cached under (:meth:`ModelContext.cached`)."""
+        return f"checkpoint-{self.checkpoint_digest}.pt" if self.checkpoint_digest else self.path.name
 
     def __getstate__(self) -> dict:
         """Pickled (to Ray workers) with a quantized victim's int8 model and twin as state dicts: FX graph modules
@@ -85,12 +92,26 @@ class Victim:
 
 
 def fingerprint(ds: data.Dataset) -> str:
-    """A short digest of a dataset's shapes and labels: two copies of a dataset that differ (another
-    ``data.root``, a truncated download) do not share cached victims."""
+    """A short digest of a dataset's shapes and labels (and images, for the user's own data: ``npz:``, ``folder:``,
+    plug-ins): two copies of a dataset that differ (another ``data.root``, a truncated download, an edited file) do
+    not share cached victims."""
     digest = hashlib.sha1(repr((ds.x_train.shape, ds.x_test.shape)).encode())
-    for labels in (ds.y_train, ds.y_test):
-        digest.update(np.ascontiguousarray(labels).tobytes())
+    arrays = [ds.y_train, ds.y_test]
+    if ":" in ds.name or not registry.is_builtin("dataset", ds.name):
+        arrays += [ds.x_train, ds.x_test]
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()[:12]
+
+
+def _stem(*parts: str) -> str:
+    """A file-name-safe stem of the names that make a cache file's name (``npz:/a/b.npz`` -> ``npz_b``)."""
+    safe = []
+    for part in parts:
+        if ":" in part:  # a path or module:attr: its last component is what a reader recognises
+            part = part.partition(":")[0] + "_" + os.path.basename(part.partition(":")[2].rstrip("/")) or "x"
+        safe.append("".join(c if c.isalnum() or c in "_." else "_" for c in part)[:40])
+    return "-".join(safe)
 
 
 def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str | None = None) -> str:
@@ -109,6 +130,8 @@ def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str 
         spec.update(quantization=cfg.quantization, quant_epochs=cfg.quant.epochs, quant_lr=cfg.quant.lr)
     if cfg.quantization == "divqat":
         spec["divqat"] = cfg.divqat.model_dump()
+    if cfg.preprocess is not None:
+        spec["preprocess"] = cfg.preprocess.model_dump()
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,10 +167,12 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     CPU). The victim comes back on the CPU."""
     if cfg.quantization != "none":
         return _quantized_victim(cfg, data_cfg, seed, cache_dir, on_epoch, device)
-    ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
-    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
+    ds = load_data(cfg, data_cfg)
+    if cfg.checkpoint is not None:
+        return _checkpoint_victim(cfg, ds)
+    path = _folder(cache_dir) / f"{_stem(cfg.dataset, cfg.arch)}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
+    model = _preprocessed(models.build(cfg.arch, ds.input_shape, ds.num_classes), cfg)
 
     def train(model: nn.Module) -> dict:
         log.info("training victim %s on %s (%d epochs, %s, %s)", cfg.arch, cfg.dataset, cfg.epochs, cfg.training,
@@ -176,6 +201,31 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
                   None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
 
 
+def load_data(cfg: VictimConfig, data_cfg: DataConfig) -> data.Dataset:
+    """The victim's dataset."""
+    return data.load(cfg.dataset, data_cfg.root, data_cfg.download, data_cfg.image_size)
+
+
+def _preprocessed(model: nn.Module, cfg: VictimConfig) -> nn.Module:
+    """``model`` behind the normalisation ``cfg.preprocess`` asks for (none: the model itself)."""
+    return model if cfg.preprocess is None else models.Preprocessed(model, cfg.preprocess.mean, cfg.preprocess.std)
+
+
+def _checkpoint_victim(cfg: VictimConfig, ds: data.Dataset) -> Victim:
+    """The user's trained model (``victim.checkpoint``), nothing trained: its test accuracy measured on ``ds``."""
+    path = Path(cfg.checkpoint).expanduser().resolve()
+    arch = cfg.architecture()
+    model = models.load_checkpoint(str(path), arch, ds.input_shape, ds.num_classes)
+    if cfg.preprocess is not None and len(cfg.preprocess.mean) not in (1, ds.input_shape[0]):
+        raise ConfigError(f"victim.preprocess.mean has {len(cfg.preprocess.mean)} values but the images have "
+                          f"{ds.input_shape[0]} channels; expected 1 or {ds.input_shape[0]}")
+    model = _preprocessed(model, cfg)
+    digest = hashlib.sha1(path.read_bytes() + json.dumps(cfg.preprocess and cfg.preprocess.model_dump()).encode()
+                          + fingerprint(ds).encode()).hexdigest()[:16]
+    acc = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
+    return Victim(model, arch, ds, acc, path, False, 0.0, checkpoint_digest=digest)
+
+
 def _adversary(cfg: VictimConfig, seed: int):
     """PGD examples for adversarial training, or None."""
     if cfg.training != "adversarial":
@@ -190,7 +240,7 @@ def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_
     trained on them), then converted to int8; the int8 model and its twin are cached beside the float victim."""
     base = get_victim(cfg.model_copy(update={"quantization": "none"}), data_cfg, seed, cache_dir, on_epoch, device)
     ds = base.dataset
-    path = _folder(cache_dir) / (f"{cfg.dataset}-{cfg.arch}-{cfg.quantization}-"
+    path = _folder(cache_dir) / (f"{_stem(cfg.dataset, cfg.arch)}-{cfg.quantization}-"
                                  f"{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt")
     int8, twin = quantize.skeleton(base.model, ds.input_shape, cfg.quantization)
     with FileLock(str(path) + ".lock"):
@@ -230,10 +280,10 @@ def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_
 def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: str) -> nn.Module:
     """The misinformation model of adaptive misinformation: the victim's architecture trained on the
     victim's training data to put little probability on the true class; cached like victims."""
-    ds = data.load(cfg.dataset, data_cfg.root, data_cfg.download)
+    ds = load_data(cfg, data_cfg)
     float_standard = cfg.model_copy(update={"training": "standard", "quantization": "none"})
     key = victim_key(float_standard, seed, kind="misinformation", data_id=fingerprint(ds))
-    path = _folder(cache_dir) / f"{cfg.dataset}-{cfg.arch}-misinformation-{key}.pt"
+    path = _folder(cache_dir) / f"{_stem(cfg.dataset, cfg.arch)}-misinformation-{key}.pt"
     torch.manual_seed(seed + 1)
     model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
 
@@ -268,6 +318,7 @@ class ModelContext:
 
     def victim_variant(self, **changes) -> Victim:
         """The victim's architecture and data trained another way (``training="outlier_exposure"``), cached."""
+        changes = {"checkpoint": None, **changes}  # a variant of a checkpoint victim is trained on its architecture
         return get_victim(self.victim_config.model_copy(update=changes), self.data_config, self.seed, self.cache_dir)
 
     def misinformation_model(self) -> bytes:
@@ -281,7 +332,7 @@ class ModelContext:
         shapes them): read from the cache, or made by ``make()`` and stored."""
         key = hashlib.sha1(json.dumps({**spec, "seed": self.seed, "version": ZOO_VERSION},
                                       sort_keys=True).encode()).hexdigest()[:16]
-        path = _folder(self.cache_dir) / f"{self.victim.path.stem}-{name}-{key}.pt"
+        path = _folder(self.cache_dir) / f"{Path(self.victim.cache_name).stem}-{name}-{key}.pt"
         with FileLock(str(path) + ".lock"):
             if path.exists():
                 return path.read_bytes()

@@ -33,6 +33,7 @@ class AttackContext:
     seed: Callable[..., int]  # seed(name, *more): a child of the scenario's seed for this attacker
     data_root: str | None = None  # where pools are read (data.root, data.download)
     download: bool = False
+    image_size: int | None = None  # folder: pools are resized to it (data.image_size)
     held_out: set[int] = field(default_factory=set)  # test images queried as seeds: replicas are not evaluated on them
 
 

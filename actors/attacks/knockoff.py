@@ -216,7 +216,7 @@ class KnockoffNets(Attack):
         """One source per actor, each with its own shard of the shuffled pool (the adaptive strategy: its own
         bandit over its own shard)."""
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
-        pool, labels = data.load_pool(v["pool"], ctx.data_root, ctx.download)
+        pool, labels = data.load_pool(v["pool"], ctx.data_root, ctx.download, ctx.image_size)
         budget = sum(ctx.budgets)
         if pool.shape[1:] != ds.x_train.shape[1:]:
             raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} has images of shape {pool.shape[1:]}, but the "
@@ -229,6 +229,9 @@ class KnockoffNets(Attack):
             return [KnockoffRandom(pool, b, seed=ctx.seed("pool"), shard=(i, actors),
                                    replacement=v["sample_with_replacement"], augment=v["augment"])
                     for i, b in enumerate(ctx.budgets)]
+        if v["adaptive.arms"] == "labels" and (labels < 0).any():
+            raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} has unlabeled images, which give the bandit no arms; "
+                              f"expected {ctx.owner}.adaptive.arms=clusters")
         if v["adaptive.arms"] == "clusters":
             if v["adaptive.clusters"] > len(pool):
                 raise ConfigError(f"{ctx.owner}.adaptive.clusters={v['adaptive.clusters']} exceeds the {len(pool)} "

@@ -145,7 +145,7 @@ class Same(StatelessDetector):
         """SAME's MAE and auxiliary model for this victim, trained on its training split (less the calibration
         slice) and cached beside it."""
         v = cls.resolve(params)
-        spec = {"victim": ctx.victim.path.name, "mae": {k: v[k] for k in cls.MAE_KEYS},
+        spec = {"victim": ctx.victim.cache_name, "mae": {k: v[k] for k in cls.MAE_KEYS},
                 **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")}}
 
         def train() -> bytes:

@@ -35,12 +35,15 @@ def __getattr__(name: str):
     return mod if attr is None else getattr(mod, attr)
 
 
-def run(scenario, overrides=None, *, quiet: bool = False):
+def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set=None, train_set=None):
     """Run a scenario (name, path, mapping or ScenarioConfig) with ``key=value`` overrides; returns the
-    :class:`sim.summary.Summary` also written to ``RUN/summary.json``."""
+    :class:`sim.summary.Summary` also written to ``RUN/summary.json``. ``victim``: a live ``torch.nn.Module`` to
+    serve instead of the scenario's (nothing is trained), measured on ``test_set=(x, y)`` (default: the test split
+    of ``victim.dataset``); ``train_set=(x, y)``: the defender's own data for detectors (default: the training
+    split of ``victim.dataset``)."""
     from .engine import run as _run
 
-    return _run(scenario, overrides, quiet=quiet)
+    return _run(scenario, overrides, quiet=quiet, victim=victim, test_set=test_set, train_set=train_set)
 
 
 __all__ = ["run", "load_config", "scenario_names", "ScenarioConfig", "Summary", "read_summary", "detectors",

@@ -481,6 +481,19 @@ class ScenarioConfig(_Strict):
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
         return self
 
+    def components(self) -> list[tuple[str, str]]:
+        """(category, name) of every model, defense, detector and attack the scenario names: what Ray workers run."""
+        from . import defenses
+
+        out = [("model", self.victim.arch)]
+        for att in self.attackers.values():
+            out.append(("attack", att.attack))
+            if att.replica.arch:
+                out.append(("model", att.replica.arch))
+        out += [("defense", n) for spec in self.defense_specs().values() for n in defenses.names_in(spec)]
+        out += [("detector", d.kind) for d in self.enabled_detectors().values()]
+        return list(dict.fromkeys(out))
+
     def victim_arch(self) -> str | None:
         return self.victim.architecture()
 

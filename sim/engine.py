@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from . import alerts, defenses, detection, devices, querylog, storage, zoo
+from . import alerts, defenses, detection, devices, models, querylog, registry, storage, zoo
 from . import config as config_mod
 from .config import ScenarioConfig
 from .errors import ConfigError, Interrupted, RunFailed, SimError
@@ -213,7 +213,7 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
         shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
         state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"), device=device,
-        limits=cfg.serve.limits(), max_body_bytes=cfg.serve.max_body_bytes,
+        limits=cfg.serve.limits(), max_body_bytes=cfg.serve.max_body_bytes, runtime_env=plugin_env(cfg),
     )
     deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus, replica_gpus=replica_gpus,
            max_ongoing_requests=cfg.serve.max_ongoing_requests, max_queued_requests=cfg.serve.max_queued_requests,
@@ -221,10 +221,44 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     return app, port, spec
 
 
-def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | None = None, plan: Plan | None = None,
-        app: str | None = None, on_replica_epoch=None) -> Summary:
+def plugin_env(cfg: ScenarioConfig) -> dict | None:
+    """The Ray runtime environment the scenario's plug-ins need in workers (None: it uses none)."""
+    return registry.runtime_env(cfg.components())
+
+
+@ray.remote(num_cpus=0)
+def _plugins_in_worker(components: list) -> dict:
+    return registry.broken(components)
+
+
+def check_plugins_in_workers(cfg: ScenarioConfig) -> None:
+    """A one-line ConfigError when one of the scenario's plug-ins, which load here, does not load in a Ray worker
+    given :func:`plugin_env` (a module found on this process's path only, say)."""
+    env = plugin_env(cfg)
+    if env is None:
+        return
+    components = [(c, n) for c, n in cfg.components() if not registry.is_builtin(c, n)]
+    try:
+        broken = ray.get(_plugins_in_worker.options(runtime_env=env, scheduling_strategy="DEFAULT")
+                         .remote(components))
+    except ray.exceptions.RuntimeEnvSetupError as exc:
+        raise ConfigError(f"the plug-ins' runtime environment cannot be set up in Ray workers "
+                          f"({str(exc).strip().splitlines()[-1][:300]})") from None
+    if broken:
+        (category, name), why = next(iter(broken.items()))
+        raise ConfigError(f"{category} {name!r} loads here but not in Ray workers: {why}; expected its module "
+                          f"importable there too (install it on every node, or keep it in a folder Ray can ship)")
+
+
+def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set: tuple | None = None,
+        train_set: tuple | None = None, plan: Plan | None = None, app: str | None = None,
+        on_replica_epoch=None) -> Summary:
     """Run a scenario (name, YAML path, mapping or ScenarioConfig) with overrides; returns the summary, also
     written to ``RUN/summary.json``.
+
+    ``victim`` may be a live ``nn.Module`` (nothing trained), measured on ``test_set=(x, y)`` (default: the test
+    split of ``victim.dataset``; images uint8 or float in [0, 1]), with ``train_set=(x, y)`` the defender's own data
+    (default: the training split of ``victim.dataset``), which detectors train and calibrate on.
 
     A sweep shares work between its runs: ``victim`` (the trained victim of this config) and ``plan`` (the
     scenario's :func:`sim.plan.make_plan`, which does not depend on the defense) skip making them again; ``app``
@@ -233,8 +267,13 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim: zoo.Victim | N
     until its first epoch ends)."""
     cfg = config_mod.load(scenario, overrides)
     devices.local(cfg.device)  # device=cuda where there is none: an error before any work
+    if victim is not None and not isinstance(victim, zoo.Victim):  # a live module (the Python API)
+        victim = zoo.live_victim(victim, cfg.victim, cfg.data, test_set, train_set)
     start = time.perf_counter()
     ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
+    for aid in cfg.attackers:  # a replica architecture of the user's that does not fit the data: before any work
+        if cfg.replica_arch(aid) is not None and not registry.is_builtin("model", cfg.replica_arch(aid)):
+            models.build(cfg.replica_arch(aid), ds.input_shape, ds.num_classes)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
@@ -300,6 +339,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
 
         try:
             progress["phase"] = "deploying the victim"
+            check_plugins_in_workers(cfg)
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
             app, port, spec = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
@@ -308,7 +348,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
             timings["serve_seconds"] = round(time.perf_counter() - t0, 2)
             board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()  # progress of everything below
             try:
-                transfers, died = _query(plan, app, nodes, board, quiet, run_id)
+                transfers, died = _query(plan, app, nodes, board, quiet, run_id, plugin_env(cfg))
             finally:  # the victim is not needed while replicas train: its CPUs go to them
                 tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
@@ -347,7 +387,8 @@ def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:
         return querylog.read(log_dir, columns=["seq"]).num_rows
 
 
-def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: str) -> tuple[dict, dict]:
+def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: str,
+           env: dict | None = None) -> tuple[dict, dict]:
     """All clients query the victim at once; each client's report lands in its plan entry. Returns each client's
     transfer set as an object reference (actor id -> ref, left in the object store), and the clients whose actor
     died (actor id -> why): the run goes on without them (see :func:`_rebuild_from_log`)."""
@@ -357,7 +398,7 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: s
     from actors.remote import ClientActor
 
     actors = [  # clients dealt round-robin over the nodes that were alive at the start; named for Ray's tools
-        ClientActor.options(name=f"{run_id}:{c.actor_id}",
+        ClientActor.options(name=f"{run_id}:{c.actor_id}", **({"runtime_env": env} if env else {}),
                             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
         .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app, board, c.seed,
                 **(c.strategy or {}))
@@ -437,6 +478,9 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     device = devices.resolve(cfg.device, gpus)
     jobs = sum(1 + (log is not None) for _ in cfg.attackers)
     task_gpus = {"num_gpus": min(1.0, gpus / max(jobs, 1))} if device == "cuda" else {}
+    env = plugin_env(cfg)
+    if env:
+        task_gpus["runtime_env"] = env
     refs, order, epochs = [], [], 0
     for aid, att in cfg.attackers.items():
         clients = plan.of(attacker=aid)

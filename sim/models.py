@@ -91,7 +91,12 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
     check_name("arch", name)
     factory = registry.get("model", name)
     if not registry.is_builtin("model", name):  # the user's own: checked once it is made
-        model = factory(tuple(input_shape), num_classes)
+        try:
+            model = factory(tuple(input_shape), num_classes)
+        except Exception as exc:  # noqa: BLE001 - the user's factory: whatever it raises, one line
+            raise ConfigError(f"arch {name!r} called with input shape {tuple(input_shape)} and {num_classes} classes "
+                              f"failed: {type(exc).__name__}: {exc}; expected a factory (input_shape, num_classes) "
+                              f"-> nn.Module") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"arch {name!r} returned {type(model).__name__}; expected a torch.nn.Module")
         check_output(model, input_shape, num_classes, f"arch {name!r}")
@@ -210,15 +215,17 @@ def to_bytes(model: nn.Module, arch: str | None, input_shape: tuple[int, int, in
 
 def from_bytes(blob: bytes, architecture_only: bool = False) -> nn.Module | None:
     """The model :func:`to_bytes` saved, in eval mode; ``architecture_only``: a fresh float model of its
-    architecture instead (untrained: what a component that only needs the architecture gets; None when the blob
-    names no architecture)."""
+    architecture instead (untrained: what a component that only needs the architecture gets; a live module's own
+    copy, whose weights such a component resets; None for a TorchScript model without ``arch``)."""
     from . import quantize
 
     with quantize.quiet():
         d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     shape, k = tuple(d["input_shape"]), d["num_classes"]
-    if architecture_only:
-        return None if d["arch"] is None else build(d["arch"], shape, k).eval()
+    if architecture_only and d["arch"] is not None:
+        return build(d["arch"], shape, k).eval()
+    if architecture_only and "pickled" not in d:
+        return None
     if "torchscript" in d:
         model = torch.jit.load(io.BytesIO(d["torchscript"]), map_location="cpu")
     elif "pickled" in d:

@@ -162,29 +162,44 @@ def plugins(category: str | None = None) -> dict[str, dict[str, str]] | dict[str
     return dict(_plugins[category]) if category else {c: dict(p) for c, p in _plugins.items() if p}
 
 
+def broken(components) -> dict[tuple[str, str], str]:
+    """(category, name) -> why, for the ``components`` that do not load in this process (a Ray worker's check)."""
+    out = {}
+    for category, name in components:
+        try:
+            check_name(category, category, name)
+        except ConfigError as exc:
+            out[(category, name)] = str(exc)
+    return out
+
+
 def is_builtin(category: str, name: str) -> bool:
     return name in entries(category) and name not in _plugins[category]
 
 
-def runtime_env() -> dict | None:
-    """What a Ray worker needs to find this process's plug-ins (None without any): their names in
-    :data:`PLUGINS_ENV`, and in ``py_modules`` the code of each plug-in's top-level module that is not installed
-    (Ray ships it to every node)."""
-    used = plugins()
+def runtime_env(components) -> dict | None:
+    """What a Ray worker needs to find the plug-ins among ``components`` ((category, name) pairs; None when there are
+    none): their names in :data:`PLUGINS_ENV`, and on ``PYTHONPATH`` the folder each one's top-level module was
+    found in, unless it is installed (site-packages). The folders must exist where the workers run: this machine,
+    or every node of a cluster that shares them; elsewhere, install the plug-ins' package on every node."""
+    used: dict[str, dict[str, str]] = {}
+    for category, name in components:
+        if name in _plugins[category]:
+            used.setdefault(category, {})[name] = _plugins[category][name]
     if not used:
         return None
     installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
-    ship = set()
+    folders = []
     for targets in used.values():
         for target in targets.values():
             top = importlib.import_module(target.partition(":")[0].split(".")[0])
             path = os.path.realpath(top.__path__[0] if hasattr(top, "__path__") else top.__file__)
             if not any(path.startswith(root + os.sep) for root in installed):
-                ship.add(path)
-    env: dict[str, Any] = {"env_vars": {PLUGINS_ENV: json.dumps(used, sort_keys=True)}}
-    if ship:
-        env["py_modules"] = sorted(ship)
-    return env
+                folders.append(os.path.dirname(path))
+    env = {PLUGINS_ENV: json.dumps(used, sort_keys=True)}
+    if folders:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*folders, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return {"env_vars": env}
 
 
 def entries(category: str) -> dict[str, Any]:

@@ -59,6 +59,7 @@ class VictimSpec:
     max_body_bytes: int | None = None  # largest HTTP body (None: room for max_images images as JSON floats)
     # keys added and revoked on the running app (update_keys): {"added": {hash: account fields}, "revoked": [hash]}
     key_changes: dict = dataclasses.field(default_factory=lambda: {"added": {}, "revoked": []})
+    runtime_env: dict | None = None  # what replicas and shards need to import the scenario's plug-ins (registry)
 
     def __post_init__(self):
         self.accounts = hashed(self.accounts)
@@ -258,7 +259,8 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     dep = VictimDeployment.options(
         name="victim", **size, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": QUEUE_RETRY_AFTER_S},
-        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus,
+                           **({"runtime_env": spec.runtime_env} if spec.runtime_env else {})},
         user_config={"defense": spec.defense, "keys": spec.key_changes},
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for
         # them up to graceful_shutdown_timeout_s; deleting an app whose clients are done takes 1 s instead of 3

@@ -161,7 +161,8 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
     defended = dict(out.defended)
     return S.Summary(
         run_id=out.run_id, scenario=cfg.name, run_dir=cfg.run_dir, seed=cfg.seed,
-        victim=S.Victim(name=cfg.victim.name, dataset=cfg.victim.dataset, arch=cfg.victim.arch,
+        victim=S.Victim(name=cfg.victim.name, dataset=v.dataset.name, arch=v.arch or f"({v.source} model)",
+                        source=v.source,
                         test_accuracy=round(v.test_accuracy, 4), trained_now=v.trained_now,
                         train_seconds=round(v.train_seconds, 1), training=v.training, dp_epsilon=v.dp_epsilon,
                         dp=cfg.victim.dp.model_dump() if v.training == "dp_sgd" else None, checkpoint=str(v.path),

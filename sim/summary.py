@@ -32,6 +32,7 @@ class Victim(_Part):
     dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent at dp.delta
     dp: dict[str, Any] | None = None
     checkpoint: str
+    source: str = "zoo"  # zoo (trained here, cached), checkpoint (victim.checkpoint), python (sim.run(victim=…))
     defended_test_accuracy: float  # what honest users get on the test set, through the defense
     adversarial: dict[str, Any] | None = None  # adversarially trained victims: the PGD settings
     robust_accuracy: float | None = None  # accuracy under PGD (robustness section), on its first `samples` images
@@ -331,7 +332,7 @@ def format_summary(s: Summary) -> str:
     lines = [
         f"run {s.run_id}  ->  {s.run_dir}",
         f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"
-        f"{' (trained now)' if v.trained_now else ' (cached)'}",
+        f"{' (trained now)' if v.trained_now else ' (cached)' if v.source == 'zoo' else f' (given: {v.checkpoint})'}",
         f"defense {d.name}{f' ({params})' if params else ''}: defended test accuracy "
         f"{v.defended_test_accuracy:.4f}, test L1 {d.test_l1_mean:.3f}, top-1 kept {d.test_top1_preserved_rate:.3f}",
         f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed), {q.challenged} "

@@ -241,7 +241,8 @@ def start(spec, app: str) -> list:
     if not needs_tier(spec) or app in _HELD:  # none needed, or running already (a live update of its app)
         return []
     directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
-    opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None}
+    opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None,
+            **({"runtime_env": spec.runtime_env} if spec.runtime_env else {})}
     spec = _tier_spec(spec)
     linkers = [LinkerActor.options(name=linker_name(app, name), **opts).remote(
         app, name, spec, os.path.join(directory, f"link-{name}")) for name in _links(spec)]

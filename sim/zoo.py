@@ -41,7 +41,8 @@ class Victim:
     twin: nn.Module | None = None  # quantized victims: the fake-quantized float twin (differentiable)
     float_model: nn.Module | None = None  # quantized victims: the float victim they were made from
     float_test_accuracy: float | None = None
-    checkpoint_digest: str | None = None  # a victim.checkpoint's: what its cached companions are keyed by
+    checkpoint_digest: str | None = None  # a given model's: what its cached companions are keyed by
+    source: str = "zoo"  # zoo (trained here), checkpoint (victim.checkpoint), python (a live module: sim.run)
 
     @property
     def cache_name(self) -> str:
@@ -223,7 +224,34 @@ def _checkpoint_victim(cfg: VictimConfig, ds: data.Dataset) -> Victim:
     digest = hashlib.sha1(path.read_bytes() + json.dumps(cfg.preprocess and cfg.preprocess.model_dump()).encode()
                           + fingerprint(ds).encode()).hexdigest()[:16]
     acc = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
-    return Victim(model, arch, ds, acc, path, False, 0.0, checkpoint_digest=digest)
+    return Victim(model, arch, ds, acc, path, False, 0.0, checkpoint_digest=digest, source="checkpoint")
+
+
+def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
+                test_set: tuple | None = None, train_set: tuple | None = None) -> Victim:
+    """A live module as the victim (the Python API's ``sim.run(config, victim=module, test_set=(x, y))``): its
+    accuracy measured on ``test_set`` (else the test split of ``victim.dataset``); ``train_set`` (else the training
+    split of ``victim.dataset``) is the defender's own data, which detectors train and calibrate on."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"victim={type(model).__name__}; expected a torch.nn.Module")
+    base = load_data(cfg, data_cfg) if test_set is None or train_set is None else None
+    arrays = {"x_train": base.x_train if train_set is None else train_set[0],
+              "y_train": base.y_train if train_set is None else train_set[1],
+              "x_test": base.x_test if test_set is None else test_set[0],
+              "y_test": base.y_test if test_set is None else test_set[1]}
+    ds = data.from_arrays("python", arrays)
+    model = model.cpu().eval()
+    with torch.no_grad():
+        classes = model(torch.zeros(2, *ds.input_shape)).shape[-1]
+    if ds.num_classes > classes:
+        raise ConfigError(f"test_set has label {ds.num_classes - 1} but the victim answers {classes} classes; "
+                          f"expected labels below {classes}")
+    ds = data.Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test, ds.y_test, int(classes))
+    model = _preprocessed(model, cfg)
+    digest = hashlib.sha1(models.to_bytes(model, None, ds.input_shape, ds.num_classes)
+                          + fingerprint(ds).encode()).hexdigest()[:16]
+    acc = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
+    return Victim(model, None, ds, acc, Path("python"), False, 0.0, checkpoint_digest=digest, source="python")
 
 
 def _adversary(cfg: VictimConfig, seed: int):

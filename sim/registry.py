@@ -85,11 +85,11 @@ def _discover(category: str) -> list[str]:
         for name in found[1:]:
             importlib.import_module(name)
         _modules[category] = found
-        _load_installed(category)
+        load_installed(category)
     return _modules[category]
 
 
-def _load_installed(category: str) -> None:
+def load_installed(category: str) -> None:
     """Register the plug-ins of ``category`` that installed distributions declare as entry points, and those this
     process was handed in :data:`PLUGINS_ENV` (a Ray worker of a run that uses them). One that does not load is
     remembered with the reason, which naming it reports."""
@@ -157,8 +157,22 @@ def check_interface(category: str, obj: Any, where: str) -> None:
             raise ConfigError(f"{where} declares parameter {key!r} as {p!r}; expected a sim.registry.Param")
 
 
+def forget_plugins() -> None:
+    """Drop every plug-in from the registry (and what failed to load), so that the next lookup loads the installed
+    ones afresh: for a process whose path has changed (tests)."""
+    for category in CATEGORIES:
+        for name in _plugins[category]:
+            _entries[category].pop(name, None)
+        _plugins[category].clear()
+        _broken[category].clear()
+        if category in _modules:
+            load_installed(category)
+
+
 def plugins(category: str | None = None) -> dict[str, dict[str, str]] | dict[str, str]:
     """The plug-ins registered in this process: name -> "module:attr" (of one category, or category -> that)."""
+    for c in [category] if category else CATEGORIES:
+        _discover(c)
     return dict(_plugins[category]) if category else {c: dict(p) for c, p in _plugins.items() if p}
 
 

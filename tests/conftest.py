@@ -1,3 +1,34 @@
 import os
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+import importlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "mypkg"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The worked-example plug-in package (docs/examples/mypkg) installed with pip into a temporary target put on the
+    path, never into the shared environment: its entry points register tiny, blobs, smooth, burst and noisy. Gone
+    again afterwards."""
+    from sim import data, registry
+
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    registry.forget_plugins()
+    yield target
+    sys.path.remove(str(target))
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+        del sys.modules[name]
+    registry.forget_plugins()
+    data.load.cache_clear()

@@ -1,0 +1,1 @@
+"""Worked examples of the simulator's plug-ins: one per kind (docs/own-components.md)."""

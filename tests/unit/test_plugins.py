@@ -1,0 +1,326 @@
+"""The user's own components: plug-ins by module:attr and by entry point, datasets from npz files and image folders,
+victims from checkpoints, TorchScript files and live modules (docs/own-components.md)."""
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sim import ConfigError, DataError, data, models, registry
+from sim.cli import main
+from sim.config import load
+
+
+@pytest.fixture()
+def on_path(tmp_path, monkeypatch):
+    """A folder on the path for modules a test writes."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    return tmp_path
+
+
+def test_entry_points_register_every_kind_and_help_lists_them_as_plug_ins(installed, capsys):
+    assert registry.plugins("defense")["smooth"] == "mypkg.defenses:Smooth"
+    for category, name in (("model", "tiny"), ("dataset", "blobs"), ("detector", "burst"), ("attack", "noisy")):
+        assert name in registry.names(category)
+        assert not registry.is_builtin(category, name)
+    cfg = load("single_knockoff", ["defense=smooth", "defense.strength=0.3", "detectors.mine.kind=burst",
+                                   "detectors.mine.limit=50", "attackers.single.attack=noisy",
+                                   "attackers.single.noisy.noise=0.25", "attackers.single.pool=blobs"])
+    assert cfg.defense.spec() == {"name": "smooth", "strength": 0.3}
+    assert cfg.detectors["mine"].params() == {"limit": 50}
+    assert cfg.attackers["single"].params() == {"pool": "blobs", "noisy.noise": 0.25}
+    assert main(["help"]) == 0
+    out = capsys.readouterr().out
+    assert "[plug-in: mypkg.defenses:Smooth]" in out and "tiny [plug-in: mypkg.models:make_net]" in out
+    # the generated reference lists the package's own components only
+    from sim.reference import markdown
+
+    assert "smooth" not in markdown()
+
+
+def test_plug_ins_by_module_attr_build_and_run_like_built_ins(installed):
+    net = models.build("mypkg.models:make_net", (3, 20, 24), 7)  # not square: a plug-in gets the whole shape
+    assert net(torch.zeros(4, 3, 20, 24)).shape == (4, 7)
+    from sim import defenses
+
+    smooth = defenses.build("mypkg.defenses:Smooth", strength=0.5)
+    out = smooth(np.array([[1.0, 0.0]]))
+    assert np.allclose(out, [[0.75, 0.25]])
+    ds = data.load("mypkg.data:blobs")
+    assert ds.x_train.dtype == np.uint8 and ds.x_train.shape == (1000, 1, 28, 28) and ds.num_classes == 10
+
+
+BAD_MODULE = '''
+from sim.defenses import Defense, Param
+from sim.detectors import Detector
+
+
+class NoPerturb(Defense):
+    params = {"a": Param(1.0)}
+
+
+class RawParams(Defense):
+    params = {"a": 1.0}
+
+    def _perturb(self, y, inputs):
+        return y
+
+
+def not_a_model(input_shape, num_classes):
+    return "model"
+
+
+def wrong_output(input_shape, num_classes):
+    import torch.nn as nn
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
+
+
+VALUE = 3
+'''
+
+
+@pytest.mark.parametrize("args, message", [
+    (["defense=nowhere.mod:X"], "defense.name='nowhere.mod:X': no module named 'nowhere' on this Python's path"),
+    (["defense=badplug:Missing"], "defense.name='badplug:Missing': 'badplug' has no attribute 'Missing'"),
+    (["defense=badplug:VALUE"], "defense.name='badplug:VALUE' is 3; expected a subclass of sim.defenses.Defense"),
+    (["detectors.x.kind=badplug:RawParams"], "detectors.x.kind='badplug:RawParams' is <class 'badplug.RawParams'>; "
+                                             "expected a subclass of sim.detectors.Detector"),
+    (["defense=badplug:NoPerturb"], "defense.name='badplug:NoPerturb' does not implement _perturb"),
+    (["defense=badplug:RawParams"], "defense.name='badplug:RawParams' declares parameter 'a' as 1.0; expected a "
+                                    "sim.registry.Param"),
+    (["defense=badplug:NoPerturb", "defense.b=2"], None),  # the missing method is found first
+    (["victim.arch=badplug:VALUE"], "victim.arch='badplug:VALUE' is int 3; expected a callable (input_shape, "
+                                    "num_classes) -> nn.Module"),
+    (["victim.dataset=npz:/no/such.npz"], "victim.dataset='npz:/no/such.npz': no such file '/no/such.npz'"),
+    (["victim.dataset=folder:/no/such"], "victim.dataset='folder:/no/such': no such folder"),
+])
+def test_each_plug_in_mistake_is_one_line_and_exit_status_2(on_path, capsys, args, message):
+    (on_path / "badplug.py").write_text(BAD_MODULE)
+    assert main(["scenario=single_knockoff", f"run_dir={on_path / 'run'}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ")
+    assert message is None or message in err, err
+
+
+def test_a_plug_in_attacks_unknown_parameter_names_the_known_ones(installed):
+    with pytest.raises(ConfigError, match=r"unknown key 'attackers.single.noisy.nois'; known keys here: .*, pool, "
+                                          r"noisy.noise"):
+        load("single_knockoff", ["attackers.single.attack=noisy", "attackers.single.noisy.nois=1"])
+    with pytest.raises(ConfigError, match=r"attackers.single.noisy.noise must be a number in \[0, 1\], got 2"):
+        load("single_knockoff", ["attackers.single.attack=noisy", "attackers.single.noisy.noise=2"])
+
+
+def test_a_model_factory_that_fails_or_returns_the_wrong_thing_is_one_line(on_path):
+    (on_path / "badplug.py").write_text(BAD_MODULE)
+    with pytest.raises(ConfigError, match="arch 'badplug:not_a_model' returned str; expected a torch.nn.Module"):
+        models.build("badplug:not_a_model", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match=r"maps 2 images of shape \(1, 28, 28\) to \(2, 11\); expected \(2, 10\)"):
+        models.build("badplug:wrong_output", (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="called with input shape .* failed: TypeError"):
+        models.build("badplug:VALUE.bit_length", (1, 28, 28), 10)
+
+
+def test_an_entry_point_that_does_not_load_is_reported_when_named(tmp_path, monkeypatch):
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mlsim.defenses]\nghost = ghostpkg.defenses:Ghost\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.forget_plugins()
+    try:
+        with pytest.raises(ConfigError, match="defense.name='ghost' did not load: entry point 'ghost' of group "
+                                              "mlsim.defenses='ghostpkg.defenses:Ghost': no module named 'ghostpkg'"):
+            load("single_knockoff", ["defense=ghost"])
+        assert "ghost" not in registry.names("defense")  # the others work on
+    finally:
+        monkeypatch.undo()
+        registry.forget_plugins()
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+def _arrays(n_train=40, n_test=10, shape=(28, 28, 1), classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x_train": rng.random((n_train, *shape), dtype=np.float32),
+            "y_train": rng.integers(0, classes, n_train), "x_test": rng.random((n_test, *shape), dtype=np.float32),
+            "y_test": rng.integers(0, classes, n_test)}
+
+
+def test_npz_datasets_take_float_channels_last_and_uint8_channels_first(tmp_path):
+    a = _arrays(shape=(12, 12, 3))
+    np.savez(tmp_path / "rgb.npz", **a)
+    ds = data.load(f"npz:{tmp_path / 'rgb.npz'}")
+    assert ds.x_train.shape == (40, 3, 12, 12) and ds.x_train.dtype == np.uint8
+    assert np.array_equal(ds.x_test, np.rint(a["x_test"].transpose(0, 3, 1, 2) * 255).astype(np.uint8))
+    assert ds.num_classes == int(max(a["y_train"].max(), a["y_test"].max())) + 1
+    u8 = {k: (np.rint(v * 255).astype(np.uint8).transpose(0, 3, 1, 2) if k[0] == "x" else v) for k, v in a.items()}
+    np.savez(tmp_path / "u8.npz", **u8)
+    assert np.array_equal(data.load(f"npz:{tmp_path / 'u8.npz'}").x_test, ds.x_test)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.pop("y_test"), "lacks y_test; expected arrays x_train, y_train, x_test, y_test"),
+    (lambda a: a.update(y_train=a["y_train"][:-1]), "y_train has shape (39,); expected (40,), a label per image"),
+    (lambda a: a.update(y_test=a["y_test"] - 9), "y_test holds int64 labels from -9"),
+    (lambda a: a.update(x_test=a["x_test"] * 3), "x_test has values in [0.000"),
+    (lambda a: a.update(x_test=a["x_test"][:, :20]), "x_train has images of shape (1, 28, 28), x_test (1, 20, 28)"),
+    (lambda a: a.update(y_train=a["y_train"] + 0.5), "y_train holds float64 labels"),
+])
+def test_bad_npz_arrays_are_one_line_data_errors(tmp_path, change, message):
+    a = _arrays()
+    change(a)
+    np.savez(tmp_path / "bad.npz", **a)
+    with pytest.raises(DataError) as exc:
+        data.load(f"npz:{tmp_path / 'bad.npz'}")
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _png(path: Path, value: int, size=(10, 10), mode="L"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, 0, 0)).save(path)
+
+
+def test_class_folders_split_seeded_and_train_test_folders_kept(tmp_path):
+    for c, value in (("cat", 40), ("dog", 200)):
+        for i in range(10):
+            _png(tmp_path / "flat" / c / f"{i}.png", value)
+            _png(tmp_path / "split" / ("train" if i < 7 else "test") / c / f"{i}.png", value)
+    ds = data.load(f"folder:{tmp_path / 'flat'}")
+    assert (len(ds.x_train), len(ds.x_test), ds.num_classes, ds.input_shape) == (16, 4, 2, (1, 10, 10))
+    assert sorted(np.bincount(ds.y_test)) == [2, 2]  # stratified
+    assert all(img.max() == (40 if y == 0 else 200) for img, y in zip(ds.x_train, ds.y_train))  # labels follow folders
+    again = data._folder(f"folder:{tmp_path / 'flat'}", None)
+    assert np.array_equal(again.y_test, ds.y_test)  # the split is seeded
+    ds = data.load(f"folder:{tmp_path / 'split'}", image_size=6)
+    assert (len(ds.x_train), len(ds.x_test), ds.input_shape) == (14, 6, (1, 6, 6))
+
+
+def test_folder_sizes_colour_and_unlabeled_pools(tmp_path):
+    _png(tmp_path / "mixed" / "a" / "0.png", 10, size=(8, 8))
+    _png(tmp_path / "mixed" / "a" / "1.png", 10, size=(9, 8))
+    _png(tmp_path / "mixed" / "b" / "0.png", 10, size=(8, 8), mode="RGB")
+    with pytest.raises(DataError, match=r"has images of 2 sizes \(8x8, 9x8, …\); expected one size, or "
+                                        r"data.image_size=N"):
+        data.load(f"folder:{tmp_path / 'mixed'}")
+    ds = data.load(f"folder:{tmp_path / 'mixed'}", image_size=8)
+    assert ds.input_shape == (3, 8, 8)  # one colour image: all are read as RGB
+    for i in range(5):
+        _png(tmp_path / "pool" / f"{i}.png", 30 * i)
+    x, y = data.load_pool(f"folder:{tmp_path / 'pool'}+folder:{tmp_path / 'pool'}")
+    assert x.shape == (10, 1, 10, 10) and (y == -1).all()
+    with pytest.raises(DataError, match="has no class folders; expected PATH/CLASS/IMAGE"):
+        data.load(f"folder:{tmp_path / 'pool'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Victims the user brings
+
+def _trained_net(seed=0):
+    """A small net trained for a few steps on mnist5k (better than chance, not perfect)."""
+    from mypkg.models import make_net
+
+    ds = data.load("mnist5k")
+    torch.manual_seed(seed)
+    net = make_net(ds.input_shape, 10)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    x, y = torch.tensor(ds.x_train[:2000], dtype=torch.float32) / 255, torch.tensor(ds.y_train[:2000])
+    for i in range(0, 2000, 32):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[i:i + 32]), y[i:i + 32]).backward()
+        opt.step()
+    return net.eval(), ds
+
+
+def _own_accuracy(net, ds, prep=lambda x: x) -> float:
+    with torch.no_grad():
+        pred = net(prep(torch.tensor(ds.x_test, dtype=torch.float32) / 255)).argmax(1).numpy()
+    return float((pred == ds.y_test).mean())
+
+
+def test_a_checkpoint_victim_reports_the_accuracy_the_test_computes(installed, tmp_path):
+    from sim.zoo import get_victim
+
+    net, ds = _trained_net()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    cfg = load("single_knockoff", ["victim.arch=tiny", f"victim.checkpoint={tmp_path / 'net.pt'}",
+                                   f"cache_dir={tmp_path}"])
+    victim = get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    assert victim.test_accuracy == _own_accuracy(net, ds) > 0.3
+    assert (victim.source, victim.trained_now, victim.arch) == ("checkpoint", False, "tiny")
+    again = models.from_bytes(victim.to_bytes())  # what a Serve replica rebuilds
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(again(x), net(x))
+
+
+def test_preprocess_is_applied_inside_the_served_model(installed, tmp_path):
+    from sim.zoo import get_victim
+
+    net, ds = _trained_net()
+    mean, std = 0.1307, 0.3081
+    # a model that expects normalised inputs: undo the normalisation in front of the trained net
+    class Expects(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            return self.net(z * std + mean)
+
+    traced = torch.jit.trace(Expects().eval(), torch.zeros(1, 1, 28, 28))
+    torch.jit.save(traced, tmp_path / "net.ts")
+    cfg = load(NO_ARCH, [f"victim.checkpoint={tmp_path / 'net.ts'}", f"victim.preprocess.mean=[{mean}]",
+                         f"victim.preprocess.std=[{std}]", "attackers.single.replica.arch=tiny"])
+    victim = get_victim(cfg.victim, cfg.data, cfg.seed, str(tmp_path))
+    assert victim.arch is None and victim.test_accuracy == _own_accuracy(net, ds)
+    served = models.from_bytes(victim.to_bytes())
+    assert isinstance(served, models.Preprocessed) and models.from_bytes(victim.to_bytes(), True) is None
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.allclose(served(x), net(x), atol=1e-5)
+
+
+NO_ARCH = {"attackers": {"single": {"attack": "knockoff"}}}  # a scenario that does not set victim.arch
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "attackers.single.replica.arch is needed: victim.checkpoint="),
+    (["victim.training=dp_sgd"], "victim.training=dp_sgd trains the victim, but victim.checkpoint="),
+    (["victim.quantization=ptq"], "victim.quantization=ptq trains the victim"),
+    (["defense=adaptive_misinformation"], "defense adaptive_misinformation needs a victim trained with "
+                                          "victim.training=outlier_exposure"),
+    (["attackers.single.replica.arch=lenet", "defense=mad"], "defense mad needs the victim's architecture, which "
+                                                             "victim.checkpoint="),
+])
+def test_what_a_torchscript_checkpoint_cannot_do_is_refused_in_one_line(tmp_path, args, message):
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(784, 10))), tmp_path / "m.ts")
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        load(NO_ARCH, [f"victim.checkpoint={tmp_path / 'm.ts'}", *args])
+    # victim.arch, when set, is what replicas and MAD's surrogate take
+    cfg = load(NO_ARCH, [f"victim.checkpoint={tmp_path / 'm.ts'}", "victim.arch=conv3", "defense=mad"])
+    assert cfg.replica_arch("single") == "conv3"
+
+
+def test_a_state_dict_that_does_not_fit_the_architecture_is_one_line(tmp_path):
+    from sim.zoo import get_victim
+
+    torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "bad.pt")
+    cfg = load("single_knockoff", [f"victim.checkpoint={tmp_path / 'bad.pt'}"])
+    with pytest.raises(ConfigError, match=r"victim.checkpoint='.*bad.pt' does not fit victim.arch='lenet': "
+                                          r"Error\(s\) in loading state_dict"):
+        get_victim(cfg.victim, cfg.data, cfg.seed, str(tmp_path))
+
+
+def test_a_live_module_travels_pickled_and_keeps_its_weights():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    blob = models.to_bytes(models.Preprocessed(net, [0.5], [0.25]), None, (1, 28, 28), 10)
+    back = models.from_bytes(blob)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(back(x), net((x - 0.5) / 0.25))
+    assert models.from_bytes(blob, architecture_only=True) is not None  # MAD resets its weights itself

@@ -33,23 +33,36 @@ class ClientActor:
     """A :class:`actors.client.Client` whose transport is the Serve app ``app_name``'s DeploymentHandle."""
 
     def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int, batch_size: int,
-                 app_name: str, progress=None, seed: int = 0, **strategy):
-        from ray import serve
-
+                 app_name: str | None, progress=None, seed: int = 0, remote: dict | None = None, **strategy):
         if "torch" in sys.modules:  # a source that computes with torch shares the cores with everyone
             sys.modules["torch"].set_num_threads(1)
-        handle = serve.get_deployment_handle("victim", app_name)
+        if remote is not None:  # a victim this tool does not serve (sim.remote): HTTP or the user's adapter
+            from sim.remote import RemoteVictim, load_adapter
+
+            adapter = remote.pop("client", None)
+            self.remote = RemoteVictim(**remote, writer_id=actor_id.replace(":", "-"),
+                                       adapter=adapter and load_adapter(adapter))
+            query, solve = self.remote.query, self.remote.solve
+        else:
+            from ray import serve
+
+            handle = serve.get_deployment_handle("victim", app_name)
+            query = lambda key, x, actor: _patiently(lambda: handle.query.remote(key, x, actor).result())  # noqa: E731
+            solve = lambda *args: _patiently(lambda: handle.solve.remote(*args).result())  # noqa: E731
+            self.remote = None
         self.client = Client(
-            actor_id, source, keys, split, budget, batch_size, seed=seed, **strategy,
-            query=lambda key, x, actor: _patiently(lambda: handle.query.remote(key, x, actor).result()),
-            solve=lambda *args: _patiently(lambda: handle.solve.remote(*args).result()),
+            actor_id, source, keys, split, budget, batch_size, seed=seed, **strategy, query=query, solve=solve,
             on_progress=None if progress is None else (lambda done: progress.update.remote(f"query:{actor_id}", done)))
 
     @ray.method(num_returns=2)
     def run(self) -> tuple[dict, tuple | None]:
         """Spend the budget; returns (the report, the transfer set): two objects, so that the transfer set can
         go to replica training without passing through the driver."""
-        report = self.client.run()
+        try:
+            report = self.client.run()
+        finally:
+            if self.remote is not None:
+                self.remote.close()
         report["node_id"] = ray.get_runtime_context().get_node_id()
         return report, self.client.source.transfer_set()
 

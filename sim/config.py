@@ -93,6 +93,19 @@ class VictimConfig(_Strict):
                                                                   "(victim.preprocess.mean/std), applied inside the "
                                                                   "served model: the API still takes images in [0, 1]")
 
+    url: str | None = Field(None, description="attack a victim this tool does not serve: an HTTP endpoint speaking "
+                                              "the project's JSON protocol (docs/serving.md); nothing is trained, "
+                                              "served or detected here")
+    key_file: str | None = Field(None, description="the remote victim's API keys, as serve mode writes them "
+                                                   "(keys.json): one per account of the scenario, then one for "
+                                                   "evaluation")
+    client: str | None = Field(None, description="module:callable mapping uint8 images (N, C, H, W) to probability "
+                                                 "vectors (N, K): an adapter to any other remote API")
+
+    def remote(self) -> bool:
+        """Whether the victim is one this tool does not serve (``url`` or ``client``)."""
+        return self.url is not None or self.client is not None
+
     def torchscript(self) -> bool:
         """Whether the victim is a TorchScript checkpoint (no architecture of its own)."""
         from .models import is_torchscript
@@ -457,6 +470,7 @@ class ScenarioConfig(_Strict):
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         self._checkpoint_is_usable()
+        self._remote_is_usable()
         if self.victim.training == "dp_sgd" and models.has_batch_norm(self.victim.arch):
             raise ValueError(f"victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, "
                              f"but victim.arch={self.victim.arch!r} has batch norm; expected an architecture "
@@ -496,6 +510,36 @@ class ScenarioConfig(_Strict):
 
     def victim_arch(self) -> str | None:
         return self.victim.architecture()
+
+    def _remote_is_usable(self) -> None:
+        """With ``victim.url`` or ``victim.client``: one of them, a readable key file, nothing to train or defend."""
+        from . import defenses, registry
+
+        v = self.victim
+        if v.url is not None and v.client is not None:
+            raise ConfigError(f"victim.url={v.url!r} and victim.client={v.client!r} both name the remote victim; "
+                              f"expected one of them")
+        if v.url is not None and not v.url.startswith(("http://", "https://")):
+            raise ConfigError(f"victim.url={v.url!r} must be an http:// or https:// URL")
+        if v.client is not None:
+            registry.load("client", v.client, "victim.client")
+        if v.key_file is not None:
+            if not v.remote():
+                raise ConfigError(f"victim.key_file={v.key_file!r} is for a remote victim; expected victim.url too")
+            from .cli import load_keys
+
+            try:
+                load_keys(os.path.expanduser(v.key_file))
+            except ValueError as exc:
+                raise ConfigError(str(exc).replace("serve.keys=", "victim.key_file=")) from None
+        if not v.remote():
+            return
+        if v.checkpoint is not None:
+            raise ConfigError(f"victim.checkpoint={v.checkpoint!r} and a remote victim ({v.url or v.client}) both "
+                              f"name the victim; expected one of them")
+        if not defenses.is_identity(self.defense.spec()):
+            raise ConfigError(f"defense={self.defense.name!r}: a remote victim answers through its own defense, "
+                              f"which this tool cannot add to; expected defense=identity")
 
     def _checkpoint_is_usable(self) -> None:
         """With ``victim.checkpoint``: nothing that trains the victim, and an architecture for whatever needs one."""

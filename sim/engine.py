@@ -223,7 +223,7 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
 
 def plugin_env(cfg: ScenarioConfig) -> dict | None:
     """The Ray runtime environment the scenario's plug-ins need in workers (None: it uses none)."""
-    return registry.runtime_env(cfg.components())
+    return registry.runtime_env(cfg.components(), [cfg.victim.client] if cfg.victim.client else [])
 
 
 @ray.remote(num_cpus=0)
@@ -238,6 +238,8 @@ def check_plugins_in_workers(cfg: ScenarioConfig) -> None:
     if env is None:
         return
     components = [(c, n) for c, n in cfg.components() if not registry.is_builtin(c, n)]
+    if not components:
+        return
     try:
         broken = ray.get(_plugins_in_worker.options(runtime_env=env, scheduling_strategy="DEFAULT")
                          .remote(components))
@@ -280,6 +282,8 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     progress = {"phase": "victim training", "logged": 0}
     try:
         with _second_interrupt_exits(log_dir):
+            if cfg.victim.remote():
+                return _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch)
             return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
     except KeyboardInterrupt:  # the log is compacted already (the query phase's own cleanup); say where it stopped
         write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
@@ -375,6 +379,107 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
     return summary
 
 
+def _remote_keys(cfg: ScenarioConfig, plan: Plan) -> str:
+    """Give the plan's accounts the remote victim's keys (``victim.key_file``, in file order: one per account, then
+    one for evaluation), in place; returns the evaluation account's key. Without a key file the plan's own keys are
+    sent (an API that needs none ignores them)."""
+    from .cli import load_keys
+    from .protocol import HASHED
+
+    if cfg.victim.key_file is None:
+        return "evaluation"
+    path = cfg.victim.key_file
+    given = [k for k in load_keys(os.path.expanduser(path)) if not k.startswith(HASHED)]
+    needed = len(plan.accounts) + 1
+    if len(given) < needed:
+        raise ConfigError(f"victim.key_file={path!r} has {len(given)} usable keys (entries with the key itself); the "
+                          f"scenario needs {needed}: one per account ({len(plan.accounts)}) and one for evaluation; "
+                          f"expected at least {needed} (python -m sim serve … serve.accounts={needed})")
+    new = dict(zip(plan.accounts, given))
+    plan.accounts = {new[k]: a for k, a in plan.accounts.items()}
+    for c in plan.clients:
+        c.keys = [new[k] for k in c.keys]
+    return given[len(new)]
+
+
+def _remote_answers(cfg: ScenarioConfig, ds, key: str, remote: dict) -> np.ndarray:
+    """The remote victim's answers on the test set, through the evaluation account (logged with role evaluation);
+    NaN rows where it refused."""
+    from .remote import RemoteVictim, load_adapter
+
+    spec = dict(remote)
+    adapter = spec.pop("client", None)
+    victim = RemoteVictim(**{**spec, "accounts": {key: Account("evaluation", "evaluation")}},
+                          writer_id="evaluation", adapter=adapter and load_adapter(adapter))
+    out = []
+    try:
+        for i in range(0, len(ds.x_test), cfg.serve.max_images):
+            reply = victim.query(key, ds.x_test[i:i + cfg.serve.max_images], "evaluation")
+            if reply.status >= 400 and not len(reply.answered):
+                raise _VictimStopped(f"the victim answered the evaluation account {reply.status}: {reply.reason}")
+            probs = np.full((len(reply.answered), max(ds.num_classes, reply.probs.shape[-1])), np.nan, np.float32)
+            probs[reply.answered, :reply.probs.shape[-1]] = reply.probs[reply.answered]
+            out.append(probs)
+    finally:
+        victim.close()
+    return np.concatenate(out)
+
+
+def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch) -> Summary:
+    """:func:`run` against a victim this tool does not serve (:mod:`sim.remote`): the clients query it and log what
+    they sent and got back; its answers on the test set come through an evaluation account; the replicas train as
+    usual. Nothing is trained, served, defended or detected here."""
+    from .remote import RemoteError
+
+    eval_key = _remote_keys(cfg, plan)
+    remote = {"run_id": run_id, "victim": cfg.victim.name, "url": cfg.victim.url, "log_dir": log_dir,
+              "input_shape": ds.input_shape, "log_inputs": cfg.log.inputs, "accounts": plan.accounts,
+              **({"client": cfg.victim.client} if cfg.victim.client else {})}
+    timings = {"victim_seconds": 0.0}
+    with ray_session(cfg):
+        from actors.remote import ProgressBoard
+
+        progress["phase"] = "querying"
+        check_plugins_in_workers(cfg)
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
+        t0 = time.perf_counter()
+        try:
+            try:
+                transfers, died = _query(plan, None, nodes, board, quiet, run_id, plugin_env(cfg), remote)
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, RemoteError):
+                    raise _VictimStopped(str(exc.cause)) from None
+                raise
+            progress["phase"] = "evaluation"
+            try:
+                clean_test = _remote_answers(cfg, ds, eval_key, remote)
+            except RemoteError as exc:
+                raise _VictimStopped(str(exc)) from None
+            timings["query_seconds"] = round(time.perf_counter() - t0, 2)
+        finally:
+            logged = progress["logged"] = _compact(cfg, log_dir, [])
+        transfers.update(_rebuild_from_log(plan, died, log_dir, ds.input_shape))
+        answered = ~np.isnan(clean_test).any(1)
+        accuracy = float(np.mean(answered & (np.nan_to_num(clean_test).argmax(1) == ds.y_test)))
+        victim = zoo.Victim(None, None, ds, accuracy, cfg.victim.url or cfg.victim.client, False, 0.0,
+                            source="remote")
+        progress["phase"] = "replica training"
+        t0 = time.perf_counter()
+        replicas = _train_replicas(cfg, victim, plan, transfers, None, np.nan_to_num(clean_test), board, quiet,
+                                   on_replica_epoch)
+        timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
+    table = querylog.read(log_dir, columns=log_columns([]))
+    table = table.filter(pc.invert(pc.equal(table.column("role"), "evaluation")))
+    outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
+                      defended={"defended_test_accuracy": round(accuracy, 4), "test_l1_mean": None,
+                                "test_top1_preserved_rate": None}, nodes=len(nodes), timings=timings)
+    outcome.wall_seconds = round(time.perf_counter() - start, 2)
+    summary = summarize(cfg, outcome)
+    summary.write(cfg.run_dir)
+    return summary
+
+
 def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:
     """Compact the query log and write the alerts; returns the log's rows. Where the run directory cannot take them
     (a full disk), the log stays as the streams the service wrote, which :func:`sim.querylog.read` reads as well."""
@@ -387,8 +492,8 @@ def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:
         return querylog.read(log_dir, columns=["seq"]).num_rows
 
 
-def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: str,
-           env: dict | None = None) -> tuple[dict, dict]:
+def _query(plan: Plan, app: str | None, nodes: list[str], board, quiet: bool, run_id: str,
+           env: dict | None = None, remote: dict | None = None) -> tuple[dict, dict]:
     """All clients query the victim at once; each client's report lands in its plan entry. Returns each client's
     transfer set as an object reference (actor id -> ref, left in the object store), and the clients whose actor
     died (actor id -> why): the run goes on without them (see :func:`_rebuild_from_log`)."""
@@ -400,7 +505,7 @@ def _query(plan: Plan, app: str, nodes: list[str], board, quiet: bool, run_id: s
     actors = [  # clients dealt round-robin over the nodes that were alive at the start; named for Ray's tools
         ClientActor.options(name=f"{run_id}:{c.actor_id}", **({"runtime_env": env} if env else {}),
                             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False))
-        .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app, board, c.seed,
+        .remote(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, app, board, c.seed, remote,
                 **(c.strategy or {}))
         for i, c in enumerate(plan.clients)
     ]

@@ -167,10 +167,10 @@ class QueryLogWriter:
             "returned_label": label,
             "action": pa.array(list(actions), pa.string()),
             "refusal_reason": pa.array(refusal_reason, pa.string()),
-            "defense_l1": (pa.nulls(n, pa.float32()) if returned_probs is None else
+            "defense_l1": (pa.nulls(n, pa.float32()) if returned_probs is None or clean_probs is None else
                            pa.array(np.abs(np.nan_to_num(returned_probs) - clean_probs).sum(1).astype(np.float32),
                                     mask=~answered)),
-            "top1_changed": (pa.nulls(n, pa.bool_()) if returned_label is None else
+            "top1_changed": (pa.nulls(n, pa.bool_()) if returned_label is None or clean_probs is None else
                              pa.array(np.asarray(returned_label) != clean_probs.argmax(1), mask=~answered)),
             "pow_bits": (pa.nulls(n, pa.int16()) if pow_bits is None
                          else pa.array(np.asarray(pow_bits, np.int16), mask=np.asarray(pow_bits) <= 0)),

@@ -138,7 +138,8 @@ def check_interface(category: str, obj: Any, where: str) -> None:
     """A one-line ConfigError if ``obj`` cannot serve as a component of ``category``."""
     if category not in _BASES:
         if not callable(obj):
-            shape = "(input_shape, num_classes) -> nn.Module" if category == "model" else "() -> Dataset"
+            shape = {"model": "(input_shape, num_classes) -> nn.Module", "dataset": "() -> Dataset",
+                     "client": "(uint8 images (N, C, H, W)) -> probabilities (N, K)"}.get(category, "")
             raise ConfigError(f"{where} is {type(obj).__name__} {obj!r}; expected a callable {shape}")
         return
     module_name, _, base_name = _BASES[category].partition(":")
@@ -191,20 +192,21 @@ def is_builtin(category: str, name: str) -> bool:
     return name in entries(category) and name not in _plugins[category]
 
 
-def runtime_env(components) -> dict | None:
+def runtime_env(components, extra: list[str] = ()) -> dict | None:
     """What a Ray worker needs to find the plug-ins among ``components`` ((category, name) pairs; None when there are
     none): their names in :data:`PLUGINS_ENV`, and on ``PYTHONPATH`` the folder each one's top-level module was
     found in, unless it is installed (site-packages). The folders must exist where the workers run: this machine,
-    or every node of a cluster that shares them; elsewhere, install the plug-ins' package on every node."""
+    or every node of a cluster that shares them; elsewhere, install the plug-ins' package on every node. ``extra``:
+    more ``module:attr`` targets whose modules workers import (a remote victim's adapter)."""
     used: dict[str, dict[str, str]] = {}
     for category, name in components:
         if name in _plugins[category]:
             used.setdefault(category, {})[name] = _plugins[category][name]
-    if not used:
+    if not used and not extra:
         return None
     installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
     folders = []
-    for targets in used.values():
+    for targets in [*used.values(), {t: t for t in extra}]:
         for target in targets.values():
             top = importlib.import_module(target.partition(":")[0].split(".")[0])
             path = os.path.realpath(top.__path__[0] if hasattr(top, "__path__") else top.__file__)

@@ -97,8 +97,8 @@ def evaluate_defense(defense, clean: np.ndarray, x: np.ndarray, y: np.ndarray, b
 def distortion(table: pa.Table) -> S.Distortion:
     """Mean L1 distortion and top-1-preserved rate over the answered rows of a log table."""
     answered = table.filter(pc.is_in(table.column("action"), pa.array(querylog.ANSWERED)))
-    if answered.num_rows == 0:
-        return S.Distortion(answered=0)
+    if answered.num_rows == 0 or answered.column("defense_l1").null_count == answered.num_rows:
+        return S.Distortion(answered=answered.num_rows)  # none, or no clean answers to compare with (remote victim)
     l1 = answered.column("defense_l1").to_numpy(zero_copy_only=False)
     changed = answered.column("top1_changed").to_numpy(zero_copy_only=False)
     return S.Distortion(answered=answered.num_rows, l1_mean=round(float(np.nanmean(l1)), 4),

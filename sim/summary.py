@@ -69,8 +69,8 @@ class Defense(_Part):
     params: dict[str, Any]
     l1_mean: float | None = None  # over the answered queries of the run
     top1_preserved_rate: float | None = None
-    test_l1_mean: float  # over the victim's test set
-    test_top1_preserved_rate: float
+    test_l1_mean: float | None  # over the victim's test set (None: a remote victim, whose clean answers are unknown)
+    test_top1_preserved_rate: float | None
     by_role: dict[str, Distortion] = {}
 
 
@@ -324,6 +324,7 @@ def tier_line(tier: dict) -> str:
 def format_summary(s: Summary) -> str:
     """The summary as a small text table for the terminal."""
     w = max([14, *(len(a.id) + 2 for a in s.attackers)])  # the attacker column
+    aw = max([10, *(len(a.attack) + 2 for a in s.attackers)])  # the attack column (a plug-in's name may be long)
     v, q, d = s.victim, s.queries, s.defense
     params = ", ".join(f"{k}={val}" for k, val in d.params.items())
     dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
@@ -332,13 +333,19 @@ def format_summary(s: Summary) -> str:
     lines = [
         f"run {s.run_id}  ->  {s.run_dir}",
         f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"
-        f"{' (trained now)' if v.trained_now else ' (cached)' if v.source == 'zoo' else f' (given: {v.checkpoint})'}",
+        f"{' (trained now)' if v.trained_now else ' (cached)' if v.source == 'zoo' else f' (given: {v.checkpoint})'}"
+        if v.source != "remote" else
+        f"victim at {v.checkpoint} (remote): test accuracy {v.test_accuracy:.4f} on {v.dataset}'s test split, "
+        f"through its API",
         f"defense {d.name}{f' ({params})' if params else ''}: defended test accuracy "
-        f"{v.defended_test_accuracy:.4f}, test L1 {d.test_l1_mean:.3f}, top-1 kept {d.test_top1_preserved_rate:.3f}",
+        f"{v.defended_test_accuracy:.4f}, test L1 {d.test_l1_mean:.3f}, top-1 kept {d.test_top1_preserved_rate:.3f}"
+        if d.test_l1_mean is not None else
+        "defense: the remote victim's own, unknown here: its answers are what the table measures (no clean answers, "
+        "so no distortion and no undefended baseline)",
         f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed), {q.challenged} "
         f"challenged with proof of work, {q.refused} refused, {q.logged} log rows",
         "",
-        f"{'attacker':<{w}}{'attack':<10}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
+        f"{'attacker':<{w}}{'attack':<{aw}}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
         f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",
     ]
 
@@ -347,12 +354,12 @@ def format_summary(s: Summary) -> str:
 
     for a in s.attackers:
         replica, undefended = a.replica, a.undefended
-        lines.append(f"{a.id:<{w}}{a.attack:<10}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
+        lines.append(f"{a.id:<{w}}{a.attack:<{aw}}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
                      f"{a.accounts_flagged:>8}{num(replica and replica.test_accuracy):>12}"
                      f"{num(replica and replica.fidelity):>9}{num(undefended and undefended.test_accuracy):>15}")
     b = s.benign
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
-    lines += [f"{'benign':<{w}}{'-':<10}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
+    lines += [f"{'benign':<{w}}{'-':<{aw}}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
               f"{'-':>12}{'-':>9}{'-':>15}", ""]
     if len(s.detection) > 1:  # who flagged what
         names = list(s.detection)

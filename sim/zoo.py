@@ -32,7 +32,7 @@ class Victim:
     arch: str
     dataset: data.Dataset
     test_accuracy: float
-    path: Path
+    path: Path | str  # the checkpoint (a remote victim: its URL or adapter)
     trained_now: bool
     train_seconds: float
     training: str = "standard"

@@ -61,16 +61,15 @@ def test_every_command_of_the_page_validates(workdir, monkeypatch):
     assert ds.num_classes == 10 and len(ds.x_train) + len(ds.x_test) == 100
 
 
-def test_your_model_and_data_and_your_components_run_through_serve(workdir, monkeypatch, ray_serve, cache_dir, capsys):
+def test_your_model_and_your_data_run_through_serve(workdir, monkeypatch, ray_serve, cache_dir, capsys):
     import torch
     from mypkg.models import make_net
 
     from sim import data
 
     monkeypatch.chdir(workdir)
-    model_data, components = (c for c in _commands() if "victim.checkpoint=ckpt/net.pt" in c or "defense=smooth" in c)
-
-    # 1. the checkpoint on the npz data, the unlabeled folder as the pool
+    model_data = next(c for c in _commands() if "victim.checkpoint=ckpt/net.pt" in c)
+    # the checkpoint on the npz data, the unlabeled folder as the pool
     run1 = workdir / "run1"
     assert main([*model_data, *QUICK, f"cache_dir={cache_dir}", f"run_dir={run1}"]) == 0
     assert "(given: " in capsys.readouterr().out
@@ -84,38 +83,34 @@ def test_your_model_and_data_and_your_components_run_through_serve(workdir, monk
     assert (s["victim"]["source"], s["victim"]["arch"], s["victim"]["trained_now"]) == ("checkpoint", "tiny", False)
     single = s["attackers"][0]
     assert single["queries"] == 300 and single["replica"]["test_accuracy"] > 0.2  # a tiny replica learnt something
-    table = analysis.read_run(str(run1))
-    assert table.num_rows == 340
-
-    # 2. the plug-in defense, stateful detector (refusing) and attack, by their registered names
-    run2 = workdir / "run2"
-    assert main([*components, *QUICK, "detectors.mine.limit=200", f"cache_dir={cache_dir}",
-                 f"run_dir={run2}"]) == 0
-    s = json.loads((run2 / "summary.json").read_text())
-    assert s["defense"]["name"] == "smooth" and s["victim"]["defended_test_accuracy"] == s["victim"]["test_accuracy"]
-    single = s["attackers"][0]
-    assert (single["attack"], single["params"]["noisy.noise"]) == ("noisy", 0.2), single["params"]
-    assert 0 < single["refused"] <= 100 and single["accounts_flagged_by"]["mine"] == 1  # refused past 200 queries
-    assert s["benign"]["refused"] == 0
-    table = analysis.read_run(str(run2))
-    rows = analysis.scored_rows(table)
-    again = analysis.replay(table, "burst", {"limit": 200}, order="mine")
-    assert np.array_equal(again["flags"], rows.column("mine_flagged").to_numpy(zero_copy_only=False))
-    assert np.array_equal(again["scores"], rows.column("mine_score").to_numpy(zero_copy_only=False))
-    answered = table.filter(pc.equal(table.column("action"), "answered"))
-    probs = np.asarray(answered.column("returned_probs").to_pylist())
-    assert probs.min() >= 0.3 / 10 - 1e-6  # smooth mixes every answer with 0.3 of the uniform distribution
+    assert analysis.read_run(str(run1)).num_rows == 340
 
 
-def test_the_python_example_serves_a_live_module(workdir, monkeypatch, ray_serve, cache_dir):
+def test_the_python_example_serves_a_live_module_with_plug_in_components(workdir, monkeypatch, ray_serve, cache_dir):
+    """The page's Python example: a live module as the victim, the plug-in defense, stateful detector (refusing) and
+    attack by their registered names."""
     monkeypatch.chdir(workdir)
-    code = blocks("python")[1].replace('"defense=smooth"]', f'"defense=smooth", "cache_dir={cache_dir}", '
-                                       f'"run_dir={workdir / "run3"}", ' + ", ".join(map(repr, QUICK)) + "]")
+    run_dir = workdir / "run3"
+    extra = [f"cache_dir={cache_dir}", f"run_dir={run_dir}", "detectors.mine.limit=200", *QUICK]
+    code = blocks("python")[1].replace('"attackers.single.attack=noisy"]',
+                                       '"attackers.single.attack=noisy", ' + ", ".join(map(repr, extra)) + "]")
     scope: dict = {}
     exec(compile(code, "example.py", "exec"), scope)
     s = scope["summary"]
     assert (s.victim.source, s.victim.trained_now) == ("python", False)
-    assert s.attackers[0].queries == 300 and s.attackers[0].replica is not None
+    assert s.defense.name == "smooth" and s.victim.defended_test_accuracy == s.victim.test_accuracy
+    single = s.attackers[0]
+    assert (single.attack, single.params["noisy.noise"], single.queries) == ("noisy", 0.1, 300)
+    assert 0 < single.refused <= 100 and single.accounts_flagged_by["mine"] == 1  # refused past 200 queries
+    assert s.benign.refused == 0 and single.replica is not None
+    table = analysis.read_run(str(run_dir))
+    rows = analysis.scored_rows(table)
+    again = analysis.replay(table, "burst", {"limit": 200}, order="mine")  # the tier's state, replayed offline
+    assert np.array_equal(again["flags"], rows.column("mine_flagged").to_numpy(zero_copy_only=False))
+    assert np.array_equal(again["scores"], rows.column("mine_score").to_numpy(zero_copy_only=False))
+    answered = table.filter(pc.equal(table.column("action"), "answered"))
+    probs = np.asarray(answered.column("returned_probs").to_pylist())
+    assert probs.min() >= 0.2 / 10 - 1e-6  # smooth (strength 0.2) mixes every answer with the uniform distribution
 
 
 def test_a_plug_in_only_the_driver_can_import_is_one_line(tmp_path, monkeypatch, ray_serve):

@@ -1,13 +1,9 @@
-"""A victim this tool does not serve: the project's own serve mode started as a separate process (victim.url), and a
-foreign server written here with the standard library, reached through a user adapter (victim.client)."""
+"""A victim this tool does not serve: a foreign server written here with the standard library, reached through a user
+adapter (victim.client). The project's own serve mode, started as a separate process and attacked through victim.url,
+is in test_serve_mode.py (which starts that server anyway)."""
 
 import json
-import re
-import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -17,65 +13,20 @@ import pytest
 import analysis
 import sim
 from sim import data
-from sim.serving import free_port
-
-from .conftest import env_without_ray_address
 
 REMOTE_SMALL = ["attackers.single.budget=200", "attackers.single.replica.epochs=10", "benign.users=1",
                 "benign.queries=40", "victim.epochs=2"]
 
 
-def _roles(table) -> dict:
-    roles = table.column("role").to_pylist()
-    return {r: roles.count(r) for r in set(roles)}
-
-
-def test_a_separately_started_serve_mode_is_attacked_through_its_keys(cache_dir, tmp_path, ray_serve):
-    port = free_port()
-    served = tmp_path / "served"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim", "serve", "scenario=single_knockoff", f"cache_dir={cache_dir}",
-         f"run_dir={served}", f"serve.port={port}", "serve.accounts=3", "victim.epochs=2", "ray.num_cpus=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address())
-    try:
-        lines, deadline = [], time.time() + 240
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"serve exited early: {lines}"
-            lines.append(line.strip())
-            if line.startswith("Ctrl-C"):
-                break
-        served_accuracy = float(re.search(r"test accuracy ([0-9.]+)", lines[0]).group(1))
-        url, keys = f"http://127.0.0.1:{port}/victim", served / "keys.json"
-
-        # the scenario needs 3 keys (attacker, benign user, evaluation): one more account is one key too many
-        with pytest.raises(sim.ConfigError, match=r"victim.key_file=.* has 3 usable keys .*; the scenario needs 4: "
-                                                  r"one per account \(3\) and one for evaluation"):
-            sim.run("single_knockoff", [f"victim.url={url}", f"victim.key_file={keys}", *REMOTE_SMALL,
-                                        "benign.users=2", f"run_dir={tmp_path / 'short'}"], quiet=True)
-
-        run_dir = tmp_path / "run"
-        s = sim.run("single_knockoff", [f"victim.url={url}", f"victim.key_file={keys}", *REMOTE_SMALL,
-                                        f"cache_dir={cache_dir}", f"run_dir={run_dir}"], quiet=True)
-        assert (s.victim.source, s.victim.checkpoint) == ("remote", url)
-        assert s.victim.test_accuracy == served_accuracy  # measured through the evaluation account
-        assert s.defense.test_l1_mean is None and s.detection == {}
-        assert s.queries.total == 240 and s.queries.answered == 240
-        single = s.attackers[0]
-        assert single.replica.test_accuracy > 0.5 and single.replica.fidelity > 0.5 and single.undefended is None
-        table = analysis.read_run(str(run_dir))
-        n_test = len(data.load("mnist5k").x_test)
-        assert _roles(table) == {"attacker": 200, "benign": 40, "evaluation": n_test}
-        assert table.column("clean_probs").null_count == table.num_rows  # no clean answers of a remote victim
-        assert table.column("returned_probs").null_count == 0 and table.column("input").null_count == 0
-        ours = set(table.column("account_id").to_pylist())
-        assert ours == {"single-0000", "benign-0", "evaluation"}  # the scenario's names for the accounts
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    theirs = analysis.read_run(str(served))
-    assert theirs.num_rows == table.num_rows  # every query we logged reached the server, and nothing else
-    assert sorted(theirs.column("input_sha1").to_pylist()) == sorted(table.column("input_sha1").to_pylist())
+def test_a_key_file_too_short_for_the_scenario_is_one_line(tmp_path):
+    """Keys go to the scenario's accounts in file order, then one to evaluation: a file with too few fails before any
+    query (serve mode's own test attacks it through enough of them: test_serve_mode.py)."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"key": f"k{i}", "account_id": f"external-{i}"} for i in range(3)]))
+    with pytest.raises(sim.ConfigError, match=r"^victim.key_file=.* has 3 usable keys .*; the scenario needs 4: "
+                                              r"one per account \(3\) and one for evaluation; expected at least 4"):
+        sim.run("single_knockoff", ["victim.url=http://127.0.0.1:9/victim", f"victim.key_file={keys}",
+                                    "benign.users=2", f"run_dir={tmp_path / 'run'}"], quiet=True)
 
 
 class _Foreign(BaseHTTPRequestHandler):

@@ -1,5 +1,5 @@
-"""`python -m sim serve`: deploys the victim, serves external clients, follows its keys file, reports its HTTP proxy's
-health, shuts down cleanly on Ctrl-C."""
+"""`python -m sim serve`: deploys the victim, serves external clients (among them a run of this tool attacking it as
+a remote victim, victim.url), follows its keys file, reports its HTTP proxy's health, shuts down cleanly on Ctrl-C."""
 
 import json
 import os
@@ -12,7 +12,11 @@ import urllib.error
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+import analysis
+import sim
 from sim import data, querylog
 from sim.serving import free_port
 
@@ -44,12 +48,35 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir, tmp_path):
+def _attack_remotely(url: str, keys: list[dict], served_accuracy: float, cache_dir: str, run_dir) -> set[str]:
+    """A run of this tool attacking the served victim through three of its keys (attacker, benign user, evaluation);
+    returns the input digests it logged."""
+    key_file = run_dir.parent / "remote-keys.json"
+    key_file.write_text(json.dumps(keys))
+    s = sim.run("single_knockoff", [f"victim.url={url}", f"victim.key_file={key_file}", "attackers.single.budget=200",
+                                    "attackers.single.replica.epochs=10", "benign.users=1", "benign.queries=40",
+                                    f"cache_dir={cache_dir}", f"run_dir={run_dir}"], quiet=True)
+    assert (s.victim.source, s.victim.checkpoint) == ("remote", url)
+    assert s.victim.test_accuracy == served_accuracy  # measured through the evaluation account
+    assert s.defense.test_l1_mean is None and s.detection == {}
+    assert s.queries.total == 240 and s.queries.answered == 240
+    single = s.attackers[0]
+    assert single.replica.test_accuracy > 0.5 and single.replica.fidelity > 0.5 and single.undefended is None
+    table = analysis.read_run(str(run_dir))
+    roles = Counter(table.column("role").to_pylist())
+    assert roles == {"attacker": 200, "benign": 40, "evaluation": len(data.load("mnist5k").x_test)}
+    assert table.column("clean_probs").null_count == table.num_rows  # no clean answers of a remote victim
+    assert table.column("returned_probs").null_count == 0 and table.column("input").null_count == 0
+    assert set(table.column("account_id").to_pylist()) == {"single-0000", "benign-0", "evaluation"}
+    return set(table.column("input_sha1").to_pylist())
+
+
+def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir, tmp_path, ray_serve):
     port = free_port()
     run_dir = tmp_path / "served"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sim", "serve", "scenario=single_knockoff", f"cache_dir={cache_dir}",
-         f"run_dir={run_dir}", f"serve.port={port}", "serve.accounts=3", "victim.epochs=2"],
+         f"run_dir={run_dir}", f"serve.port={port}", "serve.accounts=6", "victim.epochs=2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address())
     try:
         lines, deadline = [], time.time() + 240
@@ -63,8 +90,11 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
         url = info["url"]
         assert url == f"http://127.0.0.1:{port}/victim" and info["port"] == str(port)
         assert info["keys"] == str(run_dir / "keys.json") and info["log"] == str(run_dir / "queries")
-        keys = json.load(open(run_dir / "keys.json"))
-        assert len(keys) == 3 and {k["role"] for k in keys} == {"external"}
+        all_keys = json.load(open(run_dir / "keys.json"))
+        assert len(all_keys) == 6 and {k["role"] for k in all_keys} == {"external"}
+        served_accuracy = float(re.search(r"test accuracy ([0-9.]+)", lines[0]).group(1))
+        remote = _attack_remotely(url, all_keys[3:], served_accuracy, cache_dir, tmp_path / "remote")
+        keys = all_keys[:3]  # the rest of the test uses these
 
         imgs = (data.load("mnist5k").x_test[:5, 0] / 255.0).tolist()
         status, body = post(url, {"images": imgs}, key=keys[1]["key"])
@@ -72,7 +102,7 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
         assert post(url, {"images": imgs}, key="not-a-key")[0] == 401
 
         # the keys file edited while it serves: one key removed (revoked), one added, applied live
-        edited = [*keys[1:], {"key": "a-fresh-key-of-128-bits-or-more-0001", "account_id": "external-new"}]
+        edited = [*all_keys[1:], {"key": "a-fresh-key-of-128-bits-or-more-0001", "account_id": "external-new"}]
         (run_dir / "keys.json").write_text(json.dumps(edited))
         one = imgs[:1]
         deadline = time.time() + 60
@@ -110,3 +140,6 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
     assert per_account["external-new"] == 1  # once the change was applied
     assert per_account[keys[2]["account_id"]] == 2  # then, and once the proxy was back
     assert np.isfinite(np.array(answered.column("clean_probs").to_pylist())).all()
+    # every query the remote run logged reached the server (through its three accounts), and nothing else did
+    theirs = table.filter(pc.is_in(table.column("account_id"), pa.array([k["account_id"] for k in all_keys[3:]])))
+    assert set(theirs.column("input_sha1").to_pylist()) == remote and theirs.num_rows == 1240

@@ -50,15 +50,20 @@ class Victim:
         return f"checkpoint-{self.checkpoint_digest}.pt" if self.checkpoint_digest else self.path.name
 
     def __getstate__(self) -> dict:
-        """Pickled (to Ray workers) with a quantized victim's int8 model and twin as state dicts: FX graph modules
-        of quantized models do not pickle."""
+        """Pickled (to Ray workers: a sweep's trials) with a quantized victim's int8 model and twin as state dicts (FX
+        graph modules of quantized models do not pickle), and a given model as it travels to Serve replicas
+        (TorchScript modules do not pickle)."""
         state = dict(self.__dict__)
         if self.quantization != "none":
             state["model"], state["twin"] = self.model.state_dict(), self.twin.state_dict()
+        elif self.source in ("checkpoint", "python"):
+            state["model"] = self.to_bytes()
         return state
 
     def __setstate__(self, state: dict) -> None:
-        if state.get("quantization", "none") != "none":
+        if isinstance(state.get("model"), bytes):
+            state = {**state, "model": models.from_bytes(state["model"])}
+        elif state.get("quantization", "none") != "none":
             ds = state["dataset"]
             int8, twin = quantize.skeleton(models.build(state["arch"], ds.input_shape, ds.num_classes),
                                            ds.input_shape, state["quantization"])

@@ -284,6 +284,10 @@ def test_preprocess_is_applied_inside_the_served_model(installed, tmp_path):
     assert isinstance(served, models.Preprocessed) and models.from_bytes(victim.to_bytes(), True) is None
     x = torch.rand(3, 1, 28, 28)
     assert torch.allclose(served(x), net(x), atol=1e-5)
+    import pickle
+
+    again = pickle.loads(pickle.dumps(victim))  # how a sweep hands it to its trials
+    assert torch.allclose(again.model(x), net(x), atol=1e-5) and again.test_accuracy == victim.test_accuracy
 
 
 NO_ARCH = {"attackers": {"single": {"attack": "knockoff"}}}  # a scenario that does not set victim.arch

@@ -18,11 +18,14 @@ def installed(tmp_path_factory):
     """The worked-example plug-in package (docs/examples/mypkg) installed with pip into a temporary target put on the
     path, never into the shared environment: its entry points register tiny, blobs, smooth, burst and noisy. Gone
     again afterwards."""
+    import shutil
+
     from sim import data, registry
 
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "mypkg"
+    shutil.copytree(EXAMPLE, source)  # pip builds in the source folder: a copy keeps the repository clean
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     registry.forget_plugins()

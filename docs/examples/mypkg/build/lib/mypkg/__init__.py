@@ -1,1 +1,0 @@
-"""Worked examples of the simulator's plug-ins: one per kind (docs/own-components.md)."""

@@ -126,6 +126,10 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     from .protocol import Account, hashed, make_keys
 
     cfg = config_mod.load(scenario, overrides)
+    if cfg.victim.remote():
+        raise SimError(f"victim.url={cfg.victim.url!r} / victim.client={cfg.victim.client!r}: serve mode serves a "
+                       f"victim of this tool; expected neither (a remote victim is attacked with python -m sim "
+                       f"scenario=…)")
     if cfg.serve.keys:
         keys_path, keys = cfg.serve.keys, load_keys(cfg.serve.keys)
     log_dir = prepare_run_dir(cfg)

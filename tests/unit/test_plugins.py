@@ -107,6 +107,13 @@ def test_each_plug_in_mistake_is_one_line_and_exit_status_2(on_path, capsys, arg
     assert message is None or message in err, err
 
 
+def test_serve_mode_refuses_a_remote_victim_in_one_line(capsys):
+    assert main(["serve", "scenario=single_knockoff", "victim.url=http://127.0.0.1:9/victim"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: victim.url='http://127.0.0.1:9/victim' / victim.client=None: serve mode serves a victim of this tool; "
+        "expected neither (a remote victim is attacked with python -m sim scenario=…)")
+
+
 def test_a_plug_in_attacks_unknown_parameter_names_the_known_ones(installed):
     with pytest.raises(ConfigError, match=r"unknown key 'attackers.single.noisy.nois'; known keys here: .*, pool, "
                                           r"noisy.noise"):

@@ -94,7 +94,7 @@ def load_installed(category: str) -> None:
     process was handed in :data:`PLUGINS_ENV` (a Ray worker of a run that uses them). One that does not load is
     remembered with the reason, which naming it reports."""
     declared = [(ep.name, ep.value, f"entry point {ep.name!r} of group {GROUPS[category]}")
-                for ep in importlib.metadata.entry_points(group=GROUPS[category])]
+                for ep in importlib.metadata.entry_points().select(group=GROUPS[category])]
     handed = json.loads(os.environ.get(PLUGINS_ENV) or "{}").get(category, {})
     declared += [(name, target, f"plug-in {name!r}") for name, target in handed.items()]
     for name, target, what in declared:

@@ -91,7 +91,8 @@ def test_the_python_example_serves_a_live_module_with_plug_in_components(workdir
     attack by their registered names."""
     monkeypatch.chdir(workdir)
     run_dir = workdir / "run3"
-    extra = [f"cache_dir={cache_dir}", f"run_dir={run_dir}", "detectors.mine.limit=200", *QUICK]
+    extra = [f"cache_dir={cache_dir}", f"run_dir={run_dir}", "detectors.mine.limit=200", "undefended_baseline=false",
+             *QUICK]
     code = blocks("python")[1].replace('"attackers.single.attack=noisy"]',
                                        '"attackers.single.attack=noisy", ' + ", ".join(map(repr, extra)) + "]")
     scope: dict = {}

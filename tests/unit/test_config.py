@@ -25,8 +25,8 @@ def test_overrides_change_values_and_can_add_an_attacker():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("victim.epoch=3", "unknown key 'victim.epoch'; known keys here: name, dataset, arch, checkpoint, preprocess, "
-                       "epochs"),
+    ("victim.epoch=3", "unknown key 'victim.epoch'; known keys here: name, dataset, arch, checkpoint, preprocess, url, "
+                       "key_file, client, epochs"),
     ("bogus=1", "unknown key 'bogus'; known keys here: name, description, seed"),
     ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
     ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),

@@ -37,11 +37,9 @@ class ClientActor:
         if "torch" in sys.modules:  # a source that computes with torch shares the cores with everyone
             sys.modules["torch"].set_num_threads(1)
         if remote is not None:  # a victim this tool does not serve (sim.remote): HTTP or the user's adapter
-            from sim.remote import RemoteVictim, load_adapter
+            from sim.remote import RemoteVictim
 
-            adapter = remote.pop("client", None)
-            self.remote = RemoteVictim(**remote, writer_id=actor_id.replace(":", "-"),
-                                       adapter=adapter and load_adapter(adapter))
+            self.remote = RemoteVictim(**remote, writer_id=actor_id.replace(":", "-"))
             query, solve = self.remote.query, self.remote.solve
         else:
             from ray import serve

@@ -405,12 +405,9 @@ def _remote_keys(cfg: ScenarioConfig, plan: Plan) -> str:
 def _remote_answers(cfg: ScenarioConfig, ds, key: str, remote: dict) -> np.ndarray:
     """The remote victim's answers on the test set, through the evaluation account (logged with role evaluation);
     NaN rows where it refused."""
-    from .remote import RemoteVictim, load_adapter
+    from .remote import RemoteVictim
 
-    spec = dict(remote)
-    adapter = spec.pop("client", None)
-    victim = RemoteVictim(**{**spec, "accounts": {key: Account("evaluation", "evaluation")}},
-                          writer_id="evaluation", adapter=adapter and load_adapter(adapter))
+    victim = RemoteVictim(**{**remote, "accounts": {key: Account("evaluation", "evaluation")}}, writer_id="evaluation")
     out = []
     try:
         for i in range(0, len(ds.x_test), cfg.serve.max_images):

@@ -73,13 +73,15 @@ class RemoteVictim:
     """One client's way to a remote victim, logging every query to ``log_dir`` (writer ``writer_id``).
 
     ``accounts``: the API key -> the account it stands for here (the log's account, role, attack and cohort; the
-    remote has its own names for them). ``adapter``: a callable (images) -> probabilities used instead of HTTP."""
+    remote has its own names for them). ``client``: ``module:attr`` of an adapter, a callable (images) ->
+    probabilities used instead of HTTP."""
 
     def __init__(self, *, run_id: str, victim: str, url: str | None, accounts: dict[str, Account], log_dir: str,
-                 input_shape: tuple, writer_id: str, log_inputs: bool = True, adapter: Callable | None = None,
+                 input_shape: tuple, writer_id: str, log_inputs: bool = True, client: str | None = None,
                  timeout: float = TIMEOUT_S):
         self.run_id, self.victim, self.url, self.accounts = run_id, victim, url, accounts
-        self.adapter, self.timeout, self.log_inputs = adapter, timeout, log_inputs
+        self.adapter = load_adapter(client) if client else None
+        self.timeout, self.log_inputs = timeout, log_inputs
         self.writer = QueryLogWriter(log_dir, input_shape, writer_id)
         self._pending: dict[str, np.ndarray] = {}  # challenge id -> the images it covers (logged when solved)
 

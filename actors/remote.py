@@ -114,17 +114,24 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
     else:
         sample = None
 
+    keep_best = job["cfg"].variant == "mad_code"  # the MAD code keeps the epoch of best test accuracy (ties: later)
+    best: dict = {}
+
     def on_epoch(epoch, loss):
         if sample is not None:
             angles.append(round(float(gradient_angles(built["model"], *sample).mean()), 3))
+        scores = score(built["model"], eval_set) if keep_best or job.get("post_accuracy") else None
+        if keep_best and scores["test_accuracy"] >= best.get("test_accuracy", -1.0):
+            best.update(epoch=epoch, **scores)
         if board is not None:
-            accuracy = score(built["model"], eval_set)["test_accuracy"] if job.get("post_accuracy") else None
-            board.update.remote(job["key"], epoch, accuracy)
+            board.update.remote(job["key"], epoch, scores["test_accuracy"] if job.get("post_accuracy") else None)
 
     model = train_replica(x, y, arch=job["arch"], input_shape=job["input_shape"], num_classes=job["num_classes"],
                           cfg=job["cfg"], seed=job["seed"], on_epoch=on_epoch,
                           on_build=lambda m: built.update(model=m), device=job.get("device", "cpu"))
     out = score(model, eval_set, job.get("robustness"))
+    if best:
+        out["best"] = best
     if angles:
         out["gradient_angle"] = {"mean": round(float(np.mean(angles)), 3), "by_epoch": angles,
                                  "queries": len(sample[0])}

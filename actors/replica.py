@@ -28,6 +28,9 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
     if on_build is not None:
         on_build(model)
     targets = training_targets(probs, cfg.labels)
+    if cfg.variant == "mad_code":  # the MAD code's train_model for its final replica
+        return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=64, lr=0.01, seed=seed,
+                                on_epoch=on_epoch, optimizer="sgd", weight_decay=5e-4, lr_step=30).cpu()
     return train_classifier(model, x, targets, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer).cpu()
 

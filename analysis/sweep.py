@@ -46,6 +46,8 @@ def flat_metrics(summary: Summary) -> dict:
             out[f"{a.id}.replica_test_accuracy{name}"] = replica and replica.test_accuracy
             out[f"{a.id}.replica_fidelity{name}"] = replica and replica.fidelity
             out[f"{a.id}.replica_robust_accuracy{name}"] = replica and replica.robust_accuracy
+            if replica is not None and replica.best is not None:  # replica.variant=mad_code
+                out[f"{a.id}.replica_best_test_accuracy{name}"] = replica.best.test_accuracy
         angle = a.replica and a.replica.gradient_angle
         out[f"{a.id}.gradient_angle"] = angle and angle.mean
         out.update({f"{a.id}.{key}": getattr(a, key) for key in ("refused", "accounts_flagged", "accounts_burned",

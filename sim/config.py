@@ -198,6 +198,10 @@ class ReplicaConfig(_Strict):
     optimizer: Literal["adam", "sgd"] = Field("adam", description="replica optimizer (sgd: momentum 0.9)")
     labels: Literal["soft", "hard"] = Field("soft", description="train on the returned vectors (soft) or on their "
                                                                 "top-1 labels only (hard)")
+    variant: Literal["default", "mad_code"] = Field(
+        "default", description="mad_code: the MAD authors' code: SGD lr 0.01, momentum 0.9, weight decay 5e-4, the "
+                               "rate x0.1 every 30 epochs, batch 64 (in place of lr, optimizer, batch_size); the "
+                               "summary also reports the epoch of best test accuracy, which the code keeps")
 
 
 class AttackerConfig(BaseModel):

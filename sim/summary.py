@@ -107,11 +107,20 @@ class Limited(_Part):
     quota_spent: int = 0
 
 
-class Replica(_Part):
+class BestEpoch(_Part):
+    """The epoch of best test accuracy (replica.variant=mad_code: the checkpoint the MAD code keeps)."""
+
+    epoch: int
     test_accuracy: float
+    fidelity: float
+
+
+class Replica(_Part):
+    test_accuracy: float  # after the last epoch
     fidelity: float  # top-1 agreement with the victim on its test set
     robust_accuracy: float | None = None  # under PGD with the victim's adversarial settings
     gradient_angle: GradientAngle | None = None  # a defense was on: how far its answers turned the gradient
+    best: BestEpoch | None = None  # replica.variant=mad_code: its best epoch on the test set
 
 
 class Attacker(_Part):
@@ -361,6 +370,13 @@ def format_summary(s: Summary) -> str:
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
     lines += [f"{'benign':<{w}}{'-':<{aw}}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
               f"{'-':>12}{'-':>9}{'-':>15}", ""]
+    best = []
+    for a in s.attackers:  # replica.variant=mad_code: the checkpoint the MAD code would keep, beside the last epoch
+        for label, r in (("replica", a.replica), ("undefended replica", a.undefended)):
+            if r is not None and r.best is not None:
+                best.append(f"{a.id} {label}: best test accuracy {r.best.test_accuracy:.4f} at epoch {r.best.epoch} "
+                             f"(fidelity {r.best.fidelity:.4f}); the table shows the last epoch")
+    lines += [*best, ""] if best else []
     if len(s.detection) > 1:  # who flagged what
         names = list(s.detection)
         lines.append(f"{'flagged by':<{w}}" + "".join(f"{n:>{max(len(n) + 2, 8)}}" for n in names))

@@ -40,8 +40,10 @@ def train_classifier(
     divergence: float = 0.0,
     divergence_cap: float = float("inf"),
     weight_decay: float = 0.0,
+    lr_step: int | None = None,
 ) -> nn.Module:
-    """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9), L2 ``weight_decay``, on uint8 images ``x``.
+    """Train ``model`` with Adam (or ``optimizer="sgd"``: momentum 0.9), L2 ``weight_decay``, the rate x0.1 every
+    ``lr_step`` epochs if given, on uint8 images ``x``.
 
     ``targets`` are class indices (N,) for hard labels or probability vectors (N, K) for soft labels;
     cross-entropy handles both. ``loss="misinformation"`` instead pushes the probability of the true
@@ -63,6 +65,7 @@ def train_classifier(
     yt = yt.long() if yt.ndim == 1 else yt.float()
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay) if optimizer == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
+    schedule = torch.optim.lr_scheduler.StepLR(opt, lr_step, 0.1) if lr_step else None
     model.train()
     dev = device_of(model)  # batches go where the model is (a GPU, when it was put on one)
     for epoch in range(epochs):
@@ -91,6 +94,8 @@ def train_classifier(
             value.backward()
             opt.step()
             total += value.item() * len(idx)
+        if schedule is not None:
+            schedule.step()
         if on_epoch is not None:
             on_epoch(epoch + 1, total / len(xt))
     model.eval()

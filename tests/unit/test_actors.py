@@ -256,3 +256,30 @@ def test_a_pool_of_several_datasets_keeps_their_classes_apart():
     pool, labels = data.load_pool("mnist5k+digits")
     assert len(pool) == 5000 + 1797 and pool.shape[1:] == (1, 28, 28)
     assert set(labels[:5000]) == set(range(10)) and set(labels[5000:]) == set(range(10, 20))
+
+
+def test_the_mad_code_replica_reports_the_epoch_of_best_test_accuracy_beside_the_last():
+    """replica.variant=mad_code: the task scores the replica after every epoch and keeps the best (ties: the later
+    epoch, as the code's >=), reported beside the last epoch's numbers."""
+    from actors.remote import train_replica_task
+
+    ds = data.load("mnist5k")
+    x, y = ds.x_train[:200], ds.y_train[:200]
+    posted = {}
+
+    class Board:  # the ProgressBoard's update, recorded
+        class update:
+            @staticmethod
+            def remote(key, epoch, value):
+                posted[epoch] = value
+
+    job = {"arch": "lenet", "input_shape": (1, 28, 28), "num_classes": 10, "seed": 0, "key": "a",
+           "post_accuracy": True, "cfg": ReplicaConfig(epochs=6, variant="mad_code")}
+    eval_set = (ds.x_test[:300], ds.y_test[:300], ds.y_test[:300])
+    out = train_replica_task._function(job, eval_set, Board, None, (x, np.eye(10, dtype=np.float32)[y]))
+    assert sorted(posted) == list(range(1, 7)) and out["test_accuracy"] == posted[6]
+    top = max(posted.values())
+    assert out["best"]["test_accuracy"] == top and out["best"]["epoch"] == max(e for e, v in posted.items() if v == top)
+    default = train_replica_task._function({**job, "cfg": ReplicaConfig(epochs=2)}, eval_set, None, None,
+                                           (x, np.eye(10, dtype=np.float32)[y]))
+    assert "best" not in default

@@ -79,3 +79,22 @@ def test_two_copies_of_a_dataset_that_differ_do_not_share_a_cached_victim(tmp_pa
     assert zoo.fingerprint(ds) != zoo.fingerprint(dataclasses.replace(ds, x_test=ds.x_test[:-1]))
     cfg = VictimConfig()
     assert zoo.victim_key(cfg, 0, data_id=zoo.fingerprint(ds)) != zoo.victim_key(cfg, 0, data_id=zoo.fingerprint(other))
+
+
+def test_sgd_steps_with_weight_decay_and_a_rate_cut_tenfold_every_lr_step_epochs():
+    """Blank images reach only the last bias: two epochs of one batch of SGD (momentum 0.9) from a zero bias, worked
+    by hand. Epoch 1: g1 = softmax(0) - e0 = (-1/2, 1/2), b1 = -lr g1. Epoch 2: g2 = softmax(b1) - e0 plus the
+    weight decay's wd * b1, v2 = 0.9 g1 + g2, b2 = b1 - lr2 v2, with lr2 = lr / 10 when lr_step=1."""
+    lr, wd = 0.5, 0.1
+    x, y = np.zeros((4, 1, 2, 2), np.uint8), np.zeros(4, np.int64)
+    for lr_step, lr2 in ((None, lr), (1, lr / 10)):
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        with torch.no_grad():
+            net[1].weight.zero_()
+            net[1].bias.zero_()
+        train_classifier(net, x, y, epochs=2, batch_size=4, lr=lr, optimizer="sgd", weight_decay=wd, lr_step=lr_step)
+        g1 = torch.tensor([-0.5, 0.5])
+        b1 = -lr * g1
+        g2 = torch.softmax(b1, 0) - torch.tensor([1.0, 0.0]) + wd * b1
+        b2 = b1 - lr2 * (0.9 * g1 + g2)
+        torch.testing.assert_close(net[1].bias.detach(), b2)

@@ -3,6 +3,8 @@
 Training masks a random ``mask_ratio`` of each image's patches, encodes only the visible ones, and
 learns to predict the masked patches' pixels (MSE on the masked patches only).
 
+SAME's code (``variant=same_code``) reconstructs with every patch visible instead (:meth:`MAE.reconstruct_full`).
+
 Reconstruction for detection must be deterministic (the same query always gets the same score, so
 replaying a log reproduces it). :meth:`MAE.reconstruct` therefore uses a fixed partition of the
 patches into ``K = round(1 / (1 - mask_ratio))`` groups: pass k shows group k and predicts the rest.
@@ -100,14 +102,45 @@ class MAE(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, *self.shape)
 
 
+    @torch.no_grad()
+    def reconstruct_full(self, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Reconstructions with every patch visible (SAME's code at detection time, mask ratio 0): float (N, C, H, W)
+        in [0, 1], the decoder's output for every pixel."""
+        self.eval()
+        dev = device_of(self)
+        out = []
+        for start in range(0, len(x), batch_size):
+            patches = self.patchify(to_float(x[start:start + batch_size]).to(dev))
+            keep = torch.arange(self.tokens, device=dev).expand(len(patches), -1)
+            out.append(self.unpatchify(self(patches, keep)).cpu())
+        return torch.cat(out) if out else torch.zeros(0, *self.shape)
+
+    def random_keep(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n, visible) indices of a fresh random mask per image."""
+        return torch.rand(n, self.tokens, generator=gen).argsort(1)[:, :self.visible]
+
+
+def schedule(opt: torch.optim.Optimizer, epochs: int, warmup: int):
+    """Cosine decay over ``epochs``, stepped per epoch; with ``warmup`` epochs, the factor is
+    min((epoch + 1) / warmup, cosine), as SAME's code schedules its MAE."""
+    if not warmup:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: min((e + 1) / warmup, 0.5 * (np.cos(e / max(1, epochs) * np.pi) + 1)))
+
+
 def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-              on_epoch: Callable[[int, float], None] | None = None) -> MAE:
-    """Train on uint8 images with random masks; the loss is the MSE on the masked patches."""
+              on_epoch: Callable[[int, float], None] | None = None, warmup: int = 0,
+              loss_on: str = "masked") -> MAE:
+    """Train on uint8 images with random masks (AdamW, weight decay 0.05, cosine schedule after ``warmup`` epochs).
+    ``loss_on="masked"``: the MSE on the masked patches; ``"all"``: SAME's code: the MSE over every pixel divided by
+    the mask ratio, with AdamW's betas (0.9, 0.95)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     patches = mae.patchify(to_float(x))
-    opt = torch.optim.AdamW(mae.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    betas = (0.9, 0.95) if loss_on == "all" else (0.9, 0.999)
+    opt = torch.optim.AdamW(mae.parameters(), lr=lr, weight_decay=0.05, betas=betas)
+    sched = schedule(opt, epochs, warmup)
     mae.train()
     dev = device_of(mae)  # batches go where the model is; the random draws stay on the CPU (reproducible)
     for epoch in range(epochs):
@@ -115,12 +148,12 @@ def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr
         total = 0.0
         for start in range(0, len(order), batch_size):
             batch = patches[order[start:start + batch_size]].to(dev)
-            keep = torch.rand(len(batch), mae.tokens, generator=gen).argsort(1)[:, :mae.visible]
+            keep = mae.random_keep(len(batch), gen)
             hidden = torch.ones(len(batch), mae.tokens)
             hidden.scatter_(1, keep, 0)
             keep, hidden = keep.to(dev), hidden.to(dev)
             err = ((mae(batch, keep) - batch) ** 2).mean(-1)
-            loss = (err * hidden).sum() / hidden.sum()
+            loss = err.mean() / mae.mask_ratio if loss_on == "all" else (err * hidden).sum() / hidden.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -18,6 +18,12 @@ the calibration slice. The paper adds the raw terms with a balancing weight; the
 unrelated scales (r ~ 0.01-0.05, d in [0, 1]) that change with the dataset and the MAE, so standardising
 first makes ``weight`` mean the same thing everywhere: weight 1 gives both signals equal say, 0 is
 the paper's SAME-X (reconstruction only). A benign-looking query scores around 0.
+
+``variant=same_code`` is what the authors' code (``xythink/SAME``, ``ms_defense/SAME_defender.py``) does instead:
+the MAE trains on the MSE over every pixel (divided by the mask ratio) with a warm-up, reconstructs with every
+patch visible; the auxiliary model is the victim's architecture trained on randomly masked reconstructions with the
+true labels; the deviation is KL(f(x) || g(x̂)) averaged over classes; the score is alpha * r + (1 - alpha) * KL
+on raw scales (the code: alpha 0.99).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import models
+from ..errors import ConfigError
 from ..registry import register
 from ..training import predict_probs, train_classifier
 from .base import Param, StatelessDetector, calibration_split
@@ -47,11 +54,13 @@ class SameModels:
     aux_arch: str
     num_classes: int
     stats: dict[str, float]  # r_mean, r_std, d_mean, d_std
+    variant: str = "default"  # same_code: full-view reconstruction and the KL deviation
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"mae_config": self.mae_config, "mae": self.mae.state_dict(), "aux_arch": self.aux_arch,
-                    "num_classes": self.num_classes, "aux": self.aux.state_dict(), "stats": self.stats}, buf)
+                    "num_classes": self.num_classes, "aux": self.aux.state_dict(), "stats": self.stats,
+                    "variant": self.variant}, buf)
         return buf.getvalue()
 
     @classmethod
@@ -62,39 +71,92 @@ class SameModels:
         aux = models.build(d["aux_arch"], tuple(d["mae_config"]["input_shape"]), d["num_classes"])
         aux.load_state_dict(d["aux"])
         return cls(mae.eval(), aux.eval(), d["mae_config"], d["aux_arch"], d["num_classes"],
-                   {k: float(v) for k, v in d["stats"].items()})
+                   {k: float(v) for k, v in d["stats"].items()}, d.get("variant", "default"))
 
     def signals(self, x: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (reconstruction error, deviation) of images ``x`` whose victim probabilities are ``probs``."""
+        """Raw (reconstruction error, deviation) of images ``x`` whose victim probabilities are ``probs``: the
+        deviation is the total-variation distance, or (same_code) KL(victim || auxiliary) averaged over classes."""
         from ..training import to_float
 
-        recon = self.mae.reconstruct(x)
+        recon = self.mae.reconstruct_full(x) if self.variant == "same_code" else self.mae.reconstruct(x)
         r = ((to_float(x) - recon) ** 2).flatten(1).mean(1).numpy()
         g = predict_probs(self.aux, recon)
-        d = 0.5 * np.abs(np.asarray(probs, np.float64) - g).sum(1)
+        p = np.asarray(probs, np.float64)
+        if self.variant == "same_code":
+            d = kl_per_class(p, g)
+        else:
+            d = 0.5 * np.abs(p - g).sum(1)
         return r.astype(np.float64), d
+
+
+def kl_per_class(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise KL(p || q) divided by the number of classes, as torch's KLDivLoss(reduction="none") averaged over
+    them in SAME's code (0 log 0 = 0)."""
+    p, q = np.asarray(p, np.float64), np.clip(np.asarray(q, np.float64), 1e-30, None)
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
+    return terms.mean(1)
+
+
+def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndarray, *, epochs: int,
+                        batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """SAME's code's auxiliary model: each batch reconstructed under a fresh random mask per image, the classifier
+    trained on the reconstructions with the true labels (SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine)."""
+    import torch.nn.functional as F
+
+    from ..training import device_of, to_float
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(aux.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    dev = device_of(aux)
+    patches, y = mae.patchify(to_float(x)), torch.as_tensor(labels).long()
+    mae.eval()
+    aux.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(patches), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with torch.no_grad():
+                recon = mae.unpatchify(mae(patches[idx].to(dev), mae.random_keep(len(idx), gen).to(dev)))
+            loss = F.cross_entropy(aux(recon), y[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, total / len(patches))
+    return aux.eval()
 
 
 def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_classes: int, *, seed: int,
                mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
                lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None,
-               device: str = "cpu") -> SameModels:
+               device: str = "cpu", variant: str = "default", warmup: int = 0,
+               y_train: np.ndarray | None = None) -> SameModels:
     """Train SAME's MAE and auxiliary model on ``x_train`` (uint8) less a calibration slice, on ``device``, and
     measure both signals on that slice; both are returned on the CPU. ``on_epoch(stage, epoch, loss)`` reports
-    progress ('mae' then 'aux')."""
+    progress ('mae' then 'aux'). ``variant="same_code"`` trains them as the authors' code does (module docstring;
+    it needs the true labels ``y_train``)."""
     fit, calib = calibration_split(len(x_train), seed)
     cfg = {"input_shape": list(x_train.shape[1:]), **mae_config}
     torch.manual_seed(seed)
     mae = MAE(**cfg).to(device)
-    train_mae(mae, x_train[fit], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-              on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
-    recon = mae.reconstruct(x_train[fit])
-    targets = predict_probs(victim, x_train[fit])
+    code = variant == "same_code"
+    train_mae(mae, x_train[fit], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup=warmup,
+              loss_on="all" if code else "masked", on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
     torch.manual_seed(seed + 1)
     aux = models.build(victim_arch, tuple(x_train.shape[1:]), num_classes).to(device)
-    train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1,
-                     on_epoch=on_epoch and (lambda e, loss: on_epoch("aux", e, loss)))
-    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {})
+    aux_progress = on_epoch and (lambda e, loss: on_epoch("aux", e, loss))
+    if code:
+        train_aux_on_masked(aux, mae, x_train[fit], y_train[fit], epochs=aux_epochs, batch_size=batch_size,
+                            seed=seed + 1, on_epoch=aux_progress)
+    else:
+        recon = mae.reconstruct(x_train[fit])
+        targets = predict_probs(victim, x_train[fit])
+        train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1, on_epoch=aux_progress)
+    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant)
     r, d = out.signals(x_train[calib], predict_probs(victim, x_train[calib]))
     out.stats = {"r_mean": float(r.mean()), "r_std": float(r.std() + 1e-12),
                  "d_mean": float(d.mean()), "d_std": float(d.std() + 1e-12)}
@@ -114,6 +176,10 @@ class Same(StatelessDetector):
         **StatelessDetector.params,
         "weight": Param(1.0, low=0, help="weight of the standardised deviation term (0: reconstruction only, "
                                          "SAME-X)"),
+        "variant": Param("default", str, choices=("default", "same_code"),
+                         help="same_code: the authors' code (full-view reconstruction, KL deviation, alpha mixing "
+                              "on raw scales, auxiliary model on masked reconstructions with true labels)"),
+        "alpha": Param(0.99, low=0, high=1, help="same_code: score alpha * reconstruction MSE + (1 - alpha) * KL"),
         "patch": Param(4, int, low=1, help="MAE patch side in pixels", **_TRAINING),
         "dim": Param(64, int, low=4, help="MAE encoder embedding size", **_TRAINING),
         "depth": Param(3, int, low=1, help="MAE encoder blocks", **_TRAINING),
@@ -123,6 +189,8 @@ class Same(StatelessDetector):
         "mask_ratio": Param(0.75, low=0, high=1, low_open=True, high_open=True, help="fraction of patches hidden",
                             **_TRAINING),
         "epochs": Param(100, int, low=1, help="MAE training epochs (AdamW, cosine schedule)", **_TRAINING),
+        "warmup": Param(0, int, low=0, help="MAE warm-up epochs before the cosine schedule (the code: 50)",
+                        **_TRAINING),
         "aux_epochs": Param(10, int, low=1, help="auxiliary model training epochs", **_TRAINING),
         "batch_size": Param(128, int, low=1, help="training batch size", **_TRAINING),
         "lr": Param(1e-3, low=0, low_open=True, help="training learning rate", **_TRAINING),
@@ -133,6 +201,9 @@ class Same(StatelessDetector):
     def __init__(self, models: SameModels | bytes, **params):
         super().__init__(models, **params)
         self.models = SameModels.from_bytes(models) if isinstance(models, bytes) else models
+        if self.models.variant != self.values["variant"]:
+            raise ConfigError(f"same.variant={self.values['variant']} but its models were trained for "
+                              f"variant={self.models.variant}; expected models prepared with the same variant")
 
     def to(self, device: str) -> "Same":
         self.models.mae.to(device)
@@ -146,7 +217,9 @@ class Same(StatelessDetector):
         slice) and cached beside it."""
         v = cls.resolve(params)
         spec = {"victim": ctx.victim.cache_name, "mae": {k: v[k] for k in cls.MAE_KEYS},
-                **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")}}
+                **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")},
+                **({"variant": "same_code", "warmup": v["warmup"]} if v["variant"] == "same_code" else
+                   {"warmup": v["warmup"]} if v["warmup"] else {})}  # the cache of default models stays valid
 
         def train() -> bytes:
             ds = ctx.victim.dataset
@@ -154,7 +227,8 @@ class Same(StatelessDetector):
                 f"training SAME {stage}", e, v["epochs"] if stage == "mae" else v["aux_epochs"], loss))
             return train_same(ctx.victim.model, ctx.victim.arch, ds.x_train, ds.num_classes, seed=ctx.seed,
                               mae_config=spec["mae"], epochs=v["epochs"], aux_epochs=v["aux_epochs"],
-                              batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress, device=ctx.device).to_bytes()
+                              batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress, device=ctx.device,
+                              variant=v["variant"], warmup=v["warmup"], y_train=ds.y_train).to_bytes()
 
         return ctx.cached("same", spec, train)
 
@@ -167,5 +241,8 @@ class Same(StatelessDetector):
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None):
         if probs is None:
             raise ValueError("same needs the victim's probabilities of the queries")
+        if self.values["variant"] == "same_code":  # raw scales, as the code mixes them
+            r, kl = self.models.signals(inputs, probs)
+            return self.decide(self.values["alpha"] * r + (1 - self.values["alpha"]) * kl)
         zr, zd = self.components(inputs, probs)
         return self.decide(zr + self.values["weight"] * zd)

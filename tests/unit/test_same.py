@@ -64,7 +64,8 @@ def test_same_survives_serialisation_and_flags_above_its_threshold(tiny):
 @pytest.mark.parametrize("params, message", [
     ({"weight": -1}, "same.weight must be a number >= 0, got -1"),
     ({"threshold": "high"}, "same.threshold must be a number"),
-    ({"alpha": 1}, "same.alpha is not a parameter of detector same"),
+    ({"beta": 1}, "same.beta is not a parameter of detector same"),
+    ({"alpha": 1.5}, "same.alpha must be a number in \\[0, 1\\], got 1.5"),
 ])
 def test_bad_same_parameters_are_errors(tiny, params, message):
     with pytest.raises(ConfigError, match=message):
@@ -76,3 +77,59 @@ def test_mae_shape_errors_name_the_field():
         MAE((1, 28, 28), patch=5)
     with pytest.raises(ConfigError, match="must be multiples of same.heads=3"):
         MAE((1, 28, 28), dim=16, heads=3)
+
+
+# -- the authors' code (variant=same_code) ----------------------------------------------------------------------------
+
+def test_same_code_kl_is_victim_against_auxiliary_averaged_over_classes():
+    """KL((1/2, 1/2, 0) || (1/4, 1/4, 1/2)) = ln 2 (the zero class adds nothing), averaged over 3 classes."""
+    from sim.detectors.same import kl_per_class
+
+    np.testing.assert_allclose(kl_per_class([[0.5, 0.5, 0.0]], [[0.25, 0.25, 0.5]]), [np.log(2) / 3])
+    assert kl_per_class([[0.2, 0.8]], [[0.2, 0.8]])[0] == 0
+
+
+def test_full_view_reconstruction_sees_every_patch():
+    """With every patch visible, a patch's own pixels change its reconstruction; the default partition never lets
+    a patch see itself, so there they change only the other patches'."""
+    torch_ = pytest.importorskip("torch")
+    torch_.manual_seed(0)
+    mae = MAE((1, 28, 28), **TINY)
+    x = data.load("mnist5k").x_test[:1].copy()
+    y = x.copy()
+    y[:, :, :7, :7] = 255 - y[:, :, :7, :7]  # patch 0 changed
+    full = (mae.reconstruct_full(x) - mae.reconstruct_full(y)).abs()
+    assert full[:, :, :7, :7].max() > 1e-4
+    part = (mae.reconstruct(x) - mae.reconstruct(y)).abs()
+    assert part[:, :, :7, :7].max() < 1e-6 < part.max()
+
+
+@pytest.fixture(scope="module")
+def tiny_code(tiny):
+    ds, victim, _ = tiny
+    same = train_same(victim, "lenet", ds.x_train[:1500], 10, seed=0, mae_config=TINY, epochs=3, aux_epochs=5,
+                      batch_size=32, lr=2e-3, variant="same_code", warmup=1, y_train=ds.y_train[:1500])
+    return ds, victim, same
+
+
+def test_same_code_scores_alpha_mse_plus_kl_on_raw_scales(tiny_code):
+    from sim.detectors.same import kl_per_class
+    from sim.training import to_float
+
+    ds, victim, models_ = tiny_code
+    x = ds.x_test[:40]
+    probs = predict_probs(victim, x)
+    det = Same(models_, variant="same_code", alpha=0.9)
+    recon = models_.mae.reconstruct_full(x)
+    mse = ((to_float(x) - recon) ** 2).flatten(1).mean(1).numpy()
+    kl = kl_per_class(probs, predict_probs(models_.aux, recon))
+    np.testing.assert_allclose(det.score("k", x, None, probs).scores, 0.9 * mse + 0.1 * kl, rtol=1e-5)
+    assert SameModels.from_bytes(models_.to_bytes()).variant == "same_code"
+    with pytest.raises(ConfigError, match="same.variant=default but its models were trained for variant=same_code"):
+        Same(models_)
+
+
+def test_same_code_auxiliary_model_learns_the_true_labels_from_masked_reconstructions(tiny_code):
+    ds, _, models_ = tiny_code
+    pred = predict_probs(models_.aux, models_.mae.reconstruct_full(ds.x_test[:300])).argmax(1)
+    assert (pred == ds.y_test[:300]).mean() > 0.2  # trained on the true labels (chance: 0.1)

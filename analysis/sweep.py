@@ -35,6 +35,7 @@ def flat_metrics(summary: Summary) -> dict:
         "test_l1_mean": d.test_l1_mean,
         "test_top1_preserved_rate": d.test_top1_preserved_rate,
         "answered_l1_mean": d.l1_mean,
+        "attacker_l1_mean": d.by_role["attacker"].l1_mean if "attacker" in d.by_role else None,  # what they got
         "queries_total": summary.queries.total,
         "queries_refused": summary.queries.refused,
         "queries_challenged": summary.queries.challenged,
@@ -221,12 +222,12 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
         lines.append(f"- **Time**: {seconds / 60:.1f} min over {len(state['sessions'])} session(s): "
                      f"{len(done) / (seconds / 3600):.1f} finished trials per hour")
     lines += ["", "Utility is what honest users keep (defended test accuracy, mean L1 distortion of the returned "
-              "vectors on the test set); non-replicability is what the attacker's replica reaches on the test set.",
-              ""]
+              "vectors on the test set); non-replicability is what the attacker's replica reaches on the test set. "
+              "Attacker-query L1 is the mean distortion of the answers the attackers got.", ""]
     if plot:
         lines += ["![trade-off](frontier.png)", ""]
     columns = [("victim acc", "victim_test_accuracy"), ("defended acc", "defended_test_accuracy"),
-               ("test L1", "test_l1_mean")]
+               ("test L1", "test_l1_mean"), ("attacker-query L1", "attacker_l1_mean")]
     for a in attackers:
         columns += [(f"{a} replica acc", f"{a}.replica_test_accuracy"), (f"{a} fidelity", f"{a}.replica_fidelity"),
                     (f"{a} undefended acc", f"{a}.replica_test_accuracy{UNDEFENDED}"),

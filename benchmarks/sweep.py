@@ -102,12 +102,13 @@ def markdown(report: dict, attackers: list[str]) -> str:
                      f"{r['trial_seconds_mean']:.0f} s | {r['trials_per_hour']:.0f} |")
     params = sorted({k for t in report["trials"] for k in t if k.startswith("param.") and k != "param.gamma"
                      and k != "param.norm"})
-    lines += ["", "| curve | " + " | ".join(p[6:] for p in params) + " | defended acc | test L1 | "
+    lines += ["", "| curve | " + " | ".join(p[6:] for p in params) + " | defended acc | test L1 | attacker-query L1 | "
               + " | ".join(f"{a} replica acc" for a in attackers) + " |",
-              "|---|" + "---:|" * (len(params) + 2 + len(attackers))]
+              "|---|" + "---:|" * (len(params) + 3 + len(attackers))]
     for t in sorted(report["trials"], key=lambda t: (t["curve"], t.get("test_l1_mean") or 0)):
         cells = [t["curve"], *[_num(t.get(p), ".3g") for p in params], _num(t.get("defended_test_accuracy")),
-                 _num(t.get("test_l1_mean")), *[_num(t.get(f"{a}.replica_test_accuracy")) for a in attackers]]
+                 _num(t.get("test_l1_mean")), _num(t.get("attacker_l1_mean")),
+                 *[_num(t.get(f"{a}.replica_test_accuracy")) for a in attackers]]
         lines.append("| " + " | ".join(cells) + " |")
     curves = [c for c in dict.fromkeys(t["curve"] for t in report["trials"]) if c != "none"]
     lines += ["", "Mean L1 distortion at which the replica falls below the target accuracy, interpolated between "

@@ -66,6 +66,7 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
         assert any(f.endswith(".parquet") for f in os.listdir(run / "queries"))
         assert r["single.replica_test_accuracy"] == summary.attackers[0].replica.test_accuracy
         assert r["test_l1_mean"] == summary.defense.test_l1_mean > 0
+        assert r["attacker_l1_mean"] == summary.defense.by_role["attacker"].l1_mean > 0  # the attacker's answers
         assert summary.defense.name == r["curve"] and summary.defense.params["eps"] == r["param.eps"]
     # bigger noise budgets distort more
     l1 = {(r["curve"], r["param.eps"]): r["test_l1_mean"] for r in table}

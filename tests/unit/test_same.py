@@ -92,8 +92,9 @@ def test_same_code_kl_is_victim_against_auxiliary_averaged_over_classes():
 def test_full_view_reconstruction_sees_every_patch():
     """With every patch visible, a patch's own pixels change its reconstruction; the default partition never lets
     a patch see itself, so there they change only the other patches'."""
-    torch_ = pytest.importorskip("torch")
-    torch_.manual_seed(0)
+    import torch
+
+    torch.manual_seed(0)
     mae = MAE((1, 28, 28), **TINY)
     x = data.load("mnist5k").x_test[:1].copy()
     y = x.copy()

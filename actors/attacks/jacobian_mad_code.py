@@ -118,6 +118,8 @@ class MadCodeJacobian:
         return x
 
     def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
+        if not self._answers.flags.writeable:  # an actor's source arrives read-only from Ray's object store
+            self._answers = self._answers.copy()
         end = self._asked
         start = end - len(x)
         self._answers[start:end][answered] = probs[answered]

@@ -104,6 +104,9 @@ def drive_mad_code(variant, victim_model, seeds, budget, batch=3):
     from actors.attacks.jacobian_mad_code import MadCodeJacobian
 
     attack = MadCodeJacobian(variant, seeds, budget, arch="lenet", num_classes=10, substitute_epochs=1)
+    for value in vars(attack).values():  # as a client actor gets it: arrays from Ray's object store are read-only
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
     return attack, drive(attack, victim_model, batch)
 
 

@@ -199,7 +199,9 @@ def _summary(acc, l1, defended) -> str:
     """A run summary (the version-1 fixture, read as today's) with one attacker and these numbers."""
     s = summary.parse(json.loads((Path(__file__).parent.parent / "data" / "summary_v1.json").read_text()))
     s.victim.defended_test_accuracy = defended
-    s.defense = s.defense.model_copy(update={"test_l1_mean": l1, "test_top1_preserved_rate": 1.0, "l1_mean": l1})
+    attacker = s.defense.by_role["attacker"].model_copy(update={"l1_mean": l1 * 1.5})  # what the attacker got
+    s.defense = s.defense.model_copy(update={"test_l1_mean": l1, "test_top1_preserved_rate": 1.0, "l1_mean": l1,
+                                             "by_role": {**s.defense.by_role, "attacker": attacker}})
     s.attackers = [s.attackers[0].model_copy(update={"id": "knockoff", "undefended": None,
                                                      "replica": summary.Replica(test_accuracy=acc, fidelity=acc)})]
     s.detection = {}
@@ -236,7 +238,7 @@ def test_sweep_report_from_trial_directories(tmp_path):
     assert table.num_rows == 4 and {"curve", "param.eps", "test_l1_mean", "status"} <= set(table.column_names)
     assert open(out["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(out["markdown"]).read()
-    assert "| mad | 0.5 | done | 0.921 | 0.940 | 0.500 | 0.900 |" in md
+    assert "| mad | 0.5 | done | 0.921 | 0.940 | 0.500 | 0.750 | 0.900 |" in md  # test L1, attacker-query L1
     assert "3 done, 1 stopped early" in md and "30.0 finished trials per hour" in md
     assert "| mad | 0.625 |" in md  # L1 at which the replica crosses 80%: between 0.5 (0.9) and 1.0 (0.5)
     assert "| random_noise | not reached |" in md

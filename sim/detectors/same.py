@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..registry import register
 from ..training import predict_probs, train_classifier
 from .base import Param, StatelessDetector, calibration_split
-from .mae import MAE, train_mae
+from .mae import MAE, schedule, train_mae
 
 
 @dataclass
@@ -107,7 +107,7 @@ def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndar
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(aux.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    sched = schedule(opt, epochs, warmup=0)
     dev = device_of(aux)
     patches, y = mae.patchify(to_float(x)), torch.as_tensor(labels).long()
     mae.eval()

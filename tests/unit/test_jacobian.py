@@ -152,3 +152,13 @@ def test_mad_code_jb_top3_runs_8_pgd_steps_bounded_by_lambda_and_a_negative_boun
     attack, sent = drive_mad_code("jb_top3", model, ds.x_train[:2], 2 + 6 + 9)
     assert attack.queries_per_round == [2, 6, 9]  # 3 per point, then a third of what is left, rounded up
     assert len(attack.transfer_set()[0]) == 17  # the new points join D: no aliasing
+
+
+def test_every_mad_code_quirk_is_named_in_the_module_and_the_docs():
+    from pathlib import Path
+
+    from actors.attacks import jacobian_mad_code
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "attacks.md").read_text()
+    for quirk in jacobian_mad_code.QUIRKS:
+        assert f"``{quirk}``" in jacobian_mad_code.__doc__ and f"| `{quirk}` |" in docs

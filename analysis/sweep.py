@@ -121,14 +121,16 @@ def pareto(points: list[tuple[float, float]], x_better: str = "min") -> list[int
     return sorted(keep, key=lambda i: sign * points[i][0])
 
 
-def distortion_to_reach(rows: list[dict], metric: str, target: float) -> tuple[float, bool] | None:
-    """The least test L1 distortion at which ``metric`` (a replica accuracy) falls below ``target`` along
-    one curve, in order of L1: interpolated linearly between the last trial above the target and the first
-    below it, as ``(l1, True)``; ``(l1, False)`` when the curve's least-distorting trial is already below
-    (an upper bound); None when no trial gets below it. Finished trials count, and trials stopped early
-    whose replica was already at or above the target (it would only have gone higher)."""
-    pts = sorted((r["test_l1_mean"], r[metric]) for r in rows
-                 if r.get("test_l1_mean") is not None and r.get(metric) is not None
+def distortion_to_reach(rows: list[dict], metric: str, target: float,
+                        distortion: str = "test_l1_mean") -> tuple[float, bool] | None:
+    """The least L1 distortion (``distortion``: on the test set, or ``attacker_l1_mean`` on the attacker's queries)
+    at which ``metric`` (a replica accuracy) falls below ``target`` along one curve, in order of L1: interpolated
+    linearly between the last trial above the target and the first below it, as ``(l1, True)``; ``(l1, False)``
+    when the curve's least-distorting trial is already below (an upper bound); None when no trial gets below it.
+    Finished trials count, and trials stopped early whose replica was already at or above the target (it would
+    only have gone higher)."""
+    pts = sorted((r[distortion], r[metric]) for r in rows
+                 if r.get(distortion) is not None and r.get(metric) is not None
                  and (r.get("status", "done") == "done" or r[metric] >= target))
     for k, (x, y) in enumerate(pts):
         if y < target:

@@ -1,7 +1,8 @@
 """Replica accuracy and fidelity of every attack against the undefended LeNet, versus the query budget.
 
     python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
-                                 [--budgets 1000 5000 10000 50000] [--out benchmarks/results/attacks.json]
+                                 [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
+                                 [--replica-epochs N] [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
 ``single_knockoff`` for ``mnist5k``, with ``attack=`` switched), driven in this process against the victim's
@@ -13,8 +14,14 @@ transfer set and evaluated on the victim's test split minus any attack seeds. Se
   budget ends the attack), substitute 10 epochs per round;
 - dfme: B = 64, m = 1, 1 generator and 5 student steps per iteration (448 queries per iteration).
 Replicas: the victim's LeNet, soft labels, Adam 1e-3, batch 64, 20 epochs (10 at budgets above 10,000).
+
+``--variant mad_code`` measures the reference mode instead (the MAD authors' code, docs/attacks.md): the Jacobian
+attacks with ``jacobian.variant=mad_code`` and the code's settings (100 seeds from the victim's training split,
+lambda 0.1, tau 5, substitute 20 epochs), every replica with ``replica.variant=mad_code`` (SGD 0.01, 100 epochs,
+or ``--replica-epochs``) and the epoch of best test accuracy reported beside the last, as the code keeps it.
+Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
-keeps what it measured; cells already in --out are skipped unless --fresh.
+keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
 """
 
 from __future__ import annotations
@@ -39,19 +46,28 @@ SCENARIO = {  # dataset -> (scenario, its attacker id, Knockoff's pool)
 PAPER = {"jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7, "knockoff": 69.2}  # MAD paper, Fashion-MNIST, 50k queries
 
 
-def replica_epochs(budget: int) -> int:
+MAD_CODE = {"jacobian.variant": "mad_code", "jacobian.seed_size": 100, "jacobian.lam": 0.1, "jacobian.tau": 5,
+            "jacobian.substitute_epochs": 20}  # the MAD code's Jacobian settings (docs/attacks.md)
+
+
+def replica_epochs(budget: int, variant: str = "default") -> int:
+    if variant == "mad_code":
+        return 100
     return 20 if budget <= 10_000 else 10
 
 
-def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
-    from actors.replica import train_replica
+def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
+             epochs: int | None = None) -> dict:
+    from actors.replica import score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
-    own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20}
+    own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
+           **(MAD_CODE if variant == "mad_code" else {})}
+    epochs = epochs or replica_epochs(budget, variant)
     cfg = config.load(scenario, [
         f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
-        f"attackers.{aid}.replica.epochs={replica_epochs(budget)}",
+        f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={variant}",
         *[f"attackers.{aid}.{k}={v}" for k, v in own.items() if k in declared]])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     ds = victim.dataset
@@ -65,23 +81,34 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0) -> dict:
     x, y = source.transfer_set()
     att = cfg.attackers[aid]
     start = time.perf_counter()
-    model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
-                          cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid))
     keep = plan.eval_indices(len(ds.x_test))
-    pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     victim_pred = predict_probs(victim.model, ds.x_test[keep]).argmax(1)
-    return {"dataset": dataset, "attack": attack, "budget": budget, "queries": int(len(x)),
+    built, best = {}, {}
+
+    def keep_best(epoch, loss):  # the MAD code's checkpoint: the epoch of best test accuracy (ties: the later)
+        s = score(built["model"], (ds.x_test[keep], ds.y_test[keep], victim_pred))
+        if s["test_accuracy"] >= best.get("test_accuracy", -1.0):
+            best.update(epoch=epoch, **s)
+
+    model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
+                          cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid),
+                          on_epoch=keep_best if variant == "mad_code" else None,
+                          on_build=lambda m: built.update(model=m))
+    pred = predict_probs(model, ds.x_test[keep]).argmax(1)
+    return {"dataset": dataset, "attack": attack, "budget": budget, "variant": variant, "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
             "attack_seconds": round(attack_seconds, 1), "replica_seconds": round(time.perf_counter() - start, 1),
-            "stats": source.stats()}
+            **({"best": best} if best else {}), "stats": source.stats()}
 
 
 def table(cells: list[dict]) -> str:
+    default = [c for c in cells if c.get("variant", "default") == "default"]
+    reference = [c for c in cells if c.get("variant") == "mad_code"]
     lines = []
-    for dataset in dict.fromkeys(c["dataset"] for c in cells):
-        mine = [c for c in cells if c["dataset"] == dataset]
+    for dataset in dict.fromkeys(c["dataset"] for c in default):
+        mine = [c for c in default if c["dataset"] == dataset]
         budgets = sorted({c["budget"] for c in mine})
         paper = dataset == "fashion_mnist"
         lines += [f"**{dataset}** (victim LeNet, test accuracy {mine[0]['victim_accuracy']:.3f}): replica accuracy / "
@@ -95,6 +122,18 @@ def table(cells: list[dict]) -> str:
             extra = [f"{PAPER[attack]:.1f}" if attack in PAPER else "–"] if paper else []
             lines.append(f"| {attack} | " + " | ".join(vals + extra) + " |")
         lines.append("")
+    if reference:
+        lines += ["**Reference mode** (`--variant mad_code`: the MAD authors' code, docs/attacks.md): replica accuracy "
+                  "%, last epoch / best epoch (the code keeps the best)", "",
+                  "| dataset | attack | queries | replica epochs | last | best (epoch) | MAD paper, 50k |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for c in reference:
+            b = c.get("best", {})
+            paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
+            lines.append(f"| {c['dataset']} | {c['attack']} | {c['budget']:,} | {c['replica_epochs']} | "
+                         f"{100 * c['replica_accuracy']:.1f} | {100 * b.get('test_accuracy', float('nan')):.1f} "
+                         f"({b.get('epoch', '–')}) | {paper} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -103,23 +142,30 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist5k"], choices=list(SCENARIO))
     ap.add_argument("--attacks", nargs="+", default=["knockoff", "jbda", "jb_self", "jb_top3", "dfme"])
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 5000, 10000, 50000])
+    ap.add_argument("--variant", default="default", choices=["default", "mad_code"],
+                    help="mad_code: the MAD authors' code (reference mode)")
+    ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fresh", action="store_true", help="measure every cell again")
+    ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cells = []
-    if os.path.exists(args.out) and not args.fresh:
+    if os.path.exists(args.out):
         cells = json.load(open(args.out))["cells"]
-    done = {(c["dataset"], c["attack"], c["budget"]) for c in cells}
+    done = set() if args.fresh else {(c["dataset"], c["attack"], c["budget"], c.get("variant", "default"))
+                                     for c in cells}
     todo = [(d, a, b) for b in sorted(args.budgets) for d in args.datasets for a in args.attacks  # small budgets first
-            if (d, a, b) not in done]
+            if (d, a, b, args.variant) not in done]
     for i, (dataset, attack, budget) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ...", flush=True)
-        cell = run_cell(dataset, attack, budget)
+        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ({args.variant}) ...", flush=True)
+        cell = run_cell(dataset, attack, budget, variant=args.variant, epochs=args.replica_epochs)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
+        if args.fresh:  # replace the cell measured before, if any
+            cells = [c for c in cells if (c["dataset"], c["attack"], c["budget"], c.get("variant", "default"))
+                     != (dataset, attack, budget, args.variant)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -1,7 +1,7 @@
 """Detection quality of SAME and the baselines per attack, and PRADA against account splitting.
 
-    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100]
-                                   [--out benchmarks/results/detection.json]
+    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100] [--variant default|same_code]
+                                   [--mae cpu|authors] [--out benchmarks/results/detection.json]
 
 Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
 models (MAE and auxiliary model, trained and cached by the zoo as a run would) and its attackers, each built
@@ -10,6 +10,12 @@ Serve). Positives: the attacker's queries at each budget; negatives: the victim'
 traffic). Scores: SAME (z-scored reconstruction + deviation, weight 1), SAME-X (reconstruction only), SAME-Y
 (deviation only), maximum softmax of the victim (MSP) and of an outlier-exposure copy (MSP-OE). AUROC, AUPR
 and FPR95 from scikit-learn (analysis.metrics).
+
+``--variant same_code`` measures part 1 in the reference mode instead (the SAME authors' code, docs/detection.md),
+into the result's ``same_code`` entry: full-view reconstruction, KL deviation, score alpha * MSE + (1 - alpha) * KL
+on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, and an MAE of
+``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: an hour or less on 2 cores) or
+``--mae authors`` (patch 2, width 192, 12 + 4 blocks, 500 epochs, 50 of warm-up: for a GPU).
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -52,8 +58,16 @@ def attack_queries(cfg, victim, aid: str) -> np.ndarray:
     return np.concatenate(sent)
 
 
-def part_same(budgets: list[int], seed: int = 0) -> list[dict]:
-    cfg = config.load("same_detection", [f"seed={seed}"])
+SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80"]
+MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
+            "authors": ["detectors.same.patch=2", "detectors.same.dim=192", "detectors.same.depth=12",
+                        "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=4",
+                        "detectors.same.epochs=500", "detectors.same.warmup=50"]}
+
+
+def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu") -> list[dict]:
+    cfg = config.load("same_detection", [f"seed={seed}", *(SAME_CODE + MAE_SIZE[mae] if variant == "same_code" else
+                                                          [])])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
     ctx = zoo.ModelContext.of(cfg, victim)
@@ -64,6 +78,10 @@ def part_same(budgets: list[int], seed: int = 0) -> list[dict]:
 
     def scores(x):
         probs = predict_probs(victim.model, x)
+        if variant == "same_code":  # raw scales, mixed with alpha as the code does
+            r, kl = same.models.signals(x, probs)
+            alpha = same.values["alpha"]
+            return {"SAME": alpha * r + (1 - alpha) * kl, "SAME-X": r, "SAME-Y": kl}
         zr, zd = same.components(x, probs)
         return {"SAME": zr + zd, "SAME-X": zr, "SAME-Y": zd, "MSP": 1 - probs.max(1),
                 "MSP-OE": 1 - predict_probs(oe.model, x).max(1)}
@@ -132,25 +150,36 @@ def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dic
     return rows
 
 
+def same_table(result: dict, key: str) -> list[str]:
+    cells = result.get(key, [])
+    if not cells:
+        return []
+    names = list(dict.fromkeys(c["detector"] for c in cells))
+    attacks = list(dict.fromkeys(c["attack"] for c in cells))
+    head = "AUROC / AUPR / FPR95 in %, attacker queries vs the victim's 1,000 test images"
+    if key == "same_code":
+        st = result.get("same_code_settings", {})
+        head = (f"Reference mode (the SAME authors' code; MAE size `{st.get('mae')}`, measured on "
+                f"{st.get('device')}: {' '.join(st.get('overrides', []))}). SAME = 0.99 MSE + 0.01 KL on raw "
+                f"scales, SAME-X = MSE, SAME-Y = KL. " + head)
+    lines = [head + ":", "", "| budget | detector | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    for budget in sorted({c["budget"] for c in cells}):
+        for name in names:
+            row = {c["attack"]: c for c in cells if c["budget"] == budget and c["detector"] == name}
+            lines.append(f"| {budget:,} | {name} | " + " | ".join(
+                f"{100 * row[a]['auroc']:.2f} / {100 * row[a]['aupr']:.2f} / {100 * row[a]['fpr95']:.2f}"
+                if a in row else "–" for a in attacks) + " |")
+        paper = PAPER_1K if budget == 1000 else PAPER_4K if budget == 4000 else None
+        if paper:
+            lines.append(f"| {budget:,} | SAME paper (AUROC) | " + " | ".join(
+                f"{paper[a]:.2f}" if a in paper else "–" for a in attacks) + " |")
+    return lines + [""]
+
+
 def tables(result: dict) -> str:
     lines = []
-    cells = result.get("same", [])
-    if cells:
-        names = list(dict.fromkeys(c["detector"] for c in cells))
-        attacks = list(dict.fromkeys(c["attack"] for c in cells))
-        lines += ["AUROC / AUPR / FPR95 in %, attacker queries vs the victim's 1,000 test images:", "",
-                  "| budget | detector | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
-        for budget in sorted({c["budget"] for c in cells}):
-            for name in names:
-                row = {c["attack"]: c for c in cells if c["budget"] == budget and c["detector"] == name}
-                lines.append(f"| {budget:,} | {name} | " + " | ".join(
-                    f"{100 * row[a]['auroc']:.2f} / {100 * row[a]['aupr']:.2f} / {100 * row[a]['fpr95']:.2f}"
-                    if a in row else "–" for a in attacks) + " |")
-            paper = PAPER_1K if budget == 1000 else PAPER_4K if budget == 4000 else None
-            if paper:
-                lines.append(f"| {budget:,} | SAME paper (AUROC) | " + " | ".join(
-                    f"{paper[a]:.2f}" if a in paper else "–" for a in attacks) + " |")
-        lines.append("")
+    for key in ("same", "same_code"):
+        lines += same_table(result, key)
     rows = result.get("sybil", [])
     if rows:
         lines += ["Attacker accounts flagged (benign accounts flagged), distributed JBDA, 1,500 queries:", "",
@@ -172,6 +201,9 @@ def main() -> None:
     ap.add_argument("--accounts", nargs="+", type=int, default=[1, 10, 50, 100])
     ap.add_argument("--cohort", type=int, default=25, help="attacker accounts per sign-up cohort")
     ap.add_argument("--parts", nargs="+", default=["same", "sybil"], choices=["same", "sybil"])
+    ap.add_argument("--variant", default="default", choices=["default", "same_code"],
+                    help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry")
+    ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "detection.json"))
     args = ap.parse_args()
@@ -182,7 +214,14 @@ def main() -> None:
     for part in args.parts:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()
-        result[part] = part_same(args.budgets) if part == "same" else part_sybil(args.accounts, args.cohort)
+        if part == "same" and args.variant == "same_code":
+            part = "same_code"
+            result[part] = part_same(args.budgets, variant="same_code", mae=args.mae)
+            result["same_code_settings"] = {"mae": args.mae, "overrides": SAME_CODE + MAE_SIZE[args.mae],
+                                            "measured": time.strftime("%Y-%m-%d"),
+                                            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        else:
+            result[part] = part_same(args.budgets) if part == "same" else part_sybil(args.accounts, args.cohort)
         result[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -1,0 +1,112 @@
+"""The papers' claims beside this project's measurements: the replication report's one schema, one vocabulary of
+verdicts, and its table. Pure (no runs, no Ray): ``benchmarks/replicate.py`` measures the cells and judges each
+claim; :func:`build` turns the claims and the measured cells into rows, :func:`markdown` into the table.
+
+A row: the claim and its paper, the paper's value, ours in the clean (default) modes, ours in the reference mode
+that reproduces the paper's code where one exists, the tolerance the verdict used, the verdict, one line of why,
+and the settings (where and at what budget it was measured)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Protocol
+
+VERDICTS = ("holds", "does not hold", "cannot be tested here")
+NO_REFERENCE = "no reference mode"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a claim's judge concludes from the measured cells."""
+
+    clean: str  # ours, in the default modes
+    verdict: str
+    why: str
+    reference: str = NO_REFERENCE  # ours in the reference mode
+
+    def __post_init__(self):
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict={self.verdict!r}; expected one of: {', '.join(VERDICTS)}")
+        if not self.why.strip():
+            raise ValueError("a finding needs a reason (why), however short")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    paper: str
+    claim: str
+    paper_value: str
+    clean: str
+    reference: str
+    tolerance: str
+    verdict: str
+    why: str
+    settings: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ClaimLike(Protocol):  # what build() reads of a claim (benchmarks/replicate.py's Claim)
+    id: str
+    paper: str
+    statement: str
+    paper_value: str
+    tolerance: str
+    settings: str
+    judge: Callable[[dict], Finding]
+
+    def needs(self) -> list[str]:
+        """The labels of the cells the judge reads."""
+
+
+def build(claims: Iterable[ClaimLike], cells: dict) -> list[Row]:
+    """One row per claim: judged from ``cells`` (label -> measurement) once every cell it needs is there;
+    otherwise "cannot be tested here" naming the cells not yet measured (no verdict on half the evidence)."""
+    rows = []
+    for c in claims:
+        missing = [label for label in c.needs() if not cells.get(label)]
+        if missing:
+            f = Finding("not measured", "cannot be tested here", f"not yet measured: {', '.join(missing)}",
+                        reference="not measured")
+        else:
+            f = c.judge(cells)
+            if not isinstance(f, Finding):
+                raise TypeError(f"claim {c.id}: its judge returned {type(f).__name__}; expected a Finding")
+        rows.append(Row(c.id, c.paper, c.statement, c.paper_value, f.clean, f.reference, c.tolerance, f.verdict,
+                        f.why, c.settings))
+    return rows
+
+
+def within(paper: float, ours: float | None, tolerance: float) -> bool:
+    """Whether ``ours`` is measured and within ``tolerance`` of ``paper`` (same units)."""
+    return ours is not None and abs(ours - paper) <= tolerance
+
+
+def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: float) -> tuple[list[str], str]:
+    """The keys of ``paper`` whose measured value lies within ``tolerance``, and "k1 ours, k2 ours, …" in the
+    paper's order ("–" where not measured); values in the paper's units."""
+    close = [k for k in paper if within(paper[k], ours.get(k), tolerance)]
+    text = ", ".join(f"{k} {'–' if ours.get(k) is None else format(ours[k], '.1f')}" for k in paper)
+    return close, text
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+COLUMNS = ("claim", "paper", "paper's value", "ours, clean", "ours, reference mode", "tolerance", "verdict",
+           "settings")
+
+
+def markdown(rows: list[Row], preamble: list[str]) -> str:
+    """The table, after ``preamble`` lines; one line per row, the verdict in bold followed by why."""
+    lines = [*preamble, "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = (r.claim, r.paper, r.paper_value, r.clean, r.reference, r.tolerance, f"**{r.verdict}**: {r.why}",
+                 r.settings)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    counts = {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+    lines += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""The replication report: its schema and vocabulary (analysis.claims) and the builder of
+benchmarks/replicate.py, on hand-made measurements (no runs)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.claims import VERDICTS, Finding, Row, build, compare, markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def replicate():
+    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replicate"] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("replicate", None)
+
+
+class Claim:
+    def __init__(self, cid, reads, judge):
+        self.id, self.paper, self.statement = cid, "A paper", f"claim {cid}"
+        self.paper_value, self.tolerance, self.settings = "1.0", "within 1", "here"
+        self._reads, self.judge = reads, judge
+
+    def needs(self):
+        return self._reads
+
+
+def test_a_finding_speaks_the_one_vocabulary():
+    assert VERDICTS == ("holds", "does not hold", "cannot be tested here")
+    with pytest.raises(ValueError, match="verdict='mostly holds'"):
+        Finding("x", "mostly holds", "why")
+    with pytest.raises(ValueError, match="reason"):
+        Finding("x", "holds", "  ")
+
+
+def test_build_judges_only_claims_whose_cells_are_all_measured():
+    seen = []
+
+    def judge(cells):
+        seen.append(sorted(cells))
+        return Finding(f"ours {cells['a']['v']}", "holds", "close", reference="ref 2")
+
+    claims = [Claim("one", ["a"], judge), Claim("two", ["a", "b"], judge)]
+    rows = build(claims, {"a": {"v": 1}, "b": None})
+    assert rows[0] == Row("one", "A paper", "claim one", "1.0", "ours 1", "ref 2", "within 1", "holds", "close", "here")
+    assert (rows[1].verdict, rows[1].why, rows[1].clean) == ("cannot be tested here", "not yet measured: b",
+                                                            "not measured")
+    assert seen == [["a", "b"]]  # the second claim's judge never ran
+
+
+def test_a_judge_must_return_a_finding():
+    claim = Claim("bad", [], lambda cells: ("x", "holds", "why"))
+    with pytest.raises(TypeError, match="claim bad.*expected a Finding"):
+        build([claim], {})
+
+
+def test_compare_counts_the_figures_within_tolerance():
+    close, text = compare({"a": 38.7, "b": 69.2, "c": 10.0}, {"a": 42.0, "b": 52.1}, 5)
+    assert close == ["a"]  # 3.3 points off; b is 17.1 off; c was not measured
+    assert text == "a 42.0, b 52.1, c –"
+
+
+def test_markdown_has_one_escaped_line_per_row_and_counts_the_verdicts():
+    rows = [Row("x", "P", "a | b", "1", "2", "3", "t", "holds", "because", "s"),
+            Row("y", "P", "c", "1", "–", "no reference mode", "t", "cannot be tested here", "no data", "s")]
+    text = markdown(rows, ["# Title", ""])
+    lines = text.splitlines()
+    assert lines[0] == "# Title"
+    assert lines[4] == "| a \\| b | P | 1 | 2 | 3 | t | **holds**: because | s |"
+    assert lines[5].count(" | ") == 7
+    assert lines[-1] == "Verdicts: 1 holds, 0 does not hold, 1 cannot be tested here."
+
+
+def attacks_json(reference_budget=10000):
+    cells = [{"dataset": "fashion_mnist", "attack": a, "budget": 50000, "replica_accuracy": v}
+             for a, v in (("knockoff", 0.521), ("jbda", 0.813), ("jb_self", 0.814), ("jb_top3", 0.837))]
+    cells += [{"dataset": "fashion_mnist", "attack": a, "budget": reference_budget, "variant": "mad_code",
+               "replica_accuracy": v - 0.02, "replica_epochs": 30, "best": {"epoch": 7, "test_accuracy": v}}
+              for a, v in (("knockoff", 0.50), ("jbda", 0.40), ("jb_self", 0.47), ("jb_top3", 0.70))]
+    return {"cells": cells}
+
+
+def detection_json():
+    def rows(values):
+        return [{"attack": a, "detector": d, "budget": 1000, "auroc": v if d == "SAME" else 0.5}
+                for a, v in values.items() for d in ("SAME", "SAME-X")]
+
+    return {"same": rows({"knockoff": 0.6896, "jbda": 0.6137, "dfme": 1.0}),
+            "same_code": rows({"knockoff": 0.97, "jbda": 0.80, "dfme": 0.999}),
+            "same_code_settings": {"mae": "cpu"}}
+
+
+def tradeoff_rows():
+    """MAD crosses 80% at test L1 0.4 (0.9 -> 0.7 between 0.2 and 0.6); reverse sigmoid at 0.8; random noise never."""
+    def row(curve, l1, acc, attacker_l1=None):
+        return {"curve": curve, "status": "done", "test_l1_mean": l1, "attacker_l1_mean": attacker_l1 or l1,
+                "single.replica_test_accuracy": acc}
+
+    return [row("none", 0.0, 0.96), row("mad", 0.2, 0.9), row("mad", 0.6, 0.7),
+            row("reverse_sigmoid", 0.4, 0.95), row("reverse_sigmoid", 1.2, 0.65),
+            row("random_noise", 0.1, 0.95), row("random_noise", 0.5, 0.85),
+            row("random_noise_mad_code", 0.3, 0.9, 0.6), row("random_noise_mad_code", 0.5, 0.7, 1.0)]
+
+
+def test_the_report_builder_puts_paper_clean_and_reference_side_by_side(replicate):
+    result = {"quick": False, "machine": "test", "latency": None, "cells": {"tradeoff 10k": tradeoff_rows()}}
+    rows, text = replicate.report(result, {"attacks": attacks_json(), "detection": detection_json()})
+    by_id = {r["id"]: r for r in rows}
+    assert set(by_id) == {c.id for c in replicate.CLAIMS}
+    assert all(r["verdict"] in VERDICTS and r["why"] for r in rows)
+
+    mad = by_id["mad-table1"]
+    assert mad["paper_value"] == "69.2 / 38.7 / 45.8 / 68.7"
+    assert mad["clean"] == "knockoff 52.1, jbda 81.3, jb_self 81.4, jb_top3 83.7"
+    assert mad["reference"].startswith("knockoff 50.0, jbda 40.0, jb_self 47.0, jb_top3 70.0 (best epoch; 30 ")
+    assert mad["verdict"] == "does not hold"  # knockoff's 50.0 is 19.2 points off
+    assert "reference at 10,000 queries (the paper: 50,000): 3 of 4" in mad["why"]
+    assert "jbda, jb_self" in mad["why"]  # the quirks account for the two Jacobian gaps
+
+    same = by_id["same-table"]
+    assert same["clean"] == "knockoff 69.0, jbda 61.4, dfme 100.0"
+    assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9 (a reduced MAE")
+    assert same["why"] == "within 5 points, clean: dfme; reference: knockoff, dfme"
+
+    trade = by_id["mad-tradeoff"]
+    assert trade["clean"] == ("undefended 96.0; MAD ÷ reverse_sigmoid: 0.50 (test L1), 0.50 (attacker-query L1); "
+                              "MAD ÷ random_noise: – (test L1), – (attacker-query L1)")
+    assert trade["verdict"] == "does not hold"  # random noise never crossed 80%: no ratio
+    assert trade["reference"].startswith("MAD ÷ random_noise_mad_code: 1.00 (test L1), 0.50 (attacker-query L1)")
+
+    assert by_id["heuristic-37x"]["why"] == "not yet measured: latency"
+    assert by_id["quantized-exposed"]["verdict"] == "cannot be tested here"  # its runs are not in the result
+    assert "| Undefended replicas on Fashion-MNIST" in text and text.endswith(".\n")
+
+
+def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
+    attacks = {"cells": [c for c in attacks_json()["cells"] if "variant" not in c]}
+    rows, _ = replicate.report({"quick": True, "machine": "test", "cells": {}},
+                               {"attacks": attacks, "detection": {"same": detection_json()["same"]}})
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["mad-table1"]["reference"] == "not measured"
+    assert "benchmarks/attacks.py --variant mad_code" in by_id["mad-table1"]["why"]
+    assert "benchmarks/detection.py --variant same_code" in by_id["same-table"]["why"]

@@ -5,7 +5,8 @@ the unit of assignment (one request = one account, a batch of queries).
 - ``round_robin``: requests go to the live accounts in turn;
 - ``random``: a seeded uniform choice among the live accounts per request;
 - ``blocks``: contiguous blocks, account j sends queries [j*B/k, (j+1)*B/k) of the actor's budget B
-  (a request never straddles two blocks); when an account retires early, the next one takes over.
+  (a request never straddles two blocks), or with ``sizes`` a block of its own size per account (a population
+  whose accounts send different numbers of queries); when an account retires early, the next one takes over.
 On top of any of them:
 - ``cap``: an account retires once it has sent this many queries (e.g. to stay under PRADA's min_pool);
 - ``max_rate``: an account sends at most this many queries per second (:meth:`AccountSplitter.next`
@@ -35,7 +36,8 @@ class Pick(NamedTuple):
 
 class AccountSplitter:
     def __init__(self, keys: list[str], strategy: str, budget: int, seed: int = 0, *, cap: int | None = None,
-                 max_rate: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 max_rate: float | None = None, sizes: list[int] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if not keys:
             raise ConfigError("an actor needs at least one account")
         if strategy not in STRATEGIES:
@@ -53,7 +55,10 @@ class AccountSplitter:
         self._free_at: dict[str, float] = {}  # pacing: when each account may send again
         # blocks: account j's block ends once the actor has sent bounds[j] queries
         k = len(self.keys)
-        self._bounds = [((j + 1) * budget) // k for j in range(k)]
+        if sizes is not None and (len(sizes) != k or sum(sizes) != budget or min(sizes) < 1):
+            raise ConfigError(f"sizes={list(sizes)}; expected {k} positive block sizes that sum to the budget {budget}")
+        self._bounds = ([int(b) for b in np.cumsum(sizes)] if sizes is not None
+                        else [((j + 1) * budget) // k for j in range(k)])
 
     def live(self, key: str) -> bool:
         return key not in self.burned and (self.cap is None or self.used[key] < self.cap)

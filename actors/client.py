@@ -33,11 +33,11 @@ class VictimRefused(RuntimeError):
 class Client:
     def __init__(self, actor_id: str, source, keys: list[str], split: str, budget: int, batch_size: int, *,
                  query: Callable, solve: Callable, seed: int = 0, cap: int | None = None,
-                 max_rate: float | None = None, churn: bool = False,
+                 max_rate: float | None = None, churn: bool = False, sizes: list[int] | None = None,
                  on_progress: Callable[[int], None] | None = None):
         self.actor_id = actor_id
         self.source = source
-        self.splitter = AccountSplitter(keys, split, budget, seed, cap=cap, max_rate=max_rate)
+        self.splitter = AccountSplitter(keys, split, budget, seed, cap=cap, max_rate=max_rate, sizes=sizes)
         self.churn = churn
         self.batch_size = batch_size
         self._query, self._solve, self._on_progress = query, solve, on_progress

@@ -86,7 +86,8 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                   f"{_pct(v.defended_test_accuracy)}% accuracy on the test set, mean L1 distortion "
                   f"{d.test_l1_mean:.3f}.",
                   f"- **Clients**: {len(summary.attackers)} attacker(s), {summary.benign.users} benign "
-                  f"user(s); {summary.queries.total:,} queries sent in {summary.wall_seconds:.0f} s."]
+                  f"user(s) with {summary.benign.accounts or summary.benign.users} account(s); "
+                  f"{summary.queries.total:,} queries sent in {summary.wall_seconds:.0f} s."]
         for name, dd in summary.detection.items():
             cal = dd.calibration
             thr = (f", threshold {cal['threshold']:.4g} (benign false-positive target {cal['target_fpr']})"

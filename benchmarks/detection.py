@@ -1,6 +1,7 @@
 """Detection quality of SAME and the baselines per attack, and PRADA against account splitting.
 
-    python benchmarks/detection.py [--budgets 1000 4000] [--accounts 1 10 50 100] [--variant default|same_code]
+    python benchmarks/detection.py [--parts same sybil population prada_sizes] [--budgets 1000 4000]
+                                   [--accounts 1 10 50 100] [--seeds 0 1 2] [--variant default|same_code]
                                    [--mae cpu|authors] [--out benchmarks/results/detection.json]
 
 Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
@@ -22,6 +23,15 @@ over N accounts, with two benign users (300 test images each), all through one i
 (sim.service.VictimService: the code a Serve replica runs) with per-account PRADA, PRADA pooled per account
 cohort (the attacker's accounts signed up in batches of ``--cohort`` accounts) and account linking. Reported:
 attacker accounts flagged, benign accounts flagged.
+
+Part 3 (``population``): the same detectors against a realistic honest population, per seed (``--seeds``: victim,
+attack and population): 240 benign accounts held by 4 benign actors, with varied query counts, shared popular
+images, and some signed up in the attacker's sign-up batches (``benign.*`` settings, docs/configuration.md).
+Reported: accounts flagged per detector over all seeds, with the false-positive rate's 95% Wilson interval.
+
+Part 4 (``prada_sizes``): per-account PRADA's flag rate by account size, Knockoff accounts beside benign accounts
+with the same number of queries, per seed: the false-positive rate an evasion claim must be read against.
+
 Results are written to --out (JSON) and a Markdown table next to it.
 """
 
@@ -39,7 +49,7 @@ import torch
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
 from sim.detectors.same import Same
-from sim.plan import make_plan
+from sim.plan import derive_seed, make_plan
 from sim.training import predict_probs
 
 PAPER_1K = {"jbda": 93.30, "knockoff": 99.37, "dfme": 100.00}  # SAME paper, MNIST, 1k queries, AUROC %
@@ -102,11 +112,49 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
     return cells
 
 
-def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dict]:
-    from actors.accounts import AccountSplitter
+def cross_account_service(cfg, victim, plan, skip_repeats: bool = False):
+    """The victim service (the code a Serve replica runs, in-process) with per-account PRADA, PRADA pooled per
+    sign-up cohort and account linking, at the scenario's PRADA and linking settings; ``skip_repeats`` also adds
+    per-account PRADA that skips exact repeats (``prada_skip``) and turns it on for the pooled one (its default)."""
     from sim.policy import Rule
     from sim.service import VictimService
 
+    p = cfg.detectors["prada"]
+    prada = {"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
+             "cohort_prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool, skip_repeats=skip_repeats)}
+    if skip_repeats:
+        prada["prada_skip"] = detectors.build("prada", delta=p.delta, min_pool=p.min_pool, skip_repeats=True)
+    return VictimService(
+        model=victim.model, victim="v", run_id="bench", accounts=plan.accounts, input_shape=victim.dataset.input_shape,
+        detectors={**prada, "link": detectors.build("link", **cfg.detectors["link"].params())},
+        rules={"cohort_prada": Rule(group="cohort")})
+
+
+def drive(svc, clients, seed: int) -> dict[str, set]:
+    """One request per client in turn (the victim sees the traffic interleaved), each through its accounts as its
+    split says, until every budget is spent; the accounts each detector flagged (``any``: by one of them)."""
+    from actors.accounts import AccountSplitter
+
+    splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed, **{
+        k: v for k, v in (c.strategy or {}).items() if k == "sizes"}) for c in clients}
+    live = list(clients)
+    while live:
+        for c in list(live):
+            if not c.source.remaining:
+                live.remove(c)
+                continue
+            pick = splitters[c.actor_id].next(min(c.batch_size, c.source.remaining))
+            x = c.source.propose(pick.n)
+            reply = svc.query(pick.key, x, c.actor_id)
+            c.source.observe(x, reply.probs, reply.answered)
+    cohorts = {a.account_id: f"cohort:{a.cohort}" for a in svc.accounts.values()}
+    flagged = {name: d.flagged_accounts() for name, d in svc.detectors.items() if name != "cohort_prada"}
+    flagged["cohort_prada"] = {a for a, k in cohorts.items() if svc.detectors["cohort_prada"].is_flagged(k)}
+    flagged["any"] = set().union(*flagged.values())
+    return flagged
+
+
+def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dict]:
     rows = []
     for n in accounts_list:
         cfg = config.load("distributed_jbda", [f"seed={seed}", f"attackers.distributed.accounts={n}",
@@ -114,31 +162,10 @@ def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dic
         victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
         plan = make_plan(cfg, victim.dataset)
         clients = plan.of(attacker="distributed") + plan.of(role="benign")
-        p = cfg.detectors["prada"]
-        svc = VictimService(
-            model=victim.model, victim="v", run_id="bench", accounts=plan.accounts,
-            input_shape=victim.dataset.input_shape,
-            detectors={"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
-                       "cohort_prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool),
-                       "link": detectors.build("link", **cfg.detectors["link"].params())},
-            rules={"cohort_prada": Rule(group="cohort")})
-        splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed) for c in clients}
+        svc = cross_account_service(cfg, victim, plan)
         t0 = time.perf_counter()
-        live = list(clients)
-        while live:  # one request per client in turn: the victim sees the traffic interleaved
-            for c in list(live):
-                if not c.source.remaining:
-                    live.remove(c)
-                    continue
-                pick = splitters[c.actor_id].next(min(c.batch_size, c.source.remaining))
-                x = c.source.propose(pick.n)
-                reply = svc.query(pick.key, x, c.actor_id)
-                c.source.observe(x, reply.probs, reply.answered)
+        flagged = drive(svc, clients, seed)
         role = {a.account_id: a.role for a in plan.accounts.values()}
-        cohorts = {a.account_id: f"cohort:{a.cohort}" for a in plan.accounts.values()}
-        flagged = {"prada": svc.detectors["prada"].flagged_accounts(), "link": svc.detectors["link"].flagged_accounts(),
-                   "cohort_prada": {a for a, k in cohorts.items() if svc.detectors["cohort_prada"].is_flagged(k)}}
-        flagged["any"] = set().union(*flagged.values())
         row = {"accounts": n, "queries_per_account": 1500 // n, "seconds": round(time.perf_counter() - t0, 1)}
         for name, accts in flagged.items():
             row[f"{name}_attacker"] = sum(role.get(a) == "attacker" for a in accts)
@@ -147,6 +174,96 @@ def part_sybil(accounts_list: list[int], cohort: int, seed: int = 0) -> list[dic
         rows.append(row)
         print(f"  {n:>4} accounts: " + ", ".join(f"{k} {row[k + '_attacker']}/{n} (benign {row[k + '_benign']})"
                                                for k in flagged), flush=True)
+    return rows
+
+
+def wilson(k: int, n: int) -> list[float]:
+    """The 95% Wilson interval of a rate of k in n (scipy)."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return [0.0, 1.0]
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(ci.low, 4), round(ci.high, 4)]
+
+
+POPULATION = ["benign.users=4", "benign.accounts=240", "benign.queries=20", "benign.queries_max=600",
+              "benign.popular=0.2", "benign.shared_signup=0.1", "benign.batch_size=16"]
+
+
+def part_population(seeds: list[int], cohort: int) -> list[dict]:
+    """The cross-account detectors against a realistic honest population: ``distributed_jbda``'s attacker over 50
+    accounts (signed up in batches of ``cohort``) beside 240 benign accounts held by 4 benign actors, 20 to 600
+    queries each (log-uniform), a fifth of their queries from 20 popular images every account shares, and a tenth
+    of them signed up inside the attacker's sign-up batches. Per seed (victim, attack and population), the
+    accounts each detector flags."""
+    rows = []
+    for seed in seeds:
+        cfg = config.load("distributed_jbda", [f"seed={seed}", "attackers.distributed.accounts=50",
+                                               f"attackers.distributed.cohort_size={cohort}", *POPULATION])
+        victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+        plan = make_plan(cfg, victim.dataset)
+        t0 = time.perf_counter()
+        flagged = drive(cross_account_service(cfg, victim, plan, skip_repeats=True),
+                        plan.of(attacker="distributed") + plan.of(role="benign"), seed)
+        benign = {a.account_id for a in plan.accounts.values() if a.role == "benign"}
+        in_batches = {a.account_id for a in plan.accounts.values()
+                      if a.role == "benign" and not a.cohort.startswith("benign-")}
+        attacker = {a.account_id for a in plan.accounts.values() if a.account_id.startswith("distributed-")}
+        row = {"seed": seed, "benign_accounts": len(benign), "benign_in_attacker_batches": len(in_batches),
+               "attacker_accounts": len(attacker), "seconds": round(time.perf_counter() - t0, 1)}
+        for name, accts in flagged.items():
+            row[f"{name}_attacker"] = len(accts & attacker)
+            row[f"{name}_benign"] = len(accts & benign)
+            row[f"{name}_benign_in_batches"] = len(accts & in_batches)
+        rows.append(row)
+        print(f"  seed {seed}: " + ", ".join(f"{k} attacker {row[k + '_attacker']}/{len(attacker)}, benign "
+                                            f"{row[k + '_benign']}/{len(benign)}" for k in flagged), flush=True)
+    return rows
+
+
+SIZES = [50, 100, 200, 500, 1500]  # queries per account
+
+
+def part_prada_sizes(seeds: list[int], accounts: int = 10) -> list[dict]:
+    """Per-account PRADA's flag rate by account size: ``distributed_knockoff``'s Knockoff queries (digits pool)
+    cut into ``accounts`` accounts of each size, beside as many benign accounts of the same size sending test
+    images (each in its own seeded order), per seed (victim and attack). A benign account of a given size is what
+    an attacker account of that size must be told apart from."""
+    from actors.benign import BenignStream
+    from sim.protocol import Account, make_keys
+    from sim.service import VictimService
+
+    rows = []
+    for seed in seeds:
+        for size in SIZES:
+            cfg = config.load("distributed_knockoff", [
+                f"seed={seed}", f"attackers.distributed.budget={size * accounts}",
+                "attackers.distributed.sample_with_replacement=true", "attackers.distributed.actors=1"])
+            victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+            ds = victim.dataset
+            (attack,) = make_plan(cfg, ds).of(attacker="distributed")
+            streams = {f"attacker-{j}": attack.source for j in range(accounts)}
+            streams |= {f"benign-{j}": BenignStream(ds.x_test, size, derive_seed(seed, "size", size, j))
+                        for j in range(accounts)}
+            keys = make_keys([Account(a, a.split("-")[0]) for a in streams], seed=seed)
+            key_of = {a.account_id: k for k, a in keys.items()}
+            p = cfg.detectors["prada"]
+            svc = VictimService(model=victim.model, victim="v", run_id="bench", accounts=keys,
+                                input_shape=ds.input_shape,
+                                detectors={"prada": detectors.build("prada", delta=p.delta, min_pool=p.min_pool)})
+            for account, stream in streams.items():  # each account's queries in requests of 16, in its order
+                for start in range(0, size, 16):
+                    x = stream.propose(min(16, size - start))
+                    reply = svc.query(key_of[account], x, account)
+                    stream.observe(x, reply.probs, reply.answered)
+            flagged = svc.detectors["prada"].flagged_accounts()
+            row = {"seed": seed, "size": size, "accounts": accounts,
+                   "attacker_flagged": sum(a.startswith("attacker") for a in flagged),
+                   "benign_flagged": sum(a.startswith("benign") for a in flagged)}
+            rows.append(row)
+            print(f"  seed {seed}, {size:>5} queries/account: attacker {row['attacker_flagged']}/{accounts}, "
+                  f"benign {row['benign_flagged']}/{accounts}", flush=True)
     return rows
 
 
@@ -176,10 +293,54 @@ def same_table(result: dict, key: str) -> list[str]:
     return lines + [""]
 
 
+def rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} ({100 * k / max(n, 1):.1f}%, CI {100 * lo:.1f}–{100 * hi:.1f})"
+
+
+def population_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    n_b, n_a = sum(r["benign_accounts"] for r in rows), sum(r["attacker_accounts"] for r in rows)
+    n_in = sum(r["benign_in_attacker_batches"] for r in rows)
+    lines = [f"Cross-account detectors against an honest population (seeds {seeds}; per seed 240 benign accounts of "
+             f"4 benign actors, 20–600 queries each, a fifth of them from 20 shared popular images, a tenth signed up "
+             f"in the attacker's batches; the attacker: distributed JBDA, 1,500 queries over 50 accounts). Accounts "
+             f"flagged over all seeds, with the 95% Wilson interval:", "",
+             "`prada`: per-account PRADA as configured by default; `prada_skip`: the same skipping exact repeats "
+             "(`skip_repeats=true`); `cohort_prada`: pooled per sign-up cohort, skipping repeats (its default).", "",
+             "| detector | attacker accounts | benign accounts (false-positive rate) | benign accounts in attacker "
+             "sign-up batches |", "|---|---:|---:|---:|"]
+    for name in ("prada", "prada_skip", "cohort_prada", "link", "any"):
+        k = {key: sum(r[f"{name}_{key}"] for r in rows) for key in ("attacker", "benign", "benign_in_batches")}
+        lines.append(f"| {name} | {k['attacker']}/{n_a} | {rate(k['benign'], n_b)} | "
+                     f"{rate(k['benign_in_batches'], n_in)} |")
+    return lines + [""]
+
+
+def sizes_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    seeds = ", ".join(map(str, sorted({r["seed"] for r in rows})))
+    lines = [f"Per-account PRADA by account size (seeds {seeds}; per seed and size, {rows[0]['accounts']} Knockoff "
+             f"accounts cut from `distributed_knockoff`'s attacker and as many benign accounts of test images). "
+             f"Accounts flagged over all seeds, with the 95% Wilson interval:", "",
+             "| queries per account | Knockoff accounts flagged | benign accounts flagged (false-positive rate) |",
+             "|---:|---:|---:|"]
+    for size in sorted({r["size"] for r in rows}):
+        mine = [r for r in rows if r["size"] == size]
+        n = sum(r["accounts"] for r in mine)
+        lines.append(f"| {size:,} | {rate(sum(r['attacker_flagged'] for r in mine), n)} | "
+                     f"{rate(sum(r['benign_flagged'] for r in mine), n)} |")
+    return lines + [""]
+
+
 def tables(result: dict) -> str:
     lines = []
     for key in ("same", "same_code"):
         lines += same_table(result, key)
+    lines += population_table(result.get("population", [])) + sizes_table(result.get("prada_sizes", []))
     rows = result.get("sybil", [])
     if rows:
         lines += ["Attacker accounts flagged (benign accounts flagged), distributed JBDA, 1,500 queries:", "",
@@ -200,7 +361,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 4000])
     ap.add_argument("--accounts", nargs="+", type=int, default=[1, 10, 50, 100])
     ap.add_argument("--cohort", type=int, default=25, help="attacker accounts per sign-up cohort")
-    ap.add_argument("--parts", nargs="+", default=["same", "sybil"], choices=["same", "sybil"])
+    ap.add_argument("--parts", nargs="+", default=["same", "sybil", "population", "prada_sizes"],
+                    choices=["same", "sybil", "population", "prada_sizes"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="population and prada_sizes: the seeds")
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
                     help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry")
     ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
@@ -220,6 +383,10 @@ def main() -> None:
             result["same_code_settings"] = {"mae": args.mae, "overrides": SAME_CODE + MAE_SIZE[args.mae],
                                             "measured": time.strftime("%Y-%m-%d"),
                                             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        elif part == "population":
+            result[part] = part_population(args.seeds, args.cohort)
+        elif part == "prada_sizes":
+            result[part] = part_prada_sizes(args.seeds)
         else:
             result[part] = part_same(args.budgets) if part == "same" else part_sybil(args.accounts, args.cohort)
         result[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)

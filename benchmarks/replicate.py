@@ -563,8 +563,28 @@ def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str
     return [r.as_dict() for r in rows], markdown(rows, preamble)
 
 
+DOCS = os.path.join(os.path.dirname(RESULTS), "..", "docs", "reproducing.md")
+BEGIN, END = "<!-- replication table: written by benchmarks/replicate.py -->", "<!-- end of replication table -->"
+
+
+def table_of(md: str) -> str:
+    """The table and its verdict count: the report without its heading and preamble."""
+    return md[md.index("| claim |"):]
+
+
+def replace_table(text: str, table: str) -> str:
+    """``text`` (docs/reproducing.md) with the block between the markers replaced by ``table``."""
+    head, rest = text.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
+
+
 def write(path: str, result: dict) -> None:
     result["claims"], md = report(result)
+    if not result["quick"] and os.path.abspath(path) == os.path.join(RESULTS, "replication.json"):
+        with open(DOCS) as fh:
+            text = fh.read()
+        with open(DOCS, "w") as fh:
+            fh.write(replace_table(text, table_of(md)))
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=1)
     os.replace(path + ".tmp", path)

@@ -1,7 +1,7 @@
 """Scenario runs whose summaries make the result tables of the docs (docs/results.md links them).
 
-    python benchmarks/runs.py [--studies splits_knockoff splits_jbda defenses scenarios] [--fresh]
-                                   [--report-only] [--out benchmarks/results/runs.json]
+    python benchmarks/runs.py [--studies splits_knockoff splits_jbda defenses scenarios] [--seeds 0 1 2]
+                              [--fresh] [--report-only] [--out benchmarks/results/runs.json]
 
 Each study is a list of runs: a shipped scenario with overrides, run by ``sim.run`` exactly as
 ``python -m sim scenario=NAME key=value …`` runs it (one local Ray for all of them), in its own run directory under
@@ -15,6 +15,10 @@ measured; runs already in ``--out`` are not run again unless ``--fresh``. ``--re
   DP-SGD victim;
 - ``limits``: ``distributed_knockoff`` without limits, with a per-account rate limit and with a per-account quota;
 - ``scenarios``: the other shipped scenarios at their defaults, and the README's default run.
+
+The tables show seed 0. ``--seeds`` runs each run of the chosen studies at each seed too (``seed=S``: the victim's
+training, the attack and the account keys all change), and each study's table is followed by the spread: per
+run and attacker, the replica's mean, standard deviation and range, and the accounts flagged at each seed.
 """
 
 from __future__ import annotations
@@ -107,6 +111,44 @@ def _replica(a) -> str:
     return "–" if a.replica is None else f"{_pct(a.replica.test_accuracy)} / {_pct(a.replica.fidelity)}"
 
 
+def seeded(label: str, seed: int) -> str:
+    """The key of a run at another seed than 0."""
+    return label if seed == 0 else f"{label} (seed {seed})"
+
+
+def spread(study: str, runs: dict) -> list[str]:
+    """Per run of ``study`` measured at more than one seed: each attacker's replica accuracy (mean ± sd, range)
+    and its accounts flagged per seed, and the benign accounts flagged per seed."""
+    import statistics
+
+    from sim.summary import parse
+
+    mine = runs.get(study, {})
+    lines = []
+    for label, scenario, overrides in STUDIES[study]:
+        at = {int(k.rsplit(" ", 1)[1][:-1]) if k != label else 0: parse(v["summary"]) for k, v in mine.items()
+              if k == label or (k.startswith(label + " (seed ") and k.endswith(")"))}
+        if len(at) < 2:
+            continue
+        seeds = sorted(at)
+        for i, a in enumerate(at[seeds[0]].attackers):
+            accs = [next(x for x in at[sd].attackers if x.id == a.id).replica for sd in seeds]
+            accs = [100 * r.test_accuracy for r in accs if r is not None]
+            flagged = [next(x for x in at[sd].attackers if x.id == a.id).accounts_flagged for sd in seeds]
+            benign = [at[sd].benign.accounts_flagged for sd in seeds]
+            stats = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f} ({min(accs):.1f}–{max(accs):.1f})"
+                     if len(accs) > 1 else "–")
+            lead = f"`{command(scenario, overrides)}` | {', '.join(map(str, seeds))}" if i == 0 else " |"
+            tail = " / ".join(map(str, benign)) if i == 0 else ""
+            lines.append(f"| {lead} | {a.id} | {stats} | {' / '.join(map(str, flagged))} of {a.accounts} | {tail} |")
+    if not lines:
+        return []
+    return ["", "Spread over seeds (victim, attack and keys): replica accuracy % as mean ± standard deviation "
+            "(range); accounts flagged at each seed, in the order of the seeds column:", "",
+            "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged |",
+            "|---|---|---|---:|---:|---:|", *lines]
+
+
 def tables(runs: dict) -> str:
     """Markdown tables of every study with runs in ``runs`` (study -> label -> {"summary", "seconds", …})."""
     from sim.summary import parse
@@ -127,7 +169,8 @@ def tables(runs: dict) -> str:
                 s = r["summary"]
                 for i, a in enumerate(s.attackers):
                     lead = f"`{command(scenario, overrides)}`" if i == 0 else ""
-                    tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
+                    benign = s.benign.accounts or s.benign.users
+                    tail = f"{s.benign.accounts_flagged} / {benign} | {r['seconds']:.0f}" if i == 0 else " |"
                     out.append(f"| {lead} | {a.id} | {a.accounts} | {a.queries // a.accounts:,} | "
                                f"{a.accounts_flagged} / {a.accounts} | {_replica(a)} | {tail} |")
         elif study == "limits":
@@ -168,7 +211,8 @@ def tables(runs: dict) -> str:
                 for i, a in enumerate(s.attackers):
                     lead = (f"`{command(scenario, overrides)}` | {_pct(s.victim.test_accuracy)}" if i == 0
                             else " |")
-                    tail = f"{s.benign.accounts_flagged} / {s.benign.users} | {r['seconds']:.0f}" if i == 0 else " |"
+                    benign = s.benign.accounts or s.benign.users
+                    tail = f"{s.benign.accounts_flagged} / {benign} | {r['seconds']:.0f}" if i == 0 else " |"
                     out.append(f"| {lead} | {a.id} | {a.queries:,} | {_replica(a)} | {_flagged(a)} | {tail} |")
             printed = runs[study].get("distributed_knockoff", {}).get("printed")
             if printed:
@@ -190,6 +234,7 @@ def tables(runs: dict) -> str:
                     flagged = " | ".join(f"{100 * q[f'{who}_queries'] / max(q[f'{who}_queries_total'], 1):.1f}% of "
                                          f"queries" for who in ("attacker", "benign"))
                 out.append(f"| {label} | {name} | {d.kind} | {auroc} | {flagged} |")
+        out += spread(study, runs)
         out.append("")
     return "\n".join(out)
 
@@ -226,6 +271,8 @@ def write_tables(path: str, result: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="run each run at these seeds (seed 0: the "
+                                                                       "tables; the others: the spread)")
     ap.add_argument("--fresh", action="store_true", help="run every run again")
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
     ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))
@@ -242,8 +289,9 @@ def main() -> None:
 
     engine.init_local_ray()
     serving.start_serve(0, http=True)
-    todo = [(study, *run) for study in args.studies for run in STUDIES[study]
-            if run[0] not in result["runs"].get(study, {})]
+    todo = [(study, seeded(label, sd), scenario, overrides + ([f"seed={sd}"] if sd else []))
+            for sd in args.seeds for study in args.studies for label, scenario, overrides in STUDIES[study]
+            if seeded(label, sd) not in result["runs"].get(study, {})]
     for i, (study, label, scenario, overrides) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {study}: {command(scenario, overrides)}", file=sys.stderr, flush=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -279,9 +279,28 @@ def _own_params(owner: str, component, given: dict[str, Any], common: list[str])
 
 
 class BenignConfig(_Strict):
-    users: int = Field(2, ge=0, description="benign users, one account and one actor each")
-    queries: int = Field(300, ge=1, description="queries per benign user")
+    """Honest traffic: test images from ``users`` client actors, each driving its share of the ``accounts``."""
+
+    users: int = Field(2, ge=0, description="benign client actors (one account each unless accounts is set)")
+    accounts: int | None = Field(None, ge=1, description="benign accounts in all, dealt evenly over the users, each "
+                                                         "sending its queries in turn (default: one per user)")
+    queries: int = Field(300, ge=1, description="queries per benign account (the fewest, with queries_max)")
+    queries_max: int | None = Field(None, ge=1, description="vary the accounts: each sends a number of queries "
+                                                            "drawn log-uniformly between queries and this")
+    popular: float = Field(0.0, ge=0, le=1, description="share of queries drawn from a small set of popular "
+                                                         "images that every benign account shares")
+    popular_images: int = Field(20, ge=1, description="the popular images (Zipf-weighted: the first most often)")
+    shared_signup: float = Field(0.0, ge=0, le=1, description="share of benign accounts that sign up inside an "
+                                                               "attacker's sign-up batch (and so share its cohort)")
     batch_size: int = Field(16, ge=1, description="images per request")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.accounts is not None and self.accounts < self.users:
+            raise ValueError(f"accounts ({self.accounts}) must be >= users ({self.users}): every user holds one")
+        if self.queries_max is not None and self.queries_max < self.queries:
+            raise ValueError(f"queries_max ({self.queries_max}) must be >= queries ({self.queries})")
+        return self
 
 
 class AutoscalingConfig(_Strict):

@@ -65,18 +65,10 @@ def make_plan(cfg: ScenarioConfig, ds: Dataset) -> Plan:
     """Accounts, keys and client actors of a scenario on the victim's dataset ``ds``. Each attack builds its
     sources here, so a pool too small for a budget fails before any training."""
     from actors.accounts import split_evenly
-    from actors.benign import BenignStream
 
     seed = cfg.seed
-    clients: list[ClientPlan] = []
-    accounts: list[Account] = []
-    for u in range(cfg.benign.users):
-        acct = Account(f"benign-{u}", "benign", cohort=f"benign-{u}")  # honest users sign up one by one
-        accounts.append(acct)
-        clients.append(ClientPlan(f"benign-{u}", "benign", None, [acct.account_id], cfg.benign.queries,
-                                  cfg.benign.batch_size, "round_robin",
-                                  BenignStream(ds.x_test, cfg.benign.queries, derive_seed(seed, "benign", u)),
-                                  seed=derive_seed(seed, "split", f"benign-{u}")))
+    clients, benign = benign_clients(cfg, ds)
+    accounts: list[Account] = list(benign)
     held_out: set[int] = set()
     for aid, att in cfg.attackers.items():
         per_cohort = att.cohort_size or att.accounts
@@ -96,11 +88,61 @@ def make_plan(cfg: ScenarioConfig, ds: Dataset) -> Plan:
             clients.append(ClientPlan(actor_id, "attacker", aid, mine, budgets[i], att.batch_size, att.split, source,
                                       strategy={"cap": att.account_cap, "max_rate": att.max_rate, "churn": att.churn},
                                       seed=derive_seed(seed, "split", actor_id)))
+    accounts = share_signups(cfg, accounts)
     keys = make_keys(accounts, seed=derive_seed(seed, "keys"))
     key_of = {a.account_id: k for k, a in keys.items()}
     for c in clients:
         c.keys = [key_of[a] for a in c.accounts]
     return Plan(keys, clients, held_out)
+
+
+def benign_clients(cfg: ScenarioConfig, ds: Dataset) -> tuple[list[ClientPlan], list[Account]]:
+    """The benign users' client actors and their accounts. Each user drives its share of the accounts, one after
+    another (``blocks``), each account sending its own number of test images (varied with ``queries_max``), some
+    of them from the popular set every account shares."""
+    from actors.accounts import split_evenly
+    from actors.benign import BenignStream
+
+    b, seed = cfg.benign, cfg.seed
+    if b.users == 0:
+        return [], []
+    n = b.accounts or b.users
+    if b.queries_max is None:
+        sizes = [b.queries] * n
+    else:
+        rng = np.random.default_rng(derive_seed(seed, "benign", "queries"))
+        sizes = np.exp(rng.uniform(np.log(b.queries), np.log(b.queries_max + 1), n)).astype(int).tolist()
+        sizes = [min(max(q, b.queries), b.queries_max) for q in sizes]
+    popular = np.random.default_rng(derive_seed(seed, "benign", "popular")).choice(
+        len(ds.x_test), min(b.popular_images, len(ds.x_test)), replace=False)
+    accounts = [Account(f"benign-{j}", "benign", cohort=f"benign-{j}") for j in range(n)]  # sign up one by one
+    clients, first = [], 0
+    for u, share in enumerate(split_evenly(n, b.users)):
+        mine, budget = accounts[first:first + share], sum(sizes[first:first + share])
+        clients.append(ClientPlan(
+            f"benign-{u}", "benign", None, [a.account_id for a in mine], budget, b.batch_size,
+            "round_robin" if share == 1 else "blocks",
+            BenignStream(ds.x_test, budget, derive_seed(seed, "benign", u), popular=b.popular,
+                         popular_idx=popular),
+            strategy=None if share == 1 else {"sizes": sizes[first:first + share]},
+            seed=derive_seed(seed, "split", f"benign-{u}")))
+        first += share
+    return clients, accounts
+
+
+def share_signups(cfg: ScenarioConfig, accounts: list[Account]) -> list[Account]:
+    """``benign.shared_signup``: that share of the benign accounts signs up inside an attacker's sign-up batch
+    (a cohort is a sign-up batch, whoever signs up), drawn at random from the attackers' cohorts."""
+    cohorts = list(dict.fromkeys(a.cohort for a in accounts if a.role == "attacker" and a.cohort))
+    if not cfg.benign.shared_signup or not cohorts:
+        return accounts
+    rng = np.random.default_rng(derive_seed(cfg.seed, "benign", "signup"))
+    out = []
+    for a in accounts:
+        if a.role == "benign" and rng.random() < cfg.benign.shared_signup:
+            a = dataclasses.replace(a, cohort=cohorts[int(rng.integers(len(cohorts)))])
+        out.append(a)
+    return out
 
 
 def _attack_context(cfg: ScenarioConfig, aid: str, ds: Dataset, budgets: list[int]):

@@ -182,7 +182,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                           answered=actions["answered"] + actions["perturbed"], perturbed=actions["perturbed"],
                           challenged=actions["challenged"], refused=actions["refused"], logged=out.logged),
         attackers=attackers,
-        benign=S.Benign(users=cfg.benign.users, queries=sum(r["sent"] for r in benign),
+        benign=S.Benign(users=cfg.benign.users, accounts=len(benign_accounts), queries=sum(r["sent"] for r in benign),
                         refused=sum(r["refused"] for r in benign), accounts_flagged=len(flagged_any & benign_accounts),
                         pow=pow_paid(benign), limited=limited(benign)),
         clients=[S.Client(actor_id=c.actor_id, role=c.role, attacker=c.attacker, queries=c.result["sent"],

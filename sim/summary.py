@@ -151,6 +151,7 @@ class Attacker(_Part):
 
 class Benign(_Part):
     users: int
+    accounts: int | None = None  # (None in summaries written before benign.accounts existed: one per user)
     queries: int
     refused: int
     accounts_flagged: int | None = None  # by any stateful detector (unknown in version-1 summaries)
@@ -368,8 +369,8 @@ def format_summary(s: Summary) -> str:
                      f"{num(replica and replica.fidelity):>9}{num(undefended and undefended.test_accuracy):>15}")
     b = s.benign
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
-    lines += [f"{'benign':<{w}}{'-':<{aw}}{b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}{flagged:>8}"
-              f"{'-':>12}{'-':>9}{'-':>15}", ""]
+    lines += [f"{'benign':<{w}}{'-':<{aw}}{b.accounts or b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}"
+              f"{flagged:>8}{'-':>12}{'-':>9}{'-':>15}", ""]
     best = []
     for a in s.attackers:  # replica.variant=mad_code: the checkpoint the MAD code would keep, beside the last epoch
         for label, r in (("replica", a.replica), ("undefended replica", a.undefended)):

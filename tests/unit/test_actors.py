@@ -10,6 +10,7 @@ from actors.benign import BenignStream
 from actors.replica import train_replica
 from sim import data
 from sim.config import ReplicaConfig
+from sim.errors import ConfigError
 from sim.training import accuracy, fidelity, predict_probs
 
 
@@ -189,6 +190,56 @@ def test_benign_stream_cycles_its_images_up_to_the_budget():
     b = BenignStream(imgs, 12, seed=0)
     got = np.concatenate([b.propose(5) for _ in range(3)]).ravel()
     assert len(got) == 12 and Counter(got.tolist())[0] >= 2 and b.remaining == 0
+
+
+def test_benign_stream_sends_the_popular_images_at_the_share_asked_for():
+    imgs = np.arange(200, dtype=np.uint8).reshape(200, 1, 1, 1)
+    popular = np.array([7, 8, 9])
+    got = BenignStream(imgs, 2000, seed=0, popular=0.3, popular_idx=popular).propose(2000).ravel()
+    counts = Counter(got.tolist())
+    # without the popular set each image appears 10 times; with it, 30% of 2,000 queries go to 3 images,
+    # the first twice as often as the second (Zipf weights 1, 1/2, 1/3)
+    share = sum(counts[i] for i in popular) / 2000
+    assert 0.27 < share < 0.34
+    assert counts[7] > 1.5 * counts[8] > counts[9]
+
+
+def test_blocks_of_given_sizes_give_each_account_its_own_number_of_queries():
+    s = AccountSplitter(["a", "b", "c"], "blocks", 9, 0, sizes=[2, 5, 2])
+    sent = [(pick.key, pick.n) for pick in (s.next(4) for _ in range(4))]
+    assert sent == [("a", 2), ("b", 4), ("b", 1), ("c", 2)]
+    with pytest.raises(ConfigError, match=r"sizes=\[2, 5\]; expected 3 positive block sizes that sum to the "
+                                          r"budget 9"):
+        AccountSplitter(["a", "b", "c"], "blocks", 9, 0, sizes=[2, 5])
+
+
+def test_a_benign_population_varies_its_accounts_and_shares_attacker_signups():
+    from sim import config
+    from sim.plan import make_plan
+
+    cfg = config.load("distributed_knockoff", [
+        "benign.users=3", "benign.accounts=200", "benign.queries=20", "benign.queries_max=400",
+        "benign.popular=0.2", "benign.shared_signup=0.25", "attackers.distributed.cohort_size=5"])
+    plan = make_plan(cfg, data.load("mnist5k"))
+    benign = plan.of(role="benign")
+    assert [len(c.accounts) for c in benign] == [67, 67, 66]
+    sizes = [q for c in benign for q in c.strategy["sizes"]]
+    assert len(sizes) == 200 and min(sizes) >= 20 and max(sizes) <= 400 and len(set(sizes)) > 100
+    assert all(c.budget == sum(c.strategy["sizes"]) and c.split == "blocks" for c in benign)
+    accounts = [a for a in plan.accounts.values() if a.role == "benign"]
+    shared = [a for a in accounts if not a.cohort.startswith("benign-")]
+    attacker_cohorts = {a.cohort for a in plan.accounts.values() if a.role == "attacker"}
+    assert 30 <= len(shared) <= 70 and {a.cohort for a in shared} <= attacker_cohorts
+    assert len({a.cohort for a in shared}) > 2  # spread over the attackers' batches
+
+
+def test_the_default_benign_users_keep_their_one_account_each():
+    from sim import config
+    from sim.plan import make_plan
+
+    plan = make_plan(config.load("distributed_knockoff"), data.load("mnist5k"))
+    assert [(c.actor_id, c.accounts, c.budget, c.split, c.strategy) for c in plan.of(role="benign")] == [
+        ("benign-0", ["benign-0"], 300, "round_robin", None), ("benign-1", ["benign-1"], 300, "round_robin", None)]
 
 
 def test_replica_trained_on_victim_soft_labels_agrees_with_the_victim():

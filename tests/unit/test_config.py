@@ -244,6 +244,8 @@ def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
     ("detectors.same.mask_ratio=1", r"detectors.same.mask_ratio must be a number in \(0, 1\), got 1"),
     ("detectors.msp.target_fpr=0", r"detectors.msp.target_fpr must be a number in \(0, 1\) \(or null\), got 0"),
     ("detectors.prada.pow.bits_max=4", "bits_min \\(8\\) must be <= bits_max \\(4\\)"),
+    ("benign.accounts=1", r"benign: accounts \(1\) must be >= users \(2\): every user holds one"),
+    ("benign.queries_max=10", r"benign: queries_max \(10\) must be >= queries \(300\)"),
     ("detectors.pooled_prada.group=ip",
      "detectors.pooled_prada.group must be one of: account, actor, cohort, all, got 'ip'"),
     ("detectors.link.group=all", "unknown key 'detectors.link.group'"),

@@ -45,6 +45,15 @@ def test_the_readmes_sample_output_is_what_the_benchmark_recorded():
     assert block.startswith("```\n" + printed + "\n```\n"), "run python benchmarks/runs.py --report-only"
 
 
+def test_the_reproducing_page_shows_the_table_the_benchmark_wrote():
+    """docs/reproducing.md's table is benchmarks/results/replication.md's, not a copy typed by hand."""
+    report = (ROOT / "benchmarks" / "results" / "replication.md").read_text()
+    page = (ROOT / "docs" / "reproducing.md").read_text()
+    block = page.split("<!-- replication table: written by benchmarks/replicate.py -->\n", 1)[1]
+    block = block.split("<!-- end of replication table -->", 1)[0]
+    assert block and report.endswith(block), "run python benchmarks/replicate.py --report-only"
+
+
 def test_the_data_contracts_are_documented_column_by_column():
     """docs/analysis.md describes every column of the query log and every part of the summary."""
     text = (ROOT / "docs" / "analysis.md").read_text()

@@ -233,6 +233,24 @@ def test_a_benign_population_varies_its_accounts_and_shares_attacker_signups():
     assert len({a.cohort for a in shared}) > 2  # spread over the attackers' batches
 
 
+def test_a_benign_actor_sends_each_of_its_accounts_own_number_of_queries():
+    from actors.client import Client
+    from sim import config, models
+    from sim.plan import make_plan
+    from sim.service import VictimService
+
+    cfg = config.load("single_knockoff", ["benign.users=2", "benign.accounts=7", "benign.queries=5",
+                                          "benign.queries_max=40", "benign.batch_size=8"])
+    ds = data.load("mnist5k")
+    plan = make_plan(cfg, ds)
+    svc = VictimService(model=models.build("lenet", ds.input_shape, 10).eval(), victim="v", run_id="r",
+                        accounts=plan.accounts, input_shape=ds.input_shape)
+    c = plan.of(role="benign")[0]
+    report = Client(c.actor_id, c.source, c.keys, c.split, c.budget, c.batch_size, seed=c.seed, query=svc.query,
+                    solve=svc.solve, **c.strategy).run()
+    assert report["per_account"] == dict(zip(c.accounts, c.strategy["sizes"]))
+
+
 def test_the_default_benign_users_keep_their_one_account_each():
     from sim import config
     from sim.plan import make_plan

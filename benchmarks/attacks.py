@@ -125,12 +125,14 @@ def table(cells: list[dict]) -> str:
     if reference:
         lines += ["**Reference mode** (`--variant mad_code`: the MAD authors' code, docs/attacks.md): replica accuracy "
                   "%, last epoch / best epoch (the code keeps the best)", "",
-                  "| dataset | attack | queries | replica epochs | last | best (epoch) | MAD paper, 50k |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "| dataset | attack | queries | distinct images in the transfer set | replica epochs | last "
+                  "| best (epoch) | MAD paper, 50k |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in reference:
             b = c.get("best", {})
             paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
-            lines.append(f"| {c['dataset']} | {c['attack']} | {c['budget']:,} | {c['replica_epochs']} | "
+            distinct = c.get("stats", {}).get("distinct_images")
+            lines.append(f"| {c['dataset']} | {c['attack']} | {c['budget']:,} | "
+                         f"{'–' if distinct is None else format(distinct, ',')} | {c['replica_epochs']} | "
                          f"{100 * c['replica_accuracy']:.1f} | {100 * b.get('test_accuracy', float('nan')):.1f} "
                          f"({b.get('epoch', '–')}) | {paper} |")
         lines.append("")

@@ -16,7 +16,8 @@ and FPR95 from scikit-learn (analysis.metrics).
 into the result's ``same_code`` entry: full-view reconstruction, KL deviation, score alpha * MSE + (1 - alpha) * KL
 on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, and an MAE of
 ``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: an hour or less on 2 cores) or
-``--mae authors`` (patch 2, width 192, 12 + 4 blocks, 500 epochs, 50 of warm-up: for a GPU).
+``--mae authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of warm-up, learning rate 0.01:
+for a GPU; docs/detection.md).
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -71,8 +72,8 @@ def attack_queries(cfg, victim, aid: str) -> np.ndarray:
 SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80"]
 MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
             "authors": ["detectors.same.patch=2", "detectors.same.dim=192", "detectors.same.depth=12",
-                        "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=4",
-                        "detectors.same.epochs=500", "detectors.same.warmup=50"]}
+                        "detectors.same.decoder_dim=192", "detectors.same.decoder_depth=4", "detectors.same.heads=3",
+                        "detectors.same.epochs=500", "detectors.same.warmup=50", "detectors.same.lr=0.01"]}
 
 
 def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu") -> list[dict]:

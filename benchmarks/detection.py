@@ -82,7 +82,8 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
     ctx = zoo.ModelContext.of(cfg, victim)
-    same = Same(Same.prepare(cfg.detectors["same"].params(), ctx))
+    params = cfg.detectors["same"].params()
+    same = Same(Same.prepare(params, ctx), **params)
     print(f"SAME models ready in {time.perf_counter() - t0:.0f} s", flush=True)
     oe = ctx.victim_variant(training="outlier_exposure")
     benign = victim.dataset.x_test

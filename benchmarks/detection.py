@@ -137,8 +137,8 @@ def drive(svc, clients, seed: int) -> dict[str, set]:
     split says, until every budget is spent; the accounts each detector flagged (``any``: by one of them)."""
     from actors.accounts import AccountSplitter
 
-    splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed, **{
-        k: v for k, v in (c.strategy or {}).items() if k == "sizes"}) for c in clients}
+    splitters = {c.actor_id: AccountSplitter(c.keys, c.split, c.budget, seed, sizes=(c.strategy or {}).get("sizes"))
+                 for c in clients}
     live = list(clients)
     while live:
         for c in list(live):

@@ -126,8 +126,7 @@ def spread(study: str, runs: dict) -> list[str]:
     mine = runs.get(study, {})
     lines = []
     for label, scenario, overrides in STUDIES[study]:
-        at = {int(k.rsplit(" ", 1)[1][:-1]) if k != label else 0: parse(v["summary"]) for k, v in mine.items()
-              if k == label or (k.startswith(label + " (seed ") and k.endswith(")"))}
+        at = {v.get("seed", 0): parse(v["summary"]) for k, v in mine.items() if k == seeded(label, v.get("seed", 0))}
         if len(at) < 2:
             continue
         seeds = sorted(at)
@@ -289,10 +288,10 @@ def main() -> None:
 
     engine.init_local_ray()
     serving.start_serve(0, http=True)
-    todo = [(study, seeded(label, sd), scenario, overrides + ([f"seed={sd}"] if sd else []))
+    todo = [(study, sd, seeded(label, sd), scenario, overrides + ([f"seed={sd}"] if sd else []))
             for sd in args.seeds for study in args.studies for label, scenario, overrides in STUDIES[study]
             if seeded(label, sd) not in result["runs"].get(study, {})]
-    for i, (study, label, scenario, overrides) in enumerate(todo, 1):
+    for i, (study, seed, label, scenario, overrides) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {study}: {command(scenario, overrides)}", file=sys.stderr, flush=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
@@ -301,7 +300,7 @@ def main() -> None:
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
         print(entry["printed"], file=sys.stderr, flush=True)
-        result["runs"].setdefault(study, {})[label] = entry
+        result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         result["updated"] = dt.date.today().isoformat()
         with open(args.out, "w") as fh:

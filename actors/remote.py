@@ -99,7 +99,15 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
     scores (:func:`actors.replica.score`), with ``gradient_angle`` when measured."""
     import torch
 
-    from .replica import ANGLE_SAMPLE, gradient_angles, score, train_replica, training_targets, undefended_targets
+    from .replica import (
+        ANGLE_SAMPLE,
+        gradient_angles,
+        keep_best,
+        score,
+        train_replica,
+        training_targets,
+        undefended_targets,
+    )
 
     torch.set_num_threads(1)
     x = np.concatenate([p[0] for p in parts])
@@ -114,15 +122,15 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
     else:
         sample = None
 
-    keep_best = job["cfg"].variant == "mad_code"  # the MAD code keeps the epoch of best test accuracy (ties: later)
+    track_best = job["cfg"].variant == "mad_code"  # the MAD code keeps the epoch of best test accuracy
     best: dict = {}
 
     def on_epoch(epoch, loss):
         if sample is not None:
             angles.append(round(float(gradient_angles(built["model"], *sample).mean()), 3))
-        scores = score(built["model"], eval_set) if keep_best or job.get("post_accuracy") else None
-        if keep_best and scores["test_accuracy"] >= best.get("test_accuracy", -1.0):
-            best.update(epoch=epoch, **scores)
+        scores = score(built["model"], eval_set) if track_best or job.get("post_accuracy") else None
+        if track_best:
+            keep_best(best, epoch, scores)
         if board is not None:
             board.update.remote(job["key"], epoch, scores["test_accuracy"] if job.get("post_accuracy") else None)
 

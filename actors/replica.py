@@ -35,6 +35,13 @@ def train_replica(x: np.ndarray, probs: np.ndarray, *, arch: str, input_shape: t
                             seed=seed, on_epoch=on_epoch, optimizer=cfg.optimizer).cpu()
 
 
+def keep_best(best: dict, epoch: int, scores: dict) -> None:
+    """Keep in ``best`` the epoch of best test accuracy and its scores (ties: the later epoch): the checkpoint the
+    MAD code keeps (``replica.variant=mad_code``)."""
+    if scores["test_accuracy"] >= best.get("test_accuracy", -1.0):
+        best.update(epoch=epoch, **scores)
+
+
 def undefended_targets(x: np.ndarray, clean: dict[str, np.ndarray]) -> np.ndarray:
     """The victim's clean answers to queries ``x``, looked up in the log's (input digest -> clean probabilities)."""
     return np.stack([clean[input_digest(img)] for img in x]).astype(np.float32)

@@ -58,7 +58,7 @@ def replica_epochs(budget: int, variant: str = "default") -> int:
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
              epochs: int | None = None) -> dict:
-    from actors.replica import score, train_replica
+    from actors.replica import keep_best, score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
@@ -85,14 +85,12 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
     victim_pred = predict_probs(victim.model, ds.x_test[keep]).argmax(1)
     built, best = {}, {}
 
-    def keep_best(epoch, loss):  # the MAD code's checkpoint: the epoch of best test accuracy (ties: the later)
-        s = score(built["model"], (ds.x_test[keep], ds.y_test[keep], victim_pred))
-        if s["test_accuracy"] >= best.get("test_accuracy", -1.0):
-            best.update(epoch=epoch, **s)
+    def on_epoch(epoch, loss):
+        keep_best(best, epoch, score(built["model"], (ds.x_test[keep], ds.y_test[keep], victim_pred)))
 
     model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
                           cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid),
-                          on_epoch=keep_best if variant == "mad_code" else None,
+                          on_epoch=on_epoch if variant == "mad_code" else None,
                           on_build=lambda m: built.update(model=m))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     return {"dataset": dataset, "attack": attack, "budget": budget, "variant": variant, "queries": int(len(x)),

@@ -17,8 +17,12 @@ what the split took apart, in two steps, every ``every`` queries:
    searched down the cluster's own linkage tree (:meth:`AccountLinker._descend`): sub-clusters with
    enough queries are judged on their own, so honest accounts pooled with an attacker's are cleared by
    their own streams; sub-clusters too small to judge (sybil accounts of 15 queries) keep the flag; and
-   when two sub-clusters are each cleared but flagged together, both are flagged. Flags are for good. Exact
-   repeats are skipped in pooled streams (honest users share popular images; see ``Prada.skip_repeats``).
+   when two sub-clusters are each cleared but flagged together, the attack only shows pooled: every account
+   of the two is flagged except (with ``spare``, the default) those with enough queries for PRADA that clear
+   themselves on their own stream. Without that exception one dip of a large pooled cluster of honest
+   accounts and a few sybils flags every honest account in it (``docs/detection.md``). Flags are for good,
+   and each records why it was raised (:meth:`AccountLinker.flag_reasons`). Exact repeats are skipped in
+   pooled streams (honest users share popular images; see ``Prada.skip_repeats``).
 
 Linking alone flags nothing (honest users are similar to one another too); the PRADA test decides. The
 score of a query is 1 - W of its account's cluster at the last re-clustering (NaN before its account
@@ -34,16 +38,21 @@ from .base import Detection, Detector, Param
 from .prada import Prada
 
 PIXEL_BINS = 16
+# Why an account was flagged: its own stream (a lone account, or a leaf of the cluster tree) failed PRADA; it sat
+# in a flagged part of the tree too small for PRADA to judge; or its part and a sibling part each cleared
+# themselves but failed together.
+REASONS = ("own stream", "too small to judge", "pooled")
 
 
 class _Acct:
-    __slots__ = ("pixels", "n", "w", "flagged")
+    __slots__ = ("pixels", "n", "w", "flagged", "why")
 
     def __init__(self):
         self.pixels = np.zeros(PIXEL_BINS)
         self.n = 0
         self.w = float("nan")
         self.flagged = False
+        self.why = ""  # why it was flagged: one of REASONS
 
 
 @register("detector")
@@ -60,6 +69,8 @@ class AccountLinker(Detector):
         "min_accounts": Param(2, int, low=1, help="smallest cluster judged by PRADA"),
         "delta": Prada.params["delta"],
         "min_pool": Prada.params["min_pool"],
+        "spare": Param(True, bool, help="when two parts fail only pooled, spare the accounts that clear themselves "
+                                        "on their own stream"),
     }
     presets = {"link": {"enabled": False}}
     threshold = Prada.threshold  # both flag where W falls below delta
@@ -128,7 +139,7 @@ class AccountLinker(Detector):
                 if result is not None:
                     self._accounts[names[0]].w = result[0]
                     if result[1]:
-                        self._flag(names)
+                        self._flag(names, "own stream")
                 continue
             self._descend(to_tree(linkage(feats[members], "average")), names, owner)
 
@@ -153,7 +164,8 @@ class AccountLinker(Detector):
         - children flagged on their own are searched in turn, and a cleared sibling is spared (an honest
           account pooled with an attacker's clears itself);
         - if both children are cleared, the attack only shows when they are pooled (sybils each holding a
-          different round of a Jacobian attack): the whole node is flagged."""
+          different round of a Jacobian attack): the whole node is flagged, except, with ``spare``, the
+          accounts that clear themselves on their own stream."""
         accounts = [names[i] for i in node.pre_order()]
         result = self._test(accounts, owner)
         if result is None:
@@ -163,25 +175,36 @@ class AccountLinker(Detector):
         if not result[1]:
             return
         if node.is_leaf():
-            self._flag(accounts)
+            self._flag(accounts, "own stream")
             return
         children = [(c, [names[i] for i in c.pre_order()]) for c in (node.get_left(), node.get_right())]
         verdicts = [self._test(sub, owner) for _, sub in children]
         if all(v is not None and not v[1] for v in verdicts):
-            self._flag(accounts)
+            self._flag([a for a in accounts if not (self.values["spare"] and self._clears_alone(a, owner))],
+                       "pooled")
             return
         for (child, sub), v in zip(children, verdicts):
             if v is None:
-                self._flag(sub)
+                self._flag(sub, "too small to judge")
             elif v[1]:
                 self._descend(child, names, owner)
 
-    def _flag(self, accounts: list[str]) -> None:
+    def _clears_alone(self, account: str, owner: np.ndarray) -> bool:
+        verdict = self._test([account], owner)
+        return verdict is not None and not verdict[1]
+
+    def _flag(self, accounts: list[str], why: str) -> None:
         for a in accounts:
-            self._accounts[a].flagged = True
+            acc = self._accounts[a]
+            if not acc.flagged:
+                acc.flagged, acc.why = True, why
 
     def flagged_accounts(self) -> set[str]:
         return {a for a, s in self._accounts.items() if s.flagged}
+
+    def flag_reasons(self) -> dict[str, str]:
+        """Each flagged account and why it was flagged (one of :data:`REASONS`)."""
+        return {a: s.why for a, s in self._accounts.items() if s.flagged}
 
     def is_flagged(self, account_id: str) -> bool:
         acc = self._accounts.get(account_id)

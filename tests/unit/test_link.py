@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sim import data, detectors
+from sim.detectors.link import REASONS
 from sim.errors import ConfigError
 
 
@@ -49,6 +50,8 @@ def test_linking_flags_sybils_that_per_account_prada_cannot_judge_and_spares_hon
     assert len(link.flagged_accounts() & sybils) >= 12
     assert not link.flagged_accounts() & {"benign-0", "benign-1"}
     assert any(set(c) <= sybils and len(c) >= 2 for c in link.clusters)
+    assert link.flag_reasons().keys() == link.flagged_accounts()
+    assert set(link.flag_reasons().values()) <= set(REASONS)
 
 
 def test_a_lone_attacker_account_pooled_with_honest_ones_does_not_drag_them_down():
@@ -86,3 +89,22 @@ def test_a_lone_account_can_be_judged_and_only_the_last_query_of_a_batch_sees_a_
     first = int(np.argmax(flags))
     assert flags.any() and (first + 1) % 50 == 0  # the flag arrives on the query that closed a re-clustering batch
     assert flags[first:].all() and link.flagged_accounts() == {"solo"}
+
+
+@pytest.mark.parametrize("spare, blamed", [(True, {"b", "c", "d"}), (False, {"a", "b", "c", "d"})])
+def test_a_dip_that_shows_only_pooled_blames_the_accounts_that_cannot_clear_themselves(spare, blamed):
+    """Tree ((a, b), (c, d)): the four pooled fail PRADA, each pair clears itself. Account a clears on its own
+    stream, b and d are too small to judge, c fails alone (but not with d). Only a may be spared."""
+    from scipy.cluster.hierarchy import linkage, to_tree
+
+    link = detectors.build("link", min_pool=50, spare=spare)
+    names = ["a", "b", "c", "d"]
+    for a in names:
+        link.score(a, np.zeros((1, 4), np.uint8), np.zeros(1, np.int64))
+    verdicts = {"abcd": (0.9, True), "ab": (0.97, False), "cd": (0.96, False), "a": (0.99, False), "b": None,
+                "c": (0.9, True), "d": None}
+    link._test = lambda accounts, owner: verdicts["".join(sorted(accounts))]
+    tree = to_tree(linkage(np.array([[0.0], [0.1], [5.0], [5.1]]), "average"))
+    link._descend(tree, names, np.array([]))
+    assert link.flagged_accounts() == blamed
+    assert set(link.flag_reasons().values()) == {"pooled"}

@@ -2,7 +2,8 @@
 
     python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
-                                 [--replica-epochs N] [--out benchmarks/results/attacks.json]
+                                 [--without normalised_clamp|aliasing] [--replica-epochs N]
+                                 [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
 ``single_knockoff`` for ``mnist5k``, with ``attack=`` switched), driven in this process against the victim's
@@ -19,6 +20,8 @@ Replicas: the victim's LeNet, soft labels, Adam 1e-3, batch 64, 20 epochs (10 at
 attacks with ``jacobian.variant=mad_code`` and the code's settings (100 seeds from the victim's training split,
 lambda 0.1, tau 5, substitute 20 epochs), every replica with ``replica.variant=mad_code`` (SGD 0.01, 100 epochs,
 or ``--replica-epochs``) and the epoch of best test accuracy reported beside the last, as the code keeps it.
+``--without QUIRK`` turns one of the code's quirks off (``jacobian.without``): the per-quirk ablation, a row of its
+own in the reference table.
 Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
@@ -57,13 +60,14 @@ def replica_epochs(budget: int, variant: str = "default") -> int:
 
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
-             epochs: int | None = None) -> dict:
+             epochs: int | None = None, without: tuple[str, ...] = ()) -> dict:
     from actors.replica import keep_best, score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
     own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
-           **(MAD_CODE if variant == "mad_code" else {})}
+           **(MAD_CODE if variant == "mad_code" else {}),
+           **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {})}
     epochs = epochs or replica_epochs(budget, variant)
     cfg = config.load(scenario, [
         f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
@@ -93,7 +97,8 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
                           on_epoch=on_epoch if variant == "mad_code" else None,
                           on_build=lambda m: built.update(model=m))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
-    return {"dataset": dataset, "attack": attack, "budget": budget, "variant": variant, "queries": int(len(x)),
+    return {"dataset": dataset, "attack": attack, "budget": budget, "variant": variant,
+            **({"without": list(without)} if without else {}), "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
@@ -104,6 +109,8 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
 def table(cells: list[dict]) -> str:
     default = [c for c in cells if c.get("variant", "default") == "default"]
     reference = [c for c in cells if c.get("variant") == "mad_code"]
+    order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
+    reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], c.get("without", [])))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -123,13 +130,15 @@ def table(cells: list[dict]) -> str:
     if reference:
         lines += ["**Reference mode** (`--variant mad_code`: the MAD authors' code, docs/attacks.md): replica accuracy "
                   "%, last epoch / best epoch (the code keeps the best)", "",
-                  "| dataset | attack | queries | distinct images in the transfer set | replica epochs | last "
-                  "| best (epoch) | MAD paper, 50k |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| dataset | attack | quirks turned off | queries | distinct images in the transfer set | "
+                  "replica epochs | last | best (epoch) | MAD paper, 50k |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in reference:
             b = c.get("best", {})
             paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
             distinct = c.get("stats", {}).get("distinct_images")
-            lines.append(f"| {c['dataset']} | {c['attack']} | {c['budget']:,} | "
+            lines.append(f"| {c['dataset']} | {c['attack']} | {', '.join(c.get('without', [])) or 'none'} | "
+                         f"{c['budget']:,} | "
                          f"{'–' if distinct is None else format(distinct, ',')} | {c['replica_epochs']} | "
                          f"{100 * c['replica_accuracy']:.1f} | {100 * b.get('test_accuracy', float('nan')):.1f} "
                          f"({b.get('epoch', '–')}) | {paper} |")
@@ -144,28 +153,35 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 5000, 10000, 50000])
     ap.add_argument("--variant", default="default", choices=["default", "mad_code"],
                     help="mad_code: the MAD authors' code (reference mode)")
+    ap.add_argument("--without", nargs="+", default=[], choices=["normalised_clamp", "aliasing"],
+                    help="with --variant mad_code: turn these quirks of the code off (the per-quirk ablation)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
+    if args.without and args.variant != "mad_code":
+        ap.error("--without turns off quirks of the MAD code; expected it with --variant mad_code")
+    without = tuple(args.without)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cells = []
     if os.path.exists(args.out):
         cells = json.load(open(args.out))["cells"]
-    done = set() if args.fresh else {(c["dataset"], c["attack"], c["budget"], c.get("variant", "default"))
-                                     for c in cells}
+    def key(c: dict) -> tuple:
+        return c["dataset"], c["attack"], c["budget"], c.get("variant", "default"), tuple(c.get("without", ()))
+
+    done = set() if args.fresh else {key(c) for c in cells}
     todo = [(d, a, b) for b in sorted(args.budgets) for d in args.datasets for a in args.attacks  # small budgets first
-            if (d, a, b, args.variant) not in done]
+            if (d, a, b, args.variant, without) not in done]
     for i, (dataset, attack, budget) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ({args.variant}) ...", flush=True)
-        cell = run_cell(dataset, attack, budget, variant=args.variant, epochs=args.replica_epochs)
+        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ({args.variant}"
+              f"{', without ' + ', '.join(without) if without else ''}) ...", flush=True)
+        cell = run_cell(dataset, attack, budget, variant=args.variant, epochs=args.replica_epochs, without=without)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if (c["dataset"], c["attack"], c["budget"], c.get("variant", "default"))
-                     != (dataset, attack, budget, args.variant)]
+            cells = [c for c in cells if key(c) != (dataset, attack, budget, args.variant, without)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

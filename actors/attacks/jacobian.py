@@ -24,7 +24,7 @@ from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
 from .base import Attack, AttackContext, TransferSet
-from .jacobian_mad_code import MadCodeJacobian
+from .jacobian_mad_code import OPTIONAL, MadCodeJacobian
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
 
@@ -157,6 +157,9 @@ class JacobianAugmentation(Attack):
         "jacobian.variant": Param("default", str, choices=("default", "mad_code"),
                                   help="mad_code: the MAD authors' code, quirks included (seeds from the training "
                                        "split, rounds until the budget is spent)"),
+        "jacobian.without": Param(None, list, choices=OPTIONAL,
+                                  help="mad_code only: quirks turned off, to measure each one's share "
+                                       "(docs/attacks.md)"),
     }
 
     def sources(self, ctx: AttackContext) -> list:
@@ -164,6 +167,9 @@ class JacobianAugmentation(Attack):
         size = v["jacobian.seed_size"]
         if v["jacobian.variant"] == "mad_code":
             return self._mad_code_sources(ctx)
+        if v["jacobian.without"]:
+            raise ConfigError(f"{ctx.owner}.jacobian.without={v['jacobian.without']} turns off quirks of the MAD code; "
+                              f"expected it only with {ctx.owner}.jacobian.variant=mad_code")
         if size > len(ds.x_test) // 2:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
                               f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
@@ -189,7 +195,8 @@ class JacobianAugmentation(Attack):
         idx = np.random.default_rng(ctx.seed("seeds")).choice(len(ds.x_train), size, replace=False)
         return [MadCodeJacobian(self.name, ds.x_train[idx[i::actors]], b, arch=ctx.arch, num_classes=ds.num_classes,
                                 lam=v["jacobian.lam"], tau=v["jacobian.tau"],
-                                substitute_epochs=v["jacobian.substitute_epochs"], seed=ctx.seed("jacobian", i))
+                                substitute_epochs=v["jacobian.substitute_epochs"], seed=ctx.seed("jacobian", i),
+                                without=tuple(v["jacobian.without"] or ()))
                 for i, b in enumerate(ctx.budgets)]
 
 

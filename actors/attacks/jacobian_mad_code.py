@@ -23,6 +23,11 @@ quirks included, each named as the docs name it (docs/attacks.md, "The MAD code'
   0.1, momentum 0.9, weight decay 5e-4, batch 64, on soft labels. Rounds go on until the budget is spent (the last
   round steps only as many points as the budget has queries left; JB-top3: a third of them).
 
+Two quirks can be turned off one at a time (``jacobian.without``), to measure each one's share of what the mode
+does to a replica (``benchmarks/attacks.py --variant mad_code --without QUIRK``): without ``normalised_clamp`` the
+stepped point is clipped to [0, 1] *pixels*; without ``aliasing`` the stepped points join D beside the points they
+came from (D still doubles each round, every point distinct, the seeds kept). Everything else stays the code's.
+
 Queries are 8-bit images here, as every query of this tool: points outside [0, 1] pixels (JB-self's x - delta,
 JB-top3's unclipped steps) are clipped when they are sent and stored, and stored points are rounded to 8 bits
 (the code keeps floats). A refused query leaves its row as it was (the code is never refused).
@@ -43,6 +48,7 @@ MEAN, STD = 0.1307, 0.3081  # the MAD code's normalisation of MNIST-family image
 PGD_STEPS, PGD_ALPHA = 8, 0.01
 QUIRKS = ("train_seeds", "normalised_step", "normalised_clamp", "away_from_label", "aliasing", "self_query",
           "top3_pgd", "round_sign", "fresh_substitute")
+OPTIONAL = ("normalised_clamp", "aliasing")  # the quirks ``without`` can turn off (module docstring)
 
 
 def round_sign(rho: int, tau: int) -> int:
@@ -59,13 +65,16 @@ def normalised(x: np.ndarray) -> torch.Tensor:
     return (to_float(x) - MEAN) / STD
 
 
-def fgsm_step(model: torch.nn.Module, xn: torch.Tensor, classes: torch.Tensor, lam: float) -> torch.Tensor:
+def fgsm_step(model: torch.nn.Module, xn: torch.Tensor, classes: torch.Tensor, lam: float,
+              clamp: str = "normalised") -> torch.Tensor:
     """The code's ``fgsm_untargeted``: delta = lam * sign(d CE(model(x), class) / dx) in normalised units, cut so
-    that x + delta lies in [0, 1] normalised. The model takes pixels in [0, 1]: the gradient's sign is the same."""
+    that x + delta lies in [0, 1] normalised (``clamp="pixels"``: in [0, 1] pixels, i.e. without
+    ``normalised_clamp``). The model takes pixels in [0, 1]: the gradient's sign is the same."""
     x = (xn * STD + MEAN).detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x), classes), x)
     delta = lam * grad.sign()
-    return torch.minimum(torch.maximum(delta, -xn), 1 - xn).detach()
+    low, high = (0.0, 1.0) if clamp == "normalised" else (-MEAN / STD, (1 - MEAN) / STD)
+    return torch.minimum(torch.maximum(delta, low - xn), high - xn).detach()
 
 
 def targeted_pgd(model: torch.nn.Module, xn: torch.Tensor, target: torch.Tensor, bound: float) -> torch.Tensor:
@@ -85,8 +94,12 @@ class MadCodeJacobian:
     as the MAD code runs them (module docstring). Its transfer set is the code's set D, not every answered query."""
 
     def __init__(self, variant: str, seeds: np.ndarray, budget: int, *, arch: str, num_classes: int,
-                 lam: float = 0.1, tau: int = 5, substitute_epochs: int = 20, seed: int = 0):
+                 lam: float = 0.1, tau: int = 5, substitute_epochs: int = 20, seed: int = 0,
+                 without: tuple[str, ...] = ()):
+        if set(without) - set(OPTIONAL):
+            raise ValueError(f"without={list(without)}; expected quirks among {', '.join(OPTIONAL)}")
         self.variant, self.arch, self.num_classes = variant, arch, num_classes
+        self.without = tuple(without)
         self.lam, self.tau, self.epochs, self.seed = lam, tau, substitute_epochs, seed
         self._budget, self._sent = budget, 0
         self.round = 0  # augmentation rounds done (the code's rho)
@@ -139,7 +152,7 @@ class MadCodeJacobian:
             return
         got = ~np.isnan(self._answers).any(1)
         store, answers = self._store[:len(self._answers)], self._answers
-        if self._rows is None:  # the seeds, or JB-top3's new points: they join D
+        if self._rows is None:  # the seeds, JB-top3's new points (or any, without aliasing): they join D
             x = np.concatenate([self._x, store[got]])
             y = np.concatenate([self._y, answers[got]])
             self._x, self._y = x[:self._budget], y[:self._budget]
@@ -183,10 +196,11 @@ class MadCodeJacobian:
         else:
             n = min(len(self._x), left)
             xn = normalised(self._x[:n])
-            delta = fgsm_step(model, xn, top1[:n], lam)
+            clamp = "pixels" if "normalised_clamp" in self.without else "normalised"
+            delta = fgsm_step(model, xn, top1[:n], lam, clamp)
             self._store = to_pixels(xn + delta)
             self._queue = self._store if self.variant == "jbda" else to_pixels(xn - delta)
-            self._rows = np.arange(n)
+            self._rows = None if "aliasing" in self.without else np.arange(n)  # None: the new points join D
         self._answers = np.full((len(self._queue), self.num_classes), np.nan, np.float32)
         self._asked = 0
         self.round += 1

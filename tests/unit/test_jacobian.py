@@ -100,10 +100,27 @@ def test_mad_code_clamp_in_normalised_units_squeezes_images_to_grey(victim):
         assert set(np.unique(stored[:, :, 10:18, 10:18])) == {112} and set(np.unique(stored[:, :, :5])) == {33}
 
 
-def drive_mad_code(variant, victim_model, seeds, budget, batch=3):
+def test_without_the_normalised_clamp_a_step_is_clipped_to_pixels(victim):
+    """jacobian.without=[normalised_clamp]: lambda 0.1 normalised is 0.1 x 0.3081 x 255 = 7.9 pixel levels, so
+    background 0 goes to 0 or 8 and ink 255 to 247 or 255, never to the grey of the code's clamp."""
+    from actors.attacks.jacobian_mad_code import fgsm_step, normalised, to_pixels
+
+    model, _ = victim
+    x = np.zeros((2, 1, 28, 28), np.uint8)
+    x[:, :, 10:18, 10:18] = 255
+    seen_ink, seen_background = set(), set()
+    for lam in (0.1, -0.1):
+        stored = to_pixels(normalised(x) + fgsm_step(model, normalised(x), torch.tensor([3, 7]), lam, "pixels"))
+        seen_ink |= set(np.unique(stored[:, :, 10:18, 10:18]).tolist())
+        seen_background |= set(np.unique(stored[:, :, :5]).tolist())
+    assert seen_ink <= {247, 255} and seen_background <= {0, 8} and 8 in seen_background
+
+
+def drive_mad_code(variant, victim_model, seeds, budget, batch=3, without=()):
     from actors.attacks.jacobian_mad_code import MadCodeJacobian
 
-    attack = MadCodeJacobian(variant, seeds, budget, arch="lenet", num_classes=10, substitute_epochs=1)
+    attack = MadCodeJacobian(variant, seeds, budget, arch="lenet", num_classes=10, substitute_epochs=1,
+                             without=without)
     for value in vars(attack).values():  # as a client actor gets it: arrays from Ray's object store are read-only
         if isinstance(value, np.ndarray):
             value.setflags(write=False)
@@ -124,6 +141,17 @@ def test_mad_code_jbda_aliases_its_transfer_set_so_it_doubles_with_duplicates(vi
     # round 2 queried round 1's 4 points twice over: the same images, and the same answers stored for them
     np.testing.assert_array_equal(sent[8:12], sent[12:16])
     assert not {s.tobytes() for s in ds.x_train[:4]} & {r.tobytes() for r in x}  # the seeds themselves are lost
+
+
+def test_without_aliasing_every_query_joins_the_set_once_and_the_seeds_stay(victim):
+    """jacobian.without=[aliasing], same budget as above: the rounds query as many points (D still doubles), but
+    the stepped points join D beside the ones they came from, so D is exactly the 21 queries, seeds first."""
+    model, ds = victim
+    attack, sent = drive_mad_code("jbda", model, ds.x_train[:4], 21, without=("aliasing",))
+    assert attack.queries_per_round == [4, 4, 8, 5]
+    x, _ = attack.transfer_set()
+    np.testing.assert_array_equal(x, sent)
+    np.testing.assert_array_equal(x[:4], ds.x_train[:4])
 
 
 def test_mad_code_jb_self_queries_x_minus_delta_and_stores_x_plus_delta(victim):
@@ -162,3 +190,19 @@ def test_every_mad_code_quirk_is_named_in_the_module_and_the_docs():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "attacks.md").read_text()
     for quirk in jacobian_mad_code.QUIRKS:
         assert f"``{quirk}``" in jacobian_mad_code.__doc__ and f"| `{quirk}` |" in docs
+
+
+def test_quirks_can_be_turned_off_only_in_the_mad_code_mode():
+    from sim import config, data
+    from sim.errors import ConfigError
+    from sim.plan import make_plan
+
+    ds = data.load("mnist5k")
+    base = ["attackers.single.attack=jbda", "attackers.single.jacobian.without=[aliasing]"]
+    with pytest.raises(ConfigError, match=r"attackers.single.jacobian.without=\['aliasing'\] turns off quirks of "
+                                          r"the MAD code; expected it only with attackers.single.jacobian.variant="
+                                          r"mad_code"):
+        make_plan(config.load("single_knockoff", base), ds)
+    (client,) = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.variant=mad_code"]),
+                          ds).of(attacker="single")
+    assert client.source.without == ("aliasing",)

@@ -2,7 +2,8 @@
 
     python benchmarks/detection.py [--parts same sybil population prada_sizes] [--budgets 1000 4000]
                                    [--accounts 1 10 50 100] [--seeds 0 1 2] [--variant default|same_code]
-                                   [--mae cpu|authors] [--out benchmarks/results/detection.json]
+                                   [--mae cpu|authors] [--without full_view|all_pixel_loss]
+                                   [--out benchmarks/results/detection.json]
 
 Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
 models (MAE and auxiliary model, trained and cached by the zoo as a run would) and its attackers, each built
@@ -17,7 +18,8 @@ into the result's ``same_code`` entry: full-view reconstruction, KL deviation, s
 on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, and an MAE of
 ``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: an hour or less on 2 cores) or
 ``--mae authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of warm-up, learning rate 0.01:
-for a GPU; docs/detection.md).
+for a GPU; docs/detection.md). ``--without full_view`` / ``all_pixel_loss`` turns one of the code's choices off
+(``detectors.same.without``), into ``same_code_without_<choice>``: the per-choice ablation.
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -77,9 +79,15 @@ MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
                         "detectors.same.epochs=500", "detectors.same.warmup=50", "detectors.same.lr=0.01"]}
 
 
-def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu") -> list[dict]:
-    cfg = config.load("same_detection", [f"seed={seed}", *(SAME_CODE + MAE_SIZE[mae] if variant == "same_code" else
-                                                          [])])
+def same_overrides(variant: str, mae: str, without: tuple[str, ...] = ()) -> list[str]:
+    if variant != "same_code":
+        return []
+    return SAME_CODE + MAE_SIZE[mae] + ([f"detectors.same.without=[{','.join(without)}]"] if without else [])
+
+
+def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu",
+              without: tuple[str, ...] = ()) -> list[dict]:
+    cfg = config.load("same_detection", [f"seed={seed}", *same_overrides(variant, mae, without)])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
     ctx = zoo.ModelContext.of(cfg, victim)
@@ -92,7 +100,7 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
     def scores(x):
         probs = predict_probs(victim.model, x)
         if variant == "same_code":  # raw scales, mixed with alpha as the code does
-            r, kl = same.models.signals(x, probs)
+            r, kl = same.models.signals(x, probs, same.full_view)
             alpha = same.values["alpha"]
             return {"SAME": alpha * r + (1 - alpha) * kl, "SAME-X": r, "SAME-Y": kl}
         zr, zd = same.components(x, probs)
@@ -283,9 +291,11 @@ def same_table(result: dict, key: str) -> list[str]:
     names = list(dict.fromkeys(c["detector"] for c in cells))
     attacks = list(dict.fromkeys(c["attack"] for c in cells))
     head = "AUROC / AUPR / FPR95 in %, attacker queries vs the victim's 1,000 test images"
-    if key == "same_code":
-        st = result.get("same_code_settings", {})
-        head = (f"Reference mode (the SAME authors' code; MAE size `{st.get('mae')}`, measured on "
+    if key.startswith("same_code"):
+        st = result.get(f"{key}_settings", {})
+        off = st.get("without")
+        head = (f"Reference mode (the SAME authors' code{', without ' + ' and '.join(off) if off else ''}; "
+                f"MAE size `{st.get('mae')}`, measured on "
                 f"{st.get('device')}: {' '.join(st.get('overrides', []))}). SAME = 0.99 MSE + 0.01 KL on raw "
                 f"scales, SAME-X = MSE, SAME-Y = KL. " + head)
     lines = [head + ":", "", "| budget | detector | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
@@ -359,7 +369,8 @@ def sizes_table(rows: list[dict]) -> list[str]:
 
 def tables(result: dict) -> str:
     lines = []
-    for key in ("same", "same_code"):
+    for key in ("same", "same_code", *sorted(k for k in result if k.startswith("same_code_without_")
+                                              and not k.endswith(("_settings", "_seconds")))):
         lines += same_table(result, key)
     lines += population_table(result.get("population", [])) + sizes_table(result.get("prada_sizes", []))
     rows = result.get("sybil", [])
@@ -388,9 +399,14 @@ def main() -> None:
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
                     help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry")
     ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
+    ap.add_argument("--without", nargs="+", default=[], choices=["full_view", "all_pixel_loss"],
+                    help="with --variant same_code: turn these choices of the code off (into 'same_code_without_...')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "detection.json"))
     args = ap.parse_args()
+    if args.without and args.variant != "same_code":
+        ap.error("--without turns off choices of the SAME authors' code; expected it with --variant same_code")
+    without = tuple(sorted(args.without))
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     result = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -399,9 +415,10 @@ def main() -> None:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()
         if part == "same" and args.variant == "same_code":
-            part = "same_code"
-            result[part] = part_same(args.budgets, variant="same_code", mae=args.mae)
-            result["same_code_settings"] = {"mae": args.mae, "overrides": SAME_CODE + MAE_SIZE[args.mae],
+            part = "same_code" + "".join(f"_without_{w}" for w in without)
+            result[part] = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
+            result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
+                                          **({"without": list(without)} if without else {}),
                                             "measured": time.strftime("%Y-%m-%d"),
                                             "device": "cuda" if torch.cuda.is_available() else "cpu"}
         elif part == "population":

@@ -131,14 +131,14 @@ def schedule(opt: torch.optim.Optimizer, epochs: int, warmup: int):
 
 def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
               on_epoch: Callable[[int, float], None] | None = None, warmup: int = 0,
-              loss_on: str = "masked") -> MAE:
+              loss_on: str = "masked", betas: tuple[float, float] | None = None) -> MAE:
     """Train on uint8 images with random masks (AdamW, weight decay 0.05, cosine schedule after ``warmup`` epochs).
     ``loss_on="masked"``: the MSE on the masked patches; ``"all"``: SAME's code: the MSE over every pixel divided by
-    the mask ratio, with AdamW's betas (0.9, 0.95)."""
+    the mask ratio. AdamW's betas: ``betas``, else (0.9, 0.95) with ``"all"`` (the code's) and (0.9, 0.999)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     patches = mae.patchify(to_float(x))
-    betas = (0.9, 0.95) if loss_on == "all" else (0.9, 0.999)
+    betas = betas or ((0.9, 0.95) if loss_on == "all" else (0.9, 0.999))
     opt = torch.optim.AdamW(mae.parameters(), lr=lr, weight_decay=0.05, betas=betas)
     sched = schedule(opt, epochs, warmup)
     mae.train()

@@ -23,7 +23,9 @@ the paper's SAME-X (reconstruction only). A benign-looking query scores around 0
 the MAE trains on the MSE over every pixel (divided by the mask ratio) with a warm-up, reconstructs with every
 patch visible; the auxiliary model is the victim's architecture trained on randomly masked reconstructions with the
 true labels; the deviation is KL(f(x) || g(x̂)) averaged over classes; the score is alpha * r + (1 - alpha) * KL
-on raw scales (the code: alpha 0.99).
+on raw scales (the code: alpha 0.99). ``without`` turns two of those choices off, to measure each one's share:
+``full_view`` (reconstruct as the default variant does, each patch from views that hide it) and
+``all_pixel_loss`` (the MAE's loss on the masked patches only, the code's optimizer kept).
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ class SameModels:
     num_classes: int
     stats: dict[str, float]  # r_mean, r_std, d_mean, d_std
     variant: str = "default"  # same_code: full-view reconstruction and the KL deviation
+    without: tuple[str, ...] = ()  # same_code's training choices turned off (all_pixel_loss)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"mae_config": self.mae_config, "mae": self.mae.state_dict(), "aux_arch": self.aux_arch,
                     "num_classes": self.num_classes, "aux": self.aux.state_dict(), "stats": self.stats,
-                    "variant": self.variant}, buf)
+                    "variant": self.variant, "without": list(self.without)}, buf)
         return buf.getvalue()
 
     @classmethod
@@ -71,14 +74,17 @@ class SameModels:
         aux = models.build(d["aux_arch"], tuple(d["mae_config"]["input_shape"]), d["num_classes"])
         aux.load_state_dict(d["aux"])
         return cls(mae.eval(), aux.eval(), d["mae_config"], d["aux_arch"], d["num_classes"],
-                   {k: float(v) for k, v in d["stats"].items()}, d.get("variant", "default"))
+                   {k: float(v) for k, v in d["stats"].items()}, d.get("variant", "default"),
+                   tuple(d.get("without", ())))
 
-    def signals(self, x: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def signals(self, x: np.ndarray, probs: np.ndarray, full_view: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (reconstruction error, deviation) of images ``x`` whose victim probabilities are ``probs``: the
-        deviation is the total-variation distance, or (same_code) KL(victim || auxiliary) averaged over classes."""
+        deviation is the total-variation distance, or (same_code) KL(victim || auxiliary) averaged over classes.
+        ``full_view``: reconstruct with every patch visible (default: with same_code)."""
         from ..training import to_float
 
-        recon = self.mae.reconstruct_full(x) if self.variant == "same_code" else self.mae.reconstruct(x)
+        full = self.variant == "same_code" if full_view is None else full_view
+        recon = self.mae.reconstruct_full(x) if full else self.mae.reconstruct(x)
         r = ((to_float(x) - recon) ** 2).flatten(1).mean(1).numpy()
         g = predict_probs(self.aux, recon)
         p = np.asarray(probs, np.float64)
@@ -134,18 +140,20 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
                mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
                lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None,
                device: str = "cpu", variant: str = "default", warmup: int = 0,
-               y_train: np.ndarray | None = None) -> SameModels:
+               y_train: np.ndarray | None = None, without: tuple[str, ...] = ()) -> SameModels:
     """Train SAME's MAE and auxiliary model on ``x_train`` (uint8) less a calibration slice, on ``device``, and
     measure both signals on that slice; both are returned on the CPU. ``on_epoch(stage, epoch, loss)`` reports
     progress ('mae' then 'aux'). ``variant="same_code"`` trains them as the authors' code does (module docstring;
-    it needs the true labels ``y_train``)."""
+    it needs the true labels ``y_train``; ``without``: the choices of it turned off)."""
     fit, calib = calibration_split(len(x_train), seed)
     cfg = {"input_shape": list(x_train.shape[1:]), **mae_config}
     torch.manual_seed(seed)
     mae = MAE(**cfg).to(device)
     code = variant == "same_code"
     train_mae(mae, x_train[fit], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup=warmup,
-              loss_on="all" if code else "masked", on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
+              loss_on="all" if code and "all_pixel_loss" not in without else "masked",
+              betas=(0.9, 0.95) if code else None,
+              on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
     torch.manual_seed(seed + 1)
     aux = models.build(victim_arch, tuple(x_train.shape[1:]), num_classes).to(device)
     aux_progress = on_epoch and (lambda e, loss: on_epoch("aux", e, loss))
@@ -156,7 +164,8 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
         recon = mae.reconstruct(x_train[fit])
         targets = predict_probs(victim, x_train[fit])
         train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1, on_epoch=aux_progress)
-    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant)
+    trained_without = tuple(w for w in sorted(without) if w in TRAINING_CHOICES)
+    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant, trained_without)
     r, d = out.signals(x_train[calib], predict_probs(victim, x_train[calib]))
     out.stats = {"r_mean": float(r.mean()), "r_std": float(r.std() + 1e-12),
                  "d_mean": float(d.mean()), "d_std": float(d.std() + 1e-12)}
@@ -164,6 +173,8 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
 
 
 _TRAINING = dict(brief=False)  # settings of SAME's models, not of its score
+WITHOUT = ("full_view", "all_pixel_loss")  # the choices of variant=same_code that ``without`` can turn off
+TRAINING_CHOICES = ("all_pixel_loss",)  # those that change the models (full_view changes only the scoring)
 
 
 @register("detector")
@@ -180,6 +191,8 @@ class Same(StatelessDetector):
                          help="same_code: the authors' code (full-view reconstruction, KL deviation, alpha mixing "
                               "on raw scales, auxiliary model on masked reconstructions with true labels)"),
         "alpha": Param(0.99, low=0, high=1, help="same_code: score alpha * reconstruction MSE + (1 - alpha) * KL"),
+        "without": Param(None, list, choices=WITHOUT, help="same_code only: choices of the code turned off, to "
+                                                           "measure each one's share (docs/detection.md)"),
         "patch": Param(4, int, low=1, help="MAE patch side in pixels", **_TRAINING),
         "dim": Param(64, int, low=4, help="MAE encoder embedding size", **_TRAINING),
         "depth": Param(3, int, low=1, help="MAE encoder blocks", **_TRAINING),
@@ -204,6 +217,11 @@ class Same(StatelessDetector):
         if self.models.variant != self.values["variant"]:
             raise ConfigError(f"same.variant={self.values['variant']} but its models were trained for "
                               f"variant={self.models.variant}; expected models prepared with the same variant")
+        without = self.values["without"] or ()
+        if self.models.without != tuple(w for w in sorted(without) if w in TRAINING_CHOICES):
+            raise ConfigError(f"same.without={self.values['without']} but its models were prepared with "
+                              f"without={list(self.models.without)}; expected models prepared with the same setting")
+        self.full_view = self.values["variant"] == "same_code" and "full_view" not in without
 
     def to(self, device: str) -> "Same":
         self.models.mae.to(device)
@@ -216,10 +234,15 @@ class Same(StatelessDetector):
         """SAME's MAE and auxiliary model for this victim, trained on its training split (less the calibration
         slice) and cached beside it."""
         v = cls.resolve(params)
+        if v["without"] and v["variant"] != "same_code":
+            raise ConfigError(f"same.without={v['without']} turns off choices of the authors' code; expected it only "
+                              f"with same.variant=same_code")
         spec = {"victim": ctx.victim.cache_name, "mae": {k: v[k] for k in cls.MAE_KEYS},
                 **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")},
                 **({"variant": "same_code", "warmup": v["warmup"]} if v["variant"] == "same_code" else
-                   {"warmup": v["warmup"]} if v["warmup"] else {})}  # the cache of default models stays valid
+                   {"warmup": v["warmup"]} if v["warmup"] else {}),  # the cache of default models stays valid
+                **({"without": trained} if (trained := [w for w in sorted(v["without"] or ())
+                                                        if w in TRAINING_CHOICES]) else {})}
 
         def train() -> bytes:
             ds = ctx.victim.dataset
@@ -228,13 +251,14 @@ class Same(StatelessDetector):
             return train_same(ctx.victim.model, ctx.victim.arch, ds.x_train, ds.num_classes, seed=ctx.seed,
                               mae_config=spec["mae"], epochs=v["epochs"], aux_epochs=v["aux_epochs"],
                               batch_size=v["batch_size"], lr=v["lr"], on_epoch=progress, device=ctx.device,
-                              variant=v["variant"], warmup=v["warmup"], y_train=ds.y_train).to_bytes()
+                              variant=v["variant"], warmup=v["warmup"], y_train=ds.y_train,
+                              without=tuple(v["without"] or ())).to_bytes()
 
         return ctx.cached("same", spec, train)
 
     def components(self, inputs: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The standardised (reconstruction, deviation) terms of each query."""
-        r, d = self.models.signals(inputs, probs)
+        r, d = self.models.signals(inputs, probs, self.full_view)
         s = self.models.stats
         return (r - s["r_mean"]) / s["r_std"], (d - s["d_mean"]) / s["d_std"]
 
@@ -242,7 +266,7 @@ class Same(StatelessDetector):
         if probs is None:
             raise ValueError("same needs the victim's probabilities of the queries")
         if self.values["variant"] == "same_code":  # raw scales, as the code mixes them
-            r, kl = self.models.signals(inputs, probs)
+            r, kl = self.models.signals(inputs, probs, self.full_view)
             return self.decide(self.values["alpha"] * r + (1 - self.values["alpha"]) * kl)
         zr, zd = self.components(inputs, probs)
         return self.decide(zr + self.values["weight"] * zd)

@@ -134,3 +134,57 @@ def test_same_code_auxiliary_model_learns_the_true_labels_from_masked_reconstruc
     ds, _, models_ = tiny_code
     pred = predict_probs(models_.aux, models_.mae.reconstruct_full(ds.x_test[:300])).argmax(1)
     assert (pred == ds.y_test[:300]).mean() > 0.2  # trained on the true labels (chance: 0.1)
+
+
+def test_same_code_without_full_view_reconstructs_each_patch_from_views_that_hide_it(tiny_code):
+    """without=[full_view] changes the scoring only: the MSE and the KL against the default partitioned
+    reconstruction, mixed as the code mixes them; the same models serve both."""
+    from sim.detectors.same import kl_per_class
+    from sim.training import to_float
+
+    ds, victim, models_ = tiny_code
+    x, probs = ds.x_test[:40], predict_probs(victim, ds.x_test[:40])
+    recon = models_.mae.reconstruct(x)
+    mse = ((to_float(x) - recon) ** 2).flatten(1).mean(1).numpy()
+    kl = kl_per_class(probs, predict_probs(models_.aux, recon))
+    det = Same(models_, variant="same_code", alpha=0.9, without=["full_view"])
+    np.testing.assert_allclose(det.score("k", x, None, probs).scores, 0.9 * mse + 0.1 * kl, rtol=1e-5)
+    full = Same(models_, variant="same_code", alpha=0.9).score("k", x, None, probs).scores
+    assert not np.allclose(full, 0.9 * mse + 0.1 * kl)
+
+
+def test_same_code_models_and_detector_agree_on_the_training_choices_turned_off(tiny_code):
+    import dataclasses
+
+    _, _, models_ = tiny_code
+    masked = dataclasses.replace(models_, without=("all_pixel_loss",))
+    assert SameModels.from_bytes(masked.to_bytes()).without == ("all_pixel_loss",)
+    Same(masked, variant="same_code", without=["full_view", "all_pixel_loss"])
+    with pytest.raises(ConfigError, match=r"same.without=None but its models were prepared with "
+                                          r"without=\['all_pixel_loss'\]"):
+        Same(masked, variant="same_code")
+
+
+def test_same_code_without_all_pixel_loss_trains_the_mae_on_masked_patches_with_the_code_s_optimizer(tiny,
+                                                                                                      monkeypatch):
+    import sim.detectors.same as same_module
+
+    ds, victim, _ = tiny
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(mae, x, **kw):
+        seen.append((kw["loss_on"], kw["betas"]))
+        raise Stop  # the settings are what this test checks, not the training
+
+    monkeypatch.setattr(same_module, "train_mae", spy)
+    for without in ((), ("all_pixel_loss",)):
+        with pytest.raises(Stop):
+            train_same(victim, "lenet", ds.x_train[:200], 10, seed=0, mae_config=TINY, epochs=1, aux_epochs=1,
+                       variant="same_code", y_train=ds.y_train[:200], without=without)
+    assert seen == [("all", (0.9, 0.95)), ("masked", (0.9, 0.95))]
+    with pytest.raises(ConfigError, match=r"same.without=\['full_view'\] turns off choices of the authors' code; "
+                                          r"expected it only with same.variant=same_code"):
+        Same.prepare({"without": ["full_view"]}, None)

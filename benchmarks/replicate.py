@@ -352,9 +352,14 @@ def judge_same_table(c):
     mae = det.get("same_code_settings", {}).get("mae", "cpu")
     size = ("the authors' MAE size" if mae == "authors" else
             "a reduced MAE (patch 4, width 64, 3 + 1 blocks, 100 epochs; the authors': patch 2, 192, 12 + 4, 500)")
+    ablated = [f"without {' and '.join(det.get(k + '_settings', {}).get('without', [k]))} "
+               + compare(PAPER_SAME, auroc(det[k]), POINTS)[1]
+               for k in sorted(det) if k.startswith("same_code_without_") and isinstance(det[k], list)]
     return Finding(text, "holds" if len(ref_close) == len(PAPER_SAME) else "does not hold",
                    f"within {POINTS:g} points, clean: {', '.join(close) or 'none'}; reference: "
-                   f"{', '.join(ref_close) or 'none'}", reference=f"{ref_text} ({size})")
+                   f"{', '.join(ref_close) or 'none'}"
+                   + (f"; one choice off at a time (SAME's AUROC): {'; '.join(ablated)}" if ablated else ""),
+                   reference=f"{ref_text} ({size})")
 
 
 def judge_tradeoff(c):

@@ -100,7 +100,9 @@ def detection_json():
 
     return {"same": rows({"knockoff": 0.6896, "jbda": 0.6137, "dfme": 1.0}),
             "same_code": rows({"knockoff": 0.97, "jbda": 0.80, "dfme": 0.999}),
-            "same_code_settings": {"mae": "cpu"}}
+            "same_code_settings": {"mae": "cpu"},
+            "same_code_without_full_view": rows({"knockoff": 0.55, "jbda": 0.60, "dfme": 1.0}),
+            "same_code_without_full_view_settings": {"mae": "cpu", "without": ["full_view"]}}
 
 
 def tradeoff_rows():
@@ -135,7 +137,8 @@ def test_the_report_builder_puts_paper_clean_and_reference_side_by_side(replicat
     same = by_id["same-table"]
     assert same["clean"] == "knockoff 69.0, jbda 61.4, dfme 100.0"
     assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9 (a reduced MAE")
-    assert same["why"] == "within 5 points, clean: dfme; reference: knockoff, dfme"
+    assert same["why"] == ("within 5 points, clean: dfme; reference: knockoff, dfme; one choice off at a time "
+                           "(SAME's AUROC): without full_view knockoff 55.0, jbda 60.0, dfme 100.0")
 
     trade = by_id["mad-tradeoff"]
     assert trade["clean"] == ("undefended 96.0; MAD ÷ reverse_sigmoid: 0.50 (test L1), 0.50 (attacker-query L1); "

@@ -331,7 +331,7 @@ def judge_mad_table(c):
         text, "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold",
         f"clean: {len(close)} of 4 within {POINTS:g} points; reference {at}: {len(ref_close)} of 4"
         + (f"; at that budget the code's quirks move {', '.join(moved)} (clean -> reference)" if moved else "")
-        + (f"; one quirk off at a time (best epoch): {', '.join(ablated)}" if ablated else ""),
+        + (f"; with quirks turned off (best epoch): {', '.join(ablated)}" if ablated else ""),
         reference=f"{ref_text} (best epoch; {', '.join(map(str, sorted(epochs)))} replica epochs, {at})")
 
 

@@ -92,6 +92,16 @@ def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: f
     return close, text
 
 
+def spread(values: Iterable[float]) -> str:
+    """Several seeds' measurements as "mean ± sample standard deviation (min–max)", one decimal."""
+    import statistics
+
+    v = list(values)
+    if len(v) < 2:
+        raise ValueError(f"spread needs at least 2 values, got {len(v)}")
+    return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f} ({min(v):.1f}–{max(v):.1f})"
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 

@@ -2,7 +2,7 @@
 
     python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
-                                 [--without normalised_clamp|aliasing] [--replica-epochs N]
+                                 [--without normalised_clamp|aliasing] [--seeds 0 1 2] [--replica-epochs N]
                                  [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
@@ -21,7 +21,9 @@ attacks with ``jacobian.variant=mad_code`` and the code's settings (100 seeds fr
 lambda 0.1, tau 5, substitute 20 epochs), every replica with ``replica.variant=mad_code`` (SGD 0.01, 100 epochs,
 or ``--replica-epochs``) and the epoch of best test accuracy reported beside the last, as the code keeps it.
 ``--without QUIRK`` turns one of the code's quirks off (``jacobian.without``): the per-quirk ablation, a row of its
-own in the reference table.
+own in the reference table. ``--seeds`` measures each cell at several seeds (victim, attack and replica); the
+tables show seed 0, and a spread table gives the mean, standard deviation and range of every cell measured at more
+than one seed.
 Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
@@ -38,6 +40,7 @@ import time
 import numpy as np
 import torch
 
+from analysis.claims import spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -97,7 +100,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
                           on_epoch=on_epoch if variant == "mad_code" else None,
                           on_build=lambda m: built.update(model=m))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
-    return {"dataset": dataset, "attack": attack, "budget": budget, "variant": variant,
+    return {"dataset": dataset, "attack": attack, "budget": budget, "seed": seed, "variant": variant,
             **({"without": list(without)} if without else {}), "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
@@ -106,7 +109,35 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
             **({"best": best} if best else {}), "stats": source.stats()}
 
 
+def replica_pct(cell: dict) -> float:
+    """The replica's accuracy in %: at the best epoch in the reference mode (as the MAD code keeps it), else the
+    last."""
+    return 100 * cell.get("best", {}).get("test_accuracy", cell["replica_accuracy"])
+
+
+def spread_table(cells: list[dict]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["dataset"], c["attack"], c.get("variant", "default"), tuple(c.get("without", ())),
+                           c["budget"]), []).append(c)
+    lines = []
+    for (dataset, attack, variant, without, budget), mine in groups.items():
+        if len(mine) < 2:
+            continue
+        mine.sort(key=lambda c: c.get("seed", 0))
+        mode = variant + (f" without {', '.join(without)}" if without else "")
+        lines.append(f"| {dataset} | {attack} | {mode} | {budget:,} | {', '.join(str(c.get('seed', 0)) for c in mine)} "
+                     f"| {spread([replica_pct(c) for c in mine])} |")
+    if not lines:
+        return []
+    return ["Spread over seeds (victim, attack and replica): replica accuracy %, mean ± standard deviation (range); "
+            "the reference mode at its best epoch", "",
+            "| dataset | attack | mode | queries | seeds | replica |", "|---|---|---|---:|---|---:|", *lines, ""]
+
+
 def table(cells: list[dict]) -> str:
+    spread = spread_table(cells)
+    cells = [c for c in cells if c.get("seed", 0) == 0]
     default = [c for c in cells if c.get("variant", "default") == "default"]
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
@@ -143,7 +174,7 @@ def table(cells: list[dict]) -> str:
                          f"{100 * c['replica_accuracy']:.1f} | {100 * b.get('test_accuracy', float('nan')):.1f} "
                          f"({b.get('epoch', '–')}) | {paper} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + spread)
 
 
 def main() -> None:
@@ -155,6 +186,7 @@ def main() -> None:
                     help="mad_code: the MAD authors' code (reference mode)")
     ap.add_argument("--without", nargs="+", default=[], choices=["normalised_clamp", "aliasing"],
                     help="with --variant mad_code: turn these quirks of the code off (the per-quirk ablation)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
@@ -169,19 +201,21 @@ def main() -> None:
     if os.path.exists(args.out):
         cells = json.load(open(args.out))["cells"]
     def key(c: dict) -> tuple:
-        return c["dataset"], c["attack"], c["budget"], c.get("variant", "default"), tuple(c.get("without", ()))
+        return (c["dataset"], c["attack"], c["budget"], c.get("seed", 0), c.get("variant", "default"),
+                tuple(c.get("without", ())))
 
     done = set() if args.fresh else {key(c) for c in cells}
-    todo = [(d, a, b) for b in sorted(args.budgets) for d in args.datasets for a in args.attacks  # small budgets first
-            if (d, a, b, args.variant, without) not in done]
-    for i, (dataset, attack, budget) in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries ({args.variant}"
+    todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
+            for a in args.attacks if (d, a, b, s, args.variant, without) not in done]  # first
+    for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
               f"{', without ' + ', '.join(without) if without else ''}) ...", flush=True)
-        cell = run_cell(dataset, attack, budget, variant=args.variant, epochs=args.replica_epochs, without=without)
+        cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
+                        without=without)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if key(c) != (dataset, attack, budget, args.variant, without)]
+            cells = [c for c in cells if key(c) != (dataset, attack, budget, seed, args.variant, without)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

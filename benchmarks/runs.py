@@ -119,8 +119,7 @@ def seeded(label: str, seed: int) -> str:
 def spread(study: str, runs: dict) -> list[str]:
     """Per run of ``study`` measured at more than one seed: each attacker's replica accuracy (mean ± sd, range)
     and its accounts flagged per seed, and the benign accounts flagged per seed."""
-    import statistics
-
+    from analysis.claims import spread as mean_sd
     from sim.summary import parse
 
     mine = runs.get(study, {})
@@ -135,8 +134,7 @@ def spread(study: str, runs: dict) -> list[str]:
             accs = [100 * r.test_accuracy for r in accs if r is not None]
             flagged = [next(x for x in at[sd].attackers if x.id == a.id).accounts_flagged for sd in seeds]
             benign = [at[sd].benign.accounts_flagged for sd in seeds]
-            stats = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f} ({min(accs):.1f}–{max(accs):.1f})"
-                     if len(accs) > 1 else "–")
+            stats = mean_sd(accs) if len(accs) > 1 else "–"
             lead = f"`{command(scenario, overrides)}` | {', '.join(map(str, seeds))}" if i == 0 else " |"
             tail = " / ".join(map(str, benign)) if i == 0 else ""
             lines.append(f"| {lead} | {a.id} | {stats} | {' / '.join(map(str, flagged))} of {a.accounts} | {tail} |")

@@ -134,7 +134,8 @@ def test_the_report_builder_puts_paper_clean_and_reference_side_by_side(replicat
     assert mad["verdict"] == "does not hold"  # knockoff's 50.0 is 19.2 points off
     assert mad["why"] == ("clean: 0 of 4 within 5 points; reference at 10,000 queries (the paper: 50,000): 3 of 4; "
                           "at that budget the code's quirks move jbda 78.5 -> 40.0, jb_top3 80.3 -> 70.0 "
-                          "(clean -> reference); with quirks turned off (best epoch): jbda without aliasing 76.0")
+                          "(clean -> reference); with quirks turned off (best epoch, seed 0): jbda without aliasing "
+                          "76.0")
 
     same = by_id["same-table"]
     assert same["clean"] == "knockoff 69.0, jbda 61.4, dfme 100.0"

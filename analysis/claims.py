@@ -92,6 +92,12 @@ def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: f
     return close, text
 
 
+def replica_pct(cell: dict) -> float:
+    """A benchmarks/attacks.py cell's replica accuracy in %: at its best epoch where the MAD code's replica kept
+    one (the reference mode), else at the last."""
+    return 100 * cell.get("best", {}).get("test_accuracy", cell["replica_accuracy"])
+
+
 def spread(values: Iterable[float]) -> str:
     """Several seeds' measurements as "mean ± sample standard deviation (min–max)", one decimal."""
     import statistics

@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from analysis.claims import spread
+from analysis.claims import replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -107,12 +107,6 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
             "attack_seconds": round(attack_seconds, 1), "replica_seconds": round(time.perf_counter() - start, 1),
             **({"best": best} if best else {}), "stats": source.stats()}
-
-
-def replica_pct(cell: dict) -> float:
-    """The replica's accuracy in %: at the best epoch in the reference mode (as the MAD code keeps it), else the
-    last."""
-    return 100 * cell.get("best", {}).get("test_accuracy", cell["replica_accuracy"])
 
 
 def spread_table(cells: list[dict]) -> list[str]:
@@ -200,6 +194,7 @@ def main() -> None:
     cells = []
     if os.path.exists(args.out):
         cells = json.load(open(args.out))["cells"]
+
     def key(c: dict) -> tuple:
         return (c["dataset"], c["attack"], c["budget"], c.get("seed", 0), c.get("variant", "default"),
                 tuple(c.get("without", ())))

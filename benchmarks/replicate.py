@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from analysis.claims import Finding, build, compare, markdown, spread
+from analysis.claims import Finding, build, compare, markdown, replica_pct, spread
 from analysis.sweep import distortion_to_reach
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -299,11 +299,6 @@ PAPER_SAME = {"knockoff": 99.37, "jbda": 93.30, "dfme": 100.00}  # Table 1, MNIS
 POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread over seeds is 1 to 3 points)
 
 
-def best_of(cell: dict) -> float:
-    """A cell's replica accuracy in %: at its best epoch where the MAD code's replica kept it, else the last."""
-    return 100 * cell.get("best", {}).get("test_accuracy", cell["replica_accuracy"])
-
-
 def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, list[float]]:
     """Per attack, the Fashion-MNIST replica accuracies (%, one per seed measured) at ``budget`` in ``variant``
     (``default`` or ``mad_code``, the whole mode: ablated cells are left out)."""
@@ -311,7 +306,7 @@ def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, lis
     for x in sorted(cells, key=lambda x: x.get("seed", 0)):
         if (x["dataset"] == "fashion_mnist" and x["budget"] == budget and x.get("variant", "default") == variant
                 and not x.get("without")):
-            out.setdefault(x["attack"], []).append(best_of(x))
+            out.setdefault(x["attack"], []).append(replica_pct(x))
     return out
 
 
@@ -339,7 +334,7 @@ def judge_mad_table(c):
     same_budget = {a: mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
     moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
              if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
-    ablated = [f"{x['attack']} without {' and '.join(x['without'])} {best_of(x):.1f}" for x in cells
+    ablated = [f"{x['attack']} without {' and '.join(x['without'])} {replica_pct(x):.1f}" for x in cells
                if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code" and x.get("without")
                and x["budget"] == budget and x["attack"] in ref and x.get("seed", 0) == 0]
     return Finding(

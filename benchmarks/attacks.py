@@ -40,6 +40,7 @@ import time
 import numpy as np
 import torch
 
+from actors.attacks.jacobian_mad_code import OPTIONAL
 from analysis.claims import replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
@@ -178,7 +179,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 5000, 10000, 50000])
     ap.add_argument("--variant", default="default", choices=["default", "mad_code"],
                     help="mad_code: the MAD authors' code (reference mode)")
-    ap.add_argument("--without", nargs="+", default=[], choices=["normalised_clamp", "aliasing"],
+    ap.add_argument("--without", nargs="+", default=[], choices=OPTIONAL,
                     help="with --variant mad_code: turn these quirks of the code off (the per-quirk ablation)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")

@@ -52,7 +52,7 @@ import torch
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
 from sim.detectors.link import REASONS
-from sim.detectors.same import Same
+from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
 from sim.training import predict_probs
 
@@ -399,7 +399,7 @@ def main() -> None:
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
                     help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry")
     ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
-    ap.add_argument("--without", nargs="+", default=[], choices=["full_view", "all_pixel_loss"],
+    ap.add_argument("--without", nargs="+", default=[], choices=WITHOUT,
                     help="with --variant same_code: turn these choices of the code off (into 'same_code_without_...')")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "detection.json"))

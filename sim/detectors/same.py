@@ -45,6 +45,14 @@ from ..training import predict_probs, train_classifier
 from .base import Param, StatelessDetector, calibration_split
 from .mae import MAE, schedule, train_mae
 
+WITHOUT = ("full_view", "all_pixel_loss")  # the choices of variant=same_code that ``without`` can turn off
+TRAINING_CHOICES = ("all_pixel_loss",)  # those that change the models (full_view changes only the scoring)
+
+
+def trained_without(without) -> tuple[str, ...]:
+    """The training choices among ``without``, sorted: what the models record and their cache key holds."""
+    return tuple(w for w in sorted(without or ()) if w in TRAINING_CHOICES)
+
 
 @dataclass
 class SameModels:
@@ -164,8 +172,8 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
         recon = mae.reconstruct(x_train[fit])
         targets = predict_probs(victim, x_train[fit])
         train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1, on_epoch=aux_progress)
-    trained_without = tuple(w for w in sorted(without) if w in TRAINING_CHOICES)
-    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant, trained_without)
+    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant,
+                     trained_without(without))
     r, d = out.signals(x_train[calib], predict_probs(victim, x_train[calib]))
     out.stats = {"r_mean": float(r.mean()), "r_std": float(r.std() + 1e-12),
                  "d_mean": float(d.mean()), "d_std": float(d.std() + 1e-12)}
@@ -173,8 +181,6 @@ def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_cla
 
 
 _TRAINING = dict(brief=False)  # settings of SAME's models, not of its score
-WITHOUT = ("full_view", "all_pixel_loss")  # the choices of variant=same_code that ``without`` can turn off
-TRAINING_CHOICES = ("all_pixel_loss",)  # those that change the models (full_view changes only the scoring)
 
 
 @register("detector")
@@ -218,7 +224,7 @@ class Same(StatelessDetector):
             raise ConfigError(f"same.variant={self.values['variant']} but its models were trained for "
                               f"variant={self.models.variant}; expected models prepared with the same variant")
         without = self.values["without"] or ()
-        if self.models.without != tuple(w for w in sorted(without) if w in TRAINING_CHOICES):
+        if self.models.without != trained_without(without):
             raise ConfigError(f"same.without={self.values['without']} but its models were prepared with "
                               f"without={list(self.models.without)}; expected models prepared with the same setting")
         self.full_view = self.values["variant"] == "same_code" and "full_view" not in without
@@ -241,8 +247,7 @@ class Same(StatelessDetector):
                 **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")},
                 **({"variant": "same_code", "warmup": v["warmup"]} if v["variant"] == "same_code" else
                    {"warmup": v["warmup"]} if v["warmup"] else {}),  # the cache of default models stays valid
-                **({"without": trained} if (trained := [w for w in sorted(v["without"] or ())
-                                                        if w in TRAINING_CHOICES]) else {})}
+                **({"without": list(trained_without(v["without"]))} if trained_without(v["without"]) else {})}
 
         def train() -> bytes:
             ds = ctx.victim.dataset

@@ -419,8 +419,8 @@ def main() -> None:
             result[part] = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
             result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
                                           **({"without": list(without)} if without else {}),
-                                            "measured": time.strftime("%Y-%m-%d"),
-                                            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                                          "measured": time.strftime("%Y-%m-%d"),
+                                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
         elif part == "population":
             result[part] = part_population(args.seeds, args.cohort)
         elif part == "prada_sizes":

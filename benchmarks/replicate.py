@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -310,10 +311,6 @@ def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, lis
     return out
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def judge_mad_table(c):
     cells = c["attacks"]["cells"]
     clean = {a: v[0] for a, v in fashion_cells([x for x in cells if x.get("seed", 0) == 0], 50000, "default").items()}
@@ -327,11 +324,11 @@ def judge_mad_table(c):
     budget = max(x["budget"] for x in ref_cells)
     epochs = {x["replica_epochs"] for x in ref_cells if x["budget"] == budget}
     seeds = fashion_cells(cells, budget, "mad_code")
-    ref = {a: mean(v) for a, v in seeds.items()}  # the mean where several seeds were measured
+    ref = {a: statistics.mean(v) for a, v in seeds.items()}  # the mean where several seeds were measured
     spread_text = "; ".join(f"{a} {spread(v)} over {len(v)} seeds" for a, v in seeds.items() if len(v) > 1)
     ref_close, ref_text = compare(PAPER_MAD, ref, POINTS)
     at = "at the paper's 50k" if budget == 50000 else f"at {budget:,} queries (the paper: 50,000)"
-    same_budget = {a: mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
+    same_budget = {a: statistics.mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
     moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
              if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
     ablated = [f"{x['attack']} without {' and '.join(x['without'])} {replica_pct(x):.1f}" for x in cells

@@ -2,7 +2,8 @@
 
     python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
-                                 [--without normalised_clamp|aliasing] [--seeds 0 1 2] [--replica-epochs N]
+                                 [--without QUIRK ...] [--replica default|mad_code] [--seeds 0 1 2]
+                                 [--replica-epochs N]
                                  [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
@@ -20,10 +21,11 @@ Replicas: the victim's LeNet, soft labels, Adam 1e-3, batch 64, 20 epochs (10 at
 attacks with ``jacobian.variant=mad_code`` and the code's settings (100 seeds from the victim's training split,
 lambda 0.1, tau 5, substitute 20 epochs), every replica with ``replica.variant=mad_code`` (SGD 0.01, 100 epochs,
 or ``--replica-epochs``) and the epoch of best test accuracy reported beside the last, as the code keeps it.
-``--without QUIRK`` turns one of the code's quirks off (``jacobian.without``): the per-quirk ablation, a row of its
-own in the reference table. ``--seeds`` measures each cell at several seeds (victim, attack and replica); the
-tables show seed 0, and a spread table gives the mean, standard deviation and range of every cell measured at more
-than one seed.
+``--without QUIRK ...`` turns quirks of the code off (``jacobian.without``; an attack whose code lacks one of them is
+skipped), and ``--replica default`` trains the reference mode's transfer set with the clean replica: the per-quirk
+ablation, rows of their own in the reference table. ``--seeds`` measures each cell at several seeds (victim, attack
+and replica); the tables show seed 0, and a spread table gives the mean, standard deviation and range of every cell
+measured at more than one seed.
 Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
@@ -40,7 +42,7 @@ import time
 import numpy as np
 import torch
 
-from actors.attacks.jacobian_mad_code import OPTIONAL
+from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
@@ -64,7 +66,8 @@ def replica_epochs(budget: int, variant: str = "default") -> int:
 
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
-             epochs: int | None = None, without: tuple[str, ...] = ()) -> dict:
+             epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None) -> dict:
+    """One cell; ``replica`` is the replica's variant (default: ``variant``'s)."""
     from actors.replica import keep_best, score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
@@ -72,10 +75,11 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
     own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
            **(MAD_CODE if variant == "mad_code" else {}),
            **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {})}
-    epochs = epochs or replica_epochs(budget, variant)
+    replica = replica or variant
+    epochs = epochs or replica_epochs(budget, replica)
     cfg = config.load(scenario, [
         f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
-        f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={variant}",
+        f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={replica}",
         *[f"attackers.{aid}.{k}={v}" for k, v in own.items() if k in declared]])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     ds = victim.dataset
@@ -98,11 +102,12 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
 
     model = train_replica(x, y, arch=cfg.replica_arch(aid), input_shape=ds.input_shape, num_classes=ds.num_classes,
                           cfg=att.replica, seed=derive_seed(cfg.seed, "replica", aid),
-                          on_epoch=on_epoch if variant == "mad_code" else None,
+                          on_epoch=on_epoch if replica == "mad_code" else None,
                           on_build=lambda m: built.update(model=m))
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     return {"dataset": dataset, "attack": attack, "budget": budget, "seed": seed, "variant": variant,
-            **({"without": list(without)} if without else {}), "queries": int(len(x)),
+            **({"without": list(without)} if without else {}),
+            **({"replica_variant": replica} if replica != variant else {}), "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
@@ -110,18 +115,31 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
             **({"best": best} if best else {}), "stats": source.stats()}
 
 
+def ablated(c: dict) -> str:
+    """What a reference-mode cell turned off: its quirks, and the code's replica where the clean one trained."""
+    parts = [", ".join(c.get("without", []))] if c.get("without") else []
+    return "; ".join(parts + (["the code's replica"] if c.get("replica_variant") == "default" else []))
+
+
+def best_text(c: dict) -> str:
+    b = c.get("best")
+    return f"{100 * b['test_accuracy']:.1f} ({b['epoch']})" if b else "– (the clean replica keeps its last)"
+
+
+def mode(c: dict) -> str:
+    return c.get("variant", "default") + (f" without {ablated(c)}" if ablated(c) else "")
+
+
 def spread_table(cells: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c["dataset"], c["attack"], c.get("variant", "default"), tuple(c.get("without", ())),
-                           c["budget"]), []).append(c)
+        groups.setdefault((c["dataset"], c["attack"], mode(c), c["budget"]), []).append(c)
     lines = []
-    for (dataset, attack, variant, without, budget), mine in groups.items():
+    for (dataset, attack, how, budget), mine in groups.items():
         if len(mine) < 2:
             continue
         mine.sort(key=lambda c: c.get("seed", 0))
-        mode = variant + (f" without {', '.join(without)}" if without else "")
-        lines.append(f"| {dataset} | {attack} | {mode} | {budget:,} | {', '.join(str(c.get('seed', 0)) for c in mine)} "
+        lines.append(f"| {dataset} | {attack} | {how} | {budget:,} | {', '.join(str(c.get('seed', 0)) for c in mine)} "
                      f"| {spread([replica_pct(c) for c in mine])} |")
     if not lines:
         return []
@@ -136,7 +154,8 @@ def table(cells: list[dict]) -> str:
     default = [c for c in cells if c.get("variant", "default") == "default"]
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
-    reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], c.get("without", [])))
+    reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
+                                  c.get("without", []), c.get("replica_variant", "")))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -160,14 +179,12 @@ def table(cells: list[dict]) -> str:
                   "replica epochs | last | best (epoch) | MAD paper, 50k |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in reference:
-            b = c.get("best", {})
             paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
             distinct = c.get("stats", {}).get("distinct_images")
-            lines.append(f"| {c['dataset']} | {c['attack']} | {', '.join(c.get('without', [])) or 'none'} | "
+            lines.append(f"| {c['dataset']} | {c['attack']} | {ablated(c) or 'none'} | "
                          f"{c['budget']:,} | "
                          f"{'–' if distinct is None else format(distinct, ',')} | {c['replica_epochs']} | "
-                         f"{100 * c['replica_accuracy']:.1f} | {100 * b.get('test_accuracy', float('nan')):.1f} "
-                         f"({b.get('epoch', '–')}) | {paper} |")
+                         f"{100 * c['replica_accuracy']:.1f} | {best_text(c)} | {paper} |")
         lines.append("")
     return "\n".join(lines + spread)
 
@@ -181,6 +198,9 @@ def main() -> None:
                     help="mad_code: the MAD authors' code (reference mode)")
     ap.add_argument("--without", nargs="+", default=[], choices=OPTIONAL,
                     help="with --variant mad_code: turn these quirks of the code off (the per-quirk ablation)")
+    ap.add_argument("--replica", default=None, choices=["default", "mad_code"],
+                    help="the replica's variant (default: --variant's); --variant mad_code --replica default measures "
+                         "the code's transfer set with the clean replica")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--threads", type=int, default=2)
@@ -189,6 +209,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.without and args.variant != "mad_code":
         ap.error("--without turns off quirks of the MAD code; expected it with --variant mad_code")
+    if args.replica == "mad_code" and args.variant != "mad_code":
+        ap.error("--replica mad_code: expected it with --variant mad_code (the clean attacks with the code's replica "
+                 "are not a mode of this benchmark)")
     without = tuple(args.without)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -196,22 +219,29 @@ def main() -> None:
     if os.path.exists(args.out):
         cells = json.load(open(args.out))["cells"]
 
+    replica = args.replica if args.replica not in (None, args.variant) else None
+
     def key(c: dict) -> tuple:
         return (c["dataset"], c["attack"], c["budget"], c.get("seed", 0), c.get("variant", "default"),
-                tuple(c.get("without", ())))
+                tuple(c.get("without", ())), c.get("replica_variant"))
 
+    skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
+    if skipped:
+        print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
     done = set() if args.fresh else {key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
-            for a in args.attacks if (d, a, b, s, args.variant, without) not in done]  # first
+            for a in args.attacks if a not in skipped
+            and (d, a, b, s, args.variant, without, replica) not in done]  # first
     for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
-              f"{', without ' + ', '.join(without) if without else ''}) ...", flush=True)
+              f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}) ...",
+              flush=True)
         cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
-                        without=without)
+                        without=without, replica=replica)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if key(c) != (dataset, attack, budget, seed, args.variant, without)]
+            cells = [c for c in cells if key(c) != (dataset, attack, budget, seed, args.variant, without, replica)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -306,7 +306,7 @@ def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, lis
     out: dict[str, list[float]] = {}
     for x in sorted(cells, key=lambda x: x.get("seed", 0)):
         if (x["dataset"] == "fashion_mnist" and x["budget"] == budget and x.get("variant", "default") == variant
-                and not x.get("without")):
+                and not x.get("without") and not x.get("replica_variant")):
             out.setdefault(x["attack"], []).append(replica_pct(x))
     return out
 
@@ -315,7 +315,7 @@ def judge_mad_table(c):
     cells = c["attacks"]["cells"]
     clean = {a: v[0] for a, v in fashion_cells([x for x in cells if x.get("seed", 0) == 0], 50000, "default").items()}
     ref_cells = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                 and not x.get("without")]  # the whole reference mode, not the per-quirk ablation
+                 and not x.get("without") and not x.get("replica_variant")]  # the whole mode, not the ablation
     close, text = compare(PAPER_MAD, clean, POINTS)
     if not ref_cells:
         return Finding(text, "does not hold" if clean else "cannot be tested here",

@@ -24,7 +24,7 @@ from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
 from .base import Attack, AttackContext, TransferSet
-from .jacobian_mad_code import OPTIONAL, MadCodeJacobian
+from .jacobian_mad_code import APPLIES, OPTIONAL, MadCodeJacobian
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
 
@@ -186,17 +186,24 @@ class JacobianAugmentation(Attack):
 
     def _mad_code_sources(self, ctx: AttackContext) -> list:
         """The MAD code's attacks (:mod:`actors.attacks.jacobian_mad_code`): seeds drawn from the victim's training
-        split, each actor growing its own shard of them."""
+        split (without ``train_seeds``: from its test split, held out), each actor growing its own shard of them."""
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
-        size = v["jacobian.seed_size"]
-        if size < actors or size > len(ds.x_train):
+        size, without = v["jacobian.seed_size"], tuple(v["jacobian.without"] or ())
+        if set(without) - set(APPLIES[self.name]):
+            raise ConfigError(f"{ctx.owner}.jacobian.without={list(without)}: {self.name} has no quirk "
+                              f"{', '.join(sorted(set(without) - set(APPLIES[self.name])))}; expected quirks among "
+                              f"{', '.join(APPLIES[self.name])}")
+        split, pool = ("test", ds.x_test) if "train_seeds" in without else ("training", ds.x_train)
+        if size < actors or size > len(pool):
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size}; expected between actors={actors} and the "
-                              f"{len(ds.x_train)} training images (jacobian.variant=mad_code draws seeds from them)")
-        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(ds.x_train), size, replace=False)
-        return [MadCodeJacobian(self.name, ds.x_train[idx[i::actors]], b, arch=ctx.arch, num_classes=ds.num_classes,
+                              f"{len(pool)} {split} images (jacobian.variant=mad_code draws seeds from them)")
+        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(pool), size, replace=False)
+        if split == "test":
+            ctx.held_out.update(idx.tolist())
+        return [MadCodeJacobian(self.name, pool[idx[i::actors]], b, arch=ctx.arch, num_classes=ds.num_classes,
                                 lam=v["jacobian.lam"], tau=v["jacobian.tau"],
                                 substitute_epochs=v["jacobian.substitute_epochs"], seed=ctx.seed("jacobian", i),
-                                without=tuple(v["jacobian.without"] or ()))
+                                without=without)
                 for i, b in enumerate(ctx.budgets)]
 
 

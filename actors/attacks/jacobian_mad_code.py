@@ -23,10 +23,22 @@ quirks included, each named as the docs name it (docs/attacks.md, "The MAD code'
   0.1, momentum 0.9, weight decay 5e-4, batch 64, on soft labels. Rounds go on until the budget is spent (the last
   round steps only as many points as the budget has queries left; JB-top3: a third of them).
 
-Two quirks can be turned off one at a time (``jacobian.without``), to measure each one's share of what the mode
-does to a replica (``benchmarks/attacks.py --variant mad_code --without QUIRK``): without ``normalised_clamp`` the
-stepped point is clipped to [0, 1] *pixels*; without ``aliasing`` the stepped points join D beside the points they
-came from (D still doubles each round, every point distinct, the seeds kept). Everything else stays the code's.
+Every quirk but ``top3_pgd`` can be turned off (``jacobian.without``), alone or with others, to measure its share of
+what the mode does to a replica (``benchmarks/attacks.py --variant mad_code --without QUIRK...``); everything not
+turned off stays the code's. Turned off:
+
+- ``train_seeds``: the seeds come from the victim's test split, as the clean mode draws them (held out from the
+  replica's evaluation);
+- ``normalised_step``: ``lam`` is in pixels (a step moves a pixel by ``lam``; JB-top3's PGD step and bound too);
+- ``normalised_clamp``: the stepped point is clipped to [0, 1] *pixels*;
+- ``away_from_label``: the step lowers the cross-entropy of the stored top-1 class (toward it, as Papernot's step
+  raises that class's score);
+- ``aliasing``: the stepped points join D beside the points they came from (D still doubles each round, every
+  point distinct, the seeds kept);
+- ``self_query``: JB-self queries the point it stores, x + delta;
+- ``round_sign``: the sign is (-1)^floor(rho / tau), Papernot's periodic step size (the clean mode's);
+- ``fresh_substitute``: the substitute (still fresh each round, ``substitute_epochs`` epochs) trains as the clean
+  mode's does: Adam, learning rate 1e-3, batch 64, no weight decay.
 
 Queries are 8-bit images here, as every query of this tool: points outside [0, 1] pixels (JB-self's x - delta,
 JB-top3's unclipped steps) are clipped when they are sent and stored, and stored points are rounded to 8 bits
@@ -48,12 +60,19 @@ MEAN, STD = 0.1307, 0.3081  # the MAD code's normalisation of MNIST-family image
 PGD_STEPS, PGD_ALPHA = 8, 0.01
 QUIRKS = ("train_seeds", "normalised_step", "normalised_clamp", "away_from_label", "aliasing", "self_query",
           "top3_pgd", "round_sign", "fresh_substitute")
-OPTIONAL = ("normalised_clamp", "aliasing")  # the quirks ``without`` can turn off (module docstring)
+OPTIONAL = tuple(q for q in QUIRKS if q != "top3_pgd")  # the quirks ``without`` can turn off (module docstring)
+APPLIES = {"jbda": tuple(q for q in OPTIONAL if q != "self_query"), "jb_self": OPTIONAL,  # per attack, the quirks
+           "jb_top3": ("train_seeds", "normalised_step", "round_sign", "fresh_substitute")}  # its code has
 
 
 def round_sign(rho: int, tau: int) -> int:
     """The sign of round ``rho``'s step: (-1)^round(rho / tau), Python's round (half to even)."""
     return -1 if round(rho / tau) % 2 else 1
+
+
+def periodic_sign(rho: int, tau: int) -> int:
+    """Papernot's periodic sign, (-1)^floor(rho / tau): the sign without ``round_sign``."""
+    return -1 if (rho // tau) % 2 else 1
 
 
 def to_pixels(xn: torch.Tensor) -> np.ndarray:
@@ -69,7 +88,8 @@ def fgsm_step(model: torch.nn.Module, xn: torch.Tensor, classes: torch.Tensor, l
               clamp: str = "normalised") -> torch.Tensor:
     """The code's ``fgsm_untargeted``: delta = lam * sign(d CE(model(x), class) / dx) in normalised units, cut so
     that x + delta lies in [0, 1] normalised (``clamp="pixels"``: in [0, 1] pixels, i.e. without
-    ``normalised_clamp``). The model takes pixels in [0, 1]: the gradient's sign is the same."""
+    ``normalised_clamp``). The model takes pixels in [0, 1]: the gradient's sign is the same. A negative ``lam``
+    steps toward the class (without ``away_from_label``, the caller flips it)."""
     x = (xn * STD + MEAN).detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(F.cross_entropy(model(x), classes), x)
     delta = lam * grad.sign()
@@ -77,15 +97,17 @@ def fgsm_step(model: torch.nn.Module, xn: torch.Tensor, classes: torch.Tensor, l
     return torch.minimum(torch.maximum(delta, low - xn), high - xn).detach()
 
 
-def targeted_pgd(model: torch.nn.Module, xn: torch.Tensor, target: torch.Tensor, bound: float) -> torch.Tensor:
-    """The code's ``pgd_linf_targ``: 8 steps of 0.01 up the target's logit, delta clamped to [-bound, bound] as
-    torch.clamp does it (bound < 0: every element becomes bound), in normalised units, no range clipping."""
+def targeted_pgd(model: torch.nn.Module, xn: torch.Tensor, target: torch.Tensor, bound: float,
+                 alpha: float = PGD_ALPHA) -> torch.Tensor:
+    """The code's ``pgd_linf_targ``: 8 steps of ``alpha`` (0.01) up the target's logit, delta clamped to
+    [-bound, bound] as torch.clamp does it (bound < 0: every element becomes bound), in normalised units, no range
+    clipping."""
     delta = torch.zeros_like(xn)
     for _ in range(PGD_STEPS):
         d = delta.clone().requires_grad_(True)
         score = model((xn + d) * STD + MEAN).gather(1, target[:, None]).sum()
         (grad,) = torch.autograd.grad(score, d)
-        delta = torch.clamp(delta + PGD_ALPHA * grad.sign(), min=-bound, max=bound)
+        delta = torch.clamp(delta + alpha * grad.sign(), min=-bound, max=bound)
     return delta
 
 
@@ -96,8 +118,9 @@ class MadCodeJacobian:
     def __init__(self, variant: str, seeds: np.ndarray, budget: int, *, arch: str, num_classes: int,
                  lam: float = 0.1, tau: int = 5, substitute_epochs: int = 20, seed: int = 0,
                  without: tuple[str, ...] = ()):
-        if set(without) - set(OPTIONAL):
-            raise ValueError(f"without={list(without)}; expected quirks among {', '.join(OPTIONAL)}")
+        if set(without) - set(APPLIES[variant]):
+            raise ValueError(f"without={list(without)}; expected quirks of {variant} among "
+                             f"{', '.join(APPLIES[variant])}")
         self.variant, self.arch, self.num_classes = variant, arch, num_classes
         self.without = tuple(without)
         self.lam, self.tau, self.epochs, self.seed = lam, tau, substitute_epochs, seed
@@ -166,11 +189,12 @@ class MadCodeJacobian:
         self._answers = None
 
     def substitute(self) -> torch.nn.Module:
-        """A fresh substitute trained on D (``fresh_substitute``)."""
+        """A fresh substitute trained on D (``fresh_substitute``; without it, as the clean mode trains one)."""
         torch.manual_seed(self.seed + self.round)
         model = models.build(self.arch, tuple(self._x.shape[1:]), self.num_classes)
-        return train_classifier(model, self._x, self._y, epochs=self.epochs, batch_size=64, lr=0.1, optimizer="sgd",
-                                weight_decay=5e-4, seed=self.seed + self.round)
+        code = {} if "fresh_substitute" in self.without else {"lr": 0.1, "optimizer": "sgd", "weight_decay": 5e-4}
+        return train_classifier(model, self._x, self._y, epochs=self.epochs, batch_size=64,
+                                seed=self.seed + self.round, **code)
 
     def _grow(self) -> None:
         """One augmentation round: step D's points (the first ones, when the budget left is smaller)."""
@@ -180,7 +204,9 @@ class MadCodeJacobian:
             self._answers, self._rows, self._asked = None, None, 0
             return
         model = self.substitute()
-        lam = self.lam * round_sign(self.round, self.tau)
+        sign = periodic_sign if "round_sign" in self.without else round_sign
+        unit = 1 / STD if "normalised_step" in self.without else 1.0  # lam in pixels, not in normalised units
+        lam = self.lam * unit * sign(self.round, self.tau)
         top1 = torch.as_tensor(self._y.argmax(1))
         if self.variant == "jb_top3":
             n = len(self._x) if 3 * len(self._x) + self._sent < self._budget else math.ceil(left / 3)
@@ -189,7 +215,7 @@ class MadCodeJacobian:
                 order = model(xn * STD + MEAN).argsort(1, descending=True)
             others = torch.stack([row[row != t][:3] for row, t in zip(order, top1[:n])])
             # per point its three classes in turn, as the code queries them
-            steps = [xn + targeted_pgd(model, xn, others[:, k], lam) for k in range(others.shape[1])]
+            steps = [xn + targeted_pgd(model, xn, others[:, k], lam, PGD_ALPHA * unit) for k in range(others.shape[1])]
             points = torch.stack(steps, 1).reshape(-1, *xn.shape[1:])
             self._queue = self._store = to_pixels(points)
             self._rows = None
@@ -197,9 +223,11 @@ class MadCodeJacobian:
             n = min(len(self._x), left)
             xn = normalised(self._x[:n])
             clamp = "pixels" if "normalised_clamp" in self.without else "normalised"
-            delta = fgsm_step(model, xn, top1[:n], lam, clamp)
+            toward = -1 if "away_from_label" in self.without else 1
+            delta = fgsm_step(model, xn, top1[:n], toward * lam, clamp)
             self._store = to_pixels(xn + delta)
-            self._queue = self._store if self.variant == "jbda" else to_pixels(xn - delta)
+            self_query = self.variant == "jb_self" and "self_query" not in self.without
+            self._queue = to_pixels(xn - delta) if self_query else self._store
             self._rows = None if "aliasing" in self.without else np.arange(n)  # None: the new points join D
         self._answers = np.full((len(self._queue), self.num_classes), np.nan, np.float32)
         self._asked = 0

@@ -182,6 +182,91 @@ def test_mad_code_jb_top3_runs_8_pgd_steps_bounded_by_lambda_and_a_negative_boun
     assert len(attack.transfer_set()[0]) == 17  # the new points join D: no aliasing
 
 
+def test_without_round_sign_the_sign_is_papernots_floor_of_rho_over_tau():
+    from actors.attacks.jacobian_mad_code import periodic_sign
+
+    assert [periodic_sign(rho, 5) for rho in range(12)] == [1] * 5 + [-1] * 5 + [1, 1]
+
+
+def grey_seeds(n=2):
+    return np.full((n, 1, 28, 28), 128, np.uint8)  # mid-grey: no step reaches 0 or 255 pixels
+
+
+def test_without_normalised_step_lambda_moves_a_pixel_by_lambda_in_pixels(victim):
+    """lam 0.1 in pixels is 25.5 levels: 128 goes to 102.5 or 153.5, rounded; the code's normalised step moves it
+    by 0.1 x 0.3081 x 255 = 7.9 levels (both with the pixel clamp, so the grey seed is not squeezed)."""
+    model, _ = victim
+    for without, moves in ((("normalised_clamp", "normalised_step"), {25, 26}), (("normalised_clamp",), {8})):
+        attack, sent = drive_mad_code("jbda", model, grey_seeds(), 4, without=without)
+        moved = set(np.unique(np.abs(sent[2:].astype(int) - 128)).tolist())
+        assert moved - {0} <= moves and moved & moves, (without, moved)
+
+
+def test_without_away_from_label_the_step_lowers_the_top1_cross_entropy(victim):
+    """The code's step raises the cross-entropy of the answer's top-1 class; turned off, the same substitute steps
+    the other way: the two round-1 queries of a grey seed are x + delta and x - delta."""
+    import torch.nn.functional as F
+
+    from actors.attacks.jacobian_mad_code import fgsm_step, normalised
+
+    model, ds = victim
+    xn, cls = normalised(ds.x_train[:16]), torch.as_tensor(ds.y_train[:16])
+    x = xn * 0.3081 + 0.1307
+
+    def ce(lam):
+        step = fgsm_step(model, xn, cls, lam, "pixels")
+        return F.cross_entropy(model((xn + step) * 0.3081 + 0.1307), cls).item()
+
+    base = F.cross_entropy(model(x), cls).item()
+    assert ce(-0.5) < base < ce(0.5)
+    _, away = drive_mad_code("jbda", model, grey_seeds(), 4, without=("normalised_clamp",))
+    _, toward = drive_mad_code("jbda", model, grey_seeds(), 4, without=("normalised_clamp", "away_from_label"))
+    both = away[2:].astype(int) + toward[2:].astype(int) - 256  # (x + delta) + (x - delta) - 2x, up to rounding
+    assert np.abs(both).max() <= 1 and np.abs(away[2:].astype(int) - 128).max() == 8
+
+
+def test_without_self_query_jb_self_queries_the_point_it_stores(victim):
+    model, _ = victim
+    seed = np.zeros((1, 1, 28, 28), np.uint8)
+    seed[:, :, 8:20, 8:20] = 255
+    attack, sent = drive_mad_code("jb_self", model, seed, 2, batch=1, without=("self_query",))
+    x, _ = attack.transfer_set()
+    np.testing.assert_array_equal(sent[1], x[0])
+    assert set(np.unique(sent[1])) == {33, 112}  # the stored point, in normalised [0, 1], not the seed
+
+
+def test_without_fresh_substitute_the_substitute_trains_as_the_clean_mode_s(victim, monkeypatch):
+    from actors.attacks import jacobian_mad_code
+
+    model, ds = victim
+    seen = []
+
+    def record(net, x, y, **kw):
+        seen.append({k: kw.get(k) for k in ("optimizer", "lr", "weight_decay")})
+        return net
+
+    monkeypatch.setattr(jacobian_mad_code, "train_classifier", record)
+    for without in ((), ("fresh_substitute",)):
+        drive_mad_code("jbda", model, ds.x_train[:2], 4, without=without)
+    assert seen == [{"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}, {"optimizer": None, "lr": None,
+                                                                             "weight_decay": None}]
+
+
+def test_without_train_seeds_the_seeds_come_from_the_test_split_and_are_held_out():
+    from sim import config
+    from sim.plan import make_plan
+
+    ds = data.load("mnist5k")
+    base = ["attackers.single.attack=jbda", "attackers.single.jacobian.variant=mad_code",
+            "attackers.single.jacobian.seed_size=100"]
+    for without, split, held in (("null", ds.x_train, 0), ("[train_seeds]", ds.x_test, 100)):
+        plan = make_plan(config.load("single_knockoff", [*base, f"attackers.single.jacobian.without={without}"]), ds)
+        (client,) = plan.of(attacker="single")
+        seeds = {s.tobytes() for s in client.source.propose(100)}
+        assert seeds <= {s.tobytes() for s in split} and len(seeds) == 100
+        assert len(plan.eval_indices(len(ds.x_test))) == len(ds.x_test) - held
+
+
 def test_every_mad_code_quirk_is_named_in_the_module_and_the_docs():
     from pathlib import Path
 
@@ -206,3 +291,9 @@ def test_quirks_can_be_turned_off_only_in_the_mad_code_mode():
     (client,) = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.variant=mad_code"]),
                           ds).of(attacker="single")
     assert client.source.without == ("aliasing",)
+    for attack, quirk in (("jbda", "self_query"), ("jb_top3", "aliasing")):
+        with pytest.raises(ConfigError, match=rf"attackers.single.jacobian.without=\['{quirk}'\]: {attack} has no "
+                                              rf"quirk {quirk}; expected quirks among"):
+            make_plan(config.load("single_knockoff", [f"attackers.single.attack={attack}",
+                                                      "attackers.single.jacobian.variant=mad_code",
+                                                      f"attackers.single.jacobian.without=[{quirk}]"]), ds)

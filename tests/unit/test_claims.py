@@ -178,3 +178,27 @@ def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
     assert by_id["mad-table1"]["reference"] == "not measured"
     assert "benchmarks/attacks.py --variant mad_code" in by_id["mad-table1"]["why"]
     assert "benchmarks/detection.py --variant same_code" in by_id["same-table"]["why"]
+
+
+def test_cells_at_several_seeds_are_judged_on_their_means_over_the_seeds_every_cell_has(replicate):
+    def run(soft, victim=0.97):
+        return {"victim": {"test_accuracy": victim},
+                "attackers": [{"id": "knockoff", "replica": {"test_accuracy": soft}}]}
+
+    cells = {"none + none": run(0.80), "none + none @ seed 1": run(0.80), "none + none @ seed 2": run(0.80),
+             "ptq + none": run(0.70), "ptq + none @ seed 1": run(0.85), "ptq + none @ seed 2": run(0.99),
+             "qat + none": run(0.79), "qat + none @ seed 1": run(0.81),  # seed 2 not measured: seeds 0 and 1 count
+             "divqat + none": run(0.70), "divqat + none @ seed 1": run(0.72)}
+    assert replicate.seeds_of(cells, "ptq + none") == [0, 1, 2]
+    assert replicate.seeds_of(cells, "qat + none") == [0, 1]
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
+    exposed = next(r for r in rows if r["id"] == "quantized-exposed")
+    # ptq at seed 0 alone (70.0) is more than 5 points below float; the mean of seeds 0 and 1 (77.5) is not
+    assert exposed["clean"] == ("Knockoff replica accuracy %: float 80.0 ± 0.0, ptq 77.5 ± 10.6, qat 80.0 ± 1.4, "
+                                "divqat 71.0 ± 1.4")
+    assert exposed["verdict"] == "holds"
+    assert exposed["settings"].endswith("; mean ± standard deviation over seeds 0, 1")
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": {
+        k: v for k, v in cells.items() if "@" not in k}}, {})
+    exposed = next(r for r in rows if r["id"] == "quantized-exposed")
+    assert exposed["verdict"] == "does not hold" and "seeds" not in exposed["settings"]

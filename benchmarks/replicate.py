@@ -665,8 +665,8 @@ def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str
     for claim in CLAIMS:
         view, seeds = common_seeds(cells, claim)
         if len(seeds) > 1:
-            claim = replace(claim, settings=f"{claim.settings}; mean ± standard deviation over seeds "
-                                            f"{', '.join(map(str, seeds))}")
+            claim = replace(claim, settings=f"{claim.settings}; a figure with ± is the mean and standard deviation "
+                                            f"over seeds {', '.join(map(str, seeds))}")
         rows += build([claim], view)
     mode = ("quick: a smoke test, not the figures. Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
             + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says"

@@ -197,7 +197,7 @@ def test_cells_at_several_seeds_are_judged_on_their_means_over_the_seeds_every_c
     assert exposed["clean"] == ("Knockoff replica accuracy %: float 80.0 ± 0.0, ptq 77.5 ± 10.6, qat 80.0 ± 1.4, "
                                 "divqat 71.0 ± 1.4")
     assert exposed["verdict"] == "holds"
-    assert exposed["settings"].endswith("; mean ± standard deviation over seeds 0, 1")
+    assert exposed["settings"].endswith("; a figure with ± is the mean and standard deviation over seeds 0, 1")
     rows, _ = replicate.report({"quick": False, "machine": "test", "cells": {
         k: v for k, v in cells.items() if "@" not in k}}, {})
     exposed = next(r for r in rows if r["id"] == "quantized-exposed")

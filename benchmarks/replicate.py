@@ -10,9 +10,10 @@ every cell again). ``--quick`` runs every cell with small budgets and short trai
 ``replication-quick.{json,md}``; the default writes ``replication.{json,md}``. Claims whose figures come from other
 benchmarks (``attacks.json``, ``detection.json``) are read from those files.
 
-``--seeds`` runs each scenario cell at more seeds (``seed=N``: victim, attack and replica; a cell at seed N > 0 is
-kept as ``"LABEL @ seed N"``); sweep cells run at seed 0 only. A claim is then judged on the means over the seeds
-that every cell it reads has, and its figures show the standard deviation beside the mean.
+``--seeds`` runs each cell at more seeds (``seed=N``: victim, attack and replica; a cell at seed N > 0 is kept as
+``"LABEL @ seed N"``). A claim is then judged on the means over the seeds that every cell it reads has, and its
+figures show the standard deviation beside the mean; the trade-off sweep is judged per seed (every seed's sweep
+must agree) and its ratios shown per seed.
 
 Verdicts: **holds**, **does not hold**, or **cannot be tested here** (with why); every row says where and with
 which settings it was measured.
@@ -424,58 +425,74 @@ def judge_same_table(c):
                    reference=f"{ref_text} ({size})")
 
 
-def judge_tradeoff(c):
-    rows = c["tradeoff 10k"]
+def tradeoff_ratio(rows: list[dict], base: str, d: str) -> tuple[str, float] | None:
+    """One sweep's MAD L1 at the 80% crossing over ``base``'s, in distortion ``d``: ("=", r); ("<", r) when
+    ``base`` never crossed (it needs more than its largest L1); (">", r) when ``base`` was below already at its least
+    L1; None if MAD never crossed."""
     metric = "single.replica_test_accuracy"
-    undefended = next((r[metric] for r in rows if r["curve"] == "none"), None)
-    if undefended is None or undefended < TARGET + 0.05:
-        return Finding(f"undefended replica {pct(undefended)}", "cannot be tested here",
+    curve = [r for r in rows if r["curve"] == base and r.get(d) is not None]
+    m, b = (distortion_to_reach([r for r in rows if r["curve"] == x], metric, TARGET, d) for x in ("mad", base))
+    if not (m and m[1]) or not curve:
+        return None
+    if b is None:
+        return "<", m[0] / max(r[d] for r in curve)
+    return ("=" if b[1] else ">"), m[0] / b[0]
+
+
+def tradeoff_decided(r: tuple[str, float] | None) -> bool | None:
+    """True: MAD needs less L1 than the baseline; False: it does not; None: the sweep's grid cannot tell."""
+    if r is None:
+        return None
+    kind, v = r
+    return v < 1 if kind == "=" else (True if kind == "<" and v <= 1 else False if kind == ">" and v >= 1 else None)
+
+
+def judge_tradeoff(c):
+    label, metric = "tradeoff 10k", "single.replica_test_accuracy"
+    sweeps = [c[at_seed(label, s)] for s in seeds_of(c, label)]  # one sweep per seed
+    undefended = [next((r[metric] for r in rows if r["curve"] == "none"), None) for rows in sweeps]
+    if None in undefended or Mean(undefended) < TARGET + 0.05:
+        return Finding(f"undefended replica {pct(None if None in undefended else Mean(undefended))}",
+                       "cannot be tested here",
                        "the undefended replica does not clear the 80% target by 5 points at this budget",
                        reference="not measured")
-
-    def ratio(base, d) -> tuple[str, float] | None:
-        """MAD's L1 at the crossing over ``base``'s: ("=", r); ("<", r) when ``base`` never crossed (it needs more
-        than its largest L1); (">", r) when ``base`` was below already at its least L1; None if MAD never crossed."""
-        curve = [r for r in rows if r["curve"] == base and r.get(d) is not None]
-        m, b = (distortion_to_reach([r for r in rows if r["curve"] == x], metric, TARGET, d) for x in ("mad", base))
-        if not (m and m[1]) or not curve:
-            return None
-        if b is None:
-            return "<", m[0] / max(r[d] for r in curve)
-        return ("=" if b[1] else ">"), m[0] / b[0]
 
     def show(base):
         out = []
         for d, where in (("test_l1_mean", "test L1"), ("attacker_l1_mean", "attacker-query L1")):
-            r = ratio(base, d)
-            out.append(f"{'–' if r is None else ('' if r[0] == '=' else r[0] + ' ') + format(r[1], '.2f')} ({where})")
+            per_seed = [tradeoff_ratio(rows, base, d) for rows in sweeps]
+            out.append(" / ".join("–" if r is None else ("" if r[0] == "=" else r[0] + " ") + format(r[1], ".2f")
+                                  for r in per_seed) + f" ({where})")
         return f"MAD ÷ {base}: " + ", ".join(out)
 
-    def decided(base, d="test_l1_mean"):  # True: MAD needs less; False: it does not; None: the grid cannot tell
-        r = ratio(base, d)
-        if r is None:
-            return None
-        kind, v = r
-        return v < 1 if kind == "=" else (True if kind == "<" and v <= 1 else False if kind == ">" and v >= 1
-                                          else None)
+    def decided(base, d="test_l1_mean"):  # every seed's sweep must agree; otherwise None
+        found = {tradeoff_decided(tradeoff_ratio(rows, base, d)) for rows in sweeps}
+        return found.pop() if len(found) == 1 else None
 
     bases = ("reverse_sigmoid", "random_noise")
     verdicts = {b: decided(b) for b in bases}
     open_ = [b for b, v in verdicts.items() if v is None]
     verdict = ("does not hold" if False in verdicts.values() else "cannot be tested here" if open_ else "holds")
+
     def undecided(base):
-        kind, v = ratio(base, "test_l1_mean")
+        found = [tradeoff_decided(tradeoff_ratio(rows, base, "test_l1_mean")) for rows in sweeps]
+        if len(set(found)) > 1:
+            return f"the seeds' sweeps disagree on {base}"
+        kind, _ = tradeoff_ratio(sweeps[0], base, "test_l1_mean")
         return (f"{base} never reached 80% within the sweep's grid, whose largest test-set L1 is below MAD's"
-                if kind == "<" else f"{base} was below 80% already at its least test-set L1, above MAD's")
+                if kind == "<" else f"{base} was below 80% already at its least test-set L1, above MAD's") \
+            + ": a wider grid decides it"
 
     why = {"holds": "at the 80% target MAD needs less test-set L1 than both baselines",
            "does not hold": "MAD needs as much test-set L1 or more than "
                             + ", ".join(b for b, v in verdicts.items() if v is False),
-           "cannot be tested here": "; ".join(map(undecided, open_)) + ": a wider grid decides it"}[verdict]
+           "cannot be tested here": "; ".join(map(undecided, open_))}[verdict]
+    if len(sweeps) > 1 and verdict != "cannot be tested here":
+        why += f" (the sweeps of all {len(sweeps)} seeds agree; ratios per seed)"
     attacker = [b for b in bases if decided(b, "attacker_l1_mean")]
     if attacker:
         why += f"; on the attacker's own queries MAD needs less L1 than {', '.join(attacker)}"
-    return Finding(f"undefended {pct(undefended)}; " + "; ".join(show(b) for b in bases), verdict, why,
+    return Finding(f"undefended {pct(Mean(undefended))}; " + "; ".join(show(b) for b in bases), verdict, why,
                    reference=show("random_noise_mad_code") + " (the MAD code's logit-space noise)")
 
 
@@ -719,7 +736,7 @@ def main() -> None:
                     help="measure the cells of these claims only")
     ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0],
-                    help="run each scenario cell at these seeds (sweeps: seed 0 only); default 0")
+                    help="run each cell (scenario or sweep) at these seeds; default 0")
     ap.add_argument("--fresh", action="store_true", help="measure every cell again")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the JSON")
     ap.add_argument("--out", default=None)
@@ -730,8 +747,7 @@ def main() -> None:
     if not args.report_only:
         chosen = [c for c in CLAIMS if not args.only or c.id in args.only]
         todo = {at_seed(label, s): replace(cell, overrides=[*cell.overrides, f"seed={s}"]) if s else cell
-                for c in chosen for label, cell in c.cells.items() for s in args.seeds
-                if label not in args.skip and not (cell.sweep and s)}
+                for c in chosen for label, cell in c.cells.items() for s in args.seeds if label not in args.skip}
         todo = {label: cell for label, cell in todo.items() if label not in result["cells"]}
         todo = dict(sorted(todo.items(), key=lambda kv: not kv[1].sweep))  # sweeps (their own Ray) first
         runs_dir = os.path.join(RESULTS, "runs", "replication-quick" if args.quick else "replication")

@@ -202,3 +202,24 @@ def test_cells_at_several_seeds_are_judged_on_their_means_over_the_seeds_every_c
         k: v for k, v in cells.items() if "@" not in k}}, {})
     exposed = next(r for r in rows if r["id"] == "quantized-exposed")
     assert exposed["verdict"] == "does not hold" and "seeds" not in exposed["settings"]
+
+
+def test_the_tradeoff_sweep_at_several_seeds_is_judged_per_seed_and_must_agree(replicate):
+    crossing = [r for r in tradeoff_rows() if r["curve"] != "random_noise"] + [  # random noise crosses at L1 0.8
+        {"curve": "random_noise", "status": "done", "test_l1_mean": l1, "attacker_l1_mean": l1,
+         "single.replica_test_accuracy": acc} for l1, acc in ((0.4, 0.9), (1.2, 0.7))]
+
+    def judged(sweeps):
+        cells = {replicate.at_seed("tradeoff 10k", s): rows for s, rows in enumerate(sweeps)}
+        rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
+        return next(r for r in rows if r["id"] == "mad-tradeoff")
+
+    split = judged([tradeoff_rows(), crossing])  # seed 0's grid is too short for random noise; seed 1's is not
+    assert split["verdict"] == "cannot be tested here"
+    assert split["why"].startswith("the seeds' sweeps disagree on random_noise;")
+    assert "MAD ÷ random_noise: < 1.33 / 0.50 (test L1)" in split["clean"]
+    agreed = judged([crossing] * 3)
+    assert agreed["verdict"] == "holds"
+    assert agreed["clean"].startswith("undefended 96.0 ± 0.0; MAD ÷ reverse_sigmoid: 0.50 / 0.50 / 0.50 (test L1)")
+    assert agreed["why"].startswith("at the 80% target MAD needs less test-set L1 than both baselines (the sweeps "
+                                    "of all 3 seeds agree; ratios per seed)")

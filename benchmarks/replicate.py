@@ -106,6 +106,7 @@ ABLATION = {f"mad {obj}": Cell("mad_vs_knockoff", ["detectors.prada.enabled=fals
 EVASION_ATTACKERS = ["knockoff", "argmax", "arch", "optimizer", "repeats", "augment"]
 EVASION = {"mad_evasion": Cell("mad_evasion", [], EVASION_ATTACKERS)}
 TARGET = 0.8  # the MAD paper's replica accuracy target for the trade-off
+REPLICA = "single.replica_test_accuracy"  # the trade-off sweep's replica accuracy column
 TRADEOFF = {"tradeoff 10k": Cell("mad_tradeoff_10k", [], ["single"], sweep=True)}
 
 
@@ -134,7 +135,7 @@ class Mean(float):
 
 
 def replica(cells: dict, label: str, attacker: str, which: str = "replica") -> dict | None:
-    """An attacker's ``which`` (its replica, or the undefended one) in ``label``'s seed-0 cell."""
+    """An attacker's ``which`` (its replica, or the undefended one) in the cell ``label`` (one seed's)."""
     for a in cells.get(label, {}).get("attackers", []):
         if a["id"] == attacker:
             return a.get(which)
@@ -429,9 +430,8 @@ def tradeoff_ratio(rows: list[dict], base: str, d: str) -> tuple[str, float] | N
     """One sweep's MAD L1 at the 80% crossing over ``base``'s, in distortion ``d``: ("=", r); ("<", r) when
     ``base`` never crossed (it needs more than its largest L1); (">", r) when ``base`` was below already at its least
     L1; None if MAD never crossed."""
-    metric = "single.replica_test_accuracy"
     curve = [r for r in rows if r["curve"] == base and r.get(d) is not None]
-    m, b = (distortion_to_reach([r for r in rows if r["curve"] == x], metric, TARGET, d) for x in ("mad", base))
+    m, b = (distortion_to_reach([r for r in rows if r["curve"] == x], REPLICA, TARGET, d) for x in ("mad", base))
     if not (m and m[1]) or not curve:
         return None
     if b is None:
@@ -448,9 +448,9 @@ def tradeoff_decided(r: tuple[str, float] | None) -> bool | None:
 
 
 def judge_tradeoff(c):
-    label, metric = "tradeoff 10k", "single.replica_test_accuracy"
+    label = "tradeoff 10k"
     sweeps = [c[at_seed(label, s)] for s in seeds_of(c, label)]  # one sweep per seed
-    undefended = [next((r[metric] for r in rows if r["curve"] == "none"), None) for rows in sweeps]
+    undefended = [next((r[REPLICA] for r in rows if r["curve"] == "none"), None) for rows in sweeps]
     if None in undefended or Mean(undefended) < TARGET + 0.05:
         return Finding(f"undefended replica {pct(None if None in undefended else Mean(undefended))}",
                        "cannot be tested here",

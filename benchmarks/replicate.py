@@ -328,8 +328,8 @@ def judge_evasion(c):
     holds = best == "argmax" and cost is not None and cost >= 0.05  # "about 9 points": at least 5
     return Finding(f"replica % under MAD eps 0.8: {text}; argmax loses {pct(cost)} points to MAD",
             "holds" if holds else "does not hold",
-            f"the strongest countermeasure here is {best} (the paper's: argmax), and MAD costs argmax "
-            f"{pct(cost)} points (the paper: about 9)")
+            f"the strongest countermeasure here is {best} with {pct(rows[best][0])} (the paper's: argmax, here "
+            f"{pct(d)}), and MAD costs argmax {pct(cost)} points (the paper: about 9)")
 
 
 PAPER_MAD = {"knockoff": 69.2, "jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7}  # Table 1, Fashion-MNIST, 50k

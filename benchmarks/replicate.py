@@ -156,6 +156,25 @@ def victim(cells, label) -> dict:
             if runs and all(r.get(k) is not None for r in runs)}
 
 
+def sd(v) -> float:
+    """The standard deviation over seeds of a :class:`Mean` (0 for one seed or a plain number)."""
+    values = getattr(v, "values", ())
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def noisy(a, b) -> bool:
+    """Whether two means over seeds differ by less than the larger of their standard deviations."""
+    return a is not None and b is not None and abs(a - b) < max(sd(a), sd(b))
+
+
+def beyond_spread(pairs: list[tuple]) -> str:
+    """How many of the (lower, higher) pairs measured at several seeds differ by more than one standard deviation."""
+    several = [(a, b) for a, b in pairs if sd(a) or sd(b)]
+    clear = sum(not noisy(a, b) for a, b in several)
+    return (f", {clear} of the {len(several)} measured at several seeds by more than one standard deviation"
+            if clear < len(several) else "")
+
+
 def pct(v) -> str:
     """A fraction in %, one decimal; a mean over several seeds with its standard deviation."""
     if v is None:
@@ -186,19 +205,21 @@ def judge_divqat_alone(c):
             f"replica % soft {pct(r_qat)} / {pct(r_div)}, top-1 {pct(h_qat)} / {pct(h_div)}")
     holds = dv > -0.01 and r_div < r_qat - 0.01
     return Finding(text, "holds" if holds else "does not hold", (
-        "DivQAT lowers the soft-label replica at no victim cost" if holds else
+        "DivQAT lowers the soft-label replica at no victim cost"
+        + (" on the means, by less than one standard deviation over seeds" if noisy(r_div, r_qat) else "") if holds else
         "DivQAT's replica is not lower than plain QAT's by more than a point, or the victim lost more than a point"))
 
 
 def judge_divqat_combined(c):
-    parts, better = [], 0
+    parts, lower = [], []
     for d in ("mad", "reverse_sigmoid", "confidence_gated"):
         q, v = acc(c, f"qat + {d}", "knockoff"), acc(c, f"divqat + {d}", "knockoff")
         parts.append(f"{d} {pct(q)} / {pct(v)}")
-        better += v is not None and q is not None and v < q
+        if v is not None and q is not None and v < q:
+            lower.append((v, q))
     return Finding("Knockoff replica % with QAT / DivQAT victim: " + ", ".join(parts),
-            "holds" if better == 3 else "does not hold",
-            f"DivQAT's replica is lower than QAT's under {better} of 3 output defenses")
+            "holds" if len(lower) == 3 else "does not hold",
+            f"DivQAT's replica is lower than QAT's under {len(lower)} of 3 output defenses" + beyond_spread(lower))
 
 
 def judge_gated_quantized(c):
@@ -278,19 +299,20 @@ def judge_adv_fewer_queries(c):
 
 
 def judge_robust_transfer(c):
-    parts, hits = [], []
+    parts, hits, more = [], [], []
     for ds, std, adv in adversarial_pairs(c):
         for att in ("knockoff", "jbda"):
             a, s = acc(c, adv, att, key="robust_accuracy"), acc(c, std, att, key="robust_accuracy")
             parts.append(f"{ds} {att}: {pct(a)} vs {pct(s)}")
             hits.append(a is not None and s is not None and a > s)
+            more += [(s, a)] if hits[-1] else []
         parts[-2] = (f"{ds} victims {pct(victim(c, adv).get('robust_accuracy'))} vs "
                      f"{pct(victim(c, std).get('robust_accuracy'))}; " + parts[-2])
     if not parts:
         return Finding("not measured", "cannot be tested here", "no cell finished")
     return Finding("robust accuracy % (PGD, same eps), from adversarial vs standard victim: " + "; ".join(parts),
             "holds" if all(hits) else "does not hold",
-            f"{sum(hits)} of {len(hits)} replicas more robust" + unmeasured_datasets(c))
+            f"{sum(hits)} of {len(hits)} replicas more robust" + beyond_spread(more) + unmeasured_datasets(c))
 
 
 def judge_ablation(c):
@@ -299,8 +321,11 @@ def judge_ablation(c):
     text = ", ".join(f"{obj} {pct(s)} / {pct(h)}" for obj, (s, h) in rows.items())
     soft = {obj: s for obj, (s, _) in rows.items()}
     best = min(soft, key=soft.get)
+    runner_up = min((o for o in soft if o != best), key=soft.get)
+    gap = "within" if noisy(soft[best], soft[runner_up]) else "more than"
     return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}",
-                   "holds" if best == "angle" else "does not hold", f"the lowest soft-label replica is {best}'s")
+                   "holds" if best == "angle" else "does not hold", f"the lowest soft-label replica is {best}'s"
+                   + (f", {gap} one standard deviation over seeds below {runner_up}'s" if sd(soft[best]) else ""))
 
 
 def judge_angle(c):
@@ -326,10 +351,12 @@ def judge_evasion(c):
     d, u = rows["argmax"]
     cost = None if d is None or u is None else u - d
     holds = best == "argmax" and cost is not None and cost >= 0.05  # "about 9 points": at least 5
+    close = ", within one standard deviation over seeds" if best != "argmax" and noisy(rows[best][0], d) else ""
     return Finding(f"replica % under MAD eps 0.8: {text}; argmax loses {pct(cost)} points to MAD",
             "holds" if holds else "does not hold",
             f"the strongest countermeasure here is {best} with {pct(rows[best][0])} (the paper's: argmax, here "
-            f"{pct(d)}), and MAD costs argmax {pct(cost)} points (the paper: about 9)")
+            f"{pct(d)}{close}), "
+            f"and MAD costs argmax {pct(cost)} points (the paper: about 9)")
 
 
 PAPER_MAD = {"knockoff": 69.2, "jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7}  # Table 1, Fashion-MNIST, 50k

@@ -223,3 +223,30 @@ def test_the_tradeoff_sweep_at_several_seeds_is_judged_per_seed_and_must_agree(r
     assert agreed["clean"].startswith("undefended 96.0 ± 0.0; MAD ÷ reverse_sigmoid: 0.50 / 0.50 / 0.50 (test L1)")
     assert agreed["why"].startswith("at the 80% target MAD needs less test-set L1 than both baselines (the sweeps "
                                     "of all 3 seeds agree; ratios per seed)")
+
+
+def test_a_difference_within_the_seeds_spread_is_called_so(replicate):
+    def run(replicas):
+        return {"victim": {"test_accuracy": 0.97},
+                "attackers": [{"id": a, "replica": {"test_accuracy": r}, "undefended": {"test_accuracy": 0.9}}
+                              for a, r in replicas.items()]}
+
+    cells = {}
+    for seed, shift in enumerate((-0.02, 0.0, 0.02)):  # every figure's standard deviation is 2.0 points
+        cells[replicate.at_seed("qat + mad", seed)] = run({"knockoff": 0.70 + shift})
+        cells[replicate.at_seed("divqat + mad", seed)] = run({"knockoff": 0.60 + shift})  # 10 points lower
+        for d in ("reverse_sigmoid", "confidence_gated"):
+            cells[replicate.at_seed(f"qat + {d}", seed)] = run({"knockoff": 0.70 + shift})
+            cells[replicate.at_seed(f"divqat + {d}", seed)] = run({"knockoff": 0.69 + shift})  # 1 point lower
+        cells[replicate.at_seed("mad_evasion", seed)] = run(
+            {a: 0.50 + shift for a in replicate.EVASION_ATTACKERS} | {"argmax": 0.70 + shift, "augment": 0.71 + shift})
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
+    by_id = {r["id"]: r for r in rows}
+    combined = by_id["divqat-combined"]
+    assert combined["verdict"] == "holds"  # lower on the means under all three defenses...
+    assert combined["why"].endswith("under 3 of 3 output defenses, 1 of the 3 measured at several seeds by more "
+                                    "than one standard deviation")  # ...but clearly so only under MAD
+    evasion = by_id["mad-evasion"]
+    assert evasion["verdict"] == "does not hold"
+    assert "augment with 71.0 ± 2.0 (the paper's: argmax, here 70.0 ± 2.0, within one standard deviation" in \
+        evasion["why"]

@@ -2,7 +2,8 @@
 
     python benchmarks/attacks.py [--datasets fashion_mnist mnist5k] [--attacks knockoff jbda jb_self jb_top3 dfme]
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
-                                 [--without QUIRK ...] [--replica default|mad_code] [--seeds 0 1 2]
+                                 [--without QUIRK ...] [--replica default|mad_code] [--clean-settings NAME ...]
+                                 [--seeds 0 1 2]
                                  [--replica-epochs N]
                                  [--out benchmarks/results/attacks.json]
 
@@ -22,10 +23,11 @@ attacks with ``jacobian.variant=mad_code`` and the code's settings (100 seeds fr
 lambda 0.1, tau 5, substitute 20 epochs), every replica with ``replica.variant=mad_code`` (SGD 0.01, 100 epochs,
 or ``--replica-epochs``) and the epoch of best test accuracy reported beside the last, as the code keeps it.
 ``--without QUIRK ...`` turns quirks of the code off (``jacobian.without``; an attack whose code lacks one of them is
-skipped), and ``--replica default`` trains the reference mode's transfer set with the clean replica: the per-quirk
-ablation, rows of their own in the reference table. ``--seeds`` measures each cell at several seeds (victim, attack
-and replica); the tables show seed 0, and a spread table gives the mean, standard deviation and range of every cell
-measured at more than one seed.
+skipped), ``--replica default`` trains the reference mode's transfer set with the clean replica, and
+``--clean-settings seed_size tau substitute_epochs`` runs the reference mode with the clean mode's value of those
+settings instead of the code's: the ablation, rows of their own in the reference table. ``--seeds`` measures each
+cell at several seeds (victim, attack and replica); the tables show seed 0, and a spread table gives the mean,
+standard deviation and range of every cell measured at more than one seed.
 Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
@@ -57,6 +59,7 @@ PAPER = {"jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7, "knockoff": 69.2}  # MA
 
 MAD_CODE = {"jacobian.variant": "mad_code", "jacobian.seed_size": 100, "jacobian.lam": 0.1, "jacobian.tau": 5,
             "jacobian.substitute_epochs": 20}  # the MAD code's Jacobian settings (docs/attacks.md)
+SETTINGS = tuple(k.split(".", 1)[1] for k in MAD_CODE if k != "jacobian.variant")  # --clean-settings' choices
 
 
 def replica_epochs(budget: int, variant: str = "default") -> int:
@@ -66,14 +69,16 @@ def replica_epochs(budget: int, variant: str = "default") -> int:
 
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
-             epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None) -> dict:
-    """One cell; ``replica`` is the replica's variant (default: ``variant``'s)."""
+             epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
+             clean: tuple[str, ...] = ()) -> dict:
+    """One cell; ``replica`` is the replica's variant (default: ``variant``'s); ``clean``: the reference mode's
+    settings (``SETTINGS``) left at the clean mode's value."""
     from actors.replica import keep_best, score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
     own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
-           **(MAD_CODE if variant == "mad_code" else {}),
+           **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code" else {}),
            **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {})}
     replica = replica or variant
     epochs = epochs or replica_epochs(budget, replica)
@@ -107,7 +112,8 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
     pred = predict_probs(model, ds.x_test[keep]).argmax(1)
     return {"dataset": dataset, "attack": attack, "budget": budget, "seed": seed, "variant": variant,
             **({"without": list(without)} if without else {}),
-            **({"replica_variant": replica} if replica != variant else {}), "queries": int(len(x)),
+            **({"replica_variant": replica} if replica != variant else {}),
+            **({"clean_settings": list(clean)} if clean else {}), "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
@@ -116,9 +122,11 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
 
 
 def ablated(c: dict) -> str:
-    """What a reference-mode cell turned off: its quirks, and the code's replica where the clean one trained."""
+    """What a reference-mode cell turned off: its quirks, the code's replica where the clean one trained, and the
+    code's settings left at the clean mode's value."""
     parts = [", ".join(c.get("without", []))] if c.get("without") else []
-    return "; ".join(parts + (["the code's replica"] if c.get("replica_variant") == "default" else []))
+    parts += ["the code's replica"] if c.get("replica_variant") == "default" else []
+    return "; ".join(parts + (["the code's " + ", ".join(c["clean_settings"])] if c.get("clean_settings") else []))
 
 
 def best_text(c: dict) -> str:
@@ -155,7 +163,7 @@ def table(cells: list[dict]) -> str:
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
-                                  c.get("without", []), c.get("replica_variant", "")))
+                                  c.get("without", []), c.get("replica_variant", ""), c.get("clean_settings", [])))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -201,18 +209,20 @@ def main() -> None:
     ap.add_argument("--replica", default=None, choices=["default", "mad_code"],
                     help="the replica's variant (default: --variant's); --variant mad_code --replica default measures "
                          "the code's transfer set with the clean replica")
+    ap.add_argument("--clean-settings", nargs="+", default=[], choices=SETTINGS,
+                    help="with --variant mad_code: these settings at the clean mode's value, not the code's")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
-    if args.without and args.variant != "mad_code":
-        ap.error("--without turns off quirks of the MAD code; expected it with --variant mad_code")
+    if (args.without or args.clean_settings) and args.variant != "mad_code":
+        ap.error("--without and --clean-settings turn off parts of the MAD code; expected them with --variant mad_code")
     if args.replica == "mad_code" and args.variant != "mad_code":
         ap.error("--replica mad_code: expected it with --variant mad_code (the clean attacks with the code's replica "
                  "are not a mode of this benchmark)")
-    without = tuple(args.without)
+    without, clean = tuple(args.without), tuple(args.clean_settings)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     cells = []
@@ -223,7 +233,7 @@ def main() -> None:
 
     def key(c: dict) -> tuple:
         return (c["dataset"], c["attack"], c["budget"], c.get("seed", 0), c.get("variant", "default"),
-                tuple(c.get("without", ())), c.get("replica_variant"))
+                tuple(c.get("without", ())), c.get("replica_variant"), tuple(c.get("clean_settings", ())))
 
     skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
     if skipped:
@@ -231,17 +241,19 @@ def main() -> None:
     done = set() if args.fresh else {key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
             for a in args.attacks if a not in skipped
-            and (d, a, b, s, args.variant, without, replica) not in done]  # first
+            and (d, a, b, s, args.variant, without, replica, clean) not in done]  # first
     for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
-              f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}) ...",
+              f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}"
+              f"{', clean ' + ', '.join(clean) if clean else ''}) ...",
               flush=True)
         cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
-                        without=without, replica=replica)
+                        without=without, replica=replica, clean=clean)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if key(c) != (dataset, attack, budget, seed, args.variant, without, replica)]
+            cells = [c for c in cells
+                     if key(c) != (dataset, attack, budget, seed, args.variant, without, replica, clean)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

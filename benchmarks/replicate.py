@@ -364,29 +364,36 @@ PAPER_SAME = {"knockoff": 99.37, "jbda": 93.30, "dfme": 100.00}  # Table 1, MNIS
 POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread over seeds is 1 to 3 points)
 
 
+def ablated(cell: dict) -> bool:
+    """Whether an attacks.json cell turned part of its mode off (quirks, the code's replica or its settings)."""
+    return bool(cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
+
+
 def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, list[float]]:
     """Per attack, the Fashion-MNIST replica accuracies (%, one per seed measured) at ``budget`` in ``variant``
     (``default`` or ``mad_code``, the whole mode: ablated cells are left out)."""
     out: dict[str, list[float]] = {}
     for x in sorted(cells, key=lambda x: x.get("seed", 0)):
         if (x["dataset"] == "fashion_mnist" and x["budget"] == budget and x.get("variant", "default") == variant
-                and not x.get("without") and not x.get("replica_variant")):
+                and not ablated(x)):
             out.setdefault(x["attack"], []).append(replica_pct(x))
     return out
 
 
 def ablation_text(cells: list[dict]) -> str:
     """Per attack, its ablated reference cells, fewest quirks turned off first: "jbda: without aliasing 70.6, ...,
-    every quirk 75.0, every quirk and the code's replica 78.0"."""
+    every quirk 75.0, every quirk and the code's replica 78.0, every quirk and the code's replica/tau 78.5"."""
     from actors.attacks.jacobian_mad_code import APPLIES
 
     per: dict[str, list[str]] = {}
     for x in sorted(cells, key=lambda x: (len(x.get("without", [])), x.get("without", []),
-                                          x.get("replica_variant", ""))):
+                                          x.get("replica_variant", ""), len(x.get("clean_settings", [])),
+                                          x.get("clean_settings", []))):
         off = x.get("without", [])
         name = "every quirk" if set(off) == set(APPLIES[x["attack"]]) else " + ".join(off)
-        if x.get("replica_variant"):
-            name = f"{name} and the code's replica" if off else "the code's replica"
+        code = (["replica"] if x.get("replica_variant") else []) + x.get("clean_settings", [])
+        if code:
+            name = f"{name} and the code's {'/'.join(code)}" if off else f"the code's {'/'.join(code)}"
         per.setdefault(x["attack"], []).append(f"{name} {replica_pct(x):.1f}")
     return "; ".join(f"{a}: without {', '.join(v)}" for a, v in per.items())
 
@@ -395,7 +402,7 @@ def judge_mad_table(c):
     cells = c["attacks"]["cells"]
     clean = {a: v[0] for a, v in fashion_cells([x for x in cells if x.get("seed", 0) == 0], 50000, "default").items()}
     ref_cells = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                 and not x.get("without") and not x.get("replica_variant")]  # the whole mode, not the ablation
+                 and not ablated(x)]  # the whole mode, not the ablation
     close, text = compare(PAPER_MAD, clean, POINTS)
     if not ref_cells:
         return Finding(text, "does not hold" if clean else "cannot be tested here",
@@ -411,16 +418,16 @@ def judge_mad_table(c):
     same_budget = {a: statistics.mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
     moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
              if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
-    ablated = ablation_text([x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                             and (x.get("without") or x.get("replica_variant")) and x["budget"] == budget
-                             and x["attack"] in ref and x.get("seed", 0) == 0])
+    ablations = ablation_text([x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
+                               and ablated(x) and x["budget"] == budget and x["attack"] in ref
+                               and x.get("seed", 0) == 0])
     return Finding(
         text, "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold",
         f"clean: {len(close)} of 4 within {POINTS:g} points; reference {at}: {len(ref_close)} of 4"
         + (f"; at that budget the code's quirks move {', '.join(moved)} (clean -> reference"
            f"{', means over seeds' if spread_text else ''})" if moved else "")
-        + (f"; with quirks turned off (seed 0; best epoch, the last where the clean replica trained): {ablated}"
-           if ablated else ""),
+        + (f"; with quirks turned off (seed 0; best epoch, the last where the clean replica trained): {ablations}"
+           if ablations else ""),
         reference=f"{ref_text} (best epoch{', mean over seeds' if spread_text else ''}; "
                   f"{', '.join(map(str, sorted(epochs)))} replica epochs, {at})"
                   + (f"; spread: {spread_text}" if spread_text else ""))

@@ -179,8 +179,7 @@ def pct(v) -> str:
     """A fraction in %, one decimal; a mean over several seeds with its standard deviation."""
     if v is None:
         return "–"
-    values = getattr(v, "values", ())
-    return f"{100 * v:.1f}" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return f"{100 * v:.1f}" + (f" ± {100 * sd(v):.1f}" if len(getattr(v, "values", ())) > 1 else "")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -238,10 +238,12 @@ def main() -> None:
     skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
+    def chosen(dataset: str, attack: str, budget: int, seed: int) -> tuple:  # the key of a cell this run measures
+        return (dataset, attack, budget, seed, args.variant, without, replica, clean)
+
     done = set() if args.fresh else {key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
-            for a in args.attacks if a not in skipped
-            and (d, a, b, s, args.variant, without, replica, clean) not in done]  # first
+            for a in args.attacks if a not in skipped and chosen(d, a, b, s) not in done]  # first
     for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
               f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}"
@@ -252,8 +254,7 @@ def main() -> None:
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells
-                     if key(c) != (dataset, attack, budget, seed, args.variant, without, replica, clean)]
+            cells = [c for c in cells if key(c) != chosen(dataset, attack, budget, seed)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

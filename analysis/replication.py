@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
+from sklearn.metrics import mutual_info_score
 
 from sim import querylog
 from sim.summary import Summary
+
+
+def perturbation_targets(clean, returned, tol: float = 1e-6) -> dict:
+    """Where an output defense moved its answers. For each answer it changed (some class moved by more than
+    ``tol``), the target is the class that gained the most probability: MAD's chosen vertex, the class random
+    noise pushed toward. Returns the counts, each class's share of the targets (``shares``), the most common
+    target and its share, the targets' entropy in bits (0: always the same class; log2 K: uniform), the
+    information the target carries about the clean answer's top-1 label (mutual information, bits) and the share
+    of targets that are the clean answer's least likely class. The shares and statistics are None when no answer
+    changed."""
+    clean, returned = np.asarray(clean, np.float64), np.asarray(returned, np.float64)
+    if clean.shape != returned.shape or clean.ndim != 2:
+        raise ValueError(f"clean {clean.shape} and returned {returned.shape} must both be (N, K)")
+    delta = returned - clean
+    changed = np.abs(delta).max(1, initial=0) > tol
+    out = {"answers": len(clean), "changed": int(changed.sum()), "shares": None, "top_target": None,
+           "top_target_share": None, "target_entropy_bits": None, "label_information_bits": None,
+           "toward_least_likely": None}
+    if not changed.any():
+        return out
+    target, label = delta[changed].argmax(1), clean[changed].argmax(1)
+    shares = np.bincount(target, minlength=clean.shape[1]) / len(target)
+    nonzero = shares[shares > 0]
+    out.update(shares=[round(float(s), 4) for s in shares], top_target=int(shares.argmax()),
+               top_target_share=float(shares.max()), target_entropy_bits=float(-(nonzero * np.log2(nonzero)).sum()),
+               label_information_bits=float(mutual_info_score(label, target) / math.log(2)),
+               toward_least_likely=float((target == clean[changed].argmin(1)).mean()))
+    return out
 
 
 def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     """Per attacker (and ``benign``): queries sent, answered (directly or after a proof of work), challenged
     with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
     solving time the clients reported), and from the summary the accounts flagged and burned and the
-    replica's accuracy and fidelity; plus the defense's cost to honest users."""
+    replica's accuracy and fidelity; where the defense moved the answers (``targets``:
+    :func:`perturbation_targets` of the answered queries); plus the defense's cost to honest users."""
     def col(name):
         return np.asarray(table.column(name).to_pylist(), dtype=object)
 
@@ -22,12 +54,23 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     seconds = np.array([s or 0.0 for s in table.column("pow_seconds").to_pylist()]) \
         if "pow_seconds" in table.column_names else np.zeros(len(role))
 
+    answered = np.isin(action, querylog.ANSWERED)
+    probs = ({name: table.column(name).to_pylist() for name in ("clean_probs", "returned_probs")}
+             if {"clean_probs", "returned_probs"} <= set(table.column_names) else None)
+
+    def targets(mask: np.ndarray) -> dict | None:
+        rows = np.flatnonzero(mask & answered & ~resub)
+        if probs is None or not len(rows):
+            return None
+        return perturbation_targets(*(np.array([probs[name][i] for i in rows], np.float64) for name in probs))
+
     def entry(mask: np.ndarray, label: str, kind: str | None) -> dict:
         return {"id": label, "attack": kind, "queries": int((mask & ~resub).sum()),
-                "answered": int((mask & np.isin(action, querylog.ANSWERED)).sum()),
+                "answered": int((mask & answered).sum()),
                 "challenged": int((mask & (action == "challenged")).sum()),
                 "refused": int((mask & (action == "refused")).sum()),
-                "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3)}
+                "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3),
+                "targets": targets(mask)}
 
     out = {"attackers": [], "benign": None, "defense": None}
     if summary is None:  # a log without its summary (a crashed run): one entry per attack

@@ -107,6 +107,23 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
                      f"| {e['pow_seconds']:.2f} |")
     lines.append("")
+    moved = [e for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else [])
+             if e.get("targets") and e["targets"]["changed"]]
+    if moved:
+        lines += ["## Where the defense moved the answers", "",
+                  "For each answer the defense changed, its target is the class that gained the most probability "
+                  "(MAD's chosen vertex). A low entropy means most answers were pushed toward the same class whatever "
+                  "the query; the information about the label (at most the entropy) says how far the target "
+                  "follows the clean answer's top-1 class, a consistent wrong mapping a replica can learn.", "",
+                  "| client | answers changed | most common target (share) | target entropy (bits) "
+                  "| information about the label (bits) | toward the least likely class |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for e in moved:
+            t = e["targets"]
+            lines.append(f"| {e['id']} | {t['changed']:,} of {t['answers']:,} | class {t['top_target']} "
+                         f"({_pct(t['top_target_share'])}%) | {t['target_entropy_bits']:.2f} "
+                         f"| {t['label_information_bits']:.2f} | {_pct(t['toward_least_likely'])}% |")
+        lines.append("")
     if summary and any(a.replica and (a.replica.robust_accuracy is not None or a.replica.gradient_angle)
                        for a in summary.attackers):
         lines += ["## Robustness and gradient deviation", "",

@@ -103,6 +103,9 @@ ADVERSARIAL = {f"{training} victim, {ds}": Cell("adversarial_victim", [
 ABLATION = {f"mad {obj}": Cell("mad_vs_knockoff", ["detectors.prada.enabled=false", "defense.eps=0.8",
                                                    f"defense.objective={obj}"], Q)
             for obj in ("angle", "identity", "random")}
+# MAD with G over all the surrogate's parameters (the paper's G = grad_w log F) where its code takes the last layer
+ABLATION["mad angle, every layer"] = replace(ABLATION["mad angle"], overrides=[*ABLATION["mad angle"].overrides,
+                                                                                "defense.jacobian=all"])
 EVASION_ATTACKERS = ["knockoff", "argmax", "arch", "optimizer", "repeats", "augment"]
 EVASION = {"mad_evasion": Cell("mad_evasion", [], EVASION_ATTACKERS)}
 TARGET = 0.8  # the MAD paper's replica accuracy target for the trade-off
@@ -173,6 +176,13 @@ def beyond_spread(pairs: list[tuple]) -> str:
     clear = sum(not noisy(a, b) for a, b in several)
     return (f", {clear} of the {len(several)} measured at several seeds by more than one standard deviation"
             if clear < len(several) else "")
+
+
+def num(v, digits: int = 2) -> str:
+    """A number; a mean over several seeds with its standard deviation."""
+    if v is None:
+        return "–"
+    return f"{v:.{digits}f}" + (f" ± {sd(v):.{digits}f}" if len(getattr(v, "values", ())) > 1 else "")
 
 
 def pct(v) -> str:
@@ -316,15 +326,29 @@ def judge_robust_transfer(c):
 
 def judge_ablation(c):
     rows = {obj: (acc(c, f"mad {obj}", "knockoff"), acc(c, f"mad {obj}", "label_only"))
-            for obj in ("angle", "identity", "random")}
+            for obj in ("angle", "identity", "random", "angle, every layer")}
     text = ", ".join(f"{obj} {pct(s)} / {pct(h)}" for obj, (s, h) in rows.items())
-    soft = {obj: s for obj, (s, _) in rows.items()}
+    soft = {obj: rows[obj][0] for obj in ("angle", "identity", "random")}
     best = min(soft, key=soft.get)
     runner_up = min((o for o in soft if o != best), key=soft.get)
     gap = "within" if noisy(soft[best], soft[runner_up]) else "more than"
-    return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}",
-                   "holds" if best == "angle" else "does not hold", f"the lowest soft-label replica is {best}'s"
-                   + (f", {gap} one standard deviation over seeds below {runner_up}'s" if sd(soft[best]) else ""))
+
+    def moved(obj, key):
+        return acc(c, f"mad {obj}", "knockoff", which="targets", key=key)
+
+    share, info = ({obj: moved(obj, key) for obj in rows} for key in ("top_target_share", "label_information_bits"))
+    where = ("; where the soft-label attacker's answers went: the most common target's share "
+             + ", ".join(f"{obj} {pct(v)}%" for obj, v in share.items())
+             + "; information the target carries about the answer's label (bits) "
+             + ", ".join(f"{obj} {num(v)}" for obj, v in info.items())) if share["angle"] is not None else ""
+    why = (f"the lowest soft-label replica is {best}'s"
+           + (f", {gap} one standard deviation over seeds below {runner_up}'s" if sd(soft[best]) else ""))
+    if share["angle"] is not None and best != "angle":
+        why += (f"; MAD's last-layer Jacobian of a random surrogate sends {pct(share['angle'])}% of the answers "
+                f"toward one class whatever the query, where identity's target follows the label "
+                f"({num(info['identity'])} bits against {num(info['angle'])})")
+    return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}{where}",
+                   "holds" if best == "angle" else "does not hold", why)
 
 
 def judge_angle(c):
@@ -567,7 +591,9 @@ CLAIMS = [
           "robust accuracy under PGD eps 0.1 on the first robustness.samples evaluation images", MNIST_ADV),
     Claim("mad-ablation", MAD, "MAD beats the same perturbation with the Jacobian replaced by the identity and a "
                                "random vertex.", "MAD lowest (figure)", "MAD's soft-label replica the lowest of the 3",
-          ABLATION, judge_ablation, "mad_vs_knockoff, defense.objective=angle|identity|random, eps 0.8, PRADA off"),
+          ABLATION, judge_ablation, "mad_vs_knockoff, defense.objective=angle|identity|random, eps 0.8, PRADA off; "
+          "angle = MAD as its code computes it (the Jacobian of the surrogate's last layer; the surrogate a random "
+          "copy of the victim's architecture); every layer: defense.jacobian=all"),
     Claim("mad-angle", MAD, "MAD turns the attacker's gradient by about 24.9 degrees on average (VGG16).",
           "24.9 deg", "not comparable across models", ABLATION, judge_angle,
           "gradient angle over all replica parameters, 64 fixed queries, each epoch", ["mad angle"]),
@@ -612,9 +638,23 @@ def run_cell(label: str, cell: Cell, quick: bool, runs_dir: str) -> dict | list:
     args = cell.args(quick)
     if cell.sweep:
         return run_sweep(cell.scenario, args, os.path.join(runs_dir, slug))
-    summary = sim.run(cell.scenario, [*args, f"run_dir={os.path.join(runs_dir, slug)}"], quiet=True)
-    return {**compact(summary), "scenario": cell.scenario, "overrides": args,
+    run_dir = os.path.join(runs_dir, slug)
+    summary = sim.run(cell.scenario, [*args, f"run_dir={run_dir}"], quiet=True)
+    out = compact(summary)
+    moved = where_moved(run_dir, summary)
+    for a in out["attackers"]:
+        a["targets"] = moved.get(a["id"])
+    return {**out, "scenario": cell.scenario, "overrides": args,
             "seconds": round(time.perf_counter() - start, 1), "measured": dt.date.today().isoformat()}
+
+
+def where_moved(run_dir: str, summary) -> dict:
+    """Per attacker, where the defense moved its answers (analysis.replication.perturbation_targets)."""
+    from analysis import read_run, replication_report
+
+    columns = ["role", "account_id", "action", "attack", "resubmission", "pow_seconds", "clean_probs",
+               "returned_probs"]
+    return {e["id"]: e["targets"] for e in replication_report(read_run(run_dir, columns), summary)["attackers"]}
 
 
 def run_sweep(name: str, args: list[str], sweep_dir: str) -> list[dict]:

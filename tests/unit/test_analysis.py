@@ -207,3 +207,52 @@ def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir):
     assert prepare(run_dir, "prada", {"delta": 0.9}) is None
     with pytest.raises(SimError, match="the run has no config.yaml, so the models this replay needs cannot be made"):
         prepare(run_dir, "same")
+
+
+def test_perturbation_targets_on_hand_worked_answers():
+    from analysis.replication import perturbation_targets
+
+    clean = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]]
+    returned = [[0.5, 0.2, 0.3], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.4, 0.3, 0.3]]
+    t = perturbation_targets(clean, returned)
+    # the third answer is unchanged; the others all gained most on class 2, whatever their label
+    assert (t["answers"], t["changed"], t["top_target"], t["shares"]) == (4, 3, 2, [0.0, 0.0, 1.0])
+    assert t["target_entropy_bits"] == 0 and t["label_information_bits"] == pytest.approx(0)
+    assert t["toward_least_likely"] == pytest.approx(2 / 3)  # the second answer's least likely class is 0 (a tie)
+    # targets that follow the label: one bit of a one-bit entropy
+    t = perturbation_targets([[0.9, 0.1], [0.1, 0.9]] * 2, [[0.5, 0.5], [0.5, 0.5]] * 2)
+    assert t["target_entropy_bits"] == pytest.approx(1) and t["label_information_bits"] == pytest.approx(1)
+    assert t["toward_least_likely"] == 1
+    assert perturbation_targets(clean, clean)["changed"] == 0
+    assert perturbation_targets(clean, clean)["top_target"] is None
+    with pytest.raises(ValueError, match="must both be"):
+        perturbation_targets(clean, returned[:2])
+
+
+def test_the_report_says_where_a_defense_moved_each_clients_answers(tmp_path):
+    """MAD's identity ablation sends every answer to its least likely class; no defense moves nothing."""
+    from sim import defenses
+
+    ds = data.load("mnist5k")
+    model = models.build("lenet", ds.input_shape, 10)
+    accounts = {"k-a": Account("knock-0000", "attacker", "knockoff", "c0"), "k-b": Account("benign-0", "benign")}
+    for name, defense in (("mad", defenses.build("mad", victim=model, eps=0.5, objective="identity")),
+                          ("none", None)):
+        root = tmp_path / name
+        writer = querylog.QueryLogWriter(str(root / "queries"), ds.input_shape, "w0")
+        svc = VictimService(model=model, victim="v", run_id="r", accounts=accounts, input_shape=ds.input_shape,
+                            defense=defense, writer=writer)
+        svc.query("k-a", ds.x_test[:40], "actor-a")
+        svc.query("k-b", ds.x_test[40:50], "actor-b")
+        writer.close()
+        rep = analysis.replication_report(analysis.read_run(str(root)), None)
+        (attacker,), benign = rep["attackers"], rep["benign"]
+        assert attacker["targets"]["answers"] == 40 and benign["targets"]["answers"] == 10
+        assert cli([str(root)]) == 0
+        text = open(root / "report.md").read()
+        if defense is None:
+            assert attacker["targets"]["changed"] == 0 and benign["targets"]["changed"] == 0
+            assert "Where the defense moved" not in text
+        else:
+            assert attacker["targets"]["changed"] == 40 and attacker["targets"]["toward_least_likely"] == 1
+            assert "## Where the defense moved the answers" in text and "| knockoff | 40 of 40 |" in text

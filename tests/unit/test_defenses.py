@@ -405,6 +405,24 @@ def test_default_surrogate_is_a_seeded_random_copy_of_the_victim():
     assert type(a) is type(victim)
 
 
+def test_over_the_last_layer_mad_steps_a_confident_answer_toward_the_surrogates_favourite_class():
+    """For y = e_c the last-layer deviation of vertex j is largest where the surrogate's p_j is (j != c): a surrogate
+    that prefers one class for every input sends every confident answer there, whatever the input."""
+    from sim.defenses.mad import last_linear
+    from sim.models import LeNet
+
+    torch.manual_seed(0)
+    surrogate = LeNet()
+    with torch.no_grad():
+        last_linear(surrogate).weight.mul_(0.01)  # near-constant outputs, as a random network's are
+        last_linear(surrogate).bias.copy_(torch.linspace(0, 0.5, 10))  # class 9 favoured, then 8
+    x = torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8)
+    c = torch.arange(30) % 10
+    y = torch.nn.functional.one_hot(c, 10).double() * 0.99 + 0.001
+    moved = (defenses.build("mad", surrogate=surrogate, eps=0.5)(y, x) - y).argmax(1)
+    assert torch.equal(moved, torch.where(c == 9, 8, 9))
+
+
 # -- chains and specs --------------------------------------------------------------------------
 
 def test_a_chain_applies_its_members_left_to_right():

@@ -152,6 +152,14 @@ def acc(cells, label, attacker, which="replica", key="test_accuracy") -> Mean | 
     return Mean(found) if found else None
 
 
+def gradient_angle(cells, label, attacker) -> Mean | None:
+    """The mean gradient angle (degrees) of an attacker's replica, the mean over the seeds of ``label``'s cells."""
+    found = [((replica(cells, at_seed(label, s), attacker) or {}).get("gradient_angle") or {}).get("mean")
+             for s in seeds_of(cells, label)]
+    found = [v for v in found if v is not None]
+    return Mean(found) if found else None
+
+
 def victim(cells, label) -> dict:
     """The victim's test and robust accuracy in ``label``'s cells, each the mean over their seeds."""
     runs = [cells[at_seed(label, s)].get("victim", {}) for s in seeds_of(cells, label)]
@@ -337,16 +345,21 @@ def judge_ablation(c):
         return acc(c, f"mad {obj}", "knockoff", which="targets", key=key)
 
     share, info = ({obj: moved(obj, key) for obj in rows} for key in ("top_target_share", "label_information_bits"))
+    turned = {obj: gradient_angle(c, f"mad {obj}", "knockoff") for obj in rows}
     where = ("; where the soft-label attacker's answers went: the most common target's share "
              + ", ".join(f"{obj} {pct(v)}%" for obj, v in share.items())
              + "; information the target carries about the answer's label (bits) "
              + ", ".join(f"{obj} {num(v)}" for obj, v in info.items())) if share["angle"] is not None else ""
+    where += ("; how far the answers turned the soft-label replica's gradient (deg) "
+              + ", ".join(f"{obj} {num(v, 1)}" for obj, v in turned.items())) if turned["angle"] is not None else ""
     why = (f"the lowest soft-label replica is {best}'s"
            + (f", {gap} one standard deviation over seeds below {runner_up}'s" if sd(soft[best]) else ""))
     if share["angle"] is not None and best != "angle":
-        why += (f"; MAD's last-layer Jacobian of a random surrogate sends {pct(share['angle'])}% of the answers "
-                f"toward one class whatever the query, where identity's target follows the label "
-                f"({num(info['identity'])} bits against {num(info['angle'])})")
+        why += (f"; MAD's vertex maximises the deviation of a random surrogate's gradient, and sends "
+                f"{pct(share['angle'])}% of the answers toward one class whatever the query")
+        if turned[best] is not None and turned[best] > turned["angle"]:
+            why += (f"; on the attacker's own replica {best}'s vertex turns the gradient more than MAD's "
+                    f"({num(turned[best], 1)} against {num(turned['angle'], 1)} deg)")
     return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}{where}",
                    "holds" if best == "angle" else "does not hold", why)
 

@@ -358,8 +358,11 @@ def judge_ablation(c):
         why += (f"; MAD's vertex maximises the deviation of a random surrogate's gradient, and sends "
                 f"{pct(share['angle'])}% of the answers toward one class whatever the query")
         if turned[best] is not None and turned[best] > turned["angle"]:
+            pairs = list(zip(getattr(turned[best], "values", ()), getattr(turned["angle"], "values", ())))
             why += (f"; on the attacker's own replica {best}'s vertex turns the gradient more than MAD's "
-                    f"({num(turned[best], 1)} against {num(turned['angle'], 1)} deg)")
+                    f"({num(turned[best], 1)} against {num(turned['angle'], 1)} deg"
+                    + (f"; further at {sum(a > b for a, b in pairs)} of {len(pairs)} seeds)" if len(pairs) > 1
+                       else ")"))
     return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}{where}",
                    "holds" if best == "angle" else "does not hold", why)
 

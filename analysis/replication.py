@@ -45,7 +45,8 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
     solving time the clients reported), and from the summary the accounts flagged and burned and the
     replica's accuracy and fidelity; where the defense moved the answers (``targets``:
-    :func:`perturbation_targets` of the answered queries); plus the defense's cost to honest users."""
+    :func:`perturbation_targets` of the answered queries) and how confident the clean answers were
+    (``clean_top1_mean``: their mean top-1 probability); plus the defense's cost to honest users."""
     def col(name):
         return np.asarray(table.column(name).to_pylist(), dtype=object)
 
@@ -58,11 +59,13 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     probs = ({name: table.column(name).to_pylist() for name in ("clean_probs", "returned_probs")}
              if {"clean_probs", "returned_probs"} <= set(table.column_names) else None)
 
-    def targets(mask: np.ndarray) -> dict | None:
+    def answers(mask: np.ndarray) -> tuple[dict | None, float | None]:
+        """Where the defense moved these answers, and the clean answers' mean top-1 probability."""
         rows = np.flatnonzero(mask & answered & ~resub)
         if probs is None or not len(rows):
-            return None
-        return perturbation_targets(*(np.array([probs[name][i] for i in rows], np.float64) for name in probs))
+            return None, None
+        clean, returned = (np.array([probs[name][i] for i in rows], np.float64) for name in probs)
+        return perturbation_targets(clean, returned), float(clean.max(1).mean())
 
     def entry(mask: np.ndarray, label: str, kind: str | None) -> dict:
         return {"id": label, "attack": kind, "queries": int((mask & ~resub).sum()),
@@ -70,7 +73,7 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
                 "challenged": int((mask & (action == "challenged")).sum()),
                 "refused": int((mask & (action == "refused")).sum()),
                 "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3),
-                "targets": targets(mask)}
+                **dict(zip(("targets", "clean_top1_mean"), answers(mask)))}
 
     out = {"attackers": [], "benign": None, "defense": None}
     if summary is None:  # a log without its summary (a crashed run): one entry per attack

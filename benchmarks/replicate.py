@@ -152,6 +152,14 @@ def acc(cells, label, attacker, which="replica", key="test_accuracy") -> Mean | 
     return Mean(found) if found else None
 
 
+def answered(cells, label, attacker, key) -> Mean | None:
+    """``key`` of what an attacker was answered (recorded from the run's log, e.g. ``clean_top1_mean``), the mean
+    over the seeds ``label`` was measured at (None where no cell recorded it)."""
+    found = [a[key] for s in seeds_of(cells, label) for a in cells.get(at_seed(label, s), {}).get("attackers", [])
+             if a["id"] == attacker and a.get(key) is not None]
+    return Mean(found) if found else None
+
+
 def gradient_angle(cells, label, attacker) -> Mean | None:
     """The mean gradient angle (degrees) of an attacker's replica, the mean over the seeds of ``label``'s cells."""
     found = [((replica(cells, at_seed(label, s), attacker) or {}).get("gradient_angle") or {}).get("mean")
@@ -295,9 +303,20 @@ def judge_adv_easier(c):
     if not verdicts:
         return Finding("not measured", "cannot be tested here", "no cell finished")
     holds = all(verdicts)
-    return Finding("adversarial / standard victim, replica ratios: " + "; ".join(parts), "holds" if holds else
-            "does not hold", ("replicas of the robust victim beat those of the standard one for most attackers" if holds
-                              else "replicas of the robust victim are not better for most attackers on every dataset")
+    confidence, softer = [], []
+    for ds, std, adv in adversarial_pairs(c):
+        for att in ("knockoff", "jbda"):
+            a, s = answered(c, adv, att, "clean_top1_mean"), answered(c, std, att, "clean_top1_mean")
+            if a is not None and s is not None:
+                confidence.append(f"{ds} {att} {pct(a)} vs {pct(s)}")
+                softer.append(a < s)
+    answers = ("; the answers' mean top-1 probability %, adversarial vs standard victim: " + ", ".join(confidence)
+               if confidence else "")
+    return Finding("adversarial / standard victim, replica ratios: " + "; ".join(parts) + answers,
+            "holds" if holds else "does not hold",
+            ("replicas of the robust victim beat those of the standard one for most attackers" if holds
+             else "replicas of the robust victim are not better for most attackers on every dataset")
+            + (f"; the robust victim's answers are softer in {sum(softer)} of {len(softer)} cases" if softer else "")
             + unmeasured_datasets(c))
 
 
@@ -657,20 +676,22 @@ def run_cell(label: str, cell: Cell, quick: bool, runs_dir: str) -> dict | list:
     run_dir = os.path.join(runs_dir, slug)
     summary = sim.run(cell.scenario, [*args, f"run_dir={run_dir}"], quiet=True)
     out = compact(summary)
-    moved = where_moved(run_dir, summary)
+    answers = what_was_answered(run_dir, summary)
     for a in out["attackers"]:
-        a["targets"] = moved.get(a["id"])
+        a.update(answers.get(a["id"], {}))
     return {**out, "scenario": cell.scenario, "overrides": args,
             "seconds": round(time.perf_counter() - start, 1), "measured": dt.date.today().isoformat()}
 
 
-def where_moved(run_dir: str, summary) -> dict:
-    """Per attacker, where the defense moved its answers (analysis.replication.perturbation_targets)."""
+def what_was_answered(run_dir: str, summary) -> dict:
+    """Per attacker, from the run's log (analysis.replication_report): where the defense moved its answers
+    (``targets``) and the clean answers' mean top-1 probability (``clean_top1_mean``)."""
     from analysis import read_run, replication_report
 
     columns = ["role", "account_id", "action", "attack", "resubmission", "pow_seconds", "clean_probs",
                "returned_probs"]
-    return {e["id"]: e["targets"] for e in replication_report(read_run(run_dir, columns), summary)["attackers"]}
+    return {e["id"]: {k: e[k] for k in ("targets", "clean_top1_mean")}
+            for e in replication_report(read_run(run_dir, columns), summary)["attackers"]}
 
 
 def run_sweep(name: str, args: list[str], sweep_dir: str) -> list[dict]:

@@ -248,6 +248,8 @@ def test_the_report_says_where_a_defense_moved_each_clients_answers(tmp_path):
         rep = analysis.replication_report(analysis.read_run(str(root)), None)
         (attacker,), benign = rep["attackers"], rep["benign"]
         assert attacker["targets"]["answers"] == 40 and benign["targets"]["answers"] == 10
+        clean = np.array(analysis.read_run(str(root), ["clean_probs"]).column("clean_probs").to_pylist())
+        assert attacker["clean_top1_mean"] == pytest.approx(clean[:40].max(1).mean())  # the attacker's 40 first
         assert cli([str(root)]) == 0
         text = open(root / "report.md").read()
         if defense is None:

@@ -278,3 +278,18 @@ def test_the_ablation_says_where_the_answers_went_and_how_far_each_vertex_turned
     rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
     row = next(r for r in rows if r["id"] == "mad-ablation")
     assert row["verdict"] == "holds" and row["why"] == "the lowest soft-label replica is angle's"
+
+
+def test_the_adversarial_row_says_whether_the_robust_victims_answers_were_softer(replicate):
+    def run(replica, top1):
+        return {"victim": {"test_accuracy": 0.97}, "attackers": [
+            {"id": a, "replica": {"test_accuracy": replica, "fidelity": replica}, "clean_top1_mean": top1}
+            for a in replicate.ADV_ATTACKERS]}
+
+    cells = {"standard victim, mnist5k": run(0.80, 0.97), "adversarial victim, mnist5k": run(0.80, 0.70)}
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
+    row = next(r for r in rows if r["id"] == "adv-easier")
+    assert row["verdict"] == "does not hold"
+    assert row["clean"].endswith("; the answers' mean top-1 probability %, adversarial vs standard victim: mnist5k "
+                                 "knockoff 70.0 vs 97.0, mnist5k jbda 70.0 vs 97.0")
+    assert "; the robust victim's answers are softer in 2 of 2 cases (fashion_mnist not measured" in row["why"]

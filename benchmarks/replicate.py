@@ -6,7 +6,8 @@ Each claim names the runs ("cells") it needs: a shipped scenario with overrides,
 ``python -m sim scenario=NAME key=value …`` runs it, in its own run directory under ``benchmarks/results/runs/``
 (not committed). Every finished cell is kept in the JSON file as it finishes and the Markdown table is rewritten
 from the cells, so an interrupted run keeps what it measured and a rerun starts where it stopped (``--fresh``: run
-every cell again). ``--quick`` runs every cell with small budgets and short training (minutes on 2 cores) into
+the chosen cells again, each replacing its old value as it finishes; the others are kept). ``--quick`` runs every
+cell with small budgets and short training (minutes on 2 cores) into
 ``replication-quick.{json,md}``; the default writes ``replication.{json,md}``. Claims whose figures come from other
 benchmarks (``attacks.json``, ``detection.json``) are read from those files.
 
@@ -847,18 +848,20 @@ def main() -> None:
     ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0],
                     help="run each cell (scenario or sweep) at these seeds; default 0")
-    ap.add_argument("--fresh", action="store_true", help="measure every cell again")
+    ap.add_argument("--fresh", action="store_true",
+                    help="measure the chosen cells again (each replaces its old value when it finishes; cells of "
+                         "claims not chosen with --only are kept)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the JSON")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json")
-    result = json.load(open(out)) if os.path.exists(out) and not args.fresh else {"cells": {}}
+    result = json.load(open(out)) if os.path.exists(out) else {"cells": {}}
     result.update(quick=args.quick, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
     if not args.report_only:
         chosen = [c for c in CLAIMS if not args.only or c.id in args.only]
         todo = {at_seed(label, s): replace(cell, overrides=[*cell.overrides, f"seed={s}"]) if s else cell
                 for c in chosen for label, cell in c.cells.items() for s in args.seeds if label not in args.skip}
-        todo = {label: cell for label, cell in todo.items() if label not in result["cells"]}
+        todo = {label: cell for label, cell in todo.items() if args.fresh or label not in result["cells"]}
         todo = dict(sorted(todo.items(), key=lambda kv: not kv[1].sweep))  # sweeps (their own Ray) first
         runs_dir = os.path.join(RESULTS, "runs", "replication-quick" if args.quick else "replication")
         from sim.errors import DataError

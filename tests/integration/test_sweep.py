@@ -38,7 +38,14 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     runs = sweep_dir / "runs"
     done = [d for d in (os.listdir(runs) if runs.exists() else []) if (runs / d / "summary.json").exists()]
     assert done, "".join(lines)[-3000:]
-    first = done[0]
+
+    def named(trial: str, line: str) -> bool:  # the progress line names a trial by its curve and parameters
+        info = json.loads((runs / trial / "trial.json").read_text())
+        return line.startswith(f"[1/4] {info['curve']} (eps={info['defense']['eps']:.4g}): done")
+
+    # the trial Tune saw finish (another may have written its summary since, before Tune noted it)
+    line = next(x for x in lines if x.startswith("[1/4]"))
+    first = next(d for d in done if named(d, line))
     before = json.loads((sweep_dir / "runs" / first / "summary.json").read_text())
     proc.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
     out = proc.stdout.read()

@@ -146,27 +146,23 @@ def replica(cells: dict, label: str, attacker: str, which: str = "replica") -> d
     return None
 
 
+def over_seeds(cells, label, attacker, *path) -> Mean | None:
+    """The value at ``path`` in an attacker's entry (e.g. ``"replica", "test_accuracy"``; ``"clean_top1_mean"``),
+    the mean over the seeds ``label`` was measured at (None where no cell has it)."""
+    found = []
+    for s in seeds_of(cells, label):
+        v = next((a for a in cells[at_seed(label, s)].get("attackers", []) if a["id"] == attacker), None)
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if v is not None:
+            found.append(v)
+    return Mean(found) if found else None
+
+
 def acc(cells, label, attacker, which="replica", key="test_accuracy") -> Mean | None:
-    """``key`` of an attacker's replica, the mean over the seeds ``label`` was measured at (None if not measured)."""
-    found = [(replica(cells, at_seed(label, s), attacker, which) or {}).get(key) for s in seeds_of(cells, label)]
-    found = [v for v in found if v is not None]
-    return Mean(found) if found else None
-
-
-def answered(cells, label, attacker, key) -> Mean | None:
-    """``key`` of what an attacker was answered (recorded from the run's log, e.g. ``clean_top1_mean``), the mean
-    over the seeds ``label`` was measured at (None where no cell recorded it)."""
-    found = [a[key] for s in seeds_of(cells, label) for a in cells.get(at_seed(label, s), {}).get("attackers", [])
-             if a["id"] == attacker and a.get(key) is not None]
-    return Mean(found) if found else None
-
-
-def gradient_angle(cells, label, attacker) -> Mean | None:
-    """The mean gradient angle (degrees) of an attacker's replica, the mean over the seeds of ``label``'s cells."""
-    found = [((replica(cells, at_seed(label, s), attacker) or {}).get("gradient_angle") or {}).get("mean")
-             for s in seeds_of(cells, label)]
-    found = [v for v in found if v is not None]
-    return Mean(found) if found else None
+    """``key`` of an attacker's replica (or ``which`` part of its entry), the mean over the seeds ``label`` was
+    measured at (None if not measured)."""
+    return over_seeds(cells, label, attacker, which, key)
 
 
 def victim(cells, label) -> dict:
@@ -307,7 +303,7 @@ def judge_adv_easier(c):
     confidence, softer = [], []
     for ds, std, adv in adversarial_pairs(c):
         for att in ("knockoff", "jbda"):
-            a, s = answered(c, adv, att, "clean_top1_mean"), answered(c, std, att, "clean_top1_mean")
+            a, s = over_seeds(c, adv, att, "clean_top1_mean"), over_seeds(c, std, att, "clean_top1_mean")
             if a is not None and s is not None:
                 confidence.append(f"{ds} {att} {pct(a)} vs {pct(s)}")
                 softer.append(a < s)
@@ -365,7 +361,7 @@ def judge_ablation(c):
         return acc(c, f"mad {obj}", "knockoff", which="targets", key=key)
 
     share, info = ({obj: moved(obj, key) for obj in rows} for key in ("top_target_share", "label_information_bits"))
-    turned = {obj: gradient_angle(c, f"mad {obj}", "knockoff") for obj in rows}
+    turned = {obj: over_seeds(c, f"mad {obj}", "knockoff", "replica", "gradient_angle", "mean") for obj in rows}
     where = ("; where the soft-label attacker's answers went: the most common target's share "
              + ", ".join(f"{obj} {pct(v)}%" for obj, v in share.items())
              + "; information the target carries about the answer's label (bits) "

@@ -124,7 +124,7 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
         order = np.lexsort((seq.astype(np.int64), keys))
     rows_sorted = rows.take(order)
     keys = keys[order]
-    probs = np.asarray(rows_sorted.column("clean_probs").to_pylist(), np.float32)
+    probs = querylog.prob_matrix(rows_sorted.column("clean_probs"))
     images = querylog.decode_inputs(rows_sorted, shape) if needs_images else np.zeros((n, 1), np.uint8)
     req = np.asarray(rows_sorted.column("request_id").to_pylist())
     starts = np.r_[0, np.flatnonzero(req[1:] != req[:-1]) + 1, n]
@@ -160,7 +160,7 @@ def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
     order_idx = np.lexsort((rows.column("seq").to_numpy(), req, rounds))
     in_order = rows.take(order_idx)
     images = querylog.decode_inputs(in_order, shape).reshape(n, -1)
-    labels = np.asarray(in_order.column("clean_probs").to_pylist(), np.float32).argmax(1)
+    labels = querylog.prob_matrix(in_order.column("clean_probs")).argmax(1)
     linker = Linker(det)
     seen: dict[int, dict] = {0: {}}
     r_sorted, req_sorted = rounds[order_idx], req[order_idx]

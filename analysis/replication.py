@@ -56,7 +56,7 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
         if "pow_seconds" in table.column_names else np.zeros(len(role))
 
     answered = np.isin(action, querylog.ANSWERED)
-    probs = ({name: table.column(name).to_pylist() for name in ("clean_probs", "returned_probs")}
+    probs = ([querylog.prob_matrix(table.column(name)) for name in ("clean_probs", "returned_probs")]
              if {"clean_probs", "returned_probs"} <= set(table.column_names) else None)
 
     def answers(mask: np.ndarray) -> tuple[dict | None, float | None]:
@@ -64,7 +64,7 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
         rows = np.flatnonzero(mask & answered & ~resub)
         if probs is None or not len(rows):
             return None, None
-        clean, returned = (np.array([probs[name][i] for i in rows], np.float64) for name in probs)
+        clean, returned = (p[rows].astype(np.float64) for p in probs)
         return perturbation_targets(clean, returned), float(clean.max(1).mean())
 
     def entry(mask: np.ndarray, label: str, kind: str | None) -> dict:

@@ -557,7 +557,7 @@ def _rebuild_from_log(plan: Plan, died: dict[str, str], log_dir: str, input_shap
             "unspent": client.budget - fresh.num_rows, "node_id": None, "failed": died[client.actor_id],
             "seconds": (stamps[-1] - stamps[0]).total_seconds() if stamps else 0.0, "stats": {}}
         if answered.num_rows and answered.column("input").null_count == 0:
-            probs = np.asarray(answered.column("returned_probs").to_pylist(), np.float32)
+            probs = querylog.prob_matrix(answered.column("returned_probs"))
             transfers[client.actor_id] = ray.put((querylog.decode_inputs(answered, input_shape), probs))
     return transfers
 

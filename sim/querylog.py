@@ -302,12 +302,37 @@ def compact(queries_dir: str) -> int:
 def decode_inputs(table: pa.Table, shape: tuple[int, ...]) -> np.ndarray:
     """The ``input`` column back to uint8 images (N, *shape); rows without input are zeros."""
     col = table.column("input").combine_chunks()
-    size = int(np.prod(shape))
-    out = np.zeros((len(col), size), np.uint8)
-    for i, v in enumerate(col.to_pylist()):
-        if v is not None:
-            out[i] = np.frombuffer(v, np.uint8)
-    return out.reshape(len(col), *shape)
+    size, n = int(np.prod(shape)), len(col)
+    valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else None
+    kept = col if valid is None else col.filter(pa.array(valid))  # the images' bytes, one after another
+    flat = np.zeros((0, size), np.uint8)
+    if len(kept):
+        lengths = pc.binary_length(kept).to_numpy()
+        if (lengths != size).any():
+            raise ValueError(f"input: an image of {int(lengths[lengths != size][0])} bytes; expected {size} "
+                             f"(shape {tuple(shape)})")
+        offsets = np.frombuffer(kept.buffers()[1], np.int32)[kept.offset:kept.offset + len(kept) + 1]
+        flat = np.frombuffer(kept.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(-1, size)
+    if valid is None:
+        return flat.reshape(n, *shape).copy()
+    out = np.zeros((n, size), np.uint8)
+    out[valid] = flat
+    return out.reshape(n, *shape)
+
+
+def prob_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A probabilities column (``clean_probs``, ``returned_probs``) as an (N, K) float32 array; null rows (a
+    refused query's answer) are NaN."""
+    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    lengths = pc.drop_null(pc.list_value_length(col)).to_numpy()
+    if len(lengths) and lengths.min() != lengths.max():
+        raise ValueError(f"probabilities of {lengths.min()} and {lengths.max()} classes in one column; expected "
+                         f"one class count")
+    out = np.full((len(col), int(lengths[0]) if len(lengths) else 0), np.nan, np.float32)
+    if len(lengths):
+        out[valid] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(lengths), -1)
+    return out
 
 
 def per_account_counts(table: pa.Table) -> dict[str, int]:
@@ -326,5 +351,5 @@ def clean_answers(table: pa.Table, accounts: set[str] | None = None) -> dict[str
     rows = table.filter(table.column("clean_probs").is_valid())
     if accounts is not None:
         rows = rows.filter(pc.is_in(rows.column("account_id"), pa.array(sorted(accounts), pa.string())))
-    probs = rows.column("clean_probs").to_pylist()
-    return {h: np.asarray(p, np.float32) for h, p in zip(rows.column("input_sha1").to_pylist(), probs)}
+    probs = prob_matrix(rows.column("clean_probs"))
+    return dict(zip(rows.column("input_sha1").to_pylist(), probs))

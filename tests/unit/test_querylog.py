@@ -1,8 +1,10 @@
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from sim import querylog
 
@@ -35,6 +37,29 @@ def test_round_trip_keeps_every_value(tmp_path):
     refused = table.filter(table.column("account_id").is_null()).to_pylist()[0]
     assert refused["action"] == "refused" and refused["refusal_reason"] == "unknown API key"
     assert refused["returned_probs"] is None and refused["input"] is None
+
+
+def test_vectorised_readers_keep_row_order_across_chunks_slices_and_null_rows():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 1, 2, 2), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(3), 6).astype(np.float32)
+    valid = np.array([True, False, True, True, False, True])
+    table = pa.concat_tables(
+        pa.table({"input": pa.array([images[i].tobytes() if valid[i] else None for i in range(a, b)], pa.binary()),
+                  "returned_probs": querylog._prob_lists(probs[a:b], valid[a:b], b - a)})
+        for a, b in ((0, 2), (2, 6)))
+    assert table.column("input").num_chunks == 2
+    for rows, idx in ((table, np.arange(6)), (table.slice(1, 4), np.arange(1, 5))):
+        got = querylog.decode_inputs(rows, (1, 2, 2))
+        np.testing.assert_array_equal(got[valid[idx]], images[idx][valid[idx]])
+        assert not got[~valid[idx]].any()  # a row without input reads as zeros
+        mat = querylog.prob_matrix(rows.column("returned_probs"))
+        assert mat.shape == (len(idx), 3)
+        np.testing.assert_array_equal(mat[valid[idx]], probs[idx][valid[idx]])
+        assert np.isnan(mat[~valid[idx]]).all()  # a refused query's answer is NaN
+    bad = pa.table({"input": pa.array([b"\x00" * 3], pa.binary())})
+    with pytest.raises(ValueError, match="3 bytes; expected 4"):
+        querylog.decode_inputs(bad, (1, 2, 2))
 
 
 def test_compaction_writes_one_parquet_file_with_schema_metadata_and_per_account_index(tmp_path):

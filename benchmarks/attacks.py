@@ -121,7 +121,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
             **({"best": best} if best else {}), "stats": source.stats()}
 
 
-def ablated(c: dict) -> str:
+def turned_off(c: dict) -> str:
     """What a reference-mode cell turned off: its quirks, the code's replica where the clean one trained, and the
     code's settings left at the clean mode's value."""
     parts = [", ".join(c.get("without", []))] if c.get("without") else []
@@ -135,7 +135,7 @@ def best_text(c: dict) -> str:
 
 
 def mode(c: dict) -> str:
-    return c.get("variant", "default") + (f" without {ablated(c)}" if ablated(c) else "")
+    return c.get("variant", "default") + (f" without {turned_off(c)}" if turned_off(c) else "")
 
 
 def spread_table(cells: list[dict]) -> list[str]:
@@ -189,7 +189,7 @@ def table(cells: list[dict]) -> str:
         for c in reference:
             paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
             distinct = c.get("stats", {}).get("distinct_images")
-            lines.append(f"| {c['dataset']} | {c['attack']} | {ablated(c) or 'none'} | "
+            lines.append(f"| {c['dataset']} | {c['attack']} | {turned_off(c) or 'none'} | "
                          f"{c['budget']:,} | "
                          f"{'–' if distinct is None else format(distinct, ',')} | {c['replica_epochs']} | "
                          f"{100 * c['replica_accuracy']:.1f} | {best_text(c)} | {paper} |")

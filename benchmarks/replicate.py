@@ -419,9 +419,10 @@ PAPER_SAME = {"knockoff": 99.37, "jbda": 93.30, "dfme": 100.00}  # Table 1, MNIS
 POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread over seeds is 1 to 3 points)
 
 
-def ablated(cell: dict) -> bool:
-    """Whether an attacks.json cell turned part of its mode off (quirks, the code's replica or its settings)."""
-    return bool(cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
+def whole_mode(cell: dict) -> bool:
+    """Whether an attacks.json cell measured its variant whole: no quirk turned off, no other variant's replica,
+    none of the code's settings left at the clean mode's value (else it is one of the ablation's cells)."""
+    return not (cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
 
 
 def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, list[float]]:
@@ -430,7 +431,7 @@ def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, lis
     out: dict[str, list[float]] = {}
     for x in sorted(cells, key=lambda x: x.get("seed", 0)):
         if (x["dataset"] == "fashion_mnist" and x["budget"] == budget and x.get("variant", "default") == variant
-                and not ablated(x)):
+                and whole_mode(x)):
             out.setdefault(x["attack"], []).append(replica_pct(x))
     return out
 
@@ -457,7 +458,7 @@ def judge_mad_table(c):
     cells = c["attacks"]["cells"]
     clean = {a: v[0] for a, v in fashion_cells([x for x in cells if x.get("seed", 0) == 0], 50000, "default").items()}
     ref_cells = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                 and not ablated(x)]  # the whole mode, not the ablation
+                 and whole_mode(x)]  # the whole mode, not the ablation
     close, text = compare(PAPER_MAD, clean, POINTS)
     if not ref_cells:
         return Finding(text, "does not hold" if clean else "cannot be tested here",
@@ -474,7 +475,7 @@ def judge_mad_table(c):
     moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
              if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
     ablations = ablation_text([x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                               and ablated(x) and x["budget"] == budget and x["attack"] in ref
+                               and not whole_mode(x) and x["budget"] == budget and x["attack"] in ref
                                and x.get("seed", 0) == 0])
     return Finding(
         text, "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold",

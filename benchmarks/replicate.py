@@ -455,6 +455,8 @@ def ablation_text(cells: list[dict]) -> str:
 
 
 def judge_mad_table(c):
+    """Clean mode at 50,000 queries (seed 0) against the reference mode at every budget it was measured at; the
+    verdict reads the largest (the paper's 50,000 where measured), each budget's mean over the seeds it has."""
     cells = c["attacks"]["cells"]
     clean = {a: v[0] for a, v in fashion_cells([x for x in cells if x.get("seed", 0) == 0], 50000, "default").items()}
     ref_cells = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
@@ -464,29 +466,37 @@ def judge_mad_table(c):
         return Finding(text, "does not hold" if clean else "cannot be tested here",
                        f"{len(close)} of 4 within {POINTS:g} points; the reference mode is not measured "
                        f"(benchmarks/attacks.py --variant mad_code)", reference="not measured")
-    budget = max(x["budget"] for x in ref_cells)
-    epochs = {x["replica_epochs"] for x in ref_cells if x["budget"] == budget}
-    seeds = fashion_cells(cells, budget, "mad_code")
-    ref = {a: statistics.mean(v) for a, v in seeds.items()}  # the mean where several seeds were measured
-    spread_text = "; ".join(f"{a} {spread(v)} over {len(v)} seeds" for a, v in seeds.items() if len(v) > 1)
-    ref_close, ref_text = compare(PAPER_MAD, ref, POINTS)
-    at = "at the paper's 50k" if budget == 50000 else f"at {budget:,} queries (the paper: 50,000)"
-    same_budget = {a: statistics.mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
-    moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
-             if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
-    ablations = ablation_text([x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                               and not whole_mode(x) and x["budget"] == budget and x["attack"] in ref
-                               and x.get("seed", 0) == 0])
-    return Finding(
-        text, "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold",
-        f"clean: {len(close)} of 4 within {POINTS:g} points; reference {at}: {len(ref_close)} of 4"
-        + (f"; at that budget the code's quirks move {', '.join(moved)} (clean -> reference"
-           f"{', means over seeds' if spread_text else ''})" if moved else "")
-        + (f"; with quirks turned off (seed 0; best epoch, the last where the clean replica trained): {ablations}"
-           if ablations else ""),
-        reference=f"{ref_text} (best epoch{', mean over seeds' if spread_text else ''}; "
-                  f"{', '.join(map(str, sorted(epochs)))} replica epochs, {at})"
-                  + (f"; spread: {spread_text}" if spread_text else ""))
+
+    def queries(budget: int) -> str:
+        return "the paper's 50,000 queries" if budget == 50000 else f"{budget:,} queries (the paper: 50,000)"
+
+    blocks, whys, verdict = [], [], None
+    for budget in sorted({x["budget"] for x in ref_cells}, reverse=True):
+        seeds = fashion_cells(cells, budget, "mad_code")
+        ref = {a: statistics.mean(v) for a, v in seeds.items()}  # the mean where several seeds were measured
+        several = {a: v for a, v in seeds.items() if len(v) > 1}
+        epochs = ", ".join(map(str, sorted({x["replica_epochs"] for x in ref_cells if x["budget"] == budget})))
+        ref_close, ref_text = compare(PAPER_MAD, ref, POINTS)
+        blocks.append(f"{queries(budget)}: {ref_text} (best epoch{', mean over seeds' if several else ', seed 0'}; "
+                      f"{epochs} replica epochs, the paper's 100)"
+                      + (f"; spread: {'; '.join(f'{a} {spread(v)} over {len(v)} seeds' for a, v in several.items())}"
+                         if several else ""))
+        same_budget = {a: statistics.mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
+        moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
+                 if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]
+        whys.append(f"reference at {queries(budget)}: {len(ref_close)} of 4"
+                    + (f" (clean -> reference{', means over seeds' if several else ''}: {', '.join(moved)})"
+                       if moved else ""))
+        if verdict is None:  # the largest budget decides
+            verdict = "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold"
+    ablation = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
+                and not whole_mode(x) and x.get("seed", 0) == 0]
+    if ablation:
+        budget = max(x["budget"] for x in ablation)
+        whys.append(f"with quirks turned off (seed 0, {budget:,} queries; best epoch, the last where the clean replica "
+                    f"trained): {ablation_text([x for x in ablation if x['budget'] == budget])}")
+    return Finding(text, verdict, f"clean: {len(close)} of 4 within {POINTS:g} points; " + "; ".join(whys),
+                   reference="; ".join(blocks))
 
 
 def judge_same_table(c):

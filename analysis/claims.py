@@ -92,6 +92,13 @@ def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: f
     return close, text
 
 
+def attack_cell_key(cell: dict) -> tuple:
+    """What identifies a benchmarks/attacks.py cell: dataset, attack, budget, seed, variant, the quirks it turned off,
+    the replica's variant where it differs from the attack's, and the code's settings left at the clean values."""
+    return (cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0), cell.get("variant", "default"),
+            tuple(cell.get("without", ())), cell.get("replica_variant"), tuple(cell.get("clean_settings", ())))
+
+
 def replica_pct(cell: dict) -> float:
     """A benchmarks/attacks.py cell's replica accuracy in %: at its best epoch where the MAD code's replica kept
     one (the reference mode), else at the last."""

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
-from analysis.claims import replica_pct, spread
+from analysis.claims import attack_cell_key, replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -231,17 +231,13 @@ def main() -> None:
 
     replica = args.replica if args.replica not in (None, args.variant) else None
 
-    def key(c: dict) -> tuple:
-        return (c["dataset"], c["attack"], c["budget"], c.get("seed", 0), c.get("variant", "default"),
-                tuple(c.get("without", ())), c.get("replica_variant"), tuple(c.get("clean_settings", ())))
-
     skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
     def chosen(dataset: str, attack: str, budget: int, seed: int) -> tuple:  # the key of a cell this run measures
         return (dataset, attack, budget, seed, args.variant, without, replica, clean)
 
-    done = set() if args.fresh else {key(c) for c in cells}
+    done = set() if args.fresh else {attack_cell_key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
             for a in args.attacks if a not in skipped and chosen(d, a, b, s) not in done]  # first
     for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
@@ -254,7 +250,7 @@ def main() -> None:
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if key(c) != chosen(dataset, attack, budget, seed)]
+            cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

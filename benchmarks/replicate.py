@@ -9,7 +9,9 @@ from the cells, so an interrupted run keeps what it measured and a rerun starts 
 the chosen cells again, each replacing its old value as it finishes; the others are kept). ``--quick`` runs every
 cell with small budgets and short training (minutes on 2 cores) into
 ``replication-quick.{json,md}``; the default writes ``replication.{json,md}``. Claims whose figures come from other
-benchmarks (``attacks.json``, ``detection.json``) are read from those files.
+benchmarks (the MAD paper's Table 1 from ``benchmarks/attacks.py``, the SAME paper's from ``benchmarks/detection.py``)
+read those benchmarks' results files; the full run first runs their commands for the cells the files lack (each
+claim's ``other``, at the seeds it names; ``--fresh``: all of them again), and ``--quick`` runs none of them.
 
 ``--seeds`` runs each cell at more seeds (``seed=N``: victim, attack and replica; a cell at seed N > 0 is kept as
 ``"LABEL @ seed N"``). A claim is then judged on the means over the seeds that every cell it reads has, and its
@@ -33,7 +35,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from analysis.claims import Finding, build, compare, markdown, replica_pct, spread
+from analysis.claims import Finding, attack_cell_key, build, compare, markdown, replica_pct, spread
 from analysis.sweep import distortion_to_reach
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -58,6 +60,21 @@ class Cell:
 
 
 @dataclass
+class Other:
+    """Cells of another benchmark that a claim reads: ``python benchmarks/SCRIPT ARGS`` measures them (into its own
+    results file, skipping what that file has unless ``fresh`` is added), and ``measured`` says whether the results of
+    the other benchmarks (:func:`measured_elsewhere`) already hold them all."""
+    script: str
+    args: list[str]
+    measured: Callable[[dict], bool]
+    fresh: list[str] = field(default_factory=list)  # the script's arguments that measure the cells again
+
+    def command(self, fresh: bool) -> list[str]:
+        return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), self.script), *self.args,
+                *(self.fresh if fresh else [])]
+
+
+@dataclass
 class Claim:
     id: str
     paper: str
@@ -68,6 +85,7 @@ class Claim:
     judge: Callable[[dict], Finding] | None = None  # the measured cells -> Finding
     settings: str = ""
     reads: list[str] | None = None  # the cells the judge reads (default: all of ``cells``)
+    other: list[Other] = field(default_factory=list)  # what other benchmarks measure for it (the full run only)
 
     def needs(self) -> list[str]:
         return list(self.cells if self.reads is None else self.reads)
@@ -112,6 +130,60 @@ EVASION = {"mad_evasion": Cell("mad_evasion", [], EVASION_ATTACKERS)}
 TARGET = 0.8  # the MAD paper's replica accuracy target for the trade-off
 REPLICA = "single.replica_test_accuracy"  # the trade-off sweep's replica accuracy column
 TRADEOFF = {"tradeoff 10k": Cell("mad_tradeoff_10k", [], ["single"], sweep=True)}
+
+
+def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,), variant: str = "default",
+                 without: tuple[str, ...] = (), replica: str | None = None, clean: tuple[str, ...] = (),
+                 epochs: int | None = None) -> Other:
+    """Fashion-MNIST cells of benchmarks/attacks.py (an attack whose code lacks a quirk of ``without`` is skipped
+    there, and so here)."""
+    args = ["--datasets", "fashion_mnist", "--attacks", *attacks, "--budgets", str(budget),
+            "--seeds", *map(str, seeds), *(["--variant", variant] if variant != "default" else []),
+            *(["--without", *without] if without else []), *(["--replica", replica] if replica else []),
+            *(["--clean-settings", *clean] if clean else []), *(["--replica-epochs", str(epochs)] if epochs else [])]
+
+    def measured(elsewhere: dict) -> bool:
+        from actors.attacks.jacobian_mad_code import APPLIES
+
+        have = {attack_cell_key(c) for c in elsewhere.get("attacks", {}).get("cells", [])}
+        return all(("fashion_mnist", a, budget, s, variant, without, replica, clean) in have
+                   for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds)
+
+    return Other("attacks.py", args, measured, ["--fresh"])
+
+
+def same_cells(variant: str = "default", without: tuple[str, ...] = ()) -> Other:
+    """Part 1 of benchmarks/detection.py (the SAME paper's table), in ``variant`` with the code's ``without`` choices
+    turned off; it measures whenever it runs."""
+    entry = "same" if variant == "default" else "same_code" + "".join(f"_without_{w}" for w in without)
+    args = ["--parts", "same", *(["--variant", variant] if variant != "default" else []),
+            *(["--without", *without] if without else [])]
+    return Other("detection.py", args, lambda elsewhere: bool(elsewhere.get("detection", {}).get(entry)))
+
+
+TABLE1 = ["knockoff", "jbda", "jb_self", "jb_top3"]
+EVERY = {"jbda": ("train_seeds", "normalised_step", "normalised_clamp", "away_from_label", "aliasing", "round_sign",
+                  "fresh_substitute")}  # every quirk of the code's JBDA; JB-self's adds self_query
+EVERY["jb_self"] = (*EVERY["jbda"], "self_query")
+REFERENCE = dict(variant="mad_code", epochs=30)  # the reference cells' replica: 30 epochs (the code's 100: a day)
+TABLE1_CELLS = [
+    attack_cells(TABLE1, 50000), attack_cells(TABLE1, 10000, (0, 1, 2)),  # the clean mode
+    attack_cells(TABLE1, 10000, (0, 1, 2), **REFERENCE), attack_cells(TABLE1, 50000, **REFERENCE),
+    # the ablation, seed 0 at 10,000 queries: quirks turned off, then the clean replica, then the clean settings
+    *[attack_cells(["jbda", "jb_self"], 10000, without=w, **REFERENCE)
+      for w in (("normalised_clamp",), ("aliasing",), ("normalised_clamp", "aliasing"),
+                *[("normalised_clamp", "aliasing", q) for q in ("train_seeds", "normalised_step", "away_from_label",
+                                                                "round_sign", "fresh_substitute", "self_query")])],
+    *[attack_cells([a], 10000, without=w, **REFERENCE) for a, w in EVERY.items()],
+    attack_cells(["jbda"], 10000, (0, 1, 2), "mad_code", EVERY["jbda"], "default"),
+    attack_cells(["jb_self"], 10000, (0,), "mad_code", EVERY["jb_self"], "default"),
+    *[attack_cells(["jbda"], 10000, (0,), "mad_code", EVERY["jbda"], "default", (c,))
+      for c in ("seed_size", "tau", "substitute_epochs")],
+    attack_cells(["jbda"], 10000, (0, 1, 2), "mad_code", EVERY["jbda"], "default", ("seed_size", "tau",
+                                                                                    "substitute_epochs")),
+]
+SAME_CELLS = [same_cells(), same_cells("same_code"), same_cells("same_code", ("full_view",)),
+              same_cells("same_code", ("all_pixel_loss",))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -654,11 +726,11 @@ CLAIMS = [
                              "JB-self 45.8, JB-top3 68.7 (victim 92.0).", "69.2 / 38.7 / 45.8 / 68.7",
           f"each within {POINTS:g} points", {}, judge_mad_table,
           "benchmarks/attacks.py (attacks.json); Knockoff's pool is mnist5k + digits (the paper's EMNIST is not "
-          "here); victim LeNet 90.9%", ["attacks"]),
+          "here); victim LeNet 90.9%", ["attacks"], TABLE1_CELLS),
     Claim("same-table", SAME, "SAME's AUROC on MNIST at 1,000 queries: Knockoff 99.37, JBDA 93.30, DFME 100.",
           "99.37 / 93.30 / 100", f"each within {POINTS:g} points", {}, judge_same_table,
           "benchmarks/detection.py (detection.json); mnist5k, not the full MNIST; negatives: 1,000 test images",
-          ["detection"]),
+          ["detection"], SAME_CELLS),
 ]
 
 
@@ -847,6 +919,25 @@ def write(path: str, result: dict) -> None:
         fh.write(md)
 
 
+def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
+    """Run the other benchmarks' commands whose cells ``claims`` read and their results files lack (all of them
+    with ``fresh``), each in its own process; with ``quick``, none (they take hours), saying so."""
+    import subprocess
+
+    others = [o for c in claims for o in c.other]
+    if quick:
+        if others:
+            print(f"--quick: the rows of {', '.join(c.id for c in claims if c.other)} read benchmarks/results/"
+                  f"attacks.json and detection.json as the full run left them", file=sys.stderr, flush=True)
+        return
+    todo = [o for o in others if fresh or not o.measured(measured_elsewhere())]
+    for i, o in enumerate(todo, 1):
+        print(f"[other {i}/{len(todo)}] python benchmarks/{o.script} {' '.join(o.args)}", file=sys.stderr, flush=True)
+        code = subprocess.run(o.command(fresh)).returncode
+        if code:  # a dataset this machine lacks, say: the row reads what the file has and says what is missing
+            print(f"    failed (exit status {code}); going on", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small budgets and training: minutes on 2 cores")
@@ -894,6 +985,7 @@ def main() -> None:
                 and (args.fresh or "latency" not in result):
             print("latency of confidence gating and MAD", file=sys.stderr, flush=True)
             result["latency"] = measure_latency(args.quick)
+        measure_others(chosen, args.quick, args.fresh)
     write(out, result)
     print(f"wrote {out} and {out[:-len('.json')]}.md", file=sys.stderr)
 

@@ -2,8 +2,10 @@
 benchmarks/replicate.py, on hand-made measurements (no runs)."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -312,3 +314,30 @@ def test_the_adversarial_row_says_whether_the_robust_victims_answers_were_softer
     assert row["clean"].endswith("; the answers' mean top-1 probability %, adversarial vs standard victim: mnist5k "
                                  "knockoff 70.0 vs 97.0, mnist5k jbda 70.0 vs 97.0")
     assert "; the robust victim's answers are softer in 2 of 2 cases (fashion_mnist not measured" in row["why"]
+
+
+def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(replicate, monkeypatch):
+    ref = {"dataset": "fashion_mnist", "attack": "jbda", "budget": 10000, "variant": "mad_code",
+           "without": ["aliasing"], "replica_accuracy": 0.7}
+    have = {"attacks": {"cells": [ref]}, "detection": {"same": [{"auroc": 0.7}]}}
+    # jb_top3's code has no aliasing quirk, so benchmarks/attacks.py skips it there and it is not missing here
+    assert replicate.attack_cells(["jbda", "jb_top3"], 10000, variant="mad_code", without=("aliasing",)).measured(have)
+    assert not replicate.attack_cells(["jbda"], 10000, (0, 1), "mad_code", ("aliasing",)).measured(have)  # seed 1
+    assert not replicate.attack_cells(["jbda"], 10000, variant="mad_code").measured(have)  # the whole mode
+    assert replicate.same_cells().measured(have) and not replicate.same_cells("same_code").measured(have)
+    assert replicate.same_cells("same_code", ("full_view",)).args == ["--parts", "same", "--variant", "same_code",
+                                                                      "--without", "full_view"]
+
+    ran = []
+    monkeypatch.setattr("subprocess.run", lambda cmd: ran.append(cmd[1:]) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(replicate, "measured_elsewhere", lambda: have)
+    claim = SimpleNamespace(id="t", other=[replicate.same_cells(), replicate.attack_cells(["jbda"], 10000)])
+    replicate.measure_others([claim], quick=False, fresh=False)
+    assert [[os.path.basename(cmd[0]), *cmd[1:]] for cmd in ran] == [
+        ["attacks.py", "--datasets", "fashion_mnist", "--attacks", "jbda", "--budgets", "10000", "--seeds", "0"]]
+    ran.clear()
+    replicate.measure_others([claim], quick=False, fresh=True)  # everything again; attacks.py told to remeasure
+    assert [cmd[-1] for cmd in ran] == ["same", "--fresh"]
+    ran.clear()
+    replicate.measure_others([claim], quick=True, fresh=False)  # hours of work: never with --quick
+    assert ran == []

@@ -325,6 +325,9 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
     assert not replicate.attack_cells(["jbda"], 10000, (0, 1), "mad_code", ("aliasing",)).measured(have)  # seed 1
     assert not replicate.attack_cells(["jbda"], 10000, variant="mad_code").measured(have)  # the whole mode
     assert replicate.same_cells().measured(have) and not replicate.same_cells("same_code").measured(have)
+    from actors.attacks.jacobian_mad_code import APPLIES
+
+    assert replicate.EVERY == {"jbda": APPLIES["jbda"], "jb_self": (*APPLIES["jbda"], "self_query")}  # as measured
     assert replicate.same_cells("same_code", ("full_view",)).args == ["--parts", "same", "--variant", "same_code",
                                                                       "--without", "full_view"]
 

@@ -92,11 +92,25 @@ def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: f
     return close, text
 
 
-def attack_cell_key(cell: dict) -> tuple:
+def attack_key(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
+               without: Iterable[str] = (), replica: str | None = None, clean: Iterable[str] = ()) -> tuple:
     """What identifies a benchmarks/attacks.py cell: dataset, attack, budget, seed, variant, the quirks it turned off,
-    the replica's variant where it differs from the attack's, and the code's settings left at the clean values."""
-    return (cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0), cell.get("variant", "default"),
-            tuple(cell.get("without", ())), cell.get("replica_variant"), tuple(cell.get("clean_settings", ())))
+    the replica's variant where it differs from the attack's (else None), and the code's settings left at the clean
+    values."""
+    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean))
+
+
+def attack_cell_key(cell: dict) -> tuple:
+    """:func:`attack_key` of a measured cell, as benchmarks/attacks.py stores it."""
+    return attack_key(cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0),
+                      cell.get("variant", "default"), cell.get("without", ()), cell.get("replica_variant"),
+                      cell.get("clean_settings", ()))
+
+
+def same_entry(variant: str = "default", without: Iterable[str] = ()) -> str:
+    """The benchmarks/detection.py results entry of the SAME table in ``variant`` with the code's ``without``
+    choices turned off: ``same``, ``same_code``, ``same_code_without_<choice>...`` (choices sorted)."""
+    return "same" if variant == "default" else "same_code" + "".join(f"_without_{w}" for w in sorted(without))
 
 
 def replica_pct(cell: dict) -> float:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
-from analysis.claims import attack_cell_key, replica_pct, spread
+from analysis.claims import attack_cell_key, attack_key, replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -235,7 +235,7 @@ def main() -> None:
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
     def chosen(dataset: str, attack: str, budget: int, seed: int) -> tuple:  # the key of a cell this run measures
-        return (dataset, attack, budget, seed, args.variant, without, replica, clean)
+        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean)
 
     done = set() if args.fresh else {attack_cell_key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets

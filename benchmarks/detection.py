@@ -49,6 +49,7 @@ import time
 import numpy as np
 import torch
 
+from analysis.claims import same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
 from sim.detectors.link import REASONS
@@ -415,7 +416,7 @@ def main() -> None:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()
         if part == "same" and args.variant == "same_code":
-            part = "same_code" + "".join(f"_without_{w}" for w in without)
+            part = same_entry("same_code", without)
             result[part] = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
             result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
                                           **({"without": list(without)} if without else {}),

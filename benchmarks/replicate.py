@@ -35,7 +35,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from analysis.claims import Finding, attack_cell_key, build, compare, markdown, replica_pct, spread
+from analysis.claims import (
+    Finding,
+    attack_cell_key,
+    attack_key,
+    build,
+    compare,
+    markdown,
+    replica_pct,
+    same_entry,
+    spread,
+)
 from analysis.sweep import distortion_to_reach
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -146,7 +156,7 @@ def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,),
         from actors.attacks.jacobian_mad_code import APPLIES
 
         have = {attack_cell_key(c) for c in elsewhere.get("attacks", {}).get("cells", [])}
-        return all(("fashion_mnist", a, budget, s, variant, without, replica, clean) in have
+        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean) in have
                    for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds)
 
     return Other("attacks.py", args, measured, ["--fresh"])
@@ -155,7 +165,7 @@ def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,),
 def same_cells(variant: str = "default", without: tuple[str, ...] = ()) -> Other:
     """Part 1 of benchmarks/detection.py (the SAME paper's table), in ``variant`` with the code's ``without`` choices
     turned off; it measures whenever it runs."""
-    entry = "same" if variant == "default" else "same_code" + "".join(f"_without_{w}" for w in without)
+    entry = same_entry(variant, without)
     args = ["--parts", "same", *(["--variant", variant] if variant != "default" else []),
             *(["--without", *without] if without else [])]
     return Other("detection.py", args, lambda elsewhere: bool(elsewhere.get("detection", {}).get(entry)))
@@ -933,7 +943,8 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
             print(f"--quick: the rows of {', '.join(c.id for c in claims if c.other)} read benchmarks/results/"
                   f"attacks.json and detection.json as the full run left them", file=sys.stderr, flush=True)
         return
-    todo = [o for o in others if fresh or not o.measured(measured_elsewhere())]
+    have = measured_elsewhere()
+    todo = [o for o in others if fresh or not o.measured(have)]
     for i, o in enumerate(todo, 1):
         print(f"[other {i}/{len(todo)}] python benchmarks/{o.script} {' '.join(o.args)}", file=sys.stderr, flush=True)
         code = subprocess.run(o.command(fresh)).returncode

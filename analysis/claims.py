@@ -92,19 +92,30 @@ def compare(paper: dict[str, float], ours: dict[str, float | None], tolerance: f
     return close, text
 
 
+def default_replica_epochs(budget: int, variant: str = "default") -> int:
+    """How many epochs a benchmarks/attacks.py replica trains unless told: the MAD code's 100 in its reference mode,
+    else 20 up to 10,000 queries and 10 above."""
+    if variant == "mad_code":
+        return 100
+    return 20 if budget <= 10_000 else 10
+
+
 def attack_key(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
-               without: Iterable[str] = (), replica: str | None = None, clean: Iterable[str] = ()) -> tuple:
+               without: Iterable[str] = (), replica: str | None = None, clean: Iterable[str] = (),
+               epochs: int | None = None) -> tuple:
     """What identifies a benchmarks/attacks.py cell: dataset, attack, budget, seed, variant, the quirks it turned off,
-    the replica's variant where it differs from the attack's (else None), and the code's settings left at the clean
-    values."""
-    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean))
+    the replica's variant where it differs from the attack's (else None), the code's settings left at the clean
+    values, and the replica's epochs (None: :func:`default_replica_epochs`), so that a longer schedule is measured
+    beside a shorter one, not in its place."""
+    epochs = epochs or default_replica_epochs(budget, replica or variant)
+    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean), epochs)
 
 
 def attack_cell_key(cell: dict) -> tuple:
     """:func:`attack_key` of a measured cell, as benchmarks/attacks.py stores it."""
     return attack_key(cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0),
                       cell.get("variant", "default"), cell.get("without", ()), cell.get("replica_variant"),
-                      cell.get("clean_settings", ()))
+                      cell.get("clean_settings", ()), cell.get("replica_epochs"))
 
 
 def same_entry(variant: str = "default", without: Iterable[str] = ()) -> str:

@@ -30,7 +30,9 @@ cell at several seeds (victim, attack and replica); the tables show seed 0, and 
 standard deviation and range of every cell measured at more than one seed.
 Knockoff's pool is the one above (the paper's EMNIST is not available here).
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
-keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again).
+keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again). A
+cell is its dataset, attack, budget, seed, mode and replica epochs: ``--replica-epochs 100`` measures the code's full
+schedule beside the 30-epoch cells, not in their place.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
-from analysis.claims import attack_cell_key, attack_key, replica_pct, spread
+from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -62,12 +64,6 @@ MAD_CODE = {"jacobian.variant": "mad_code", "jacobian.seed_size": 100, "jacobian
 SETTINGS = tuple(k.split(".", 1)[1] for k in MAD_CODE if k != "jacobian.variant")  # --clean-settings' choices
 
 
-def replica_epochs(budget: int, variant: str = "default") -> int:
-    if variant == "mad_code":
-        return 100
-    return 20 if budget <= 10_000 else 10
-
-
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
              epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
              clean: tuple[str, ...] = ()) -> dict:
@@ -81,7 +77,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
            **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code" else {}),
            **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {})}
     replica = replica or variant
-    epochs = epochs or replica_epochs(budget, replica)
+    epochs = epochs or default_replica_epochs(budget, replica)
     cfg = config.load(scenario, [
         f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
         f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={replica}",
@@ -141,19 +137,20 @@ def mode(c: dict) -> str:
 def spread_table(cells: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c["dataset"], c["attack"], mode(c), c["budget"]), []).append(c)
+        groups.setdefault((c["dataset"], c["attack"], mode(c), c["budget"], c["replica_epochs"]), []).append(c)
     lines = []
-    for (dataset, attack, how, budget), mine in groups.items():
+    for (dataset, attack, how, budget, epochs), mine in groups.items():
         if len(mine) < 2:
             continue
         mine.sort(key=lambda c: c.get("seed", 0))
-        lines.append(f"| {dataset} | {attack} | {how} | {budget:,} | {', '.join(str(c.get('seed', 0)) for c in mine)} "
-                     f"| {spread([replica_pct(c) for c in mine])} |")
+        lines.append(f"| {dataset} | {attack} | {how} | {budget:,} | {epochs} | "
+                     f"{', '.join(str(c.get('seed', 0)) for c in mine)} | {spread([replica_pct(c) for c in mine])} |")
     if not lines:
         return []
     return ["Spread over seeds (victim, attack and replica): replica accuracy %, mean ± standard deviation (range); "
             "the reference mode at its best epoch", "",
-            "| dataset | attack | mode | queries | seeds | replica |", "|---|---|---|---:|---|---:|", *lines, ""]
+            "| dataset | attack | mode | queries | replica epochs | seeds | replica |",
+            "|---|---|---|---:|---:|---|---:|", *lines, ""]
 
 
 def table(cells: list[dict]) -> str:
@@ -163,7 +160,8 @@ def table(cells: list[dict]) -> str:
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
-                                  c.get("without", []), c.get("replica_variant", ""), c.get("clean_settings", [])))
+                                  c.get("without", []), c.get("replica_variant", ""), c.get("clean_settings", []),
+                                  c["replica_epochs"]))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -235,7 +233,8 @@ def main() -> None:
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
     def chosen(dataset: str, attack: str, budget: int, seed: int) -> tuple:  # the key of a cell this run measures
-        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean)
+        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean,
+                          args.replica_epochs)
 
     done = set() if args.fresh else {attack_cell_key(c) for c in cells}
     todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets

@@ -156,7 +156,7 @@ def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,),
         from actors.attacks.jacobian_mad_code import APPLIES
 
         have = {attack_cell_key(c) for c in elsewhere.get("attacks", {}).get("cells", [])}
-        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean) in have
+        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean, epochs) in have
                    for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds)
 
     return Other("attacks.py", args, measured, ["--fresh"])
@@ -508,13 +508,14 @@ def whole_mode(cell: dict) -> bool:
     return not (cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
 
 
-def fashion_cells(cells: list[dict], budget: int, variant: str) -> dict[str, list[float]]:
+def fashion_cells(cells: list[dict], budget: int, variant: str, epochs: int | None = None) -> dict[str, list[float]]:
     """Per attack, the Fashion-MNIST replica accuracies (%, one per seed measured) at ``budget`` in ``variant``
-    (``default`` or ``mad_code``, the whole mode: ablated cells are left out)."""
+    (``default`` or ``mad_code``, the whole mode: ablated cells are left out), of replicas trained ``epochs`` epochs
+    (None: any)."""
     out: dict[str, list[float]] = {}
     for x in sorted(cells, key=lambda x: x.get("seed", 0)):
         if (x["dataset"] == "fashion_mnist" and x["budget"] == budget and x.get("variant", "default") == variant
-                and whole_mode(x)):
+                and whole_mode(x) and epochs in (None, x.get("replica_epochs"))):
             out.setdefault(x["attack"], []).append(replica_pct(x))
     return out
 
@@ -537,6 +538,20 @@ def ablation_text(cells: list[dict]) -> str:
     return "; ".join(f"{a}: without {', '.join(v)}" for a, v in per.items())
 
 
+def other_schedules(cells: list[dict], epochs: int) -> str:
+    """"; with N replica epochs: ATTACK X (epoch E; at EPOCHS: Y), …" for the reference cells of one budget whose
+    replica trained other than ``epochs`` epochs, each beside the same attack and seed at ``epochs`` ("" if none)."""
+    at = {(x["attack"], x.get("seed", 0)): x for x in cells if x["replica_epochs"] == epochs}
+    parts = []
+    for x in sorted((x for x in cells if x["replica_epochs"] != epochs), key=lambda x: x["replica_epochs"]):
+        twin = at.get((x["attack"], x.get("seed", 0)))
+        seed = f", seed {x['seed']}" if x.get("seed", 0) else ""
+        parts.append(f"with {x['replica_epochs']} replica epochs: {x['attack']} {replica_pct(x):.1f} "
+                     f"(epoch {x['best']['epoch']}{seed}" + (f"; at {epochs}: {replica_pct(twin):.1f}" if twin else "")
+                     + ")")
+    return "".join(f"; {p}" for p in parts)
+
+
 def judge_mad_table(c):
     """Clean mode at 50,000 queries (seed 0) against the reference mode at every budget it was measured at; the
     verdict reads the largest (the paper's 50,000 where measured), each budget's mean over the seeds it has."""
@@ -555,17 +570,21 @@ def judge_mad_table(c):
 
     blocks, whys, verdict = [], [], None
     for budget in sorted({x["budget"] for x in ref_cells}, reverse=True):
-        seeds = fashion_cells(cells, budget, "mad_code")
+        here = [x for x in ref_cells if x["budget"] == budget]
+        attacks_at: dict[int, set[str]] = {}
+        for x in here:
+            attacks_at.setdefault(x["replica_epochs"], set()).add(x["attack"])
+        epochs = max(attacks_at, key=lambda e: (len(attacks_at[e]), e))  # the longest schedule that has them all
+        seeds = fashion_cells(cells, budget, "mad_code", epochs)
         ref = {a: statistics.mean(v) for a, v in seeds.items()}  # the mean where several seeds were measured
         several = {a: v for a, v in seeds.items() if len(v) > 1}
-        epochs = ", ".join(map(str, sorted({x["replica_epochs"] for x in ref_cells if x["budget"] == budget})))
         ref_close, ref_text = compare(PAPER_MAD, ref, POINTS)
         seeds_text = (", seed 0" if not several else ", mean over seeds" if len(several) == len(seeds)
                       else ", mean over the seeds the spread lists, else seed 0")
         blocks.append(f"{queries(budget)}: {ref_text} (best epoch{seeds_text}; "
                       f"{epochs} replica epochs, the paper's 100)"
                       + (f"; spread: {'; '.join(f'{a} {spread(v)} over {len(v)} seeds' for a, v in several.items())}"
-                         if several else ""))
+                         if several else "") + other_schedules(here, epochs))
         same_budget = {a: statistics.mean(v) for a, v in fashion_cells(cells, budget, "default").items()}
         moved = [f"{a} {same_budget[a]:.1f} -> {ref[a]:.1f}" for a in PAPER_MAD
                  if a in ref and a in same_budget and abs(same_budget[a] - ref[a]) >= 2 * POINTS]

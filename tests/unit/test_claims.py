@@ -193,6 +193,16 @@ def test_the_papers_budget_decides_the_table_row_and_the_smaller_budgets_stay_be
                                  "jb_top3 83.7 -> 71.0); reference at 10,000 queries (the paper: 50,000): 3 of 4 (")
     assert "with quirks turned off (seed 0, 10,000 queries;" in mad["why"]  # the ablation ran at 10,000 only
 
+    # the code's full 100 epochs for one attack: beside its 30-epoch twin; the schedule all four have still decides
+    full = {"replica_epochs": 100, "best": {"epoch": 64, "test_accuracy": 0.75}}
+    attacks["cells"].append({**attacks["cells"][-1], **full})
+    rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
+    longer = next(r for r in rows if r["id"] == "mad-table1")
+    assert longer["verdict"] == mad["verdict"] and longer["why"] == mad["why"]
+    assert longer["reference"] == mad["reference"].replace(
+        "30 replica epochs, the paper's 100); 10,000", "30 replica epochs, the paper's 100); with 100 replica epochs: "
+        "jb_top3 75.0 (epoch 64; at 30: 71.0); 10,000", 1)
+
 
 def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
     attacks = {"cells": [c for c in attacks_json()["cells"] if "variant" not in c]}
@@ -326,6 +336,9 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
     assert replicate.attack_cells(["jbda", "jb_top3"], 10000, variant="mad_code", without=("aliasing",)).measured(have)
     assert not replicate.attack_cells(["jbda"], 10000, (0, 1), "mad_code", ("aliasing",)).measured(have)  # seed 1
     assert not replicate.attack_cells(["jbda"], 10000, variant="mad_code").measured(have)  # the whole mode
+    # a cell's replica schedule is part of it: the code's 100 epochs (the reference's default) are not the 30
+    assert not replicate.attack_cells(["jbda"], 10000, variant="mad_code", without=("aliasing",),
+                                      epochs=30).measured(have)
     assert replicate.same_cells().measured(have) and not replicate.same_cells("same_code").measured(have)
     from actors.attacks.jacobian_mad_code import APPLIES
 

@@ -83,9 +83,10 @@ def test_markdown_has_one_escaped_line_per_row_and_counts_the_verdicts():
 
 
 def attacks_json(reference_budget=10000, seeds=False):
-    cells = [{"dataset": "fashion_mnist", "attack": a, "budget": 50000, "replica_accuracy": v}
+    cells = [{"dataset": "fashion_mnist", "attack": a, "budget": 50000, "replica_accuracy": v, "replica_epochs": 10}
              for a, v in (("knockoff", 0.521), ("jbda", 0.813), ("jb_self", 0.814), ("jb_top3", 0.837))]
-    cells += [{"dataset": "fashion_mnist", "attack": a, "budget": reference_budget, "replica_accuracy": v}
+    cells += [{"dataset": "fashion_mnist", "attack": a, "budget": reference_budget, "replica_accuracy": v,
+               "replica_epochs": 20 if reference_budget <= 10000 else 10}
               for a, v in (("knockoff", 0.471), ("jbda", 0.785), ("jb_self", 0.507), ("jb_top3", 0.803))]
     cells += [{"dataset": "fashion_mnist", "attack": a, "budget": reference_budget, "variant": "mad_code",
                "replica_accuracy": v - 0.02, "replica_epochs": 30, "best": {"epoch": 7, "test_accuracy": v}}
@@ -98,7 +99,7 @@ def attacks_json(reference_budget=10000, seeds=False):
              "fresh_substitute"]  # all of JBDA's quirks; the last cell also trains the clean replica (no best epoch)
     cells += [{**cells[-1], "without": every, "best": {"epoch": 9, "test_accuracy": 0.80}},
               {**{k: v for k, v in cells[-1].items() if k != "best"}, "without": every, "replica_variant": "default",
-               "replica_accuracy": 0.81}]
+               "replica_accuracy": 0.81, "replica_epochs": 20}]
     cells.append({**cells[-1], "clean_settings": ["tau"], "replica_accuracy": 0.83})  # the clean mode's tau
     return {"cells": cells}
 
@@ -202,6 +203,35 @@ def test_the_papers_budget_decides_the_table_row_and_the_smaller_budgets_stay_be
     assert longer["reference"] == mad["reference"].replace(
         "30 replica epochs, the paper's 100); 10,000", "30 replica epochs, the paper's 100); with 100 replica epochs: "
         "jb_top3 75.0 (epoch 64; at 30: 71.0); 10,000", 1)
+
+
+def test_a_budgets_row_reads_the_schedule_with_the_most_seeds_and_lists_the_others(replicate):
+    ref = {"dataset": "fashion_mnist", "budget": 50000, "variant": "mad_code", "replica_accuracy": 0.3}
+
+    def cells(epochs, seeds, pct):
+        return [{**ref, "attack": a, "seed": s, "replica_epochs": epochs, "best": {"epoch": 3, "test_accuracy": v}}
+                for s in seeds for a, v in zip(("knockoff", "jbda", "jb_self", "jb_top3"), pct)]
+
+    attacks = attacks_json()
+    attacks["cells"] += cells(30, (0, 1, 2), (0.60, 0.40, 0.44, 0.70)) + cells(100, (0,), (0.62, 0.42, 0.45, 0.72))
+    # a clean cell at another schedule than the clean default (10 epochs at 50,000) is not the clean mode's figure
+    attacks["cells"].insert(0, {**attacks["cells"][1], "replica_epochs": 30, "replica_accuracy": 0.10})
+    result = {"quick": False, "machine": "test", "latency": None, "cells": {}}
+    rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
+    mad = next(r for r in rows if r["id"] == "mad-table1")
+    assert mad["clean"] == "knockoff 52.1, jbda 81.3, jb_self 81.4, jb_top3 83.7"
+    assert mad["reference"].startswith(  # three seeds at 30 epochs outweigh one at 100, listed in one part
+        "the paper's 50,000 queries: knockoff 60.0, jbda 40.0, jb_self 44.0, jb_top3 70.0 (best epoch, mean over "
+        "seeds; 30 replica epochs, the paper's 100); spread: ")
+    assert ("; with 100 replica epochs: knockoff 62.0 (epoch 3; at 30: 60.0), jbda 42.0 (epoch 3; at 30: 40.0), "
+            "jb_self 45.0 (epoch 3; at 30: 44.0), jb_top3 72.0 (epoch 3; at 30: 70.0); 10,000") in mad["reference"]
+
+    attacks["cells"] += cells(100, (1, 2), (0.62, 0.42, 0.45, 0.72))  # as many seeds: the longer schedule decides
+    rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
+    mad = next(r for r in rows if r["id"] == "mad-table1")
+    assert mad["reference"].startswith("the paper's 50,000 queries: knockoff 62.0, jbda 42.0, jb_self 45.0, jb_top3 "
+                                       "72.0 (best epoch, mean over seeds; 100 replica epochs, the paper's 100)")
+    assert "with 30 replica epochs: knockoff 60.0 (epoch 3; at 100: 62.0)," in mad["reference"]
 
 
 def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):

@@ -102,20 +102,20 @@ def default_replica_epochs(budget: int, variant: str = "default") -> int:
 
 def attack_key(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
                without: Iterable[str] = (), replica: str | None = None, clean: Iterable[str] = (),
-               epochs: int | None = None) -> tuple:
+               epochs: int | None = None, pool_size: int | None = None) -> tuple:
     """What identifies a benchmarks/attacks.py cell: dataset, attack, budget, seed, variant, the quirks it turned off,
     the replica's variant where it differs from the attack's (else None), the code's settings left at the clean
-    values, and the replica's epochs (None: :func:`default_replica_epochs`), so that a longer schedule is measured
-    beside a shorter one, not in its place."""
+    values, the replica's epochs (None: :func:`default_replica_epochs`), so that a longer schedule is measured
+    beside a shorter one, not in its place, and Knockoff's pool size (None: the whole pool)."""
     epochs = epochs or default_replica_epochs(budget, replica or variant)
-    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean), epochs)
+    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean), epochs, pool_size)
 
 
 def attack_cell_key(cell: dict) -> tuple:
     """:func:`attack_key` of a measured cell, as benchmarks/attacks.py stores it."""
     return attack_key(cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0),
                       cell.get("variant", "default"), cell.get("without", ()), cell.get("replica_variant"),
-                      cell.get("clean_settings", ()), cell.get("replica_epochs"))
+                      cell.get("clean_settings", ()), cell.get("replica_epochs"), cell.get("pool_size"))
 
 
 def same_entry(variant: str = "default", without: Iterable[str] = ()) -> str:

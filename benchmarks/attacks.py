@@ -4,7 +4,7 @@
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
                                  [--without QUIRK ...] [--replica default|mad_code] [--clean-settings NAME ...]
                                  [--seeds 0 1 2]
-                                 [--replica-epochs N]
+                                 [--replica-epochs N] [--pool-sizes N ...]
                                  [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
@@ -29,11 +29,12 @@ skipped), ``--replica default`` trains the reference mode's transfer set with th
 settings instead of the code's: the ablation, rows of their own in the reference table. ``--seeds`` measures each
 cell at several seeds (victim, attack and replica); the tables show seed 0, and a spread table gives the mean,
 standard deviation and range of every cell measured at more than one seed.
-Knockoff's pool is the one above (the paper's EMNIST is not available here).
+Knockoff's pool is the one above (the paper's EMNIST is not available here); ``--pool-sizes 1000 2500`` measures
+Knockoff with only that many distinct pool images (``pool_size``; the pool study), rows of their own.
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again). A
-cell is its dataset, attack, budget, seed, mode and replica epochs: ``--replica-epochs 100`` measures the code's full
-schedule beside the 30-epoch cells, not in their place.
+cell is its dataset, attack, budget, seed, mode, replica epochs and pool size: ``--replica-epochs 100`` measures the
+code's full schedule beside the 30-epoch cells, not in their place.
 """
 
 from __future__ import annotations
@@ -67,16 +68,18 @@ SETTINGS = tuple(k.split(".", 1)[1] for k in MAD_CODE if k != "jacobian.variant"
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
              epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
-             clean: tuple[str, ...] = ()) -> dict:
+             clean: tuple[str, ...] = (), pool_size: int | None = None) -> dict:
     """One cell; ``replica`` is the replica's variant (default: ``variant``'s); ``clean``: the reference mode's
-    settings (``SETTINGS``) left at the clean mode's value."""
+    settings (``SETTINGS``) left at the clean mode's value; ``pool_size``: Knockoff's distinct pool images (None: the
+    whole pool)."""
     from actors.replica import keep_best, score, train_replica
 
     scenario, aid, pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
     own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
            **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code" else {}),
-           **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {})}
+           **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {}),
+           **({"pool_size": pool_size} if pool_size else {})}
     replica = replica or variant
     epochs = epochs or default_replica_epochs(budget, replica)
     cfg = config.load(scenario, [
@@ -110,7 +113,8 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
     return {"dataset": dataset, "attack": attack, "budget": budget, "seed": seed, "variant": variant,
             **({"without": list(without)} if without else {}),
             **({"replica_variant": replica} if replica != variant else {}),
-            **({"clean_settings": list(clean)} if clean else {}), "queries": int(len(x)),
+            **({"clean_settings": list(clean)} if clean else {}), **({"pool_size": pool_size} if pool_size else {}),
+            "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
             "fidelity": round(fidelity(pred, victim_pred), 4), "replica_epochs": att.replica.epochs,
@@ -131,8 +135,13 @@ def best_text(c: dict) -> str:
     return f"{100 * b['test_accuracy']:.1f} ({b['epoch']})" if b else "– (the clean replica keeps its last)"
 
 
+def pool_text(c: dict) -> str:
+    return f"pool of {c['pool_size']:,} images" if c.get("pool_size") else ""
+
+
 def mode(c: dict) -> str:
-    return c.get("variant", "default") + (f" without {turned_off(c)}" if turned_off(c) else "")
+    return (c.get("variant", "default") + (f" without {turned_off(c)}" if turned_off(c) else "")
+            + (f", {pool_text(c)}" if pool_text(c) else ""))
 
 
 def spread_table(cells: list[dict]) -> list[str]:
@@ -158,8 +167,8 @@ def table(cells: list[dict]) -> str:
     spread = spread_table(cells)
     cells = [c for c in cells if c.get("seed", 0) == 0]
     default = [c for c in cells if c.get("variant", "default") == "default"]
-    longer = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"])]
-    default = [c for c in default if c not in longer]  # the tables show the default schedule; the others below
+    longer = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"]) or c.get("pool_size")]
+    default = [c for c in default if c not in longer]  # the tables show the default settings; the others below
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
@@ -182,19 +191,21 @@ def table(cells: list[dict]) -> str:
             lines.append(f"| {attack} | " + " | ".join(vals + extra) + " |")
         lines.append("")
     if longer:
-        lines += ["Clean mode at other replica schedules than the default: "
-                  + "; ".join(f"{c['dataset']} {c['attack']} {c['budget']:,} queries, {c['replica_epochs']} epochs: "
+        lines += ["Clean mode at other settings than the default: "
+                  + "; ".join(f"{c['dataset']} {c['attack']} {c['budget']:,} queries, {c['replica_epochs']} epochs"
+                              f"{', ' + pool_text(c) if pool_text(c) else ''}: "
                               f"{100 * c['replica_accuracy']:.1f} / {100 * c['fidelity']:.1f}" for c in longer), ""]
     if reference:
         lines += ["**Reference mode** (`--variant mad_code`: the MAD authors' code, docs/attacks.md): replica accuracy "
                   "%, last epoch / best epoch (the code keeps the best)", "",
-                  "| dataset | attack | quirks turned off | queries | distinct images in the transfer set | "
-                  "replica epochs | last | best (epoch) | MAD paper, 50k |",
+                  "| dataset | attack | quirks turned off; other changes | queries | "
+                  "distinct images in the transfer set | replica epochs | last | best (epoch) | MAD paper, 50k |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in reference:
             paper = f"{PAPER[c['attack']]:.1f}" if c["dataset"] == "fashion_mnist" and c["attack"] in PAPER else "–"
             distinct = c.get("stats", {}).get("distinct_images")
-            lines.append(f"| {c['dataset']} | {c['attack']} | {turned_off(c) or 'none'} | "
+            changed = "; ".join(t for t in (turned_off(c), pool_text(c)) if t)
+            lines.append(f"| {c['dataset']} | {c['attack']} | {changed or 'none'} | "
                          f"{c['budget']:,} | "
                          f"{'–' if distinct is None else format(distinct, ',')} | {c['replica_epochs']} | "
                          f"{100 * c['replica_accuracy']:.1f} | {best_text(c)} | {paper} |")
@@ -218,6 +229,8 @@ def main() -> None:
                     help="with --variant mad_code: these settings at the clean mode's value, not the code's")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
+    ap.add_argument("--pool-sizes", nargs="+", type=int, default=[None],
+                    help="Knockoff only: distinct pool images, one cell per size (default: the whole pool)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
@@ -227,6 +240,10 @@ def main() -> None:
     if args.replica == "mad_code" and args.variant != "mad_code":
         ap.error("--replica mad_code: expected it with --variant mad_code (the clean attacks with the code's replica "
                  "are not a mode of this benchmark)")
+    if args.pool_sizes != [None] and set(args.attacks) != {"knockoff"}:
+        ap.error(f"--pool-sizes applies to Knockoff's pool; expected --attacks knockoff, got {' '.join(args.attacks)}")
+    if any(n is not None and n < 1 for n in args.pool_sizes):
+        ap.error(f"--pool-sizes {' '.join(map(str, args.pool_sizes))}: expected positive integers")
     without, clean = tuple(args.without), tuple(args.clean_settings)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -239,24 +256,25 @@ def main() -> None:
     skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
-    def chosen(dataset: str, attack: str, budget: int, seed: int) -> tuple:  # the key of a cell this run measures
-        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean,
-                          args.replica_epochs)
+    def chosen(dataset: str, attack: str, budget: int, seed: int, pool: int | None) -> tuple:  # a cell this run
+        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean,  # measures
+                          args.replica_epochs, pool)
 
     done = set() if args.fresh else {attack_cell_key(c) for c in cells}
-    todo = [(d, a, b, s) for s in args.seeds for b in sorted(args.budgets) for d in args.datasets  # small budgets
-            for a in args.attacks if a not in skipped and chosen(d, a, b, s) not in done]  # first
-    for i, (dataset, attack, budget, seed) in enumerate(todo, 1):
+    todo = [(d, a, b, s, p) for s in args.seeds for b in sorted(args.budgets) for p in args.pool_sizes  # small
+            for d in args.datasets for a in args.attacks  # budgets first
+            if a not in skipped and chosen(d, a, b, s, p) not in done]
+    for i, (dataset, attack, budget, seed, pool) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
               f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}"
-              f"{', clean ' + ', '.join(clean) if clean else ''}) ...",
+              f"{', clean ' + ', '.join(clean) if clean else ''}{f', pool of {pool:,} images' if pool else ''}) ...",
               flush=True)
         cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
-                        without=without, replica=replica, clean=clean)
+                        without=without, replica=replica, clean=clean, pool_size=pool)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed)]
+            cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed, pool)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

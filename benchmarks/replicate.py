@@ -145,20 +145,21 @@ TRADEOFF = {"tradeoff 10k": Cell("mad_tradeoff_10k", [], ["single"], sweep=True)
 
 def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,), variant: str = "default",
                  without: tuple[str, ...] = (), replica: str | None = None, clean: tuple[str, ...] = (),
-                 epochs: int | None = None) -> Other:
+                 epochs: int | None = None, pool_sizes: tuple[int | None, ...] = (None,)) -> Other:
     """Fashion-MNIST cells of benchmarks/attacks.py (an attack whose code lacks a quirk of ``without`` is skipped
-    there, and so here)."""
+    there, and so here); ``pool_sizes``: Knockoff's distinct pool images (None: the whole pool)."""
     args = ["--datasets", "fashion_mnist", "--attacks", *attacks, "--budgets", str(budget),
             "--seeds", *map(str, seeds), *(["--variant", variant] if variant != "default" else []),
             *(["--without", *without] if without else []), *(["--replica", replica] if replica else []),
-            *(["--clean-settings", *clean] if clean else []), *(["--replica-epochs", str(epochs)] if epochs else [])]
+            *(["--clean-settings", *clean] if clean else []), *(["--replica-epochs", str(epochs)] if epochs else []),
+            *(["--pool-sizes", *map(str, pool_sizes)] if pool_sizes != (None,) else [])]
 
     def measured(elsewhere: dict) -> bool:
         from actors.attacks.jacobian_mad_code import APPLIES
 
         have = {attack_cell_key(c) for c in elsewhere.get("attacks", {}).get("cells", [])}
-        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean, epochs) in have
-                   for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds)
+        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean, epochs, p) in have
+                   for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds for p in pool_sizes)
 
     return Other("attacks.py", args, measured, ["--fresh"])
 
@@ -177,6 +178,7 @@ EVERY = {"jbda": ("train_seeds", "normalised_step", "normalised_clamp", "away_fr
                   "fresh_substitute")}  # every quirk of the code's JBDA; JB-self's adds self_query
 EVERY["jb_self"] = (*EVERY["jbda"], "self_query")
 REFERENCE = dict(variant="mad_code", epochs=30)  # the reference cells' replica: 30 epochs (the code's 100: a day)
+POOL_SIZES = (1000, 2500, 5000)  # Knockoff's distinct pool images in the pool study (the whole pool: 6,797)
 TABLE1_CELLS = [
     attack_cells(TABLE1, 50000), attack_cells(TABLE1, 10000, (0, 1, 2)),  # the clean mode
     attack_cells(TABLE1, 10000, (0, 1, 2), **REFERENCE), attack_cells(TABLE1, 50000, **REFERENCE),
@@ -184,6 +186,7 @@ TABLE1_CELLS = [
     attack_cells(["knockoff"], 50000, (3, 4), **REFERENCE),  # and Knockoff, which spreads most, at five
     attack_cells(["jb_top3", "knockoff"], 50000, variant="mad_code", epochs=100),  # the code's whole schedule, where
     # the best epoch came after the first few of the 30 (JBDA's and JB-self's comes in the first three)
+    attack_cells(["knockoff"], 50000, (0, 1, 2), pool_sizes=POOL_SIZES, **REFERENCE),  # Knockoff's pool, smaller
     # the ablation, seed 0 at 10,000 queries: quirks turned off, then the clean replica, then the clean settings
     *[attack_cells(["jbda", "jb_self"], 10000, without=w, **REFERENCE)
       for w in (("normalised_clamp",), ("aliasing",), ("normalised_clamp", "aliasing"),
@@ -508,8 +511,10 @@ POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread 
 
 def whole_mode(cell: dict) -> bool:
     """Whether an attacks.json cell measured its variant whole: no quirk turned off, no other variant's replica,
-    none of the code's settings left at the clean mode's value (else it is one of the ablation's cells)."""
-    return not (cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
+    none of the code's settings left at the clean mode's value (else it is one of the ablation's cells), and
+    Knockoff's whole pool (else it is one of the pool study's)."""
+    return not (cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings")
+                or cell.get("pool_size"))
 
 
 def fashion_cells(cells: list[dict], budget: int, variant: str, epochs: int | None = None) -> dict[str, list[float]]:
@@ -614,13 +619,39 @@ def judge_mad_table(c):
         if verdict is None:  # the largest budget decides
             verdict = "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold"
     ablation = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                and not whole_mode(x) and x.get("seed", 0) == 0 and table_schedule(x)]
+                and not whole_mode(x) and not x.get("pool_size") and x.get("seed", 0) == 0 and table_schedule(x)]
     if ablation:
         budget = max(x["budget"] for x in ablation)
         whys.append(f"with quirks turned off (seed 0, {budget:,} queries; best epoch, the last where the clean replica "
                     f"trained): {ablation_text([x for x in ablation if x['budget'] == budget])}")
+    whys += pool_study(cells)
     return Finding(text, verdict, f"clean: {len(close)} of 4 within {POINTS:g} points; " + "; ".join(whys),
                    reference="; ".join(blocks))
+
+
+def pool_study(cells: list[dict]) -> list[str]:
+    """Knockoff's reference replica with fewer distinct pool images, beside the whole pool at the same seeds, budget
+    and schedule (REFERENCE's): ["knockoff with fewer distinct pool images (…): 1,000 X, …, the whole pool W"], or []
+    before any is measured. Each figure is the mean over the seeds every size has."""
+    ref = [x for x in cells if x["dataset"] == "fashion_mnist" and x["attack"] == "knockoff"
+           and x.get("variant") == "mad_code" and x["replica_epochs"] == REFERENCE["epochs"]
+           and not (x.get("without") or x.get("replica_variant") or x.get("clean_settings"))]
+    sized = [x for x in ref if x.get("pool_size")]
+    if not sized:
+        return []
+    budget = max(x["budget"] for x in sized)
+    per: dict[int | None, dict[int, float]] = {}
+    for x in ref:
+        if x["budget"] == budget:
+            per.setdefault(x.get("pool_size"), {})[x.get("seed", 0)] = replica_pct(x)
+    seeds = sorted(set.intersection(*(set(v) for v in per.values())))
+    if not seeds:
+        return []
+    sizes = sorted((n for n in per if n), key=int) + ([None] if None in per else [])
+    parts = [f"{'the whole pool' if n is None else format(n, ',')} "
+             f"{statistics.mean(per[n][s] for s in seeds):.1f}" for n in sizes]
+    return [f"knockoff with fewer distinct pool images ({budget:,} queries, best epoch, mean over seed"
+            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {', '.join(parts)}"]
 
 
 def judge_same_table(c):

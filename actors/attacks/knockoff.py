@@ -190,6 +190,9 @@ class KnockoffNets(Attack):
     params = {
         "pool": Param("digits", str, help="natural query pool: a dataset, or several of one image shape joined by "
                                           "'+' (their train and test images together)"),
+        "pool_size": Param(None, int, low=1, help="distinct pool images the attacker holds: a random subset of the "
+                                                  "pool (nested: a smaller size keeps a prefix of a larger one's); "
+                                                  "unset: the whole pool"),
         "strategy": Param("random", str, choices=("random", "adaptive"),
                           help="random sampling, or the gradient bandit over the pool's classes"),
         "sample_with_replacement": Param(False, bool, help="draw pool images with replacement, so the budget may "
@@ -217,12 +220,18 @@ class KnockoffNets(Attack):
         bandit over its own shard)."""
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         pool, labels = data.load_pool(v["pool"], ctx.data_root, ctx.download, ctx.image_size)
-        budget = sum(ctx.budgets)
+        if v["pool_size"] is not None:
+            if v["pool_size"] > len(pool):
+                raise ConfigError(f"{ctx.owner}.pool_size={v['pool_size']} exceeds the {len(pool)} images of pool "
+                                  f"{v['pool']!r}; expected at most {len(pool)}")
+            keep = np.random.default_rng(ctx.seed("pool_size")).permutation(len(pool))[:v["pool_size"]]
+            pool, labels = pool[keep], labels[keep]
+        budget, name = sum(ctx.budgets), repr(v["pool"]) + (f" (pool_size={v['pool_size']})" if v["pool_size"] else "")
         if pool.shape[1:] != ds.x_train.shape[1:]:
             raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} has images of shape {pool.shape[1:]}, but the "
                               f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
         if budget > len(pool) and not v["sample_with_replacement"]:
-            raise ConfigError(f"{ctx.owner}.budget={budget} exceeds the {len(pool)} images of pool {v['pool']!r} "
+            raise ConfigError(f"{ctx.owner}.budget={budget} exceeds the {len(pool)} images of pool {name} "
                               f"(Knockoff samples without replacement); expected at most {len(pool)}, or "
                               f"{ctx.owner}.sample_with_replacement=true")
         if v["strategy"] == "random":
@@ -235,7 +244,7 @@ class KnockoffNets(Attack):
         if v["adaptive.arms"] == "clusters":
             if v["adaptive.clusters"] > len(pool):
                 raise ConfigError(f"{ctx.owner}.adaptive.clusters={v['adaptive.clusters']} exceeds the {len(pool)} "
-                                  f"images of pool {v['pool']!r}; expected at most {len(pool)}")
+                                  f"images of pool {name}; expected at most {len(pool)}")
             labels = coarse_groups(pool, v["adaptive.clusters"], ctx.seed("groups"))
         order = np.random.default_rng(ctx.seed("pool")).permutation(len(pool))
         shards = [order[i::actors] for i in range(actors)]

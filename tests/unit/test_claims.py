@@ -234,6 +234,36 @@ def test_a_budgets_row_reads_the_schedule_with_the_most_seeds_and_lists_the_othe
     assert "with 30 replica epochs: knockoff 60.0 (epoch 3; at 100: 62.0)," in mad["reference"]
 
 
+def test_knockoffs_pool_study_is_reported_beside_the_whole_pool_and_stays_out_of_the_row(replicate):
+    ref = {"dataset": "fashion_mnist", "attack": "knockoff", "budget": 50000, "variant": "mad_code",
+           "replica_accuracy": 0.3, "replica_epochs": 30}
+
+    def cell(seed, pct, pool=None):
+        sized = {"pool_size": pool} if pool else {}
+        return {**ref, "seed": seed, "best": {"epoch": 9, "test_accuracy": pct}, **sized}
+
+    attacks = attacks_json()
+    attacks["cells"] += [cell(s, v) for s, v in ((0, 0.60), (1, 0.50), (2, 0.40))]  # the whole pool: 55.0 at 0, 1
+    attacks["cells"] += [{**cell(0, 0.70), "attack": a} for a in ("jbda", "jb_self", "jb_top3")]
+    result = {"quick": False, "machine": "test", "latency": None, "cells": {}}
+    rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
+    before = next(r for r in rows if r["id"] == "mad-table1")
+    assert "pool" not in before["why"]
+    attacks["cells"] += [cell(0, 0.20, 1000), cell(1, 0.30, 1000), cell(0, 0.44, 5000), cell(1, 0.46, 5000),
+                         cell(2, 0.9, 1000)]  # seed 2 lacks the 5,000 size: every figure is over seeds 0 and 1
+    attacks["cells"].append({**cell(0, 0.99, 1000), "replica_epochs": 100})  # another schedule: not the study's
+    rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
+    mad = next(r for r in rows if r["id"] == "mad-table1")
+    assert mad["reference"] == before["reference"]  # the row reads the whole pool only
+    assert mad["why"] == before["why"] + ("; knockoff with fewer distinct pool images (50,000 queries, best epoch, "
+                                          "mean over seeds 0, 1): 1,000 25.0, 5,000 45.0, the whole pool 55.0")
+    have = {"attacks": {"cells": attacks["cells"]}}
+    assert replicate.attack_cells(["knockoff"], 50000, (0, 1), pool_sizes=(1000, 5000), **replicate.REFERENCE
+                                  ).measured(have)
+    study = replicate.attack_cells(["knockoff"], 50000, (0, 1, 2), pool_sizes=(1000, 5000), **replicate.REFERENCE)
+    assert not study.measured(have) and study.args[-3:] == ["--pool-sizes", "1000", "5000"]
+
+
 def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
     attacks = {"cells": [c for c in attacks_json()["cells"] if "variant" not in c]}
     rows, _ = replicate.report({"quick": True, "machine": "test", "cells": {}},
@@ -389,3 +419,23 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
     ran.clear()
     replicate.measure_others([claim], quick=True, fresh=False)  # hours of work: never with --quick
     assert ran == []
+
+
+def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool():
+    spec = importlib.util.spec_from_file_location("attacks_bench", ROOT / "benchmarks" / "attacks.py")
+    attacks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(attacks)
+    base = {"dataset": "fashion_mnist", "attack": "knockoff", "budget": 50000, "variant": "mad_code",
+            "victim_accuracy": 0.909, "replica_accuracy": 0.5, "fidelity": 0.52, "replica_epochs": 30}
+    cells = [{**base, "seed": s, "best": {"epoch": 9, "test_accuracy": v}} for s, v in ((0, 0.6), (1, 0.5))]
+    cells += [{**base, "seed": s, "pool_size": 1000, "best": {"epoch": 4, "test_accuracy": v}}
+              for s, v in ((0, 0.3), (1, 0.2))]
+    cells.append({**base, "variant": "default", "seed": 0, "pool_size": 1000, "replica_epochs": 10})
+    text = attacks.table(cells)
+    assert "| fashion_mnist | knockoff | pool of 1,000 images | 50,000 | – | 30 | 50.0 | 30.0 (4) | 69.2 |" in text
+    assert "| fashion_mnist | knockoff | none | 50,000 | – | 30 | 50.0 | 60.0 (9) | 69.2 |" in text
+    assert "| knockoff | mad_code | 50,000 | 30 | 0, 1 | 55.0 ± 7.1 (50.0–60.0) |" in text  # the whole pool's spread
+    assert "| knockoff | mad_code, pool of 1,000 images | 50,000 | 30 | 0, 1 | 25.0 ± 7.1 (20.0–30.0) |" in text
+    assert ("Clean mode at other settings than the default: fashion_mnist knockoff 50,000 queries, 10 epochs, pool "
+            "of 1,000 images: 50.0 / 52.0") in text  # not in the clean table, which has no other cell
+    assert "**fashion_mnist**" not in text

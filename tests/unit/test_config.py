@@ -240,6 +240,31 @@ def test_more_coarse_groups_than_pool_images_is_a_one_line_error():
         make_plan(cfg, data.load("mnist5k"))
 
 
+def test_knockoff_pool_size_holds_a_nested_random_subset_of_the_pool():
+    from sim import data
+    from sim.plan import make_plan
+
+    def held(n: int, seed: int = 0) -> set[bytes]:  # the images of one actor that queries its whole pool once
+        cfg = config.load("single_knockoff", [f"seed={seed}", f"attackers.single.pool_size={n}",
+                                              f"attackers.single.budget={n}", "benign.users=0"])
+        (client,) = make_plan(cfg, data.load("mnist5k")).of(attacker="single")
+        return {img.tobytes() for img in client.source.images}
+
+    pool = {img.tobytes() for img in data.load_pool("digits")[0]}
+    small, large = held(100), held(400)
+    assert len(small) == 100 and len(large) == 400 and small < large < pool  # a smaller size keeps a prefix
+    assert held(100, seed=1) != small  # the subset follows the seed
+    cfg = config.load("single_knockoff", ["attackers.single.pool_size=5000"])
+    with pytest.raises(ConfigError, match="attackers.single.pool_size=5000 exceeds the 1797 images of pool 'digits'; "
+                                          "expected at most 1797"):
+        make_plan(cfg, data.load("mnist5k"))
+    cfg = config.load("single_knockoff", ["attackers.single.pool_size=1000", "attackers.single.budget=1500"])
+    with pytest.raises(ConfigError, match=r"budget=1500 exceeds the 1000 images of pool 'digits' \(pool_size=1000\)"):
+        make_plan(cfg, data.load("mnist5k"))
+    with pytest.raises(ConfigError, match="attackers.single.pool_size must be an integer >= 1"):
+        config.load("single_knockoff", ["attackers.single.pool_size=0"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("detectors.same.mask_ratio=1", r"detectors.same.mask_ratio must be a number in \(0, 1\), got 1"),
     ("detectors.msp.target_fpr=0", r"detectors.msp.target_fpr must be a number in \(0, 1\) \(or null\), got 0"),

@@ -50,7 +50,7 @@ import torch
 
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
-from sim import config, registry, zoo
+from sim import config, data, registry, zoo
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
 
@@ -173,7 +173,7 @@ def table(cells: list[dict]) -> str:
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
                                   c.get("without", []), c.get("replica_variant", ""), c.get("clean_settings", []),
-                                  c["replica_epochs"]))
+                                  c["replica_epochs"], c.get("pool_size") or 0))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -242,8 +242,14 @@ def main() -> None:
                  "are not a mode of this benchmark)")
     if args.pool_sizes != [None] and set(args.attacks) != {"knockoff"}:
         ap.error(f"--pool-sizes applies to Knockoff's pool; expected --attacks knockoff, got {' '.join(args.attacks)}")
-    if any(n is not None and n < 1 for n in args.pool_sizes):
-        ap.error(f"--pool-sizes {' '.join(map(str, args.pool_sizes))}: expected positive integers")
+    for d in args.datasets if args.pool_sizes != [None] else []:
+        whole = len(data.load_pool(SCENARIO[d][2])[0])
+        bad = [n for n in args.pool_sizes if not 1 <= n <= whole]
+        if bad:
+            ap.error(f"--pool-sizes {' '.join(map(str, bad))}: {d}'s Knockoff pool {SCENARIO[d][2]!r} has {whole:,} "
+                     f"images; expected sizes from 1 to {whole}")
+    args.seeds, args.budgets, args.pool_sizes = (list(dict.fromkeys(v))  # a value given twice is one cell
+                                                 for v in (args.seeds, args.budgets, args.pool_sizes))
     without, clean = tuple(args.without), tuple(args.clean_settings)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

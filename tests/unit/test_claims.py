@@ -421,10 +421,15 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
     assert ran == []
 
 
-def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool():
+@pytest.fixture(scope="module")
+def attacks():
     spec = importlib.util.spec_from_file_location("attacks_bench", ROOT / "benchmarks" / "attacks.py")
-    attacks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(attacks)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool(attacks):
     base = {"dataset": "fashion_mnist", "attack": "knockoff", "budget": 50000, "variant": "mad_code",
             "victim_accuracy": 0.909, "replica_accuracy": 0.5, "fidelity": 0.52, "replica_epochs": 30}
     cells = [{**base, "seed": s, "best": {"epoch": 9, "test_accuracy": v}} for s, v in ((0, 0.6), (1, 0.5))]
@@ -439,3 +444,18 @@ def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool():
     assert ("Clean mode at other settings than the default: fashion_mnist knockoff 50,000 queries, 10 epochs, pool "
             "of 1,000 images: 50.0 / 52.0") in text  # not in the clean table, which has no other cell
     assert "**fashion_mnist**" not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "jbda", "--pool-sizes", "1000"], "--pool-sizes applies to Knockoff's pool; expected --attacks "
+                                                    "knockoff, got jbda"),
+    (["--attacks", "knockoff", "--datasets", "mnist5k", "--pool-sizes", "1000", "2500"],
+     "--pool-sizes 2500: mnist5k's Knockoff pool 'digits' has 1,797 images; expected sizes from 1 to 1797"),
+])
+def test_the_attacks_benchmark_refuses_a_pool_study_it_cannot_measure_before_measuring(attacks, args, message,
+                                                                                        tmp_path, monkeypatch, capsys):
+    out = tmp_path / "attacks.json"
+    monkeypatch.setattr(sys, "argv", ["attacks.py", *args, "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        attacks.main()
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(message) and not out.exists()

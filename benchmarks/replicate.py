@@ -630,9 +630,9 @@ def judge_mad_table(c):
 
 
 def pool_study(cells: list[dict]) -> list[str]:
-    """Knockoff's reference replica with fewer distinct pool images, beside the whole pool at the same seeds, budget
-    and schedule (REFERENCE's): ["knockoff with fewer distinct pool images (…): 1,000 X, …, the whole pool W"], or []
-    before any is measured. Each figure is the mean over the seeds every size has."""
+    """Knockoff's reference replica with fewer distinct pool images (REFERENCE's schedule, the largest budget
+    studied), each size against the whole pool at the seeds both have: ["knockoff with fewer distinct pool images
+    (…): 1,000 images X vs W (seeds …; difference D ± SD), …"], or [] before any pair is measured."""
     ref = [x for x in cells if x["dataset"] == "fashion_mnist" and x["attack"] == "knockoff"
            and x.get("variant") == "mad_code" and x["replica_epochs"] == REFERENCE["epochs"]
            and not (x.get("without") or x.get("replica_variant") or x.get("clean_settings"))]
@@ -644,14 +644,18 @@ def pool_study(cells: list[dict]) -> list[str]:
     for x in ref:
         if x["budget"] == budget:
             per.setdefault(x.get("pool_size"), {})[x.get("seed", 0)] = replica_pct(x)
-    seeds = sorted(set.intersection(*(set(v) for v in per.values())))
-    if not seeds:
-        return []
-    sizes = sorted((n for n in per if n), key=int) + ([None] if None in per else [])
-    parts = [f"{'the whole pool' if n is None else format(n, ',')} "
-             f"{statistics.mean(per[n][s] for s in seeds):.1f}" for n in sizes]
-    return [f"knockoff with fewer distinct pool images ({budget:,} queries, best epoch, mean over seed"
-            f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): {', '.join(parts)}"]
+    parts = []
+    for n in sorted(k for k in per if k):
+        seeds = sorted(set(per[n]) & set(per.get(None, {})))
+        if not seeds:
+            continue
+        diff = [per[n][s] - per[None][s] for s in seeds]
+        sd = f" ± {statistics.stdev(diff):.1f}" if len(diff) > 1 else ""
+        parts.append(f"{n:,} images {statistics.mean(per[n][s] for s in seeds):.1f} vs "
+                     f"{statistics.mean(per[None][s] for s in seeds):.1f} (seed{'s' if len(seeds) > 1 else ''} "
+                     f"{', '.join(map(str, seeds))}; difference {statistics.mean(diff):+.1f}{sd})")
+    return [f"knockoff with fewer distinct pool images ({budget:,} queries, best epoch), each against the whole pool "
+            f"at the same seeds: {', '.join(parts)}"] if parts else []
 
 
 def judge_same_table(c):

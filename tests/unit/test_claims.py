@@ -250,13 +250,15 @@ def test_knockoffs_pool_study_is_reported_beside_the_whole_pool_and_stays_out_of
     before = next(r for r in rows if r["id"] == "mad-table1")
     assert "pool" not in before["why"]
     attacks["cells"] += [cell(0, 0.20, 1000), cell(1, 0.30, 1000), cell(0, 0.44, 5000), cell(1, 0.46, 5000),
-                         cell(2, 0.9, 1000)]  # seed 2 lacks the 5,000 size: every figure is over seeds 0 and 1
+                         cell(2, 0.9, 1000)]  # each size beside the whole pool at the seeds both have
     attacks["cells"].append({**cell(0, 0.99, 1000), "replica_epochs": 100})  # another schedule: not the study's
     rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
     mad = next(r for r in rows if r["id"] == "mad-table1")
     assert mad["reference"] == before["reference"]  # the row reads the whole pool only
-    assert mad["why"] == before["why"] + ("; knockoff with fewer distinct pool images (50,000 queries, best epoch, "
-                                          "mean over seeds 0, 1): 1,000 25.0, 5,000 45.0, the whole pool 55.0")
+    assert mad["why"] == before["why"] + (
+        "; knockoff with fewer distinct pool images (50,000 queries, best epoch), each against the whole pool at the "
+        "same seeds: 1,000 images 46.7 vs 50.0 (seeds 0, 1, 2; difference -3.3 ± 47.3), 5,000 images 45.0 vs 55.0 "
+        "(seeds 0, 1; difference -10.0 ± 8.5)")
     have = {"attacks": {"cells": attacks["cells"]}}
     assert replicate.attack_cells(["knockoff"], 50000, (0, 1), pool_sizes=(1000, 5000), **replicate.REFERENCE
                                   ).measured(have)

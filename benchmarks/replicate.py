@@ -510,12 +510,16 @@ PAPER_SAME = {"knockoff": 99.37, "jbda": 93.30, "dfme": 100.00}  # Table 1, MNIS
 POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread over seeds is 1 to 3 points)
 
 
+def ablated(cell: dict) -> bool:
+    """Whether an attacks.json cell is one of the ablation's: a quirk turned off, another variant's replica, or one
+    of the code's settings left at the clean mode's value."""
+    return bool(cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
+
+
 def whole_mode(cell: dict) -> bool:
-    """Whether an attacks.json cell measured its variant whole: no quirk turned off, no other variant's replica,
-    none of the code's settings left at the clean mode's value (else it is one of the ablation's cells), and
-    Knockoff's whole pool (else it is one of the pool study's)."""
-    return not (cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings")
-                or cell.get("pool_size"))
+    """Whether an attacks.json cell measured its variant whole: not ablated, and with Knockoff's whole pool (else it
+    is one of the pool study's)."""
+    return not (ablated(cell) or cell.get("pool_size"))
 
 
 def fashion_cells(cells: list[dict], budget: int, variant: str, epochs: int | None = None) -> dict[str, list[float]]:
@@ -620,7 +624,7 @@ def judge_mad_table(c):
         if verdict is None:  # the largest budget decides
             verdict = "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold"
     ablation = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                and not whole_mode(x) and not x.get("pool_size") and x.get("seed", 0) == 0 and table_schedule(x)]
+                and ablated(x) and not x.get("pool_size") and x.get("seed", 0) == 0 and table_schedule(x)]
     if ablation:
         budget = max(x["budget"] for x in ablation)
         whys.append(f"with quirks turned off (seed 0, {budget:,} queries; best epoch, the last where the clean replica "
@@ -636,7 +640,7 @@ def pool_study(cells: list[dict]) -> list[str]:
     (…): 1,000 images X vs W (seeds …; difference D ± SD), …"], or [] before any pair is measured."""
     ref = [x for x in cells if x["dataset"] == "fashion_mnist" and x["attack"] == "knockoff"
            and x.get("variant") == "mad_code" and x["replica_epochs"] == REFERENCE["epochs"]
-           and not (x.get("without") or x.get("replica_variant") or x.get("clean_settings"))]
+           and not ablated(x)]
     sized = [x for x in ref if x.get("pool_size")]
     if not sized:
         return []

@@ -167,8 +167,8 @@ def table(cells: list[dict]) -> str:
     spread = spread_table(cells)
     cells = [c for c in cells if c.get("seed", 0) == 0]
     default = [c for c in cells if c.get("variant", "default") == "default"]
-    longer = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"]) or c.get("pool_size")]
-    default = [c for c in default if c not in longer]  # the tables show the default settings; the others below
+    others = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"]) or c.get("pool_size")]
+    default = [c for c in default if c not in others]  # the tables show the default settings; the others below
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
@@ -190,11 +190,11 @@ def table(cells: list[dict]) -> str:
             extra = [f"{PAPER[attack]:.1f}" if attack in PAPER else "–"] if paper else []
             lines.append(f"| {attack} | " + " | ".join(vals + extra) + " |")
         lines.append("")
-    if longer:
+    if others:
         lines += ["Clean mode at other settings than the default: "
                   + "; ".join(f"{c['dataset']} {c['attack']} {c['budget']:,} queries, {c['replica_epochs']} epochs"
                               f"{', ' + pool_text(c) if pool_text(c) else ''}: "
-                              f"{100 * c['replica_accuracy']:.1f} / {100 * c['fidelity']:.1f}" for c in longer), ""]
+                              f"{100 * c['replica_accuracy']:.1f} / {100 * c['fidelity']:.1f}" for c in others), ""]
     if reference:
         lines += ["**Reference mode** (`--variant mad_code`: the MAD authors' code, docs/attacks.md): replica accuracy "
                   "%, last epoch / best epoch (the code keeps the best)", "",

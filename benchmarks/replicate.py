@@ -639,8 +639,7 @@ def pool_study(cells: list[dict]) -> list[str]:
     studied), each size against the whole pool at the seeds both have: ["knockoff with fewer distinct pool images
     (…): 1,000 images X vs W (seeds …; difference D ± SD), …"], or [] before any pair is measured."""
     ref = [x for x in cells if x["dataset"] == "fashion_mnist" and x["attack"] == "knockoff"
-           and x.get("variant") == "mad_code" and x["replica_epochs"] == REFERENCE["epochs"]
-           and not ablated(x)]
+           and x.get("variant") == "mad_code" and not ablated(x) and table_schedule(x)]
     sized = [x for x in ref if x.get("pool_size")]
     if not sized:
         return []

@@ -102,20 +102,22 @@ def default_replica_epochs(budget: int, variant: str = "default") -> int:
 
 def attack_key(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
                without: Iterable[str] = (), replica: str | None = None, clean: Iterable[str] = (),
-               epochs: int | None = None, pool_size: int | None = None) -> tuple:
+               epochs: int | None = None, pool_size: int | None = None, pool: str | None = None) -> tuple:
     """What identifies a benchmarks/attacks.py cell: dataset, attack, budget, seed, variant, the quirks it turned off,
     the replica's variant where it differs from the attack's (else None), the code's settings left at the clean
     values, the replica's epochs (None: :func:`default_replica_epochs`), so that a longer schedule is measured
-    beside a shorter one, not in its place, and Knockoff's pool size (None: the whole pool)."""
+    beside a shorter one, not in its place, Knockoff's pool size (None: the whole pool) and its pool (None: the
+    benchmark's own for the dataset)."""
     epochs = epochs or default_replica_epochs(budget, replica or variant)
-    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean), epochs, pool_size)
+    return (dataset, attack, budget, seed, variant, tuple(without), replica, tuple(clean), epochs, pool_size, pool)
 
 
 def attack_cell_key(cell: dict) -> tuple:
     """:func:`attack_key` of a measured cell, as benchmarks/attacks.py stores it."""
     return attack_key(cell["dataset"], cell["attack"], cell["budget"], cell.get("seed", 0),
                       cell.get("variant", "default"), cell.get("without", ()), cell.get("replica_variant"),
-                      cell.get("clean_settings", ()), cell.get("replica_epochs"), cell.get("pool_size"))
+                      cell.get("clean_settings", ()), cell.get("replica_epochs"), cell.get("pool_size"),
+                      cell.get("pool"))
 
 
 def same_entry(variant: str = "default", without: Iterable[str] = ()) -> str:

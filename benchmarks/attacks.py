@@ -4,7 +4,7 @@
                                  [--budgets 1000 5000 10000 50000] [--variant default|mad_code]
                                  [--without QUIRK ...] [--replica default|mad_code] [--clean-settings NAME ...]
                                  [--seeds 0 1 2]
-                                 [--replica-epochs N] [--pool-sizes N ...]
+                                 [--replica-epochs N] [--pool-sizes N ...] [--pools SPEC ...]
                                  [--out benchmarks/results/attacks.json]
 
 Each cell is one attacker built exactly as a scenario builds it (``fashion_knockoff`` for ``fashion_mnist``,
@@ -30,11 +30,12 @@ settings instead of the code's: the ablation, rows of their own in the reference
 cell at several seeds (victim, attack and replica); the tables show seed 0, and a spread table gives the mean,
 standard deviation and range of every cell measured at more than one seed.
 Knockoff's pool is the one above (the paper's EMNIST is not available here); ``--pool-sizes 1000 2500`` measures
-Knockoff with only that many distinct pool images (``pool_size``; the pool study), rows of their own.
+Knockoff with only that many distinct pool images (``pool_size``), ``--pools mnist5k+digits+glyphs`` with another
+pool (here with typeset letters added, a stand-in for EMNIST's): the pool study, rows of their own.
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again). A
-cell is its dataset, attack, budget, seed, mode, replica epochs and pool size: ``--replica-epochs 100`` measures the
-code's full schedule beside the 30-epoch cells, not in their place.
+cell is its dataset, attack, budget, seed, mode, replica epochs, pool and pool size: ``--replica-epochs 100``
+measures the code's full schedule beside the 30-epoch cells, not in their place.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import torch
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
+from sim.errors import ConfigError, DataError
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
 
@@ -68,15 +70,15 @@ SETTINGS = tuple(k.split(".", 1)[1] for k in MAD_CODE if k != "jacobian.variant"
 
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
              epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
-             clean: tuple[str, ...] = (), pool_size: int | None = None) -> dict:
+             clean: tuple[str, ...] = (), pool_size: int | None = None, pool: str | None = None) -> dict:
     """One cell; ``replica`` is the replica's variant (default: ``variant``'s); ``clean``: the reference mode's
     settings (``SETTINGS``) left at the clean mode's value; ``pool_size``: Knockoff's distinct pool images (None: the
-    whole pool)."""
+    whole pool); ``pool``: Knockoff's pool (None: ``SCENARIO``'s for the dataset)."""
     from actors.replica import keep_best, score, train_replica
 
-    scenario, aid, pool = SCENARIO[dataset]
+    scenario, aid, own_pool = SCENARIO[dataset]
     declared = registry.get("attack", attack).params
-    own = {"pool": pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
+    own = {"pool": pool or own_pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
            **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code" else {}),
            **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {}),
            **({"pool_size": pool_size} if pool_size else {})}
@@ -114,6 +116,7 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
             **({"without": list(without)} if without else {}),
             **({"replica_variant": replica} if replica != variant else {}),
             **({"clean_settings": list(clean)} if clean else {}), **({"pool_size": pool_size} if pool_size else {}),
+            **({"pool": pool} if pool else {}),
             "queries": int(len(x)),
             "victim_accuracy": round(victim.test_accuracy, 4),
             "replica_accuracy": round(accuracy(pred, ds.y_test[keep]), 4),
@@ -136,7 +139,11 @@ def best_text(c: dict) -> str:
 
 
 def pool_text(c: dict) -> str:
-    return f"pool of {c['pool_size']:,} images" if c.get("pool_size") else ""
+    """The pool study's change to a cell: "pool SPEC", "pool of N images", "pool SPEC, N images of it", or ""."""
+    size = c.get("pool_size") and f"{c['pool_size']:,} images"
+    if c.get("pool"):
+        return f"pool {c['pool']}" + (f", {size} of it" if size else "")
+    return f"pool of {size}" if size else ""
 
 
 def mode(c: dict) -> str:
@@ -167,13 +174,13 @@ def table(cells: list[dict]) -> str:
     spread = spread_table(cells)
     cells = [c for c in cells if c.get("seed", 0) == 0]
     default = [c for c in cells if c.get("variant", "default") == "default"]
-    others = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"]) or c.get("pool_size")]
+    others = [c for c in default if c["replica_epochs"] != default_replica_epochs(c["budget"]) or pool_text(c)]
     default = [c for c in default if c not in others]  # the tables show the default settings; the others below
     reference = [c for c in cells if c.get("variant") == "mad_code"]
     order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in reference))}
     reference.sort(key=lambda c: (c["dataset"], order[c["attack"]], c["budget"], len(c.get("without", [])),
                                   c.get("without", []), c.get("replica_variant", ""), c.get("clean_settings", []),
-                                  c["replica_epochs"], c.get("pool_size") or 0))
+                                  c["replica_epochs"], c.get("pool") or "", c.get("pool_size") or 0))
     lines = []
     for dataset in dict.fromkeys(c["dataset"] for c in default):
         mine = [c for c in default if c["dataset"] == dataset]
@@ -231,6 +238,8 @@ def main() -> None:
     ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
     ap.add_argument("--pool-sizes", nargs="+", type=int, default=[None],
                     help="Knockoff only: distinct pool images, one cell per size (default: the whole pool)")
+    ap.add_argument("--pools", nargs="+", default=[None],
+                    help="Knockoff only: pools (dataset names joined by +), one cell per pool (default: the one above)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
@@ -240,16 +249,21 @@ def main() -> None:
     if args.replica == "mad_code" and args.variant != "mad_code":
         ap.error("--replica mad_code: expected it with --variant mad_code (the clean attacks with the code's replica "
                  "are not a mode of this benchmark)")
-    if args.pool_sizes != [None] and set(args.attacks) != {"knockoff"}:
-        ap.error(f"--pool-sizes applies to Knockoff's pool; expected --attacks knockoff, got {' '.join(args.attacks)}")
-    for d in args.datasets if args.pool_sizes != [None] else []:
-        whole = len(data.load_pool(SCENARIO[d][2])[0])
-        bad = [n for n in args.pool_sizes if not 1 <= n <= whole]
+    for flag, given in (("--pool-sizes", args.pool_sizes), ("--pools", args.pools)):
+        if given != [None] and set(args.attacks) != {"knockoff"}:
+            ap.error(f"{flag} applies to Knockoff's pool; expected --attacks knockoff, got {' '.join(args.attacks)}")
+    args.seeds, args.budgets, args.pool_sizes, args.pools = (list(dict.fromkeys(v))  # a value given twice is one cell
+                                                             for v in (args.seeds, args.budgets, args.pool_sizes,
+                                                                       args.pools))
+    for spec in {p or SCENARIO[d][2] for d in args.datasets for p in args.pools}:  # refused before hours of work
+        try:
+            whole = len(data.load_pool(spec)[0])
+        except (ConfigError, DataError) as exc:
+            ap.error(f"--pools {spec}: {exc}")
+        bad = [n for n in args.pool_sizes if n is not None and not 1 <= n <= whole]
         if bad:
-            ap.error(f"--pool-sizes {' '.join(map(str, bad))}: {d}'s Knockoff pool {SCENARIO[d][2]!r} has {whole:,} "
-                     f"images; expected sizes from 1 to {whole}")
-    args.seeds, args.budgets, args.pool_sizes = (list(dict.fromkeys(v))  # a value given twice is one cell
-                                                 for v in (args.seeds, args.budgets, args.pool_sizes))
+            ap.error(f"--pool-sizes {' '.join(map(str, bad))}: Knockoff's pool {spec!r} has {whole:,} images; "
+                     f"expected sizes from 1 to {whole}")
     without, clean = tuple(args.without), tuple(args.clean_settings)
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -262,25 +276,25 @@ def main() -> None:
     skipped = [a for a in args.attacks if without and set(without) - set(APPLIES.get(a, ()))]
     if skipped:
         print(f"skipped: {', '.join(skipped)} (its code has no quirk {', '.join(without)})")
-    def chosen(dataset: str, attack: str, budget: int, seed: int, pool: int | None) -> tuple:  # a cell this run
-        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean,  # measures
-                          args.replica_epochs, pool)
+    def chosen(dataset: str, attack: str, budget: int, seed: int, size: int | None, pool: str | None) -> tuple:
+        return attack_key(dataset, attack, budget, seed, args.variant, without, replica, clean,  # a cell this run
+                          args.replica_epochs, size, pool)  # measures
 
     done = set() if args.fresh else {attack_cell_key(c) for c in cells}
-    todo = [(d, a, b, s, p) for s in args.seeds for b in sorted(args.budgets) for p in args.pool_sizes  # small
-            for d in args.datasets for a in args.attacks  # budgets first
-            if a not in skipped and chosen(d, a, b, s, p) not in done]
-    for i, (dataset, attack, budget, seed, pool) in enumerate(todo, 1):
+    todo = [(d, a, b, s, n, p) for s in args.seeds for b in sorted(args.budgets) for p in args.pools  # small budgets
+            for n in args.pool_sizes for d in args.datasets for a in args.attacks  # first
+            if a not in skipped and chosen(d, a, b, s, n, p) not in done]
+    for i, (dataset, attack, budget, seed, size, pool) in enumerate(todo, 1):
+        changed = pool_text({"pool_size": size, "pool": pool})
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
               f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}"
-              f"{', clean ' + ', '.join(clean) if clean else ''}{f', pool of {pool:,} images' if pool else ''}) ...",
-              flush=True)
+              f"{', clean ' + ', '.join(clean) if clean else ''}{', ' + changed if changed else ''}) ...", flush=True)
         cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
-                        without=without, replica=replica, clean=clean, pool_size=pool)
+                        without=without, replica=replica, clean=clean, pool_size=size, pool=pool)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "
               f"(attack {cell['attack_seconds']} s, replica {cell['replica_seconds']} s)", flush=True)
         if args.fresh:  # replace the cell measured before, if any
-            cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed, pool)]
+            cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed, size, pool)]
         cells.append(cell)
         with open(args.out, "w") as fh:
             json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -145,20 +145,23 @@ TRADEOFF = {"tradeoff 10k": Cell("mad_tradeoff_10k", [], ["single"], sweep=True)
 
 def attack_cells(attacks: list[str], budget: int, seeds: tuple[int, ...] = (0,), variant: str = "default",
                  without: tuple[str, ...] = (), replica: str | None = None, clean: tuple[str, ...] = (),
-                 epochs: int | None = None, pool_sizes: tuple[int | None, ...] = (None,)) -> Other:
+                 epochs: int | None = None, pool_sizes: tuple[int | None, ...] = (None,),
+                 pool: str | None = None) -> Other:
     """Fashion-MNIST cells of benchmarks/attacks.py (an attack whose code lacks a quirk of ``without`` is skipped
-    there, and so here); ``pool_sizes``: Knockoff's distinct pool images (None: the whole pool)."""
+    there, and so here); ``pool_sizes``: Knockoff's distinct pool images (None: the whole pool); ``pool``: Knockoff's
+    pool (None: the benchmark's own)."""
     args = ["--datasets", "fashion_mnist", "--attacks", *attacks, "--budgets", str(budget),
             "--seeds", *map(str, seeds), *(["--variant", variant] if variant != "default" else []),
             *(["--without", *without] if without else []), *(["--replica", replica] if replica else []),
             *(["--clean-settings", *clean] if clean else []), *(["--replica-epochs", str(epochs)] if epochs else []),
-            *(["--pool-sizes", *map(str, pool_sizes)] if pool_sizes != (None,) else [])]
+            *(["--pool-sizes", *map(str, pool_sizes)] if pool_sizes != (None,) else []),
+            *(["--pools", pool] if pool else [])]
 
     def measured(elsewhere: dict) -> bool:
         from actors.attacks.jacobian_mad_code import APPLIES
 
         have = {attack_cell_key(c) for c in elsewhere.get("attacks", {}).get("cells", [])}
-        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean, epochs, p) in have
+        return all(attack_key("fashion_mnist", a, budget, s, variant, without, replica, clean, epochs, p, pool) in have
                    for a in attacks if set(without) <= set(APPLIES.get(a, ())) for s in seeds for p in pool_sizes)
 
     return Other("attacks.py", args, measured, ["--fresh"])
@@ -179,6 +182,8 @@ EVERY = {"jbda": ("train_seeds", "normalised_step", "normalised_clamp", "away_fr
 EVERY["jb_self"] = (*EVERY["jbda"], "self_query")
 REFERENCE = dict(variant="mad_code", epochs=30)  # the reference cells' replica: 30 epochs (the code's 100: a day)
 POOL_SIZES = (1000, 2500, 5000)  # Knockoff's distinct pool images in the pool study (the whole pool: 6,797)
+LETTERS = "mnist5k+digits+glyphs"  # Knockoff's pool with typeset letters added (17,197 images), a stand-in for EMNIST
+SEEDS5 = (0, 1, 2, 3, 4)
 TABLE1_CELLS = [
     attack_cells(TABLE1, 50000), attack_cells(TABLE1, 10000, (0, 1, 2)),  # the clean mode
     attack_cells(TABLE1, 10000, (0, 1, 2), **REFERENCE),
@@ -186,8 +191,10 @@ TABLE1_CELLS = [
     attack_cells(["knockoff"], 50000, (3, 4), **REFERENCE),  # and Knockoff, which spreads most, at five
     attack_cells(["jb_top3", "knockoff"], 50000, variant="mad_code", epochs=100),  # the code's whole schedule, where
     # the best epoch came after the first few of the 30 (JBDA's and JB-self's comes in the first three)
-    attack_cells(["knockoff"], 50000, (0, 1, 2, 3, 4), pool_sizes=POOL_SIZES, **REFERENCE),  # Knockoff's pool,
-    # smaller, at the five seeds of the whole pool's cells
+    attack_cells(["knockoff"], 50000, SEEDS5, pool_sizes=POOL_SIZES, **REFERENCE),  # Knockoff's pool, smaller,
+    attack_cells(["knockoff"], 50000, SEEDS5, pool=LETTERS, **REFERENCE),  # with letters, and with letters at the
+    attack_cells(["knockoff"], 50000, SEEDS5, pool_sizes=(6797,), pool=LETTERS, **REFERENCE),  # whole pool's size,
+    # each at the five seeds of the whole pool's cells
     # the ablation, seed 0 at 10,000 queries: quirks turned off, then the clean replica, then the clean settings
     *[attack_cells(["jbda", "jb_self"], 10000, without=w, **REFERENCE)
       for w in (("normalised_clamp",), ("aliasing",), ("normalised_clamp", "aliasing"),
@@ -516,10 +523,14 @@ def ablated(cell: dict) -> bool:
     return bool(cell.get("without") or cell.get("replica_variant") or cell.get("clean_settings"))
 
 
+def pool_changed(cell: dict) -> bool:
+    """Whether an attacks.json cell is one of the pool study's: Knockoff with fewer pool images or another pool."""
+    return bool(cell.get("pool_size") or cell.get("pool"))
+
+
 def whole_mode(cell: dict) -> bool:
-    """Whether an attacks.json cell measured its variant whole: not ablated, and with Knockoff's whole pool (else it
-    is one of the pool study's)."""
-    return not (ablated(cell) or cell.get("pool_size"))
+    """Whether an attacks.json cell measured its variant whole: not ablated, and with Knockoff's own whole pool."""
+    return not (ablated(cell) or pool_changed(cell))
 
 
 def fashion_cells(cells: list[dict], budget: int, variant: str, epochs: int | None = None) -> dict[str, list[float]]:
@@ -624,7 +635,7 @@ def judge_mad_table(c):
         if verdict is None:  # the largest budget decides
             verdict = "holds" if len(ref_close) == len(PAPER_MAD) else "does not hold"
     ablation = [x for x in cells if x["dataset"] == "fashion_mnist" and x.get("variant") == "mad_code"
-                and ablated(x) and not x.get("pool_size") and x.get("seed", 0) == 0 and table_schedule(x)]
+                and ablated(x) and not pool_changed(x) and x.get("seed", 0) == 0 and table_schedule(x)]
     if ablation:
         budget = max(x["budget"] for x in ablation)
         whys.append(f"with quirks turned off (seed 0, {budget:,} queries; best epoch, the last where the clean replica "
@@ -635,31 +646,33 @@ def judge_mad_table(c):
 
 
 def pool_study(cells: list[dict]) -> list[str]:
-    """Knockoff's reference replica with fewer distinct pool images (REFERENCE's schedule, the largest budget
-    studied), each size against the whole pool at the seeds both have: ["knockoff with fewer distinct pool images
-    (…): 1,000 images X vs W (seeds …; difference D ± SD), …"], or [] before any pair is measured."""
+    """Knockoff's reference replica with another pool (REFERENCE's schedule, the largest budget studied), each against
+    its own whole pool at the seeds both have: ["knockoff with other pools (…): a random 1,000 of its images X vs W
+    (seeds …; difference D ± SD), …, pool SPEC …, a random N of pool SPEC …"], or [] before any pair is measured."""
     ref = [x for x in cells if x["dataset"] == "fashion_mnist" and x["attack"] == "knockoff"
            and x.get("variant") == "mad_code" and not ablated(x) and table_schedule(x)]
-    sized = [x for x in ref if x.get("pool_size")]
-    if not sized:
+    changed = [x for x in ref if pool_changed(x)]
+    if not changed:
         return []
-    budget = max(x["budget"] for x in sized)
-    per: dict[int | None, dict[int, float]] = {}
+    budget = max(x["budget"] for x in changed)
+    per: dict[tuple, dict[int, float]] = {}
     for x in ref:
         if x["budget"] == budget:
-            per.setdefault(x.get("pool_size"), {})[x.get("seed", 0)] = replica_pct(x)
+            per.setdefault((x.get("pool"), x.get("pool_size")), {})[x.get("seed", 0)] = replica_pct(x)
     parts = []
-    for n in sorted(k for k in per if k):
-        seeds = sorted(set(per[n]) & set(per.get(None, {})))
+    for pool, size in sorted((k for k in per if k != (None, None)), key=lambda k: (k[0] or "", k[1] or 1e9)):
+        whole = per.get((None, None), {})
+        seeds = sorted(set(per[pool, size]) & set(whole))
         if not seeds:
             continue
-        diff = [per[n][s] - per[None][s] for s in seeds]
+        diff = [per[pool, size][s] - whole[s] for s in seeds]
         sd = f" ± {statistics.stdev(diff):.1f}" if len(diff) > 1 else ""
-        parts.append(f"{n:,} images {statistics.mean(per[n][s] for s in seeds):.1f} vs "
-                     f"{statistics.mean(per[None][s] for s in seeds):.1f} (seed{'s' if len(seeds) > 1 else ''} "
+        what = (f"a random {size:,} of " if size else "") + (f"pool {pool}" if pool else "its images")
+        parts.append(f"{what} {statistics.mean(per[pool, size][s] for s in seeds):.1f} vs "
+                     f"{statistics.mean(whole[s] for s in seeds):.1f} (seed{'s' if len(seeds) > 1 else ''} "
                      f"{', '.join(map(str, seeds))}; difference {statistics.mean(diff):+.1f}{sd})")
-    return [f"knockoff with fewer distinct pool images ({budget:,} queries, best epoch), each against the whole pool "
-            f"at the same seeds: {', '.join(parts)}"] if parts else []
+    return [f"knockoff with other pools ({budget:,} queries, best epoch), each against its own whole pool at the "
+            f"same seeds: {', '.join(parts)}"] if parts else []
 
 
 def judge_same_table(c):

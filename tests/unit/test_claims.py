@@ -238,9 +238,9 @@ def test_knockoffs_pool_study_is_reported_beside_the_whole_pool_and_stays_out_of
     ref = {"dataset": "fashion_mnist", "attack": "knockoff", "budget": 50000, "variant": "mad_code",
            "replica_accuracy": 0.3, "replica_epochs": 30}
 
-    def cell(seed, pct, pool=None):
-        sized = {"pool_size": pool} if pool else {}
-        return {**ref, "seed": seed, "best": {"epoch": 9, "test_accuracy": pct}, **sized}
+    def cell(seed, pct, size=None, pool=None):
+        changed = {**({"pool_size": size} if size else {}), **({"pool": pool} if pool else {})}
+        return {**ref, "seed": seed, "best": {"epoch": 9, "test_accuracy": pct}, **changed}
 
     attacks = attacks_json()
     attacks["cells"] += [cell(s, v) for s, v in ((0, 0.60), (1, 0.50), (2, 0.40))]  # the whole pool: 55.0 at 0, 1
@@ -252,18 +252,27 @@ def test_knockoffs_pool_study_is_reported_beside_the_whole_pool_and_stays_out_of
     attacks["cells"] += [cell(0, 0.20, 1000), cell(1, 0.30, 1000), cell(0, 0.44, 5000), cell(1, 0.46, 5000),
                          cell(2, 0.9, 1000)]  # each size beside the whole pool at the seeds both have
     attacks["cells"].append({**cell(0, 0.99, 1000), "replica_epochs": 100})  # another schedule: not the study's
+    letters = "mnist5k+digits+glyphs"
+    attacks["cells"] += [cell(0, 0.64, pool=letters), cell(1, 0.58, pool=letters), cell(0, 0.61, 6797, letters),
+                         cell(3, 0.1, 6797, letters)]  # another pool, whole and at the size of the whole pool
     rows, _ = replicate.report(result, {"attacks": attacks, "detection": detection_json()})
     mad = next(r for r in rows if r["id"] == "mad-table1")
     assert mad["reference"] == before["reference"]  # the row reads the whole pool only
     assert mad["why"] == before["why"] + (
-        "; knockoff with fewer distinct pool images (50,000 queries, best epoch), each against the whole pool at the "
-        "same seeds: 1,000 images 46.7 vs 50.0 (seeds 0, 1, 2; difference -3.3 ± 47.3), 5,000 images 45.0 vs 55.0 "
-        "(seeds 0, 1; difference -10.0 ± 8.5)")
+        "; knockoff with other pools (50,000 queries, best epoch), each against its own whole pool at the same seeds: "
+        "a random 1,000 of its images 46.7 vs 50.0 (seeds 0, 1, 2; difference -3.3 ± 47.3), a random 5,000 of its "
+        "images 45.0 vs 55.0 (seeds 0, 1; difference -10.0 ± 8.5), a random 6,797 of pool mnist5k+digits+glyphs 61.0 "
+        "vs 60.0 (seed 0; difference +1.0), pool mnist5k+digits+glyphs 61.0 vs 55.0 (seeds 0, 1; difference +6.0 "
+        "± 2.8)")
     have = {"attacks": {"cells": attacks["cells"]}}
     assert replicate.attack_cells(["knockoff"], 50000, (0, 1), pool_sizes=(1000, 5000), **replicate.REFERENCE
                                   ).measured(have)
     study = replicate.attack_cells(["knockoff"], 50000, (0, 1, 2), pool_sizes=(1000, 5000), **replicate.REFERENCE)
     assert not study.measured(have) and study.args[-3:] == ["--pool-sizes", "1000", "5000"]
+    other = replicate.attack_cells(["knockoff"], 50000, (0, 1), pool=letters, **replicate.REFERENCE)
+    assert other.measured(have) and other.args[-2:] == ["--pools", letters]
+    assert not replicate.attack_cells(["knockoff"], 50000, (0, 1), pool_sizes=(6797,), pool=letters,
+                                      **replicate.REFERENCE).measured(have)  # seed 1 of that size is missing
 
 
 def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
@@ -438,7 +447,11 @@ def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool(atta
     cells += [{**base, "seed": s, "pool_size": 1000, "best": {"epoch": 4, "test_accuracy": v}}
               for s, v in ((0, 0.3), (1, 0.2))]
     cells.append({**base, "variant": "default", "seed": 0, "pool_size": 1000, "replica_epochs": 10})
+    cells.append({**base, "seed": 0, "pool": "digits+glyphs", "pool_size": 900, "best": {"epoch": 2,
+                                                                                        "test_accuracy": 0.7}})
     text = attacks.table(cells)
+    assert ("| fashion_mnist | knockoff | pool digits+glyphs, 900 images of it | 50,000 | – | 30 | 50.0 | 70.0 (2) | "
+            "69.2 |") in text
     assert "| fashion_mnist | knockoff | pool of 1,000 images | 50,000 | – | 30 | 50.0 | 30.0 (4) | 69.2 |" in text
     assert "| fashion_mnist | knockoff | none | 50,000 | – | 30 | 50.0 | 60.0 (9) | 69.2 |" in text
     assert "| knockoff | mad_code | 50,000 | 30 | 0, 1 | 55.0 ± 7.1 (50.0–60.0) |" in text  # the whole pool's spread
@@ -452,7 +465,13 @@ def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool(atta
     (["--attacks", "jbda", "--pool-sizes", "1000"], "--pool-sizes applies to Knockoff's pool; expected --attacks "
                                                     "knockoff, got jbda"),
     (["--attacks", "knockoff", "--datasets", "mnist5k", "--pool-sizes", "1000", "2500"],
-     "--pool-sizes 2500: mnist5k's Knockoff pool 'digits' has 1,797 images; expected sizes from 1 to 1797"),
+     "--pool-sizes 2500: Knockoff's pool 'digits' has 1,797 images; expected sizes from 1 to 1797"),
+    (["--attacks", "jbda", "--pools", "digits"], "--pools applies to Knockoff's pool; expected --attacks knockoff, "
+                                                 "got jbda"),
+    (["--attacks", "knockoff", "--datasets", "mnist5k", "--pools", "digits+nosuch"],
+     "--pools digits+nosuch: dataset='nosuch' is not a known dataset; expected one of: mnist5k, digits, glyphs, "
+     "fashion_mnist, mnist, kmnist, emnist_digits, emnist, emnist_letters, cifar10, cifar100, or module:attr of your "
+     "own"),
 ])
 def test_the_attacks_benchmark_refuses_a_pool_study_it_cannot_measure_before_measuring(attacks, args, message,
                                                                                         tmp_path, monkeypatch, capsys):

@@ -82,3 +82,40 @@ def test_torchvision_reader_path_reads_mnist_files_from_data_root(tmp_path):
     ds = data.load("mnist", str(tmp_path))
     assert ds.x_train.shape == (6, 1, 28, 28) and ds.x_test.shape == (4, 1, 28, 28)
     assert np.array_equal(ds.x_train[:, 0], imgs[:6]) and np.array_equal(ds.y_test, labels[6:])
+
+
+def test_emnist_letters_reader_untransposes_and_counts_letters_from_zero(tmp_path):
+    """The MAD paper's Knockoff pool for MNIST, for users who have it: torchvision's files under ROOT/EMNIST/raw,
+    stored transposed and labelled 1 to 26."""
+    raw = tmp_path / "EMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    imgs, labels = rng.integers(0, 256, (9, 28, 28)), rng.integers(1, 27, 9)
+    labels[0] = 26
+    for split, sl in (("train", slice(0, 6)), ("test", slice(6, 9))):
+        for kind, arr in (("images-idx3", imgs[sl].swapaxes(1, 2)), ("labels-idx1", labels[sl])):
+            gz = tmp_path / "tmp.gz"
+            _write_idx(gz, arr)
+            (raw / f"emnist-letters-{split}-{kind}-ubyte").write_bytes(gzip.decompress(gz.read_bytes()))
+    ds = data.load("emnist_letters", str(tmp_path))
+    assert ds.num_classes == 26 and ds.y_train[0] == 25 and np.array_equal(ds.y_test, labels[6:] - 1)
+    assert np.array_equal(ds.x_train[:, 0], imgs[:6]) and np.array_equal(ds.x_test[:, 0], imgs[6:])
+
+
+def test_glyphs_are_typeset_letters_in_mnist_geometry():
+    ds = data.load("glyphs")
+    x, y = ds.all_images(), np.concatenate([ds.y_train, ds.y_test])
+    assert x.shape == (10400, 1, 28, 28) and x.dtype == np.uint8 and ds.num_classes == 26
+    assert np.array_equal(np.bincount(y), np.full(26, 400))
+    assert len({img.tobytes() for img in x}) == len(x)  # every glyph drawn differently
+    ink = x[:, 0].astype(np.float64)
+    rows, cols = np.indices((28, 28))
+    mass = ink.sum((1, 2))
+    assert mass.min() > 0 and x.max() == 255
+    centre = np.stack([(ink * rows).sum((1, 2)) / mass, (ink * cols).sum((1, 2)) / mass], 1)
+    assert np.abs(centre - 13.5).max() < 1.5  # centred by their centre of mass, as MNIST's digits are
+    box = [(np.nonzero(i.any(1))[0], np.nonzero(i.any(0))[0]) for i in x[:200, 0]]
+    assert max(max(r[-1] - r[0], c[-1] - c[0]) + 1 for r, c in box) <= 20  # within a 20x20 box
+    font = data.glyph_fonts()[0]
+    assert np.array_equal(data._glyph("A", font, np.random.default_rng(0)),
+                          data._glyph("A", font, np.random.default_rng(0)))  # drawn from the seed alone

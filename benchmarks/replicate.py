@@ -136,6 +136,8 @@ ABLATION = {f"mad {obj}": Cell("mad_vs_knockoff", ["detectors.prada.enabled=fals
 # MAD with G over all the surrogate's parameters (the paper's G = grad_w log F) where its code takes the last layer
 ABLATION["mad angle, every layer"] = replace(ABLATION["mad angle"], overrides=[*ABLATION["mad angle"].overrides,
                                                                                 "defense.jacobian=all"])
+CURVE = "ablation 10k"  # the ablation as a curve over eps, in the trade-off sweep's setting (10,000 queries)
+ABLATION[CURVE] = Cell("mad_ablation", [], ["single"], sweep=True)
 EVASION_ATTACKERS = ["knockoff", "argmax", "arch", "optimizer", "repeats", "augment"]
 EVASION = {"mad_evasion": Cell("mad_evasion", [], EVASION_ATTACKERS)}
 TARGET = 0.8  # the MAD paper's replica accuracy target for the trade-off
@@ -477,8 +479,37 @@ def judge_ablation(c):
                     f"({num(turned[best], 1)} against {num(turned['angle'], 1)} deg"
                     + (f"; further at {sum(a > b for a, b in pairs)} of {len(pairs)} seeds)" if len(pairs) > 1
                        else ")"))
+    curve, holds = ablation_curve(c), best == "angle"
+    if curve:
+        figures, every, lowest = curve
+        where += f"; {figures}"
+        why += f"; at 10,000 queries MAD's replica is the lowest at {len(lowest)} of {len(every)} eps" + (
+            f" ({', '.join(f'{e:g}' for e in lowest)})" if 0 < len(lowest) < len(every) else "")
+        holds = holds and len(lowest) == len(every) > 0
     return Finding(f"replica % (soft / top-1 labels) at L1 eps 0.8: {text}{where}",
-                   "holds" if best == "angle" else "does not hold", why)
+                   "holds" if holds else "does not hold", why)
+
+
+def ablation_curve(c) -> tuple[str, list[float], list[float]] | None:
+    """The mad_ablation sweep's replicas (means over its seeds) by eps: (figures, the eps where MAD's replica is the
+    lowest of the three, every eps measured for all three), or None before it ran."""
+    sweeps = [c[at_seed(CURVE, s)] for s in seeds_of(c, CURVE)]
+    if not sweeps:
+        return None
+    found: dict[tuple, list[float]] = {}
+    for rows in sweeps:
+        for r in rows:
+            if r.get(REPLICA) is not None:
+                found.setdefault((r["curve"], r.get("param.eps")), []).append(r[REPLICA])
+    names = {"mad": "angle", "identity": "identity", "random": "random"}
+    every = sorted(e for e in {e for o, e in found if o in names} if all((o, e) in found for o in names))
+    lowest = [e for e in every if min(names, key=lambda o: statistics.mean(found[o, e])) == "mad"]
+    undefended = found.get(("none", None))
+    figures = (f"at 10,000 queries (the trade-off sweep's setting; undefended {pct(undefended and Mean(undefended))}),"
+               f" soft-label replica % by L1 eps: "
+               + "; ".join(f"{e:g}: " + ", ".join(f"{n} {pct(Mean(found[o, e]))}" for o, n in names.items())
+                           for e in every))
+    return figures, every, lowest
 
 
 def judge_angle(c):
@@ -811,8 +842,9 @@ CLAIMS = [
     Claim("mad-ablation", MAD, "MAD beats the same perturbation with the Jacobian replaced by the identity and a "
                                "random vertex.", "MAD lowest (figure)", "MAD's soft-label replica the lowest of the 3",
           ABLATION, judge_ablation, "mad_vs_knockoff, defense.objective=angle|identity|random, eps 0.8, PRADA off; "
+          "the curve: sweep mad_ablation (10,000 queries, eps 0.25, 0.5, 1); "
           "angle = MAD as its code computes it (the Jacobian of the surrogate's last layer; the surrogate a random "
-          "copy of the victim's architecture); every layer: defense.jacobian=all"),
+          "copy of the victim's architecture); every layer: defense.jacobian=all", [k for k in ABLATION if k != CURVE]),
     Claim("mad-angle", MAD, "MAD turns the attacker's gradient by about 24.9 degrees on average (VGG16).",
           "24.9 deg", "not comparable across models", ABLATION, judge_angle,
           "gradient angle over all replica parameters, 64 fixed queries, each epoch", ["mad angle"]),

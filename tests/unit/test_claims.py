@@ -383,6 +383,24 @@ def test_the_ablation_says_where_the_answers_went_and_how_far_each_vertex_turned
     row = next(r for r in rows if r["id"] == "mad-ablation")
     assert row["verdict"] == "holds" and row["why"] == "the lowest soft-label replica is angle's"
 
+    def curve(replicas):  # the mad_ablation sweep's rows: objective -> replica at eps 0.25 and 1
+        return [{"curve": "none", "param.eps": None, replicate.REPLICA: 0.96}] + [
+            {"curve": o, "param.eps": e, replicate.REPLICA: r}
+            for o, rs in replicas.items() for e, r in zip((0.25, 1.0), rs)]
+
+    cells[replicate.CURVE] = curve({"mad": (0.90, 0.60), "identity": (0.92, 0.55), "random": (0.94, 0.70)})
+    cells[replicate.at_seed(replicate.CURVE, 1)] = curve({"mad": (0.92, 0.62), "identity": (0.94, 0.57),
+                                                         "random": (0.94, 0.72)})
+    cells |= {replicate.at_seed(k, 1): v for k, v in cells.items() if k.startswith("mad ")}  # judged at shared seeds
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": cells}, {})
+    row = next(r for r in rows if r["id"] == "mad-ablation")
+    assert row["clean"].endswith("; at 10,000 queries (the trade-off sweep's setting; undefended 96.0 ± 0.0), "
+                                 "soft-label replica % by L1 eps: 0.25: angle 91.0 ± 1.4, identity 93.0 ± 1.4, "
+                                 "random 94.0 ± 0.0; 1: angle 61.0 ± 1.4, identity 56.0 ± 1.4, random 71.0 ± 1.4")
+    assert row["verdict"] == "does not hold"  # lowest at eps 0.8 on 1,500 queries, but not along the whole curve
+    assert row["why"] == ("the lowest soft-label replica is angle's; at 10,000 queries MAD's replica is the lowest "
+                          "at 1 of 2 eps (0.25)")
+
 
 def test_the_adversarial_row_says_whether_the_robust_victims_answers_were_softer(replicate):
     def run(replica, top1):

@@ -281,14 +281,18 @@ def main() -> None:
                           args.replica_epochs, size, pool)  # measures
 
     done = set() if args.fresh else {attack_cell_key(c) for c in cells}
-    todo = [(d, a, b, s, n, p) for s in args.seeds for b in sorted(args.budgets) for p in args.pools  # small budgets
-            for n in args.pool_sizes for d in args.datasets for a in args.attacks  # first
-            if a not in skipped and chosen(d, a, b, s, n, p) not in done]
+    def changed(dataset: str, pool: str | None) -> str | None:  # a dataset's own pool is no change
+        return None if pool == SCENARIO[dataset][2] else pool
+
+    todo = list(dict.fromkeys(
+        (d, a, b, s, n, changed(d, p)) for s in args.seeds for b in sorted(args.budgets) for p in args.pools  # small
+        for n in args.pool_sizes for d in args.datasets for a in args.attacks  # budgets first
+        if a not in skipped and chosen(d, a, b, s, n, changed(d, p)) not in done))
     for i, (dataset, attack, budget, seed, size, pool) in enumerate(todo, 1):
-        changed = pool_text({"pool_size": size, "pool": pool})
+        other = pool_text({"pool_size": size, "pool": pool})
         print(f"[{i}/{len(todo)}] {dataset} {attack} {budget:,} queries, seed {seed} ({args.variant}"
               f"{', without ' + ', '.join(without) if without else ''}{', clean replica' if replica else ''}"
-              f"{', clean ' + ', '.join(clean) if clean else ''}{', ' + changed if changed else ''}) ...", flush=True)
+              f"{', clean ' + ', '.join(clean) if clean else ''}{', ' + other if other else ''}) ...", flush=True)
         cell = run_cell(dataset, attack, budget, seed=seed, variant=args.variant, epochs=args.replica_epochs,
                         without=without, replica=replica, clean=clean, pool_size=size, pool=pool)
         print(f"    replica {cell['replica_accuracy']:.4f}, fidelity {cell['fidelity']:.4f} "

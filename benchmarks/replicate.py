@@ -490,8 +490,8 @@ def judge_ablation(c):
 
 
 def ablation_curve(c) -> tuple[str, list[float], list[float]] | None:
-    """The mad_ablation sweep's replicas (means over its seeds) by eps: (figures, the eps where MAD's replica is the
-    lowest of the three, every eps measured for all three), or None before it ran."""
+    """The mad_ablation sweep's replicas (means over its seeds) by eps: (figures, every eps measured for all three,
+    the eps where MAD's replica is the lowest of the three), or None before it ran."""
     sweeps = [c[at_seed(CURVE, s)] for s in seeds_of(c, CURVE)]
     if not sweeps:
         return None
@@ -689,9 +689,8 @@ def pool_study(cells: list[dict]) -> list[str]:
     for x in ref:
         if x["budget"] == budget:
             per.setdefault((x.get("pool"), x.get("pool_size")), {})[x.get("seed", 0)] = replica_pct(x)
-    parts = []
+    parts, whole = [], per.get((None, None), {})
     for pool, size in sorted((k for k in per if k != (None, None)), key=lambda k: (k[0] or "", k[1] or 1e9)):
-        whole = per.get((None, None), {})
         seeds = sorted(set(per[pool, size]) & set(whole))
         if not seeds:
             continue

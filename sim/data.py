@@ -15,7 +15,6 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -174,8 +173,10 @@ def _fashion_mnist(root: str | None, download: bool) -> Dataset:
                    x_te[:, None].copy(), y_te.astype(np.int64), 10)
 
 
-def _torchvision(cls_name: str, num_classes: int, transpose: bool = False, first_label: int = 0,
-                 **kwargs) -> Callable[[str | None, bool], Dataset]:
+def _torchvision(name: str, cls_name: str, num_classes: int, transpose: bool = False, first_label: int = 0,
+                 **kwargs) -> None:
+    """Register ``name``: torchvision's ``cls_name`` reader (``kwargs`` passed on), labels counted from
+    ``first_label``, images stored transposed where ``transpose``."""
     def load(root: str | None, download: bool) -> Dataset:
         import torchvision.datasets as tvd
 
@@ -196,22 +197,22 @@ def _torchvision(cls_name: str, num_classes: int, transpose: bool = False, first
             else:  # CIFAR: (N, H, W, C)
                 x = x.transpose(0, 3, 1, 2)
             parts += [np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64) - first_label]
-        return Dataset(cls_name.lower(), parts[0], parts[1], parts[2], parts[3], num_classes)
+        return Dataset(name, parts[0], parts[1], parts[2], parts[3], num_classes)
 
     split = f" ({kwargs['split']} split)" if "split" in kwargs else ""
     load.__doc__ = (f"torchvision's {cls_name} reader{split} "
                     f"under data.root (default ./data); it downloads only with data.download=true.")
-    return load
+    register("dataset", name)(load)
 
 
-register("dataset", "mnist")(_torchvision("MNIST", 10))
-register("dataset", "kmnist")(_torchvision("KMNIST", 10))
+_torchvision("mnist", "MNIST", 10)
+_torchvision("kmnist", "KMNIST", 10)
 # EMNIST's images are stored transposed; its letters split labels them 1 to 26
-register("dataset", "emnist_digits")(_torchvision("EMNIST", 10, transpose=True, split="digits"))
-register("dataset", "emnist")(_torchvision("EMNIST", 47, transpose=True, split="balanced"))
-register("dataset", "emnist_letters")(_torchvision("EMNIST", 26, transpose=True, first_label=1, split="letters"))
-register("dataset", "cifar10")(_torchvision("CIFAR10", 10))
-register("dataset", "cifar100")(_torchvision("CIFAR100", 100))
+_torchvision("emnist_digits", "EMNIST", 10, transpose=True, split="digits")
+_torchvision("emnist", "EMNIST", 47, transpose=True, split="balanced")
+_torchvision("emnist_letters", "EMNIST", 26, transpose=True, first_label=1, split="letters")
+_torchvision("cifar10", "CIFAR10", 10)
+_torchvision("cifar100", "CIFAR100", 100)
 
 
 def names() -> list[str]:

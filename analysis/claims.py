@@ -120,10 +120,13 @@ def attack_cell_key(cell: dict) -> tuple:
                       cell.get("pool"))
 
 
-def same_entry(variant: str = "default", without: Iterable[str] = ()) -> str:
+def same_entry(variant: str = "default", without: Iterable[str] = (), mae: str = "cpu") -> str:
     """The benchmarks/detection.py results entry of the SAME table in ``variant`` with the code's ``without``
-    choices turned off: ``same``, ``same_code``, ``same_code_without_<choice>...`` (choices sorted)."""
-    return "same" if variant == "default" else "same_code" + "".join(f"_without_{w}" for w in sorted(without))
+    choices turned off and its MAE of size ``mae``: ``same``, ``same_code``, ``same_code_without_<choice>...``
+    (choices sorted), ``same_code_mae_<size>`` (a size other than the CPU one)."""
+    if variant == "default":
+        return "same"
+    return "same_code" + (f"_mae_{mae}" if mae != "cpu" else "") + "".join(f"_without_{w}" for w in sorted(without))
 
 
 def replica_pct(cell: dict) -> float:

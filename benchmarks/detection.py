@@ -2,7 +2,7 @@
 
     python benchmarks/detection.py [--parts same sybil population prada_sizes] [--budgets 1000 4000]
                                    [--accounts 1 10 50 100] [--seeds 0 1 2] [--variant default|same_code]
-                                   [--mae cpu|authors] [--without full_view|all_pixel_loss]
+                                   [--mae cpu|patch2|wide|authors] [--without full_view|all_pixel_loss]
                                    [--out benchmarks/results/detection.json]
 
 Part 1 (the SAME paper's MNIST table): the ``same_detection`` scenario's victim (LeNet on mnist5k), SAME's
@@ -16,10 +16,12 @@ and FPR95 from scikit-learn (analysis.metrics).
 ``--variant same_code`` measures part 1 in the reference mode instead (the SAME authors' code, docs/detection.md),
 into the result's ``same_code`` entry: full-view reconstruction, KL deviation, score alpha * MSE + (1 - alpha) * KL
 on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, and an MAE of
-``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: an hour or less on 2 cores) or
-``--mae authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of warm-up, learning rate 0.01:
-for a GPU; docs/detection.md). ``--without full_view`` / ``all_pixel_loss`` turns one of the code's choices off
-(``detectors.same.without``), into ``same_code_without_<choice>``: the per-choice ablation.
+``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: a quarter of an hour on 2 cores),
+``patch2`` (the authors' patch of 2 pixels on that size), ``wide`` (patch 2, width 128, 6 + 2 blocks, 50 epochs)
+or ``authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of warm-up, learning rate 0.01: for a
+GPU, half a day or more on 2 cores; docs/detection.md); a size other than ``cpu`` goes into
+``same_code_mae_<size>``, the reference mode by MAE size. ``--without full_view`` / ``all_pixel_loss`` turns one of
+the code's choices off (``detectors.same.without``), into ``same_code_without_<choice>``: the per-choice ablation.
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -75,6 +77,12 @@ def attack_queries(cfg, victim, aid: str) -> np.ndarray:
 
 SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80"]
 MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
+            # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 25 minutes here)
+            "patch2": ["detectors.same.patch=2", "detectors.same.warmup=10"],
+            # the authors' patch, twice the width, twice the blocks, half the epochs (about an hour here)
+            "wide": ["detectors.same.patch=2", "detectors.same.dim=128", "detectors.same.depth=6",
+                     "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=2", "detectors.same.epochs=50",
+                     "detectors.same.warmup=5"],
             "authors": ["detectors.same.patch=2", "detectors.same.dim=192", "detectors.same.depth=12",
                         "detectors.same.decoder_dim=192", "detectors.same.decoder_depth=4", "detectors.same.heads=3",
                         "detectors.same.epochs=500", "detectors.same.warmup=50", "detectors.same.lr=0.01"]}
@@ -86,12 +94,18 @@ def same_overrides(variant: str, mae: str, without: tuple[str, ...] = ()) -> lis
     return SAME_CODE + MAE_SIZE[mae] + ([f"detectors.same.without=[{','.join(without)}]"] if without else [])
 
 
+def _progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
+    """Training SAME's models takes from minutes to hours: a line every tenth of a stage."""
+    if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+        print(f"  {stage}: epoch {epoch}/{epochs}, loss {loss:.4f} ({time.strftime('%H:%M:%S')})", flush=True)
+
+
 def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu",
               without: tuple[str, ...] = ()) -> list[dict]:
     cfg = config.load("same_detection", [f"seed={seed}", *same_overrides(variant, mae, without)])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
-    ctx = zoo.ModelContext.of(cfg, victim)
+    ctx = zoo.ModelContext.of(cfg, victim, on_epoch=_progress)
     params = cfg.detectors["same"].params()
     same = Same(Same.prepare(params, ctx), **params)
     print(f"SAME models ready in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -370,7 +384,7 @@ def sizes_table(rows: list[dict]) -> list[str]:
 
 def tables(result: dict) -> str:
     lines = []
-    for key in ("same", "same_code", *sorted(k for k in result if k.startswith("same_code_without_")
+    for key in ("same", "same_code", *sorted(k for k in result if k.startswith(("same_code_mae_", "same_code_without_"))
                                               and not k.endswith(("_settings", "_seconds")))):
         lines += same_table(result, key)
     lines += population_table(result.get("population", [])) + sizes_table(result.get("prada_sizes", []))
@@ -416,7 +430,7 @@ def main() -> None:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()
         if part == "same" and args.variant == "same_code":
-            part = same_entry("same_code", without)
+            part = same_entry("same_code", without, args.mae)
             result[part] = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
             result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
                                           **({"without": list(without)} if without else {}),

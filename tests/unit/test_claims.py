@@ -285,6 +285,30 @@ def test_without_a_reference_measurement_the_row_says_how_to_get_one(replicate):
     assert "benchmarks/detection.py --variant same_code" in by_id["same-table"]["why"]
 
 
+def test_the_same_row_lists_the_reference_mode_by_mae_size_and_reads_the_authors_size_once_measured(replicate):
+    det = detection_json()
+    larger = {"patch2": {"knockoff": 0.98, "jbda": 0.86, "dfme": 1.0},
+              "wide": {"knockoff": 0.99, "jbda": 0.9, "dfme": 1.0}}
+    for size, values in larger.items():
+        det[f"same_code_mae_{size}"] = [{"attack": a, "detector": "SAME", "budget": 1000, "auroc": v}
+                                        for a, v in values.items()]
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": {}}, {"detection": det})
+    same = next(r for r in rows if r["id"] == "same-table")
+    assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9 (a reduced MAE (patch 4")
+    assert same["why"].endswith("; the reference mode by MAE size (SAME's AUROC): patch 4, width 64, 3 + 1 blocks, "
+                                "100 epochs: knockoff 97.0, jbda 80.0, dfme 99.9; patch 2, width 64, 3 + 1 blocks, "
+                                "100 epochs: knockoff 98.0, jbda 86.0, dfme 100.0; patch 2, width 128, 6 + 2 blocks, "
+                                "50 epochs: knockoff 99.0, jbda 90.0, dfme 100.0")
+    assert replicate.same_cells("same_code", mae="wide").args == ["--parts", "same", "--variant", "same_code",
+                                                                  "--mae", "wide"]
+    det["same_code_mae_authors"] = [{"attack": a, "detector": "SAME", "budget": 1000, "auroc": v}
+                                    for a, v in {"knockoff": 0.995, "jbda": 0.93, "dfme": 1.0}.items()]
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": {}}, {"detection": det})
+    same = next(r for r in rows if r["id"] == "same-table")
+    assert same["reference"] == "knockoff 99.5, jbda 93.0, dfme 100.0 (the authors' MAE size)"
+    assert same["verdict"] == "holds"
+
+
 def test_cells_at_several_seeds_are_judged_on_their_means_over_the_seeds_every_cell_has(replicate):
     def run(soft, victim=0.97):
         return {"victim": {"test_accuracy": victim},

@@ -75,7 +75,9 @@ def attack_queries(cfg, victim, aid: str) -> np.ndarray:
     return np.concatenate(sent)
 
 
-SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80"]
+SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80",
+             # the code's JBDA is given the attacker's proxy set (evaluate_main.py), not the defender's test images
+             "attackers.jbda.jacobian.seed_pool=digits"]
 MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
             # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 25 minutes here)
             "patch2": ["detectors.same.patch=2", "detectors.same.warmup=10"],

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim import models
+from sim import data, models
 from sim.errors import ConfigError
 from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
@@ -145,7 +145,7 @@ class JacobianAttack:
 class JacobianAugmentation(Attack):
     """The three Jacobian attacks' declaration: their settings, and one source per actor, each growing its own
     shard of the seed set. The seeds come from the victim's test split (which it never trained on) and are left
-    out of the replicas' evaluation."""
+    out of the replicas' evaluation, or from ``jacobian.seed_pool``, the attacker's own data."""
 
     params = {
         "jacobian.seed_size": Param(150, int, low=1, help="seed images from the victim's test split (never trained "
@@ -157,6 +157,8 @@ class JacobianAugmentation(Attack):
         "jacobian.variant": Param("default", str, choices=("default", "mad_code"),
                                   help="mad_code: the MAD authors' code, quirks included (seeds from the training "
                                        "split, rounds until the budget is spent)"),
+        "jacobian.seed_pool": Param(None, str, help="draw the seeds from this pool (a dataset, as a Knockoff pool: "
+                                                    "the attacker's own data) instead of the victim's test split"),
         "jacobian.without": Param(None, list, choices=OPTIONAL,
                                   help="mad_code only: quirks turned off, to measure each one's share "
                                        "(docs/attacks.md)"),
@@ -166,23 +168,49 @@ class JacobianAugmentation(Attack):
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         size = v["jacobian.seed_size"]
         if v["jacobian.variant"] == "mad_code":
+            if v["jacobian.seed_pool"] is not None:
+                raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={v['jacobian.seed_pool']!r}: the MAD code draws "
+                                  f"its seeds from the victim's training split; expected seed_pool unset with "
+                                  f"{ctx.owner}.jacobian.variant=mad_code")
             return self._mad_code_sources(ctx)
         if v["jacobian.without"]:
             raise ConfigError(f"{ctx.owner}.jacobian.without={v['jacobian.without']} turns off quirks of the MAD code; "
                               f"expected it only with {ctx.owner}.jacobian.variant=mad_code")
-        if size > len(ds.x_test) // 2:
-            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
-                              f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
         if size < actors:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} is less than actors={actors}; expected at "
                               f"least one seed per actor")
-        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(ds.x_test), size, replace=False)
-        ctx.held_out.update(idx.tolist())
-        return [JacobianAttack(self.name, ds.x_test[idx[i::actors]], ds.y_test[idx[i::actors]], b, arch=ctx.arch,
+        if v["jacobian.seed_pool"] is not None:
+            x, y = self._seed_pool(ctx)
+            idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
+        else:
+            if size > len(ds.x_test) // 2:
+                raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
+                                  f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
+            x, y = ds.x_test, ds.y_test
+            idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
+            ctx.held_out.update(idx.tolist())
+        return [JacobianAttack(self.name, x[idx[i::actors]], y[idx[i::actors]], b, arch=ctx.arch,
                                num_classes=ds.num_classes, lam=v["jacobian.lam"], rounds=v["jacobian.rounds"],
                                tau=v["jacobian.tau"], substitute_epochs=v["jacobian.substitute_epochs"],
                                seed=ctx.seed("jacobian", i))
                 for i, b in enumerate(ctx.budgets)]
+
+    def _seed_pool(self, ctx: AttackContext) -> tuple[np.ndarray, np.ndarray]:
+        """The images and labels of ``jacobian.seed_pool``: the victim's image shape and classes (JBDA's seeds carry
+        their true label), at least ``seed_size`` of them."""
+        v, ds = self.values, ctx.dataset
+        name, size = v["jacobian.seed_pool"], v["jacobian.seed_size"]
+        x, y = data.load_pool(name, ctx.data_root, ctx.download, ctx.image_size)
+        if x.shape[1:] != ds.x_train.shape[1:]:
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has images of shape {x.shape[1:]}, but the "
+                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+        if (y < 0).any() or (y >= ds.num_classes).any():
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has images without one of the victim's "
+                              f"{ds.num_classes} classes; expected a labelled pool of the victim's classes")
+        if size > len(x):
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} exceeds the {len(x)} images of seed_pool "
+                              f"{name!r}; expected at most {len(x)}")
+        return x, y
 
     def _mad_code_sources(self, ctx: AttackContext) -> list:
         """The MAD code's attacks (:mod:`actors.attacks.jacobian_mad_code`): seeds drawn from the victim's training

@@ -297,3 +297,29 @@ def test_quirks_can_be_turned_off_only_in_the_mad_code_mode():
             make_plan(config.load("single_knockoff", [f"attackers.single.attack={attack}",
                                                       "attackers.single.jacobian.variant=mad_code",
                                                       f"attackers.single.jacobian.without=[{quirk}]"]), ds)
+
+
+def test_a_seed_pool_gives_the_seeds_and_their_labels_and_holds_no_test_image_out():
+    from sim import config
+    from sim.errors import ConfigError
+    from sim.plan import make_plan
+
+    ds, digits = data.load("mnist5k"), data.load("digits")
+    pool = np.concatenate([digits.x_train, digits.x_test])
+    labels = dict(zip((x.tobytes() for x in pool), np.concatenate([digits.y_train, digits.y_test])))
+    base = ["attackers.single.attack=jbda", "attackers.single.jacobian.seed_size=100"]
+    plan = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits"]), ds)
+    (client,) = plan.of(attacker="single")
+    seeds = client.source.propose(100)
+    assert len({s.tobytes() for s in seeds}) == 100 and {s.tobytes() for s in seeds} <= set(labels)
+    assert client.source._in_flight.tolist() == [labels[s.tobytes()] for s in seeds]  # each seed's true label
+    assert len(plan.eval_indices(len(ds.x_test))) == len(ds.x_test)  # no test image is a seed
+    for extra, match in ((["attackers.single.jacobian.seed_size=1798"], r"seed_size=1798 exceeds the 1797 images of "
+                                                                          r"seed_pool 'digits'; expected at most 1797"),
+                         (["attackers.single.jacobian.variant=mad_code"], r"seed_pool='digits': the MAD code draws its "
+                                                                           r"seeds from the victim's training split")):
+        with pytest.raises(ConfigError, match=match):
+            make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits", *extra]), ds)
+    # a joined pool's second dataset has classes 10 to 19, which are not the victim's
+    with pytest.raises(ConfigError, match=r"seed_pool='mnist5k\+digits' has images without one of the victim's 10"):
+        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=mnist5k+digits"]), ds)

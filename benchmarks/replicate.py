@@ -873,7 +873,8 @@ CLAIMS = [
           ["attacks"], TABLE1_CELLS),
     Claim("same-table", SAME, "SAME's AUROC on MNIST at 1,000 queries: Knockoff 99.37, JBDA 93.30, DFME 100.",
           "99.37 / 93.30 / 100", f"each within {POINTS:g} points", {}, judge_same_table,
-          "benchmarks/detection.py (detection.json); mnist5k, not the full MNIST; negatives: 1,000 test images",
+          ("benchmarks/detection.py (detection.json); mnist5k, not the full MNIST; negatives: 1,000 test images; "
+           "clean JBDA seeds from those test images, reference JBDA from the attacker's digits (the code's proxy set)"),
           ["detection"], SAME_CELLS),
 ]
 

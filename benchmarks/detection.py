@@ -414,7 +414,8 @@ def main() -> None:
                     choices=["same", "sybil", "population", "prada_sizes"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="population and prada_sizes: the seeds")
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
-                    help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry")
+                    help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry "
+                         "(with --mae other than cpu: 'same_code_mae_<size>')")
     ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
     ap.add_argument("--without", nargs="+", default=[], choices=WITHOUT,
                     help="with --variant same_code: turn these choices of the code off (into 'same_code_without_...')")
@@ -423,6 +424,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.without and args.variant != "same_code":
         ap.error("--without turns off choices of the SAME authors' code; expected it with --variant same_code")
+    if args.mae != "cpu" and (args.variant != "same_code" or args.without):
+        ap.error(f"--mae {args.mae} sizes the reference mode's MAE; expected it with --variant same_code and "
+                 f"without --without (the ablation runs at the CPU size)")
     without = tuple(sorted(args.without))
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

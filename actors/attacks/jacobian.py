@@ -204,9 +204,13 @@ class JacobianAugmentation(Attack):
         if x.shape[1:] != ds.x_train.shape[1:]:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has images of shape {x.shape[1:]}, but the "
                               f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
-        if (y < 0).any() or (y >= ds.num_classes).any():
-            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has images without one of the victim's "
-                              f"{ds.num_classes} classes; expected a labelled pool of the victim's classes")
+        if ds.name in name.split("+"):
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} holds the victim's own dataset; expected the "
+                              f"attacker's own data (unset, the seeds come from the victim's test split, held out)")
+        if self.name == "jbda" and ((y < 0).any() or (y >= ds.num_classes).any()):  # JBDA steps along the true label
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has labels {int(y.min())} to {int(y.max())}; "
+                              f"expected a labelled pool of the victim's classes 0 to {ds.num_classes - 1} (jbda "
+                              f"steps along each seed's true label)")
         if size > len(x):
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} exceeds the {len(x)} images of seed_pool "
                               f"{name!r}; expected at most {len(x)}")

@@ -159,7 +159,7 @@ def test_the_report_builder_puts_paper_clean_and_reference_side_by_side(replicat
     assert "jb_top3" not in mad["why"]  # and 8.3 points from clean, less than the 10 the reason lists
     assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9 (a reduced MAE")
     assert same["why"] == ("within 5 points, clean: dfme; reference: knockoff, dfme; one choice off at a time "
-                           "(SAME's AUROC): without full_view knockoff 55.0, jbda 60.0, dfme 100.0")
+                           "(SAME's AUROC): without full_view (CPU size) knockoff 55.0, jbda 60.0, dfme 100.0")
 
     trade = by_id["mad-tradeoff"]
     assert trade["clean"] == ("undefended 96.0; MAD ÷ reverse_sigmoid: 0.50 (test L1), 0.50 (attacker-query L1); "

@@ -321,5 +321,22 @@ def test_a_seed_pool_gives_the_seeds_and_their_labels_and_holds_no_test_image_ou
         with pytest.raises(ConfigError, match=match):
             make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits", *extra]), ds)
     # a joined pool's second dataset has classes 10 to 19, which are not the victim's
-    with pytest.raises(ConfigError, match=r"seed_pool='mnist5k\+digits' has images without one of the victim's 10"):
-        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=mnist5k+digits"]), ds)
+    with pytest.raises(ConfigError, match=r"seed_pool='fashion_mnist\+digits' has labels 0 to 19; expected a "
+                                          r"labelled pool of the victim's classes 0 to 9"):
+        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=fashion_mnist+digits"]),
+                  ds)
+    with pytest.raises(ConfigError, match=r"seed_pool='digits\+mnist5k' holds the victim's own dataset"):
+        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits+mnist5k"]), ds)
+
+
+def test_a_seed_pool_of_another_image_shape_is_refused(monkeypatch):
+    from sim import config
+    from sim.errors import ConfigError
+    from sim.plan import make_plan
+
+    ds = data.load("mnist5k")
+    monkeypatch.setattr(data, "load_pool", lambda *a, **k: (np.zeros((200, 3, 32, 32), np.uint8), np.zeros(200, int)))
+    with pytest.raises(ConfigError, match=r"seed_pool='cifar10' has images of shape \(3, 32, 32\), but the victim "
+                                          r"takes \(1, 28, 28\)"):
+        make_plan(config.load("single_knockoff", ["attackers.single.attack=jbda",
+                                                  "attackers.single.jacobian.seed_pool=cifar10"]), ds)

@@ -15,7 +15,8 @@ and FPR95 from scikit-learn (analysis.metrics).
 
 ``--variant same_code`` measures part 1 in the reference mode instead (the SAME authors' code, docs/detection.md),
 into the result's ``same_code`` entry: full-view reconstruction, KL deviation, score alpha * MSE + (1 - alpha) * KL
-on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, and an MAE of
+on raw scales with alpha 0.99, the auxiliary model trained 80 epochs on masked reconstructions, JBDA seeded from the
+attacker's own digits (``jacobian.seed_pool``, as the code's evaluation gives its JBDA the proxy set), and an MAE of
 ``--mae cpu`` (this project's default size and 100 epochs, 10 of warm-up: a quarter of an hour on 2 cores),
 ``patch2`` (the authors' patch of 2 pixels on that size), ``wide`` (patch 2, width 128, 6 + 2 blocks, 50 epochs)
 or ``authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of warm-up, learning rate 0.01: for a

@@ -80,9 +80,9 @@ SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "d
              # the code's JBDA is given the attacker's proxy set (evaluate_main.py), not the defender's test images
              "attackers.jbda.jacobian.seed_pool=digits"]
 MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
-            # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 25 minutes here)
+            # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 20 minutes on 2 cores)
             "patch2": ["detectors.same.patch=2", "detectors.same.warmup=10"],
-            # the authors' patch, twice the width, twice the blocks, half the epochs (about an hour here)
+            # the authors' patch, twice the width, twice the blocks, half the epochs (under an hour on 2 cores)
             "wide": ["detectors.same.patch=2", "detectors.same.dim=128", "detectors.same.depth=6",
                      "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=2", "detectors.same.epochs=50",
                      "detectors.same.warmup=5"],

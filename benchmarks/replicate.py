@@ -717,21 +717,21 @@ def judge_same_table(c):
 
     clean = auroc(det.get("same", []))
     close, text = compare(PAPER_SAME, clean, POINTS)
-    sizes = [m for m in MAE_SIZES if det.get(same_entry("same_code", (), m))]  # measured, smallest first
+    by_size = {m: auroc(det[e]) for m in MAE_SIZES if det.get(e := same_entry("same_code", (), m))}  # smallest first
     # the reference column: the authors' size once measured, else the CPU size of the ablation cells (else the
     # smallest measured)
-    main = next((m for m in ("authors", "cpu") if m in sizes), sizes[0] if sizes else None)
+    main = next((m for m in ("authors", "cpu") if m in by_size), next(iter(by_size), None))
     if main is None:
         return Finding(text, "does not hold" if clean else "cannot be tested here",
                        f"within {POINTS:g} points: {', '.join(close) or 'none'}; the reference mode is not measured "
                        f"(benchmarks/detection.py --variant same_code)", reference="not measured")
-    ref = auroc(det[same_entry("same_code", (), main)])
+    ref = by_size[main]
     ref_close, ref_text = compare(PAPER_SAME, ref, POINTS)
     ablated = [f"without {' and '.join(det.get(k + '_settings', {}).get('without', [k]))} (CPU size) "
                + compare(PAPER_SAME, auroc(det[k]), POINTS)[1]
                for k in sorted(det) if k.startswith("same_code_without_") and isinstance(det[k], list)]
-    ladder = [f"{MAE_SIZES[m]}: {compare(PAPER_SAME, auroc(det[same_entry('same_code', (), m)]), POINTS)[1]}"
-              for m in sizes] if len(sizes) > 1 else []
+    ladder = [f"{MAE_SIZES[m]}: {compare(PAPER_SAME, r, POINTS)[1]}" for m, r in by_size.items()] \
+        if len(by_size) > 1 else []
     size = ("the authors' MAE size" if main == "authors" else
             f"a reduced MAE ({MAE_SIZES[main]}; the authors': {MAE_SIZES['authors']})")
     return Finding(text, "holds" if len(ref_close) == len(PAPER_SAME) else "does not hold",

@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from sim import data
 from sim.data import Dataset
+from sim.errors import ConfigError
 from sim.registry import Component
 
 
@@ -35,6 +37,17 @@ class AttackContext:
     download: bool = False
     image_size: int | None = None  # folder: pools are resized to it (data.image_size)
     held_out: set[int] = field(default_factory=set)  # test images queried as seeds: replicas are not evaluated on them
+
+
+def load_pool(ctx: AttackContext, setting: str, spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of pool ``spec`` (:func:`sim.data.load_pool`), which the attacker's ``setting`` names;
+    a pool whose images are not the victim's shape is refused."""
+    x, y = data.load_pool(spec, ctx.data_root, ctx.download, ctx.image_size)
+    want = ctx.dataset.x_train.shape[1:]
+    if x.shape[1:] != want:
+        raise ConfigError(f"{ctx.owner}.{setting}={spec!r} has images of shape {x.shape[1:]}, but the victim takes "
+                          f"{want}; expected a pool with the victim's image shape")
+    return x, y
 
 
 class Attack(Component):

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sim import data, models
+from sim import models
 from sim.errors import ConfigError
 from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
-from .base import Attack, AttackContext, TransferSet
+from .base import Attack, AttackContext, TransferSet, load_pool
 from .jacobian_mad_code import APPLIES, OPTIONAL, MadCodeJacobian
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
@@ -179,15 +179,16 @@ class JacobianAugmentation(Attack):
         if size < actors:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} is less than actors={actors}; expected at "
                               f"least one seed per actor")
-        if v["jacobian.seed_pool"] is not None:
+        own = v["jacobian.seed_pool"] is not None
+        if own:
             x, y = self._seed_pool(ctx)
-            idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
+        elif size > len(ds.x_test) // 2:
+            raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
+                              f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
         else:
-            if size > len(ds.x_test) // 2:
-                raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} would take more than half of the "
-                                  f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
             x, y = ds.x_test, ds.y_test
-            idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
+        idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
+        if not own:  # test images queried as seeds stay out of the replicas' evaluation
             ctx.held_out.update(idx.tolist())
         return [JacobianAttack(self.name, x[idx[i::actors]], y[idx[i::actors]], b, arch=ctx.arch,
                                num_classes=ds.num_classes, lam=v["jacobian.lam"], rounds=v["jacobian.rounds"],
@@ -200,10 +201,7 @@ class JacobianAugmentation(Attack):
         their true label), at least ``seed_size`` of them."""
         v, ds = self.values, ctx.dataset
         name, size = v["jacobian.seed_pool"], v["jacobian.seed_size"]
-        x, y = data.load_pool(name, ctx.data_root, ctx.download, ctx.image_size)
-        if x.shape[1:] != ds.x_train.shape[1:]:
-            raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} has images of shape {x.shape[1:]}, but the "
-                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
+        x, y = load_pool(ctx, "jacobian.seed_pool", name)
         if ds.name in name.split("+"):
             raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={name!r} holds the victim's own dataset; expected the "
                               f"attacker's own data (unset, the seeds come from the victim's test split, held out)")

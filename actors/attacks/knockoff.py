@@ -15,7 +15,7 @@ from sim import data
 from sim.errors import ConfigError
 from sim.registry import Param, register
 
-from .base import Attack, AttackContext, CollectingStream
+from .base import Attack, AttackContext, CollectingStream, load_pool
 
 
 def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 2) -> np.ndarray:
@@ -219,7 +219,7 @@ class KnockoffNets(Attack):
         """One source per actor, each with its own shard of the shuffled pool (the adaptive strategy: its own
         bandit over its own shard)."""
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
-        pool, labels = data.load_pool(v["pool"], ctx.data_root, ctx.download, ctx.image_size)
+        pool, labels = load_pool(ctx, "pool", v["pool"])
         if v["pool_size"] is not None:
             if v["pool_size"] > len(pool):
                 raise ConfigError(f"{ctx.owner}.pool_size={v['pool_size']} exceeds the {len(pool)} images of pool "
@@ -227,9 +227,6 @@ class KnockoffNets(Attack):
             keep = np.random.default_rng(ctx.seed("pool_size")).permutation(len(pool))[:v["pool_size"]]
             pool, labels = pool[keep], labels[keep]
         budget, name = sum(ctx.budgets), repr(v["pool"]) + (f" (pool_size={v['pool_size']})" if v["pool_size"] else "")
-        if pool.shape[1:] != ds.x_train.shape[1:]:
-            raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} has images of shape {pool.shape[1:]}, but the "
-                              f"victim takes {ds.x_train.shape[1:]}; expected a pool with the victim's image shape")
         if budget > len(pool) and not v["sample_with_replacement"]:
             raise ConfigError(f"{ctx.owner}.budget={budget} exceeds the {len(pool)} images of pool {name} "
                               f"(Knockoff samples without replacement); expected at most {len(pool)}, or "

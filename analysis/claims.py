@@ -129,6 +129,30 @@ def same_entry(variant: str = "default", without: Iterable[str] = (), mae: str =
     return "same_code" + (f"_mae_{mae}" if mae != "cpu" else "") + "".join(f"_without_{w}" for w in sorted(without))
 
 
+# SAME's reference mode by MAE size (benchmarks/detection.py --mae), smallest first: the same_detection scenario's
+# overrides per size, over this project's default MAE (patch 4, width 64, 3 + 1 blocks, 100 epochs)
+MAE_SIZES = {"cpu": ["detectors.same.warmup=10"],
+             # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 20 minutes on 2 cores)
+             "patch2": ["detectors.same.patch=2", "detectors.same.warmup=10"],
+             # the authors' patch, twice the width, twice the blocks, half the epochs (under an hour on 2 cores)
+             "wide": ["detectors.same.patch=2", "detectors.same.dim=128", "detectors.same.depth=6",
+                      "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=2", "detectors.same.epochs=50",
+                      "detectors.same.warmup=5"],
+             # the SAME authors' release (half a day or more on 2 cores)
+             "authors": ["detectors.same.patch=2", "detectors.same.dim=192", "detectors.same.depth=12",
+                         "detectors.same.decoder_dim=192", "detectors.same.decoder_depth=4", "detectors.same.heads=3",
+                         "detectors.same.epochs=500", "detectors.same.warmup=50", "detectors.same.lr=0.01"]}
+
+
+def mae_size(size: str) -> str:
+    """MAE size ``size`` in words, read from the settings it runs with: 'patch 4, width 64, 3 + 1 blocks, 100
+    epochs'."""
+    from sim import config  # the settings' defaults live there
+
+    p = config.load("same_detection", ["detectors.same.variant=same_code", *MAE_SIZES[size]]).detectors["same"].params()
+    return f"patch {p['patch']}, width {p['dim']}, {p['depth']} + {p['decoder_depth']} blocks, {p['epochs']} epochs"
+
+
 def replica_pct(cell: dict) -> float:
     """A benchmarks/attacks.py cell's replica accuracy in %: at its best epoch where the MAD code's replica kept
     one (the reference mode), else at the last."""

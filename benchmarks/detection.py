@@ -52,7 +52,7 @@ import time
 import numpy as np
 import torch
 
-from analysis.claims import same_entry
+from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
 from sim.detectors.link import REASONS
@@ -79,22 +79,12 @@ def attack_queries(cfg, victim, aid: str) -> np.ndarray:
 SAME_CODE = ["detectors.same.variant=same_code", "detectors.same.alpha=0.99", "detectors.same.aux_epochs=80",
              # the code's JBDA is given the attacker's proxy set (evaluate_main.py), not the defender's test images
              "attackers.jbda.jacobian.seed_pool=digits"]
-MAE_SIZE = {"cpu": ["detectors.same.warmup=10"],
-            # the authors' patch on the CPU size: 196 tokens where patch 4 has 49 (about 20 minutes on 2 cores)
-            "patch2": ["detectors.same.patch=2", "detectors.same.warmup=10"],
-            # the authors' patch, twice the width, twice the blocks, half the epochs (under an hour on 2 cores)
-            "wide": ["detectors.same.patch=2", "detectors.same.dim=128", "detectors.same.depth=6",
-                     "detectors.same.decoder_dim=128", "detectors.same.decoder_depth=2", "detectors.same.epochs=50",
-                     "detectors.same.warmup=5"],
-            "authors": ["detectors.same.patch=2", "detectors.same.dim=192", "detectors.same.depth=12",
-                        "detectors.same.decoder_dim=192", "detectors.same.decoder_depth=4", "detectors.same.heads=3",
-                        "detectors.same.epochs=500", "detectors.same.warmup=50", "detectors.same.lr=0.01"]}
 
 
 def same_overrides(variant: str, mae: str, without: tuple[str, ...] = ()) -> list[str]:
     if variant != "same_code":
         return []
-    return SAME_CODE + MAE_SIZE[mae] + ([f"detectors.same.without=[{','.join(without)}]"] if without else [])
+    return SAME_CODE + MAE_SIZES[mae] + ([f"detectors.same.without=[{','.join(without)}]"] if without else [])
 
 
 def _progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
@@ -417,7 +407,7 @@ def main() -> None:
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
                     help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry "
                          "(with --mae other than cpu: 'same_code_mae_<size>')")
-    ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZE), help="same_code's MAE size and schedule")
+    ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZES), help="same_code's MAE size and schedule")
     ap.add_argument("--without", nargs="+", default=[], choices=WITHOUT,
                     help="with --variant same_code: turn these choices of the code off (into 'same_code_without_...')")
     ap.add_argument("--threads", type=int, default=2)

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from analysis.claims import (
+    MAE_SIZES,
     Finding,
     attack_cell_key,
     attack_key,
     build,
     compare,
     default_replica_epochs,
+    mae_size,
     markdown,
     replica_pct,
     same_entry,
@@ -545,10 +547,6 @@ def judge_evasion(c):
 
 PAPER_MAD = {"knockoff": 69.2, "jbda": 38.7, "jb_self": 45.8, "jb_top3": 68.7}  # Table 1, Fashion-MNIST, 50k
 PAPER_SAME = {"knockoff": 99.37, "jbda": 93.30, "dfme": 100.00}  # Table 1, MNIST, 1k queries, AUROC %
-MAE_SIZES = {"cpu": "patch 4, width 64, 3 + 1 blocks, 100 epochs",  # benchmarks/detection.py's --mae, in order
-             "patch2": "patch 2, width 64, 3 + 1 blocks, 100 epochs",
-             "wide": "patch 2, width 128, 6 + 2 blocks, 50 epochs",
-             "authors": "patch 2, width 192, 12 + 4 blocks, 500 epochs"}
 POINTS = 5.0  # tolerance of a paper's single-run figure, in points (our spread over seeds is 1 to 3 points)
 
 
@@ -730,10 +728,10 @@ def judge_same_table(c):
     ablated = [f"without {' and '.join(det.get(k + '_settings', {}).get('without', [k]))} (CPU size) "
                + compare(PAPER_SAME, auroc(det[k]), POINTS)[1]
                for k in sorted(det) if k.startswith("same_code_without_") and isinstance(det[k], list)]
-    ladder = [f"{MAE_SIZES[m]}: {compare(PAPER_SAME, r, POINTS)[1]}" for m, r in by_size.items()] \
+    ladder = [f"{mae_size(m)}: {compare(PAPER_SAME, r, POINTS)[1]}" for m, r in by_size.items()] \
         if len(by_size) > 1 else []
     size = ("the authors' MAE size" if main == "authors" else
-            f"a reduced MAE ({MAE_SIZES[main]}; the authors': {MAE_SIZES['authors']})")
+            f"a reduced MAE ({mae_size(main)}; the authors': {mae_size('authors')})")
     return Finding(text, "holds" if len(ref_close) == len(PAPER_SAME) else "does not hold",
                    f"within {POINTS:g} points, clean: {', '.join(close) or 'none'}; reference: "
                    f"{', '.join(ref_close) or 'none'}"

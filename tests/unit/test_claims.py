@@ -522,3 +522,11 @@ def test_the_attacks_benchmark_refuses_a_pool_study_it_cannot_measure_before_mea
     with pytest.raises(SystemExit) as stop:
         attacks.main()
     assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(message) and not out.exists()
+
+
+def test_the_mae_sizes_are_described_from_the_settings_they_run_with():
+    from analysis.claims import MAE_SIZES, mae_size
+
+    assert list(MAE_SIZES) == ["cpu", "patch2", "wide", "authors"]  # smallest first: the SAME row's ladder order
+    assert mae_size("cpu") == "patch 4, width 64, 3 + 1 blocks, 100 epochs"  # this project's default MAE
+    assert mae_size("authors") == "patch 2, width 192, 12 + 4 blocks, 500 epochs"  # the SAME authors' release

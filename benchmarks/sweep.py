@@ -1,7 +1,7 @@
 """Defense sweeps on this machine: trials per hour, and the frontier against the MAD paper's claim.
 
     python benchmarks/sweep.py [--sweeps mad_eps reverse_sigmoid_beta random_noise_eps] [--out benchmarks/results]
-                               [key=value ...]
+                               [--name sweep] [key=value ...]
 
 Runs each shipped sweep in turn (``python -m sim sweep=NAME`` with its defaults: LeNet on mnist5k, two Knockoff
 Nets attackers of 1,500 queries, soft and top-1 labels) into OUT/sweeps/NAME, then compares the curves:
@@ -10,7 +10,8 @@ accuracy (80%, and 70%, 60%, 50%), and MAD's distortion there as a multiple of r
 noise's. Orekondy et al. (2020) report that MAD needs about 0.63x the distortion of those defenses to push the
 replica below 80% on MNIST. ``--report-only`` rebuilds the report from the sweep directories already in OUT.
 Any ``key=value`` is passed to every sweep (``sweep.max_concurrent=3``, ``victim.epochs=…``).
-Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep_frontier.png (all curves on one figure).
+Writes OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (all curves on one figure); ``--name defense_frontier --sweeps
+defense_frontier`` writes the defense_frontier report beside the default one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweeps", nargs="+", default=["mad_eps", "reverse_sigmoid_beta", "random_noise_eps"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--name", default="sweep", help="the report's file name, without extension (default: sweep)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the sweeps already in OUT")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args()
@@ -45,19 +47,20 @@ def main() -> int:
         shutil.rmtree(sweep_dir, ignore_errors=True)
         print(f"== {name}", file=sys.stderr, flush=True)
         sweep.run(name, [f"sweep.dir={sweep_dir}", *args.overrides])
-    report, attackers = build(out, args.sweeps)
-    with open(os.path.join(out, "sweep.json"), "w") as fh:
+    report, attackers = build(out, args.sweeps, os.path.join(out, f"{args.name}.png"))
+    with open(os.path.join(out, f"{args.name}.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     text = markdown(report, attackers)
-    with open(os.path.join(out, "sweep.md"), "w") as fh:
+    with open(os.path.join(out, f"{args.name}.md"), "w") as fh:
         fh.write(text)
     print(text)
     return 0
 
 
-def build(out: str, names: list[str]) -> tuple[dict, list[str]]:
+def build(out: str, names: list[str], figure: str) -> tuple[dict, list[str]]:
     """The report, from the sweep directories alone: per sweep its trials per hour (the driver's time in Tune,
-    from sweep.json), all finished trials, and per attacker and target the distortion each defense needs."""
+    from sweep.json), all finished trials, and per attacker and target the distortion each defense needs; the
+    curves drawn into ``figure``."""
     rows, runs = [], {}
     for name in names:
         sweep_dir = os.path.join(out, "sweeps", name)
@@ -86,7 +89,7 @@ def build(out: str, names: list[str]) -> tuple[dict, list[str]]:
                 "l1": {c: (None if v is None else {"l1": round(v[0], 4), "interpolated": v[1]})
                        for c, v in need.items()},
                 "mad_over": {b: round(r, 3) for b, r in ratios.items()}}
-    plots.tradeoff(rows, attackers, os.path.join(out, "sweep_frontier.png"), target=TARGETS[0])
+    plots.tradeoff(rows, attackers, figure, target=TARGETS[0])
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "sweeps": runs,
               "frontier": frontier, "paper_ratio": PAPER_RATIO,
               "trials": [{k: v for k, v in r.items() if k not in ("run_dir", "node_id", "node_ip", "error")}

@@ -19,16 +19,29 @@ def test_the_configuration_reference_is_current():
         "docs/reference.md is stale: run python -m sim.reference")
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors a Markdown page's headings get, as GitHub makes them: lower case, punctuation dropped, spaces to
+    hyphens, a repeated heading numbered (fenced code is not headings)."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        yield slug if seen[slug] == 0 else f"{slug}-{seen[slug]}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_every_relative_link_resolves(page):
+    """Every relative link names a file that exists and, in a Markdown page, a heading's anchor that exists."""
     broken = []
     for target in LINK.findall(page.read_text()):
-        if re.match(r"[a-z]+://|mailto:|#", target):
+        if re.match(r"[a-z]+://|mailto:", target):
             continue
-        path = target.split("#", 1)[0]
-        if not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        file = page.parent / path if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in set(anchors(file))):
             broken.append(target)
-    assert not broken, f"{page.relative_to(ROOT)} links to missing files: {broken}"
+    assert not broken, f"{page.relative_to(ROOT)} links to missing files or anchors: {broken}"
 
 
 def test_the_readme_links_every_page():

@@ -142,7 +142,8 @@ def markdown() -> str:
     presets = detectors.presets()
     out += ["## Detectors", "",
             "`detectors.NAME.kind=KIND` adds a detector named NAME (its log columns are `NAME_score`,",
-            "`NAME_flagged`, `NAME_seq`, `NAME_round`, `NAME_as_of`); these names are always there and need no kind. More in [detection](detection.md).", "",
+            "`NAME_flagged`, `NAME_seq`, `NAME_round`, `NAME_as_of`); these names are always there and need no kind.",
+            "More in [detection](detection.md).", "",
             "| name | kind | settings |", "|---|---|---|"]
     for name, p in presets.items():
         out.append(f"| `{name}` | `{p['kind']}` | {_settings({k: v for k, v in p.items() if k != 'kind'})} |")

@@ -39,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     from sim.errors import SimError
     from sim.querylog import exists
 
-    from . import comparison, plots, sweep, write_report
+    from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError
     from .replay import prepare, replay
 
     try:
+        replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group != "account"),
+                                                ("--order", args.order), ("--name", args.name)) if given]
+        if replay_only and not args.replay:
+            one = len(replay_only) == 1
+            raise SimError(f"{', '.join(replay_only)} {'is a setting' if one else 'are settings'} of a replay; "
+                           f"expected --replay KIND with {'it' if one else 'them'}")
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise SimError(f"--out {args.out!r} is a file; expected a directory for the comparison")
         params = {}
         for item in args.param:
             if "=" not in item:
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
         args.runs = runs
         for run in args.runs:
+            if not storage.exists(run):
+                raise SimError(f"RUN_DIR={run!r} does not exist; expected a run directory (runs/<scenario>/<time>)")
             if not exists(storage.join(run, "queries")):
                 raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
         for run in args.runs:
@@ -79,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                     models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")
+            if read_summary(run) is None:
+                print(f"{run}: summary.json is missing or unreadable (an interrupted run?): the report comes from the "
+                      f"query log alone")
             if storage.exists(alerts.path_of(run)):
                 found = alerts.summary(alerts.read(run))
                 print(f"{run}: alerts: " + (", ".join(f"{s['source']} {s['alerts']} on {s['accounts']} accounts"

@@ -69,7 +69,9 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     scenario, run_id = (summary.scenario, summary.run_id) if summary else (os.path.basename(run_dir), "?")
     lines = [f"# Run report: {scenario}", ""]
     lines += [f"Run `{run_id}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
-              "Written by `python -m analysis` from the run directory alone (query log, summary.json).", ""]
+              "Written by `python -m analysis` from the run directory alone "
+              + ("(query log, summary.json)." if summary else
+                 "(the query log alone: it has no readable summary.json, so replicas and flags are not shown)."), ""]
     if summary:
         v, d = summary.victim, summary.defense
         params = ", ".join(f"{k}={val}" for k, val in d.params.items())

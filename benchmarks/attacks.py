@@ -52,6 +52,7 @@ import torch
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
+from sim.cli import count, nonnegative, script
 from sim.errors import ConfigError, DataError
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -221,10 +222,10 @@ def table(cells: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist5k"], choices=list(SCENARIO))
     ap.add_argument("--attacks", nargs="+", default=["knockoff", "jbda", "jb_self", "jb_top3", "dfme"])
-    ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 5000, 10000, 50000])
+    ap.add_argument("--budgets", nargs="+", type=count, default=[1000, 5000, 10000, 50000])
     ap.add_argument("--variant", default="default", choices=["default", "mad_code"],
                     help="mad_code: the MAD authors' code (reference mode)")
     ap.add_argument("--without", nargs="+", default=[], choices=OPTIONAL,
@@ -234,13 +235,14 @@ def main() -> None:
                          "the code's transfer set with the clean replica")
     ap.add_argument("--clean-settings", nargs="+", default=[], choices=SETTINGS,
                     help="with --variant mad_code: these settings at the clean mode's value, not the code's")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (victim, attack and replica)")
-    ap.add_argument("--replica-epochs", type=int, default=None, help="replica epochs (default: by budget and variant)")
-    ap.add_argument("--pool-sizes", nargs="+", type=int, default=[None],
+    ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0], help="seeds (victim, attack and replica)")
+    ap.add_argument("--replica-epochs", type=count, default=None,
+                    help="replica epochs (default: by budget and variant)")
+    ap.add_argument("--pool-sizes", nargs="+", type=count, default=[None],
                     help="Knockoff only: distinct pool images, one cell per size (default: the whole pool)")
     ap.add_argument("--pools", nargs="+", default=[None],
                     help="Knockoff only: pools (dataset names joined by +), one cell per pool (default: the one above)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
@@ -309,4 +311,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -26,6 +26,8 @@ import ray
 import torch
 from serving import served  # benchmarks/serving.py
 
+from sim.cli import count, positive, script
+
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
     "top_k": {"k": 1},
@@ -54,11 +56,11 @@ def best_rate(fn, n_per_call: int, seconds: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--reference-queries", type=int, default=64, help="queries for the per-sample MAD")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--seconds", type=positive, default=8.0, help="per measurement")
+    ap.add_argument("--clients", type=count, default=4)
+    ap.add_argument("--batch", type=count, default=64)
+    ap.add_argument("--reference-queries", type=count, default=64, help="queries for the per-sample MAD")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "defenses.json"))
     ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown tables from --out")
     args = ap.parse_args()
@@ -160,4 +162,4 @@ def write_markdown(result: dict, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -55,6 +55,7 @@ import torch
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
+from sim.cli import count, nonnegative, script
 from sim.detectors.link import REASONS
 from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
@@ -397,20 +398,21 @@ def tables(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 4000])
-    ap.add_argument("--accounts", nargs="+", type=int, default=[1, 10, 50, 100])
-    ap.add_argument("--cohort", type=int, default=25, help="attacker accounts per sign-up cohort")
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--budgets", nargs="+", type=count, default=[1000, 4000])
+    ap.add_argument("--accounts", nargs="+", type=count, default=[1, 10, 50, 100])
+    ap.add_argument("--cohort", type=count, default=25, help="attacker accounts per sign-up cohort")
     ap.add_argument("--parts", nargs="+", default=["same", "sybil", "population", "prada_sizes"],
                     choices=["same", "sybil", "population", "prada_sizes"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="population and prada_sizes: the seeds")
+    ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0, 1, 2],
+                    help="population and prada_sizes: the seeds")
     ap.add_argument("--variant", default="default", choices=["default", "same_code"],
                     help="same_code: part 1 in the SAME authors' code's reference mode, into the 'same_code' entry "
                          "(with --mae other than cpu: 'same_code_mae_<size>')")
     ap.add_argument("--mae", default="cpu", choices=list(MAE_SIZES), help="same_code's MAE size and schedule")
     ap.add_argument("--without", nargs="+", default=[], choices=WITHOUT,
                     help="with --variant same_code: turn these choices of the code off (into 'same_code_without_...')")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "detection.json"))
     args = ap.parse_args()
     if args.without and args.variant != "same_code":
@@ -448,4 +450,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -31,6 +31,8 @@ import numpy as np
 import ray
 from serving import encode  # benchmarks/serving.py: request bodies in each encoding
 
+from sim.cli import count, positive, script
+
 
 def rss_mb(pid: int) -> float | None:
     """Resident memory of a local process in MiB (Linux /proc), or None once it is gone."""
@@ -208,15 +210,15 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=5.0)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--rate", type=float, default=None, help="requests per second, all clients together (paced)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--replicas", type=int, default=2)
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--minutes", type=positive, default=5.0)
+    ap.add_argument("--clients", type=count, default=16)
+    ap.add_argument("--rate", type=positive, default=None, help="requests per second, all clients together (paced)")
+    ap.add_argument("--batch", type=count, default=16)
+    ap.add_argument("--replicas", type=count, default=2)
     ap.add_argument("--encoding", choices=("base64", "json", "npy"), default="base64")
     ap.add_argument("--no-prada", dest="prada", action="store_false")
-    ap.add_argument("--window", type=float, default=15.0, help="seconds per row of the time series")
+    ap.add_argument("--window", type=positive, default=15.0, help="seconds per row of the time series")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load.json"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON")
     args = ap.parse_args()
@@ -241,4 +243,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

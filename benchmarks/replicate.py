@@ -50,6 +50,7 @@ from analysis.claims import (
     spread,
 )
 from analysis.sweep import distortion_to_reach
+from sim.cli import script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = ["victim.epochs=3", "victim.quant.epochs=1", "benign.users=1", "benign.queries=40",
@@ -1085,7 +1086,7 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="small budgets and training: minutes on 2 cores")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")
@@ -1099,6 +1100,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json")
+    if args.report_only and not os.path.exists(out):
+        ap.error(f"--report-only rewrites the table from {out!r}, which does not exist; expected a replication JSON")
+    unknown = sorted(set(args.skip) - {label for c in CLAIMS for label in c.cells})
+    if unknown:
+        ap.error(f"--skip {' '.join(unknown)}: not a cell label; expected labels such as "
+                 f"{', '.join(sorted({label for c in CLAIMS for label in c.cells})[:4])}, …")
     result = json.load(open(out)) if os.path.exists(out) else {"cells": {}}
     result.update(quick=args.quick, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
     if not args.report_only:
@@ -1137,4 +1144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -31,6 +31,8 @@ import platform
 import sys
 import time
 
+from sim.cli import script
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
     "splits_knockoff": [(f"{n} accounts", "distributed_knockoff",  # 4 actors, or 1 for a single account
@@ -266,7 +268,7 @@ def write_tables(path: str, result: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="run each run at these seeds (seed 0: the "
                                                                        "tables; the others: the spread)")
@@ -274,6 +276,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
     ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))
     args = ap.parse_args()
+    if args.report_only and not os.path.exists(args.out):
+        ap.error(f"--report-only rewrites the tables from {args.out!r}, which does not exist; expected runs.json")
     result = {"runs": {}}
     if os.path.exists(args.out) and not args.fresh:
         result = json.load(open(args.out))
@@ -308,4 +312,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

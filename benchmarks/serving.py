@@ -41,6 +41,8 @@ import numpy as np
 import ray
 import torch
 
+from sim.cli import count, positive, script
+
 MANY_ACCOUNTS = 64  # accounts per client in the pipeline's many-accounts row
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
 PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
@@ -133,6 +135,16 @@ def encode(images: np.ndarray, encoding: str, batch: int, count: int = 8) -> tup
     return bodies, "application/x-npy" if encoding == "npy" else "application/json"
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), sum(ticks)  # less idle and I/O wait
+
+
 def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: int, seconds: float,
            replicas: int = 1, shards: int | None = None, threads: int = 1, encoding: str | None = None,
            port: int | None = None, replica_cpus: float | None = None, device: str = "cpu",
@@ -158,7 +170,9 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
               for i in range(clients)]
     try:
         ray.get([a.warm.remote(batch) for a in actors])
+        before = _cpu_jiffies()
         out = ray.get([a.run.remote(seconds, batch) for a in actors])
+        after = _cpu_jiffies()
     finally:
         delete(spec, app)
         for a in actors:
@@ -166,8 +180,10 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
     total = sum(o["images"] for o in out)
     secs = max(o["seconds"] for o in out)
     lat = np.concatenate([o["latencies"] for o in out]) * 1e3
+    busy = round((after[0] - before[0]) / (after[1] - before[1]), 3) if before and after else None
     return {"images_per_s": round(total / secs, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests": int(len(lat))}
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests": int(len(lat)),
+            "busy": busy}  # the machine's share of CPU time in use while the clients ran, theirs included
 
 
 def _line(label: str, r: dict, ref: float | None = None, what: str = "served/raw") -> None:
@@ -194,6 +210,8 @@ def pipeline(victim, images, raw: float, args) -> dict:
     rows = []
     for (prada, log, accounts), rs in runs.items():
         row = {k: round(float(np.median([r[k] for r in rs])), 2) for k in ("images_per_s", "p50_ms", "p99_ms")}
+        if all(r.get("busy") is not None for r in rs):
+            row["busy"] = round(float(np.median([r["busy"] for r in rs])), 3)
         row.update(log=log, prada=prada, accounts=accounts, requests=sum(r["requests"] for r in rs),
                    served_over_raw=round(row["images_per_s"] / raw, 3))
         rows.append(row)
@@ -416,15 +434,16 @@ def linking() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--clients", type=int, default=8,
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--seconds", type=positive, default=10.0)
+    ap.add_argument("--clients", type=count, default=16,
                     help="closed-loop clients of the pipeline and device sections: enough to keep the cores busy in "
-                         "every configuration (with 4, PRADA's requests waiting on their shard left them partly idle)")
-    ap.add_argument("--rounds", type=int, default=3, help="turns of the pipeline's configurations")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--replicas", type=int, default=2, help="Serve replicas of the victim")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+                         "every configuration (with 8, PRADA's requests waiting on their shard left a quarter of the "
+                         "machine idle; the pipeline table's 'busy' column shows it)")
+    ap.add_argument("--rounds", type=count, default=3, help="turns of the pipeline's configurations")
+    ap.add_argument("--batch", type=count, default=64)
+    ap.add_argument("--replicas", type=count, default=2, help="Serve replicas of the victim")
+    ap.add_argument("--threads", type=count, default=1, help="torch threads per replica")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from --out's JSON")
@@ -510,22 +529,26 @@ def table(result: dict) -> str:
                   f"{p['clients']} client actors sending {p['batch']} images per request through DeploymentHandles to "
                   f"{p['replicas']} Serve replicas (1 torch thread each); PRADA's state in the detection tier "
                   f"({p['replicas']} shards). Measuring starts once every client is up and has had one answer.", "",
-                  "| configuration | images/s | p50 ms | p99 ms | served ÷ raw |", "|---|---:|---:|---:|---:|"]
+                  "| configuration | images/s | p50 ms | p99 ms | served ÷ raw | machine busy |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in p["rows"]:
             many = f", {r['accounts']} accounts per client" if r.get("accounts", 1) > 1 else ""
+            busy = f"{r['busy']:.0%}" if r.get("busy") is not None else "–"
             lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'}{many} | "
                          f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                         f"{r['served_over_raw']:.2f} |")
+                         f"{r['served_over_raw']:.2f} | {busy} |")
         def ratio(r) -> str:
             return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"
 
         lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
-                      f"ratio is the median of the rounds' own ratios. PRADA's cost, served with PRADA ÷ without, log "
-                      f"on: {ratio(p['prada_cost'])} with one account per client, whose history grows to thousands of "
-                      f"queries in the run (PRADA's Shapiro-Wilk test costs time in proportion to it, on every query); "
-                      f"{ratio(p['prada_cost_many'])} with {p['many_accounts']} accounts per client in turn, whose "
-                      f"histories stay a few hundred queries long. The log: served with it ÷ without (PRADA off) "
-                      f"{ratio(p['log_cost'])}.", ""]
+                      f"ratio is the median of the rounds' own ratios. Machine busy: the share of all cores' time in "
+                      f"use while the clients ran (the clients' own included); below 100% the clients were too few "
+                      f"to load the service, and a ratio measures latency rather than cost. PRADA's cost, served "
+                      f"with PRADA ÷ without, log on: {ratio(p['prada_cost'])} with one account per client, whose "
+                      f"history grows to thousands of queries in the run (PRADA's Shapiro-Wilk test costs time in "
+                      f"proportion to it, on every query); {ratio(p['prada_cost_many'])} with {p['many_accounts']} "
+                      f"accounts per client in turn, whose histories stay a few hundred queries long. The log: served "
+                      f"with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
     h = result.get("http")
     if h:
         lines += ["## HTTP encodings" + measured(h), "",
@@ -613,4 +636,4 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

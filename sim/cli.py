@@ -11,6 +11,41 @@ import time
 
 from .errors import Interrupted, RunFailed, SimError
 
+
+def _number(kind, low: float, strict: bool, expected: str):
+    """An argparse type: ``kind`` of the text, above ``low`` (or at it when not ``strict``)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+        return value
+    return parse
+
+
+count = _number(int, 1, False, "an integer >= 1")  # argparse types for the scripts' options
+nonnegative = _number(int, 0, False, "an integer >= 0")
+positive = _number(float, 0, True, "a number > 0")
+
+
+def script(main) -> None:
+    """Run a command-line script's ``main`` (the benchmarks' scripts) and exit: a user's mistake (a bad setting, a
+    file that is not there) is one line on stderr and exit status 2, as for ``python -m sim``."""
+    try:
+        code = main()
+    except SimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code or 0)
+
+
 USAGE = """\
 usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print its summary
        python -m sim serve scenario=NAME [key=value ...]  serve its victim on 127.0.0.1 until Ctrl-C

@@ -238,6 +238,9 @@ class AttackerConfig(BaseModel):
                              "each actor needs at least one account")
         if self.actors > self.budget:
             raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
+        if self.accounts > self.budget:
+            raise ValueError(f"accounts ({self.accounts}) must be <= budget ({self.budget}): more accounts than "
+                             f"queries leaves some that never send one")
         if self.account_cap is not None and self.account_cap * self.accounts < self.budget:
             raise ValueError(f"account_cap={self.account_cap} x accounts={self.accounts} is less than budget="
                              f"{self.budget}; expected account_cap >= {-(-self.budget // self.accounts)} "
@@ -636,8 +639,11 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if base is None:
         raw.setdefault("name", Path(name_or_path).stem)
         return raw
-    if base in seen:
-        raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (base,))}")
+    near = Path(name_or_path).parent / base  # a file's base is looked for beside it first
+    if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() and near.exists():
+        base = str(near)
+    if base in seen + (name_or_path,):
+        raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (name_or_path, base))}")
     merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, seen + (name_or_path,))), OmegaConf.create(raw))
     out = OmegaConf.to_container(merged)
     out["name"] = raw.get("name", Path(name_or_path).stem)
@@ -661,6 +667,9 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         for item in overrides:
             key, _, value = item.partition("=")
             if key == "defense":
+                if value.lstrip().startswith(("{", "[")):
+                    raise ConfigError(f"defense={value!r} is not a defense name; expected defense=NAME (or A+B) "
+                                      f"and its parameters as defense.PARAM=VALUE")
                 raw["defense"] = {"name": value}
             _switch_kind(raw, key, value)
         overrides = [item for item in overrides if not item.startswith("defense=")]
@@ -673,6 +682,12 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
                 for item in overrides:
                     if "=" not in item:
                         raise ConfigError(f"override {item!r} must look like key=value")
+                    try:
+                        OmegaConf.from_dotlist([item])
+                    except yaml.YAMLError:
+                        key, _, value = item.partition("=")
+                        raise ConfigError(f"{key}={value!r} is not a value; expected a number, a word, [a, list] or "
+                                          f"{{a: mapping}} (quote a value that holds YAML's symbols)") from None
                 extra = OmegaConf.from_dotlist(list(overrides))
             conf = OmegaConf.merge(conf, extra)
         except OmegaConfBaseException as exc:

@@ -1,7 +1,7 @@
 """The configuration reference, generated from the configuration models and the component declarations.
 
-``python -m sim.reference [PATH]`` (from the repository root) rewrites ``docs/reference.md``; ``python -m sim help``
-prints the same keys as text. A test fails when the checked-in reference is stale, so nothing here is typed by
+``python -m sim.reference [PATH]`` rewrites this checkout's ``docs/reference.md`` (or writes PATH); ``python -m sim
+help`` prints the same keys as text. A test fails when the checked-in reference is stale, so nothing here is typed by
 hand twice.
 """
 
@@ -220,8 +220,19 @@ def text() -> str:
     return "\n\n".join(parts)
 
 
-if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/reference.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sim.reference", description=__doc__.splitlines()[0])
+    ap.add_argument("path", nargs="?", default=str(Path(__file__).resolve().parents[1] / "docs" / "reference.md"),
+                    help="the Markdown file to write (default: this checkout's docs/reference.md)")
+    out = Path(ap.parse_args(argv).path)
+    if out.is_dir() or not out.parent.is_dir():
+        ap.error(f"PATH {str(out)!r}: expected a file in an existing directory")
     out.write_text(markdown() + "\n")
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

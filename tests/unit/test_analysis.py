@@ -169,12 +169,21 @@ def test_cli_writes_a_report_with_figures(run_dir, capsys):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli([str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: RUN_DIR=")
+    assert capsys.readouterr().err.strip().endswith("nope' does not exist; expected a run directory "
+                                                    "(runs/<scenario>/<time>)")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli([str(empty)]) == 2
-    assert cli([str(empty), "--param", "delta"]) == 2
+    assert capsys.readouterr().err.strip().endswith("empty' holds no query log; expected a run directory "
+                                                    "(runs/<scenario>/<time>)")
+    assert cli([str(empty), "--replay", "prada", "--param", "delta"]) == 2
     assert "must look like KEY=VALUE" in capsys.readouterr().err
+    assert cli([str(empty), "--param", "delta=0.9", "--group", "all"]) == 2  # a replay's settings without a replay
+    assert capsys.readouterr().err.strip() == ("error: --param, --group are settings of a replay; expected --replay "
+                                               "KIND with them")
+    (tmp_path / "afile").write_text("")
+    assert cli([str(empty), str(empty), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; expected a directory for the comparison" in capsys.readouterr().err
 
 
 def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir, tmp_path):
@@ -191,6 +200,17 @@ def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir,
     assert "needs both attacker" in analysis.detection_report(refused_only)["prada"]["query"]["all"]["error"]
     (tmp_path / "summary.json").write_text('{"run_id": "x"}')  # not a run summary: ignored
     assert analysis.read_summary(str(tmp_path)) is None
+
+
+def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "summary.json").write_text("{bad")  # an interrupted write, a hand edit
+    assert cli([str(run)]) == 0
+    assert "summary.json is missing or unreadable (an interrupted run?)" in capsys.readouterr().out
+    assert "(the query log alone: it has no readable summary.json" in (run / "report.md").read_text()
 
 
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):

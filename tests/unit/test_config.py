@@ -48,6 +48,12 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("attackers.single.dfme.step=0", "unknown key 'attackers.single.dfme.step'; known keys here: attack, budget"),
     ("attackers.single.adaptive.arms=pixels",
      "attackers.single.adaptive.arms must be one of: labels, clusters, got 'pixels'"),
+    ("attackers.single.accounts=1501", r"attackers.single: accounts \(1501\) must be <= budget \(1500\)"),
+    ("attackers.single.adaptive.rewards=[certainty,", r"attackers.single.adaptive.rewards='\[certainty,' is not a "
+                                                      r"value; expected a number, a word, \[a, list\] or"),
+    ("seed==", "seed='=' is not a value"),
+    ("defense={name: mad, eps: 0.5}", "defense='{name: mad, eps: 0.5}' is not a defense name; expected defense=NAME "
+                                      r"\(or A\+B\) and its parameters as defense.PARAM=VALUE"),
     ("attackers.single.strategy=adaptive", None),
     ("attackers.single.sample_with_replacement=true", None),
 ])
@@ -105,8 +111,17 @@ def test_scenario_file_path_and_extends(tmp_path):
 def test_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
     (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
-    with pytest.raises(ConfigError, match="cycle"):
-        config.load(str(tmp_path / "a.yaml"))
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with pytest.raises(ConfigError, match=f"extends='{a}' makes a cycle: {a} -> {b} -> {a}$"):
+        config.load(str(a))
+
+
+def test_extends_finds_a_relative_base_beside_the_file(tmp_path, monkeypatch):
+    (tmp_path / "base.yaml").write_text("extends: single_knockoff\nseed: 3\n")
+    (tmp_path / "mine.yaml").write_text("extends: base.yaml\nvictim:\n  epochs: 2\n")
+    monkeypatch.chdir(tmp_path.parent)  # not where the files are
+    cfg = config.load(str(tmp_path / "mine.yaml"))
+    assert cfg.seed == 3 and cfg.victim.epochs == 2 and "single" in cfg.attackers
 
 
 def test_resolved_config_round_trips_through_yaml():
@@ -128,6 +143,43 @@ def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_scripts_report_a_users_mistake_in_one_line_with_status_2(tmp_path, capsys):
+    """The benchmarks' scripts run their main through sim.cli.script; their options are checked as they parse."""
+    import argparse
+
+    from sim import cli
+
+    def bad_setting():
+        config.load("single_knockoff", ["seed=-1"])
+
+    def missing_file():
+        open(tmp_path / "results.json")
+
+    for main, message in ((bad_setting, "error: seed must be >= 0, got -1"),
+                          (missing_file, f"error: {tmp_path / 'results.json'}: No such file or directory")):
+        with pytest.raises(SystemExit) as info:
+            cli.script(main)
+        assert info.value.code == 2 and capsys.readouterr().err.strip() == message
+    with pytest.raises(SystemExit) as info:
+        cli.script(lambda: None)
+    assert info.value.code == 0
+    assert cli.count("3") == 3 and cli.nonnegative("0") == 0 and cli.positive("0.5") == 0.5
+    for parse, text in ((cli.count, "0"), (cli.count, "2.5"), (cli.nonnegative, "-1"), (cli.positive, "0")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not "):
+            parse(text)
+
+
+def test_the_reference_writer_takes_one_file_path(tmp_path, capsys):
+    from sim import reference
+
+    assert reference.main([str(tmp_path / "ref.md")]) == 0
+    assert (tmp_path / "ref.md").read_text().startswith("# Configuration reference")
+    for args in ([str(tmp_path)], [str(tmp_path / "no" / "ref.md")], ["a.md", "b.md"], ["--nope"]):
+        with pytest.raises(SystemExit) as info:
+            reference.main(args)
+        assert info.value.code == 2 and "error:" in capsys.readouterr().err
 
 
 def test_cli_help_lists_scenarios_and_keys():

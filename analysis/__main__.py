@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(run)
         args.runs = runs
         for run in args.runs:
-            if not storage.exists(run):
-                raise SimError(f"RUN_DIR={run!r} does not exist; expected a run directory (runs/<scenario>/<time>)")
+            if not storage.exists(run) or os.path.isfile(run):
+                raise SimError(f"RUN_DIR={run!r} {'is a file' if os.path.isfile(run) else 'does not exist'}; expected "
+                               f"a run directory (runs/<scenario>/<time>)")
             if not exists(storage.join(run, "queries")):
                 raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
         for run in args.runs:

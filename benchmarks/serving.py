@@ -450,8 +450,9 @@ def main() -> None:
     args = ap.parse_args()
     md = os.path.splitext(args.out)[0] + ".md"
     if args.report_only:
+        text = table(json.load(open(args.out)))
         with open(md, "w") as fh:
-            fh.write(table(json.load(open(args.out))))
+            fh.write(text)
         return
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))

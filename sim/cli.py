@@ -90,6 +90,8 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
             if mode == "sweep":
                 raise SimError(f"{arg!r}: a second sweep; expected one sweep=NAME")
             mode, overrides = "sweep", [arg, *overrides]
+        elif arg.startswith("-") and "=" in arg:
+            raise SimError(f"argument {arg!r} is not understood; expected {arg.lstrip('-')} (key=value, no dashes)")
         elif "=" in arg:
             overrides.append(arg)
         else:

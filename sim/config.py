@@ -766,12 +766,15 @@ def _one_line(exc: ValidationError, root: type[BaseModel] | None = None, prefix:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     value = err.get("input")
-    if err["type"] == "model_type" or isinstance(value, dict):
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type") and not isinstance(value, dict):
+        return f"{key} must be a mapping of keys ({key}.KEY=VALUE), got {value!r}"
+    if err["type"] in ("value_error", "assertion_error") and isinstance(value, dict):  # a model's own check
         return f"{key}: {msg}" if key else msg
     msg = msg.replace("Input should be", "must be").replace("greater than or equal to", ">=").replace(
         "less than or equal to", "<=").replace("greater than", ">").replace("less than", "<")
+    msg = msg.split(", got ")[0].split(", unable to parse")[0]  # pydantic's own reason: the value says it
     where = f"{key} " if key else ""
-    return f"{where}{msg[0].lower() + msg[1:]}, got {value!r}"
+    return f"{where}{msg[0].lower() + msg[1:]}, got {'null (an empty value)' if value is None else repr(value)}"
 
 
 def to_yaml(cfg: ScenarioConfig) -> str:

@@ -95,16 +95,18 @@ def _wait_with_progress(refs: list, board, keys: list[str], bar, on_poll=None) -
     """Wait until ``refs`` are ready (done or failed) while showing the sum of the board's counters of ``keys`` on
     ``bar`` (and calling ``on_poll(board)`` after each look)."""
     pending = list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        snapshot = ray.get(board.snapshot.remote())
-        done = sum(snapshot.get(key, 0) for key in keys)
-        bar.update(done - bar.n)
-        if on_poll is not None:
-            on_poll(board)
-    if bar.total:
-        bar.update(bar.total - bar.n)
-    bar.close()
+    try:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            snapshot = ray.get(board.snapshot.remote())
+            done = sum(snapshot.get(key, 0) for key in keys)
+            bar.update(done - bar.n)
+            if on_poll is not None:
+                on_poll(board)
+        if bar.total:
+            bar.update(bar.total - bar.n)
+    finally:  # Ctrl-C too: the bar ends its line, so what is printed next starts on its own
+        bar.close()
 
 
 class _Bars:

@@ -29,7 +29,11 @@ def test_overrides_change_values_and_can_add_an_attacker():
                        "key_file, client, epochs"),
     ("bogus=1", "unknown key 'bogus'; known keys here: name, description, seed"),
     ("victim.epochs=0", "victim.epochs must be >= 1, got 0"),
-    ("victim.epochs=abc", "victim.epochs must be a valid integer.*got 'abc'"),
+    ("victim.epochs=abc", "victim.epochs must be a valid integer, got 'abc'$"),
+    ("attackers.single.budget=1.5", "attackers.single.budget must be a valid integer, got 1.5$"),
+    ("victim=3", r"victim must be a mapping of keys \(victim.KEY=VALUE\), got 3$"),
+    ("seed.foo=1", "seed must be a valid integer, got {'foo': 1}$"),
+    ("attackers.single.attack=", r"attackers.single.attack must be a valid string, got null \(an empty value\)$"),
     ("detectors.prada.delta=1.5", r"detectors.prada.delta must be a number in \(0, 1\], got 1.5"),
     ("detectors.prada.action=block",
      "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
@@ -136,6 +140,8 @@ def test_resolved_config_round_trips_through_yaml():
     (["scenario=nope"], "error: scenario='nope' is not a known scenario"),
     (["scenario=single_knockoff", "victim.epoch=1"], "error: unknown key 'victim.epoch'"),
     (["scenario=single_knockoff", "stray"], "error: argument 'stray' is not understood"),
+    (["--scenario=single_knockoff"], "error: argument '--scenario=single_knockoff' is not understood; expected "
+                                     "scenario=single_knockoff (key=value, no dashes)"),
     (["victim.epochs=1"], "error: scenario=NAME is required"),
 ])
 def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(args, message):

@@ -439,7 +439,7 @@ def main() -> None:
     ap.add_argument("--clients", type=count, default=16,
                     help="closed-loop clients of the pipeline and device sections: enough to keep the cores busy in "
                          "every configuration (with 8, PRADA's requests waiting on their shard left a quarter of the "
-                         "machine idle; the pipeline table's 'busy' column shows it)")
+                         "machine idle; the pipeline table's 'machine busy' column shows it)")
     ap.add_argument("--rounds", type=count, default=3, help="turns of the pipeline's configurations")
     ap.add_argument("--batch", type=count, default=64)
     ap.add_argument("--replicas", type=count, default=2, help="Serve replicas of the victim")

@@ -766,6 +766,8 @@ def _one_line(exc: ValidationError, root: type[BaseModel] | None = None, prefix:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     value = err.get("input")
+    if err["type"] == "missing":
+        return f"{key} is missing; expected {key}=VALUE beside the keys given"
     if err["type"] in ("model_type", "model_attributes_type", "dict_type") and not isinstance(value, dict):
         return f"{key} must be a mapping of keys ({key}.KEY=VALUE), got {value!r}"
     if err["type"] in ("value_error", "assertion_error") and isinstance(value, dict):  # a model's own check

@@ -33,6 +33,8 @@ def test_overrides_change_values_and_can_add_an_attacker():
     ("attackers.single.budget=1.5", "attackers.single.budget must be a valid integer, got 1.5$"),
     ("victim=3", r"victim must be a mapping of keys \(victim.KEY=VALUE\), got 3$"),
     ("seed.foo=1", "seed must be a valid integer, got {'foo': 1}$"),
+    ("victim.preprocess.mean=[0.5]", "victim.preprocess.std is missing; expected victim.preprocess.std=VALUE beside "
+                                     "the keys given$"),
     ("attackers.single.attack=", r"attackers.single.attack must be a valid string, got null \(an empty value\)$"),
     ("detectors.prada.delta=1.5", r"detectors.prada.delta must be a number in \(0, 1\], got 1.5"),
     ("detectors.prada.action=block",

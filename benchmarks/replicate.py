@@ -1097,7 +1097,8 @@ def main() -> None:
                     help="measure the chosen cells again (each replaces its old value when it finishes; cells of "
                          "claims not chosen with --only are kept)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table from the JSON")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="the JSON (default: benchmarks/results/replication[-quick].json); "
+                                                "its cells' run directories go beside it, under runs/")
     args = ap.parse_args()
     out = args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json")
     if args.report_only and not os.path.exists(out):
@@ -1114,7 +1115,8 @@ def main() -> None:
                 for c in chosen for label, cell in c.cells.items() for s in args.seeds if label not in args.skip}
         todo = {label: cell for label, cell in todo.items() if args.fresh or label not in result["cells"]}
         todo = dict(sorted(todo.items(), key=lambda kv: not kv[1].sweep))  # sweeps (their own Ray) first
-        runs_dir = os.path.join(RESULTS, "runs", "replication-quick" if args.quick else "replication")
+        runs_dir = os.path.join(os.path.dirname(os.path.abspath(out)), "runs",  # beside --out
+                                "replication-quick" if args.quick else "replication")
         from sim.errors import DataError
 
         for i, (label, cell) in enumerate(todo.items(), 1):

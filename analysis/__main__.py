@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", metavar="KIND",
                     help="a detector kind to re-run over the logs (python -m sim help lists them)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a replayed detector's parameter")
-    ap.add_argument("--group", default="account", help="history key of the replay: account, actor, cohort or all")
+    ap.add_argument("--group", help="history key of the replay: account (default), actor, cohort or all")
     ap.add_argument("--order", metavar="NAME", help="follow the per-key order of the run's stateful detector NAME "
                                                    "(exact over many Serve replicas; default: arrival order)")
     ap.add_argument("--name", help="the replay's name in the report (default replay_KIND)")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from .replay import prepare, replay
 
     try:
-        replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group != "account"),
+        replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group),
                                                 ("--order", args.order), ("--name", args.name)) if given]
         if replay_only and not args.replay:
             one = len(replay_only) == 1
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 from . import read_run
 
                 replays[args.name or f"replay_{args.replay}"] = replay(
-                    read_run(run), args.replay, params, args.group, args.order,
+                    read_run(run), args.replay, params, args.group or "account", args.order,
                     models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")

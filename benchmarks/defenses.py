@@ -26,7 +26,7 @@ import ray
 import torch
 from serving import served  # benchmarks/serving.py
 
-from sim.cli import count, positive, script
+from sim.cli import count, description, positive, script
 
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
@@ -56,7 +56,7 @@ def best_rate(fn, n_per_call: int, seconds: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--seconds", type=positive, default=8.0, help="per measurement")
     ap.add_argument("--clients", type=count, default=4)
     ap.add_argument("--batch", type=count, default=64)
@@ -76,7 +76,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = config.load("mad_vs_knockoff")
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
-    mis = {"misinformation": zoo.ModelContext.of(cfg, victim).misinformation_model()}  # as a run prepares it
+    ctx = zoo.ModelContext.of(cfg, victim)
+    mis = {"misinformation": ctx.misinformation_model()}  # as a run prepares it
     images = victim.dataset.x_test
     x = images[:args.batch]
     clean = predict_probs(victim.model, x)
@@ -112,9 +113,9 @@ def main() -> None:
 
     serve.start(http_options={"location": "NoServer"})
     for row in rows:
-        r = served(victim, images, log=True, prada=False, clients=args.clients, batch=args.batch,
-                   seconds=args.seconds, defense={"name": row["defense"], **row["params"]},
-                   defense_models={"adaptive_misinformation": mis})
+        spec = {"name": row["defense"], **row["params"]}
+        r = served(victim, images, log=True, detectors={}, clients=args.clients, batch=args.batch,
+                   seconds=args.seconds, defense=spec, defense_models=defenses.prepare(spec, ctx))
         row["served_images_per_s"] = r["images_per_s"]
         row["served_p50_ms"] = r["p50_ms"]
     ray.shutdown()

@@ -55,7 +55,7 @@ import torch
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
-from sim.cli import count, nonnegative, script
+from sim.cli import count, description, nonnegative, script
 from sim.detectors.link import REASONS
 from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
@@ -398,7 +398,7 @@ def tables(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--budgets", nargs="+", type=count, default=[1000, 4000])
     ap.add_argument("--accounts", nargs="+", type=count, default=[1, 10, 50, 100])
     ap.add_argument("--cohort", type=count, default=25, help="attacker accounts per sign-up cohort")

@@ -31,7 +31,7 @@ import numpy as np
 import ray
 from serving import encode  # benchmarks/serving.py: request bodies in each encoding
 
-from sim.cli import count, positive, script
+from sim.cli import count, description, positive, script
 
 
 def rss_mb(pid: int) -> float | None:
@@ -210,7 +210,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--minutes", type=positive, default=5.0)
     ap.add_argument("--clients", type=count, default=16)
     ap.add_argument("--rate", type=positive, default=None, help="requests per second, all clients together (paced)")

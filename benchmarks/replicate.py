@@ -50,7 +50,7 @@ from analysis.claims import (
     spread,
 )
 from analysis.sweep import distortion_to_reach
-from sim.cli import script
+from sim.cli import description, nonnegative, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = ["victim.epochs=3", "victim.quant.epochs=1", "benign.users=1", "benign.queries=40",
@@ -1086,12 +1086,12 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--quick", action="store_true", help="small budgets and training: minutes on 2 cores")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")
     ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+    ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0],
                     help="run each cell (scenario or sweep) at these seeds; default 0")
     ap.add_argument("--fresh", action="store_true",
                     help="measure the chosen cells again (each replaces its old value when it finishes; cells of "

@@ -31,7 +31,7 @@ import platform
 import sys
 import time
 
-from sim.cli import script
+from sim.cli import description, nonnegative, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
@@ -268,10 +268,10 @@ def write_tables(path: str, result: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="run each run at these seeds (seed 0: the "
-                                                                       "tables; the others: the spread)")
+    ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0],
+                    help="run each run at these seeds (seed 0: the tables; the others: the spread)")
     ap.add_argument("--fresh", action="store_true", help="run every run again")
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
     ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))

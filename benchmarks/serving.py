@@ -41,7 +41,7 @@ import numpy as np
 import ray
 import torch
 
-from sim.cli import count, positive, script
+from sim.cli import count, description, positive, script
 
 MANY_ACCOUNTS = 64  # accounts per client in the pipeline's many-accounts row
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
@@ -139,7 +139,7 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     """(busy, total) CPU time of the whole machine so far, from /proc/stat (None where there is none)."""
     try:
         with open("/proc/stat") as fh:
-            ticks = [int(v) for v in fh.readline().split()[1:]]
+            ticks = [int(v) for v in fh.readline().split()[1:9]]  # user .. steal (guest time is in user)
     except (OSError, ValueError):
         return None
     return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), sum(ticks)  # less idle and I/O wait
@@ -148,9 +148,11 @@ def _cpu_jiffies() -> tuple[int, int] | None:
 def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: int, seconds: float,
            replicas: int = 1, shards: int | None = None, threads: int = 1, encoding: str | None = None,
            port: int | None = None, replica_cpus: float | None = None, device: str = "cpu",
-           replica_gpus: float = 0.0, accounts: int = 1) -> dict:
-    """Deploy the victim (a zoo victim, or ``(model bytes, input shape)``) with ``detectors`` and measure ``clients``
-    clients (``encoding``: over HTTP, else handles), each sending from ``accounts`` accounts in turn."""
+           replica_gpus: float = 0.0, accounts: int = 1, defense: dict | None = None,
+           defense_models: dict | None = None) -> dict:
+    """Deploy the victim (a zoo victim, or ``(model bytes, input shape)``) with ``detectors`` and ``defense``
+    (default: none; ``defense_models`` as :func:`sim.defenses.prepare` gives them) and measure ``clients`` clients
+    (``encoding``: over HTTP, else handles), each sending from ``accounts`` accounts in turn."""
     from sim.protocol import Account
     from sim.serving import VictimSpec, delete, deploy
 
@@ -159,7 +161,8 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
     tmp = tempfile.mkdtemp(prefix="bench-log-")
     model, shape = victim if isinstance(victim, tuple) else (victim.to_bytes(), victim.dataset.input_shape)
     spec = VictimSpec(victim="bench", run_id="bench", input_shape=shape, accounts=keys,
-                      model=model, detectors=detectors, rules={}, defense={"name": "identity"},
+                      model=model, detectors=detectors, rules={}, defense=defense or {"name": "identity"},
+                      defense_models=defense_models or {},
                       log_dir=tmp if log else None, log_inputs=True, max_images=max(256, batch), threads=threads,
                       shards=shards or replicas, state_dir=os.path.join(tmp, "tier"), device=device)
     app = f"bench-{int(time.time() * 1000) % 10**8}"
@@ -434,7 +437,7 @@ def linking() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--seconds", type=positive, default=10.0)
     ap.add_argument("--clients", type=count, default=16,
                     help="closed-loop clients of the pipeline and device sections: enough to keep the cores busy in "

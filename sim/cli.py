@@ -21,7 +21,7 @@ def _number(kind, low: float, strict: bool, expected: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
-        if value < low or (strict and value == low):
+        if not low <= value < float("inf") or (strict and value == low):  # nan compares false: refused too
             raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
         return value
     return parse
@@ -32,6 +32,11 @@ nonnegative = _number(int, 0, False, "an integer >= 0")
 positive = _number(float, 0, True, "a number > 0")
 
 
+def description(doc: str) -> str:
+    """A script's ``--help`` description: the whole first paragraph of its docstring, on one line."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def script(main) -> None:
     """Run a command-line script's ``main`` (the benchmarks' scripts) and exit: a user's mistake (a bad setting, a
     file that is not there) is one line on stderr and exit status 2, as for ``python -m sim``."""
@@ -40,8 +45,8 @@ def script(main) -> None:
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except OSError as exc:
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        print(f"error: {exc.filename}: {exc.strerror}" if exc.filename else f"error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
 

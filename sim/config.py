@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,8 +237,6 @@ class AttackerConfig(BaseModel):
         if self.actors > self.accounts:
             raise ValueError(f"actors ({self.actors}) must be <= accounts ({self.accounts}): "
                              "each actor needs at least one account")
-        if self.actors > self.budget:
-            raise ValueError(f"actors ({self.actors}) must be <= budget ({self.budget})")
         if self.accounts > self.budget:
             raise ValueError(f"accounts ({self.accounts}) must be <= budget ({self.budget}): more accounts than "
                              f"queries leaves some that never send one")
@@ -639,15 +638,26 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if base is None:
         raw.setdefault("name", Path(name_or_path).stem)
         return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"extends={base!r} in {name_or_path!r} is not a scenario; expected a scenario name or "
+                          f"the path of a .yaml file")
     near = Path(name_or_path).parent / base  # a file's base is looked for beside it first
     if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() and near.exists():
-        base = str(near)
-    if base in seen + (name_or_path,):
+        base = os.path.normpath(near)
+    if _same_file(base, seen + (name_or_path,)):
         raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (name_or_path, base))}")
     merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, seen + (name_or_path,))), OmegaConf.create(raw))
     out = OmegaConf.to_container(merged)
     out["name"] = raw.get("name", Path(name_or_path).stem)
     return out
+
+
+def _same_file(name_or_path: str, chain: tuple[str, ...]) -> bool:
+    """Whether a scenario name or path is one already in ``chain`` (paths compared as the files they reach)."""
+    def key(item: str) -> str:
+        return os.path.realpath(item) if item.endswith((".yaml", ".yml")) else item
+
+    return key(name_or_path) in {key(item) for item in chain}
 
 
 def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | None = None) -> ScenarioConfig:
@@ -692,6 +702,8 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             conf = OmegaConf.merge(conf, extra)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+        except TypeError:  # a list given where the scenario has a mapping, or the other way round
+            raise ConfigError(_kind_clash(raw, extra)) from None
     try:
         raw = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as exc:
@@ -702,6 +714,20 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             raise ConfigError(f"detector={alias!r} must be a mapping like detectors (detector.prada.action=…)")
         raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
     return validate(raw)
+
+
+def _kind_clash(raw: Any, extra, prefix: str = "") -> str:
+    """The message for overrides ``extra`` whose value is a list where ``raw`` has a mapping (or the reverse)."""
+    flat = extra if isinstance(extra, dict) else OmegaConf.to_container(extra)
+    for key, value in flat.items():
+        name, have = f"{prefix}{key}", raw.get(key) if isinstance(raw, dict) else None
+        if isinstance(value, list) and isinstance(have, dict):
+            return f"{name}={value!r} is a list; {name} must be a mapping of keys ({name}.KEY=VALUE)"
+        if isinstance(value, dict) and isinstance(have, list):
+            return f"{name}={value!r} is a mapping; {name} must be a list ({name}=[A, B])"
+        if isinstance(value, dict) and isinstance(have, dict):
+            return _kind_clash(have, value, f"{name}.")
+    return f"bad override: {flat!r} cannot merge with the scenario (a list where a mapping is expected, or the reverse)"
 
 
 _KINDED = {"attackers": ("attack", "attack", AttackerConfig), "detectors": ("kind", "detector", DetectorConfig)}
@@ -769,14 +795,18 @@ def _one_line(exc: ValidationError, root: type[BaseModel] | None = None, prefix:
     if err["type"] == "missing":
         return f"{key} is missing; expected {key}=VALUE beside the keys given"
     if err["type"] in ("model_type", "model_attributes_type", "dict_type") and not isinstance(value, dict):
-        return f"{key} must be a mapping of keys ({key}.KEY=VALUE), got {value!r}"
+        return f"{key} must be a mapping of keys ({key}.KEY=VALUE), got {_shown(value)}"
     if err["type"] in ("value_error", "assertion_error") and isinstance(value, dict):  # a model's own check
         return f"{key}: {msg}" if key else msg
     msg = msg.replace("Input should be", "must be").replace("greater than or equal to", ">=").replace(
         "less than or equal to", "<=").replace("greater than", ">").replace("less than", "<")
-    msg = msg.split(", got ")[0].split(", unable to parse")[0]  # pydantic's own reason: the value says it
+    msg = re.sub(r", (got |unable to ).*$", "", msg)  # pydantic's own reason, whose value the line shows
     where = f"{key} " if key else ""
-    return f"{where}{msg[0].lower() + msg[1:]}, got {'null (an empty value)' if value is None else repr(value)}"
+    return f"{where}{msg[0].lower() + msg[1:]}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    return "null (an empty value)" if value is None else repr(value)
 
 
 def to_yaml(cfg: ScenarioConfig) -> str:

@@ -181,6 +181,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli([str(empty), "--param", "delta=0.9", "--group", "all"]) == 2  # a replay's settings without a replay
     assert capsys.readouterr().err.strip() == ("error: --param, --group are settings of a replay; expected --replay "
                                                "KIND with them")
+    assert cli([str(empty), "--group", "account"]) == 2  # the default, named, is a replay's setting all the same
+    assert capsys.readouterr().err.strip() == "error: --group is a setting of a replay; expected --replay KIND with it"
     (tmp_path / "afile").write_text("")
     assert cli([str(empty), str(empty), "--out", str(tmp_path / "afile")]) == 2
     assert "is a file; expected a directory for the comparison" in capsys.readouterr().err

@@ -41,3 +41,30 @@ print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
     assert {"sim.plan", "sim.summarize", "sim.summary", "actors.client", "actors.attacks.knockoff",
             "sim.detectors.prada", "analysis.replay"} <= set(names) and int(count) == len(names)
     assert imported == "[]"
+
+
+def test_the_benchmarks_call_each_others_helpers_as_they_are_defined():
+    """The benchmarks run on demand, not in the suite: a call from one into another's helper (defenses.py into
+    serving.py's ``served``) with a keyword the helper lacks would fail only then. Checked here from the source."""
+    import ast
+
+    trees = {path.stem: ast.parse(path.read_text()) for path in (ROOT / "benchmarks").glob("*.py")}
+    defined = {}
+    for module, tree in trees.items():
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef):
+                a = node.args
+                defined[module, node.name] = ({p.arg for p in a.posonlyargs + a.args + a.kwonlyargs},
+                                              a.kwarg is not None)
+    wrong, checked = [], 0
+    for module, tree in trees.items():
+        imported = {alias.asname or alias.name: (node.module, alias.name) for node in tree.body
+                    if isinstance(node, ast.ImportFrom) and node.module in trees for alias in node.names}
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)):
+            target = imported.get(call.func.id, (module, call.func.id))
+            if target in defined:
+                names, any_keyword = defined[target]
+                checked += 1
+                wrong += [f"{module}.py:{call.lineno} {k.arg}=" for k in call.keywords
+                          if k.arg and k.arg not in names and not any_keyword]
+    assert checked > 20 and not wrong, wrong

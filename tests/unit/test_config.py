@@ -122,6 +122,32 @@ def test_extends_cycle_is_an_error(tmp_path):
         config.load(str(a))
 
 
+def test_a_relative_extends_cycle_is_found_and_extends_must_name_a_scenario(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("extends: sub/b.yaml\n")
+    (tmp_path / "sub" / "b.yaml").write_text("extends: ../a.yaml\n")  # the paths differ, the file is the same
+    a, b = tmp_path / "a.yaml", tmp_path / "sub" / "b.yaml"
+    with pytest.raises(ConfigError, match=f"extends='{a}' makes a cycle: {a} -> {b} -> {a}$"):
+        config.load(str(a))
+    (tmp_path / "c.yaml").write_text("extends: [single_knockoff]\n")
+    with pytest.raises(ConfigError, match=r"extends=\['single_knockoff'\] in '.*c.yaml' is not a scenario; expected "):
+        config.load(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("attackers=[1, 2]", "attackers=[1, 2] is a list; attackers must be a mapping of keys (attackers.KEY=VALUE)"),
+    ("victim=[1]", "victim=[1] is a list; victim must be a mapping of keys (victim.KEY=VALUE)"),
+    ("attackers.distributed=[1]", "attackers.distributed=[1] is a list; attackers.distributed must be a mapping of "
+                                  "keys (attackers.distributed.KEY=VALUE)"),
+    ("victim=", "victim must be a mapping of keys (victim.KEY=VALUE), got null (an empty value)"),
+    ("serve.http=maybe", "serve.http must be a valid boolean, got 'maybe'"),
+])
+def test_a_list_or_nothing_where_a_mapping_belongs_is_a_one_line_error(override, message):
+    with pytest.raises(ConfigError) as info:
+        config.load("distributed_knockoff", [override])
+    assert str(info.value) == message
+
+
 def test_extends_finds_a_relative_base_beside_the_file(tmp_path, monkeypatch):
     (tmp_path / "base.yaml").write_text("extends: single_knockoff\nseed: 3\n")
     (tmp_path / "mine.yaml").write_text("extends: base.yaml\nvictim:\n  epochs: 2\n")
@@ -174,7 +200,8 @@ def test_scripts_report_a_users_mistake_in_one_line_with_status_2(tmp_path, caps
         cli.script(lambda: None)
     assert info.value.code == 0
     assert cli.count("3") == 3 and cli.nonnegative("0") == 0 and cli.positive("0.5") == 0.5
-    for parse, text in ((cli.count, "0"), (cli.count, "2.5"), (cli.nonnegative, "-1"), (cli.positive, "0")):
+    for parse, text in ((cli.count, "0"), (cli.count, "2.5"), (cli.nonnegative, "-1"), (cli.positive, "0"),
+                        (cli.positive, "nan"), (cli.positive, "inf")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not "):
             parse(text)
 

@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_the_configuration_reference_is_current():
         "docs/reference.md is stale: run python -m sim.reference")
 
 
-def anchors(page: Path) -> set[str]:
+def anchors(page: Path) -> Iterator[str]:
     """The anchors a Markdown page's headings get, as GitHub makes them: lower case, punctuation dropped, spaces to
     hyphens, a repeated heading numbered (fenced code is not headings)."""
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)

@@ -321,10 +321,9 @@ def test_a_seed_pool_gives_the_seeds_and_their_labels_and_holds_no_test_image_ou
         with pytest.raises(ConfigError, match=match):
             make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits", *extra]), ds)
     # a joined pool's second dataset has classes 10 to 19, which are not the victim's
-    with pytest.raises(ConfigError, match=r"seed_pool='fashion_mnist\+digits' has labels 0 to 19; expected a "
+    with pytest.raises(ConfigError, match=r"seed_pool='digits\+digits' has labels 0 to 19; expected a "
                                           r"labelled pool of the victim's classes 0 to 9"):
-        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=fashion_mnist+digits"]),
-                  ds)
+        make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits+digits"]), ds)
     with pytest.raises(ConfigError, match=r"seed_pool='digits\+mnist5k' holds the victim's own dataset"):
         make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits+mnist5k"]), ds)
 

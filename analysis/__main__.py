@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 runs.append(run)
         args.runs = runs
+        if args.out and len(runs) < 2:
+            raise SimError(f"--out {args.out!r} is where several runs' comparison goes, and {len(runs)} run "
+                           f"{'is' if len(runs) == 1 else 'are'} given; expected two or more RUN_DIRs (a run's own "
+                           f"report is written in its directory)")
         for run in args.runs:
             if not storage.exists(run) or os.path.isfile(run):
                 raise SimError(f"RUN_DIR={run!r} {'is a file' if os.path.isfile(run) else 'does not exist'}; expected "

@@ -145,6 +145,40 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), sum(ticks)  # less idle and I/O wait
 
 
+# the processes whose CPU time the pipeline reports apart (a substring of their command line); the rest is Ray's own
+# processes (raylet, GCS, the Serve controller and proxy), the driver and whatever else the machine runs
+PROCESS_GROUPS = {"replicas": "ServeReplica", "shards": "ShardActor", "linkers": "LinkerActor",
+                  "clients": "BenchClient"}
+
+
+def _process_ticks() -> dict[int, tuple[str, int]]:
+    """Every process's CPU time so far (clock ticks, user + system) and its group ({} where there is no /proc)."""
+    out: dict[int, tuple[str, int]] = {}
+    if not os.path.isdir("/proc"):
+        return out
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        group = next((g for g, mark in PROCESS_GROUPS.items() if mark in cmd), "Ray and the rest")
+        out[int(pid)] = (group, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _cpu_by_group(before: dict, after: dict, images: int) -> dict[str, float]:
+    """CPU microseconds per image served, per group of processes, between two :func:`_process_ticks`."""
+    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid, (group, ticks) in after.items():
+        used[group] = used.get(group, 0.0) + (ticks - before.get(pid, (group, 0))[1]) * tick_us
+    return {g: round(us / max(images, 1), 1) for g, us in used.items() if us > 0}
+
+
 def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: int, seconds: float,
            replicas: int = 1, shards: int | None = None, threads: int = 1, encoding: str | None = None,
            port: int | None = None, replica_cpus: float | None = None, device: str = "cpu",
@@ -173,9 +207,9 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
               for i in range(clients)]
     try:
         ray.get([a.warm.remote(batch) for a in actors])
-        before = _cpu_jiffies()
+        before, procs = _cpu_jiffies(), _process_ticks()
         out = ray.get([a.run.remote(seconds, batch) for a in actors])
-        after = _cpu_jiffies()
+        after, procs_after = _cpu_jiffies(), _process_ticks()
     finally:
         delete(spec, app)
         for a in actors:
@@ -186,7 +220,8 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
     busy = round((after[0] - before[0]) / (after[1] - before[1]), 3) if before and after else None
     return {"images_per_s": round(total / secs, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
             "p99_ms": round(float(np.percentile(lat, 99)), 2), "requests": int(len(lat)),
-            "busy": busy}  # the machine's share of CPU time in use while the clients ran, theirs included
+            "busy": busy,  # the machine's share of CPU time in use while the clients ran, theirs included
+            "cpu_us_per_image": _cpu_by_group(procs, procs_after, total)}
 
 
 def _line(label: str, r: dict, ref: float | None = None, what: str = "served/raw") -> None:
@@ -215,6 +250,10 @@ def pipeline(victim, images, raw: float, args) -> dict:
         row = {k: round(float(np.median([r[k] for r in rs])), 2) for k in ("images_per_s", "p50_ms", "p99_ms")}
         if all(r.get("busy") is not None for r in rs):
             row["busy"] = round(float(np.median([r["busy"] for r in rs])), 3)
+        groups = sorted({g for r in rs for g in r.get("cpu_us_per_image", {})})
+        if groups:
+            row["cpu_us_per_image"] = {g: round(float(np.median([r["cpu_us_per_image"].get(g, 0.0) for r in rs])), 1)
+                                       for g in groups}
         row.update(log=log, prada=prada, accounts=accounts, requests=sum(r["requests"] for r in rs),
                    served_over_raw=round(row["images_per_s"] / raw, 3))
         rows.append(row)
@@ -515,6 +554,25 @@ def main() -> None:
     print(f"written to {args.out} and {md}")
 
 
+def cpu_table(rows: list[dict]) -> list[str]:
+    """Where the pipeline's CPU time goes: microseconds per image served, per group of processes ([] for results
+    measured before the benchmark recorded it)."""
+    rows = [r for r in rows if r.get("cpu_us_per_image")]
+    if not rows:
+        return []
+    groups = [g for g in (*PROCESS_GROUPS, "Ray and the rest") if any(g in r["cpu_us_per_image"] for r in rows)]
+    lines = ["Where the CPU time goes, in CPU microseconds per image served (from each process's own time in "
+             "/proc while the clients ran; medians over the rounds). At 100% busy the images per second are the cores' "
+             "time divided by the total, so a configuration's cost is the ratio of its total to another's.", "",
+             "| configuration | " + " | ".join(groups) + " | total |", "|---|" + "---:|" * (len(groups) + 1)]
+    for r in rows:
+        many = f", {r['accounts']} accounts per client" if r.get("accounts", 1) > 1 else ""
+        cpu = r["cpu_us_per_image"]
+        lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'}{many} | "
+                     + " | ".join(f"{cpu.get(g, 0.0):,.0f}" for g in groups) + f" | {sum(cpu.values()):,.0f} |")
+    return lines + [""]
+
+
 def table(result: dict) -> str:
     """The results as Markdown, one section per part measured."""
     m = result["machine"]
@@ -553,6 +611,7 @@ def table(result: dict) -> str:
                       f"proportion to it, on every query); {ratio(p['prada_cost_many'])} with {p['many_accounts']} "
                       f"accounts per client in turn, whose histories stay a few hundred queries long. The log: served "
                       f"with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
+        lines += cpu_table(p["rows"])
     h = result.get("http")
     if h:
         lines += ["## HTTP encodings" + measured(h), "",

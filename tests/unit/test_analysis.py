@@ -186,6 +186,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert cli([str(empty), str(empty), "--out", str(tmp_path / "afile")]) == 2
     assert "is a file; expected a directory for the comparison" in capsys.readouterr().err
+    assert cli([str(empty), "--out", str(tmp_path / "cmp")]) == 2  # one run: no comparison to write
+    assert capsys.readouterr().err.strip().endswith("1 run is given; expected two or more RUN_DIRs (a run's own "
+                                                    "report is written in its directory)")
 
 
 def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir, tmp_path):

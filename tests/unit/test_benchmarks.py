@@ -1,26 +1,16 @@
 """The serving benchmark's CPU accounting (benchmarks/serving.py): each process's time goes to its group."""
 
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def serving():
-    spec = importlib.util.spec_from_file_location("serving", ROOT / "benchmarks" / "serving.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serving"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("serving", None)
+    yield from benchmark_module("serving")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")

@@ -1,29 +1,20 @@
 """The replication report: its schema and vocabulary (analysis.claims) and the builder of
 benchmarks/replicate.py, on hand-made measurements (no runs)."""
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from analysis.claims import VERDICTS, Finding, Row, build, compare, markdown
 
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def replicate():
-    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["replicate"] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("replicate", None)
+    yield from benchmark_module("replicate")
 
 
 class Claim:
@@ -476,10 +467,7 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
 
 @pytest.fixture(scope="module")
 def attacks():
-    spec = importlib.util.spec_from_file_location("attacks_bench", ROOT / "benchmarks" / "attacks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from benchmark_module("attacks")
 
 
 def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool(attacks):

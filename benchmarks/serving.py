@@ -554,6 +554,12 @@ def main() -> None:
     print(f"written to {args.out} and {md}")
 
 
+def _configuration(row: dict) -> str:
+    """A pipeline row's configuration, as its tables name it."""
+    many = f", {row['accounts']} accounts per client" if row.get("accounts", 1) > 1 else ""
+    return f"log {'on' if row['log'] else 'off'}, PRADA {'on' if row['prada'] else 'off'}{many}"
+
+
 def cpu_table(rows: list[dict]) -> list[str]:
     """Where the pipeline's CPU time goes: microseconds per image served, per group of processes ([] for results
     measured before the benchmark recorded it)."""
@@ -566,10 +572,9 @@ def cpu_table(rows: list[dict]) -> list[str]:
              "time divided by the total, so a configuration's cost is the ratio of its total to another's.", "",
              "| configuration | " + " | ".join(groups) + " | total |", "|---|" + "---:|" * (len(groups) + 1)]
     for r in rows:
-        many = f", {r['accounts']} accounts per client" if r.get("accounts", 1) > 1 else ""
         cpu = r["cpu_us_per_image"]
-        lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'}{many} | "
-                     + " | ".join(f"{cpu.get(g, 0.0):,.0f}" for g in groups) + f" | {sum(cpu.values()):,.0f} |")
+        cells = [f"{cpu.get(g, 0.0):,.0f}" for g in groups] + [f"{sum(cpu.values()):,.0f}"]
+        lines.append(f"| {_configuration(r)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -594,10 +599,8 @@ def table(result: dict) -> str:
                   "| configuration | images/s | p50 ms | p99 ms | served ÷ raw | machine busy |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in p["rows"]:
-            many = f", {r['accounts']} accounts per client" if r.get("accounts", 1) > 1 else ""
             busy = f"{r['busy']:.0%}" if r.get("busy") is not None else "–"
-            lines.append(f"| log {'on' if r['log'] else 'off'}, PRADA {'on' if r['prada'] else 'off'}{many} | "
-                         f"{r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            lines.append(f"| {_configuration(r)} | {r['images_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                          f"{r['served_over_raw']:.2f} | {busy} |")
         def ratio(r) -> str:
             return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"

@@ -605,15 +605,22 @@ def table(result: dict) -> str:
         def ratio(r) -> str:
             return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"
 
+        def history(accounts: int) -> float:  # queries per account in a window, PRADA on and the log on
+            row = next(r for r in p["rows"] if r["prada"] and r["log"] and r["accounts"] == accounts)
+            return row["images_per_s"] * result["seconds_per_config"] / (p["clients"] * accounts)
+
         lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
                       f"ratio is the median of the rounds' own ratios. Machine busy: the share of all cores' time in "
                       f"use while the clients ran (the clients' own included); below 100% the clients were too few "
                       f"to load the service, and a ratio measures latency rather than cost. PRADA's cost, served "
                       f"with PRADA ÷ without, log on: {ratio(p['prada_cost'])} with one account per client, whose "
-                      f"history grows to thousands of queries in the run (PRADA's Shapiro-Wilk test costs time in "
-                      f"proportion to it, on every query); {ratio(p['prada_cost_many'])} with {p['many_accounts']} "
-                      f"accounts per client in turn, whose histories stay a few hundred queries long. The log: served "
-                      f"with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
+                      f"history grows to about {history(1):,.0f} queries in a window (PRADA's Shapiro-Wilk test, run "
+                      f"on every query once an account has {PRADA['params']['min_pool']} distances, costs time in "
+                      f"proportion to it); {ratio(p['prada_cost_many'])} with {p['many_accounts']} accounts per "
+                      f"client in turn, whose histories reach about {history(p['many_accounts']):,.0f} queries each, "
+                      f"so that few of their queries are tested at all: that row measures the tier's hop and "
+                      f"PRADA's distances more than its test. The log: served with it ÷ without (PRADA off) "
+                      f"{ratio(p['log_cost'])}.", ""]
         lines += cpu_table(p["rows"])
     h = result.get("http")
     if h:

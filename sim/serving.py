@@ -265,6 +265,9 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
         # a stopping replica checks for unfinished requests every 0.1 s (Serve's default: 2 s) and still waits for
         # them up to graceful_shutdown_timeout_s; deleting an app whose clients are done takes 1 s instead of 3
         graceful_shutdown_wait_loop_s=0.1,
+        # no line per request in Serve's replica logs: the query log records every request, and formatting and
+        # writing that line took a few percent of the replicas' time (benchmarks/serving.py)
+        logging_config={"enable_access_log": False},
     )
     # Serve has no public way to pin a deployment's version; without one every serve.run restarts the
     # replicas. Pinning it to the spec's hash makes a defense-only change a live reconfigure.

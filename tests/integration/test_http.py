@@ -1,12 +1,15 @@
 """The HTTP API of a deployed victim: good and bad requests, each bad one a 4xx and a refused log row."""
 
+import glob
 import json
+import os
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import ray
 
 from sim import data, models, querylog
 from sim.protocol import Account
@@ -77,10 +80,13 @@ def test_http_good_and_bad_requests(victim_app):
     assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad) + 1}
     refused = table.filter(pc.equal(table.column("action"), "refused"))
     assert refused.column("refusal_reason").null_count == 0
+    # each request is a row there, and not also a line in Serve's own replica log (its access log is off)
+    logs = glob.glob(os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve",
+                                  "replica_httpvictim_*.log"))
+    assert logs and not any(" /httpvictim 200 " in open(path).read() for path in logs)
 
 
 def test_a_replica_killed_with_sigkill_loses_no_answered_query(victim_app):
-    import os
     import signal
 
     from ray import serve

@@ -118,34 +118,51 @@ def seeded(label: str, seed: int) -> str:
     return label if seed == 0 else f"{label} (seed {seed})"
 
 
+def _cut(a) -> float | None:
+    """Points the defense took off an attacker's replica: its undefended twin's test accuracy minus its own."""
+    if a.replica is None or a.undefended is None:
+        return None
+    return 100 * (a.undefended.test_accuracy - a.replica.test_accuracy)
+
+
 def spread(study: str, runs: dict) -> list[str]:
     """Per run of ``study`` measured at more than one seed: each attacker's replica accuracy (mean ± sd, range)
-    and its accounts flagged per seed, and the benign accounts flagged per seed."""
+    and its accounts flagged per seed, and the benign accounts flagged per seed; where the attackers have undefended
+    twins (the defenses study), what the defense cut from each replica at each seed."""
     from analysis.claims import spread as mean_sd
     from sim.summary import parse
 
     mine = runs.get(study, {})
-    lines = []
+    rows = []
     for label, scenario, overrides in STUDIES[study]:
         at = {v.get("seed", 0): parse(v["summary"]) for k, v in mine.items() if k == seeded(label, v.get("seed", 0))}
         if len(at) < 2:
             continue
         seeds = sorted(at)
         for i, a in enumerate(at[seeds[0]].attackers):
-            accs = [next(x for x in at[sd].attackers if x.id == a.id).replica for sd in seeds]
-            accs = [100 * r.test_accuracy for r in accs if r is not None]
-            flagged = [next(x for x in at[sd].attackers if x.id == a.id).accounts_flagged for sd in seeds]
+            per_seed = [next(x for x in at[sd].attackers if x.id == a.id) for sd in seeds]
+            accs = [100 * x.replica.test_accuracy for x in per_seed if x.replica is not None]
+            flagged = [x.accounts_flagged for x in per_seed]
             benign = [at[sd].benign.accounts_flagged for sd in seeds]
+            cuts = [_cut(x) for x in per_seed]
             stats = mean_sd(accs) if len(accs) > 1 else "–"
             lead = f"`{command(scenario, overrides)}` | {', '.join(map(str, seeds))}" if i == 0 else " |"
             tail = " / ".join(map(str, benign)) if i == 0 else ""
-            lines.append(f"| {lead} | {a.id} | {stats} | {' / '.join(map(str, flagged))} of {a.accounts} | {tail} |")
-    if not lines:
+            cut = " / ".join("–" if c is None else f"{c:+.1f}" for c in cuts)
+            rows.append((f"| {lead} | {a.id} | {stats} | {' / '.join(map(str, flagged))} of {a.accounts} | {tail} |",
+                         cut, any(c is not None for c in cuts)))
+    if not rows:
         return []
-    return ["", "Spread over seeds (victim, attack and keys): replica accuracy % as mean ± standard deviation "
-            "(range); accounts flagged at each seed, in the order of the seeds column:", "",
+    head = ["", "Spread over seeds (victim, attack and keys): replica accuracy % as mean ± standard deviation "
+            "(range); accounts flagged at each seed, in the order of the seeds column"]
+    if any(has for *_, has in rows):
+        return [*head[:-1], head[-1] + "; the cut: the undefended replica's accuracy minus the defended one's, in "
+                "points, at each seed (the same queries, answered clean; negative: the defense helped the attacker):",
+                "", "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged | cut |",
+                "|---|---|---|---:|---:|---:|---:|", *(f"{line} {cut} |" for line, cut, _ in rows)]
+    return [*head[:-1], head[-1] + ":", "",
             "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged |",
-            "|---|---|---|---:|---:|---:|", *lines]
+            "|---|---|---|---:|---:|---:|", *(line for line, *_ in rows)]
 
 
 def tables(runs: dict) -> str:

@@ -1,5 +1,7 @@
-"""The serving benchmark's CPU accounting (benchmarks/serving.py): each process's time goes to its group."""
+"""The benchmarks' reports: the serving benchmark's CPU accounting and pipeline paragraph (benchmarks/serving.py),
+the scenario runs' spread table (benchmarks/runs.py)."""
 
+import json
 import os
 import time
 
@@ -36,3 +38,46 @@ def test_the_cpu_table_totals_each_configuration(serving):
     assert "| log on, PRADA off | 250 | 0 | 50 | 0 | 300 |" in lines
     assert "| log on, PRADA on, 64 accounts per client | 290 | 40 | 50 | 20 | 400 |" in lines
     assert serving.cpu_table([{"log": True, "prada": False}]) == []  # results from before the table existed
+
+
+def test_the_pipeline_report_says_how_long_the_histories_were(serving):
+    """PRADA's test runs once an account holds min_pool distances, so the report gives each PRADA row's queries per
+    account in a window: images/s x seconds / (clients x accounts per client)."""
+    def row(prada, log, accounts, rate):
+        return {"prada": prada, "log": log, "accounts": accounts, "images_per_s": rate, "p50_ms": 1.0, "p99_ms": 2.0,
+                "served_over_raw": 0.5}
+    cost = {"median": 0.75, "min": 0.7, "max": 0.8}
+    result = {"machine": {"cpus": 2, "torch": "t", "ray": "r"}, "victim": {"arch": "lenet", "dataset": "mnist5k"},
+              "seconds_per_config": 10, "raw_images_per_s": 10_000.0, "date": "2026-12-05",
+              "pipeline": {"clients": 16, "batch": 64, "replicas": 2, "rounds": 3, "many_accounts": 64,
+                           "prada_cost": cost, "prada_cost_many": cost, "log_cost": cost,
+                           "rows": [row(False, True, 1, 6000.0), row(True, True, 1, 4800.0),
+                                    row(True, True, 64, 5120.0)]}}
+    text = serving.table(result)
+    assert "whose history grows to about 3,000 queries in a window" in text  # 4,800 x 10 / 16
+    assert "whose histories reach about 50 queries each" in text  # 5,120 x 10 / (16 x 64)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    yield from benchmark_module("runs")
+
+
+def test_the_defenses_spread_gives_each_seeds_cut(runs):
+    """The cut column: the undefended twin's replica accuracy minus the defended replica's, at each seed, from the
+    shipped runs (the defenses study was run at seeds 0, 1 and 2)."""
+    result = json.load(open(os.path.join(runs.RESULTS, "runs.json")))["runs"]
+    lines = runs.spread("defenses", {"defenses": result["defenses"]})
+    assert "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged | cut |" in lines
+    mad = [result["defenses"][runs.seeded("mad eps=0.8", seed)]["summary"] for seed in (0, 1, 2)]
+    cuts = []
+    for s in mad:
+        knockoff = next(a for a in s["attackers"] if a["id"] == "knockoff")
+        cuts.append(100 * (knockoff["undefended"]["test_accuracy"] - knockoff["replica"]["test_accuracy"]))
+    row = next(line for line in lines if line.startswith("| `python -m sim scenario=mad_vs_knockoff` |"))
+    assert row.endswith(" | " + " / ".join(f"{c:+.1f}" for c in cuts) + " |")
+    assert all(c > 10 for c in cuts)  # MAD cuts the soft-label replica at every seed
+    dp = next(i for i, line in enumerate(lines) if "victim.training=dp_sgd" in line)
+    assert lines[dp].endswith(" | – / – / – |")  # no undefended twin: no cut
+    splits = runs.spread("splits_knockoff", json.load(open(os.path.join(runs.RESULTS, "runs.json")))["runs"])
+    assert not splits or all("| cut |" not in line for line in splits)  # no twins there: no column

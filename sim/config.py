@@ -8,8 +8,10 @@ Validation is pydantic with ``extra="forbid"``: an unknown key is an error that 
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ConfigError
 from .limits import Limits
+
+log = logging.getLogger(__name__)
 
 
 def _names(category: str) -> dict:
@@ -684,6 +688,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             _switch_kind(raw, key, value)
         overrides = [item for item in overrides if not item.startswith("defense=")]
     conf = OmegaConf.create(raw)
+    scenario_attackers = list(raw.get("attackers") or {}) if isinstance(raw.get("attackers"), dict) else []
     if overrides:
         try:
             if isinstance(overrides, dict):
@@ -708,12 +713,28 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot resolve an interpolation: {str(exc).splitlines()[0]}") from None
+    _warn_near_misses(scenario_attackers, raw.get("attackers"))
     if "detector" in raw:  # `detector.prada.action=refuse` reads naturally too: same as `detectors.…`
         alias = raw.pop("detector")
         if not isinstance(alias, dict):
             raise ConfigError(f"detector={alias!r} must be a mapping like detectors (detector.prada.action=…)")
         raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
     return validate(raw)
+
+
+def _warn_near_misses(before: list[str], attackers: Any) -> None:
+    """An override that names an attacker the scenario lacks adds one (as documented); when its id is a near miss of
+    one the scenario has (``attackers.distribted.budget=5``), say so, since a typo would otherwise run another
+    experiment without a word."""
+    if not isinstance(attackers, dict):
+        return
+    for aid in attackers:
+        near = difflib.get_close_matches(str(aid), before, n=1, cutoff=0.8) if aid not in before else []
+        if near:
+            given = attackers[aid] if isinstance(attackers[aid], dict) else {}
+            attack = given.get("attack", AttackerConfig.model_fields["attack"].default)
+            log.warning("attackers.%s is not an attacker of this scenario, so the override adds one (attack %s); "
+                        "did you mean attackers.%s?", aid, attack, near[0])
 
 
 def _kind_clash(raw: Any, extra, prefix: str = "") -> str:

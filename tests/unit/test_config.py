@@ -24,6 +24,19 @@ def test_overrides_change_values_and_can_add_an_attacker():
     assert cfg.attackers["extra"].budget == 10 and cfg.attackers["extra"].attack == "knockoff"
 
 
+def test_an_added_attacker_whose_id_is_a_near_miss_is_pointed_out(caplog):
+    with caplog.at_level("WARNING", logger="sim.config"):
+        cfg = config.load("distributed_knockoff", ["attackers.distribted.budget=5"])
+    assert set(cfg.attackers) == {"single", "distributed", "distribted"}  # added, as documented
+    assert [r.getMessage() for r in caplog.records] == [
+        "attackers.distribted is not an attacker of this scenario, so the override adds one (attack knockoff); "
+        "did you mean attackers.distributed?"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sim.config"):
+        config.load("distributed_knockoff", ["attackers.extra.attack=jbda", "attackers.distributed.budget=100"])
+    assert caplog.records == []  # a new id unlike the scenario's, and a known one: nothing to say
+
+
 @pytest.mark.parametrize("override,message", [
     ("victim.epoch=3", "unknown key 'victim.epoch'; known keys here: name, dataset, arch, checkpoint, preprocess, url, "
                        "key_file, client, epochs"),

@@ -153,16 +153,16 @@ def spread(study: str, runs: dict) -> list[str]:
                          cut, any(c is not None for c in cuts)))
     if not rows:
         return []
-    head = ["", "Spread over seeds (victim, attack and keys): replica accuracy % as mean ± standard deviation "
-            "(range); accounts flagged at each seed, in the order of the seeds column"]
+    intro = ("Spread over seeds (victim, attack and keys): replica accuracy % as mean ± standard deviation (range); "
+             "accounts flagged at each seed, in the order of the seeds column")
+    header = "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged |"
+    rule = "|---|---|---|---:|---:|---:|"
     if any(has for *_, has in rows):
-        return [*head[:-1], head[-1] + "; the cut: the undefended replica's accuracy minus the defended one's, in "
-                "points, at each seed (the same queries, answered clean; negative: the defense helped the attacker):",
-                "", "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged | cut |",
-                "|---|---|---|---:|---:|---:|---:|", *(f"{line} {cut} |" for line, cut, _ in rows)]
-    return [*head[:-1], head[-1] + ":", "",
-            "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged |",
-            "|---|---|---|---:|---:|---:|", *(line for line, *_ in rows)]
+        intro += ("; the cut: the undefended replica's accuracy minus the defended one's, in points, at each seed "
+                  "(the same queries, answered clean; negative: the defense helped the attacker)")
+        header, rule = header + " cut |", rule + "---:|"
+        rows = [(f"{line} {cut} |", cut, has) for line, cut, has in rows]
+    return ["", intro + ":", "", header, rule, *(line for line, *_ in rows)]
 
 
 def tables(runs: dict) -> str:

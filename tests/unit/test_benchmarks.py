@@ -79,5 +79,5 @@ def test_the_defenses_spread_gives_each_seeds_cut(runs):
     assert all(c > 10 for c in cuts)  # MAD cuts the soft-label replica at every seed
     dp = next(i for i, line in enumerate(lines) if "victim.training=dp_sgd" in line)
     assert lines[dp].endswith(" | – / – / – |")  # no undefended twin: no cut
-    splits = runs.spread("splits_knockoff", json.load(open(os.path.join(runs.RESULTS, "runs.json")))["runs"])
+    splits = runs.spread("splits_knockoff", result)
     assert not splits or all("| cut |" not in line for line in splits)  # no twins there: no column

@@ -688,7 +688,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
             _switch_kind(raw, key, value)
         overrides = [item for item in overrides if not item.startswith("defense=")]
     conf = OmegaConf.create(raw)
-    scenario_attackers = list(raw.get("attackers") or {}) if isinstance(raw.get("attackers"), dict) else []
+    scenario_attackers = list(raw["attackers"]) if isinstance(raw.get("attackers"), dict) else []
     if overrides:
         try:
             if isinstance(overrides, dict):

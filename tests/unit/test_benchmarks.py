@@ -67,7 +67,7 @@ def test_the_defenses_spread_gives_each_seeds_cut(runs):
     """The cut column: the undefended twin's replica accuracy minus the defended replica's, at each seed, from the
     shipped runs (the defenses study was run at seeds 0, 1 and 2)."""
     result = json.load(open(os.path.join(runs.RESULTS, "runs.json")))["runs"]
-    lines = runs.spread("defenses", {"defenses": result["defenses"]})
+    lines = runs.spread("defenses", result)
     assert "| command | seeds | attacker | replica accuracy | accounts flagged | benign flagged | cut |" in lines
     mad = [result["defenses"][runs.seeded("mad eps=0.8", seed)]["summary"] for seed in (0, 1, 2)]
     cuts = []

@@ -23,6 +23,9 @@ or ``authors`` (patch 2, width 192, 12 + 4 blocks of 3 heads, 500 epochs, 50 of 
 GPU, half a day or more on 2 cores; docs/detection.md); a size other than ``cpu`` goes into
 ``same_code_mae_<size>``, the reference mode by MAE size. ``--without full_view`` / ``all_pixel_loss`` turns one of
 the code's choices off (``detectors.same.without``), into ``same_code_without_<choice>``: the per-choice ablation.
+The reference mode's table adds "SAME ±1", the same score on the code's pixel range ([-1, 1], where each
+reconstruction's MSE is 4 times as large), and the MAE's reconstruction MSE of the honest images (with its training
+loss by epoch when it was trained in that run, not read from the cache).
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -94,12 +97,31 @@ def _progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
         print(f"  {stage}: epoch {epoch}/{epochs}, loss {loss:.4f} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
+def code_scores(r: np.ndarray, kl: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """The reference mode's scores from each query's raw reconstruction MSE ``r`` (pixels in [0, 1]) and KL
+    deviation: SAME = alpha r + (1 - alpha) KL, its two terms, and "SAME ±1", the same score on the code's pixels,
+    in [-1, 1] (its victim wrapper clamps every query there), where the same reconstruction has 4 times the MSE: the
+    terms' balance moves, and with it the ranking."""
+    return {"SAME": alpha * r + (1 - alpha) * kl, "SAME-X": r, "SAME-Y": kl,
+            "SAME ±1": alpha * 4 * r + (1 - alpha) * kl}
+
+
 def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu",
-              without: tuple[str, ...] = ()) -> list[dict]:
+              without: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+    """The cells (budget, attack, detector: AUROC, AUPR, FPR95), and what the reference mode's table says of its MAE:
+    the honest test images' mean reconstruction MSE (pixels in [0, 1]) and, when the MAE was trained in this run
+    rather than read from the cache, its training loss at each tenth of its schedule."""
     cfg = config.load("same_detection", [f"seed={seed}", *same_overrides(variant, mae, without)])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
-    ctx = zoo.ModelContext.of(cfg, victim, on_epoch=_progress)
+    mae_loss = []
+
+    def on_epoch(stage: str, epoch: int, epochs: int, loss: float) -> None:
+        if stage == "training SAME mae" and (epoch == epochs or epoch % max(1, epochs // 10) == 0):
+            mae_loss.append([epoch, round(loss, 5)])
+        _progress(stage, epoch, epochs, loss)
+
+    ctx = zoo.ModelContext.of(cfg, victim, on_epoch=on_epoch)
     params = cfg.detectors["same"].params()
     same = Same(Same.prepare(params, ctx), **params)
     print(f"SAME models ready in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -110,8 +132,7 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
         probs = predict_probs(victim.model, x)
         if variant == "same_code":  # raw scales, mixed with alpha as the code does
             r, kl = same.models.signals(x, probs, same.full_view)
-            alpha = same.values["alpha"]
-            return {"SAME": alpha * r + (1 - alpha) * kl, "SAME-X": r, "SAME-Y": kl}
+            return code_scores(r, kl, same.values["alpha"])
         zr, zd = same.components(x, probs)
         return {"SAME": zr + zd, "SAME-X": zr, "SAME-Y": zd, "MSP": 1 - probs.max(1),
                 "MSP-OE": 1 - predict_probs(oe.model, x).max(1)}
@@ -129,7 +150,8 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
                               **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}})
                 print(f"  {budget:>5} {aid:<9} {name:<7} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} "
                       f"FPR95 {m['fpr95']:.4f}", flush=True)
-    return cells
+    info = {"honest_mse": round(float(neg["SAME-X"].mean()), 6)} if variant == "same_code" else {}
+    return cells, {**info, **({"mae_loss": mae_loss} if mae_loss else {})}
 
 
 def cross_account_service(cfg, victim, plan, skip_repeats: bool = False, unspared: bool = False):
@@ -306,7 +328,9 @@ def same_table(result: dict, key: str) -> list[str]:
         head = (f"Reference mode (the SAME authors' code{', without ' + ' and '.join(off) if off else ''}; "
                 f"MAE size `{st.get('mae')}`, measured on "
                 f"{st.get('device')}: {' '.join(st.get('overrides', []))}). SAME = 0.99 MSE + 0.01 KL on raw "
-                f"scales, SAME-X = MSE, SAME-Y = KL. " + head)
+                f"scales, SAME-X = MSE, SAME-Y = KL (pixels in [0, 1])"
+                + ("; SAME ±1 = the same score on the code's pixel range, [−1, 1], where a reconstruction's MSE is 4 "
+                   "times as large" if "SAME ±1" in names else "") + ". " + head)
     lines = [head + ":", "", "| budget | detector | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
     for budget in sorted({c["budget"] for c in cells}):
         for name in names:
@@ -318,6 +342,11 @@ def same_table(result: dict, key: str) -> list[str]:
         if paper:
             lines.append(f"| {budget:,} | SAME paper (AUROC) | " + " | ".join(
                 f"{paper[a]:.2f}" if a in paper else "–" for a in attacks) + " |")
+    st = result.get(f"{key}_settings", {})
+    if "honest_mse" in st:
+        lines += ["", f"The MAE's reconstruction MSE of the honest test images: {st['honest_mse']:.4f} (pixels in "
+                      f"[0, 1])" + ("; its training loss by epoch: " + ", ".join(
+                          f"{e}: {loss:.4f}" for e, loss in st["mae_loss"]) if st.get("mae_loss") else "") + "."]
     return lines + [""]
 
 
@@ -430,8 +459,9 @@ def main() -> None:
         t0 = time.perf_counter()
         if part == "same" and args.variant == "same_code":
             part = same_entry("same_code", without, args.mae)
-            result[part] = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
+            result[part], info = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
             result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
+                                          **info,
                                           **({"without": list(without)} if without else {}),
                                           "measured": time.strftime("%Y-%m-%d"),
                                           "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -440,7 +470,7 @@ def main() -> None:
         elif part == "prada_sizes":
             result[part] = part_prada_sizes(args.seeds)
         else:
-            result[part] = part_same(args.budgets) if part == "same" else part_sybil(args.accounts, args.cohort)
+            result[part] = part_same(args.budgets)[0] if part == "same" else part_sybil(args.accounts, args.cohort)
         result[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

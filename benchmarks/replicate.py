@@ -711,8 +711,8 @@ def pool_study(cells: list[dict]) -> list[str]:
 def judge_same_table(c):
     det = c["detection"]
 
-    def auroc(rows):
-        return {r["attack"]: 100 * r["auroc"] for r in rows if r["detector"] == "SAME" and r["budget"] == 1000}
+    def auroc(rows, detector="SAME"):
+        return {r["attack"]: 100 * r["auroc"] for r in rows if r["detector"] == detector and r["budget"] == 1000}
 
     clean = auroc(det.get("same", []))
     close, text = compare(PAPER_SAME, clean, POINTS)
@@ -731,11 +731,14 @@ def judge_same_table(c):
                for k in sorted(det) if k.startswith("same_code_without_") and isinstance(det[k], list)]
     ladder = [f"{mae_size(m)}: {compare(PAPER_SAME, r, POINTS)[1]}" for m, r in by_size.items()] \
         if len(by_size) > 1 else []
+    signed = auroc(det[same_entry("same_code", (), main)], "SAME ±1")  # the same models, scored on the code's pixels
     size = ("the authors' MAE size" if main == "authors" else
             f"a reduced MAE ({mae_size(main)}; the authors': {mae_size('authors')})")
     return Finding(text, "holds" if len(ref_close) == len(PAPER_SAME) else "does not hold",
                    f"within {POINTS:g} points, clean: {', '.join(close) or 'none'}; reference: "
                    f"{', '.join(ref_close) or 'none'}"
+                   + (f"; scored on the code's pixel range, [−1, 1] (SAME ±1): {compare(PAPER_SAME, signed, POINTS)[1]}"
+                      if signed else "")
                    + (f"; one choice off at a time (SAME's AUROC): {'; '.join(ablated)}" if ablated else "")
                    + (f"; the reference mode by MAE size (SAME's AUROC): {'; '.join(ladder)}" if ladder else ""),
                    reference=f"{ref_text} ({size})")

@@ -1,10 +1,11 @@
 """The benchmarks' reports: the serving benchmark's CPU accounting and pipeline paragraph (benchmarks/serving.py),
-the scenario runs' spread table (benchmarks/runs.py)."""
+the scenario runs' spread table (benchmarks/runs.py), the SAME reference-mode table (benchmarks/detection.py)."""
 
 import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from .conftest import benchmark_module
@@ -81,3 +82,31 @@ def test_the_defenses_spread_gives_each_seeds_cut(runs):
     assert lines[dp].endswith(" | – / – / – |")  # no undefended twin: no cut
     splits = runs.spread("splits_knockoff", result)
     assert not splits or all("| cut |" not in line for line in splits)  # no twins there: no column
+
+
+@pytest.fixture(scope="module")
+def detection():
+    yield from benchmark_module("detection")
+
+
+def test_the_code_pixel_range_moves_same_s_balance(detection):
+    """On the code's [-1, 1] pixels the same reconstruction's MSE is 4 times as large: a query with the larger KL
+    but the smaller MSE outranks the other on [0, 1] pixels and not on the code's."""
+    s = detection.code_scores(np.array([0.01, 0.02]), np.array([1.0, 0.0]), alpha=0.99)
+    assert s["SAME"] == pytest.approx([0.0199, 0.0198])
+    assert s["SAME ±1"] == pytest.approx([0.0496, 0.0792])
+    assert list(s["SAME-X"]) == [0.01, 0.02] and list(s["SAME-Y"]) == [1.0, 0.0]
+
+
+def test_the_reference_table_says_how_well_its_mae_reconstructs(detection):
+    cell = {"budget": 1000, "attack": "knockoff", "auroc": 0.9, "aupr": 0.8, "fpr95": 0.2}
+    result = {"same_code": [{**cell, "detector": "SAME"}, {**cell, "detector": "SAME ±1", "auroc": 0.95}],
+              "same_code_settings": {"mae": "cpu", "overrides": [], "device": "cpu", "honest_mse": 0.01234,
+                                     "mae_loss": [[10, 0.0654], [100, 0.041]]}}
+    lines = detection.same_table(result, "same_code")
+    assert "| 1,000 | SAME ±1 | 95.00 / 80.00 / 20.00 |" in lines
+    assert ("The MAE's reconstruction MSE of the honest test images: 0.0123 (pixels in [0, 1]); its training loss by "
+            "epoch: 10: 0.0654, 100: 0.0410.") in lines
+    del result["same_code_settings"]["mae_loss"]  # read from the cache: no training loss to report
+    assert "The MAE's reconstruction MSE of the honest test images: 0.0123 (pixels in [0, 1])." in \
+        detection.same_table(result, "same_code")

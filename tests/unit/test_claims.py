@@ -518,3 +518,14 @@ def test_the_mae_sizes_are_described_from_the_settings_they_run_with():
     assert list(MAE_SIZES) == ["cpu", "patch2", "wide", "authors"]  # smallest first: the SAME row's ladder order
     assert mae_size("cpu") == "patch 4, width 64, 3 + 1 blocks, 100 epochs"  # this project's default MAE
     assert mae_size("authors") == "patch 2, width 192, 12 + 4 blocks, 500 epochs"  # the SAME authors' release
+
+
+def test_the_same_row_reads_the_code_pixel_range_beside_the_reference(replicate):
+    det = detection_json()
+    det["same_code"] += [{"attack": a, "detector": "SAME ±1", "budget": 1000, "auroc": v}
+                         for a, v in {"knockoff": 0.95, "jbda": 0.79, "dfme": 0.999}.items()]
+    rows, _ = replicate.report({"quick": False, "machine": "test", "cells": {}}, {"detection": det})
+    same = next(r for r in rows if r["id"] == "same-table")
+    assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9")  # the mode's own score
+    assert ("; scored on the code's pixel range, [−1, 1] (SAME ±1): knockoff 95.0, jbda 79.0, dfme 99.9; one choice "
+            "off at a time") in same["why"]

@@ -5,8 +5,9 @@ tier, the HTTP encodings, scaling over replicas and shards, and PRADA's cost per
 
 Sections, each measured in this one run on this machine (``--only`` runs some and keeps the others' last results):
   - pipeline: --clients actors sending batches of --batch images through DeploymentHandles to --replicas replicas,
-    for (query log on/off) x (PRADA on/off), taking turns --rounds times: images/s, p50/p99 request latency, served /
-    raw; PRADA's cost is served(PRADA on) / served(PRADA off), both with the log on;
+    for (query log on/off) x (PRADA on/off) with one account per client, and PRADA on with 8 and 64 accounts per client
+    (shorter histories), taking turns --rounds times: images/s, p50/p99 request latency, served / raw; PRADA's cost
+    is served(PRADA on) / served(PRADA off), both with the log on;
   - http: 16 clients x 64 images per request, over HTTP with JSON floats, base64 uint8 and .npy bodies, beside the
     handle path at the same load (bodies are encoded once beforehand: what is measured is the service's side);
   - scaling: 1, 2 and 4 replicas x 1 and 2 shards with PRADA and linking on, on a local two-node cluster
@@ -43,7 +44,7 @@ import torch
 
 from sim.cli import count, description, positive, script
 
-MANY_ACCOUNTS = 64  # accounts per client in the pipeline's many-accounts row
+MORE_ACCOUNTS = (8, 64)  # accounts per client in the pipeline's PRADA rows beyond one (shorter histories each)
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
 PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
 LINK = {"kind": "link", "params": {}}
@@ -231,11 +232,12 @@ def _line(label: str, r: dict, ref: float | None = None, what: str = "served/raw
 
 
 def pipeline(victim, images, raw: float, args) -> dict:
-    """Log and PRADA on and off with one account per client; then PRADA on with ``MANY_ACCOUNTS`` accounts per client,
-    whose histories stay short (PRADA's work per query grows with its account's history). The configurations take
-    turns, ``--rounds`` times, so that a machine whose speed drifts affects them alike: each figure is the median over
-    rounds, and each ratio the median of the rounds' own ratios (with its range)."""
-    configs = ((False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1), (True, True, MANY_ACCOUNTS))
+    """Log and PRADA on and off with one account per client; then PRADA on with each of ``MORE_ACCOUNTS`` accounts
+    per client, whose histories stay shorter (PRADA's work per query grows with its account's history). The
+    configurations take turns, ``--rounds`` times, so that a machine whose speed drifts affects them alike: each
+    figure is the median over rounds, and each ratio the median of the rounds' own ratios (with its range)."""
+    configs = ((False, False, 1), (False, True, 1), (True, False, 1), (True, True, 1),
+               *((True, True, n) for n in MORE_ACCOUNTS))
     runs: dict[tuple, list[dict]] = {c: [] for c in configs}
     for round_ in range(args.rounds):
         for prada, log, accounts in configs:
@@ -264,12 +266,12 @@ def pipeline(victim, images, raw: float, args) -> dict:
                 "max": round(max(per_round), 3)}
 
     out = {"clients": args.clients, "batch": args.batch, "replicas": args.replicas, "threads": args.threads,
-           "rounds": args.rounds, "rows": rows, "many_accounts": MANY_ACCOUNTS,
+           "rounds": args.rounds, "rows": rows,
            "prada_cost": ratio((True, True, 1), (False, True, 1)),
-           "prada_cost_many": ratio((True, True, MANY_ACCOUNTS), (False, True, 1)),
+           "prada_cost_by_accounts": {str(n): ratio((True, True, n), (False, True, 1)) for n in MORE_ACCOUNTS},
            "log_cost": ratio((False, True, 1), (False, False, 1))}
-    print(f"PRADA's cost (on / off, log on): {out['prada_cost']}; {MANY_ACCOUNTS} accounts per client: "
-          f"{out['prada_cost_many']}; the log's (on / off): {out['log_cost']}", flush=True)
+    print(f"PRADA's cost (on / off, log on): {out['prada_cost']}; by accounts per client: "
+          f"{out['prada_cost_by_accounts']}; the log's (on / off): {out['log_cost']}", flush=True)
     return out
 
 
@@ -605,6 +607,9 @@ def table(result: dict) -> str:
         def ratio(r) -> str:
             return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"
 
+        # PRADA's cost per number of accounts per client (results before 2026-12-05 had one such row)
+        by_accounts = p.get("prada_cost_by_accounts") or {str(p["many_accounts"]): p["prada_cost_many"]}
+
         def history(accounts: int) -> float:  # queries per account in a window, PRADA on and the log on
             row = next(r for r in p["rows"] if r["prada"] and r["log"] and r["accounts"] == accounts)
             return row["images_per_s"] * result["seconds_per_config"] / (p["clients"] * accounts)
@@ -616,11 +621,14 @@ def table(result: dict) -> str:
                       f"with PRADA ÷ without, log on: {ratio(p['prada_cost'])} with one account per client, whose "
                       f"history grows to about {history(1):,.0f} queries in a window (PRADA's Shapiro-Wilk test, run "
                       f"on every query once an account has {PRADA['params']['min_pool']} distances, costs time in "
-                      f"proportion to it); {ratio(p['prada_cost_many'])} with {p['many_accounts']} accounts per "
-                      f"client in turn, whose histories reach about {history(p['many_accounts']):,.0f} queries each, "
-                      f"so that few of their queries are tested at all: that row measures the tier's hop and "
-                      f"PRADA's distances more than its test. The log: served with it ÷ without (PRADA off) "
-                      f"{ratio(p['log_cost'])}.", ""]
+                      f"proportion to it); "
+                      + "; ".join(f"{ratio(cost)} with {n} accounts per client in turn, whose histories reach "
+                                  f"about {history(int(n)):,.0f} queries each"
+                                  for n, cost in by_accounts.items())
+                      + f". Where histories hold barely more than {PRADA['params']['min_pool']} queries, few queries "
+                        f"are tested at all, and the row measures the tier's hop and PRADA's distances more than its "
+                        f"test. "
+                        f"The log: served with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
         lines += cpu_table(p["rows"])
     h = result.get("http")
     if h:

@@ -50,13 +50,14 @@ def test_the_pipeline_report_says_how_long_the_histories_were(serving):
     cost = {"median": 0.75, "min": 0.7, "max": 0.8}
     result = {"machine": {"cpus": 2, "torch": "t", "ray": "r"}, "victim": {"arch": "lenet", "dataset": "mnist5k"},
               "seconds_per_config": 10, "raw_images_per_s": 10_000.0, "date": "2026-12-05",
-              "pipeline": {"clients": 16, "batch": 64, "replicas": 2, "rounds": 3, "many_accounts": 64,
-                           "prada_cost": cost, "prada_cost_many": cost, "log_cost": cost,
+              "pipeline": {"clients": 16, "batch": 64, "replicas": 2, "rounds": 3,
+                           "prada_cost": cost, "prada_cost_by_accounts": {"8": cost, "64": cost}, "log_cost": cost,
                            "rows": [row(False, True, 1, 6000.0), row(True, True, 1, 4800.0),
-                                    row(True, True, 64, 5120.0)]}}
+                                    row(True, True, 8, 4960.0), row(True, True, 64, 5120.0)]}}
     text = serving.table(result)
     assert "whose history grows to about 3,000 queries in a window" in text  # 4,800 x 10 / 16
-    assert "whose histories reach about 50 queries each" in text  # 5,120 x 10 / (16 x 64)
+    assert "with 8 accounts per client in turn, whose histories reach about 388 queries each" in text  # /(16 x 8)
+    assert "with 64 accounts per client in turn, whose histories reach about 50 queries each" in text
 
 
 @pytest.fixture(scope="module")

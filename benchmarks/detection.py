@@ -24,8 +24,8 @@ GPU, half a day or more on 2 cores; docs/detection.md); a size other than ``cpu`
 ``same_code_mae_<size>``, the reference mode by MAE size. ``--without full_view`` / ``all_pixel_loss`` turns one of
 the code's choices off (``detectors.same.without``), into ``same_code_without_<choice>``: the per-choice ablation.
 The reference mode's table adds "SAME ±1", the same score on the code's pixel range ([-1, 1], where each
-reconstruction's MSE is 4 times as large), and the MAE's reconstruction MSE of the honest images (with its training
-loss by epoch when it was trained in that run, not read from the cache).
+reconstruction's MSE is 4 times as large), and the MAE's mean reconstruction MSE of the honest images and of each
+attack's queries (with its training loss by epoch, recorded when a run with the same settings trained it).
 
 Part 2 (account splitting): ``distributed_jbda``'s attacker (1,500 JBDA queries, round robin, 16 per request)
 over N accounts, with two benign users (300 test images each), all through one in-process victim service
@@ -109,8 +109,9 @@ def code_scores(r: np.ndarray, kl: np.ndarray, alpha: float) -> dict[str, np.nda
 def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: str = "cpu",
               without: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """The cells (budget, attack, detector: AUROC, AUPR, FPR95), and what the reference mode's table says of its MAE:
-    the honest test images' mean reconstruction MSE (pixels in [0, 1]) and, when the MAE was trained in this run
-    rather than read from the cache, its training loss at each tenth of its schedule."""
+    the mean reconstruction MSE (pixels in [0, 1]) of the honest test images and of each attack's queries per budget,
+    and, when the MAE was trained in this run rather than read from the cache, its training loss at each tenth of
+    its schedule."""
     cfg = config.load("same_detection", [f"seed={seed}", *same_overrides(variant, mae, without)])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     t0 = time.perf_counter()
@@ -138,19 +139,21 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
                 "MSP-OE": 1 - predict_probs(oe.model, x).max(1)}
 
     neg = scores(benign)
+    mse = {"honest": round(float(neg["SAME-X"].mean()), 6)}
     cells = []
     for budget in budgets:
         for aid in cfg.attackers:
             run_cfg = config.load(cfg, [f"attackers.{aid}.budget={budget}"])
             x = attack_queries(run_cfg, victim, aid)
             pos = scores(x)
+            mse.setdefault(str(budget), {})[cfg.attackers[aid].attack] = round(float(pos["SAME-X"].mean()), 6)
             for name in pos:
                 m = detection_metrics(np.r_[np.ones(len(x)), np.zeros(len(benign))], np.r_[pos[name], neg[name]])
                 cells.append({"budget": budget, "attack": cfg.attackers[aid].attack, "detector": name,
                               **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}})
                 print(f"  {budget:>5} {aid:<9} {name:<7} AUROC {m['auroc']:.4f} AUPR {m['aupr']:.4f} "
                       f"FPR95 {m['fpr95']:.4f}", flush=True)
-    info = {"honest_mse": round(float(neg["SAME-X"].mean()), 6)} if variant == "same_code" else {}
+    info = {"mse": mse} if variant == "same_code" else {}
     return cells, {**info, **({"mae_loss": mae_loss} if mae_loss else {})}
 
 
@@ -343,9 +346,11 @@ def same_table(result: dict, key: str) -> list[str]:
             lines.append(f"| {budget:,} | SAME paper (AUROC) | " + " | ".join(
                 f"{paper[a]:.2f}" if a in paper else "–" for a in attacks) + " |")
     st = result.get(f"{key}_settings", {})
-    if "honest_mse" in st:
-        lines += ["", f"The MAE's reconstruction MSE of the honest test images: {st['honest_mse']:.4f} (pixels in "
-                      f"[0, 1])" + ("; its training loss by epoch: " + ", ".join(
+    if "mse" in st:
+        per_budget = "; ".join(f"{int(b):,} queries of " + ", ".join(f"{a} {v:.4f}" for a, v in by.items())
+                               for b, by in st["mse"].items() if b != "honest")
+        lines += ["", f"The MAE's mean reconstruction MSE (pixels in [0, 1]): honest test images "
+                      f"{st['mse']['honest']:.4f}; {per_budget}" + ("; its training loss by epoch: " + ", ".join(
                           f"{e}: {loss:.4f}" for e, loss in st["mae_loss"]) if st.get("mae_loss") else "") + "."]
     return lines + [""]
 
@@ -460,8 +465,10 @@ def main() -> None:
         if part == "same" and args.variant == "same_code":
             part = same_entry("same_code", without, args.mae)
             result[part], info = part_same(args.budgets, variant="same_code", mae=args.mae, without=without)
-            result[f"{part}_settings"] = {"mae": args.mae, "overrides": same_overrides("same_code", args.mae, without),
-                                          **info,
+            overrides, before = same_overrides("same_code", args.mae, without), result.get(f"{part}_settings", {})
+            if "mae_loss" not in info and before.get("overrides") == overrides and "mae_loss" in before:
+                info["mae_loss"] = before["mae_loss"]  # the cached MAE's, recorded when the same settings trained it
+            result[f"{part}_settings"] = {"mae": args.mae, "overrides": overrides, **info,
                                           **({"without": list(without)} if without else {}),
                                           "measured": time.strftime("%Y-%m-%d"),
                                           "device": "cuda" if torch.cuda.is_available() else "cpu"}

@@ -102,12 +102,13 @@ def test_the_code_pixel_range_moves_same_s_balance(detection):
 def test_the_reference_table_says_how_well_its_mae_reconstructs(detection):
     cell = {"budget": 1000, "attack": "knockoff", "auroc": 0.9, "aupr": 0.8, "fpr95": 0.2}
     result = {"same_code": [{**cell, "detector": "SAME"}, {**cell, "detector": "SAME ±1", "auroc": 0.95}],
-              "same_code_settings": {"mae": "cpu", "overrides": [], "device": "cpu", "honest_mse": 0.01234,
+              "same_code_settings": {"mae": "cpu", "overrides": [], "device": "cpu",
+                                     "mse": {"honest": 0.01234, "1000": {"knockoff": 0.03, "jbda": 0.02}},
                                      "mae_loss": [[10, 0.0654], [100, 0.041]]}}
     lines = detection.same_table(result, "same_code")
     assert "| 1,000 | SAME ±1 | 95.00 / 80.00 / 20.00 |" in lines
-    assert ("The MAE's reconstruction MSE of the honest test images: 0.0123 (pixels in [0, 1]); its training loss by "
-            "epoch: 10: 0.0654, 100: 0.0410.") in lines
-    del result["same_code_settings"]["mae_loss"]  # read from the cache: no training loss to report
-    assert "The MAE's reconstruction MSE of the honest test images: 0.0123 (pixels in [0, 1])." in \
-        detection.same_table(result, "same_code")
+    assert ("The MAE's mean reconstruction MSE (pixels in [0, 1]): honest test images 0.0123; 1,000 queries of "
+            "knockoff 0.0300, jbda 0.0200; its training loss by epoch: 10: 0.0654, 100: 0.0410.") in lines
+    del result["same_code_settings"]["mae_loss"]  # trained before such losses were recorded: none to report
+    assert ("The MAE's mean reconstruction MSE (pixels in [0, 1]): honest test images 0.0123; 1,000 queries of "
+            "knockoff 0.0300, jbda 0.0200.") in detection.same_table(result, "same_code")

@@ -91,9 +91,14 @@ def same_overrides(variant: str, mae: str, without: tuple[str, ...] = ()) -> lis
     return SAME_CODE + MAE_SIZES[mae] + ([f"detectors.same.without=[{','.join(without)}]"] if without else [])
 
 
+def _tenth(epoch: int, epochs: int) -> bool:
+    """Whether ``epoch`` ends a tenth of a schedule of ``epochs`` (or the schedule)."""
+    return epoch == epochs or epoch % max(1, epochs // 10) == 0
+
+
 def _progress(stage: str, epoch: int, epochs: int, loss: float) -> None:
     """Training SAME's models takes from minutes to hours: a line every tenth of a stage."""
-    if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+    if _tenth(epoch, epochs):
         print(f"  {stage}: epoch {epoch}/{epochs}, loss {loss:.4f} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
@@ -118,7 +123,7 @@ def part_same(budgets: list[int], seed: int = 0, variant: str = "default", mae: 
     mae_loss = []
 
     def on_epoch(stage: str, epoch: int, epochs: int, loss: float) -> None:
-        if stage == "training SAME mae" and (epoch == epochs or epoch % max(1, epochs // 10) == 0):
+        if stage == "training SAME mae" and _tenth(epoch, epochs):
             mae_loss.append([epoch, round(loss, 5)])
         _progress(stage, epoch, epochs, loss)
 

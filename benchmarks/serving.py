@@ -607,9 +607,6 @@ def table(result: dict) -> str:
         def ratio(r) -> str:
             return f"**{r['median']:.2f}** (rounds: {r['min']:.2f} to {r['max']:.2f})"
 
-        # PRADA's cost per number of accounts per client (results before 2026-12-05 had one such row)
-        by_accounts = p.get("prada_cost_by_accounts") or {str(p["many_accounts"]): p["prada_cost_many"]}
-
         def history(accounts: int) -> float:  # queries per account in a window, PRADA on and the log on
             row = next(r for r in p["rows"] if r["prada"] and r["log"] and r["accounts"] == accounts)
             return row["images_per_s"] * result["seconds_per_config"] / (p["clients"] * accounts)
@@ -624,11 +621,10 @@ def table(result: dict) -> str:
                       f"proportion to it); "
                       + "; ".join(f"{ratio(cost)} with {n} accounts per client in turn, whose histories reach "
                                   f"about {history(int(n)):,.0f} queries each"
-                                  for n, cost in by_accounts.items())
+                                  for n, cost in p["prada_cost_by_accounts"].items())
                       + f". Where histories hold barely more than {PRADA['params']['min_pool']} queries, few queries "
                         f"are tested at all, and the row measures the tier's hop and PRADA's distances more than its "
-                        f"test. "
-                        f"The log: served with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
+                        f"test. The log: served with it ÷ without (PRADA off) {ratio(p['log_cost'])}.", ""]
         lines += cpu_table(p["rows"])
     h = result.get("http")
     if h:

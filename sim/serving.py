@@ -149,12 +149,15 @@ class VictimDeployment:
         wait = reply.retry_after_header
         return JSONResponse(reply.to_json(), status_code=reply.status, headers={"Retry-After": wait} if wait else None)
 
-    def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
-        return self.service.query(api_key, images, actor_id)
+    # The handle path's methods are coroutines that hand the service to the replica's thread pool, as __call__ does,
+    # rather than plain methods, which Serve runs in threads of its own (anyio's) that come and go under load: the
+    # pool's few lasting threads served more images per second (benchmarks/serving.py's pipeline, 2026-12-05).
+    async def query(self, api_key: str, images, actor_id: str | None = None) -> Reply:
+        return await asyncio.to_thread(self.service.query, api_key, images, actor_id)
 
-    def solve(self, api_key: str, challenge_id: str, counter: int, actor_id: str | None = None,
-              seconds: float | None = None) -> Reply:
-        return self.service.solve(api_key, challenge_id, counter, actor_id, seconds)
+    async def solve(self, api_key: str, challenge_id: str, counter: int, actor_id: str | None = None,
+                    seconds: float | None = None) -> Reply:
+        return await asyncio.to_thread(self.service.solve, api_key, challenge_id, counter, actor_id, seconds)
 
     def reconfigure(self, config: dict) -> None:
         """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every

@@ -18,8 +18,9 @@ Sections, each measured in this one run on this machine (``--only`` runs some an
     account linking's flags reached the shards (each newly flagged account's queries in between);
   - tier: one request's trip through the detection tier (--batch images to a PRADA shard actor, one at a time, the
     machine otherwise idle) beside the same requests scored by the shard in this process, for 64 accounts in turn
-    (short histories) and for one account whose history grows; and the whole service in this process on one core,
-    PRADA off and on: PRADA's cost without the hop;
+    (short histories) and for one account whose history grows, with the CPU each request costs the calling process,
+    the shard's process and PRADA in process; and the whole service in this process on one core, PRADA off and on:
+    PRADA's cost without the hop;
   - device: ResNet-18 on 32x32 RGB inputs on the CPU and, where one is visible, on a GPU: raw forward, served (handle
     path, log on), training images/s, and MAD's cost per query with a ResNet-18 surrogate (and, on a GPU, how far its
     answers are from the CPU's).
@@ -390,6 +391,8 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
     """Milliseconds per request: through a shard actor (Ray) and in-process, the same request sequence."""
     from types import SimpleNamespace
 
+    from threadpoolctl import threadpool_limits
+
     from sim import detectors, tier, tier_actors
 
     rng = np.random.default_rng(0)
@@ -401,22 +404,30 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
         spec = SimpleNamespace(detectors={"prada": PRADA}, rules={}, shards=1,
                                state_dir=None, detector_models={}, runtime_env=None)
         app = f"hop-{len(keys)}"
-        ray.get(tier_actors.start(spec, app))
+        shard_pid = ray.get(tier_actors.start(spec, app))[0]["pid"]
         remote = tier_actors.RayTier(app, 1)
         hop = []
+        cpu, shard_ticks = time.process_time(), _process_ticks().get(shard_pid, ("", 0))[1]
         for req in reqs:
             start = time.perf_counter()
             remote.score(*req)
             hop.append(time.perf_counter() - start)
+        caller_ms = (time.process_time() - cpu) / requests * 1e3  # this process's threads, Ray's own included
+        shard_ms = ((_process_ticks().get(shard_pid, ("", 0))[1] - shard_ticks) * 1e3 / os.sysconf("SC_CLK_TCK")
+                    / requests)
         tier_actors.stop(app)
         local = tier.Shard({"prada": detectors.build("prada", **PRADA["params"])})
         inproc = []
-        for req in reqs:
-            start = time.perf_counter()
-            local.score(*req)
-            inproc.append(time.perf_counter() - start)
+        cpu = time.process_time()
+        with threadpool_limits(1):  # one thread for numpy's products, as in a Ray worker (OMP_NUM_THREADS=1)
+            for req in reqs:
+                start = time.perf_counter()
+                local.score(*req)
+                inproc.append(time.perf_counter() - start)
         rows.append({"histories": label, "requests": requests, "hop_p50_ms": round(float(np.median(hop)) * 1e3, 2),
                      "in_process_p50_ms": round(float(np.median(inproc)) * 1e3, 2),
+                     "caller_cpu_ms": round(caller_ms, 2), "shard_cpu_ms": round(shard_ms, 2),
+                     "in_process_cpu_ms": round((time.process_time() - cpu) / requests * 1e3, 2),
                      "queries_per_key": requests * batch // len(keys)})
         print(f"tier, {label}: {rows[-1]}", flush=True)
     return {"batch": batch, "rows": rows, "service": service_in_process(victim, images, batch)}
@@ -616,9 +627,9 @@ def table(result: dict) -> str:
                       f"use while the clients ran (the clients' own included); below 100% the clients were too few "
                       f"to load the service, and a ratio measures latency rather than cost. PRADA's cost, served "
                       f"with PRADA ÷ without, log on: {ratio(p['prada_cost'])} with one account per client, whose "
-                      f"history grows to about {history(1):,.0f} queries in a window (PRADA's Shapiro-Wilk test, run "
-                      f"on every query once an account has {PRADA['params']['min_pool']} distances, costs time in "
-                      f"proportion to it); "
+                      f"history grows to about {history(1):,.0f} queries in a window (once an account holds "
+                      f"{PRADA['params']['min_pool']} distances, PRADA runs a Shapiro-Wilk test on its whole pool of "
+                      f"them after every query); "
                       + "; ".join(f"{ratio(cost)} with {n} accounts per client in turn, whose histories reach "
                                   f"about {history(int(n)):,.0f} queries each"
                                   for n, cost in p["prada_cost_by_accounts"].items())
@@ -668,12 +679,15 @@ def table(result: dict) -> str:
         lines += ["## One request through the detection tier" + measured(t), "",
                   f"{t['batch']} images per request to one PRADA shard, one request at a time on an otherwise idle "
                   f"machine: the time of the call through Ray (`RayTier.score`) and of the same requests scored by a "
-                  f"shard in the calling process (PRADA's own work).", "",
-                  "| histories | queries per key | through the shard actor, p50 ms | in process, p50 ms |",
-                  "|---|---:|---:|---:|"]
+                  f"shard in the calling process (PRADA's own work); and the CPU each costs per request: the "
+                  f"calling process's (all its threads, Ray's included), the shard actor's process's, and PRADA's "
+                  f"own in process. What the two processes spend beyond PRADA's own CPU is the call's cost in Ray.",
+                  "", "| histories | queries per key | through the shard actor, p50 ms | in process, p50 ms | caller "
+                      "CPU ms | shard CPU ms | in-process CPU ms |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in t["rows"]:
             lines.append(f"| {r['histories']} | {r['queries_per_key']:,} | {r['hop_p50_ms']:.2f} | "
-                         f"{r['in_process_p50_ms']:.2f} |")
+                         f"{r['in_process_p50_ms']:.2f} | {r['caller_cpu_ms']:.2f} | {r['shard_cpu_ms']:.2f} | "
+                         f"{r['in_process_cpu_ms']:.2f} |")
         sv = t.get("service")
         if sv:
             lines += ["", f"The whole service in one process on one core (model, PRADA, log; no Ray), {sv['clients']} "

@@ -60,6 +60,19 @@ def test_the_pipeline_report_says_how_long_the_histories_were(serving):
     assert "with 64 accounts per client in turn, whose histories reach about 50 queries each" in text
 
 
+def test_the_tier_report_gives_each_sides_cpu_beside_pradas_own(serving):
+    """The tier section: per request, the wall times and the CPU of the calling process, of the shard's and of PRADA
+    in process, whose difference is what the call costs in Ray."""
+    row = {"histories": "one account", "requests": 300, "queries_per_key": 19_200, "hop_p50_ms": 6.15,
+           "in_process_p50_ms": 5.06, "caller_cpu_ms": 0.73, "shard_cpu_ms": 5.6, "in_process_cpu_ms": 4.85}
+    result = {"machine": {"cpus": 2, "torch": "t", "ray": "r"}, "victim": {"arch": "lenet", "dataset": "mnist5k"},
+              "seconds_per_config": 10, "raw_images_per_s": 10_000.0, "date": "2026-12-05",
+              "tier": {"batch": 64, "rows": [row]}}
+    text = serving.table(result)
+    assert "| caller CPU ms | shard CPU ms | in-process CPU ms |" in text
+    assert "| one account | 19,200 | 6.15 | 5.06 | 0.73 | 5.60 | 4.85 |" in text
+
+
 @pytest.fixture(scope="module")
 def runs():
     yield from benchmark_module("runs")

@@ -407,14 +407,18 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
         shard_pid = ray.get(tier_actors.start(spec, app))[0]["pid"]
         remote = tier_actors.RayTier(app, 1)
         hop = []
-        cpu, shard_ticks = time.process_time(), _process_ticks().get(shard_pid, ("", 0))[1]
+        def shard_ticks() -> int | None:  # the shard process's CPU so far (None where there is no /proc)
+            return _process_ticks().get(shard_pid, (None, None))[1]
+
+        cpu, ticks = time.process_time(), shard_ticks()
         for req in reqs:
             start = time.perf_counter()
             remote.score(*req)
             hop.append(time.perf_counter() - start)
         caller_ms = (time.process_time() - cpu) / requests * 1e3  # this process's threads, Ray's own included
-        shard_ms = ((_process_ticks().get(shard_pid, ("", 0))[1] - shard_ticks) * 1e3 / os.sysconf("SC_CLK_TCK")
-                    / requests)
+        after = shard_ticks()
+        shard_ms = (None if ticks is None or after is None
+                    else round((after - ticks) * 1e3 / os.sysconf("SC_CLK_TCK") / requests, 2))
         tier_actors.stop(app)
         local = tier.Shard({"prada": detectors.build("prada", **PRADA["params"])})
         inproc = []
@@ -426,7 +430,7 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
                 inproc.append(time.perf_counter() - start)
         rows.append({"histories": label, "requests": requests, "hop_p50_ms": round(float(np.median(hop)) * 1e3, 2),
                      "in_process_p50_ms": round(float(np.median(inproc)) * 1e3, 2),
-                     "caller_cpu_ms": round(caller_ms, 2), "shard_cpu_ms": round(shard_ms, 2),
+                     "caller_cpu_ms": round(caller_ms, 2), "shard_cpu_ms": shard_ms,
                      "in_process_cpu_ms": round((time.process_time() - cpu) / requests * 1e3, 2),
                      "queries_per_key": requests * batch // len(keys)})
         print(f"tier, {label}: {rows[-1]}", flush=True)
@@ -686,7 +690,8 @@ def table(result: dict) -> str:
                       "CPU ms | shard CPU ms | in-process CPU ms |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in t["rows"]:
             lines.append(f"| {r['histories']} | {r['queries_per_key']:,} | {r['hop_p50_ms']:.2f} | "
-                         f"{r['in_process_p50_ms']:.2f} | {r['caller_cpu_ms']:.2f} | {r['shard_cpu_ms']:.2f} | "
+                         f"{r['in_process_p50_ms']:.2f} | {r['caller_cpu_ms']:.2f} | "
+                         f"{'–' if r['shard_cpu_ms'] is None else format(r['shard_cpu_ms'], '.2f')} | "
                          f"{r['in_process_cpu_ms']:.2f} |")
         sv = t.get("service")
         if sv:

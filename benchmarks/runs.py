@@ -113,6 +113,25 @@ def _replica(a) -> str:
     return "–" if a.replica is None else f"{_pct(a.replica.test_accuracy)} / {_pct(a.replica.fidelity)}"
 
 
+def forget(runs: dict, studies: list[str], seeds: list[int]) -> dict:
+    """``runs`` without the runs of ``studies`` at ``seeds`` (what ``--fresh`` measures again)."""
+    drop = {(study, seeded(label, sd)) for study in studies for label, *_ in STUDIES[study] for sd in seeds}
+    return {study: {k: v for k, v in entries.items() if (study, k) not in drop} for study, entries in runs.items()}
+
+
+def measured(entries) -> str:
+    """When runs were measured: one date, or the first and the last (a run recorded before dates were kept: the
+    timestamp in its run id)."""
+    dates = set()
+    for e in entries:
+        date = e.get("date")
+        if date is None:
+            stamp = e["printed"].split("  ->", 1)[0].rsplit("-", 2)[-2]  # run NAME-YYYYmmddHHMMSS-xxxxxx
+            date = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}"
+        dates.add(date)
+    return " to ".join(sorted(dates)[:: max(len(dates) - 1, 1)])
+
+
 def seeded(label: str, seed: int) -> str:
     """The key of a run at another seed than 0."""
     return label if seed == 0 else f"{label} (seed {seed})"
@@ -177,7 +196,8 @@ def tables(runs: dict) -> str:
             continue
         out += [f"## {study}", "", f"{LEADS[study]} Replica accuracy / fidelity in % on the victim's test set (attack "
                 f"seeds left out); accounts flagged for good by a stateful detector (in brackets, per detector: for a "
-                f"stateless one, accounts with a flagged query); seed 0. One row per run.", ""]
+                f"stateless one, accounts with a flagged query); seed 0. One row per run. Measured "
+                f"{measured(runs[study].values())}.", ""]
         if study.startswith("splits"):
             out += ["| command | attacker | accounts | queries / account | accounts flagged | replica / fidelity "
                     "| benign flagged | wall s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -274,8 +294,10 @@ def replace_sample(text: str, printed: str) -> str:
 
 def write_tables(path: str, result: dict) -> None:
     with open(os.path.splitext(path)[0] + ".md", "w") as fh:
-        fh.write(f"# Scenario runs\n\nWritten by `python benchmarks/runs.py` on {result['machine']} "
-                 f"({result['updated']}). Every row is one run of the command shown.\n\n{tables(result['runs'])}")
+        fh.write(f"# Scenario runs\n\nWritten by `python benchmarks/runs.py` on {result['machine']} (last "
+                 f"{result['updated']}; each study says when its runs were measured, and a run measured with an "
+                 f"older version of the code may differ from what the same command gives now). Every row is one run "
+                 f"of the command shown.\n\n{tables(result['runs'])}")
     printed = readme_sample(result)
     if printed and os.path.abspath(path) == os.path.join(RESULTS, "runs.json"):  # the README shows the default
         with open(README) as fh:
@@ -289,18 +311,19 @@ def main() -> None:
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0],
                     help="run each run at these seeds (seed 0: the tables; the others: the spread)")
-    ap.add_argument("--fresh", action="store_true", help="run every run again")
+    ap.add_argument("--fresh", action="store_true",
+                    help="run the chosen studies' runs at the chosen seeds again (the others' are kept)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
     ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))
     args = ap.parse_args()
     if args.report_only and not os.path.exists(args.out):
         ap.error(f"--report-only rewrites the tables from {args.out!r}, which does not exist; expected runs.json")
-    result = {"runs": {}}
-    if os.path.exists(args.out) and not args.fresh:
-        result = json.load(open(args.out))
+    result = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
     if args.report_only:
         write_tables(args.out, result)
         return
+    if args.fresh:  # only what this call runs again: every other run stays until its replacement is measured
+        result["runs"] = forget(result["runs"], args.studies, args.seeds)
 
     from sim import engine, serving
     from sim.errors import DataError
@@ -319,7 +342,7 @@ def main() -> None:
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
         print(entry["printed"], file=sys.stderr, flush=True)
-        result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
+        result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed, "date": dt.date.today().isoformat()}
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         result["updated"] = dt.date.today().isoformat()
         with open(args.out, "w") as fh:

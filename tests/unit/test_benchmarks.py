@@ -100,6 +100,24 @@ def test_the_defenses_spread_gives_each_seeds_cut(runs):
     assert not splits or all("| cut |" not in line for line in splits)  # no twins there: no column
 
 
+def test_fresh_runs_replace_only_what_they_measure_again(runs):
+    """--fresh forgets the chosen studies' runs at the chosen seeds, and nothing else (the other studies' results
+    and the other seeds' stay in runs.json)."""
+    label = runs.STUDIES["splits_knockoff"][0][0]
+    old = {"splits_knockoff": {label: {"seed": 0}, runs.seeded(label, 1): {"seed": 1}},
+           "defenses": {"mad eps=0.8": {"seed": 0}}}
+    assert runs.forget(old, ["splits_knockoff"], [0]) == {"splits_knockoff": {runs.seeded(label, 1): {"seed": 1}},
+                                                          "defenses": {"mad eps=0.8": {"seed": 0}}}
+    assert runs.forget(old, ["scenarios"], [0, 1, 2]) == old
+
+
+def test_a_study_says_when_its_runs_were_measured(runs):
+    dated = {"date": "2026-12-05", "printed": "run x-20261205101010-abcdef  ->  /tmp/x"}
+    undated = {"printed": "run distributed_knockoff-20261201112458-d8ce4a  ->  /tmp/y\nvictim ..."}
+    assert runs.measured([dated]) == "2026-12-05"
+    assert runs.measured([dated, undated, dated]) == "2026-12-01 to 2026-12-05"
+
+
 @pytest.fixture(scope="module")
 def detection():
     yield from benchmark_module("detection")

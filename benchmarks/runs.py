@@ -7,7 +7,8 @@ Each study is a list of runs: a shipped scenario with overrides, run by ``sim.ru
 ``python -m sim scenario=NAME key=value …`` runs it (one local Ray for all of them), in its own run directory under
 ``benchmarks/results/runs/`` (not committed). Every run's summary is kept in ``--out`` as it finishes, and the
 Markdown tables (``--out`` with ``.md``) are rewritten from the summaries, so an interrupted benchmark keeps what it
-measured; runs already in ``--out`` are not run again unless ``--fresh``. ``--report-only`` rewrites the tables.
+measured; runs already in ``--out`` are not run again unless ``--fresh`` (which runs the chosen studies at the chosen
+seeds again and keeps every other run). ``--report-only`` rewrites the tables.
 
 - ``splits_knockoff``: ``distributed_knockoff`` with the distributed attacker's budget over 1 to 100 accounts;
 - ``splits_jbda``: ``distributed_jbda``, the same with JBDA;
@@ -129,7 +130,8 @@ def measured(entries) -> str:
             stamp = e["printed"].split("  ->", 1)[0].rsplit("-", 2)[-2]  # run NAME-YYYYmmddHHMMSS-xxxxxx
             date = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}"
         dates.add(date)
-    return " to ".join(sorted(dates)[:: max(len(dates) - 1, 1)])
+    first, last = min(dates), max(dates)
+    return first if first == last else f"{first} to {last}"
 
 
 def seeded(label: str, seed: int) -> str:

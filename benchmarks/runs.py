@@ -121,16 +121,10 @@ def forget(runs: dict, studies: list[str], seeds: list[int]) -> dict:
 
 
 def measured(entries) -> str:
-    """When runs were measured: one date, or the first and the last (a run recorded before dates were kept: the
-    timestamp in its run id)."""
-    dates = set()
-    for e in entries:
-        date = e.get("date")
-        if date is None:
-            stamp = e["printed"].split("  ->", 1)[0].rsplit("-", 2)[-2]  # run NAME-YYYYmmddHHMMSS-xxxxxx
-            date = f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}"
-        dates.add(date)
-    first, last = min(dates), max(dates)
+    """When runs were measured: one date, or the first and the last (from each run id's timestamp,
+    ``NAME-YYYYmmddHHMMSS-xxxxxx``)."""
+    dates = {e["summary"]["run_id"].rsplit("-", 2)[-2][:8] for e in entries}
+    first, last = (f"{d[:4]}-{d[4:6]}-{d[6:]}" for d in (min(dates), max(dates)))
     return first if first == last else f"{first} to {last}"
 
 
@@ -344,7 +338,7 @@ def main() -> None:
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
         print(entry["printed"], file=sys.stderr, flush=True)
-        result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed, "date": dt.date.today().isoformat()}
+        result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         result["updated"] = dt.date.today().isoformat()
         with open(args.out, "w") as fh:

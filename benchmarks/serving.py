@@ -407,10 +407,12 @@ def tier_hop(victim, images: np.ndarray, batch: int, requests: int = 300) -> dic
         shard_pid = ray.get(tier_actors.start(spec, app))[0]["pid"]
         remote = tier_actors.RayTier(app, 1)
         hop = []
+
         def shard_ticks() -> int | None:  # the shard process's CPU so far (None where there is no /proc)
             return _process_ticks().get(shard_pid, (None, None))[1]
 
-        cpu, ticks = time.process_time(), shard_ticks()
+        ticks = shard_ticks()  # before the caller's clock starts: reading /proc is not the call's cost
+        cpu = time.process_time()
         for req in reqs:
             start = time.perf_counter()
             remote.score(*req)

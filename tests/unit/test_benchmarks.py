@@ -112,10 +112,10 @@ def test_fresh_runs_replace_only_what_they_measure_again(runs):
 
 
 def test_a_study_says_when_its_runs_were_measured(runs):
-    dated = {"date": "2026-12-05", "printed": "run x-20261205101010-abcdef  ->  /tmp/x"}
-    undated = {"printed": "run distributed_knockoff-20261201112458-d8ce4a  ->  /tmp/y\nvictim ..."}
-    assert runs.measured([dated]) == "2026-12-05"
-    assert runs.measured([dated, undated, dated]) == "2026-12-01 to 2026-12-05"
+    today = {"summary": {"run_id": "same-detection-20261205101010-abcdef"}}  # a name may hold dashes
+    earlier = {"summary": {"run_id": "distributed_knockoff-20261201112458-d8ce4a"}}
+    assert runs.measured([today]) == "2026-12-05"
+    assert runs.measured([today, earlier, today]) == "2026-12-01 to 2026-12-05"
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+TRAINING_THREADS = 1  # torch threads of every training on the CPU (see fixed_threads)
+
+
+def fixed_threads(train):
+    """Run a training function on ``TRAINING_THREADS`` torch threads, whatever the process uses otherwise, and
+    restore its count after. PyTorch's CPU kernels split their sums over threads, so the same seed trains other
+    weights on 2 threads than on 1: without a fixed count a cached victim, and every result of a run on it, would
+    depend on the machine's cores and on which process (a run, a test, a benchmark, a Ray worker) trained it first.
+    One thread is what every machine has; attackers' replicas train on one thread anyway (one task per core)."""
+    @functools.wraps(train)
+    def fixed(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(TRAINING_THREADS)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return fixed
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -21,6 +41,7 @@ def to_float(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
 
 
+@fixed_threads
 def train_classifier(
     model: nn.Module,
     x: np.ndarray,
@@ -51,8 +72,8 @@ def train_classifier(
     adds ``outlier_weight`` x the cross-entropy between a batch of outliers' predictions and the uniform
     distribution (outlier exposure, Hendrycks et al. 2019). With ``adversary(model, images, labels)`` (float
     images in [0, 1]) each batch is replaced by what it returns (adversarial training). With a ``teacher``, the
-    loss is :func:`divqat_loss` against the teacher's answers. Deterministic for a seed (up to thread
-    nondeterminism).
+    loss is :func:`divqat_loss` against the teacher's answers. Deterministic for a seed on a given machine, on one
+    torch thread (:func:`fixed_threads`).
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty set")
@@ -114,6 +135,7 @@ def divqat_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: tor
     return ce - weight * kl.mean()
 
 
+@fixed_threads
 def train_dp_classifier(
     model: nn.Module,
     x: np.ndarray,

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .training import accuracy, patch_shuffle, predict_probs, train_classifier, train_dp_classifier
 
 log = logging.getLogger(__name__)
-ZOO_VERSION = 2  # bump when training code changes what a cached checkpoint means
+ZOO_VERSION = 3  # bump when training code changes what a cached checkpoint means (3: trained on one thread)
 LATENCY_BATCH = 256  # images per forward pass when a victim's latency is measured
 
 

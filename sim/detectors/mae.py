@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..training import device_of, to_float
+from ..training import device_of, fixed_threads, to_float
 
 
 def _blocks(dim: int, heads: int, depth: int) -> nn.TransformerEncoder:
@@ -129,6 +129,7 @@ def schedule(opt: torch.optim.Optimizer, epochs: int, warmup: int):
         opt, lambda e: min((e + 1) / warmup, 0.5 * (np.cos(e / max(1, epochs) * np.pi) + 1)))
 
 
+@fixed_threads
 def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
               on_epoch: Callable[[int, float], None] | None = None, warmup: int = 0,
               loss_on: str = "masked", betas: tuple[float, float] | None = None) -> MAE:

@@ -41,7 +41,7 @@ from torch import nn
 from .. import models
 from ..errors import ConfigError
 from ..registry import register
-from ..training import predict_probs, train_classifier
+from ..training import fixed_threads, predict_probs, train_classifier
 from .base import Param, StatelessDetector, calibration_split
 from .mae import MAE, schedule, train_mae
 
@@ -111,6 +111,7 @@ def kl_per_class(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return terms.mean(1)
 
 
+@fixed_threads
 def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndarray, *, epochs: int,
                         batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """SAME's code's auxiliary model: each batch reconstructed under a fresh random mask per image, the classifier

@@ -98,3 +98,24 @@ def test_sgd_steps_with_weight_decay_and_a_rate_cut_tenfold_every_lr_step_epochs
         g2 = torch.softmax(b1, 0) - torch.tensor([1.0, 0.0]) + wd * b1
         b2 = b1 - lr2 * (0.9 * g1 + g2)
         torch.testing.assert_close(net[1].bias.detach(), b2)
+
+
+def test_training_gives_the_same_weights_whatever_the_processs_thread_count():
+    """PyTorch's CPU kernels split sums over threads: the same seed trained on 2 threads and on 1 gives other
+    weights (the unpinned function shows it here), and so would a cached victim, by which process trained it first.
+    Training runs on one thread and gives the process its own count back."""
+    x, y, _, _ = small_mnist()
+
+    def weights(train, threads):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)  # the same initial weights
+        model = train(models.build("lenet", (1, 28, 28), 10), x, y, epochs=1, seed=0)
+        assert torch.get_num_threads() == threads
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    before = torch.get_num_threads()
+    try:
+        assert not torch.equal(weights(train_classifier.__wrapped__, 2), weights(train_classifier.__wrapped__, 1))
+        assert torch.equal(weights(train_classifier, 2), weights(train_classifier, 1))
+    finally:
+        torch.set_num_threads(before)

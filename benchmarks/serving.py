@@ -351,7 +351,7 @@ def prada_scale(images: np.ndarray, per_account: int = 60) -> dict:
 def device_section(args) -> dict:
     """ResNet-18 on 32x32 RGB inputs (random pixels: the cost does not depend on them) on each device there is."""
     from sim import defenses, models
-    from sim.training import predict_probs, train_classifier
+    from sim.training import TRAINING_THREADS, predict_probs, train_classifier
 
     shape, rng = (3, 32, 32), np.random.default_rng(0)
     images = rng.integers(0, 256, (4096, *shape), dtype=np.uint8)
@@ -378,6 +378,7 @@ def device_section(args) -> dict:
             mad_cpu = answers
         rows.append({"device": device, "raw_images_per_s": round(raw, 1), "served": r,
                      "served_over_raw": round(r["images_per_s"] / raw, 3), "train_images_per_s": round(train, 1),
+                     "train_threads": TRAINING_THREADS if device == "cpu" else None,
                      "mad_us_per_query": round(mad_us, 1),
                      "mad_max_diff_from_cpu": None if device == "cpu" else float(np.abs(answers - mad_cpu).max())})
         print(f"{device}: raw {raw:,.0f} images/s, served {r['images_per_s']:,.0f}, training {train:,.0f} images/s, "
@@ -704,11 +705,14 @@ def table(result: dict) -> str:
         lines.append("")
     d = result.get("device")
     if d:
+        cpu_threads = next((r.get("train_threads") for r in d["rows"] if r["device"] == "cpu"), None)
+        threads = (f" (on the CPU on {cpu_threads} torch thread{'s' if cpu_threads > 1 else ''}, as every training "
+                   f"here)" if cpu_threads else "")
         lines += ["## Devices" + measured(d), "",
                   f"{d['model']} on {'x'.join(map(str, d['input']))} inputs (random pixels), {d['clients']} clients x "
                   f"{d['batch']} images per request to {d['replicas']} replicas through handles, log on; training: one "
-                  f"epoch over 2,048 images, batch 128 (on the CPU on one torch thread, as every training here); "
-                  f"MAD (eps 0.5, last-layer Jacobian of a ResNet-18 surrogate) over 256 queries. "
+                  f"epoch over 2,048 images, batch 128{threads}; MAD (eps 0.5, last-layer Jacobian of a ResNet-18 "
+                  f"surrogate) over 256 queries. "
                   + ("No GPU was visible where this ran: the GPU row is missing, not zero." if len(d["rows"]) == 1
                      else "On the GPU the replicas share it (1/replicas each)."), "",
                   "| device | raw images/s | served images/s | served ÷ raw | training images/s | MAD µs/query | "

@@ -29,7 +29,7 @@ from torch import nn
 from sim import models
 from sim.errors import ConfigError
 from sim.registry import Param, register
-from sim.training import to_float
+from sim.training import fixed_threads, to_float
 
 from .base import Attack, AttackContext, TransferSet
 
@@ -165,6 +165,7 @@ class DFME:
             self.iterations += phase["last"]
             self._phase = None
 
+    @fixed_threads
     def _generator_update(self, phase: dict, probs: np.ndarray, answered: np.ndarray) -> None:
         b, m = phase["b"], self.directions
         base_x, moved_x = to_float(phase["queries"][:b]), to_float(phase["queries"][b:])
@@ -188,6 +189,7 @@ class DFME:
             self._opt_g.step()
             self.generator_updates += 1
 
+    @fixed_threads
     def _student_update(self, phase: dict, probs: np.ndarray, answered: np.ndarray) -> None:
         if answered.any():
             self.student.train()

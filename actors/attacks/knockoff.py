@@ -139,9 +139,7 @@ class KnockoffAdaptive(CollectingStream):
         return (values - stat[1]) / max(std, 1e-8)
 
     def reward_signals(self, x: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
-        import torch
-
-        from sim.training import to_float
+        from sim.training import fixed_threads
 
         out = {}
         if "certainty" in self.rewards:
@@ -155,14 +153,22 @@ class KnockoffAdaptive(CollectingStream):
                 self._recent = (self._recent + [y])[-self.window:]
             out["diversity"] = np.array(div)
         if self.model is not None:
-            target = torch.as_tensor(probs, dtype=torch.float32)
-            logits = self.model(to_float(x))
-            loss = -(target * torch.log_softmax(logits, 1)).sum(1)
-            out["loss"] = loss.detach().numpy()
-            self._opt.zero_grad()
-            loss.mean().backward()
-            self._opt.step()
+            out["loss"] = fixed_threads(self._learn)(x, probs)
         return out
+
+    def _learn(self, x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Each query's loss under the attacker's model (the "loss" reward), then one step of it on them."""
+        import torch
+
+        from sim.training import to_float
+
+        target = torch.as_tensor(probs, dtype=torch.float32)
+        logits = self.model(to_float(x))
+        loss = -(target * torch.log_softmax(logits, 1)).sum(1)
+        self._opt.zero_grad()
+        loss.mean().backward()
+        self._opt.step()
+        return loss.detach().numpy()
 
     def observe(self, x: np.ndarray, probs: np.ndarray, answered: np.ndarray) -> None:
         if not answered.any():

@@ -145,6 +145,7 @@ def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndar
     return aux.eval()
 
 
+@fixed_threads
 def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_classes: int, *, seed: int,
                mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
                lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None,

@@ -1,6 +1,7 @@
 """Victim training modes: outlier exposure, the misinformation model, DP-SGD; the zoo caches each."""
 
 import numpy as np
+import pytest
 import torch
 
 from sim import data, models, zoo
@@ -115,7 +116,8 @@ def test_training_gives_the_same_weights_whatever_the_processs_thread_count():
 
     before = torch.get_num_threads()
     try:
-        assert not torch.equal(weights(train_classifier.__wrapped__, 2), weights(train_classifier.__wrapped__, 1))
+        if torch.equal(weights(train_classifier.__wrapped__, 2), weights(train_classifier.__wrapped__, 1)):
+            pytest.skip("this torch build and CPU train the same weights on 1 and 2 threads: nothing to pin against")
         assert torch.equal(weights(train_classifier, 2), weights(train_classifier, 1))
     finally:
         torch.set_num_threads(before)

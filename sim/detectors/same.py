@@ -111,7 +111,6 @@ def kl_per_class(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return terms.mean(1)
 
 
-@fixed_threads
 def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndarray, *, epochs: int,
                         batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
     """SAME's code's auxiliary model: each batch reconstructed under a fresh random mask per image, the classifier

@@ -124,6 +124,11 @@ class VictimConfig(_Strict):
     epochs: int = Field(10, ge=1, description="victim training epochs")
     batch_size: int = Field(64, ge=1, description="victim training batch size")
     lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
+    train_threads: int = Field(1, ge=0, description="torch threads that train the victim and the models made from it "
+                                                    "(its variants, the defenses' and detectors' models) on the CPU: 1 "
+                                                    "trains the same weights on every machine; more, or 0 (the "
+                                                    "process's own count), trains faster on a big CPU, with weights "
+                                                    "that depend on the count (the cache keeps them apart)")
     training: Literal["standard", "outlier_exposure", "dp_sgd", "adversarial"] = Field(
         "standard", description="how the victim is trained (dp_sgd: a training-time defense; adversarial: PGD "
                                 "adversarial training with `adversarial`'s settings)")

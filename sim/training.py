@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRAINING_THREADS = 1  # torch threads of every training on the CPU (see fixed_threads)
+TRAINING_THREADS = 1  # torch threads of every training on the CPU (see fixed_threads, training_threads)
 
 
 def fixed_threads(train):
@@ -18,7 +19,8 @@ def fixed_threads(train):
     restore its count after. PyTorch's CPU kernels split their sums over threads, so the same seed trains other
     weights on 2 threads than on 1: without a fixed count a cached victim, and every result of a run on it, would
     depend on the machine's cores and on which process (a run, a test, a benchmark, a Ray worker) trained it first.
-    One thread is what every machine has; attackers' replicas train on one thread anyway (one task per core)."""
+    One thread is what every machine has; attackers' replicas train on one thread anyway (one task per core).
+    :func:`training_threads` changes the count for the trainings it encloses."""
     @functools.wraps(train)
     def fixed(*args, **kwargs):
         threads = torch.get_num_threads()
@@ -28,6 +30,18 @@ def fixed_threads(train):
         finally:
             torch.set_num_threads(threads)
     return fixed
+
+
+@contextlib.contextmanager
+def training_threads(threads: int):
+    """Within: every training of this process runs on ``threads`` torch threads instead of one
+    (``victim.train_threads``: faster on a big CPU, with weights that depend on the count)."""
+    global TRAINING_THREADS
+    before, TRAINING_THREADS = TRAINING_THREADS, threads
+    try:
+        yield
+    finally:
+        TRAINING_THREADS = before
 
 
 def device_of(model: nn.Module) -> torch.device:

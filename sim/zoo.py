@@ -19,7 +19,14 @@ from torch import nn
 from . import adversarial, data, models, quantize, registry
 from .config import DataConfig, VictimConfig
 from .errors import ConfigError
-from .training import accuracy, patch_shuffle, predict_probs, train_classifier, train_dp_classifier
+from .training import (
+    accuracy,
+    patch_shuffle,
+    predict_probs,
+    train_classifier,
+    train_dp_classifier,
+    training_threads,
+)
 
 log = logging.getLogger(__name__)
 ZOO_VERSION = 3  # bump when training code changes what a cached checkpoint means (3: trained on one thread)
@@ -120,8 +127,21 @@ def _stem(*parts: str) -> str:
     return "-".join(safe)
 
 
+def train_threads(cfg: VictimConfig) -> int:
+    """The torch threads the victim and the models made from it train on (``victim.train_threads``; 0: this
+    process's count)."""
+    return cfg.train_threads or torch.get_num_threads()
+
+
+def _threads_spec(cfg: VictimConfig) -> dict:
+    """What a cache key needs to know of the training's threads: nothing at the default one thread (keys stay those
+    of a cache trained before the setting existed), the count otherwise (other counts train other weights)."""
+    threads = train_threads(cfg)
+    return {} if threads == 1 else {"threads": threads}
+
+
 def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str | None = None) -> str:
-    spec = {"data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
+    spec = {**_threads_spec(cfg), "data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind,
             "training": cfg.training}
     if cfg.training == "dp_sgd":
@@ -151,15 +171,17 @@ def _folder(cache_dir: str) -> Path:
     return folder
 
 
-def _cached(path: Path, model: nn.Module, train) -> tuple[dict, bool]:
-    """Load ``path`` into ``model``, or run ``train(model) -> extra fields`` and save; (fields, trained now)."""
+def _cached(path: Path, model: nn.Module, train, threads: int) -> tuple[dict, bool]:
+    """Load ``path`` into ``model``, or run ``train(model) -> extra fields`` on ``threads`` torch threads and save;
+    (fields, trained now)."""
     with FileLock(str(path) + ".lock"):
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt.pop("state_dict"))
             model.eval()
             return ckpt, False
-        fields = train(model)
+        with training_threads(threads):
+            fields = train(model)
         tmp = path.with_suffix(".tmp")
         torch.save({"state_dict": model.state_dict(), **fields}, tmp)
         tmp.replace(path)
@@ -201,7 +223,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
         fields["test_accuracy"] = accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)
         return fields
 
-    fields, now = _cached(path, model, train)
+    fields, now = _cached(path, model, train, train_threads(cfg))
     return Victim(model, cfg.arch, ds, float(fields["test_accuracy"]), path, now,
                   float(fields.get("train_seconds", 0.0)), cfg.training,
                   None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
@@ -292,10 +314,11 @@ def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_
             else:
                 twin = quantize.prepare_twin(base.model, ds.input_shape)
                 divqat = cfg.quantization == "divqat"
-                train_classifier(twin, ds.x_train, ds.y_train, epochs=cfg.quant.epochs, batch_size=cfg.batch_size,
-                                 lr=cfg.quant.lr, seed=seed, on_epoch=on_epoch, adversary=_adversary(cfg, seed),
-                                 teacher=base.model if divqat else None, divergence=cfg.divqat.alpha,
-                                 divergence_cap=cfg.divqat.kl_cap)
+                with training_threads(train_threads(cfg)):
+                    train_classifier(twin, ds.x_train, ds.y_train, epochs=cfg.quant.epochs,
+                                     batch_size=cfg.batch_size, lr=cfg.quant.lr, seed=seed, on_epoch=on_epoch,
+                                     adversary=_adversary(cfg, seed), teacher=base.model if divqat else None,
+                                     divergence=cfg.divqat.alpha, divergence_cap=cfg.divqat.kl_cap)
                 int8 = quantize.convert(quantize.freeze(twin))
             fields = {"config": cfg.model_dump(), "seed": seed, "train_seconds": time.perf_counter() - start,
                       "test_accuracy": accuracy(predict_probs(int8, ds.x_test).argmax(1), ds.y_test)}
@@ -326,7 +349,7 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
                          lr=cfg.lr, seed=seed + 1, loss="misinformation")
         return {"true_class_rate": accuracy(predict_probs(model, ds.x_test).argmax(1), ds.y_test)}
 
-    _cached(path, model, train)
+    _cached(path, model, train, train_threads(cfg))
     return model
 
 
@@ -362,14 +385,15 @@ class ModelContext:
 
     def cached(self, name: str, spec: dict, make: Callable[[], bytes]) -> bytes:
         """Bytes cached beside the victim's checkpoint under ``name`` and a digest of ``spec`` (everything that
-        shapes them): read from the cache, or made by ``make()`` and stored."""
-        key = hashlib.sha1(json.dumps({**spec, "seed": self.seed, "version": ZOO_VERSION},
-                                      sort_keys=True).encode()).hexdigest()[:16]
+        shapes them, with the training's threads): read from the cache, or made by ``make()`` and stored."""
+        key = hashlib.sha1(json.dumps({**spec, **_threads_spec(self.victim_config), "seed": self.seed,
+                                       "version": ZOO_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
         path = _folder(self.cache_dir) / f"{Path(self.victim.cache_name).stem}-{name}-{key}.pt"
         with FileLock(str(path) + ".lock"):
             if path.exists():
                 return path.read_bytes()
-            blob = make()
+            with training_threads(train_threads(self.victim_config)):
+                blob = make()
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(blob)
             tmp.replace(path)

@@ -2,12 +2,14 @@
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sim import querylog, reference, summary
+from sim import cli, config, querylog, reference, summary
+from sim.errors import SimError
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -43,6 +45,21 @@ def test_every_relative_link_resolves(page):
         if not file.exists() or (anchor and file.suffix == ".md" and anchor not in set(anchors(file))):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)} links to missing files or anchors: {broken}"
+
+
+def test_the_errors_the_docs_show_are_what_the_cli_prints():
+    """Each `$ python -m sim …` line a page follows with `error: …` still fails, with that message (… in the page
+    stands for any text): the command's settings are loaded as the CLI loads them, and nothing runs."""
+    shown = [(page.name, cmd.removeprefix("$ python -m sim "), out) for page in PAGES
+             for cmd, out in zip(page.read_text().splitlines(), page.read_text().splitlines()[1:])
+             if cmd.startswith("$ python -m sim ") and out.startswith("error: ")]
+    assert len(shown) >= 3
+    for page, args, out in shown:
+        with pytest.raises(SimError) as raised:
+            scenario, _, overrides = cli._split_args(shlex.split(args))
+            config.load(scenario, overrides)
+        pattern = ".*".join(re.escape(part) for part in out.split("…"))
+        assert re.fullmatch(pattern, f"error: {raised.value}"), f"{page}: {args} prints error: {raised.value}"
 
 
 def test_the_readme_links_every_page():

@@ -121,3 +121,27 @@ def test_training_gives_the_same_weights_whatever_the_processs_thread_count():
         assert torch.equal(weights(train_classifier, 2), weights(train_classifier, 1))
     finally:
         torch.set_num_threads(before)
+
+
+def test_victim_train_threads_trains_the_victim_and_its_models_on_that_many_threads_cached_apart(tmp_path):
+    """victim.train_threads=2: the victim trains on 2 torch threads (the process keeps its own count) into another
+    cache entry than the default one thread, and so do the models made from it; 0 means the process's count."""
+    from sim import training
+
+    cfg, two = VictimConfig(dataset="digits", epochs=1), VictimConfig(dataset="digits", epochs=1, train_threads=2)
+    seen, before = [], torch.get_num_threads()
+
+    def watch(epoch, loss):
+        seen.append(torch.get_num_threads())
+
+    on_two = zoo.get_victim(two, DataConfig(), 0, str(tmp_path), on_epoch=watch)
+    assert seen == [2] and torch.get_num_threads() == before
+    on_one = zoo.get_victim(cfg, DataConfig(), 0, str(tmp_path), on_epoch=watch)
+    assert seen == [2, 1] and on_one.trained_now and on_one.path != on_two.path
+    assert not zoo.get_victim(two, DataConfig(), 0, str(tmp_path)).trained_now
+    made = {c.train_threads: zoo.ModelContext(v, c, DataConfig(), 0, str(tmp_path)).cached(
+        "probe", {}, lambda: str(training.TRAINING_THREADS).encode()) for c, v in ((cfg, on_one), (two, on_two))}
+    assert made == {1: b"1", 2: b"2"} and training.TRAINING_THREADS == 1
+    assert len(list((tmp_path / "victims").glob("*probe*.pt"))) == 2
+    own = cfg.model_copy(update={"train_threads": torch.get_num_threads()})
+    assert zoo.victim_key(cfg.model_copy(update={"train_threads": 0}), 0) == zoo.victim_key(own, 0)

@@ -15,7 +15,8 @@ seeds again and keeps every other run). ``--report-only`` rewrites the tables.
 - ``defenses``: ``mad_vs_knockoff`` (and ``reverse_sigmoid_vs_knockoff``) behind each output defense, and with a
   DP-SGD victim;
 - ``limits``: ``distributed_knockoff`` without limits, with a per-account rate limit and with a per-account quota;
-- ``scenarios``: the other shipped scenarios at their defaults, and the README's default run.
+- ``scenarios``: the other shipped scenarios at their defaults (but those the replication table measures), and the
+  README's default run.
 
 The tables show seed 0. ``--seeds`` runs each run of the chosen studies at each seed too (``seed=S``: the victim's
 training, the attack and the account keys all change), and each study's table is followed by the spread: per
@@ -60,6 +61,8 @@ STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, sce
         ("distributed_knockoff", "distributed_knockoff", []),
         ("single_knockoff", "single_knockoff", []),
         ("single_knockoff, adaptive", "single_knockoff", ["attackers.single.strategy=adaptive"]),
+        ("label_only_knockoff", "label_only_knockoff", []),
+        ("single_jbda", "single_jbda", []),
         ("jbtop3", "jbtop3", []),
         ("dfme", "dfme", []),
         ("same_detection", "same_detection", []),
@@ -68,6 +71,7 @@ STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, sce
           "attackers.distributed.cohort_size=25"]),
         ("sybil_vs_prada", "sybil_vs_prada", []),
         ("fashion_knockoff", "fashion_knockoff", []),
+        ("crowd", "crowd", []),
     ],
 }
 
@@ -77,7 +81,8 @@ LEADS = {
     "splits_jbda": "JBDA through one account, and the same attack and budget spread round robin over N accounts.",
     "defenses": "Two Knockoff attackers (soft labels, top-1 labels) behind each output defense; the undefended "
                 "replica trains on the clean answers to the same queries.",
-    "scenarios": "The shipped scenarios at their defaults.",
+    "scenarios": "The shipped scenarios at their defaults (`adversarial_victim`, `mad_evasion` and "
+                 "`quantized_vs_knockoff` are measured in the replication table, `benchmarks/replicate.py`).",
     "limits": "The single-account and the 20-account Knockoff attacker of `distributed_knockoff` (the same budget) "
               "against per-account limits: a rate limit (each account may send 20 queries a second, in bursts of "
               "serve.max_images) and a quota (300 queries per account). The attackers wait out each 429 as told; an "

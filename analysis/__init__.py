@@ -10,7 +10,7 @@ The command line: ``python -m analysis RUN_DIR [RUN_DIR ...]``.
 """
 
 from sim.querylog import decode_inputs, per_account_counts, read
-from sim.summary import read as read_summary
+from sim.summary import load as read_summary
 
 from .detection import detection_report, scored_rows
 from .metrics import MetricError, detection_metrics, fpr_at_tpr

@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                     models=prepare(run, args.replay, params))
             path = write_report(run, replays)
             print(f"{run}: {path}")
-            if read_summary(run) is None:
-                print(f"{run}: summary.json is missing or unreadable (an interrupted run?): the report comes from the "
-                      f"query log alone")
+            try:
+                read_summary(run)
+            except SimError as exc:
+                print(f"{run}: {exc} (the report comes from the query log alone)")
             if storage.exists(alerts.path_of(run)):
                 found = alerts.summary(alerts.read(run))
                 print(f"{run}: alerts: " + (", ".join(f"{s['source']} {s['alerts']} on {s['accounts']} accounts"

@@ -49,15 +49,19 @@ def arrival_order(rows: pa.Table) -> np.ndarray:
 
 class _RunModels:
     """A run's :class:`sim.zoo.ModelContext`, made on first use: most detectors need no models, and a log may
-    come without its run's config."""
+    come without its run's config. A run that logged no images gets none made (minutes of training): the models
+    would have nothing to score."""
 
-    def __init__(self, run_dir: str, cfg, why: str):
-        self._run_dir, self._cfg, self._why, self._ctx = run_dir, cfg, why, None
+    def __init__(self, run_dir: str, cfg, why: str, kind: str):
+        self._run_dir, self._cfg, self._why, self._kind, self._ctx = run_dir, cfg, why, kind, None
 
     def __getattr__(self, name: str):
         if self._ctx is None:
             from sim import zoo
 
+            if self._cfg is not None and not self._cfg.log.inputs:
+                raise SimError(f"replay of {self._kind} needs the query images, but this run's log has none; expected "
+                               f"a run logged with log.inputs=true")
             if self._cfg is None:
                 raise SimError(f"{self._run_dir}: {self._why}, so the models this replay needs cannot be made as the "
                                f"run made them; expected a run directory written by this version of python -m sim")
@@ -80,7 +84,7 @@ def prepare(run_dir: str, kind: str, params: dict | None = None):
         except SimError as exc:  # a run of another version: fine for what needs no models
             why = f"its config.yaml does not load ({exc})"
     base = next((d.params() for d in cfg.detectors.values() if d.kind == kind), {}) if cfg else {}
-    return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why))
+    return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why, kind))
 
 
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", order: str | None = None,

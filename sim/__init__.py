@@ -23,7 +23,7 @@ _LAZY = {
     "scenario_names": ("sim.config", "scenario_names"),
     "load_config": ("sim.config", "load"),
     "Summary": ("sim.summary", "Summary"),
-    "read_summary": ("sim.summary", "read"),
+    "read_summary": ("sim.summary", "load"),
 }
 
 

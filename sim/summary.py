@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import storage
+from .errors import ConfigError
 
 SUMMARY_VERSION = 2
 
@@ -230,7 +231,11 @@ class Summary(_Part):
     wall_seconds: float = 0.0
 
     def attacker(self, aid: str) -> Attacker:
-        return next(a for a in self.attackers if a.id == aid)
+        found = next((a for a in self.attackers if a.id == aid), None)
+        if found is None:
+            raise ConfigError(f"attacker {aid!r} is not in run {self.run_id}; expected one of: "
+                              f"{', '.join(a.id for a in self.attackers) or 'none (the run had no attackers)'}")
+        return found
 
     def write(self, run_dir: str) -> None:
         storage.write_text(storage.join(run_dir, "summary.json"), self.model_dump_json(indent=2))
@@ -269,13 +274,24 @@ def parse(data: dict) -> Summary:
         raise SummaryError(f"not a run summary: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def load(run_dir: str) -> Summary:
+    """The finished run's ``summary.json`` (``sim.read_summary``); a :class:`ConfigError` saying why when there is
+    none to read (no such file, an interrupted or failed run's marker, not a run summary)."""
+    path = storage.join(run_dir, "summary.json")
+    if not storage.exists(path):
+        raise ConfigError(f"run_dir={run_dir!r} has no summary.json; expected the directory of a finished run")
+    try:
+        return parse(json.loads(storage.read_text(path)))
+    except (ValueError, SummaryError) as exc:
+        raise ConfigError(f"{path}: {exc}; expected the summary of a finished run") from None
+
+
 def read(run_dir: str) -> Summary | None:
     """The run's ``summary.json``, or None when it is missing or is not a run summary (a crashed run: a report
-    is then built from the log alone)."""
-    path = storage.join(run_dir, "summary.json")
+    is then built from the log alone); :func:`load` says why."""
     try:
-        return parse(json.loads(storage.read_text(path))) if storage.exists(path) else None
-    except (ValueError, SummaryError):
+        return load(run_dir)
+    except ConfigError:
         return None
 
 

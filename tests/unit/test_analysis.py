@@ -1,6 +1,7 @@
 """Offline analysis over a log written by the real victim service (no Ray): replay, metrics, report, CLI."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -203,8 +204,9 @@ def test_a_log_without_judgeable_queries_reports_why_instead_of_failing(run_dir,
     assert rep["prada"]["account"]["all"]["positives"] == 0
     refused_only = table.filter(pc.equal(table.column("account_id"), "nobody"))
     assert "needs both attacker" in analysis.detection_report(refused_only)["prada"]["query"]["all"]["error"]
-    (tmp_path / "summary.json").write_text('{"run_id": "x"}')  # not a run summary: ignored
-    assert analysis.read_summary(str(tmp_path)) is None
+    (tmp_path / "summary.json").write_text('{"run_id": "x"}')  # not a run summary: the report ignores it
+    with pytest.raises(ValueError, match="summary.json: not a run summary: .*expected the summary of a finished run"):
+        analysis.read_summary(str(tmp_path))
 
 
 def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir, tmp_path, capsys):
@@ -214,7 +216,8 @@ def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir
     shutil.copytree(run_dir, run)
     (run / "summary.json").write_text("{bad")  # an interrupted write, a hand edit
     assert cli([str(run)]) == 0
-    assert "summary.json is missing or unreadable (an interrupted run?)" in capsys.readouterr().out
+    assert re.search(r"summary.json: Expecting .*; expected the summary of a finished run \(the report comes from the "
+                     r"query log alone\)", capsys.readouterr().out)
     assert "(the query log alone: it has no readable summary.json" in (run / "report.md").read_text()
 
 
@@ -223,15 +226,26 @@ def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys)
     assert capsys.readouterr().err.startswith("error: --param 'delta=[1': '[1' is not a value")
 
 
-def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir):
+def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir, tmp_path):
     """PRADA needs no models, so a log without its run's config replays; SAME needs the run's own, which
-    only a run directory written by python -m sim can say how to make."""
+    only a run directory written by python -m sim can say how to make, and only for a log with the images they
+    score (refused before any training)."""
+    import shutil
+
     from analysis.replay import prepare
+    from sim import config
     from sim.errors import SimError
 
     assert prepare(run_dir, "prada", {"delta": 0.9}) is None
     with pytest.raises(SimError, match="the run has no config.yaml, so the models this replay needs cannot be made"):
         prepare(run_dir, "same")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(run_dir, run)
+    cfg = config.load("same_detection", ["log.inputs=false", f"cache_dir={cache}"])
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    with pytest.raises(SimError, match="replay of same needs the query images, but this run's log has none"):
+        prepare(str(run), "same")
+    assert not cache.exists()  # nothing trained
 
 
 def test_perturbation_targets_on_hand_worked_answers():

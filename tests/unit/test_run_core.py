@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sim
 from actors.client import Client
 from actors.replica import score, train_replica, undefended_targets
 from sim import config, data, defenses, detection, models, querylog, summary, zoo
+from sim.errors import ConfigError
 from sim.plan import derive_seed, make_plan
 from sim.serving import VictimSpec, build_service
 from sim.summarize import Outcome, evaluate_defense, log_columns, summarize
@@ -142,6 +144,8 @@ def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path)
     v1 = summary.parse(old)
     assert v1.version == 2
     a = v1.attacker("knockoff")
+    with pytest.raises(ConfigError, match="attacker 'nobody' is not in run .*; expected one of: knockoff"):
+        v1.attacker("nobody")
     assert a.replica.test_accuracy == old["attackers"][0]["replica_test_accuracy"]
     assert a.undefended.fidelity == old["attackers"][0]["replica_fidelity_undefended"]
     assert a.params == {"pool": "digits"} and v1.detection["prada"].stateful
@@ -150,7 +154,14 @@ def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path)
 
 
 def test_what_is_not_a_readable_summary(tmp_path):
+    """summary.read gives None (a report then comes from the log alone); sim.read_summary (summary.load) says why."""
     assert summary.read(str(tmp_path)) is None  # none at all
+    with pytest.raises(ConfigError, match=r"run_dir='.*' has no summary.json; expected the directory of a finished"):
+        sim.read_summary(str(tmp_path / "nowhere"))
+    summary.write_interrupted(str(tmp_path), "r1", "single_knockoff", "querying", 10)
+    assert summary.read(str(tmp_path)) is None
+    with pytest.raises(ConfigError, match="run r1 was interrupted during querying: it has no results"):
+        sim.read_summary(str(tmp_path))
     (tmp_path / "summary.json").write_text('{"run_id": "x"}')
     assert summary.read(str(tmp_path)) is None  # not a run summary
     with pytest.raises(summary.SummaryError, match="summary version 9 is newer than this mlsim reads"):

@@ -2,7 +2,8 @@
 
 An account is an identity (an API key), not a process: one actor can drive many accounts. Requests are
 the unit of assignment (one request = one account, a batch of queries).
-- ``round_robin``: requests go to the live accounts in turn;
+- ``round_robin``: requests go to the live accounts in turn, each of at most the budget's even share per account
+  (B // k queries), so that a budget smaller than k full requests still reaches every account;
 - ``random``: a seeded uniform choice among the live accounts per request;
 - ``blocks``: contiguous blocks, account j sends queries [j*B/k, (j+1)*B/k) of the actor's budget B
   (a request never straddles two blocks), or with ``sizes`` a block of its own size per account (a population
@@ -49,6 +50,7 @@ class AccountSplitter:
         self._clock = clock
         self._rng = np.random.default_rng(seed)
         self._turn = 0  # round robin: index of the next account to consider
+        self._share = max(1, budget // len(self.keys))  # round robin: most queries per request
         self._sent = 0
         self.used: Counter = Counter()  # queries sent per account
         self.burned: set[str] = set()
@@ -76,7 +78,7 @@ class AccountSplitter:
         if self.strategy == "round_robin":
             while not self.live(self.keys[self._turn % len(self.keys)]):
                 self._turn += 1
-            key, n = self.keys[self._turn % len(self.keys)], want
+            key, n = self.keys[self._turn % len(self.keys)], min(want, self._share)
             self._turn += 1
         elif self.strategy == "random":
             key, n = live[int(self._rng.integers(len(live)))], want

@@ -28,6 +28,16 @@ def test_round_robin_spreads_requests_evenly():
     assert _drain(AccountSplitter(keys, "round_robin", 100, 0), 100, 4) == {k: 20 for k in keys}
 
 
+def test_round_robin_reaches_every_account_when_the_budget_is_less_than_a_full_request_each():
+    """375 queries over 25 accounts in requests of up to 16: full requests would leave one account unused (24
+    requests); requests of the even share, 15, reach all 25. With a remainder, the first accounts send it."""
+    keys = [f"k{i}" for i in range(25)]
+    assert _drain(AccountSplitter(keys, "round_robin", 375, 0), 375, 16) == {k: 15 for k in keys}
+    uneven = _drain(AccountSplitter(keys, "round_robin", 380, 0), 380, 16)
+    assert set(uneven) == set(keys) and uneven["k0"] == 20 and uneven["k1"] == 15
+    assert len(_drain(AccountSplitter(keys, "round_robin", 10, 0), 10, 16)) == 10  # fewer queries than accounts
+
+
 def test_blocks_are_contiguous_and_never_straddle():
     keys = ["a", "b", "c"]
     s = AccountSplitter(keys, "blocks", 10, 0)

@@ -380,13 +380,17 @@ def format_summary(s: Summary) -> str:
 
     for a in s.attackers:
         replica, undefended = a.replica, a.undefended
-        lines.append(f"{a.id:<{w}}{a.attack:<{aw}}{a.accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
+        accounts = a.accounts if a.accounts_used >= a.accounts else f"{a.accounts_used}/{a.accounts}"  # some never sent
+        lines.append(f"{a.id:<{w}}{a.attack:<{aw}}{accounts:>9}{a.actors:>7}{a.queries:>9}{a.refused:>8}"
                      f"{a.accounts_flagged:>8}{num(replica and replica.test_accuracy):>12}"
                      f"{num(replica and replica.fidelity):>9}{num(undefended and undefended.test_accuracy):>15}")
     b = s.benign
     flagged = "-" if b.accounts_flagged is None else b.accounts_flagged
     lines += [f"{'benign':<{w}}{'-':<{aw}}{b.accounts or b.users:>9}{b.users:>7}{b.queries:>9}{b.refused:>8}"
               f"{flagged:>8}{'-':>12}{'-':>9}{'-':>15}", ""]
+    if any(a.accounts_used < a.accounts for a in s.attackers):
+        lines += ["accounts u/n: u of the attacker's n accounts sent queries (the budget or the live accounts ran "
+                  "out first)", ""]
     best = []
     for a in s.attackers:  # replica.variant=mad_code: the checkpoint the MAD code would keep, beside the last epoch
         for label, r in (("replica", a.replica), ("undefended replica", a.undefended)):

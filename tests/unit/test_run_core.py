@@ -131,6 +131,10 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "knockoff      knockoff          1      1       96" in text
     assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
+    assert "accounts u/n" not in text
+    fewer = s.model_copy(update={"attackers": [k.model_copy(update={"accounts": 4}), *s.attackers[1:]]})
+    text = summary.format_summary(fewer)
+    assert "knockoff      knockoff        1/4      1       96" in text and "accounts u/n: u of the" in text
 
 
 def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path):

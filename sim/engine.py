@@ -10,8 +10,10 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -67,6 +69,7 @@ def ray_session(cfg: ScenarioConfig):
     if ray.is_initialized():
         yield
         return
+    sigterm = signal.getsignal(signal.SIGTERM)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address)
@@ -77,6 +80,8 @@ def ray_session(cfg: ScenarioConfig):
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # the run's own (it cleans up) over ray.init's (it exits at once)
     try:
         yield
     finally:
@@ -301,14 +306,15 @@ class _VictimStopped(Exception):
 
 @contextlib.contextmanager
 def _second_interrupt_exits(log_dir: str):
-    """Ctrl-C once: KeyboardInterrupt, and the run cleans up (deletes its Serve app, compacts its log). Ctrl-C again
-    while it does: exit at once with status 130, the log left as streams (every row written is there, and
-    :func:`sim.querylog.read` reads them). Only where signals can be handled (the main thread)."""
-    import signal
-    import threading
-
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    """Ctrl-C (or SIGTERM, as a batch scheduler stops a job) once: KeyboardInterrupt, and the run cleans up (deletes
+    its Serve app, compacts its log). Either again while it does: exit at once with status 130, the log left as
+    streams (every row written is there, and :func:`sim.querylog.read` reads them). Only where signals can be
+    handled (the main thread), and each signal only where nobody else handles it (a process started in the
+    background of a shell ignores SIGINT)."""
+    ours = {sig: default for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                                              (signal.SIGTERM, signal.SIG_DFL))
+            if signal.getsignal(sig) == default}
+    if threading.current_thread() is not threading.main_thread() or not ours:
         yield
         return
     seen = []
@@ -321,11 +327,13 @@ def _second_interrupt_exits(log_dir: str):
         seen.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in ours:
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, default in ours.items():
+            signal.signal(sig, default)
 
 
 def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch) -> Summary:

@@ -88,6 +88,9 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
     scenario, overrides = None, []
     for arg in argv:
         if arg.startswith("scenario="):
+            if scenario is not None:
+                raise SimError(f"{arg!r}: a second scenario (scenario={scenario} came first); expected one "
+                               f"scenario=NAME")
             scenario = arg.split("=", 1)[1]
         elif arg.startswith("sweep="):
             if mode == "serve":
@@ -107,7 +110,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("help", "-h", "--help"):
+    if not argv or argv[0] == "help" or "-h" in argv or "--help" in argv:
         print(help_text())
         return 0 if argv else 2
     logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING"),
@@ -280,9 +283,13 @@ def load_keys(path: str, text: str | None = None) -> dict:
     from .protocol import Account
 
     try:
-        entries = json.loads(storage.read_text(path) if text is None else text)
-        return {_stored_key(e): Account(e["account_id"], e.get("role", "external"), e.get("attack"), e.get("cohort"))
-                for e in entries}
+        entries, keys = json.loads(storage.read_text(path) if text is None else text), {}
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict) or "account_id" not in e or not {"key", "key_sha256"} & set(e):
+                raise ValueError(f"entry {i} is {e!r}")
+            keys[_stored_key(e)] = Account(e["account_id"], e.get("role", "external"), e.get("attack"),
+                                           e.get("cohort"))
+        return keys
     except OSError as exc:
         raise SimError(f"serve.keys={path!r} cannot be read ({exc.strerror or exc}); expected a JSON file of "
                        f"[{{\"key\": …, \"account_id\": …}}]") from None

@@ -126,9 +126,9 @@ class VictimConfig(_Strict):
     lr: float = Field(1e-3, gt=0, description="victim training learning rate (Adam)")
     train_threads: int = Field(1, ge=0, description="torch threads that train the victim and the models made from it "
                                                     "(its variants, the defenses' and detectors' models) on the CPU: 1 "
-                                                    "trains the same weights on every machine; more, or 0 (the "
-                                                    "process's own count), trains faster on a big CPU, with weights "
-                                                    "that depend on the count (the cache keeps them apart)")
+                                                    "trains the same weights whatever the machine's cores; more, or 0 "
+                                                    "(the process's own count), trains faster on a big CPU, with "
+                                                    "weights that depend on the count (the cache keeps them apart)")
     training: Literal["standard", "outlier_exposure", "dp_sgd", "adversarial"] = Field(
         "standard", description="how the victim is trained (dp_sgd: a training-time defense; adversarial: PGD "
                                 "adversarial training with `adversarial`'s settings)")
@@ -629,6 +629,9 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
         text = path.read_text()
     elif name_or_path in names:
         text = (folder / f"{name_or_path}.yaml").read_text()
+    elif name_or_path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{kind}={name_or_path!r}: no such file; expected the path of an existing .yaml file (or "
+                          f"one of: {', '.join(names)})")
     else:
         raise ConfigError(f"{kind}={name_or_path!r} is not a known {kind}; "
                           f"expected one of: {', '.join(names)} (or a path to a .yaml file)")
@@ -653,6 +656,9 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     near = Path(name_or_path).parent / base  # a file's base is looked for beside it first
     if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() and near.exists():
         base = os.path.normpath(near)
+    elif base not in scenario_names() and near.with_name(f"{near.name}.yaml").exists():
+        raise ConfigError(f"extends={base!r} in {name_or_path!r} is not a shipped scenario; expected "
+                          f"extends: {base}.yaml for the file beside it")
     if _same_file(base, seen + (name_or_path,)):
         raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (name_or_path, base))}")
     merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, seen + (name_or_path,))), OmegaConf.create(raw))

@@ -167,6 +167,12 @@ def test_extends_finds_a_relative_base_beside_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # not where the files are
     cfg = config.load(str(tmp_path / "mine.yaml"))
     assert cfg.seed == 3 and cfg.victim.epochs == 2 and "single" in cfg.attackers
+    (tmp_path / "bare.yaml").write_text("extends: base\n")  # a name is a shipped scenario: the file needs .yaml
+    with pytest.raises(ConfigError, match=r"extends='base' in '.*bare.yaml' is not a shipped scenario; expected "
+                                          r"extends: base.yaml for the file beside it$"):
+        config.load(str(tmp_path / "bare.yaml"))
+    with pytest.raises(ConfigError, match=r"scenario='.*gone.yaml': no such file; expected the path of an existing"):
+        config.load(str(tmp_path / "gone.yaml"))
 
 
 def test_resolved_config_round_trips_through_yaml():
@@ -184,6 +190,8 @@ def test_resolved_config_round_trips_through_yaml():
     (["--scenario=single_knockoff"], "error: argument '--scenario=single_knockoff' is not understood; expected "
                                      "scenario=single_knockoff (key=value, no dashes)"),
     (["victim.epochs=1"], "error: scenario=NAME is required"),
+    (["scenario=single_knockoff", "scenario=dfme"], "error: 'scenario=dfme': a second scenario (scenario="
+                                                    "single_knockoff came first); expected one scenario=NAME"),
 ])
 def test_cli_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
     proc = subprocess.run([sys.executable, "-m", "sim", *args], capture_output=True, text=True, timeout=120)

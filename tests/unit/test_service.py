@@ -222,6 +222,9 @@ def test_an_accounts_file_may_hold_keys_or_only_their_hashes(tmp_path):
     path.write_text(json.dumps([{"key_sha256": "XYZ", "account_id": "b"}]))
     with pytest.raises(SimError, match=r"is not a valid accounts file \(key_sha256='XYZ' is not 64 lowercase hex"):
         load_keys(str(path))
+    path.write_text(json.dumps([{"key": "k"}, {"account_id": "b"}]))
+    with pytest.raises(SimError, match=r"is not a valid accounts file \(entry 0 is \{'key': 'k'\}\); expected a JSON"):
+        load_keys(str(path))
 
 
 def test_once_the_log_cannot_be_written_nothing_more_is_answered(service, monkeypatch):

@@ -96,12 +96,18 @@ def command(scenario: str, overrides: list[str]) -> str:
 
 def run_one(scenario: str, overrides: list[str], run_dir: str) -> dict:
     import sim
-    from sim.summary import format_summary
 
     start = time.perf_counter()
     s = sim.run(scenario, [*overrides, f"run_dir={run_dir}"], quiet=True)
-    return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1),
-            "printed": format_summary(s)}
+    return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def printed(entry: dict) -> str:
+    """What ``python -m sim`` printed for a run: its summary as the CLI formats it (a pure function of the summary,
+    so a change of format reaches every recorded run with ``--report-only``)."""
+    from sim.summary import format_summary, parse
+
+    return format_summary(parse(entry["summary"]))
 
 
 def _pct(v) -> str:
@@ -251,9 +257,9 @@ def tables(runs: dict) -> str:
                     benign = s.benign.accounts or s.benign.users
                     tail = f"{s.benign.accounts_flagged} / {benign} | {r['seconds']:.0f}" if i == 0 else " |"
                     out.append(f"| {lead} | {a.id} | {a.queries:,} | {_replica(a)} | {_flagged(a)} | {tail} |")
-            printed = runs[study].get("distributed_knockoff", {}).get("printed")
-            if printed:
-                out += ["", "What `python -m sim scenario=distributed_knockoff` printed:", "", "```", printed, "```"]
+            if "distributed_knockoff" in runs[study]:
+                out += ["", "What `python -m sim scenario=distributed_knockoff` printed:", "", "```",
+                        printed(runs[study]["distributed_knockoff"]), "```"]
         detectors = {(label, name): d for label, *_, r in done for name, d in r["summary"].detection.items()
                      if len(r["summary"].detection) > 1}  # the runs with more than the default PRADA
         if detectors:
@@ -282,7 +288,8 @@ MARK = "<!-- printed:"  # the README's sample output follows this line, as a fen
 
 def readme_sample(result: dict) -> str | None:
     """What the README's default run printed, as this benchmark recorded it."""
-    return result["runs"].get("scenarios", {}).get("distributed_knockoff", {}).get("printed")
+    entry = result["runs"].get("scenarios", {}).get("distributed_knockoff")
+    return None if entry is None else printed(entry)
 
 
 def replace_sample(text: str, printed: str) -> str:
@@ -342,7 +349,7 @@ def main() -> None:
         except DataError as exc:  # a dataset this machine lacks (fashion_knockoff): say so and go on
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
-        print(entry["printed"], file=sys.stderr, flush=True)
+        print(printed(entry), file=sys.stderr, flush=True)
         result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         result["updated"] = dt.date.today().isoformat()

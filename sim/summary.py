@@ -368,8 +368,8 @@ def format_summary(s: Summary) -> str:
         if d.test_l1_mean is not None else
         "defense: the remote victim's own, unknown here: its answers are what the table measures (no clean answers, "
         "so no distortion and no undefended baseline)",
-        f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed), {q.challenged} "
-        f"challenged with proof of work, {q.refused} refused, {q.logged} log rows",
+        f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed on a detector's flag), "
+        f"{q.challenged} challenged with proof of work, {q.refused} refused, {q.logged} log rows",
         "",
         f"{'attacker':<{w}}{'attack':<{aw}}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
         f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",

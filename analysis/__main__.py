@@ -15,7 +15,6 @@ victim zoo (training them if the cache lacks them).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,7 +22,9 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    from sim.cli import OneLineParser
+
+    ap = OneLineParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory, or a sweep directory")
     ap.add_argument("--replay", metavar="KIND",
                     help="a detector kind to re-run over the logs (python -m sim help lists them)")

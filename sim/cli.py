@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -14,8 +15,6 @@ from .errors import Interrupted, RunFailed, SimError
 
 def _number(kind, low: float, strict: bool, expected: str):
     """An argparse type: ``kind`` of the text, above ``low`` (or at it when not ``strict``)."""
-    import argparse
-
     def parse(text: str):
         try:
             value = kind(text)
@@ -30,6 +29,15 @@ def _number(kind, low: float, strict: bool, expected: str):
 count = _number(int, 1, False, "an integer >= 1")  # argparse types for the scripts' options
 nonnegative = _number(int, 0, False, "an integer >= 0")
 positive = _number(float, 0, True, "a number > 0")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line, ``error: …`` with status 2, as ``python -m sim``'s
+    (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def description(doc: str) -> str:

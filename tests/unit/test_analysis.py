@@ -224,6 +224,10 @@ def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):
     assert cli([run_dir, "--replay", "prada", "--param", "delta=[1"]) == 2
     assert capsys.readouterr().err.startswith("error: --param 'delta=[1': '[1' is not a value")
+    with pytest.raises(SystemExit) as info:  # argparse's own mistakes too: one line, not the usage first
+        cli([run_dir, "--bogus"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --bogus (see python -m analysis --help)\n"
 
 
 def test_a_replay_gets_the_models_its_detector_needs_or_says_why_not(run_dir, tmp_path):

@@ -82,7 +82,8 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                   f"steps, {v.robustness['samples']} test images)"
                   if v.robust_accuracy is not None and v.robustness else "")
         lines += ["## What ran", "",
-                  f"- **Victim**: {v.arch} trained on {v.dataset} ({v.training}), test accuracy "
+                  f"- **Victim**: {v.arch} trained on {v.dataset} ({v.training}"
+                  f"{f', {v.train_threads} torch threads' if v.train_threads else ''}), test accuracy "
                   f"{_pct(v.test_accuracy)}%{robust}{quant}.",
                   f"- **Output defense**: {d.name}{f' ({params})' if params else ''}. Honest users get "
                   f"{_pct(v.defended_test_accuracy)}% accuracy on the test set, mean L1 distortion "

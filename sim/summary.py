@@ -30,6 +30,7 @@ class Victim(_Part):
     trained_now: bool
     train_seconds: float
     training: str
+    train_threads: int | None = None  # torch threads it trained on, where not the default one (victim.train_threads)
     dp_epsilon: float | None = None  # DP-SGD victims: epsilon spent at dp.delta
     dp: dict[str, Any] | None = None
     checkpoint: str
@@ -356,6 +357,8 @@ def format_summary(s: Summary) -> str:
     dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
     if v.quantization != "none":
         dp += f", int8 {v.quantization}: float model {v.float_test_accuracy:.4f}"
+    if v.train_threads is not None:
+        dp += f", {v.train_threads} torch threads"
     lines = [
         f"run {s.run_id}  ->  {s.run_dir}",
         f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"

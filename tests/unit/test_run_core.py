@@ -131,7 +131,11 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "knockoff      knockoff          1      1       96" in text
     assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
-    assert "accounts u/n" not in text
+    assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
+    assert "(standard training, 2 torch threads)" in summary.format_summary(
+        s.model_copy(update={"victim": s.victim.model_copy(update={"train_threads": 2})}))
+    two = cfg.model_copy(update={"victim": cfg.victim.model_copy(update={"train_threads": 2})})
+    assert summarize(two, out).victim.train_threads == 2
     fewer = s.model_copy(update={"attackers": [k.model_copy(update={"accounts": 4}), *s.attackers[1:]]})
     text = summary.format_summary(fewer)
     assert "knockoff      knockoff        1/4      1       96" in text and "accounts u/n: u of the" in text

@@ -102,7 +102,7 @@ def run_one(scenario: str, overrides: list[str], run_dir: str) -> dict:
     return {"summary": json.loads(s.model_dump_json()), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def printed(entry: dict) -> str:
+def printed_text(entry: dict) -> str:
     """What ``python -m sim`` printed for a run: its summary as the CLI formats it (a pure function of the summary,
     so a change of format reaches every recorded run with ``--report-only``)."""
     from sim.summary import format_summary, parse
@@ -259,7 +259,7 @@ def tables(runs: dict) -> str:
                     out.append(f"| {lead} | {a.id} | {a.queries:,} | {_replica(a)} | {_flagged(a)} | {tail} |")
             if "distributed_knockoff" in runs[study]:
                 out += ["", "What `python -m sim scenario=distributed_knockoff` printed:", "", "```",
-                        printed(runs[study]["distributed_knockoff"]), "```"]
+                        printed_text(runs[study]["distributed_knockoff"]), "```"]
         detectors = {(label, name): d for label, *_, r in done for name, d in r["summary"].detection.items()
                      if len(r["summary"].detection) > 1}  # the runs with more than the default PRADA
         if detectors:
@@ -289,7 +289,7 @@ MARK = "<!-- printed:"  # the README's sample output follows this line, as a fen
 def readme_sample(result: dict) -> str | None:
     """What the README's default run printed, as this benchmark recorded it."""
     entry = result["runs"].get("scenarios", {}).get("distributed_knockoff")
-    return None if entry is None else printed(entry)
+    return None if entry is None else printed_text(entry)
 
 
 def replace_sample(text: str, printed: str) -> str:
@@ -349,7 +349,7 @@ def main() -> None:
         except DataError as exc:  # a dataset this machine lacks (fashion_knockoff): say so and go on
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue
-        print(printed(entry), file=sys.stderr, flush=True)
+        print(printed_text(entry), file=sys.stderr, flush=True)
         result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         result["updated"] = dt.date.today().isoformat()

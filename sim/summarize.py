@@ -123,16 +123,10 @@ def limited(results: list[dict]) -> S.Limited:
                      quota_spent=sum(p.get("quota_spent", 0) for p in parts))
 
 
-def _threads(cfg: ScenarioConfig, victim) -> int | None:
-    """The torch threads a victim of the zoo trained on, where not the default one (None: one, or not trained here)."""
-    from .zoo import train_threads
-
-    threads = train_threads(cfg.victim) if victim.source == "zoo" else 1
-    return None if threads == 1 else threads
-
-
 def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
     from analysis.detection import detection_report
+
+    from . import zoo
 
     table, plan, victim = out.log, out.plan, out.victim
     actions = {a: int(pc.sum(pc.equal(table.column("action"), a)).as_py() or 0)
@@ -173,7 +167,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                         source=v.source,
                         test_accuracy=round(v.test_accuracy, 4), trained_now=v.trained_now,
                         train_seconds=round(v.train_seconds, 1), training=v.training, dp_epsilon=v.dp_epsilon,
-                        train_threads=_threads(cfg, v),
+                        train_threads=zoo.threads_spec(cfg.victim).get("threads") if v.source == "zoo" else None,
                         dp=cfg.victim.dp.model_dump() if v.training == "dp_sgd" else None, checkpoint=str(v.path),
                         defended_test_accuracy=defended.pop("defended_test_accuracy"),
                         adversarial=cfg.victim.adversarial.model_dump() if v.training == "adversarial" else None,

@@ -133,15 +133,16 @@ def train_threads(cfg: VictimConfig) -> int:
     return cfg.train_threads or torch.get_num_threads()
 
 
-def _threads_spec(cfg: VictimConfig) -> dict:
-    """What a cache key needs to know of the training's threads: nothing at the default one thread (keys stay those
-    of a cache trained before the setting existed), the count otherwise (other counts train other weights)."""
+def threads_spec(cfg: VictimConfig) -> dict:
+    """What a cache key (and a run's summary) records of the training's threads: nothing at the default one thread
+    (keys stay those of a cache trained before the setting existed), the count otherwise (other counts train other
+    weights)."""
     threads = train_threads(cfg)
     return {} if threads == 1 else {"threads": threads}
 
 
 def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str | None = None) -> str:
-    spec = {**_threads_spec(cfg), "data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
+    spec = {**threads_spec(cfg), "data": data_id, "dataset": cfg.dataset, "arch": cfg.arch, "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": seed, "version": ZOO_VERSION, "kind": kind,
             "training": cfg.training}
     if cfg.training == "dp_sgd":
@@ -386,7 +387,7 @@ class ModelContext:
     def cached(self, name: str, spec: dict, make: Callable[[], bytes]) -> bytes:
         """Bytes cached beside the victim's checkpoint under ``name`` and a digest of ``spec`` (everything that
         shapes them, with the training's threads): read from the cache, or made by ``make()`` and stored."""
-        key = hashlib.sha1(json.dumps({**spec, **_threads_spec(self.victim_config), "seed": self.seed,
+        key = hashlib.sha1(json.dumps({**spec, **threads_spec(self.victim_config), "seed": self.seed,
                                        "version": ZOO_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
         path = _folder(self.cache_dir) / f"{Path(self.victim.cache_name).stem}-{name}-{key}.pt"
         with FileLock(str(path) + ".lock"):

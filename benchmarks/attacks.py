@@ -40,7 +40,6 @@ measures the code's full schedule beside the 30-epoch cells, not in their place.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -52,7 +51,7 @@ import torch
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
-from sim.cli import count, description, nonnegative, script
+from sim.cli import OneLineParser, count, description, nonnegative, script
 from sim.errors import ConfigError, DataError
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -222,7 +221,7 @@ def table(cells: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/attacks.py", description=description(__doc__))
     ap.add_argument("--datasets", nargs="+", default=["fashion_mnist", "mnist5k"], choices=list(SCENARIO))
     ap.add_argument("--attacks", nargs="+", default=["knockoff", "jbda", "jb_self", "jb_top3", "dfme"])
     ap.add_argument("--budgets", nargs="+", type=count, default=[1000, 5000, 10000, 50000])

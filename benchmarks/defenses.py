@@ -15,7 +15,6 @@ Writes JSON to --out and Markdown tables next to it (``--report-only``: rebuilds
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ import ray
 import torch
 from serving import served  # benchmarks/serving.py
 
-from sim.cli import count, description, positive, script
+from sim.cli import OneLineParser, count, description, positive, script
 
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
@@ -56,7 +55,7 @@ def best_rate(fn, n_per_call: int, seconds: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/defenses.py", description=description(__doc__))
     ap.add_argument("--seconds", type=positive, default=8.0, help="per measurement")
     ap.add_argument("--clients", type=count, default=4)
     ap.add_argument("--batch", type=count, default=64)

@@ -46,7 +46,6 @@ Results are written to --out (JSON) and a Markdown table next to it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -58,7 +57,7 @@ import torch
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
-from sim.cli import count, description, nonnegative, script
+from sim.cli import OneLineParser, count, description, nonnegative, script
 from sim.detectors.link import REASONS
 from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
@@ -437,7 +436,7 @@ def tables(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/detection.py", description=description(__doc__))
     ap.add_argument("--budgets", nargs="+", type=count, default=[1000, 4000])
     ap.add_argument("--accounts", nargs="+", type=count, default=[1, 10, 50, 100])
     ap.add_argument("--cohort", type=count, default=25, help="attacker accounts per sign-up cohort")

@@ -17,7 +17,6 @@ answered query in it exactly once. Results are printed and written as JSON and a
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import ray
 from serving import encode  # benchmarks/serving.py: request bodies in each encoding
 
-from sim.cli import count, description, positive, script
+from sim.cli import OneLineParser, count, description, positive, script
 
 
 def rss_mb(pid: int) -> float | None:
@@ -210,7 +209,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/load.py", description=description(__doc__))
     ap.add_argument("--minutes", type=positive, default=5.0)
     ap.add_argument("--clients", type=count, default=16)
     ap.add_argument("--rate", type=positive, default=None, help="requests per second, all clients together (paced)")

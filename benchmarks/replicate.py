@@ -24,7 +24,6 @@ which settings it was measured.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -50,7 +49,7 @@ from analysis.claims import (
     spread,
 )
 from analysis.sweep import distortion_to_reach
-from sim.cli import description, nonnegative, script
+from sim.cli import OneLineParser, description, nonnegative, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = ["victim.epochs=3", "victim.quant.epochs=1", "benign.users=1", "benign.queries=40",
@@ -1089,7 +1088,7 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/replicate.py", description=description(__doc__))
     ap.add_argument("--quick", action="store_true", help="small budgets and training: minutes on 2 cores")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")

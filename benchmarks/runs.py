@@ -25,7 +25,6 @@ run and attacker, the replica's mean, standard deviation and range, and the acco
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
@@ -33,7 +32,7 @@ import platform
 import sys
 import time
 
-from sim.cli import description, nonnegative, script
+from sim.cli import OneLineParser, description, nonnegative, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
@@ -315,7 +314,7 @@ def write_tables(path: str, result: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/runs.py", description=description(__doc__))
     ap.add_argument("--studies", nargs="+", default=list(STUDIES), choices=list(STUDIES))
     ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0],
                     help="run each run at these seeds (seed 0: the tables; the others: the spread)")

@@ -29,7 +29,6 @@ Results are printed and written as JSON and as Markdown beside it (``--report-on
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import io
@@ -43,7 +42,7 @@ import numpy as np
 import ray
 import torch
 
-from sim.cli import count, description, positive, script
+from sim.cli import OneLineParser, count, description, positive, script
 
 MORE_ACCOUNTS = (8, 64)  # accounts per client in the pipeline's PRADA rows beyond one (shorter histories each)
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
@@ -495,7 +494,7 @@ def linking() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/serving.py", description=description(__doc__))
     ap.add_argument("--seconds", type=positive, default=10.0)
     ap.add_argument("--clients", type=count, default=16,
                     help="closed-loop clients of the pipeline and device sections: enough to keep the cores busy in "

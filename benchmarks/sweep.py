@@ -16,7 +16,6 @@ defense_frontier`` writes the defense_frontier report beside the default one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,7 +25,7 @@ import sys
 from analysis import plots
 from analysis.sweep import attackers_of, distortion_to_reach, format_need, read_sweep
 from sim import sweep
-from sim.cli import description, script
+from sim.cli import OneLineParser, description, script
 
 PAPER_RATIO = 0.63
 TARGETS = (0.8, 0.7, 0.6, 0.5)  # replica accuracies; the undefended replica here is only just above 0.8
@@ -35,7 +34,7 @@ BASELINES = ("reverse_sigmoid", "random_noise")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=description(__doc__))
+    ap = OneLineParser(prog="python benchmarks/sweep.py", description=description(__doc__))
     ap.add_argument("--sweeps", nargs="+", default=["mad_eps", "reverse_sigmoid_beta", "random_noise_eps"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--name", default="sweep", help="the report's file name, without extension (default: sweep)")

@@ -221,9 +221,9 @@ def text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from sim.cli import OneLineParser
 
-    ap = argparse.ArgumentParser(prog="python -m sim.reference", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m sim.reference", description=__doc__.splitlines()[0])
     ap.add_argument("path", nargs="?", default=str(Path(__file__).resolve().parents[1] / "docs" / "reference.md"),
                     help="the Markdown file to write (default: this checkout's docs/reference.md)")
     out = Path(ap.parse_args(argv).path)

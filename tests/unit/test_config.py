@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -232,10 +233,21 @@ def test_the_reference_writer_takes_one_file_path(tmp_path, capsys):
 
     assert reference.main([str(tmp_path / "ref.md")]) == 0
     assert (tmp_path / "ref.md").read_text().startswith("# Configuration reference")
+    assert capsys.readouterr().err.strip() == f"wrote {tmp_path / 'ref.md'}"
     for args in ([str(tmp_path)], [str(tmp_path / "no" / "ref.md")], ["a.md", "b.md"], ["--nope"]):
         with pytest.raises(SystemExit) as info:
             reference.main(args)
-        assert info.value.code == 2 and "error:" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["runs", "replicate"])  # the others build their parser in the same way
+def test_a_benchmark_scripts_bad_option_is_one_line_with_status_2(name):
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--no-such-option"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: unrecognized arguments: --no-such-option "
+                                   f"(see python benchmarks/{name}.py --help)")
 
 
 def test_cli_help_lists_scenarios_and_keys():

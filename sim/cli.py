@@ -175,7 +175,15 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
     from . import alerts, querylog, storage
     from . import config as config_mod
-    from .engine import deploy_victim, new_run_id, prepare_models, prepare_run_dir, ray_session, train_victim
+    from .engine import (
+        deploy_victim,
+        new_run_id,
+        prepare_models,
+        prepare_run_dir,
+        ray_session,
+        ray_stopped,
+        train_victim,
+    )
     from .protocol import Account, hashed, make_keys
 
     cfg = config_mod.load(scenario, overrides)
@@ -193,6 +201,19 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             [{"key": k, "account_id": a.account_id, "role": a.role} for k, a in keys.items()], indent=2))
     victim = train_victim(cfg)
     dets, defense_models = prepare_models(cfg, victim)
+
+    def finish() -> int:  # as in a run: whatever happened, the log is left compacted and readable, with its alerts
+        rows = querylog.compact(log_dir)
+        alerts.write(cfg.run_dir, list(dets.detectors))
+        return rows
+
+    def on_signal(signum, _):
+        if signum == signal.SIGTERM and ray_stopped():  # sent to the whole process group: Ray's processes are gone
+            print(f"stopped; {finish()} queries logged in {log_dir}", flush=True)
+            os._exit(0)
+        stop.update(now=True)
+
+    stop = {"now": False}
     try:
         with ray_session(cfg):
             app, port, spec = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, dets, defense_models,
@@ -203,10 +224,9 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             print(f"keys: {keys_path}")
             print(f"log:  {log_dir}")
             print("Ctrl-C to stop", flush=True)
-            stop = {"now": False}
             # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: stop.update(now=True))
+                signal.signal(sig, on_signal)
             watched = {"text": storage.read_text(keys_path), "keys": hashed(keys)}
             proxies: dict = {}
             try:
@@ -218,9 +238,8 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
                 from .serving import delete
 
                 delete(spec, app)
-    finally:  # as in a run: whatever happened, the log is left compacted and readable, with its alerts
-        rows = querylog.compact(log_dir)
-        alerts.write(cfg.run_dir, list(dets.detectors))
+    finally:
+        rows = finish()
     print(f"stopped; {rows} queries logged in {log_dir}")
     return 0
 

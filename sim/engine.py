@@ -62,6 +62,24 @@ def _check_reachable(address: str) -> None:
                        f"cluster's HOST:PORT (ray start --head) or 'auto'") from None
 
 
+def ray_stopped(wait_s: float = 2.0) -> bool:
+    """Whether the Ray this process is connected to has stopped (its GCS refuses connections within ``wait_s``).
+    A SIGTERM sent to a whole process group (``timeout``, systemd, a batch scheduler) stops a local Ray's processes
+    together with this one: Ray shields them from SIGINT only."""
+    if not ray.is_initialized():
+        return False
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=0.2).close()
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ScenarioConfig):
     """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
@@ -287,8 +305,16 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
     progress = {"phase": "victim training", "logged": 0}
+
+    def stop_without_ray():  # SIGTERM stopped Ray's processes too: nothing there can be asked to stop or answer
+        if progress.get("log_detectors") is not None:  # the log is still the streams the replicas wrote
+            progress["logged"] = _compact(cfg, log_dir, progress["log_detectors"])
+        write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
+        print(f"\n{Interrupted(progress['phase'], cfg.run_dir, progress['logged'])}", file=sys.stderr, flush=True)
+        os._exit(130)
+
     try:
-        with _second_interrupt_exits(log_dir):
+        with _second_interrupt_exits(log_dir, stop_without_ray):
             if cfg.victim.remote():
                 return _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch)
             return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
@@ -305,12 +331,13 @@ class _VictimStopped(Exception):
 
 
 @contextlib.contextmanager
-def _second_interrupt_exits(log_dir: str):
+def _second_interrupt_exits(log_dir: str, stop_without_ray=None):
     """Ctrl-C (or SIGTERM, as a batch scheduler stops a job) once: KeyboardInterrupt, and the run cleans up (deletes
     its Serve app, compacts its log). Either again while it does: exit at once with status 130, the log left as
-    streams (every row written is there, and :func:`sim.querylog.read` reads them). Only where signals can be
-    handled (the main thread), and each signal only where nobody else handles it (a process started in the
-    background of a shell ignores SIGINT)."""
+    streams (every row written is there, and :func:`sim.querylog.read` reads them). A SIGTERM that stopped Ray's own
+    processes as well (sent to the whole process group) calls ``stop_without_ray()`` instead, which cleans up
+    what needs no Ray and exits. Only where signals can be handled (the main thread), and each signal only where
+    nobody else handles it (a process started in the background of a shell ignores SIGINT)."""
     ours = {sig: default for sig, default in ((signal.SIGINT, signal.default_int_handler),
                                               (signal.SIGTERM, signal.SIG_DFL))
             if signal.getsignal(sig) == default}
@@ -321,10 +348,13 @@ def _second_interrupt_exits(log_dir: str):
 
     def handler(signum, frame):
         if seen:
-            print(f"\nstopped at once; the query log in {log_dir} is left uncompacted (readable as it is)",
-                  file=sys.stderr, flush=True)
+            left = (f"; the query log in {log_dir} is left uncompacted (readable as it is)"
+                    if querylog.exists(log_dir) else "")
+            print(f"\nstopped at once{left}", file=sys.stderr, flush=True)
             os._exit(130)
         seen.append(signum)
+        if signum == signal.SIGTERM and stop_without_ray is not None and ray_stopped():
+            stop_without_ray()
         raise KeyboardInterrupt
 
     for sig in ours:
@@ -353,6 +383,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
 
         try:
             progress["phase"] = "deploying the victim"
+            progress["log_detectors"] = list(dets.detectors)
             check_plugins_in_workers(cfg)
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
             t0 = time.perf_counter()
@@ -367,7 +398,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
                 tier = serving.delete(spec, app)
             timings["query_seconds"] = round(time.perf_counter() - t0 - timings["serve_seconds"], 2)
         finally:  # also after Ctrl-C or a failure: the run directory keeps a readable log, and its alerts
-            logged = progress["logged"] = _compact(cfg, log_dir, list(dets.detectors))
+            logged = progress["logged"] = _compact(cfg, log_dir, progress.pop("log_detectors"))
         transfers.update(_rebuild_from_log(plan, died, log_dir, ds.input_shape))
         progress["phase"] = "replica training"
         t0 = time.perf_counter()
@@ -446,7 +477,7 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
     with ray_session(cfg):
         from actors.remote import ProgressBoard
 
-        progress["phase"] = "querying"
+        progress["phase"], progress["log_detectors"] = "querying", []
         check_plugins_in_workers(cfg)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
@@ -465,7 +496,7 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
                 raise _VictimStopped(str(exc)) from None
             timings["query_seconds"] = round(time.perf_counter() - t0, 2)
         finally:
-            logged = progress["logged"] = _compact(cfg, log_dir, [])
+            logged = progress["logged"] = _compact(cfg, log_dir, progress.pop("log_detectors"))
         transfers.update(_rebuild_from_log(plan, died, log_dir, ds.input_shape))
         answered = ~np.isnan(clean_test).any(1)
         accuracy = float(np.mean(answered & (np.nan_to_num(clean_test).argmax(1) == ds.y_test)))

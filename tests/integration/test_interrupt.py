@@ -1,7 +1,7 @@
 """Ctrl-C during each phase of a run (as KeyboardInterrupt in the driver): the run stops, leaves its log compacted
 with every row the service wrote and a summary marked interrupted; a real SIGINT, twice, to ``python -m sim`` in
-its own process group (as a terminal sends it) stops it at once with status 130; and SIGTERM (as ``kill`` or a batch
-scheduler sends it) stops it as Ctrl-C does."""
+its own process group (as a terminal sends it) stops it at once with status 130; and SIGTERM (as ``kill`` sends it
+to the process, or ``timeout`` and a batch scheduler to the whole process group) stops it as Ctrl-C does."""
 
 import json
 import os
@@ -23,10 +23,11 @@ RUN = ["scenario=single_knockoff", "victim.epochs=2", "attackers.single.budget=4
        "attackers.single.replica.epochs=200", "benign.queries=40"]
 
 
-def _interrupt(args: list[str], marker: str, twice: bool = False, term: bool = False) -> tuple[int, float, str]:
+def _interrupt(args: list[str], marker: str, twice: bool = False, term: str | None = None) -> tuple[int, float, str]:
     """Start ``python -m sim ARGS``, wait until its output matches ``marker`` (a regex), send SIGINT to its process
-    group (twice: again a second later; ``term``: SIGTERM to the process alone instead); returns (exit status,
-    seconds from the first signal to the exit, its output)."""
+    group (twice: again a second later; ``term="process"``: SIGTERM to the process alone instead, ``term="group"``:
+    to its whole group, Ray's processes included); returns (exit status, seconds from the first signal to the exit,
+    its output)."""
     # SIGINT's default disposition in the child, as a terminal's foreground job has it: a test run started in the
     # background of a non-interactive shell ignores SIGINT, which its children inherit (and Python then keeps)
     proc = subprocess.Popen([sys.executable, "-m", "sim", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -41,8 +42,10 @@ def _interrupt(args: list[str], marker: str, twice: bool = False, term: bool = F
         time.sleep(0.2)
     assert proc.poll() is None, f"the run ended before {marker!r}: {''.join(out)[-2000:]}"
     sent = time.monotonic()
-    if term:
+    if term == "process":
         proc.terminate()
+    elif term == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
     else:
         os.killpg(proc.pid, signal.SIGINT)
     if twice:
@@ -87,9 +90,20 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, cache_dir):
     """Ray's driver would exit at once on SIGTERM; the run cleans up instead and says where it stopped."""
     run_dir = tmp_path / "term"
     status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}"], "training replicas",
-                                      term=True)
+                                      term="process")
     assert status == 130 and "interrupted during replica training" in out and "SIGTERM received" not in out, out[-2000:]
     assert _check_interrupted(run_dir, "replica training").num_rows == 400 + 2 * 40
+
+
+def test_sigterm_to_the_whole_process_group_stops_ray_too_and_the_run_still_keeps_its_log(tmp_path, cache_dir):
+    """timeout, systemd and batch schedulers signal every process of the job: Ray's own (which Ray shields from
+    SIGINT only) stop at once, so the run cleans up what needs no Ray: it compacts the streams the replicas wrote
+    and marks its summary, in seconds (not after Ray's minute of trying to reach its GCS)."""
+    run_dir = tmp_path / "group"
+    status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}"], r"querying: +\d*[1-9]",
+                                      term="group")
+    assert status == 130 and "interrupted during querying" in out and seconds < 30, out[-2000:]
+    assert _check_interrupted(run_dir, "querying").num_rows > 0
 
 
 def test_a_run_interrupted_in_each_phase_stops_and_keeps_its_log(ray_serve, small_overrides, tmp_path,

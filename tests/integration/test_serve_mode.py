@@ -77,7 +77,8 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
     proc = subprocess.Popen(
         [sys.executable, "-m", "sim", "serve", "scenario=single_knockoff", f"cache_dir={cache_dir}",
          f"run_dir={run_dir}", f"serve.port={port}", "serve.accounts=6", "victim.epochs=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address())
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address(),
+        start_new_session=True)
     try:
         lines, deadline = [], time.time() + 240
         while time.time() < deadline:
@@ -125,10 +126,11 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
                 refused += 1
                 time.sleep(0.3)
         assert refused
-    finally:
-        proc.send_signal(signal.SIGINT)
+    finally:  # as systemd stops a service: SIGTERM to every process, Ray's included (they stop at once)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stopping = time.monotonic()
         out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0
+    assert proc.returncode == 0 and time.monotonic() - stopping < 30, out[-2000:]
     health = re.findall(r"^HTTP proxy on node \w+: (\w+)", out, re.M)
     assert len(health) >= 2 and health[0] != "HEALTHY" and health[-1] == "HEALTHY", out
     assert f"keys: added ['external-new'], revoked ['{keys[0]['account_id']}']" in out

@@ -18,17 +18,16 @@ from sim import querylog
 
 from .metrics import MetricError, detection_metrics
 
-COLUMNS = ["account_id", "role", "attack", "resubmission", "action"]
-
 
 def scored_rows(table: pa.Table) -> pa.Table:
     """The rows the detectors scored: every query whose images were read (not a request refused before
-    that), of any role, less resubmissions (a challenged query answered after its proof of work).
-    Detection metrics then judge the attacker and benign ones among them."""
-    keep = table.column("input_sha1").is_valid()
+    that), of any role, less those a limit refused (before the detectors saw them) and resubmissions (a challenged
+    query answered after its proof of work). Detection metrics then judge the attacker and benign ones among them."""
+    keep = table.column("input_sha1").is_valid().to_numpy(zero_copy_only=False) \
+        & ~querylog.refused_for(table, querylog.LIMITS)
     if "resubmission" in table.column_names:
-        keep = pc.and_(keep, pc.invert(pc.fill_null(table.column("resubmission"), False)))
-    return table.filter(keep)
+        keep &= ~pc.fill_null(table.column("resubmission"), False).to_numpy(zero_copy_only=False)
+    return table.filter(pa.array(keep))
 
 
 def _filled(scores: np.ndarray) -> np.ndarray:

@@ -96,10 +96,12 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
     ``scores`` and ``flags`` aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
     if group not in GROUPS:
         raise SimError(f"group={group!r} is not a grouping; expected one of: {', '.join(GROUPS)}")
-    if order is not None and f"{order}_seq" not in table.column_names:
-        logged = [c[:-4] for c in table.column_names if c.endswith("_seq")]
-        raise SimError(f"order={order!r}: the log has no {order}_seq column; expected one of the run's stateful "
-                       f"detectors ({', '.join(logged) or 'none logged an order'})")
+    logged = [c[:-4] for c in table.column_names if c.endswith("_seq") and table.column(c).null_count < len(table)]
+    if order is not None and order not in logged:
+        why = (f"detector {order} logged no order (it keeps no history per key)" if f"{order}_seq" in table.column_names
+               else f"the log has no {order}_seq column")
+        raise SimError(f"order={order!r}: {why}; expected one of the run's stateful detectors "
+                       f"({', '.join(logged) or 'none logged an order'})")
     det = detector_registry.build(kind, **(params or {}), **models)
     rows = scored_rows(table)
     n = rows.num_rows
@@ -122,9 +124,10 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = 
         order = arrival_order(rows)
     else:
         seq = rows.column(f"{order}_seq").to_numpy(zero_copy_only=False)
-        if np.isnan(seq.astype(np.float64)).any():
-            raise SimError(f"order={order!r}: some scored queries have no {order}_seq; expected a stateful detector "
-                           f"that scored every query of the run")
+        missing = int(np.isnan(seq.astype(np.float64)).sum())
+        if missing:
+            raise SimError(f"order={order!r}: {missing:,} of the {n:,} scored queries have no {order}_seq; expected "
+                           f"a stateful detector that scored every query of the run")
         order = np.lexsort((seq.astype(np.int64), keys))
     rows_sorted = rows.take(order)
     keys = keys[order]

@@ -42,7 +42,8 @@ def perturbation_targets(clean, returned, tol: float = 1e-6) -> dict:
 
 def replication_report(table: pa.Table, summary: Summary | None) -> dict:
     """Per attacker (and ``benign``): queries sent, answered (directly or after a proof of work), challenged
-    with a proof of work, refused (also for a wrong solution), accounts used, proof-of-work seconds paid (the
+    with a proof of work, refused (also for a wrong solution), attempts refused over the rate limit (not among the
+    queries: a run's clients send them again), accounts used, proof-of-work seconds paid (the
     solving time the clients reported), and from the summary the accounts flagged and burned and the
     replica's accuracy and fidelity; where the defense moved the answers (``targets``:
     :func:`perturbation_targets` of the answered queries) and how confident the clean answers were
@@ -56,6 +57,7 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
         if "pow_seconds" in table.column_names else np.zeros(len(role))
 
     answered = np.isin(action, querylog.ANSWERED)
+    rate = querylog.refused_for(table, [querylog.RATE])  # attempts a run's clients sent again after the wait
     probs = ([querylog.prob_matrix(table.column(name)) for name in ("clean_probs", "returned_probs")]
              if {"clean_probs", "returned_probs"} <= set(table.column_names) else None)
 
@@ -68,10 +70,10 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
         return perturbation_targets(clean, returned), float(clean.max(1).mean())
 
     def entry(mask: np.ndarray, label: str, kind: str | None) -> dict:
-        return {"id": label, "attack": kind, "queries": int((mask & ~resub).sum()),
+        return {"id": label, "attack": kind, "queries": int((mask & ~resub & ~rate).sum()),
                 "answered": int((mask & answered).sum()),
                 "challenged": int((mask & (action == "challenged")).sum()),
-                "refused": int((mask & (action == "refused")).sum()),
+                "refused": int((mask & (action == "refused") & ~rate).sum()), "rate_limited": int((mask & rate).sum()),
                 "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3),
                 **dict(zip(("targets", "clean_top1_mean"), answers(mask)))}
 

@@ -109,6 +109,10 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                      f"| {e.get('accounts_burned', '–')} "
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
                      f"| {e['pow_seconds']:.2f} |")
+    limited = [e for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []) if e.get("rate_limited")]
+    if limited:
+        lines += ["", "Refused over the rate limit (`serve.rate`) and sent again after the wait, not counted above: "
+                  + ", ".join(f"{e['id']} {e['rate_limited']:,} attempts" for e in limited) + "."]
     lines.append("")
     moved = [e for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else [])
              if e.get("targets") and e["targets"]["changed"]]

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from . import querylog, storage
 
-LIMITS = ("rate", "quota")  # the refusal reasons a limit gives
 SCHEMA = pa.schema([
     ("time", pa.timestamp("us", tz="UTC")),
     ("account_id", pa.string()),
@@ -59,7 +58,7 @@ def from_log(table: pa.Table) -> pa.Table:
                 score=(f"{name}_score", "max"), flagged=(f"{name}_score", "size"),
                 queries=("query_index", "max")).reset_index()
             parts.append(per.assign(source=name, kind="detector", queries=per["queries"] + 1))
-    limited = df[df["refusal_reason"].isin(LIMITS)]
+    limited = df[df["refusal_reason"].isin(querylog.LIMITS)]
     if not limited.empty:
         per = limited.groupby("request_id", sort=False).agg(
             timestamp=("timestamp", "first"), account_id=("account_id", "first"), cohort=("cohort", "first"),

@@ -66,6 +66,18 @@ SCHEMA = pa.schema(
 )
 COLUMNS = SCHEMA.names
 ANSWERED = ("answered", "perturbed")  # actions that returned probabilities
+# refusal reasons of a limit (serve.rate, serve.quota): the query was refused before the model and the detectors saw
+# it. A run's clients wait out a refusal over the rate and send the query again, so its row is an attempt, not a query
+RATE, QUOTA = "rate", "quota"
+LIMITS = (RATE, QUOTA)
+
+
+def refused_for(table: pa.Table, reasons) -> np.ndarray:
+    """Which rows were refused for one of ``reasons`` (a boolean array)."""
+    if "refusal_reason" not in table.column_names:
+        return np.zeros(table.num_rows, bool)
+    hit = pc.is_in(table.column("refusal_reason"), value_set=pa.array(list(reasons), pa.string()))
+    return pc.fill_null(hit, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 DETECTOR_SUFFIXES = ("_score", "_flagged", "_seq", "_round", "_as_of")

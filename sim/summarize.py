@@ -52,7 +52,8 @@ class Outcome:
     wall_seconds: float = 0.0
 
 
-LOG_COLUMNS = ["account_id", "role", "attack", "action", "input_sha1", "resubmission", "defense_l1", "top1_changed"]
+LOG_COLUMNS = ["account_id", "role", "attack", "action", "refusal_reason", "input_sha1", "resubmission", "defense_l1",
+               "top1_changed"]
 
 
 def robustness_settings(cfg) -> dict | None:
@@ -131,6 +132,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
     table, plan, victim = out.log, out.plan, out.victim
     actions = {a: int(pc.sum(pc.equal(table.column("action"), a)).as_py() or 0)
                for a in ("answered", "perturbed", "challenged", "refused")}
+    rate_limited = int(querylog.refused_for(table, [querylog.RATE]).sum())  # attempts the clients sent again
     report = detection_report(table, list(out.detectors)) if table.num_rows else {}
     flagged_by: dict[str, set] = {}
     for name in out.detectors:
@@ -183,7 +185,8 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                                 held_out_attack_seeds=len(plan.held_out)),
         queries=S.Queries(total=sum(c.result["sent"] for c in plan.clients),
                           answered=actions["answered"] + actions["perturbed"], perturbed=actions["perturbed"],
-                          challenged=actions["challenged"], refused=actions["refused"], logged=out.logged),
+                          challenged=actions["challenged"], refused=actions["refused"] - rate_limited,
+                          rate_limited=rate_limited, logged=out.logged),
         attackers=attackers,
         benign=S.Benign(users=cfg.benign.users, accounts=len(benign_accounts), queries=sum(r["sent"] for r in benign),
                         refused=sum(r["refused"] for r in benign), accounts_flagged=len(flagged_any & benign_accounts),

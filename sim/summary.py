@@ -86,8 +86,9 @@ class Queries(_Part):
     answered: int  # including perturbed ones and those answered after a proof of work
     perturbed: int
     challenged: int
-    refused: int
+    refused: int  # for good (a detector's policy, a spent quota): not answered
     logged: int  # rows in the query log
+    rate_limited: int = 0  # attempts refused over serve.rate, which the clients sent again after the wait
 
 
 class ProofOfWork(_Part):
@@ -372,7 +373,9 @@ def format_summary(s: Summary) -> str:
         "defense: the remote victim's own, unknown here: its answers are what the table measures (no clean answers, "
         "so no distortion and no undefended baseline)",
         f"queries: {q.total} sent, {q.answered} answered ({q.perturbed} perturbed on a detector's flag), "
-        f"{q.challenged} challenged with proof of work, {q.refused} refused, {q.logged} log rows",
+        f"{q.challenged} challenged with proof of work, {q.refused} refused"
+        f"{f' (and {q.rate_limited} attempts over the rate limit, sent again)' if q.rate_limited else ''}, "
+        f"{q.logged} log rows",
         "",
         f"{'attacker':<{w}}{'attack':<{aw}}{'accounts':>9}{'actors':>7}{'queries':>9}{'refused':>8}"
         f"{'flagged':>8}{'replica acc':>12}{'fidelity':>9}{'undefended acc':>15}",

@@ -83,6 +83,46 @@ def test_replay_needs_logged_images_for_image_detectors(run_dir, tmp_path):
         analysis.replay(table, "prada", group="ip")
 
 
+def test_queries_a_limit_refused_are_neither_scored_nor_replayed_nor_counted_as_queries(tmp_path):
+    """A run's clients wait out a refusal over the rate and send the same query again: the refused attempt is
+    logged, but no detector saw it, so replay (in arrival order and in the detector's own), the detection metrics
+    and the report's query counts leave it out."""
+    import time
+
+    from sim.limits import Limits
+
+    ds = data.load("mnist5k")
+    accounts = {"k-a": Account("solo-0000", "attacker", "jbda"), "k-b": Account("benign-0", "benign")}
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), ds.input_shape, "w0", detectors=["prada"])
+    svc = VictimService(model=models.build("lenet", ds.input_shape, 10), victim="v", run_id="r", accounts=accounts,
+                        input_shape=ds.input_shape, detectors={"prada": detectors.build("prada", min_pool=5)},
+                        writer=writer, limits=Limits(rate=400.0, burst=10))
+    attempts = 0
+    for r, x in enumerate(_jbda_like(ds.x_test[:10], rounds=8)):
+        for key, images in (("k-a", x), ("k-b", ds.x_test[100 + 10 * r:110 + 10 * r])):
+            while (reply := svc.query(key, images, key)).status == 429:
+                attempts += 1
+                time.sleep(reply.retry_after)
+    writer.close()
+    querylog.compact(str(tmp_path / "queries"))
+    table = analysis.read_run(str(tmp_path))
+    assert attempts and table.num_rows == 160 + 10 * attempts
+    rows = analysis.scored_rows(table)
+    assert rows.num_rows == 160 and rows.column("refusal_reason").null_count == 160
+    online = rows.column("prada_flagged").to_numpy(zero_copy_only=False)
+    for order in (None, "prada"):
+        again = analysis.replay(table, "prada", {"min_pool": 5}, order=order)
+        assert np.array_equal(again["flags"], online)
+    report = analysis.replication_report(table, None)
+    solo = report["attackers"][0]
+    assert (solo["queries"], solo["answered"], solo["refused"]) == (80, 80, 0)
+    assert solo["rate_limited"] + report["benign"]["rate_limited"] == 10 * attempts
+    with pytest.raises(Exception, match="detector prada logged no order"):
+        analysis.replay(table.drop_columns(["prada_seq"]).append_column(
+            "prada_seq", __import__("pyarrow").nulls(table.num_rows, __import__("pyarrow").int64())), "prada",
+            order="prada")
+
+
 class _LaggingTier:
     """The detection tier as on Ray, in one process: account linking's verdicts reach the shards ``lag`` requests
     after the linker pulled its round, so queries in between are scored with the previous round's verdict."""

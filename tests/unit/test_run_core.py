@@ -139,6 +139,8 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     fewer = s.model_copy(update={"attackers": [k.model_copy(update={"accounts": 4}), *s.attackers[1:]]})
     text = summary.format_summary(fewer)
     assert "knockoff      knockoff        1/4      1       96" in text and "accounts u/n: u of the" in text
+    limited = s.model_copy(update={"queries": s.queries.model_copy(update={"rate_limited": 12})})
+    assert " 0 refused (and 12 attempts over the rate limit, sent again), " in summary.format_summary(limited)
 
 
 def test_a_summary_round_trips_and_version_1_still_reads(finished_run, tmp_path):

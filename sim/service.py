@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -176,6 +177,26 @@ def _while_logging(method):
     return entry
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_solution(challenge_id: Any, counter: Any, seconds: Any) -> None:
+    """A proof-of-work answer's fields, checked before its challenge is taken (so a malformed answer spends none)."""
+    if not isinstance(challenge_id, str):
+        raise RequestError(400, f"challenge {_shown(challenge_id)}: expected the id of a challenge this service "
+                                f"issued (a string)")
+    if isinstance(counter, bool) or not isinstance(counter, int) or not 0 <= counter < 2 ** 64:
+        what = "is missing" if counter is None else f"{_shown(counter)} is not one"
+        raise RequestError(400, f"solution {what}: expected the counter that solves the puzzle, a whole number in "
+                                f"[0, 2**64); the challenge stays open")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not math.isfinite(seconds) or seconds < 0):
+        raise RequestError(400, f"seconds {_shown(seconds)}: expected the solving time, a number of seconds >= 0, "
+                                f"or no seconds; the challenge stays open")
+
+
 class VictimService:
     """One victim behind its detectors, response policy, output defense and query log.
 
@@ -247,12 +268,13 @@ class VictimService:
               seconds: float | None = None) -> Reply:
         """The second half of a proof-of-work request: the counter solving challenge ``challenge_id``.
         Right: the challenged queries are answered. Wrong: they are refused (and the challenge is spent).
+        Malformed (not a counter, not a challenge id): 400, and the challenge stays open.
         ``seconds``: the client's solving time, as it reports it (logged)."""
         start = time.perf_counter()
         try:
             account = self._account(api_key)
-            item = (self.tier.take(account.account_id, challenge_id)
-                    if isinstance(challenge_id, str) and self.tier is not None else None)
+            _check_solution(challenge_id, counter, seconds)
+            item = self.tier.take(account.account_id, challenge_id) if self.tier is not None else None
             if item is None:
                 raise RequestError(404, f"unknown or expired challenge {challenge_id!r} for this account")
         except RequestError as exc:
@@ -300,8 +322,7 @@ class VictimService:
         except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None
         if isinstance(payload, dict) and "challenge" in payload:
-            return self.solve(api_key, payload["challenge"], payload.get("solution"), actor_id,
-                              payload.get("seconds") if isinstance(payload.get("seconds"), (int, float)) else None)
+            return self.solve(api_key, payload["challenge"], payload.get("solution"), actor_id, payload.get("seconds"))
         if isinstance(payload, dict) and "uint8" in payload:
             try:
                 images = parse_base64(payload, self.input_shape, self.max_images)

@@ -70,6 +70,17 @@ def test_http_body_can_carry_a_solution(tmp_path):
     svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, bits_min=3, bits_max=3))
     body = json.dumps({"images": (data.load("mnist5k").x_test[:1] / 255).tolist()}).encode()
     ch = svc.query_json("k-att", body).challenge
+    # malformed answers: 400 naming the field, and the challenge stays open for the right one
+    for bad, field in (({}, "solution is missing"), ({"solution": None}, "solution is missing"),
+                       ({"solution": "12"}, "solution '12' is not one"), ({"solution": 1.5}, "solution 1.5"),
+                       ({"solution": True}, "solution True"), ({"solution": -1}, "solution -1"),
+                       ({"solution": 10 ** 400}, "solution 1000000000000000000000000000000000000... is not one"),
+                       ({"solution": 1, "seconds": "lots"}, "seconds 'lots'"),
+                       ({"solution": 1, "seconds": -2}, "seconds -2")):
+        reply = svc.query_json("k-att", json.dumps({"challenge": ch["id"], **bad}).encode())
+        assert reply.status == 400 and reply.reason.startswith(field) and "stays open" in reply.reason, reply.reason
+    reply = svc.query_json("k-att", json.dumps({"challenge": None, "solution": 1}).encode())
+    assert reply.status == 400 and reply.reason.startswith("challenge None: expected the id of a challenge")
     body = {"challenge": ch["id"], "solution": pow.solve(ch["nonce"], ch["bits"])[0], "seconds": 0.01}
     assert svc.query_json("k-att", json.dumps(body).encode()).status == 200
     writer.close()

@@ -307,15 +307,20 @@ def _stored_key(entry: dict) -> str:
 def load_keys(path: str, text: str | None = None) -> dict:
     """The accounts file at ``path`` (or its ``text``, read already): API key, or ``sha256:`` digest, -> account."""
     from . import storage
-    from .protocol import Account
+    from .protocol import Account, hashed
 
     try:
-        entries, keys = json.loads(storage.read_text(path) if text is None else text), {}
+        entries, keys, first = json.loads(storage.read_text(path) if text is None else text), {}, {}
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or "account_id" not in e or not {"key", "key_sha256"} & set(e):
                 raise ValueError(f"entry {i} is {e!r}")
-            keys[_stored_key(e)] = Account(e["account_id"], e.get("role", "external"), e.get("attack"),
-                                           e.get("cohort"))
+            key = _stored_key(e)
+            same = next(iter(hashed({key: None})))  # a key and its sha256 entry are the same key
+            if same in first:
+                raise ValueError(f"entry {i} ({e['account_id']!r}) has the key of entry {first[same]}; a key belongs "
+                                 f"to one account")
+            first[same] = i
+            keys[key] = Account(e["account_id"], e.get("role", "external"), e.get("attack"), e.get("cohort"))
         return keys
     except OSError as exc:
         raise SimError(f"serve.keys={path!r} cannot be read ({exc.strerror or exc}); expected a JSON file of "

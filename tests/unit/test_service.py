@@ -222,6 +222,10 @@ def test_an_accounts_file_may_hold_keys_or_only_their_hashes(tmp_path):
     path.write_text(json.dumps([{"key_sha256": "XYZ", "account_id": "b"}]))
     with pytest.raises(SimError, match=r"is not a valid accounts file \(key_sha256='XYZ' is not 64 lowercase hex"):
         load_keys(str(path))
+    path.write_text(json.dumps([{"key": "plain-key", "account_id": "a"}, {"key": "k2", "account_id": "b"},
+                                {"key_sha256": hashlib.sha256(b"plain-key").hexdigest(), "account_id": "c"}]))
+    with pytest.raises(SimError, match=r"\(entry 2 \('c'\) has the key of entry 0; a key belongs to one account\)"):
+        load_keys(str(path))
     path.write_text(json.dumps([{"key": "k"}, {"account_id": "b"}]))
     with pytest.raises(SimError, match=r"is not a valid accounts file \(entry 0 is \{'key': 'k'\}\); expected a JSON"):
         load_keys(str(path))

@@ -95,6 +95,8 @@ def _batch_shape(shape: Any, input_shape: tuple[int, int, int], max_images: int)
 def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """``{"uint8": BASE64, "shape": [N, C, H, W]}``: 8-bit pixels, C order, as base64 text. The shape is checked and
     the text's length bounded before it is decoded."""
+    if "shape" not in payload:
+        raise RequestError(400, "shape is missing: a base64 body declares its images' shape, [N, C, H, W]")
     shape = _batch_shape(payload.get("shape"), input_shape, max_images)
     text = payload.get("uint8")
     size = int(np.prod(shape))
@@ -156,6 +158,30 @@ def parse_png(body: bytes, input_shape: tuple[int, int, int], max_images: int) -
 
 
 BINARY_TYPES = {NPY_TYPE: parse_npy, PNG_TYPE: parse_png}  # Content-Type -> parser of a binary query body
+BODIES = (f'a JSON object {{"images": [[...]]}}, {{"uint8": BASE64, "shape": [N, C, H, W]}} or {{"challenge": ID, '
+          f'"solution": N}}, or an {NPY_TYPE} or {PNG_TYPE} body')
+
+
+def _json_request(body: bytes, kind: str) -> dict:
+    """A JSON body's object, holding exactly one of ``images``, ``uint8`` and ``challenge``; a body that is not one
+    gets a reason naming what is wrong with it (whatever its declared type, a body that parses as JSON is JSON)."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, f"malformed body: its JSON is nested too deeply; expected {BODIES}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if kind and kind != "application/json" and not kind.endswith("+json") and not kind.startswith("text/"):
+            raise RequestError(415, f"Content-Type {_shown(kind)} is not one this API reads; expected application/json, "
+                                    f"{NPY_TYPE} or {PNG_TYPE}") from None
+        raise RequestError(400, f"malformed body: not JSON ({str(exc)[:80]}); expected {BODIES}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"malformed body: a JSON {type(payload).__name__}; expected {BODIES}")
+    found = [k for k in ("images", "uint8", "challenge") if k in payload]
+    if len(found) != 1:
+        has = f"has {' and '.join(repr(k) for k in found)}" if found else \
+            f"has no 'images', 'uint8' or 'challenge' key (its keys: {_shown(sorted(map(str, payload)))})"
+        raise RequestError(400, f"malformed body: the object {has}; expected {BODIES}")
+    return payload
 
 
 class _LogFailed(Exception):
@@ -318,21 +344,17 @@ class VictimService:
                 return self.reject(api_key, exc.status, exc.reason, actor_id, start)
             return self.query(api_key, images, actor_id, compact=True)
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            payload = None
-        if isinstance(payload, dict) and "challenge" in payload:
+            payload = _json_request(body, kind)
+        except RequestError as exc:
+            return self.reject(api_key, exc.status, exc.reason, actor_id, start)
+        if "challenge" in payload:
             return self.solve(api_key, payload["challenge"], payload.get("solution"), actor_id, payload.get("seconds"))
-        if isinstance(payload, dict) and "uint8" in payload:
+        if "uint8" in payload:
             try:
                 images = parse_base64(payload, self.input_shape, self.max_images)
             except RequestError as exc:
                 return self.reject(api_key, exc.status, exc.reason, actor_id, start)
             return self.query(api_key, images, actor_id, compact=True)
-        if not isinstance(payload, dict) or "images" not in payload:
-            return self.reject(api_key, 400, "malformed body: expected a JSON object {\"images\": [[...]]}, "
-                                             "{\"uint8\": BASE64, \"shape\": [N, C, H, W]} or {\"challenge\": ID, "
-                                             f"\"solution\": N}}, or a {NPY_TYPE} or {PNG_TYPE} body", actor_id, start)
         return self.query(api_key, payload["images"], actor_id)
 
     @_while_logging

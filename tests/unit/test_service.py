@@ -72,10 +72,18 @@ def test_bad_requests_get_4xx_and_one_refused_log_row(service, key, images, stat
 
 def test_malformed_json_body_is_400_and_logged(service):
     svc, path = service
-    for body in (b"{not json", b"[1, 2]", json.dumps({"imgs": []}).encode()):
+    for body, why in ((b"{not json", "not JSON (Expecting property name"), (b"[1, 2]", "a JSON list"),
+                      (json.dumps({"imgs": []}).encode(), "the object has no 'images', 'uint8' or 'challenge' key "
+                                                          "(its keys: ['imgs'])"),
+                      (json.dumps({"images": [], "uint8": ""}).encode(), "the object has 'images' and 'uint8'"),
+                      (b'{"images": 1' + b"0" * 5000 + b"}", "not JSON (Exceeds the limit")):
         reply = svc.query_json("k-att", body)
-        assert reply.status == 400 and reply.reason.startswith("malformed body")
-    assert querylog.read(str(path)).num_rows == 3
+        assert reply.status == 400 and reply.reason.startswith(f"malformed body: {why}"), reply.reason
+    reply = svc.query_json("k-att", b"\xff\xd8\xff\xe0", content_type="image/jpeg")
+    assert reply.status == 415 and reply.reason.startswith("Content-Type 'image/jpeg' is not one this API reads")
+    reply = svc.query_json("k-att", json.dumps({"uint8": "AAAA"}).encode())
+    assert reply.status == 400 and reply.reason.startswith("shape is missing")
+    assert querylog.read(str(path)).num_rows == 7
 
 
 def test_prada_refuse_action_refuses_a_flagged_accounts_later_queries(service):

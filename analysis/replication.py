@@ -41,11 +41,11 @@ def perturbation_targets(clean, returned, tol: float = 1e-6) -> dict:
 
 
 def replication_report(table: pa.Table, summary: Summary | None) -> dict:
-    """Per attacker (and ``benign``): queries sent, answered (directly or after a proof of work), challenged
-    with a proof of work, refused (also for a wrong solution), attempts refused over the rate limit (not among the
-    queries: a run's clients send them again), accounts used, proof-of-work seconds paid (the
-    solving time the clients reported), and from the summary the accounts flagged and burned and the
-    replica's accuracy and fidelity; where the defense moved the answers (``targets``:
+    """Per attacker (and ``benign``, and ``external``: serve mode's clients, together): queries sent, answered
+    (directly or after a proof of work), challenged with a proof of work, refused (also for a wrong solution),
+    attempts refused over the rate limit (not among the queries: a run's clients send them again), accounts used,
+    proof-of-work seconds paid (the solving time the clients reported), and from the summary the accounts flagged
+    and burned and the replica's accuracy and fidelity; where the defense moved the answers (``targets``:
     :func:`perturbation_targets` of the answered queries) and how confident the clean answers were
     (``clean_top1_mean``: their mean top-1 probability); plus the defense's cost to honest users."""
     def col(name):
@@ -77,7 +77,7 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
                 "accounts_used": len(set(account[mask])), "pow_seconds": round(float(seconds[mask].sum()), 3),
                 **dict(zip(("targets", "clean_top1_mean"), answers(mask)))}
 
-    out = {"attackers": [], "benign": None, "defense": None}
+    out = {"attackers": [], "benign": None, "external": None, "defense": None}
     if summary is None:  # a log without its summary (a crashed run): one entry per attack
         for kind in sorted(set(attack[role == "attacker"])):
             out["attackers"].append(entry((role == "attacker") & (attack == kind), kind, kind))
@@ -91,6 +91,8 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
             out["attackers"].append(e)
     if (role == "benign").any():
         out["benign"] = entry(role == "benign", "benign", None)
+    if (role == "external").any():  # serve mode's clients: who they are is not known
+        out["external"] = entry(role == "external", "external", None)
     if summary is not None:
         v, d = summary.victim, summary.defense
         out["defense"] = {"name": d.name, "victim_accuracy": v.test_accuracy,

@@ -4,6 +4,10 @@ Everything comes from the run directory (query log, summary.json, config.yaml), 
 from __future__ import annotations
 
 import os
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sim import alerts, querylog, storage
 from sim.summary import read as read_summary
@@ -11,6 +15,12 @@ from sim.summary import read as read_summary
 from . import plots
 from .detection import detection_report, scored_rows
 from .replication import replication_report
+
+ROLE_ORDER = ["attacker", "benign", "external"]  # listed first, then any other role an accounts file gave
+
+
+def _role_rank(role: str) -> tuple[int, str]:
+    return (ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER), role)
 
 
 def _pct(v) -> str:
@@ -35,9 +45,7 @@ def analyse(run_dir: str, replays: dict[str, dict] | None = None) -> dict:
 
 def _alerts_section(run_dir: str, table) -> list[str]:
     """What the run's alerts table (``RUN/alerts.parquet``; derived from the log for runs without one) holds, per
-    detector and limit, with how many of the alerted accounts were attackers (the log's ground truth)."""
-    import pyarrow.compute as pc
-
+    detector and limit, with the alerted accounts' roles (the log's ground truth)."""
     found = storage.exists(alerts.path_of(run_dir))
     table_ = alerts.read(run_dir) if found else alerts.from_log(table)
     if not table_.num_rows:
@@ -48,13 +56,14 @@ def _alerts_section(run_dir: str, table) -> list[str]:
              f"flag (a stateful detector: an account's first flagged query; a stateless one: each request with "
              f"flagged queries) and per request a limit refused, with the account's queries so far. What a "
              f"provider's security team would read; the attacker/benign split is the simulation's ground truth.", "",
-             "| source | kind | alerts | accounts (attackers / benign) | median queries at an account's first alert |",
+             "| source | kind | alerts | accounts (by role) | median queries at an account's first alert |",
              "|---|---|---:|---:|---:|"]
     for s in alerts.summary(table_):
         accounts = set(table_.filter(pc.equal(table_.column("source"), s["source"])).column("account_id").to_pylist())
-        attackers = sum(role.get(a) == "attacker" for a in accounts)
-        lines.append(f"| {s['source']} | {s['kind']} | {s['alerts']:,} | {s['accounts']} ({attackers} / "
-                     f"{s['accounts'] - attackers}) | {s['median_queries_at_first']:,} |")
+        roles = Counter(role.get(a) or "unknown" for a in accounts)
+        by_role = ", ".join(f"{roles[r]} {r}" for r in sorted(roles, key=_role_rank))
+        lines.append(f"| {s['source']} | {s['kind']} | {s['alerts']:,} | {s['accounts']} ({by_role}) "
+                     f"| {s['median_queries_at_first']:,} |")
     return lines + [""]
 
 
@@ -66,7 +75,9 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     table, summary, rep, det = a["table"], a["summary"], a["replication"], a["detection"]
     fig_dir = os.path.join(run_dir, "report")
     os.makedirs(fig_dir, exist_ok=True)
-    scenario, run_id = (summary.scenario, summary.run_id) if summary else (os.path.basename(run_dir), "?")
+    logged_ids = table.column("run_id").unique().to_pylist() if "run_id" in table.column_names else []
+    scenario, run_id = ((summary.scenario, summary.run_id) if summary else
+                        (os.path.basename(run_dir), ", ".join(map(str, logged_ids)) or "?"))
     lines = [f"# Run report: {scenario}", ""]
     lines += [f"Run `{run_id}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
               "Written by `python -m analysis` from the run directory alone "
@@ -103,19 +114,19 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
               "seconds are the solving time the clients spent before their challenged queries were answered.", "",
               "| client | attack | queries | answered | challenged | refused | accounts | flagged | burned "
               "| replica acc % | fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []):
+    clients = rep["attackers"] + [e for e in (rep["benign"], rep.get("external")) if e]
+    for e in clients:
         lines.append(f"| {e['id']} | {e['attack'] or '–'} | {e['queries']:,} | {e['answered']:,} | {e['challenged']:,} "
                      f"| {e['refused']:,} | {e['accounts_used']} | {e.get('accounts_flagged', '–')} "
                      f"| {e.get('accounts_burned', '–')} "
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
                      f"| {e['pow_seconds']:.2f} |")
-    limited = [e for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else []) if e.get("rate_limited")]
+    limited = [e for e in clients if e.get("rate_limited")]
     if limited:
         lines += ["", "Refused over the rate limit (`serve.rate`) and sent again after the wait, not counted above: "
                   + ", ".join(f"{e['id']} {e['rate_limited']:,} attempts" for e in limited) + "."]
     lines.append("")
-    moved = [e for e in rep["attackers"] + ([rep["benign"]] if rep["benign"] else [])
-             if e.get("targets") and e["targets"]["changed"]]
+    moved = [e for e in clients if e.get("targets") and e["targets"]["changed"]]
     if moved:
         lines += ["## Where the defense moved the answers", "",
                   "For each answer the defense changed, its target is the class that gained the most probability "
@@ -149,7 +160,12 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
         lines.append("")
     rows = scored_rows(table)
     figures = []
-    if det:
+    judged = rows.filter(pc.is_in(rows.column("role"), pa.array(["attacker", "benign"]))).num_rows if det else 0
+    if det and not judged:  # serve mode: whose queries were an attack is not known
+        lines += ["## Detection", "", "Detection quality needs to know which queries were an attack: this log has no "
+                  "attacker or benign account (serve mode's clients are external), so only the alerts below say what "
+                  "the detectors did.", ""]
+    elif det:
         lines += ["## Detection", "",
                   "Positives are attacker queries (or accounts), negatives benign ones. Cells: AUROC / AUPR / "
                   "FPR95 / FPR90 in %. AUROC 100 is perfect, 50 chance; FPR95 is the share of benign queries "
@@ -170,7 +186,7 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
         errors = {m["error"] for d in det.values() for lv in ("query", "account") for m in d[lv].values()
                   if "error" in m}
         lines += [""] + [f"- n/a: {e}" for e in sorted(errors)] + ([""] if errors else [])
-        for name in det:
+        for name in det:  # ROC curves
             col = f"{name}_score"
             s = (replays or {}).get(name, {}).get("scores")
             s = s if s is not None else rows.column(col).to_numpy(zero_copy_only=False).astype(float)

@@ -171,8 +171,8 @@ def _json_request(body: bytes, kind: str) -> dict:
         raise RequestError(400, f"malformed body: its JSON is nested too deeply; expected {BODIES}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if kind and kind != "application/json" and not kind.endswith("+json") and not kind.startswith("text/"):
-            raise RequestError(415, f"Content-Type {_shown(kind)} is not one this API reads; expected application/json, "
-                                    f"{NPY_TYPE} or {PNG_TYPE}") from None
+            raise RequestError(415, f"Content-Type {_shown(kind)} is not one this API reads; expected "
+                                    f"application/json, {NPY_TYPE} or {PNG_TYPE}") from None
         raise RequestError(400, f"malformed body: not JSON ({str(exc)[:80]}); expected {BODIES}") from None
     if not isinstance(payload, dict):
         raise RequestError(400, f"malformed body: a JSON {type(payload).__name__}; expected {BODIES}")

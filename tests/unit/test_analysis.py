@@ -261,6 +261,32 @@ def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir
     assert "(the query log alone: it has no readable summary.json" in (run / "report.md").read_text()
 
 
+def test_a_serve_mode_log_reports_its_external_clients_their_alerts_and_its_run_id(tmp_path):
+    """Serve mode's log: external accounts only, no summary. The report shows what they sent and got, and the alerts
+    count them as external (not as benign)."""
+    ds = data.load("mnist5k")
+    accounts = {f"k{i}": Account(f"external-{i:03d}", "external") for i in range(3)}
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), ds.input_shape, "w0", detectors=["prada"])
+    svc = VictimService(model=models.build("lenet", ds.input_shape, 10), victim="v", run_id="serve-run-7",
+                        accounts=accounts, input_shape=ds.input_shape, writer=writer,
+                        detectors={"prada": detectors.build("prada", min_pool=5, delta=0.99)})
+    for x in _jbda_like(ds.x_test[:10], rounds=4):
+        svc.query("k0", x)
+    svc.query("k1", ds.x_test[100:130])
+    svc.query_json("k2", b"[1]")
+    writer.close()
+    querylog.compact(str(tmp_path / "queries"))
+    report = analysis.replication_report(analysis.read_run(str(tmp_path)), None)
+    assert report["attackers"] == [] and report["benign"] is None
+    assert (report["external"]["queries"], report["external"]["answered"], report["external"]["accounts_used"]) == (
+        71, 70, 3)  # the malformed request is one refused row
+    text = open(analysis.write_report(str(tmp_path))).read()
+    assert "Run `serve-run-7` in" in text and "| external | – | 71 | 70 | 0 | 1 | 3 |" in text
+    flagged = re.search(r"\| prada \| detector \| \d+ \| (\d+) \((\d+) external\) \|", text)
+    assert flagged and flagged[1] == flagged[2] != "0", text
+    assert "this log has no attacker or benign account (serve mode's clients are external)" in text
+
+
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):
     assert cli([run_dir, "--replay", "prada", "--param", "delta=[1"]) == 2
     assert capsys.readouterr().err.startswith("error: --param 'delta=[1': '[1' is not a value")

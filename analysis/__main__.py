@@ -21,6 +21,19 @@ import sys
 import yaml
 
 
+def _stopped_before_logging(run: str) -> str:
+    """Why a run directory has no log, where its summary says (a run stopped before any query was logged)."""
+    import json
+
+    from sim import storage
+
+    try:
+        stub = json.loads(storage.read_text(storage.join(run, "summary.json")))
+        return f" (the run was interrupted during {stub['interrupted']}, before any query was logged)"
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from sim.cli import OneLineParser
 
@@ -84,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SimError(f"RUN_DIR={run!r} {'is a file' if os.path.isfile(run) else 'does not exist'}; expected "
                                f"a run directory (runs/<scenario>/<time>)")
             if not exists(storage.join(run, "queries")):
-                raise SimError(f"RUN_DIR={run!r} holds no query log; expected a run directory (runs/<scenario>/<time>)")
+                stopped = _stopped_before_logging(run)
+                raise SimError(f"RUN_DIR={run!r} holds no query log{stopped}; expected a run directory "
+                               f"(runs/<scenario>/<time>) whose clients sent queries")
         for run in args.runs:
             replays = {}
             if args.replay:

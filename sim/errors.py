@@ -31,8 +31,11 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C (or SIGINT): where it was, and what it left (the CLI exits with status 130)."""
 
     def __init__(self, phase: str, run_dir: str, logged: int):
-        super().__init__(f"interrupted during {phase}; the run directory {run_dir} keeps its query log ({logged:,} "
-                         f"rows, compacted) and a summary marked interrupted")
+        super().__init__(
+            f"interrupted during {phase}; the run directory {run_dir} keeps its query log ({logged:,} rows, "
+            f"compacted) and a summary marked interrupted" if logged else
+            f"interrupted during {phase}, before any query was logged; the run directory {run_dir} keeps a summary "
+            f"marked interrupted")
         self.phase, self.run_dir, self.logged = phase, run_dir, logged
 
 

@@ -216,7 +216,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     empty.mkdir()
     assert cli([str(empty)]) == 2
     assert capsys.readouterr().err.strip().endswith("empty' holds no query log; expected a run directory "
-                                                    "(runs/<scenario>/<time>)")
+                                                    "(runs/<scenario>/<time>) whose clients sent queries")
+    stopped = tmp_path / "stopped"  # a run stopped before its clients sent anything: its summary says where
+    stopped.mkdir()
+    (stopped / "summary.json").write_text('{"version": 3, "interrupted": "deploying the victim", "logged": 0}')
+    assert cli([str(stopped)]) == 2
+    assert capsys.readouterr().err.strip().endswith("stopped' holds no query log (the run was interrupted during "
+                                                    "deploying the victim, before any query was logged); expected a "
+                                                    "run directory (runs/<scenario>/<time>) whose clients sent queries")
     assert cli([str(empty), "--replay", "prada", "--param", "delta"]) == 2
     assert "must look like KEY=VALUE" in capsys.readouterr().err
     assert cli([str(empty), "--param", "delta=0.9", "--group", "all"]) == 2  # a replay's settings without a replay

@@ -492,3 +492,14 @@ def test_autoscaling_is_checked_and_exclusive_with_a_fixed_number_of_replicas():
         config.load("distributed_knockoff", ["serve.autoscaling.min_replicas=5"])
     with pytest.raises(ConfigError, match="unknown key 'serve.autoscaling.max'"):
         config.load("distributed_knockoff", ["serve.autoscaling.max=3"])
+
+
+def test_an_interrupted_runs_message_says_what_it_kept():
+    from sim.errors import Interrupted
+
+    assert str(Interrupted("querying", "runs/x", 1200)) == ("interrupted during querying; the run directory runs/x "
+                                                            "keeps its query log (1,200 rows, compacted) and a "
+                                                            "summary marked interrupted")
+    assert str(Interrupted("deploying the victim", "runs/x", 0)) == (
+        "interrupted during deploying the victim, before any query was logged; the run directory runs/x keeps a "
+        "summary marked interrupted")

@@ -7,10 +7,11 @@ trade-off plot and sweep.md from the trials' run directories, and stands for its
 Writes RUN_DIR/report.md (and figures under RUN_DIR/report/) for each run, and prints a line per run on its alerts
 (RUN_DIR/alerts.parquet: each detector flag and limit hit).
 With several runs, also prints a comparison; ``--out DIR`` writes it (comparison.md and a plot) there.
-``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries and adds
-it to the report as ``replay_prada`` (``--name`` to choose; ``--order prada`` to follow the per-key order the
-run's detector ``prada`` saw, exact for a run with several Serve replicas). SAME replays load the run's models from the
-victim zoo (training them if the cache lacks them).
+``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries (with the
+settings of the run's first detector of that kind, or of ``--order``'s, where it has one; ``--param`` and
+``--group`` over them) and adds it to the report as ``replay_prada`` (``--name`` to choose; ``--order prada`` to
+follow the per-key order the run's detector ``prada`` saw, exact for a run with several Serve replicas). SAME
+replays load the run's models from the victim zoo (training them if the cache lacks them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import os
 import sys
 
 import yaml
+
+
+def _brief(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, dict)) or "none"
 
 
 def _stopped_before_logging(run: str) -> str:
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError
-    from .replay import prepare, replay
+    from .replay import prepare, replay, run_settings
 
     try:
         replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group),
@@ -105,9 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.replay:
                 from . import read_run
 
+                if args.group and params.get("group", args.group) != args.group:
+                    raise SimError(f"--group {args.group} and --param group={params['group']} disagree; expected "
+                                   f"one grouping")
+                like, base = run_settings(run, args.replay, args.order)
+                settings = {**base, **params, **({"group": args.group} if args.group and "group" in base else {})}
+                print(f"{run}: replaying {args.replay} with "
+                      + (f"the settings of the run's detector {like!r}" if like else "its default settings")
+                      + (" and --param over them" if params else "") + f": {_brief(settings)}")
                 replays[args.name or f"replay_{args.replay}"] = replay(
-                    read_run(run), args.replay, params, args.group or "account", args.order,
-                    models=prepare(run, args.replay, params))
+                    read_run(run), args.replay, settings, args.group, args.order,
+                    models=prepare(run, args.replay, settings))
             path = write_report(run, replays)
             print(f"{run}: {path}")
             try:

@@ -70,30 +70,59 @@ class _RunModels:
         return getattr(self._ctx, name)
 
 
+def _run_config(run_dir: str):
+    """(the run's scenario config, None) or (None, why it has none usable)."""
+    from sim import config, storage
+
+    path = storage.join(run_dir, "config.yaml")
+    if not storage.exists(path):
+        return None, "the run has no config.yaml"
+    try:
+        return config.load(yaml.safe_load(storage.read_text(path))), None
+    except SimError as exc:  # a run of another version: fine for what needs no models
+        return None, f"its config.yaml does not load ({exc})"
+
+
+def run_settings(run_dir: str, kind: str, name: str | None = None) -> tuple[str | None, dict]:
+    """The name and settings of the run's detector ``name`` if it is of ``kind``, else of its first detector of
+    ``kind``, as it ran: its scenario settings, with the threshold it calibrated (from the summary). (None, {})
+    where the run has no such detector (or no readable config)."""
+    from sim import summary as summary_mod
+
+    cfg, _ = _run_config(run_dir)
+    found = {n: d for n, d in (cfg.enabled_detectors() if cfg else {}).items() if d.kind == kind}
+    if not found:
+        return None, {}
+    name = name if name in found else next(iter(found))
+    settings = found[name].params()
+    ran = summary_mod.read(run_dir)
+    calibration = ran.detection[name].calibration if ran and name in ran.detection else None
+    if calibration:
+        settings["threshold"] = calibration["threshold"]
+    return name, settings
+
+
 def prepare(run_dir: str, kind: str, params: dict | None = None):
     """The trained models a replay of detector ``kind`` needs over a run (SAME's, an outlier-exposure victim),
     made like the run made them: through the victim zoo, from the run's own settings (those of its first
     detector of this kind) with ``params`` over them. None when the kind needs none."""
-    from sim import config, storage
-
-    path = storage.join(run_dir, "config.yaml")
-    cfg, why = None, "the run has no config.yaml"
-    if storage.exists(path):
-        try:
-            cfg = config.load(yaml.safe_load(storage.read_text(path)))
-        except SimError as exc:  # a run of another version: fine for what needs no models
-            why = f"its config.yaml does not load ({exc})"
+    cfg, why = _run_config(run_dir)
     base = next((d.params() for d in cfg.detectors.values() if d.kind == kind), {}) if cfg else {}
     return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why, kind))
 
 
-def replay(table: pa.Table, kind: str, params: dict | None = None, group: str = "account", order: str | None = None,
-           **models) -> dict:
+def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | None = None,
+           order: str | None = None, **models) -> dict:
     """Run detector ``kind`` (a registry name) with ``params`` over the log ``table``, keying its history by
-    ``group`` (account, actor, cohort or all). ``order``: a logged stateful detector whose per-key order to follow
-    (see the module's note; it should key its history like ``group``). ``models``: what the detector needs
+    ``group`` (account, actor, cohort or all; default: the ``group`` in ``params``, else account). ``order``: a
+    logged stateful detector whose per-key order to follow (see the module's note; it should key its history like
+    ``group``). ``models``: what the detector needs
     beyond its parameters (``models=``: what its :meth:`Detector.prepare` made, see :func:`prepare`). Returns
     ``scores`` and ``flags`` aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
+    if group is not None and (params or {}).get("group", group) != group:
+        raise SimError(f"group={group!r} and the parameter group={params['group']!r} disagree; expected one grouping "
+                       f"(the replay keys its history by it)")
+    group = group or (params or {}).get("group") or "account"
     if group not in GROUPS:
         raise SimError(f"group={group!r} is not a grouping; expected one of: {', '.join(GROUPS)}")
     logged = [c[:-4] for c in table.column_names if c.endswith("_seq") and table.column(c).null_count < len(table)]

@@ -208,6 +208,31 @@ def test_cli_writes_a_report_with_figures(run_dir, capsys):
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 
 
+def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsys):
+    """--replay KIND takes the settings of the run's detector of that kind (or --order's), --param and --group over
+    them; the settings it used are printed."""
+    import shutil
+
+    from sim import config
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = config.load("single_knockoff", ["detectors.prada.min_pool=7", "detectors.cohort.kind=prada",
+                                          "detectors.cohort.group=cohort", "detectors.cohort.delta=0.9"])
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    assert cli([str(run), "--replay", "prada"]) == 0
+    assert (f"{run}: replaying prada with the settings of the run's detector 'prada': delta=0.95, min_pool=7, "
+            f"skip_repeats=False, group=account") in capsys.readouterr().out
+    assert cli([str(run), "--replay", "prada", "--order", "cohort", "--param", "delta=0.8", "--name", "c"]) == 0
+    assert ("with the settings of the run's detector 'cohort' and --param over them: delta=0.8, min_pool=50, "
+            "skip_repeats=False, group=cohort") in capsys.readouterr().out
+    assert cli([str(run), "--replay", "prada", "--group", "all", "--param", "group=cohort"]) == 2
+    assert capsys.readouterr().err.startswith("error: --group all and --param group=cohort disagree")
+    table = analysis.read_run(str(run))
+    assert np.array_equal(analysis.replay(table, "prada", {"group": "cohort"})["flags"],
+                          analysis.replay(table, "prada", {}, "cohort")["flags"])  # the parameter groups too
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().endswith("nope' does not exist; expected a run directory "

@@ -55,11 +55,11 @@ def _metrics_or_reason(labels, scores, what) -> dict:
 
 
 def detection_report(table: pa.Table, detectors: list[str] | None = None,
-                     scores: dict[str, np.ndarray] | None = None) -> dict:
+                     scores: dict[str, np.ndarray] | None = None, flags: dict[str, np.ndarray] | None = None) -> dict:
     """detector -> {"query": {attack -> metrics}, "account": {attack -> metrics}, "flagged": counts}.
-    ``attack`` is each attack in the log and ``"all"``. ``scores``: extra score columns (e.g. replayed)
-    aligned with ``scored_rows(table)``. Only attacker and benign queries are judged. Metrics that cannot
-    be computed (no benign traffic, no queries at all) carry an ``error`` saying why."""
+    ``attack`` is each attack in the log and ``"all"``. ``scores`` and ``flags``: extra score and flag columns
+    (e.g. replayed) aligned with ``scored_rows(table)``. Only attacker and benign queries are judged. Metrics that
+    cannot be computed (no benign traffic, no queries at all) carry an ``error`` saying why."""
     rows = scored_rows(table)
     detectors = list(detectors if detectors is not None else querylog.detector_names(table.schema))
     columns = {d: rows.column(f"{d}_score").to_numpy(zero_copy_only=False) for d in detectors
@@ -82,16 +82,18 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
             entry["query"][att] = _metrics_or_reason(attacker[keep], s[keep], f"{name} on {att} queries")
             _, acc_scores, acc_attacker = _per_account(accounts[keep], s[keep], attacker[keep])
             entry["account"][att] = _metrics_or_reason(acc_attacker, acc_scores, f"{name} on {att} accounts")
-        flag_col = f"{name}_flagged"
-        if flag_col in rows.column_names:
-            flags = np.asarray(pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False), bool)[judged]
-            flagged = set(accounts[flags])
+        flag_col, hit = f"{name}_flagged", (flags or {}).get(name)
+        if hit is None and flag_col in rows.column_names:
+            hit = pc.fill_null(rows.column(flag_col), False).to_numpy(zero_copy_only=False)
+        if hit is not None:
+            hit = np.asarray(hit, bool)[judged]
+            flagged = set(accounts[hit])
             entry["flagged"] = {
                 "attacker_accounts": len(flagged & set(accounts[attacker])),
                 "attacker_total": len(set(accounts[attacker])),
                 "benign_accounts": len(flagged & set(accounts[~attacker])),
                 "benign_total": len(set(accounts[~attacker])),
-                "attacker_queries": int(flags[attacker].sum()), "benign_queries": int(flags[~attacker].sum()),
+                "attacker_queries": int(hit[attacker].sum()), "benign_queries": int(hit[~attacker].sum()),
                 "attacker_queries_total": int(attacker.sum()), "benign_queries_total": int((~attacker).sum()),
             }
         out[name] = entry

@@ -38,9 +38,10 @@ def analyse(run_dir: str, replays: dict[str, dict] | None = None) -> dict:
     the summary. ``replays``: name -> the output of :func:`analysis.replay.replay`, added as detectors."""
     table = querylog.read(storage.join(run_dir, "queries"))
     summary = read_summary(run_dir)
-    extra = {name: r["scores"] for name, r in (replays or {}).items()}
+    scores = {name: r["scores"] for name, r in (replays or {}).items()}
+    flags = {name: r["flags"] for name, r in (replays or {}).items()}
     return {"table": table, "summary": summary, "replication": replication_report(table, summary),
-            "detection": detection_report(table, scores=extra) if table.num_rows else {}}
+            "detection": detection_report(table, scores=scores, flags=flags) if table.num_rows else {}}
 
 
 def _alerts_section(run_dir: str, table) -> list[str]:

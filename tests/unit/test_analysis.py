@@ -203,6 +203,7 @@ def test_cli_writes_a_report_with_figures(run_dir, capsys):
     assert cli([run_dir, "--replay", "prada", "--group", "all", "--param", "delta=0.9"]) == 0
     text = open(os.path.join(run_dir, "report.md")).read()
     assert "## Detection" in text and "| replay_prada | query |" in text and "| cohort | account |" in text
+    assert re.search(r"\| replay_prada \| query \| .* \| accounts \d+/6 / \d+/2; queries ", text)  # its flags too
     for png in ("roc_prada.png", "roc_replay_prada.png", "scores_prada.png"):
         path = os.path.join(run_dir, "report", png)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"

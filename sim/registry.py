@@ -192,6 +192,22 @@ def is_builtin(category: str, name: str) -> bool:
     return name in entries(category) and name not in _plugins[category]
 
 
+def code_id(category: str, name: str) -> str:
+    """A digest of the source file that defines component ``name`` (its source where the file cannot be read): what
+    a cache keys a plug-in by beside its name, so that an edited plug-in is not taken for the one cached."""
+    import hashlib
+
+    obj = get(category, name)
+    try:
+        text = open(inspect.getsourcefile(obj) or "", "rb").read()
+    except (OSError, TypeError):
+        try:
+            text = inspect.getsource(obj).encode()
+        except (OSError, TypeError):
+            text = repr(obj).encode()
+    return hashlib.sha1(text).hexdigest()[:16]
+
+
 def runtime_env(components, extra: list[str] = ()) -> dict | None:
     """What a Ray worker needs to find the plug-ins among ``components`` ((category, name) pairs; None when there are
     none): their names in :data:`PLUGINS_ENV`, and on ``PYTHONPATH`` the folder each one's top-level module was

@@ -159,6 +159,8 @@ def victim_key(cfg: VictimConfig, seed: int, kind: str = "victim", data_id: str 
         spec["divqat"] = cfg.divqat.model_dump()
     if cfg.preprocess is not None:
         spec["preprocess"] = cfg.preprocess.model_dump()
+    if cfg.arch and not registry.is_builtin("model", cfg.arch):  # the user's own: its code too (built-ins: ZOO_VERSION)
+        spec["arch_code"] = registry.code_id("model", cfg.arch)
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

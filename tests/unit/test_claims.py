@@ -509,7 +509,8 @@ def test_the_attacks_benchmark_refuses_a_pool_study_it_cannot_measure_before_mea
     monkeypatch.setattr(sys, "argv", ["attacks.py", *args, "--out", str(out)])
     with pytest.raises(SystemExit) as stop:
         attacks.main()
-    assert stop.value.code == 2 and f"{message} (see python benchmarks/attacks.py --help)" in capsys.readouterr().err and not out.exists()
+    hint = " (see python benchmarks/attacks.py --help)"
+    assert stop.value.code == 2 and f"{message}{hint}" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_mae_sizes_are_described_from_the_settings_they_run_with():

@@ -132,6 +132,20 @@ def test_a_model_factory_that_fails_or_returns_the_wrong_thing_is_one_line(on_pa
         models.build("badplug:VALUE.bit_length", (1, 28, 28), 10)
 
 
+def test_an_edited_plug_in_architecture_is_not_taken_for_the_cached_one(on_path):
+    from sim import zoo
+
+    (on_path / "editedarch.py").write_text("from torch import nn\n\ndef net(shape, k):\n    return nn.Sequential("
+                                           "nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, k))\n")
+    cfg = load("single_knockoff", ["victim.arch=editedarch:net"]).victim
+    before = zoo.victim_key(cfg, 0)
+    assert zoo.victim_key(cfg, 0) == before  # the same code: the same cached victim
+    (on_path / "editedarch.py").write_text((on_path / "editedarch.py").read_text().replace("ReLU", "Tanh"))
+    registry.forget_plugins()
+    assert zoo.victim_key(cfg, 0) != before
+    assert zoo.victim_key(load("single_knockoff").victim, 0) == zoo.victim_key(load("single_knockoff").victim, 0)
+
+
 def test_an_entry_point_that_does_not_load_is_reported_when_named(tmp_path, monkeypatch):
     dist = tmp_path / "broken_plugin-0.1.dist-info"
     dist.mkdir()

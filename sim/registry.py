@@ -156,6 +156,11 @@ def check_interface(category: str, obj: Any, where: str) -> None:
     for key, p in obj.params.items():
         if not isinstance(p, Param):
             raise ConfigError(f"{where} declares parameter {key!r} as {p!r}; expected a sim.registry.Param")
+        try:
+            p.check(where, key, p.default)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} declares parameter {key!r} with a default its own declaration refuses "
+                              f"({exc}); expected a default that is one of its values") from None
 
 
 def forget_plugins() -> None:

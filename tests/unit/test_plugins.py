@@ -70,6 +70,13 @@ class RawParams(Defense):
         return y
 
 
+class BadDefault(Defense):
+    params = {"t": Param(0.5, low=1), "mode": Param("fast", str, choices=("a", "b"))}
+
+    def _perturb(self, y, inputs):
+        return y
+
+
 def not_a_model(input_shape, num_classes):
     return "model"
 
@@ -93,6 +100,9 @@ VALUE = 3
     (["defense=badplug:RawParams"], "defense.name='badplug:RawParams' declares parameter 'a' as 1.0; expected a "
                                     "sim.registry.Param"),
     (["defense=badplug:NoPerturb", "defense.b=2"], None),  # the missing method is found first
+    (["defense=badplug:BadDefault", "defense.t=2"], "defense.name='badplug:BadDefault' declares parameter 't' with a "
+                                                    "default its own declaration refuses (defense.name='badplug:"
+                                                    "BadDefault'.t must be a number >= 1, got 0.5)"),
     (["victim.arch=badplug:VALUE"], "victim.arch='badplug:VALUE' is int 3; expected a callable (input_shape, "
                                     "num_classes) -> nn.Module"),
     (["victim.dataset=npz:/no/such.npz"], "victim.dataset='npz:/no/such.npz': no such file '/no/such.npz'"),

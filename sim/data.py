@@ -267,7 +267,14 @@ def load(name: str, root: str | None = None, download: bool = False, image_size:
     registry.check_name("dataset", "dataset", name)
     if registry.is_builtin("dataset", name):
         return registry.get("dataset", name)(root, download)
-    made = registry.get("dataset", name)()
+    loader = registry.get("dataset", name)
+    try:
+        made = loader()
+    except (DataError, ConfigError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's loader: whatever it raises, one line
+        raise DataError(f"dataset {name!r} called with no arguments failed: {type(exc).__name__}: {exc}; expected a "
+                        f"loader () -> sim.data.Dataset or a mapping with x_train, y_train, x_test, y_test") from None
     if isinstance(made, Dataset):
         return from_arrays(name, {"x_train": made.x_train, "y_train": made.y_train, "x_test": made.x_test,
                                   "y_test": made.y_test}, made.num_classes)
@@ -289,20 +296,23 @@ def _path(name: str) -> str:
 
 def _images(name: str, key: str, x: np.ndarray) -> np.ndarray:
     """Images as uint8 (N, C, H, W): from uint8 or float in [0, 1], channels first or last (a 3-d array is
-    grayscale)."""
+    grayscale; an array whose last axis has at most 4 entries and whose second has more is channels last)."""
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(f"dataset {name!r}: {key} has shape {x.shape}; expected images (N, C, H, W), (N, H, W, C) "
                         f"or (N, H, W)")
-    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+    if x.shape[-1] <= 4 < x.shape[1]:
         x = x.transpose(0, 3, 1, 2)
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"dataset {name!r}: {key} has dtype {x.dtype}; expected uint8 or float in [0, 1]")
-    if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
+    if x.size and not np.isfinite(x).all():
+        raise DataError(f"dataset {name!r}: {key} has {int((~np.isfinite(x)).sum()):,} NaN or infinite values; "
+                        f"expected float images in [0, 1] (or uint8)")
+    if x.size and (x.min() < 0 or x.max() > 1):
         raise DataError(f"dataset {name!r}: {key} has values in [{np.nanmin(x):g}, {np.nanmax(x):g}]; expected float "
                         f"images in [0, 1] (or uint8)")
     return np.ascontiguousarray(np.rint(x * 255), dtype=np.uint8)
@@ -333,6 +343,14 @@ def from_arrays(name: str, arrays, num_classes: int | None = None) -> Dataset:
     if num_classes is not None and classes > num_classes:
         raise DataError(f"dataset {name!r} has label {classes - 1} but num_classes={num_classes}; expected labels "
                         f"below num_classes")
+    unseen = sorted(set(range(classes)) - set(np.unique(ys[0]).tolist()))
+    if num_classes is None and unseen:  # labels from 1, or a test class the victim never trains on
+        raise DataError(f"dataset {name!r}: no training image has label {', '.join(map(str, unseen[:5]))}"
+                        f"{' …' if len(unseen) > 5 else ''} (labels {ys[0].min()} to {classes - 1}); expected labels "
+                        f"0 to K-1 with every class in y_train (or a Dataset that declares num_classes)")
+    if max(classes, num_classes or 0) < 2:
+        raise DataError(f"dataset {name!r} has one class; expected at least two (a classifier of one class answers "
+                        f"nothing)")
     return Dataset(name, x_tr, ys[0], x_te, ys[1], num_classes or classes)
 
 

@@ -81,6 +81,10 @@ def not_a_model(input_shape, num_classes):
     return "model"
 
 
+def needs_arg(path):
+    return {}
+
+
 def wrong_output(input_shape, num_classes):
     import torch.nn as nn
     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes + 1))
@@ -105,6 +109,8 @@ VALUE = 3
                                                     "BadDefault'.t must be a number >= 1, got 0.5)"),
     (["victim.arch=badplug:VALUE"], "victim.arch='badplug:VALUE' is int 3; expected a callable (input_shape, "
                                     "num_classes) -> nn.Module"),
+    (["victim.dataset=badplug:needs_arg"], "dataset 'badplug:needs_arg' called with no arguments failed: TypeError: "
+                                           "needs_arg() missing 1 required positional argument"),
     (["victim.dataset=npz:/no/such.npz"], "victim.dataset='npz:/no/such.npz': no such file '/no/such.npz'"),
     (["victim.dataset=folder:/no/such"], "victim.dataset='folder:/no/such': no such folder"),
 ])
@@ -188,6 +194,8 @@ def test_npz_datasets_take_float_channels_last_and_uint8_channels_first(tmp_path
     np.savez(tmp_path / "rgb.npz", **a)
     ds = data.load(f"npz:{tmp_path / 'rgb.npz'}")
     assert ds.x_train.shape == (40, 3, 12, 12) and ds.x_train.dtype == np.uint8
+    np.savez(tmp_path / "rgba.npz", **_arrays(shape=(12, 12, 4)))  # any channels last, up to 4
+    assert data.load(f"npz:{tmp_path / 'rgba.npz'}").x_train.shape == (40, 4, 12, 12)
     assert np.array_equal(ds.x_test, np.rint(a["x_test"].transpose(0, 3, 1, 2) * 255).astype(np.uint8))
     assert ds.num_classes == int(max(a["y_train"].max(), a["y_test"].max())) + 1
     u8 = {k: (np.rint(v * 255).astype(np.uint8).transpose(0, 3, 1, 2) if k[0] == "x" else v) for k, v in a.items()}
@@ -202,6 +210,11 @@ def test_npz_datasets_take_float_channels_last_and_uint8_channels_first(tmp_path
     (lambda a: a.update(x_test=a["x_test"] * 3), "x_test has values in [0.000"),
     (lambda a: a.update(x_test=a["x_test"][:, :20]), "x_train has images of shape (1, 28, 28), x_test (1, 20, 28)"),
     (lambda a: a.update(y_train=a["y_train"] + 0.5), "y_train holds float64 labels"),
+    (lambda a: a["x_test"].__setitem__((0, 0, 0, 0), np.nan), "x_test has 1 NaN or infinite values; expected float"),
+    (lambda a: a.update(y_train=a["y_train"] + 1, y_test=a["y_test"] + 1),
+     "no training image has label 0 (labels 1 to 4); expected labels 0 to K-1 with every class in y_train"),
+    (lambda a: a.update(y_train=a["y_train"] % 3, y_test=a["y_test"] % 3 + 1), "no training image has label 3"),
+    (lambda a: a.update(y_train=0 * a["y_train"], y_test=0 * a["y_test"]), "has one class; expected at least two"),
 ])
 def test_bad_npz_arrays_are_one_line_data_errors(tmp_path, change, message):
     a = _arrays()

@@ -661,10 +661,26 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
                           f"extends: {base}.yaml for the file beside it")
     if _same_file(base, seen + (name_or_path,)):
         raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (name_or_path, base))}")
-    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(base, seen + (name_or_path,))), OmegaConf.create(raw))
+    parent = _read_yaml(base, seen + (name_or_path,))
+    _drop_replaced_kinds(parent, raw)
+    merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
     out = OmegaConf.to_container(merged)
     out["name"] = raw.get("name", Path(name_or_path).stem)
     return out
+
+
+def _drop_replaced_kinds(base: dict, child: dict) -> None:
+    """Where a scenario gives an entry of its base another kind (an attacker's attack, a detector's kind, the
+    defense's name), the base's parameters of the old kind are not merged into it, as for the same change on the
+    command line."""
+    for section, (field, _, _) in _KINDED.items():
+        for name, entry in (child.get(section) or {}).items() if isinstance(child.get(section), dict) else ():
+            if isinstance(entry, dict) and field in entry:
+                _switch_kind(base, f"{section}.{name}.{field}", entry[field])
+    new, old = child.get("defense"), base.get("defense")
+    new = new.get("name") if isinstance(new, dict) else new
+    if isinstance(new, str) and new != (old.get("name", "identity") if isinstance(old, dict) else old):
+        base["defense"] = {"name": new}
 
 
 def _same_file(name_or_path: str, chain: tuple[str, ...]) -> bool:
@@ -777,8 +793,12 @@ def _switch_kind(raw: dict[str, Any], key: str, kind: str) -> None:
         return
     _, category, model = _KINDED[section]
     old = (raw.get(section) or {}).get(name)
-    if not isinstance(old, dict) or kind not in registry.names(category):
+    if not isinstance(old, dict) or not isinstance(kind, str):
         return
+    if kind not in registry.names(category):
+        if ":" not in kind:  # an unknown name: validation says so
+            return
+        registry.check_name(category, key, kind)  # a plug-in, loaded now (or a one-line error naming the key)
     implied = (detectors.presets().get(name, {}).get("kind") if section == "detectors"
                else model.model_fields[field].default)  # a shorthand's kind, or the default attack
     if old.get(field, implied) == kind:

@@ -90,8 +90,11 @@ def members(spec: dict[str, Any], field: str = "defense") -> list[tuple[str, dic
         raise ConfigError(f"{field}.name={name!r} names a defense twice; expected each at most once")
     for key, value in spec.items():
         if key not in parts:
+            dotted = [p for p in parts if "." in p]  # module:attr: an override's key would split at its dots
+            yaml = (f"; a member named module:attr takes them in a scenario file, {field}: {{name: {name}, "
+                    f"'{dotted[0]}': {{PARAM: …}}}}" if dotted else "")
             raise ConfigError(f"{field}.{key}: in a chain, parameters go under the member's name "
-                              f"({field}.{parts[0]}.PARAM=…); expected one of: {', '.join(parts)}")
+                              f"({field}.MEMBER.PARAM=…{yaml}); expected one of: {', '.join(parts)}")
         if not isinstance(value, dict):
             raise ConfigError(f"{field}.{key} must be a mapping of {key}'s parameters, got {value!r}")
     return [(part, dict(spec.get(part) or {})) for part in parts]

@@ -446,6 +446,27 @@ def test_switching_a_kind_drops_what_the_new_kind_does_not_declare():
     # naming a shorthand's own kind keeps its settings
     pooled = config.load("single_knockoff", ["detectors.pooled_prada.kind=prada"]).detectors["pooled_prada"]
     assert pooled.group == "all" and pooled.skip_repeats
+    # a plug-in kind given as module:attr, loaded to know what it declares
+    plug = config.load("single_knockoff", ["attackers.single.attack=actors.attacks.jacobian:JBDA"]).attackers["single"]
+    assert "pool" not in plug.params() and plug.params()["jacobian.rounds"] == 6
+    msp = config.load("single_jbda", ["detectors.prada.kind=sim.detectors.msp:MaxSoftmax"]).detectors["prada"]
+    assert "delta" not in msp.params()
+    with pytest.raises(ConfigError, match="attackers.single.attack='nowhere:X': no module named 'nowhere'"):
+        config.load("single_knockoff", ["attackers.single.attack=nowhere:X"])
+
+
+def test_a_scenario_file_may_give_its_bases_entries_another_kind(tmp_path):
+    (tmp_path / "child.yaml").write_text("extends: mad_vs_knockoff\nattackers: {knockoff: {attack: jbda}}\n"
+                                         "defense: {name: reverse_sigmoid, beta: 0.5}\n"
+                                         "detectors: {prada: {kind: msp}}\n")
+    cfg = config.load(str(tmp_path / "child.yaml"))
+    assert cfg.attackers["knockoff"].attack == "jbda" and "pool" not in cfg.attackers["knockoff"].params()
+    assert cfg.attackers["knockoff"].budget == config.load("mad_vs_knockoff").attackers["knockoff"].budget
+    assert cfg.defense.spec() == {"name": "reverse_sigmoid", "beta": 0.5}  # not mad's eps
+    assert cfg.detectors["prada"].kind == "msp" and "delta" not in cfg.detectors["prada"].params()
+    (tmp_path / "same.yaml").write_text("extends: mad_vs_knockoff\ndefense: {eps: 0.5}\n")  # the same kind: merged
+    assert config.load(str(tmp_path / "same.yaml")).defense.spec() == {"name": "mad", **{
+        k: v for k, v in config.load("mad_vs_knockoff").defense.spec().items() if k != "name"}, "eps": 0.5}
 
 
 def test_every_defense_the_victim_may_answer_through_is_checked():

@@ -294,7 +294,7 @@ def _path(name: str) -> str:
     return os.path.expanduser(name.partition(":")[2])
 
 
-def _images(name: str, key: str, x: np.ndarray) -> np.ndarray:
+def as_images(name: str, key: str, x: np.ndarray) -> np.ndarray:
     """Images as uint8 (N, C, H, W): from uint8 or float in [0, 1], channels first or last (a 3-d array is
     grayscale; an array whose last axis has at most 4 entries and whose second has more is channels last)."""
     x = np.asarray(x)
@@ -324,7 +324,7 @@ def from_arrays(name: str, arrays, num_classes: int | None = None) -> Dataset:
     missing = [k for k in ARRAYS if k not in arrays]
     if missing:
         raise DataError(f"dataset {name!r} lacks {', '.join(missing)}; expected arrays {', '.join(ARRAYS)}")
-    x_tr, x_te = _images(name, "x_train", arrays["x_train"]), _images(name, "x_test", arrays["x_test"])
+    x_tr, x_te = as_images(name, "x_train", arrays["x_train"]), as_images(name, "x_test", arrays["x_test"])
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"dataset {name!r}: x_train has images of shape {x_tr.shape[1:]}, x_test {x_te.shape[1:]}; "
                         f"expected one shape")

@@ -107,8 +107,9 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
     return factory(c, num_classes, h)
 
 
-def check_output(model: nn.Module, input_shape, num_classes: int, what: str) -> None:
-    """A one-line ConfigError unless ``model`` maps a batch of two images of ``input_shape`` to (2, num_classes)."""
+def check_output(model: nn.Module, input_shape, num_classes: int | None, what: str) -> None:
+    """A one-line ConfigError unless ``model`` maps a batch of two images of ``input_shape`` to (2, num_classes)
+    (None: to (2, K) for any K of at least 2)."""
     was = model.training
     model.eval()
     try:
@@ -119,10 +120,12 @@ def check_output(model: nn.Module, input_shape, num_classes: int, what: str) -> 
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    width = num_classes if num_classes is not None else (out.shape[-1] if isinstance(out, torch.Tensor) else 0)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, width) or width < 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"{what} maps 2 images of shape {tuple(input_shape)} to {got}; expected (2, {num_classes}) "
-                          f"logits")
+        raise ConfigError(f"{what} maps 2 images of shape {tuple(input_shape)} to {got}; expected "
+                          f"(2, {num_classes if num_classes is not None else 'K'}) logits"
+                          f"{' for K >= 2 classes' if num_classes is None else ''}")
 
 
 class Preprocessed(nn.Module):

@@ -264,19 +264,28 @@ def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
     split of ``victim.dataset``) is the defender's own data, which detectors train and calibrate on."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"victim={type(model).__name__}; expected a torch.nn.Module")
+    for name, given in (("test_set", test_set), ("train_set", train_set)):
+        if given is not None and (not isinstance(given, (tuple, list)) or len(given) != 2):
+            size = f" of {len(given)}" if hasattr(given, "__len__") else ""
+            raise ConfigError(f"{name} is a {type(given).__name__}{size}; expected (images, labels)")
     base = load_data(cfg, data_cfg) if test_set is None or train_set is None else None
     arrays = {"x_train": base.x_train if train_set is None else train_set[0],
               "y_train": base.y_train if train_set is None else train_set[1],
               "x_test": base.x_test if test_set is None else test_set[0],
               "y_test": base.y_test if test_set is None else test_set[1]}
-    ds = data.from_arrays("python", arrays)
+    shape = data.as_images("python", "x_test", arrays["x_test"]).shape[1:]
     model = model.cpu().eval()
+    models.check_output(model, shape, None, "victim")
     with torch.no_grad():
-        classes = model(torch.zeros(2, *ds.input_shape)).shape[-1]
-    if ds.num_classes > classes:
-        raise ConfigError(f"test_set has label {ds.num_classes - 1} but the victim answers {classes} classes; "
-                          f"expected labels below {classes}")
-    ds = data.Dataset(ds.name, ds.x_train, ds.y_train, ds.x_test, ds.y_test, int(classes))
+        classes = int(model(torch.zeros(2, *shape)).shape[-1])
+    if base is not None and classes != base.num_classes:
+        raise ConfigError(f"the victim answers {classes} classes and victim.dataset={cfg.dataset!r} has "
+                          f"{base.num_classes}; expected a model with {base.num_classes} outputs")
+    top = max(int(np.max(arrays[k])) for k in ("y_train", "y_test") if np.size(arrays[k]))
+    if top >= classes:
+        raise ConfigError(f"{'test_set' if test_set is not None else 'train_set'} has label {top} but the victim "
+                          f"answers {classes} classes; expected labels below {classes}")
+    ds = data.from_arrays("python", arrays, classes)
     model = _preprocessed(model, cfg)
     digest = hashlib.sha1(models.to_bytes(model, None, ds.input_shape, ds.num_classes)
                           + fingerprint(ds).encode()).hexdigest()[:16]

@@ -372,3 +372,28 @@ def test_a_live_module_travels_pickled_and_keeps_its_weights():
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(back(x), net((x - 0.5) / 0.25))
     assert models.from_bytes(blob, architecture_only=True) is not None  # MAD resets its weights itself
+
+
+def test_a_live_victim_must_answer_its_datas_classes():
+    """sim.run(config, victim=module, test_set=…, train_set=…): the module's output width is checked against the
+    data it is measured on, as a model factory's is."""
+    from sim import zoo
+
+    cfg = load("single_knockoff")
+    v = zoo.live_victim(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), cfg.victim, cfg.data)
+    assert v.dataset.num_classes == 10 and 0 <= v.test_accuracy <= 1
+    with pytest.raises(ConfigError, match="the victim answers 7 classes and victim.dataset='mnist5k' has 10; "
+                                          "expected a model with 10 outputs"):
+        zoo.live_victim(nn.Sequential(nn.Flatten(), nn.Linear(784, 7)), cfg.victim, cfg.data)
+    ds = data.load("mnist5k")
+    test, train = (ds.x_test[:50], ds.y_test[:50] % 4), (ds.x_train[:200], ds.y_train[:200] % 4)
+    four = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
+    assert zoo.live_victim(four, cfg.victim, cfg.data, test_set=test, train_set=train).dataset.num_classes == 4
+    with pytest.raises(ConfigError, match=r"test_set is a tuple of 3; expected \(images, labels\)"):
+        zoo.live_victim(four, cfg.victim, cfg.data, test_set=(*test, 1), train_set=train)
+    with pytest.raises(ConfigError, match="test_set has label 9 but the victim answers 4 classes"):
+        zoo.live_victim(four, cfg.victim, cfg.data, test_set=(test[0], ds.y_test[:50]), train_set=train)
+    with pytest.raises(ConfigError, match=r"victim maps 2 images of shape \(1, 28, 28\) to \(2, 1\); expected "
+                                          r"\(2, K\) logits for K >= 2 classes"):
+        zoo.live_victim(nn.Sequential(nn.Flatten(), nn.Linear(784, 1)), cfg.victim, cfg.data, test_set=test,
+                        train_set=train)

@@ -446,13 +446,28 @@ def test_switching_a_kind_drops_what_the_new_kind_does_not_declare():
     # naming a shorthand's own kind keeps its settings
     pooled = config.load("single_knockoff", ["detectors.pooled_prada.kind=prada"]).detectors["pooled_prada"]
     assert pooled.group == "all" and pooled.skip_repeats
-    # a plug-in kind given as module:attr, loaded to know what it declares
-    plug = config.load("single_knockoff", ["attackers.single.attack=actors.attacks.jacobian:JBDA"]).attackers["single"]
-    assert "pool" not in plug.params() and plug.params()["jacobian.rounds"] == 6
-    msp = config.load("single_jbda", ["detectors.prada.kind=sim.detectors.msp:MaxSoftmax"]).detectors["prada"]
-    assert "delta" not in msp.params()
-    with pytest.raises(ConfigError, match="attackers.single.attack='nowhere:X': no module named 'nowhere'"):
-        config.load("single_knockoff", ["attackers.single.attack=nowhere:X"])
+
+
+
+def test_switching_to_a_plug_in_kind_by_module_attr_drops_the_old_kinds_parameters(tmp_path, monkeypatch):
+    import importlib
+
+    from sim import registry
+
+    (tmp_path / "kinds.py").write_text("from actors.attacks.jacobian import JBDA\nfrom sim.detectors.msp import "
+                                       "MaxSoftmax\n\n\nclass MyJBDA(JBDA):\n    pass\n\n\n"
+                                       "class MyMsp(MaxSoftmax):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:  # loaded to know what it declares
+        plug = config.load("single_knockoff", ["attackers.single.attack=kinds:MyJBDA"]).attackers["single"]
+        assert "pool" not in plug.params() and plug.params()["jacobian.rounds"] == 6
+        msp = config.load("single_jbda", ["detectors.prada.kind=kinds:MyMsp"]).detectors["prada"]
+        assert "delta" not in msp.params()
+        with pytest.raises(ConfigError, match="attackers.single.attack='nowhere:X': no module named 'nowhere'"):
+            config.load("single_knockoff", ["attackers.single.attack=nowhere:X"])
+    finally:
+        registry.forget_plugins()
 
 
 def test_a_scenario_file_may_give_its_bases_entries_another_kind(tmp_path):

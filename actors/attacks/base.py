@@ -20,7 +20,7 @@ import numpy as np
 
 from sim import data
 from sim.data import Dataset
-from sim.errors import ConfigError
+from sim.errors import ConfigError, DataError
 from sim.registry import Component
 
 
@@ -42,7 +42,10 @@ class AttackContext:
 def load_pool(ctx: AttackContext, setting: str, spec: str) -> tuple[np.ndarray, np.ndarray]:
     """The images and labels of pool ``spec`` (:func:`sim.data.load_pool`), which the attacker's ``setting`` names;
     a pool whose images are not the victim's shape is refused."""
-    x, y = data.load_pool(spec, ctx.data_root, ctx.download, ctx.image_size)
+    try:
+        x, y = data.load_pool(spec, ctx.data_root, ctx.download, ctx.image_size)
+    except (ConfigError, DataError) as exc:  # the setting that named it, first
+        raise type(exc)(f"{ctx.owner}.{setting}={spec!r}: {exc}") from None
     want = ctx.dataset.x_train.shape[1:]
     if x.shape[1:] != want:
         raise ConfigError(f"{ctx.owner}.{setting}={spec!r} has images of shape {x.shape[1:]}, but the victim takes "

@@ -339,3 +339,14 @@ def test_a_seed_pool_of_another_image_shape_is_refused(monkeypatch):
                                           r"takes \(1, 28, 28\)"):
         make_plan(config.load("single_knockoff", ["attackers.single.attack=jbda",
                                                   "attackers.single.jacobian.seed_pool=cifar10"]), ds)
+
+
+def test_a_pool_that_is_not_a_dataset_names_the_setting_that_gave_it():
+    from sim import config
+    from sim.errors import ConfigError
+    from sim.plan import make_plan
+
+    with pytest.raises(ConfigError, match=r"^attackers.single.jacobian.seed_pool='digts': dataset='digts' is not a "
+                                          r"known dataset"):
+        make_plan(config.load("single_knockoff", ["attackers.single.attack=jbda",
+                                                  "attackers.single.jacobian.seed_pool=digts"]), data.load("mnist5k"))

@@ -3,8 +3,7 @@ actor. Its parameters are set as attackers.ID.KEY=VALUE (here attackers.ID.pool=
 
 import numpy as np
 
-from actors.attacks.base import Attack, CollectingStream
-from sim import data
+from actors.attacks.base import Attack, CollectingStream, load_pool
 from sim.registry import Param
 
 
@@ -17,7 +16,7 @@ class Noisy(Attack):
     }
 
     def sources(self, ctx):
-        pool, labels = data.load_pool(self.values["pool"], ctx.data_root, ctx.download)
+        pool, _ = load_pool(ctx, "pool", self.values["pool"])  # checked: the victim's image shape
         rng = np.random.default_rng(ctx.seed("noisy"))
         order = rng.permutation(len(pool))
         noise = rng.uniform(-1, 1, pool.shape) * self.values["noisy.noise"] * 255

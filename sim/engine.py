@@ -191,10 +191,16 @@ def prepare_models(cfg: ScenarioConfig, victim: zoo.Victim, quiet: bool = False)
     bars = _Bars(quiet)
     ctx = zoo.ModelContext.of(cfg, victim, on_epoch=bars, device=devices.local(cfg.device))
     try:  # the models of the victim's defense and of the detectors' perturbations, by defense name
-        return detection.setup(cfg, ctx), {name: made for spec in cfg.defense_specs().values()
-                                           for name, made in defenses.prepare(spec, ctx).items()}
+        dets, made = detection.setup(cfg, ctx), {name: made for spec in cfg.defense_specs().values()
+                                                 for name, made in defenses.prepare(spec, ctx).items()}
     finally:
         bars.close()
+    x = victim.dataset.x_test[:8]
+    for field, spec in cfg.defense_specs().items():  # a defense of the user's own: does it answer probabilities?
+        if not all(registry.is_builtin("defense", name) for name in defenses.names_in(spec)):
+            defense = defenses.from_spec(spec, victim=victim.float_victim, models=made)
+            defenses.check_outputs(defense, predict_probs(victim.model, x), x, field)
+    return dets, made
 
 
 def defended_test_set(cfg: ScenarioConfig, victim: zoo.Victim, defense_models: dict | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from .. import registry
@@ -112,6 +113,23 @@ def prepare(spec: dict[str, Any], ctx) -> dict[str, dict[str, bytes]]:
     """The trained models every member of ``spec`` needs (member name -> constructor keyword -> serialised
     model), from the victim zoo (``ctx``: a :class:`sim.zoo.ModelContext`)."""
     return {name: made for name, params in members(spec) if (made := get(name).prepare(params, ctx))}
+
+
+def check_outputs(defense: Defense, clean: np.ndarray, x: np.ndarray, field: str = "defense") -> None:
+    """A one-line ConfigError naming ``field`` unless ``defense`` maps the victim's answers ``clean`` (N, K) on the
+    images ``x`` to an array of that shape of values in [0, 1], what a client may be sent."""
+    try:
+        out = np.asarray(defense(clean.copy(), x), np.float64)
+    except Exception as exc:  # noqa: BLE001 - the user's defense: whatever it raises, one line
+        raise ConfigError(f"{field} fails on the victim's answers of shape {clean.shape}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if out.shape != clean.shape:
+        raise ConfigError(f"{field} returns shape {out.shape} for the victim's answers of shape {clean.shape}; "
+                          f"expected the same shape")
+    if not np.isfinite(out).all() or out.min() < -1e-6 or out.max() > 1 + 1e-6:
+        raise ConfigError(f"{field} returns values in [{np.nanmin(out):.3g}, {np.nanmax(out):.3g}]"
+                          f"{' and NaN or inf' if not np.isfinite(out).all() else ''}; expected probabilities in "
+                          f"[0, 1]")
 
 
 def check_spec(spec: dict[str, Any], field: str = "defense") -> None:

@@ -397,3 +397,45 @@ def test_a_live_victim_must_answer_its_datas_classes():
                                           r"\(2, K\) logits for K >= 2 classes"):
         zoo.live_victim(nn.Sequential(nn.Flatten(), nn.Linear(784, 1)), cfg.victim, cfg.data, test_set=test,
                         train_set=train)
+
+
+ADAPTERS = '''
+import numpy as np
+
+
+def logits(x):
+    return np.tile(np.linspace(-2, 2, 4, dtype=np.float32), (len(x), 1))
+
+
+def probs(x):
+    return np.full((len(x), 4), 0.25, np.float32)
+'''
+
+
+def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabilities(on_path, tmp_path):
+    from sim import defenses
+    from sim.protocol import Account
+    from sim.remote import RemoteError, RemoteVictim
+
+    clean, x = np.full((3, 4), 0.25), np.zeros((3, 1, 28, 28), np.uint8)
+    identity = defenses.build("identity")
+    defenses.check_outputs(identity, clean, x)  # probabilities pass
+    identity._perturb = lambda y, inputs: -y
+    with pytest.raises(ConfigError, match=r"^defense returns values in \[-0.25, -0.25\]; expected probabilities"):
+        defenses.check_outputs(identity, clean, x)
+    identity._perturb = lambda y, inputs: y[:, :3]
+    with pytest.raises(ConfigError, match=r"detectors.p.perturb returns shape \(3, 3\) for the victim's answers of "
+                                          r"shape \(3, 4\); expected the same shape"):
+        defenses.check_outputs(identity, clean, x, "detectors.p.perturb")
+    (on_path / "adapters.py").write_text(ADAPTERS)
+    for name, ok in (("probs", True), ("logits", False)):
+        remote = RemoteVictim(run_id="r", victim="v", url=None, accounts={"k": Account("a", "attacker")},
+                              log_dir=str(tmp_path / name), input_shape=(1, 28, 28), writer_id="w",
+                              client=f"adapters:{name}")
+        if ok:
+            assert remote.query("k", x).probs.shape == (3, 4)
+        else:
+            with pytest.raises(RemoteError, match=r"victim.client returned rows that are not probabilities \(values "
+                                                  r"in \[-2, 2\], row sums in \[0, 0\]\)"):
+                remote.query("k", x)
+        remote.close()

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from . import detectors
+import numpy as np
+
+from . import detectors, registry
 from .config import DetectorConfig, ScenarioConfig
+from .errors import ConfigError
 from .summarize import DetectorInfo
 from .training import predict_probs
 
@@ -39,6 +42,35 @@ def _rule(det: DetectorConfig, group: str, threshold: float | None, saturate: fl
             "perturb": det.perturb.spec() if det.action == "perturb" else None}
 
 
+def _probe(where: str, kind, blob, params: dict, victim):
+    """A detector of the user's own, built (one line if its constructor does not take the models and parameters)
+    and made to score four test images under a throwaway key: one line naming ``where`` unless it returns a
+    :class:`sim.detectors.Detection` of one score and one flag per image."""
+    def build():
+        try:
+            return kind(models=blob, **params)
+        except TypeError as exc:
+            raise ConfigError(f"{where} cannot be built: {exc}; expected __init__(self, models=None, **params) that "
+                              f"passes both on to Detector.__init__") from None
+
+    x = victim.dataset.x_test[:4]
+    probs = predict_probs(victim.model, x)
+    probe = build()
+    try:
+        out = probe.score("mlsim-probe", x, probs.argmax(1), probs)
+    except Exception as exc:  # noqa: BLE001 - the user's detector: whatever it raises, one line
+        raise ConfigError(f"{where} fails to score 4 images: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}; expected score(key, inputs, labels, "
+                          f"probs) -> Detection") from None
+    if not isinstance(out, detectors.Detection):
+        raise ConfigError(f"{where}.score returned {type(out).__name__}; expected a sim.detectors.Detection")
+    shapes = [np.shape(out.scores), np.shape(out.flags)]
+    if shapes != [(4,), (4,)]:
+        raise ConfigError(f"{where}.score returned scores of shape {shapes[0]} and flags of shape {shapes[1]} for 4 "
+                          f"images; expected one of each per image, (4,)")
+    return build()
+
+
 def setup(cfg: ScenarioConfig, ctx) -> DetectorSetup:
     """Build every enabled detector of ``cfg`` (``ctx``: the scenario's :class:`sim.zoo.ModelContext`): prepare
     the models each needs, and calibrate thresholds."""
@@ -48,7 +80,10 @@ def setup(cfg: ScenarioConfig, ctx) -> DetectorSetup:
         kind = detectors.get(dc.kind)
         params = dc.params()
         blob = kind.prepare(params, ctx)
-        det = kind(models=blob, **params)
+        if registry.is_builtin("detector", dc.kind):
+            det = kind(models=blob, **params)
+        else:  # the user's own: its constructor and score, tried on a few test images before it is deployed
+            det = _probe(f"detectors.{name}.kind={dc.kind!r}", kind, blob, params, ctx.victim)
         calibration = None
         if isinstance(det, detectors.StatelessDetector):
             if calib is None:

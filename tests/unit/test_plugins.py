@@ -439,3 +439,61 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
                                                   r"in \[-2, 2\], row sums in \[0, 0\]\)"):
                 remote.query("k", x)
         remote.close()
+
+
+DETECTORS = '''
+import numpy as np
+
+from sim.detectors import Detection, Detector
+
+
+class Counts(Detector):
+    def score(self, key, inputs, labels, probs=None):
+        return Detection(scores=np.arange(len(labels), dtype=float), flags=np.zeros(len(labels), bool))
+
+
+class OldSignature(Counts):
+    def score(self, key, inputs, labels):
+        return super().score(key, inputs, labels)
+
+
+class ReturnsTuple(Counts):
+    def score(self, key, inputs, labels, probs=None):
+        out = super().score(key, inputs, labels)
+        return out.scores, out.flags
+
+
+class WrongLength(Counts):
+    def score(self, key, inputs, labels, probs=None):
+        return Detection(scores=np.zeros(len(labels) - 1), flags=np.zeros(len(labels) - 1, bool))
+
+
+class InitNoModels(Counts):
+    def __init__(self, **params):
+        super().__init__(None, **params)
+'''
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("OldSignature", r"fails to score 4 images: TypeError: .*takes 4 positional arguments but 5 were given"),
+    ("ReturnsTuple", r"\.score returned tuple; expected a sim.detectors.Detection"),
+    ("WrongLength", r"\.score returned scores of shape \(3,\) and flags of shape \(3,\) for 4 images"),
+    ("InitNoModels", r"cannot be built: .*got multiple values for argument 'models'; expected __init__\(self, "
+                     r"models=None, \*\*params\)"),
+    ("Counts", None),
+])
+def test_a_detector_of_the_users_own_is_tried_before_it_is_deployed(on_path, kind, message):
+    from types import SimpleNamespace
+
+    from sim import detection
+
+    (on_path / "mydets.py").write_text(DETECTORS)
+    cfg = load("single_knockoff", [f"detectors.mine.kind=mydets:{kind}"])
+    ctx = SimpleNamespace(victim=SimpleNamespace(dataset=data.load("mnist5k"),
+                                                 model=models.build("lenet", (1, 28, 28), 10)))
+    if message is None:
+        assert "mine" in detection.setup(cfg, ctx).detectors
+        return
+    with pytest.raises(ConfigError, match=rf"^detectors.mine.kind='mydets:{kind}'{message}" if message.startswith(r"\.")
+                       else rf"^detectors.mine.kind='mydets:{kind}' {message}"):
+        detection.setup(cfg, ctx)

@@ -217,6 +217,10 @@ def text() -> str:
     parts.append("plug-ins: any of these may also be module:attr of your own, and installed packages add their own "
                  "through the entry-point groups " + ", ".join(registry.GROUPS.values())
                  + " (docs/own-components.md)")
+    failed = registry.not_loaded()
+    if failed:
+        parts.append("installed plug-ins left out:\n" + listing([(f"{name} ({category})", why) for category, found
+                                                                  in failed.items() for name, why in found.items()]))
     return "\n\n".join(parts)
 
 

@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+import logging
 import os
 import pkgutil
 import sysconfig
@@ -35,6 +36,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CATEGORIES = {  # category -> (the module or package of its built-ins, what a user-facing message calls one)
     "dataset": ("sim.data", "dataset"),
@@ -99,8 +102,11 @@ def load_installed(category: str) -> None:
     declared += [(name, target, f"plug-in {name!r}") for name, target in handed.items()]
     for name, target, what in declared:
         if name in _entries[category]:
-            if _plugins[category].get(name) != target:
-                _broken[category].setdefault(name, f"{what} ({target}) clashes with a {category} of that name")
+            if _plugins[category].get(name) != target and name not in _broken[category]:
+                kept = _plugins[category].get(name) or "the built-in"
+                _broken[category][name] = (f"{what} ({target}) clashes with the {category} of that name "
+                                           f"({kept}), which is kept; expected a name of its own")
+                log.warning("%s", _broken[category][name])
             continue
         try:
             register(category, name)(load(category, target, what))
@@ -180,6 +186,13 @@ def plugins(category: str | None = None) -> dict[str, dict[str, str]] | dict[str
     for c in [category] if category else CATEGORIES:
         _discover(c)
     return dict(_plugins[category]) if category else {c: dict(p) for c, p in _plugins.items() if p}
+
+
+def not_loaded() -> dict[str, dict[str, str]]:
+    """category -> {name: why} of the installed plug-ins that did not load or clash with another of their name."""
+    for category in CATEGORIES:
+        _discover(category)
+    return {c: dict(b) for c, b in _broken.items() if b}
 
 
 def broken(components) -> dict[tuple[str, str], str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sim import ConfigError, DataError, data, models, registry
+from sim import ConfigError, DataError, data, models, reference, registry
 from sim.cli import main
 from sim.config import load
 
@@ -166,7 +166,8 @@ def test_an_entry_point_that_does_not_load_is_reported_when_named(tmp_path, monk
     dist = tmp_path / "broken_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mlsim.defenses]\nghost = ghostpkg.defenses:Ghost\n")
+    (dist / "entry_points.txt").write_text("[mlsim.defenses]\nghost = ghostpkg.defenses:Ghost\n"
+                                           "mad = sim.defenses.basic:Rounding\n")  # a built-in's name: left out
     monkeypatch.syspath_prepend(str(tmp_path))
     registry.forget_plugins()
     try:
@@ -174,6 +175,11 @@ def test_an_entry_point_that_does_not_load_is_reported_when_named(tmp_path, monk
                                               "mlsim.defenses='ghostpkg.defenses:Ghost': no module named 'ghostpkg'"):
             load("single_knockoff", ["defense=ghost"])
         assert "ghost" not in registry.names("defense")  # the others work on
+        assert registry.get("defense", "mad").__name__ == "MAD"
+        left_out = " ".join(reference.text().split("installed plug-ins left out:\n")[1].split())
+        assert "ghost (defense)" in left_out and ("entry point 'mad' of group mlsim.defenses (sim.defenses.basic:"
+                                                  "Rounding) clashes with the defense of that name (the built-in), "
+                                                  "which is kept") in left_out
     finally:
         monkeypatch.undo()
         registry.forget_plugins()

@@ -661,7 +661,10 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
                           f"extends: {base}.yaml for the file beside it")
     if _same_file(base, seen + (name_or_path,)):
         raise ConfigError(f"extends={base!r} makes a cycle: {' -> '.join(seen + (name_or_path, base))}")
-    parent = _read_yaml(base, seen + (name_or_path,))
+    try:
+        parent = _read_yaml(base, seen + (name_or_path,))
+    except ConfigError as exc:  # say which file's extends led there
+        raise ConfigError(f"extends={base!r} in {name_or_path!r}: {exc}") from None
     _drop_replaced_kinds(parent, raw)
     merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
     out = OmegaConf.to_container(merged)

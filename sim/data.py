@@ -186,11 +186,12 @@ def _torchvision(name: str, cls_name: str, num_classes: int, transpose: bool = F
         for train in (True, False):
             try:
                 ds = cls(base, train=train, download=download, **kwargs)
-            except RuntimeError as exc:
-                raise DataError(
-                    f"dataset {cls_name} not found under data.root={base!r} ({str(exc).splitlines()[0]}); "
-                    f"put torchvision's files there or set data.download=true where the internet is reachable"
-                ) from None
+            except (RuntimeError, OSError) as exc:  # not there; or, downloading, the internet not reachable
+                why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+                how = ("the download failed: is the internet reachable from here? Or put torchvision's files there"
+                       if download else "put torchvision's files there or set data.download=true where the internet "
+                                        "is reachable")
+                raise DataError(f"dataset {cls_name} not found under data.root={base!r} ({why}); {how}") from None
             x = np.asarray(ds.data)
             if x.ndim == 3:  # (N, H, W) grayscale
                 x = x[:, None].swapaxes(2, 3) if transpose else x[:, None]

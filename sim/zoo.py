@@ -249,7 +249,8 @@ def _checkpoint_victim(cfg: VictimConfig, ds: data.Dataset) -> Victim:
     model = models.load_checkpoint(str(path), arch, ds.input_shape, ds.num_classes)
     if cfg.preprocess is not None and len(cfg.preprocess.mean) not in (1, ds.input_shape[0]):
         raise ConfigError(f"victim.preprocess.mean has {len(cfg.preprocess.mean)} values but the images have "
-                          f"{ds.input_shape[0]} channels; expected 1 or {ds.input_shape[0]}")
+                          f"{ds.input_shape[0]} channels; expected "
+                          f"{'1' if ds.input_shape[0] == 1 else f'1 or {ds.input_shape[0]}'}")
     model = _preprocessed(model, cfg)
     digest = hashlib.sha1(path.read_bytes() + json.dumps(cfg.preprocess and cfg.preprocess.model_dump()).encode()
                           + fingerprint(ds).encode()).hexdigest()[:16]

@@ -126,6 +126,9 @@ def test_scenario_file_path_and_extends(tmp_path):
     path.write_text("extends: single_knockoff\nvictim:\n  epochs: 2\n")
     cfg = config.load(str(path))
     assert cfg.name == "mine" and cfg.victim.epochs == 2 and "single" in cfg.attackers
+    path.write_text(f"extends: {tmp_path / 'gone.yaml'}\n")  # the error names the file whose extends led there
+    with pytest.raises(ConfigError, match=rf"^extends='{tmp_path / 'gone.yaml'}' in '{path}': scenario="):
+        config.load(str(path))
 
 
 def test_extends_cycle_is_an_error(tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 from . import registry
 from .config import ScenarioConfig
 from .data import Dataset
+from .errors import ConfigError
 from .protocol import Account, make_keys
 
 
@@ -78,7 +79,10 @@ def make_plan(cfg: ScenarioConfig, ds: Dataset) -> Plan:
         budgets = split_evenly(att.budget, att.actors)
         shares = split_evenly(att.accounts, att.actors)
         ctx = _attack_context(cfg, aid, ds, budgets)
-        sources = registry.build("attack", att.attack, **att.params()).sources(ctx)
+        sources = list(registry.build("attack", att.attack, **att.params()).sources(ctx))
+        if len(sources) != len(budgets):  # an attack of the user's own that does not split itself as asked
+            raise ConfigError(f"attackers.{aid}.attack={att.attack!r} made {len(sources)} query source(s) for "
+                              f"{len(budgets)} actor(s); expected one per budget in ctx.budgets")
         held_out |= ctx.held_out
         first = 0
         for i, (share, source) in enumerate(zip(shares, sources)):

@@ -503,3 +503,17 @@ def test_a_detector_of_the_users_own_is_tried_before_it_is_deployed(on_path, kin
     with pytest.raises(ConfigError, match=rf"^detectors.mine.kind='mydets:{kind}'{message}" if message.startswith(r"\.")
                        else rf"^detectors.mine.kind='mydets:{kind}' {message}"):
         detection.setup(cfg, ctx)
+
+
+def test_an_attack_of_the_users_own_makes_one_query_source_per_actor(on_path):
+    from sim.plan import make_plan
+
+    (on_path / "shortattack.py").write_text(
+        "from actors.attacks.base import Attack, CollectingStream\nimport numpy as np\n\n\n"
+        "class OneSource(Attack):\n    def sources(self, ctx):\n"
+        "        return [CollectingStream(np.zeros((ctx.budgets[0], 1, 28, 28), np.uint8), np.arange(ctx.budgets[0]))]\n")
+    cfg = load("single_knockoff", ["attackers.single.attack=shortattack:OneSource", "attackers.single.actors=2",
+                                   "attackers.single.accounts=2"])
+    with pytest.raises(ConfigError, match=r"attackers.single.attack='shortattack:OneSource' made 1 query source\(s\) "
+                                          r"for 2 actor\(s\); expected one per budget in ctx.budgets"):
+        make_plan(cfg, data.load("mnist5k"))

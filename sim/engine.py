@@ -306,7 +306,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
     for aid in cfg.attackers:  # a replica architecture of the user's that does not fit the data: before any work
         if cfg.replica_arch(aid) is not None and not registry.is_builtin("model", cfg.replica_arch(aid)):
-            models.build(cfg.replica_arch(aid), ds.input_shape, ds.num_classes)
+            models.build(cfg.replica_arch(aid), ds.input_shape, ds.num_classes, f"attackers.{aid}.replica.arch")
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)

@@ -86,24 +86,24 @@ def check_name(field: str, name: str) -> None:
     registry.check_name("model", field, name)
 
 
-def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """A fresh model for images of ``input_shape`` (C, H, W)."""
-    check_name("arch", name)
+def build(name: str, input_shape: tuple[int, int, int], num_classes: int, field: str = "arch") -> nn.Module:
+    """A fresh model for images of ``input_shape`` (C, H, W); ``field``: the setting that named it, for errors."""
+    check_name(field, name)
     factory = registry.get("model", name)
     if not registry.is_builtin("model", name):  # the user's own: checked once it is made
         try:
             model = factory(tuple(input_shape), num_classes)
         except Exception as exc:  # noqa: BLE001 - the user's factory: whatever it raises, one line
-            raise ConfigError(f"arch {name!r} called with input shape {tuple(input_shape)} and {num_classes} classes "
-                              f"failed: {type(exc).__name__}: {exc}; expected a factory (input_shape, num_classes) "
-                              f"-> nn.Module") from None
+            raise ConfigError(f"{field}={name!r} called with input shape {tuple(input_shape)} and {num_classes} "
+                              f"classes failed: {type(exc).__name__}: {exc}; expected a factory (input_shape, "
+                              f"num_classes) -> nn.Module") from None
         if not isinstance(model, nn.Module):
-            raise ConfigError(f"arch {name!r} returned {type(model).__name__}; expected a torch.nn.Module")
-        check_output(model, input_shape, num_classes, f"arch {name!r}")
+            raise ConfigError(f"{field}={name!r} returned {type(model).__name__}; expected a torch.nn.Module")
+        check_output(model, input_shape, num_classes, f"{field}={name!r}")
         return model
     c, h, w = input_shape
     if h != w:
-        raise ConfigError(f"arch {name!r} needs square images, got input shape {input_shape}")
+        raise ConfigError(f"{field}={name!r} needs square images, got input shape {input_shape}")
     return factory(c, num_classes, h)
 
 

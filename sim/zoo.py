@@ -203,7 +203,7 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
         return _checkpoint_victim(cfg, ds)
     path = _folder(cache_dir) / f"{_stem(cfg.dataset, cfg.arch)}-{victim_key(cfg, seed, data_id=fingerprint(ds))}.pt"
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
-    model = _preprocessed(models.build(cfg.arch, ds.input_shape, ds.num_classes), cfg)
+    model = _preprocessed(models.build(cfg.arch, ds.input_shape, ds.num_classes, "victim.arch"), cfg)
 
     def train(model: nn.Module) -> dict:
         log.info("training victim %s on %s (%d epochs, %s, %s)", cfg.arch, cfg.dataset, cfg.epochs, cfg.training,
@@ -354,7 +354,7 @@ def get_misinformation_model(cfg: VictimConfig, data_cfg: DataConfig, seed: int,
     key = victim_key(float_standard, seed, kind="misinformation", data_id=fingerprint(ds))
     path = _folder(cache_dir) / f"{_stem(cfg.dataset, cfg.arch)}-misinformation-{key}.pt"
     torch.manual_seed(seed + 1)
-    model = models.build(cfg.arch, ds.input_shape, ds.num_classes)
+    model = models.build(cfg.arch, ds.input_shape, ds.num_classes, "victim.arch")
 
     def train(model: nn.Module) -> dict:
         log.info("training the misinformation model (%s on %s)", cfg.arch, cfg.dataset)

@@ -140,7 +140,7 @@ def test_a_plug_in_attacks_unknown_parameter_names_the_known_ones(installed):
 
 def test_a_model_factory_that_fails_or_returns_the_wrong_thing_is_one_line(on_path):
     (on_path / "badplug.py").write_text(BAD_MODULE)
-    with pytest.raises(ConfigError, match="arch 'badplug:not_a_model' returned str; expected a torch.nn.Module"):
+    with pytest.raises(ConfigError, match="arch='badplug:not_a_model' returned str; expected a torch.nn.Module"):
         models.build("badplug:not_a_model", (1, 28, 28), 10)
     with pytest.raises(ConfigError, match=r"maps 2 images of shape \(1, 28, 28\) to \(2, 11\); expected \(2, 10\)"):
         models.build("badplug:wrong_output", (1, 28, 28), 10)
@@ -510,8 +510,8 @@ def test_an_attack_of_the_users_own_makes_one_query_source_per_actor(on_path):
 
     (on_path / "shortattack.py").write_text(
         "from actors.attacks.base import Attack, CollectingStream\nimport numpy as np\n\n\n"
-        "class OneSource(Attack):\n    def sources(self, ctx):\n"
-        "        return [CollectingStream(np.zeros((ctx.budgets[0], 1, 28, 28), np.uint8), np.arange(ctx.budgets[0]))]\n")
+        "class OneSource(Attack):\n    def sources(self, ctx):\n        n = ctx.budgets[0]\n"
+        "        return [CollectingStream(np.zeros((n, 1, 28, 28), np.uint8), np.arange(n))]\n")
     cfg = load("single_knockoff", ["attackers.single.attack=shortattack:OneSource", "attackers.single.actors=2",
                                    "attackers.single.accounts=2"])
     with pytest.raises(ConfigError, match=r"attackers.single.attack='shortattack:OneSource' made 1 query source\(s\) "

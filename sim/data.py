@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, failed
 from .registry import register
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
@@ -274,8 +274,8 @@ def load(name: str, root: str | None = None, download: bool = False, image_size:
     except (DataError, ConfigError):
         raise
     except Exception as exc:  # noqa: BLE001 - the user's loader: whatever it raises, one line
-        raise DataError(f"dataset {name!r} called with no arguments failed: {type(exc).__name__}: {exc}; expected a "
-                        f"loader () -> sim.data.Dataset or a mapping with x_train, y_train, x_test, y_test") from None
+        raise failed(f"dataset {name!r} called with no arguments failed", exc, "a loader () -> sim.data.Dataset or a "
+                     "mapping with x_train, y_train, x_test, y_test", DataError) from None
     if isinstance(made, Dataset):
         return from_arrays(name, {"x_train": made.x_train, "y_train": made.y_train, "x_test": made.x_test,
                                   "y_test": made.y_test}, made.num_classes)

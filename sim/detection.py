@@ -17,7 +17,7 @@ import numpy as np
 
 from . import detectors, registry
 from .config import DetectorConfig, ScenarioConfig
-from .errors import ConfigError
+from .errors import ConfigError, failed
 from .summarize import DetectorInfo
 from .training import predict_probs
 
@@ -59,9 +59,8 @@ def _probe(where: str, kind, blob, params: dict, victim):
     try:
         out = probe.score("mlsim-probe", x, probs.argmax(1), probs)
     except Exception as exc:  # noqa: BLE001 - the user's detector: whatever it raises, one line
-        raise ConfigError(f"{where} fails to score 4 images: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}; expected score(key, inputs, labels, "
-                          f"probs) -> Detection") from None
+        raise failed(f"{where} fails to score 4 images", exc, "score(key, inputs, labels, probs) -> Detection") \
+            from None
     if not isinstance(out, detectors.Detection):
         raise ConfigError(f"{where}.score returned {type(out).__name__}; expected a sim.detectors.Detection")
     shapes = [np.shape(out.scores), np.shape(out.flags)]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .errors import ConfigError
+from .errors import ConfigError, failed
 from .registry import register
 
 
@@ -94,9 +94,8 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, field:
         try:
             model = factory(tuple(input_shape), num_classes)
         except Exception as exc:  # noqa: BLE001 - the user's factory: whatever it raises, one line
-            raise ConfigError(f"{field}={name!r} called with input shape {tuple(input_shape)} and {num_classes} "
-                              f"classes failed: {type(exc).__name__}: {exc}; expected a factory (input_shape, "
-                              f"num_classes) -> nn.Module") from None
+            raise failed(f"{field}={name!r} called with input shape {tuple(input_shape)} and {num_classes} classes "
+                         f"failed", exc, "a factory (input_shape, num_classes) -> nn.Module") from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"{field}={name!r} returned {type(model).__name__}; expected a torch.nn.Module")
         check_output(model, input_shape, num_classes, f"{field}={name!r}")

@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from .. import registry
-from ..errors import ConfigError
+from ..errors import ConfigError, failed
 from .base import Defense, Param
 
 
@@ -121,8 +121,8 @@ def check_outputs(defense: Defense, clean: np.ndarray, x: np.ndarray, field: str
     try:
         out = np.asarray(defense(clean.copy(), x), np.float64)
     except Exception as exc:  # noqa: BLE001 - the user's defense: whatever it raises, one line
-        raise ConfigError(f"{field} fails on the victim's answers of shape {clean.shape}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise failed(f"{field} fails on the victim's answers of shape {clean.shape}", exc,
+                     "_perturb(y, inputs) -> probabilities of y's shape") from None
     if out.shape != clean.shape:
         raise ConfigError(f"{field} returns shape {out.shape} for the victim's answers of shape {clean.shape}; "
                           f"expected the same shape")

@@ -229,7 +229,9 @@ def check_name(field: str, name: str) -> None:
     if scheme in SCHEMES:
         kind = os.path.isfile if scheme == "npz" else os.path.isdir
         if not path or not kind(os.path.expanduser(path)):
-            raise ConfigError(f"{field}={name!r}: no such {'file' if scheme == 'npz' else 'folder'} {path!r}; "
+            where = f" (looked for at {os.path.abspath(os.path.expanduser(path))!r})" if path and not os.path.isabs(
+                os.path.expanduser(path)) else ""
+            raise ConfigError(f"{field}={name!r}: no such {'file' if scheme == 'npz' else 'folder'} {path!r}{where}; "
                               f"expected {scheme}:PATH to an existing {'.npz file' if scheme == 'npz' else 'folder'}")
         return
     registry.check_name("dataset", field, name)

@@ -362,7 +362,8 @@ def format_summary(s: Summary) -> str:
         dp += f", {v.train_threads} torch threads"
     lines = [
         f"run {s.run_id}  ->  {s.run_dir}",
-        f"victim {v.arch} on {v.dataset} ({v.training} training{dp}): test accuracy {v.test_accuracy:.4f}"
+        f"victim {v.arch} on {v.dataset} ({f'{v.training} training' if v.source == 'zoo' else 'trained elsewhere'}"
+        f"{dp}): test accuracy {v.test_accuracy:.4f}"
         f"{' (trained now)' if v.trained_now else ' (cached)' if v.source == 'zoo' else f' (given: {v.checkpoint})'}"
         if v.source != "remote" else
         f"victim at {v.checkpoint} (remote): test accuracy {v.test_accuracy:.4f} on {v.dataset}'s test split, "

@@ -113,6 +113,7 @@ VALUE = 3
                                            "needs_arg() missing 1 required positional argument"),
     (["victim.dataset=npz:/no/such.npz"], "victim.dataset='npz:/no/such.npz': no such file '/no/such.npz'"),
     (["victim.dataset=folder:/no/such"], "victim.dataset='folder:/no/such': no such folder"),
+    (["victim.dataset=npz:rel/none.npz"], "no such file 'rel/none.npz' (looked for at '/"),  # where, relative to
 ])
 def test_each_plug_in_mistake_is_one_line_and_exit_status_2(on_path, capsys, args, message):
     (on_path / "badplug.py").write_text(BAD_MODULE)

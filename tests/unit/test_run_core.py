@@ -132,7 +132,7 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
     assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
-    given = s.model_copy(update={"victim": s.victim.model_copy(update={"source": "checkpoint"})})
+    given = s.model_copy(update={"victim": s.victim.model_copy(update={"source": "checkpoint", "trained_now": False})})
     assert f"victim lenet on mnist5k (trained elsewhere): test accuracy {s.victim.test_accuracy:.4f} (given: " in (
         summary.format_summary(given))
     assert "(standard training, 2 torch threads)" in summary.format_summary(

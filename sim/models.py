@@ -6,6 +6,7 @@ shape (N, C, H, W); a model that expects normalised inputs is wrapped in :class:
 from __future__ import annotations
 
 import io
+import re
 
 import torch
 from torch import nn
@@ -164,9 +165,11 @@ def load_checkpoint(path: str, arch: str | None, input_shape, num_classes: int) 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a file of the user's: whatever fails, say so in one line
-        raise ConfigError(f"victim.checkpoint={path!r} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]}); expected a state dict saved with torch.save, or a "
-                          f"TorchScript file (torch.jit.save)") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0] if str(exc) else "")  # torch's bold markers
+        if "Weights only load failed" in first:  # pickled objects, not just tensors
+            first = "it holds pickled objects, not only tensors: a whole model saved with torch.save(model)?"
+        raise ConfigError(f"victim.checkpoint={path!r} cannot be read ({type(exc).__name__}: {first}); expected a "
+                          f"state dict saved with torch.save, or a TorchScript file (torch.jit.save)") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -370,6 +370,11 @@ def test_a_state_dict_that_does_not_fit_the_architecture_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"victim.checkpoint='.*bad.pt' does not fit victim.arch='lenet': "
                                           r"Error\(s\) in loading state_dict"):
         get_victim(cfg.victim, cfg.data, cfg.seed, str(tmp_path))
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), tmp_path / "whole.pt")  # the module, pickled
+    with pytest.raises(ConfigError, match=r"cannot be read \(UnpicklingError: it holds pickled objects, not only "
+                                          r"tensors: a whole model saved with torch.save\(model\)\?\); expected a "
+                                          r"state dict"):
+        models.load_checkpoint(str(tmp_path / "whole.pt"), "lenet", (1, 28, 28), 10)
 
 
 def test_a_live_module_travels_pickled_and_keeps_its_weights():

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from sim.errors import ConfigError
+
 from .accounts import AccountSplitter
 
 
@@ -89,6 +91,10 @@ class Client:
             if pick.delay > 0:  # pacing
                 time.sleep(pick.delay)
             x = self.source.propose(pick.n)
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:  # an attack of the user's own
+                got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+                raise ConfigError(f"actor {self.actor_id}: its attack's propose({pick.n}) returned {got}; expected "
+                                  f"uint8 images (N, C, H, W)")
             reply = self._send(pick.key, x)
             if reply.status >= 400 and not len(reply.answered):
                 raise VictimRefused(self.actor_id, reply.status, reply.reason)

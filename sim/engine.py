@@ -572,6 +572,8 @@ def _query(plan: Plan, app: str | None, nodes: list[str], board, quiet: bool, ru
             log.warning("client actor %s died (%s); the run goes on without it", client.actor_id,
                         died[client.actor_id])
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, SimError):  # the user's mistake (an attack of their own): one line
+                raise SimError(str(exc.cause)) from None
             if not isinstance(exc.cause, VictimRefused):
                 raise
             refused.append(exc.cause)

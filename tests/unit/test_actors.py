@@ -362,3 +362,20 @@ def test_the_mad_code_replica_reports_the_epoch_of_best_test_accuracy_beside_the
     default = train_replica_task._function({**job, "cfg": ReplicaConfig(epochs=2)}, eval_set, None, None,
                                            (x, np.eye(10, dtype=np.float32)[y]))
     assert "best" not in default
+
+
+def test_a_client_refuses_what_an_attack_of_the_users_own_proposes_unless_it_is_uint8_images():
+    from actors.client import Client
+    from sim.errors import ConfigError
+
+    class FloatSource:
+        remaining = 8
+
+        def propose(self, n):
+            return np.zeros((n, 1, 28, 28), np.float32)
+
+    client = Client("a-actor0", FloatSource(), ["k"], "round_robin", 8, 8, seed=0,
+                    query=lambda *a: pytest.fail("nothing may be sent"), solve=None)
+    with pytest.raises(ConfigError, match=r"actor a-actor0: its attack's propose\(8\) returned float32 \(8, 1, 28, "
+                                          r"28\); expected uint8 images \(N, C, H, W\)"):
+        client.run()

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 from collections import Counter
@@ -79,6 +80,8 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
          f"run_dir={run_dir}", f"serve.port={port}", "serve.accounts=6", "victim.epochs=2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_ray_address(),
         start_new_session=True)
+    later: list[str] = []  # what serve mode prints once it serves
+    reader = None
     try:
         lines, deadline = [], time.time() + 240
         while time.time() < deadline:
@@ -94,6 +97,8 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
         all_keys = json.load(open(run_dir / "keys.json"))
         assert len(all_keys) == 6 and {k["role"] for k in all_keys} == {"external"}
         served_accuracy = float(re.search(r"test accuracy ([0-9.]+)", lines[0]).group(1))
+        reader = threading.Thread(target=lambda: later.extend(proc.stdout), daemon=True)
+        reader.start()
         remote = _attack_remotely(url, all_keys[3:], served_accuracy, cache_dir, tmp_path / "remote")
         keys = all_keys[:3]  # the rest of the test uses these
 
@@ -126,10 +131,16 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
                 refused += 1
                 time.sleep(0.3)
         assert refused
+        while not any(re.match(r"HTTP proxy on node \w+: HEALTHY", line) for line in later):  # it says it is back
+            assert time.time() < deadline, "serve mode did not say the proxy was back within 90 s"
+            time.sleep(0.3)
     finally:  # as systemd stops a service: SIGTERM to every process, Ray's included (they stop at once)
         os.killpg(proc.pid, signal.SIGTERM)
         stopping = time.monotonic()
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        if reader is not None:
+            reader.join(timeout=30)
+    out = "".join(later)
     assert proc.returncode == 0 and time.monotonic() - stopping < 30, out[-2000:]
     health = re.findall(r"^HTTP proxy on node \w+: (\w+)", out, re.M)
     assert len(health) >= 2 and health[0] != "HEALTHY" and health[-1] == "HEALTHY", out

@@ -282,7 +282,7 @@ def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
     if base is not None and classes != base.num_classes:
         raise ConfigError(f"the victim answers {classes} classes and victim.dataset={cfg.dataset!r} has "
                           f"{base.num_classes}; expected a model with {base.num_classes} outputs")
-    top = max(int(np.max(arrays[k])) for k in ("y_train", "y_test") if np.size(arrays[k]))
+    top = max((int(np.max(arrays[k])) for k in ("y_train", "y_test") if np.size(arrays[k])), default=-1)
     if top >= classes:
         raise ConfigError(f"{'test_set' if test_set is not None else 'train_set'} has label {top} but the victim "
                           f"answers {classes} classes; expected labels below {classes}")

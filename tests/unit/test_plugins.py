@@ -401,6 +401,9 @@ def test_a_live_victim_must_answer_its_datas_classes():
     test, train = (ds.x_test[:50], ds.y_test[:50] % 4), (ds.x_train[:200], ds.y_train[:200] % 4)
     four = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
     assert zoo.live_victim(four, cfg.victim, cfg.data, test_set=test, train_set=train).dataset.num_classes == 4
+    empty = (ds.x_test[:0], ds.y_test[:0])
+    with pytest.raises(DataError, match="has 0 training and 0 test images; expected some of each"):
+        zoo.live_victim(four, cfg.victim, cfg.data, test_set=empty, train_set=empty)
     with pytest.raises(ConfigError, match=r"test_set is a tuple of 3; expected \(images, labels\)"):
         zoo.live_victim(four, cfg.victim, cfg.data, test_set=(*test, 1), train_set=train)
     with pytest.raises(ConfigError, match="test_set has label 9 but the victim answers 4 classes"):

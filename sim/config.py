@@ -584,7 +584,8 @@ class ScenarioConfig(_Strict):
             return
         where = f"victim.checkpoint={path!r}"
         if not os.path.isfile(os.path.expanduser(path)):
-            raise ConfigError(f"{where}: no such file; expected a state dict (torch.save) or a TorchScript file")
+            what = "a directory" if os.path.isdir(os.path.expanduser(path)) else "no such file"
+            raise ConfigError(f"{where}: {what}; expected a state dict (torch.save) or a TorchScript file")
         v = self.victim
         for key, value, default in (("training", v.training, "standard"), ("quantization", v.quantization, "none")):
             if value != default:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,6 +360,9 @@ def from_arrays(name: str, arrays, num_classes: int | None = None) -> Dataset:
 
 def _npz(name: str) -> Dataset:
     path = _path(name)
+    if not zipfile.is_zipfile(path):  # np.load would take a text or .npy file for pickled data or one array
+        raise DataError(f"dataset {name!r} is not a .npz archive ({path} is not a zip file); expected a .npz file "
+                        f"(numpy.savez) with arrays {', '.join(ARRAYS)}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

@@ -69,8 +69,8 @@ def register(category: str, name: str | None = None) -> Callable:
             raise ValueError(f"{obj!r} has no name to register under")
         if key in _entries[category] and _entries[category][key] is not obj:
             raise ValueError(f"{category} {key!r} is registered twice")
-        if inspect.isclass(obj) and issubclass(obj, Component):
-            obj.name = key
+        if inspect.isclass(obj) and issubclass(obj, Component) and obj not in _entries[category].values():
+            obj.name = key  # (a built-in named by module:attr keeps its own name)
         _entries[category][key] = obj
         return obj
 

@@ -2,6 +2,7 @@
 victims from checkpoints, TorchScript files and live modules (docs/own-components.md)."""
 
 import importlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,27 @@ def test_each_plug_in_mistake_is_one_line_and_exit_status_2(on_path, capsys, arg
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("error: ")
     assert message is None or message in err, err
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, arg, message", [
+    (lambda d: (d / "notes.npz").write_text("x_train\n"), "victim.dataset=npz:{d}/notes.npz",
+     "is not a .npz archive ({d}/notes.npz is not a zip file); expected a .npz file"),
+    (lambda d: (d / "one.npz").write_bytes(_npy(np.zeros(3))), "victim.dataset=npz:{d}/one.npz",
+     "is not a .npz archive"),  # one array, as np.save writes it
+    (lambda d: (d / "ckpt").mkdir(), "victim.checkpoint={d}/ckpt", "victim.checkpoint='{d}/ckpt': a directory; "
+                                                                     "expected a state dict"),
+])
+def test_a_file_of_the_wrong_kind_is_named_for_what_it_is(tmp_path, capsys, make, arg, message):
+    make(tmp_path)
+    assert main(["scenario=single_knockoff", f"run_dir={tmp_path / 'run'}", arg.format(d=tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(d=tmp_path) in err, err
 
 
 def test_serve_mode_refuses_a_remote_victim_in_one_line(capsys):
@@ -526,3 +548,10 @@ def test_an_attack_of_the_users_own_makes_one_query_source_per_actor(on_path):
     with pytest.raises(ConfigError, match=r"attackers.single.attack='shortattack:OneSource' made 1 query source\(s\) "
                                           r"for 2 actor\(s\); expected one per budget in ctx.budgets"):
         make_plan(cfg, data.load("mnist5k"))
+
+
+def test_a_built_in_named_by_module_attr_keeps_its_own_name():
+    from sim.defenses.basic import Rounding
+
+    assert registry.get("defense", "sim.defenses.basic:Rounding") is Rounding
+    assert Rounding.name == "rounding" and registry.get("defense", "rounding") is Rounding

@@ -304,9 +304,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
         victim = zoo.live_victim(victim, cfg.victim, cfg.data, test_set, train_set)
     start = time.perf_counter()
     ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
-    for aid in cfg.attackers:  # a replica architecture of the user's that does not fit the data: before any work
-        if cfg.replica_arch(aid) is not None and not registry.is_builtin("model", cfg.replica_arch(aid)):
-            models.build(cfg.replica_arch(aid), ds.input_shape, ds.num_classes, f"attackers.{aid}.replica.arch")
+    check_architectures(cfg, ds, victim is None)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
@@ -334,6 +332,20 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
 
 class _VictimStopped(Exception):
     """The victim refused whole requests for a reason no client handles (its query log cannot be written)."""
+
+
+def check_architectures(cfg, ds, victim_trains: bool) -> None:
+    """Every architecture the run will build (the victim's when it trains here, each replica's) made once for the
+    data, so that one that does not fit it (too small images for VGG, a factory of the user's that fails) is an
+    error before any work rather than after the queries."""
+    fields = {f"attackers.{aid}.replica.arch": cfg.replica_arch(aid) for aid in cfg.attackers}
+    if victim_trains and cfg.victim.checkpoint is None and cfg.victim_arch() is not None:
+        fields = {"victim.arch": cfg.victim_arch(), **fields}
+    checked = set()
+    for field, arch in fields.items():
+        if arch is not None and arch not in checked:
+            models.build(arch, ds.input_shape, ds.num_classes, field)
+            checked.add(arch)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ class LeNet(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, size: int = 28):
         super().__init__()
         if size < 16:
-            raise ConfigError(f"arch 'lenet' needs images of at least 16x16, got {size}x{size}")
+            raise ConfigError(f"needs images of at least 16x16, got {size}x{size}")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -70,6 +70,8 @@ def vgg16_bn(in_channels: int, num_classes: int, size: int) -> nn.Module:
     """torchvision's VGG-16 with batch norm, without weights, adapted to 32x32 inputs (1x1 pooled features)."""
     from torchvision.models import vgg16_bn
 
+    if size < 32:
+        raise ConfigError(f"needs images of at least 32x32 (its five 2x2 poolings), got {size}x{size}")
     model = vgg16_bn(weights=None, num_classes=num_classes)
     model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
     model.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -104,7 +106,10 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, field:
     c, h, w = input_shape
     if h != w:
         raise ConfigError(f"{field}={name!r} needs square images, got input shape {input_shape}")
-    return factory(c, num_classes, h)
+    try:
+        return factory(c, num_classes, h)
+    except ConfigError as exc:  # a size it cannot take
+        raise ConfigError(f"{field}={name!r} {exc}") from None
 
 
 def check_output(model: nn.Module, input_shape, num_classes: int | None, what: str) -> None:

@@ -167,6 +167,11 @@ class JacobianAugmentation(Attack):
     def sources(self, ctx: AttackContext) -> list:
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         size = v["jacobian.seed_size"]
+        rounds = v["jacobian.variant"] == "mad_code" or v["jacobian.rounds"] > 0
+        if rounds and sum(ctx.budgets) <= size:  # the seeds alone would spend it: a natural-image attack in disguise
+            raise ConfigError(f"{ctx.owner}.budget={sum(ctx.budgets)} leaves no query for a Jacobian round after "
+                              f"the {size} seeds ({ctx.owner}.jacobian.seed_size); expected a budget above seed_size "
+                              f"(or jacobian.rounds=0 for the seeds alone)")
         if v["jacobian.variant"] == "mad_code":
             if v["jacobian.seed_pool"] is not None:
                 raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={v['jacobian.seed_pool']!r}: the MAD code draws "

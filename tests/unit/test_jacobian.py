@@ -350,3 +350,22 @@ def test_a_pool_that_is_not_a_dataset_names_the_setting_that_gave_it():
                                           r"known dataset"):
         make_plan(config.load("single_knockoff", ["attackers.single.attack=jbda",
                                                   "attackers.single.jacobian.seed_pool=digts"]), data.load("mnist5k"))
+
+
+@pytest.mark.parametrize("extra", [[], ["attackers.single.jacobian.variant=mad_code",
+                                        "attackers.single.jacobian.seed_size=150"]])
+def test_a_budget_the_seeds_would_spend_whole_is_refused_unless_no_round_is_asked(extra):
+    from sim import config, data
+    from sim.errors import ConfigError
+    from sim.plan import make_plan
+
+    ds = data.load("mnist5k")
+    base = ["attackers.single.attack=jbda", "attackers.single.budget=150", *extra]
+    with pytest.raises(ConfigError, match=r"attackers.single.budget=150 leaves no query for a Jacobian round after "
+                                          r"the 150 seeds \(attackers.single.jacobian.seed_size\); expected a budget "
+                                          r"above seed_size"):
+        make_plan(config.load("single_knockoff", base), ds)
+    if not extra:  # the seeds alone, asked for
+        (client,) = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.rounds=0"]),
+                              ds).of(attacker="single")
+        assert client.budget == 150

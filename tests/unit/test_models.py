@@ -25,3 +25,17 @@ def test_lenet_matches_the_mad_paper_layout():
 def test_unknown_architecture_lists_known():
     with pytest.raises(ValueError, match="arch='alexnet' is not a known architecture; expected one of: lenet"):
         models.build("alexnet", (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attackers.single.replica.arch=vgg16_bn"], "error: attackers.single.replica.arch='vgg16_bn' needs images of at "
+                                                 "least 32x32 (its five 2x2 poolings), got 28x28"),
+    (["victim.arch=vgg16_bn"], "error: victim.arch='vgg16_bn' needs images of at least 32x32"),
+])
+def test_an_architecture_too_big_for_the_images_is_refused_before_any_work(tmp_path, capsys, args, message):
+    from sim.cli import main
+
+    assert main(["scenario=single_knockoff", f"run_dir={tmp_path / 'run'}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing started

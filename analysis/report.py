@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sim import alerts, querylog, storage
+from sim.summary import action_text, params_text
 from sim.summary import read as read_summary
 
 from . import plots
@@ -86,7 +87,7 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                  "(the query log alone: it has no readable summary.json, so replicas and flags are not shown)."), ""]
     if summary:
         v, d = summary.victim, summary.defense
-        params = ", ".join(f"{k}={val}" for k, val in d.params.items())
+        params = params_text(d.params)
         quant = (f"; int8 ({v.quantization}), {v.size_bytes / 1e6:.2f} MB and {v.latency_ms:.1f} ms per "
                  f"{v.latency_batch} images against the float model's {_pct(v.float_test_accuracy)}%, "
                  f"{v.float_size_bytes / 1e6:.2f} MB, {v.float_latency_ms:.1f} ms" if v.quantization != "none" else "")
@@ -107,8 +108,8 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
             cal = dd.calibration
             thr = (f", threshold {cal['threshold']:.4g} (benign false-positive target {cal['target_fpr']})"
                    if cal else "")
-            lines.append(f"- **Detector `{name}`** ({dd.kind}, group by {dd.group}): flagged queries get "
-                         f"*{dd.action}*{thr}.")
+            group = f", group by {dd.group}" if dd.stateful else ""
+            lines.append(f"- **Detector `{name}`** ({dd.kind}{group}): flagged queries get *{action_text(dd)}*{thr}.")
         lines.append("")
     lines += ["## What the attackers got and what everyone paid", "",
               "Replica accuracy and fidelity are on the victim's test set (attack seeds left out). Proof-of-work "

@@ -443,8 +443,9 @@ class ScenarioConfig(_Strict):
     log: LogConfig = LogConfig()
     ray: RayConfig = RayConfig()
     robustness: RobustnessConfig = RobustnessConfig()
-    undefended_baseline: bool = Field(True, description="with a defense on, also train each attacker's replica on "
-                                                        "the clean answers to its queries, for comparison")
+    undefended_baseline: bool = Field(True, description="with a defense on (or a detector's action=perturb), also "
+                                                        "train each attacker's replica on the clean answers to its "
+                                                        "queries, for comparison")
 
     def replica_arch(self, aid: str) -> str:
         """The architecture of attacker ``aid``'s replica (and substitute, student): its own, or the victim's."""

@@ -420,7 +420,8 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
         transfers.update(_rebuild_from_log(plan, died, log_dir, ds.input_shape))
         progress["phase"] = "replica training"
         t0 = time.perf_counter()
-        baseline = cfg.undefended_baseline and not defenses.is_identity(cfg.defense.spec())
+        # a defense, or a response that perturbs flagged queries: what would the same queries have given undefended?
+        baseline = cfg.undefended_baseline and not all(map(defenses.is_identity, cfg.defense_specs().values()))
         table = querylog.read(log_dir, columns=[*log_columns(dets.detectors), *(["clean_probs"] if baseline else [])])
         replicas = _train_replicas(cfg, victim, plan, transfers, table if baseline else None, clean_test, board,
                                    quiet, on_replica_epoch)

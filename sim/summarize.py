@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import querylog
+from . import defenses, querylog
 from . import summary as S
 from .adversarial import robust_accuracy
 from .config import ScenarioConfig
@@ -176,8 +176,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                         quantization=cfg.victim.quantization, quant=_quant_settings(cfg.victim),
                         float_test_accuracy=v.float_test_accuracy and round(v.float_test_accuracy, 4),
                         **out.victim_measures),
-        defense=S.Defense(name=cfg.defense.name,
-                          params={k: val for k, val in cfg.defense.spec().items() if k != "name"},
+        defense=S.Defense(name=cfg.defense.name, params=defenses.resolved(cfg.defense.spec()),
                           **distortion(table).model_dump(exclude={"answered"}), **defended,
                           by_role={role: distortion(table.filter(pc.equal(table.column("role"), role)))
                                    for role in ("attacker", "benign")}),
@@ -195,7 +194,7 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
                           refused=c.result["refused"], seconds=round(c.result["seconds"], 2),
                           per_account=c.result["per_account"], failed=c.result.get("failed")) for c in plan.clients],
         ray=S.Ray(nodes=out.nodes, client_nodes=len({c.result["node_id"] for c in plan.clients} - {None})),
-        detection={name: _detector(info, cfg.detectors[name].action, flagged_by[name], role_of, report.get(name, {}))
+        detection={name: _detector(info, cfg.detectors[name], flagged_by[name], role_of, report.get(name, {}))
                    for name, info in out.detectors.items()},
         serve=out.serve, timings=out.timings, wall_seconds=out.wall_seconds,
     )
@@ -210,7 +209,16 @@ def _quant_settings(victim_cfg) -> dict | None:
     return out
 
 
-def _detector(info: DetectorInfo, action: str, flagged: set, role_of: dict, report: dict) -> S.Detector:
+def _response(dcfg) -> dict | None:
+    """The settings of what a detector's flag does: the perturbing defense (its defaults filled in), the puzzle."""
+    if dcfg.action == "perturb":
+        return {"name": dcfg.perturb.name, **defenses.resolved(dcfg.perturb.spec())}
+    if dcfg.action == "proof_of_work":
+        return dcfg.pow.model_dump()
+    return None
+
+
+def _detector(info: DetectorInfo, dcfg, flagged: set, role_of: dict, report: dict) -> S.Detector:
     """One detector's part of the summary: its settings, the accounts it flagged, AUROC/AUPR/FPR95 at query and
     account level over all attacks (per attack: ``python -m analysis RUN_DIR``)."""
     def quality(m: dict) -> S.Quality:
@@ -219,7 +227,8 @@ def _detector(info: DetectorInfo, action: str, flagged: set, role_of: dict, repo
         return S.Quality(error=m.get("error"))
 
     return S.Detector(
-        kind=info.kind, stateful=info.stateful, action=action, group=info.group, params=info.params,
+        kind=info.kind, stateful=info.stateful, action=dcfg.action, response=_response(dcfg), group=info.group,
+        params=info.params,
         threshold=info.threshold, calibration=info.calibration, flagged_accounts=len(flagged),
         flagged_attacker_accounts=sum(role_of.get(a) == "attacker" for a in flagged),
         flagged_benign_accounts=sum(role_of.get(a) == "benign" for a in flagged),

@@ -187,6 +187,7 @@ class Detector(_Part):
     kind: str
     stateful: bool  # flags keys for good (else single queries)
     action: str
+    response: dict[str, Any] | None = None  # the action's settings: perturb's defense spec, proof of work's bits
     group: str
     params: dict[str, Any]  # the parameters of its one-line description
     threshold: float | None = None  # the score at which it flags
@@ -349,12 +350,31 @@ def tier_line(tier: dict) -> str:
     return line
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """``k=v, …`` of a component's parameters; a chain's members as ``member: k=v, …; member: …``."""
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return "; ".join(f"{member}: {params_text(p)}" if p else member for member, p in params.items())
+    return ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in params.items()
+                     if val is not None)
+
+
+def action_text(det: "Detector") -> str:
+    """What a detector's flag does, with the settings of its response."""
+    r = det.response or {}
+    if det.action == "perturb" and r:
+        params = params_text({k: v for k, v in r.items() if k != "name"})
+        return f"perturb through {r.get('name')}{f' ({params})' if params else ''}"
+    if det.action == "proof_of_work" and r:
+        return f"proof_of_work of {r.get('bits_min')} to {r.get('bits_max')} bits"
+    return det.action
+
+
 def format_summary(s: Summary) -> str:
     """The summary as a small text table for the terminal."""
     w = max([14, *(len(a.id) + 2 for a in s.attackers)])  # the attacker column
     aw = max([10, *(len(a.attack) + 2 for a in s.attackers)])  # the attack column (a plug-in's name may be long)
     v, q, d = s.victim, s.queries, s.defense
-    params = ", ".join(f"{k}={val}" for k, val in d.params.items())
+    params = params_text(d.params)
     dp = f", DP-SGD epsilon {v.dp_epsilon:.2f}" if v.dp_epsilon is not None else ""
     if v.quantization != "none":
         dp += f", int8 {v.quantization}: float model {v.float_test_accuracy:.4f}"
@@ -414,8 +434,7 @@ def format_summary(s: Summary) -> str:
         lines.append("")
     for name, det in s.detection.items():
         shown = {**det.params, **({"threshold": det.calibration["threshold"]} if det.calibration else {})}
-        params = ", ".join(f"{k}={val:.4g}" if isinstance(val, float) else f"{k}={val}" for k, val in shown.items()
-                           if val is not None)
+        params = params_text(shown)
         ql, fq = det.query_level, det.flagged_queries
         quality = f"; query AUROC {ql.auroc:.3f}, FPR95 {ql.fpr95:.3f}" if ql.auroc is not None else ""
         if det.stateful:  # an account is flagged for good
@@ -427,7 +446,8 @@ def format_summary(s: Summary) -> str:
 
             flagged = (f"flagged {rate('attacker'):.1%} of attacker queries, {rate('benign'):.1%} of benign"
                        if fq else "flagged nothing")
-        lines.append(f"{name} ({params}; action={det.action}, group={det.group}): {flagged}{quality}")
+        group = f", group={det.group}" if det.stateful else ""  # a stateless detector keeps no history per key
+        lines.append(f"{name} ({params}; action={action_text(det)}{group}): {flagged}{quality}")
     if not s.detection:
         lines.append("no detectors")
     tier = s.serve and s.serve.tier

@@ -139,6 +139,14 @@ def check_spec(spec: dict[str, Any], field: str = "defense") -> None:
         get(name).resolve(params, owner=field if len(parts) == 1 else f"{field}.{name}")
 
 
+def resolved(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec's parameters with every default filled in (a chain: one mapping per member), without ``name``: what
+    a run records of its defense."""
+    parts = members(spec)
+    values = {name: get(name).resolve(params) for name, params in parts}
+    return values[parts[0][0]] if len(parts) == 1 else values
+
+
 def names_in(spec: dict[str, Any]) -> list[str]:
     """The defenses a spec names, in chain order."""
     return [name for name, _ in members(spec)]
@@ -150,4 +158,4 @@ def is_identity(spec: dict[str, Any]) -> bool:
 
 
 __all__ = ["Defense", "Param", "Chain", "names", "get", "build", "members", "from_spec", "prepare", "check_spec",
-           "is_identity", "names_in", "check_name"]
+           "resolved", "is_identity", "names_in", "check_name"]

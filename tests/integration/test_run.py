@@ -6,6 +6,7 @@ import yaml
 
 import analysis
 import sim
+from sim.summary import format_summary
 
 
 def test_distributed_knockoff_end_to_end(ray_serve, small_overrides, tmp_path):
@@ -72,3 +73,17 @@ def test_prada_refuse_action_shows_in_the_summary(ray_serve, small_overrides):
     assert s.queries.refused == single.refused
     assert s.queries.logged == s.queries.total == 160
     assert single.replica is not None  # trained on the answered part only
+
+
+def test_a_perturbing_response_gets_an_undefended_baseline_and_names_its_defense(ray_serve, small_overrides):
+    # no output defense for honest users, but flagged accounts' answers go through MAD: the replica's loss to it
+    # is only known beside the replica the same queries would have given undefended
+    overrides = small_overrides + ["detectors.prada.action=perturb", "detectors.prada.delta=1.0",
+                                   "detectors.prada.min_pool=10", "detectors.prada.perturb.eps=0.8", "benign.users=0"]
+    s = sim.run("single_knockoff", overrides, quiet=True)
+    single = s.attackers[0]
+    assert s.defense.name == "identity" and 0 < s.queries.perturbed < s.queries.answered
+    assert single.replica is not None and single.undefended is not None and single.replica.gradient_angle is not None
+    prada = s.detection["prada"]
+    assert prada.response["name"] == "mad" and prada.response["eps"] == 0.8 and prada.response["objective"] == "angle"
+    assert "action=perturb through mad (eps=0.8, norm=l1" in format_summary(s)

@@ -116,6 +116,7 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert k.queries == 96 and k.accounts_used == 1 and k.params["pool"] == "digits" and k.labels == "soft"
     assert k.replica == out.replicas["knockoff"] and k.undefended == out.replicas["knockoff:undefended"]
     assert s.defense.name == "mad" and s.defense.params["eps"] == 0.8
+    assert s.defense.params["objective"] == "angle" and s.defense.params["seed"] == 0  # defaults recorded too
     assert s.defense.test_l1_mean == pytest.approx(0.8, abs=0.02) and s.defense.by_role["benign"].answered == 64
     assert s.victim.defended_test_accuracy == out.defended["defended_test_accuracy"]
     assert s.evaluation.replica_test_images == 1000
@@ -130,6 +131,8 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     text = summary.format_summary(s)
     assert "knockoff      knockoff          1      1       96" in text
     assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
+    assert "model=victim; action=answer): flagged" in text  # and no group: it keeps no history per key
+    assert "defense mad (eps=0.8, norm=l1, jacobian=last_layer, seed=0, objective=angle): " in text
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
     assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
     given = s.model_copy(update={"victim": s.victim.model_copy(update={"source": "checkpoint", "trained_now": False})})
@@ -196,3 +199,15 @@ def test_every_shipped_scenario_can_make_its_plan_at_its_defaults(name):
     plan = make_plan(cfg, ds)
     for aid, att in cfg.attackers.items():
         assert sum(c.budget for c in plan.of(attacker=aid)) == att.budget
+
+
+def test_a_response_prints_with_its_settings_and_a_chain_by_member():
+    base = dict(kind="prada", stateful=True, group="account", params={}, flagged_accounts=0,
+                flagged_attacker_accounts=0, flagged_benign_accounts=0, attacker_accounts=1, benign_accounts=0)
+    perturb = summary.Detector(action="perturb", response={"name": "mad", "eps": 0.8, "seed": 0}, **base)
+    assert summary.action_text(perturb) == "perturb through mad (eps=0.8, seed=0)"
+    pow_ = summary.Detector(action="proof_of_work", response={"bits_min": 8, "bits_max": 16, "saturate": None}, **base)
+    assert summary.action_text(pow_) == "proof_of_work of 8 to 16 bits"
+    assert summary.action_text(summary.Detector(action="refuse", **base)) == "refuse"
+    chain = {"reverse_sigmoid": {"beta": 0.3, "gamma": 0.5}, "rounding": {"decimals": 1}}
+    assert summary.params_text(chain) == "reverse_sigmoid: beta=0.3, gamma=0.5; rounding: decimals=1"

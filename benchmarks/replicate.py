@@ -1023,9 +1023,14 @@ def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str
             claim = replace(claim, settings=f"{claim.settings}; a figure with ± is the mean and standard deviation "
                                             f"over seeds {', '.join(map(str, seeds))}")
         rows += build([claim], view)
-    mode = ("quick: a smoke test, not the figures. Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
+    mode = ("quick: a smoke test, not the figures (at these budgets some replicas barely learn, and a verdict is "
+            "not evidence). Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
             + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says"
             if result["quick"] else "full")
+    last = result.get("last_session")
+    if last:
+        mode += (f". The last session measured {last['cells']} cell{'s' if last['cells'] != 1 else ''} in "
+                 f"{last['seconds'] / 60:.0f} minutes ({last['date']})")
     preamble = [
         "# The papers' claims, measured here", "", f"Mode: {mode}.", "",
         f"Regenerate with `python benchmarks/replicate.py{' --quick' if result['quick'] else ''}`. Measured on "
@@ -1089,7 +1094,7 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
 
 def main() -> None:
     ap = OneLineParser(prog="python benchmarks/replicate.py", description=description(__doc__))
-    ap.add_argument("--quick", action="store_true", help="small budgets and training: minutes on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="small budgets and training: a smoke test (tens of minutes on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")
     ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")
@@ -1121,6 +1126,7 @@ def main() -> None:
                                 "replication-quick" if args.quick else "replication")
         from sim.errors import DataError
 
+        started, measured = time.perf_counter(), 0
         for i, (label, cell) in enumerate(todo.items(), 1):
             print(f"[{i}/{len(todo)}] {label}: python -m sim {'sweep' if cell.sweep else 'scenario'}={cell.scenario} "
                   f"{' '.join(cell.args(args.quick))}", file=sys.stderr, flush=True)
@@ -1137,6 +1143,9 @@ def main() -> None:
             except DataError as exc:  # a dataset this machine lacks (fashion_mnist): say so and go on
                 print(f"    skipped: {exc}", file=sys.stderr, flush=True)
                 continue
+            measured += 1
+            result["last_session"] = {"date": dt.date.today().isoformat(), "cells": measured,
+                                      "seconds": round(time.perf_counter() - started)}
             write(out, result)
         if (not args.only or "latency" in args.only or "heuristic-37x" in args.only) \
                 and (args.fresh or "latency" not in result):

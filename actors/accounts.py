@@ -69,6 +69,14 @@ class AccountSplitter:
         """Retire an account (churn: the victim refused it)."""
         self.burned.add(key)
 
+    def unsent(self, key: str, n: int) -> None:
+        """``n`` queries of the last pick for ``key`` were not sent (its source had fewer to propose, as a
+        Jacobian attack at the end of a round): they count toward neither the account's cap nor its block."""
+        self.used[key] -= n
+        self._sent -= n
+        if self.max_rate is not None:
+            self._free_at[key] -= n / self.max_rate
+
     def next(self, want: int) -> Pick | None:
         """The account, size and pacing delay of the next request of at most ``want`` queries; None when
         no account can send any more."""

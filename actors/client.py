@@ -39,6 +39,7 @@ class Client:
                  on_progress: Callable[[int], None] | None = None):
         self.actor_id = actor_id
         self.source = source
+        self.budget = budget
         self.splitter = AccountSplitter(keys, split, budget, seed, cap=cap, max_rate=max_rate, sizes=sizes)
         self.churn = churn
         self.batch_size = batch_size
@@ -95,6 +96,8 @@ class Client:
                 got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
                 raise ConfigError(f"actor {self.actor_id}: its attack's propose({pick.n}) returned {got}; expected "
                                   f"uint8 images (N, C, H, W)")
+            if len(x) < pick.n:  # the source had fewer to propose: the rest stays the account's to send
+                self.splitter.unsent(pick.key, pick.n - len(x))
             reply = self._send(pick.key, x)
             if reply.status >= 400 and not len(reply.answered):
                 raise VictimRefused(self.actor_id, reply.status, reply.reason)
@@ -119,7 +122,7 @@ class Client:
             "refused": refused,
             "per_account": dict(sent),
             "burned": sorted(account_of[k] for k in self.splitter.burned),
-            "unspent": self.source.remaining,
+            "unspent": self.budget - total,  # (an attack may stop early: its rounds done, nothing to step from)
             "seconds": time.perf_counter() - start,
             "stats": self.source.stats(),
             "pow": dict(self.pow),

@@ -1094,7 +1094,8 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
 
 def main() -> None:
     ap = OneLineParser(prog="python benchmarks/replicate.py", description=description(__doc__))
-    ap.add_argument("--quick", action="store_true", help="small budgets and training: a smoke test (tens of minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small budgets and training: a smoke test (tens of minutes on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")
     ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")

@@ -122,3 +122,11 @@ class CollectingStream(PoolStream):
 
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.collected.arrays()
+
+
+def sent_per_round(planned: list[int], sent: int) -> list[int]:
+    """Queries sent in each round, from the rounds' planned sizes: rounds run one after another, so only the last
+    can stop short (the accounts retired, or the client stopped)."""
+    out = [int(n) for n in planned]
+    out[-1] = int(sent) - sum(out[:-1])
+    return out

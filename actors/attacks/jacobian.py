@@ -23,7 +23,7 @@ from sim.errors import ConfigError
 from sim.registry import Param, register
 from sim.training import predict_probs, to_float, train_classifier
 
-from .base import Attack, AttackContext, TransferSet, load_pool
+from .base import Attack, AttackContext, TransferSet, load_pool, sent_per_round
 from .jacobian_mad_code import APPLIES, OPTIONAL, MadCodeJacobian
 
 VARIANTS = ("jbda", "jb_self", "jb_top3")
@@ -95,7 +95,7 @@ class JacobianAttack:
         return self.collected.arrays()
 
     def stats(self) -> dict:
-        return {"rounds": self.round, "queries_per_round": [int(n) for n in self.queries_per_round]}
+        return {"rounds": self.round, "queries_per_round": sent_per_round(self.queries_per_round, self._sent)}
 
     def substitute(self) -> torch.nn.Module:
         """A substitute trained from scratch on every answer so far."""
@@ -167,11 +167,6 @@ class JacobianAugmentation(Attack):
     def sources(self, ctx: AttackContext) -> list:
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         size = v["jacobian.seed_size"]
-        rounds = v["jacobian.variant"] == "mad_code" or v["jacobian.rounds"] > 0
-        if rounds and sum(ctx.budgets) <= size:  # the seeds alone would spend it: a natural-image attack in disguise
-            raise ConfigError(f"{ctx.owner}.budget={sum(ctx.budgets)} leaves no query for a Jacobian round after "
-                              f"the {size} seeds ({ctx.owner}.jacobian.seed_size); expected a budget above seed_size "
-                              f"(or jacobian.rounds=0 for the seeds alone)")
         if v["jacobian.variant"] == "mad_code":
             if v["jacobian.seed_pool"] is not None:
                 raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={v['jacobian.seed_pool']!r}: the MAD code draws "
@@ -192,6 +187,7 @@ class JacobianAugmentation(Attack):
                               f"{len(ds.x_test)} test images; expected at most {len(ds.x_test) // 2}")
         else:
             x, y = ds.x_test, ds.y_test
+        self._room_for_rounds(ctx)
         idx = np.random.default_rng(ctx.seed("seeds")).choice(len(x), size, replace=False)
         if not own:  # test images queried as seeds stay out of the replicas' evaluation
             ctx.held_out.update(idx.tolist())
@@ -200,6 +196,15 @@ class JacobianAugmentation(Attack):
                                tau=v["jacobian.tau"], substitute_epochs=v["jacobian.substitute_epochs"],
                                seed=ctx.seed("jacobian", i))
                 for i, b in enumerate(ctx.budgets)]
+
+    def _room_for_rounds(self, ctx: AttackContext) -> None:
+        """A budget the seeds alone would spend runs no Jacobian round: a natural-image attack in disguise."""
+        v, budget = self.values, sum(ctx.budgets)
+        rounds = v["jacobian.variant"] == "mad_code" or v["jacobian.rounds"] > 0
+        if rounds and budget <= v["jacobian.seed_size"]:
+            raise ConfigError(f"{ctx.owner}.budget={budget} leaves no query for a Jacobian round after the "
+                              f"{v['jacobian.seed_size']} seeds ({ctx.owner}.jacobian.seed_size); expected a budget "
+                              f"above seed_size (or jacobian.rounds=0 for the seeds alone)")
 
     def _seed_pool(self, ctx: AttackContext) -> tuple[np.ndarray, np.ndarray]:
         """The images and labels of ``jacobian.seed_pool``: the victim's image shape and classes (JBDA's seeds carry
@@ -232,6 +237,7 @@ class JacobianAugmentation(Attack):
         if size < actors or size > len(pool):
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size}; expected between actors={actors} and the "
                               f"{len(pool)} {split} images (jacobian.variant=mad_code draws seeds from them)")
+        self._room_for_rounds(ctx)
         idx = np.random.default_rng(ctx.seed("seeds")).choice(len(pool), size, replace=False)
         if split == "test":
             ctx.held_out.update(idx.tolist())

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from sim import models
 from sim.training import to_float, train_classifier
 
+from .base import sent_per_round
+
 MEAN, STD = 0.1307, 0.3081  # the MAD code's normalisation of MNIST-family images (knockoffnets datasets)
 PGD_STEPS, PGD_ALPHA = 8, 0.01
 QUIRKS = ("train_seeds", "normalised_step", "normalised_clamp", "away_from_label", "aliasing", "self_query",
@@ -166,7 +168,7 @@ class MadCodeJacobian:
 
     def stats(self) -> dict:
         x, _ = self.transfer_set()
-        return {"rounds": self.round, "queries_per_round": [int(n) for n in self.queries_per_round],
+        return {"rounds": self.round, "queries_per_round": sent_per_round(self.queries_per_round, self._sent),
                 "transfer_set": len(x), "distinct_images": int(len(np.unique(x.reshape(len(x), -1), axis=0)))}
 
     def _finish_round(self) -> None:

@@ -379,3 +379,11 @@ def test_a_client_refuses_what_an_attack_of_the_users_own_proposes_unless_it_is_
     with pytest.raises(ConfigError, match=r"actor a-actor0: its attack's propose\(8\) returned float32 \(8, 1, 28, "
                                           r"28\); expected uint8 images \(N, C, H, W\)"):
         client.run()
+
+
+def test_queries_a_source_did_not_propose_stay_the_accounts_to_send():
+    s = AccountSplitter(["a", "b"], "blocks", 8, 0)
+    pick = s.next(3)
+    assert (pick.key, pick.n) == ("a", 3)
+    s.unsent("a", 2)  # only one was proposed (a Jacobian round's end): a's block still holds 3
+    assert [(p.key, p.n) for p in (s.next(8), s.next(8))] == [("a", 3), ("b", 4)]

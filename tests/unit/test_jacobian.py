@@ -369,3 +369,24 @@ def test_a_budget_the_seeds_would_spend_whole_is_refused_unless_no_round_is_aske
         (client,) = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.rounds=0"]),
                               ds).of(attacker="single")
         assert client.budget == 150
+
+
+@pytest.mark.parametrize("cap, sent, rounds", [(None, 20, [5, 5, 10]),  # the rounds end before the budget
+                                               (12, 12, [5, 5, 2])])  # the account's cap ends the third round
+def test_the_client_reports_what_it_sent_per_round_and_the_budget_it_did_not_spend(victim, cap, sent, rounds):
+    from types import SimpleNamespace
+
+    from actors.client import Client
+
+    model, ds = victim
+    attack = JacobianAttack("jbda", ds.x_test[:5], ds.y_test[:5], 1_000, arch="lenet", num_classes=10,
+                            rounds=2, substitute_epochs=1)
+
+    def query(key, x, actor_id):
+        return SimpleNamespace(status=200, answered=np.ones(len(x), bool), challenge=None, account_id=key,
+                               reasons=[None] * len(x), probs=predict_probs(model, x), retry_after=None)
+
+    report = Client("a-actor0", attack, ["k"], "round_robin", 1_000, 4, seed=0, query=query, solve=None,
+                    cap=cap).run()
+    assert report["sent"] == sent and report["unspent"] == 1_000 - sent
+    assert report["stats"]["queries_per_round"] == rounds and sum(rounds) == sent

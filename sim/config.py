@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .limits import Limits
@@ -410,9 +410,24 @@ class LogConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="cluster address (or RAY_ADDRESS); none: a local Ray")
+    address: str | None = Field(None, description="cluster address (or RAY_ADDRESS): HOST:PORT, auto or "
+                                                  "ray://HOST:PORT; none: a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     object_store_mb: int = Field(512, ge=64, description="object store of the local Ray, MiB")
+
+    @field_validator("address")
+    @classmethod
+    def _an_address(cls, address):
+        if address is not None and not is_ray_address(address):
+            raise ValueError("must be a cluster address: HOST:PORT (ray start --head prints it), auto, or "
+                             "ray://HOST:PORT")
+        return address
+
+
+def is_ray_address(address: str) -> bool:
+    """HOST:PORT, ``auto``, ``local`` or ``ray://HOST:PORT``: what ray.init takes (not whether anything listens)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    return address in ("auto", "local") or bool(host and sep and port.isdigit() and 0 < int(port) < 65536)
 
 
 class RobustnessConfig(_Strict):

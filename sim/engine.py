@@ -50,15 +50,23 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> N
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb << 20, **_RAY_INIT)
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast on HOST:PORT that nothing listens on (ray.init would retry for minutes)."""
-    host, sep, port = address.rpartition(":")
-    if address in ("auto", "local") or address.startswith("ray://") or not sep or not port.isdigit():
+def check_ray_address(cfg: ScenarioConfig) -> None:
+    """Fail fast, before any work, on a cluster address (``ray.address`` or RAY_ADDRESS) that is not one or that
+    nothing listens on (ray.init would retry for minutes)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address or ray.is_initialized():
+        return
+    where = f"ray.address={address!r}" if cfg.ray.address else f"RAY_ADDRESS={address!r}"
+    if not config_mod.is_ray_address(address):
+        raise SimError(f"{where} is not a cluster address; expected HOST:PORT (ray start --head prints it), auto, "
+                       f"or ray://HOST:PORT")
+    host, _, port = address.rpartition(":")
+    if address in ("auto", "local") or address.startswith("ray://"):
         return
     try:
         socket.create_connection((host, int(port)), timeout=3).close()
     except OSError as exc:
-        raise SimError(f"ray.address={address!r}: cannot connect ({exc.strerror or exc}); expected a running "
+        raise SimError(f"{where}: cannot connect ({exc.strerror or exc}); expected a running "
                        f"cluster's HOST:PORT (ray start --head) or 'auto'") from None
 
 
@@ -90,11 +98,13 @@ def ray_session(cfg: ScenarioConfig):
     sigterm = signal.getsignal(signal.SIGTERM)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        _check_reachable(address)
+        check_ray_address(cfg)
         try:
             ray.init(address=address, **_RAY_INIT)
         except ConnectionError as exc:
-            raise SimError(f"ray.address={address!r}: no Ray cluster found ({str(exc).splitlines()[0]}); "
+            token = ("; a cluster with token authentication (Ray's default) answers only clients started with "
+                     "RAY_AUTH_MODE=token (docs/cluster.md)" if "RAY_AUTH_MODE" not in os.environ else "")
+            raise SimError(f"ray.address={address!r}: no Ray cluster found ({str(exc).splitlines()[0]}){token}; "
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
@@ -300,6 +310,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     until its first epoch ends)."""
     cfg = config_mod.load(scenario, overrides)
     devices.local(cfg.device)  # device=cuda where there is none: an error before any work
+    check_ray_address(cfg)  # and a cluster that is not there
     if victim is not None and not isinstance(victim, zoo.Victim):  # a live module (the Python API)
         victim = zoo.live_victim(victim, cfg.victim, cfg.data, test_set, train_set)
     start = time.perf_counter()

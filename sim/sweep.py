@@ -28,11 +28,15 @@ run directory under ``SWEEP_DIR/runs/<trial id>`` like any run; :mod:`analysis.s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.resources
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +110,7 @@ def load(name_or_path: str, overrides: list[str] | None = None, scenario: str | 
     ``space.LABEL=null`` drops a curve) and optionally another base scenario."""
     raw = _read(name_or_path)
     conf = OmegaConf.create(raw)
+    vary = {}  # vary.KEY: KEY is a dotted scenario key, one entry of vary (not a path into it)
     for item in overrides or []:
         key, _, text = item.partition("=")
         try:
@@ -113,11 +118,17 @@ def load(name_or_path: str, overrides: list[str] | None = None, scenario: str | 
         except yaml.YAMLError:
             raise ConfigError(f"{SWEEP_PREFIX}{key}={text!r} is not a value; expected a number, a word, "
                               f"[a, list] or {{a: mapping}}") from None
+        if key.startswith("vary."):
+            vary[key[len("vary."):]] = value
+            continue
         try:
             OmegaConf.update(conf, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override {SWEEP_PREFIX}{item}: {str(exc).splitlines()[0]}") from None
     raw = OmegaConf.to_container(conf)
+    if vary:  # KEY=null drops a key the file varies
+        given = raw.get("vary") if isinstance(raw.get("vary"), dict) else {}
+        raw["vary"] = {k: v for k, v in {**given, **vary}.items() if v is not None}
     if scenario:
         raw["scenario"] = scenario
     if isinstance(raw.get("space"), dict):
@@ -340,8 +351,11 @@ def epoch_reports(values: dict[str, dict[int, float]], epochs: dict[str, int], a
 # The driver
 
 def _latest(name: str) -> str | None:
+    """The latest sweep ``name`` under runs/sweeps whose trials started (one that stopped before has nothing to
+    continue)."""
     root = os.path.abspath(os.path.join("runs", "sweeps"))
-    found = [d for d in storage.listdir(root) if d.startswith(f"{name}-")]
+    found = [d for d in storage.listdir(root)
+             if d.startswith(f"{name}-") and os.path.isdir(os.path.join(root, d, "tune"))]
     return os.path.join(root, found[-1]) if found else None
 
 
@@ -420,6 +434,9 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
     cfg = load(name_or_path, own, scenario)
     base = base_config(cfg, rest)
     _tune_config(cfg, base)  # the scheduler's settings, checked before any training
+    from .engine import check_ray_address
+
+    check_ray_address(base)  # and where the trials will run
     sweep_dir = _sweep_dir(cfg, resume=False)
     try:
         if storage.exists(storage.join(sweep_dir, "sweep.yaml")):
@@ -432,7 +449,8 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
     except (OSError, pa.ArrowException) as exc:
         raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected "
                           f"a writable directory or a URI pyarrow knows (file://, s3://, gs://)") from None
-    return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet)
+    with _sigterm_stops_like_ctrl_c(name_or_path, sweep_dir):
+        return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet, given=name_or_path)
 
 
 def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | None, quiet: bool) -> dict:
@@ -456,11 +474,14 @@ def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | 
         raise ConfigError(f"{sweep_dir}/sweep.yaml is not a sweep this version can resume: "
                           f"{str(exc).splitlines()[0]}") from None
     base = config_mod.load(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "base.yaml"))))
-    return _execute(cfg, base, sweep_dir, restore=True, quiet=quiet)
+    with _sigterm_stops_like_ctrl_c(name_or_path, sweep_dir):
+        return _execute(cfg, base, sweep_dir, restore=True, quiet=quiet, given=name_or_path)
 
 
 def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, restore: bool,
-             quiet: bool) -> dict:
+             quiet: bool, given: str) -> dict:
+    """Run the sweep's trials in Tune (``restore``: continue them); ``given``: the sweep as the user named it (a
+    name or a file), for the command that continues it."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our one line per trial
     from ray import tune
 
@@ -530,7 +551,7 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     state["trials"] = statuses
     storage.write_text(state_path, json.dumps(state, indent=2))
     out = write_report(sweep_dir)
-    out.update(dir=sweep_dir, name=cfg.name, interrupted=interrupted, seconds=round(seconds, 1))
+    out.update(dir=sweep_dir, name=cfg.name, given=given, interrupted=interrupted, seconds=round(seconds, 1))
     return out
 
 
@@ -565,6 +586,45 @@ def format_result(out: dict) -> str:
     lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done, in {out['seconds']:.0f} s",
              f"table:  {out['parquet']} (and .csv)", f"plot:   {out['plot']}", f"report: {out['markdown']}"]
     if out["interrupted"]:
-        lines.append(f"interrupted: continue with python -m sim sweep={out['name']} {SWEEP_PREFIX}dir={out['dir']} "
-                     f"resume=true")
+        lines.append(f"interrupted: continue with {resume_command(out['given'], out['dir'])}")
     return "\n".join(lines)
+
+
+def resume_command(given: str, sweep_dir: str) -> str:
+    """The command that continues the sweep in ``sweep_dir``, started as ``sweep=given`` (a name or a file)."""
+    return f"python -m sim sweep={given} {SWEEP_PREFIX}dir={sweep_dir} resume=true"
+
+
+class _NotTunesResumeHint(logging.Filter):
+    """Tune's own hint after Ctrl-C (``Tuner.restore(…)``) is not how this tool continues a sweep: the CLI prints
+    the command that does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c(given: str, sweep_dir: str):
+    """SIGTERM (``timeout``, a batch scheduler, systemd) stops a sweep as Ctrl-C does: Tune stops the trials and
+    saves its state, and the report is written. Sent to the whole process group, it stopped Ray's processes too:
+    then nothing can be saved (Tune saved its state as trials finished), and the sweep says how to continue."""
+    from .engine import ray_stopped
+
+    def on_sigterm(signum, frame):
+        if ray_stopped():
+            print(f"\ninterrupted: SIGTERM stopped Ray's processes too; the trials that finished are kept. Continue "
+                  f"with {resume_command(given, sweep_dir)}", file=sys.stderr, flush=True)
+            os._exit(130)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    hint = _NotTunesResumeHint()
+    tune_log.addFilter(hint)
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(hint)
+        if main:
+            signal.signal(signal.SIGTERM, before)

@@ -47,12 +47,13 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     line = next(x for x in lines if x.startswith("[1/4]"))
     first = next(d for d in done if named(d, line))
     before = json.loads((sweep_dir / "runs" / first / "summary.json").read_text())
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves its state and stops
-    out = proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)  # as kill or a batch scheduler sends it: the sweep stops as on Ctrl-C (Tune
+    out = proc.stdout.read()          # saves its state and stops)
     proc.wait(timeout=300)
     reader.join(timeout=60)
     assert proc.returncode == 130, "".join(lines)[-3000:]
-    assert f"sweep.dir={sweep_dir} resume=true" in out
+    assert f"continue with python -m sim sweep=mad_eps sweep.dir={sweep_dir} resume=true" in out
+    assert not any("SIGTERM received" in x or "Tuner.restore" in x for x in lines), "".join(lines)[-3000:]
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert any(s["status"] == "unfinished" for s in state["trials"].values()) or len(state["trials"]) < 4
 

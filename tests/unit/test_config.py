@@ -278,12 +278,20 @@ def test_a_port_in_use_is_a_user_error():
             check_port(port)
 
 
-def test_an_unreachable_cluster_address_is_a_user_error():
-    from sim.engine import _check_reachable
+def test_an_unreachable_cluster_address_is_a_user_error(monkeypatch):
+    from sim.engine import check_ray_address
     from sim.serving import free_port
 
     with pytest.raises(SimError, match=r"ray.address='127.0.0.1:\d+': cannot connect"):
-        _check_reachable(f"127.0.0.1:{free_port()}")
+        check_ray_address(config.load("single_knockoff", [f"ray.address=127.0.0.1:{free_port()}"]))
+    for bad in ("nonsense", "localhost:abc", ":6379", "host:70000"):
+        with pytest.raises(ConfigError, match=rf"ray.address must be a cluster address: HOST:PORT .*, got '{bad}'"):
+            config.load("single_knockoff", [f"ray.address={bad}"])
+    monkeypatch.setenv("RAY_ADDRESS", "bad")
+    with pytest.raises(SimError, match=r"RAY_ADDRESS='bad' is not a cluster address; expected HOST:PORT"):
+        check_ray_address(config.load("single_knockoff"))
+    for good in ("auto", "ray://head:10001", "10.0.0.1:6379"):
+        assert config.load("single_knockoff", [f"ray.address={good}"]).ray.address == good
 
 
 def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):

@@ -124,6 +124,15 @@ def test_bad_vary_settings_are_one_line_errors_before_any_trial(vary, message):
     assert re.search(message, str(info.value)), str(info.value)
 
 
+def test_a_vary_key_given_on_its_own_is_one_dotted_key():
+    cfg = sweep.load("mad_eps", ["vary={victim.quantization: [none, ptq], serve.rate: [5]}",
+                                 "vary.victim.quantization=[none, qat]", "vary.attackers.knockoff.budget=[100, 200]",
+                                 "vary.serve.rate=null"])
+    assert cfg.vary == {"victim.quantization": ["none", "qat"], "attackers.knockoff.budget": [100, 200]}
+    with pytest.raises(ConfigError, match=r"sweep.vary.victim.quantization='int4': victim.quantization must be"):
+        sweep.base_config(sweep.load("mad_eps", ["vary.victim.quantization=int4"]), [])
+
+
 def test_a_sweep_needs_an_attacker(tmp_path):
     quiet = tmp_path / "quiet.yaml"
     quiet.write_text("benign: {users: 1}\n")
@@ -253,3 +262,16 @@ def test_results_table_keeps_a_parameter_that_is_a_word_in_one_curve_and_a_numbe
                                                    {"curve": "b", "param.x": "0.5", "param.y": None},
                                                    {"curve": "c", "param.x": None, "param.y": 2}]
     assert open(csv).read().splitlines()[0] == '"curve","param.x","param.y"'
+
+
+def test_resume_finds_the_latest_sweep_whose_trials_started_and_names_it_as_it_was_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, started in (("mad_eps-20261201-000000", True), ("mad_eps-20261202-000000", False)):
+        (tmp_path / "runs" / "sweeps" / name).mkdir(parents=True)
+        if started:
+            (tmp_path / "runs" / "sweeps" / name / "tune").mkdir()
+    assert sweep._latest("mad_eps") == str(tmp_path / "runs" / "sweeps" / "mad_eps-20261201-000000")
+    out = {"rows": [{"status": "done"}], "dir": "/s/d", "seconds": 3, "parquet": "p", "plot": "f", "markdown": "m",
+           "interrupted": True, "name": "small", "given": "my/small.yaml"}
+    assert sweep.format_result(out).endswith(
+        "interrupted: continue with python -m sim sweep=my/small.yaml sweep.dir=/s/d resume=true")

@@ -562,16 +562,21 @@ def _trial_dirname(t) -> str:
 
 def _tune_config(cfg: SweepConfig, base: config_mod.ScenarioConfig):
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from .plan import derive_seed
+
+    allowed = ["replica_accuracy_max", *[f"{aid}.replica_test_accuracy" for aid in base.attackers]]
+    if cfg.metric not in allowed:
+        raise ConfigError(f"{SWEEP_PREFIX}metric={cfg.metric!r} is not reported while replicas train; "
+                          f"expected one of: {', '.join(allowed)}")
+    # ranges and choices sampled from the scenario's seed: the same sweep samples the same settings
     kwargs = {"num_samples": cfg.num_samples, "max_concurrent_trials": cfg.max_concurrent,
-              "reuse_actors": True, "trial_dirname_creator": _trial_dirname}
+              "reuse_actors": True, "trial_dirname_creator": _trial_dirname,
+              "search_alg": BasicVariantGenerator(random_state=derive_seed(base.seed, "sweep"))}
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        allowed = ["replica_accuracy_max", *[f"{aid}.replica_test_accuracy" for aid in base.attackers]]
-        if cfg.metric not in allowed:
-            raise ConfigError(f"{SWEEP_PREFIX}metric={cfg.metric!r} is not reported while replicas train; "
-                              f"expected one of: {', '.join(allowed)}")
         epochs = max(a.replica.epochs for a in base.attackers.values())
         kwargs.update(metric=cfg.metric, mode=cfg.mode, scheduler=ASHAScheduler(
             time_attr="replica_epoch", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),

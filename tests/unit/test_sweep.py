@@ -275,3 +275,24 @@ def test_resume_finds_the_latest_sweep_whose_trials_started_and_names_it_as_it_w
            "interrupted": True, "name": "small", "given": "my/small.yaml"}
     assert sweep.format_result(out).endswith(
         "interrupted: continue with python -m sim sweep=my/small.yaml sweep.dir=/s/d resume=true")
+
+
+def test_a_sweep_samples_its_ranges_from_the_scenarios_seed():
+    from ray.tune.experiment import Experiment
+
+    def samples(seed: int) -> list[float]:
+        cfg = sweep.load("mad_eps", ["space={mad: {eps: {uniform: [0.2, 1.0]}}}", "num_samples=3"])
+        alg = sweep._tune_config(cfg, sweep.base_config(cfg, [f"seed={seed}"])).search_alg
+        alg.add_configurations([Experiment(name="x", run=lambda c: None, num_samples=3,
+                                           config=sweep.param_space(cfg.space, cfg.vary))])
+        return [t.config["trial"]["defense"]["eps"] for t in iter(alg.next_trial, None)]
+
+    first = samples(0)
+    assert len(set(first)) == 3 and all(0.2 <= e <= 1.0 for e in first)
+    assert samples(0) == first and samples(1) != first
+
+
+def test_a_metric_nothing_reports_is_refused_whatever_the_scheduler():
+    cfg = sweep.load("mad_eps", ["metric=accuracy"])
+    with pytest.raises(ConfigError, match=r"sweep.metric='accuracy' is not reported while replicas train"):
+        sweep._tune_config(cfg, sweep.base_config(cfg, []))

@@ -256,8 +256,9 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
         front = pareto([(r["test_l1_mean"], r[metric]) for r in scored])
         lines += ["", f"## Attacker `{a}`", "",
                   "Pareto front (least distortion for the lowest replica accuracy): "
-                  + ", ".join(f"{scored[i]['curve']} {_params(scored[i], params)} (L1 {scored[i]['test_l1_mean']:.3f}, "
-                              f"replica {scored[i][metric]:.3f})" for i in front) + ".", "",
+                  + ", ".join(" ".join(filter(None, (scored[i]["curve"], _params(scored[i], params))))
+                              + f" (L1 {scored[i]['test_l1_mean']:.3f}, replica {scored[i][metric]:.3f})"
+                              for i in front) + ".", "",
                   f"| curve | L1 distortion to push the replica below {target:.0%} |", "|---|---:|"]
         for curve in dict.fromkeys(r["curve"] for r in scored):
             need = distortion_to_reach([r for r in scored + stopped if r["curve"] == curve], metric, target)

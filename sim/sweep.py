@@ -102,6 +102,11 @@ def sweep_names() -> list[str]:
 def _read(name_or_path: str) -> dict:
     raw = config_mod.read_mapping(name_or_path, "sweep", _folder())
     raw.setdefault("name", Path(name_or_path).stem)
+    scenario = raw.get("scenario")
+    near = Path(name_or_path).parent / str(scenario)  # a sweep file's scenario file is looked for beside it first
+    if (isinstance(scenario, str) and scenario.endswith((".yaml", ".yml")) and not Path(scenario).is_absolute()
+            and near.exists()):
+        raw["scenario"] = os.path.normpath(near)
     return raw
 
 
@@ -444,7 +449,8 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
                               f"or resume=true to continue it")
         storage.makedirs(sweep_dir)
         storage.write_text(storage.join(sweep_dir, "sweep.yaml"),
-                           yaml.safe_dump({**cfg.model_dump(mode="json"), "dir": sweep_dir}, sort_keys=False))
+                           yaml.safe_dump({**cfg.model_dump(mode="json"), "overrides": [*cfg.overrides, *rest],
+                                           "dir": sweep_dir}, sort_keys=False))  # the command line's too
         storage.write_text(storage.join(sweep_dir, "base.yaml"), config_mod.to_yaml(base))
     except (OSError, pa.ArrowException) as exc:
         raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected "
@@ -551,7 +557,8 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     state["trials"] = statuses
     storage.write_text(state_path, json.dumps(state, indent=2))
     out = write_report(sweep_dir)
-    out.update(dir=sweep_dir, name=cfg.name, given=given, interrupted=interrupted, seconds=round(seconds, 1))
+    out.update(dir=sweep_dir, name=cfg.name, given=given, interrupted=interrupted, seconds=round(seconds, 1),
+               total=total)
     return out
 
 
@@ -588,7 +595,9 @@ def format_result(out: dict) -> str:
     """What the CLI prints when a sweep ends."""
     rows = out["rows"]
     done = sum(r["status"] == "done" for r in rows)
-    lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done, in {out['seconds']:.0f} s",
+    waiting = out.get("total", len(rows)) - len(rows)
+    lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done"
+             f"{f' ({waiting} more not started)' if waiting > 0 else ''}, in {out['seconds']:.0f} s",
              f"table:  {out['parquet']} (and .csv)", f"plot:   {out['plot']}", f"report: {out['markdown']}"]
     if out["interrupted"]:
         lines.append(f"interrupted: continue with {resume_command(out['given'], out['dir'])}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from analysis import sweep as asweep
 from sim import config, summary, sweep
@@ -272,7 +273,8 @@ def test_resume_finds_the_latest_sweep_whose_trials_started_and_names_it_as_it_w
             (tmp_path / "runs" / "sweeps" / name / "tune").mkdir()
     assert sweep._latest("mad_eps") == str(tmp_path / "runs" / "sweeps" / "mad_eps-20261201-000000")
     out = {"rows": [{"status": "done"}], "dir": "/s/d", "seconds": 3, "parquet": "p", "plot": "f", "markdown": "m",
-           "interrupted": True, "name": "small", "given": "my/small.yaml"}
+           "interrupted": True, "name": "small", "given": "my/small.yaml", "total": 6}
+    assert sweep.format_result(out).startswith("sweep -> /s/d: 1 trials, 1 done (5 more not started), in 3 s")
     assert sweep.format_result(out).endswith(
         "interrupted: continue with python -m sim sweep=my/small.yaml sweep.dir=/s/d resume=true")
 
@@ -296,3 +298,20 @@ def test_a_metric_nothing_reports_is_refused_whatever_the_scheduler():
     cfg = sweep.load("mad_eps", ["metric=accuracy"])
     with pytest.raises(ConfigError, match=r"sweep.metric='accuracy' is not reported while replicas train"):
         sweep._tune_config(cfg, sweep.base_config(cfg, []))
+
+
+def test_the_sweep_records_the_command_lines_scenario_overrides_with_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "_execute", lambda *args, **kwargs: {})  # no trial: what is written before them
+    sweep.run("mad_eps", [f"sweep.dir={tmp_path / 's'}", "attackers.knockoff.budget=200"])
+    written = yaml.safe_load((tmp_path / "s" / "sweep.yaml").read_text())
+    assert written["overrides"] == ["undefended_baseline=false", "attackers.knockoff.budget=200"]
+    assert "with `undefended_baseline=false`, `attackers.knockoff.budget=200`" in asweep._markdown(
+        written, [], [], 0.8, False, {})
+
+
+def test_a_sweep_files_scenario_file_is_looked_for_beside_it(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: single_knockoff\nattackers: {single: {budget: 200}}\n")
+    (tmp_path / "mine.yaml").write_text("scenario: base.yaml\nspace: {mad: {eps: [0.5]}}\n")
+    cfg = sweep.load(str(tmp_path / "mine.yaml"))
+    assert cfg.scenario == str(tmp_path / "base.yaml")
+    assert sweep.base_config(cfg, []).attackers["single"].budget == 200

@@ -235,7 +235,7 @@ def check_name(field: str, name: str) -> None:
             raise ConfigError(f"{field}={name!r}: no such {'file' if scheme == 'npz' else 'folder'} {path!r}{where}; "
                               f"expected {scheme}:PATH to an existing {'.npz file' if scheme == 'npz' else 'folder'}")
         return
-    registry.check_name("dataset", field, name)
+    registry.check_name("dataset", field, name, also=[f"{scheme}:PATH" for scheme in SCHEMES])
 
 
 def load_pool(spec: str, root: str | None = None, download: bool = False,

@@ -271,9 +271,9 @@ def builtins(category: str) -> dict[str, Any]:
     return {n: obj for n, obj in entries(category).items() if n not in _plugins[category]}
 
 
-def check_name(category: str, field: str, name: Any) -> None:
+def check_name(category: str, field: str, name: Any, also: list[str] = ()) -> None:
     """Known names pass; ``module:attr`` is loaded and registered under that name; anything else is a one-line
-    error naming the field, the name and the known ones."""
+    error naming the field, the name and the known ones (and ``also``: other forms the field takes)."""
     known = names(category)
     if name in known:
         return
@@ -284,7 +284,7 @@ def check_name(category: str, field: str, name: Any) -> None:
         _plugins[category][name] = name
         return
     raise ConfigError(f"{field}={name!r} is not a known {CATEGORIES[category][1]}; expected one of: "
-                      f"{', '.join(known)}, or module:attr of your own")
+                      f"{', '.join([*known, *also])}, or module:attr of your own")
 
 
 def get(category: str, name: str, field: str | None = None) -> Any:

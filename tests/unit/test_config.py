@@ -54,7 +54,9 @@ def test_an_added_attacker_whose_id_is_a_near_miss_is_pointed_out(caplog):
     ("detectors.prada.action=block",
      "detectors.prada.action must be 'answer', 'refuse', 'perturb' or 'proof_of_work', got 'block'"),
     ("victim.arch=alexnet", "victim.arch='alexnet' is not a known architecture; expected one of: lenet"),
-    ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset"),
+    ("attackers.single.pool=imagenet", "attackers.single.pool='imagenet' is not a known dataset; expected one of: "
+                                       "mnist5k, digits, glyphs"),
+    ("victim.dataset=mnsit", "cifar100, npz:PATH, folder:PATH, or module:attr of your own"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
     ("serve.shards=0", "serve.shards must be >= 1, got 0"),
     ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),

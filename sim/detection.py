@@ -78,7 +78,12 @@ def setup(cfg: ScenarioConfig, ctx) -> DetectorSetup:
     for name, dc in cfg.enabled_detectors().items():
         kind = detectors.get(dc.kind)
         params = dc.params()
-        blob = kind.prepare(params, ctx)
+        try:
+            blob = kind.prepare(params, ctx)
+        except ConfigError as exc:  # a setting that does not fit the data: named as the scenario names it
+            text = str(exc)
+            raise ConfigError(f"detectors.{name}.{text[len(dc.kind) + 1:]}" if text.startswith(f"{dc.kind}.")
+                              else text) from None
         if registry.is_builtin("detector", dc.kind):
             det = kind(models=blob, **params)
         else:  # the user's own: its constructor and score, tried on a few test images before it is deployed

@@ -339,6 +339,24 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     except _VictimStopped as exc:
         write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"], error=str(exc))
         raise RunFailed(progress["phase"], str(exc), cfg.run_dir, progress["logged"]) from None
+    except SimError:  # a mistake found before any query (a detector's setting that does not fit the data, …)
+        if progress["phase"] in _BEFORE_QUERIES:
+            _remove_stub(cfg.run_dir)  # nothing ran: leave no directory that holds only its config
+        raise
+
+
+_BEFORE_QUERIES = ("victim training", "detector training", "deploying the victim")
+
+
+def _remove_stub(run_dir: str) -> None:
+    """Delete what :func:`prepare_run_dir` wrote (config.yaml, and the folders if nothing else is in them)."""
+    try:
+        storage.remove(storage.join(run_dir, "config.yaml"))
+        for folder in (storage.join(run_dir, "queries"), run_dir):
+            if not storage.listdir(folder):
+                storage.remove_tree(folder)
+    except (OSError, pa.ArrowException):  # not worth more than the error being reported
+        pass
 
 
 class _VictimStopped(Exception):

@@ -61,3 +61,10 @@ def remove_tree(path_or_uri: str) -> None:
     fs, path = resolve(path_or_uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def remove(path_or_uri: str) -> None:
+    """Delete a file (nothing if it does not exist)."""
+    fs, path = resolve(path_or_uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)

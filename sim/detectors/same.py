@@ -218,6 +218,15 @@ class Same(StatelessDetector):
     presets = {"same": {"enabled": False}}
     MAE_KEYS = ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth", "mask_ratio")
 
+    @classmethod
+    def _check_params(cls, values: dict, owner: str) -> None:
+        if values["without"] and values["variant"] != "same_code":
+            raise ConfigError(f"{owner}.without={values['without']} turns off choices of the authors' code; "
+                              f"expected it only with {owner}.variant=same_code")
+        if values["dim"] % values["heads"] or values["decoder_dim"] % values["heads"]:
+            raise ConfigError(f"{owner}.dim={values['dim']} and {owner}.decoder_dim={values['decoder_dim']} must "
+                              f"be multiples of {owner}.heads={values['heads']}")
+
     def __init__(self, models: SameModels | bytes, **params):
         super().__init__(models, **params)
         self.models = SameModels.from_bytes(models) if isinstance(models, bytes) else models
@@ -241,9 +250,6 @@ class Same(StatelessDetector):
         """SAME's MAE and auxiliary model for this victim, trained on its training split (less the calibration
         slice) and cached beside it."""
         v = cls.resolve(params)
-        if v["without"] and v["variant"] != "same_code":
-            raise ConfigError(f"same.without={v['without']} turns off choices of the authors' code; expected it only "
-                              f"with same.variant=same_code")
         spec = {"victim": ctx.victim.cache_name, "mae": {k: v[k] for k in cls.MAE_KEYS},
                 **{k: v[k] for k in ("epochs", "aux_epochs", "batch_size", "lr")},
                 **({"variant": "same_code", "warmup": v["warmup"]} if v["variant"] == "same_code" else

@@ -552,3 +552,17 @@ def test_an_interrupted_runs_message_says_what_it_kept():
     assert str(Interrupted("deploying the victim", "runs/x", 0)) == (
         "interrupted during deploying the victim, before any query was logged; the run directory runs/x keeps a "
         "summary marked interrupted")
+
+
+def test_a_run_stopped_by_a_mistake_before_its_queries_leaves_no_directory_of_its_config_alone(tmp_path):
+    from sim.engine import _remove_stub, prepare_run_dir
+
+    stub = config.load("single_knockoff", [f"run_dir={tmp_path / 'stub'}"])
+    prepare_run_dir(stub)
+    _remove_stub(stub.run_dir)
+    assert not (tmp_path / "stub").exists()
+    kept = config.load("single_knockoff", [f"run_dir={tmp_path / 'kept'}"])
+    prepare_run_dir(kept)
+    (tmp_path / "kept" / "notes.txt").write_text("the user's")
+    _remove_stub(kept.run_dir)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]

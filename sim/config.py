@@ -776,12 +776,18 @@ def _warn_near_misses(before: list[str], attackers: Any) -> None:
     if not isinstance(attackers, dict):
         return
     for aid in attackers:
-        near = difflib.get_close_matches(str(aid), before, n=1, cutoff=0.8) if aid not in before else []
+        if aid in before:
+            continue
+        near = difflib.get_close_matches(str(aid), before, n=1, cutoff=0.8)
+        given = attackers[aid] if isinstance(attackers[aid], dict) else {}
+        attack = given.get("attack", AttackerConfig.model_fields["attack"].default)
         if near:
-            given = attackers[aid] if isinstance(attackers[aid], dict) else {}
-            attack = given.get("attack", AttackerConfig.model_fields["attack"].default)
             log.warning("attackers.%s is not an attacker of this scenario, so the override adds one (attack %s); "
                         "did you mean attackers.%s?", aid, attack, near[0])
+        elif "attack" not in given and before:  # added without naming its attack: likely another scenario's id
+            log.warning("attackers.%s is not an attacker of this scenario (its attackers: %s), so the override adds "
+                        "one with the default attack %s; name its attack (attackers.%s.attack=…) to add one on "
+                        "purpose", aid, ", ".join(before), attack, aid)
 
 
 def _kind_clash(raw: Any, extra, prefix: str = "") -> str:

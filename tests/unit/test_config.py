@@ -36,6 +36,11 @@ def test_an_added_attacker_whose_id_is_a_near_miss_is_pointed_out(caplog):
     with caplog.at_level("WARNING", logger="sim.config"):
         config.load("distributed_knockoff", ["attackers.extra.attack=jbda", "attackers.distributed.budget=100"])
     assert caplog.records == []  # a new id unlike the scenario's, and a known one: nothing to say
+    with caplog.at_level("WARNING", logger="sim.config"):
+        config.load("single_jbda", ["attackers.single.budget=100"])  # another scenario's id, no attack named
+    assert [r.getMessage() for r in caplog.records] == [
+        "attackers.single is not an attacker of this scenario (its attackers: jbda), so the override adds one with "
+        "the default attack knockoff; name its attack (attackers.single.attack=…) to add one on purpose"]
 
 
 @pytest.mark.parametrize("override,message", [

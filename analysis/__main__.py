@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"one grouping")
                 like, base = run_settings(run, args.replay, args.order)
                 settings = {**base, **params, **({"group": args.group} if args.group and "group" in base else {})}
+                _check_replay(args.replay, settings)  # before saying what it replays
                 print(f"{run}: replaying {args.replay} with "
                       + (f"the settings of the run's detector {like!r}" if like else "its default settings")
                       + (" and --param over them" if params else "") + f": {_brief(settings)}")
@@ -143,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_replay(kind: str, settings: dict) -> None:
+    """A one-line error for a detector kind that is not one, or settings it refuses (named as --param gave them)."""
+    from sim import detectors
+    from sim.errors import ConfigError, SimError
+
+    try:
+        detectors.get(kind, "--replay").resolve(settings)
+    except ConfigError as exc:
+        text = str(exc)
+        raise SimError(f"--param {text[len(kind) + 1:]}" if text.startswith(f"{kind}.") else text) from None
 
 
 if __name__ == "__main__":

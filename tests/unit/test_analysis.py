@@ -229,6 +229,12 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
             "skip_repeats=False, group=cohort") in capsys.readouterr().out
     assert cli([str(run), "--replay", "prada", "--group", "all", "--param", "group=cohort"]) == 2
     assert capsys.readouterr().err.startswith("error: --group all and --param group=cohort disagree")
+    for args, message in ((["--replay", "prada", "--param", "delta=1.5"], "--param delta must be a number in (0, 1], "
+                                                                          "got 1.5"),
+                          (["--replay", "nosuch"], "--replay='nosuch' is not a known detector")):
+        assert cli([str(run), *args]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith(f"error: {message}")  # nothing said of a replay that cannot run
     table = analysis.read_run(str(run))
     assert np.array_equal(analysis.replay(table, "prada", {"group": "cohort"})["flags"],
                           analysis.replay(table, "prada", {}, "cohort")["flags"])  # the parameter groups too

@@ -766,7 +766,23 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         if not isinstance(alias, dict):
             raise ConfigError(f"detector={alias!r} must be a mapping like detectors (detector.prada.action=…)")
         raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
-    return validate(raw)
+    cfg = validate(raw)
+    if overrides and not isinstance(overrides, dict):
+        _warn_off_detectors(cfg, overrides)
+    return cfg
+
+
+def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str]) -> None:
+    """An override that sets a detector which stays off (``detectors.same.action=refuse`` without ``enabled=true``:
+    SAME, MSP and linking are off by default) changes nothing: say so."""
+    for item in overrides:
+        key = item.partition("=")[0]
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] in ("detectors", "detector") and parts[2] not in ("enabled", "kind"):
+            det = cfg.detectors.get(parts[1])
+            if det is not None and not det.enabled:
+                log.warning("%s has no effect: detectors.%s is off (detectors.%s.enabled=true turns it on)", item,
+                            parts[1], parts[1])
 
 
 def _warn_near_misses(before: list[str], attackers: Any) -> None:

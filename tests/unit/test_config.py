@@ -43,6 +43,14 @@ def test_an_added_attacker_whose_id_is_a_near_miss_is_pointed_out(caplog):
         "the default attack knockoff; name its attack (attackers.single.attack=…) to add one on purpose"]
 
 
+def test_setting_a_detector_that_stays_off_is_pointed_out(caplog):
+    with caplog.at_level("WARNING", logger="sim.config"):
+        config.load("single_knockoff", ["detectors.same.action=refuse", "detectors.msp.enabled=true",
+                                        "detectors.msp.action=refuse", "detectors.prada.enabled=false"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "detectors.same.action=refuse has no effect: detectors.same is off (detectors.same.enabled=true turns it on)"]
+
+
 @pytest.mark.parametrize("override,message", [
     ("victim.epoch=3", "unknown key 'victim.epoch'; known keys here: name, dataset, arch, checkpoint, preprocess, url, "
                        "key_file, client, epochs"),

@@ -382,20 +382,28 @@ def _progress_callback(total: int):
     from ray.tune import Callback
 
     class Progress(Callback):
-        def _line(self, trials, trial, what: str) -> None:
-            # counted from Tune's own trial states: right after a restore too
-            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-            r, t = trial.last_result or {}, trial.config["trial"]
+        @staticmethod
+        def _label(trial) -> str:
+            t = trial.config["trial"]
             shown = {**{k: v for k, v in t["defense"].items() if k != "name"}, **(trial.config.get("vary") or {})}
             params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in shown.items()) or t["defense"]["name"]
+            return f"{t['curve']} ({params})"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"started {self._label(trial)}", file=sys.stderr, flush=True)
+
+        def _line(self, trials, trial, what: str) -> None:
+            # counted from Tune's own trial states: right after a restore too
+            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+            r = trial.last_result or {}
             nums = "no result"
             if r.get("replica_accuracy_max") is not None:
                 nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
                         f"{r['replica_accuracy_max']:.3f}")
                 if "run_dir" not in r:  # stopped before its replicas finished
                     nums += f" at epoch {r['replica_epoch']}"
-            print(f"[{done}/{total}] {t['curve']} ({params}): {what}; {nums}", file=sys.stderr, flush=True)
+            print(f"[{done}/{total}] {self._label(trial)}: {what}; {nums}", file=sys.stderr, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trials, trial, "done" if "run_dir" in (trial.last_result or {}) else "stopped early")

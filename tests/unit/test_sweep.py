@@ -315,3 +315,18 @@ def test_a_sweep_files_scenario_file_is_looked_for_beside_it(tmp_path):
     cfg = sweep.load(str(tmp_path / "mine.yaml"))
     assert cfg.scenario == str(tmp_path / "base.yaml")
     assert sweep.base_config(cfg, []).attackers["single"].budget == 200
+
+
+def test_the_sweep_says_when_each_trial_starts_and_ends(capsys):
+    from types import SimpleNamespace
+
+    progress = sweep._progress_callback(2)
+    trial = SimpleNamespace(config={"trial": {"curve": "mad", "defense": {"name": "mad", "eps": 0.5}},
+                                    "vary": {"serve.rate": 5}}, status="RUNNING", last_result={})
+    progress.on_trial_start(0, [trial], trial)
+    trial.last_result = {"replica_accuracy_max": 0.5, "defended_test_accuracy": 0.9, "test_l1_mean": 0.4,
+                         "run_dir": "r"}
+    progress.on_trial_complete(1, [trial], trial)
+    assert capsys.readouterr().err.splitlines() == [
+        "started mad (eps=0.5, serve.rate=5)",
+        "[1/2] mad (eps=0.5, serve.rate=5): done; defended acc 0.900, L1 0.400, replica 0.500"]

@@ -637,7 +637,9 @@ def _sigterm_stops_like_ctrl_c(given: str, sweep_dir: str):
             print(f"\ninterrupted: SIGTERM stopped Ray's processes too; the trials that finished are kept. Continue "
                   f"with {resume_command(given, sweep_dir)}", file=sys.stderr, flush=True)
             os._exit(130)
-        os.kill(os.getpid(), signal.SIGINT)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: before Tune runs
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)  # to Tune's own handler while it runs (else Python's)
 
     tune_log = logging.getLogger("ray.tune.tune")
     hint = _NotTunesResumeHint()

@@ -585,10 +585,11 @@ def _tune_config(cfg: SweepConfig, base: config_mod.ScenarioConfig):
     if cfg.metric not in allowed:
         raise ConfigError(f"{SWEEP_PREFIX}metric={cfg.metric!r} is not reported while replicas train; "
                           f"expected one of: {', '.join(allowed)}")
-    # ranges and choices sampled from the scenario's seed: the same sweep samples the same settings
-    kwargs = {"num_samples": cfg.num_samples, "max_concurrent_trials": cfg.max_concurrent,
-              "reuse_actors": True, "trial_dirname_creator": _trial_dirname,
-              "search_alg": BasicVariantGenerator(random_state=derive_seed(base.seed, "sweep"))}
+    # ranges and choices sampled from the scenario's seed: the same sweep samples the same settings (the generator
+    # holds the trials at once to max_concurrent: Tune ignores max_concurrent_trials beside a generator of one's own)
+    kwargs = {"num_samples": cfg.num_samples, "reuse_actors": True, "trial_dirname_creator": _trial_dirname,
+              "search_alg": BasicVariantGenerator(random_state=derive_seed(base.seed, "sweep"),
+                                                  max_concurrent=cfg.max_concurrent)}
     if cfg.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 

@@ -22,7 +22,8 @@ def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache
     ], quiet=True)
     v, d = s.victim, s.defense
     eps = d.params["eps"]
-    assert d.name == "mad" and d.params == {"eps": eps, "norm": "l1", "jacobian": "last_layer"}
+    assert d.name == "mad" and d.params == {"eps": eps, "norm": "l1", "jacobian": "last_layer", "seed": 0,
+                                            "objective": "angle"}  # the defaults recorded too
     assert v.test_accuracy - v.defended_test_accuracy < 0.02  # honest users barely notice
     soft, hard = s.attacker("knockoff"), s.attacker("label_only")
     assert soft.labels == "soft" and soft.undefended.test_accuracy > 0.5

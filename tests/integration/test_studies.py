@@ -42,6 +42,7 @@ def test_adversarial_victim_reports_robust_accuracy_of_victim_and_replicas(ray_s
         "victim.adversarial.step=0.05", "benign.users=1", "benign.queries=40", "robustness.samples=100",
         "attackers.jbda.jacobian.substitute_epochs=1", "attackers.jbda_500.jacobian.substitute_epochs=1",
         "attackers.jbda.jacobian.rounds=1", "attackers.jbda_500.jacobian.rounds=1",
+        "attackers.jbda.jacobian.seed_size=32", "attackers.jbda_500.jacobian.seed_size=32",  # a round within 128
         *_tiny(["knockoff", "knockoff_500", "jbda", "jbda_500"], 128, epochs=1)], quiet=True)
     assert s.victim.training == "adversarial" and s.victim.adversarial["eps"] == 0.1
     assert 0 <= s.victim.robust_accuracy <= s.victim.test_accuracy

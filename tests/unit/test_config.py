@@ -294,8 +294,11 @@ def test_a_port_in_use_is_a_user_error():
 
 
 def test_an_unreachable_cluster_address_is_a_user_error(monkeypatch):
+    from sim import engine
     from sim.engine import check_ray_address
     from sim.serving import free_port
+
+    monkeypatch.setattr(engine.ray, "is_initialized", lambda: False)  # (a Ray of the integration tests: not used)
 
     with pytest.raises(SimError, match=r"ray.address='127.0.0.1:\d+': cannot connect"):
         check_ray_address(config.load("single_knockoff", [f"ray.address=127.0.0.1:{free_port()}"]))

@@ -283,7 +283,7 @@ def test_a_sweep_samples_its_ranges_from_the_scenarios_seed():
     from ray.tune.experiment import Experiment
 
     def samples(seed: int) -> list[float]:
-        cfg = sweep.load("mad_eps", ["space={mad: {eps: {uniform: [0.2, 1.0]}}}", "num_samples=3"])
+        cfg = sweep.load("mad_eps", ["space={mad: {eps: {uniform: [0.2, 1.0]}}}", "num_samples=3", "max_concurrent=3"])
         alg = sweep._tune_config(cfg, sweep.base_config(cfg, [f"seed={seed}"])).search_alg
         alg.add_configurations([Experiment(name="x", run=lambda c: None, num_samples=3,
                                            config=sweep.param_space(cfg.space, cfg.vary))])
@@ -330,3 +330,15 @@ def test_the_sweep_says_when_each_trial_starts_and_ends(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "started mad (eps=0.5, serve.rate=5)",
         "[1/2] mad (eps=0.5, serve.rate=5): done; defended acc 0.900, L1 0.400, replica 0.500"]
+
+
+def test_the_search_holds_the_trials_at_once_to_max_concurrent():
+    from ray.tune.experiment import Experiment
+
+    cfg = sweep.load("mad_eps", ["space={mad: {eps: [0.2, 0.4, 0.6, 0.8]}}", "max_concurrent=2"])
+    alg = sweep._tune_config(cfg, sweep.base_config(cfg, [])).search_alg
+    alg.add_configurations([Experiment(name="x", run=lambda c: None, config=sweep.param_space(cfg.space, cfg.vary))])
+    first = [alg.next_trial() for _ in range(3)]
+    assert first[0] is not None and first[1] is not None and first[2] is None  # two running: the third waits
+    alg.on_trial_complete(first[0].trial_id)
+    assert alg.next_trial() is not None

@@ -100,8 +100,10 @@ def test_sigterm_to_the_whole_process_group_stops_ray_too_and_the_run_still_keep
     SIGINT only) stop at once, so the run cleans up what needs no Ray: it compacts the streams the replicas wrote
     and marks its summary, in seconds (not after Ray's minute of trying to reach its GCS)."""
     run_dir = tmp_path / "group"
-    status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}"], r"querying: +\d*[1-9]",
-                                      term="group")
+    # a rate limit keeps the queries going for seconds (unpaced, 480 can be done between two progress updates),
+    # and the signal goes once the bar shows 1 to 99%
+    status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}", "serve.rate=40"],
+                                      r"querying: +[1-9]\d?%", term="group")
     assert status == 130 and "interrupted during querying" in out and seconds < 30, out[-2000:]
     assert _check_interrupted(run_dir, "querying").num_rows > 0
 

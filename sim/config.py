@@ -661,6 +661,15 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
     return raw
 
 
+def beside(file: str, ref: str) -> str:
+    """``ref``, a .yaml path that ``file`` names, looked for beside ``file`` first (a file's ``extends``, a sweep
+    file's ``scenario``); else as given (a name, or a path from the current directory)."""
+    near = Path(file).parent / ref
+    if ref.endswith((".yaml", ".yml")) and not Path(ref).is_absolute() and near.exists():
+        return os.path.normpath(near)
+    return ref
+
+
 def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     raw = read_mapping(name_or_path, "scenario", importlib.resources.files("scenarios"))
     base = raw.pop("extends", None)
@@ -670,9 +679,9 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"extends={base!r} in {name_or_path!r} is not a scenario; expected a scenario name or "
                           f"the path of a .yaml file")
-    near = Path(name_or_path).parent / base  # a file's base is looked for beside it first
-    if base.endswith((".yaml", ".yml")) and not Path(base).is_absolute() and near.exists():
-        base = os.path.normpath(near)
+    near, found = Path(name_or_path).parent / base, beside(name_or_path, base)
+    if found != base:
+        base = found
     elif base not in scenario_names() and near.with_name(f"{near.name}.yaml").exists():
         raise ConfigError(f"extends={base!r} in {name_or_path!r} is not a shipped scenario; expected "
                           f"extends: {base}.yaml for the file beside it")

@@ -102,11 +102,8 @@ def sweep_names() -> list[str]:
 def _read(name_or_path: str) -> dict:
     raw = config_mod.read_mapping(name_or_path, "sweep", _folder())
     raw.setdefault("name", Path(name_or_path).stem)
-    scenario = raw.get("scenario")
-    near = Path(name_or_path).parent / str(scenario)  # a sweep file's scenario file is looked for beside it first
-    if (isinstance(scenario, str) and scenario.endswith((".yaml", ".yml")) and not Path(scenario).is_absolute()
-            and near.exists()):
-        raw["scenario"] = os.path.normpath(near)
+    if isinstance(raw.get("scenario"), str):
+        raw["scenario"] = config_mod.beside(name_or_path, raw["scenario"])
     return raw
 
 

@@ -213,6 +213,17 @@ class ReplicaConfig(_Strict):
                                "rate x0.1 every 30 epochs, batch 64 (in place of lr, optimizer, batch_size); the "
                                "summary also reports the epoch of best test accuracy, which the code keeps")
 
+    @model_validator(mode="after")
+    def _inert_under_mad_code(self):
+        if self.variant == "mad_code":
+            for name in ("lr", "optimizer", "batch_size"):
+                value, default = getattr(self, name), type(self).model_fields[name].default
+                if value != default:
+                    raise ValueError(f"{name}={value} has no effect unless variant=default (mad_code trains as the "
+                                     f"MAD code does); expected variant=default, or {name} left at its default "
+                                     f"({default})")
+        return self
+
 
 class AttackerConfig(BaseModel):
     """One attacker: its attack, budget, accounts and actors, replica training, and the attack's own parameters

@@ -423,8 +423,21 @@ class Component(ABC):
     def resolve(cls, params: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
         """Every parameter's value: the defaults with ``params`` checked over them, relations checked too."""
         values = {**cls.defaults(), **cls.check_params(params, owner)}
-        cls._check_params(values, owner or cls.name)
+        owner = owner or cls.name
+        for name, needs in cls._inert(values).items():
+            default = cls.params[name].default
+            if values[name] != default:
+                raise ConfigError(f"{owner}.{name}={values[name]} has no effect unless {owner}.{needs}; expected "
+                                  f"{owner}.{needs}, or {name} left at its default ({default})")
+        cls._check_params(values, owner)
         return values
+
+    @classmethod
+    def _inert(cls, values: dict[str, Any]) -> dict[str, str]:
+        """The parameters that the other values leave without effect: name -> the setting they need
+        (``{"alpha": "variant=same_code"}``). :meth:`resolve` refuses one set to other than its default, which
+        would otherwise be ignored without a word."""
+        return {}
 
     @classmethod
     def _check_params(cls, values: dict[str, Any], owner: str) -> None:

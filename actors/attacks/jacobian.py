@@ -151,7 +151,7 @@ class JacobianAugmentation(Attack):
         "jacobian.seed_size": Param(150, int, low=1, help="seed images from the victim's test split (never trained "
                                                           "on)"),
         "jacobian.lam": Param(0.1, low=0, high=1, low_open=True, help="step size of the Jacobian augmentation"),
-        "jacobian.rounds": Param(6, int, low=0, help="augmentation rounds"),
+        "jacobian.rounds": Param(6, int, low=0, help="augmentation rounds (mad_code: as many as the budget allows)"),
         "jacobian.tau": Param(3, int, low=1, help="the step's sign flips every tau rounds"),
         "jacobian.substitute_epochs": Param(10, int, low=1, help="substitute training epochs per round"),
         "jacobian.variant": Param("default", str, choices=("default", "mad_code"),
@@ -164,18 +164,18 @@ class JacobianAugmentation(Attack):
                                        "(docs/attacks.md)"),
     }
 
+    @classmethod
+    def _inert(cls, values: dict) -> dict[str, str]:
+        # the MAD code draws its seeds from the victim's training split and runs rounds until the budget is spent
+        if values["jacobian.variant"] == "mad_code":
+            return {"jacobian.seed_pool": "jacobian.variant=default", "jacobian.rounds": "jacobian.variant=default"}
+        return {"jacobian.without": "jacobian.variant=mad_code"}
+
     def sources(self, ctx: AttackContext) -> list:
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
         size = v["jacobian.seed_size"]
         if v["jacobian.variant"] == "mad_code":
-            if v["jacobian.seed_pool"] is not None:
-                raise ConfigError(f"{ctx.owner}.jacobian.seed_pool={v['jacobian.seed_pool']!r}: the MAD code draws "
-                                  f"its seeds from the victim's training split; expected seed_pool unset with "
-                                  f"{ctx.owner}.jacobian.variant=mad_code")
             return self._mad_code_sources(ctx)
-        if v["jacobian.without"]:
-            raise ConfigError(f"{ctx.owner}.jacobian.without={v['jacobian.without']} turns off quirks of the MAD code; "
-                              f"expected it only with {ctx.owner}.jacobian.variant=mad_code")
         if size < actors:
             raise ConfigError(f"{ctx.owner}.jacobian.seed_size={size} is less than actors={actors}; expected at "
                               f"least one seed per actor")

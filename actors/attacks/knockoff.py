@@ -214,6 +214,12 @@ class KnockoffNets(Attack):
     }
 
     @classmethod
+    def _inert(cls, values: dict) -> dict[str, str]:
+        if values["strategy"] != "adaptive":
+            return {k: "strategy=adaptive" for k in cls.params if k.startswith("adaptive.")}
+        return {} if values["adaptive.arms"] == "clusters" else {"adaptive.clusters": "adaptive.arms=clusters"}
+
+    @classmethod
     def _check_params(cls, values: dict, owner: str) -> None:
         if values["strategy"] == "adaptive" and values["sample_with_replacement"]:
             raise ConfigError(f"{owner}.strategy=adaptive samples without replacement; expected "

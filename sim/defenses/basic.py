@@ -160,6 +160,10 @@ class RandomNoise(Defense):
     neutral = {"eps": 0.0}
     needs_inputs = True
 
+    @classmethod
+    def _inert(cls, values: dict) -> dict[str, str]:
+        return {"scale": "variant=simplex"} if values["variant"] == "mad_code" else {}
+
     def _noise(self, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """(N, K) noise, each row from the seed and its query's bytes: uniform in [0, 1) or standard normal."""
         draw = "random" if self.values["dist"] == "uniform" else "standard_normal"

@@ -153,7 +153,7 @@ class MAD(Defense):
     params = {"eps": Param(1.0, low=0, help="distance budget per answer"),
               "norm": Param("l1", str, choices=("l1", "l2"), help="distance the budget is measured in"),
               "jacobian": Param("last_layer", str, choices=("last_layer", "all"),
-                                help="the surrogate's parameters the gradient is taken over"),
+                                help="the surrogate's parameters the gradient is taken over (objective=angle)"),
               "seed": Param(0, int, low=0, help="seed of the surrogate's random weights (a copy of the victim's "
                                                 "architecture) and of objective=random's draws"),
               "objective": Param("angle", str, choices=("angle", "identity", "random"),
@@ -161,6 +161,10 @@ class MAD(Defense):
                                       "angular deviation), identity (the same with the Jacobian replaced by the "
                                       "identity) or random (a vertex drawn at random); the paper's ablation")}
     neutral = {"eps": 0.0}
+
+    @classmethod
+    def _inert(cls, values: dict) -> dict[str, str]:
+        return {} if values["objective"] == "angle" else {"jacobian": "objective=angle"}
 
     def __init__(self, surrogate: nn.Module | None = None, victim: nn.Module | None = None, **params):
         self._given, self._victim = surrogate, victim

@@ -192,8 +192,8 @@ class Same(StatelessDetector):
     name = "same"
     params = {
         **StatelessDetector.params,
-        "weight": Param(1.0, low=0, help="weight of the standardised deviation term (0: reconstruction only, "
-                                         "SAME-X)"),
+        "weight": Param(1.0, low=0, help="default variant: weight of the standardised deviation term (0: "
+                                         "reconstruction only, SAME-X)"),
         "variant": Param("default", str, choices=("default", "same_code"),
                          help="same_code: the authors' code (full-view reconstruction, KL deviation, alpha mixing "
                               "on raw scales, auxiliary model on masked reconstructions with true labels)"),
@@ -219,10 +219,13 @@ class Same(StatelessDetector):
     MAE_KEYS = ("patch", "dim", "depth", "heads", "decoder_dim", "decoder_depth", "mask_ratio")
 
     @classmethod
+    def _inert(cls, values: dict) -> dict[str, str]:
+        if values["variant"] == "same_code":
+            return {"weight": "variant=default"}
+        return {"alpha": "variant=same_code", "without": "variant=same_code"}
+
+    @classmethod
     def _check_params(cls, values: dict, owner: str) -> None:
-        if values["without"] and values["variant"] != "same_code":
-            raise ConfigError(f"{owner}.without={values['without']} turns off choices of the authors' code; "
-                              f"expected it only with {owner}.variant=same_code")
         if values["dim"] % values["heads"] or values["decoder_dim"] % values["heads"]:
             raise ConfigError(f"{owner}.dim={values['dim']} and {owner}.decoder_dim={values['decoder_dim']} must "
                               f"be multiples of {owner}.heads={values['heads']}")

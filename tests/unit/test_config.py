@@ -436,6 +436,44 @@ def test_bad_detector_settings_are_one_line_errors(override, message):
         config.load("single_knockoff", [override])
 
 
+@pytest.mark.parametrize("mode, setting, its_mode, message", [
+    ([], "detectors.same.alpha=0.5", ["detectors.same.variant=same_code"],
+     "detectors.same.alpha=0.5 has no effect unless detectors.same.variant=same_code; expected "
+     "detectors.same.variant=same_code, or alpha left at its default (0.99)"),
+    (["detectors.same.variant=same_code"], "detectors.same.weight=2", ["detectors.same.variant=default"],
+     "detectors.same.weight=2.0 has no effect unless detectors.same.variant=default"),
+    (["defense=random_noise", "defense.variant=mad_code"], "defense.scale=3", ["defense=random_noise"],
+     "defense.scale=3.0 has no effect unless defense.variant=simplex"),
+    (["defense=mad", "defense.objective=random"], "defense.jacobian=all", ["defense=mad"],
+     "defense.jacobian=all has no effect unless defense.objective=angle"),
+    ([], "attackers.single.adaptive.lr=0.1", ["attackers.single.strategy=adaptive"],
+     "attackers.single.adaptive.lr=0.1 has no effect unless attackers.single.strategy=adaptive"),
+    (["attackers.single.strategy=adaptive"], "attackers.single.adaptive.clusters=4",
+     ["attackers.single.strategy=adaptive", "attackers.single.adaptive.arms=clusters"],
+     "attackers.single.adaptive.clusters=4 has no effect unless attackers.single.adaptive.arms=clusters"),
+    (["attackers.single.attack=jbda", "attackers.single.jacobian.variant=mad_code"],
+     "attackers.single.jacobian.rounds=3", ["attackers.single.attack=jbda"],
+     "attackers.single.jacobian.rounds=3 has no effect unless attackers.single.jacobian.variant=default"),
+    (["attackers.single.replica.variant=mad_code"], "attackers.single.replica.lr=0.01", [],
+     "attackers.single.replica: lr=0.01 has no effect unless variant=default"),
+    (["attackers.single.replica.variant=mad_code"], "attackers.single.replica.optimizer=sgd", [],
+     "attackers.single.replica: optimizer=sgd has no effect unless variant=default"),
+])
+def test_a_setting_that_its_mode_ignores_is_refused_naming_the_setting_it_needs(mode, setting, its_mode, message):
+    """Set where the other settings leave it without effect, a value is refused rather than ignored; in its own
+    mode it is accepted, and so is its default stated anywhere."""
+    with pytest.raises(ConfigError) as exc:
+        config.load("single_knockoff", [*mode, setting])
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    config.load("single_knockoff", [*its_mode, setting])
+    key = setting.split("=")[0]
+    default = {"detectors.same.alpha": 0.99, "detectors.same.weight": 1.0, "defense.scale": 10.0,
+               "defense.jacobian": "last_layer", "attackers.single.adaptive.lr": 0.01,
+               "attackers.single.adaptive.clusters": 10, "attackers.single.jacobian.rounds": 6,
+               "attackers.single.replica.lr": 0.001, "attackers.single.replica.optimizer": "adam"}[key]
+    config.load("single_knockoff", [*mode, f"{key}={default}"])
+
+
 def test_detector_defaults_survive_partial_overrides():
     cfg = config.load("single_knockoff", ["detectors.pooled_prada.enabled=true", "detectors.msp.action=perturb",
                                           "detectors.msp.perturb.eps=0.5", "detectors.msp.enabled=true"])

@@ -284,9 +284,8 @@ def test_quirks_can_be_turned_off_only_in_the_mad_code_mode():
 
     ds = data.load("mnist5k")
     base = ["attackers.single.attack=jbda", "attackers.single.jacobian.without=[aliasing]"]
-    with pytest.raises(ConfigError, match=r"attackers.single.jacobian.without=\['aliasing'\] turns off quirks of "
-                                          r"the MAD code; expected it only with attackers.single.jacobian.variant="
-                                          r"mad_code"):
+    with pytest.raises(ConfigError, match=r"attackers.single.jacobian.without=\['aliasing'\] has no effect unless "
+                                          r"attackers.single.jacobian.variant=mad_code"):
         make_plan(config.load("single_knockoff", base), ds)
     (client,) = make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.variant=mad_code"]),
                           ds).of(attacker="single")
@@ -316,8 +315,8 @@ def test_a_seed_pool_gives_the_seeds_and_their_labels_and_holds_no_test_image_ou
     assert len(plan.eval_indices(len(ds.x_test))) == len(ds.x_test)  # no test image is a seed
     for extra, match in ((["attackers.single.jacobian.seed_size=1798"], r"seed_size=1798 exceeds the 1797 images of "
                                                                           r"seed_pool 'digits'; expected at most 1797"),
-                         (["attackers.single.jacobian.variant=mad_code"], r"seed_pool='digits': the MAD code draws its "
-                                                                           r"seeds from the victim's training split")):
+                         (["attackers.single.jacobian.variant=mad_code"], r"seed_pool=digits has no effect unless "
+                                                                           r"attackers.single.jacobian.variant=default")):
         with pytest.raises(ConfigError, match=match):
             make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits", *extra]), ds)
     # a joined pool's second dataset has classes 10 to 19, which are not the victim's

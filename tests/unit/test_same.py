@@ -185,16 +185,16 @@ def test_same_code_without_all_pixel_loss_trains_the_mae_on_masked_patches_with_
             train_same(victim, "lenet", ds.x_train[:200], 10, seed=0, mae_config=TINY, epochs=1, aux_epochs=1,
                        variant="same_code", y_train=ds.y_train[:200], without=without)
     assert seen == [("all", (0.9, 0.95)), ("masked", (0.9, 0.95))]
-    with pytest.raises(ConfigError, match=r"same.without=\['full_view'\] turns off choices of the authors' code; "
-                                          r"expected it only with same.variant=same_code"):
+    with pytest.raises(ConfigError, match=r"same.without=\['full_view'\] has no effect unless "
+                                          r"same.variant=same_code"):
         Same.prepare({"without": ["full_view"]}, None)
 
 
 def test_same_settings_that_contradict_each_other_are_refused_with_the_scenario_key():
     from sim import config
 
-    with pytest.raises(ConfigError, match=r"detectors.same.without=\['full_view'\] turns off choices of the authors' "
-                                          r"code; expected it only with detectors.same.variant=same_code"):
+    with pytest.raises(ConfigError, match=r"detectors.same.without=\['full_view'\] has no effect unless "
+                                          r"detectors.same.variant=same_code"):
         config.load("single_knockoff", ["detectors.same.enabled=true", "detectors.same.without=[full_view]"])
     with pytest.raises(ConfigError, match=r"detectors.mine.dim=30 and detectors.mine.decoder_dim=64 must be multiples "
                                           r"of detectors.mine.heads=4"):

@@ -165,11 +165,22 @@ class PerturbConfig(DefenseConfig):
                                          "with its parameters as keys, like `defense`")
 
 
+def _refuse_inert(values: dict[str, Any], defaults: dict[str, Any], prefix: str, needs: str) -> None:
+    """Settings (``values``, named ``prefix`` + key) that another setting leaves without effect unless ``needs``: one
+    set to other than its default (``defaults``; a missing key is unset) is an error rather than ignored."""
+    for key in sorted(set(values) | set(defaults)):
+        value, default = values.get(key), defaults.get(key)
+        if value != default:
+            raise ValueError(f"{prefix}{key}={value} has no effect unless {needs}; expected {needs}, or {prefix}{key} "
+                             f"left at its default ({'unset' if default is None else default})")
+
+
 class PowConfig(_Strict):
     bits_min: int = Field(8, ge=1, le=24, description="proof-of-work bits at the detector's threshold")
     bits_max: int = Field(16, ge=1, le=24, description="proof-of-work bits at `saturate` and above (a request's "
                                                        "puzzle adds log2 of its challenged queries)")
-    saturate: float | None = Field(None, description="score at which the puzzle reaches bits_max (default: "
+    saturate: float | None = Field(None, description="score, above the detector's threshold, at which the puzzle "
+                                                     "reaches bits_max (default: "
                                                      "PRADA 2 x (1 - delta); calibrated detectors the benign "
                                                      "score quantile 1 - target_fpr / 10)")
 
@@ -194,6 +205,14 @@ class DetectorConfig(BaseModel):
     pow: PowConfig = PowConfig()
     perturb: PerturbConfig = PerturbConfig()
 
+    @model_validator(mode="after")
+    def _inert_under_other_actions(self):
+        if self.action != "proof_of_work":
+            _refuse_inert(self.pow.model_dump(), PowConfig().model_dump(), "pow.", "action=proof_of_work")
+        if self.action != "perturb":
+            _refuse_inert(self.perturb.spec(), PerturbConfig().spec(), "perturb.", "action=perturb")
+        return self
+
     def params(self) -> dict[str, Any]:
         """The kind's own parameters (all of them, once the scenario is validated)."""
         return dict(self.model_extra or {})
@@ -215,13 +234,9 @@ class ReplicaConfig(_Strict):
 
     @model_validator(mode="after")
     def _inert_under_mad_code(self):
-        if self.variant == "mad_code":
-            for name in ("lr", "optimizer", "batch_size"):
-                value, default = getattr(self, name), type(self).model_fields[name].default
-                if value != default:
-                    raise ValueError(f"{name}={value} has no effect unless variant=default (mad_code trains as the "
-                                     f"MAD code does); expected variant=default, or {name} left at its default "
-                                     f"({default})")
+        if self.variant == "mad_code":  # the MAD code's own optimizer, rate and batch
+            own = {"lr", "optimizer", "batch_size"}
+            _refuse_inert(self.model_dump(include=own), ReplicaConfig().model_dump(include=own), "", "variant=default")
         return self
 
 

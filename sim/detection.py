@@ -98,9 +98,14 @@ def setup(cfg: ScenarioConfig, ctx) -> DetectorSetup:
             if calibration:
                 log.info("%s: threshold %.4g for a %.3g false-positive rate on %d calibration images", name,
                          calibration["threshold"], calibration["target_fpr"], calibration["images"])
+        threshold = det.threshold()
+        if dc.action == "proof_of_work" and None not in (dc.pow.saturate, threshold) and dc.pow.saturate <= threshold:
+            raise ConfigError(f"detectors.{name}.pow.saturate={dc.pow.saturate} is not above the detector's threshold "
+                              f"{threshold:.4g}, so every flagged query would get bits_max; expected a score above "
+                              f"{threshold:.4g}, where the puzzle reaches bits_max")
         group = det.values.get("group", "account")
         out.detectors[name] = {"kind": dc.kind, "params": det.values}
-        out.rules[name] = _rule(dc, group, det.threshold(), det.saturation())
+        out.rules[name] = _rule(dc, group, threshold, det.saturation())
         if blob is not None:
             out.models[name] = blob
         out.info[name] = DetectorInfo(dc.kind, kind.stateful, group, det.describe(), det.threshold(), calibration)

@@ -458,6 +458,11 @@ def test_bad_detector_settings_are_one_line_errors(override, message):
      "attackers.single.replica: lr=0.01 has no effect unless variant=default"),
     (["attackers.single.replica.variant=mad_code"], "attackers.single.replica.optimizer=sgd", [],
      "attackers.single.replica: optimizer=sgd has no effect unless variant=default"),
+    ([], "detectors.prada.pow.bits_max=12", ["detectors.prada.action=proof_of_work"],
+     "detectors.prada: pow.bits_max=12 has no effect unless action=proof_of_work; expected action=proof_of_work, or "
+     "pow.bits_max left at its default (16)"),
+    (["detectors.prada.action=refuse"], "detectors.prada.perturb.name=rounding", ["detectors.prada.action=perturb"],
+     "detectors.prada: perturb.name=rounding has no effect unless action=perturb"),
 ])
 def test_a_setting_that_its_mode_ignores_is_refused_naming_the_setting_it_needs(mode, setting, its_mode, message):
     """Set where the other settings leave it without effect, a value is refused rather than ignored; in its own
@@ -470,8 +475,20 @@ def test_a_setting_that_its_mode_ignores_is_refused_naming_the_setting_it_needs(
     default = {"detectors.same.alpha": 0.99, "detectors.same.weight": 1.0, "defense.scale": 10.0,
                "defense.jacobian": "last_layer", "attackers.single.adaptive.lr": 0.01,
                "attackers.single.adaptive.clusters": 10, "attackers.single.jacobian.rounds": 6,
-               "attackers.single.replica.lr": 0.001, "attackers.single.replica.optimizer": "adam"}[key]
+               "attackers.single.replica.lr": 0.001, "attackers.single.replica.optimizer": "adam",
+               "detectors.prada.pow.bits_max": 16, "detectors.prada.perturb.name": "mad"}[key]
     config.load("single_knockoff", [*mode, f"{key}={default}"])
+
+
+def test_a_proof_of_work_saturation_at_or_below_the_threshold_is_refused():
+    from sim import detection
+
+    pow_ = ["detectors.prada.action=proof_of_work"]  # PRADA's threshold: 1 - delta, 0.05
+    with pytest.raises(ConfigError, match=r"detectors.prada.pow.saturate=0.04 is not above the detector's threshold "
+                                          r"0.05, so every flagged query would get bits_max; expected a score above"):
+        detection.setup(config.load("single_knockoff", [*pow_, "detectors.prada.pow.saturate=0.04"]), None)
+    rule = detection.setup(config.load("single_knockoff", [*pow_, "detectors.prada.pow.saturate=0.3"]), None).rules
+    assert rule["prada"]["saturate"] == 0.3 and rule["prada"]["threshold"] == pytest.approx(0.05)
 
 
 def test_detector_defaults_survive_partial_overrides():

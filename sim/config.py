@@ -679,9 +679,12 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
         raise ConfigError(f"{kind}={name_or_path!r} is not a known {kind}; "
                           f"expected one of: {', '.join(names)} (or a path to a .yaml file)")
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{kind} {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if raw is None:  # an empty file is a mistake more often than a wish for every default
+        hint = " (extends: NAME starts from another scenario)" if kind == "scenario" else ""
+        raise ConfigError(f"{kind} {name_or_path!r} is empty; expected a mapping of keys{hint}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{kind} {name_or_path!r} must be a mapping of keys, got {type(raw).__name__}")
     return raw

@@ -146,6 +146,18 @@ def test_scenario_file_path_and_extends(tmp_path):
         config.load(str(path))
 
 
+def test_an_empty_scenario_or_sweep_file_is_an_error_not_a_run_of_every_default(tmp_path):
+    from sim import sweep
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("# to do\n")
+    with pytest.raises(ConfigError, match=rf"^scenario '{path}' is empty; expected a mapping of keys \(extends: NAME "
+                                          r"starts from another scenario\)$"):
+        config.load(str(path))
+    with pytest.raises(ConfigError, match=rf"^sweep '{path}' is empty; expected a mapping of keys$"):
+        sweep.load(str(path))
+
+
 def test_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
     (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, inert
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def _refuse_inert(values: dict[str, Any], defaults: dict[str, Any], prefix: str,
     for key in sorted(set(values) | set(defaults)):
         value, default = values.get(key), defaults.get(key)
         if value != default:
-            raise ValueError(f"{prefix}{key}={value} has no effect unless {needs}; expected {needs}, or {prefix}{key} "
-                             f"left at its default ({'unset' if default is None else default})")
+            raise ValueError(inert("", prefix + key, value, needs, default))
 
 
 class PowConfig(_Strict):

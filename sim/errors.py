@@ -25,6 +25,14 @@ def failed(what: str, exc: BaseException, expected: str, kind: type[SimError] = 
     return kind(f"{what}: {type(exc).__name__}: {first}; expected {expected}")
 
 
+def inert(owner: str, key: str, value, needs: str, default) -> str:
+    """The one-line message for setting ``key`` of ``owner`` set to ``value`` where another setting leaves it without
+    effect: it has one only with ``needs`` (its ``default``: None is unset)."""
+    name = f"{owner}.{key}" if owner else key
+    return (f"{name}={value} has no effect unless {needs}; expected {needs}, or {key} left at its default "
+            f"({'unset' if default is None else default})")
+
+
 class RequestError(SimError):
     """A query request the victim service refuses before answering (HTTP 4xx)."""
 

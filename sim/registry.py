@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, inert
 
 log = logging.getLogger(__name__)
 
@@ -427,8 +427,7 @@ class Component(ABC):
         for name, needs in cls._inert(values).items():
             default = cls.params[name].default
             if values[name] != default:
-                raise ConfigError(f"{owner}.{name}={values[name]} has no effect unless {owner}.{needs}; expected "
-                                  f"{owner}.{needs}, or {name} left at its default ({default})")
+                raise ConfigError(inert(owner, name, values[name], f"{owner}.{needs}", default))
         cls._check_params(values, owner)
         return values
 

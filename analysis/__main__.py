@@ -10,8 +10,9 @@ With several runs, also prints a comparison; ``--out DIR`` writes it (comparison
 ``--replay prada --param delta=0.9 --group all`` re-runs a detector over each run's logged queries (with the
 settings of the run's first detector of that kind, or of ``--order``'s, where it has one; ``--param`` and
 ``--group`` over them) and adds it to the report as ``replay_prada`` (``--name`` to choose; ``--order prada`` to
-follow the per-key order the run's detector ``prada`` saw, exact for a run with several Serve replicas). SAME
-replays load the run's models from the victim zoo (training them if the cache lacks them).
+follow the per-key order the run's detector ``prada`` saw, exact for a run with several Serve replicas). Replays
+are kept under RUN_DIR/report/replays/, so the report shows those of earlier calls too (the same name replaces
+one). SAME replays load the run's models from the victim zoo (training them if the cache lacks them).
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run}: replaying {args.replay} with "
                       + (f"the settings of the run's detector {like!r}" if like else "its default settings")
                       + (" and --param over them" if params else "") + f": {_brief(settings)}")
-                replays[args.name or f"replay_{args.replay}"] = replay(
+                replays[args.name or f"replay_{args.replay}"] = {**replay(
                     read_run(run), args.replay, settings, args.group, args.order,
-                    models=prepare(run, args.replay, settings))
+                    models=prepare(run, args.replay, settings)),
+                    "about": f"{args.replay} ({_brief(settings)}"
+                             + (f", in the order of {args.order}" if args.order else "") + ")"}
             path = write_report(run, replays)
             print(f"{run}: {path}")
             try:

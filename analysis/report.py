@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -34,10 +35,11 @@ def _metrics_cell(m: dict) -> str:
     return f"{100 * m['auroc']:.2f} / {100 * m['aupr']:.2f} / {100 * m['fpr95']:.2f} / {100 * m['fpr90']:.2f}"
 
 
-def analyse(run_dir: str, replays: dict[str, dict] | None = None) -> dict:
+def analyse(run_dir: str, replays: dict[str, dict] | None = None, table: pa.Table | None = None) -> dict:
     """Everything the report shows, as data: ``replication``, ``detection`` (detector -> report), the table,
-    the summary. ``replays``: name -> the output of :func:`analysis.replay.replay`, added as detectors."""
-    table = querylog.read(storage.join(run_dir, "queries"))
+    the summary. ``replays``: name -> the output of :func:`analysis.replay.replay`, added as detectors. ``table``:
+    the run's query log, if read already."""
+    table = table if table is not None else querylog.read(storage.join(run_dir, "queries"))
     summary = read_summary(run_dir)
     scores = {name: r["scores"] for name, r in (replays or {}).items()}
     flags = {name: r["flags"] for name, r in (replays or {}).items()}
@@ -69,11 +71,37 @@ def _alerts_section(run_dir: str, table) -> list[str]:
     return lines + [""]
 
 
+def _replay_path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, "report", "replays", f"{name}.npz")
+
+
+def kept_replays(run_dir: str, rows: int) -> dict[str, dict]:
+    """The replays earlier reports of this run kept (``RUN/report/replays/NAME.npz``), as :func:`write_report` takes
+    them; one whose length is not the log's ``rows`` scored rows is left out."""
+    folder = os.path.dirname(_replay_path(run_dir, "x"))
+    out = {}
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if file.endswith(".npz"):
+            with np.load(os.path.join(folder, file)) as z:
+                if len(z["scores"]) == rows:
+                    out[file[:-4]] = {"scores": z["scores"], "flags": z["flags"], "about": str(z["about"])}
+    return out
+
+
 def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
-    """Write ``RUN/report.md`` and its figures under ``RUN/report/``; returns the report's path."""
+    """Write ``RUN/report.md`` and its figures under ``RUN/report/``; returns the report's path. ``replays`` (name ->
+    :func:`analysis.replay.replay`'s output, with ``about``: what was replayed) are kept under
+    ``RUN/report/replays/``, so that the report also shows those of earlier calls (a name given again replaces
+    its replay)."""
     if "://" in run_dir:
         raise ValueError(f"run_dir={run_dir!r}: reports are written to local run directories only")
-    a = analyse(run_dir, replays)
+    for name, r in (replays or {}).items():
+        os.makedirs(os.path.dirname(_replay_path(run_dir, name)), exist_ok=True)
+        np.savez(_replay_path(run_dir, name), scores=np.asarray(r["scores"], float),
+                 flags=np.asarray(r["flags"], bool), about=r.get("about", name))
+    table = querylog.read(storage.join(run_dir, "queries"))
+    replays = {**kept_replays(run_dir, scored_rows(table).num_rows), **(replays or {})}
+    a = analyse(run_dir, replays, table)
     table, summary, rep, det = a["table"], a["summary"], a["replication"], a["detection"]
     fig_dir = os.path.join(run_dir, "report")
     os.makedirs(fig_dir, exist_ok=True)
@@ -174,6 +202,10 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
                   "flagged at the threshold that catches 95% of the attacker's. Account level scores each "
                   "account by its most suspicious query. A stateful detector's queries before it has enough "
                   "history count as least suspicious.", ""]
+        if replays:
+            lines += ["Replays (`python -m analysis RUN --replay …`, kept under `report/replays/`: delete a file "
+                      "there to drop its row): " + "; ".join(f"{n}: {r.get('about', n)}" for n, r in replays.items())
+                      + ".", ""]
         attacks = list(next(iter(det.values()))["query"])
         lines += ["| detector | level | " + " | ".join(attacks) + " | flagged (attacker / benign) |",
                   "|---|---|" + "---|" * len(attacks) + "---|"]

@@ -193,7 +193,8 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
                        f"scenario=…)")
     if cfg.serve.keys:
         keys_path, keys = cfg.serve.keys, load_keys(cfg.serve.keys)
-    log_dir = prepare_run_dir(cfg)
+    run_id = new_run_id(cfg)
+    log_dir = prepare_run_dir(cfg, run_id)
     if not cfg.serve.keys:
         keys = make_keys([Account(f"external-{i:03d}", "external") for i in range(cfg.serve.accounts)])
         keys_path = storage.join(cfg.run_dir, "keys.json")
@@ -216,7 +217,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     stop = {"now": False}
     try:
         with ray_session(cfg):
-            app, port, spec = deploy_victim(cfg, victim, new_run_id(cfg), keys, log_dir, dets, defense_models,
+            app, port, spec = deploy_victim(cfg, victim, run_id, keys, log_dir, dets, defense_models,
                                             http=True)
             print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")
             print(f"url:  http://127.0.0.1:{port}/{app}")

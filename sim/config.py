@@ -465,7 +465,8 @@ class ScenarioConfig(_Strict):
     name: str = "custom"
     description: str = ""
     seed: int = Field(0, ge=0, description="every random choice derives from it")
-    run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>)")
+    run_dir: str | None = Field(None, description="run directory or URI (default runs/<scenario>/<time>-<suffix>, "
+                                                  "with the run id's time and suffix)")
     cache_dir: str = Field("~/.cache/mlsim", description="victim checkpoint cache")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where victim, replica and detector-model training and the Serve replicas' models (the "

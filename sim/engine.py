@@ -159,12 +159,12 @@ class _Bars:
             bar.close()
 
 
-def prepare_run_dir(cfg: ScenarioConfig) -> str:
-    """Create the run directory (``run_dir`` or ``runs/<scenario>/<time>``), write the resolved config,
-    and return the log directory."""
+def prepare_run_dir(cfg: ScenarioConfig, run_id: str) -> str:
+    """Create the run directory (``run_dir``, or ``runs/<scenario>/<date>-<time>-<suffix>`` with the time and random
+    suffix of ``run_id``, :func:`new_run_id`), write the resolved config, and return the log directory."""
     if not cfg.run_dir:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.run_dir = os.path.join("runs", cfg.name, f"{stamp}-{uuid.uuid4().hex[:4]}")
+        *_, stamp, suffix = run_id.rsplit("-", 2)
+        cfg.run_dir = os.path.join("runs", cfg.name, f"{stamp[:8]}-{stamp[8:]}-{suffix}")
     if "://" not in cfg.run_dir:  # replicas on other nodes or in other folders resolve it the same way
         cfg.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
     log_dir = storage.join(cfg.run_dir, "queries")
@@ -181,6 +181,7 @@ def prepare_run_dir(cfg: ScenarioConfig) -> str:
 
 
 def new_run_id(cfg: ScenarioConfig) -> str:
+    """``<scenario>-<date><time>-<random suffix>``; a run directory made for it ends with the same time and suffix."""
     return f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
@@ -317,8 +318,8 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
     check_architectures(cfg, ds, victim is None)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
-    log_dir = prepare_run_dir(cfg)
     run_id = new_run_id(cfg)
+    log_dir = prepare_run_dir(cfg, run_id)
     progress = {"phase": "victim training", "logged": 0}
 
     def stop_without_ray():  # SIGTERM stopped Ray's processes too: nothing there can be asked to stop or answer

@@ -347,7 +347,18 @@ def tier_line(tier: dict) -> str:
     if lags:
         line += (f"; linking's flags reached the shards {sum(lags) / len(lags):.0f} queries (max {max(lags)}) "
                  f"after the data they judge")
+    for i, sh in enumerate(shards):  # a shard that died was restarted by Ray from its snapshot and journal
+        if restarted(sh):
+            back = sh["restored"]
+            line += (f"; shard {i} was restarted and restored its state ("
+                     f"{'a snapshot and ' if back.get('snapshot') else ''}{back.get('changes', 0)} journaled changes)")
     return line
+
+
+def restarted(shard: dict) -> bool:
+    """Whether a shard's statistics come from a restart that restored its state."""
+    back = shard.get("restored") or {}
+    return bool(back.get("snapshot") or back.get("changes"))
 
 
 def params_text(params: dict[str, Any]) -> str:
@@ -367,6 +378,10 @@ def action_text(det: "Detector") -> str:
     if det.action == "proof_of_work" and r:
         return f"proof_of_work of {r.get('bits_min')} to {r.get('bits_max')} bits"
     return det.action
+
+
+GROUP_TEXT = {"cohort": "a whole cohort (a sign-up batch)", "actor": "every account of a client actor",
+              "all": "all traffic"}
 
 
 def format_summary(s: Summary) -> str:
@@ -426,11 +441,16 @@ def format_summary(s: Summary) -> str:
                              f"(fidelity {r.best.fidelity:.4f}); the table shows the last epoch")
     lines += [*best, ""] if best else []
     if len(s.detection) > 1:  # who flagged what
-        names = list(s.detection)
-        lines.append(f"{'flagged by':<{w}}" + "".join(f"{n:>{max(len(n) + 2, 8)}}" for n in names))
+        names, head = list(s.detection), "accounts flagged by"
+        fw = max(w, len(head) + 2)
+        lines.append(f"{head:<{fw}}" + "".join(f"{n:>{max(len(n) + 2, 8)}}" for n in names))
         for a in s.attackers:
-            lines.append(f"{a.id:<{w}}" + "".join(f"{a.accounts_flagged_by.get(n, 0):>{max(len(n) + 2, 8)}}"
-                                                  for n in names))
+            lines.append(f"{a.id:<{fw}}" + "".join(f"{a.accounts_flagged_by.get(n, 0):>{max(len(n) + 2, 8)}}"
+                                                   for n in names) + f"  of {a.accounts}")
+        for n, det in s.detection.items():  # a flag on a group: its accounts count as they query after it
+            if det.stateful and det.group != "account":
+                lines.append(f"({n} flags {GROUP_TEXT.get(det.group, det.group)} at once: an account counts once "
+                             f"it sends a query after that flag)")
         lines.append("")
     for name, det in s.detection.items():
         shown = {**det.params, **({"threshold": det.calibration["threshold"]} if det.calibration else {})}
@@ -451,8 +471,8 @@ def format_summary(s: Summary) -> str:
     if not s.detection:
         lines.append("no detectors")
     tier = s.serve and s.serve.tier
-    if tier and (tier["shards"] > 1 or any(sh.get("link_lags") for sh in tier["per_shard"])):
-        lines.append(tier_line(tier))  # one shard and no linking: nothing to say
+    if tier and (tier["shards"] > 1 or any(sh.get("link_lags") or restarted(sh) for sh in tier["per_shard"])):
+        lines.append(tier_line(tier))  # one shard, no linking and no restart: nothing to say
     paid = [(a.id, a.pow) for a in s.attackers] + [("benign", s.benign.pow)]
     if any(p.puzzles for _, p in paid):
         lines.append("proof of work paid: " + ", ".join(f"{who} {p.seconds:.2f} s ({p.queries} queries, "

@@ -18,6 +18,7 @@ from sim.detectors import build
 from sim.protocol import Account
 from sim.service import VictimService
 from sim.serving import VictimSpec, delete, deploy
+from sim.summary import tier_line
 
 from ..unit.test_link import _jbda_like
 
@@ -177,6 +178,10 @@ def test_state_survives_sigkill_of_a_shard_and_of_a_replica_mid_run(app, tmp_pat
         t.join()
     after = ray.get(victim_shard.stats.remote())
     assert after["pid"] != pid and (after["restored"]["snapshot"] or after["restored"]["changes"] > 0)
+    shard = tier_actors.owner("acct-0", 2)  # and the run's summary says so
+    assert f"; shard {shard} was restarted and restored its state (" in tier_line({"shards": 2, "per_shard": [
+        after if i == shard else ray.get(tier_actors._actor(tier_actors.shard_name("tiered", i)).stats.remote())
+        for i in range(2)]})
     assert all(r.status == 403 for r in replies[attacker])  # still refused: crashing the shard reset nothing
     assert all(len(r.answered) for rs in replies.values() for r in rs)  # every query got a verdict
     # the Serve replica now: its successor reaches the same tier, which still refuses the attacker

@@ -227,6 +227,16 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
     assert cli([str(run), "--replay", "prada", "--order", "cohort", "--param", "delta=0.8", "--name", "c"]) == 0
     assert ("with the settings of the run's detector 'cohort' and --param over them: delta=0.8, min_pool=50, "
             "skip_repeats=False, group=cohort") in capsys.readouterr().out
+    # each call's replay is kept: the report shows both, and a plain call (no --replay) keeps them
+    assert cli([str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "| replay_prada | query |" in text and "| c | query |" in text
+    assert "replay_prada: prada (delta=0.95, min_pool=7, skip_repeats=False, group=account)" in text
+    assert "c: prada (delta=0.8, min_pool=50, skip_repeats=False, group=cohort, in the order of cohort)" in text
+    assert cli([str(run), "--replay", "prada", "--param", "delta=0.5", "--name", "c"]) == 0  # the same name: replaced
+    text = (run / "report.md").read_text()
+    assert "c: prada (delta=0.5, " in text and "delta=0.8" not in text and "| replay_prada | query |" in text
+    capsys.readouterr()
     assert cli([str(run), "--replay", "prada", "--group", "all", "--param", "group=cohort"]) == 2
     assert capsys.readouterr().err.startswith("error: --group all and --param group=cohort disagree")
     for args, message in ((["--replay", "prada", "--param", "delta=1.5"], "--param delta must be a number in (0, 1], "

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_unusable_run_dirs_are_one_line_errors(tmp_path, run_dir, message):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ConfigError, match=message) as info:
-        prepare_run_dir(config.load("single_knockoff", [f"run_dir={run_dir.format(file=afile)}"]))
+        prepare_run_dir(config.load("single_knockoff", [f"run_dir={run_dir.format(file=afile)}"]), "r-1-a")
     assert "\n" not in str(info.value)
 
 
@@ -125,8 +126,20 @@ def test_relative_run_dir_becomes_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load("single_knockoff", ["run_dir=rel/run"])
-    assert prepare_run_dir(cfg) == str(tmp_path / "rel" / "run" / "queries")
+    assert prepare_run_dir(cfg, "r-1-a") == str(tmp_path / "rel" / "run" / "queries")
     assert cfg.run_dir == str(tmp_path / "rel" / "run")
+
+
+def test_a_fresh_run_directory_ends_with_its_run_ids_time_and_suffix(tmp_path, monkeypatch):
+    from sim.engine import new_run_id, prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load("single_knockoff")
+    run_id = new_run_id(cfg)
+    prepare_run_dir(cfg, run_id)
+    name, stamp, suffix = re.fullmatch(r"(.+)-(\d{14})-([0-9a-f]{6})", run_id).groups()
+    assert name == "single_knockoff"
+    assert cfg.run_dir == str(tmp_path / "runs" / name / f"{stamp[:8]}-{stamp[8:]}-{suffix}")
 
 
 def test_unknown_scenario_lists_the_known_ones():
@@ -330,14 +343,14 @@ def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):
     from sim.engine import prepare_run_dir
 
     cfg = config.load("single_knockoff", [f"run_dir={tmp_path}"])
-    log_dir = prepare_run_dir(cfg)
+    log_dir = prepare_run_dir(cfg, "r-1-a")
     assert (tmp_path / "config.yaml").exists()
     w = querylog.QueryLogWriter(log_dir, (1, 28, 28), "w")
     w.write(run_id="r", victim="v", request_id="q", account_id="a", actor_id=None, role="benign", attack=None,
             actions=["refused"], refusal_reason=["x"], latency_ms=0.0)
     w.close()
     with pytest.raises(ConfigError, match=f"run_dir='{tmp_path}' already holds a run's query log"):
-        prepare_run_dir(config.load("single_knockoff", [f"run_dir={tmp_path}"]))
+        prepare_run_dir(config.load("single_knockoff", [f"run_dir={tmp_path}"]), "r-1-a")
 
 
 # -- defenses in scenarios -------------------------------------------------------------------------
@@ -641,11 +654,11 @@ def test_a_run_stopped_by_a_mistake_before_its_queries_leaves_no_directory_of_it
     from sim.engine import _remove_stub, prepare_run_dir
 
     stub = config.load("single_knockoff", [f"run_dir={tmp_path / 'stub'}"])
-    prepare_run_dir(stub)
+    prepare_run_dir(stub, "r-1-a")
     _remove_stub(stub.run_dir)
     assert not (tmp_path / "stub").exists()
     kept = config.load("single_knockoff", [f"run_dir={tmp_path / 'kept'}"])
-    prepare_run_dir(kept)
+    prepare_run_dir(kept, "r-1-a")
     (tmp_path / "kept" / "notes.txt").write_text("the user's")
     _remove_stub(kept.run_dir)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]

@@ -1,6 +1,7 @@
 """The Ray-free run core: planning, summarising and the typed summary, with the real victim service in-process."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,20 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "defense mad (eps=0.8, norm=l1, jacobian=last_layer, seed=0, objective=angle): " in text
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
     assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
+    assert re.search(r"accounts flagged by +prada +msp\nknockoff +\d+ +\d+  of 1\n", text)
+    assert "flags a whole cohort" not in text  # PRADA is keyed by account here
+    shards = [{"keys": {"prada": 3}, "restored": {"snapshot": False, "changes": 0}},
+              {"keys": {"prada": 2}, "restored": {"snapshot": True, "changes": 4}}]
+    restarted = s.model_copy(update={"serve": summary.Serve(app="victim", tier={"shards": 2, "per_shard": shards})})
+    assert ("detection tier: 2 shards; keys per shard: prada 3/2; shard 1 was restarted and restored its state (a "
+            "snapshot and 4 journaled changes)") in summary.format_summary(restarted)
+    one = s.model_copy(update={"serve": summary.Serve(app="victim", tier={"shards": 1, "per_shard": shards[1:]})})
+    assert "shard 0 was restarted" in summary.format_summary(one)  # one shard: said only when it restarted
+    assert "detection tier" not in summary.format_summary(s.model_copy(update={"serve": summary.Serve(
+        app="victim", tier={"shards": 1, "per_shard": shards[:1]})}))
+    cohort = {**s.detection, "prada": s.detection["prada"].model_copy(update={"group": "cohort"})}
+    assert "(prada flags a whole cohort (a sign-up batch) at once: an account counts once it sends a query after " \
+           "that flag)" in summary.format_summary(s.model_copy(update={"detection": cohort}))
     given = s.model_copy(update={"victim": s.victim.model_copy(update={"source": "checkpoint", "trained_now": False})})
     assert f"victim lenet on mnist5k (trained elsewhere): test accuracy {s.victim.test_accuracy:.4f} (given: " in (
         summary.format_summary(given))

@@ -317,6 +317,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     start = time.perf_counter()
     ds = victim.dataset if victim is not None else zoo.load_data(cfg.victim, cfg.data)
     check_architectures(cfg, ds, victim is None)
+    warn_idle_linking(cfg)
     plan = plan if plan is not None else make_plan(cfg, ds)  # before any training: a pool too small fails fast
     run_id = new_run_id(cfg)
     log_dir = prepare_run_dir(cfg, run_id)
@@ -376,6 +377,22 @@ def check_architectures(cfg, ds, victim_trains: bool) -> None:
         if arch is not None and arch not in checked:
             models.build(arch, ds.input_shape, ds.num_classes, field)
             checked.add(arch)
+
+
+def warn_idle_linking(cfg: ScenarioConfig) -> None:
+    """Account linking re-clusters once every ``every`` queries of all traffic: a scenario that sends fewer in all
+    never runs it, and its summary would show it flagging nothing. Say so before the run."""
+    from .detectors.link import AccountLinker
+
+    b = cfg.benign
+    most = (sum(a.budget for a in cfg.attackers.values())
+            + ((b.accounts or b.users) * (b.queries_max or b.queries) if b.users else 0))
+    for name, det in cfg.enabled_detectors().items():
+        every = det.params().get("every")
+        if registry.get("detector", det.kind) is AccountLinker and every is not None and every > most:
+            log.warning("detectors.%s.every=%d is more than the %d queries this scenario sends at most: %s never "
+                        "re-clusters and flags nothing (a smaller every, or a larger budget, runs it)", name, every,
+                        most, name)
 
 
 @contextlib.contextmanager

@@ -171,6 +171,20 @@ def test_an_empty_scenario_or_sweep_file_is_an_error_not_a_run_of_every_default(
         sweep.load(str(path))
 
 
+def test_linking_that_the_scenarios_traffic_never_lets_re_cluster_is_pointed_out(caplog):
+    from sim.engine import warn_idle_linking
+
+    small = ["detectors.link.enabled=true", "attackers.single.budget=300", "benign.users=2", "benign.queries=100"]
+    with caplog.at_level("WARNING", logger="sim.engine"):
+        warn_idle_linking(config.load("single_knockoff", small))  # 500 queries at most: linking's every 500 runs once
+        assert caplog.records == []
+        more = ["benign.queries_max=150", "detectors.link.every=601"]  # 300 + 2 x 150 = 600 at most
+        warn_idle_linking(config.load("single_knockoff", [*small, *more]))
+    assert [r.getMessage() for r in caplog.records] == [
+        "detectors.link.every=601 is more than the 600 queries this scenario sends at most: link never re-clusters "
+        "and flags nothing (a smaller every, or a larger budget, runs it)"]
+
+
 def test_extends_cycle_is_an_error(tmp_path):
     (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\n")
     (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")

@@ -343,6 +343,11 @@ def tier_line(tier: dict) -> str:
     spread = ", ".join(f"{n} " + "/".join(str(sh.get("keys", {}).get(n, 0)) for sh in shards) for n in names)
     line = f"detection tier: {tier['shards']} shard{'s' if tier['shards'] > 1 else ''}"
     line += f"; keys per shard: {spread}" if spread else ""
+    rounds: dict[str, int] = {}
+    for sh in shards:
+        for name, n in sh.get("link_rounds", {}).items():
+            rounds[name] = max(rounds.get(name, 0), n)
+    line += "".join(f"; {name} re-clustered {n} time{'' if n == 1 else 's'}" for name, n in rounds.items())
     lags = [lag for sh in shards for lag in sh.get("link_lags", [])]
     if lags:
         line += (f"; linking's flags reached the shards {sum(lags) / len(lags):.0f} queries (max {max(lags)}) "
@@ -471,7 +476,7 @@ def format_summary(s: Summary) -> str:
     if not s.detection:
         lines.append("no detectors")
     tier = s.serve and s.serve.tier
-    if tier and (tier["shards"] > 1 or any(sh.get("link_lags") or restarted(sh) for sh in tier["per_shard"])):
+    if tier and (tier["shards"] > 1 or any(sh.get("link_rounds") or restarted(sh) for sh in tier["per_shard"])):
         lines.append(tier_line(tier))  # one shard, no linking and no restart: nothing to say
     paid = [(a.id, a.pow) for a in s.attackers] + [("benign", s.benign.pow)]
     if any(p.puzzles for _, p in paid):

@@ -219,6 +219,9 @@ class Shard:
         lags = [lag for det in self.detectors.values() if isinstance(det, _LinkBook) for lag in det.lags]
         if lags:
             out["link_lags"] = lags
+        rounds = {name: det.pulled for name, det in self.detectors.items() if isinstance(det, _LinkBook)}
+        if rounds:  # how many times each linking detector pulled this shard's rows and re-clustered
+            out["link_rounds"] = rounds
         return out
 
 

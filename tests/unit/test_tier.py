@@ -10,6 +10,7 @@ import pytest
 
 from sim import data, detectors, tier
 from sim.detectors.link import AccountLinker
+from sim.summary import tier_line
 
 from .test_link import _jbda_like
 
@@ -151,3 +152,8 @@ def test_linking_through_the_tier_flags_what_inline_linking_flags():
     assert isinstance(linker, AccountLinker) and linker.flagged_accounts() == inline.flagged_accounts()
     assert len(inline.flagged_accounts() & {f"sybil-{i}" for i in range(15)}) >= 12
     assert lags_seen and all(lag == 0 for s in sharded.shards for lag in s.stats().get("link_lags", []))
+    rounds = sharded.linkers["link"].pulls  # the shards count the rounds they took part in, as the summary says
+    assert rounds >= 2
+    assert all(s.stats()["link_rounds"] == {"link": rounds} for s in sharded.shards)
+    assert f"; link re-clustered {rounds} times" in tier_line({"shards": 3, "per_shard": [s.stats()
+                                                                                       for s in sharded.shards]})

@@ -479,7 +479,9 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
                       defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
                       victim_measures=measure_victim(cfg, victim, ds.x_test[keep], ds.y_test[keep]),
                       nodes=len(nodes), serve=Serve(app=app, port=port, url=f"http://127.0.0.1:{port}/{app}"
-                                                    if port else None, tier=tier), timings=timings)
+                                                    if port else None, tier=tier,
+                                                    replicas=None if cfg.serve.autoscaling else cfg.serve.replicas),
+                      timings=timings)
     outcome.wall_seconds = round(time.perf_counter() - start, 2)
     summary = summarize(cfg, outcome)
     summary.write(cfg.run_dir)

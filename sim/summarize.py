@@ -53,7 +53,7 @@ class Outcome:
 
 
 LOG_COLUMNS = ["account_id", "role", "attack", "action", "refusal_reason", "input_sha1", "resubmission", "defense_l1",
-               "top1_changed"]
+               "top1_changed", "writer"]
 
 
 def robustness_settings(cfg) -> dict | None:
@@ -196,7 +196,9 @@ def summarize(cfg: ScenarioConfig, out: Outcome) -> S.Summary:
         ray=S.Ray(nodes=out.nodes, client_nodes=len({c.result["node_id"] for c in plan.clients} - {None})),
         detection={name: _detector(info, cfg.detectors[name], flagged_by[name], role_of, report.get(name, {}))
                    for name, info in out.detectors.items()},
-        serve=out.serve, timings=out.timings, wall_seconds=out.wall_seconds,
+        serve=out.serve and out.serve.model_copy(update={"writers": len(pc.unique(table.column("writer")))}
+                                                 if "writer" in table.column_names else {}),
+        timings=out.timings, wall_seconds=out.wall_seconds,
     )
 
 

@@ -212,6 +212,8 @@ class Serve(_Part):
     port: int | None = None
     url: str | None = None
     tier: dict | None = None  # the detection tier: shards, and per shard its requests, queries, keys, memory
+    replicas: int | None = None  # serve.replicas (None: autoscaling)
+    writers: int | None = None  # Serve replica processes that wrote the log: more than replicas when one was replaced
 
 
 class Summary(_Part):
@@ -475,6 +477,10 @@ def format_summary(s: Summary) -> str:
         lines.append(f"{name} ({params}; action={action_text(det)}{group}): {flagged}{quality}")
     if not s.detection:
         lines.append("no detectors")
+    sv = s.serve
+    if sv and sv.replicas and sv.writers and sv.writers > sv.replicas:  # a replica died and Serve started another
+        lines.append(f"serve: {sv.writers} replica processes wrote the log for serve.replicas={sv.replicas}: "
+                     f"{sv.writers - sv.replicas} replaced after a crash (each one's rows are under its own writer)")
     tier = s.serve and s.serve.tier
     if tier and (tier["shards"] > 1 or any(sh.get("link_rounds") or restarted(sh) for sh in tier["per_shard"])):
         lines.append(tier_line(tier))  # one shard, no linking and no restart: nothing to say

@@ -221,7 +221,8 @@ def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
     s = sim.run("crowd", small, quiet=True)
     assert s.queries.logged == s.queries.total == 96 + 300 + 300 + 200 + 2 * 30
     tier = s.serve.tier
-    assert tier["shards"] == 2
+    assert tier["shards"] == 2 and s.serve.replicas == 2 and 1 <= s.serve.writers <= 2  # no replica replaced
+    assert all(sh["link_rounds"]["link"] >= 1 for sh in tier["per_shard"])  # linking ran (956 queries, every 200)
     per_shard = [sh["keys"]["prada"] for sh in tier["per_shard"]]
     assert all(k > 0 for k in per_shard) and sum(per_shard) == 1 + 100 + 100 + 20 + 2  # every account, once
     table = analysis.read_run(str(tmp_path / "run"))

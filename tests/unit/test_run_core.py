@@ -143,6 +143,11 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     restarted = s.model_copy(update={"serve": summary.Serve(app="victim", tier={"shards": 2, "per_shard": shards})})
     assert ("detection tier: 2 shards; keys per shard: prada 3/2; shard 1 was restarted and restored its state (a "
             "snapshot and 4 journaled changes)") in summary.format_summary(restarted)
+    replaced = s.model_copy(update={"serve": summary.Serve(app="victim", replicas=2, writers=3)})
+    assert ("serve: 3 replica processes wrote the log for serve.replicas=2: 1 replaced after a crash (each one's rows "
+            "are under its own writer)") in summary.format_summary(replaced)
+    assert "replaced after a crash" not in summary.format_summary(s.model_copy(update={"serve": summary.Serve(
+        app="victim", replicas=None, writers=3)}))  # autoscaling: more writers than the first replicas is normal
     one = s.model_copy(update={"serve": summary.Serve(app="victim", tier={"shards": 1, "per_shard": shards[1:]})})
     assert "shard 0 was restarted" in summary.format_summary(one)  # one shard: said only when it restarted
     assert "detection tier" not in summary.format_summary(s.model_copy(update={"serve": summary.Serve(

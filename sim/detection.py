@@ -108,5 +108,5 @@ def setup(cfg: ScenarioConfig, ctx) -> DetectorSetup:
         out.rules[name] = _rule(dc, group, threshold, det.saturation())
         if blob is not None:
             out.models[name] = blob
-        out.info[name] = DetectorInfo(dc.kind, kind.stateful, group, det.describe(), det.threshold(), calibration)
+        out.info[name] = DetectorInfo(dc.kind, kind.stateful, group, det.describe(), threshold, calibration)
     return out

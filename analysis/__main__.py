@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sim import alerts, storage
     from sim.errors import SimError
-    from sim.querylog import exists
+    from sim.querylog import detector_names, exists
 
     from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError
@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                 like, base = run_settings(run, args.replay, args.order)
                 settings = {**base, **params, **({"group": args.group} if args.group and "group" in base else {})}
                 _check_replay(args.replay, settings)  # before saying what it replays
+                name, table = args.name or f"replay_{args.replay}", read_run(run)
+                if name in detector_names(table.schema):
+                    raise SimError(f"--name {name!r} is a detector of the run {run!r}; expected another name (a "
+                                   f"replay is shown beside the run's own detectors, not in place of one)")
                 print(f"{run}: replaying {args.replay} with "
                       + (f"the settings of the run's detector {like!r}" if like else "its default settings")
                       + (" and --param over them" if params else "") + f": {_brief(settings)}")
-                replays[args.name or f"replay_{args.replay}"] = {**replay(
-                    read_run(run), args.replay, settings, args.group, args.order,
+                replays[name] = {**replay(
+                    table, args.replay, settings, args.group, args.order,
                     models=prepare(run, args.replay, settings)),
                     "about": f"{args.replay} ({_brief(settings)}"
                              + (f", in the order of {args.order}" if args.order else "") + ")"}

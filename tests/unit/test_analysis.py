@@ -241,7 +241,8 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
     assert capsys.readouterr().err.startswith("error: --group all and --param group=cohort disagree")
     for args, message in ((["--replay", "prada", "--param", "delta=1.5"], "--param delta must be a number in (0, 1], "
                                                                           "got 1.5"),
-                          (["--replay", "nosuch"], "--replay='nosuch' is not a known detector")):
+                          (["--replay", "nosuch"], "--replay='nosuch' is not a known detector"),
+                          (["--replay", "prada", "--name", "cohort"], "--name 'cohort' is a detector of the run")):
         assert cli([str(run), *args]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"error: {message}")  # nothing said of a replay that cannot run

@@ -174,6 +174,17 @@ def _refuse_inert(values: dict[str, Any], defaults: dict[str, Any], prefix: str,
             raise ValueError(inert("", prefix + key, value, needs, default))
 
 
+def _calibrated_or_not(owner: str, kind, params: dict[str, Any]) -> None:
+    """A stateless detector given a ``threshold`` is not calibrated, so a ``target_fpr`` beside it would do nothing.
+    Checked on the scenario alone: the detector itself holds both once calibration has set its threshold."""
+    from .detectors import StatelessDetector
+
+    default = kind.params["target_fpr"].default if "target_fpr" in kind.params else None
+    if issubclass(kind, StatelessDetector) and params.get("threshold") is not None \
+            and params.get("target_fpr", default) != default:
+        raise ValueError(inert("", f"{owner}.target_fpr", params["target_fpr"], f"{owner}.threshold=null", default))
+
+
 class PowConfig(_Strict):
     bits_min: int = Field(8, ge=1, le=24, description="proof-of-work bits at the detector's threshold")
     bits_max: int = Field(16, ge=1, le=24, description="proof-of-work bits at `saturate` and above (a request's "
@@ -543,6 +554,7 @@ class ScenarioConfig(_Strict):
             kind = detectors.get(det.kind, f"detectors.{name}.kind")
             det.__pydantic_extra__ = _own_params(f"detectors.{name}", kind, det.params(),
                                                  list(DetectorConfig.model_fields))
+            _calibrated_or_not(f"detectors.{name}", kind, det.params())
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         self._checkpoint_is_usable()

@@ -457,6 +457,9 @@ def test_knockoff_pool_size_holds_a_nested_random_subset_of_the_pool():
     ("detectors.same.mask_ratio=1", r"detectors.same.mask_ratio must be a number in \(0, 1\), got 1"),
     ("detectors.msp.target_fpr=0", r"detectors.msp.target_fpr must be a number in \(0, 1\) \(or null\), got 0"),
     ("detectors.prada.pow.bits_max=4", "bits_min \\(8\\) must be <= bits_max \\(4\\)"),
+    ("detectors.msp.threshold=0.5,detectors.msp.target_fpr=0.01",
+     r"detectors.msp.target_fpr=0.01 has no effect unless detectors.msp.threshold=null; expected "
+     r"detectors.msp.threshold=null, or detectors.msp.target_fpr left at its default \(0.05\)"),
     ("benign.accounts=1", r"benign: accounts \(1\) must be >= users \(2\): every user holds one"),
     ("benign.queries_max=10", r"benign: queries_max \(10\) must be >= queries \(300\)"),
     ("detectors.pooled_prada.group=ip",
@@ -472,7 +475,14 @@ def test_knockoff_pool_size_holds_a_nested_random_subset_of_the_pool():
 ])
 def test_bad_detector_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        config.load("single_knockoff", [override])
+        config.load("single_knockoff", override.split(","))
+
+
+def test_a_given_threshold_beside_the_default_target_fpr_is_accepted():
+    """A threshold given turns calibration off; target_fpr at its default (stated or not) is then simply unused."""
+    for extra in ([], ["detectors.msp.target_fpr=0.05"]):
+        cfg = config.load("single_knockoff", ["detectors.msp.threshold=0.5", *extra])
+        assert cfg.detectors["msp"].params()["threshold"] == 0.5
 
 
 @pytest.mark.parametrize("mode, setting, its_mode, message", [

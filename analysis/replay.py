@@ -164,11 +164,15 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     images = querylog.decode_inputs(rows_sorted, shape) if needs_images else np.zeros((n, 1), np.uint8)
     req = np.asarray(rows_sorted.column("request_id").to_pylist())
     starts = np.r_[0, np.flatnonzero(req[1:] != req[:-1]) + 1, n]
+    flagged: set[str] = set()  # a stateful detector's keys flagged so far: for good, as the tier keeps them
     for a, b in zip(starts[:-1], starts[1:]):
         key = keys[a]
+        was = key in flagged or (det.stateful and det.is_flagged(key))
         res = det.score(key, images[a:b], probs[a:b].argmax(1), probs[a:b])
         scores[order[a:b]] = res.scores
-        flags[order[a:b]] = res.flags
+        flags[order[a:b]] = detector_registry.for_good(res.flags, was) if det.stateful else res.flags
+        if det.stateful and flags[order[b - 1]]:
+            flagged.add(key)
     return {"scores": scores, "flags": flags, "rows": rows}
 
 

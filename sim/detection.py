@@ -11,6 +11,7 @@ not assumed.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,13 @@ def _probe(where: str, kind, blob, params: dict, victim):
     if shapes != [(4,), (4,)]:
         raise ConfigError(f"{where}.score returned scores of shape {shapes[0]} and flags of shape {shapes[1]} for 4 "
                           f"images; expected one of each per image, (4,)")
+    if probe.stateful:  # the tier snapshots and journals its state: a state that does not pickle fails mid-run
+        try:
+            pickle.dumps(probe)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's state holds
+            raise failed(f"{where}'s state (after scoring 4 images) does not pickle", exc,
+                         "a stateful detector whose state pickles (plain data, numpy arrays): the detection tier "
+                         "snapshots and journals it") from None
     return build()
 
 

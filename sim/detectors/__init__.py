@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from .base import Detection, Detector, Param, StatelessDetector, calibration_split
+from .base import Detection, Detector, Param, StatelessDetector, calibration_split, for_good
 
-__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split", "get",
-           "names", "presets"]
+__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split", "for_good",
+           "get", "names", "presets"]
 
 
 def names() -> list[str]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..registry import Component, Param
 
-__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split"]
+__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split", "for_good"]
 
 
 @dataclass
@@ -37,6 +37,12 @@ class Detection:
     # whose verdict it got (0: none yet)
     round: np.ndarray | None = None
     as_of: np.ndarray | None = None
+
+
+def for_good(flags: np.ndarray, was_flagged: bool) -> np.ndarray:
+    """A stateful detector's flags for one batch of a key as the tier keeps them: once the key is flagged (before the
+    batch, or at a query of it) every later query of it is, whatever the detector says of them."""
+    return np.logical_or.accumulate(np.r_[was_flagged, np.asarray(flags, bool)])[1:]
 
 
 def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -70,6 +70,33 @@ def test_a_retried_request_gets_its_verdict_again_and_is_not_scored_twice():
     assert nxt.seq[0] == len(x)
 
 
+class _Forgetful(detectors.Detector):
+    """Flags a key's 10th query and says nothing of the key afterwards (no flagged_accounts of its own)."""
+
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
+        self.sent: dict[str, int] = {}
+
+    def score(self, key, inputs, labels, probs=None):
+        before = self.sent.get(key, 0)
+        self.sent[key] = before + len(labels)
+        return detectors.Detection(np.zeros(len(labels)), before + np.arange(1, len(labels) + 1) == 10)
+
+
+def test_the_tier_keeps_a_stateful_detectors_flag_for_good_though_the_detector_forgets_it():
+    shard = tier.Shard({"f": _Forgetful()})
+    x, y = np.zeros((8, 1, 28, 28), np.uint8), np.zeros(8, np.int64)
+    first = shard.score("r1", [("f", "a")], x, y, None)["f"]
+    second = shard.score("r2", [("f", "a")], x, y, None)["f"]  # the detector flags its 10th query, the 2nd here
+    third = shard.score("r3", [("f", "a")], x, y, None)["f"]  # the detector flags none of these
+    other = shard.score("r4", [("f", "b")], x, y, None)["f"]
+    assert not first.flags.any() and not first.was_flagged
+    assert second.flags.tolist() == [False] + [True] * 7 and not second.was_flagged
+    assert third.flags.all() and third.was_flagged
+    assert not other.flags.any() and not other.was_flagged
+    assert not detectors.for_good(np.zeros(0, bool), False).size and detectors.for_good([False], True).tolist() == [True]
+
+
 def test_sharding_changes_nothing_a_per_key_detector_decides():
     one, four = tier.LocalTier(_prada(), shards=1), tier.LocalTier(_prada(), shards=4)
     for r, (acct, x, y) in enumerate(_stream()):

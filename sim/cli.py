@@ -168,7 +168,9 @@ def run_sweep(scenario: str | None, overrides: list[str]) -> int:
             rest.append(item)
     out = sweep.run(name, rest, scenario=scenario, resume=resume)
     print(sweep.format_result(out))
-    return 130 if out["interrupted"] else 0
+    if out["interrupted"]:
+        return 130
+    return 1 if any(r["status"] == "error" for r in out["rows"]) else 0  # a trial failed: not a sweep to trust
 
 
 def serve_forever(scenario: str, overrides: list[str]) -> int:

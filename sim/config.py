@@ -581,7 +581,29 @@ class ScenarioConfig(_Strict):
                                                        list(AttackerConfig.model_fields)))
             if att.replica.arch is not None:
                 models.check_name(f"attackers.{aid}.replica.arch", att.replica.arch)
+        self._absolute_paths()
         return self
+
+    def _absolute_paths(self) -> None:
+        """Relative local paths made absolute, once checked (the checks' messages show them as given): each names
+        the same file in every process of the run, whatever its working directory (a sweep's trials run in their
+        own), and the run's config.yaml records where the files were."""
+        from . import data, storage
+
+        def data_specs(value):  # a component's parameters: each dataset or pool among them (npz:, folder:)
+            if isinstance(value, dict):
+                return {k: data_specs(v) for k, v in value.items()}
+            return data.absolute(value) if isinstance(value, str) else value
+
+        paths = ((self.victim, "dataset", data.absolute), (self.victim, "checkpoint", storage.absolute),
+                 (self.victim, "key_file", storage.absolute), (self.data, "root", storage.absolute),
+                 (self.serve, "keys", storage.absolute), (self, "cache_dir", storage.absolute))
+        for model, key, absolute in paths:
+            value = getattr(model, key)
+            if value is not None:
+                model.__dict__[key] = absolute(value)  # as checked already (assigning would validate it again)
+        for owner in [*self.attackers.values(), *self.detectors.values()]:
+            owner.__pydantic_extra__ = data_specs(owner.__pydantic_extra__)
 
     def components(self) -> list[tuple[str, str]]:
         """(category, name) of every model, defense, detector and attack the scenario names: what Ray workers run."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import registry
+from . import registry, storage
 from .errors import ConfigError, DataError, failed
 from .registry import register
 
@@ -222,6 +222,16 @@ def names() -> list[str]:
 
 
 SCHEMES = ("npz", "folder")  # the user's own data: SCHEME:PATH
+
+
+def absolute(spec: str) -> str:
+    """``spec`` (a dataset, or a pool of several joined by '+') with each relative ``npz:``/``folder:`` path made
+    absolute, so that it names the same data in any working directory."""
+    parts = []
+    for name in spec.split("+"):
+        scheme, _, path = name.partition(":")
+        parts.append(f"{scheme}:{storage.absolute(path)}" if scheme in SCHEMES and path else name)
+    return "+".join(parts)
 
 
 def check_name(field: str, name: str) -> None:

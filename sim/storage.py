@@ -15,6 +15,14 @@ def resolve(path_or_uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path_or_uri))
 
 
+def absolute(path_or_uri: str) -> str:
+    """A relative local path made absolute (against the working directory); a URI, an absolute path or one from
+    ``~`` unchanged: a setting that names a file means that file in every process, whatever its working directory."""
+    if "://" in path_or_uri or path_or_uri.startswith("~") or os.path.isabs(path_or_uri):
+        return path_or_uri
+    return os.path.abspath(path_or_uri)
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a path or URI."""
     return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)

@@ -406,11 +406,12 @@ def _progress_callback(total: int):
             self._line(trials, trial, "done" if "run_dir" in (trial.last_result or {}) else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            try:
-                error = str(trial.get_error()).strip().splitlines()[-1][:300]
+            try:  # Tune may not hold the error yet: the summary at the end gives it
+                found = trial.get_error()
+                error = f" ({str(found).strip().splitlines()[-1][:300]})" if found else ""
             except Exception:  # the message is a courtesy: never let it stop the sweep
-                error = "see " + str(trial.error_file)
-            self._line(trials, trial, f"error ({error})")
+                error = ""
+            self._line(trials, trial, f"error{error}")
 
     return Progress()
 
@@ -605,6 +606,10 @@ def format_result(out: dict) -> str:
     lines = [f"sweep -> {out['dir']}: {len(rows)} trials, {done} done"
              f"{f' ({waiting} more not started)' if waiting > 0 else ''}, in {out['seconds']:.0f} s",
              f"table:  {out['parquet']} (and .csv)", f"plot:   {out['plot']}", f"report: {out['markdown']}"]
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        lines.append(f"failed: {len(failed)} of {len(rows)} trials; the first, {failed[0]['trial_id']} "
+                     f"({failed[0]['curve']}): {failed[0].get('error') or 'no message'}")
     if out["interrupted"]:
         lines.append(f"interrupted: continue with {resume_command(out['given'], out['dir'])}")
     return "\n".join(lines)

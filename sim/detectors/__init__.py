@@ -15,8 +15,8 @@ from typing import Any
 from .. import registry
 from .base import Detection, Detector, Param, StatelessDetector, calibration_split, for_good
 
-__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split", "for_good",
-           "get", "names", "presets"]
+__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split",
+           "for_good", "get", "names", "presets"]
 
 
 def names() -> list[str]:

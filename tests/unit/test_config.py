@@ -686,3 +686,23 @@ def test_a_run_stopped_by_a_mistake_before_its_queries_leaves_no_directory_of_it
     (tmp_path / "kept" / "notes.txt").write_text("the user's")
     _remove_stub(kept.run_dir)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]
+
+
+def test_relative_paths_are_made_absolute_once_checked(tmp_path, monkeypatch):
+    """A relative path names the same file in every process of a run, whatever its working directory (a sweep's
+    trials run in their own): the loaded scenario holds it absolute, and loads again from anywhere."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    images = np.zeros((6, 1, 8, 8), np.uint8)
+    np.savez(tmp_path / "data" / "my.npz", x_train=images, y_train=np.arange(6) % 2, x_test=images,
+             y_test=np.arange(6) % 2)
+    cfg = config.load("single_knockoff", ["victim.dataset=npz:data/my.npz", "cache_dir=cache", "data.root=~/datasets",
+                                          "attackers.single.pool=npz:data/my.npz+digits"])
+    mine = f"npz:{tmp_path}/data/my.npz"
+    assert cfg.victim.dataset == mine and cfg.attackers["single"].params()["pool"] == f"{mine}+digits"
+    assert cfg.cache_dir == str(tmp_path / "cache") and cfg.data.root == "~/datasets"  # ~ is every process's own
+    monkeypatch.chdir(tmp_path / "data")
+    again = config.load(cfg.model_dump())
+    assert again.victim.dataset == mine and again.attackers["single"].params()["pool"] == f"{mine}+digits"

@@ -277,6 +277,9 @@ def test_resume_finds_the_latest_sweep_whose_trials_started_and_names_it_as_it_w
     assert sweep.format_result(out).startswith("sweep -> /s/d: 1 trials, 1 done (5 more not started), in 3 s")
     assert sweep.format_result(out).endswith(
         "interrupted: continue with python -m sim sweep=my/small.yaml sweep.dir=/s/d resume=true")
+    out.update(interrupted=False, rows=[{"status": "done"}, {"status": "error", "trial_id": "t2", "curve": "mad",
+                                                            "error": "ConfigError: no such file"}])
+    assert sweep.format_result(out).endswith("failed: 1 of 2 trials; the first, t2 (mad): ConfigError: no such file")
 
 
 def test_a_sweep_samples_its_ranges_from_the_scenarios_seed():
@@ -342,3 +345,18 @@ def test_the_search_holds_the_trials_at_once_to_max_concurrent():
     assert first[0] is not None and first[1] is not None and first[2] is None  # two running: the third waits
     alg.on_trial_complete(first[0].trial_id)
     assert alg.next_trial() is not None
+
+
+def test_the_cli_exits_1_when_a_trial_failed(monkeypatch, capsys):
+    from sim import cli
+
+    rows = [{"status": "done"}, {"status": "error", "trial_id": "t2", "curve": "mad", "error": "boom"}]
+    out = {"rows": rows, "dir": "/s/d", "seconds": 3, "parquet": "p", "plot": "f", "markdown": "m",
+           "interrupted": False, "name": "small", "given": "small", "total": 2}
+    monkeypatch.setattr(sweep, "run", lambda *a, **k: out)
+    assert cli.run_sweep(None, ["sweep=small"]) == 1
+    assert "failed: 1 of 2 trials" in capsys.readouterr().out
+    out["rows"] = rows[:1]
+    assert cli.run_sweep(None, ["sweep=small"]) == 0
+    out["interrupted"] = True
+    assert cli.run_sweep(None, ["sweep=small"]) == 130

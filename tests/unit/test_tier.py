@@ -94,7 +94,8 @@ def test_the_tier_keeps_a_stateful_detectors_flag_for_good_though_the_detector_f
     assert second.flags.tolist() == [False] + [True] * 7 and not second.was_flagged
     assert third.flags.all() and third.was_flagged
     assert not other.flags.any() and not other.was_flagged
-    assert not detectors.for_good(np.zeros(0, bool), False).size and detectors.for_good([False], True).tolist() == [True]
+    assert not detectors.for_good(np.zeros(0, bool), False).size
+    assert detectors.for_good([False], True).tolist() == [True]
 
 
 def test_sharding_changes_nothing_a_per_key_detector_decides():

@@ -330,12 +330,15 @@ class VictimService:
     @_while_logging
     def query_json(self, api_key: str | None, body: bytes, actor_id: str | None = None,
                    content_type: str | None = None) -> Reply:
-        """The HTTP path. A JSON body ``{"images": [...]}`` (floats in [0, 1] or 0..255 integers) or ``{"uint8":
+        """The HTTP path. A JSON body ``{"images": [...]}`` (floats in [0, 1]) or ``{"uint8":
         BASE64, "shape": [N, C, H, W]}`` is a query, ``{"challenge": ID, "solution": N}`` (optionally
         ``"seconds"``) answers a proof-of-work challenge; a body of type ``application/x-npy`` (a batch) or
         ``image/png`` (one image) is a query too. A query in a compact encoding (base64, .npy, PNG) is answered in
         kind (:meth:`sim.protocol.Reply.to_json`)."""
         start = time.perf_counter()
+        refused = self.key_error(api_key)  # the key first: nothing of an unknown caller's body is read
+        if refused is not None:
+            return self.reject(api_key, refused.status, refused.reason, actor_id, start)
         kind = (content_type or "").split(";")[0].strip().lower()
         if kind in BINARY_TYPES:
             try:
@@ -390,6 +393,14 @@ class VictimService:
                               f"nothing it cannot log")
             log.error("%s: %s", self.writer.writer_id, self.log_error)
             raise _LogFailed from exc
+
+    def key_error(self, api_key) -> RequestError | None:
+        """The 401 a request with this key gets before anything else of it is read; None for a known key."""
+        try:
+            self._account(api_key)
+        except RequestError as exc:
+            return exc
+        return None
 
     def _account(self, api_key) -> Account:
         if not api_key:

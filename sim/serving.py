@@ -136,6 +136,8 @@ class VictimDeployment:
         if request.method != "POST":
             call = functools.partial(self.service.reject, key, 405,
                                      f"method {request.method} not allowed; use POST", actor)
+        elif (refused := self.service.key_error(key)) is not None:  # before the body: an unknown caller's is not read
+            call = functools.partial(self.service.reject, key, refused.status, refused.reason, actor)
         else:
             body = await _read_body(request, self.spec.body_limit)
             if body is None:

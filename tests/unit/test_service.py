@@ -83,7 +83,12 @@ def test_malformed_json_body_is_400_and_logged(service):
     assert reply.status == 415 and reply.reason.startswith("Content-Type 'image/jpeg' is not one this API reads")
     reply = svc.query_json("k-att", json.dumps({"uint8": "AAAA"}).encode())
     assert reply.status == 400 and reply.reason.startswith("shape is missing")
-    assert querylog.read(str(path)).num_rows == 7
+    # an unknown or missing key is 401 before anything of the body is read: no format hint to an unknown caller
+    for key, why in (("nope", "unknown API key"), (None, "missing API key")):
+        for body, kind in ((b"{not json", None), (b"\x89PNG", "image/png"), (b"x", "image/jpeg")):
+            reply = svc.query_json(key, body, content_type=kind)
+            assert reply.status == 401 and reply.reason.startswith(why), reply.reason
+    assert querylog.read(str(path)).num_rows == 13
 
 
 def test_prada_refuse_action_refuses_a_flagged_accounts_later_queries(service):

@@ -2,7 +2,8 @@
 
 Each detector has a :class:`Rule`: which history key it keeps (``group``), and what a flagged query
 gets (``action``). When several detectors flag one query, the strictest action wins:
-``refuse`` > ``proof_of_work`` > ``perturb`` > ``answer``.
+``refuse`` > ``proof_of_work`` > ``perturb`` > ``answer``; a ``perturb`` beside a ``proof_of_work`` still applies
+to the answer that solving the puzzle brings.
 
 - ``answer``: answered as usual (the flag is only logged);
 - ``perturb``: answered through the rule's own output defense (e.g. MAD) instead of the victim's;

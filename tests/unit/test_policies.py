@@ -107,3 +107,21 @@ def test_a_stateless_refusal_refuses_the_flagged_query_itself(tmp_path):
     reply = svc.query("k-ben", data.load("mnist5k").x_test[:3])
     assert reply.status == 403 and reply.reasons == ["query flagged by msp"] * 3 and np.isnan(reply.probs).all()
     writer.close()
+
+
+def test_a_perturb_that_fired_beside_proof_of_work_shapes_the_answer_the_solution_brings(tmp_path):
+    model = models.build("lenet", (1, 28, 28), 10)  # untrained: every query scores ~0.9, above both thresholds
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w", detectors=["pw", "soft"])
+    rules = {"pw": Rule("proof_of_work", threshold=0.0, bits_min=3, bits_max=3),
+             "soft": Rule("perturb", perturb={"name": "labels_only"})}
+    svc = VictimService(model=model, victim="v", run_id="r", accounts={"k": Account("a", "attacker")},
+                        input_shape=(1, 28, 28), detectors={n: detectors.build("msp", threshold=0.0) for n in rules},
+                        rules=rules, perturbers={"soft": defenses.from_spec({"name": "labels_only"}, victim=model)},
+                        writer=writer, max_images=16)
+    first = svc.query("k", data.load("mnist5k").x_test[:3])
+    assert first.status == 202 and first.actions == ["challenged"] * 3  # the strictest wins now
+    ch = first.challenge
+    solved = svc.solve("k", ch["id"], pow.solve(ch["nonce"], ch["bits"])[0])
+    assert solved.status == 200 and solved.actions == ["answered"] * 3 and (solved.probs.max(1) == 1.0).all()
+    writer.close()
+    assert querylog.read(str(tmp_path)).column("action").to_pylist() == ["challenged"] * 3 + ["perturbed"] * 3

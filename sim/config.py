@@ -542,12 +542,6 @@ class ScenarioConfig(_Strict):
     def _components_are_valid(self):
         from . import data, defenses, detectors, models, registry  # late: registries import torch
 
-        batches = {f"attackers.{aid}.batch_size": a.batch_size for aid, a in self.attackers.items()}
-        batches["benign.batch_size"] = self.benign.batch_size
-        for key, size in batches.items():
-            if size > self.serve.max_images:
-                raise ValueError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
-                                 f"request would be refused; expected at most {self.serve.max_images}")
         for name, det in self.detectors.items():
             if not name.isidentifier():
                 raise ValueError(f"detector name {name!r} must be letters, digits and '_' (it prefixes log columns)")
@@ -604,6 +598,16 @@ class ScenarioConfig(_Strict):
                 model.__dict__[key] = absolute(value)  # as checked already (assigning would validate it again)
         for owner in [*self.attackers.values(), *self.detectors.values()]:
             owner.__pydantic_extra__ = data_specs(owner.__pydantic_extra__)
+
+    def check_requests(self) -> None:
+        """A run's clients send requests the victim takes: each batch size within ``serve.max_images`` (checked for
+        a run and a sweep, not for serve mode, whose clients are someone else's)."""
+        batches = {f"attackers.{aid}.batch_size": a.batch_size for aid, a in self.attackers.items()}
+        batches["benign.batch_size"] = self.benign.batch_size
+        for key, size in batches.items():
+            if size > self.serve.max_images:
+                raise ConfigError(f"{key}={size} exceeds serve.max_images={self.serve.max_images}, so every "
+                                  f"request would be refused; expected at most {self.serve.max_images}")
 
     def components(self) -> list[tuple[str, str]]:
         """(category, name) of every model, defense, detector and attack the scenario names: what Ray workers run."""

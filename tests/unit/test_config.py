@@ -73,8 +73,6 @@ def test_setting_a_detector_that_stays_off_is_pointed_out(caplog):
     ("victim.dataset=mnsit", "cifar100, npz:PATH, folder:PATH, or module:attr of your own"),
     ("attackers.single.actors=2", r"attackers.single: actors \(2\) must be <= accounts \(1\)"),
     ("serve.shards=0", "serve.shards must be >= 1, got 0"),
-    ("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds serve.max_images=256"),
-    ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256"),
     ("seed=${nope}", "cannot resolve an interpolation: Interpolation key 'nope' not found"),
     ("detector.prada.acton=refuse", "unknown key 'detectors.prada.acton'"),
     ("detector=5", "detector=5 must be a mapping"),
@@ -706,3 +704,13 @@ def test_relative_paths_are_made_absolute_once_checked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "data")
     again = config.load(cfg.model_dump())
     assert again.victim.dataset == mine and again.attackers["single"].params()["pool"] == f"{mine}+digits"
+
+
+def test_a_runs_batches_must_fit_the_victims_max_images_which_serve_mode_does_not_ask():
+    for override, message in (("attackers.single.batch_size=1000", "attackers.single.batch_size=1000 exceeds "
+                                                                   "serve.max_images=256, so every request"),
+                              ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256")):
+        cfg = config.load("single_knockoff", [override])  # serve mode takes it: its clients are someone else's
+        with pytest.raises(ConfigError, match=message):
+            cfg.check_requests()
+    config.load("single_knockoff", ["serve.max_images=8"])

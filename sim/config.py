@@ -421,6 +421,15 @@ class ServeConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _inert_without_limits(self):
+        if self.rate is None:
+            _refuse_inert({"burst": self.burst}, {"burst": None}, "serve.", "serve.rate=RATE")
+        if self.rate is None and self.quota is None:
+            _refuse_inert({"limit_by": self.limit_by}, {"limit_by": "account"}, "serve.",
+                          "serve.quota=N or serve.rate=RATE")
+        return self
+
+    @model_validator(mode="after")
     def _burst_holds_a_request(self):
         if self.burst is not None and self.burst < self.max_images:
             raise ValueError(f"serve.burst={self.burst} is below serve.max_images={self.max_images}: a request of more "
@@ -549,6 +558,9 @@ class ScenarioConfig(_Strict):
             det.__pydantic_extra__ = _own_params(f"detectors.{name}", kind, det.params(),
                                                  list(DetectorConfig.model_fields))
             _calibrated_or_not(f"detectors.{name}", kind, det.params())
+        if self.device == "cpu":
+            _refuse_inert({"replica_gpus": self.serve.replica_gpus}, {"replica_gpus": None}, "serve.",
+                          "device=cuda or device=auto")
         data.check_name("victim.dataset", self.victim.dataset)
         models.check_name("victim.arch", self.victim.arch)
         self._checkpoint_is_usable()
@@ -599,9 +611,14 @@ class ScenarioConfig(_Strict):
         for owner in [*self.attackers.values(), *self.detectors.values()]:
             owner.__pydantic_extra__ = data_specs(owner.__pydantic_extra__)
 
-    def check_requests(self) -> None:
-        """A run's clients send requests the victim takes: each batch size within ``serve.max_images`` (checked for
-        a run and a sweep, not for serve mode, whose clients are someone else's)."""
+    def check_run(self) -> None:
+        """What a run (and each trial of a sweep) needs beyond what serve mode does, whose clients are someone
+        else's: its clients' requests within ``serve.max_images``, and none of serve mode's own settings."""
+        for key in ("keys", "accounts"):
+            if getattr(self.serve, key) != ServeConfig.model_fields[key].default:
+                raise ConfigError(f"serve.{key}={getattr(self.serve, key)!r} is read by serve mode only (python -m sim "
+                                  f"serve scenario=…); expected it unset in a run, whose accounts are its attackers' "
+                                  f"and benign users'")
         batches = {f"attackers.{aid}.batch_size": a.batch_size for aid, a in self.attackers.items()}
         batches["benign.batch_size"] = self.benign.batch_size
         for key, size in batches.items():

@@ -310,7 +310,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
     ``{attacker id: {epoch: replica test accuracy}}`` so far, for every attacker whose replica trains (``{}``
     until its first epoch ends)."""
     cfg = config_mod.load(scenario, overrides)
-    cfg.check_requests()
+    cfg.check_run()
     devices.local(cfg.device)  # device=cuda where there is none: an error before any work
     check_ray_address(cfg)  # and a cluster that is not there
     if victim is not None and not isinstance(victim, zoo.Victim):  # a live module (the Python API)

@@ -256,7 +256,7 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
             raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
                               f"{SWEEP_PREFIX}dir=PATH to place the sweep")
     base = config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
-    base.check_requests()
+    base.check_run()
     if not base.attackers:
         raise ConfigError(f"scenario {base.name!r} has no attackers, so a sweep has no replica to measure; "
                           f"expected a scenario with at least one (attackers.ID.attack=knockoff …)")

@@ -712,5 +712,25 @@ def test_a_runs_batches_must_fit_the_victims_max_images_which_serve_mode_does_no
                               ("benign.batch_size=300", "benign.batch_size=300 exceeds serve.max_images=256")):
         cfg = config.load("single_knockoff", [override])  # serve mode takes it: its clients are someone else's
         with pytest.raises(ConfigError, match=message):
-            cfg.check_requests()
+            cfg.check_run()
     config.load("single_knockoff", ["serve.max_images=8"])
+    for override, message in (("serve.keys=/x.json", "serve.keys='/x.json' is read by serve mode only"),
+                              ("serve.accounts=3", "serve.accounts=3 is read by serve mode only")):
+        cfg = config.load("single_knockoff", [override])  # serve mode's own settings
+        with pytest.raises(ConfigError, match=message):
+            cfg.check_run()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["serve.burst=300"], "serve.burst=300 has no effect unless serve.rate=RATE"),
+    (["serve.limit_by=cohort"], "serve.limit_by=cohort has no effect unless serve.quota=N or serve.rate=RATE"),
+    (["serve.replica_gpus=1", "device=cpu"], "serve.replica_gpus=1.0 has no effect unless device=cuda or device=auto"),
+    (["serve.rate=5", "serve.burst=300", "serve.limit_by=cohort"], None),
+    (["serve.quota=50", "serve.limit_by=actor"], None),
+])
+def test_limit_settings_without_a_limit_are_refused(overrides, message):
+    if message is None:
+        config.load("single_knockoff", overrides)
+        return
+    with pytest.raises(ConfigError, match=message):
+        config.load("single_knockoff", overrides)

@@ -11,7 +11,9 @@ import pyarrow.compute as pc
 import pytest
 
 import analysis
+from sim import zoo
 from sim.config import load
+from sim.plan import make_plan
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "own-components.md"
 QUICK = ["attackers.single.budget=300", "attackers.single.replica.epochs=8", "attackers.single.replica.lr=0.01",
@@ -51,10 +53,11 @@ def test_every_command_of_the_page_validates(workdir, monkeypatch):
     (workdir / "mypkg").symlink_to(Path(__import__("mypkg").__file__).parent)  # "where mypkg/ is a folder"
     commands = _commands()
     assert len(commands) == 5
-    for args in commands:
+    for args in commands:  # what a run checks before it trains or starts Ray: settings, data, the attack's plan
         scenario = args[0].split("=", 1)[1]
         cfg = load(scenario, args[1:])
-        assert cfg.attackers
+        cfg.check_run()
+        assert cfg.attackers and make_plan(cfg, zoo.load_data(cfg.victim, cfg.data)).clients
     ds = __import__("sim").data.load("folder:data/mydigits")
     assert ds.num_classes == 10 and len(ds.x_train) + len(ds.x_test) == 100
 

@@ -861,8 +861,21 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw["detectors"] = OmegaConf.to_container(OmegaConf.merge(raw.get("detectors") or {}, alias or {}))
     cfg = validate(raw)
     if overrides and not isinstance(overrides, dict):
+        _untrained_checkpoint(cfg, overrides)
         _warn_off_detectors(cfg, overrides)
     return cfg
+
+
+def _untrained_checkpoint(cfg: ScenarioConfig, overrides: list[str]) -> None:
+    """The victim's training settings given beside ``victim.checkpoint``, which is trained already: nothing would
+    use them (those the scenario file gives are its own, for when it trains, and pass)."""
+    if cfg.victim.checkpoint is None:
+        return
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("victim.epochs", "victim.batch_size", "victim.lr"):
+            raise ConfigError(f"{key}={value} trains the victim, but victim.checkpoint={cfg.victim.checkpoint!r} is "
+                              f"a trained one; expected no {key} with a checkpoint")
 
 
 def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str]) -> None:

@@ -734,3 +734,16 @@ def test_limit_settings_without_a_limit_are_refused(overrides, message):
         return
     with pytest.raises(ConfigError, match=message):
         config.load("single_knockoff", overrides)
+
+
+def test_training_settings_given_beside_a_checkpoint_are_refused(tmp_path):
+    ckpt = tmp_path / "net.pt"
+    ckpt.write_bytes(b"")
+    for override in ("victim.epochs=1", "victim.lr=0.5", "victim.batch_size=7"):
+        key, value = override.split("=")
+        with pytest.raises(ConfigError, match=rf"^{key}={value} trains the victim, but victim.checkpoint='{ckpt}' is "
+                                              rf"a trained one; expected no {key} with a checkpoint"):
+            config.load("single_knockoff", [f"victim.checkpoint={ckpt}", override])
+    # a scenario file's own are for when it trains: they pass
+    (tmp_path / "mine.yaml").write_text("extends: single_knockoff\nvictim: {epochs: 30, lr: 0.01}\n")
+    assert config.load(str(tmp_path / "mine.yaml"), [f"victim.checkpoint={ckpt}"]).victim.epochs == 30

@@ -239,6 +239,8 @@ def test_npz_datasets_take_float_channels_last_and_uint8_channels_first(tmp_path
     (lambda a: a.update(x_test=a["x_test"] * 3), "x_test has values in [0.000"),
     (lambda a: a.update(x_test=a["x_test"][:, :20]), "x_train has images of shape (1, 28, 28), x_test (1, 20, 28)"),
     (lambda a: a.update(y_train=a["y_train"] + 0.5), "y_train holds float64 labels"),
+    (lambda a: a.update(y_train=np.array([f"c{y}" for y in a["y_train"]])), "y_train holds <U2 labels (such as "
+                                                                               "'c"),
     (lambda a: a["x_test"].__setitem__((0, 0, 0, 0), np.nan), "x_test has 1 NaN or infinite values; expected float"),
     (lambda a: a.update(y_train=a["y_train"] + 1, y_test=a["y_test"] + 1),
      "no training image has label 0 (labels 1 to 4); expected labels 0 to K-1 with every class in y_train"),

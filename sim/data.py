@@ -348,8 +348,8 @@ def from_arrays(name: str, arrays, num_classes: int | None = None) -> Dataset:
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"dataset {name!r}: {key} has shape {y.shape}; expected ({len(x)},), a label per image")
         if y.size and not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):  # strings, objects: no minimum
-            raise DataError(f"dataset {name!r}: {key} holds {y.dtype} labels (such as {str(y.flat[0])!r}); expected integer "
-                            f"class labels >= 0")
+            raise DataError(f"dataset {name!r}: {key} holds {y.dtype} labels (such as {str(y.flat[0])!r}); expected "
+                            f"integer class labels >= 0")
         if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0):
             raise DataError(f"dataset {name!r}: {key} holds {y.dtype} labels from {y.min()}; expected integer class "
                             f"labels >= 0")

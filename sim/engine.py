@@ -536,8 +536,10 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
     """:func:`run` against a victim this tool does not serve (:mod:`sim.remote`): the clients query it and log what
     they sent and got back; its answers on the test set come through an evaluation account; the replicas train as
     usual. Nothing is trained, served, defended or detected here."""
-    from .remote import RemoteError
+    from .remote import RemoteError, probe_adapter
 
+    if cfg.victim.client:  # the user's adapter, tried before any client starts
+        probe_adapter(cfg.victim.client, ds.x_test[:4])
     eval_key = _remote_keys(cfg, plan)
     remote = {"run_id": run_id, "victim": cfg.victim.name, "url": cfg.victim.url, "log_dir": log_dir,
               "input_shape": ds.input_shape, "log_inputs": cfg.log.inputs, "accounts": plan.accounts,
@@ -641,8 +643,20 @@ def _query(plan: Plan, app: str | None, nodes: list[str], board, quiet: bool, ru
                 raise
             refused.append(exc.cause)
     if refused:
-        raise _VictimStopped(f"the victim answered {refused[0].status}: {refused[0].reason}")
+        raise _stopped(plan, refused[0])
     return transfers, died
+
+
+def _stopped(plan: Plan, refused) -> Exception:
+    """What stops a run whose client the victim refused (``refused``: its :class:`actors.client.VictimRefused`): a
+    400 is the sender's mistake (the images of an attack of the user's own, or of a victim elsewhere that takes
+    another shape), a one-line error naming the attacker; anything else is the victim's, and stops the run."""
+    if refused.status == 400:
+        who = next(c for c in plan.clients if c.actor_id == refused.actor_id)
+        where = f"attackers.{who.attacker}.attack" if who.attacker else "benign"
+        return SimError(f"{where}: the victim refused the images of actor {refused.actor_id} ({refused.reason}); "
+                        f"expected images the victim takes")
+    return _VictimStopped(f"the victim answered {refused.status}: {refused.reason}")
 
 
 def _rebuild_from_log(plan: Plan, died: dict[str, str], log_dir: str, input_shape: tuple) -> dict[str, object]:

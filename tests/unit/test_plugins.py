@@ -448,6 +448,10 @@ def logits(x):
 
 def probs(x):
     return np.full((len(x), 4), 0.25, np.float32)
+
+
+def broken(x):
+    raise ValueError("no model here")
 '''
 
 
@@ -478,6 +482,16 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
                                                   r"in \[-2, 2\], row sums in \[0, 0\]\)"):
                 remote.query("k", x)
         remote.close()
+
+    from sim.remote import probe_adapter  # a run tries the adapter before any client starts: one line, status 2
+
+    probe_adapter("adapters:probs", x)
+    with pytest.raises(ConfigError, match=r"^victim.client returned rows that are not probabilities .* \(tried on 3 "
+                                          r"test images before the run\)$"):
+        probe_adapter("adapters:logits", x)
+    with pytest.raises(ConfigError, match=r"^victim.client='adapters:broken' fails on 3 test images: ValueError: no "
+                                          r"model here; expected a callable"):
+        probe_adapter("adapters:broken", x)
 
 
 DETECTORS = '''

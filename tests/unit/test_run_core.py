@@ -231,3 +231,20 @@ def test_a_response_prints_with_its_settings_and_a_chain_by_member():
     assert summary.action_text(summary.Detector(action="refuse", **base)) == "refuse"
     chain = {"reverse_sigmoid": {"beta": 0.3, "gamma": 0.5}, "rounding": {"decimals": 1}}
     assert summary.params_text(chain) == "reverse_sigmoid: beta=0.3, gamma=0.5; rounding: decimals=1"
+
+
+def test_a_refused_client_stops_the_run_with_the_senders_mistake_or_the_victims():
+    from actors.client import VictimRefused
+    from sim.engine import _stopped, _VictimStopped
+    from sim.errors import SimError
+
+    plan = make_plan(config.load("distributed_knockoff"), data.load("mnist5k"))
+    actor = plan.of(attacker="distributed")[0].actor_id
+    bad = _stopped(plan, VictimRefused(actor, 400, "images shape (64, 3, 5, 5) is wrong; expected (N, 1, 28, 28)"))
+    assert isinstance(bad, SimError) and str(bad) == (
+        f"attackers.distributed.attack: the victim refused the images of actor {actor} (images shape (64, 3, 5, 5) "
+        f"is wrong; expected (N, 1, 28, 28)); expected images the victim takes")
+    benign = plan.of(role="benign")[0].actor_id
+    assert str(_stopped(plan, VictimRefused(benign, 400, "x"))).startswith("benign: the victim refused")
+    down = _stopped(plan, VictimRefused(actor, 503, "the query log cannot be written"))
+    assert isinstance(down, _VictimStopped) and str(down) == "the victim answered 503: the query log cannot be written"

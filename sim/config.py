@@ -317,6 +317,11 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _own_params(owner: str, component, given: dict[str, Any], common: list[str]) -> dict[str, Any]:
     """A component instance's own parameters (flat), checked by its declaration, with the defaults filled in."""
+    clash = [p for p in component.params if p.split(".")[0] in common]
+    if clash:  # a plug-in's: the scenario's key of that name is every instance's, so its own could not be set
+        raise ConfigError(f"{owner}: {component.name!r} declares parameter {clash[0]!r}, a key every "
+                          f"{owner.split('.')[0].rstrip('s')} has ({owner}.{clash[0]}), so its own could not be set; "
+                          f"expected another name for it")
     flat = _flatten(given)
     for key in flat:
         if key not in component.params:

@@ -498,6 +498,7 @@ DETECTORS = '''
 import numpy as np
 
 from sim.detectors import Detection, Detector
+from sim.registry import Param
 
 
 class Counts(Detector):
@@ -519,6 +520,10 @@ class ReturnsTuple(Counts):
 class WrongLength(Counts):
     def score(self, key, inputs, labels, probs=None):
         return Detection(scores=np.zeros(len(labels) - 1), flags=np.zeros(len(labels) - 1, bool))
+
+
+class TakesAction(Counts):
+    params = {"action": Param(0.5, help="a name every detector's settings have already")}
 
 
 class InitNoModels(Counts):
@@ -560,6 +565,13 @@ def test_a_detector_of_the_users_own_is_tried_before_it_is_deployed(on_path, kin
     glued = message.startswith((r"\.", "'"))  # .score…, 's state…: no space after the setting
     with pytest.raises(ConfigError, match=rf"^detectors.mine.kind='mydets:{kind}'{'' if glued else ' '}{message}"):
         detection.setup(cfg, ctx)
+
+
+def test_a_plug_ins_parameter_named_like_a_key_every_instance_has_is_refused(on_path):
+    (on_path / "mydets.py").write_text(DETECTORS)
+    with pytest.raises(ConfigError, match=r"^detectors.mine: 'mydets:TakesAction' declares parameter 'action', a key "
+                                          r"every detector has \(detectors.mine.action\), so its own could not be set"):
+        load("single_knockoff", ["detectors.mine.kind=mydets:TakesAction"])
 
 
 def test_an_attack_of_the_users_own_makes_one_query_source_per_actor(on_path):

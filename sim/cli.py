@@ -66,6 +66,8 @@ usage: python -m sim scenario=NAME [key=value ...]        run a scenario, print 
                                                           a Ray Tune sweep of defense settings (sweep.KEY: the
                                                           sweep's own keys; key=value: every trial's scenario)
        python -m sim help                                 this text
+       python -m sim help NAME                            a scenario, sweep or component (module:attr too), with
+                                                          each parameter's default, allowed values and help
 
 scenarios:
 {scenarios}
@@ -118,6 +120,15 @@ def _split_args(argv: list[str]) -> tuple[str | None, str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"] and len(argv) > 1:  # help NAME ...: a scenario, sweep or component, its parameters
+        from .reference import about
+
+        try:
+            print("\n\n".join(about(name) for name in argv[1:]))
+        except SimError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not argv or argv[0] == "help" or "-h" in argv or "--help" in argv:
         print(help_text())
         return 0 if argv else 2

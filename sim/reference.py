@@ -224,6 +224,47 @@ def text() -> str:
     return "\n\n".join(parts)
 
 
+HOW = {"defense": "defense=NAME defense.PARAM=VALUE", "detector": "detectors.NAME.kind=KIND detectors.NAME.PARAM=VALUE",
+       "attack": "attackers.ID.attack=KIND attackers.ID.PARAM=VALUE", "model": "victim.arch=NAME",
+       "dataset": "victim.dataset=NAME, or an attack's pool"}
+
+
+def about(name: str) -> str:
+    """``python -m sim help NAME``: what the scenario, sweep or component NAME (a registered name or ``module:attr``
+    of your own) is, with each parameter's default, allowed values and help."""
+    from . import sweep
+    from .config import load, scenario_names
+    from .errors import ConfigError
+
+    parts = []
+    if name in scenario_names():
+        parts.append(f"scenario {name}: {' '.join(load(name).description.split())}")
+    if name in sweep.sweep_names():
+        parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
+    for category in HOW:  # components first: a class is a callable, which a model or a dataset may be
+        if ":" not in name and name not in registry.entries(category):
+            continue
+        try:
+            obj = registry.get(category, name, "help")
+        except ConfigError:  # module:attr of another category (or of none)
+            continue
+        where = registry.plugins(category).get(name) or (name if ":" in name else None)
+        head = f"{category} {name}{f' [plug-in: {where}]' if where and where != name else ''} ({HOW[category]})"
+        own_doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__  # not a base class's
+        lines = [head, textwrap.fill(registry.summary_line(obj) if own_doc else "(no description)", 118,
+                                     initial_indent="  ", subsequent_indent="  ")]
+        params = getattr(obj, "params", None) if isinstance(obj, type) else None
+        if params:
+            lines.append(listing([(key, f"{_param_default(p)}; {p.expected()}. {p.help}") for key, p in params.items()]))
+        parts.append("\n".join(lines))
+        if ":" in name:  # a class of one category is a callable too: the first interface it meets is what it is
+            break
+    if not parts:
+        raise ConfigError(f"help {name!r}: not a scenario, sweep or component; expected a name python -m sim help "
+                          f"lists, or module:attr of your own")
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     from sim.cli import OneLineParser
 

@@ -370,7 +370,8 @@ def check_architectures(cfg, ds, victim_trains: bool) -> None:
     """Every architecture the run will build (the victim's when it trains here, each replica's) made once for the
     data, so that one that does not fit it (too small images for VGG, a factory of the user's that fails) is an
     error before any work rather than after the queries."""
-    fields = {f"attackers.{aid}.replica.arch": cfg.replica_arch(aid) for aid in cfg.attackers}
+    fields = {f"attackers.{aid}.replica.arch" if a.replica.arch else "victim.arch": cfg.replica_arch(aid)
+              for aid, a in cfg.attackers.items()}  # a replica without its own takes the victim's: named as set
     if victim_trains and cfg.victim.checkpoint is None and cfg.victim_arch() is not None:
         fields = {"victim.arch": cfg.victim_arch(), **fields}
     checked = set()

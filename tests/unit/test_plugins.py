@@ -4,6 +4,7 @@ victims from checkpoints, TorchScript files and live modules (docs/own-component
 import importlib
 import io
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -467,6 +468,11 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
     identity._perturb = lambda y, inputs: -y
     with pytest.raises(ConfigError, match=r"^defense returns values in \[-0.25, -0.25\]; expected probabilities"):
         defenses.check_outputs(identity, clean, x)
+    identity._perturb = lambda y, inputs: y * np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one line, not numpy's warning about an all-NaN slice before it
+        with pytest.raises(ConfigError, match=r"^defense returns no finite value and NaN or inf; expected"):
+            defenses.check_outputs(identity, clean, x)
     identity._perturb = lambda y, inputs: y[:, :3]
     with pytest.raises(ConfigError, match=r"detectors.p.perturb returns shape \(3, 3\) for the victim's answers of "
                                           r"shape \(3, 4\); expected the same shape"):

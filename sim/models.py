@@ -171,7 +171,11 @@ def load_checkpoint(path: str, arch: str | None, input_shape, num_classes: int) 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a file of the user's: whatever fails, say so in one line
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0] if str(exc) else "")  # torch's bold markers
-        if "Weights only load failed" in first:  # pickled objects, not just tensors
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # neither torch.save's zip nor a pickle
+            first = f"it is not a file torch.save writes (it starts with {head!r})"
+        elif "Weights only load failed" in first:  # pickled objects, not just tensors
             first = "it holds pickled objects, not only tensors: a whole model saved with torch.save(model)?"
         raise ConfigError(f"victim.checkpoint={path!r} cannot be read ({type(exc).__name__}: {first}); expected a "
                           f"state dict saved with torch.save, or a TorchScript file (torch.jit.save)") from None

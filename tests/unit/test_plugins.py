@@ -401,6 +401,10 @@ def test_a_state_dict_that_does_not_fit_the_architecture_is_one_line(tmp_path):
                                           r"tensors: a whole model saved with torch.save\(model\)\?\); expected a "
                                           r"state dict"):
         models.load_checkpoint(str(tmp_path / "whole.pt"), "lenet", (1, 28, 28), 10)
+    (tmp_path / "notes.pt").write_text("not a model\n")
+    with pytest.raises(ConfigError, match=r"cannot be read \(UnpicklingError: it is not a file torch.save writes \(it "
+                                          r"starts with b'not '\)\); expected a state dict"):
+        models.load_checkpoint(str(tmp_path / "notes.pt"), "lenet", (1, 28, 28), 10)
 
 
 def test_a_live_module_travels_pickled_and_keeps_its_weights():

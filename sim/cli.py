@@ -184,6 +184,23 @@ def run_sweep(scenario: str | None, overrides: list[str]) -> int:
     return 1 if any(r["status"] == "error" for r in out["rows"]) else 0  # a trial failed: not a sweep to trust
 
 
+def _in_effect(cfg, dets) -> list[str]:
+    """What serve mode's clients meet: the defense, each detector with what its flag does, the limits."""
+    from .summary import params_text
+
+    defense = cfg.defense.spec()
+    params = params_text({k: v for k, v in defense.items() if k != "name"})
+    detectors = [f"{name} ({params_text(info.params)}): {dets.rules[name]['action']}"
+                 for name, info in dets.info.items()]
+    s = cfg.serve
+    limits = [f"quota {s.quota} queries" if s.quota else "", f"rate {s.rate:g}/s (burst {s.burst or s.max_images})"
+              if s.rate else ""]
+    limits = [text for text in limits if text]
+    return [f"defense:   {defense['name']}{f' ({params})' if params else ''}",
+            f"detectors: {'; '.join(detectors) or 'none'}",
+            f"limits:    {', '.join(limits) + f' per {s.limit_by}' if limits else 'none'}"]
+
+
 def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
     from . import alerts, querylog, storage
@@ -237,6 +254,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             print(f"port: {port}")
             print(f"keys: {keys_path}")
             print(f"log:  {log_dir}")
+            print("\n".join(_in_effect(cfg, dets)))
             print("Ctrl-C to stop", flush=True)
             # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
             for sig in (signal.SIGINT, signal.SIGTERM):

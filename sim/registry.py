@@ -458,5 +458,7 @@ class Component(ABC):
         """Hook run after the parameters change (e.g. to reseed a generator)."""
 
     def describe(self) -> dict[str, Any]:
-        """The parameters worth a one-line summary (those declared ``brief``)."""
-        return {k: v for k, v in self.values.items() if self.params[k].brief}
+        """The parameters worth a one-line summary (those declared ``brief``, less those the others leave without
+        effect)."""
+        inert = self._inert(self.values)
+        return {k: v for k, v in self.values.items() if self.params[k].brief and k not in inert}

@@ -747,3 +747,21 @@ def test_training_settings_given_beside_a_checkpoint_are_refused(tmp_path):
     # a scenario file's own are for when it trains: they pass
     (tmp_path / "mine.yaml").write_text("extends: single_knockoff\nvictim: {epochs: 30, lr: 0.01}\n")
     assert config.load(str(tmp_path / "mine.yaml"), [f"victim.checkpoint={ckpt}"]).victim.epochs == 30
+
+
+def test_serve_mode_says_what_its_clients_meet():
+    from types import SimpleNamespace
+
+    from sim.cli import _in_effect
+    from sim.summarize import DetectorInfo
+
+    cfg = config.load("single_knockoff", ["defense=mad", "defense.eps=0.5", "serve.quota=30", "serve.rate=2",
+                                          "serve.burst=300", "serve.limit_by=cohort"])
+    dets = SimpleNamespace(info={"prada": DetectorInfo("prada", True, "account", {"delta": 0.95, "min_pool": 50})},
+                           rules={"prada": {"action": "refuse"}})
+    lines = _in_effect(cfg, dets)
+    assert lines[0] == "defense:   mad (eps=0.5)"
+    assert lines[1:] == ["detectors: prada (delta=0.95, min_pool=50): refuse",
+                         "limits:    quota 30 queries, rate 2/s (burst 300) per cohort"]
+    assert _in_effect(config.load("single_knockoff"), SimpleNamespace(info={}, rules={})) == [
+        "defense:   identity", "detectors: none", "limits:    none"]

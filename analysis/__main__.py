@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sim import alerts, storage
+    from sim.cli import SERVED
     from sim.errors import SimError
     from sim.querylog import detector_names, exists
 
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 read_summary(run)
             except SimError as exc:
-                print(f"{run}: {exc} (the report comes from the query log alone)")
+                served = storage.exists(storage.join(run, SERVED))  # serve mode writes none: not a failed run
+                print(f"{run}: " + ("a serve-mode run, which writes no summary" if served else str(exc))
+                      + " (the report comes from the query log alone)")
             if storage.exists(alerts.path_of(run)):
                 found = alerts.summary(alerts.read(run))
                 print(f"{run}: alerts: " + (", ".join(f"{s['source']} {s['alerts']} on {s['accounts']} accounts"

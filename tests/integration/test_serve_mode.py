@@ -94,6 +94,8 @@ def test_serve_mode_answers_external_clients_and_leaves_a_readable_log(cache_dir
         url = info["url"]
         assert url == f"http://127.0.0.1:{port}/victim" and info["port"] == str(port)
         assert info["keys"] == str(run_dir / "keys.json") and info["log"] == str(run_dir / "queries")
+        assert any(line.startswith("detectors: prada (") for line in lines)  # what its clients meet
+        assert json.load(open(run_dir / "served.json"))["url"] == url
         all_keys = json.load(open(run_dir / "keys.json"))
         assert len(all_keys) == 6 and {k["role"] for k in all_keys} == {"external"}
         served_accuracy = float(re.search(r"test accuracy ([0-9.]+)", lines[0]).group(1))

@@ -311,7 +311,7 @@ def test_a_run_without_a_readable_summary_is_reported_from_its_log_alone(run_dir
     assert "(the query log alone: it has no readable summary.json" in (run / "report.md").read_text()
 
 
-def test_a_serve_mode_log_reports_its_external_clients_their_alerts_and_its_run_id(tmp_path):
+def test_a_serve_mode_log_reports_its_external_clients_their_alerts_and_its_run_id(tmp_path, capsys):
     """Serve mode's log: external accounts only, no summary. The report shows what they sent and got, and the alerts
     count them as external (not as benign)."""
     ds = data.load("mnist5k")
@@ -335,6 +335,10 @@ def test_a_serve_mode_log_reports_its_external_clients_their_alerts_and_its_run_
     flagged = re.search(r"\| prada \| detector \| \d+ \| (\d+) \((\d+) external\) \|", text)
     assert flagged and flagged[1] == flagged[2] != "0", text
     assert "this log has no attacker or benign account (serve mode's clients are external)" in text
+    (tmp_path / "served.json").write_text("{}")  # what serve mode leaves beside its log: the CLI says what it is
+    assert cli([str(tmp_path)]) == 0
+    assert f"{tmp_path}: a serve-mode run, which writes no summary (the report comes from the query log alone)" in (
+        capsys.readouterr().out)
 
 
 def test_cli_param_values_that_are_not_yaml_are_one_line_errors(run_dir, capsys):

@@ -255,7 +255,7 @@ def about(name: str) -> str:
                                      initial_indent="  ", subsequent_indent="  ")]
         params = getattr(obj, "params", None) if isinstance(obj, type) else None
         if params:
-            lines.append(listing([(key, f"{_param_default(p)}; {p.expected()}. {p.help}") for key, p in params.items()]))
+            lines.append(listing([(k, f"{_param_default(p)}; {p.expected()}. {p.help}") for k, p in params.items()]))
         parts.append("\n".join(lines))
         if ":" in name:  # a class of one category is a callable too: the first interface it meets is what it is
             break

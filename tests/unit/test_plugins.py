@@ -579,15 +579,15 @@ def test_a_detector_of_the_users_own_is_tried_before_it_is_deployed(on_path, kin
 
 
 def test_help_name_describes_a_component_with_each_parameters_help(on_path, capsys):
-    (on_path / "mydets.py").write_text(DETECTORS + '\n\nclass Described(Counts):\n    """Counts, described."""\n\n'
+    (on_path / "helpdets.py").write_text(DETECTORS + '\n\nclass Described(Counts):\n    """Counts, described."""\n\n'
                                                    '    params = {"limit": Param(3, int, low=1, help="how many")}\n')
-    assert main(["help", "prada", "mydets:Described", "mydets:Counts"]) == 0
+    assert main(["help", "prada", "helpdets:Described", "helpdets:Counts"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("detector prada (detectors.NAME.kind=KIND detectors.NAME.PARAM=VALUE)\n  PRADA (Juuti")
     assert re.search(r"\n  delta +0.95; a number in \(0, 1\]\. Shapiro-Wilk W threshold\n", out)
-    assert "detector mydets:Described (detectors.NAME" in out and "Counts, described." in out
+    assert "detector helpdets:Described (detectors.NAME" in out and "Counts, described." in out
     assert re.search(r"\n  limit +3; an integer >= 1\. how many\n", out)
-    assert "detector mydets:Counts (detectors.NAME.kind=KIND detectors.NAME.PARAM=VALUE)\n  (no description)" in out
+    assert "detector helpdets:Counts (detectors.NAME.kind=KIND detectors.NAME.PARAM=VALUE)\n  (no description)" in out
     assert main(["help", "nosuch"]) == 2
     assert capsys.readouterr().err.strip() == ("error: help 'nosuch': not a scenario, sweep or component; expected a "
                                                "name python -m sim help lists, or module:attr of your own")

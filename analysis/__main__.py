@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sim import alerts, storage
-    from sim.cli import SERVED
     from sim.errors import SimError
     from sim.querylog import detector_names, exists
+    from sim.summary import SERVED
 
     from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError

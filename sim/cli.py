@@ -184,9 +184,6 @@ def run_sweep(scenario: str | None, overrides: list[str]) -> int:
     return 1 if any(r["status"] == "error" for r in out["rows"]) else 0  # a trial failed: not a sweep to trust
 
 
-SERVED = "served.json"  # a serve-mode run's record (it writes no summary.json: nothing of its clients is known)
-
-
 def _in_effect(cfg, dets) -> list[str]:
     """What serve mode's clients meet: the defense, each detector with what its flag does, the limits."""
     from .summary import params_text
@@ -206,7 +203,7 @@ def _in_effect(cfg, dets) -> list[str]:
 
 def serve_forever(scenario: str, overrides: list[str]) -> int:
     """Deploy the scenario's victim and serve external clients until interrupted."""
-    from . import alerts, querylog, storage
+    from . import alerts, querylog, storage, summary
     from . import config as config_mod
     from .engine import (
         deploy_victim,
@@ -258,7 +255,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             print(f"keys: {keys_path}")
             print(f"log:  {log_dir}")
             print("\n".join(_in_effect(cfg, dets)))
-            storage.write_text(storage.join(cfg.run_dir, SERVED), json.dumps(  # what analysis finds of serve mode
+            storage.write_text(storage.join(cfg.run_dir, summary.SERVED), json.dumps(  # what analysis finds of serve mode
                 {"run_id": run_id, "url": f"http://127.0.0.1:{port}/{app}", "keys": keys_path, "log": log_dir,
                  "in_effect": _in_effect(cfg, dets)}, indent=2))
             print("Ctrl-C to stop", flush=True)

@@ -16,6 +16,7 @@ from . import storage
 from .errors import ConfigError
 
 SUMMARY_VERSION = 2
+SERVED = "served.json"  # a serve-mode run's record (it writes no summary.json: nothing of its clients is known)
 
 
 class _Part(BaseModel):

@@ -255,7 +255,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             print(f"keys: {keys_path}")
             print(f"log:  {log_dir}")
             print("\n".join(_in_effect(cfg, dets)))
-            storage.write_text(storage.join(cfg.run_dir, summary.SERVED), json.dumps(  # what analysis finds of serve mode
+            storage.write_text(storage.join(cfg.run_dir, summary.SERVED), json.dumps(  # analysis reads it
                 {"run_id": run_id, "url": f"http://127.0.0.1:{port}/{app}", "keys": keys_path, "log": log_dir,
                  "in_effect": _in_effect(cfg, dets)}, indent=2))
             print("Ctrl-C to stop", flush=True)

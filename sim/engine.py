@@ -534,13 +534,12 @@ def _remote_answers(cfg: ScenarioConfig, ds, key: str, remote: dict) -> np.ndarr
 
 
 def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch) -> Summary:
-    """:func:`run` against a victim this tool does not serve (:mod:`sim.remote`): the clients query it and log what
-    they sent and got back; its answers on the test set come through an evaluation account; the replicas train as
-    usual. Nothing is trained, served, defended or detected here."""
-    from .remote import RemoteError, probe_adapter
+    """:func:`run` against a victim this tool does not serve (:mod:`sim.remote`): its answers on the test set come
+    first, through an evaluation account (which tries the way to it before any client starts); then the clients query
+    it and log what they sent and got back; the replicas train as usual. Nothing is trained, served, defended or
+    detected here."""
+    from .remote import RemoteError
 
-    if cfg.victim.client:  # the user's adapter, tried before any client starts
-        probe_adapter(cfg.victim.client, ds.x_test[:4])
     eval_key = _remote_keys(cfg, plan)
     remote = {"run_id": run_id, "victim": cfg.victim.name, "url": cfg.victim.url, "log_dir": log_dir,
               "input_shape": ds.input_shape, "log_inputs": cfg.log.inputs, "accounts": plan.accounts,
@@ -549,23 +548,25 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
     with ray_session(cfg):
         from actors.remote import ProgressBoard
 
-        progress["phase"], progress["log_detectors"] = "querying", []
+        progress["phase"], progress["log_detectors"] = "evaluation", []
         check_plugins_in_workers(cfg)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
         t0 = time.perf_counter()
         try:
+            try:  # first: the way to the victim (its URL, the user's adapter) is tried before any client starts
+                clean_test = _remote_answers(cfg, ds, eval_key, remote)
+            except RemoteError as exc:
+                if isinstance(exc, SimError):  # the user's adapter: one line, status 2
+                    raise
+                raise _VictimStopped(str(exc)) from None
+            progress["phase"] = "querying"
             try:
                 transfers, died = _query(plan, None, nodes, board, quiet, run_id, plugin_env(cfg), remote)
             except ray.exceptions.RayTaskError as exc:
                 if isinstance(exc.cause, RemoteError):
                     raise _VictimStopped(str(exc.cause)) from None
                 raise
-            progress["phase"] = "evaluation"
-            try:
-                clean_test = _remote_answers(cfg, ds, eval_key, remote)
-            except RemoteError as exc:
-                raise _VictimStopped(str(exc)) from None
             timings["query_seconds"] = round(time.perf_counter() - t0, 2)
         finally:
             logged = progress["logged"] = _compact(cfg, log_dir, progress.pop("log_detectors"))

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import SimError, failed
 from .protocol import API_KEY_HEADER, Account, Reply, new_request_id
 from .querylog import QueryLogWriter, input_digest
 
@@ -69,35 +70,29 @@ def load_adapter(target: str) -> Callable:
     return registry.load("client", target, "victim.client")
 
 
+class AdapterError(RemoteError, SimError):
+    """``victim.client``'s adapter (the user's code) failed, or answered something that is not probabilities: a
+    one-line error with exit status 2, like any mistake of the user's."""
+
+
 def adapter_answers(adapter: Callable, x: np.ndarray) -> np.ndarray:
     """What ``victim.client``'s adapter answers to the images ``x``, checked to be one probability vector per image
-    (a :class:`RemoteError` otherwise)."""
-    probs = np.asarray(adapter(x), np.float32)
+    (an :class:`AdapterError` otherwise)."""
+    try:
+        probs = np.asarray(adapter(x), np.float32)
+    except Exception as exc:  # noqa: BLE001 - the user's adapter: whatever it raises, one line
+        raise AdapterError(str(failed(f"victim.client fails on {len(x)} images", exc, "a callable mapping uint8 "
+                                      "images (N, C, H, W) to probabilities (N, K)"))) from None
     if probs.ndim != 2 or len(probs) != len(x):
-        raise RemoteError(f"victim.client returned shape {probs.shape} for {len(x)} images; expected "
+        raise AdapterError(f"victim.client returned shape {probs.shape} for {len(x)} images; expected "
                           f"(N, classes) probabilities")
     sums = probs.sum(1) if probs.size else np.ones(1)
     if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(sums - 1).max() > 1e-3:
-        raise RemoteError(f"victim.client returned rows that are not probabilities (values in "
+        raise AdapterError(f"victim.client returned rows that are not probabilities (values in "
                           f"[{np.nanmin(probs):.3g}, {np.nanmax(probs):.3g}], row sums in "
                           f"[{np.nanmin(sums):.3g}, {np.nanmax(sums):.3g}]); expected each row a probability "
                           f"vector (a softmax of logits)")
     return probs
-
-
-def probe_adapter(target: str, x: np.ndarray) -> None:
-    """``victim.client``'s adapter tried on a few test images before any client starts: a one-line ConfigError
-    unless it answers them with probabilities."""
-    from .errors import ConfigError, failed
-
-    adapter = load_adapter(target)
-    try:
-        adapter_answers(adapter, x)
-    except RemoteError as exc:
-        raise ConfigError(f"{exc} (tried on {len(x)} test images before the run)") from None
-    except Exception as exc:  # noqa: BLE001 - the user's adapter: whatever it raises, one line
-        raise failed(f"victim.client={target!r} fails on {len(x)} test images", exc,
-                     "a callable mapping uint8 images (N, C, H, W) to probabilities (N, K)") from None
 
 
 class RemoteVictim:

@@ -494,15 +494,13 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
                 remote.query("k", x)
         remote.close()
 
-    from sim.remote import probe_adapter  # a run tries the adapter before any client starts: one line, status 2
+    from sim.errors import SimError
+    from sim.remote import adapter_answers, load_adapter  # the user's code: one line, status 2
 
-    probe_adapter("adapters:probs", x)
-    with pytest.raises(ConfigError, match=r"^victim.client returned rows that are not probabilities .* \(tried on 3 "
-                                          r"test images before the run\)$"):
-        probe_adapter("adapters:logits", x)
-    with pytest.raises(ConfigError, match=r"^victim.client='adapters:broken' fails on 3 test images: ValueError: no "
-                                          r"model here; expected a callable"):
-        probe_adapter("adapters:broken", x)
+    for name, message in (("logits", r"victim.client returned rows that are not probabilities"),
+                          ("broken", r"victim.client fails on 3 images: ValueError: no model here; expected a callable")):
+        with pytest.raises(SimError, match=rf"^{message}"):
+            adapter_answers(load_adapter(f"adapters:{name}"), x)
 
 
 DETECTORS = '''

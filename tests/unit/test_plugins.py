@@ -498,7 +498,8 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
     from sim.remote import adapter_answers, load_adapter  # the user's code: one line, status 2
 
     for name, message in (("logits", r"victim.client returned rows that are not probabilities"),
-                          ("broken", r"victim.client fails on 3 images: ValueError: no model here; expected a callable")):
+                          ("broken", r"victim.client fails on 3 images: ValueError: no model here; expected a "
+                                     r"callable")):
         with pytest.raises(SimError, match=rf"^{message}"):
             adapter_answers(load_adapter(f"adapters:{name}"), x)
 

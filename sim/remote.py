@@ -85,13 +85,13 @@ def adapter_answers(adapter: Callable, x: np.ndarray) -> np.ndarray:
                                       "images (N, C, H, W) to probabilities (N, K)"))) from None
     if probs.ndim != 2 or len(probs) != len(x):
         raise AdapterError(f"victim.client returned shape {probs.shape} for {len(x)} images; expected "
-                          f"(N, classes) probabilities")
+                           f"(N, classes) probabilities")
     sums = probs.sum(1) if probs.size else np.ones(1)
     if not np.isfinite(probs).all() or probs.min() < 0 or np.abs(sums - 1).max() > 1e-3:
         raise AdapterError(f"victim.client returned rows that are not probabilities (values in "
-                          f"[{np.nanmin(probs):.3g}, {np.nanmax(probs):.3g}], row sums in "
-                          f"[{np.nanmin(sums):.3g}, {np.nanmax(sums):.3g}]); expected each row a probability "
-                          f"vector (a softmax of logits)")
+                           f"[{np.nanmin(probs):.3g}, {np.nanmax(probs):.3g}], row sums in "
+                           f"[{np.nanmin(sums):.3g}, {np.nanmax(sums):.3g}]); expected each row a probability "
+                           f"vector (a softmax of logits)")
     return probs
 
 

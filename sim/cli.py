@@ -254,10 +254,11 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
             print(f"port: {port}")
             print(f"keys: {keys_path}")
             print(f"log:  {log_dir}")
-            print("\n".join(_in_effect(cfg, dets)))
+            in_effect = _in_effect(cfg, dets)
+            print("\n".join(in_effect))
             storage.write_text(storage.join(cfg.run_dir, summary.SERVED), json.dumps(  # analysis reads it
                 {"run_id": run_id, "url": f"http://127.0.0.1:{port}/{app}", "keys": keys_path, "log": log_dir,
-                 "in_effect": _in_effect(cfg, dets)}, indent=2))
+                 "in_effect": in_effect}, indent=2))
             print("Ctrl-C to stop", flush=True)
             # after ray.init, which installs its own SIGTERM handler; SIGINT too, in case it was ignored
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -248,7 +248,7 @@ def about(name: str) -> str:
             obj = registry.get(category, name, "help")
         except ConfigError:  # module:attr of another category (or of none)
             continue
-        where = registry.plugins(category).get(name) or (name if ":" in name else None)
+        where = registry.plugins(category).get(name)  # an installed plug-in's module:attr
         head = f"{category} {name}{f' [plug-in: {where}]' if where and where != name else ''} ({HOW[category]})"
         own_doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__  # not a base class's
         lines = [head, textwrap.fill(registry.summary_line(obj) if own_doc else "(no description)", 118,

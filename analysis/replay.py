@@ -166,13 +166,10 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     starts = np.r_[0, np.flatnonzero(req[1:] != req[:-1]) + 1, n]
     flagged: set[str] = set()  # a stateful detector's keys flagged so far: for good, as the tier keeps them
     for a, b in zip(starts[:-1], starts[1:]):
-        key = keys[a]
-        was = key in flagged or (det.stateful and det.is_flagged(key))
-        res = det.score(key, images[a:b], probs[a:b].argmax(1), probs[a:b])
+        batch = (keys[a], images[a:b], probs[a:b].argmax(1), probs[a:b])
+        res = detector_registry.score_for_good(det, *batch, flagged) if det.stateful else det.score(*batch)
         scores[order[a:b]] = res.scores
-        flags[order[a:b]] = detector_registry.for_good(res.flags, was) if det.stateful else res.flags
-        if det.stateful and flags[order[b - 1]]:
-            flagged.add(key)
+        flags[order[a:b]] = res.flags
     return {"scores": scores, "flags": flags, "rows": rows}
 
 

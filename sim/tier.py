@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .detectors import Detection, Detector, for_good
+from .detectors import Detection, Detector, score_for_good
 from .detectors.link import AccountLinker
 from .limits import Admission, LimitBook, Limits
 
@@ -123,7 +123,7 @@ class Shard:
             name: _LinkBook(det.values["every"]) if isinstance(det, AccountLinker) else det
             for name, det in detectors.items()}
         self.seq: dict[tuple[str, str], int] = {}
-        self.flagged: set[tuple[str, str]] = set()  # (detector, key) flagged so far
+        self.flagged: dict[str, set[str]] = {}  # detector -> the keys it flagged so far
         self.queries = 0
         self.requests = 0
         self.max_pending = max_pending
@@ -145,11 +145,7 @@ class Shard:
             if isinstance(det, _LinkBook):
                 res = det.score(request_id, key, x, labels)
             else:  # a key flagged is flagged for good, whether or not the detector itself remembers it
-                was = (name, key) in self.flagged or det.is_flagged(key)
-                res = det.score(key, x, labels, probs)
-                res.flags, res.was_flagged = for_good(res.flags, was), was
-                if was or res.flags.any():
-                    self.flagged.add((name, key))
+                res = score_for_good(det, key, x, labels, probs, self.flagged.setdefault(name, set()))
             start = self.seq.get((name, key), 0)
             self.seq[(name, key)] = start + n
             res.seq = np.arange(start, start + n, dtype=np.int64)

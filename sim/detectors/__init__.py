@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from .base import Detection, Detector, Param, StatelessDetector, calibration_split, for_good
+from .base import Detection, Detector, Param, StatelessDetector, calibration_split, for_good, score_for_good
 
 __all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split",
-           "for_good", "get", "names", "presets"]
+           "for_good", "get", "names", "presets", "score_for_good"]
 
 
 def names() -> list[str]:

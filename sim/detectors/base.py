@@ -24,7 +24,7 @@ import numpy as np
 
 from ..registry import Component, Param
 
-__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split", "for_good"]
+__all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split", "for_good", "score_for_good"]
 
 
 @dataclass
@@ -43,6 +43,19 @@ def for_good(flags: np.ndarray, was_flagged: bool) -> np.ndarray:
     """A stateful detector's flags for one batch of a key as the tier keeps them: once the key is flagged (before the
     batch, or at a query of it) every later query of it is, whatever the detector says of them."""
     return np.logical_or.accumulate(np.r_[was_flagged, np.asarray(flags, bool)])[1:]
+
+
+def score_for_good(det: "Detector", key: str, inputs: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
+                   flagged: set[str]) -> Detection:
+    """A stateful detector's :meth:`Detector.score` of one batch of ``key``, with the key's flag kept for good
+    (:func:`for_good`) in ``flagged``, the keys flagged so far, which the caller holds (a detection-tier shard, an
+    offline replay), whether or not the detector itself remembers it; ``was_flagged`` set."""
+    was = key in flagged or det.is_flagged(key)
+    res = det.score(key, inputs, labels, probs)
+    res.flags, res.was_flagged = for_good(res.flags, was), was
+    if was or res.flags.any():
+        flagged.add(key)
+    return res
 
 
 def calibration_split(n: int, seed: int, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -112,6 +113,15 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int, field:
         raise ConfigError(f"{field}={name!r} {exc}") from None
 
 
+def _cause(exc: Exception) -> str:
+    """An exception in one line: its type and first line; for an error inside a TorchScript model, whose message
+    starts with the interpreter's traceback, the error that traceback ends with."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def check_output(model: nn.Module, input_shape, num_classes: int | None, what: str) -> None:
     """A one-line ConfigError unless ``model`` maps a batch of two images of ``input_shape`` to (2, num_classes)
     (None: to (2, K) for any K of at least 2)."""
@@ -121,8 +131,7 @@ def check_output(model: nn.Module, input_shape, num_classes: int | None, what: s
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as exc:  # noqa: BLE001 - the user's model: any failure is a mismatch to report
-        raise ConfigError(f"{what} fails on a batch of images of shape {tuple(input_shape)}: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ConfigError(f"{what} fails on a batch of images of shape {tuple(input_shape)}: {_cause(exc)}") from None
     finally:
         model.train(was)
     width = num_classes if num_classes is not None else (out.shape[-1] if isinstance(out, torch.Tensor) else 0)
@@ -164,7 +173,9 @@ def load_checkpoint(path: str, arch: str | None, input_shape, num_classes: int) 
     """The trained model in ``path``, in eval mode: a TorchScript archive, or a state dict for ``arch`` (a bare
     state dict, or one under the key ``state_dict`` or ``model``); one-line errors when it does not fit."""
     if is_torchscript(path):
-        model = torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns that torch.jit is deprecated: not the user's to act on here
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(path, map_location="cpu")
         check_output(model, input_shape, num_classes, f"victim.checkpoint={path!r}")
         return model.eval()
     try:

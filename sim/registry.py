@@ -164,9 +164,9 @@ def check_interface(category: str, obj: Any, where: str) -> None:
             raise ConfigError(f"{where} declares parameter {key!r} as {p!r}; expected a sim.registry.Param")
         try:
             p.check(where, key, p.default)
-        except ConfigError as exc:
-            raise ConfigError(f"{where} declares parameter {key!r} with a default its own declaration refuses "
-                              f"({exc}); expected a default that is one of its values") from None
+        except ConfigError:
+            raise ConfigError(f"{where} declares parameter {key!r} with default {p.default!r}, which its own "
+                              f"declaration refuses; expected a default that is {p.expected()}") from None
 
 
 def forget_plugins() -> None:
@@ -196,13 +196,15 @@ def not_loaded() -> dict[str, dict[str, str]]:
 
 
 def broken(components) -> dict[tuple[str, str], str]:
-    """(category, name) -> why, for the ``components`` that do not load in this process (a Ray worker's check)."""
+    """(category, name) -> why, for the ``components`` that do not load in this process (a Ray worker's check); the
+    why does not repeat the name."""
     out = {}
     for category, name in components:
         try:
             check_name(category, category, name)
         except ConfigError as exc:
-            out[(category, name)] = str(exc)
+            why, named = str(exc), f"{category}={name!r}"
+            out[(category, name)] = why[len(named):].lstrip(": ") if why.startswith(named) else why
     return out
 
 

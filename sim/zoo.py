@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import adversarial, data, models, quantize, registry
 from .config import DataConfig, VictimConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .training import (
     accuracy,
     patch_shuffle,
@@ -258,6 +259,17 @@ def _checkpoint_victim(cfg: VictimConfig, ds: data.Dataset) -> Victim:
     return Victim(model, arch, ds, acc, path, False, 0.0, checkpoint_digest=digest, source="checkpoint")
 
 
+_ARGUMENTS = {"x_test": "test_set's images", "y_test": "test_set's labels", "x_train": "train_set's images",
+              "y_train": "train_set's labels"}
+
+
+def _as_arguments(exc: DataError) -> DataError:
+    """A check of the Python API's ``test_set`` and ``train_set`` in the words of those arguments."""
+    text = str(exc).replace("dataset 'python' has", "train_set and test_set have")
+    text = re.sub(r"\b[xy]_(?:test|train)\b", lambda m: _ARGUMENTS[m.group(0)], text.replace("dataset 'python': ", ""))
+    return DataError(text)
+
+
 def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
                 test_set: tuple | None = None, train_set: tuple | None = None) -> Victim:
     """A live module as the victim (the Python API's ``sim.run(config, victim=module, test_set=(x, y))``): its
@@ -274,7 +286,10 @@ def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
               "y_train": base.y_train if train_set is None else train_set[1],
               "x_test": base.x_test if test_set is None else test_set[0],
               "y_test": base.y_test if test_set is None else test_set[1]}
-    shape = data.as_images("python", "x_test", arrays["x_test"]).shape[1:]
+    try:
+        shape = data.as_images("python", "x_test", arrays["x_test"]).shape[1:]
+    except DataError as exc:
+        raise _as_arguments(exc) from None
     model = model.cpu().eval()
     models.check_output(model, shape, None, "victim")
     with torch.no_grad():
@@ -282,11 +297,15 @@ def live_victim(model: nn.Module, cfg: VictimConfig, data_cfg: DataConfig,
     if base is not None and classes != base.num_classes:
         raise ConfigError(f"the victim answers {classes} classes and victim.dataset={cfg.dataset!r} has "
                           f"{base.num_classes}; expected a model with {base.num_classes} outputs")
-    top = max((int(np.max(arrays[k])) for k in ("y_train", "y_test") if np.size(arrays[k])), default=-1)
+    top = max((int(np.max(arrays[k])) for k in ("y_train", "y_test")  # other labels: data.from_arrays says why
+               if np.size(arrays[k]) and np.issubdtype(np.asarray(arrays[k]).dtype, np.number)), default=-1)
     if top >= classes:
         raise ConfigError(f"{'test_set' if test_set is not None else 'train_set'} has label {top} but the victim "
                           f"answers {classes} classes; expected labels below {classes}")
-    ds = data.from_arrays("python", arrays, classes)
+    try:
+        ds = data.from_arrays("python", arrays, classes)
+    except DataError as exc:
+        raise _as_arguments(exc) from None
     model = _preprocessed(model, cfg)
     digest = hashlib.sha1(models.to_bytes(model, None, ds.input_shape, ds.num_classes)
                           + fingerprint(ds).encode()).hexdigest()[:16]

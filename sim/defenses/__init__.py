@@ -117,7 +117,17 @@ def prepare(spec: dict[str, Any], ctx) -> dict[str, dict[str, bytes]]:
 
 def check_outputs(defense: Defense, clean: np.ndarray, x: np.ndarray, field: str = "defense") -> None:
     """A one-line ConfigError naming ``field`` unless ``defense`` maps the victim's answers ``clean`` (N, K) on the
-    images ``x`` to an array of that shape of values in [0, 1], what a client may be sent."""
+    images ``x`` to an array of that shape of values in [0, 1], what a client may be sent. A chain's members are
+    checked one by one on what the members before them return, so that the error names the member at fault."""
+    if isinstance(defense, Chain):
+        y = clean
+        for m in defense.members:
+            y = _checked(m, y, x, f"{field} member {m.name!r}")
+    else:
+        _checked(defense, clean, x, field)
+
+
+def _checked(defense: Defense, clean: np.ndarray, x: np.ndarray, field: str) -> np.ndarray:
     try:
         out = np.asarray(defense(clean.copy(), x), np.float64)
     except Exception as exc:  # noqa: BLE001 - the user's defense: whatever it raises, one line
@@ -131,6 +141,7 @@ def check_outputs(defense: Defense, clean: np.ndarray, x: np.ndarray, field: str
         seen = f"values in [{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "no finite value"
         raise ConfigError(f"{field} returns {seen}{' and NaN or inf' if finite.size < out.size else ''}; expected "
                           f"probabilities in [0, 1]")
+    return out.astype(clean.dtype, copy=False)
 
 
 def check_spec(spec: dict[str, Any], field: str = "defense") -> None:

@@ -107,9 +107,9 @@ VALUE = 3
     (["defense=badplug:RawParams"], "defense.name='badplug:RawParams' declares parameter 'a' as 1.0; expected a "
                                     "sim.registry.Param"),
     (["defense=badplug:NoPerturb", "defense.b=2"], None),  # the missing method is found first
-    (["defense=badplug:BadDefault", "defense.t=2"], "defense.name='badplug:BadDefault' declares parameter 't' with a "
-                                                    "default its own declaration refuses (defense.name='badplug:"
-                                                    "BadDefault'.t must be a number >= 1, got 0.5)"),
+    (["defense=badplug:BadDefault", "defense.t=2"], "defense.name='badplug:BadDefault' declares parameter 't' with "
+                                                    "default 0.5, which its own declaration refuses; expected a "
+                                                    "default that is a number >= 1"),
     (["victim.arch=badplug:VALUE"], "victim.arch='badplug:VALUE' is int 3; expected a callable (input_shape, "
                                     "num_classes) -> nn.Module"),
     (["victim.dataset=badplug:needs_arg"], "dataset 'badplug:needs_arg' called with no arguments failed: TypeError: "
@@ -388,6 +388,17 @@ def test_what_a_torchscript_checkpoint_cannot_do_is_refused_in_one_line(tmp_path
     assert cfg.replica_arch("single") == "conv3"
 
 
+def test_a_torchscript_model_that_fails_on_the_images_names_the_error_inside_it(tmp_path, recwarn):
+    from sim.models import load_checkpoint
+
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))), tmp_path / "rgb.ts")
+    recwarn.clear()
+    with pytest.raises(ConfigError, match=r"fails on a batch of images of shape \(1, 8, 8\): RuntimeError: mat1 and "
+                                          r"mat2 shapes cannot be multiplied \(2x64 and 192x10\)$"):
+        load_checkpoint(str(tmp_path / "rgb.ts"), None, (1, 8, 8), 10)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]  # torch.jit's deprecation: not shown
+
+
 def test_a_state_dict_that_does_not_fit_the_architecture_is_one_line(tmp_path):
     from sim.zoo import get_victim
 
@@ -432,8 +443,13 @@ def test_a_live_victim_must_answer_its_datas_classes():
     four = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
     assert zoo.live_victim(four, cfg.victim, cfg.data, test_set=test, train_set=train).dataset.num_classes == 4
     empty = (ds.x_test[:0], ds.y_test[:0])
-    with pytest.raises(DataError, match="has 0 training and 0 test images; expected some of each"):
+    with pytest.raises(DataError, match="^train_set and test_set have 0 training and 0 test images; expected some"):
         zoo.live_victim(four, cfg.victim, cfg.data, test_set=empty, train_set=empty)
+    # the arrays' checks name the argument, not a dataset
+    with pytest.raises(DataError, match=r"^test_set's images has shape \(50, 784\); expected images"):
+        zoo.live_victim(four, cfg.victim, cfg.data, test_set=(test[0].reshape(50, -1), test[1]), train_set=train)
+    with pytest.raises(DataError, match=r"^train_set's labels holds <U1 labels \(such as 'a'\); expected integer"):
+        zoo.live_victim(four, cfg.victim, cfg.data, test_set=test, train_set=(train[0], np.array(["a"] * 200)))
     with pytest.raises(ConfigError, match=r"test_set is a tuple of 3; expected \(images, labels\)"):
         zoo.live_victim(four, cfg.victim, cfg.data, test_set=(*test, 1), train_set=train)
     with pytest.raises(ConfigError, match="test_set has label 9 but the victim answers 4 classes"):
@@ -481,6 +497,12 @@ def test_what_a_defense_or_an_adapter_of_the_users_own_returns_must_be_probabili
     with pytest.raises(ConfigError, match=r"detectors.p.perturb returns shape \(3, 3\) for the victim's answers of "
                                           r"shape \(3, 4\); expected the same shape"):
         defenses.check_outputs(identity, clean, x, "detectors.p.perturb")
+    # in a chain, the member at fault is named, given what the members before it return
+    chain = defenses.from_spec({"name": "top_k+rounding", "top_k": {"k": 1}})
+    defenses.check_outputs(chain, clean, x)
+    chain.members[1]._perturb = lambda y, inputs: y[:, :3]
+    with pytest.raises(ConfigError, match=r"^defense member 'rounding' returns shape \(3, 3\)"):
+        defenses.check_outputs(chain, clean, x)
     (on_path / "adapters.py").write_text(ADAPTERS)
     for name, ok in (("probs", True), ("logits", False)):
         remote = RemoteVictim(run_id="r", victim="v", url=None, accounts={"k": Account("a", "attacker")},

@@ -112,7 +112,9 @@ def load_installed(category: str) -> None:
             register(category, name)(load(category, target, what))
             _plugins[category][name] = target
         except (ConfigError, ValueError) as exc:
-            _broken[category][name] = str(exc)
+            why, named = str(exc), f"{what}={target!r}: "
+            handed_as_named = what.startswith("plug-in") and name == target  # the name says it all: not twice
+            _broken[category][name] = why[len(named):] if handed_as_named and why.startswith(named) else why
 
 
 def load(category: str, target: str, field: str) -> Any:
@@ -204,7 +206,8 @@ def broken(components) -> dict[tuple[str, str], str]:
             check_name(category, category, name)
         except ConfigError as exc:
             why, named = str(exc), f"{category}={name!r}"
-            out[(category, name)] = why[len(named):].lstrip(": ") if why.startswith(named) else why
+            why = why[len(named):].removeprefix(" did not load").lstrip(": ") if why.startswith(named) else why
+            out[(category, name)] = why
     return out
 
 

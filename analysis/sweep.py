@@ -240,11 +240,17 @@ def _markdown(settings: dict, rows: list[dict], attackers: list[str], target: fl
     limits = [(f"{a} {what}", f"{a}.{key}") for a in attackers for what, key in (
         ("waited s", "limit_seconds"), ("accounts out of quota", "quota_spent"), ("unspent", "unspent"))]
     columns += [(title, key) for title, key in limits if any(r.get(key) for r in rows)]  # where a limit bit
+    detectors = dict.fromkeys(k[:-len(".flagged_attacker_accounts")] for r in rows for k in r
+                              if k.endswith(".flagged_attacker_accounts"))
+    columns += [(f"{d} {what}", f"{d}.{key}") for d in detectors for what, key in (
+        ("flagged attacker accounts", "flagged_attacker_accounts"), ("flagged benign accounts",
+                                                                     "flagged_benign_accounts"),
+        ("query AUROC", "query_auroc")) if any(r.get(f"{d}.{key}") is not None for r in rows)]
     head = ["curve", *[p[len("param."):] for p in params], "status", *[title for title, _ in columns]]
     lines += ["## Trials", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["curve"], [_sort_key(r.get(p)) for p in params])):
         cells = [r["curve"], *[_fmt(r.get(p)) for p in params], r["status"],
-                 *[_fmt(r.get(k), ".3f") for _, k in columns]]
+                 *[_fmt(r.get(k), ".0f" if k.endswith("_accounts") else ".3f") for _, k in columns]]
         lines.append("| " + " | ".join(cells) + " |")
     for a in attackers:
         metric = f"{a}.replica_test_accuracy"

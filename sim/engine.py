@@ -88,6 +88,29 @@ def ray_stopped(wait_s: float = 2.0) -> bool:
         time.sleep(0.05)
 
 
+@ray.remote(num_cpus=0)
+class _Probe:
+    def ping(self) -> bool:
+        return True
+
+
+def _check_cluster_reaches_us(where: str) -> None:
+    """A one-line SimError unless the cluster just joined can call back into this process, as the actors a run owns
+    need: a client whose RAY_AUTH_MODE is not the cluster's gets in, but the cluster refuses the calls of what it
+    owns, and the first actor it starts dies before it runs."""
+    try:
+        ray.get(_Probe.options(scheduling_strategy="DEFAULT").remote().ping.remote(), timeout=120)
+    except ray.exceptions.ActorDiedError:
+        mode = os.environ.get("RAY_AUTH_MODE")
+        ray.shutdown()
+        raise SimError(f"{where}: the cluster cannot call back into this process (an actor started there died "
+                       f"before it ran): this process has {f'RAY_AUTH_MODE={mode!r}' if mode else 'no RAY_AUTH_MODE'}"
+                       f", the cluster another; expected the RAY_AUTH_MODE the cluster was started with "
+                       f"(docs/cluster.md)") from None
+    except ray.exceptions.GetTimeoutError:  # a cluster too busy to start a worker in time: the run will tell
+        log.warning("%s: the cluster did not start a probe actor within 120 s", where)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ScenarioConfig):
     """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
@@ -99,13 +122,18 @@ def ray_session(cfg: ScenarioConfig):
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_ray_address(cfg)
+        where = f"ray.address={address!r}" if cfg.ray.address else f"RAY_ADDRESS={address!r}"
         try:
             ray.init(address=address, **_RAY_INIT)
         except ConnectionError as exc:
-            token = ("; a cluster with token authentication (Ray's default) answers only clients started with "
-                     "RAY_AUTH_MODE=token (docs/cluster.md)" if "RAY_AUTH_MODE" not in os.environ else "")
-            raise SimError(f"ray.address={address!r}: no Ray cluster found ({str(exc).splitlines()[0]}){token}; "
+            token = ("; a cluster with token authentication answers only clients started with RAY_AUTH_MODE=token "
+                     "(docs/cluster.md)" if "RAY_AUTH_MODE" not in os.environ else "")
+            raise SimError(f"{where}: no Ray cluster found ({str(exc).splitlines()[0]}){token}; "
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
+        _check_cluster_reaches_us(where)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}: {len(alive)} nodes, "
+              f"{ray.cluster_resources().get('CPU', 0):g} CPUs", file=sys.stderr, flush=True)
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
@@ -254,13 +282,27 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
         detector_models=dets.models, defense=cfg.defense.spec(), defense_models=defense_models, log_dir=log_dir,
         log_inputs=cfg.log.inputs, max_images=cfg.serve.max_images, threads=cfg.serve.threads,
         shards=cfg.serve.shards_for(ray.cluster_resources().get("CPU", 1)),
-        state_dir=None if "://" in cfg.run_dir else os.path.join(cfg.run_dir, "tier"), device=device,
+        state_dir=_tier_dir(cfg.run_dir), device=device,
         limits=cfg.serve.limits(), max_body_bytes=cfg.serve.max_body_bytes, runtime_env=plugin_env(cfg),
     )
-    deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus, replica_gpus=replica_gpus,
-           max_ongoing_requests=cfg.serve.max_ongoing_requests, max_queued_requests=cfg.serve.max_queued_requests,
-           autoscaling=auto and auto.model_dump())
+    try:
+        deploy(spec, app, replicas=cfg.serve.replicas, replica_cpus=cfg.serve.replica_cpus,
+               replica_gpus=replica_gpus, max_ongoing_requests=cfg.serve.max_ongoing_requests,
+               max_queued_requests=cfg.serve.max_queued_requests, autoscaling=auto and auto.model_dump())
+    except BaseException:  # a cluster outlives the run: leave no half-deployed app or tier on it
+        with contextlib.suppress(Exception):
+            from .serving import delete
+
+            delete(spec, app)
+        raise
     return app, port, spec
+
+
+def _tier_dir(run_dir: str) -> str | None:
+    """Where the detection tier journals: ``RUN/tier`` when the run directory is a path on this machine (a
+    ``file://`` URI included); else None, a temporary directory on each shard's node, removed with the tier."""
+    local = storage.local_path(run_dir)
+    return os.path.join(local, "tier") if local else None
 
 
 def plugin_env(cfg: ScenarioConfig) -> dict | None:

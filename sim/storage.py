@@ -23,6 +23,13 @@ def absolute(path_or_uri: str) -> str:
     return os.path.abspath(path_or_uri)
 
 
+def local_path(path_or_uri: str) -> str | None:
+    """The path on this machine's file system of a local path or a ``file://`` URI; None for any other URI."""
+    if "://" not in path_or_uri:
+        return os.path.abspath(os.path.expanduser(path_or_uri))
+    return path_or_uri[len("file://"):] if path_or_uri.startswith("file://") else None
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a path or URI."""
     return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)

@@ -132,6 +132,9 @@ def load(name_or_path: str, overrides: list[str] | None = None, scenario: str | 
         given = raw.get("vary") if isinstance(raw.get("vary"), dict) else {}
         raw["vary"] = {k: v for k, v in {**given, **vary}.items() if v is not None}
     if scenario:
+        if raw.get("description") and scenario != raw.get("scenario"):  # the file's text describes its own base
+            raw["description"] = (f"{str(raw['description']).strip()}\n\n(Run here on scenario `{scenario}` in place "
+                                  f"of `{raw.get('scenario')}`, which the text above describes.)")
         raw["scenario"] = scenario
     if isinstance(raw.get("space"), dict):
         raw["space"] = {label: spec for label, spec in raw["space"].items() if spec is not None}
@@ -331,7 +334,9 @@ def trial(config: dict, *, base: dict, victims: dict, plan, sweep_dir: str) -> N
 
     summary = engine.run(cfg, quiet=True, victim=victim, plan=plan, app=f"{cfg.victim.name}-{trial_id}",
                          on_replica_epoch=on_replica_epoch)
-    tune.report(final(summary))
+    metrics = final(summary)
+    storage.write_text(trial_json, json.dumps({**info, "last": metrics}, indent=2))
+    tune.report(metrics)
 
 
 def epoch_reports(values: dict[str, dict[int, float]], epochs: dict[str, int], after: int) -> list[dict]:
@@ -397,7 +402,7 @@ def _progress_callback(total: int):
             r = trial.last_result or {}
             nums = "no result"
             if r.get("replica_accuracy_max") is not None:
-                nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, replica "
+                nums = (f"defended acc {r['defended_test_accuracy']:.3f}, L1 {r['test_l1_mean']:.3f}, best replica "
                         f"{r['replica_accuracy_max']:.3f}")
                 if "run_dir" not in r:  # stopped before its replicas finished
                     nums += f" at epoch {r['replica_epoch']}"

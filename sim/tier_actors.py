@@ -16,10 +16,12 @@ completed the round; each shard measures that delay in queries per newly flagged
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "mlsim"
 _HELD: dict[str, list] = {}  # app -> handles of its tier actors: a named actor lives while its creator holds one
+_TEMPORARY: dict[str, str] = {}  # app -> the temporary directory its tier keeps its state in (no spec.state_dir)
 SNAPSHOT_EVERY = 500  # journaled changes between a shard's snapshots
 
 
@@ -95,7 +98,7 @@ def _preload() -> None:
 class ShardActor:
     def __init__(self, app: str, index: int, spec, directory: str):
         _preload()
-        self.app, self.index, self.shards = app, index, spec.shards
+        self.app, self.index, self.shards, self.directory = app, index, spec.shards, directory
         self.durable = Durable(lambda: Shard(detectors.build_named(spec.detectors, spec.detector_models),
                                              limits=spec.limits), directory, Shard.CHANGES, every=SNAPSHOT_EVERY)
         if self.durable.restored["snapshot"] or self.durable.restored["changes"]:
@@ -139,12 +142,15 @@ class ShardActor:
     def stats(self):
         return {**self.durable.obj.stats(), "pid": os.getpid(), "restored": self.durable.restored}
 
+    def drop_state(self):
+        _drop(self.directory)
+
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LinkerActor:
     def __init__(self, app: str, name: str, spec, directory: str):
         _preload()
-        self.app, self.name, self.shards = app, name, spec.shards
+        self.app, self.name, self.shards, self.directory = app, name, spec.shards, directory
         self.every = _links(spec)[name]
         made = {name: spec.detectors[name]}
         self.durable = Durable(lambda: Linker(detectors.build_named(made, spec.detector_models)[name]), directory,
@@ -169,6 +175,16 @@ class LinkerActor:
 
     def stats(self):
         return {"pid": os.getpid(), "pulls": self.durable.obj.pulls, "restored": self.durable.restored}
+
+    def drop_state(self):
+        _drop(self.directory)
+
+
+def _drop(directory: str) -> None:
+    """Delete a tier actor's state directory on its node, and the temporary directory above it once empty."""
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(directory))
 
 
 class _Line:
@@ -241,6 +257,8 @@ def start(spec, app: str) -> list:
     if not needs_tier(spec) or app in _HELD:  # none needed, or running already (a live update of its app)
         return []
     directory = spec.state_dir or tempfile.mkdtemp(prefix=f"mlsim-tier-{app}-")
+    if not spec.state_dir:  # nobody could find it afterwards: removed with the tier
+        _TEMPORARY[app] = directory
     opts = {"namespace": NAMESPACE, "get_if_exists": True, "lifetime": None,
             **({"runtime_env": spec.runtime_env} if spec.runtime_env else {})}
     spec = _tier_spec(spec)
@@ -265,15 +283,23 @@ def stats(spec, app: str) -> dict | None:
 
 
 def stop(app: str) -> None:
-    """Kill the app's tier actors (their state stays in the state directory)."""
+    """Kill the app's tier actors (their state stays in the state directory; a temporary one is removed, on every
+    node that holds a part of it)."""
     from ray.util import list_named_actors
 
     names = sorted((e["name"] for e in list_named_actors(all_namespaces=True)
                     if e["namespace"] == NAMESPACE and e["name"].startswith(f"{app}:")),
                    key=lambda n: ":link:" in n)  # the shards first: nothing calls the linkers after them
+    temporary = app in _TEMPORARY
     for name in names:
         try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            actor = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:  # gone meanwhile
-            pass
+            continue
+        if temporary:  # its journal and snapshots, on the actor's node
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(actor.drop_state.remote(), timeout=30)
+        ray.kill(actor, no_restart=True)
     _HELD.pop(app, None)
+    if temporary:
+        shutil.rmtree(_TEMPORARY.pop(app), ignore_errors=True)

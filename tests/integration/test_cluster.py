@@ -29,6 +29,18 @@ def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
         assert summary.ray.nodes == 2 and summary.ray.client_nodes == 2
         assert summary.queries.logged == summary.queries.total == 160 + 2 * 40
         assert os.listdir(tmp_path / "run" / "queries")[0].endswith(".parquet")
+        assert f"joined the Ray cluster at {address}: 2 nodes" in proc.stderr  # whichever cluster auto found
+        assert os.path.isdir(tmp_path / "run" / "tier" / "shard-0")  # a file:// run_dir holds the tier's journal
+        # a client whose RAY_AUTH_MODE is not the cluster's gets in, but the cluster cannot call back: one line
+        proc = subprocess.run(
+            [sys.executable, "-m", "sim", "scenario=single_knockoff", f"ray.address={address}",
+             f"cache_dir={cache_dir}", f"run_dir={tmp_path}/refused", *SMALL],
+            capture_output=True, text=True, timeout=400, env={**env_without_ray_address(), "RAY_AUTH_MODE": "token"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: ray.address='{address}': the cluster cannot call back into this process (an actor started "
+            f"there died before it ran): this process has RAY_AUTH_MODE='token', the cluster another; expected the "
+            f"RAY_AUTH_MODE the cluster was started with (docs/cluster.md)")
     finally:
         launcher.stdin.close()
         launcher.wait(timeout=120)

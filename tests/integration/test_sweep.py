@@ -46,6 +46,8 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     # the trial Tune saw finish (another may have written its summary since, before Tune noted it)
     line = next(x for x in lines if x.startswith("[1/4]"))
     first = next(d for d in done if named(d, line))
+    last = json.loads((runs / first / "trial.json").read_text())["last"]  # its final report, not an epoch's
+    assert last["run_dir"].endswith(first) and last["replica_accuracy_max"] is not None
     before = json.loads((sweep_dir / "runs" / first / "summary.json").read_text())
     proc.send_signal(signal.SIGTERM)  # as kill or a batch scheduler sends it: the sweep stops as on Ctrl-C (Tune
     out = proc.stdout.read()          # saves its state and stops)

@@ -157,6 +157,25 @@ def test_a_challenge_issued_by_one_replica_is_solved_through_another(app, tmp_pa
     assert any(w[False] != w[True] for w in writers.values())  # issued by one replica, solved through the other
 
 
+def test_a_tier_without_a_state_directory_removes_its_temporary_one(ray_serve, tmp_path):
+    """A run whose run_dir no node can write to as a local path (s3://…) journals to a temporary directory on each
+    shard's node: nobody could find it afterwards, so it goes with the tier."""
+    import dataclasses
+
+    keys = {"key-0": Account("acct-0", "benign")}
+    spec = dataclasses.replace(_spec(tmp_path, keys, {"prada": {"kind": "prada", "params": PRADA}}, {}, shards=2),
+                               state_dir=None)
+    handle = deploy(spec, "untethered", replicas=1, replica_cpus=0.5)
+    try:
+        imgs = data.load("mnist5k").x_test
+        assert handle.query.remote("key-0", imgs[:4], "a").result(timeout_s=60).status == 200
+        temporary = tier_actors._TEMPORARY["untethered"]
+        assert sorted(os.listdir(temporary)) == ["shard-0", "shard-1"]  # both shards journal there (one node)
+    finally:
+        delete(spec, "untethered")
+    assert not os.path.exists(temporary) and "untethered" not in tier_actors._TEMPORARY
+
+
 def test_state_survives_sigkill_of_a_shard_and_of_a_replica_mid_run(app, tmp_path):
     keys = _accounts(6)
     dets = {"prada": {"kind": "prada", "params": PRADA}}

@@ -312,6 +312,19 @@ def test_the_sweep_records_the_command_lines_scenario_overrides_with_its_own(tmp
         written, [], [], 0.8, False, {})
 
 
+def test_the_sweep_table_shows_what_each_detector_flagged_and_the_sweeps_text_says_when_its_base_changed():
+    rows = [{"trial_id": "a", "curve": "mad", "status": "done", "param.eps": 0.5, "test_l1_mean": 0.5,
+             "prada.flagged_attacker_accounts": 3.0, "prada.flagged_benign_accounts": 0, "prada.query_auroc": 0.61}]
+    md = asweep._markdown({"name": "t"}, rows, [], 0.8, False, {})
+    assert ("| curve | eps | status | test L1 | prada flagged attacker accounts | prada flagged benign accounts | "
+            "prada query AUROC |") in md
+    assert "| mad | 0.5 | done | 0.500 | 3 | 0 | 0.610 |" in md
+    # mad_eps's text describes mad_vs_knockoff's attackers: run on another base, it says so
+    assert sweep.load("mad_eps", scenario="crowd").description.endswith(
+        "(Run here on scenario `crowd` in place of `mad_vs_knockoff`, which the text above describes.)")
+    assert "in place of" not in sweep.load("mad_eps", scenario="mad_vs_knockoff").description
+
+
 def test_a_sweep_files_scenario_file_is_looked_for_beside_it(tmp_path):
     (tmp_path / "base.yaml").write_text("extends: single_knockoff\nattackers: {single: {budget: 200}}\n")
     (tmp_path / "mine.yaml").write_text("scenario: base.yaml\nspace: {mad: {eps: [0.5]}}\n")
@@ -332,7 +345,7 @@ def test_the_sweep_says_when_each_trial_starts_and_ends(capsys):
     progress.on_trial_complete(1, [trial], trial)
     assert capsys.readouterr().err.splitlines() == [
         "started mad (eps=0.5, serve.rate=5)",
-        "[1/2] mad (eps=0.5, serve.rate=5): done; defended acc 0.900, L1 0.400, replica 0.500"]
+        "[1/2] mad (eps=0.5, serve.rate=5): done; defended acc 0.900, L1 0.400, best replica 0.500"]
 
 
 def test_the_search_holds_the_trials_at_once_to_max_concurrent():

@@ -82,9 +82,11 @@ class Other:
     measured: Callable[[dict], bool]
     fresh: list[str] = field(default_factory=list)  # the script's arguments that measure the cells again
 
-    def command(self, fresh: bool) -> list[str]:
+    def command(self, fresh: bool, directory: str = "") -> list[str]:
+        """The command; ``directory``: where its results file goes (default: the script's own, benchmarks/results)."""
+        out = ["--out", os.path.join(directory, self.script.replace(".py", ".json"))] if directory else []
         return [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), self.script), *self.args,
-                *(self.fresh if fresh else [])]
+                *out, *(self.fresh if fresh else [])]
 
 
 @dataclass
@@ -989,11 +991,12 @@ def measure_latency(quick: bool) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Reporting
 
-def measured_elsewhere() -> dict:
-    """The figures other benchmarks measured, as cells: ``attacks`` (attacks.json), ``detection`` (detection.json)."""
+def measured_elsewhere(directory: str = RESULTS) -> dict:
+    """The figures other benchmarks measured, as cells: ``attacks`` (attacks.json), ``detection`` (detection.json), in
+    ``directory``."""
     out = {}
     for label, name in (("attacks", "attacks.json"), ("detection", "detection.json")):
-        path = os.path.join(RESULTS, name)
+        path = os.path.join(directory, name)
         if os.path.exists(path):
             with open(path) as fh:
                 out[label] = json.load(fh)
@@ -1011,6 +1014,12 @@ def common_seeds(cells: dict, claim: Claim) -> tuple[dict, list[int]]:
             sorted(shared))
 
 
+def others_dir(path: str, quick: bool) -> str:
+    """Where the other benchmarks' results are for the replication JSON at ``path``: beside it for a full run (the
+    full run measures them there), benchmarks/results for a quick one (which reads the full run's)."""
+    return RESULTS if quick else os.path.dirname(os.path.abspath(path))
+
+
 def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str]:
     """The rows (analysis.claims schema) and the Markdown table, from the measured cells, the latency, and the
     figures of other benchmarks (``elsewhere``; default: read from benchmarks/results)."""
@@ -1025,7 +1034,9 @@ def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str
         rows += build([claim], view)
     mode = ("quick: a smoke test, not the figures (at these budgets some replicas barely learn, and a verdict is "
             "not evidence). Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
-            + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says"
+            + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says; "
+            "except the rows of " + ", ".join(f"`{c.id}`" for c in CLAIMS if c.other)
+            + ", which read the full run's results of other benchmarks (attacks.json, detection.json)"
             if result["quick"] else "full")
     last = result.get("last_session")
     if last:
@@ -1059,7 +1070,7 @@ def replace_table(text: str, table: str) -> str:
 
 
 def write(path: str, result: dict) -> None:
-    result["claims"], md = report(result)
+    result["claims"], md = report(result, measured_elsewhere(others_dir(path, result["quick"])))
     if not result["quick"] and os.path.abspath(path) == os.path.join(RESULTS, "replication.json"):
         with open(DOCS) as fh:
             text = fh.read()
@@ -1072,9 +1083,9 @@ def write(path: str, result: dict) -> None:
         fh.write(md)
 
 
-def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
-    """Run the other benchmarks' commands whose cells ``claims`` read and their results files lack (all of them
-    with ``fresh``), each in its own process; with ``quick``, none (they take hours), saying so."""
+def measure_others(claims: list[Claim], quick: bool, fresh: bool, directory: str = RESULTS) -> None:
+    """Run the other benchmarks' commands whose cells ``claims`` read and their results files in ``directory`` lack
+    (all of them with ``fresh``), each in its own process; with ``quick``, none (they take hours), saying so."""
     import subprocess
 
     others = [o for c in claims for o in c.other]
@@ -1083,11 +1094,13 @@ def measure_others(claims: list[Claim], quick: bool, fresh: bool) -> None:
             print(f"--quick: the rows of {', '.join(c.id for c in claims if c.other)} read benchmarks/results/"
                   f"attacks.json and detection.json as the full run left them", file=sys.stderr, flush=True)
         return
-    have = measured_elsewhere()
+    have = measured_elsewhere(directory)
     todo = [o for o in others if fresh or not o.measured(have)]
+    elsewhere = "" if os.path.abspath(directory) == os.path.abspath(RESULTS) else directory
     for i, o in enumerate(todo, 1):
-        print(f"[other {i}/{len(todo)}] python benchmarks/{o.script} {' '.join(o.args)}", file=sys.stderr, flush=True)
-        code = subprocess.run(o.command(fresh)).returncode
+        shown = o.command(False, elsewhere)[2:]
+        print(f"[other {i}/{len(todo)}] python benchmarks/{o.script} {' '.join(shown)}", file=sys.stderr, flush=True)
+        code = subprocess.run(o.command(fresh, elsewhere)).returncode
         if code:  # a dataset this machine lacks, say: the row reads what the file has and says what is missing
             print(f"    failed (exit status {code}); going on", file=sys.stderr, flush=True)
 
@@ -1098,7 +1111,8 @@ def main() -> None:
                     help="small budgets and training: a smoke test (tens of minutes on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=[c.id for c in CLAIMS] + ["latency"],
                     help="measure the cells of these claims only")
-    ap.add_argument("--skip", nargs="+", default=[], help="cell labels not to run (e.g. the Fashion-MNIST ones)")
+    ap.add_argument("--skip", nargs="+", default=[],
+                    help="cell labels not to run, each quoted (e.g. 'adversarial victim, fashion_mnist')")
     ap.add_argument("--seeds", nargs="+", type=nonnegative, default=[0],
                     help="run each cell (scenario or sweep) at these seeds; default 0")
     ap.add_argument("--fresh", action="store_true",
@@ -1109,14 +1123,21 @@ def main() -> None:
                                                 "its cells' run directories go beside it, under runs/")
     args = ap.parse_args()
     out = args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json")
+    if not out.endswith(".json"):
+        ap.error(f"--out {out!r}: expected a path ending in .json (its report goes beside it, as .md)")
     if args.report_only and not os.path.exists(out):
         ap.error(f"--report-only rewrites the table from {out!r}, which does not exist; expected a replication JSON")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     unknown = sorted(set(args.skip) - {label for c in CLAIMS for label in c.cells})
     if unknown:
-        ap.error(f"--skip {' '.join(unknown)}: not a cell label; expected labels such as "
-                 f"{', '.join(sorted({label for c in CLAIMS for label in c.cells})[:4])}, …")
+        ap.error(f"--skip {', '.join(map(repr, unknown))}: not a cell label; expected one of (quoted, as some hold "
+                 f"spaces and commas): {', '.join(map(repr, sorted({label for c in CLAIMS for label in c.cells})))}")
     result = json.load(open(out)) if os.path.exists(out) else {"cells": {}}
-    result.update(quick=args.quick, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
+    if args.report_only:  # nothing is measured: the JSON says what it is and where it was measured
+        result.setdefault("quick", args.quick)
+        result.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} CPUs")
+    else:
+        result.update(quick=args.quick, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
     if not args.report_only:
         chosen = [c for c in CLAIMS if not args.only or c.id in args.only]
         todo = {at_seed(label, s): replace(cell, overrides=[*cell.overrides, f"seed={s}"]) if s else cell
@@ -1152,7 +1173,7 @@ def main() -> None:
                 and (args.fresh or "latency" not in result):
             print("latency of confidence gating and MAD", file=sys.stderr, flush=True)
             result["latency"] = measure_latency(args.quick)
-        measure_others(chosen, args.quick, args.fresh)
+        measure_others(chosen, args.quick, args.fresh, others_dir(out, args.quick))
     write(out, result)
     print(f"wrote {out} and {out[:-len('.json')]}.md", file=sys.stderr)
 

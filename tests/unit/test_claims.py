@@ -452,7 +452,7 @@ def test_the_full_run_measures_only_the_other_benchmarks_cells_their_files_lack(
 
     ran = []
     monkeypatch.setattr("subprocess.run", lambda cmd: ran.append(cmd[1:]) or SimpleNamespace(returncode=0))
-    monkeypatch.setattr(replicate, "measured_elsewhere", lambda: have)
+    monkeypatch.setattr(replicate, "measured_elsewhere", lambda directory=None: have)
     claim = SimpleNamespace(id="t", other=[replicate.same_cells(), replicate.attack_cells(["jbda"], 10000)])
     replicate.measure_others([claim], quick=False, fresh=False)
     assert [[os.path.basename(cmd[0]), *cmd[1:]] for cmd in ran] == [
@@ -530,3 +530,41 @@ def test_the_same_row_reads_the_code_pixel_range_beside_the_reference(replicate)
     assert same["reference"].startswith("knockoff 97.0, jbda 80.0, dfme 99.9")  # the mode's own score
     assert ("; scored on the code's pixel range, [−1, 1] (SAME ±1): knockoff 95.0, jbda 79.0, dfme 99.9; one choice "
             "off at a time") in same["why"]
+
+
+def test_a_full_run_elsewhere_keeps_the_other_benchmarks_results_beside_its_own(replicate, tmp_path):
+    """--out DIR/x.json: the full run measures attacks.py's and detection.py's cells into DIR and its report reads
+    them there, not benchmarks/results; a quick run reads the full run's, as its report says."""
+    other = replicate.Other("attacks.py", ["--budgets", "1000"], lambda have: False)
+    assert other.command(False, str(tmp_path))[2:] == ["--budgets", "1000", "--out", str(tmp_path / "attacks.json")]
+    assert "--out" not in other.command(False)  # into benchmarks/results, the script's own default
+    assert replicate.others_dir(str(tmp_path / "x.json"), quick=False) == str(tmp_path)
+    assert replicate.others_dir(str(tmp_path / "x.json"), quick=True) == replicate.RESULTS
+    (tmp_path / "detection.json").write_text('{"x": 1}')
+    assert replicate.measured_elsewhere(str(tmp_path)) == {"detection": {"x": 1}}
+    _, md = replicate.report({"cells": {}, "quick": True, "machine": "m"}, {})
+    assert "except the rows of `mad-table1`, `same-table`, which read the full run's results" in md
+
+
+def test_the_command_line_checks_out_and_skip_and_report_only_keeps_what_the_json_says(replicate, tmp_path,
+                                                                                       monkeypatch, capsys):
+    import json
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["replicate.py", *args])
+        with pytest.raises(SystemExit) as exc:
+            replicate.script(replicate.main)
+        return exc.value.code, capsys.readouterr().err
+
+    code, err = main("--out", str(tmp_path / "report"))
+    assert code == 2 and "--out '" in err and "expected a path ending in .json" in err
+    code, err = main("--skip", "fashion")
+    assert code == 2 and "'adversarial victim, fashion_mnist'" in err and "expected one of" in err
+    path = tmp_path / "new" / "dir" / "quick.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"cells": {}, "quick": True, "machine": "the machine that measured it"}))
+    code, _ = main("--report-only", "--out", str(path))
+    assert code == 0
+    kept = json.loads(path.read_text())
+    assert kept["quick"] is True and kept["machine"] == "the machine that measured it"
+    assert "Mode: quick" in (tmp_path / "new" / "dir" / "quick.md").read_text()

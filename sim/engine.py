@@ -60,8 +60,16 @@ def check_ray_address(cfg: ScenarioConfig) -> None:
     if not config_mod.is_ray_address(address):
         raise SimError(f"{where} is not a cluster address; expected HOST:PORT (ray start --head prints it), auto, "
                        f"or ray://HOST:PORT")
+    if address == "auto":  # the cluster this machine belongs to, as ray.init would find it
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError:
+            raise SimError(f"{where}: no Ray cluster runs on this machine; expected one started with ray start, or "
+                           f"HOST:PORT of a cluster") from None
     host, _, port = address.rpartition(":")
-    if address in ("auto", "local") or address.startswith("ray://"):
+    if address == "local" or address.startswith("ray://"):
         return
     try:
         socket.create_connection((host, int(port)), timeout=3).close()

@@ -466,7 +466,7 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
         storage.write_text(storage.join(sweep_dir, "base.yaml"), config_mod.to_yaml(base))
     except (OSError, pa.ArrowException) as exc:
         raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected "
-                          f"a writable directory or a URI pyarrow knows (file://, s3://, gs://)") from None
+                          f"a writable directory or a URI pyarrow knows (file://, s3://, gs://, hdfs://)") from None
     with _sigterm_stops_like_ctrl_c(name_or_path, sweep_dir):
         return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet, given=name_or_path)
 

@@ -347,6 +347,19 @@ def test_an_unreachable_cluster_address_is_a_user_error(monkeypatch):
         check_ray_address(config.load("single_knockoff"))
     for good in ("auto", "ray://head:10001", "10.0.0.1:6379"):
         assert config.load("single_knockoff", [f"ray.address={good}"]).ray.address == good
+    # auto: the cluster ray.init would find on this machine, checked as one given by its address
+    monkeypatch.delenv("RAY_ADDRESS")
+    from ray._private import services
+
+    def nothing(address):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address_or_die", nothing)
+    with pytest.raises(SimError, match=r"^ray.address='auto': no Ray cluster runs on this machine; expected one"):
+        check_ray_address(config.load("single_knockoff", ["ray.address=auto"]))
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address_or_die", lambda a: f"127.0.0.1:{free_port()}")
+    with pytest.raises(SimError, match=r"^ray.address='auto': cannot connect"):  # a cluster that has stopped
+        check_ray_address(config.load("single_knockoff", ["ray.address=auto"]))
 
 
 def test_a_run_dir_that_already_holds_a_log_is_refused(tmp_path):

@@ -292,7 +292,15 @@ def beyond_spread(pairs: list[tuple]) -> str:
     several = [(a, b) for a, b in pairs if sd(a) or sd(b)]
     clear = sum(not noisy(a, b) for a, b in several)
     return (f", {clear} of the {len(several)} measured at several seeds by more than one standard deviation"
-            if clear < len(several) else "")
+            if several else "")
+
+
+def spread_of(lower, higher) -> str:
+    """For two means over seeds: by how much the lower is below, against the larger standard deviation."""
+    if not (sd(lower) or sd(higher)):
+        return ""
+    return (f", by {100 * (higher - lower):.1f} points on the means, {'less' if noisy(lower, higher) else 'more'} "
+            f"than one standard deviation over seeds ({100 * max(sd(lower), sd(higher)):.1f})")
 
 
 def num(v, digits: int = 2) -> str:
@@ -331,8 +339,7 @@ def judge_divqat_alone(c):
             f"replica % soft {pct(r_qat)} / {pct(r_div)}, top-1 {pct(h_qat)} / {pct(h_div)}")
     holds = dv > -0.01 and r_div < r_qat - 0.01
     return Finding(text, "holds" if holds else "does not hold", (
-        "DivQAT lowers the soft-label replica at no victim cost"
-        + (" on the means, by less than one standard deviation over seeds" if noisy(r_div, r_qat) else "") if holds else
+        "DivQAT lowers the soft-label replica at no victim cost" + spread_of(r_div, r_qat) if holds else
         "DivQAT's replica is not lower than plain QAT's by more than a point, or the victim lost more than a point"))
 
 

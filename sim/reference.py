@@ -229,6 +229,23 @@ HOW = {"defense": "defense=NAME defense.PARAM=VALUE", "detector": "detectors.NAM
        "dataset": "victim.dataset=NAME, or an attack's pool"}
 
 
+def _scenario(name: str, cfg) -> str:
+    """A scenario's description and what it sets up, by the keys an override names (attacker ids above all)."""
+    v, b = cfg.victim, cfg.benign
+    lines = [textwrap.fill(f"scenario {name}: {' '.join(cfg.description.split())}", 118, subsequent_indent="  "),
+             f"  victim: {v.arch} on {v.dataset} ({v.training} training"
+             f"{f', {v.quantization} quantized' if v.quantization != 'none' else ''}); "
+             f"defense={cfg.defense.spec().get('name', 'identity')}",
+             "  attackers (attackers.ID.…):"]
+    for aid, a in cfg.attackers.items():
+        lines.append(f"    {aid}: attack={a.attack}, budget={a.budget}, accounts={a.accounts}, actors={a.actors}")
+    accounts = f", accounts={b.accounts}" if b.accounts else ""
+    lines.append(f"  benign: users={b.users}{accounts}, queries={b.queries} each" if b.users else "  benign: none")
+    on = [f"{n} (kind={d.kind}, action={d.action})" for n, d in cfg.enabled_detectors().items()]
+    lines.append(f"  detectors on (detectors.NAME.…): {', '.join(on) or 'none'}")
+    return "\n".join(lines)
+
+
 def about(name: str) -> str:
     """``python -m sim help NAME``: what the scenario, sweep or component NAME (a registered name or ``module:attr``
     of your own) is, with each parameter's default, allowed values and help."""
@@ -238,7 +255,7 @@ def about(name: str) -> str:
 
     parts = []
     if name in scenario_names():
-        parts.append(f"scenario {name}: {' '.join(load(name).description.split())}")
+        parts.append(_scenario(name, load(name)))
     if name in sweep.sweep_names():
         parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
     for category in HOW:  # components first: a class is a callable, which a model or a dataset may be

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -92,6 +93,9 @@ def _batch_shape(shape: Any, input_shape: tuple[int, int, int], max_images: int)
     return tuple(shape)
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """``{"uint8": BASE64, "shape": [N, C, H, W]}``: 8-bit pixels, C order, as base64 text. The shape is checked and
     the text's length bounded before it is decoded."""
@@ -100,6 +104,9 @@ def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: i
     shape = _batch_shape(payload.get("shape"), input_shape, max_images)
     text = payload.get("uint8")
     size = int(np.prod(shape))
+    if isinstance(text, str) and len(text) <= 8 * -(-size // 3) and not _BASE64.fullmatch(text):  # bounded first
+        raise RequestError(400, "'uint8' is not valid base64 text: it holds characters other than A-Z, a-z, 0-9, "
+                                "+, / and = padding")
     if not isinstance(text, str) or len(text) != 4 * -(-size // 3):
         got = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
         raise RequestError(400, f"'uint8' must be the base64 text of {size} bytes ({4 * -(-size // 3)} characters) "

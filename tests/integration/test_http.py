@@ -155,6 +155,7 @@ def test_compact_encodings_base64_npy_and_png_are_answered_in_kind(victim_app):
         (None, {"uint8": text, "shape": [3, 28, 28, 1]}, 400, "images shape [3, 28, 28, 1] is wrong"),
         (None, {"uint8": text, "shape": [9, 1, 28, 28]}, 413, "too many images: 9 > serve.max_images=4"),
         (None, {"uint8": "!" * len(text), "shape": list(x.shape)}, 400, "not valid base64"),
+        (None, {"uint8": "!" * 8, "shape": list(x.shape)}, 400, "not valid base64 text: it holds characters"),
         ("application/x-npy", b"not numpy at all", 400, "malformed application/x-npy body"),
         ("application/x-npy", npy_body(x, cut=10), 400, "needs 2352"),
         ("application/x-npy", npy_body(x.astype(np.int64)), 400, "dtype int64"),

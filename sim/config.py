@@ -781,7 +781,13 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     except ConfigError as exc:  # say which file's extends led there
         raise ConfigError(f"extends={base!r} in {name_or_path!r}: {exc}") from None
     _drop_replaced_kinds(parent, raw)
-    merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
+    except TypeError:  # a list where the base has a mapping, or the other way round
+        raise ConfigError(f"{name_or_path!r} (extends {base!r}): " + _kind_clash(parent, raw).replace(
+            "bad override: ", "")) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{name_or_path!r} cannot extend {base!r}: {str(exc).splitlines()[0]}") from None
     out = OmegaConf.to_container(merged)
     out["name"] = raw.get("name", Path(name_or_path).stem)
     return out
@@ -819,6 +825,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw = _read_yaml(str(scenario))
     if isinstance(raw.get("defense"), str):  # `defense: mad` is short for `defense: {name: mad}`
         raw["defense"] = {"name": raw["defense"]}
+    overrides = _checked_overrides(overrides)
     if overrides and not isinstance(overrides, dict):
         # `defense=NAME` picks a new defense (dropping the scenario's parameters for the old one) before
         # any `defense.PARAM=VALUE` applies, whatever their order on the command line; likewise
@@ -915,6 +922,45 @@ def _warn_near_misses(before: list[str], attackers: Any) -> None:
             log.warning("attackers.%s is not an attacker of this scenario (its attackers: %s), so the override adds "
                         "one with the default attack %s; name its attack (attackers.%s.attack=…) to add one on "
                         "purpose", aid, ", ".join(before), attack, aid)
+
+
+def _checked_overrides(overrides: Any) -> list[str] | dict | None:
+    """Overrides as :func:`load` takes them: ``key=value`` strings, or a mapping (nested as a scenario file is; its
+    numpy numbers made plain, its ``defense: NAME`` short for ``defense: {name: NAME}``)."""
+    if overrides is None or isinstance(overrides, dict):
+        if overrides:
+            overrides = _plain(overrides)
+            if isinstance(overrides.get("defense"), str):
+                overrides["defense"] = {"name": overrides["defense"]}
+            dotted = [k for k in overrides if isinstance(k, str) and "." in k]
+            if dotted:
+                head, _, rest = dotted[0].partition(".")
+                raise ConfigError(f"overrides key {dotted[0]!r}: a mapping of overrides is nested as a scenario file "
+                                  f"is; expected {{{head!r}: {{{rest!r}: …}}}}, or the list form "
+                                  f"['{dotted[0]}=…']")
+        return overrides
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
+        raise ConfigError(f"overrides={_short(overrides)} is not a list (a {type(overrides).__name__}); expected a "
+                          f"list of 'key=value' strings (or a mapping)")
+    bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not a string (a {type(bad[0]).__name__}); expected a 'key=value' "
+                          f"string")
+    return list(overrides)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars and arrays in a mapping of overrides as plain Python numbers and lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.tolist() if hasattr(value, "tolist") and type(value).__module__ == "numpy" else value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _kind_clash(raw: Any, extra, prefix: str = "") -> str:

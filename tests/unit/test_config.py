@@ -217,6 +217,32 @@ def test_a_list_or_nothing_where_a_mapping_belongs_is_a_one_line_error(override,
     assert str(info.value) == message
 
 
+def test_a_scenario_file_that_gives_a_list_where_its_base_has_a_mapping_is_one_line(tmp_path):
+    (tmp_path / "mine.yaml").write_text("extends: single_knockoff\nattackers:\n  - single\n")
+    with pytest.raises(ConfigError, match=r"^'.*mine.yaml' \(extends 'single_knockoff'\): attackers=\['single'\] is "
+                                          r"a list; attackers must be a mapping of keys \(attackers.KEY=VALUE\)$"):
+        config.load(str(tmp_path / "mine.yaml"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ("seed=3", "overrides='seed=3' is not a list (a str); expected a list of 'key=value' strings (or a mapping)"),
+    ([3], "override 3 is not a string (a int); expected a 'key=value' string"),
+    ({"victim.epochs": 1}, "overrides key 'victim.epochs': a mapping of overrides is nested as a scenario file is; "
+                           "expected {'victim': {'epochs': …}}, or the list form ['victim.epochs=…']"),
+])
+def test_overrides_of_the_wrong_shape_from_python_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        config.load("single_knockoff", overrides)
+    assert str(info.value) == message
+
+
+def test_a_mapping_of_overrides_takes_numpy_numbers_and_a_defense_by_name():
+    import numpy as np
+
+    cfg = config.load("single_knockoff", {"seed": np.int64(3), "defense": "mad", "victim": {"epochs": np.int32(2)}})
+    assert cfg.seed == 3 and type(cfg.seed) is int and cfg.defense.spec() == {"name": "mad"} and cfg.victim.epochs == 2
+
+
 def test_extends_finds_a_relative_base_beside_the_file(tmp_path, monkeypatch):
     (tmp_path / "base.yaml").write_text("extends: single_knockoff\nseed: 3\n")
     (tmp_path / "mine.yaml").write_text("extends: base.yaml\nvictim:\n  epochs: 2\n")

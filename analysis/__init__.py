@@ -20,10 +20,27 @@ from .report import analyse, comparison, write_report
 
 
 def read_run(run_dir: str, columns: list[str] | None = None):
-    """The query log of a run directory as a pyarrow Table."""
-    from sim import storage
+    """The query log of a run directory as a pyarrow Table; a one-line SimError for a directory that holds none, or
+    a column the log does not have."""
+    import re
 
-    return read(storage.join(run_dir, "queries"), columns)
+    import pyarrow as pa
+
+    from sim import querylog, storage
+    from sim.errors import SimError
+
+    queries = storage.join(str(run_dir), "queries")
+    if not querylog.exists(queries):
+        raise SimError(f"run_dir={str(run_dir)!r} holds no query log ({queries} has none); expected the directory of "
+                       f"a run (python -m sim prints it)")
+    try:
+        return read(queries, columns)
+    except (pa.ArrowInvalid, KeyError) as exc:
+        found = re.search(r"FieldRef.Name\((\w+)\)|Field \"(\w+)\" does not exist", str(exc))
+        name = next((g for g in found.groups() if g), None) if found else None
+        raise SimError(f"columns: the log has no column {name!r}; expected names of its columns (sim.querylog.COLUMNS "
+                       f"and each detector's NAME_score, NAME_flagged, …)" if name else
+                       f"columns={columns!r}: {str(exc).splitlines()[0]}") from None
 
 
 __all__ = ["MetricError", "analyse", "comparison", "decode_inputs", "detection_metrics", "detection_report",

@@ -23,6 +23,7 @@ def scored_rows(table: pa.Table) -> pa.Table:
     """The rows the detectors scored: every query whose images were read (not a request refused before
     that), of any role, less those a limit refused (before the detectors saw them) and resubmissions (a challenged
     query answered after its proof of work). Detection metrics then judge the attacker and benign ones among them."""
+    querylog.check_table(table, ("input_sha1", "role", "attack", "account_id"), "the detection analysis")
     keep = table.column("input_sha1").is_valid().to_numpy(zero_copy_only=False) \
         & ~querylog.refused_for(table, querylog.LIMITS)
     if "resubmission" in table.column_names:

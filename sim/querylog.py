@@ -347,7 +347,22 @@ def prob_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
+def check_table(table, columns, what: str) -> None:
+    """A one-line SimError unless ``table`` is a query-log table with ``columns`` (``what``: who needs them)."""
+    from .errors import SimError
+
+    if not isinstance(table, pa.Table):
+        raise SimError(f"{what} takes a query-log table (analysis.read_run(RUN_DIR)), got {type(table).__name__} "
+                       f"{str(table)[:60]!r}")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise SimError(f"{what} needs the log's column{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which "
+                       f"this table lacks; expected the table read_run gives without columns= (or with these)")
+
+
 def per_account_counts(table: pa.Table) -> dict[str, int]:
+    """How many rows (queries) each account has in a query-log table."""
+    check_table(table, ("account_id",), "per_account_counts")
     counts = pc.value_counts(table.column("account_id").combine_chunks()).to_pylist()
     return {c["values"]: c["counts"] for c in counts if c["values"] is not None}
 

@@ -52,6 +52,24 @@ def run_dir(tmp_path_factory):
     return str(root)
 
 
+def test_the_python_functions_say_in_one_line_what_they_were_given_instead_of_a_log(run_dir, tmp_path):
+    from sim.errors import SimError
+
+    with pytest.raises(SimError, match=r"^run_dir='.*nope' holds no query log .*; expected the directory of a run"):
+        analysis.read_run(str(tmp_path / "nope"))  # a typo: not an empty table that every metric then reads as {}
+    with pytest.raises(SimError, match=r"^columns: the log has no column 'nope'; expected names of its columns"):
+        analysis.read_run(run_dir, ["nope"])
+    part = analysis.read_run(run_dir, ["account_id", "action"])
+    assert sum(analysis.per_account_counts(part).values()) == part.num_rows
+    for call in (lambda: analysis.detection_report(part), lambda: analysis.replay(part, "prada", {})):
+        with pytest.raises(SimError, match=r"^the detection analysis needs the log's columns input_sha1, role, attack, "
+                                           r"which this table lacks; expected the table read_run gives"):
+            call()
+    with pytest.raises(SimError, match=r"^per_account_counts takes a query-log table \(analysis.read_run\(RUN_DIR\)\), "
+                                       r"got str"):
+        analysis.per_account_counts(run_dir)
+
+
 def test_replaying_prada_reproduces_the_online_flags_exactly(run_dir):
     table = analysis.read_run(run_dir)
     rows = analysis.scored_rows(table)

@@ -14,7 +14,7 @@ only sends queries) does not pay for torch and scipy.
 
 import importlib
 
-from .errors import ConfigError, DataError, RequestError, SimError
+from .errors import ConfigError, DataError, Interrupted, RequestError, RunFailed, SimError
 
 _LAZY = {
     "detectors": ("sim.detectors", None),
@@ -47,4 +47,4 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set=
 
 
 __all__ = ["run", "load_config", "scenario_names", "ScenarioConfig", "Summary", "read_summary", "detectors",
-           "defenses", "SimError", "ConfigError", "DataError", "RequestError"]
+           "defenses", "SimError", "ConfigError", "DataError", "RequestError", "RunFailed", "Interrupted"]

@@ -265,7 +265,9 @@ def parse(data: dict) -> Summary:
     if not isinstance(data, dict):
         raise SummaryError(f"a run summary is a JSON object, got {type(data).__name__}")
     if "interrupted" in data:
-        raise SummaryError(f"run {data.get('run_id')} was interrupted during {data['interrupted']}: it has no results")
+        why = f" ({data['error']})" if data.get("error") else ""
+        raise SummaryError(f"run {data.get('run_id')} was interrupted during {data['interrupted']}{why}: it has no "
+                           f"results")
     version = data.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         raise SummaryError(f"summary version {version!r} is not an integer")

@@ -198,6 +198,10 @@ def test_what_is_not_a_readable_summary(tmp_path):
     assert summary.read(str(tmp_path)) is None
     with pytest.raises(ConfigError, match="run r1 was interrupted during querying: it has no results"):
         sim.read_summary(str(tmp_path))
+    summary.write_interrupted(str(tmp_path), "r1", "single_knockoff", "evaluation", 0, error="the URL is gone")
+    with pytest.raises(ConfigError, match=r"run r1 was interrupted during evaluation \(the URL is gone\): it has no"):
+        sim.read_summary(str(tmp_path))  # why it stopped, as the summary keeps it
+    assert {sim.RunFailed, sim.Interrupted} <= {getattr(sim, n) for n in sim.__all__ if n[0].isupper()}
     (tmp_path / "summary.json").write_text('{"run_id": "x"}')
     assert summary.read(str(tmp_path)) is None  # not a run summary
     with pytest.raises(summary.SummaryError, match="summary version 9 is newer than this mlsim reads"):

@@ -52,8 +52,9 @@ from analysis.sweep import distortion_to_reach
 from sim.cli import OneLineParser, description, nonnegative, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-QUICK = ["victim.epochs=3", "victim.quant.epochs=1", "benign.users=1", "benign.queries=40",
+QUICK = ["victim.epochs=3", "benign.users=1", "benign.queries=40",
          "robustness.samples=200"]  # and every attacker's budget and replica epochs, below
+QUICK_QUANTIZED = "victim.quant.epochs=1"  # and a quantized victim's fine-tuning (a float one has none to shorten)
 
 
 @dataclass
@@ -69,7 +70,15 @@ class Cell:
             return list(self.overrides)
         small = [o for aid in self.attackers for o in (f"attackers.{aid}.budget=300",
                                                         f"attackers.{aid}.replica.epochs=5")]
-        return [*self.overrides, *QUICK, *small]
+        return [*self.overrides, *QUICK, *([QUICK_QUANTIZED] if self.quantized() else []), *small]
+
+    def quantized(self) -> bool:
+        """Whether the cell's victim is quantized (a sweep's: its base scenario's)."""
+        from sim import config, sweep
+
+        scenario = sweep.load(self.scenario).scenario if self.sweep else self.scenario
+        given = [o for o in self.overrides if not o.startswith(sweep.SWEEP_PREFIX)]
+        return config.load(scenario, given).victim.quantization != "none"
 
 
 @dataclass
@@ -958,7 +967,8 @@ def measure_latency(quick: bool) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = config.load("quantized_vs_knockoff", ["victim.quantization=ptq", *(QUICK if quick else [])])
+    quick_args = [*QUICK, QUICK_QUANTIZED] if quick else []
+    cfg = config.load("quantized_vs_knockoff", ["victim.quantization=ptq", *quick_args])
     v = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     x = v.dataset.x_test[:64]
     repeats = 3 if quick else 10
@@ -1041,6 +1051,7 @@ def report(result: dict, elsewhere: dict | None = None) -> tuple[list[dict], str
         rows += build([claim], view)
     mode = ("quick: a smoke test, not the figures (at these budgets some replicas barely learn, and a verdict is "
             "not evidence). Every cell ran with " + " ".join(f"`{o}`" for o in QUICK)
+            + f" (and `{QUICK_QUANTIZED}` where the victim is quantized)"
             + ", and each attacker with 300 queries and 5 replica epochs, whatever the settings column says; "
             "except the rows of " + ", ".join(f"`{c.id}`" for c in CLAIMS if c.other)
             + ", which read the full run's results of other benchmarks (attacks.json, detection.json)"

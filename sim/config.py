@@ -874,6 +874,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     cfg = validate(raw)
     if overrides and not isinstance(overrides, dict):
         _untrained_checkpoint(cfg, overrides)
+        _inert_overrides(cfg, overrides)
         _warn_off_detectors(cfg, overrides)
     return cfg
 
@@ -881,13 +882,41 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
 def _untrained_checkpoint(cfg: ScenarioConfig, overrides: list[str]) -> None:
     """The victim's training settings given beside ``victim.checkpoint``, which is trained already: nothing would
     use them (those the scenario file gives are its own, for when it trains, and pass)."""
-    if cfg.victim.checkpoint is None:
+    given = ("checkpoint", cfg.victim.checkpoint, "a trained one") if cfg.victim.checkpoint is not None else \
+        ("url", cfg.victim.url, "one this tool does not serve") if cfg.victim.url is not None else None
+    if given is None:
         return
+    field, where, what = given
+    trains = ("victim.epochs", "victim.batch_size", "victim.lr") + (
+        ("victim.training", "victim.quantization") if field == "url" else ())
     for item in overrides:
         key, _, value = item.partition("=")
-        if key in ("victim.epochs", "victim.batch_size", "victim.lr"):
-            raise ConfigError(f"{key}={value} trains the victim, but victim.checkpoint={cfg.victim.checkpoint!r} is "
-                              f"a trained one; expected no {key} with a checkpoint")
+        if key in trains or (field == "url" and key.startswith(("victim.dp.", "victim.quant.", "victim.divqat.",
+                                                                  "victim.adversarial.", "victim.oe_weight"))):
+            raise ConfigError(f"{key}={value} trains the victim, but victim.{field}={where!r} is {what}; expected no "
+                              f"{key} with a {field}")
+
+
+def _inert_overrides(cfg: ScenarioConfig, overrides: list[str]) -> None:
+    """A setting given on the command line that the scenario's other settings leave without effect (DP-SGD's noise
+    for a victim trained without DP-SGD, say) is refused: the run would otherwise go ahead without what was asked
+    for. Those a scenario file gives are its own, for the variants it is run in, and pass."""
+    v, b = cfg.victim, cfg.benign
+    needs = {  # key prefix -> (no effect unless, that setting)
+        "victim.dp.": (v.training == "dp_sgd", "victim.training=dp_sgd"),
+        "victim.oe_weight": (v.training == "outlier_exposure", "victim.training=outlier_exposure"),
+        "victim.adversarial.": (v.training == "adversarial" or cfg.robustness.enabled,  # also robust accuracy's PGD
+                                "victim.training=adversarial or robustness.enabled=true"),
+        "victim.quant.": (v.quantization != "none", "victim.quantization=ptq, qat or divqat"),
+        "victim.divqat.": (v.quantization == "divqat", "victim.quantization=divqat"),
+        "serve.port": (cfg.serve.http, "serve.http=true"),
+        "benign.popular_images": (b.popular > 0, "benign.popular above 0"),
+    }
+    for item in overrides:
+        key, _, value = item.partition("=")
+        for prefix, (effect, setting) in needs.items():
+            if not effect and (key == prefix or (prefix.endswith(".") and key.startswith(prefix))):
+                raise ConfigError(f"{key}={value} has no effect unless {setting}; expected {setting}, or no {key}")
 
 
 def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str]) -> None:

@@ -761,6 +761,34 @@ def test_a_runs_batches_must_fit_the_victims_max_images_which_serve_mode_does_no
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["victim.dp.noise_multiplier=0.5"], "victim.dp.noise_multiplier=0.5 has no effect unless victim.training=dp_sgd; "
+                                         "expected victim.training=dp_sgd, or no victim.dp.noise_multiplier"),
+    (["victim.oe_weight=0.3"], "victim.oe_weight=0.3 has no effect unless victim.training=outlier_exposure"),
+    (["victim.adversarial.steps=3"], "victim.adversarial.steps=3 has no effect unless victim.training=adversarial or "
+                                     "robustness.enabled=true"),
+    (["victim.quant.epochs=2"], "victim.quant.epochs=2 has no effect unless victim.quantization=ptq, qat or divqat"),
+    (["victim.quantization=qat", "victim.divqat.alpha=0.1"], "victim.divqat.alpha=0.1 has no effect unless "
+                                                             "victim.quantization=divqat"),
+    (["serve.http=false", "serve.port=8123"], "serve.port=8123 has no effect unless serve.http=true"),
+    (["benign.popular_images=5"], "benign.popular_images=5 has no effect unless benign.popular above 0"),
+    (["victim.url=http://127.0.0.1:9/v", "victim.epochs=3"], "victim.epochs=3 trains the victim, but "
+     "victim.url='http://127.0.0.1:9/v' is one this tool does not serve; expected no victim.epochs with a url"),
+    (["victim.training=dp_sgd", "victim.dp.noise_multiplier=0.5"], None),
+    (["robustness.enabled=true", "victim.adversarial.steps=3"], None),
+    (["victim.quantization=divqat", "victim.quant.epochs=1", "victim.divqat.alpha=0.1"], None),
+])
+def test_a_setting_given_where_the_others_leave_it_without_effect_is_refused(overrides, message):
+    """On the command line (or a list of overrides): what a scenario file gives is its own, for the variants it runs
+    in (quantized_vs_knockoff's quant settings serve its float cells too)."""
+    if message is None:
+        config.load("single_knockoff", overrides)
+    else:
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            config.load("single_knockoff", overrides)
+    assert config.load("quantized_vs_knockoff", ["victim.quantization=none"]).victim.quant.epochs == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
     (["serve.burst=300"], "serve.burst=300 has no effect unless serve.rate=RATE"),
     (["serve.limit_by=cohort"], "serve.limit_by=cohort has no effect unless serve.quota=N or serve.rate=RATE"),
     (["serve.replica_gpus=1", "device=cpu"], "serve.replica_gpus=1.0 has no effect unless device=cuda or device=auto"),

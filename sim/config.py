@@ -1090,4 +1090,16 @@ def _shown(value: Any) -> str:
 
 
 def to_yaml(cfg: ScenarioConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The scenario as YAML with every parameter, defaults included: the output defense's and each perturbing
+    detector's too (a chain: each member's under its name), which the scenario holds only as given."""
+    from . import defenses
+
+    def full(spec: dict) -> dict:
+        return {"name": spec.get("name", "identity"), **defenses.resolved(spec)}
+
+    data = cfg.model_dump(mode="json")
+    data["defense"] = full(cfg.defense.spec())
+    for name, det in cfg.detectors.items():
+        if det.action == "perturb":
+            data["detectors"][name]["perturb"] = full(det.perturb.spec())
+    return yaml.safe_dump(data, sort_keys=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sim import config
+from sim import config, defenses
 from sim.errors import ConfigError, SimError
 
 
@@ -263,6 +263,16 @@ def test_resolved_config_round_trips_through_yaml():
     cfg = config.load("distributed_knockoff", ["victim.epochs=4"])
     again = config.validate(yaml.safe_load(config.to_yaml(cfg)))
     assert again == cfg
+    # a defense's parameters (and a perturbing detector's) are written in full, defaults included, and load back
+    cfg = config.load("single_knockoff", ["defense=top_k+rounding", "defense.top_k.k=2",
+                                          "detectors.prada.action=perturb", "detectors.prada.perturb.name=mad"])
+    written = yaml.safe_load(config.to_yaml(cfg))
+    assert written["defense"] == {"name": "top_k+rounding", "top_k": {"k": 2}, "rounding": defenses.resolved(
+        {"name": "rounding"})} and written["detectors"]["prada"]["perturb"] == {"name": "mad", **defenses.resolved(
+            {"name": "mad"})}
+    again = config.validate(written)
+    assert defenses.resolved(again.defense.spec()) == defenses.resolved(cfg.defense.spec())
+    assert config.to_yaml(again) == config.to_yaml(cfg)
 
 
 @pytest.mark.parametrize("args,message", [

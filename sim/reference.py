@@ -256,6 +256,11 @@ def about(name: str) -> str:
     parts = []
     if name in scenario_names():
         parts.append(_scenario(name, load(name)))
+    elif name.endswith((".yaml", ".yml")) and Path(name).is_file():  # a file of the user's: a scenario or a sweep
+        try:
+            parts.append(_scenario(name, load(name)))
+        except ConfigError:
+            parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
     if name in sweep.sweep_names():
         parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
     for category in HOW:  # components first: a class is a callable, which a model or a dataset may be

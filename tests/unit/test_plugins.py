@@ -614,7 +614,7 @@ def test_help_name_describes_a_component_with_each_parameters_help(on_path, caps
                                                "name python -m sim help lists, or module:attr of your own")
 
 
-def test_help_on_a_scenario_lists_what_an_override_would_name(capsys):
+def test_help_on_a_scenario_lists_what_an_override_would_name(capsys, tmp_path):
     assert main(["help", "distributed_knockoff"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("scenario distributed_knockoff: ")
@@ -622,6 +622,10 @@ def test_help_on_a_scenario_lists_what_an_override_would_name(capsys):
             "    distributed: attack=knockoff, budget=1500, accounts=20, actors=4\n") in out
     assert "\n  benign: users=2, queries=300 each\n" in out
     assert out.rstrip().endswith("detectors on (detectors.NAME.…): prada (kind=prada, action=answer)")
+    mine = tmp_path / "mine.yaml"  # a scenario file of the user's, as scenario= takes it
+    mine.write_text("extends: single_knockoff\nattackers: {single: {budget: 200}}\n")
+    assert main(["help", str(mine)]) == 0
+    assert "    single: attack=knockoff, budget=200, accounts=1, actors=1\n" in capsys.readouterr().out
 
 
 def test_a_plug_ins_parameter_named_like_a_key_every_instance_has_is_refused(on_path):

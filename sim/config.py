@@ -741,7 +741,10 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{kind} {name_or_path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{kind} {name_or_path!r} is not valid YAML{where}: {what}") from None
     if raw is None:  # an empty file is a mistake more often than a wish for every default
         hint = " (extends: NAME starts from another scenario)" if kind == "scenario" else ""
         raise ConfigError(f"{kind} {name_or_path!r} is empty; expected a mapping of keys{hint}")

@@ -217,6 +217,13 @@ def test_a_list_or_nothing_where_a_mapping_belongs_is_a_one_line_error(override,
     assert str(info.value) == message
 
 
+def test_a_scenario_file_that_is_not_yaml_says_where(tmp_path):
+    (tmp_path / "bad.yaml").write_text("seed: 1\nvictim:\n  epochs: 3\n   lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^scenario '.*bad.yaml' is not valid YAML at line 4, column 6: mapping "
+                                          r"values are not allowed here$"):
+        config.load(str(tmp_path / "bad.yaml"))
+
+
 def test_a_scenario_file_that_gives_a_list_where_its_base_has_a_mapping_is_one_line(tmp_path):
     (tmp_path / "mine.yaml").write_text("extends: single_knockoff\nattackers:\n  - single\n")
     with pytest.raises(ConfigError, match=r"^'.*mine.yaml' \(extends 'single_knockoff'\): attackers=\['single'\] is "

@@ -78,6 +78,21 @@ def check_ray_address(cfg: ScenarioConfig) -> None:
                        f"cluster's HOST:PORT (ray start --head) or 'auto'") from None
 
 
+def check_victim_url(cfg: ScenarioConfig) -> None:
+    """Fail fast, before any work, on a ``victim.url`` whose host and port nothing listens on."""
+    if cfg.victim.url is None:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg.victim.url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise SimError(f"victim.url={cfg.victim.url!r}: cannot connect ({getattr(exc, 'strerror', None) or exc}); "
+                       f"expected the URL of a running victim (python -m sim serve prints one)") from None
+
+
 def ray_stopped(wait_s: float = 2.0) -> bool:
     """Whether the Ray this process is connected to has stopped (its GCS refuses connections within ``wait_s``).
     A SIGTERM sent to a whole process group (``timeout``, systemd, a batch scheduler) stops a local Ray's processes
@@ -591,6 +606,7 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
     from .remote import RemoteError
 
     eval_key = _remote_keys(cfg, plan)
+    check_victim_url(cfg)  # before Ray starts: a URL nothing answers for is the user's to fix
     remote = {"run_id": run_id, "victim": cfg.victim.name, "url": cfg.victim.url, "log_dir": log_dir,
               "input_shape": ds.input_shape, "log_inputs": cfg.log.inputs, "accounts": plan.accounts,
               **({"client": cfg.victim.client} if cfg.victim.client else {})}

@@ -27,6 +27,13 @@ def test_a_key_file_too_short_for_the_scenario_is_one_line(tmp_path):
                                               r"one per account \(3\) and one for evaluation; expected at least 4"):
         sim.run("single_knockoff", ["victim.url=http://127.0.0.1:9/victim", f"victim.key_file={keys}",
                                     "benign.users=2", f"run_dir={tmp_path / 'run'}"], quiet=True)
+    # enough keys, but nothing listens there: one line before Ray starts, and no run directory left behind
+    keys.write_text(json.dumps([{"key": f"k{i}", "account_id": f"external-{i}"} for i in range(4)]))
+    with pytest.raises(sim.SimError, match=r"^victim.url='http://127.0.0.1:9/victim': cannot connect \(.*\); "
+                                           r"expected the URL of a running victim"):
+        sim.run("single_knockoff", ["victim.url=http://127.0.0.1:9/victim", f"victim.key_file={keys}",
+                                    "benign.users=2", f"run_dir={tmp_path / 'run'}"], quiet=True)
+    assert not (tmp_path / "run").exists()
 
 
 class _Foreign(BaseHTTPRequestHandler):

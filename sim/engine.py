@@ -139,6 +139,10 @@ def ray_session(cfg: ScenarioConfig):
     """Use the Ray already initialised in this process, join ``ray.address``/RAY_ADDRESS, or start a
     local one (and stop it afterwards)."""
     if ray.is_initialized():
+        unused = [f"ray.{k}={v}" for k, v in cfg.ray.model_dump(exclude_defaults=True).items()]
+        if unused and ray.get_runtime_context().get_actor_id() is None:  # a driver's Ray (a sweep's trial: its own)
+            log.warning("%s: not applied; this process is connected to a Ray already (ray.shutdown() first to start "
+                        "or join another)", ", ".join(unused))
         yield
         return
     sigterm = signal.getsignal(signal.SIGTERM)

@@ -230,7 +230,11 @@ class Same(StatelessDetector):
             raise ConfigError(f"{owner}.dim={values['dim']} and {owner}.decoder_dim={values['decoder_dim']} must "
                               f"be multiples of {owner}.heads={values['heads']}")
 
-    def __init__(self, models: SameModels | bytes, **params):
+    def __init__(self, models: SameModels | bytes | None = None, **params):
+        if models is None:
+            raise ConfigError("detector same needs its trained models (models=, what Same.prepare makes from the "
+                              "victim zoo); expected sim.detectors.build('same', models=..., ...), or SAME in a "
+                              "scenario, which prepares them")
         super().__init__(models, **params)
         self.models = SameModels.from_bytes(models) if isinstance(models, bytes) else models
         if self.models.variant != self.values["variant"]:

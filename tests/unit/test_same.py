@@ -199,3 +199,8 @@ def test_same_settings_that_contradict_each_other_are_refused_with_the_scenario_
     with pytest.raises(ConfigError, match=r"detectors.mine.dim=30 and detectors.mine.decoder_dim=64 must be multiples "
                                           r"of detectors.mine.heads=4"):
         config.load("single_knockoff", ["detectors.mine.kind=same", "detectors.mine.dim=30"])
+
+
+def test_same_built_without_its_models_says_what_it_needs():
+    with pytest.raises(ConfigError, match=r"^detector same needs its trained models \(models=, what Same.prepare"):
+        detectors.build("same")

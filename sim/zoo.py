@@ -234,8 +234,12 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
 
 
 def load_data(cfg: VictimConfig, data_cfg: DataConfig) -> data.Dataset:
-    """The victim's dataset."""
-    return data.load(cfg.dataset, data_cfg.root, data_cfg.download, data_cfg.image_size)
+    """The victim's dataset (an error names ``victim.dataset`` first, as a pool's names its setting)."""
+    named = f"victim.dataset={cfg.dataset!r}"
+    try:
+        return data.load(cfg.dataset, data_cfg.root, data_cfg.download, data_cfg.image_size)
+    except (ConfigError, DataError) as exc:
+        raise exc if str(exc).startswith(named) else type(exc)(f"{named}: {exc}") from None
 
 
 def _preprocessed(model: nn.Module, cfg: VictimConfig) -> nn.Module:

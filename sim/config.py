@@ -34,7 +34,7 @@ def _names(category: str) -> dict:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DPConfig(_Strict):
@@ -152,7 +152,7 @@ class DataConfig(_Strict):
 class DefenseConfig(BaseModel):
     """``name`` plus the defense's own parameters as extra keys (a chain: one mapping per member)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
     name: str = Field("identity", description="output defense, or several joined by '+' (a chain); parameters: "
                                               "defense.PARAM=… (chain: defense.MEMBER.PARAM=…)")
 
@@ -205,7 +205,7 @@ class DetectorConfig(BaseModel):
     """One detector instance: its kind, whether it is on, what is done with the queries it flags, and the kind's
     own parameters (declared by the kind, see :mod:`sim.detectors`) as further keys."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
     kind: str = Field(description="the detector kind; a shorthand name (listed with the detectors) implies its own",
                       json_schema_extra=_names("detector"))
     enabled: bool = Field(True, description="score queries with it")
@@ -254,7 +254,7 @@ class AttackerConfig(BaseModel):
     """One attacker: its attack, budget, accounts and actors, replica training, and the attack's own parameters
     (declared by the attack, see :mod:`actors.attacks`) as further keys."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
     attack: str = Field("knockoff", description="the attack; its own keys are listed with it below",
                         json_schema_extra=_names("attack"))
     budget: int = Field(1000, ge=1, description="total queries of this attacker")

@@ -824,11 +824,22 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
         raw = scenario.model_dump()
     elif isinstance(scenario, dict):
         raw = dict(scenario)
+        if "extends" in raw:  # as in a scenario file: on top of a shipped scenario or a file
+            base = raw.pop("extends")
+            if not isinstance(base, str):
+                raise ConfigError(f"extends={base!r} is not a scenario; expected a scenario name or the path of a "
+                                  f".yaml file")
+            parent = _read_yaml(base)
+            _drop_replaced_kinds(parent, raw)
+            raw = {**OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))),
+                   "name": raw.get("name", parent.get("name"))}
     else:
         raw = _read_yaml(str(scenario))
     if isinstance(raw.get("defense"), str):  # `defense: mad` is short for `defense: {name: mad}`
         raw["defense"] = {"name": raw["defense"]}
     overrides = _checked_overrides(overrides)
+    if overrides and isinstance(overrides, dict):  # an attack, detector kind or defense switched: as in a file
+        _drop_replaced_kinds(raw, overrides)
     if overrides and not isinstance(overrides, dict):
         # `defense=NAME` picks a new defense (dropping the scenario's parameters for the old one) before
         # any `defense.PARAM=VALUE` applies, whatever their order on the command line; likewise

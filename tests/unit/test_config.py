@@ -250,6 +250,13 @@ def test_a_mapping_of_overrides_takes_numpy_numbers_and_a_defense_by_name():
 
     cfg = config.load("single_knockoff", {"seed": np.int64(3), "defense": "mad", "victim": {"epochs": np.int32(2)}})
     assert cfg.seed == 3 and type(cfg.seed) is int and cfg.defense.spec() == {"name": "mad"} and cfg.victim.epochs == 2
+    # as in a scenario file: another attack drops the old one's parameters, another defense its parameters
+    jbda = config.load("single_knockoff", {"attackers": {"single": {"attack": "jbda"}}}).attackers["single"]
+    assert jbda.attack == "jbda" and "pool" not in jbda.params()
+    assert config.load("mad_vs_knockoff", {"defense": "top_k"}).defense.spec() == {"name": "top_k"}
+    # and a scenario given as a mapping may extend another, as a file does
+    mine = config.load({"extends": "single_knockoff", "seed": 3})
+    assert mine.seed == 3 and list(mine.attackers) == ["single"]
 
 
 def test_extends_finds_a_relative_base_beside_the_file(tmp_path, monkeypatch):

@@ -10,14 +10,21 @@ import sim
 from .conftest import SMALL, env_without_ray_address
 
 
+def _without_auth() -> dict:
+    """The environment without a Ray address or auth mode (the session's own ray.init sets RAY_AUTH_MODE=token in
+    this process): the cluster and its first client both without authentication."""
+    env = env_without_ray_address()
+    env.pop("RAY_AUTH_MODE", None)
+    return env
+
+
 def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
     launcher = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cluster_launcher.py")],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env=env_without_ray_address())
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_without_auth())
     try:
         address = json.loads(launcher.stdout.readline())["address"]
         run_uri = f"file://{tmp_path}/run"  # run directories may be URIs
-        env = {**env_without_ray_address(), "RAY_ADDRESS": address}  # found through ray.address=auto
+        env = {**_without_auth(), "RAY_ADDRESS": address}  # found through ray.address=auto
         proc = subprocess.run(
             [sys.executable, "-m", "sim", "scenario=single_knockoff", "ray.address=auto",
              f"cache_dir={cache_dir}", f"run_dir={run_uri}", *SMALL],
@@ -35,7 +42,7 @@ def test_cli_runs_a_scenario_on_a_two_node_cluster(cache_dir, tmp_path):
         proc = subprocess.run(
             [sys.executable, "-m", "sim", "scenario=single_knockoff", f"ray.address={address}",
              f"cache_dir={cache_dir}", f"run_dir={tmp_path}/refused", *SMALL],
-            capture_output=True, text=True, timeout=400, env={**env_without_ray_address(), "RAY_AUTH_MODE": "token"})
+            capture_output=True, text=True, timeout=400, env={**_without_auth(), "RAY_AUTH_MODE": "token"})
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1] == (
             f"error: ray.address='{address}': the cluster cannot call back into this process (an actor started "

@@ -783,17 +783,20 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
         parent = _read_yaml(base, seen + (name_or_path,))
     except ConfigError as exc:  # say which file's extends led there
         raise ConfigError(f"extends={base!r} in {name_or_path!r}: {exc}") from None
+    return {**_extended(parent, raw, f"{name_or_path!r} (extends {base!r})"),
+            "name": raw.get("name", Path(name_or_path).stem)}
+
+
+def _extended(parent: dict, raw: dict, what: str) -> dict:
+    """Scenario ``raw`` on top of the scenario it extends (``what`` names the pair in errors): where it gives an
+    entry another kind, the parent's parameters of the old kind are dropped first."""
     _drop_replaced_kinds(parent, raw)
     try:
-        merged = OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw)))
     except TypeError:  # a list where the base has a mapping, or the other way round
-        raise ConfigError(f"{name_or_path!r} (extends {base!r}): " + _kind_clash(parent, raw).replace(
-            "bad override: ", "")) from None
+        raise ConfigError(f"{what}: " + _kind_clash(parent, raw).replace("bad override: ", "")) from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{name_or_path!r} cannot extend {base!r}: {str(exc).splitlines()[0]}") from None
-    out = OmegaConf.to_container(merged)
-    out["name"] = raw.get("name", Path(name_or_path).stem)
-    return out
+        raise ConfigError(f"{what}: {str(exc).splitlines()[0]}") from None
 
 
 def _drop_replaced_kinds(base: dict, child: dict) -> None:
@@ -830,8 +833,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
                 raise ConfigError(f"extends={base!r} is not a scenario; expected a scenario name or the path of a "
                                   f".yaml file")
             parent = _read_yaml(base)
-            _drop_replaced_kinds(parent, raw)
-            raw = {**OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(parent), OmegaConf.create(raw))),
+            raw = {**_extended(parent, raw, f"a scenario mapping (extends {base!r})"),
                    "name": raw.get("name", parent.get("name"))}
     else:
         raw = _read_yaml(str(scenario))

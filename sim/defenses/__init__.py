@@ -43,7 +43,13 @@ def build(name: str, *, victim: nn.Module | None = None, surrogate: nn.Module | 
           misinformation: nn.Module | None = None, models: dict[str, Any] | None = None, **params) -> Defense:
     """One defense with its parameters. The models go to the defenses that take them and are ignored by the
     rest: ``victim`` (MAD builds a random surrogate of its architecture), ``surrogate`` (MAD), ``misinformation``
-    (adaptive misinformation), and ``models``, what :meth:`Defense.prepare` made (constructor keyword -> model)."""
+    (adaptive misinformation), and ``models``, what :meth:`Defense.prepare` made (constructor keyword -> model).
+    ``A+B`` builds a chain, each member's parameters under its name (``top_k={"k": 1}``), as in a scenario; its
+    ``models``: member name -> that member's."""
+    if isinstance(name, str) and "+" in name:
+        return Chain([build(part, victim=victim, surrogate=surrogate, misinformation=misinformation,
+                            models=(models or {}).get(part), **own)
+                      for part, own in members({"name": name, **params})])
     cls = get(name)
     given = {"victim": victim, "surrogate": surrogate, "misinformation": misinformation, **(models or {})}
     accepted = inspect.signature(cls.__init__).parameters

@@ -434,6 +434,9 @@ def test_a_chain_applies_its_members_left_to_right():
     assert chain.describe() == {"name": "reverse_sigmoid+rounding",
                                 "reverse_sigmoid": {"beta": 0.3, "gamma": 0.5, "normalize": "clamp"},
                                 "rounding": {"decimals": 1, "renormalize": True}}
+    # built by name as a scenario names it, each member's parameters under its name
+    built = defenses.build("reverse_sigmoid+rounding", reverse_sigmoid={"beta": 0.3}, rounding={"decimals": 1})
+    torch.testing.assert_close(built(y), manual)
 
 
 @pytest.mark.parametrize("spec,message", [

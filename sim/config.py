@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,24 @@ def _names(category: str) -> dict:
     return {"registry": category}
 
 
-class _Strict(BaseModel):
+def _takes_number(annotation: Any) -> bool:
+    args = typing.get_args(annotation) or (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
+class _Settings(BaseModel):
+    """Every settings model: a number is not a yes/no (pydantic would read YAML's true as 1)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any, info) -> Any:
+        field = cls.model_fields.get(info.field_name)
+        if isinstance(value, bool) and field is not None and _takes_number(field.annotation):
+            raise ValueError(f"must be a number, got {str(value).lower()}")
+        return value
+
+
+class _Strict(_Settings):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
@@ -149,7 +167,7 @@ class DataConfig(_Strict):
                                                            "square size (default: they must share one size)")
 
 
-class DefenseConfig(BaseModel):
+class DefenseConfig(_Settings):
     """``name`` plus the defense's own parameters as extra keys (a chain: one mapping per member)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
@@ -201,7 +219,7 @@ class PowConfig(_Strict):
         return self
 
 
-class DetectorConfig(BaseModel):
+class DetectorConfig(_Settings):
     """One detector instance: its kind, whether it is on, what is done with the queries it flags, and the kind's
     own parameters (declared by the kind, see :mod:`sim.detectors`) as further keys."""
 
@@ -250,7 +268,7 @@ class ReplicaConfig(_Strict):
         return self
 
 
-class AttackerConfig(BaseModel):
+class AttackerConfig(_Settings):
     """One attacker: its attack, budget, accounts and actors, replica training, and the attack's own parameters
     (declared by the attack, see :mod:`actors.attacks`) as further keys."""
 

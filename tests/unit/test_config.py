@@ -211,6 +211,8 @@ def test_a_relative_extends_cycle_is_found_and_extends_must_name_a_scenario(tmp_
     ("victim=", "victim must be a mapping of keys (victim.KEY=VALUE), got null (an empty value)"),
     ("serve.http=maybe", "serve.http must be a valid boolean, got 'maybe'"),
     ("victim.lr=inf", "victim.lr must be a finite number, got 'inf'"),
+    ("seed=true", "seed must be a number, got True"),  # not 1
+    ("attackers.single.budget=false", "attackers.single.budget must be a number, got False"),
     ("attackers.single.replica.lr=.nan", "attackers.single.replica.lr must be a finite number, got nan"),
 ])
 def test_a_list_or_nothing_where_a_mapping_belongs_is_a_one_line_error(override, message):

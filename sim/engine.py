@@ -50,13 +50,19 @@ def init_local_ray(num_cpus: int | None = None, object_store_mb: int = 512) -> N
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_mb << 20, **_RAY_INIT)
 
 
+def _cluster_address(cfg: ScenarioConfig) -> tuple[str | None, str]:
+    """The cluster to join (``ray.address``, else RAY_ADDRESS; None: none) and the setting that named it, for
+    errors."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    return address, f"ray.address={address!r}" if cfg.ray.address else f"RAY_ADDRESS={address!r}"
+
+
 def check_ray_address(cfg: ScenarioConfig) -> None:
     """Fail fast, before any work, on a cluster address (``ray.address`` or RAY_ADDRESS) that is not one or that
     nothing listens on (ray.init would retry for minutes)."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address, where = _cluster_address(cfg)
     if not address or ray.is_initialized():
         return
-    where = f"ray.address={address!r}" if cfg.ray.address else f"RAY_ADDRESS={address!r}"
     if not config_mod.is_ray_address(address):
         raise SimError(f"{where} is not a cluster address; expected HOST:PORT (ray start --head prints it), auto, "
                        f"or ray://HOST:PORT")
@@ -146,10 +152,9 @@ def ray_session(cfg: ScenarioConfig):
         yield
         return
     sigterm = signal.getsignal(signal.SIGTERM)
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address, where = _cluster_address(cfg)
     if address:
         check_ray_address(cfg)
-        where = f"ray.address={address!r}" if cfg.ray.address else f"RAY_ADDRESS={address!r}"
         try:
             ray.init(address=address, **_RAY_INIT)
         except ConnectionError as exc:

@@ -40,7 +40,10 @@ def _takes_number(annotation: Any) -> bool:
 
 
 class _Settings(BaseModel):
-    """Every settings model: a number is not a yes/no (pydantic would read YAML's true as 1)."""
+    """Every settings model: checked when assigned too, its numbers finite, and a number not a yes/no (pydantic would
+    read YAML's true as 1)."""
+
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -52,7 +55,7 @@ class _Settings(BaseModel):
 
 
 class _Strict(_Settings):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid")
 
 
 class DPConfig(_Strict):
@@ -170,7 +173,7 @@ class DataConfig(_Strict):
 class DefenseConfig(_Settings):
     """``name`` plus the defense's own parameters as extra keys (a chain: one mapping per member)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     name: str = Field("identity", description="output defense, or several joined by '+' (a chain); parameters: "
                                               "defense.PARAM=… (chain: defense.MEMBER.PARAM=…)")
 
@@ -223,7 +226,7 @@ class DetectorConfig(_Settings):
     """One detector instance: its kind, whether it is on, what is done with the queries it flags, and the kind's
     own parameters (declared by the kind, see :mod:`sim.detectors`) as further keys."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     kind: str = Field(description="the detector kind; a shorthand name (listed with the detectors) implies its own",
                       json_schema_extra=_names("detector"))
     enabled: bool = Field(True, description="score queries with it")
@@ -272,7 +275,7 @@ class AttackerConfig(_Settings):
     """One attacker: its attack, budget, accounts and actors, replica training, and the attack's own parameters
     (declared by the attack, see :mod:`actors.attacks`) as further keys."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
     attack: str = Field("knockoff", description="the attack; its own keys are listed with it below",
                         json_schema_extra=_names("attack"))
     budget: int = Field(1000, ge=1, description="total queries of this attacker")

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, inert
+from .errors import ConfigError, inert, shown
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -1006,7 +1006,7 @@ def _checked_overrides(overrides: Any) -> list[str] | dict | None:
                                   f"['{dotted[0]}=…']")
         return overrides
     if isinstance(overrides, (str, bytes)) or not isinstance(overrides, (list, tuple)):
-        raise ConfigError(f"overrides={_short(overrides)} is not a list (a {type(overrides).__name__}); expected a "
+        raise ConfigError(f"overrides={shown(overrides)} is not a list (a {type(overrides).__name__}); expected a "
                           f"list of 'key=value' strings (or a mapping)")
     bad = [o for o in overrides if not isinstance(o, str)]
     if bad:
@@ -1022,11 +1022,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value.tolist() if hasattr(value, "tolist") and type(value).__module__ == "numpy" else value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _kind_clash(raw: Any, extra, prefix: str = "") -> str:

@@ -25,6 +25,12 @@ def failed(what: str, exc: BaseException, expected: str, kind: type[SimError] = 
     return kind(f"{what}: {type(exc).__name__}: {first}; expected {expected}")
 
 
+def shown(value) -> str:
+    """A value as an error message shows it: its repr, cut to 40 characters (a request's body, a user's object)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def inert(owner: str, key: str, value, needs: str, default) -> str:
     """The one-line message for setting ``key`` of ``owner`` set to ``value`` where another setting leaves it without
     effect: it has one only with ``needs`` (its ``default``: None is unset)."""

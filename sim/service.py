@@ -24,7 +24,7 @@ from torch import nn
 
 from . import pow
 from .detectors import Detector
-from .errors import RequestError
+from .errors import RequestError, shown
 from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_request_id
@@ -178,7 +178,7 @@ def _json_request(body: bytes, kind: str) -> dict:
         raise RequestError(400, f"malformed body: its JSON is nested too deeply; expected {BODIES}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if kind and kind != "application/json" and not kind.endswith("+json") and not kind.startswith("text/"):
-            raise RequestError(415, f"Content-Type {_shown(kind)} is not one this API reads; expected "
+            raise RequestError(415, f"Content-Type {shown(kind)} is not one this API reads; expected "
                                     f"application/json, {NPY_TYPE} or {PNG_TYPE}") from None
         raise RequestError(400, f"malformed body: not JSON ({str(exc)[:80]}); expected {BODIES}") from None
     if not isinstance(payload, dict):
@@ -186,7 +186,7 @@ def _json_request(body: bytes, kind: str) -> dict:
     found = [k for k in ("images", "uint8", "challenge") if k in payload]
     if len(found) != 1:
         has = f"has {' and '.join(repr(k) for k in found)}" if found else \
-            f"has no 'images', 'uint8' or 'challenge' key (its keys: {_shown(sorted(map(str, payload)))})"
+            f"has no 'images', 'uint8' or 'challenge' key (its keys: {shown(sorted(map(str, payload)))})"
         raise RequestError(400, f"malformed body: the object {has}; expected {BODIES}")
     return payload
 
@@ -210,23 +210,18 @@ def _while_logging(method):
     return entry
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _check_solution(challenge_id: Any, counter: Any, seconds: Any) -> None:
     """A proof-of-work answer's fields, checked before its challenge is taken (so a malformed answer spends none)."""
     if not isinstance(challenge_id, str):
-        raise RequestError(400, f"challenge {_shown(challenge_id)}: expected the id of a challenge this service "
+        raise RequestError(400, f"challenge {shown(challenge_id)}: expected the id of a challenge this service "
                                 f"issued (a string)")
     if isinstance(counter, bool) or not isinstance(counter, int) or not 0 <= counter < 2 ** 64:
-        what = "is missing" if counter is None else f"{_shown(counter)} is not one"
+        what = "is missing" if counter is None else f"{shown(counter)} is not one"
         raise RequestError(400, f"solution {what}: expected the counter that solves the puzzle, a whole number in "
                                 f"[0, 2**64); the challenge stays open")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                 or not math.isfinite(seconds) or seconds < 0):
-        raise RequestError(400, f"seconds {_shown(seconds)}: expected the solving time, a number of seconds >= 0, "
+        raise RequestError(400, f"seconds {shown(seconds)}: expected the solving time, a number of seconds >= 0, "
                                 f"or no seconds; the challenge stays open")
 
 

@@ -746,6 +746,27 @@ def scenario_names() -> list[str]:
     return yaml_names(importlib.resources.files("scenarios"))
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last one without a word:
+    a second ``detectors:`` block would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the loader's own error follows
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping (first at line {line}); expected each "
+                                f"key once", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_mapping(name_or_path: str, kind: str, folder) -> dict:
     """A YAML mapping: a shipped file ``folder/NAME.yaml`` or a path to one; ``kind`` names it in errors."""
     path, names = Path(name_or_path), yaml_names(folder)
@@ -760,7 +781,7 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
         raise ConfigError(f"{kind}={name_or_path!r} is not a known {kind}; "
                           f"expected one of: {', '.join(names)} (or a path to a .yaml file)")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, _UniqueKeys)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]

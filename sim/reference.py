@@ -246,6 +246,17 @@ def _scenario(name: str, cfg) -> str:
     return "\n".join(lines)
 
 
+def _has_space(path: str) -> bool:
+    """Whether a YAML file is a mapping with a ``space`` key, as a sweep is."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(raw, dict) and "space" in raw
+
+
 def about(name: str) -> str:
     """``python -m sim help NAME``: what the scenario, sweep or component NAME (a registered name or ``module:attr``
     of your own) is, with each parameter's default, allowed values and help."""
@@ -259,8 +270,11 @@ def about(name: str) -> str:
     elif name.endswith((".yaml", ".yml")) and Path(name).is_file():  # a file of the user's: a scenario or a sweep
         try:
             parts.append(_scenario(name, load(name)))
-        except ConfigError:
-            parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
+        except ConfigError as exc:
+            try:
+                parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
+            except ConfigError as sweep_exc:  # neither: the error of what it looks like (a sweep has a space)
+                raise sweep_exc if _has_space(name) else exc from None
     if name in sweep.sweep_names():
         parts.append(f"sweep {name}: {' '.join(sweep.load(name).description.split())}")
     for category in HOW:  # components first: a class is a callable, which a model or a dataset may be

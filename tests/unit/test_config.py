@@ -228,6 +228,20 @@ def test_a_scenario_file_that_is_not_yaml_says_where(tmp_path):
         config.load(str(tmp_path / "bad.yaml"))
 
 
+def test_a_key_given_twice_in_a_scenario_file_is_refused_not_silently_replaced(tmp_path):
+    (tmp_path / "twice.yaml").write_text("extends: distributed_knockoff\ndetectors:\n  prada: {enabled: true}\n"
+                                         "seed: 3\ndetectors:\n  link: {enabled: true}\n")
+    with pytest.raises(ConfigError, match=r"^scenario '.*twice.yaml' is not valid YAML at line 5, column 1: key "
+                                          r"'detectors' is given twice in one mapping \(first at line 2\); expected "
+                                          r"each key once$"):
+        config.load(str(tmp_path / "twice.yaml"))
+    # a key that a merge (<<: *anchor) brought in may still be overridden
+    (tmp_path / "merge.yaml").write_text("extends: distributed_knockoff\nx: &base {epochs: 2, lr: 0.05}\n"
+                                         "victim:\n  <<: *base\n  epochs: 1\n")
+    raw = config.read_mapping(str(tmp_path / "merge.yaml"), "scenario", tmp_path)
+    assert raw["victim"] == {"epochs": 1, "lr": 0.05}
+
+
 def test_a_scenario_file_that_gives_a_list_where_its_base_has_a_mapping_is_one_line(tmp_path):
     (tmp_path / "mine.yaml").write_text("extends: single_knockoff\nattackers:\n  - single\n")
     with pytest.raises(ConfigError, match=r"^'.*mine.yaml' \(extends 'single_knockoff'\): attackers=\['single'\] is "

@@ -628,6 +628,16 @@ def test_help_on_a_scenario_lists_what_an_override_would_name(capsys, tmp_path):
     assert "    single: attack=knockoff, budget=200, accounts=1, actors=1\n" in capsys.readouterr().out
 
 
+def test_help_on_a_broken_file_gives_the_error_of_what_it_looks_like(capsys, tmp_path):
+    scenario, sweep_file = tmp_path / "s.yaml", tmp_path / "w.yaml"
+    scenario.write_text("extends: single_knockoff\nseed: 1\nseed: 2\n")
+    sweep_file.write_text("scenario: single_knockoff\nspace: {r: {defense: rounding}}\nspace: {}\n")
+    assert main(["help", str(scenario)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: scenario '{scenario}' is not valid YAML at line 3")
+    assert main(["help", str(sweep_file)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: sweep '{sweep_file}' is not valid YAML at line 3")
+
+
 def test_a_plug_ins_parameter_named_like_a_key_every_instance_has_is_refused(on_path):
     (on_path / "mydets.py").write_text(DETECTORS)
     with pytest.raises(ConfigError, match=r"^detectors.mine: 'mydets:TakesAction' declares parameter 'action', a key "

@@ -8,6 +8,7 @@ Validation is pydantic with ``extra="forbid"``: an unknown key is an error that 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.resources
 import inspect
@@ -863,8 +864,11 @@ def _same_file(name_or_path: str, chain: tuple[str, ...]) -> bool:
     return key(name_or_path) in {key(item) for item in chain}
 
 
-def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | None = None) -> ScenarioConfig:
-    """Scenario name, path or mapping + overrides -> validated :class:`ScenarioConfig`."""
+def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | None = None, *,
+         variants: list[dict] = ()) -> ScenarioConfig:
+    """Scenario name, path or mapping + overrides -> validated :class:`ScenarioConfig`. ``variants``: nested
+    settings that runs of it will add (a sweep's ``vary`` values); an override without effect on the scenario
+    itself passes if it has one in a variant."""
     if isinstance(scenario, ScenarioConfig):
         raw = scenario.model_dump()
     elif isinstance(scenario, dict):
@@ -932,7 +936,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     cfg = validate(raw)
     if overrides and not isinstance(overrides, dict):
         _untrained_checkpoint(cfg, overrides)
-        _inert_overrides(cfg, overrides)
+        _inert_overrides(cfg, overrides, variants)
         _warn_off_detectors(cfg, overrides)
     return cfg
 
@@ -955,12 +959,11 @@ def _untrained_checkpoint(cfg: ScenarioConfig, overrides: list[str]) -> None:
                               f"{key} with a {field}")
 
 
-def _inert_overrides(cfg: ScenarioConfig, overrides: list[str]) -> None:
-    """A setting given on the command line that the scenario's other settings leave without effect (DP-SGD's noise
-    for a victim trained without DP-SGD, say) is refused: the run would otherwise go ahead without what was asked
-    for. Those a scenario file gives are its own, for the variants it is run in, and pass."""
+def _inert_needs(cfg: ScenarioConfig) -> dict[str, tuple[bool, str]]:
+    """Settings that have effect only with another: key (or key prefix ending in a dot) -> (whether the other is
+    there, the other setting)."""
     v, b = cfg.victim, cfg.benign
-    needs = {  # key prefix -> (no effect unless, that setting)
+    return {
         "victim.dp.": (v.training == "dp_sgd", "victim.training=dp_sgd"),
         "victim.oe_weight": (v.training == "outlier_exposure", "victim.training=outlier_exposure"),
         "victim.adversarial.": (v.training == "adversarial" or cfg.robustness.enabled,  # also robust accuracy's PGD
@@ -970,10 +973,25 @@ def _inert_overrides(cfg: ScenarioConfig, overrides: list[str]) -> None:
         "serve.port": (cfg.serve.http, "serve.http=true"),
         "benign.popular_images": (b.popular > 0, "benign.popular above 0"),
     }
+
+
+def _inert_overrides(cfg: ScenarioConfig, overrides: list[str], variants: list[dict] = ()) -> None:
+    """A setting given on the command line that the scenario's other settings leave without effect (DP-SGD's noise
+    for a victim trained without DP-SGD, say) is refused: the run would otherwise go ahead without what was asked
+    for. Those a scenario file gives are its own, for the variants it is run in, and pass; so does one that has
+    effect in one of ``variants`` (a sweep's trials)."""
+    needs, varied = _inert_needs(cfg), None
     for item in overrides:
         key, _, value = item.partition("=")
         for prefix, (effect, setting) in needs.items():
-            if not effect and (key == prefix or (prefix.endswith(".") and key.startswith(prefix))):
+            if effect or not (key == prefix or (prefix.endswith(".") and key.startswith(prefix))):
+                continue
+            if varied is None:  # the variants' own needs (one a sweep's checks refuse later is skipped here)
+                varied = []
+                for extra in variants:
+                    with contextlib.suppress(ConfigError):
+                        varied.append(_inert_needs(load(cfg.model_dump(), extra)))
+            if not any(other[prefix][0] for other in varied):
                 raise ConfigError(f"{key}={value} has no effect unless {setting}; expected {setting}, or no {key}")
 
 

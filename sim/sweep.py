@@ -258,7 +258,11 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
         if key == "run_dir":
             raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
                               f"{SWEEP_PREFIX}dir=PATH to place the sweep")
-    base = config_mod.load(sweep.scenario, [*sweep.overrides, *overrides])
+    variants = []  # what the trials put on top: a setting of the overrides may need one of them to have effect
+    for key, value in sweep.vary.items():
+        with contextlib.suppress(ConfigError):  # a malformed space is reported below, with its key
+            variants += [config_mod.nest({key: v}) for v in _domain(key, value)[1]]
+    base = config_mod.load(sweep.scenario, [*sweep.overrides, *overrides], variants=variants)
     base.check_run()
     if not base.attackers:
         raise ConfigError(f"scenario {base.name!r} has no attackers, so a sweep has no replica to measure; "

@@ -92,6 +92,17 @@ def test_the_swept_defense_and_per_trial_run_dir_cannot_be_overridden():
     assert sweep.base_config(am, ["victim.training=outlier_exposure"]).victim.training == "outlier_exposure"
 
 
+def test_a_setting_that_has_effect_only_in_some_trials_may_be_given_to_all():
+    # DP-SGD's noise for every trial, where vary trains some victims with DP-SGD: it takes effect in those
+    cfg = sweep.load("mad_eps", ["vary={victim.training: [standard, dp_sgd]}"])
+    assert sweep.base_config(cfg, ["victim.dp.noise_multiplier=1.5"]).victim.dp.noise_multiplier == 1.5
+    # in none of them: refused, as for one run
+    cfg = sweep.load("mad_eps", ["vary={victim.training: [standard], victim.quantization: [ptq]}"])
+    with pytest.raises(ConfigError, match=r"^victim.dp.noise_multiplier=1.5 has no effect unless "
+                                          r"victim.training=dp_sgd; expected"):
+        sweep.base_config(cfg, ["victim.dp.noise_multiplier=1.5"])
+
+
 def test_vary_crosses_scenario_settings_with_every_curve_and_trains_each_victim_once():
     from ray.tune.search.variant_generator import generate_variants
 

@@ -29,7 +29,7 @@ from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_request_id
 from .querylog import QueryLogWriter, input_digest
-from .tier import LocalTier
+from .tier import LocalTier, needed
 from .training import predict_probs
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,7 @@ class VictimService:
         self.max_images = max_images
         self.log_inputs = log_inputs
         self.limits = limits if limits is not None and limits.enabled else None
-        if tier is None and (self.stateful or self.limits
-                             or any(r.action == "proof_of_work" for r in self.rules.values())):
+        if tier is None and needed(bool(self.stateful), (r.action for r in self.rules.values()), self.limits):
             tier = LocalTier({n: self.detectors[n] for n in self.stateful}, limits=self.limits,
                              max_pending=max_pending, pending_ttl_s=pending_ttl_s)
         self.tier = tier

@@ -13,8 +13,8 @@ issued through one Serve replica can be solved through another, and the shard of
 Account linking needs every account at once. Its per-account part (what each account asked, its W and flag)
 lives in the account's shard like any other history; a :class:`Linker` pulls what the shards recorded, in bulk,
 every ``every`` queries, re-clusters all accounts as :class:`sim.detectors.link.AccountLinker` does, and publishes
-the verdicts back to the shards (see :class:`LocalTier` for the in-process version and ``sim.serving`` for the
-Ray one, where the flags arrive a little later: the shards measure how much, in queries).
+the verdicts back to the shards (see :class:`LocalTier` for the in-process version and :mod:`sim.tier_actors` for
+the Ray one, where the flags arrive a little later: the shards measure how much, in queries).
 
 Durability (:class:`Durable`): every change to a shard is appended to a journal before its result leaves the
 shard, and the whole state is snapshotted every so often; a shard restarted after a crash loads the snapshot and
@@ -38,7 +38,13 @@ from .detectors import Detection, Detector, score_for_good
 from .detectors.link import AccountLinker
 from .limits import Admission, LimitBook, Limits
 
-__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "owner", "spread"]
+__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "needed", "owner", "spread"]
+
+
+def needed(stateful: bool, actions, limits: Limits | None) -> bool:
+    """Whether a victim keeps per-key state, and so a tier: a stateful detector, a rule whose action (of
+    ``actions``) is proof of work, or a per-account limit."""
+    return stateful or "proof_of_work" in set(actions) or bool(limits is not None and limits.enabled)
 
 
 def owner(key: str, shards: int) -> int:

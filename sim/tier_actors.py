@@ -30,7 +30,7 @@ from concurrent.futures import Future
 import ray
 
 from . import detectors
-from .tier import Durable, Linker, Shard, by_owner, owner
+from .tier import Durable, Linker, Shard, by_owner, needed, owner
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def _links(spec) -> dict[str, int]:
 
 def needs_tier(spec) -> bool:
     """Whether the victim keeps per-key state: a stateful detector, a rule that asks proof of work, or a limit."""
-    return (bool(_stateful(spec)) or any(r.get("action") == "proof_of_work" for r in spec.rules.values())
-            or getattr(getattr(spec, "limits", None), "enabled", False))
+    return needed(bool(_stateful(spec)), (r.get("action") for r in spec.rules.values()), getattr(spec, "limits", None))
 
 
 def _actor(name: str):

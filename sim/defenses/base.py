@@ -24,7 +24,7 @@ class Defense(Component):
     """Base class of every output defense."""
 
     category = "defense"
-    neutral: ClassVar[dict[str, Any]] = {}  # a setting that makes this defense the identity
+    neutral: ClassVar[dict[str, Any] | None] = None  # parameters that make it the identity (None: no setting does)
     needs_inputs: ClassVar[bool] = False
     models: ClassVar[tuple[str, ...]] = ()  # constructor keywords of the trained models :meth:`prepare` makes
     victim_training: ClassVar[str | None] = None  # the victim.training this defense needs, if any

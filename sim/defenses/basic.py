@@ -16,6 +16,7 @@ class Identity(Defense):
 
     name = "identity"
     identity = True
+    neutral = {}
 
     def _perturb(self, y, inputs):
         return y

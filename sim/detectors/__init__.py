@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
+from ..errors import ConfigError
 from .base import Detection, Detector, Param, StatelessDetector, calibration_split, for_good, score_for_good
 
 __all__ = ["Detection", "Detector", "Param", "StatelessDetector", "build", "build_named", "calibration_split",
@@ -38,9 +39,15 @@ def build_named(specs: dict[str, dict], models: dict[str, Any]) -> dict[str, Det
 
 
 def presets() -> dict[str, dict[str, Any]]:
-    """Scenario names that stand for a kind with settings (``pooled_prada``): name -> {"kind": …, settings}."""
+    """Scenario names that stand for a kind with settings (``pooled_prada``): name -> {"kind": …, "enabled": …,
+    settings}. Every scenario has each of them, off unless the preset says ``enabled: true``, which only a built-in
+    may: an installed plug-in would otherwise turn itself on in every scenario."""
     out: dict[str, dict[str, Any]] = {}
     for kind, cls in registry.entries("detector").items():
         for name, settings in cls.presets.items():
-            out[name] = {"kind": kind, **settings}
+            if settings.get("enabled") and not registry.is_builtin("detector", kind):
+                raise ConfigError(f"detector kind {kind!r} (a plug-in) has preset {name!r} with enabled: true, which "
+                                  f"would turn it on in every scenario; expected a preset that is off, which a "
+                                  f"scenario turns on (detectors.{name}.enabled=true)")
+            out[name] = {"kind": kind, "enabled": False, **settings}
     return out

@@ -65,8 +65,8 @@ def test_prada_rejects_bad_parameters(params, message):
 
 
 def test_unknown_detector_lists_known():
-    with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: link, msp, "
-                                         "prada, same"):
+    with pytest.raises(ValueError, match="detector='eDM' is not a known detector; expected one of: link, .*prada, "
+                                         ".*same"):
         detectors.build("eDM")
 
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sim import alerts, querylog, storage
+from sim.errors import ConfigError
 from sim.summary import action_text, params_text
 from sim.summary import read as read_summary
 
@@ -94,7 +95,8 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     ``RUN/report/replays/``, so that the report also shows those of earlier calls (a name given again replaces
     its replay)."""
     if "://" in run_dir:
-        raise ValueError(f"run_dir={run_dir!r}: reports are written to local run directories only")
+        raise ConfigError(f"run_dir={run_dir!r}: reports are written to local run directories only; expected a "
+                          f"local path (copy the run directory here first)")
     for name, r in (replays or {}).items():
         os.makedirs(os.path.dirname(_replay_path(run_dir, name)), exist_ok=True)
         np.savez(_replay_path(run_dir, name), scores=np.asarray(r["scores"], float),

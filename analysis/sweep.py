@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from sim import storage
+from sim.errors import ConfigError
 from sim.summary import Summary
 from sim.summary import read as read_summary
 
@@ -83,8 +84,8 @@ def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
     accuracies it last reported). A sweep that varies scenario keys has one curve per defense curve and setting
     (``mad [victim.quantization=ptq]``)."""
     if not is_sweep_dir(sweep_dir):
-        raise ValueError(f"sweep dir {sweep_dir!r} holds no sweep.yaml; expected a directory written by "
-                         f"python -m sim sweep=NAME")
+        raise ConfigError(f"sweep_dir={sweep_dir!r} holds no sweep.yaml; expected a directory written by "
+                          f"python -m sim sweep=NAME")
     settings = yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))) or {}
     statuses = _read_json(storage.join(sweep_dir, "sweep.json")).get("trials", {})
     rows = []

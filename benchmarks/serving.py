@@ -446,7 +446,7 @@ def service_in_process(victim, images: np.ndarray, batch: int, clients: int = 8,
     from threadpoolctl import threadpool_limits
 
     from sim.protocol import Account
-    from sim.serving import VictimSpec, build_service
+    from sim.service import VictimSpec, build_service
 
     rng = np.random.default_rng(1)
     reqs = [images[rng.integers(0, len(images), batch)] for _ in range(requests)]

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DetectorSetup:
-    """What :class:`sim.serving.VictimSpec` needs: name -> {"kind", "params"}, name -> rule fields,
+    """What :class:`sim.service.VictimSpec` needs: name -> {"kind", "params"}, name -> rule fields,
     name -> serialised models; and what the summary records of each detector."""
 
     detectors: dict[str, dict] = field(default_factory=dict)

@@ -291,7 +291,7 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
                   dets: detection.DetectorSetup, defense_models: dict, http: bool = True,
                   app: str | None = None):
     """Start Serve if needed and deploy the victim's app; returns (app name, HTTP port, its
-    :class:`sim.serving.VictimSpec`). ``app``: the Serve app name (default the victim's name, suffixed with the
+    :class:`sim.service.VictimSpec`). ``app``: the Serve app name (default the victim's name, suffixed with the
     run id if another app has it)."""
     from ray import serve
 

@@ -227,7 +227,7 @@ def to_bytes(model: nn.Module, arch: str | None, input_shape: tuple[int, int, in
         torch.jit.save(model, buf)
         d["torchscript"] = buf.getvalue()
     elif arch is None:
-        from ray import cloudpickle
+        import cloudpickle
 
         d["pickled"] = cloudpickle.dumps(model)
     else:
@@ -254,7 +254,7 @@ def from_bytes(blob: bytes, architecture_only: bool = False) -> nn.Module | None
     if "torchscript" in d:
         model = torch.jit.load(io.BytesIO(d["torchscript"]), map_location="cpu")
     elif "pickled" in d:
-        from ray import cloudpickle
+        import cloudpickle
 
         model = cloudpickle.loads(d["pickled"])
     elif d.get("quantization", "none") != "none":

@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import socket
-from dataclasses import dataclass
 
 import torch
 from ray import serve
@@ -23,84 +22,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import defenses, detectors, models, tier_actors
+from . import defenses, tier_actors
 from .errors import ConfigError, SimError
-from .limits import Limits
-from .policy import Rule
 from .protocol import API_KEY_HEADER, HASHED, Account, Reply, hash_key, hashed
-from .querylog import QueryLogWriter
-from .service import VictimService
+from .service import VictimSpec, build_defense, build_service
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VictimSpec:
-    """Everything a replica needs to rebuild the victim service (picklable)."""
-
-    victim: str
-    run_id: str
-    model: bytes  # sim.models.to_bytes of the victim
-    input_shape: tuple[int, int, int]
-    accounts: dict[str, Account]  # API key -> account; only their hashes travel and are kept (__post_init__)
-    detectors: dict[str, dict]  # name -> {"kind": registry name, "params": {...}}
-    rules: dict[str, dict]  # name -> sim.policy.Rule fields
-    defense: dict  # defense spec mapping ({"name": ..., params}); changed live through ``reconfigure``
-    log_dir: str | None
-    log_inputs: bool
-    max_images: int
-    threads: int = 1  # torch threads per replica
-    defense_models: dict[str, dict[str, bytes]] = dataclasses.field(default_factory=dict)  # see defenses.prepare
-    detector_models: dict[str, bytes] = dataclasses.field(default_factory=dict)  # name -> Detector.prepare's
-    shards: int = 1  # shards of the detection tier (sim.tier_actors), when the victim keeps per-key state
-    state_dir: str | None = None  # where the tier journals its state (default: a temporary directory)
-    device: str = "cpu"  # where the replicas run the model (sim.devices)
-    limits: Limits | None = None  # per-account quota and rate (sim.limits), held in the detection tier
-    max_body_bytes: int | None = None  # largest HTTP body (None: room for max_images images as JSON floats)
-    # keys added and revoked on the running app (update_keys): {"added": {hash: account fields}, "revoked": [hash]}
-    key_changes: dict = dataclasses.field(default_factory=lambda: {"added": {}, "revoked": []})
-    runtime_env: dict | None = None  # what replicas and shards need to import the scenario's plug-ins (registry)
-
-    def __post_init__(self):
-        self.accounts = hashed(self.accounts)
-
-    @property
-    def body_limit(self) -> int:
-        """The largest HTTP body a replica reads: ``max_body_bytes``, or room for ``max_images`` images of JSON
-        floats (24 characters a value, more than ``repr`` of a float needs) and a little more."""
-        c, h, w = self.input_shape
-        return self.max_body_bytes or self.max_images * c * h * w * 24 + 65536
-
-
-def build_detectors(spec: VictimSpec) -> tuple[dict, dict]:
-    """The spec's detectors and their rules, with the trained models they need."""
-    built = detectors.build_named(spec.detectors, spec.detector_models)
-    for det in built.values():
-        if not det.stateful:  # the stateful ones live in the detection tier's shards, on the CPU
-            det.to(spec.device)
-    return built, {name: Rule(**spec.rules.get(name, {})) for name in spec.detectors}
-
-
-def build_defense(spec: VictimSpec, defense: dict):
-    """The defense a spec mapping describes, given the models it may need and the victim's architecture (a fresh
-    float copy: MAD's default surrogate is a seeded random copy of it, also for an int8 victim)."""
-    architecture = models.from_bytes(spec.model, architecture_only=True)
-    return defenses.from_spec(defense, victim=architecture, models=spec.defense_models).to(spec.device)
-
-
-def build_service(spec: VictimSpec, writer_id: str, tier=None) -> VictimService:
-    """The service a replica runs (``tier``: its app's detection tier; None: one of its own, in-process)."""
-    model = models.from_bytes(spec.model).to(spec.device)
-    writer = (QueryLogWriter(spec.log_dir, spec.input_shape, writer_id, detectors=list(spec.detectors))
-              if spec.log_dir else None)
-    dets, rules = build_detectors(spec)
-    perturbers = {name: build_defense(spec, r.perturb) for name, r in rules.items() if r.action == "perturb"}
-    return VictimService(
-        model=model, victim=spec.victim, run_id=spec.run_id, accounts=spec.accounts,
-        input_shape=spec.input_shape, detectors=dets, rules=rules, perturbers=perturbers,
-        defense=build_defense(spec, spec.defense),
-        writer=writer, max_images=spec.max_images, log_inputs=spec.log_inputs, tier=tier, limits=spec.limits,
-    )
 
 
 QUEUE_RETRY_AFTER_S = 1.0  # the wait Serve suggests (Retry-After) with a 503 when a replica's queue is full

@@ -18,7 +18,8 @@ def test_the_code_passes_the_linter():
 
 def test_everything_but_the_ray_wrappers_imports_no_ray():
     """Defenses, detectors, attacks, the run core (planning, summarising), the service and the offline analysis
-    run where Ray is not: importing every one of their modules leaves Ray unimported."""
+    run where Ray is not: importing every one of their modules leaves Ray unimported, and so do building and
+    querying the victim service in-process and serialising a live model (as ``sim.run(victim=net)`` does)."""
     code = f"""
 import importlib, pkgutil, sys
 skip = {sorted(RAY_WRAPPERS)!r} + ["sim.__main__", "analysis.__main__"]
@@ -31,6 +32,16 @@ for pkg in ("sim", "actors", "analysis"):
 from sim import registry
 for category in registry.CATEGORIES:  # and every component they register
     registry.entries(category)
+import numpy as np, torch
+from sim import models
+from sim.protocol import Account
+from sim.service import VictimSpec, build_service
+live = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+spec = VictimSpec(victim="v", run_id="r", model=models.to_bytes(live, None, (1, 28, 28), 10), input_shape=(1, 28, 28),
+                  accounts={{"k": Account("a", "attacker", "x")}},
+                  detectors={{"p": {{"kind": "prada", "params": {{}}}}}}, rules={{}}, defense={{"name": "mad"}},
+                  log_dir=None, log_inputs=False, max_images=8)
+assert build_service(spec, "w").query("k", np.zeros((4, 1, 28, 28), np.uint8)).answered.all()
 print(len(names), " ".join(names))
 print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
 """

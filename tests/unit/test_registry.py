@@ -99,7 +99,7 @@ def test_a_new_detector_joins_by_its_declaration_alone(monkeypatch, tmp_path):
     from sim import models
     from sim.protocol import Account
     from sim.reference import text
-    from sim.serving import VictimSpec, build_service
+    from sim.service import VictimSpec, build_service
 
     monkeypatch.setitem(registry._entries["detector"], "burst", Burst)
     cfg = config.load("single_knockoff", ["detectors.b.kind=burst", "detectors.b.limit=5",

@@ -13,7 +13,7 @@ from actors.replica import score, train_replica, undefended_targets
 from sim import config, data, defenses, detection, models, querylog, summary, zoo
 from sim.errors import ConfigError
 from sim.plan import derive_seed, make_plan
-from sim.serving import VictimSpec, build_service
+from sim.service import VictimSpec, build_service
 from sim.summarize import Outcome, evaluate_defense, log_columns, summarize
 from sim.training import predict_probs
 

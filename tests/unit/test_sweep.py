@@ -384,3 +384,11 @@ def test_the_cli_exits_1_when_a_trial_failed(monkeypatch, capsys):
     assert cli.run_sweep(None, ["sweep=small"]) == 0
     out["interrupted"] = True
     assert cli.run_sweep(None, ["sweep=small"]) == 130
+
+
+def test_reading_a_directory_that_is_no_sweep_is_one_line_naming_it(tmp_path):
+    from analysis.sweep import read_sweep
+
+    with pytest.raises(ConfigError, match=rf"^sweep_dir='{tmp_path}' holds no sweep.yaml; expected a directory "
+                                          r"written by python -m sim sweep=NAME$"):
+        read_sweep(str(tmp_path))

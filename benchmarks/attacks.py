@@ -34,8 +34,8 @@ Knockoff with only that many distinct pool images (``pool_size``), ``--pools mni
 pool (here with typeset letters added, a stand-in for EMNIST's): the pool study, rows of their own.
 Results are written after every cell (JSON at --out, a Markdown table next to it), so an interrupted run
 keeps what it measured; cells already in --out are skipped unless --fresh (which measures the chosen ones again). A
-cell is its dataset, attack, budget, seed, mode, replica epochs, pool and pool size: ``--replica-epochs 100``
-measures the code's full schedule beside the 30-epoch cells, not in their place.
+cell is its dataset, attack, budget, seed, mode, replica epochs, pool and pool size: the reference mode's cells at
+``--replica-epochs 30`` (the ablation rows) and at its default 100 are separate cells, the one beside the other.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import torch
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
-from sim.cli import OneLineParser, count, description, nonnegative, script
+from sim.cli import OneLineParser, count, description, nonnegative, output_file, read_results, script
 from sim.errors import ConfigError, DataError
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -245,6 +245,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
+    unknown = [a for a in args.attacks if a not in registry.names("attack")]
+    if unknown:  # refused now, not when its first cell comes up
+        ap.error(f"--attacks {' '.join(unknown)}: expected some of {', '.join(registry.names('attack'))}")
     if (args.without or args.clean_settings) and args.variant != "mad_code":
         ap.error("--without and --clean-settings turn off parts of the MAD code; expected them with --variant mad_code")
     if args.replica == "mad_code" and args.variant != "mad_code":
@@ -267,10 +270,10 @@ def main() -> None:
                      f"expected sizes from 1 to {whole}")
     without, clean = tuple(args.without), tuple(args.clean_settings)
     torch.set_num_threads(args.threads)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    args.out = output_file(args.out)
     cells = []
     if os.path.exists(args.out):
-        cells = json.load(open(args.out))["cells"]
+        cells = read_results(args.out, ("cells",), "benchmarks/attacks.py")["cells"]
 
     replica = args.replica if args.replica not in (None, args.variant) else None
 

@@ -25,7 +25,7 @@ import ray
 import torch
 from serving import served  # benchmarks/serving.py
 
-from sim.cli import OneLineParser, count, description, positive, script
+from sim.cli import OneLineParser, count, description, output_file, positive, read_results, script
 
 SETTINGS = {  # the defense settings measured (mid-range strengths)
     "identity": {},
@@ -64,9 +64,10 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown tables from --out")
     args = ap.parse_args()
     if args.report_only:
-        with open(args.out) as fh:
-            write_markdown(json.load(fh), args.out)
+        write_markdown(read_results(args.out, ("machine", "victim", "batch", "clients", "defenses"),
+                                    "benchmarks/defenses.py"), args.out)
         return
+    args.out = output_file(args.out)
 
     from sim import config, defenses, zoo
     from sim.defenses.mad import reference_perturb
@@ -131,7 +132,6 @@ def main() -> None:
         "batch": args.batch, "clients": args.clients, "seconds_per_measurement": args.seconds,
         "victim_forward_images_per_s": round(forward, 1), "defenses": rows, "mad_vs_reference": mad_check,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     write_markdown(result, args.out)

@@ -57,7 +57,7 @@ import torch
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
-from sim.cli import OneLineParser, count, description, nonnegative, script
+from sim.cli import OneLineParser, count, description, nonnegative, output_file, read_results, script
 from sim.detectors.link import REASONS
 from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
@@ -458,10 +458,22 @@ def main() -> None:
     if args.mae != "cpu" and (args.variant != "same_code" or args.without):
         ap.error(f"--mae {args.mae} sizes the reference mode's MAE; expected it with --variant same_code and "
                  f"without --without (the ablation runs at the CPU size)")
+    if args.variant != "default" and "same" not in args.parts:
+        ap.error(f"--variant {args.variant} is part same's reference mode; expected --parts same with it, got "
+                 f"--parts {' '.join(args.parts)}")
     without = tuple(sorted(args.without))
+    if "same" in args.parts:  # a budget JBDA's seeds would spend alone fails its cell: refused before any work
+        for aid, a in config.load("same_detection", same_overrides(args.variant, args.mae, without)).attackers.items():
+            p = a.params()
+            seeds = p.get("jacobian.seed_size") if p.get("jacobian.rounds") or p.get("jacobian.variant") == "mad_code" \
+                else None
+            low = [b for b in args.budgets if seeds is not None and b <= seeds]
+            if low:
+                ap.error(f"--budgets {' '.join(map(str, low))}: attacker {aid} would spend it all on its {seeds} seeds "
+                         f"(jacobian.seed_size); expected budgets above {seeds}")
     torch.set_num_threads(args.threads)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    result = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    args.out = output_file(args.out)
+    result = read_results(args.out, (), "benchmarks/detection.py") if os.path.exists(args.out) else {}
     result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     for part in args.parts:
         print(f"part {part}", flush=True)

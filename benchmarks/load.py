@@ -1,7 +1,7 @@
 """A long load run against the served victim over HTTP: the request rate it holds, errors, latency percentiles and the
 memory of its replicas and detection-tier shards over time.
 
-    python benchmarks/load.py [--minutes 5] [--clients 16] [--rate 40] [--batch 16] [--replicas 2]
+    python benchmarks/load.py [--minutes 5] [--clients 16] [--rate R] [--batch 16] [--replicas 2]
                               [--encoding base64|json|npy] [--no-prada] [--window 15] [--out FILE.json]
                               [--report-only]
 
@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import ray
 from serving import encode  # benchmarks/serving.py: request bodies in each encoding
 
-from sim.cli import OneLineParser, count, description, positive, script
+from sim.cli import OneLineParser, count, description, output_file, positive, read_results, script
 
 
 def rss_mb(pid: int) -> float | None:
@@ -159,9 +160,11 @@ def run(args) -> dict:
     for t in threads:
         t.join(120)
     delete(spec, app)
-    elapsed = time.perf_counter() - start
+    # the rate over the run itself: until the last answer came (the requests in flight at the stop), not the wind-down
+    elapsed = max([stop, *(r[0] for r in rec.rows)]) - start
     ok = [r for r in rec.rows if r[2] == "ok"]
     table = querylog.read(log_dir, columns=["request_id", "action"])
+    shutil.rmtree(tmp, ignore_errors=True)  # the query log (the whole run's images): read, and no longer needed
     answered = querylog.ANSWERED
     logged = sum(a in answered for a in table.column("action").to_pylist())
     per_request = Counter(table.column("request_id").to_pylist())
@@ -223,9 +226,11 @@ def main() -> None:
     args = ap.parse_args()
     md = os.path.splitext(args.out)[0] + ".md"
     if args.report_only:
-        with open(md, "w") as fh:
-            fh.write(report(json.load(open(args.out))))
+        text = report(read_results(args.out, ("settings", "measured", "machine", "windows"), "benchmarks/load.py"))
+        with open(md, "w") as fh:  # opened once the text is made: a JSON that is not a load run leaves it as it was
+            fh.write(text)
         return
+    args.out = output_file(args.out)
     for name in ("minutes", "clients", "batch", "replicas", "window"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name}={getattr(args, name)}: expected a positive number")

@@ -1,14 +1,14 @@
 """Scenario runs whose summaries make the result tables of the docs (docs/results.md links them).
 
-    python benchmarks/runs.py [--studies splits_knockoff splits_jbda defenses scenarios] [--seeds 0 1 2]
+    python benchmarks/runs.py [--studies splits_knockoff splits_jbda defenses limits scenarios] [--seeds 0 1 2]
                               [--fresh] [--report-only] [--out benchmarks/results/runs.json]
 
 Each study is a list of runs: a shipped scenario with overrides, run by ``sim.run`` exactly as
 ``python -m sim scenario=NAME key=value …`` runs it (one local Ray for all of them), in its own run directory under
-``benchmarks/results/runs/`` (not committed). Every run's summary is kept in ``--out`` as it finishes, and the
-Markdown tables (``--out`` with ``.md``) are rewritten from the summaries, so an interrupted benchmark keeps what it
-measured; runs already in ``--out`` are not run again unless ``--fresh`` (which runs the chosen studies at the chosen
-seeds again and keeps every other run). ``--report-only`` rewrites the tables.
+``runs/`` beside ``--out`` (``benchmarks/results/runs/``, not committed). Every run's summary is kept in ``--out`` as it
+finishes, and the Markdown tables (``--out`` with ``.md``) are rewritten from the summaries, so an interrupted
+benchmark keeps what it measured; runs already in ``--out`` are not run again unless ``--fresh`` (which runs the chosen
+studies at the chosen seeds again and keeps every other run). ``--report-only`` rewrites the tables.
 
 - ``splits_knockoff``: ``distributed_knockoff`` with the distributed attacker's budget over 1 to 100 accounts;
 - ``splits_jbda``: ``distributed_jbda``, the same with JBDA;
@@ -32,7 +32,7 @@ import platform
 import sys
 import time
 
-from sim.cli import OneLineParser, description, nonnegative, script
+from sim.cli import OneLineParser, description, nonnegative, output_file, read_results, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
@@ -300,11 +300,12 @@ def replace_sample(text: str, printed: str) -> str:
 
 
 def write_tables(path: str, result: dict) -> None:
-    with open(os.path.splitext(path)[0] + ".md", "w") as fh:
-        fh.write(f"# Scenario runs\n\nWritten by `python benchmarks/runs.py` on {result['machine']} (last "
-                 f"{result['updated']}; each study says when its runs were measured, and a run measured with an "
-                 f"older version of the code may differ from what the same command gives now). Every row is one run "
-                 f"of the command shown.\n\n{tables(result['runs'])}")
+    text = (f"# Scenario runs\n\nWritten by `python benchmarks/runs.py` on {result['machine']} (last "
+            f"{result['updated']}; each study says when its runs were measured, and a run measured with an "
+            f"older version of the code may differ from what the same command gives now). Every row is one run "
+            f"of the command shown.\n\n{tables(result['runs'])}")
+    with open(os.path.splitext(path)[0] + ".md", "w") as fh:  # opened once the text is made
+        fh.write(text)
     printed = readme_sample(result)
     if printed and os.path.abspath(path) == os.path.join(RESULTS, "runs.json"):  # the README shows the default
         with open(README) as fh:
@@ -323,28 +324,32 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the tables from --out")
     ap.add_argument("--out", default=os.path.join(RESULTS, "runs.json"))
     args = ap.parse_args()
-    if args.report_only and not os.path.exists(args.out):
-        ap.error(f"--report-only rewrites the tables from {args.out!r}, which does not exist; expected runs.json")
-    result = json.load(open(args.out)) if os.path.exists(args.out) else {"runs": {}}
     if args.report_only:
-        write_tables(args.out, result)
+        write_tables(args.out, read_results(args.out, ("runs", "machine", "updated"), "benchmarks/runs.py"))
         return
+    args.out = output_file(args.out)
+    result = read_results(args.out, ("runs",), "benchmarks/runs.py") if os.path.exists(args.out) else {"runs": {}}
     if args.fresh:  # only what this call runs again: every other run stays until its replacement is measured
         result["runs"] = forget(result["runs"], args.studies, args.seeds)
+
+    todo = [(study, sd, seeded(label, sd), scenario, overrides + ([f"seed={sd}"] if sd else []))
+            for sd in args.seeds for study in args.studies for label, scenario, overrides in STUDIES[study]
+            if seeded(label, sd) not in result["runs"].get(study, {})]
+    if not todo:
+        print(f"every chosen run is in {args.out} already; nothing written (--fresh runs them again, --report-only "
+              f"rewrites the tables)", file=sys.stderr)
+        return
 
     from sim import engine, serving
     from sim.errors import DataError
 
     engine.init_local_ray()
     serving.start_serve(0, http=True)
-    todo = [(study, sd, seeded(label, sd), scenario, overrides + ([f"seed={sd}"] if sd else []))
-            for sd in args.seeds for study in args.studies for label, scenario, overrides in STUDIES[study]
-            if seeded(label, sd) not in result["runs"].get(study, {})]
     for i, (study, seed, label, scenario, overrides) in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {study}: {command(scenario, overrides)}", file=sys.stderr, flush=True)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         try:
-            entry = run_one(scenario, overrides, os.path.join(RESULTS, "runs", f"{study}-{stamp}"))
+            entry = run_one(scenario, overrides, os.path.join(os.path.dirname(args.out), "runs", f"{study}-{stamp}"))
         except DataError as exc:  # a dataset this machine lacks (fashion_knockoff): say so and go on
             print(f"    skipped: {exc}", file=sys.stderr, flush=True)
             continue

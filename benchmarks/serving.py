@@ -35,6 +35,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -42,7 +43,7 @@ import numpy as np
 import ray
 import torch
 
-from sim.cli import OneLineParser, count, description, positive, script
+from sim.cli import OneLineParser, count, description, output_file, positive, read_results, script
 
 MORE_ACCOUNTS = (8, 64)  # accounts per client in the pipeline's PRADA rows beyond one (shorter histories each)
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
@@ -215,6 +216,7 @@ def served(victim, images, *, log: bool, detectors: dict, clients: int, batch: i
         delete(spec, app)
         for a in actors:
             ray.kill(a)
+        shutil.rmtree(tmp, ignore_errors=True)  # the configuration's query log and tier state
     total = sum(o["images"] for o in out)
     secs = max(o["seconds"] for o in out)
     lat = np.concatenate([o["latencies"] for o in out]) * 1e3
@@ -458,10 +460,11 @@ def service_in_process(victim, images: np.ndarray, batch: int, clients: int = 8,
         with threadpool_limits(1):  # one core, as a Ray worker has (OMP_NUM_THREADS=1)
             for _ in range(rounds):
                 for prada in (False, True):
+                    tmp = tempfile.mkdtemp(prefix="bench-log-")
                     spec = VictimSpec(victim="bench", run_id="bench", input_shape=victim.dataset.input_shape,
                                       accounts=keys, model=victim.to_bytes(),
                                       detectors={"prada": PRADA} if prada else {}, rules={},
-                                      defense={"name": "identity"}, log_dir=tempfile.mkdtemp(prefix="bench-log-"),
+                                      defense={"name": "identity"}, log_dir=tmp,
                                       log_inputs=True, max_images=max(256, batch), threads=1, shards=1)
                     service = build_service(spec, "bench")
                     start = time.process_time()
@@ -469,6 +472,7 @@ def service_in_process(victim, images: np.ndarray, batch: int, clients: int = 8,
                         service.query(f"key-{i % clients}", x)
                     ms[prada].append((time.process_time() - start) / requests * 1e3)
                     service.writer.close()
+                    shutil.rmtree(tmp, ignore_errors=True)
     finally:
         torch.set_num_threads(torch_threads)
     off, on = (float(np.median(ms[k])) for k in (False, True))
@@ -482,8 +486,8 @@ def linking() -> dict:
     """Linking's delay in a real run: sybil_vs_prada with 2 replicas (and so 2 shards)."""
     import sim
 
-    s = sim.run("sybil_vs_prada", ["serve.replicas=2", f"run_dir={tempfile.mkdtemp(prefix='bench-link-')}"],
-                quiet=True)
+    with tempfile.TemporaryDirectory(prefix="bench-link-") as tmp:
+        s = sim.run("sybil_vs_prada", ["serve.replicas=2", f"run_dir={tmp}/run"], quiet=True)
     lags = [lag for sh in s.serve.tier["per_shard"] for lag in sh.get("link_lags", [])]
     out = {"scenario": "sybil_vs_prada", "replicas": 2, "shards": s.serve.tier["shards"],
            "flagged_by_link": {a.id: a.accounts_flagged_by.get("link", 0) for a in s.attackers},
@@ -510,15 +514,17 @@ def main() -> None:
     args = ap.parse_args()
     md = os.path.splitext(args.out)[0] + ".md"
     if args.report_only:
-        text = table(json.load(open(args.out)))
+        text = table(read_results(args.out, ("machine", "victim", "seconds_per_config", "raw_images_per_s"),
+                                  "benchmarks/serving.py"))
         with open(md, "w") as fh:
             fh.write(text)
         return
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
-    if unknown:
-        ap.error(f"--only {','.join(unknown)}: expected some of {', '.join(SECTIONS)}")
-    before = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    if unknown or not only:
+        ap.error(f"--only {','.join(unknown) or repr(args.only)}: expected some of {', '.join(SECTIONS)}")
+    args.out, md = output_file(args.out), os.path.splitext(os.path.abspath(args.out))[0] + ".md"
+    before = read_results(args.out, (), "benchmarks/serving.py") if os.path.exists(args.out) else {}
     result = {k: v for k, v in before.items() if k in SECTIONS}
 
     from sim import config, zoo
@@ -553,8 +559,8 @@ def main() -> None:
         result["scaling"] = scaling(victim, images, args)
     if "linking" in only:
         result["linking"] = linking()
-    for section in only:  # each section remembers when it was measured (--only keeps the others' last results)
-        result[section]["date"] = time.strftime("%Y-%m-%d")
+    for section in only:  # each section remembers when and how long it measured (--only keeps the others' results)
+        result[section].update(date=time.strftime("%Y-%m-%d"), seconds=args.seconds)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result.update({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -564,7 +570,6 @@ def main() -> None:
         # the pipeline's denominator: measured again only with the pipeline
         "raw_images_per_s": before.get("raw_images_per_s", round(raw, 1)) if "pipeline" not in only else round(raw, 1),
     })
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
     with open(md, "w") as fh:
@@ -600,9 +605,12 @@ def table(result: dict) -> str:
     """The results as Markdown, one section per part measured."""
     m = result["machine"]
 
-    def measured(section: dict) -> str:  # a section kept from an earlier run says so
-        when = section.get("date")
-        return "" if when == result.get("date") else f" (measured {when})" if when else " (from an earlier run)"
+    def measured(section: dict) -> str:  # a section kept from an earlier run says so, and how long it measured
+        when, seconds = section.get("date"), section.get("seconds", result["seconds_per_config"])
+        how = f", {seconds:g} s per configuration" if seconds != result["seconds_per_config"] else ""
+        if when == result.get("date") and not how:
+            return ""
+        return f" (measured {when}{how})" if when else f" (from an earlier run{how})"
 
     lines = [f"Measured {result.get('date', '')} on {m['cpus']} CPUs{' and ' + m['gpu'] if m.get('gpu') else ''} "
              f"(torch {m['torch']}, Ray {m['ray']}), {result['victim']['arch']} on {result['victim']['dataset']}, "
@@ -625,7 +633,7 @@ def table(result: dict) -> str:
 
         def history(accounts: int) -> float:  # queries per account in a window, PRADA on and the log on
             row = next(r for r in p["rows"] if r["prada"] and r["log"] and r["accounts"] == accounts)
-            return row["images_per_s"] * result["seconds_per_config"] / (p["clients"] * accounts)
+            return row["images_per_s"] * p.get("seconds", result["seconds_per_config"]) / (p["clients"] * accounts)
 
         lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
                       f"ratio is the median of the rounds' own ratios. Machine busy: the share of all cores' time in "

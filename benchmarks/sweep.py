@@ -8,7 +8,8 @@ Nets attackers of 1,500 queries, soft and top-1 labels) into OUT/sweeps/NAME, th
 for each attacker, the least mean L1 distortion at which each defense pushes the replica below the target
 accuracy (80%, and 70%, 60%, 50%), and MAD's distortion there as a multiple of reverse sigmoid's and random
 noise's. Orekondy et al. (2020) report that MAD needs about 0.63x the distortion of those defenses to push the
-replica below 80% on MNIST. ``--report-only`` rebuilds the report from the sweep directories already in OUT.
+replica below 80% on MNIST. ``--report-only`` rebuilds the report from the sweep directories already in OUT (they
+are not committed: it works where the sweeps ran; a sweep run again replaces its directory first).
 Any ``key=value`` is passed to every sweep (``sweep.max_concurrent=3``, ``victim.epochs=…``).
 Writes OUT/NAME.json, OUT/NAME.md and OUT/NAME.png (all curves on one figure); ``--name defense_frontier --sweeps
 defense_frontier`` writes the defense_frontier report beside the default one.
@@ -64,13 +65,14 @@ def build(out: str, names: list[str], figure: str) -> tuple[dict, list[str]]:
     rows, runs = [], {}
     for name in names:
         sweep_dir = os.path.join(out, "sweeps", name)
-        _, mine = read_sweep(sweep_dir)
+        settings, mine = read_sweep(sweep_dir)
         with open(os.path.join(sweep_dir, "sweep.json")) as fh:
             seconds = max(sum(s["seconds"] for s in json.load(fh)["sessions"]), 1e-9)
         done = [r for r in mine if r["status"] == "done"]
         runs[name] = {"trials": len(mine), "done": len(done), "seconds": round(seconds, 1),
                       "trials_per_hour": round(len(done) / (seconds / 3600), 1),
-                      "trial_seconds_mean": round(sum(r["wall_seconds"] for r in done) / max(len(done), 1), 1)}
+                      "trial_seconds_mean": round(sum(r["wall_seconds"] for r in done) / max(len(done), 1), 1),
+                      "max_concurrent": settings.get("max_concurrent"), "overrides": settings.get("overrides") or []}
         # the reference (identity) curve is in every sweep: keep it once
         rows += [r for r in done if r["curve"] != "none" or not any(x["curve"] == "none" for x in rows)]
     attackers = attackers_of(rows)
@@ -98,11 +100,14 @@ def build(out: str, names: list[str], figure: str) -> tuple[dict, list[str]]:
 
 
 def markdown(report: dict, attackers: list[str]) -> str:
-    lines = ["| sweep | trials done | time in Tune | mean trial wall time (2 at once) | trials / hour |",
+    lines = ["| sweep | trials done | time in Tune | mean trial wall time | trials / hour |",
              "|---|---:|---:|---:|---:|"]
     for name, r in report["sweeps"].items():
+        at_once = f" ({r['max_concurrent']} at once)" if r.get("max_concurrent") else ""
         lines.append(f"| `{name}` | {r['done']}/{r['trials']} | {r['seconds'] / 60:.1f} min | "
-                     f"{r['trial_seconds_mean']:.0f} s | {r['trials_per_hour']:.0f} |")
+                     f"{r['trial_seconds_mean']:.0f} s{at_once} | {r['trials_per_hour']:.0f} |")
+    lines += [f"\n`{name}` ran with " + " ".join(f"`{o}`" for o in r["overrides"]) + "."
+              for name, r in report["sweeps"].items() if r.get("overrides")]
     params = sorted({k for t in report["trials"] for k in t if k.startswith("param.") and k != "param.gamma"
                      and k != "param.norm"})
     lines += ["", "| curve | " + " | ".join(p[6:] for p in params) + " | defended acc | test L1 | attacker-query L1 | "

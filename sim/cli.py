@@ -40,6 +40,31 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def output_file(out: str) -> str:
+    """A script's ``--out``, absolute, with its folder made now: before the measuring, not after it, where a missing
+    folder (or a bare file name, whose folder is '') would lose the run."""
+    path = os.path.abspath(out)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def read_results(path: str, needs: tuple[str, ...], script: str) -> dict:
+    """The JSON results a script wrote, read back (``--report-only``): one line when the file is not there, not JSON,
+    or not that script's (it lacks one of the keys in ``needs``)."""
+    expected = f"expected the JSON a run of {script} wrote (--out)"
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise SimError(f"{path} does not exist; {expected}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SimError(f"{path} is not JSON ({str(exc).splitlines()[0]}); {expected}") from None
+    missing = [key for key in needs if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise SimError(f"{path} is not a result of {script}: it has no {', '.join(missing)}; {expected}")
+    return data
+
+
 def description(doc: str) -> str:
     """A script's ``--help`` description: the whole first paragraph of its docstring, on one line."""
     return " ".join(doc.split("\n\n")[0].split())

@@ -58,6 +58,31 @@ def test_the_pipeline_report_says_how_long_the_histories_were(serving):
     assert "whose history grows to about 3,000 queries in a window" in text  # 4,800 x 10 / 16
     assert "with 8 accounts per client in turn, whose histories reach about 388 queries each" in text  # /(16 x 8)
     assert "with 64 accounts per client in turn, whose histories reach about 50 queries each" in text
+    # kept by a later run of other sections (--only) at another length: its own seconds, said in its heading
+    result.update(seconds_per_config=1, date="2026-12-07")
+    result["pipeline"].update(seconds=10, date="2026-12-05")
+    text = serving.table(result)
+    assert "## The pipeline (measured 2026-12-05, 10 s per configuration)" in text
+    assert "whose history grows to about 3,000 queries in a window" in text
+
+
+def test_a_scripts_results_are_read_back_with_one_line_errors_and_written_where_asked(tmp_path, monkeypatch):
+    from sim.cli import output_file, read_results
+    from sim.errors import SimError
+
+    monkeypatch.chdir(tmp_path)
+    path = output_file("deeper/r.json")  # relative, in a folder that does not exist yet: made before any measuring
+    assert path == str(tmp_path / "deeper" / "r.json") and (tmp_path / "deeper").is_dir()
+    assert output_file("bare.json") == str(tmp_path / "bare.json")
+    with pytest.raises(SimError, match=r"r.json does not exist; expected the JSON a run of x.py wrote \(--out\)$"):
+        read_results(path, ("rows",), "x.py")
+    (tmp_path / "deeper" / "r.json").write_text("{")
+    with pytest.raises(SimError, match=r"r.json is not JSON \(Expecting property name"):
+        read_results(path, ("rows",), "x.py")
+    (tmp_path / "deeper" / "r.json").write_text(json.dumps({"rows": [], "other": 1}))
+    with pytest.raises(SimError, match=r"r.json is not a result of x.py: it has no machine, date; expected"):
+        read_results(path, ("rows", "machine", "date"), "x.py")
+    assert read_results(path, ("rows",), "x.py") == {"rows": [], "other": 1}
 
 
 def test_the_tier_report_gives_each_sides_cpu_beside_pradas_own(serving):

@@ -154,10 +154,11 @@ PROCESS_GROUPS = {"replicas": "ServeReplica", "shards": "ShardActor", "linkers":
 
 
 def _process_ticks() -> dict[int, tuple[str, int]]:
-    """Every process's CPU time so far (clock ticks, user + system) and its group ({} where there is no /proc)."""
-    out: dict[int, tuple[str, int]] = {}
+    """The CPU time so far (clock ticks, user + system) and group of this process and its descendants: the local Ray
+    this benchmark started and everything in it, not another session's processes ({} where there is no /proc)."""
+    stats: dict[int, tuple[int, str, int]] = {}  # pid -> (parent, group, ticks)
     if not os.path.isdir("/proc"):
-        return out
+        return {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as fh:
@@ -168,8 +169,13 @@ def _process_ticks() -> dict[int, tuple[str, int]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         group = next((g for g, mark in PROCESS_GROUPS.items() if mark in cmd), "Ray and the rest")
-        out[int(pid)] = (group, int(fields[11]) + int(fields[12]))
-    return out
+        stats[int(pid)] = (int(fields[1]), group, int(fields[11]) + int(fields[12]))
+    ours, grew = {os.getpid()}, True
+    while grew:  # the descendants of this process
+        more = {pid for pid, (parent, _, _) in stats.items() if parent in ours} - ours
+        ours |= more
+        grew = bool(more)
+    return {pid: (group, ticks) for pid, (_, group, ticks) in stats.items() if pid in ours}
 
 
 def _cpu_by_group(before: dict, after: dict, images: int) -> dict[str, float]:
@@ -637,8 +643,9 @@ def table(result: dict) -> str:
 
         lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
                       f"ratio is the median of the rounds' own ratios. Machine busy: the share of all cores' time in "
-                      f"use while the clients ran (the clients' own included); below 100% the clients were too few "
-                      f"to load the service, and a ratio measures latency rather than cost. PRADA's cost, served "
+                      f"use while the clients ran (the clients' own included, and any other work on the machine, which "
+                      f"would make every figure moot); below 100% the clients were too few to load the service, and a "
+                      f"ratio measures latency rather than cost. PRADA's cost, served "
                       f"with PRADA ÷ without, log on: {ratio(p['prada_cost'])} with one account per client, whose "
                       f"history grows to about {history(1):,.0f} queries in a window (once an account holds "
                       f"{PRADA['params']['min_pool']} distances, PRADA runs a Shapiro-Wilk test on its whole pool of "

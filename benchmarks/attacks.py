@@ -170,6 +170,10 @@ def spread_table(cells: list[dict]) -> list[str]:
             "|---|---|---|---:|---:|---|---:|", *lines, ""]
 
 
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def table(cells: list[dict]) -> str:
     spread = spread_table(cells)
     cells = [c for c in cells if c.get("seed", 0) == 0]
@@ -305,10 +309,11 @@ def main() -> None:
             cells = [c for c in cells if attack_cell_key(c) != chosen(dataset, attack, budget, seed, size, pool)]
         cells.append(cell)
         with open(args.out, "w") as fh:
-            json.dump({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            json.dump({"machine": machine(),
                        "torch_threads": args.threads, "cells": cells}, fh, indent=2)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
-            fh.write(table(cells))
+            fh.write(f"Written by `python benchmarks/attacks.py` on {machine()}, {args.threads} torch threads.\n\n"
+                     + table(cells))
     print(table(cells))
 
 

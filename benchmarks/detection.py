@@ -415,7 +415,8 @@ def sizes_table(rows: list[dict]) -> list[str]:
 
 
 def tables(result: dict) -> str:
-    lines = []
+    lines = [f"Written by `python benchmarks/detection.py` on {result.get('machine', 'an unrecorded machine')}. SAME's "
+             f"tables and the sybil table are one run each (seed 0).", ""]
     for key in ("same", "same_code", *sorted(k for k in result if k.startswith(("same_code_mae_", "same_code_without_"))
                                               and not k.endswith(("_settings", "_seconds")))):
         lines += same_table(result, key)

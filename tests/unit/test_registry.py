@@ -156,3 +156,18 @@ def test_a_detectors_preset_is_off_unless_it_says_on_which_only_a_built_in_may(m
     with pytest.raises(ConfigError, match=r"^detector kind 'loud' \(a plug-in\) has preset 'loud' with enabled: true, "
                                           r"which would turn it on in every scenario"):
         config.load("single_knockoff")
+
+
+@pytest.mark.parametrize("kind", sorted(n for n, k in registry.entries("detector").items()
+                                        if k.prepare.__func__ is Detector.prepare.__func__))
+def test_each_built_in_detector_that_needs_no_models_passes_the_probe_a_plug_in_gets(kind):
+    """What a run checks of a user's detector before deploying it (one score and flag per image; a stateful one's
+    state pickles, for the tier's journal) holds for the built-ins too, and for a contributor's new one."""
+    from types import SimpleNamespace
+
+    from sim import data, models
+    from sim.detection import _probe
+
+    ds = data.load("mnist5k")
+    victim = SimpleNamespace(dataset=ds, model=models.build("lenet", ds.input_shape, ds.num_classes))
+    assert isinstance(_probe(f"detectors.{kind}", registry.get("detector", kind), None, {}, victim), Detector)

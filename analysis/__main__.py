@@ -29,15 +29,10 @@ def _brief(settings: dict) -> str:
 
 def _stopped_before_logging(run: str) -> str:
     """Why a run directory has no log, where its summary says (a run stopped before any query was logged)."""
-    import json
+    from sim.summary import stopped
 
-    from sim import storage
-
-    try:
-        stub = json.loads(storage.read_text(storage.join(run, "summary.json")))
-        return f" (the run was interrupted during {stub['interrupted']}, before any query was logged)"
-    except (OSError, ValueError, TypeError, KeyError):
-        return ""
+    marker = stopped(run)
+    return f" (the run was interrupted during {marker.interrupted}, before any query was logged)" if marker else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,13 +247,35 @@ class Summary(_Part):
         storage.write_text(storage.join(run_dir, "summary.json"), self.model_dump_json(indent=2))
 
 
+class Stopped(_Part):
+    """``summary.json`` of a run stopped before its results, by Ctrl-C or by a fault: where it stopped (the phase),
+    the rows its log kept, and for a fault why (``error``)."""
+
+    version: int = SUMMARY_VERSION
+    interrupted: str
+    run_id: str
+    scenario: str
+    run_dir: str
+    logged: int
+    error: str | None = None
+
+
 def write_interrupted(run_dir: str, run_id: str, scenario: str, phase: str, logged: int,
                       error: str | None = None) -> None:
-    """``summary.json`` of a run stopped by Ctrl-C, or by a fault (``error``: why): where it stopped and the rows its
-    log kept (no results; :func:`read` gives None for it, so a report is built from the log alone)."""
-    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(
-        {"version": SUMMARY_VERSION, "interrupted": phase, "run_id": run_id, "scenario": scenario,
-         "run_dir": run_dir, "logged": logged, **({"error": error} if error else {})}, indent=2))
+    """Write a :class:`Stopped` run's ``summary.json`` (no results; :func:`read` gives None for it, so a report is
+    built from the log alone)."""
+    stopped_run = Stopped(interrupted=phase, run_id=run_id, scenario=scenario, run_dir=run_dir, logged=logged,
+                          error=error)
+    storage.write_text(storage.join(run_dir, "summary.json"), stopped_run.model_dump_json(indent=2, exclude_none=True))
+
+
+def stopped(run_dir: str) -> Stopped | None:
+    """The :class:`Stopped` marker of a run stopped before its results, or None (a finished run, no summary, or one
+    that cannot be read)."""
+    try:
+        return Stopped.model_validate_json(storage.read_text(storage.join(run_dir, "summary.json")))
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 class SummaryError(ValueError):
@@ -267,7 +289,7 @@ def parse(data: dict) -> Summary:
     if "interrupted" in data:
         why = f" ({data['error']})" if data.get("error") else ""
         raise SummaryError(f"run {data.get('run_id')} was interrupted during {data['interrupted']}{why}: it has no "
-                           f"results")
+                           f"results")  # a Stopped marker (read loosely: its message is all that is wanted here)
     version = data.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int):
         raise SummaryError(f"summary version {version!r} is not an integer")

@@ -1,5 +1,6 @@
 """Offline analysis over a log written by the real victim service (no Ray): replay, metrics, report, CLI."""
 
+import json
 import os
 import re
 
@@ -12,6 +13,7 @@ from sim import data, detectors, models, querylog
 from sim.policy import Rule
 from sim.protocol import Account
 from sim.service import VictimService
+from sim.summary import SUMMARY_VERSION, write_interrupted
 from sim.training import train_classifier
 
 
@@ -114,7 +116,7 @@ def test_queries_a_limit_refused_are_neither_scored_nor_replayed_nor_counted_as_
     writer = querylog.QueryLogWriter(str(tmp_path / "queries"), ds.input_shape, "w0", detectors=["prada"])
     svc = VictimService(model=models.build("lenet", ds.input_shape, 10), victim="v", run_id="r", accounts=accounts,
                         input_shape=ds.input_shape, detectors={"prada": detectors.build("prada", min_pool=5)},
-                        writer=writer, limits=Limits(rate=400.0, burst=10))
+                        writer=writer, limits=Limits(rate=40.0, burst=10))  # a round takes far less than 0.25 s
     attempts = 0
     for r, x in enumerate(_jbda_like(ds.x_test[:10], rounds=8)):
         for key, images in (("k-a", x), ("k-b", ds.x_test[100 + 10 * r:110 + 10 * r])):
@@ -280,7 +282,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                                                     "(runs/<scenario>/<time>) whose clients sent queries")
     stopped = tmp_path / "stopped"  # a run stopped before its clients sent anything: its summary says where
     stopped.mkdir()
-    (stopped / "summary.json").write_text('{"version": 3, "interrupted": "deploying the victim", "logged": 0}')
+    write_interrupted(str(stopped), "r1", "single_knockoff", "deploying the victim", 0)  # as a run writes it
+    assert json.loads((stopped / "summary.json").read_text()) == {
+        "version": SUMMARY_VERSION, "interrupted": "deploying the victim", "run_id": "r1",
+        "scenario": "single_knockoff", "run_dir": str(stopped), "logged": 0}
     assert cli([str(stopped)]) == 2
     assert capsys.readouterr().err.strip().endswith("stopped' holds no query log (the run was interrupted during "
                                                     "deploying the victim, before any query was logged); expected a "

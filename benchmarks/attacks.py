@@ -249,9 +249,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="measure the chosen cells again (the others are kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "attacks.json"))
     args = ap.parse_args()
-    unknown = [a for a in args.attacks if a not in registry.names("attack")]
-    if unknown:  # refused now, not when its first cell comes up
-        ap.error(f"--attacks {' '.join(unknown)}: expected some of {', '.join(registry.names('attack'))}")
+    for name in args.attacks:  # refused now, not when its first cell comes up (module:attr of your own loads here)
+        try:
+            registry.check_name("attack", "--attacks", name)
+        except ConfigError as exc:
+            ap.error(str(exc))
     if (args.without or args.clean_settings) and args.variant != "mad_code":
         ap.error("--without and --clean-settings turn off parts of the MAD code; expected them with --variant mad_code")
     if args.replica == "mad_code" and args.variant != "mad_code":
@@ -277,7 +279,7 @@ def main() -> None:
     args.out = output_file(args.out)
     cells = []
     if os.path.exists(args.out):
-        cells = read_results(args.out, ("cells",), "benchmarks/attacks.py")["cells"]
+        cells = read_results(args.out, ("cells", "machine", "torch_threads"), "benchmarks/attacks.py")["cells"]
 
     replica = args.replica if args.replica not in (None, args.variant) else None
 
@@ -312,7 +314,8 @@ def main() -> None:
             json.dump({"machine": machine(),
                        "torch_threads": args.threads, "cells": cells}, fh, indent=2)
         with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
-            fh.write(f"Written by `python benchmarks/attacks.py` on {machine()}, {args.threads} torch threads.\n\n"
+            fh.write(f"Last written by `python benchmarks/attacks.py` on {machine()}, {args.threads} torch threads "
+                     f"(cells kept from earlier runs were measured where those ran).\n\n"
                      + table(cells))
     print(table(cells))
 

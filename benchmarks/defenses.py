@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rebuild the Markdown tables from --out")
     args = ap.parse_args()
     if args.report_only:
-        write_markdown(read_results(args.out, ("machine", "victim", "batch", "clients", "defenses"),
+        write_markdown(read_results(args.out, ("machine", "victim", "batch", "clients", "defenses", "mad_vs_reference"),
                                     "benchmarks/defenses.py"), args.out)
         return
     args.out = output_file(args.out)

@@ -54,6 +54,7 @@ import time
 import numpy as np
 import torch
 
+from actors.attacks.jacobian import seeds_spend_all
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
@@ -415,8 +416,9 @@ def sizes_table(rows: list[dict]) -> list[str]:
 
 
 def tables(result: dict) -> str:
-    lines = [f"Written by `python benchmarks/detection.py` on {result.get('machine', 'an unrecorded machine')}. SAME's "
-             f"tables and the sybil table are one run each (seed 0).", ""]
+    lines = [f"Last written by `python benchmarks/detection.py` on {result.get('machine', 'an unrecorded machine')} "
+             f"(parts kept from earlier runs were measured where those ran). SAME's tables and the sybil table are one "
+             f"run each (seed 0).", ""]
     for key in ("same", "same_code", *sorted(k for k in result if k.startswith(("same_code_mae_", "same_code_without_"))
                                               and not k.endswith(("_settings", "_seconds")))):
         lines += same_table(result, key)
@@ -465,16 +467,14 @@ def main() -> None:
     without = tuple(sorted(args.without))
     if "same" in args.parts:  # a budget JBDA's seeds would spend alone fails its cell: refused before any work
         for aid, a in config.load("same_detection", same_overrides(args.variant, args.mae, without)).attackers.items():
-            p = a.params()
-            seeds = p.get("jacobian.seed_size") if p.get("jacobian.rounds") or p.get("jacobian.variant") == "mad_code" \
-                else None
-            low = [b for b in args.budgets if seeds is not None and b <= seeds]
+            low = {b: seeds for b in args.budgets if "jacobian.seed_size" in a.params()
+                   and (seeds := seeds_spend_all(a.params(), b)) is not None}
             if low:
-                ap.error(f"--budgets {' '.join(map(str, low))}: attacker {aid} would spend it all on its {seeds} seeds "
-                         f"(jacobian.seed_size); expected budgets above {seeds}")
+                ap.error(f"--budgets {' '.join(map(str, low))}: attacker {aid} would spend it all on its "
+                         f"{next(iter(low.values()))} seeds (jacobian.seed_size); expected budgets above that")
     torch.set_num_threads(args.threads)
     args.out = output_file(args.out)
-    result = read_results(args.out, (), "benchmarks/detection.py") if os.path.exists(args.out) else {}
+    result = read_results(args.out, ("machine",), "benchmarks/detection.py") if os.path.exists(args.out) else {}
     result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     for part in args.parts:
         print(f"part {part}", flush=True)

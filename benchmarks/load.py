@@ -107,6 +107,15 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def run(args) -> dict:
+    """The load run, its query log and tier state in a temporary directory removed however it ends."""
+    tmp = tempfile.mkdtemp(prefix="load-")
+    try:
+        return _measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(args, tmp: str) -> dict:
     from ray import serve
 
     from sim import config, querylog, zoo
@@ -120,7 +129,6 @@ def run(args) -> dict:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     keys = {f"key-{i}": Account(f"acct-{i}", "attacker", "load", f"cohort-{i % 2}") for i in range(args.clients)}
-    tmp = tempfile.mkdtemp(prefix="load-")
     log_dir = os.path.join(tmp, "queries")
     spec = VictimSpec(victim="load", run_id="load", input_shape=victim.dataset.input_shape, accounts=keys,
                       model=victim.to_bytes(), rules={}, defense={"name": "identity"},
@@ -160,11 +168,10 @@ def run(args) -> dict:
     for t in threads:
         t.join(120)
     delete(spec, app)
-    # the rate over the run itself: until the last answer came (the requests in flight at the stop), not the wind-down
-    elapsed = max([stop, *(r[0] for r in rec.rows)]) - start
     ok = [r for r in rec.rows if r[2] == "ok"]
+    # the rate over the run itself: until the last answer came (the requests in flight at the stop), not the wind-down
+    elapsed = max([stop, *(r[0] for r in ok)]) - start
     table = querylog.read(log_dir, columns=["request_id", "action"])
-    shutil.rmtree(tmp, ignore_errors=True)  # the query log (the whole run's images): read, and no longer needed
     answered = querylog.ANSWERED
     logged = sum(a in answered for a in table.column("action").to_pylist())
     per_request = Counter(table.column("request_id").to_pylist())

@@ -47,6 +47,7 @@ from sim.cli import OneLineParser, count, description, output_file, positive, re
 
 MORE_ACCOUNTS = (8, 64)  # accounts per client in the pipeline's PRADA rows beyond one (shorter histories each)
 SECTIONS = ("pipeline", "http", "scaling", "prada", "linking", "device", "tier")
+TIMED = ("pipeline", "http", "scaling", "device")  # the sections that measure for --seconds per configuration
 PRADA = {"kind": "prada", "params": {"delta": 0.95, "min_pool": 50}}
 LINK = {"kind": "link", "params": {}}
 
@@ -148,7 +149,7 @@ def _cpu_jiffies() -> tuple[int, int] | None:
 
 
 # the processes whose CPU time the pipeline reports apart (a substring of their command line); the rest is Ray's own
-# processes (raylet, GCS, the Serve controller and proxy), the driver and whatever else the machine runs
+# processes (raylet, GCS, the Serve controller and proxy) and the driver: this benchmark's processes only
 PROCESS_GROUPS = {"replicas": "ServeReplica", "shards": "ShardActor", "linkers": "LinkerActor",
                   "clients": "BenchClient"}
 
@@ -530,7 +531,8 @@ def main() -> None:
     if unknown or not only:
         ap.error(f"--only {','.join(unknown) or repr(args.only)}: expected some of {', '.join(SECTIONS)}")
     args.out, md = output_file(args.out), os.path.splitext(os.path.abspath(args.out))[0] + ".md"
-    before = read_results(args.out, (), "benchmarks/serving.py") if os.path.exists(args.out) else {}
+    before = read_results(args.out, ("machine", "victim", "seconds_per_config"), "benchmarks/serving.py") \
+        if os.path.exists(args.out) else {}
     result = {k: v for k, v in before.items() if k in SECTIONS}
 
     from sim import config, zoo
@@ -565,8 +567,10 @@ def main() -> None:
         result["scaling"] = scaling(victim, images, args)
     if "linking" in only:
         result["linking"] = linking()
-    for section in only:  # each section remembers when and how long it measured (--only keeps the others' results)
-        result[section].update(date=time.strftime("%Y-%m-%d"), seconds=args.seconds)
+    for section in only:  # each section remembers when, and how long, it measured (--only keeps the others' results)
+        result[section]["date"] = time.strftime("%Y-%m-%d")
+        if section in TIMED:
+            result[section]["seconds"] = args.seconds
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result.update({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -612,7 +616,7 @@ def table(result: dict) -> str:
     m = result["machine"]
 
     def measured(section: dict) -> str:  # a section kept from an earlier run says so, and how long it measured
-        when, seconds = section.get("date"), section.get("seconds", result["seconds_per_config"])
+        when, seconds = section.get("date"), section.get("seconds", result["seconds_per_config"])  # untimed: same
         how = f", {seconds:g} s per configuration" if seconds != result["seconds_per_config"] else ""
         if when == result.get("date") and not how:
             return ""

@@ -42,9 +42,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def output_file(out: str) -> str:
     """A script's ``--out``, absolute, with its folder made now: before the measuring, not after it, where a missing
-    folder (or a bare file name, whose folder is '') would lose the run."""
+    folder (or a bare file name, whose folder is '') would lose the run. It must end in .json (the Markdown goes
+    beside it, with .md) and its folder be writable."""
     path = os.path.abspath(out)
+    if not path.endswith(".json") or os.path.isdir(path):
+        raise SimError(f"--out {out!r}: expected the path of a .json file (the Markdown is written beside it)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.access(os.path.dirname(path), os.W_OK):
+        raise SimError(f"--out {out!r}: its folder cannot be written; expected a writable one")
     return path
 
 
@@ -59,7 +64,9 @@ def read_results(path: str, needs: tuple[str, ...], script: str) -> dict:
         raise SimError(f"{path} does not exist; {expected}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise SimError(f"{path} is not JSON ({str(exc).splitlines()[0]}); {expected}") from None
-    missing = [key for key in needs if not isinstance(data, dict) or key not in data]
+    if not isinstance(data, dict):
+        raise SimError(f"{path} is not a result of {script}: a JSON {type(data).__name__}; {expected}")
+    missing = [key for key in needs if key not in data]
     if missing:
         raise SimError(f"{path} is not a result of {script}: it has no {', '.join(missing)}; {expected}")
     return data

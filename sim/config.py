@@ -758,13 +758,14 @@ class _UniqueKeys(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                line = first.setdefault(key, key_node.start_mark.line + 1)
+                line = first.get(key)
             except TypeError:  # an unhashable key: the loader's own error follows
                 continue
-            if line != key_node.start_mark.line + 1:
+            if line is not None:  # on another line or the same one ({a: 1, a: 2})
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in one mapping (first at line {line}); expected each "
                                 f"key once", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
 

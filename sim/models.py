@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import warnings
 
 import torch
@@ -210,6 +211,26 @@ def has_batch_norm(name: str) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _pickled(model: nn.Module) -> bytes:
+    """A live module, cloudpickled with the code of its classes where they come from modules of the user's own (a
+    script, a file beside it, a notebook): a Serve replica rebuilds it without importing them. Classes of installed
+    packages (torch, torchvision, this one) and of the standard library travel by name."""
+    import importlib.metadata
+
+    import cloudpickle
+
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    own = {sys.modules[m] for m in {type(sub).__module__ for sub in model.modules()}
+           if m in sys.modules and m != "__main__" and m.split(".")[0] not in installed}
+    for module in own:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(model)
+    finally:
+        for module in own:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def to_bytes(model: nn.Module, arch: str | None, input_shape: tuple[int, int, int], num_classes: int,
              quantization: str = "none") -> bytes:
     """A model with what rebuilds it (architecture, input shape, classes, quantization mode of an int8 model, the
@@ -227,9 +248,7 @@ def to_bytes(model: nn.Module, arch: str | None, input_shape: tuple[int, int, in
         torch.jit.save(model, buf)
         d["torchscript"] = buf.getvalue()
     elif arch is None:
-        import cloudpickle
-
-        d["pickled"] = cloudpickle.dumps(model)
+        d["pickled"] = _pickled(model)
     else:
         d["state_dict"] = model.state_dict()
     buf = io.BytesIO()

@@ -258,7 +258,9 @@ def base_config(sweep: SweepConfig, overrides: list[str]) -> config_mod.Scenario
         if key == "run_dir":
             raise ConfigError(f"{item!r}: each trial has its own run directory under the sweep's; expected "
                               f"{SWEEP_PREFIX}dir=PATH to place the sweep")
-    variants = []  # what the trials put on top: a setting of the overrides may need one of them to have effect
+    # what the trials put on top, one varied key at a time (each setting an override may need is one key, so no
+    # combination of them is needed): a setting of the overrides may need one of them to have effect
+    variants = []
     for key, value in sweep.vary.items():
         with contextlib.suppress(ConfigError):  # a malformed space is reported below, with its key
             variants += [config_mod.nest({key: v}) for v in _domain(key, value)[1]]

@@ -45,6 +45,13 @@ def targeted_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
     return (x - lam * grad.sign()).clamp(0, 1).detach()
 
 
+def seeds_spend_all(values: dict, budget: int) -> int | None:
+    """The seed count, where a Jacobian attack's seeds alone would spend ``budget`` and leave no round to run (its
+    parameters ``values``, dotted as ``jacobian.seed_size``); None where the budget leaves room for rounds."""
+    rounds = values["jacobian.variant"] == "mad_code" or values["jacobian.rounds"] > 0
+    return values["jacobian.seed_size"] if rounds and budget <= values["jacobian.seed_size"] else None
+
+
 def quantize(x: torch.Tensor) -> np.ndarray:
     return (x * 255).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -199,11 +206,11 @@ class JacobianAugmentation(Attack):
 
     def _room_for_rounds(self, ctx: AttackContext) -> None:
         """A budget the seeds alone would spend runs no Jacobian round: a natural-image attack in disguise."""
-        v, budget = self.values, sum(ctx.budgets)
-        rounds = v["jacobian.variant"] == "mad_code" or v["jacobian.rounds"] > 0
-        if rounds and budget <= v["jacobian.seed_size"]:
+        budget = sum(ctx.budgets)
+        seeds = seeds_spend_all(self.values, budget)
+        if seeds is not None:
             raise ConfigError(f"{ctx.owner}.budget={budget} leaves no query for a Jacobian round after the "
-                              f"{v['jacobian.seed_size']} seeds ({ctx.owner}.jacobian.seed_size); expected a budget "
+                              f"{seeds} seeds ({ctx.owner}.jacobian.seed_size); expected a budget "
                               f"above seed_size (or jacobian.rounds=0 for the seeds alone)")
 
     def _seed_pool(self, ctx: AttackContext) -> tuple[np.ndarray, np.ndarray]:

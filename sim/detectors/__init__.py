@@ -41,13 +41,17 @@ def build_named(specs: dict[str, dict], models: dict[str, Any]) -> dict[str, Det
 def presets() -> dict[str, dict[str, Any]]:
     """Scenario names that stand for a kind with settings (``pooled_prada``): name -> {"kind": …, "enabled": …,
     settings}. Every scenario has each of them, off unless the preset says ``enabled: true``, which only a built-in
-    may: an installed plug-in would otherwise turn itself on in every scenario."""
+    may: an installed plug-in would otherwise turn itself on in every scenario. A kind's presets are those its class
+    declares, not its base's (a subclass of MSP would otherwise take over ``msp``)."""
     out: dict[str, dict[str, Any]] = {}
     for kind, cls in registry.entries("detector").items():
-        for name, settings in cls.presets.items():
+        for name, settings in vars(cls).get("presets", {}).items():  # its own: a subclass does not take its base's
             if settings.get("enabled") and not registry.is_builtin("detector", kind):
                 raise ConfigError(f"detector kind {kind!r} (a plug-in) has preset {name!r} with enabled: true, which "
                                   f"would turn it on in every scenario; expected a preset that is off, which a "
                                   f"scenario turns on (detectors.{name}.enabled=true)")
+            if name in out:  # built-ins come first: a plug-in may not take over one of their names, nor another's
+                raise ConfigError(f"detector kind {kind!r} has preset {name!r}, a name detector kind "
+                                  f"{out[name]['kind']!r} gives its own preset; expected a preset name of its own")
             out[name] = {"kind": kind, "enabled": False, **settings}
     return out

@@ -74,6 +74,9 @@ def test_a_scripts_results_are_read_back_with_one_line_errors_and_written_where_
     path = output_file("deeper/r.json")  # relative, in a folder that does not exist yet: made before any measuring
     assert path == str(tmp_path / "deeper" / "r.json") and (tmp_path / "deeper").is_dir()
     assert output_file("bare.json") == str(tmp_path / "bare.json")
+    for wrong in ("r.md", "deeper"):  # the Markdown would overwrite it; a folder
+        with pytest.raises(SimError, match=rf"^--out '{wrong}': expected the path of a .json file"):
+            output_file(wrong)
     with pytest.raises(SimError, match=r"r.json does not exist; expected the JSON a run of x.py wrote \(--out\)$"):
         read_results(path, ("rows",), "x.py")
     (tmp_path / "deeper" / "r.json").write_text("{")
@@ -83,6 +86,9 @@ def test_a_scripts_results_are_read_back_with_one_line_errors_and_written_where_
     with pytest.raises(SimError, match=r"r.json is not a result of x.py: it has no machine, date; expected"):
         read_results(path, ("rows", "machine", "date"), "x.py")
     assert read_results(path, ("rows",), "x.py") == {"rows": [], "other": 1}
+    (tmp_path / "deeper" / "r.json").write_text("[1, 2]")
+    with pytest.raises(SimError, match=r"r.json is not a result of x.py: a JSON list; expected"):
+        read_results(path, (), "x.py")
 
 
 def test_the_tier_report_gives_each_sides_cpu_beside_pradas_own(serving):

@@ -235,6 +235,10 @@ def test_a_key_given_twice_in_a_scenario_file_is_refused_not_silently_replaced(t
                                           r"'detectors' is given twice in one mapping \(first at line 2\); expected "
                                           r"each key once$"):
         config.load(str(tmp_path / "twice.yaml"))
+    (tmp_path / "flow.yaml").write_text("extends: distributed_knockoff\ndetectors: {prada: {enabled: true}, prada: "
+                                        "{enabled: false}}\n")  # the same line
+    with pytest.raises(ConfigError, match=r"key 'prada' is given twice in one mapping \(first at line 2\)"):
+        config.load(str(tmp_path / "flow.yaml"))
     # a key that a merge (<<: *anchor) brought in may still be overridden
     (tmp_path / "merge.yaml").write_text("extends: distributed_knockoff\nx: &base {epochs: 2, lr: 0.05}\n"
                                          "victim:\n  <<: *base\n  epochs: 1\n")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sim import defenses
+from sim import defenses, registry
 from sim.defenses.mad import reference_perturb
 from sim.errors import ConfigError
 
@@ -68,6 +68,11 @@ def test_same_seed_same_answers(name, batch):
     a = make(name, probs.shape[1])(probs, images)
     b = make(name, probs.shape[1])(probs, images)
     assert torch.equal(a, b)
+
+
+def test_only_the_defenses_no_setting_makes_the_identity_lack_a_neutral_one():
+    built_in = [n for n in defenses.names() if registry.is_builtin("defense", n)]
+    assert {n for n in built_in if defenses.get(n).neutral is None} == {"labels_only", "rounding"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in defenses.names() if defenses.get(n).neutral is not None))

@@ -157,6 +157,15 @@ def test_a_detectors_preset_is_off_unless_it_says_on_which_only_a_built_in_may(m
                                           r"which would turn it on in every scenario"):
         config.load("single_knockoff")
 
+    class Usurper(Burst):
+        presets = {"prada": {"limit": 2}}  # a built-in's name: it would replace PRADA in every scenario
+
+    monkeypatch.delitem(registry._entries["detector"], "loud")
+    monkeypatch.setitem(registry._entries["detector"], "usurper", Usurper)
+    with pytest.raises(ConfigError, match=r"^detector kind 'usurper' has preset 'prada', a name detector kind 'prada' "
+                                          r"gives its own preset; expected a preset name of its own$"):
+        config.load("single_knockoff")
+
 
 @pytest.mark.parametrize("kind", sorted(n for n, k in registry.entries("detector").items()
                                         if k.prepare.__func__ is Detector.prepare.__func__))

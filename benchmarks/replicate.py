@@ -49,7 +49,7 @@ from analysis.claims import (
     spread,
 )
 from analysis.sweep import distortion_to_reach
-from sim.cli import OneLineParser, description, nonnegative, script
+from sim.cli import OneLineParser, description, nonnegative, output_file, read_results, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = ["victim.epochs=3", "benign.users=1", "benign.queries=40",
@@ -1140,17 +1140,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="the JSON (default: benchmarks/results/replication[-quick].json); "
                                                 "its cells' run directories go beside it, under runs/")
     args = ap.parse_args()
-    out = args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json")
-    if not out.endswith(".json"):
-        ap.error(f"--out {out!r}: expected a path ending in .json (its report goes beside it, as .md)")
+    out = output_file(args.out or os.path.join(RESULTS, "replication-quick.json" if args.quick else "replication.json"))
     if args.report_only and not os.path.exists(out):
         ap.error(f"--report-only rewrites the table from {out!r}, which does not exist; expected a replication JSON")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     unknown = sorted(set(args.skip) - {label for c in CLAIMS for label in c.cells})
     if unknown:
         ap.error(f"--skip {', '.join(map(repr, unknown))}: not a cell label; expected one of (quoted, as some hold "
                  f"spaces and commas): {', '.join(map(repr, sorted({label for c in CLAIMS for label in c.cells})))}")
-    result = json.load(open(out)) if os.path.exists(out) else {"cells": {}}
+    result = read_results(out, ("cells",), "benchmarks/replicate.py") if os.path.exists(out) else {"cells": {}}
     if args.report_only:  # nothing is measured: the JSON says what it is and where it was measured
         result.setdefault("quick", args.quick)
         result.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} CPUs")

@@ -557,7 +557,7 @@ def test_the_command_line_checks_out_and_skip_and_report_only_keeps_what_the_jso
         return exc.value.code, capsys.readouterr().err
 
     code, err = main("--out", str(tmp_path / "report"))
-    assert code == 2 and "--out '" in err and "expected a path ending in .json" in err
+    assert code == 2 and "--out '" in err and "expected the path of a .json file" in err
     code, err = main("--skip", "fashion")
     assert code == 2 and "'adversarial victim, fashion_mnist'" in err and "expected one of" in err
     path = tmp_path / "new" / "dir" / "quick.json"

@@ -14,15 +14,18 @@ from .client import Client
 
 def _patiently(call, tries: int = 100):
     """``call()``, sent again while Serve sheds it because the replicas' queues are full (serve.max_queued_requests:
-    BackPressureError), after the wait Serve suggests or a short one."""
+    BackPressureError), after the wait Serve suggests or a short one; and sent again when the replica it went to died
+    with it in flight (RayActorError: killed, out of memory), once Serve routes it to another. The victim then sees
+    the request twice if the dead replica had judged it already, as a provider sees a client's retry."""
     import time
 
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
 
     for attempt in range(tries):
         try:
             return call()
-        except BackPressureError as exc:
+        except (BackPressureError, RayActorError) as exc:
             if attempt == tries - 1:
                 raise
             time.sleep(getattr(exc, "retry_after_s", None) or min(0.05 * 2 ** attempt, 1.0))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import alerts, defenses, detection, devices, models, querylog, registry, storage, zoo
 from . import config as config_mod
 from .config import ScenarioConfig
-from .errors import ConfigError, Interrupted, RunFailed, SimError
+from .errors import ConfigError, Interrupted, RunFailed, SimError, first_line
 from .plan import Plan, derive_seed, make_plan
 from .protocol import Account
 from .summarize import Outcome, evaluate_defense, log_columns, measure_victim, robustness_settings, summarize
@@ -710,7 +710,7 @@ def _query(plan: Plan, app: str | None, nodes: list[str], board, quiet: bool, ru
             client.result = ray.get(report)
             transfers[client.actor_id] = transfer
         except ray.exceptions.RayActorError as exc:  # its process died: killed, out of memory, its node lost
-            died[client.actor_id] = str(exc).strip().splitlines()[0]
+            died[client.actor_id] = first_line(getattr(exc, "cause", None) or exc)  # a task's error: its cause
             log.warning("client actor %s died (%s); the run goes on without it", client.actor_id,
                         died[client.actor_id])
         except ray.exceptions.RayTaskError as exc:

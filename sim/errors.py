@@ -5,6 +5,8 @@ Everything a user can get wrong raises a subclass of :class:`SimError` (itself a
 :class:`Interrupted` (status 130), one stopped by a fault it cannot go on past :class:`RunFailed` (status 1).
 """
 
+import re
+
 
 class SimError(ValueError):
     """A mistake in the user's input (configuration, data path, request)."""
@@ -23,6 +25,13 @@ def failed(what: str, exc: BaseException, expected: str, kind: type[SimError] = 
     raised ``exc``: ``what`` failed, the exception's type and first line, and what was expected."""
     first = str(exc).splitlines()[0] if str(exc) else ""
     return kind(f"{what}: {type(exc).__name__}: {first}; expected {expected}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, as a one-line message quotes it: without the terminal colours some libraries put in
+    (torch's bold, Ray's task names)."""
+    text = str(exc).strip()
+    return re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0] if text else "")
 
 
 def shown(value) -> str:

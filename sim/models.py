@@ -6,7 +6,6 @@ shape (N, C, H, W); a model that expects normalised inputs is wrapped in :class:
 from __future__ import annotations
 
 import io
-import re
 import sys
 import warnings
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .errors import ConfigError, failed
+from .errors import ConfigError, failed, first_line
 from .registry import register
 
 
@@ -182,7 +181,7 @@ def load_checkpoint(path: str, arch: str | None, input_shape, num_classes: int) 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a file of the user's: whatever fails, say so in one line
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0] if str(exc) else "")  # torch's bold markers
+        first = first_line(exc)
         with open(path, "rb") as fh:
             head = fh.read(4)
         if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # neither torch.save's zip nor a pickle

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import defenses, detectors, models, pow
 from .detectors import Detector
-from .errors import RequestError, shown
+from .errors import RequestError, first_line, shown
 from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_request_id
@@ -199,7 +199,8 @@ class _LogFailed(Exception):
 
 def _while_logging(method):
     """An entry point that, once the query log cannot be written (a full disk, a directory gone), answers 503 and
-    nothing else: no answer goes out that the log does not have."""
+    nothing else: no answer goes out that the log does not have. So too once the detection tier cannot journal its
+    state (the same disk, under the run directory): no answer goes out that the detectors cannot record."""
     @functools.wraps(method)
     def entry(self, api_key, *args, **kwargs):
         if self.log_error is None:
@@ -207,6 +208,11 @@ def _while_logging(method):
                 return method(self, api_key, *args, **kwargs)
             except _LogFailed:
                 pass
+            except OSError as exc:  # from the tier (a Ray tier's error is an OSError too): its journal failed
+                why = first_line(getattr(exc, "cause", None) or exc)  # a Ray task error: what the shard raised
+                self.log_error = (f"the detection tier cannot record its state ({why}); the service "
+                                  f"answers nothing it cannot judge")
+                log.error("%s", self.log_error)
         account = self._lookup(api_key)
         return Reply(503, self.log_error, new_request_id(), account and account.account_id)
     return entry

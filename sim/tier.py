@@ -24,6 +24,7 @@ a call retried after the crash gets the verdict it had, not a second scoring of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -340,10 +341,19 @@ class Journal:
         return state, ops
 
     def append(self, op) -> None:
+        """Record one change; one that cannot be written whole (a full disk) is cut off again, so that the journal
+        never holds a torn record, behind which :meth:`load` would not read the later ones."""
         if self._out is None:
             self._out = open(self.journal_path, "ab")
-        pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
-        self._out.flush()
+        end = self._out.tell()
+        try:
+            pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
+            self._out.flush()
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._out.truncate(end)
+                self._out.seek(end)
+            raise
 
     def snapshot(self, state) -> None:
         tmp = self.snapshot_path + ".tmp"
@@ -365,16 +375,20 @@ class Durable:
         state, ops = self.journal.load()
         self.obj = state if state is not None else make()
         for method, args in ops:
-            getattr(self.obj, method)(*args)
+            with contextlib.suppress(Exception):  # a change that raised when it was made raises again: no change
+                getattr(self.obj, method)(*args)
         self.restored = {"snapshot": state is not None, "changes": len(ops)}
         self.changes, self.every, self.since = changes, every, len(ops)
 
     def apply(self, method: str, *args):
+        """Call ``method``; a change is journaled before it is made, so that state never runs ahead of its journal
+        (a change that cannot be journaled is not made, and its caller gets the error)."""
+        if method not in self.changes:
+            return getattr(self.obj, method)(*args)
+        self.journal.append((method, args))
         result = getattr(self.obj, method)(*args)
-        if method in self.changes:
-            self.journal.append((method, args))
-            self.since += 1
-            if self.since >= self.every:
-                self.journal.snapshot(self.obj)
-                self.since = 0
+        self.since += 1
+        if self.since >= self.every:
+            self.journal.snapshot(self.obj)
+            self.since = 0
         return result

@@ -387,3 +387,27 @@ def test_queries_a_source_did_not_propose_stay_the_accounts_to_send():
     assert (pick.key, pick.n) == ("a", 3)
     s.unsent("a", 2)  # only one was proposed (a Jacobian round's end): a's block still holds 3
     assert [(p.key, p.n) for p in (s.next(8), s.next(8))] == [("a", 3), ("b", 4)]
+
+
+def test_a_request_is_sent_again_when_its_replica_dies_with_it_or_serve_sheds_it(monkeypatch):
+    """A client does not stop when the Serve replica holding its request is killed (Ray says the actor is
+    unavailable) or when Serve's queues are full: it waits a little and sends the request again."""
+    import time
+
+    from ray.exceptions import ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
+
+    from actors.remote import _patiently
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    failures = [ActorUnavailableError("the replica died", None), BackPressureError(num_queued_requests=3,
+                                                                             max_queued_requests=2)]
+
+    def call():
+        if failures:
+            raise failures.pop(0)
+        return "answer"
+
+    assert _patiently(call) == "answer" and not failures
+    with pytest.raises(ValueError):  # anything else is not retried
+        _patiently(lambda: (_ for _ in ()).throw(ValueError("a bug")))

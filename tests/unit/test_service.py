@@ -265,3 +265,24 @@ def test_once_the_log_cannot_be_written_nothing_more_is_answered(service, monkey
         assert reply.to_json()["error"] == reply.reason
     assert len(writes) == 1  # after the first failure the service writes nothing more
     assert querylog.read(str(path)).num_rows == 2
+
+
+def test_once_the_detection_tier_cannot_journal_its_state_nothing_more_is_answered(service, monkeypatch):
+    """The tier's journal lives under the run directory too: a shard that cannot record what it scored fails the
+    request, which gets 503, as does every later one; nothing is answered that the detectors did not record."""
+    import errno
+
+    svc, path = service
+    x = data.load("mnist5k").x_test[:2]
+    assert svc.query("k-ben", x).status == 200
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(svc.tier, "score", full)
+    for call in (lambda: svc.query("k-att", x), lambda: svc.query("k-ben", x)):
+        reply = call()
+        assert reply.status == 503 and not len(reply.answered)
+        assert reply.reason == ("the detection tier cannot record its state ([Errno 28] No space left on device); the "
+                                "service answers nothing it cannot judge")
+    assert querylog.read(str(path)).num_rows == 2

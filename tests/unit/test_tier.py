@@ -147,6 +147,34 @@ def test_a_torn_last_journal_record_is_dropped(tmp_path):
     assert restarted.restored == {"snapshot": False, "changes": 4} and restarted.obj.requests == 4
 
 
+def test_a_change_the_journal_cannot_take_is_not_made_and_leaves_no_torn_record(tmp_path, monkeypatch):
+    """A full disk mid-record: the change fails (its caller answers 503), the shard's state stays what its journal
+    says, and the changes journaled once there is room again are read back after a restart."""
+    import pickle
+
+    stream = _stream(n_requests=6)
+    durable = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=100)
+    for r, (acct, x, y) in enumerate(stream[:3]):
+        durable.apply("score", f"r{r}", [("prada", acct)], x, y, None)
+    real_dump = pickle.dump
+
+    def full_disk(obj, fh, protocol=None):
+        fh.write(pickle.dumps(obj, protocol=protocol)[:50])  # part of the record reaches the file
+        fh.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pickle, "dump", full_disk)
+    acct, x, y = stream[3]
+    with pytest.raises(OSError, match="No space left"):
+        durable.apply("score", "r3", [("prada", acct)], x, y, None)
+    assert durable.obj.requests == 3  # not made: the state is what the journal holds
+    monkeypatch.setattr(pickle, "dump", real_dump)
+    for r, (acct, x, y) in enumerate(stream[3:], start=3):  # room again: the same request, and the next ones
+        durable.apply("score", f"r{r}", [("prada", acct)], x, y, None)
+    restarted = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES)
+    assert restarted.restored == {"snapshot": False, "changes": 6} and restarted.obj.requests == 6
+
+
 def test_challenges_are_held_by_the_accounts_shard_and_answered_once():
     local = tier.LocalTier({}, shards=3)
     item = {"account": "acct-7", "x": np.zeros((2, 1, 28, 28), np.uint8)}

@@ -522,7 +522,9 @@ def format_summary(s: Summary) -> str:
         lines.append("limits: " + "; ".join(limited))
     for c in s.clients:
         if c.failed:
+            unspent = ", and its unspent budget in the summary (attackers' unspent)" if c.attacker else \
+                " (an honest user's queries not sent are not counted)"
             lines.append(f"client actor {c.actor_id} died after {c.queries} queries ({c.failed}); its answered "
-                         f"queries are in the log, and its unspent budget in the summary")
+                         f"queries are in the log{unspent}")
     lines.append(f"wall time {s.wall_seconds:.1f} s")
     return "\n".join(lines)

@@ -78,9 +78,11 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
                 **dict(zip(("targets", "clean_top1_mean"), answers(mask)))}
 
     out = {"attackers": [], "benign": None, "external": None, "defense": None}
-    if summary is None:  # a log without its summary (a crashed run): one entry per attack
-        for kind in sorted(set(attack[role == "attacker"])):
-            out["attackers"].append(entry((role == "attacker") & (attack == kind), kind, kind))
+    if summary is None:  # a log without its summary (a stopped run): one entry per attacker, by its accounts' names
+        ids = np.array([str(x).rsplit("-", 1)[0] for x in account])
+        for aid in sorted(set(ids[role == "attacker"])):
+            mask = (role == "attacker") & (ids == aid)
+            out["attackers"].append(entry(mask, aid, str(attack[mask][0])))
     else:
         for a in summary.attackers:  # accounts are named after their attacker: ID-0000
             e = entry((role == "attacker") & np.array([str(x).startswith(f"{a.id}-") for x in account]), a.id, a.attack)

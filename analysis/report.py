@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from sim import alerts, querylog, storage
 from sim.errors import ConfigError
-from sim.summary import action_text, params_text
+from sim.summary import action_text, params_text, stopped
 from sim.summary import read as read_summary
 
 from . import plots
@@ -111,10 +111,13 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
     scenario, run_id = ((summary.scenario, summary.run_id) if summary else
                         (os.path.basename(run_dir), ", ".join(map(str, logged_ids)) or "?"))
     lines = [f"# Run report: {scenario}", ""]
+    marker = None if summary else stopped(run_dir)
+    why = (f"its summary.json marks it interrupted during {marker.interrupted}" if marker else
+           "it has no readable summary.json")
     lines += [f"Run `{run_id}` in `{run_dir}`: {table.num_rows:,} rows in the query log. "
               "Written by `python -m analysis` from the run directory alone "
               + ("(query log, summary.json)." if summary else
-                 "(the query log alone: it has no readable summary.json, so replicas and flags are not shown)."), ""]
+                 f"(the query log alone: {why}, so replicas and flags are not shown)."), ""]
     if summary:
         v, d = summary.victim, summary.defense
         params = params_text(d.params)

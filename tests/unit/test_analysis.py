@@ -444,3 +444,13 @@ def test_the_report_says_where_a_defense_moved_each_clients_answers(tmp_path):
         else:
             assert attacker["targets"]["changed"] == 40 and attacker["targets"]["toward_least_likely"] == 1
             assert "## Where the defense moved the answers" in text and "| knockoff | 40 of 40 |" in text
+
+
+def test_a_log_without_its_summary_keeps_attackers_of_one_attack_apart(run_dir):
+    """An interrupted run's report: the single JBDA account and the five JBDA sybils are two attackers (their accounts
+    are named after them), not one row for the attack."""
+    from analysis.replication import replication_report
+
+    rows = replication_report(analysis.read_run(run_dir), None)["attackers"]
+    assert [(r["id"], r["attack"], r["accounts_used"], r["queries"]) for r in rows] == [
+        ("solo", "jbda", 1, 120), ("sybil", "jbda", 5, 120)]

@@ -443,7 +443,7 @@ def test_the_report_says_where_a_defense_moved_each_clients_answers(tmp_path):
             assert "Where the defense moved" not in text
         else:
             assert attacker["targets"]["changed"] == 40 and attacker["targets"]["toward_least_likely"] == 1
-            assert "## Where the defense moved the answers" in text and "| knockoff | 40 of 40 |" in text
+            assert "## Where the defense moved the answers" in text and "| knock | 40 of 40 |" in text
 
 
 def test_a_log_without_its_summary_keeps_attackers_of_one_attack_apart(run_dir):

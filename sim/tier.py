@@ -345,14 +345,16 @@ class Journal:
         never holds a torn record, behind which :meth:`load` would not read the later ones."""
         if self._out is None:
             self._out = open(self.journal_path, "ab")
-        end = self._out.tell()
+        end = self._out.tell()  # the file's size: every record before was flushed
         try:
             pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
             self._out.flush()
         except OSError:
+            out, self._out = self._out, None  # reopened by the next append
             with contextlib.suppress(OSError):
-                self._out.truncate(end)
-                self._out.seek(end)
+                out.close()  # its buffer cannot be written either, and goes with it
+            with contextlib.suppress(OSError):
+                os.truncate(self.journal_path, end)
             raise
 
     def snapshot(self, state) -> None:

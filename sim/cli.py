@@ -279,6 +279,8 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
     stop = {"now": False}
     try:
         with ray_session(cfg):
+            # while it deploys, SIGTERM stops it as Ctrl-C does (Ray's own handler, installed by ray.init, crashed)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
             app, port, spec = deploy_victim(cfg, victim, run_id, keys, log_dir, dets, defense_models,
                                             http=True)
             print(f"serving {cfg.victim.arch} on {cfg.victim.dataset} (test accuracy {victim.test_accuracy:.4f})")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -51,7 +50,7 @@ import torch
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
-from sim.cli import OneLineParser, count, description, nonnegative, output_file, read_results, script
+from sim.cli import OneLineParser, count, description, machine, nonnegative, output_file, read_results, script
 from sim.errors import ConfigError, DataError
 from sim.plan import derive_seed, make_plan
 from sim.training import accuracy, fidelity, predict_probs
@@ -168,10 +167,6 @@ def spread_table(cells: list[dict]) -> list[str]:
             "the reference mode at its best epoch", "",
             "| dataset | attack | mode | queries | replica epochs | seeds | replica |",
             "|---|---|---|---:|---:|---|---:|", *lines, ""]
-
-
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def table(cells: list[dict]) -> str:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -58,7 +57,7 @@ from actors.attacks.jacobian import seeds_spend_all
 from analysis.claims import MAE_SIZES, same_entry
 from analysis.metrics import detection_metrics
 from sim import config, detectors, zoo
-from sim.cli import OneLineParser, count, description, nonnegative, output_file, read_results, script
+from sim.cli import OneLineParser, count, description, machine, nonnegative, output_file, read_results, script
 from sim.detectors.link import REASONS
 from sim.detectors.same import WITHOUT, Same
 from sim.plan import derive_seed, make_plan
@@ -467,15 +466,15 @@ def main() -> None:
     without = tuple(sorted(args.without))
     if "same" in args.parts:  # a budget JBDA's seeds would spend alone fails its cell: refused before any work
         for aid, a in config.load("same_detection", same_overrides(args.variant, args.mae, without)).attackers.items():
-            low = {b: seeds for b in args.budgets if "jacobian.seed_size" in a.params()
-                   and (seeds := seeds_spend_all(a.params(), b)) is not None}
+            p = a.params()
+            low = [b for b in args.budgets if "jacobian.seed_size" in p and seeds_spend_all(p, b) is not None]
             if low:
                 ap.error(f"--budgets {' '.join(map(str, low))}: attacker {aid} would spend it all on its "
-                         f"{next(iter(low.values()))} seeds (jacobian.seed_size); expected budgets above that")
+                         f"{p['jacobian.seed_size']} seeds (jacobian.seed_size); expected budgets above that")
     torch.set_num_threads(args.threads)
     args.out = output_file(args.out)
     result = read_results(args.out, ("machine",), "benchmarks/detection.py") if os.path.exists(args.out) else {}
-    result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    result["machine"] = machine()
     for part in args.parts:
         print(f"part {part}", flush=True)
         t0 = time.perf_counter()

@@ -28,11 +28,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 
-from sim.cli import OneLineParser, description, nonnegative, output_file, read_results, script
+from sim.cli import OneLineParser, description, machine, nonnegative, output_file, read_results, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDIES: dict[str, list[tuple[str, str, list[str]]]] = {  # study -> (label, scenario, overrides) per run
@@ -355,7 +354,7 @@ def main() -> None:
             continue
         print(printed_text(entry), file=sys.stderr, flush=True)
         result["runs"].setdefault(study, {})[label] = {**entry, "seed": seed}
-        result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        result["machine"] = machine()
         result["updated"] = dt.date.today().isoformat()
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)

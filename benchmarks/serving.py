@@ -530,7 +530,8 @@ def main() -> None:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown or not only:
         ap.error(f"--only {','.join(unknown) or repr(args.only)}: expected some of {', '.join(SECTIONS)}")
-    args.out, md = output_file(args.out), os.path.splitext(os.path.abspath(args.out))[0] + ".md"
+    args.out = output_file(args.out)
+    md = os.path.splitext(args.out)[0] + ".md"
     before = read_results(args.out, ("machine", "victim", "seconds_per_config"), "benchmarks/serving.py") \
         if os.path.exists(args.out) else {}
     result = {k: v for k, v in before.items() if k in SECTIONS}
@@ -615,9 +616,12 @@ def table(result: dict) -> str:
     """The results as Markdown, one section per part measured."""
     m = result["machine"]
 
+    def seconds(section: dict) -> float:  # how long it measured each configuration (an untimed section: as the run)
+        return section.get("seconds", result["seconds_per_config"])
+
     def measured(section: dict) -> str:  # a section kept from an earlier run says so, and how long it measured
-        when, seconds = section.get("date"), section.get("seconds", result["seconds_per_config"])  # untimed: same
-        how = f", {seconds:g} s per configuration" if seconds != result["seconds_per_config"] else ""
+        when = section.get("date")
+        how = f", {seconds(section):g} s per configuration" if seconds(section) != result["seconds_per_config"] else ""
         if when == result.get("date") and not how:
             return ""
         return f" (measured {when}{how})" if when else f" (from an earlier run{how})"
@@ -643,7 +647,7 @@ def table(result: dict) -> str:
 
         def history(accounts: int) -> float:  # queries per account in a window, PRADA on and the log on
             row = next(r for r in p["rows"] if r["prada"] and r["log"] and r["accounts"] == accounts)
-            return row["images_per_s"] * p.get("seconds", result["seconds_per_config"]) / (p["clients"] * accounts)
+            return row["images_per_s"] * seconds(p) / (p["clients"] * accounts)
 
         lines += ["", f"Each figure is the median of {p['rounds']} rounds in which the configurations took turns; each "
                       f"ratio is the median of the rounds' own ratios. Machine busy: the share of all cores' time in "

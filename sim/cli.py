@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
 
-from .errors import Interrupted, RunFailed, SimError
+from .errors import Interrupted, RunFailed, SimError, first_line
 
 
 def _number(kind, low: float, strict: bool, expected: str):
@@ -40,6 +41,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def machine() -> str:
+    """The machine a script measured on, as its results record it: processor (or architecture) and cores."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def output_file(out: str) -> str:
     """A script's ``--out``, absolute, with its folder made now: before the measuring, not after it, where a missing
     folder (or a bare file name, whose folder is '') would lose the run. It must end in .json (the Markdown goes
@@ -63,7 +69,7 @@ def read_results(path: str, needs: tuple[str, ...], script: str) -> dict:
     except FileNotFoundError:
         raise SimError(f"{path} does not exist; {expected}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SimError(f"{path} is not JSON ({str(exc).splitlines()[0]}); {expected}") from None
+        raise SimError(f"{path} is not JSON ({first_line(exc)}); {expected}") from None
     if not isinstance(data, dict):
         raise SimError(f"{path} is not a result of {script}: a JSON {type(data).__name__}; {expected}")
     missing = [key for key in needs if key not in data]

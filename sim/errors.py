@@ -23,8 +23,7 @@ class DataError(SimError):
 def failed(what: str, exc: BaseException, expected: str, kind: type[SimError] = ConfigError) -> SimError:
     """The one-line error for code of the user's own (a model factory, a dataset loader, a detector, a defense) that
     raised ``exc``: ``what`` failed, the exception's type and first line, and what was expected."""
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return kind(f"{what}: {type(exc).__name__}: {first}; expected {expected}")
+    return kind(f"{what}: {type(exc).__name__}: {first_line(exc)}; expected {expected}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -398,7 +398,7 @@ class VictimService:
         try:
             self.writer.write(**rows)
         except OSError as exc:  # pyarrow's I/O errors are OSErrors too
-            self.log_error = (f"the query log cannot be written ({str(exc).splitlines()[0]}); the service answers "
+            self.log_error = (f"the query log cannot be written ({first_line(exc)}); the service answers "
                               f"nothing it cannot log")
             log.error("%s: %s", self.writer.writer_id, self.log_error)
             raise _LogFailed from exc

@@ -9,6 +9,7 @@
 The command line: ``python -m analysis RUN_DIR [RUN_DIR ...]``.
 """
 
+from sim.errors import first_line
 from sim.querylog import decode_inputs, per_account_counts, read
 from sim.summary import load as read_summary
 
@@ -40,7 +41,7 @@ def read_run(run_dir: str, columns: list[str] | None = None):
         name = next((g for g in found.groups() if g), None) if found else None
         raise SimError(f"columns: the log has no column {name!r}; expected names of its columns (sim.querylog.COLUMNS "
                        f"and each detector's NAME_score, NAME_flagged, …)" if name else
-                       f"columns={columns!r}: {str(exc).splitlines()[0]}") from None
+                       f"columns={columns!r}: {first_line(exc)}") from None
 
 
 __all__ = ["MetricError", "analyse", "comparison", "decode_inputs", "detection_metrics", "detection_report",

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, inert, shown
+from .errors import ConfigError, first_line, inert, shown
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -786,7 +786,7 @@ def read_mapping(name_or_path: str, kind: str, folder) -> dict:
         raw = yaml.load(text, _UniqueKeys)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        what = getattr(exc, "problem", None) or first_line(exc)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{kind} {name_or_path!r} is not valid YAML{where}: {what}") from None
     if raw is None:  # an empty file is a mistake more often than a wish for every default
@@ -840,7 +840,7 @@ def _extended(parent: dict, raw: dict, what: str) -> dict:
     except TypeError:  # a list where the base has a mapping, or the other way round
         raise ConfigError(f"{what}: " + _kind_clash(parent, raw).replace("bad override: ", "")) from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{what}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{what}: {first_line(exc)}") from None
 
 
 def _drop_replaced_kinds(base: dict, child: dict) -> None:
@@ -921,13 +921,13 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
                 extra = OmegaConf.from_dotlist(list(overrides))
             conf = OmegaConf.merge(conf, extra)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"bad override: {first_line(exc)}") from None
         except TypeError:  # a list given where the scenario has a mapping, or the other way round
             raise ConfigError(_kind_clash(raw, extra)) from None
     try:
         raw = OmegaConf.to_container(conf, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot resolve an interpolation: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot resolve an interpolation: {first_line(exc)}") from None
     _warn_near_misses(scenario_attackers, raw.get("attackers"))
     if "detector" in raw:  # `detector.prada.action=refuse` reads naturally too: same as `detectors.…`
         alias = raw.pop("detector")

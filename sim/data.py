@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry, storage
-from .errors import ConfigError, DataError, failed
+from .errors import ConfigError, DataError, failed, first_line
 from .registry import register
 
 SPLIT_SEED = 20240601  # fixed: the train/test split of the small datasets never changes with the scenario seed
@@ -188,7 +188,7 @@ def _torchvision(name: str, cls_name: str, num_classes: int, transpose: bool = F
             try:
                 ds = cls(base, train=train, download=download, **kwargs)
             except (RuntimeError, OSError) as exc:  # not there; or, downloading, the internet not reachable
-                why = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+                why = first_line(exc).rstrip(":") or type(exc).__name__
                 how = ("the download failed: is the internet reachable from here? Or put torchvision's files there"
                        if download else "put torchvision's files there or set data.download=true where the internet "
                                         "is reachable")
@@ -380,7 +380,7 @@ def _npz(name: str) -> Dataset:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError) as exc:
-        raise DataError(f"dataset {name!r} cannot be read ({str(exc).splitlines()[0]}); expected a .npz file "
+        raise DataError(f"dataset {name!r} cannot be read ({first_line(exc)}); expected a .npz file "
                         f"(numpy.savez) with arrays {', '.join(ARRAYS)}") from None
     return from_arrays(name, arrays)
 
@@ -434,7 +434,7 @@ def _image_folder(folder: str, name: str, image_size: int | None) -> tuple[np.nd
     try:
         found = ImageFolder(folder, loader=lambda p: p)  # paths and class indices; the images are read below
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"dataset {name!r}: {str(exc).splitlines()[0]}; expected class folders of images "
+        raise DataError(f"dataset {name!r}: {first_line(exc)}; expected class folders of images "
                         f"(PATH/CLASS/IMAGE)") from None
     paths, labels = zip(*found.samples)
     return _read_images(list(paths), name, image_size), np.asarray(labels, np.int64), found.classes

@@ -160,7 +160,7 @@ def ray_session(cfg: ScenarioConfig):
         except ConnectionError as exc:
             token = ("; a cluster with token authentication answers only clients started with RAY_AUTH_MODE=token "
                      "(docs/cluster.md)" if "RAY_AUTH_MODE" not in os.environ else "")
-            raise SimError(f"{where}: no Ray cluster found ({str(exc).splitlines()[0]}){token}; "
+            raise SimError(f"{where}: no Ray cluster found ({first_line(exc)}){token}; "
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
         _check_cluster_reaches_us(where)
         alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -235,7 +235,7 @@ def prepare_run_dir(cfg: ScenarioConfig, run_id: str) -> str:
         storage.makedirs(cfg.run_dir)
         storage.write_text(storage.join(cfg.run_dir, "config.yaml"), config_mod.to_yaml(cfg))
     except (OSError, pa.ArrowException) as exc:
-        raise ConfigError(f"run_dir={cfg.run_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected a "
+        raise ConfigError(f"run_dir={cfg.run_dir!r} cannot be written ({first_line(exc)}); expected a "
                           f"writable directory path or a URI pyarrow knows (file://, s3://, gs://, hdfs://)") from None
     return log_dir
 
@@ -674,7 +674,7 @@ def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:
         alerts.write(cfg.run_dir, detectors)
         return logged
     except OSError as exc:
-        log.warning("the query log in %s is left as written, uncompacted (%s)", log_dir, str(exc).splitlines()[0])
+        log.warning("the query log in %s is left as written, uncompacted (%s)", log_dir, first_line(exc))
         return querylog.read(log_dir, columns=["seq"]).num_rows
 
 

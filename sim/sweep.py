@@ -51,7 +51,7 @@ from . import config as config_mod
 from . import storage
 from . import summary as summary_mod
 from .config import _Strict
-from .errors import ConfigError, SimError
+from .errors import ConfigError, SimError, first_line
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform")
 SWEEP_PREFIX = "sweep."
@@ -126,7 +126,7 @@ def load(name_or_path: str, overrides: list[str] | None = None, scenario: str | 
         try:
             OmegaConf.update(conf, key, value, merge=False, force_add=True)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad override {SWEEP_PREFIX}{item}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"bad override {SWEEP_PREFIX}{item}: {first_line(exc)}") from None
     raw = OmegaConf.to_container(conf)
     if vary:  # KEY=null drops a key the file varies
         given = raw.get("vary") if isinstance(raw.get("vary"), dict) else {}
@@ -471,7 +471,7 @@ def run(name_or_path: str, overrides: list[str] | None = None, *, scenario: str 
                                            "dir": sweep_dir}, sort_keys=False))  # the command line's too
         storage.write_text(storage.join(sweep_dir, "base.yaml"), config_mod.to_yaml(base))
     except (OSError, pa.ArrowException) as exc:
-        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({str(exc).splitlines()[0]}); expected "
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be written ({first_line(exc)}); expected "
                           f"a writable directory or a URI pyarrow knows (file://, s3://, gs://, hdfs://)") from None
     with _sigterm_stops_like_ctrl_c(name_or_path, sweep_dir):
         return _execute(cfg, base, sweep_dir, restore=False, quiet=quiet, given=name_or_path)
@@ -488,7 +488,7 @@ def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | 
     try:
         found = storage.exists(storage.join(sweep_dir, "sweep.yaml"))
     except (OSError, pa.ArrowException) as exc:
-        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be read ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} cannot be read ({first_line(exc)})") from None
     if not found:
         raise ConfigError(f"{SWEEP_PREFIX}dir={sweep_dir!r} holds no sweep to resume; expected the directory "
                           f"a sweep was started in")
@@ -496,7 +496,7 @@ def _resume(name_or_path: str, own: list[str], rest: list[str], scenario: str | 
         cfg = SweepConfig.model_validate(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml"))))
     except (ValidationError, yaml.YAMLError) as exc:
         raise ConfigError(f"{sweep_dir}/sweep.yaml is not a sweep this version can resume: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     base = config_mod.load(yaml.safe_load(storage.read_text(storage.join(sweep_dir, "base.yaml"))))
     with _sigterm_stops_like_ctrl_c(name_or_path, sweep_dir):
         return _execute(cfg, base, sweep_dir, restore=True, quiet=quiet, given=name_or_path)

@@ -79,3 +79,21 @@ def test_the_benchmarks_call_each_others_helpers_as_they_are_defined():
                 wrong += [f"{module}.py:{call.lineno} {k.arg}=" for k in call.keywords
                           if k.arg and k.arg not in names and not any_keyword]
     assert checked > 20 and not wrong, wrong
+
+
+def test_a_message_quotes_an_exception_by_its_first_line_even_an_empty_one():
+    """One-line errors quote the exception they explain through ``errors.first_line``, which survives an empty
+    message (``str(exc).splitlines()[0]`` raised IndexError there, a traceback instead of the error) and drops the
+    terminal colours of Ray's and torch's messages; the code quotes no exception another way."""
+    import re
+
+    from sim.errors import first_line
+
+    assert first_line(OSError()) == "" and first_line(ValueError("  \n")) == ""
+    coloured = RuntimeError("\x1b[36mray::Shard.score()\x1b[39m failed\nTraceback ...")
+    assert first_line(coloured) == "ray::Shard.score() failed"
+    quoted = re.compile(r"str\(exc\)\.splitlines\(\)\[0\]")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for pkg in ("sim", "actors", "analysis", "benchmarks")
+                 for path in sorted((ROOT / pkg).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if quoted.search(line)]
+    assert offenders == []

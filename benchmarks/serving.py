@@ -318,7 +318,7 @@ def scaling(victim, images, args) -> dict:
                            replica_cpus=0.5)
                 r.update(replicas=replicas, shards=shards)
                 rows.append(r)
-                _line(f"cluster: {replicas} replicas, {shards} shards", r)
+                _line(f"cluster: {replicas} replica{'s' * (replicas != 1)}, {shards} shard{'s' * (shards != 1)}", r)
         base = rows[0]["images_per_s"]
         for r in rows:
             r["per_replica_efficiency"] = round(r["images_per_s"] / (base * r["replicas"]), 3)

@@ -183,7 +183,8 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
     have = ray.cluster_resources().get("CPU", 0)
     first = (autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)) if autoscaling else replicas
     if first * replica_cpus > have:  # Serve would wait forever for replicas that cannot be placed
-        what = f"serve.autoscaling's first {first} replicas" if autoscaling else f"serve.replicas={first}"
+        what = (f"serve.autoscaling's first {first} replica{'s' * (first != 1)}" if autoscaling
+                else f"serve.replicas={first}")
         raise SimError(f"{what} x serve.replica_cpus={replica_cpus} needs "
                        f"{first * replica_cpus:g} CPUs but the Ray cluster has {have:g}; expected at most that")
     tier_up = tier_actors.start(spec, app_name)  # the shards and linkers, unless they run already (a defense update)

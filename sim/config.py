@@ -938,7 +938,7 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     if overrides and not isinstance(overrides, dict):
         _untrained_checkpoint(cfg, overrides)
         _inert_overrides(cfg, overrides, variants)
-        _warn_off_detectors(cfg, overrides)
+        _warn_off_detectors(cfg, overrides, variants)
     return cfg
 
 
@@ -996,15 +996,25 @@ def _inert_overrides(cfg: ScenarioConfig, overrides: list[str], variants: list[d
                 raise ConfigError(f"{key}={value} has no effect unless {setting}; expected {setting}, or no {key}")
 
 
-def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str]) -> None:
+def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str], variants: list[dict] = ()) -> None:
     """An override that sets a detector which stays off (``detectors.same.action=refuse`` without ``enabled=true``:
-    SAME, MSP and linking are off by default) changes nothing: say so."""
+    SAME, MSP and linking are off by default) changes nothing: say so, unless one of ``variants`` (a sweep's trials)
+    turns it on."""
+    on_in_variants = None
     for item in overrides:
         key = item.partition("=")[0]
         parts = key.split(".")
         if len(parts) > 2 and parts[0] in ("detectors", "detector") and parts[2] not in ("enabled", "kind"):
             det = cfg.detectors.get(parts[1])
             if det is not None and not det.enabled:
+                if on_in_variants is None:  # the detectors some variant turns on (one a sweep refuses is skipped)
+                    on_in_variants = set()
+                    for extra in variants:
+                        with contextlib.suppress(ConfigError):
+                            on_in_variants |= {n for n, d in load(cfg.model_dump(), extra).detectors.items()
+                                               if d.enabled}
+                if parts[1] in on_in_variants:
+                    continue
                 log.warning("%s has no effect: detectors.%s is off (detectors.%s.enabled=true turns it on)", item,
                             parts[1], parts[1])
 

@@ -50,6 +50,12 @@ def test_setting_a_detector_that_stays_off_is_pointed_out(caplog):
                                         "detectors.msp.action=refuse", "detectors.prada.enabled=false"])
     assert [r.getMessage() for r in caplog.records] == [
         "detectors.same.action=refuse has no effect: detectors.same is off (detectors.same.enabled=true turns it on)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sim.config"):  # a sweep's trial that turns it on: it has effect there
+        config.load("single_knockoff", ["detectors.same.action=refuse", "detectors.msp.threshold=0.5"],
+                    variants=[{"detectors": {"same": {"enabled": v}}} for v in (False, True)])
+    assert [r.getMessage() for r in caplog.records] == [
+        "detectors.msp.threshold=0.5 has no effect: detectors.msp is off (detectors.msp.enabled=true turns it on)"]
 
 
 @pytest.mark.parametrize("override,message", [

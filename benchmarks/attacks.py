@@ -47,6 +47,7 @@ import time
 import numpy as np
 import torch
 
+from actors.attacks.jacobian import seeds_spend_all
 from actors.attacks.jacobian_mad_code import APPLIES, OPTIONAL
 from analysis.claims import attack_cell_key, attack_key, default_replica_epochs, replica_pct, spread
 from sim import config, data, registry, zoo
@@ -67,6 +68,25 @@ MAD_CODE = {"jacobian.variant": "mad_code", "jacobian.seed_size": 100, "jacobian
 SETTINGS = tuple(k.split(".", 1)[1] for k in MAD_CODE if k != "jacobian.variant")  # --clean-settings' choices
 
 
+def cell_config(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
+                epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
+                clean: tuple[str, ...] = (), pool_size: int | None = None, pool: str | None = None):
+    """(the scenario config of one cell, its attacker's id): see :func:`run_cell`."""
+    scenario, aid, own_pool = SCENARIO[dataset]
+    declared = registry.get("attack", attack).params
+    own = {"pool": pool or own_pool, "sample_with_replacement": "true", "augment": "true",
+           **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code"
+              else {"jacobian.rounds": 20}),  # the code's mode runs as many rounds as the budget allows
+           **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {}),
+           **({"pool_size": pool_size} if pool_size else {})}
+    replica = replica or variant
+    epochs = epochs or default_replica_epochs(budget, replica)
+    return config.load(scenario, [
+        f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
+        f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={replica}",
+        *[f"attackers.{aid}.{k}={v}" for k, v in own.items() if k in declared]]), aid
+
+
 def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str = "default",
              epochs: int | None = None, without: tuple[str, ...] = (), replica: str | None = None,
              clean: tuple[str, ...] = (), pool_size: int | None = None, pool: str | None = None) -> dict:
@@ -75,18 +95,8 @@ def run_cell(dataset: str, attack: str, budget: int, seed: int = 0, variant: str
     whole pool); ``pool``: Knockoff's pool (None: ``SCENARIO``'s for the dataset)."""
     from actors.replica import keep_best, score, train_replica
 
-    scenario, aid, own_pool = SCENARIO[dataset]
-    declared = registry.get("attack", attack).params
-    own = {"pool": pool or own_pool, "sample_with_replacement": "true", "augment": "true", "jacobian.rounds": 20,
-           **({k: v for k, v in MAD_CODE.items() if k.split(".", 1)[1] not in clean} if variant == "mad_code" else {}),
-           **({"jacobian.without": "[" + ",".join(without) + "]"} if without else {}),
-           **({"pool_size": pool_size} if pool_size else {})}
+    cfg, aid = cell_config(dataset, attack, budget, seed, variant, epochs, without, replica, clean, pool_size, pool)
     replica = replica or variant
-    epochs = epochs or default_replica_epochs(budget, replica)
-    cfg = config.load(scenario, [
-        f"seed={seed}", "benign.users=0", f"attackers.{aid}.attack={attack}", f"attackers.{aid}.budget={budget}",
-        f"attackers.{aid}.replica.epochs={epochs}", f"attackers.{aid}.replica.variant={replica}",
-        *[f"attackers.{aid}.{k}={v}" for k, v in own.items() if k in declared]])
     victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
     ds = victim.dataset
     plan = make_plan(cfg, ds)
@@ -270,6 +280,15 @@ def main() -> None:
             ap.error(f"--pool-sizes {' '.join(map(str, bad))}: Knockoff's pool {spec!r} has {whole:,} images; "
                      f"expected sizes from 1 to {whole}")
     without, clean = tuple(args.without), tuple(args.clean_settings)
+    for dataset in args.datasets:  # a budget a Jacobian attack's seeds would spend alone fails its cell: refused now
+        for attack in args.attacks:
+            cfg, aid = cell_config(dataset, attack, min(args.budgets), variant=args.variant, clean=clean)
+            params = cfg.attackers[aid].params()
+            seeds = seeds_spend_all(params, min(args.budgets)) if "jacobian.seed_size" in params else None
+            if seeds is not None:
+                low = [b for b in args.budgets if b <= seeds]
+                ap.error(f"--budgets {' '.join(map(str, low))}: {attack} on {dataset} would spend it all on its "
+                         f"{seeds} seeds (jacobian.seed_size); expected budgets above that")
     torch.set_num_threads(args.threads)
     args.out = output_file(args.out)
     cells = []

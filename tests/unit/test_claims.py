@@ -498,6 +498,9 @@ def test_the_attacks_tables_keep_pool_study_cells_apart_from_the_whole_pool(atta
      "--pool-sizes 2500: Knockoff's pool 'digits' has 1,797 images; expected sizes from 1 to 1797"),
     (["--attacks", "jbda", "--pools", "digits"], "--pools applies to Knockoff's pool; expected --attacks knockoff, "
                                                  "got jbda"),
+    (["--attacks", "knockoff", "jbda", "--budgets", "100", "5000"],
+     "--budgets 100: jbda on fashion_mnist would spend it all on its 150 seeds (jacobian.seed_size); expected "
+     "budgets above that"),
     (["--attacks", "knockoff", "--datasets", "mnist5k", "--pools", "digits+nosuch"],
      "--pools digits+nosuch: dataset='nosuch' is not a known dataset; expected one of: mnist5k, digits, glyphs, "
      "fashion_mnist, mnist, kmnist, emnist_digits, emnist, emnist_letters, cifar10, cifar100, or module:attr of your "
@@ -511,6 +514,45 @@ def test_the_attacks_benchmark_refuses_a_pool_study_it_cannot_measure_before_mea
         attacks.main()
     hint = " (see python benchmarks/attacks.py --help)"
     assert stop.value.code == 2 and f"{message}{hint}" in capsys.readouterr().err and not out.exists()
+
+
+def test_every_cell_the_attack_benchmark_offers_is_a_scenario_the_config_accepts(attacks):
+    """Each dataset x attack x mode of benchmarks/attacks.py (replicate.py's reference cells run it) loads as a
+    scenario with the mode's settings: the config refuses a setting its mode leaves without effect, and the reference
+    mode's cells had set the clean mode's rounds, so that every Jacobian cell of --variant mad_code failed."""
+    code = {k: v for k, v in attacks.MAD_CODE.items() if k != "jacobian.variant"}
+    for dataset in attacks.SCENARIO:
+        for attack in ("knockoff", "jbda", "jb_self", "jb_top3", "dfme"):
+            params = {}
+            for variant, clean in (("default", ()), ("mad_code", ()), ("mad_code", attacks.SETTINGS)):
+                cfg, aid = attacks.cell_config(dataset, attack, 1000, variant=variant, clean=clean)
+                params[variant, clean] = cfg.attackers[aid].params()
+                assert cfg.attackers[aid].attack == attack and cfg.attackers[aid].replica.variant == variant
+            if "jacobian.variant" in params["default", ()]:
+                clean_mode, reference, cleaned = params.values()
+                assert clean_mode["jacobian.rounds"] == 20 and reference["jacobian.variant"] == "mad_code"
+                assert all(reference[k] == v for k, v in code.items())
+                assert all(cleaned[k] == clean_mode[k] for k in code)  # --clean-settings: the clean mode's values
+
+
+def test_every_reference_cell_replicate_asks_the_attack_benchmark_for_passes_its_checks(replicate, attacks, tmp_path,
+                                                                                      monkeypatch):
+    """The full run's attacks.py commands (the reference mode, its ablations, the pool study) get past the script's
+    checks, and their first cell's scenario loads: stopped there, before any training."""
+    class Loaded(Exception):
+        pass
+
+    def first_cell(*args, **kwargs):
+        attacks.cell_config(*args, **kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(attacks, "run_cell", first_cell)
+    others = [o for claim in replicate.CLAIMS for o in claim.other if o.script == "attacks.py"]
+    assert len(others) >= 20 and any("mad_code" in o.args for o in others)
+    for other in others:
+        monkeypatch.setattr(sys, "argv", ["attacks.py", *other.args, "--out", str(tmp_path / "attacks.json")])
+        with pytest.raises(Loaded):
+            attacks.main()
 
 
 def test_the_mae_sizes_are_described_from_the_settings_they_run_with():

@@ -78,14 +78,14 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
                 **dict(zip(("targets", "clean_top1_mean"), answers(mask)))}
 
     out = {"attackers": [], "benign": None, "external": None, "defense": None}
+    ids = np.array([str(x).rsplit("-", 1)[0] for x in account])  # accounts are named after their attacker: ID-0000
     if summary is None:  # a log without its summary (a stopped run): one entry per attacker, by its accounts' names
-        ids = np.array([str(x).rsplit("-", 1)[0] for x in account])
         for aid in sorted(set(ids[role == "attacker"])):
             mask = (role == "attacker") & (ids == aid)
             out["attackers"].append(entry(mask, aid, str(attack[mask][0])))
     else:
-        for a in summary.attackers:  # accounts are named after their attacker: ID-0000
-            e = entry((role == "attacker") & np.array([str(x).startswith(f"{a.id}-") for x in account]), a.id, a.attack)
+        for a in summary.attackers:  # (an id may be another's prefix: kn and kn-2)
+            e = entry((role == "attacker") & (ids == a.id), a.id, a.attack)
             e.update(accounts_flagged=a.accounts_flagged, accounts_burned=a.accounts_burned,
                      replica_test_accuracy=a.replica and a.replica.test_accuracy,
                      replica_fidelity=a.replica and a.replica.fidelity,

@@ -454,3 +454,32 @@ def test_a_log_without_its_summary_keeps_attackers_of_one_attack_apart(run_dir):
     rows = replication_report(analysis.read_run(run_dir), None)["attackers"]
     assert [(r["id"], r["attack"], r["accounts_used"], r["queries"]) for r in rows] == [
         ("solo", "jbda", 1, 120), ("sybil", "jbda", 5, 120)]
+
+
+def test_an_attacker_whose_id_is_anothers_prefix_is_counted_apart(tmp_path):
+    """Attackers kn (one account, kn-0000) and kn-2 (kn-2-0000 …): the report counts each its own queries and
+    accounts; matching accounts by the prefix 'kn-' gave kn every query of kn-2 as well."""
+    from types import SimpleNamespace
+
+    from analysis.replication import replication_report
+
+    model = models.build("lenet", (1, 28, 28), 10)
+    accounts = {"k0": Account("kn-0000", "attacker", "knockoff", "kn-c0")}
+    accounts.update({f"k2{i}": Account(f"kn-2-{i:04d}", "attacker", "knockoff", "kn-2-c0") for i in range(4)})
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), (1, 28, 28), "w0", detectors=[])
+    svc = VictimService(model=model, victim="v", run_id="r", accounts=accounts, input_shape=(1, 28, 28),
+                        detectors={}, writer=writer)
+    images = np.zeros((5, 1, 28, 28), np.uint8)
+    svc.query("k0", images, "kn-actor0")
+    for i in range(4):
+        svc.query(f"k2{i}", images, "kn-2-actor0")
+    writer.close()
+    querylog.compact(str(tmp_path / "queries"))
+    attacker = lambda aid: SimpleNamespace(id=aid, attack="knockoff", accounts_flagged=0, accounts_burned=0,  # noqa
+                                           replica=None, undefended=None)
+    summary = SimpleNamespace(attackers=[attacker("kn"), attacker("kn-2")],
+                              victim=SimpleNamespace(test_accuracy=0.9, defended_test_accuracy=0.9),
+                              defense=SimpleNamespace(name="identity", test_l1_mean=0.0, test_top1_preserved_rate=1.0))
+    for given in (summary, None):  # read with the run's summary, and from the log alone
+        rows = replication_report(analysis.read_run(str(tmp_path)), given)["attackers"]
+        assert [(r["id"], r["accounts_used"], r["queries"]) for r in rows] == [("kn", 1, 5), ("kn-2", 4, 20)]

@@ -7,7 +7,8 @@ queries in the order that detector's owner in the detection tier saw them (the l
 is exact for a detector keyed like NAME however many Serve replicas and shards the run had: with the
 parameters and grouping the run used, PRADA's replayed scores and flags are the online ones, bit for bit.
 Without it, arrival order (by writer sequence within a Serve replica, by time across replicas), which is
-exact for a run with one replica. Account linking is fed in rounds (:mod:`sim.tier`): with ``order=NAME`` (the run's
+exact per account for a run with one replica (a client waits for each answer), not for a pooled key, whose requests
+one replica serves concurrently. Account linking is fed in rounds (:mod:`sim.tier`): with ``order=NAME`` (the run's
 linking detector), the replay takes the queries in round by round as the run's linker did (the log's ``NAME_round``,
 each round's queries in request-id order) and gives each query the verdict of the round it got online
 (``NAME_as_of``), so with the run's parameters it reproduces linking's scores and flags exactly, however many
@@ -152,12 +153,18 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     if order is None:
         order = arrival_order(rows)
     else:
+        order_name = order
         seq = rows.column(f"{order}_seq").to_numpy(zero_copy_only=False)
         missing = int(np.isnan(seq.astype(np.float64)).sum())
         if missing:
             raise SimError(f"order={order!r}: {missing:,} of the {n:,} scored queries have no {order}_seq; expected "
                            f"a stateful detector that scored every query of the run")
-        order = np.lexsort((seq.astype(np.int64), keys))
+        seq = seq.astype(np.int64)
+        order = np.lexsort((seq, keys))
+        if ((keys[order][1:] == keys[order][:-1]) & (seq[order][1:] == seq[order][:-1])).any():
+            raise SimError(f"order={order_name!r} is not an order of each {group}'s queries: two queries of one "
+                           f"{group} key share a position in it (its detector keys its history otherwise); expected "
+                           f"a stateful detector of the run keyed by {group}")
     rows_sorted = rows.take(order)
     keys = keys[order]
     probs = querylog.prob_matrix(rows_sorted.column("clean_probs"))

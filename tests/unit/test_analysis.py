@@ -10,6 +10,7 @@ import pytest
 import analysis
 from analysis.__main__ import main as cli
 from sim import data, detectors, models, querylog
+from sim.errors import SimError
 from sim.policy import Rule
 from sim.protocol import Account
 from sim.service import VictimService
@@ -88,6 +89,14 @@ def test_replaying_prada_reproduces_the_online_flags_exactly(run_dir):
     assert cohort["flags"][np.char.startswith(accounts, "sybil")].any()
     stricter = analysis.replay(table, "prada", {"delta": 0.5})
     assert stricter["flags"].sum() < online.sum()
+    # a logged order keyed like the replay (or coarser) orders each key's queries; one keyed finer would interleave
+    # the accounts of a cohort by their own positions (each account's first query, then each one's second, …)
+    in_order = analysis.replay(table, "prada", {}, group="cohort", order="cohort")
+    assert np.array_equal(in_order["flags"], cohort["flags"])
+    assert np.array_equal(analysis.replay(table, "prada", {}, order="cohort")["flags"], online)
+    with pytest.raises(SimError, match="^order='prada' is not an order of each cohort's queries: two queries of one "
+                                       "cohort key share a position in it"):
+        analysis.replay(table, "prada", {}, group="cohort", order="prada")
 
 
 def test_replay_needs_logged_images_for_image_detectors(run_dir, tmp_path):

@@ -18,6 +18,7 @@ one). SAME replays load the run's models from the victim zoo (training them if t
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import yaml
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sim import alerts, storage
-    from sim.errors import SimError
+    from sim.errors import SimError, first_line
     from sim.querylog import detector_names, exists
     from sim.summary import SERVED
 
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                            f"expected --replay KIND with {'it' if one else 'them'}")
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise SimError(f"--out {args.out!r} is a file; expected a directory for the comparison")
+        if args.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", args.name):
+            raise SimError(f"--name {args.name!r} names a file under RUN_DIR/report/replays; expected letters, digits, "
+                           f"'_', '-' and '.' (not first), such as replay_prada_strict")
         params = {}
         for item in args.param:
             if "=" not in item:
@@ -141,10 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             text, points = comparison(args.runs)
             print(text)
             if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "comparison.md"), "w") as fh:
-                    fh.write(text + "\n\n![accuracy vs queries](accuracy_vs_queries.png)\n")
-                plots.accuracy_vs_queries(points, os.path.join(args.out, "accuracy_vs_queries.png"))
+                try:
+                    os.makedirs(args.out, exist_ok=True)
+                    with open(os.path.join(args.out, "comparison.md"), "w") as fh:
+                        fh.write(text + "\n\n![accuracy vs queries](accuracy_vs_queries.png)\n")
+                    plots.accuracy_vs_queries(points, os.path.join(args.out, "accuracy_vs_queries.png"))
+                except OSError as exc:
+                    raise SimError(f"--out {args.out!r} cannot be written ({first_line(exc)}); expected a directory "
+                                   f"this user can write") from None
     except (SimError, MetricError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

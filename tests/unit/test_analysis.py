@@ -271,7 +271,9 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
     for args, message in ((["--replay", "prada", "--param", "delta=1.5"], "--param delta must be a number in (0, 1], "
                                                                           "got 1.5"),
                           (["--replay", "nosuch"], "--replay='nosuch' is not a known detector"),
-                          (["--replay", "prada", "--name", "cohort"], "--name 'cohort' is a detector of the run")):
+                          (["--replay", "prada", "--name", "cohort"], "--name 'cohort' is a detector of the run"),
+                          (["--replay", "prada", "--name", "../../x"], "--name '../../x' names a file under "
+                                                                       "RUN_DIR/report/replays; expected letters")):
         assert cli([str(run), *args]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"error: {message}")  # nothing said of a replay that cannot run
@@ -280,7 +282,7 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
                           analysis.replay(table, "prada", {}, "cohort")["flags"])  # the parameter groups too
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
     assert cli([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().endswith("nope' does not exist; expected a run directory "
                                                     "(runs/<scenario>/<time>)")
@@ -309,6 +311,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert cli([str(empty), str(empty), "--out", str(tmp_path / "afile")]) == 2
     assert "is a file; expected a directory for the comparison" in capsys.readouterr().err
+    assert cli([str(run_dir), str(run_dir), "--out", str(tmp_path / "afile" / "cmp")]) == 2  # cannot be made
+    assert capsys.readouterr().err.strip().endswith("cmp' cannot be written ([Errno 20] Not a directory: "
+                                                    f"'{tmp_path / 'afile' / 'cmp'}'); expected a directory this user "
+                                                    "can write")
     assert cli([str(empty), "--out", str(tmp_path / "cmp")]) == 2  # one run: no comparison to write
     assert capsys.readouterr().err.strip().endswith("1 run is given; expected two or more RUN_DIRs (a run's own "
                                                     "report is written in its directory)")

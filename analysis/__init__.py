@@ -3,7 +3,8 @@
 - :func:`read_run`: the query log as a pyarrow Table;
 - :func:`detection_report` / :func:`detection_metrics`: AUROC, AUPR, FPR95, FPR90 per detector and attack,
   at query and account level;
-- :func:`replay`: any detector over a logged stream, with other parameters or another grouping;
+- :func:`replay`: any detector over a logged stream, with other parameters or another grouping (a stateless one
+  calibrated on :func:`calibration_images`);
 - :func:`replication_report`: what each attacker got and paid;
 - :func:`write_report`: ``report.md`` with tables and PNG figures.
 The command line: ``python -m analysis RUN_DIR [RUN_DIR ...]``.
@@ -15,7 +16,7 @@ from sim.summary import load as read_summary
 
 from .detection import detection_report, scored_rows
 from .metrics import MetricError, detection_metrics, fpr_at_tpr
-from .replay import replay
+from .replay import calibration_images, replay
 from .replication import replication_report
 from .report import analyse, comparison, write_report
 
@@ -44,6 +45,6 @@ def read_run(run_dir: str, columns: list[str] | None = None):
                        f"columns={columns!r}: {first_line(exc)}") from None
 
 
-__all__ = ["MetricError", "analyse", "comparison", "decode_inputs", "detection_metrics", "detection_report",
-           "fpr_at_tpr", "per_account_counts", "read", "read_run", "read_summary", "replay", "replication_report",
-           "scored_rows", "write_report"]
+__all__ = ["MetricError", "analyse", "calibration_images", "comparison", "decode_inputs", "detection_metrics",
+           "detection_report", "fpr_at_tpr", "per_account_counts", "read", "read_run", "read_summary", "replay",
+           "replication_report", "scored_rows", "write_report"]

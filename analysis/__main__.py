@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError
-    from .replay import prepare, replay, run_settings
+    from .replay import calibration_images, prepare, replay, run_settings
 
     try:
         replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group),
@@ -116,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f"one grouping")
                 like, base = run_settings(run, args.replay, args.order)
                 settings = {**base, **params, **({"group": args.group} if args.group and "group" in base else {})}
-                _check_replay(args.replay, settings)  # before saying what it replays
+                if "threshold" in base and "threshold" not in params and set(params) - {"group"}:
+                    settings["threshold"] = None  # calibrated for the run's settings: calibrated again for these
+                values = _check_replay(args.replay, settings)  # before saying what it replays
+                calibrates = "target_fpr" in values and values["threshold"] is None and values["target_fpr"] is not None
                 name, table = args.name or f"replay_{args.replay}", read_run(run)
                 if name in detector_names(table.schema):
                     raise SimError(f"--name {name!r} is a detector of the run {run!r}; expected another name (a "
@@ -124,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{run}: replaying {args.replay} with "
                       + (f"the settings of the run's detector {like!r}" if like else "its default settings")
                       + (" and --param over them" if params else "") + f": {_brief(settings)}")
-                replays[name] = {**replay(
-                    table, args.replay, settings, args.group, args.order,
-                    models=prepare(run, args.replay, settings)),
-                    "about": f"{args.replay} ({_brief(settings)}"
-                             + (f", in the order of {args.order}" if args.order else "") + ")"}
+                done = replay(table, args.replay, settings, args.group, args.order,
+                              calibration=calibration_images(run) if calibrates else None,
+                              models=prepare(run, args.replay, settings))
+                if calibrates:
+                    print(f"{run}: {name}: threshold {done['threshold']:.4g}, calibrated as the run calibrates: for "
+                          f"target_fpr={values['target_fpr']} on the benign images of the victim's calibration split")
+                    settings = {**settings, "threshold": round(done["threshold"], 6)}
+                replays[name] = {**done, "about": f"{args.replay} ({_brief(settings)}"
+                                 + (f", in the order of {args.order}" if args.order else "") + ")"}
             path = write_report(run, replays)
             print(f"{run}: {path}")
             try:
@@ -159,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_replay(kind: str, settings: dict) -> None:
-    """A one-line error for a detector kind that is not one, or settings it refuses (named as --param gave them)."""
+def _check_replay(kind: str, settings: dict) -> dict:
+    """Every setting of the replay (a one-line error for a detector kind that is not one, or settings it refuses,
+    named as --param gave them)."""
     from sim import detectors
     from sim.errors import ConfigError, SimError
 
     try:
-        detectors.get(kind, "--replay").resolve(settings)
+        return detectors.get(kind, "--replay").resolve(settings)
     except ConfigError as exc:
         text = str(exc)
         raise SimError(f"--param {text[len(kind) + 1:]}" if text.startswith(f"{kind}.") else text) from None

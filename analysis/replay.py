@@ -112,14 +112,33 @@ def prepare(run_dir: str, kind: str, params: dict | None = None):
     return detector_registry.get(kind).prepare({**base, **(params or {})}, _RunModels(run_dir, cfg, why, kind))
 
 
+def calibration_images(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """The benign images a run calibrated its stateless detectors' thresholds on (the calibration split of the
+    victim's training data, :func:`sim.detectors.calibration_split`) and the victim's probabilities on them, made as
+    the run made them (through the victim zoo)."""
+    from sim import zoo
+    from sim.training import predict_probs
+
+    cfg, why = _run_config(run_dir)
+    if cfg is None:
+        raise SimError(f"{run_dir}: {why}, so the images its thresholds were calibrated on cannot be made; "
+                       f"expected a run directory written by this version of python -m sim, or a threshold "
+                       f"(--param threshold=…)")
+    victim = zoo.get_victim(cfg.victim, cfg.data, cfg.seed, cfg.cache_dir)
+    x = victim.dataset.x_train[detector_registry.calibration_split(len(victim.dataset.x_train), cfg.seed)[1]]
+    return x, predict_probs(victim.model, x)
+
+
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | None = None,
-           order: str | None = None, **models) -> dict:
+           order: str | None = None, calibration: tuple[np.ndarray, np.ndarray] | None = None, **models) -> dict:
     """Run detector ``kind`` (a registry name) with ``params`` over the log ``table``, keying its history by
     ``group`` (account, actor, cohort or all; default: the ``group`` in ``params``, else account). ``order``: a
     logged stateful detector whose per-key order to follow (see the module's note; it should key its history like
-    ``group``). ``models``: what the detector needs
-    beyond its parameters (``models=``: what its :meth:`Detector.prepare` made, see :func:`prepare`). Returns
-    ``scores`` and ``flags`` aligned with ``scored_rows(table)``, and the ``rows`` themselves."""
+    ``group``). ``calibration``: benign images and the victim's probabilities on them, on which a stateless detector
+    given no threshold calibrates one for its ``target_fpr``, as the run did (see :func:`calibration_images`).
+    ``models``: what the detector needs beyond its parameters (``models=``: what its :meth:`Detector.prepare` made,
+    see :func:`prepare`). Returns ``scores`` and ``flags`` aligned with ``scored_rows(table)``, the ``rows``
+    themselves, and the ``threshold`` a stateless detector flagged above."""
     if group is not None and (params or {}).get("group", group) != group:
         raise SimError(f"group={group!r} and the parameter group={params['group']!r} disagree; expected one grouping "
                        f"(the replay keys its history by it)")
@@ -133,11 +152,21 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
         raise SimError(f"order={order!r}: {why}; expected one of the run's stateful detectors "
                        f"({', '.join(logged) or 'none logged an order'})")
     det = detector_registry.build(kind, **(params or {}), **models)
+    extra = {}
+    if isinstance(det, detector_registry.StatelessDetector):
+        if det.threshold() is None and det.values["target_fpr"] is not None:  # as the run calibrated it
+            if calibration is None:
+                raise SimError(f"replay of {kind}: no threshold, and target_fpr={det.values['target_fpr']} needs "
+                               f"benign images to calibrate one on; expected threshold=… among the parameters, or "
+                               f"calibration=(images, victim probabilities) (analysis.calibration_images(RUN) "
+                               f"makes the run's)")
+            det.calibrate(*calibration)
+        extra["threshold"] = det.threshold()
     rows = scored_rows(table)
     n = rows.num_rows
     scores, flags = np.full(n, np.nan), np.zeros(n, bool)
     if n == 0:
-        return {"scores": scores, "flags": flags, "rows": rows}
+        return {"scores": scores, "flags": flags, "rows": rows, **extra}
     needs_images = det.needs_images
     shape = querylog.input_shape(table.schema)
     if needs_images and (shape is None or rows.column("input").null_count == n):
@@ -177,7 +206,7 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
         res = detector_registry.score_for_good(det, *batch, flagged) if det.stateful else det.score(*batch)
         scores[order[a:b]] = res.scores
         flags[order[a:b]] = res.flags
-    return {"scores": scores, "flags": flags, "rows": rows}
+    return {"scores": scores, "flags": flags, "rows": rows, **extra}
 
 
 def _in_rounds(det) -> bool:

@@ -99,13 +99,60 @@ def test_replaying_prada_reproduces_the_online_flags_exactly(run_dir):
         analysis.replay(table, "prada", {}, group="cohort", order="prada")
 
 
+def test_a_stateless_replay_calibrates_its_threshold_as_the_run_does_or_says_what_it_needs(run_dir):
+    """msp with no threshold flags above the (1 - target_fpr) quantile of its scores on benign calibration images,
+    as a run calibrates it; without those images it says so (it flagged nothing, silently, before)."""
+    table = analysis.read_run(run_dir)
+    with pytest.raises(SimError, match=r"^replay of msp: no threshold, and target_fpr=0.05 needs benign images"):
+        analysis.replay(table, "msp")
+    ds = data.load("mnist5k")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(10, 0.2), size=400).astype(np.float32)  # a victim's answers on benign images
+    x = ds.x_train[:400]
+    for fpr in (0.05, 0.3):
+        out = analysis.replay(table, "msp", {"target_fpr": fpr}, calibration=(x, probs))
+        assert out["threshold"] == pytest.approx(np.quantile(1 - probs.max(1), 1 - fpr))
+        assert np.array_equal(out["flags"], out["scores"] > out["threshold"])
+        fixed = analysis.replay(table, "msp", {"threshold": out["threshold"]})  # the same as a given threshold
+        assert np.array_equal(fixed["flags"], out["flags"]) and fixed["threshold"] == out["threshold"]
+    assert analysis.replay(table, "msp", {"target_fpr": 0.3}, calibration=(x, probs))["flags"].sum() > \
+        analysis.replay(table, "msp", {"target_fpr": 0.05}, calibration=(x, probs))["flags"].sum()
+
+
+def test_a_cli_replay_of_a_stateless_detector_calibrates_unless_the_runs_threshold_fits(run_dir, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """--replay msp on a run without it calibrates on the run's victim data; the run's own calibrated threshold is
+    kept for its own settings, and calibrated again once --param changes them (it was kept, silently, before)."""
+    import shutil
+
+    from sim import config
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = config.load("single_knockoff", ["victim.epochs=1", f"cache_dir={tmp_path / 'cache'}"])
+    (run / "config.yaml").write_text(config.to_yaml(cfg))
+    assert cli([str(run), "--replay", "msp"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"replay_msp: threshold \S+, calibrated as the run calibrates: for target_fpr=0.05 on the "
+                     r"benign images of the victim's calibration split", out), out
+    replay_mod = __import__("importlib").import_module("analysis.replay")  # (analysis.replay is the function)
+    monkeypatch.setattr(replay_mod, "run_settings", lambda *a: ("msp", {"threshold": 0.9, "target_fpr": 0.05}))
+    assert cli([str(run), "--replay", "msp", "--name", "own"]) == 0  # the run's threshold, for the run's settings
+    out = capsys.readouterr().out
+    assert "calibrated" not in out and "threshold=0.9" in out
+    assert cli([str(run), "--replay", "msp", "--param", "target_fpr=0.3", "--name", "fpr"]) == 0
+    assert "calibrated as the run calibrates: for target_fpr=0.3" in capsys.readouterr().out
+    assert cli([str(run), "--replay", "msp", "--param", "threshold=0.5", "--name", "given"]) == 0
+    assert "calibrated" not in capsys.readouterr().out
+
+
 def test_replay_needs_logged_images_for_image_detectors(run_dir, tmp_path):
     table = analysis.read_run(run_dir)
     no_inputs = table.set_column(table.schema.get_field_index("input"), "input",
                                  __import__("pyarrow").nulls(table.num_rows, __import__("pyarrow").binary()))
     with pytest.raises(Exception, match="replay of prada needs the query images"):
         analysis.replay(no_inputs, "prada")
-    msp = analysis.replay(no_inputs, "msp")  # the softmax baseline reads the logged probabilities
+    msp = analysis.replay(no_inputs, "msp", {"threshold": 0.5})  # the softmax baseline reads the logged probabilities
     rows = analysis.scored_rows(table)
     np.testing.assert_allclose(msp["scores"], rows.column("msp_score").to_numpy(zero_copy_only=False), atol=1e-6)
     with pytest.raises(Exception, match="group='ip' is not a grouping"):

@@ -8,8 +8,9 @@ Derived from the query log when a run (or ``serve`` mode) ends, and written besi
 - a limit (``serve.rate``, ``serve.quota``): one alert per request it refused queries of.
 
 Each alert says when, which account and cohort, which detector or limit, the score (a detector's; a limit has none),
-how many queries the account had sent by then (its ``query_index`` + 1) and how many queries of the request the
-alert covers. Only what the provider sees: no role or attack, which the log keeps as the simulation's ground truth.
+how many queries the account had sent by then (:func:`sim.querylog.queries`: a challenge's answer and an attempt
+refused over the rate, sent again after the wait, are no new query) and how many queries of the request the alert
+covers. Only what the provider sees: no role or attack, which the log keeps as the simulation's ground truth.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def from_log(table: pa.Table) -> pa.Table:
         return SCHEMA.empty_table()
     df = table.select([c for c in table.column_names if c in BASE or c.endswith(("_score", "_flagged", "_seq"))])
     df = df.to_pandas()
+    df["is_query"] = querylog.queries(table)  # (a challenge's answer and a rate-limited attempt are no new query)
+    df = df.sort_values(["account_id", "query_index"], kind="stable")
+    df["queries"] = df.groupby("account_id", sort=False)["is_query"].cumsum()  # the account's queries so far
     df = df.sort_values(["timestamp", "writer", "seq"], kind="stable")
     parts = []
     for name in querylog.detector_names(table.schema):
@@ -50,21 +54,20 @@ def from_log(table: pa.Table) -> pa.Table:
         stateful = table.column(f"{name}_seq").null_count < table.num_rows
         if stateful:  # flagged for good: the account's first flagged query
             first = flagged.drop_duplicates("account_id")
-            parts.append(first.assign(source=name, kind="detector", score=first[f"{name}_score"], flagged=1,
-                                      queries=first["query_index"] + 1))
+            parts.append(first.assign(source=name, kind="detector", score=first[f"{name}_score"], flagged=1))
         else:  # single queries: one alert per request
             per = flagged.groupby("request_id", sort=False).agg(
                 timestamp=("timestamp", "first"), account_id=("account_id", "first"), cohort=("cohort", "first"),
                 score=(f"{name}_score", "max"), flagged=(f"{name}_score", "size"),
-                queries=("query_index", "max")).reset_index()
-            parts.append(per.assign(source=name, kind="detector", queries=per["queries"] + 1))
+                queries=("queries", "max")).reset_index()
+            parts.append(per.assign(source=name, kind="detector"))
     limited = df[df["refusal_reason"].isin(querylog.LIMITS)]
     if not limited.empty:
         per = limited.groupby("request_id", sort=False).agg(
             timestamp=("timestamp", "first"), account_id=("account_id", "first"), cohort=("cohort", "first"),
             source=("refusal_reason", "first"), flagged=("refusal_reason", "size"),
-            queries=("query_index", "max")).reset_index()
-        parts.append(per.assign(kind="limit", score=float("nan"), queries=per["queries"] + 1))
+            queries=("queries", "max")).reset_index()
+        parts.append(per.assign(kind="limit", score=float("nan")))
     if not parts:
         return SCHEMA.empty_table()
     import pandas as pd

@@ -360,10 +360,19 @@ def check_table(table, columns, what: str) -> None:
                        f"this table lacks; expected the table read_run gives without columns= (or with these)")
 
 
+def queries(table: pa.Table) -> np.ndarray:
+    """Which rows are an account's queries (a boolean array): all but a solved challenge's answer (the challenged
+    query again, ``resubmission``) and an attempt refused over the rate (the client sends it again after the wait)."""
+    keep = ~refused_for(table, [RATE])
+    if "resubmission" in table.column_names:
+        keep &= ~pc.fill_null(table.column("resubmission"), False).to_numpy(zero_copy_only=False).astype(bool)
+    return keep
+
+
 def per_account_counts(table: pa.Table) -> dict[str, int]:
-    """How many rows (queries) each account has in a query-log table."""
+    """How many queries each account made in a query-log table (its rows that are queries, :func:`queries`)."""
     check_table(table, ("account_id",), "per_account_counts")
-    counts = pc.value_counts(table.column("account_id").combine_chunks()).to_pylist()
+    counts = pc.value_counts(table.filter(queries(table)).column("account_id").combine_chunks()).to_pylist()
     return {c["values"]: c["counts"] for c in counts if c["values"] is not None}
 
 

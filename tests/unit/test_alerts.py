@@ -47,3 +47,37 @@ def test_alerts_record_each_flag_and_each_limit_hit_with_the_accounts_queries_so
     assert table.column("time").to_pylist() == sorted(table.column("time").to_pylist())
     summary = {s["source"]: s for s in alerts.summary(table)}
     assert summary["prada"]["accounts"] == 1 and summary["quota"]["alerts"] == 3
+
+
+def test_an_accounts_queries_so_far_leave_out_the_answers_to_challenges_and_rate_limited_attempts(tmp_path):
+    """Under proof of work each challenged query has a second row, its answer once solved (``resubmission``), and
+    under a rate limit a refused attempt is sent again: neither is a new query. The alert's "queries so far" and
+    per_account_counts count queries (they counted rows: 136 for an account's 72nd query under proof of work)."""
+    import pyarrow as pa
+
+    keys = {"k-att": Account("att-0", "attacker", "knockoff")}
+    dets = {"prada": detectors.build("prada", min_pool=10)}
+    writer = querylog.QueryLogWriter(str(tmp_path / "queries"), (1, 28, 28), "w", detectors=list(dets))
+    svc = VictimService(model=models.build("lenet", (1, 28, 28), 10), victim="v", run_id="r", accounts=keys,
+                        input_shape=(1, 28, 28), detectors=dets, writer=writer, max_images=8)
+    seed = data.load("mnist5k").x_test[:1].astype(np.float32) / 255
+    xs = np.clip(seed + 0.02 * np.random.default_rng(0).choice([-1, 1], size=(120, 1, 28, 28)), 0, 1)
+    for i in range(0, 120, 8):
+        svc.query("k-att", xs[i:i + 8])
+    writer.close()
+    log = querylog.read(str(tmp_path / "queries")).sort_by("query_index")
+    first = log.column("prada_flagged").to_pylist().index(True)
+    assert alerts.from_log(log).column("queries").to_pylist() == [first + 1]
+    rows = []  # each query before the flag followed by its answer to a challenge, and a rate-limited attempt
+    for r in log.to_pylist():
+        rows.append(r)
+        if r["query_index"] < first:
+            rows.append({**r, "resubmission": True, "prada_flagged": False})
+            rows.append({**r, "action": "refused", "refusal_reason": querylog.RATE, "prada_flagged": None,
+                         "prada_score": None, "prada_seq": None})
+    for i, r in enumerate(rows):
+        r["query_index"] = i
+    padded = pa.Table.from_pylist(rows, schema=log.schema)
+    assert alerts.from_log(padded).filter(pc.equal(alerts.from_log(padded).column("source"), "prada")) \
+        .column("queries").to_pylist() == [first + 1]
+    assert querylog.per_account_counts(padded) == querylog.per_account_counts(log) == {"att-0": 120}

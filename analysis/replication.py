@@ -93,6 +93,8 @@ def replication_report(table: pa.Table, summary: Summary | None) -> dict:
             out["attackers"].append(e)
     if (role == "benign").any():
         out["benign"] = entry(role == "benign", "benign", None)
+        if summary is not None and summary.benign is not None and summary.benign.accounts_flagged is not None:
+            out["benign"]["accounts_flagged"] = summary.benign.accounts_flagged
     if (role == "external").any():  # serve mode's clients: who they are is not known
         out["external"] = entry(role == "external", "external", None)
     if summary is not None:

@@ -144,18 +144,23 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
             group = f", group by {dd.group}" if dd.stateful else ""
             lines.append(f"- **Detector `{name}`** ({dd.kind}{group}): flagged queries get *{action_text(dd)}*{thr}.")
         lines.append("")
+    clients = rep["attackers"] + [e for e in (rep["benign"], rep.get("external")) if e]
+    undefended = any(e.get("replica_test_accuracy_undefended") is not None for e in clients)
     lines += ["## What the attackers got and what everyone paid", "",
-              "Replica accuracy and fidelity are on the victim's test set (attack seeds left out). Proof-of-work "
+              "Replica accuracy and fidelity are on the victim's test set (attack seeds left out)"
+              + ("; the undefended accuracy is a replica's trained on the victim's clean answers to the same "
+                 "queries, what the defense denied it" if undefended else "") + ". Proof-of-work "
               "seconds are the solving time the clients spent before their challenged queries were answered.", "",
               "| client | attack | queries | answered | challenged | refused | accounts | flagged | burned "
-              "| replica acc % | fidelity % | PoW s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    clients = rep["attackers"] + [e for e in (rep["benign"], rep.get("external")) if e]
+              "| replica acc % | fidelity % |" + (" undefended acc % |" if undefended else "") + " PoW s |",
+              "|---|---|" + "---:|" * (10 + bool(undefended))]
     for e in clients:
         lines.append(f"| {e['id']} | {e['attack'] or '–'} | {e['queries']:,} | {e['answered']:,} | {e['challenged']:,} "
                      f"| {e['refused']:,} | {e['accounts_used']} | {e.get('accounts_flagged', '–')} "
                      f"| {e.get('accounts_burned', '–')} "
                      f"| {_pct(e.get('replica_test_accuracy'))} | {_pct(e.get('replica_fidelity'))} "
-                     f"| {e['pow_seconds']:.2f} |")
+                     + (f"| {_pct(e.get('replica_test_accuracy_undefended'))} " if undefended else "")
+                     + f"| {e['pow_seconds']:.2f} |")
     limited = [e for e in clients if e.get("rate_limited")]
     if limited:
         lines += ["", "Refused over the rate limit (`serve.rate`) and sent again after the wait, not counted above: "

@@ -42,6 +42,12 @@ def test_mad_vs_knockoff_hurts_the_replica_not_the_honest_users(ray_serve, cache
     assert np.array_equal(changed, returned.argmax(1) != clean.argmax(1))
     assert d.top1_preserved_rate == pytest.approx(1 - changed.mean(), abs=1e-4)
     assert d.l1_mean == pytest.approx(l1.mean(), abs=1e-4)
+    # the report shows what the defense denied each attacker: its replica beside the undefended one
+    text = open(analysis.write_report(str(run_dir))).read()
+    assert "| replica acc % | fidelity % | undefended acc % | PoW s |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| knockoff | knockoff |"))
+    assert f"| {100 * soft.replica.test_accuracy:.1f} |" in row and f"| {100 * soft.undefended.test_accuracy:.1f} |" \
+        in row
 
 
 @pytest.fixture()

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sim import alerts, storage
+    from sim import detectors as detector_kinds
     from sim.errors import SimError, first_line
     from sim.querylog import detector_names, exists
     from sim.summary import SERVED
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "threshold" in base and "threshold" not in params and set(params) - {"group"}:
                     settings["threshold"] = None  # calibrated for the run's settings: calibrated again for these
                 values = _check_replay(args.replay, settings)  # before saying what it replays
+                if args.group and not detector_kinds.get(args.replay).stateful:
+                    raise SimError(f"--group {args.group}: {args.replay} scores each query alone (it keeps no history "
+                                   f"per key); expected --group with a stateful detector (prada, link, …)")
                 calibrates = "target_fpr" in values and values["threshold"] is None and values["target_fpr"] is not None
                 name, table = args.name or f"replay_{args.replay}", read_run(run)
                 if name in detector_names(table.schema):

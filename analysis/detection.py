@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sim import querylog
+from sim.errors import SimError
 
 from .metrics import MetricError, detection_metrics
 
@@ -62,9 +63,13 @@ def detection_report(table: pa.Table, detectors: list[str] | None = None,
     (e.g. replayed) aligned with ``scored_rows(table)``. Only attacker and benign queries are judged. Metrics that
     cannot be computed (no benign traffic, no queries at all) carry an ``error`` saying why."""
     rows = scored_rows(table)
-    detectors = list(detectors if detectors is not None else querylog.detector_names(table.schema))
-    columns = {d: rows.column(f"{d}_score").to_numpy(zero_copy_only=False) for d in detectors
-               if f"{d}_score" in rows.column_names}
+    logged = querylog.detector_names(table.schema)
+    detectors = list(detectors if detectors is not None else logged)
+    unknown = [d for d in detectors if f"{d}_score" not in rows.column_names]
+    if unknown:
+        raise SimError(f"detectors={unknown!r}: the log has no scores of {', '.join(unknown)}; expected detectors of "
+                       f"the run ({', '.join(logged) or 'it logged none'}), or replayed scores through scores=")
+    columns = {d: rows.column(f"{d}_score").to_numpy(zero_copy_only=False) for d in detectors}
     columns.update(scores or {})
     role = np.asarray(rows.column("role").to_pylist(), dtype=object)
     judged = (role == "attacker") | (role == "benign")  # external users (serve mode) have no ground truth

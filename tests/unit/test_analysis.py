@@ -273,6 +273,10 @@ def test_detection_report_per_detector_attack_and_level(run_dir):
     assert acc["positives"] == 6 and acc["negatives"] == 2 and acc["auroc"] == 1.0
     f = rep["prada"]["flagged"]
     assert f["attacker_accounts"] == 1 and f["attacker_total"] == 6 and f["benign_total"] == 2
+    assert set(analysis.detection_report(analysis.read_run(run_dir), ["msp"])) == {"msp"}
+    with pytest.raises(SimError, match=r"^detectors=\['nosuch'\]: the log has no scores of nosuch; expected "
+                                       r"detectors of the run \(prada, cohort, msp\)"):
+        analysis.detection_report(analysis.read_run(run_dir), ["msp", "nosuch"])  # ({} without a word, before)
 
 
 def test_cli_writes_a_report_with_figures(run_dir, capsys):
@@ -320,7 +324,8 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
                           (["--replay", "nosuch"], "--replay='nosuch' is not a known detector"),
                           (["--replay", "prada", "--name", "cohort"], "--name 'cohort' is a detector of the run"),
                           (["--replay", "prada", "--name", "../../x"], "--name '../../x' names a file under "
-                                                                       "RUN_DIR/report/replays; expected letters")):
+                                                                       "RUN_DIR/report/replays; expected letters"),
+                          (["--replay", "msp", "--group", "cohort"], "--group cohort: msp scores each query alone")):
         assert cli([str(run), *args]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"error: {message}")  # nothing said of a replay that cannot run

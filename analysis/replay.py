@@ -222,7 +222,7 @@ def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
 
     n = rows.num_rows
     cols = {c: rows.column(f"{order}_{c}").to_numpy(zero_copy_only=False).astype(np.float64)
-            for c in ("round", "as_of")}
+            if f"{order}_{c}" in rows.column_names else np.full(n, np.nan) for c in ("round", "as_of")}
     if any(np.isnan(v).any() for v in cols.values()):
         raise SimError(f"order={order!r}: some scored queries have no {order}_round; expected the run's "
                        f"account-linking detector, logged by this version (query log schema "

@@ -51,7 +51,8 @@ def from_log(table: pa.Table) -> pa.Table:
         flagged = df[df[f"{name}_flagged"].fillna(False).astype(bool)]
         if flagged.empty:
             continue
-        stateful = table.column(f"{name}_seq").null_count < table.num_rows
+        stateful = (f"{name}_seq" in table.column_names  # (a log of schema 3 and older has no _seq: per request)
+                    and table.column(f"{name}_seq").null_count < table.num_rows)
         if stateful:  # flagged for good: the account's first flagged query
             first = flagged.drop_duplicates("account_id")
             parts.append(first.assign(source=name, kind="detector", score=first[f"{name}_score"], flagged=1))

@@ -47,6 +47,10 @@ def test_alerts_record_each_flag_and_each_limit_hit_with_the_accounts_queries_so
     assert table.column("time").to_pylist() == sorted(table.column("time").to_pylist())
     summary = {s["source"]: s for s in alerts.summary(table)}
     assert summary["prada"]["accounts"] == 1 and summary["quota"]["alerts"] == 3
+    # a log of schema 3 and older has no per-key positions: its detectors' alerts are per request, as a stateless one's
+    older = alerts.from_log(log.drop_columns(["prada_seq", "msp_seq"]))
+    requests = log.filter(pc.fill_null(log.column("prada_flagged"), False)).column("request_id").unique()
+    assert pc.sum(pc.equal(older.column("source"), "prada")).as_py() == len(requests) > 1
 
 
 def test_an_accounts_queries_so_far_leave_out_the_answers_to_challenges_and_rate_limited_attempts(tmp_path):

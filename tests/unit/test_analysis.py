@@ -169,30 +169,36 @@ def test_replay_needs_logged_images_for_image_detectors(run_dir, tmp_path):
         analysis.replay(table, "prada", group="ip")
 
 
-def test_queries_a_limit_refused_are_neither_scored_nor_replayed_nor_counted_as_queries(tmp_path):
+def test_queries_a_limit_refused_are_neither_scored_nor_replayed_nor_counted_as_queries(tmp_path, monkeypatch):
     """A run's clients wait out a refusal over the rate and send the same query again: the refused attempt is
     logged, but no detector saw it, so replay (in arrival order and in the detector's own), the detection metrics
     and the report's query counts leave it out."""
-    import time
+    from types import SimpleNamespace
 
+    from sim import tier
     from sim.limits import Limits
 
+    clock = [1000.0]  # the limits' clock moves only when a client waits (real time made refusals a matter of speed)
+    monkeypatch.setattr(tier, "time", SimpleNamespace(time=lambda: clock[0]))
     ds = data.load("mnist5k")
     accounts = {"k-a": Account("solo-0000", "attacker", "jbda"), "k-b": Account("benign-0", "benign")}
     writer = querylog.QueryLogWriter(str(tmp_path / "queries"), ds.input_shape, "w0", detectors=["prada"])
     svc = VictimService(model=models.build("lenet", ds.input_shape, 10), victim="v", run_id="r", accounts=accounts,
                         input_shape=ds.input_shape, detectors={"prada": detectors.build("prada", min_pool=5)},
-                        writer=writer, limits=Limits(rate=40.0, burst=10))  # a round takes far less than 0.25 s
+                        writer=writer, limits=Limits(rate=40.0, burst=10))
     attempts = 0
     for r, x in enumerate(_jbda_like(ds.x_test[:10], rounds=8)):
         for key, images in (("k-a", x), ("k-b", ds.x_test[100 + 10 * r:110 + 10 * r])):
             while (reply := svc.query(key, images, key)).status == 429:
+                assert reply.retry_after == pytest.approx(0.25)  # 10 tokens at 40 per second
                 attempts += 1
-                time.sleep(reply.retry_after)
+                clock[0] += reply.retry_after
     writer.close()
     querylog.compact(str(tmp_path / "queries"))
     table = analysis.read_run(str(tmp_path))
-    assert attempts and table.num_rows == 160 + 10 * attempts
+    # each round spends both buckets; the attacker, first in rounds 2 to 8, waits for its refill, which refills the
+    # benign user's bucket too
+    assert attempts == 7 and table.num_rows == 160 + 10 * attempts
     rows = analysis.scored_rows(table)
     assert rows.num_rows == 160 and rows.column("refusal_reason").null_count == 160
     online = rows.column("prada_flagged").to_numpy(zero_copy_only=False)

@@ -107,6 +107,26 @@ def test_the_baseline_reads_the_logs_clean_answers(finished_run):
         undefended_targets(x, querylog.clean_answers(out.log, {"benign-0"}))
 
 
+def test_attempts_refused_over_the_rate_are_no_refused_queries_and_the_hardest_puzzle_is_the_maximum(finished_run):
+    """The summary's refused queries leave out the attempts a rate limit refused (the clients sent them again), which
+    it counts apart; proof of work adds up puzzles, hashes and seconds but takes the hardest puzzle's bits."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from sim.summarize import pow_paid
+
+    cfg, out, _ = finished_run
+    rows = out.log.slice(0, 3).to_pydict()
+    rows.update(action=["refused"] * 3, refusal_reason=[querylog.RATE] * 3)
+    limited = dataclasses.replace(out, log=pa.concat_tables([out.log, pa.Table.from_pydict(rows, out.log.schema)]))
+    before, after = summarize(cfg, out).queries, summarize(cfg, limited).queries
+    assert (after.refused, after.rate_limited) == (before.refused, before.rate_limited + 3)
+    paid = pow_paid([{"pow": {"puzzles": 2, "queries": 8, "hashes": 300, "seconds": 0.1004, "max_bits": 12}},
+                     {"pow": {"puzzles": 1, "queries": 4, "hashes": 100, "seconds": 0.2, "max_bits": 9}}, {}])
+    assert paid.model_dump() == {"puzzles": 3, "queries": 12, "hashes": 400, "seconds": 0.3, "max_bits": 12}
+
+
 def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finished_run):
     cfg, out, clean_test = finished_run
     s = summarize(cfg, out)
@@ -136,7 +156,15 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "defense mad (eps=0.8, norm=l1, jacobian=last_layer, seed=0, objective=angle): " in text
     assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
     assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
-    assert re.search(r"accounts flagged by +prada +msp\nknockoff +\d+ +\d+  of 1\n", text)
+    log = out.log.to_pydict()
+    flagged = {d: {a for a, f in zip(log["account_id"], log[f"{d}_flagged"]) if f} for d in ("prada", "msp")}
+    mine = set(out.plan.of(attacker="knockoff")[0].accounts)
+    assert re.search(rf"accounts flagged by +prada +msp\nknockoff +{len(flagged['prada'] & mine)} +"
+                     rf"{len(flagged['msp'] & mine)}  of 1\n", text)
+    benign = {a for a, r in zip(log["account_id"], log["role"]) if r == "benign"}
+    assert flagged["msp"] & benign  # msp flags single queries of honest users too: it flags no account for good
+    assert k.accounts_flagged == len(flagged["prada"] & mine) and s.benign.accounts_flagged == len(
+        flagged["prada"] & benign)
     assert "flags a whole cohort" not in text  # PRADA is keyed by account here
     shards = [{"keys": {"prada": 3}, "restored": {"snapshot": False, "changes": 0}},
               {"keys": {"prada": 2}, "restored": {"snapshot": True, "changes": 4}}]

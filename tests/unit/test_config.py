@@ -855,6 +855,25 @@ def test_limit_settings_without_a_limit_are_refused(overrides, message):
         config.load("single_knockoff", overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["attackers.distributed.account_cap=74"], "attackers.distributed: account_cap=74 x accounts=20 is less than "
+                                               "budget=1500; expected account_cap >= 75 or more accounts"),
+    (["attackers.distributed.account_cap=75"], None),  # 20 accounts x 75 = the budget: every query has room
+    (["attackers.distributed.account_cap=100", "attackers.distributed.accounts=15"], None),
+    (["attackers.distributed.account_cap=100", "attackers.distributed.accounts=14"],
+     "account_cap=100 x accounts=14 is less than budget=1500; expected account_cap >= 108 or more accounts"),
+    (["serve.rate=5", "serve.burst=255"], "serve: serve.burst=255 is below serve.max_images=256: a request of more "
+                                          "images than the burst could never pass"),
+    (["serve.rate=5", "serve.burst=256"], None),  # a burst that holds the largest request
+])
+def test_a_cap_or_a_burst_too_small_for_what_it_limits_is_refused_at_its_bound(overrides, message):
+    if message is None:
+        config.load("distributed_knockoff", overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load("distributed_knockoff", overrides)
+
+
 def test_training_settings_given_beside_a_checkpoint_are_refused(tmp_path):
     ckpt = tmp_path / "net.pt"
     ckpt.write_bytes(b"")

@@ -389,3 +389,30 @@ def test_the_client_reports_what_it_sent_per_round_and_the_budget_it_did_not_spe
                     cap=cap).run()
     assert report["sent"] == sent and report["unspent"] == 1_000 - sent
     assert report["stats"]["queries_per_round"] == rounds and sum(rounds) == sent
+
+
+@pytest.mark.parametrize("variant", ["jbda", "jb_self"])
+def test_each_round_steps_along_its_variants_class_and_turns_back_every_tau_rounds(victim, variant):
+    """JBDA steps each point along the gradient of its true label's score, JB-self along the victim's top-1 answer;
+    from round tau on, the step's sign flips (Papernot's periodic step size). Checked against jacobian_step on the
+    substitute itself, with answers whose top-1 is never the true label (so the two classes differ)."""
+    from actors.attacks.jacobian import quantize, to_float
+
+    model, ds = victim
+    seeds, truth = ds.x_test[:8], ds.y_test[:8].astype(np.int64)
+    attack = JacobianAttack(variant, seeds, truth, budget=8 * 4, arch="lenet", num_classes=10, lam=0.1, rounds=2,
+                            tau=1, seed=0)
+    attack.substitute = lambda: model  # the substitute each round trains: here, one fixed model
+    wrong = (truth + 1) % 10  # the victim's answers: top-1 one class above the truth
+    sent, answers = [], []
+    for _ in range(3):  # the seeds, then two rounds (each doubles the set)
+        x = attack.propose(64)
+        probs = np.eye(10, dtype=np.float32)[np.tile(wrong, len(x) // 8)]
+        attack.observe(x, probs, np.ones(len(x), bool))
+        sent.append(x)
+        answers.append(probs)
+    for r, lam in ((1, 0.1), (2, -0.1)):  # round 1 steps forward; round 2 is at tau=1: backward
+        before = np.concatenate(sent[:r])
+        classes = np.tile(truth if variant == "jbda" else wrong, len(before) // 8)
+        expected = quantize(jacobian_step(model, to_float(before), torch.as_tensor(classes), lam))
+        np.testing.assert_array_equal(sent[r], expected)

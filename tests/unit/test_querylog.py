@@ -77,9 +77,15 @@ def test_compaction_writes_one_parquet_file_with_schema_metadata_and_per_account
     assert querylog.input_shape(schema) == (1, 28, 28)
     table = querylog.read(str(tmp_path))
     assert querylog.per_account_counts(table) == {"acct-0": 8, "acct-1": 8, "acct-2": 8}
-    for acct in ("acct-0", "acct-1", "acct-2"):
-        idx = table.filter(pc.equal(table.column("account_id"), acct)).column("query_index").to_pylist()
-        assert sorted(idx) == list(range(8))
+    for acct, first in (("acct-0", "w0"), ("acct-1", "w1"), ("acct-2", "w0")):
+        mine = table.filter(pc.equal(table.column("account_id"), acct)).sort_by("query_index")
+        assert mine.column("query_index").to_pylist() == list(range(8))
+        # numbered in the order the account's requests were written, whichever writer wrote each (acct-1's first
+        # request went through w1), and within a request in its rows' order
+        assert mine.column("writer").to_pylist() == [first] * 4 + [{"w0": "w1", "w1": "w0"}[first]] * 4
+        stamps = mine.column("timestamp").to_pylist()
+        assert stamps == sorted(stamps) and mine.column("seq").to_pylist()[:4] == sorted(mine.column("seq")[:4]
+                                                                                          .to_pylist())
 
 
 def test_reader_tolerates_a_torn_last_record(tmp_path):

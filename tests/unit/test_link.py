@@ -108,3 +108,22 @@ def test_a_dip_that_shows_only_pooled_blames_the_accounts_that_cannot_clear_them
     link._descend(tree, names, np.array([]))
     assert link.flagged_accounts() == blamed
     assert set(link.flag_reasons().values()) == {"pooled"}
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_node_with_one_child_failing_alone_blames_that_child_only(spare):
+    """Tree ((a, b), (c, d)): the four pooled fail, (a, b) clears itself and (c, d) fails on its own, then c fails
+    alone and d clears: the search blames c, on its own stream, and spares a and b with or without ``spare`` (the
+    node is pooled only when both of its children clear)."""
+    from scipy.cluster.hierarchy import linkage, to_tree
+
+    link = detectors.build("link", min_pool=50, spare=spare)
+    names = ["a", "b", "c", "d"]
+    for a in names:
+        link.score(a, np.zeros((1, 4), np.uint8), np.zeros(1, np.int64))
+    verdicts = {"abcd": (0.9, True), "ab": (0.97, False), "cd": (0.91, True), "a": (0.99, False), "b": (0.98, False),
+                "c": (0.9, True), "d": (0.99, False)}
+    link._test = lambda accounts, owner: verdicts["".join(sorted(accounts))]
+    tree = to_tree(linkage(np.array([[0.0], [0.1], [5.0], [5.1]]), "average"))
+    link._descend(tree, names, np.array([]))
+    assert link.flagged_accounts() == {"c"} and link.flag_reasons() == {"c": "own stream"}

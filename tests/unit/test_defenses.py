@@ -371,6 +371,10 @@ def test_identity_objective_steps_toward_the_least_likely_class_and_random_draws
     y = torch.full((200, 30), 1 / 30, dtype=torch.float64)
     picked = (draws(y, torch.zeros(200, *SHAPE, dtype=torch.uint8)) - y).argmax(1)
     assert len(set(picked.tolist())) > 20  # uniform over 30 vertices, not one favourite
+    for seed, same in ((3, True), (4, False)):  # the draws follow the seed: the same again, another seed's differ
+        other = make("mad", 30, eps=0.1, objective="random", seed=seed)
+        again = (other(y, torch.zeros(200, *SHAPE, dtype=torch.uint8)) - y).argmax(1)
+        assert torch.equal(again, picked) == same
 
 
 @SETTINGS

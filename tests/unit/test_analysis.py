@@ -570,3 +570,16 @@ def test_an_attacker_whose_id_is_anothers_prefix_is_counted_apart(tmp_path):
     for given in (summary, None):  # read with the run's summary, and from the log alone
         rows = replication_report(analysis.read_run(str(tmp_path)), given)["attackers"]
         assert [(r["id"], r["accounts_used"], r["queries"]) for r in rows] == [("kn", 1, 5), ("kn-2", 4, 20)]
+
+
+def test_arrival_order_keeps_each_writers_sequence_through_a_clock_step_back():
+    """Two Serve replicas' rows: writer a's clock steps back at its third row (30 s, then 20 s). Its rows keep their
+    sequence, and b's interleave by time: a0 (10), b0 (15), b1 (25), a1 (30), a2 (stepped back, after a1)."""
+    import pyarrow as pa
+
+    from analysis.replay import arrival_order
+
+    rows = pa.table({"timestamp": pa.array([30, 15, 10, 25, 20], pa.int64()).cast(pa.timestamp("s")),
+                     "writer": ["a", "b", "a", "b", "a"], "seq": [1, 0, 0, 1, 2]})
+    named = [f"{w}{q}" for w, q in zip(rows.column("writer").to_pylist(), rows.column("seq").to_pylist())]
+    assert [named[i] for i in arrival_order(rows)] == ["a0", "b0", "b1", "a1", "a2"]

@@ -30,8 +30,31 @@ def test_rate_is_a_token_bucket_that_says_how_long_to_wait():
     assert book.admit("a", 5, 0.2 + refused.retry_after) == Admission(5)  # waiting as told is enough
     assert book.admit("a", 1, 100.0).admitted == 1
     assert book.admit("a", 21, 1000.0) == Admission(0, "rate")  # more than the bucket holds: never, no wait to give
-    # refused requests took nothing: 20 tokens are there again after a long pause, not fewer
-    assert book.admit("a", 20, 2000.0) == Admission(20)
+    # refused requests took nothing: at the same instant, the bucket (full after the pause) still holds all 20 tokens
+    assert book.admit("a", 20, 1000.0) == Admission(20)
+    assert book.admit("a", 20, 2000.0) == Admission(20)  # and a long pause fills it to the brim again, no more
+
+
+def test_a_request_over_the_burst_takes_nothing_from_the_bucket():
+    """A request larger than the bucket is refused for good (no wait would help) and charges nothing: a request of
+    the bucket's size right after it, at the same instant, passes in full."""
+    book = LimitBook(Limits(rate=10.0, burst=20))
+    assert book.admit("a", 21, 5.0) == Admission(0, "rate")  # a key's first request: its bucket starts full
+    assert book.admit("a", 20, 5.0) == Admission(20)
+    assert book.admit("a", 25, 7.0) == Admission(0, "rate")  # 20 tokens back after 2 s; 25 never fit
+    assert book.admit("a", 20, 7.0) == Admission(20)
+
+
+def test_a_clock_that_steps_back_neither_drains_nor_fills_the_bucket():
+    """The time is an argument (a shard's wall clock, possibly another replica's): a ``now`` before the bucket's last
+    count adds no tokens and takes none; the bucket then counts on from that earlier time."""
+    book = LimitBook(Limits(rate=10.0, burst=20))
+    assert book.admit("a", 10, 100.0) == Admission(10)  # 10 tokens left at t=100
+    over = book.admit("a", 11, 99.0)  # one second back: still 10 tokens, 1 short, 0.1 s at 10 per second
+    assert over.admitted == 0 and over.reason == "rate" and over.retry_after == pytest.approx(0.1)
+    assert book.admit("a", 10, 99.0) == Admission(10)  # the 10 tokens are all there
+    assert book.admit("a", 1, 99.0625).reason == "rate"  # counted from t=99 now: 0.625 tokens by 99.0625
+    assert book.admit("a", 2, 99.25) == Admission(2)  # 2.5 by 99.25
 
 
 def test_rate_and_quota_together_count_only_what_was_admitted():

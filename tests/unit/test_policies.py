@@ -1,5 +1,6 @@
 """Response policies in the victim service (Ray-free): proof of work, perturbation, per-query refusal."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -55,7 +56,9 @@ def test_a_wrong_solution_is_refused_and_never_answered(tmp_path):
     svc, writer = _service(tmp_path, Rule("proof_of_work", threshold=0.0, bits_min=12, bits_max=12))
     x = data.load("mnist5k").x_test[:2]
     ch = svc.query("k-att", x).challenge
-    wrong = next(c for c in range(1000) if not pow.verify(ch["nonce"], ch["bits"], c))
+    # one zero bit short, worked out without pow.verify (which is what is under test)
+    zeros = lambda c: 256 - int.from_bytes(hashlib.sha256(f"{ch['nonce']}:{c}".encode()).digest(), "big").bit_length()  # noqa: E731
+    wrong = next(c for c in range(10**6) if zeros(c) == ch["bits"] - 1)
     reply = svc.solve("k-att", ch["id"], wrong)
     assert reply.status == 403 and not reply.answered.any() and np.isnan(reply.probs).all()
     assert reply.reasons == ["wrong proof-of-work solution"] * 2
@@ -125,3 +128,32 @@ def test_a_perturb_that_fired_beside_proof_of_work_shapes_the_answer_the_solutio
     assert solved.status == 200 and solved.actions == ["answered"] * 3 and (solved.probs.max(1) == 1.0).all()
     writer.close()
     assert querylog.read(str(tmp_path)).column("action").to_pylist() == ["challenged"] * 3 + ["perturbed"] * 3
+
+
+def test_calibration_sets_the_threshold_at_1_minus_fpr_and_proof_of_work_saturation_at_1_minus_fpr_over_10():
+    """A calibrated detector flags ``target_fpr`` of benign images, and its proof of work reaches ``bits_max`` only at
+    the 1 - target_fpr / 10 quantile (not at the threshold itself, where every flagged query would pay the most).
+    Benign msp scores 0, 0.005, ..., 0.495 (100 of them): the 0.9 quantile lies at position 99 * 0.9 = 89.1, i.e.
+    0.445 + 0.1 * 0.005 = 0.4455; the 0.99 quantile at 98.01, i.e. 0.49 + 0.01 * 0.005 = 0.49005."""
+    s = np.arange(100) / 200.0
+    probs = np.stack([1 - s, s], 1)  # msp's score: 1 - the largest probability, = s
+    det = detectors.build("msp", target_fpr=0.1)
+    got = det.calibrate(np.zeros((100, 1, 28, 28), np.uint8), probs)
+    assert got["threshold"] == pytest.approx(0.4455, abs=1e-12) == det.threshold()
+    assert got["saturate"] == pytest.approx(0.49005, abs=1e-12) == det.saturation()
+    assert got["images"] == 100 and got["target_fpr"] == 0.1
+    assert detectors.build("msp", threshold=0.3).calibrate(np.zeros((1, 1, 28, 28)), probs[:1]) is None  # given
+
+
+def test_the_calibration_split_holds_out_a_seeded_tenth():
+    """The defender's held-out images: 10% of them, disjoint from the training part, the same for a seed and another
+    for another seed (so the held-out set follows the scenario's seed)."""
+    train, cal = detectors.calibration_split(1000, seed=3)
+    assert len(cal) == 100 and len(train) == 900
+    assert np.array_equal(np.sort(np.r_[train, cal]), np.arange(1000))
+    assert np.all(np.diff(cal) > 0) and np.all(np.diff(train) > 0)
+    again_train, again_cal = detectors.calibration_split(1000, seed=3)
+    assert np.array_equal(again_cal, cal) and np.array_equal(again_train, train)
+    others = [detectors.calibration_split(1000, seed=s)[1] for s in (4, 5)]
+    assert all(not np.array_equal(o, cal) for o in others) and not np.array_equal(*others)
+    assert len(detectors.calibration_split(5, seed=0)[1]) == 1  # at least one image held out

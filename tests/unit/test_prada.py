@@ -144,3 +144,69 @@ def test_prada_batched_distances_give_the_one_query_at_a_time_scores(skip_repeat
     np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-12, equal_nan=True)
     assert np.array_equal(np.concatenate([p.flags for p in parts]), want_flags)
     assert det.final_w(x, y) == pytest.approx(1 - want_scores[-1], abs=1e-12)
+
+
+def _pairs(distances):
+    """One-pixel queries, two per class: a 0 (the class's first query: no distance), then the pixel value ``d``, whose
+    distance to its class set is exactly d / 255. The pool then holds exactly ``distances`` / 255, in order."""
+    x = np.array([[v] for d in distances for v in (0, d)], np.uint8).reshape(-1, 1, 1, 1)
+    return x, np.repeat(np.arange(len(distances)), 2)
+
+
+# 20 distances at the normal quantiles 100 + 5 z_(i-0.5)/20, rounded: W of them is about 0.996
+_NORMAL = [90, 93, 94, 95, 96, 97, 98, 98, 99, 100, 100, 101, 102, 102, 103, 104, 105, 106, 107, 110]
+
+
+@pytest.mark.parametrize("outlier", [250, 0])
+def test_prada_trims_a_far_outlier_before_the_shapiro_wilk_test(outlier):
+    """PRADA tests the pool with the values beyond 3 standard deviations of its mean removed: one far distance (250
+    among 90..110: mean 107, std 32, so beyond 204; or 0: beyond 30 below) is not evidence of a synthetic stream. W
+    is then that of the 20 normal distances alone; untrimmed it would be far below delta."""
+    from scipy.stats import shapiro
+
+    distances = _NORMAL[:10] + [outlier] + _NORMAL[10:]
+    x, y = _pairs(distances)
+    want = float(shapiro(np.array(_NORMAL) / 255.0)[0])
+    assert want > 0.95 and shapiro(np.array(distances) / 255.0)[0] < 0.5  # the trim decides the verdict
+    det = Prada(delta=0.95, min_pool=20)  # judged once: at the 21st distance
+    res = det.score("a", x, y)
+    assert np.isnan(res.scores[:-1]).all() and res.scores[-1] == pytest.approx(1 - want, abs=1e-12)
+    assert not res.flags.any() and det.flagged_accounts() == set()
+    assert det.final_w(x, y) == pytest.approx(want, abs=1e-12)
+    want_scores, want_flags = _reference(x, y, min_pool=20)
+    np.testing.assert_allclose(res.scores, want_scores, rtol=0, atol=1e-12, equal_nan=True)
+    assert np.array_equal(res.flags, want_flags)
+    # and only beyond 3 std: the 20 alone (mean 100, std 4.9) keep 90 and 110, which lie beyond 2 std
+    assert Prada(min_pool=19).final_w(*_pairs(_NORMAL)) == pytest.approx(want, abs=1e-12)
+
+
+def test_prada_class_threshold_never_goes_down():
+    """T_c = max(T_c, mean - std of the set's own distances): a large distance joining the set raises the spread and
+    lowers mean - std, but not the threshold. One class of one-pixel queries 0, 10, 22, 52: own distances 10, 12,
+    30 (/255), thresholds 10, max(10, 11 - 1) = 10, max(10, 17.33 - 8.99 = 8.34) = 10. Then 61 (9 from 52) stays out
+    of the set, so 70's distance is to 52 (18, which joins: mean - std of 10, 12, 30, 18 is 17.5 - 7.79), not to 61
+    (9, which would not)."""
+    x = np.array([0, 10, 22, 52, 61, 70], np.uint8).reshape(-1, 1, 1, 1)
+    y = np.zeros(6, np.int64)
+    det = Prada(min_pool=3)
+    det.score("a", x, y)
+    cls = det._accounts["a"].classes[0]
+    assert cls.threshold == pytest.approx(10 / 255, abs=1e-15)
+    assert cls.points.values.ravel().tolist() == [0, 10, 22, 52, 70]
+    np.testing.assert_allclose(det._accounts["a"].pool.values * 255, [9, 10, 12, 18, 30], atol=1e-9)
+    want_scores, want_flags = _reference(x, y, min_pool=3)
+    np.testing.assert_allclose(det.score("b", x, y).scores, want_scores, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_final_w_judges_a_stream_from_the_same_pool_size_as_score():
+    """``final_w`` is what ``score`` gives at a stream's last query: nothing (None, a NaN score) with exactly
+    ``min_pool`` distances, W of the pool from ``min_pool + 1`` on."""
+    from scipy.stats import shapiro
+
+    det = Prada(min_pool=3)
+    x, y = _pairs([10, 12, 30])  # 3 distances: not yet judged
+    assert det.final_w(x, y) is None and np.isnan(det.score("a", x, y).scores).all()
+    x, y = _pairs([10, 12, 30, 9])  # 4: judged (no value of 4 lies beyond 3 std: at most 1.5 std from the mean)
+    want = float(shapiro(np.array([9, 10, 12, 30]) / 255.0)[0])
+    assert det.final_w(x, y) == pytest.approx(want, abs=1e-12)
+    assert det.score("b", x, y).scores[-1] == pytest.approx(1 - want, abs=1e-12)

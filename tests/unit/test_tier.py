@@ -213,3 +213,96 @@ def test_linking_through_the_tier_flags_what_inline_linking_flags():
     assert all(s.stats()["link_rounds"] == {"link": rounds} for s in sharded.shards)
     assert f"; link re-clustered {rounds} times" in tier_line({"shards": 3, "per_shard": [s.stats()
                                                                                        for s in sharded.shards]})
+
+
+def test_a_challenge_expires_after_its_ttl_and_is_dropped_by_the_next_issue(monkeypatch):
+    """A challenge can be redeemed until ``pending_ttl_s`` after it was issued, not later (an expired puzzle is no
+    longer worth its answer); the next issue drops it from the pending store. The shard's clock is set by hand."""
+    from types import SimpleNamespace
+
+    clock = [100.0]
+    monkeypatch.setattr(tier, "time", SimpleNamespace(time=lambda: clock[0]))
+    shard = tier.Shard({}, pending_ttl_s=10.0)
+    x = np.zeros((2, 1, 4, 4), np.uint8)
+    shard.issue("ch-a", {"account": "a", "x": x})
+    shard.issue("ch-b", {"account": "a", "x": x})
+    clock[0] = 110.0  # exactly the TTL: still open
+    assert shard.take("ch-a", "a")["account"] == "a"
+    clock[0] = 110.5  # past it: gone, though nothing has removed it yet
+    assert shard.take("ch-b", "a") is None
+    assert list(shard.pending) == ["ch-b"] and shard.pending_queries == 2
+    shard.issue("ch-c", {"account": "a", "x": x[:1]})  # issuing at 110.5 drops what expired
+    assert list(shard.pending) == ["ch-c"] and shard.pending_queries == 1
+    assert shard.stats()["pending_challenges"] == 1
+    clock[0] = 120.5
+    assert shard.take("ch-c", "a")["x"].shape == (1, 1, 4, 4)  # issued at 110.5: open until 120.5
+    assert shard.pending_queries == 0 and not shard.pending
+
+
+def test_pending_challenges_beyond_max_pending_queries_push_out_the_oldest():
+    """The pending store holds at most ``max_pending`` challenged queries: a new challenge pushes out the oldest
+    ones (which then cannot be redeemed) until it fits, and ``pending_queries`` counts what is held."""
+    shard = tier.Shard({}, max_pending=3)
+    two = np.zeros((2, 1, 4, 4), np.uint8)
+    shard.issue("ch-1", {"account": "a", "x": two})
+    shard.issue("ch-2", {"account": "b", "x": two[:1]})  # 3 queries: exactly the limit, both kept
+    assert list(shard.pending) == ["ch-1", "ch-2"] and shard.pending_queries == 3
+    shard.issue("ch-3", {"account": "a", "x": two})  # 5 > 3: the oldest, ch-1, goes; 3 left fit
+    assert list(shard.pending) == ["ch-2", "ch-3"] and shard.pending_queries == 3
+    assert shard.take("ch-1", "a") is None  # pushed out
+    assert shard.take("ch-3", "a")["x"].shape == (2, 1, 4, 4) and shard.pending_queries == 1
+    shard.issue("ch-4", {"account": "c", "x": np.zeros((3, 1, 4, 4), np.uint8)})  # 4 > 3: ch-2 goes
+    assert list(shard.pending) == ["ch-4"] and shard.pending_queries == 3
+
+
+def _link_shard():
+    return tier.Shard({"link": detectors.build("link", every=10**6, min_queries=1, min_pool=3)})
+
+
+def test_a_retried_linking_pull_gets_the_same_rows_and_rounds_go_in_order():
+    """Ray retries a pull whose reply was lost: pulling round r again returns round r's rows, not nothing and not the
+    rows recorded since; a round out of order is an error."""
+    shard = _link_shard()
+    x, y = np.arange(3 * 16, dtype=np.uint8).reshape(3, 1, 4, 4), np.array([1, 2, 3])
+    shard.score("req-1", [("link", "a")], x[:2], y[:2], None)
+    shard.score("req-2", [("link", "b")], x[2:], y[2:], None)
+    rows, counts = shard.pull("link", 1)
+    assert [(r[0], r[1], len(r[2])) for r in rows] == [("req-1", "a", 2), ("req-2", "b", 1)]
+    assert counts == {"a": 2, "b": 1}
+    np.testing.assert_array_equal(rows[0][2], x[:2].reshape(2, -1))
+    shard.score("req-3", [("link", "a")], x[:1], y[:1], None)  # recorded after the pull: round 2's
+    again, counts_again = shard.pull("link", 1)
+    assert [r[0] for r in again] == ["req-1", "req-2"] and counts_again == {"a": 2, "b": 1}
+    nxt, counts2 = shard.pull("link", 2)
+    assert [r[0] for r in nxt] == ["req-3"] and counts2 == {"a": 3, "b": 1}
+    assert [r[0] for r in shard.pull("link", 2)[0]] == ["req-3"]
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match=f"linking round {bad} pulled from a shard at round 2"):
+            shard.pull("link", bad)
+    assert shard.stats()["link_rounds"] == {"link": 2}
+
+
+def test_linking_flags_arrive_with_their_lag_and_a_retried_publish_changes_nothing():
+    """An account flagged in round r whose count at the pull was n, and which has sent m queries by the publish,
+    had its flag m - n queries late (the shard's ``link_lags``). Publishing a round again (a retry, possibly after
+    a later round) changes neither the verdicts nor the lags."""
+    shard = _link_shard()
+    x, y = np.zeros((8, 1, 4, 4), np.uint8), np.zeros(8, np.int64)
+    shard.score("req-1", [("link", "a")], x, y, None)
+    _, counts = shard.pull("link", 1)
+    assert counts == {"a": 8}
+    shard.score("req-2", [("link", "a")], x[:5], y[:5], None)  # 5 more queries while the linker clusters
+    round1 = {"a": (0.9, True, 8)}
+    shard.publish("link", 1, round1)
+    assert shard.stats()["link_lags"] == [5]  # 13 sent by the publish, 8 at the pull
+    shard.publish("link", 1, round1)  # retried
+    assert shard.stats()["link_lags"] == [5]
+    res = shard.score("req-3", [("link", "a")], x[:1], y[:1], None)["link"]
+    assert res.was_flagged and res.flags.all() and res.as_of.tolist() == [1] and res.round.tolist() == [2]
+    np.testing.assert_allclose(res.scores, [0.1])  # 1 - W
+    shard.pull("link", 2)
+    shard.publish("link", 2, {"a": (0.8, True, 14), "b": (0.97, False, 3)})
+    shard.publish("link", 1, {"a": (0.99, False, 8)})  # a late retry of round 1: round 2's verdicts stand
+    det = shard.detectors["link"]
+    assert det.published == 2 and det.verdict == {"a": (0.8, True), "b": (0.97, False)}
+    assert shard.stats()["link_lags"] == [5] and det.is_flagged("a") and not det.is_flagged("b")

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import comparison, plots, read_summary, sweep, write_report
     from .metrics import MetricError
-    from .replay import calibration_images, prepare, replay, run_settings
+    from .replay import calibration_images, check_order, prepare, replay, run_settings
 
     try:
         replay_only = [flag for flag, given in (("--param", args.param), ("--group", args.group),
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"per key); expected --group with a stateful detector (prada, link, …)")
                 calibrates = "target_fpr" in values and values["threshold"] is None and values["target_fpr"] is not None
                 name, table = args.name or f"replay_{args.replay}", read_run(run)
+                check_order(table, args.order)  # before saying what it replays
                 if name in detector_names(table.schema):
                     raise SimError(f"--name {name!r} is a detector of the run {run!r}; expected another name (a "
                                    f"replay is shown beside the run's own detectors, not in place of one)")

@@ -129,6 +129,16 @@ def calibration_images(run_dir: str) -> tuple[np.ndarray, np.ndarray]:
     return x, predict_probs(victim.model, x)
 
 
+def check_order(table: pa.Table, order: str | None) -> None:
+    """A one-line error unless ``order`` (if given) is a stateful detector of the run that logged its order."""
+    logged = [c[:-4] for c in table.column_names if c.endswith("_seq") and table.column(c).null_count < len(table)]
+    if order is not None and order not in logged:
+        why = (f"detector {order} logged no order (it keeps no history per key)" if f"{order}_seq" in table.column_names
+               else f"the log has no {order}_seq column")
+        raise SimError(f"order={order!r}: {why}; expected one of the run's stateful detectors "
+                       f"({', '.join(logged) or 'none logged an order'})")
+
+
 def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | None = None,
            order: str | None = None, calibration: tuple[np.ndarray, np.ndarray] | None = None, **models) -> dict:
     """Run detector ``kind`` (a registry name) with ``params`` over the log ``table``, keying its history by
@@ -145,12 +155,7 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     group = group or (params or {}).get("group") or "account"
     if group not in GROUPS:
         raise SimError(f"group={group!r} is not a grouping; expected one of: {', '.join(GROUPS)}")
-    logged = [c[:-4] for c in table.column_names if c.endswith("_seq") and table.column(c).null_count < len(table)]
-    if order is not None and order not in logged:
-        why = (f"detector {order} logged no order (it keeps no history per key)" if f"{order}_seq" in table.column_names
-               else f"the log has no {order}_seq column")
-        raise SimError(f"order={order!r}: {why}; expected one of the run's stateful detectors "
-                       f"({', '.join(logged) or 'none logged an order'})")
+    check_order(table, order)
     det = detector_registry.build(kind, **(params or {}), **models)
     extra = {}
     if isinstance(det, detector_registry.StatelessDetector):

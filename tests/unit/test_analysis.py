@@ -345,7 +345,8 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
                           (["--replay", "prada", "--name", "cohort"], "--name 'cohort' is a detector of the run"),
                           (["--replay", "prada", "--name", "../../x"], "--name '../../x' names a file under "
                                                                        "RUN_DIR/report/replays; expected letters"),
-                          (["--replay", "msp", "--group", "cohort"], "--group cohort: msp scores each query alone")):
+                          (["--replay", "msp", "--group", "cohort"], "--group cohort: msp scores each query alone"),
+                          (["--replay", "prada", "--order", "nosuch"], "order='nosuch': the log has no nosuch_seq")):
         assert cli([str(run), *args]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith(f"error: {message}")  # nothing said of a replay that cannot run

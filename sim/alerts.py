@@ -44,7 +44,7 @@ def from_log(table: pa.Table) -> pa.Table:
     df = df.to_pandas()
     df["is_query"] = querylog.queries(table)  # (a challenge's answer and a rate-limited attempt are no new query)
     df = df.sort_values(["account_id", "query_index"], kind="stable")
-    df["queries"] = df.groupby("account_id", sort=False)["is_query"].cumsum()  # the account's queries so far
+    df["queries"] = df.groupby("account_id", sort=False, dropna=False)["is_query"].cumsum()  # its queries so far
     df = df.sort_values(["timestamp", "writer", "seq"], kind="stable")
     parts = []
     for name in querylog.detector_names(table.schema):

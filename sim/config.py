@@ -937,8 +937,9 @@ def load(scenario: str | dict | ScenarioConfig, overrides: list[str] | dict | No
     cfg = validate(raw)
     if overrides and not isinstance(overrides, dict):
         _untrained_checkpoint(cfg, overrides)
-        _inert_overrides(cfg, overrides, variants)
-        _warn_off_detectors(cfg, overrides, variants)
+        trials = _Variants(cfg, variants)
+        _inert_overrides(cfg, overrides, trials)
+        _warn_off_detectors(cfg, overrides, trials)
     return cfg
 
 
@@ -976,7 +977,23 @@ def _inert_needs(cfg: ScenarioConfig) -> dict[str, tuple[bool, str]]:
     }
 
 
-def _inert_overrides(cfg: ScenarioConfig, overrides: list[str], variants: list[dict] = ()) -> None:
+class _Variants:
+    """The scenarios a sweep's trials run (``cfg`` with each of ``variants`` on top), loaded on first use: most
+    overrides need none of them. One that a sweep's own checks refuse later is left out here."""
+
+    def __init__(self, cfg: ScenarioConfig, variants: list[dict]):
+        self._cfg, self._variants, self._loaded = cfg, variants, None
+
+    def __iter__(self):
+        if self._loaded is None:
+            self._loaded = []
+            for extra in self._variants:
+                with contextlib.suppress(ConfigError):
+                    self._loaded.append(load(self._cfg.model_dump(), extra))
+        return iter(self._loaded)
+
+
+def _inert_overrides(cfg: ScenarioConfig, overrides: list[str], variants: _Variants) -> None:
     """A setting given on the command line that the scenario's other settings leave without effect (DP-SGD's noise
     for a victim trained without DP-SGD, say) is refused: the run would otherwise go ahead without what was asked
     for. Those a scenario file gives are its own, for the variants it is run in, and pass; so does one that has
@@ -987,16 +1004,13 @@ def _inert_overrides(cfg: ScenarioConfig, overrides: list[str], variants: list[d
         for prefix, (effect, setting) in needs.items():
             if effect or not (key == prefix or (prefix.endswith(".") and key.startswith(prefix))):
                 continue
-            if varied is None:  # the variants' own needs (one a sweep's checks refuse later is skipped here)
-                varied = []
-                for extra in variants:
-                    with contextlib.suppress(ConfigError):
-                        varied.append(_inert_needs(load(cfg.model_dump(), extra)))
+            if varied is None:  # the variants' own needs
+                varied = [_inert_needs(other) for other in variants]
             if not any(other[prefix][0] for other in varied):
                 raise ConfigError(f"{key}={value} has no effect unless {setting}; expected {setting}, or no {key}")
 
 
-def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str], variants: list[dict] = ()) -> None:
+def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str], variants: _Variants) -> None:
     """An override that sets a detector which stays off (``detectors.same.action=refuse`` without ``enabled=true``:
     SAME, MSP and linking are off by default) changes nothing: say so, unless one of ``variants`` (a sweep's trials)
     turns it on."""
@@ -1007,12 +1021,8 @@ def _warn_off_detectors(cfg: ScenarioConfig, overrides: list[str], variants: lis
         if len(parts) > 2 and parts[0] in ("detectors", "detector") and parts[2] not in ("enabled", "kind"):
             det = cfg.detectors.get(parts[1])
             if det is not None and not det.enabled:
-                if on_in_variants is None:  # the detectors some variant turns on (one a sweep refuses is skipped)
-                    on_in_variants = set()
-                    for extra in variants:
-                        with contextlib.suppress(ConfigError):
-                            on_in_variants |= {n for n, d in load(cfg.model_dump(), extra).detectors.items()
-                                               if d.enabled}
+                if on_in_variants is None:  # the detectors some variant turns on
+                    on_in_variants = {n for other in variants for n, d in other.detectors.items() if d.enabled}
                 if parts[1] in on_in_variants:
                     continue
                 log.warning("%s has no effect: detectors.%s is off (detectors.%s.enabled=true turns it on)", item,

@@ -185,6 +185,19 @@ def test_adaptive_knockoff_survives_extreme_answers():
         assert np.isfinite(att.preferences).all() and np.isfinite(att.policy()).all()
 
 
+def test_adaptive_knockoff_diversity_compares_each_answer_with_the_last_window_answers_only():
+    from actors.attacks.knockoff import KnockoffAdaptive
+
+    labels = np.repeat(np.arange(2), 10)
+    pool = np.zeros((20, 1, 28, 28), np.uint8)
+    att = KnockoffAdaptive(pool, labels, 20, arch="lenet", num_classes=2, seed=0, rewards=("diversity",), window=2)
+    a, b = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+    # the third answer is measured against the mean of the two before it, the fourth against the second and third
+    div = att.reward_signals(pool[:4], np.stack([a, a, b, b]))["diversity"]
+    np.testing.assert_allclose(div, [1.0, 0.0, 1.0, 0.5])  # the fourth: b beyond mean(a, b) = 0.5, not mean(a, a, b)
+    assert len(att._recent) == 2
+
+
 def test_knockoff_transfer_set_keeps_only_answered_queries():
     pool = np.zeros((10, 1, 2, 2), np.uint8)
     att = KnockoffRandom(pool, 10)

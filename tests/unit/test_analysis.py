@@ -584,3 +584,35 @@ def test_arrival_order_keeps_each_writers_sequence_through_a_clock_step_back():
                      "writer": ["a", "b", "a", "b", "a"], "seq": [1, 0, 0, 1, 2]})
     named = [f"{w}{q}" for w, q in zip(rows.column("writer").to_pylist(), rows.column("seq").to_pylist())]
     assert [named[i] for i in arrival_order(rows)] == ["a0", "b0", "b1", "a1", "a2"]
+
+
+class _Forgetful(detectors.Detector):
+    """Flags a key's 10th query and says nothing of the key afterwards (as tests/unit/test_tier.py's)."""
+
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
+        self.sent: dict[str, int] = {}
+
+    def score(self, key, inputs, labels, probs=None):
+        before = self.sent.get(key, 0)
+        self.sent[key] = before + len(labels)
+        return detectors.Detection(np.zeros(len(labels)), before + np.arange(1, len(labels) + 1) == 10)
+
+
+def test_a_replay_keeps_a_stateful_detectors_flags_for_good_as_the_tier_does(tmp_path, monkeypatch):
+    """The replay holds the keys flagged so far, as a shard does: a detector that forgets its flag (it flags a key's
+    10th query only) still leaves the key flagged for the rest of its queries, and another key unflagged."""
+    import sys
+
+    replay_module = sys.modules["analysis.replay"]  # (the package's name ``replay`` is the function)
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")
+    probs = np.full((8, 10), 0.1, np.float32)
+    for r, account in enumerate(["a", "a", "a", "b"]):
+        writer.write(run_id="r", victim="v", request_id=f"req-{r}", account_id=account, actor_id="c", role="attacker",
+                     attack="x", actions=["answered"] * 8, refusal_reason=[None] * 8, latency_ms=1.0,
+                     clean_probs=probs, returned_probs=probs, returned_label=probs.argmax(1), input_sha1=["h"] * 8,
+                     inputs=np.zeros((8, 1, 28, 28), np.uint8))
+    writer.close()
+    monkeypatch.setattr(replay_module.detector_registry, "build", lambda kind, **params: _Forgetful())
+    done = replay_module.replay(querylog.read(str(tmp_path)), "forgetful")
+    assert done["flags"].tolist() == [False] * 9 + [True] * 15 + [False] * 8

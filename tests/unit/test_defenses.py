@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sim import defenses, registry
-from sim.defenses.mad import reference_perturb
+from sim.defenses.mad import poison, reference_perturb
 from sim.errors import ConfigError
 
 SHAPE = (1, 4, 4)  # tiny images: the surrogate and misinformation models here are small MLPs
@@ -377,10 +377,21 @@ def test_identity_objective_steps_toward_the_least_likely_class_and_random_draws
         assert torch.equal(again, picked) == same
 
 
+def test_mad_argmax_answers_clean_where_its_step_would_flip_the_top1_label_once_rounded_to_float32():
+    """Top-1 and runner-up one float32 step apart: a step toward the third class keeps them apart in float64, but the
+    float32 answer would round them equal (and argmax would pick the runner-up). That query is answered clean."""
+    y = torch.tensor([[0.4175995886325836, 0.417599618434906, 0.376991331577301]], dtype=torch.float32)
+    d = make("mad_argmax", 3, eps=0.1, objective="random")  # its seed steps toward the third class
+    step = poison(None, y.double(), 0.1, "l1", keep_top1=True, pick=torch.tensor([2]))
+    assert step[0, 1] > step[0, 0] and step.float()[0, 1] == step.float()[0, 0]  # the flip the fallback is for
+    out = d(y, torch.zeros(1, *SHAPE, dtype=torch.uint8))
+    assert torch.equal(out, y) and out.argmax(1).item() == 1
+
+
 @SETTINGS
 @given(batch=batches(), eps=st.floats(0.0, 2.0))
 def test_the_argmax_step_cap_alone_keeps_the_top1_label(batch, eps):
-    from sim.defenses.mad import last_layer_gram, poison
+    from sim.defenses.mad import last_layer_gram
 
     probs, images = batch
     y = probs.double()

@@ -127,3 +127,40 @@ def test_a_node_with_one_child_failing_alone_blames_that_child_only(spare):
     tree = to_tree(linkage(np.array([[0.0], [0.1], [5.0], [5.1]]), "average"))
     link._descend(tree, names, np.array([]))
     assert link.flagged_accounts() == {"c"} and link.flag_reasons() == {"c": "own stream"}
+
+
+def test_an_account_keeps_the_reason_it_was_first_flagged_for():
+    """Flags are for good, and so is why: c, blamed on its own stream in one round, is still blamed for that after a
+    later round finds it only in a pooled failure."""
+    from scipy.cluster.hierarchy import linkage, to_tree
+
+    link = detectors.build("link", min_pool=50)
+    names = ["a", "b", "c", "d"]
+    for a in names:
+        link.score(a, np.zeros((1, 4), np.uint8), np.zeros(1, np.int64))
+    tree = to_tree(linkage(np.array([[0.0], [0.1], [5.0], [5.1]]), "average"))
+    first = {"abcd": (0.9, True), "ab": (0.97, False), "cd": (0.91, True), "a": (0.99, False), "b": (0.98, False),
+             "c": (0.9, True), "d": (0.99, False)}
+    later = {"abcd": (0.9, True), "ab": (0.97, False), "cd": (0.96, False), "a": None, "b": None, "c": None, "d": None}
+    for verdicts in (first, later):
+        link._test = lambda accounts, owner, v=verdicts: v["".join(sorted(accounts))]
+        link._descend(tree, names, np.array([]))
+    assert link.flag_reasons() == {"a": "pooled", "b": "pooled", "c": "own stream", "d": "pooled"}
+
+
+def test_accounts_are_relinked_as_soon_as_every_queries_have_arrived():
+    link = detectors.build("link", every=10, min_queries=5, min_pool=50)
+    for a in ("a", "b"):
+        link.score(a, np.zeros((5, 4), np.uint8), np.zeros(5, np.int64))
+    assert link.clusters == [["a", "b"]]  # the tenth query closed the round
+
+
+def test_accounts_are_embedded_so_that_their_distance_is_the_hellinger_distance_of_their_pixels():
+    link = detectors.build("link")
+    half = np.array([[0, 16, 0, 16]], np.uint8)  # intensity bins 0 and 1, half each
+    link.score("half", half, np.zeros(1, np.int64))
+    link.score("dark", np.zeros((1, 4), np.uint8), np.zeros(1, np.int64))  # bin 0 only
+    f = link.features(["half", "dark"])
+    p, q = np.r_[0.5, 0.5, np.zeros(14)], np.r_[1.0, np.zeros(15)]
+    hellinger = np.sqrt(1 - np.sqrt(p * q).sum())
+    assert np.linalg.norm(f[0] - f[1]) == pytest.approx(hellinger)  # 0.541 (without the square roots: 0.5)

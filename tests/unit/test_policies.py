@@ -157,3 +157,11 @@ def test_the_calibration_split_holds_out_a_seeded_tenth():
     others = [detectors.calibration_split(1000, seed=s)[1] for s in (4, 5)]
     assert all(not np.array_equal(o, cal) for o in others) and not np.array_equal(*others)
     assert len(detectors.calibration_split(5, seed=0)[1]) == 1  # at least one image held out
+
+
+def test_a_stateless_detector_flags_scores_strictly_above_its_threshold_and_nothing_before_it_has_one():
+    probs = np.array([[0.75, 0.25], [0.7, 0.3], [0.8, 0.2]])  # msp scores 0.25 (exactly), 0.3 and 0.2
+    x, labels = np.zeros((3, 1, 28, 28), np.uint8), probs.argmax(1)
+    assert detectors.build("msp", threshold=0.25).score("a", x, labels, probs).flags.tolist() == [False, True, False]
+    unset = detectors.build("msp", target_fpr=0.05).score("a", x, labels, probs)
+    assert not unset.flags.any() and unset.scores == pytest.approx([0.25, 0.3, 0.2])

@@ -115,6 +115,15 @@ def test_empty_log_reads_as_an_empty_table(tmp_path):
     assert querylog.read(str(tmp_path / "none")).num_rows == 0
 
 
+def test_compacting_streams_that_were_never_written_to_removes_them(tmp_path):
+    """Writers opened by a run stopped before any query: nothing to keep, and no empty stream is left behind."""
+    for name in ("w1", "w2"):
+        querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), name).close()
+    assert sorted(os.listdir(tmp_path)) == ["w1.arrows", "w2.arrows"]
+    assert querylog.compact(str(tmp_path)) == 0
+    assert os.listdir(tmp_path) == [] and not querylog.exists(str(tmp_path))
+
+
 def test_a_compaction_that_fails_half_way_leaves_the_streams_as_they_were(tmp_path, monkeypatch):
     """A full disk while the Parquet file is written: no partial file is left to read, the streams keep every row."""
     import errno

@@ -137,6 +137,21 @@ def test_a_shard_restarted_from_its_journal_and_snapshot_has_exactly_the_state_i
     assert restarted.apply("take", "ch-1", "acct-1")["account"] == "acct-1"
 
 
+def test_a_restored_shard_counts_its_journaled_changes_toward_the_next_snapshot(tmp_path):
+    """The journal a restart replays stays bounded by ``every``: 4 changes journaled, a restart, and the 5th change
+    (with every=5) writes a snapshot and starts an empty journal, as if no restart had happened."""
+    stream = _stream(n_requests=5)
+    durable = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=5)
+    for r, (acct, x, y) in enumerate(stream[:4]):
+        durable.apply("score", f"r{r}", [("prada", acct)], x, y, None)
+    restarted = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=5)
+    assert restarted.restored == {"snapshot": False, "changes": 4}
+    acct, x, y = stream[4]
+    restarted.apply("score", "r4", [("prada", acct)], x, y, None)
+    again = tier.Durable(lambda: pytest.fail("made afresh instead of restored"), str(tmp_path), tier.Shard.CHANGES)
+    assert again.restored == {"snapshot": True, "changes": 0} and again.obj.requests == 5
+
+
 def test_a_torn_last_journal_record_is_dropped(tmp_path):
     durable = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=100)
     for r, (acct, x, y) in enumerate(_stream(n_requests=5)):

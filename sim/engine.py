@@ -400,6 +400,7 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
 
     def stop_without_ray():  # SIGTERM stopped Ray's processes too: nothing there can be asked to stop or answer
         if progress.get("log_detectors") is not None:  # the log is still the streams the replicas wrote
+            querylog.stop_writers(log_dir)  # Serve replicas outlive Ray's own processes briefly, and go on writing
             progress["logged"] = _compact(cfg, log_dir, progress["log_detectors"])
         write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
         print(f"\n{Interrupted(progress['phase'], cfg.run_dir, progress['logged'])}", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 import uuid
 
@@ -283,6 +284,59 @@ def read(queries_dir: str, columns: list[str] | None = None) -> pa.Table:
     if needs_index and (columns is None or {"account_id", "timestamp", "writer", "seq", "query_index"} <= set(columns)):
         table = _with_query_index(table)
     return table
+
+
+def stop_writers(queries_dir: str, wait_s: float = 10.0) -> int:
+    """Kill (SIGKILL) the processes of this machine that still hold the log's streams open, and wait until they are
+    gone; returns how many there were. A SIGTERM to a run's whole process group stops a local Ray's own processes,
+    but its workers each have a process group of their own: its Serve replicas go on answering and logging for a
+    second or two, and a row written after the log is compacted would be lost with the stream it went to. Each row
+    a replica wrote is in its stream already (flushed before the answer goes out). Only where the log is on this
+    machine and the system lists open files under /proc (Linux); elsewhere, 0 and nothing done."""
+    import signal
+
+    directory = storage.local_path(queries_dir)
+    if directory is None or not os.path.isdir("/proc/self/fd"):
+        return 0
+    inside = os.path.realpath(directory) + os.sep
+    holders = {pid for pid in (int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid())
+               if _writes_under(pid, inside)}
+    for pid in holders:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in holders) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return len(holders)
+
+
+def _writes_under(pid: int, inside: str) -> bool:
+    """Whether process ``pid`` holds a file under the directory ``inside`` open for writing (a reader, such as an
+    analysis of the live log, is left alone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone meanwhile, or not ours to look into
+        return False
+    for fd in fds:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                flags = next(int(line.split()[1], 8) for line in fh if line.startswith("flags:"))
+        except (OSError, StopIteration, ValueError):  # closed meanwhile
+            continue
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            return True
+    return False
+
+
+def _zombie(pid: int) -> bool:
+    """Whether a process has exited but not been reaped (its files are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def compact(queries_dir: str) -> int:

@@ -23,11 +23,13 @@ RUN = ["scenario=single_knockoff", "victim.epochs=2", "attackers.single.budget=4
        "attackers.single.replica.epochs=200", "benign.queries=40"]
 
 
-def _interrupt(args: list[str], marker: str, twice: bool = False, term: str | None = None) -> tuple[int, float, str]:
+def _interrupt(args: list[str], marker: str, twice: bool = False, term: str | None = None,
+               writers: dict | None = None) -> tuple[int, float, str]:
     """Start ``python -m sim ARGS``, wait until its output matches ``marker`` (a regex), send SIGINT to its process
     group (twice: again a second later; ``term="process"``: SIGTERM to the process alone instead, ``term="group"``:
     to its whole group, Ray's processes included); returns (exit status, seconds from the first signal to the exit,
-    its output)."""
+    its output). ``writers``: ``{"log": QUERIES_DIR}``, to which ``"left"`` is added: how many processes still held
+    the log open for writing when the run had exited (stopped then)."""
     # SIGINT's default disposition in the child, as a terminal's foreground job has it: a test run started in the
     # background of a non-interactive shell ignores SIGINT, which its children inherit (and Python then keeps)
     proc = subprocess.Popen([sys.executable, "-m", "sim", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -53,6 +55,8 @@ def _interrupt(args: list[str], marker: str, twice: bool = False, term: str | No
         os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=120)
+        if writers is not None:
+            writers["left"] = querylog.stop_writers(writers["log"], wait_s=5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -102,9 +106,13 @@ def test_sigterm_to_the_whole_process_group_stops_ray_too_and_the_run_still_keep
     run_dir = tmp_path / "group"
     # a rate limit keeps the queries going for seconds (unpaced, 480 can be done between two progress updates),
     # and the signal goes once the bar shows 1 to 99%
+    writers = {"log": str(run_dir / "queries")}
     status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}", "serve.rate=40"],
-                                      r"querying: +[1-9]\d?%", term="group")
+                                      r"querying: +[1-9]\d?%", term="group", writers=writers)
     assert status == 130 and "interrupted during querying" in out and seconds < 30, out[-2000:]
+    # the Serve replica, in a process group of its own, outlived Ray's processes: it was stopped before the log was
+    # compacted, not left answering and writing rows into a stream the compaction had deleted
+    assert writers["left"] == 0
     assert _check_interrupted(run_dir, "querying").num_rows > 0
 
 

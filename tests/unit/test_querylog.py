@@ -149,3 +149,27 @@ def test_a_compaction_that_fails_half_way_leaves_the_streams_as_they_were(tmp_pa
     assert querylog.read(str(tmp_path)).num_rows == 6
     monkeypatch.setattr(querylog.pq, "write_table", real)
     assert querylog.compact(str(tmp_path)) == 6 and querylog.read(str(tmp_path)).num_rows == 6
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="open files are listed under /proc on Linux only")
+def test_the_processes_still_writing_a_log_are_stopped_and_its_readers_left_alone(tmp_path):
+    """What a group SIGTERM leaves running: a Serve replica of the stopped Ray that still has its stream open for
+    writing. It is killed before the log is compacted; a process reading the log is not."""
+    import subprocess
+    import sys
+
+    stream = tmp_path / "w.arrows"
+    stream.write_bytes(b"")
+    hold = "import sys, time; f = open(sys.argv[1], sys.argv[2]); print('open', flush=True); time.sleep(60)"
+    writer, reader = (subprocess.Popen([sys.executable, "-c", hold, str(stream), mode], stdout=subprocess.PIPE)
+                      for mode in ("ab", "rb"))
+    try:
+        assert writer.stdout.readline() == reader.stdout.readline() == b"open\n"
+        assert querylog.stop_writers(str(tmp_path)) == 1
+        assert writer.wait(timeout=5) == -9 and reader.poll() is None
+        assert querylog.stop_writers(str(tmp_path)) == 0  # none left
+        assert querylog.stop_writers("s3://bucket/queries") == 0  # not on this machine: nothing to look for
+    finally:
+        for proc in (writer, reader):
+            proc.kill()
+            proc.wait()

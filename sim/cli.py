@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from .errors import Interrupted, RunFailed, SimError, first_line
+from .errors import Interrupted, RunFailed, SimError, first_line, shown
 
 
 def _number(kind, low: float, strict: bool, expected: str):
@@ -278,6 +278,7 @@ def serve_forever(scenario: str, overrides: list[str]) -> int:
 
     def on_signal(signum, _):
         if signum == signal.SIGTERM and ray_stopped():  # sent to the whole process group: Ray's processes are gone
+            querylog.stop_writers(log_dir)  # but the Serve replicas outlive them briefly, and would go on writing
             print(f"stopped; {finish()} queries logged in {log_dir}", flush=True)
             os._exit(0)
         stop.update(now=True)
@@ -390,6 +391,12 @@ def load_keys(path: str, text: str | None = None) -> dict:
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or "account_id" not in e or not {"key", "key_sha256"} & set(e):
                 raise ValueError(f"entry {i} is {e!r}")
+            for field in ("key", "account_id", "role", "attack", "cohort"):
+                value = e.get(field)
+                required = field == "account_id" or (field == "key" and "key" in e)
+                if not (isinstance(value, str) and value) and (required or value is not None):
+                    raise ValueError(f"entry {i} has {field}={shown(value)}; expected a non-empty string"
+                                     + ("" if required else " or none"))
             key = _stored_key(e)
             same = next(iter(hashed({key: None})))  # a key and its sha256 entry are the same key
             if same in first:

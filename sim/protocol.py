@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 API_KEY_HEADER = "x-api-key"
+ACTOR_HEADER = "x-actor-id"  # the client's own name for itself (a client actor of a run), logged with each query
+MAX_ACTOR_ID = 128  # characters of it at most: it is written into every row of a request
 
 
 @dataclass(frozen=True)

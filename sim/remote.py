@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import SimError, failed
-from .protocol import API_KEY_HEADER, Account, Reply, new_request_id
+from .protocol import ACTOR_HEADER, API_KEY_HEADER, Account, Reply, new_request_id
 from .querylog import QueryLogWriter, input_digest
 
 TIMEOUT_S = 120.0  # one request's limit
@@ -116,7 +116,7 @@ class RemoteVictim:
         if key:
             headers[API_KEY_HEADER] = key
         if actor_id:
-            headers["X-Actor-Id"] = actor_id
+            headers[ACTOR_HEADER] = actor_id
         req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

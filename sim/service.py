@@ -46,6 +46,8 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
     """
     if images is None:
         raise RequestError(400, "missing 'images': expected a batch of images")
+    if isinstance(images, (dict, str, bytes, int, float)):  # (a bool is an int)
+        raise RequestError(400, f"images must be an array of images, got a JSON {json_type(images)}")
     if isinstance(images, np.ndarray):
         arr = images
     else:
@@ -55,7 +57,8 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
             raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed "
                                     "data)") from None
     if arr.dtype == object:
-        raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed data)")
+        raise RequestError(400, "images must be a rectangular array of numbers (got ragged or mixed data, or whole "
+                                "numbers beyond 64 bits)")
     from_json = not isinstance(images, np.ndarray)
     ok = arr.dtype == np.uint8 or arr.dtype.kind == "f" or (from_json and arr.dtype.kind in "iu")
     if not ok:
@@ -76,7 +79,7 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
         raise RequestError(400, "images contain NaN or infinite values")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0 or hi > 1:
-        raise RequestError(400, f"image values must be in [0, 1], got min {lo:g} max {hi:g}")
+        raise RequestError(400, f"image values must be in [0, 1], got min {lo!r} max {hi!r}")
     return np.rint(arr * 255).astype(np.uint8)
 
 
@@ -89,9 +92,9 @@ def _batch_shape(shape: Any, input_shape: tuple[int, int, int], max_images: int)
     want = f"(N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
     if (not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             or tuple(shape[1:]) not in {(c, h, w), *([(h, w)] if c == 1 else [])} or len(shape) < 3 or shape[0] < 1):
-        raise RequestError(400, f"images shape {shape!r} is wrong; expected {want} with N >= 1")
+        raise RequestError(400, f"images shape {shown(shape)} is wrong; expected {want} with N >= 1")
     if shape[0] > max_images:
-        raise RequestError(413, f"too many images: {shape[0]} > serve.max_images={max_images}")
+        raise RequestError(413, f"too many images: {shown(shape[0])} > serve.max_images={max_images}")
     return tuple(shape)
 
 
@@ -110,13 +113,15 @@ def parse_base64(payload: dict, input_shape: tuple[int, int, int], max_images: i
         raise RequestError(400, "'uint8' is not valid base64 text: it holds characters other than A-Z, a-z, 0-9, "
                                 "+, / and = padding")
     if not isinstance(text, str) or len(text) != 4 * -(-size // 3):
-        got = f"{len(text)} characters" if isinstance(text, str) else type(text).__name__
+        got = f"{len(text)} characters" if isinstance(text, str) else f"a JSON {json_type(text)}"
         raise RequestError(400, f"'uint8' must be the base64 text of {size} bytes ({4 * -(-size // 3)} characters) "
                                 f"for shape {list(shape)}, got {got}")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, "'uint8' is not valid base64 text") from None
+    if len(raw) != size:  # the right length, but its padding says otherwise
+        raise RequestError(400, f"'uint8' decodes to {len(raw)} bytes; shape {list(shape)} needs {size}")
     return np.frombuffer(bytearray(raw), np.uint8).reshape(shape)  # writable, as torch wants it
 
 
@@ -128,7 +133,7 @@ def parse_npy(body: bytes, input_shape: tuple[int, int, int], max_images: int) -
         version = np.lib.format.read_magic(buf)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(buf, max_header_size=1024)
-    except (ValueError, SyntaxError, TypeError):
+    except Exception:  # numpy's reader of the (at most 1 KiB) header raises what its parsers raise on bad text
         raise RequestError(400, f"malformed {NPY_TYPE} body: expected a .npy file (numpy.save) of one array") from None
     if dtype.hasobject or dtype.kind not in "uf" or fortran:
         raise RequestError(400, f"a .npy body must hold uint8 pixels or floats in [0, 1] in C order, got dtype "
@@ -145,30 +150,49 @@ PNG_TYPE = "image/png"
 PNG_MODES = {1: "L", 3: "RGB"}
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOR_TYPES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # IHDR's colour type -> PIL's name of the mode
+
+
 def parse_png(body: bytes, input_shape: tuple[int, int, int], max_images: int) -> np.ndarray:
     """One image as a PNG body (``Content-Type: image/png``): 8-bit grayscale for one channel, 8-bit RGB for three,
-    of the victim's size; its header (size, mode) is checked before the pixels are decoded."""
+    of the victim's size; its header (size, bit depth, colour type) is read from its first bytes and checked before
+    anything decodes it (a PNG may declare billions of pixels)."""
+    import struct
+
     from PIL import Image, UnidentifiedImageError
 
     c, h, w = input_shape
-    try:
-        img = Image.open(io.BytesIO(body), formats=["PNG"])  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise RequestError(400, f"malformed {PNG_TYPE} body: expected one PNG image") from None
     want = PNG_MODES.get(c)
-    if img.size != (w, h) or img.mode != want:
-        raise RequestError(400, f"PNG image is {img.size[0]}x{img.size[1]} {img.mode}; expected {w}x{h} "
+    if len(body) < 26 or body[:8] != PNG_SIGNATURE or body[12:16] != b"IHDR":
+        raise RequestError(400, f"malformed {PNG_TYPE} body: expected one PNG image")
+    width, height, depth, color = struct.unpack(">IIBB", body[16:26])
+    mode = PNG_COLOR_TYPES.get(color, f"colour type {color}") + ("" if depth == 8 else f" of {depth}-bit samples")
+    if (width, height, mode) != (w, h, want):
+        raise RequestError(400, f"PNG image is {width}x{height} {mode}; expected {w}x{h} "
                                 f"{want or f'(no PNG mode holds {c} channels)'}")
     try:
-        pixels = np.asarray(img, np.uint8)
-    except (OSError, ValueError, SyntaxError):
-        raise RequestError(400, f"malformed {PNG_TYPE} body: its pixel data does not decode") from None
+        img = Image.open(io.BytesIO(body), formats=["PNG"])  # reads the header only
+        frames = getattr(img, "n_frames", 1)
+        pixels = np.asarray(img, np.uint8) if frames == 1 else None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise RequestError(400, f"malformed {PNG_TYPE} body: its image data does not decode as a PNG of that "
+                                f"header") from None
+    if pixels is None:
+        raise RequestError(400, f"the PNG body holds {frames} frames (an animated PNG); expected one image")
     return (pixels[None, None] if c == 1 else pixels.transpose(2, 0, 1)[None]).copy()
 
 
 BINARY_TYPES = {NPY_TYPE: parse_npy, PNG_TYPE: parse_png}  # Content-Type -> parser of a binary query body
 BODIES = (f'a JSON object {{"images": [[...]]}}, {{"uint8": BASE64, "shape": [N, C, H, W]}} or {{"challenge": ID, '
           f'"solution": N}}, or an {NPY_TYPE} or {PNG_TYPE} body')
+
+
+def json_type(value: Any) -> str:
+    """What JSON calls a parsed value's type (a reason names the client's JSON, not Python's types)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "boolean"
+    return {dict: "object", list: "array", str: "string"}.get(type(value), "number")
 
 
 def _json_request(body: bytes, kind: str) -> dict:
@@ -182,9 +206,10 @@ def _json_request(body: bytes, kind: str) -> dict:
         if kind and kind != "application/json" and not kind.endswith("+json") and not kind.startswith("text/"):
             raise RequestError(415, f"Content-Type {shown(kind)} is not one this API reads; expected "
                                     f"application/json, {NPY_TYPE} or {PNG_TYPE}") from None
-        raise RequestError(400, f"malformed body: not JSON ({str(exc)[:80]}); expected {BODIES}") from None
+        why = str(exc) if len(str(exc)) <= 80 else str(exc)[:77] + "..."
+        raise RequestError(400, f"malformed body: not JSON ({why}); expected {BODIES}") from None
     if not isinstance(payload, dict):
-        raise RequestError(400, f"malformed body: a JSON {type(payload).__name__}; expected {BODIES}")
+        raise RequestError(400, f"malformed body: a JSON {json_type(payload)}; expected {BODIES}")
     found = [k for k in ("images", "uint8", "challenge") if k in payload]
     if len(found) != 1:
         has = f"has {' and '.join(repr(k) for k in found)}" if found else \
@@ -311,13 +336,13 @@ class VictimService:
             _check_solution(challenge_id, counter, seconds)
             item = self.tier.take(account.account_id, challenge_id) if self.tier is not None else None
             if item is None:
-                raise RequestError(404, f"unknown or expired challenge {challenge_id!r} for this account")
+                raise RequestError(404, f"unknown or expired challenge {shown(challenge_id)} for this account")
         except RequestError as exc:
             return self.reject(api_key, exc.status, exc.reason, actor_id, start)
         ok = pow.verify(item["nonce"], item["bits"], counter)
         x, clean, bits = item["x"], item["clean"], item["pow_bits"]
         n = len(x)
-        share = None if seconds is None else np.full(n, float(seconds) * bits / max(bits.sum(), 1))
+        share = None if seconds is None else np.full(n, float(seconds) * (bits / max(bits.sum(), 1)))  # no overflow
         request_id = new_request_id()
         with self._lock:  # defenses may hold state (a random generator): one request at a time, as in query
             if ok:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 
 from . import defenses, tier_actors
 from .errors import ConfigError, SimError
-from .protocol import API_KEY_HEADER, HASHED, Account, Reply, hash_key, hashed
+from .protocol import ACTOR_HEADER, API_KEY_HEADER, HASHED, MAX_ACTOR_ID, Account, Reply, hash_key, hashed
 from .service import VictimSpec, build_defense, build_service
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class VictimDeployment:
         self.service = build_service(spec, writer_id=f"{spec.victim}-{context.replica_id.unique_id}", tier=tier)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        key, actor = request.headers.get(API_KEY_HEADER), request.headers.get("x-actor-id")
-        if request.method != "POST":
+        key, actor = request.headers.get(API_KEY_HEADER), request.headers.get(ACTOR_HEADER)
+        if actor is not None and len(actor) > MAX_ACTOR_ID:  # logged in every row of the request: bounded first
+            call = functools.partial(self.service.reject, key, 400, f"header {ACTOR_HEADER} is {len(actor)} characters "
+                                     f"long; expected at most {MAX_ACTOR_ID}")
+        elif request.method != "POST":
             call = functools.partial(self.service.reject, key, 405,
                                      f"method {request.method} not allowed; use POST", actor)
         elif (refused := self.service.key_error(key)) is not None:  # before the body: an unknown caller's is not read
@@ -76,7 +79,8 @@ class VictimDeployment:
         # the service (model, lock, log) runs off the event loop, which keeps accepting requests meanwhile
         reply = await asyncio.to_thread(call)
         wait = reply.retry_after_header
-        return JSONResponse(reply.to_json(), status_code=reply.status, headers={"Retry-After": wait} if wait else None)
+        headers = {**({"Retry-After": wait} if wait else {}), **({"Allow": "POST"} if reply.status == 405 else {})}
+        return JSONResponse(reply.to_json(), status_code=reply.status, headers=headers or None)
 
     # The handle path's methods are coroutines that hand the service to the replica's thread pool, as __call__ does,
     # rather than plain methods, which Serve runs in threads of its own (anyio's) that come and go under load: the

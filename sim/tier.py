@@ -137,6 +137,7 @@ class Shard:
         self.pending_ttl_s = pending_ttl_s
         self.pending: OrderedDict[str, dict] = OrderedDict()  # challenge id -> what answering it needs
         self.pending_queries = 0
+        self.pending_of: dict[str, int] = {}  # account -> the queries its open challenges hold
         self.recent: OrderedDict[str, dict[str, Detection]] = OrderedDict()  # request id -> its verdicts
         self.recent_size = recent
 
@@ -177,14 +178,27 @@ class Shard:
 
     # -- proof of work ---------------------------------------------------------------------------
     def issue(self, challenge_id: str, item: dict) -> None:
-        """Hold a challenge (``item``: its account, nonce, bits, the challenged queries) until it is solved,
-        expires (``pending_ttl_s``) or is pushed out by newer ones beyond ``max_pending`` queries."""
+        """Hold a challenge (``item``: its account, nonce, bits, the challenged queries) until it is solved or
+        expires (``pending_ttl_s``). Beyond ``max_pending`` challenged queries, the oldest challenges of the account
+        holding the most go first (never the one just issued), so that one account's unsolved challenges cannot push
+        out another's."""
         now = time.time()
+        account = item["account"]
         self.pending[challenge_id] = {**item, "expires": now + self.pending_ttl_s}
         self.pending_queries += len(item["x"])
-        while self.pending and (self.pending_queries > self.max_pending
-                                or next(iter(self.pending.values()))["expires"] < now):
+        self.pending_of[account] = self.pending_of.get(account, 0) + len(item["x"])
+        while self.pending and next(iter(self.pending.values()))["expires"] < now:
             self._drop(next(iter(self.pending)))
+        while self.pending_queries > self.max_pending:
+            oldest = None
+            for holder in sorted(self.pending_of, key=self.pending_of.get, reverse=True):
+                oldest = next((c for c, it in self.pending.items() if it["account"] == holder and c != challenge_id),
+                              None)
+                if oldest is not None:
+                    break
+            if oldest is None:  # only the new challenge is left
+                break
+            self._drop(oldest)
 
     def take(self, challenge_id: str, account_id: str) -> dict | None:
         """The open challenge ``challenge_id`` of ``account_id``, removed (a challenge is answered once); None if
@@ -197,6 +211,11 @@ class Shard:
     def _drop(self, challenge_id: str) -> dict:
         item = self.pending.pop(challenge_id)
         self.pending_queries -= len(item["x"])
+        left = self.pending_of[item["account"]] - len(item["x"])
+        if left:
+            self.pending_of[item["account"]] = left
+        else:
+            del self.pending_of[item["account"]]
         return item
 
     # -- account linking -------------------------------------------------------------------------

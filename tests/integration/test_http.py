@@ -72,12 +72,22 @@ def test_http_good_and_bad_requests(victim_app):
         assert "\n" not in reply["error"]
     status, reply = post(url, None, method="GET")
     assert status == 405 and reply["error"] == "method GET not allowed; use POST"
+    for headers, code, answer in (({}, 405, ("Allow", "POST")),  # a GET: the method it should have used
+                                  ({"X-Actor-Id": "a" * 129}, 400, ("error", "header x-actor-id is 129 characters "
+                                                                              "long; expected at most 128"))):
+        req = urllib.request.Request(url, data=json.dumps({"images": imgs}).encode() if headers else None,
+                                     headers={"X-API-Key": "good-key", **headers}, method="POST" if headers else "GET")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        got = err.value.headers if answer[0] == "Allow" else json.loads(err.value.read())
+        assert err.value.code == code and got[answer[0]] == answer[1]
     # still healthy after all that
     assert post(url, {"images": imgs[:1]})[0] == 200
 
     table = querylog.read(log_dir)
     actions = pc.value_counts(table.column("action")).to_pylist()
-    assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad) + 1}
+    assert {a["values"]: a["counts"] for a in actions} == {"answered": 4, "refused": len(bad) + 3}
+    assert max(map(len, filter(None, table.column("actor_id").to_pylist())), default=0) <= 128
     refused = table.filter(pc.equal(table.column("action"), "refused"))
     assert refused.column("refusal_reason").null_count == 0
     # each request is a row there, and not also a line in Serve's own replica log (its access log is off)

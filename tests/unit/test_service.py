@@ -72,7 +72,7 @@ def test_bad_requests_get_4xx_and_one_refused_log_row(service, key, images, stat
 
 def test_malformed_json_body_is_400_and_logged(service):
     svc, path = service
-    for body, why in ((b"{not json", "not JSON (Expecting property name"), (b"[1, 2]", "a JSON list"),
+    for body, why in ((b"{not json", "not JSON (Expecting property name"), (b"[1, 2]", "a JSON array"),
                       (json.dumps({"imgs": []}).encode(), "the object has no 'images', 'uint8' or 'challenge' key "
                                                           "(its keys: ['imgs'])"),
                       (json.dumps({"images": [], "uint8": ""}).encode(), "the object has 'images' and 'uint8'"),
@@ -88,6 +88,58 @@ def test_malformed_json_body_is_400_and_logged(service):
         for body, kind in ((b"{not json", None), (b"\x89PNG", "image/png"), (b"x", "image/jpeg")):
             reply = svc.query_json(key, body, content_type=kind)
             assert reply.status == 401 and reply.reason.startswith(why), reply.reason
+    assert querylog.read(str(path)).num_rows == 13
+
+
+def _png(ihdr: bytes, idat: bytes = b"") -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(idat)) + chunk(b"IEND", b"")
+
+
+def test_hostile_bodies_get_a_400_naming_the_fault_never_a_500(service):
+    """Bodies a fuzzing client sent that once raised past the checks (a 500 with no log row): base64 text of the right
+    length whose padding says another size, a PNG declaring 10 billion pixels, one of 4-bit samples, an animated one,
+    a .npy header with an unclosed bracket; and reasons that quote what they were sent cut short, in JSON's words."""
+    import base64
+    import io
+    import struct
+
+    from PIL import Image
+
+    svc, path = service
+    frames = [Image.fromarray(np.full((28, 28), v, np.uint8)) for v in (0, 255)]
+    animated = io.BytesIO()
+    frames[0].save(animated, "PNG", save_all=True, append_images=frames[1:])
+    four_bit = io.BytesIO()
+    frames[0].save(four_bit, "PNG", bits=4)
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (1, 1, 28, 28}"
+    header += b" " * (117 - len(header)) + b"\n"
+    for body, kind, why in (
+            (json.dumps({"uint8": base64.b64encode(bytes(786)).decode(), "shape": [1, 1, 28, 28]}), None,
+             "'uint8' decodes to 786 bytes; shape [1, 1, 28, 28] needs 784"),
+            (_png(struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0), b"\0" * 29), "image/png",
+             "PNG image is 100000x100000 L; expected 28x28 L"),
+            (four_bit.getvalue(), "image/png", "PNG image is 28x28 L of 4-bit samples; expected 28x28 L"),
+            (animated.getvalue(), "image/png", "the PNG body holds 2 frames (an animated PNG); expected one image"),
+            (b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(784), "application/x-npy",
+             "malformed application/x-npy body"),
+            (json.dumps({"uint8": "", "shape": [1] * 100_000}), None, "images shape [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"),
+            (json.dumps({"uint8": None, "shape": [1, 1, 28, 28]}), None, "got a JSON null"),
+            (b"null", None, "malformed body: a JSON null"),
+            (b'"x"', None, "malformed body: a JSON string"),
+            (b'{"images": {"a": 1}}', None, "images must be an array of images, got a JSON object"),
+            (b'{"images": 0.5}', None, "images must be an array of images, got a JSON number"),
+            (json.dumps({"images": [[[1.0000000000000002] * 28] * 28]}), None, "got min 1.0000000000000002 max "
+                                                                              "1.0000000000000002")):
+        reply = svc.query_json("k-att", body if isinstance(body, bytes) else body.encode(), content_type=kind)
+        assert reply.status == 400 and why in reply.reason and len(reply.reason) < 300, reply.reason
+    reply = svc.query_json("k-att", json.dumps({"challenge": "c" * 100_000, "solution": 1}).encode())
+    assert reply.status == 404 and len(reply.reason) < 100  # the id it was given, cut short
     assert querylog.read(str(path)).num_rows == 13
 
 
@@ -242,6 +294,13 @@ def test_an_accounts_file_may_hold_keys_or_only_their_hashes(tmp_path):
     path.write_text(json.dumps([{"key": "k"}, {"account_id": "b"}]))
     with pytest.raises(SimError, match=r"is not a valid accounts file \(entry 0 is \{'key': 'k'\}\); expected a JSON"):
         load_keys(str(path))
+    for entry, why in (({"key": 123, "account_id": "a"}, "key=123; expected a non-empty string"),
+                       ({"key": "k", "account_id": 5}, "account_id=5; expected a non-empty string"),
+                       ({"key": "k", "account_id": "a", "cohort": ["c"]}, "cohort=['c']; expected a non-empty string "
+                                                                          "or none")):
+        path.write_text(json.dumps([{"key": "k0", "account_id": "z"}, entry]))  # typed by hand into a live file
+        with pytest.raises(SimError, match=re.escape(f"(entry 1 has {why})")):
+            load_keys(str(path))
 
 
 def test_once_the_log_cannot_be_written_nothing_more_is_answered(service, monkeypatch):

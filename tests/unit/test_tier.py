@@ -270,6 +270,21 @@ def test_pending_challenges_beyond_max_pending_queries_push_out_the_oldest():
     assert list(shard.pending) == ["ch-4"] and shard.pending_queries == 3
 
 
+def test_one_accounts_unsolved_challenges_cannot_push_out_anothers():
+    """A flagged account that never solves its challenges fills the store: beyond ``max_pending`` its own oldest ones
+    go, and another account's open challenge stays redeemable; so does the challenge just issued."""
+    shard = tier.Shard({}, max_pending=10)
+    x = np.zeros((4, 1, 4, 4), np.uint8)
+    shard.issue("ch-c", {"account": "c", "x": x[:2]})
+    for i in range(50):
+        shard.issue(f"ch-a{i}", {"account": "a", "x": x})
+    assert list(shard.pending) == ["ch-c", "ch-a48", "ch-a49"] and shard.pending_queries == 10
+    assert shard.pending_of == {"c": 2, "a": 8}
+    shard.issue("ch-b", {"account": "b", "x": x})  # a holds the most: its oldest goes, not c's
+    assert list(shard.pending) == ["ch-c", "ch-a49", "ch-b"] and shard.pending_of == {"c": 2, "a": 4, "b": 4}
+    assert shard.take("ch-c", "c")["x"].shape == (2, 1, 4, 4) and shard.pending_of == {"a": 4, "b": 4}
+
+
 def _link_shard():
     return tier.Shard({"link": detectors.build("link", every=10**6, min_queries=1, min_pool=3)})
 

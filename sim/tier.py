@@ -342,21 +342,29 @@ class Journal:
         self.snapshot_path = os.path.join(directory, "snapshot.pkl")
         self.journal_path = os.path.join(directory, "journal.pkl")
         self._out = None
+        self.journal_bytes = 0  # the journal's size: the changes since the snapshot
+        self.snapshot_bytes = 0  # the last snapshot's size
 
     def load(self) -> tuple[Any, list]:
-        """(the last snapshot or None, the changes recorded after it); a torn last record is dropped."""
+        """(the last snapshot or None, the changes recorded after it); a torn last record is dropped, and cut off
+        the file, so that the changes journaled after a restart are read after the next one too."""
         state = None
         if os.path.exists(self.snapshot_path):
             with open(self.snapshot_path, "rb") as fh:
                 state = pickle.load(fh)
+            self.snapshot_bytes = os.path.getsize(self.snapshot_path)
         ops = []
         if os.path.exists(self.journal_path):
             with open(self.journal_path, "rb") as fh:
                 while True:
+                    whole = fh.tell()  # the end of the last whole record
                     try:
                         ops.append(pickle.load(fh))
                     except (EOFError, pickle.UnpicklingError, ValueError, AttributeError):
                         break
+            if whole < os.path.getsize(self.journal_path):
+                os.truncate(self.journal_path, whole)
+            self.journal_bytes = whole
         return state, ops
 
     def append(self, op) -> None:
@@ -368,6 +376,7 @@ class Journal:
         try:
             pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
             self._out.flush()
+            self.journal_bytes = self._out.tell()
         except OSError:
             out, self._out = self._out, None  # reopened by the next append
             with contextlib.suppress(OSError):
@@ -381,15 +390,20 @@ class Journal:
         with open(tmp, "wb") as fh:
             pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, self.snapshot_path)  # the new snapshot holds everything the journal held
+        self.snapshot_bytes = os.path.getsize(self.snapshot_path)
         if self._out is not None:
             self._out.close()
         self._out = open(self.journal_path, "wb")
+        self.journal_bytes = 0
 
 
 class Durable:
     """An object (a :class:`Shard`, a :class:`Linker`) whose every change is journaled (see :class:`Journal`): made
     by ``make()`` the first time, and from its snapshot and journal after a restart, with exactly the state it had.
-    ``changes``: the methods that change it (the others are only read); ``every``: changes between snapshots."""
+    ``changes``: the methods that change it (the others are only read). A snapshot is taken once ``every`` changes
+    are journaled and the journal has grown as large as the last snapshot: a snapshot rewrites the whole state, and
+    pauses the object while it does, so as the state grows snapshots grow rarer, and writing them costs a bounded
+    share of what is journaled (a restart replays at most about a snapshot's worth of journal)."""
 
     def __init__(self, make, directory: str, changes: tuple[str, ...], every: int = 500):
         self.journal = Journal(directory)
@@ -409,7 +423,7 @@ class Durable:
         self.journal.append((method, args))
         result = getattr(self.obj, method)(*args)
         self.since += 1
-        if self.since >= self.every:
+        if self.since >= self.every and self.journal.journal_bytes >= self.journal.snapshot_bytes:
             self.journal.snapshot(self.obj)
             self.since = 0
         return result

@@ -152,6 +152,53 @@ def test_a_restored_shard_counts_its_journaled_changes_toward_the_next_snapshot(
     assert again.restored == {"snapshot": True, "changes": 0} and again.obj.requests == 5
 
 
+class _Ledger:
+    """A durable object with a large state (``blob``) and small changes (``add``)."""
+
+    def __init__(self):
+        self.blob, self.items = bytes(100_000), []
+
+    def add(self, item):
+        self.items.append(item)
+
+
+def test_snapshots_grow_rarer_as_the_state_grows(tmp_path):
+    """A snapshot rewrites the whole state: beyond ``every`` changes, the next waits until the journal is as large as
+    the last snapshot (here about 100 kB, some 5,000 of these changes), so that snapshots cost a bounded share of what
+    is journaled; a restart replays what was journaled since."""
+    durable = tier.Durable(_Ledger, str(tmp_path), ("add",), every=3)
+    for i in range(3):
+        durable.apply("add", i)  # the first snapshot (nothing journaled was as large as no snapshot)
+    for i in range(3, 503):
+        durable.apply("add", i)
+    restarted = tier.Durable(lambda: pytest.fail("made afresh"), str(tmp_path), ("add",), every=3)
+    assert restarted.restored == {"snapshot": True, "changes": 500} and restarted.obj.items == list(range(503))
+    snapshot, changes = restarted.journal.snapshot_bytes, 0
+    while changes < 10_000:
+        journaled = restarted.journal.journal_bytes
+        restarted.apply("add", 0)
+        changes += 1
+        if restarted.journal.journal_bytes == 0:  # snapshotted
+            break
+    # the change that brought the journal to the snapshot's size took the next snapshot
+    assert journaled < snapshot <= journaled + 100 and 3_000 < changes < 10_000
+
+
+def test_changes_journaled_after_a_torn_record_survive_the_next_restart(tmp_path):
+    """A kill mid-record leaves a torn tail; the restart drops it from the file as well, so what is journaled next is
+    not hidden behind it at the restart after."""
+    durable = tier.Durable(_Ledger, str(tmp_path), ("add",), every=10**6)
+    for i in range(4):
+        durable.apply("add", i)
+    path = os.path.join(str(tmp_path), "journal.pkl")
+    os.truncate(path, os.path.getsize(path) - 12)  # killed while writing the fourth
+    once = tier.Durable(_Ledger, str(tmp_path), ("add",), every=10**6)
+    assert once.obj.items == [0, 1, 2]
+    once.apply("add", "after")
+    twice = tier.Durable(_Ledger, str(tmp_path), ("add",), every=10**6)
+    assert twice.obj.items == [0, 1, 2, "after"] and twice.restored == {"snapshot": False, "changes": 4}
+
+
 def test_a_torn_last_journal_record_is_dropped(tmp_path):
     durable = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=100)
     for r, (acct, x, y) in enumerate(_stream(n_requests=5)):

@@ -562,7 +562,8 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
     statuses = {}
     for t in trials:
         finished = storage.exists(storage.join(sweep_dir, "runs", t.trial_id, "summary.json"))
-        status = {"TERMINATED": "done" if finished else "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
+        # a run that wrote its summary is done, though the sweep stopped before Tune noted it (as its table says)
+        status = "done" if finished else {"TERMINATED": "stopped early", "ERROR": "error"}.get(t.status, "unfinished")
         error = errors.get(t.trial_id)
         statuses[t.trial_id] = {"status": status, "curve": t.config["trial"]["curve"],
                                 "defense": t.config["trial"]["defense"], "vary": t.config.get("vary") or {},

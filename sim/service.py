@@ -188,6 +188,13 @@ BODIES = (f'a JSON object {{"images": [[...]]}}, {{"uint8": BASE64, "shape": [N,
           f'"solution": N}}, or an {NPY_TYPE} or {PNG_TYPE} body')
 
 
+def _holds_bool(value: Any) -> bool:
+    """Whether parsed JSON holds true or false anywhere in its (nested) lists."""
+    if isinstance(value, list):
+        return any(_holds_bool(v) for v in value)
+    return isinstance(value, bool)
+
+
 def json_type(value: Any) -> str:
     """What JSON calls a parsed value's type (a reason names the client's JSON, not Python's types)."""
     if value is None or isinstance(value, bool):
@@ -392,6 +399,9 @@ class VictimService:
             except RequestError as exc:
                 return self.reject(api_key, exc.status, exc.reason, actor_id, start)
             return self.query(api_key, images, actor_id, compact=True)
+        if (b"true" in body or b"false" in body) and _holds_bool(payload["images"]):  # numpy would take them as 1, 0
+            return self.reject(api_key, 400, "images must be numbers in [0, 1]; got true or false among them",
+                               actor_id, start)
         return self.query(api_key, payload["images"], actor_id)
 
     @_while_logging

@@ -134,13 +134,14 @@ def test_hostile_bodies_get_a_400_naming_the_fault_never_a_500(service):
             (b'"x"', None, "malformed body: a JSON string"),
             (b'{"images": {"a": 1}}', None, "images must be an array of images, got a JSON object"),
             (b'{"images": 0.5}', None, "images must be an array of images, got a JSON number"),
+            (json.dumps({"images": [[[0.0] * 27 + [True]] * 28]}), None, "got true or false among them"),
             (json.dumps({"images": [[[1.0000000000000002] * 28] * 28]}), None, "got min 1.0000000000000002 max "
                                                                               "1.0000000000000002")):
         reply = svc.query_json("k-att", body if isinstance(body, bytes) else body.encode(), content_type=kind)
         assert reply.status == 400 and why in reply.reason and len(reply.reason) < 300, reply.reason
     reply = svc.query_json("k-att", json.dumps({"challenge": "c" * 100_000, "solution": 1}).encode())
     assert reply.status == 404 and len(reply.reason) < 100  # the id it was given, cut short
-    assert querylog.read(str(path)).num_rows == 13
+    assert querylog.read(str(path)).num_rows == 14
 
 
 def test_prada_refuse_action_refuses_a_flagged_accounts_later_queries(service):

@@ -424,3 +424,22 @@ def test_a_request_is_sent_again_when_its_replica_dies_with_it_or_serve_sheds_it
     assert _patiently(call) == "answer" and not failures
     with pytest.raises(ValueError):  # anything else is not retried
         _patiently(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_an_idle_account_does_not_bank_its_rate_and_a_burned_blocks_account_hands_over_to_the_last_live_one():
+    now = [100.0]
+    paced = AccountSplitter(["a"], "round_robin", 1000, 0, max_rate=10.0, clock=lambda: now[0])
+    paced.next(5)
+    now[0] = 110.0  # ten idle seconds: the next request goes at once, and the one after waits its own 0.5 s
+    assert paced.next(5).delay == 0.0 and paced.next(5).delay == pytest.approx(0.5)
+    blocks = AccountSplitter(["a", "b", "c"], "blocks", 9, 0)
+    blocks.next(3)
+    blocks.next(3)
+    blocks.burn("c")
+    assert blocks.next(3).key == "b"
+
+
+def test_a_benign_stream_sends_its_images_in_a_shuffled_order():
+    images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1)
+    got = BenignStream(images, 50, seed=0).propose(50).ravel().tolist()
+    assert sorted(got) == list(range(50)) and got != list(range(50))

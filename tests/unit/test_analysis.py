@@ -616,3 +616,19 @@ def test_a_replay_keeps_a_stateful_detectors_flags_for_good_as_the_tier_does(tmp
     monkeypatch.setattr(replay_module.detector_registry, "build", lambda kind, **params: _Forgetful())
     done = replay_module.replay(querylog.read(str(tmp_path)), "forgetful")
     assert done["flags"].tolist() == [False] * 9 + [True] * 15 + [False] * 8
+
+
+def test_the_detection_report_counts_flagged_accounts_by_role_and_scores_a_detector_without_scores_as_chance(run_dir):
+    table = analysis.read_run(run_dir)
+    rows = analysis.scored_rows(table)
+    flagged = {}
+    for account, role, hit in zip(*(rows.column(c).to_pylist() for c in ("account_id", "role", "prada_flagged"))):
+        flagged.setdefault(role, set())
+        if hit:
+            flagged[role].add(account)
+    report = analysis.detection_report(table, scores={"none": np.full(rows.num_rows, np.nan)})
+    counts = report["prada"]["flagged"]
+    assert counts["attacker_accounts"] == len(flagged["attacker"]) > 0  # some of each: a count by role is tested
+    assert counts["benign_accounts"] == len(flagged["benign"]) > 0
+    assert (counts["attacker_total"], counts["benign_total"]) == (6, 2)
+    assert report["none"]["query"]["all"]["auroc"] == 0.5  # no scores at all: every query alike

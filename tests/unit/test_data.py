@@ -119,3 +119,21 @@ def test_glyphs_are_typeset_letters_in_mnist_geometry():
     font = data.glyph_fonts()[0]
     assert np.array_equal(data._glyph("A", font, np.random.default_rng(0)),
                           data._glyph("A", font, np.random.default_rng(0)))  # drawn from the seed alone
+
+
+def test_a_dataset_without_test_images_and_an_idx_file_of_other_than_bytes_are_refused(tmp_path):
+    x = np.zeros((4, 1, 8, 8), np.uint8)
+    with pytest.raises(DataError, match="has 4 training and 0 test images"):
+        data.from_arrays("d", {"x_train": x, "y_train": np.array([0, 1, 0, 1]), "x_test": x[:0],
+                               "y_test": np.zeros(0, int)})
+    floats = tmp_path / "x"
+    floats.write_bytes(struct.pack(">BBBBI", 0, 0, 0x0D, 1, 2) + bytes(8))  # an IDX file of float32
+    with pytest.raises(DataError, match="not an unsigned-byte IDX"):
+        data.read_idx(floats)
+
+
+def test_run_directories_join_onto_uris_and_file_uris_name_local_paths():
+    from sim.storage import join, local_path
+
+    assert join("s3://bucket/run/", "queries") == "s3://bucket/run/queries"
+    assert local_path("file:///tmp/run") == "/tmp/run" and local_path("s3://bucket/run") is None

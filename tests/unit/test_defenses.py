@@ -501,3 +501,30 @@ def test_to_a_device_moves_every_model_a_component_computes_with():
     assert dtypes(same.mae, same.aux) == {torch.float64}
     msp = detectors.build("msp", model="oe", models=models.build("lenet", (1, 28, 28), 10)).to(torch.float64)
     assert dtypes(msp.model) == {torch.float64} and det.device == torch.float64
+
+
+def test_rounding_gives_the_units_it_lacks_to_the_largest_remainders():
+    out = defenses.build("rounding", decimals=1)(torch.tensor([[0.47, 0.34, 0.19]], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))  # remainders .7 .4 .9
+
+
+def test_a_defense_refuses_images_and_answers_that_do_not_pair_up_and_outputs_off_the_simplex():
+    with pytest.raises(ValueError, match="1 images for 2 probability vectors"):
+        defenses.build("random_noise")(torch.full((2, 3), 1 / 3), torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+    eight = defenses.build("identity")
+    eight._perturb = lambda y, inputs: y * 8
+    with pytest.raises(ConfigError, match=r"returns values in \[2, 2\]"):
+        defenses.check_outputs(eight, np.full((2, 4), 0.25), np.zeros((2, 1, 28, 28), np.uint8))
+
+
+def test_random_noise_mad_code_in_l2_worked_by_hand():
+    """The MAD code's l2 noise: uniform in [0, 2 eps / sqrt(K)) per logit (from the query's own generator), scaled onto
+    the ball of radius eps where it lies outside it, added to the logits of y, squashed and normalised."""
+    from sim.defenses.base import query_rngs
+
+    y, x, eps = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64), torch.zeros(1, 1, 4, 4, dtype=torch.uint8), 0.6
+    noise = torch.as_tensor(query_rngs(x, 0)[0].random(3)) * 2 * eps / 3 ** 0.5
+    noise = eps * noise / noise.norm().clamp_min(eps)
+    z = torch.sigmoid(torch.log(y / (1 - y)) + noise)
+    torch.testing.assert_close(defenses.build("random_noise", eps=eps, norm="l2", variant="mad_code")(y, x),
+                               z / z.sum())

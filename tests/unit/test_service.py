@@ -346,3 +346,66 @@ def test_once_the_detection_tier_cannot_journal_its_state_nothing_more_is_answer
         assert reply.reason == ("the detection tier cannot record its state ([Errno 28] No space left on device); the "
                                 "service answers nothing it cannot judge")
     assert querylog.read(str(path)).num_rows == 2
+
+
+def _image_png(pixels: np.ndarray, mode: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_the_compact_encodings_decode_exactly_what_was_sent_and_refuse_what_does_not_fit():
+    """Each encoding's pixels arrive where they were (an RGB PNG's rows stay rows), exactly ``max_images`` images is
+    allowed, and what is wrong gets a 400 naming it: negative floats, Fortran-order or truncated .npy, over-long
+    base64, a grayscale PNG for an RGB victim, a non-JSON text/plain body."""
+    import base64
+    import io
+
+    from sim.service import parse_base64, parse_npy, parse_png
+
+    shape = (1, 28, 28)
+    with pytest.raises(RequestError, match=r"must be in \[0, 1\], got min -0.2"):
+        parse_images(np.full((1, 1, 28, 28), -0.2), shape, 4)
+    assert parse_images(np.full((1, 1, 28, 28), 0.5), shape, 4).max() == 128  # 127.5 rounds to 128, not down
+    four = np.arange(4 * 784, dtype=np.uint32).astype(np.uint8).reshape(4, 1, 28, 28)
+    got = parse_base64({"uint8": base64.b64encode(four.tobytes()).decode(), "shape": list(four.shape)}, shape, 4)
+    out = io.BytesIO()
+    np.save(out, four)
+    assert np.array_equal(got, four) and np.array_equal(parse_npy(out.getvalue(), shape, 4), four)
+    with pytest.raises(RequestError, match="holds characters other than"):
+        parse_base64({"uint8": "!" * 8, "shape": [1, 1, 28, 28]}, shape, 4)
+    fortran = io.BytesIO()
+    np.save(fortran, np.asfortranarray(four[:2]))
+    with pytest.raises(RequestError, match="Fortran order"):
+        parse_npy(fortran.getvalue(), shape, 4)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[0, :, 0] = 255  # the first row red
+    x = parse_png(_image_png(rgb, "RGB"), (3, 8, 8), 4)
+    assert x.shape == (1, 3, 8, 8) and x[0, 0, 0].tolist() == [255] * 8 and x[0, 0, :, 0].sum() == 255
+
+    keys = {"k": Account("a", "benign")}
+    gray = VictimService(model=models.build("lenet", shape, 10), victim="v", run_id="r", accounts=keys,
+                         input_shape=shape, max_images=4)
+    color = VictimService(model=models.build("lenet", (3, 16, 16), 10), victim="v", run_id="r", accounts=keys,
+                          input_shape=(3, 16, 16), max_images=4)
+    for svc, body, kind, why in (
+            (gray, json.dumps({"uint8": base64.b64encode(bytes(787)).decode(), "shape": [1, 1, 28, 28]}).encode(),
+             None, "must be the base64 text of 784 bytes"),
+            (gray, out.getvalue()[:-10], "application/x-npy", "needs 3136"),
+            (color, _image_png(np.zeros((16, 16), np.uint8), "L"), "image/png", "16x16 L; expected 16x16 RGB"),
+            (gray, b"hello", "text/plain", "malformed body: not JSON")):
+        reply = svc.query_json("k", body, content_type=kind)
+        assert reply.status == 400 and why in reply.reason, reply.reason
+
+
+def test_a_reply_as_json_carries_the_error_alone_or_each_querys_action_and_reason():
+    from sim.protocol import Reply
+
+    assert Reply(400, "bad", "rid").to_json() == {"error": "bad", "request_id": "rid"}
+    reply = Reply(403, "quota", "rid", "a", np.array([True, False]), [None, "quota"], np.array([1, -1]),
+                  np.array([[0.2, 0.8], [np.nan, np.nan]]))
+    assert reply.to_json()["results"][1] == {"action": "refused", "reason": "quota"}

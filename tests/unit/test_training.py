@@ -145,3 +145,7 @@ def test_victim_train_threads_trains_the_victim_and_its_models_on_that_many_thre
     assert len(list((tmp_path / "victims").glob("*probe*.pt"))) == 2
     own = cfg.model_copy(update={"train_threads": torch.get_num_threads()})
     assert zoo.victim_key(cfg.model_copy(update={"train_threads": 0}), 0) == zoo.victim_key(own, 0)
+
+
+def test_the_accuracy_of_no_predictions_is_nan_not_zero():
+    assert np.isnan(accuracy(np.array([]), np.array([])))

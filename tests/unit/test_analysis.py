@@ -586,23 +586,12 @@ def test_arrival_order_keeps_each_writers_sequence_through_a_clock_step_back():
     assert [named[i] for i in arrival_order(rows)] == ["a0", "b0", "b1", "a1", "a2"]
 
 
-class _Forgetful(detectors.Detector):
-    """Flags a key's 10th query and says nothing of the key afterwards (as tests/unit/test_tier.py's)."""
-
-    def __init__(self, models=None, **params):
-        super().__init__(models, **params)
-        self.sent: dict[str, int] = {}
-
-    def score(self, key, inputs, labels, probs=None):
-        before = self.sent.get(key, 0)
-        self.sent[key] = before + len(labels)
-        return detectors.Detection(np.zeros(len(labels)), before + np.arange(1, len(labels) + 1) == 10)
-
-
 def test_a_replay_keeps_a_stateful_detectors_flags_for_good_as_the_tier_does(tmp_path, monkeypatch):
     """The replay holds the keys flagged so far, as a shard does: a detector that forgets its flag (it flags a key's
     10th query only) still leaves the key flagged for the rest of its queries, and another key unflagged."""
     import sys
+
+    from .test_tier import _Forgetful
 
     replay_module = sys.modules["analysis.replay"]  # (the package's name ``replay`` is the function)
     writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w")

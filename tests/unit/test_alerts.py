@@ -85,3 +85,23 @@ def test_an_accounts_queries_so_far_leave_out_the_answers_to_challenges_and_rate
     assert alerts.from_log(padded).filter(pc.equal(alerts.from_log(padded).column("source"), "prada")) \
         .column("queries").to_pylist() == [first + 1]
     assert querylog.per_account_counts(padded) == querylog.per_account_counts(log) == {"att-0": 120}
+
+
+def test_a_stateless_detectors_alert_carries_its_requests_highest_score_and_the_queries_so_far(tmp_path):
+    """One alert per request of single-query flags: the highest flagged score, how many were flagged, and the account's
+    queries up to its last flagged one; and the summary's median of the accounts' queries at their first alert."""
+    import pyarrow as pa
+
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w", detectors=["msp"])
+    probs = np.full((3, 10), 0.1, np.float32)
+    writer.write(run_id="r", victim="v", request_id="req-1", account_id="a", actor_id="c", role="attacker",
+                 attack="x", actions=["answered"] * 3, refusal_reason=[None] * 3, latency_ms=1.0, clean_probs=probs,
+                 returned_probs=probs, returned_label=probs.argmax(1), input_sha1=["h"] * 3,
+                 detections={"msp": detectors.Detection(np.array([0.9, 0.2, 0.5]), np.array([True, False, True]))})
+    writer.close()
+    found = alerts.from_log(querylog.read(str(tmp_path))).to_pylist()
+    assert [(a["source"], round(a["score"], 6), a["flagged"], a["queries"]) for a in found] == [("msp", 0.9, 2, 3)]
+    table = pa.table({"source": ["p"] * 4, "kind": ["detector"] * 4, "account_id": ["a", "b", "c", "a"],
+                      "queries": [10, 20, 90, 95]})
+    assert alerts.summary(table) == [{"source": "p", "kind": "detector", "alerts": 4, "accounts": 3,
+                                      "median_queries_at_first": 20}]

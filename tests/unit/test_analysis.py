@@ -621,3 +621,38 @@ def test_the_detection_report_counts_flagged_accounts_by_role_and_scores_a_detec
     assert counts["benign_accounts"] == len(flagged["benign"]) > 0
     assert (counts["attacker_total"], counts["benign_total"]) == (6, 2)
     assert report["none"]["query"]["all"]["auroc"] == 0.5  # no scores at all: every query alike
+
+
+def test_the_reports_cells_are_percentages_in_the_order_they_are_headed_and_stale_replays_are_left_out(tmp_path):
+    from analysis.report import _metrics_cell, _pct, kept_replays
+
+    assert _metrics_cell({"auroc": 0.9, "aupr": 0.8, "fpr95": 0.3, "fpr90": 0.2}) == "90.00 / 80.00 / 30.00 / 20.00"
+    assert _pct(0.123) == "12.3" and _pct(None) == "–"
+    folder = tmp_path / "report" / "replays"
+    folder.mkdir(parents=True)
+    for name, n in (("fits", 10), ("stale", 3)):  # a replay kept before the log grew
+        np.savez(folder / f"{name}.npz", scores=np.zeros(n), flags=np.zeros(n, bool), about="x")
+    assert list(kept_replays(str(tmp_path), rows=10)) == ["fits"]
+
+
+def test_answered_challenges_are_scored_once_and_external_users_are_judged_neither_way(tmp_path):
+    """A challenged query's answer after its proof of work is a second row of the same query, not a second query; an
+    external user (serve mode) is neither attacker nor benign, so it counts on neither side of a metric."""
+    writer = querylog.QueryLogWriter(str(tmp_path), (1, 28, 28), "w", detectors=["msp"])
+    probs = np.full((2, 10), 0.1, np.float32)
+    for r, (account, role, action, again) in enumerate((("a", "attacker", "challenged", False),
+                                                        ("a", "attacker", "answered", True),
+                                                        ("a", "attacker", "answered", False),
+                                                        ("b", "benign", "answered", False),
+                                                        ("e", "external", "answered", False))):
+        writer.write(run_id="r", victim="v", request_id=f"req-{r}", account_id=account, actor_id="c", role=role,
+                     attack="x" if role == "attacker" else None, actions=[action] * 2, refusal_reason=[None] * 2,
+                     latency_ms=1.0, clean_probs=probs, returned_probs=probs, returned_label=probs.argmax(1),
+                     input_sha1=["h"] * 2, resubmission=again,
+                     detections={"msp": detectors.Detection(np.array([0.9, 0.1 * r]), np.array([True, False]))})
+    writer.close()
+    table = querylog.read(str(tmp_path))
+    assert analysis.scored_rows(table).num_rows == 8  # the resubmission's 2 rows left out
+    report = analysis.detection_report(table)["msp"]
+    assert report["query"]["all"]["positives"] == 4 and report["query"]["all"]["negatives"] == 2
+    assert report["flagged"]["attacker_queries_total"] == 4 and report["flagged"]["benign_total"] == 1

@@ -36,6 +36,13 @@ def _metrics_cell(m: dict) -> str:
     return f"{100 * m['auroc']:.2f} / {100 * m['aupr']:.2f} / {100 * m['fpr95']:.2f} / {100 * m['fpr90']:.2f}"
 
 
+def _flagged_cell(f: dict) -> str:
+    """What a detector flagged, attackers' then benign users': accounts of all, then the share of their queries."""
+    return (f"accounts {f['attacker_accounts']}/{f['attacker_total']} / {f['benign_accounts']}/{f['benign_total']}; "
+            f"queries {f['attacker_queries'] / max(f['attacker_queries_total'], 1):.1%} / "
+            f"{f['benign_queries'] / max(f['benign_queries_total'], 1):.1%}")
+
+
 def analyse(run_dir: str, replays: dict[str, dict] | None = None, table: pa.Table | None = None) -> dict:
     """Everything the report shows, as data: ``replication``, ``detection`` (detector -> report), the table,
     the summary. ``replays``: name -> the output of :func:`analysis.replay.replay`, added as detectors. ``table``:
@@ -220,10 +227,7 @@ def write_report(run_dir: str, replays: dict[str, dict] | None = None) -> str:
         lines += ["| detector | level | " + " | ".join(attacks) + " | flagged (attacker / benign) |",
                   "|---|---|" + "---|" * len(attacks) + "---|"]
         for name, d in det.items():
-            f = d.get("flagged")
-            flagged = (f"accounts {f['attacker_accounts']}/{f['attacker_total']} / {f['benign_accounts']}/"
-                       f"{f['benign_total']}; queries {f['attacker_queries'] / max(f['attacker_queries_total'], 1):.1%}"
-                       f" / {f['benign_queries'] / max(f['benign_queries_total'], 1):.1%}") if f else "–"
+            flagged = _flagged_cell(d["flagged"]) if d.get("flagged") else "–"
             for level in ("query", "account"):
                 lines.append(f"| {name} | {level} | " + " | ".join(_metrics_cell(d[level][a]) for a in attacks)
                              + f" | {flagged if level == 'query' else ''} |")

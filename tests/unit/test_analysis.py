@@ -304,6 +304,13 @@ def test_cli_writes_a_report_with_figures(run_dir, capsys):
     text = open(os.path.join(run_dir, "report.md")).read()
     assert "## Detection" in text and "| replay_prada | query |" in text and "| cohort | account |" in text
     assert re.search(r"\| replay_prada \| query \| .* \| accounts \d+/6 / \d+/2; queries ", text)  # its flags too
+    from analysis.report import _flagged_cell
+
+    f = analysis.detection_report(analysis.read_run(run_dir))["prada"]["flagged"]
+    assert "| prada | query |" in text and f"| {_flagged_cell(f)} |" in text
+    assert _flagged_cell({"attacker_accounts": 3, "attacker_total": 6, "benign_accounts": 0, "benign_total": 2,
+                          "attacker_queries": 30, "attacker_queries_total": 120, "benign_queries": 1,
+                          "benign_queries_total": 40}) == "accounts 3/6 / 0/2; queries 25.0% / 2.5%"
     for png in ("roc_prada.png", "roc_replay_prada.png", "scores_prada.png"):
         path = os.path.join(run_dir, "report", png)
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"

@@ -177,7 +177,7 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     if needs_images and (shape is None or rows.column("input").null_count == n):
         raise SimError(f"replay of {kind} needs the query images, but this run's log has none; expected a run "
                        f"logged with log.inputs=true")
-    if order is not None and _in_rounds(det):
+    if order is not None and det.population:
         return _replay_rounds(det, rows, order, shape)
     cols = {c: rows.column(c).to_pylist() for c in ("account_id", "actor_id", "cohort", "role", "attack")
             if c in rows.column_names}
@@ -214,12 +214,6 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     return {"scores": scores, "flags": flags, "rows": rows, **extra}
 
 
-def _in_rounds(det) -> bool:
-    from sim.detectors.link import AccountLinker
-
-    return isinstance(det, AccountLinker)
-
-
 def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
     """Account linking over ``rows`` round by round: the rounds' queries ingested as the run's linker ingested them,
     each query given the verdict of the round it saw (see the module's note)."""
@@ -254,6 +248,5 @@ def _replay_rounds(det, rows: pa.Table, order: str, shape) -> dict:
         seen.setdefault(r, seen[r - 1])
     scores, flags = np.full(n, np.nan), np.zeros(n, bool)
     for i in range(n):
-        w, flagged, _ = seen[int(as_of[i])].get(accounts[i], (np.nan, False, 0))
-        scores[i], flags[i] = 1.0 - w, flagged
+        scores[i], flags[i], _ = seen[int(as_of[i])].get(accounts[i], (np.nan, False, 0))
     return {"scores": scores, "flags": flags, "rows": rows}

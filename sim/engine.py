@@ -459,14 +459,12 @@ def check_architectures(cfg, ds, victim_trains: bool) -> None:
 def warn_idle_linking(cfg: ScenarioConfig) -> None:
     """Account linking re-clusters once every ``every`` queries of all traffic: a scenario that sends fewer in all
     never runs it, and its summary would show it flagging nothing. Say so before the run."""
-    from .detectors.link import AccountLinker
-
     b = cfg.benign
     most = (sum(a.budget for a in cfg.attackers.values())
             + ((b.accounts or b.users) * (b.queries_max or b.queries) if b.users else 0))
     for name, det in cfg.enabled_detectors().items():
         every = det.params().get("every")
-        if registry.get("detector", det.kind) is AccountLinker and every is not None and every > most:
+        if registry.get("detector", det.kind).population and every is not None and every > most:
             log.warning("detectors.%s.every=%d is more than the %d queries this scenario sends at most: %s never "
                         "re-clusters and flags nothing (a smaller every, or a larger budget, runs it)", name, every,
                         most, name)

@@ -169,6 +169,7 @@ def check_interface(category: str, obj: Any, where: str) -> None:
         except ConfigError:
             raise ConfigError(f"{where} declares parameter {key!r} with default {p.default!r}, which its own "
                               f"declaration refuses; expected a default that is {p.expected()}") from None
+    obj._check_class(where)
 
 
 def forget_plugins() -> None:
@@ -446,6 +447,11 @@ class Component(ABC):
     @classmethod
     def _check_params(cls, values: dict[str, Any], owner: str) -> None:
         """Relations between parameters (each value is already checked); raise a one-line ConfigError."""
+
+    @classmethod
+    def _check_class(cls, where: str) -> None:
+        """Relations between what the class declares (a plug-in's, when it is loaded); raise a one-line
+        ConfigError naming ``where``."""
 
     def set_params(self, **params) -> None:
         """Check and apply new values; on any error nothing changes."""

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from .detectors import Detection, Detector, score_for_good
-from .detectors.link import AccountLinker
 from .limits import Admission, LimitBook, Limits
 
 __all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "needed", "owner", "spread"]
@@ -62,8 +61,9 @@ def spread(keys, shards: int) -> list[int]:
 
 
 class _LinkBook:
-    """A shard's part of account linking: per account, what it asked since the linker last pulled (request id,
-    8-bit pixels, labels), how many queries it has sent, and the linker's latest verdict.
+    """A shard's part of a population detector (account linking, :attr:`sim.detectors.Detector.population`): per
+    account, what it asked since the linker last pulled (request id, 8-bit pixels, labels), how many queries it has
+    sent, and the linker's latest verdict.
 
     The linker works in rounds: round r pulls every shard's new rows once (:meth:`pull`), re-clusters, and publishes
     its verdicts (:meth:`publish`). Each query's :class:`Detection` says which round takes it in (``round``: the
@@ -74,7 +74,7 @@ class _LinkBook:
         self.every = every
         self.rows: list[tuple[str, str, np.ndarray, np.ndarray]] = []  # (request id, account, x, labels)
         self.count: dict[str, int] = {}
-        self.verdict: dict[str, tuple[float, bool]] = {}  # account -> (W of its cluster, flagged)
+        self.verdict: dict[str, tuple[float, bool]] = {}  # account -> (score, flagged)
         self.since = 0  # queries since the last pull
         self.pulled = 0  # rounds that have pulled this shard
         self.published = 0  # the round whose verdicts this shard holds
@@ -82,12 +82,12 @@ class _LinkBook:
         self.last_pull: tuple[list, dict[str, int]] = ([], {})
 
     def score(self, request_id: str, account: str, x: np.ndarray, labels: np.ndarray) -> Detection:
-        w, flagged = self.verdict.get(account, (float("nan"), False))
+        score, flagged = self.verdict.get(account, (float("nan"), False))
         self.rows.append((request_id, account, x.reshape(len(x), -1), np.asarray(labels, np.int64)))
         self.count[account] = self.count.get(account, 0) + len(x)
         self.since += len(x)
         n = len(x)
-        return Detection(np.full(n, 1.0 - w), np.full(n, flagged), was_flagged=flagged,
+        return Detection(np.full(n, score), np.full(n, flagged), was_flagged=flagged,
                          round=np.full(n, self.pulled + 1, np.int32), as_of=np.full(n, self.published, np.int32))
 
     def pull(self, round_: int) -> tuple[list, dict[str, int]]:
@@ -102,10 +102,10 @@ class _LinkBook:
     def publish(self, round_: int, updates: dict[str, tuple[float, bool, int]]) -> None:
         if round_ <= self.published:  # a retried publish: applied already
             return
-        for account, (w, flagged, as_of) in updates.items():
+        for account, (score, flagged, as_of) in updates.items():
             if flagged and not self.verdict.get(account, (0, False))[1]:
                 self.lags.append(self.count.get(account, as_of) - as_of)
-            self.verdict[account] = (w, flagged)
+            self.verdict[account] = (score, flagged)
         self.published = round_
 
     def is_flagged(self, account: str) -> bool:
@@ -114,7 +114,7 @@ class _LinkBook:
 
 class Shard:
     """The stateful detectors' state for the keys one shard owns, with the open proof-of-work challenges of its
-    accounts. ``detectors``: name -> a fresh stateful detector (account linking gets a :class:`_LinkBook`).
+    accounts. ``detectors``: name -> a fresh stateful detector (a population detector gets a :class:`_LinkBook`).
 
     ``score`` takes one request's items (detector name, key) that this shard owns, with the request's 8-bit
     images, the victim's labels and probabilities; it returns each item's :class:`Detection` with the queries'
@@ -127,7 +127,7 @@ class Shard:
         self.limits = LimitBook(limits) if limits is not None and limits.enabled else None
         self.admitted: OrderedDict[str, Admission] = OrderedDict()  # request id -> its admission (for retries)
         self.detectors: dict[str, Any] = {
-            name: _LinkBook(det.values["every"]) if isinstance(det, AccountLinker) else det
+            name: _LinkBook(det.values["every"]) if det.population else det
             for name, det in detectors.items()}
         self.seq: dict[tuple[str, str], int] = {}
         self.flagged: dict[str, set[str]] = {}  # detector -> the keys it flagged so far
@@ -225,7 +225,7 @@ class Shard:
         return self.detectors[name].pull(round_)
 
     def publish(self, name: str, round_: int, updates: dict[str, tuple[float, bool, int]]) -> None:
-        """Round ``round_``'s verdicts on this shard's accounts: account -> (W, flagged, its query count at the
+        """Round ``round_``'s verdicts on this shard's accounts: account -> (score, flagged, its query count at the
         pull). Publishing a round again (a retry) changes nothing."""
         self.detectors[name].publish(round_, updates)
 
@@ -251,11 +251,11 @@ class Shard:
 
 
 class Linker:
-    """Account linking over the whole population: an :class:`AccountLinker` fed, in arrival order, what the shards
-    recorded. It re-clusters every ``every`` queries of that stream, as it would inline; :meth:`verdicts` is what to
-    publish (account -> W, flagged, the account's query count when the linker pulled)."""
+    """A population detector (account linking) over the whole population, fed in arrival order what the shards
+    recorded, every ``every`` queries of that stream, as it would be inline; :meth:`verdicts` is what to publish
+    (account -> score, flagged, the account's query count when the linker pulled)."""
 
-    def __init__(self, detector: AccountLinker):
+    def __init__(self, detector: Detector):
         self.linker = detector
         self.counts: dict[str, int] = {}
         self.pulls = 0
@@ -271,8 +271,7 @@ class Linker:
         self.pulls += 1
 
     def verdicts(self) -> dict[str, tuple[float, bool, int]]:
-        return {a: (s.w, s.flagged, self.counts.get(a, s.n)) for a, s in self.linker._accounts.items()
-                if not np.isnan(s.w) or s.flagged}
+        return {a: (score, flagged, self.counts.get(a, 0)) for a, (score, flagged) in self.linker.verdicts().items()}
 
 
 class LocalTier:
@@ -287,8 +286,8 @@ class LocalTier:
             return d if shards == 1 else copy.deepcopy(d)
 
         self.shards = [Shard({n: fresh(d) for n, d in detectors.items()}, **options) for _ in range(shards)]
-        self.linkers = {n: Linker(d) for n, d in detectors.items() if isinstance(d, AccountLinker)}
-        self.every = {n: d.values["every"] for n, d in detectors.items() if isinstance(d, AccountLinker)}
+        self.linkers = {n: Linker(d) for n, d in detectors.items() if d.population}
+        self.every = {n: d.values["every"] for n, d in detectors.items() if d.population}
         self._lock = threading.Lock()  # a shard sees one call at a time, as its actor would
 
     def score(self, request_id: str, items: list[tuple[str, str]], x, labels, probs) -> dict[str, Detection]:

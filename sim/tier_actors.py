@@ -63,11 +63,9 @@ def _tier_spec(spec):
 
 
 def _links(spec) -> dict[str, int]:
-    """Account-linking detectors of the spec: name -> its ``every``."""
-    from .detectors.link import AccountLinker
-
-    return {name: d.get("params", {}).get("every", AccountLinker.params["every"].default)
-            for name, d in _stateful(spec).items() if detectors.get(d["kind"]) is AccountLinker}
+    """The population detectors of the spec (account linking): name -> its ``every``."""
+    return {name: d.get("params", {}).get("every", cls.params["every"].default)
+            for name, d in _stateful(spec).items() if (cls := detectors.get(d["kind"])).population}
 
 
 def needs_tier(spec) -> bool:

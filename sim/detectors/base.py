@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..registry import Component, Param
 
 __all__ = ["Detection", "Detector", "Param", "StatelessDetector", "calibration_split", "for_good", "score_for_good"]
@@ -73,6 +74,10 @@ class Detector(Component):
 
     category = "detector"
     stateful: ClassVar[bool] = True
+    # A population detector (account linking) judges all accounts together: the detection tier keeps what each
+    # account asked in the account's shard and, every ``every`` queries of all traffic (a parameter it declares),
+    # feeds that to one instance of it in arrival order and publishes its :meth:`verdicts` back to the shards.
+    population: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, models: Any = None, **params):
@@ -109,6 +114,19 @@ class Detector(Component):
 
     def is_flagged(self, account_id: str) -> bool:
         return account_id in self.flagged_accounts()
+
+    @classmethod
+    def _check_class(cls, where: str) -> None:
+        every = cls.params.get("every")
+        if cls.population and (not cls.stateful or every is None or every.kind is not int):
+            raise ConfigError(f"{where} declares population=True with stateful={cls.stateful} and "
+                              f"{'no every parameter' if every is None else f'every of kind {every.kind.__name__}'}; "
+                              f"expected a population detector to be stateful and to declare an int parameter every "
+                              f"(its queries between verdicts)")
+
+    def verdicts(self) -> dict[str, tuple[float, bool]]:
+        """A population detector's latest verdict on each account it has judged: account -> (score, flagged)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a population detector")
 
 
 class StatelessDetector(Detector):

@@ -62,6 +62,7 @@ class AccountLinker(Detector):
 
     name = "link"
     stateful = True
+    population = True
     params = {
         "every": Param(500, int, low=1, help="re-cluster the accounts every this many queries"),
         "min_queries": Param(10, int, low=1, help="queries an account needs before it is linked"),
@@ -205,6 +206,10 @@ class AccountLinker(Detector):
     def flag_reasons(self) -> dict[str, str]:
         """Each flagged account and why it was flagged (one of :data:`REASONS`)."""
         return {a: s.why for a, s in self._accounts.items() if s.flagged}
+
+    def verdicts(self) -> dict[str, tuple[float, bool]]:
+        """Each account linked into a judged cluster, or flagged: (1 - W of its cluster, flagged)."""
+        return {a: (1.0 - s.w, s.flagged) for a, s in self._accounts.items() if not np.isnan(s.w) or s.flagged}
 
     def is_flagged(self, account_id: str) -> bool:
         acc = self._accounts.get(account_id)

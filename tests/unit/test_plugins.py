@@ -80,6 +80,13 @@ class BadDefault(Defense):
         return y
 
 
+class PopulationWithoutEvery(Detector):
+    population = True
+
+    def score(self, key, inputs, labels, probs=None):
+        raise NotImplementedError
+
+
 def not_a_model(input_shape, num_classes):
     return "model"
 
@@ -110,6 +117,10 @@ VALUE = 3
     (["defense=badplug:BadDefault", "defense.t=2"], "defense.name='badplug:BadDefault' declares parameter 't' with "
                                                     "default 0.5, which its own declaration refuses; expected a "
                                                     "default that is a number >= 1"),
+    (["detectors.x.kind=badplug:PopulationWithoutEvery"], "detectors.x.kind='badplug:PopulationWithoutEvery' declares "
+                                                          "population=True with stateful=True and no every parameter; "
+                                                          "expected a population detector to be stateful and to "
+                                                          "declare an int parameter every"),
     (["victim.arch=badplug:VALUE"], "victim.arch='badplug:VALUE' is int 3; expected a callable (input_shape, "
                                     "num_classes) -> nn.Module"),
     (["victim.dataset=badplug:needs_arg"], "dataset 'badplug:needs_arg' called with no arguments failed: TypeError: "

@@ -277,6 +277,51 @@ def test_linking_through_the_tier_flags_what_inline_linking_flags():
                                                                                        for s in sharded.shards]})
 
 
+class _Crowded(detectors.Detector):
+    """A population detector of the test's own: every ``every`` queries of all traffic, it flags the accounts that sent
+    more than half of all queries so far; an account's score is its share."""
+
+    population = True
+    params = {"every": detectors.Param(10, int, low=1, help="queries between verdicts")}
+
+    def __init__(self, models=None, **params):
+        super().__init__(models, **params)
+        self.counts: dict[str, int] = {}
+        self.since = 0
+        self.judged: dict[str, tuple[float, bool]] = {}
+
+    def score(self, account_id, inputs, labels, probs=None):
+        self.counts[account_id] = self.counts.get(account_id, 0) + len(inputs)
+        self.since += len(inputs)
+        if self.since >= self.values["every"]:
+            self.since, total = 0, sum(self.counts.values())
+            self.judged = {a: (c / total, c / total > 0.5) for a, c in self.counts.items()}
+        share, flagged = self.judged.get(account_id, (np.nan, False))
+        return detectors.Detection(np.full(len(inputs), share), np.full(len(inputs), flagged))
+
+    def verdicts(self):
+        return dict(self.judged)
+
+
+def test_a_population_detector_of_ones_own_is_fed_every_account_and_its_verdicts_reach_the_shards():
+    """Whatever its class, a detector that declares ``population`` is fed in rounds like account linking: each
+    shard keeps its accounts' queries, the tier feeds them all to one instance once ``every`` have passed, and
+    the shards give its verdicts to the accounts' next queries."""
+    sharded = tier.LocalTier({"crowd": _Crowded(every=10)}, shards=2)
+    assert all(isinstance(s.detectors["crowd"], tier._LinkBook) for s in sharded.shards)
+    x, y = np.zeros((4, 1, 4, 4), np.uint8), np.zeros(4, np.int64)
+    owners = {a: tier.owner(a, 2) for a in ("a", "b", "g")}
+    assert len(set(owners.values())) == 2  # the accounts live on both shards
+    before = [sharded.score(f"r{i}", [("crowd", a)], x[:n], y[:n], None)["crowd"]
+              for i, (a, n) in enumerate([("a", 4), ("b", 1), ("a", 4), ("g", 1)])]  # 10 queries: round 1
+    assert not any(r.flags.any() for r in before) and all(np.isnan(r.scores).all() for r in before)
+    after = {a: sharded.score(f"s-{a}", [("crowd", a)], x[:1], y[:1], None)["crowd"] for a in ("a", "b", "g")}
+    assert after["a"].was_flagged and after["a"].flags.all() and after["a"].as_of.tolist() == [1]
+    np.testing.assert_allclose([after[a].scores[0] for a in "abg"], [0.8, 0.1, 0.1])
+    assert not after["b"].flags.any() and not after["g"].flags.any()
+    assert sharded.linkers["crowd"].linker.counts == {"a": 8, "b": 1, "g": 1}  # one instance saw every account
+
+
 def test_a_challenge_expires_after_its_ttl_and_is_dropped_by_the_next_issue(monkeypatch):
     """A challenge can be redeemed until ``pending_ttl_s`` after it was issued, not later (an expired puzzle is no
     longer worth its answer); the next issue drops it from the pending store. The shard's clock is set by hand."""
@@ -369,14 +414,14 @@ def test_linking_flags_arrive_with_their_lag_and_a_retried_publish_changes_nothi
     _, counts = shard.pull("link", 1)
     assert counts == {"a": 8}
     shard.score("req-2", [("link", "a")], x[:5], y[:5], None)  # 5 more queries while the linker clusters
-    round1 = {"a": (0.9, True, 8)}
+    round1 = {"a": (0.1, True, 8)}  # the account's score (1 - W of its cluster), flagged, its count at the pull
     shard.publish("link", 1, round1)
     assert shard.stats()["link_lags"] == [5]  # 13 sent by the publish, 8 at the pull
     shard.publish("link", 1, round1)  # retried
     assert shard.stats()["link_lags"] == [5]
     res = shard.score("req-3", [("link", "a")], x[:1], y[:1], None)["link"]
     assert res.was_flagged and res.flags.all() and res.as_of.tolist() == [1] and res.round.tolist() == [2]
-    np.testing.assert_allclose(res.scores, [0.1])  # 1 - W
+    np.testing.assert_allclose(res.scores, [0.1])
     shard.pull("link", 2)
     shard.publish("link", 2, {"a": (0.8, True, 14), "b": (0.97, False, 3)})
     shard.publish("link", 1, {"a": (0.99, False, 8)})  # a late retry of round 1: round 2's verdicts stand

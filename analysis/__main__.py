@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             except yaml.YAMLError:
                 raise SimError(f"--param {item!r}: {val!r} is not a value; expected a number, true/false or "
                                f"a word") from None
-        runs = []
+        runs, trials = [], set()  # trials: the runs a sweep directory named
         for run in args.runs:
             if sweep.is_sweep_dir(run):
                 out = sweep.write_report(run)
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "://" in run:  # run reports are written to local directories only
                     print(f"{run}: a URI; the trials' own reports need a local copy of the sweep directory")
                 else:
-                    runs += [r["run_dir"] for r in out["rows"] if r["status"] == "done"]
+                    done = [r["run_dir"] for r in out["rows"] if r["status"] == "done"]
+                    runs += done
+                    trials.update(done)
             else:
                 runs.append(run)
         args.runs = runs
@@ -99,14 +101,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SimError(f"--out {args.out!r} is where several runs' comparison goes, and {len(runs)} run "
                            f"{'is' if len(runs) == 1 else 'are'} given; expected two or more RUN_DIRs (a run's own "
                            f"report is written in its directory)")
-        for run in args.runs:
-            if not storage.exists(run) or os.path.isfile(run):
+        for run in list(args.runs):
+            missing = not storage.exists(run) or os.path.isfile(run)
+            if run in trials and (missing or not exists(storage.join(run, "queries"))):
+                # one trial's lost directory does not cost the others their reports
+                why = "its directory is gone" if missing else f"it holds no query log{_stopped_before_logging(run)}"
+                print(f"{run}: a finished trial of the sweep, skipped: {why}")
+                args.runs.remove(run)
+            elif missing:
                 raise SimError(f"RUN_DIR={run!r} {'is a file' if os.path.isfile(run) else 'does not exist'}; expected "
                                f"a run directory (runs/<scenario>/<time>)")
-            if not exists(storage.join(run, "queries")):
+            elif not exists(storage.join(run, "queries")):
                 stopped = _stopped_before_logging(run)
                 raise SimError(f"RUN_DIR={run!r} holds no query log{stopped}; expected a run directory "
                                f"(runs/<scenario>/<time>) whose clients sent queries")
+        if args.out and len(args.runs) < 2:  # trials skipped above
+            raise SimError(f"--out {args.out!r}: {len(args.runs)} of the runs given hold a query log; expected two or "
+                           f"more to compare")
         for run in args.runs:
             replays = {}
             if args.replay:

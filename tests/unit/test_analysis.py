@@ -663,3 +663,34 @@ def test_answered_challenges_are_scored_once_and_external_users_are_judged_neith
     report = analysis.detection_report(table)["msp"]
     assert report["query"]["all"]["positives"] == 4 and report["query"]["all"]["negatives"] == 2
     assert report["flagged"]["attacker_queries_total"] == 4 and report["flagged"]["benign_total"] == 1
+
+
+def test_a_sweeps_finished_trial_without_a_log_is_skipped_and_the_others_get_their_reports(run_dir, tmp_path,
+                                                                                            capsys):
+    """``python -m analysis SWEEP_DIR`` reports every finished trial it can: one whose run directory lost its log
+    (or the directory itself) is named and skipped, not the end of the others' reports."""
+    import shutil
+
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "runs").mkdir(parents=True)
+    (sweep_dir / "sweep.yaml").write_text("name: t\nscenario: single_knockoff\nspace: {mad: {eps: [0.5, 1.0, 2.0]}}\n")
+    trials = {tid: {"trial_id": tid, "curve": "mad", "defense": {"name": "mad", "eps": eps}}
+              for tid, eps in (("t0", 0.5), ("t1", 1.0), ("t2", 2.0))}
+    (sweep_dir / "sweep.json").write_text(json.dumps({"trials": {t: {**info, "status": "done"}
+                                                                 for t, info in trials.items()}}))
+    for tid, info in trials.items():
+        run = sweep_dir / "runs" / tid
+        if tid == "t1":
+            shutil.copytree(run_dir, run)  # the one trial whose log is there
+        else:
+            run.mkdir()
+        (run / "trial.json").write_text(json.dumps(info))
+    shutil.rmtree(sweep_dir / "runs" / "t2")  # its directory deleted since: sweep.json still names it
+    assert cli([str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{sweep_dir / 'runs' / 't0'}: a finished trial of the sweep, skipped: it holds no query log" in out
+    assert f"{sweep_dir / 'runs' / 't2'}: a finished trial of the sweep, skipped: its directory is gone" in out
+    report = sweep_dir / "runs" / "t1" / "report.md"
+    assert os.path.isfile(report) and f"{report}" in out
+    assert cli([str(sweep_dir / "runs" / "t0")]) == 2  # named by itself: still an error
+    assert re.search(r"RUN_DIR='.*t0' holds no query log", capsys.readouterr().err)

@@ -1,7 +1,7 @@
 """Detection quality of a score, with attacker queries (or accounts) as positives and benign as negatives:
 AUROC and AUPR (average precision) from scikit-learn, and the false-positive rate at a true-positive rate
-(FPR95, FPR90: the fraction of benign items flagged by the lowest threshold that catches 95% / 90% of
-the attackers' items)."""
+(FPR95, FPR90: the fraction of benign items flagged by the highest threshold that catches 95% / 90% of
+the attackers' items)"""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ def _check(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarra
 
 
 def fpr_at_tpr(labels, scores, tpr: float, what: str = "fpr_at_tpr") -> float:
-    """The false-positive rate of the first ROC point whose true-positive rate reaches ``tpr``."""
+    """The false-positive rate of the first ROC point whose true-positive rate reaches ``tpr``: every threshold's
+    point is kept (scikit-learn by default drops the points inside a straight stretch of the curve, which tied scores
+    of attacker and benign items make, and the first point to reach ``tpr`` can be one of them)."""
     labels, scores = _check(labels, scores, what)
-    fpr, tprs, _ = roc_curve(labels, scores)
+    fpr, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(fpr[np.searchsorted(tprs, tpr - 1e-12)])
 
 

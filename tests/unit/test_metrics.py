@@ -28,6 +28,21 @@ def test_fpr_at_tpr_on_a_hand_worked_example():
     assert perfect["auroc"] == 1 and perfect["aupr"] == 1 and perfect["fpr95"] == 0
 
 
+def test_fpr_at_tpr_with_ties_of_attacker_and_benign_items():
+    """Twenty score values, each one attacker's and one benign item's: the threshold that first catches 95% of the
+    attackers (the 19th value from the top) flags 95% of the benign items, not all of them."""
+    scores = np.repeat(np.arange(20.0), 2)
+    labels = np.tile([True, False], 20)
+    assert fpr_at_tpr(labels, scores, 0.95) == 0.95 and fpr_at_tpr(labels, scores, 0.90) == 0.90
+    # a realistic mix: 4 attacker and 2 benign items on each of 5 tied values, above 80 attackers and 100 benign
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(80, bool), np.zeros(100, bool), np.tile([1, 1, 1, 1, 0, 0], 5).astype(bool)]
+    scores = np.r_[rng.uniform(2, 3, 80), rng.uniform(0, 1, 100), np.repeat(np.linspace(1.1, 1.9, 5), 6)]
+    caught = 80 + 4 * np.arange(1, 6)  # attackers caught as the threshold comes down through the tied values
+    first = int(np.argmax(caught >= 0.95 * 100))  # the tied value at which 95% of the 100 attackers are caught
+    assert fpr_at_tpr(labels, scores, 0.95) == 2 * (first + 1) / 110
+
+
 @pytest.mark.parametrize("labels, scores, message", [
     ([1, 1, 1], [0.1, 0.2, 0.3], "needs both attacker \\(positive\\) and benign \\(negative\\) items, got 3 positive "
                                  "and 0 negative"),

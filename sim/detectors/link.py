@@ -5,8 +5,8 @@ with 50 accounts and 1,500 queries sends 30 per account and is never judged. Lin
 what the split took apart, in two steps, every ``every`` queries:
 
 1. **Link.** Each account with at least ``min_queries`` queries is described by what it asks, not when:
-   the histogram of its query pixels' intensities (16 bins), normalised and square-rooted, so that the
-   Euclidean distance between two accounts is (√2 x) the Hellinger distance of their pixel distributions.
+   the histogram of its query pixels' intensities (16 bins), normalised, square-rooted and divided by √2, so
+   that the Euclidean distance between two accounts is the Hellinger distance of their pixel distributions.
    (Label histograms were tried too: over 15 queries an account's labels are too noisy to link on.)
    Accounts are clustered by average linkage (scipy) and the tree is cut at ``distance``. Sybil accounts
    of one attacker draw from one generator (seed perturbations, a synthetic generator, one natural pool)
@@ -69,7 +69,7 @@ class AccountLinker(Detector):
         "distance": Param(0.3, low=0, low_open=True, help="Hellinger distance at which the cluster tree is cut"),
         "min_accounts": Param(2, int, low=1, help="smallest cluster judged by PRADA"),
         "delta": Prada.params["delta"],
-        "min_pool": Prada.params["min_pool"],
+        "min_pool": Param(50, int, low=3, help="distances a cluster's pooled stream needs before PRADA judges it"),
         "spare": Param(True, bool, help="when two parts fail only pooled, spare the accounts that clear themselves "
                                         "on their own stream"),
     }

@@ -2,11 +2,18 @@
 
 For each account and each predicted class c, PRADA keeps a growing set G_c of past queries and a
 threshold T_c. A new query x with predicted class c:
-  1. d = min L2 distance from x to G_c (the first query of a class has no distance and joins G_c);
+  1. d = min L2 distance from x to G_c (the first query of a class has no distance: it starts G_c, with an own
+     distance of 0, and T_c = 0);
   2. d joins the account's pool D of distances;
-  3. if d > T_c, x joins G_c and T_c = max(T_c, mean(D_c) - std(D_c)) over G_c's own distances;
-  4. once |D| > min_pool, D is trimmed of values beyond 3 standard deviations and the Shapiro-Wilk
-     statistic W of what remains is computed; W < delta flags the account (for good).
+  3. if d > T_c, x joins G_c and T_c = max(T_c, mean(D_c) - std(D_c)) over G_c's own distances, the first
+     member's 0 included;
+  4. once |D| > min_pool (100, as published), D is trimmed of values beyond 3 standard deviations and the
+     Shapiro-Wilk statistic W of what remains is computed; W < delta flags the account (for good).
+Steps 1-4 are the paper's Algorithm 1 as the authors' code runs it (SSGAalto/prada-protecting-against-dnn-model-
+stealing-attacks, ``growing_set.py``). Where this class differs from that code: it tests after every query, not every
+10th; a flag is for good, where the code's flag is the latest test's verdict; the pool holds every class's distances,
+where the code leaves out the classes with fewer than 10; and ``min_pool`` counts the pool before the trim, the code's
+100 after it.
 Natural queries give roughly normal distances; synthetic ones (small steps around seeds) do not.
 
 The score is 1 - W (higher = more suspicious), NaN until the pool is large enough; the flag is
@@ -141,21 +148,21 @@ class _ClassSet:
     def __init__(self, dim: int):
         self.points = _Growing((dim,), np.uint8)
         self.norms = _Growing()  # each member's squared norm (an exact integer)
-        self.count = 0  # distances of the set's members (all but the first)
+        self.count = 0  # the set's own distances: the first member's 0, then each later member's
         self.total = 0.0
         self.total_sq = 0.0
         self.threshold = 0.0
 
-    def add(self, x: np.ndarray, norm: float, d: float | None) -> None:
+    def add(self, x: np.ndarray, norm: float, d: float) -> None:
+        """A member and its own distance (0 for the first, as the paper's D_Gc starts); the threshold follows."""
         self.points.append(x)
         self.norms.append(norm)
-        if d is not None:
-            self.count += 1
-            self.total += d
-            self.total_sq += d * d
-            mean = self.total / self.count
-            std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
-            self.threshold = max(self.threshold, mean - std)
+        self.count += 1
+        self.total += d
+        self.total_sq += d * d
+        mean = self.total / self.count
+        std = np.sqrt(max(self.total_sq / self.count - mean * mean, 0.0))
+        self.threshold = max(self.threshold, mean - std)
 
     BLOCK = 4096  # members per matrix product (bounds the float64 copy of a large set)
 
@@ -190,7 +197,7 @@ class Prada(Detector):
     name = "prada"
     params = {
         "delta": Param(0.95, low=0, high=1, low_open=True, help="Shapiro-Wilk W threshold"),
-        "min_pool": Param(50, int, low=3, help="distances pooled before PRADA may flag"),
+        "min_pool": Param(100, int, low=3, help="distances pooled before PRADA may flag"),
         "skip_repeats": Param(False, bool, help="an exact repeat of an earlier query adds no distance"),
         "group": Param("account", str, choices=GROUPS, brief=False,
                        help="whose queries form one history: each account, each client actor (a client address), "
@@ -257,9 +264,9 @@ class Prada(Detector):
         skip, min_pool, delta = self.values["skip_repeats"], self.values["min_pool"], self.values["delta"]
         for i, c in enumerate(labels.tolist()):
             cls, joins = acc.classes.get(c), False
-            if cls is None:  # the first query of a class has no distance and starts the set
+            if cls is None:  # the first query of a class has no distance and starts the set, its own distance 0
                 acc.classes[c] = cls = _ClassSet(x.shape[1])
-                cls.add(x[i], norms[i], None)
+                cls.add(x[i], norms[i], 0.0)
                 joins = True
             else:
                 d = math.sqrt(near[i]) / 255.0  # in [0, 1] pixel units

@@ -50,7 +50,8 @@ def run_dir(tmp_path_factory):
     accounts.update({f"k-s{i}": Account(f"sybil-{i:04d}", "attacker", "jbda", "sybil-c0") for i in range(5)})
     writer = querylog.QueryLogWriter(str(root / "queries"), ds.input_shape, "w0", detectors=["prada", "cohort", "msp"])
     svc = VictimService(model=model, victim="v", run_id="r", accounts=accounts, input_shape=ds.input_shape,
-                        detectors={"prada": detectors.build("prada"), "cohort": detectors.build("prada"),
+                        detectors={"prada": detectors.build("prada", min_pool=50),
+                                   "cohort": detectors.build("prada", min_pool=50),
                                    "msp": detectors.build("msp")},
                         rules={"cohort": Rule(group="cohort")}, writer=writer)
     solo = _jbda_like(ds.x_test[:10], seed=1)
@@ -91,19 +92,19 @@ def test_replaying_prada_reproduces_the_online_flags_exactly(run_dir):
     assert np.array_equal(again["flags"], online) and online.any()
     np.testing.assert_allclose(again["scores"], rows.column("prada_score").to_numpy(zero_copy_only=False),
                                rtol=1e-6, equal_nan=True)
-    cohort = analysis.replay(table, "prada", {}, group="cohort")
+    cohort = analysis.replay(table, "prada", {"min_pool": 50}, group="cohort")
     assert np.array_equal(cohort["flags"], rows.column("cohort_flagged").to_numpy(zero_copy_only=False))
     accounts = np.asarray(rows.column("account_id").to_pylist())
     # the sybils (24 queries each) escape PRADA per account, not PRADA over their sign-up cohort
     assert not online[np.char.startswith(accounts, "sybil")].any()
     assert cohort["flags"][np.char.startswith(accounts, "sybil")].any()
-    stricter = analysis.replay(table, "prada", {"delta": 0.5})
+    stricter = analysis.replay(table, "prada", {"delta": 0.5, "min_pool": 50})
     assert stricter["flags"].sum() < online.sum()
     # a logged order keyed like the replay (or coarser) orders each key's queries; one keyed finer would interleave
     # the accounts of a cohort by their own positions (each account's first query, then each one's second, …)
-    in_order = analysis.replay(table, "prada", {}, group="cohort", order="cohort")
+    in_order = analysis.replay(table, "prada", {"min_pool": 50}, group="cohort", order="cohort")
     assert np.array_equal(in_order["flags"], cohort["flags"])
-    assert np.array_equal(analysis.replay(table, "prada", {}, order="cohort")["flags"], online)
+    assert np.array_equal(analysis.replay(table, "prada", {"min_pool": 50}, order="cohort")["flags"], online)
     with pytest.raises(SimError, match="^order='prada' is not an order of each cohort's queries: two queries of one "
                                        "cohort key share a position in it"):
         analysis.replay(table, "prada", {}, group="cohort", order="prada")
@@ -332,14 +333,14 @@ def test_a_cli_replay_starts_from_the_runs_own_settings(run_dir, tmp_path, capsy
     assert (f"{run}: replaying prada with the settings of the run's detector 'prada': delta=0.95, min_pool=7, "
             f"skip_repeats=False, group=account") in capsys.readouterr().out
     assert cli([str(run), "--replay", "prada", "--order", "cohort", "--param", "delta=0.8", "--name", "c"]) == 0
-    assert ("with the settings of the run's detector 'cohort' and --param over them: delta=0.8, min_pool=50, "
+    assert ("with the settings of the run's detector 'cohort' and --param over them: delta=0.8, min_pool=100, "
             "skip_repeats=False, group=cohort") in capsys.readouterr().out
     # each call's replay is kept: the report shows both, and a plain call (no --replay) keeps them
     assert cli([str(run)]) == 0
     text = (run / "report.md").read_text()
     assert "| replay_prada | query |" in text and "| c | query |" in text
     assert "replay_prada: prada (delta=0.95, min_pool=7, skip_repeats=False, group=account)" in text
-    assert "c: prada (delta=0.8, min_pool=50, skip_repeats=False, group=cohort, in the order of cohort)" in text
+    assert "c: prada (delta=0.8, min_pool=100, skip_repeats=False, group=cohort, in the order of cohort)" in text
     assert cli([str(run), "--replay", "prada", "--param", "delta=0.5", "--name", "c"]) == 0  # the same name: replaced
     text = (run / "report.md").read_text()
     assert "c: prada (delta=0.5, " in text and "delta=0.8" not in text and "| replay_prada | query |" in text

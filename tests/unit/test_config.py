@@ -389,7 +389,7 @@ def test_cli_help_lists_scenarios_and_keys():
     assert "distributed_knockoff" in proc.stdout and "single_knockoff" in proc.stdout
     assert "attackers.<id>.accounts" in proc.stdout and "detectors.<name>.action" in proc.stdout
     assert "  mad                      eps=1, norm=l1, jacobian=last_layer, seed=0, objective=angle\n" in proc.stdout
-    assert re.search(r"^  prada +delta=0.95, min_pool=50, skip_repeats=false, group=account$", proc.stdout, re.M)
+    assert re.search(r"^  prada +delta=0.95, min_pool=100, skip_repeats=false, group=account$", proc.stdout, re.M)
     assert "  pooled_prada  kind=prada, enabled=false, group=all, skip_repeats=true\n" in proc.stdout
     assert "DFME (Truong et al. 2021), data-free: a generator's images" in proc.stdout  # not cut at "al."
 

@@ -55,12 +55,19 @@ def test_linking_flags_sybils_that_per_account_prada_cannot_judge_and_spares_hon
 
 
 def test_a_lone_attacker_account_pooled_with_honest_ones_does_not_drag_them_down():
-    link = detectors.build("link", every=100, min_queries=10, min_pool=50, distance=10.0)  # one big cluster
+    """Once the attacker's account can be judged on its own, the pooled cluster's flag is its own: the honest users
+    are cleared. Linking's first round here (every=200) pools 200 queries: the attacker's 100 and the honest pair's
+    100. Had it come at 100 queries, no account could have been judged (50 each, min_pool 50): a flagged pool whose
+    parts are all too small to judge blames every account of it, honest or not, and for good."""
+    link = detectors.build("link", every=200, min_queries=10, min_pool=50, distance=10.0)  # one big cluster
     prada = detectors.build("prada", min_pool=50)
     _interleave(link, prada, sybils=1)
     assert "sybil-0" in prada.flagged_accounts()  # the attacker is plain to see on its own
     assert link.clusters == [["benign-0", "benign-1", "sybil-0"]]
-    assert not link.flagged_accounts() & {"benign-0", "benign-1"}  # pooling never blames the honest users
+    assert link.flag_reasons() == {"sybil-0": "own stream"}  # pooling does not blame the honest users
+    early = detectors.build("link", every=100, min_queries=10, min_pool=50, distance=10.0)
+    _interleave(early, detectors.build("prada", min_pool=50), sybils=1)
+    assert early.flag_reasons() == dict.fromkeys(["sybil-0", "benign-0", "benign-1"], "too small to judge")
 
 
 def test_repeated_images_add_no_distance_when_skipped():

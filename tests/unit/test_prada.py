@@ -86,15 +86,16 @@ def test_w_is_scipys_shapiro_wilk_also_from_the_shared_coefficient_cache():
     assert 5001 in _COEFFICIENTS.cache and _COEFFICIENTS.bytes <= _COEFFICIENTS.max_bytes
 
 
-def _reference(stream, labels, delta=0.95, min_pool=50, skip_repeats=False):
-    """PRADA one query at a time, as the paper states it: the per-query scores and flags ``Prada.score`` must give."""
+def _reference(stream, labels, delta=0.95, min_pool=100, skip_repeats=False):
+    """PRADA one query at a time, as the paper states it (each class's own distances start as {0}, its threshold at 0):
+    the per-query scores and flags ``Prada.score`` must give."""
     from scipy.stats import shapiro
 
     sets, thresholds, own, pool = {}, {}, {}, []
     w, flagged, scores, flags = float("nan"), False, [], []
     for x, c in zip(stream.reshape(len(stream), -1).astype(np.int64), labels.tolist()):
         if c not in sets:
-            sets[c], thresholds[c], own[c] = [x], 0.0, []
+            sets[c], thresholds[c], own[c] = [x], 0.0, [0.0]
         else:
             d = float(np.sqrt(min(int(((m - x) ** 2).sum()) for m in sets[c]))) / 255.0
             if d > 0 or not skip_repeats:
@@ -131,8 +132,8 @@ def test_prada_batched_distances_give_the_one_query_at_a_time_scores(skip_repeat
     y = np.concatenate([y, ds.y_test[:150], y[:20]])
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order], y[order]
-    want_scores, want_flags = _reference(np.rint(x * 255), y, skip_repeats=skip_repeats)
-    det = Prada(skip_repeats=skip_repeats)
+    want_scores, want_flags = _reference(np.rint(x * 255), y, min_pool=50, skip_repeats=skip_repeats)
+    det = Prada(min_pool=50, skip_repeats=skip_repeats)
     det.CHUNK = 40  # chunk boundaries inside requests
     parts, i = [], 0
     for size in (1, 64, 3, 100, 7, 200, 300):
@@ -181,21 +182,34 @@ def test_prada_trims_a_far_outlier_before_the_shapiro_wilk_test(outlier):
 
 
 def test_prada_class_threshold_never_goes_down():
-    """T_c = max(T_c, mean - std of the set's own distances): a large distance joining the set raises the spread and
-    lowers mean - std, but not the threshold. One class of one-pixel queries 0, 10, 22, 52: own distances 10, 12,
-    30 (/255), thresholds 10, max(10, 11 - 1) = 10, max(10, 17.33 - 8.99 = 8.34) = 10. Then 61 (9 from 52) stays out
-    of the set, so 70's distance is to 52 (18, which joins: mean - std of 10, 12, 30, 18 is 17.5 - 7.79), not to 61
-    (9, which would not)."""
-    x = np.array([0, 10, 22, 52, 61, 70], np.uint8).reshape(-1, 1, 1, 1)
+    """T_c = max(T_c, mean - std of the set's own distances), the first member's own distance 0 included (the paper's
+    D_Gc starts as {0}): a large distance joining the set raises the spread and lowers mean - std, but not the
+    threshold. One class of one-pixel queries 0, 10, 20, 60: own distances 0, 10, 10, 40 (/255), thresholds
+    max(0, 5 - 5) = 0, then 6.67 - 4.71 = 1.95, then (40 joins) 15 - 15 = 0, so it stays 1.95. Then 61 (1 from 60)
+    stays out of the set, so 62's distance is to 60 (2, which joins), not to 61 (1, which would not)."""
+    x = np.array([0, 10, 20, 60, 61, 62], np.uint8).reshape(-1, 1, 1, 1)
     y = np.zeros(6, np.int64)
     det = Prada(min_pool=3)
     det.score("a", x, y)
     cls = det._accounts["a"].classes[0]
-    assert cls.threshold == pytest.approx(10 / 255, abs=1e-15)
-    assert cls.points.values.ravel().tolist() == [0, 10, 22, 52, 70]
-    np.testing.assert_allclose(det._accounts["a"].pool.values * 255, [9, 10, 12, 18, 30], atol=1e-9)
+    assert cls.threshold == pytest.approx((20 / 3 - np.sqrt(200 / 9)) / 255, abs=1e-15)
+    assert cls.points.values.ravel().tolist() == [0, 10, 20, 60, 62]
+    np.testing.assert_allclose(det._accounts["a"].pool.values * 255, [1, 2, 10, 10, 40], atol=1e-9)
     want_scores, want_flags = _reference(x, y, min_pool=3)
     np.testing.assert_allclose(det.score("b", x, y).scores, want_scores, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_prada_starts_each_class_threshold_at_zero_as_the_paper_does():
+    """The class's first member counts as an own distance of 0, so the second member's distance d gives the threshold
+    max(0, d/2 - d/2) = 0, not d: with one-pixel queries 0, 100, 110, 120 of one class, 110 and 120 join the set
+    (distances 10 and 10), where a threshold of 100 would keep them out (their distances then 10 and 20)."""
+    x = np.array([0, 100, 110, 120], np.uint8).reshape(-1, 1, 1, 1)
+    det = Prada(min_pool=3)
+    det.score("a", x, np.zeros(4, np.int64))
+    cls = det._accounts["a"].classes[0]
+    assert cls.points.values.ravel().tolist() == [0, 100, 110, 120]
+    np.testing.assert_allclose(det._accounts["a"].pool.values * 255, [10, 10, 100], atol=1e-9)
+    assert Prada.params["min_pool"].default == 100  # the paper's: the test runs once more than 100 distances
 
 
 def test_final_w_judges_a_stream_from_the_same_pool_size_as_score():

@@ -58,7 +58,7 @@ def test_every_detector_shorthand_is_a_valid_detector():
     cfg = config.load("single_knockoff", [f"detectors.{n}.enabled=true" for n in shorthands])
     assert set(cfg.enabled_detectors()) == set(shorthands)
     assert cfg.detectors["msp_oe"].kind == "msp" and cfg.detectors["msp_oe"].model == "oe"
-    assert cfg.detectors["pooled_prada"].params() == {"delta": 0.95, "min_pool": 50, "skip_repeats": True,
+    assert cfg.detectors["pooled_prada"].params() == {"delta": 0.95, "min_pool": 100, "skip_repeats": True,
                                                       "group": "all"}
 
 
@@ -66,7 +66,7 @@ def test_several_detectors_of_one_kind_run_side_by_side():
     cfg = config.load("single_knockoff", ["detectors.strict.kind=prada", "detectors.strict.delta=0.99",
                                           "detectors.strict.action=refuse"])
     assert list(cfg.enabled_detectors()) == ["prada", "strict"]
-    assert cfg.detectors["strict"].params() == {"delta": 0.99, "min_pool": 50, "skip_repeats": False,
+    assert cfg.detectors["strict"].params() == {"delta": 0.99, "min_pool": 100, "skip_repeats": False,
                                                 "group": "account"}
     assert cfg.detectors["prada"].delta == 0.95 and cfg.detectors["strict"].action == "refuse"
     # the resolved configuration reads back as it was

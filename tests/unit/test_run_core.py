@@ -154,7 +154,7 @@ def test_summarize_adds_up_what_the_clients_the_log_and_the_detectors_say(finish
     assert "msp (threshold=" in text and "of attacker queries" in text  # stateless: flagged query rates
     assert "model=victim; action=answer): flagged" in text  # and no group: it keeps no history per key
     assert "defense mad (eps=0.8, norm=l1, jacobian=last_layer, seed=0, objective=angle): " in text
-    assert "prada (delta=0.95, min_pool=50, skip_repeats=False; action=answer, group=account)" in text
+    assert "prada (delta=0.95, min_pool=100, skip_repeats=False; action=answer, group=account)" in text
     assert "accounts u/n" not in text and s.victim.train_threads is None  # the default one thread
     log = out.log.to_pydict()
     flagged = {d: {a for a, f in zip(log["account_id"], log[f"{d}_flagged"]) if f} for d in ("prada", "msp")}

@@ -231,6 +231,9 @@ class KnockoffNets(Attack):
         """One source per actor, each with its own shard of the shuffled pool (the adaptive strategy: its own
         bandit over its own shard)."""
         v, ds, actors = self.values, ctx.dataset, len(ctx.budgets)
+        if ds.name in v["pool"].split("+"):  # its test images are what the replica is scored on
+            raise ConfigError(f"{ctx.owner}.pool={v['pool']!r} holds the victim's own dataset {ds.name!r}, whose test "
+                              f"images score the replica; expected the attacker's own data (another dataset)")
         pool, labels = load_pool(ctx, "pool", v["pool"])
         if v["pool_size"] is not None:
             if v["pool_size"] > len(pool):

@@ -325,6 +325,10 @@ def test_a_seed_pool_gives_the_seeds_and_their_labels_and_holds_no_test_image_ou
         make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits+digits"]), ds)
     with pytest.raises(ConfigError, match=r"seed_pool='digits\+mnist5k' holds the victim's own dataset"):
         make_plan(config.load("single_knockoff", [*base, "attackers.single.jacobian.seed_pool=digits+mnist5k"]), ds)
+    # a Knockoff pool likewise: the victim's test images, queried, would score a replica trained on them
+    with pytest.raises(ConfigError, match=r"^attackers.single.pool='digits\+mnist5k' holds the victim's own dataset "
+                                          r"'mnist5k', whose test images score the replica"):
+        make_plan(config.load("single_knockoff", ["attackers.single.pool=digits+mnist5k"]), ds)
 
 
 def test_a_seed_pool_of_another_image_shape_is_refused(monkeypatch):

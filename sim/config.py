@@ -60,7 +60,8 @@ class _Strict(_Settings):
 
 
 class DPConfig(_Strict):
-    noise_multiplier: float = Field(1.0, ge=0, description="DP-SGD noise, in multiples of max_grad_norm")
+    noise_multiplier: float = Field(1.0, gt=0, description="DP-SGD noise, in multiples of max_grad_norm (0 would "
+                                                           "give no privacy: an infinite epsilon)")
     max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping norm")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
 

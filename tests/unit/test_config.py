@@ -489,7 +489,7 @@ def test_defense_as_a_plain_name_in_yaml(tmp_path):
     (["victim.quantization=int4"], "victim.quantization must be 'none', 'ptq', 'qat' or 'divqat', got 'int4'"),
     (["victim.divqat.alpha=-1"], "victim.divqat.alpha must be >= 0, got -1"),
     (["victim.training=dp_sgd", "victim.quantization=qat"], "victim.quantization=qat fine-tunes without DP-SGD"),
-    (["victim.dp.noise_multiplier=-1"], "victim.dp.noise_multiplier must be >= 0, got -1"),
+    (["victim.dp.noise_multiplier=0"], "victim.dp.noise_multiplier must be > 0, got 0"),
     (["victim.training=dp_sgd", "victim.dataset=cifar10", "victim.arch=resnet18"],
      "victim.training=dp_sgd needs per-sample gradients, which batch norm does not allow, but victim.arch='resnet18'"),
 ])

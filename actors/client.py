@@ -125,6 +125,7 @@ class Client:
             "unspent": self.budget - total,  # (an attack may stop early: its rounds done, nothing to step from)
             "seconds": time.perf_counter() - start,
             "stats": self.source.stats(),
+            "extracted": self.source.extracted() if hasattr(self.source, "extracted") else None,
             "pow": dict(self.pow),
             "limited": dict(self.limited),
         }

@@ -808,4 +808,16 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     training = {key: {} for key in order if key in cfg.attackers}  # the attackers' own replicas post accuracies
     poll = (lambda b: on_epoch({**training, **ray.get(b.values.remote())})) if on_epoch is not None else None
     _wait_with_progress(refs, board, order, bar, poll)
+    _score_extracted(plan, ray.get(eval_set), robustness)
     return {key: Replica(**scores) for key, scores in zip(order, ray.get(refs))}
+
+
+def _score_extracted(plan: Plan, eval_set: tuple, robustness: dict | None) -> None:
+    """The model an attack trained itself while it queried (DFME's student), scored as the replicas are, into its
+    actor's ``stats.extracted``; the model itself is dropped from the result."""
+    from actors.replica import score
+
+    for client in plan.clients:
+        model = (client.result or {}).pop("extracted", None)
+        if model is not None:
+            client.result["stats"]["extracted"] = score(model, eval_set, robustness)

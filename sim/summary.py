@@ -472,6 +472,11 @@ def format_summary(s: Summary) -> str:
                 best.append(f"{a.id} {label}: best test accuracy {r.best.test_accuracy:.4f} at epoch {r.best.epoch} "
                              f"(fidelity {r.best.fidelity:.4f}); the table shows the last epoch")
     lines += [*best, ""] if best else []
+    own = [f"{a.id} (actor {i}): the model {a.attack} trained itself while it queried: test accuracy "
+           f"{st['extracted']['test_accuracy']:.4f}, fidelity {st['extracted']['fidelity']:.4f}; the table's replica "
+           f"is trained afresh on its queries"
+           for a in s.attackers for i, st in enumerate(a.stats) if "extracted" in st]
+    lines += [*own, ""] if own else []
     if len(s.detection) > 1:  # who flagged what
         names, head = list(s.detection), "accounts flagged by"
         fw = max(w, len(head) + 2)

@@ -7,7 +7,9 @@ per actor of the attacker (:meth:`Attack.sources`).
 A source is pure (no Ray): ``propose(n)`` returns the next at most n queries (uint8 images),
 ``observe(x, probs, answered)`` takes the victim's answers, ``transfer_set()`` returns what a replica
 trains on (None for sources that train nothing), ``remaining`` counts the queries still to send, ``stats()``
-reports what the method did (rounds, iterations, arm probabilities; JSON-ready).
+reports what the method did (rounds, iterations, arm probabilities; JSON-ready). A source whose method trains its
+own copy of the victim while it queries (DFME's student) also has ``extracted()``, that model: the run scores it
+beside the replica (``stats.extracted``).
 """
 
 from __future__ import annotations

@@ -203,6 +203,11 @@ class DFME:
     def transfer_set(self) -> tuple[np.ndarray, np.ndarray]:
         return self.collected.arrays()
 
+    def extracted(self) -> nn.Module:
+        """The student: the model DFME itself extracts, which the paper scores (the replica is another model, trained
+        afresh on every query DFME sent and its answer)."""
+        return self.student.eval()
+
     def stats(self) -> dict:
         return {"iterations": self.iterations, "queries_per_iteration": self.queries_per_iteration,
                 "generator_updates": self.generator_updates, "student_updates": self.student_updates,

@@ -70,6 +70,13 @@ def test_dfme_scenario_reports_its_iterations(ray_serve, cache_dir, tmp_path):
     assert stats["unmoved_perturbations"] == 0.0  # the default step survives 8-bit rounding
     assert att.queries == 112 and s.queries.logged == s.queries.total
     assert att.replica is not None
+    # DFME's own student, the model the paper scores, beside the replica trained afresh on its queries
+    own = stats["extracted"]
+    assert set(own) == {"test_accuracy", "fidelity"} and all(0 <= v <= 1 for v in own.values())
+    from sim.summary import format_summary
+
+    assert (f"dfme (actor 0): the model dfme trained itself while it queried: test accuracy "
+            f"{own['test_accuracy']:.4f}, fidelity {own['fidelity']:.4f}") in format_summary(s)
 
 
 def _write_idx(path, arr):

@@ -176,3 +176,24 @@ def test_the_reference_table_says_how_well_its_mae_reconstructs(detection):
     del result["same_code_settings"]["mae_loss"]  # trained before such losses were recorded: none to report
     assert ("The MAE's mean reconstruction MSE (pixels in [0, 1]): honest test images 0.0123; 1,000 queries of "
             "knockoff 0.0300, jbda 0.0200.") in detection.same_table(result, "same_code")
+
+
+@pytest.fixture(scope="module")
+def attacks():
+    yield from benchmark_module("attacks")
+
+
+def test_the_attacks_table_gives_dfmes_own_student_beside_its_replica(attacks):
+    """DFME's row is a replica trained afresh on its queries; the model DFME trained itself is scored beside it."""
+
+    def cell(attack, budget, acc, own=None):
+        return {"dataset": "mnist5k", "attack": attack, "budget": budget, "seed": 0, "variant": "default",
+                "replica_epochs": 20, "victim_accuracy": 0.978, "replica_accuracy": acc, "fidelity": acc,
+                **({"extracted": {"test_accuracy": own, "fidelity": own + 0.01}} if own is not None else {})}
+
+    text = attacks.table([cell("knockoff", 1000, 0.7), cell("dfme", 1000, 0.57, 0.1), cell("dfme", 5000, 0.84, 0.3)])
+    assert "| dfme | 57.0 / 57.0 | 84.0 / 84.0 |" in text
+    assert ("dfme's row is a replica trained afresh on its queries; the model dfme trained itself while it queried "
+            "(its student, the one its paper scores), accuracy / fidelity %: 1,000 queries 10.0 / 11.0; "
+            "5,000 queries 30.0 / 31.0") in text
+    assert "knockoff's row" not in text

@@ -70,6 +70,7 @@ def test_the_generator_learns_from_the_estimate_and_the_student_from_the_answers
         attack.observe(x, predict_probs(victim, x), np.ones(len(x), bool))
     assert any(not torch.equal(a, b) for a, b in zip(g0, attack.generator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(s0, attack.student.parameters()))
+    assert attack.extracted() is attack.student and not attack.student.training  # what the run scores as DFME's own
 
 
 def test_a_step_below_one_gray_level_rounds_away_and_is_reported(victim):

@@ -4,7 +4,8 @@ The attacker trains on the returned vector y~ and moves its weights along G^T y~
 G = grad_w log F_sur(x; w) is the (K, D) Jacobian of a surrogate's log-probabilities. MAD returns
 y~ = (1 - a) y + a y*, where the simplex vertex y* maximises the angular deviation
 H(y~) = || G^T y~ / |G^T y~| - G^T y / |G^T y| ||^2 and a is chosen so that dist(y, y~) = eps
-(or a = 1 when the vertex is closer than eps). MAD-argmax shortens each step so the top-1 label stays.
+(or a = 1 when the vertex is closer than eps). MAD-argmax shortens each step so the top-1 label stays (this
+project's search); with ``variant=mad_code`` it searches as the authors' code does instead (:func:`corner_poison`).
 
 The paper's ablation is the ``objective`` parameter: ``identity`` replaces G by the identity (the vertex
 farthest in angle from y itself, i.e. the least likely class) and ``random`` steps toward a vertex drawn at
@@ -22,10 +23,13 @@ explicit G), kept as the executable specification for tests and the benchmark.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..registry import register
 from ..training import device_of, to_float
 from .base import Defense, Param, one_hot
@@ -142,6 +146,72 @@ def poison(gram: torch.Tensor | None, y: torch.Tensor, eps: float, norm: str, ke
     return (1 - a) * y + a * one_hot(j, k, y)
 
 
+def _cosines(gram: torch.Tensor, y: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """cos(G^T c, G^T y) for every candidate c of ``cands`` (N, C, K): (N, C), +inf where G^T c vanishes."""
+    my = (gram @ y[:, :, None])[:, :, 0]
+    yy = (y * my).sum(1, keepdim=True)
+    cc = ((cands @ gram) * cands).sum(2)
+    cos = (cands @ my[:, :, None])[:, :, 0] / (cc * yy).clamp_min(1e-300).sqrt()
+    return torch.where(cc > 0, cos, torch.full_like(cos, float("inf")))
+
+
+@functools.lru_cache(maxsize=4)
+def _subsets(k: int) -> torch.Tensor:
+    """For each class t, the 0/1 rows over k classes that hold t, in the order ``itertools.product`` lists them:
+    (k, 2**(k-1), k)."""
+    rows = torch.tensor(list(itertools.product((0.0, 1.0), repeat=k)), dtype=torch.float64)
+    return torch.stack([rows[rows[:, t] > 0] for t in range(k)])
+
+
+def _corners(sets: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The argmax-preserving corners of 0/1 rows ``sets`` (N, C, K) that hold each query's ``top`` class: the uniform
+    mix of the set, its top class raised by TOP1_MARGIN so that it stays the strict top, as the authors' code makes
+    them."""
+    out = sets.clone()
+    out.scatter_add_(2, top[:, None, None].expand(-1, out.shape[1], 1), torch.full_like(out[:, :, :1], TOP1_MARGIN))
+    return out / out.sum(2, keepdim=True)
+
+
+EXHAUSTIVE_UP_TO = 10  # classes up to which the authors' code tries every corner (2**(K-1) of them)
+GREEDY_CANDIDATES = 1024  # corners the greedy search of larger K scores at most, as the code's max_iters
+
+
+def corner_poison(gram: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """MAD-argmax as the MAD authors' code computes it (``bb_mad.py``, ``oracle_argmax_preserving``, ``objmax``): y* is
+    the corner of the region where the top class still wins (the uniform mix of the top class with a subset of the
+    others) whose G^T y* deviates most from G^T y, tried over every subset up to 10 classes and grown greedily one
+    class at a time beyond (until some 1,024 corners are scored, or every class is in); then the closed-form step
+    a = min(1, eps / (dist(y, y*) + 1e-7)) spends the whole budget where the corner is farther. Batched over queries.
+
+    Two quirks of the code are kept: the greedy search scores against y + 1e-8, renormalised (its guard against
+    underflow); and the step's 1e-7. One is not: the code's greedy loop fails once every class is in before 1,024
+    corners (K from 11 to 45), where this one stops with the best corner so far."""
+    n, k = y.shape
+    top = y.argmax(1)
+    if k <= EXHAUSTIVE_UP_TO:
+        cands = _corners(_subsets(k)[top], top)
+        best = cands[torch.arange(n), _cosines(gram, y, cands).argmin(1)]  # largest H, the first of ties
+    else:
+        scored = (y + 1e-8) / (y + 1e-8).sum(1, keepdim=True)
+        chosen = torch.zeros(n, k, dtype=torch.bool).scatter_(1, top[:, None], True)
+        best, best_cos, tried = torch.zeros_like(y), torch.full((n,), float("inf"), dtype=y.dtype), 0
+        while tried < GREEDY_CANDIDATES and not chosen.all():
+            rest = (~chosen).nonzero()[:, 1].view(n, -1)  # each query's classes not yet in, in order
+            sets = chosen.to(y.dtype)[:, None, :].repeat(1, rest.shape[1], 1).scatter_(2, rest[:, :, None], 1.0)
+            cands = _corners(sets, top)
+            cos = _cosines(gram, scored, cands)
+            i = cos.argmin(1)
+            c = cos.gather(1, i[:, None])[:, 0]
+            better = c < best_cos
+            best[better] = cands[better, i[better]]
+            best_cos = torch.minimum(best_cos, c)
+            chosen.scatter_(1, rest.gather(1, i[:, None]), True)
+            tried += rest.shape[1]
+    dist = (best - y).abs().sum(1) if norm == "l1" else (best - y).norm(dim=1)
+    a = (eps / (dist + 1e-7)).clamp(0, 1)[:, None]
+    return (1 - a) * y + a * best
+
+
 @register("defense")
 class MAD(Defense):
     """MAD prediction poisoning (Orekondy et al. 2020): a step of length eps toward the simplex vertex that
@@ -212,12 +282,36 @@ class MADArgmax(MAD):
 
     name = "mad_argmax"
     keep_top1 = True
+    params = {**MAD.params,
+              "variant": Param("default", str, choices=("default", "mad_code"),
+                               help="default: steps toward each vertex, shortened where the top-1 label would flip "
+                                    "(this project's search); mad_code: the MAD authors' code, the corners of the "
+                                    "region where the top class wins, each step spending the whole eps")}
+
+    @classmethod
+    def _check_params(cls, values: dict, owner: str) -> None:
+        if values["variant"] == "mad_code" and values["objective"] == "random":
+            raise ConfigError(f"{owner}.variant=mad_code has no objective=random (the MAD authors' code draws its "
+                              f"random vertex without keeping the top-1 label); expected objective=angle or identity, "
+                              f"or variant=default")
+
+    def _perturb(self, y, inputs):
+        if self.values["variant"] == "default":
+            return super()._perturb(y, inputs)
+        n, k = y.shape
+        gram = self.gram(inputs) if self.values["objective"] == "angle" else torch.eye(k, dtype=y.dtype).expand(n, k, k)
+        out = corner_poison(gram, y, self.values["eps"], self.values["norm"])
+        flipped = out.float().argmax(1) != y.float().argmax(1)  # as MAD's: a float32 tie is answered clean
+        out[flipped] = y[flipped]
+        return out
 
 
 def reference_perturb(y: torch.Tensor, inputs: torch.Tensor, surrogate: nn.Module, eps: float,
-                      norm: str = "l1", keep_top1: bool = False, jacobian: str = "last_layer") -> torch.Tensor:
+                      norm: str = "l1", keep_top1: bool = False, jacobian: str = "last_layer",
+                      corners: bool = False) -> torch.Tensor:
     """One query at a time with an explicit Jacobian G (K autograd calls), as the paper's reference
-    code does; returns float64 (N, K). Slow by design: the specification for :class:`MAD`."""
+    code does; returns float64 (N, K). Slow by design: the specification for :class:`MAD`. ``corners``: MAD-argmax as
+    the authors' code searches (:func:`corner_poison`; up to 10 classes, every corner)."""
     params = ([last_linear(surrogate).weight] if jacobian == "last_layer"
               else list(surrogate.parameters()))
     flags = [p.requires_grad for p in params]
@@ -238,6 +332,21 @@ def reference_perturb(y: torch.Tensor, inputs: torch.Tensor, surrogate: nn.Modul
         u = u / u.norm().clamp_min(1e-300)
         best, best_h = None, float("-inf")
         top = int(y[i].argmax())
+        if corners:  # every subset of classes holding the top one, in itertools.product's order; H at the corner
+            for bits in itertools.product((0.0, 1.0), repeat=k):
+                if bits[top] == 0:
+                    continue
+                corner = torch.tensor(bits, dtype=torch.float64)
+                corner[top] += TOP1_MARGIN
+                corner = corner / corner.sum()
+                v = g.T @ corner
+                h = float(((v / v.norm().clamp_min(1e-300)) - u).pow(2).sum())
+                if h > best_h:
+                    best, best_h = corner, h
+            d = (best - y[i]).abs().sum() if norm == "l1" else (best - y[i]).norm()
+            a = min(1.0, max(0.0, eps / (float(d) + 1e-7)))
+            out[i] = (1 - a) * y[i] + a * best
+            continue
         for j in range(k):
             vertex = torch.zeros(k, dtype=torch.float64)
             vertex[j] = 1.0

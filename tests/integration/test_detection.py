@@ -49,7 +49,7 @@ def test_same_msp_and_cross_account_detectors_with_proof_of_work(ray_serve, smal
     assert np.isfinite(table.column("same_score").to_numpy(zero_copy_only=False)[~resub_mask(table)]).all()
 
     # replaying PRADA over the logged stream gives the online flags back, query by query
-    again = analysis.replay(table, "prada", {"delta": 0.95, "min_pool": 50})
+    again = analysis.replay(table, "prada", s.detection["prada"].params)  # the run's own settings
     online = analysis.scored_rows(table).column("prada_flagged").to_numpy(zero_copy_only=False)
     assert np.array_equal(again["flags"], online)
 

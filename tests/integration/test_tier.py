@@ -246,7 +246,7 @@ def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
     assert all(k > 0 for k in per_shard) and sum(per_shard) == 1 + 100 + 100 + 20 + 2  # every account, once
     table = analysis.read_run(str(tmp_path / "run"))
     rows = analysis.scored_rows(table)
-    again = analysis.replay(table, "prada", {"delta": 0.95, "min_pool": 50, "skip_repeats": True}, "cohort",
+    again = analysis.replay(table, "prada", s.detection["pooled_prada"].params, "cohort",
                             order="pooled_prada")  # each cohort's queries in the order its shard saw them
     assert np.array_equal(again["flags"], rows.column("pooled_prada_flagged").to_numpy(zero_copy_only=False))
     for a in s.attackers:

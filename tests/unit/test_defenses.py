@@ -414,6 +414,54 @@ def test_batched_mad_agrees_with_the_per_sample_reference(name, jacobian):
     torch.testing.assert_close(d(y, x).double(), ref, atol=1e-6, rtol=0)
 
 
+def test_mad_argmax_of_the_mad_code_agrees_with_the_per_sample_reference_and_spends_its_budget():
+    """variant=mad_code searches the corners of the region where the top class wins, as the authors' code does: the
+    batched search gives the per-sample reference's answers, and unlike the default's shortened steps it spends the
+    whole eps (the default's L1 stays below 1 on these confident answers)."""
+    from sim.models import LeNet
+
+    torch.manual_seed(0)
+    victim = LeNet()
+    x = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    y = torch.softmax(torch.randn(12, 10) * 4, 1)
+    for eps in (0.25, 1.0, 1.5):
+        d = defenses.build("mad_argmax", victim=victim, eps=eps, variant="mad_code")
+        out = d(y, x).double()
+        ref = reference_perturb(y, x, d.surrogate, eps, keep_top1=True, corners=True)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        assert torch.equal(out.argmax(1), y.argmax(1))
+        l1 = (out - y.double()).abs().sum(1)
+        if eps <= 1:  # every corner lies farther than that: the whole budget
+            assert ((l1 - eps).abs() < 1e-5).all()
+        else:  # the whole budget, or the corner itself where it is closer
+            assert (l1 <= eps + 1e-6).all() and l1.mean() > 1.4
+    default = defenses.build("mad_argmax", victim=victim, eps=1.5)
+    assert (default(y, x).double() - y.double()).abs().sum(1).mean() < 1.0
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+@SETTINGS
+@given(batch=batches(), eps=st.floats(0.0, 2.0))
+def test_mad_argmax_of_the_mad_code_keeps_the_top1_label_and_the_budget(batch, eps, norm):
+    """Every corner (up to 10 classes) or the greedy search's best (11 and 12 here) keeps the top class strictly first;
+    the answer stays on the simplex, within eps."""
+    probs, images = batch
+    y = probs.double()
+    out = make("mad_argmax", probs.shape[1], eps=eps, norm=norm, variant="mad_code")(y, images)
+    assert_on_simplex(out)
+    top = y.argmax(1)
+    tied = (y == y.gather(1, top[:, None])).sum(1) > 1
+    assert torch.equal(out.argmax(1)[~tied], top[~tied])
+    d = (out - y).abs().sum(1) if norm == "l1" else (out - y).norm(dim=1)
+    assert (d <= eps + 1e-6).all()
+
+
+def test_mad_argmax_of_the_mad_code_has_no_random_objective():
+    with pytest.raises(ConfigError, match=r"^mad_argmax.variant=mad_code has no objective=random"):
+        make("mad_argmax", 3, variant="mad_code", objective="random")
+    make("mad_argmax", 3, variant="mad_code", objective="identity")
+
+
 def test_default_surrogate_is_a_seeded_random_copy_of_the_victim():
     from sim.models import LeNet
 

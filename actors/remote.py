@@ -137,13 +137,18 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
         if board is not None:
             board.update.remote(job["key"], epoch, scores["test_accuracy"] if job.get("post_accuracy") else None)
 
+    def on_build(model):
+        built["model"] = model
+        if sample is not None:  # the replica as built, before it has fitted any answer
+            built["at_start"] = round(float(gradient_angles(model, *sample).mean()), 3)
+
     model = train_replica(x, y, arch=job["arch"], input_shape=job["input_shape"], num_classes=job["num_classes"],
-                          cfg=job["cfg"], seed=job["seed"], on_epoch=on_epoch,
-                          on_build=lambda m: built.update(model=m), device=job.get("device", "cpu"))
+                          cfg=job["cfg"], seed=job["seed"], on_epoch=on_epoch, on_build=on_build,
+                          device=job.get("device", "cpu"))
     out = score(model, eval_set, job.get("robustness"))
     if best:
         out["best"] = best
     if angles:
         out["gradient_angle"] = {"mean": round(float(np.mean(angles)), 3), "by_epoch": angles,
-                                 "queries": len(sample[0])}
+                                 "at_start": built.get("at_start"), "queries": len(sample[0])}
     return out

@@ -52,11 +52,13 @@ class Victim(_Part):
 
 class GradientAngle(_Part):
     """Angle (degrees) between the replica's loss gradients under the returned and the clean answers, averaged over
-    a fixed sample of its queries after each epoch (MAD's angular deviation)."""
+    a fixed sample of its queries after each epoch (MAD's angular deviation), and on the replica as built, before
+    any training (``at_start``; None in summaries written before it was measured)."""
 
     mean: float
     by_epoch: list[float]
     queries: int
+    at_start: float | None = None
 
 
 class Distortion(_Part):

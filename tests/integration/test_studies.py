@@ -62,5 +62,6 @@ def test_mad_evasion_measures_every_countermeasure_and_the_gradient_angle(ray_se
         assert a.replica is not None and a.undefended is not None and a.replica.robust_accuracy is None
         angle = a.replica.gradient_angle
         assert len(angle.by_epoch) == 2 and angle.queries == 64 and 0 <= angle.mean <= 180
+        assert 0 <= angle.at_start <= 180 and angle.at_start not in angle.by_epoch  # before any epoch
     # MAD turns the soft-label attacker's gradient far more than the top-1 attacker's, whose labels mostly stay
     assert by_id["knockoff"].replica.gradient_angle.mean > by_id["argmax"].replica.gradient_angle.mean + 10

@@ -103,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                            f"report is written in its directory)")
         for run in list(args.runs):
             missing = not storage.exists(run) or os.path.isfile(run)
-            if run in trials and (missing or not exists(storage.join(run, "queries"))):
-                # one trial's lost directory does not cost the others their reports
+            logged = not missing and exists(storage.join(run, "queries"))
+            if run in trials and not logged:  # one trial's lost directory does not cost the others their reports
                 why = "its directory is gone" if missing else f"it holds no query log{_stopped_before_logging(run)}"
                 print(f"{run}: a finished trial of the sweep, skipped: {why}")
                 args.runs.remove(run)
             elif missing:
                 raise SimError(f"RUN_DIR={run!r} {'is a file' if os.path.isfile(run) else 'does not exist'}; expected "
                                f"a run directory (runs/<scenario>/<time>)")
-            elif not exists(storage.join(run, "queries")):
+            elif not logged:
                 stopped = _stopped_before_logging(run)
                 raise SimError(f"RUN_DIR={run!r} holds no query log{stopped}; expected a run directory "
                                f"(runs/<scenario>/<time>) whose clients sent queries")

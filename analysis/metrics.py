@@ -1,7 +1,7 @@
 """Detection quality of a score, with attacker queries (or accounts) as positives and benign as negatives:
 AUROC and AUPR (average precision) from scikit-learn, and the false-positive rate at a true-positive rate
 (FPR95, FPR90: the fraction of benign items flagged by the highest threshold that catches 95% / 90% of
-the attackers' items)"""
+the attackers' items)."""
 
 from __future__ import annotations
 

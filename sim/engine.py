@@ -776,7 +776,8 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
 
     ds = victim.dataset
     keep = plan.eval_indices(len(ds.x_test))
-    eval_set = ray.put((ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1)))
+    evaluation = (ds.x_test[keep], ds.y_test[keep], clean_test[keep].argmax(1))
+    eval_set = ray.put(evaluation)
     robustness = robustness_settings(cfg)
     gpus = ray.cluster_resources().get("GPU", 0)
     device = devices.resolve(cfg.device, gpus)
@@ -808,7 +809,7 @@ def _train_replicas(cfg: ScenarioConfig, victim: zoo.Victim, plan: Plan, transfe
     training = {key: {} for key in order if key in cfg.attackers}  # the attackers' own replicas post accuracies
     poll = (lambda b: on_epoch({**training, **ray.get(b.values.remote())})) if on_epoch is not None else None
     _wait_with_progress(refs, board, order, bar, poll)
-    _score_extracted(plan, ray.get(eval_set), robustness)
+    _score_extracted(plan, evaluation, robustness)
     return {key: Replica(**scores) for key, scores in zip(order, ray.get(refs))}
 
 

@@ -260,16 +260,21 @@ class MAD(Defense):
             return last_layer_gram(self.surrogate, inputs)
         return full_gram(self.surrogate, inputs)
 
-    def _perturb(self, y, inputs):
-        objective, (n, k) = self.values["objective"], y.shape
-        if objective == "angle":
-            out = poison(self.gram(inputs), y, self.values["eps"], self.values["norm"], self.keep_top1)
-        elif objective == "identity":
-            eye = torch.eye(k, dtype=y.dtype).expand(n, k, k)
-            out = poison(eye, y, self.values["eps"], self.values["norm"], self.keep_top1)
-        else:
+    def objective_gram(self, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The Gram matrix the vertex is chosen by: the surrogate's (objective=angle) or the identity's."""
+        n, k = y.shape
+        return self.gram(inputs) if self.values["objective"] == "angle" else torch.eye(k, dtype=y.dtype).expand(n, k, k)
+
+    def search(self, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The poisoned answers, before MAD-argmax's float32 check."""
+        n, k = y.shape
+        if self.values["objective"] == "random":
             pick = torch.randint(k, (n,), generator=self._gen)
-            out = poison(None, y, self.values["eps"], self.values["norm"], self.keep_top1, pick=pick)
+            return poison(None, y, self.values["eps"], self.values["norm"], self.keep_top1, pick=pick)
+        return poison(self.objective_gram(y, inputs), y, self.values["eps"], self.values["norm"], self.keep_top1)
+
+    def _perturb(self, y, inputs):
+        out = self.search(y, inputs)
         if self.keep_top1:  # a near-tie could still flip once rounded to float32: answer those clean
             flipped = out.float().argmax(1) != y.float().argmax(1)
             out[flipped] = y[flipped]
@@ -295,15 +300,10 @@ class MADArgmax(MAD):
                               f"random vertex without keeping the top-1 label); expected objective=angle or identity, "
                               f"or variant=default")
 
-    def _perturb(self, y, inputs):
+    def search(self, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if self.values["variant"] == "default":
-            return super()._perturb(y, inputs)
-        n, k = y.shape
-        gram = self.gram(inputs) if self.values["objective"] == "angle" else torch.eye(k, dtype=y.dtype).expand(n, k, k)
-        out = corner_poison(gram, y, self.values["eps"], self.values["norm"])
-        flipped = out.float().argmax(1) != y.float().argmax(1)  # as MAD's: a float32 tie is answered clean
-        out[flipped] = y[flipped]
-        return out
+            return super().search(y, inputs)
+        return corner_poison(self.objective_gram(y, inputs), y, self.values["eps"], self.values["norm"])
 
 
 def reference_perturb(y: torch.Tensor, inputs: torch.Tensor, surrogate: nn.Module, eps: float,

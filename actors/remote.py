@@ -99,7 +99,8 @@ def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | Non
     ``post_accuracy`` (also post the test accuracy after each epoch), ``robustness`` (PGD settings and samples for
     the robust accuracy, or None) and ``angles`` (with ``clean``: measure the gradient angle between returned and
     clean answers at each epoch). ``eval_set``: (test images, labels, the victim's labels). Returns the replica's
-    scores (:func:`actors.replica.score`), with ``gradient_angle`` when measured."""
+    scores (:func:`actors.replica.score`), with ``gradient_angle`` when measured and ``best`` (the best epoch's
+    scores) when the replica keeps its best epoch (``replica.variant=mad_code``)."""
     import torch
 
     from .replica import (

@@ -185,22 +185,21 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     keys = np.asarray([rule.key(Account(cols["account_id"][i], cols["role"][i], cols["attack"][i],
                                         cols.get("cohort", [None] * n)[i]), cols["actor_id"][i]) for i in range(n)])
     if order is None:
-        order = arrival_order(rows)
+        idx = arrival_order(rows)
     else:
-        order_name = order
         seq = rows.column(f"{order}_seq").to_numpy(zero_copy_only=False)
         missing = int(np.isnan(seq.astype(np.float64)).sum())
         if missing:
             raise SimError(f"order={order!r}: {missing:,} of the {n:,} scored queries have no {order}_seq; expected "
                            f"a stateful detector that scored every query of the run")
         seq = seq.astype(np.int64)
-        order = np.lexsort((seq, keys))
-        if ((keys[order][1:] == keys[order][:-1]) & (seq[order][1:] == seq[order][:-1])).any():
-            raise SimError(f"order={order_name!r} is not an order of each {group}'s queries: two queries of one "
+        idx = np.lexsort((seq, keys))
+        if ((keys[idx][1:] == keys[idx][:-1]) & (seq[idx][1:] == seq[idx][:-1])).any():
+            raise SimError(f"order={order!r} is not an order of each {group}'s queries: two queries of one "
                            f"{group} key share a position in it (its detector keys its history otherwise); expected "
                            f"a stateful detector of the run keyed by {group}")
-    rows_sorted = rows.take(order)
-    keys = keys[order]
+    rows_sorted = rows.take(idx)
+    keys = keys[idx]
     probs = querylog.prob_matrix(rows_sorted.column("clean_probs"))
     images = querylog.decode_inputs(rows_sorted, shape) if needs_images else np.zeros((n, 1), np.uint8)
     req = np.asarray(rows_sorted.column("request_id").to_pylist())
@@ -209,8 +208,8 @@ def replay(table: pa.Table, kind: str, params: dict | None = None, group: str | 
     for a, b in zip(starts[:-1], starts[1:]):
         batch = (keys[a], images[a:b], probs[a:b].argmax(1), probs[a:b])
         res = detector_registry.score_for_good(det, *batch, flagged) if det.stateful else det.score(*batch)
-        scores[order[a:b]] = res.scores
-        flags[order[a:b]] = res.flags
+        scores[idx[a:b]] = res.scores
+        flags[idx[a:b]] = res.flags
     return {"scores": scores, "flags": flags, "rows": rows, **extra}
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 import ray
 from serving import encode  # benchmarks/serving.py: request bodies in each encoding
 
-from sim.cli import OneLineParser, count, description, output_file, positive, read_results, script
+from sim.cli import OneLineParser, count, description, machine, output_file, positive, read_results, script
 
 
 def rss_mb(pid: int) -> float | None:
@@ -87,8 +86,8 @@ def client(port: int, app: str, key: str, bodies: list[bytes], ctype: str, stop:
             body = resp.read()
             if resp.status == 200:
                 answer = json.loads(body)
-                n = sum(a in ("answered", "perturbed") for a in answer["actions"]) if "actions" in answer else sum(
-                    r["action"] == "answered" for r in answer["results"])
+                actions = answer["actions"] if "actions" in answer else [r["action"] for r in answer["results"]]
+                n = actions.count("answered")
                 rec.add(time.perf_counter(), time.perf_counter() - t, "ok", n)
             else:
                 rec.add(time.perf_counter(), time.perf_counter() - t, f"HTTP {resp.status}", 0)
@@ -177,7 +176,7 @@ def _measure(args, tmp: str) -> dict:
     per_request = Counter(table.column("request_id").to_pylist())
     memory1 = windows[-1]["memory_mb"] if windows else {}
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "measured": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(), "measured": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {"minutes": args.minutes, "clients": args.clients, "rate": args.rate, "batch": args.batch,
                      "replicas": args.replicas, "encoding": args.encoding, "prada": args.prada},
         "requests": len(rec.rows), "answered_requests": len(ok), "seconds": round(elapsed, 1),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from analysis.claims import (
     spread,
 )
 from analysis.sweep import distortion_to_reach
-from sim.cli import OneLineParser, description, nonnegative, output_file, read_results, script
+from sim.cli import OneLineParser, description, machine, nonnegative, output_file, read_results, script
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUICK = ["victim.epochs=3", "benign.users=1", "benign.queries=40",
@@ -251,12 +250,15 @@ class Mean(float):
         return obj
 
 
-def replica(cells: dict, label: str, attacker: str, which: str = "replica") -> dict | None:
-    """An attacker's ``which`` (its replica, or the undefended one) in the cell ``label`` (one seed's)."""
-    for a in cells.get(label, {}).get("attackers", []):
-        if a["id"] == attacker:
-            return a.get(which)
-    return None
+def _attacker(cell: dict, attacker: str) -> dict | None:
+    """An attacker's entry in one cell's summary."""
+    return next((a for a in cell.get("attackers", []) if a["id"] == attacker), None)
+
+
+def replica(cells: dict, label: str, attacker: str) -> dict | None:
+    """An attacker's replica in the cell ``label`` (one seed's)."""
+    entry = _attacker(cells.get(label, {}), attacker)
+    return entry and entry.get("replica")
 
 
 def over_seeds(cells, label, attacker, *path) -> Mean | None:
@@ -264,7 +266,7 @@ def over_seeds(cells, label, attacker, *path) -> Mean | None:
     the mean over the seeds ``label`` was measured at (None where no cell has it)."""
     found = []
     for s in seeds_of(cells, label):
-        v = next((a for a in cells[at_seed(label, s)].get("attackers", []) if a["id"] == attacker), None)
+        v = _attacker(cells[at_seed(label, s)], attacker)
         for key in path:
             v = v.get(key) if isinstance(v, dict) else None
         if v is not None:
@@ -1150,9 +1152,9 @@ def main() -> None:
     result = read_results(out, ("cells",), "benchmarks/replicate.py") if os.path.exists(out) else {"cells": {}}
     if args.report_only:  # nothing is measured: the JSON says what it is and where it was measured
         result.setdefault("quick", args.quick)
-        result.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} CPUs")
+        result.setdefault("machine", machine())
     else:
-        result.update(quick=args.quick, machine=f"{platform.machine()}, {os.cpu_count()} CPUs")
+        result.update(quick=args.quick, machine=machine())
     if not args.report_only:
         chosen = [c for c in CLAIMS if not args.only or c.id in args.only]
         todo = {at_seed(label, s): replace(cell, overrides=[*cell.overrides, f"seed={s}"]) if s else cell

@@ -471,11 +471,15 @@ class ServeConfig(_Strict):
             return None
         return Limits(quota=self.quota, rate=self.rate, burst=self.burst or self.max_images, group=self.limit_by)
 
+    @property
+    def most_replicas(self) -> int:
+        """The replicas the victim may have at once: ``replicas``, or autoscaling's ``max_replicas``."""
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
     def shards_for(self, cpus: float) -> int:
         """The tier's shards on a cluster of ``cpus`` CPUs: ``shards`` if set, else one per replica (autoscaling:
         per replica at most), at most one per CPU."""
-        most = self.autoscaling.max_replicas if self.autoscaling else self.replicas
-        return self.shards or max(1, min(most, int(cpus)))
+        return self.shards or max(1, min(self.most_replicas, int(cpus)))
 
 
 class LogConfig(_Strict):

@@ -305,9 +305,8 @@ def deploy_victim(cfg: ScenarioConfig, victim: zoo.Victim, run_id: str, keys: di
     gpus = ray.cluster_resources().get("GPU", 0)
     device = "cpu" if victim.quantization != "none" else devices.resolve(cfg.device, gpus)  # int8 runs on the CPU
     auto = cfg.serve.autoscaling
-    most = auto.max_replicas if auto else cfg.serve.replicas
     replica_gpus = 0.0 if device == "cpu" else (cfg.serve.replica_gpus if cfg.serve.replica_gpus is not None
-                                                 else min(1.0, gpus / most))
+                                                 else min(1.0, gpus / cfg.serve.most_replicas))
     spec = VictimSpec(
         victim=cfg.victim.name, run_id=run_id, model=victim.to_bytes(), input_shape=victim.dataset.input_shape,
         accounts=keys, detectors=dets.detectors, rules=dets.rules,
@@ -408,9 +407,13 @@ def run(scenario, overrides=None, *, quiet: bool = False, victim=None, test_set:
 
     try:
         with _second_interrupt_exits(log_dir, stop_without_ray):
-            if cfg.victim.remote():
-                return _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch)
-            return _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch)
+            outcome = (_run_remote(cfg, ds, plan, log_dir, run_id, progress, quiet, on_replica_epoch)
+                       if cfg.victim.remote() else
+                       _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch))
+            outcome.wall_seconds = round(time.perf_counter() - start, 2)
+            summary = summarize(cfg, outcome)
+            summary.write(cfg.run_dir)
+            return summary
     except KeyboardInterrupt:  # the log is compacted already (the query phase's own cleanup); say where it stopped
         write_interrupted(cfg.run_dir, run_id, cfg.name, progress["phase"], progress["logged"])
         raise Interrupted(progress["phase"], cfg.run_dir, progress["logged"]) from None
@@ -506,7 +509,12 @@ def _second_interrupt_exits(log_dir: str, stop_without_ray=None):
             signal.signal(sig, default)
 
 
-def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch) -> Summary:
+def _alive_nodes() -> list[str]:
+    """The cluster's live nodes, by id: the clients are dealt over them."""
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+
+def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on_replica_epoch) -> Outcome:
     """:func:`run`'s phases; ``progress`` says which one it is in and how many rows the log kept."""
     victim = victim if victim is not None else train_victim(cfg, quiet)
     progress["phase"] = "detector training"
@@ -525,7 +533,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
             progress["phase"] = "deploying the victim"
             progress["log_detectors"] = list(dets.detectors)
             check_plugins_in_workers(cfg)
-            nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+            nodes = _alive_nodes()
             t0 = time.perf_counter()
             app, port, spec = deploy_victim(cfg, victim, run_id, plan.accounts, log_dir, dets, defense_models,
                                             http=cfg.serve.http, app=app)
@@ -557,10 +565,7 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
                                                     if port else None, tier=tier,
                                                     replicas=None if cfg.serve.autoscaling else cfg.serve.replicas),
                       timings=timings)
-    outcome.wall_seconds = round(time.perf_counter() - start, 2)
-    summary = summarize(cfg, outcome)
-    summary.write(cfg.run_dir)
-    return summary
+    return outcome
 
 
 def _remote_keys(cfg: ScenarioConfig, plan: Plan) -> str:
@@ -606,7 +611,7 @@ def _remote_answers(cfg: ScenarioConfig, ds, key: str, remote: dict) -> np.ndarr
     return np.concatenate(out)
 
 
-def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_replica_epoch) -> Summary:
+def _run_remote(cfg, ds, plan, log_dir, run_id, progress, quiet, on_replica_epoch) -> Outcome:
     """:func:`run` against a victim this tool does not serve (:mod:`sim.remote`): its answers on the test set come
     first, through an evaluation account (which tries the way to it before any client starts); then the clients query
     it and log what they sent and got back; the replicas train as usual. Nothing is trained, served, defended or
@@ -624,7 +629,7 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
 
         progress["phase"], progress["log_detectors"] = "evaluation", []
         check_plugins_in_workers(cfg)
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        nodes = _alive_nodes()
         board = ProgressBoard.options(scheduling_strategy="DEFAULT").remote()
         t0 = time.perf_counter()
         try:
@@ -656,13 +661,9 @@ def _run_remote(cfg, ds, plan, log_dir, run_id, start, progress, quiet, on_repli
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     table = querylog.read(log_dir, columns=log_columns([]))
     table = table.filter(pc.invert(pc.equal(table.column("role"), "evaluation")))
-    outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
-                      defended={"defended_test_accuracy": round(accuracy, 4), "test_l1_mean": None,
-                                "test_top1_preserved_rate": None}, nodes=len(nodes), timings=timings)
-    outcome.wall_seconds = round(time.perf_counter() - start, 2)
-    summary = summarize(cfg, outcome)
-    summary.write(cfg.run_dir)
-    return summary
+    return Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
+                   defended={"defended_test_accuracy": round(accuracy, 4), "test_l1_mean": None,
+                             "test_top1_preserved_rate": None}, nodes=len(nodes), timings=timings)
 
 
 def _compact(cfg: ScenarioConfig, log_dir: str, detectors: list[str]) -> int:

@@ -28,7 +28,6 @@ from torch import nn
 
 from .training import to_float
 
-MODES = ("none", "ptq", "qat", "divqat")
 _NOTICES = (r"torch\.ao\.quantization is deprecated", r"Please use quant_min and quant_max",
             r"torch\.quantize_per_tensor, torch\.quantize_per_channel", r"must run observer before calling",
             r"TypedStorage is deprecated")

@@ -134,6 +134,12 @@ def _binary(images: np.ndarray | None, n: int) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
 
 
+def who(account, actor_id: str | None) -> dict:
+    """The columns that say whose request a row is: the account's (None where the key matched none) and the actor's."""
+    return {"account_id": account and account.account_id, "actor_id": actor_id, "role": account and account.role,
+            "attack": account and account.attack, "cohort": account and account.cohort}
+
+
 class QueryLogWriter:
     """Append-only writer of one process. ``write`` returns once the rows are in the OS's hands."""
 

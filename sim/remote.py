@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import SimError, failed
 from .protocol import ACTOR_HEADER, API_KEY_HEADER, Account, Reply, new_request_id
-from .querylog import QueryLogWriter, input_digest
+from .querylog import QueryLogWriter, input_digest, who
 
 TIMEOUT_S = 120.0  # one request's limit
 
@@ -169,9 +169,8 @@ class RemoteVictim:
         reasons = list(reply.reasons) if len(reply.reasons) == n else [reply.reason] * n
         probs = reply.probs if len(reply.answered) == n and reply.probs.size else None
         self.writer.write(
-            run_id=self.run_id, victim=self.victim, request_id=reply.request_id,
-            account_id=account and account.account_id, actor_id=actor_id, role=account and account.role,
-            attack=account and account.attack, cohort=account and account.cohort, actions=actions,
+            run_id=self.run_id, victim=self.victim, request_id=reply.request_id, **who(account, actor_id),
+            actions=actions,
             refusal_reason=[r if a == "refused" else None for r, a in zip(reasons, actions)],
             latency_ms=(time.perf_counter() - start) * 1e3, input_sha1=[input_digest(img) for img in x],
             returned_probs=probs, returned_label=None if probs is None else reply.labels,

@@ -30,7 +30,7 @@ from .errors import RequestError, first_line, shown
 from .limits import Limits
 from .policy import ACTIONS, Rule, acted_on, combine
 from .protocol import API_KEY_HEADER, Account, Reply, hash_key, hashed, new_request_id
-from .querylog import QueryLogWriter, input_digest
+from .querylog import QueryLogWriter, input_digest, who
 from .tier import LocalTier, needed
 from .training import predict_probs
 
@@ -63,15 +63,8 @@ def parse_images(images: Any, input_shape: tuple[int, int, int], max_images: int
     ok = arr.dtype == np.uint8 or arr.dtype.kind == "f" or (from_json and arr.dtype.kind in "iu")
     if not ok:
         raise RequestError(400, f"images dtype {arr.dtype} not supported; expected uint8 pixels or floats in [0, 1]")
-    c, h, w = input_shape
-    given = tuple(arr.shape)
-    if arr.ndim == 3 and c == 1:
-        arr = arr[:, None]
-    if arr.ndim != 4 or arr.shape[1:] != (c, h, w) or arr.shape[0] == 0:
-        want = f"(N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
-        raise RequestError(400, f"images shape {given} is wrong; expected {want} with N >= 1")
-    if arr.shape[0] > max_images:
-        raise RequestError(413, f"too many images: {arr.shape[0]} > serve.max_images={max_images}")
+    _batch_shape(tuple(arr.shape), input_shape, max_images)
+    arr = arr.reshape(len(arr), *input_shape)
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     arr = arr.astype(np.float64, copy=False)
@@ -281,7 +274,7 @@ class VictimService:
                  input_shape: tuple[int, int, int], detectors: dict[str, Detector] | None = None,
                  rules: dict[str, Rule] | None = None, perturbers: dict | None = None, defense=None,
                  writer: QueryLogWriter | None = None, max_images: int = 256, log_inputs: bool = True,
-                 tier=None, limits: Limits | None = None, max_pending: int = 100_000, pending_ttl_s: float = 600.0):
+                 tier=None, limits: Limits | None = None):
         self.model = model.eval()
         self.victim = victim
         self.run_id = run_id
@@ -297,8 +290,7 @@ class VictimService:
         self.log_inputs = log_inputs
         self.limits = limits if limits is not None and limits.enabled else None
         if tier is None and needed(bool(self.stateful), (r.action for r in self.rules.values()), self.limits):
-            tier = LocalTier({n: self.detectors[n] for n in self.stateful}, limits=self.limits,
-                             max_pending=max_pending, pending_ttl_s=pending_ttl_s)
+            tier = LocalTier({n: self.detectors[n] for n in self.stateful}, limits=self.limits)
         self.tier = tier
         self.log_error: str | None = None  # why the log cannot be written: from then on every request gets 503
         self._lock = threading.Lock()  # the defense (a random generator) and the writer: one request at a time
@@ -414,10 +406,7 @@ class VictimService:
             latency = (time.perf_counter() - start) * 1e3 if start is not None else 0.0
             with self._lock:
                 self._write(
-                    run_id=self.run_id, victim=self.victim, request_id=request_id,
-                    account_id=account and account.account_id, actor_id=actor_id,
-                    role=account and account.role, attack=account and account.attack,
-                    cohort=account and account.cohort,
+                    run_id=self.run_id, victim=self.victim, request_id=request_id, **who(account, actor_id),
                     actions=["refused"], refusal_reason=[reason], latency_ms=latency,
                 )
         return Reply(status, reason, request_id, account and account.account_id)
@@ -545,9 +534,8 @@ class VictimService:
         """Rows for queries refused before the model saw them (a limit)."""
         if self.writer is not None:
             self._write(
-                run_id=self.run_id, victim=self.victim, request_id=request_id,
-                account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
-                cohort=account.cohort, actions=["refused"] * len(x), refusal_reason=[reason] * len(x),
+                run_id=self.run_id, victim=self.victim, request_id=request_id, **who(account, actor_id),
+                actions=["refused"] * len(x), refusal_reason=[reason] * len(x),
                 latency_ms=(time.perf_counter() - start) * 1e3, input_sha1=[input_digest(img) for img in x],
                 inputs=x if self.log_inputs else None,
             )
@@ -556,9 +544,8 @@ class VictimService:
              *, detections=None, pow_bits=None, pow_seconds=None, resubmission=False) -> None:
         if self.writer is not None:
             self._write(
-                run_id=self.run_id, victim=self.victim, request_id=request_id,
-                account_id=account.account_id, actor_id=actor_id, role=account.role, attack=account.attack,
-                cohort=account.cohort, actions=actions, refusal_reason=reasons,
+                run_id=self.run_id, victim=self.victim, request_id=request_id, **who(account, actor_id),
+                actions=actions, refusal_reason=reasons,
                 latency_ms=(time.perf_counter() - start) * 1e3,
                 input_sha1=[input_digest(img) for img in x],
                 clean_probs=clean, returned_probs=returned, returned_label=labels, detections=detections,

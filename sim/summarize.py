@@ -221,7 +221,7 @@ def _response(dcfg) -> dict | None:
 
 
 def _detector(info: DetectorInfo, dcfg, flagged: set, role_of: dict, report: dict) -> S.Detector:
-    """One detector's part of the summary: its settings, the accounts it flagged, AUROC/AUPR/FPR95 at query and
+    """One detector's part of the summary: its settings, the accounts it flagged, AUROC/AUPR/FPR95/FPR90 at query and
     account level over all attacks (per attack: ``python -m analysis RUN_DIR``)."""
     def quality(m: dict) -> S.Quality:
         if "auroc" in m:

@@ -38,7 +38,7 @@ import numpy as np
 from .detectors import Detection, Detector, score_for_good
 from .limits import Admission, LimitBook, Limits
 
-__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "needed", "owner", "spread"]
+__all__ = ["Durable", "Journal", "Linker", "LocalTier", "Shard", "by_owner", "needed", "owner", "per_shard"]
 
 
 def needed(stateful: bool, actions, limits: Limits | None) -> bool:
@@ -52,12 +52,12 @@ def owner(key: str, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
 
 
-def spread(keys, shards: int) -> list[int]:
-    """How many of ``keys`` each shard owns."""
-    counts = [0] * shards
-    for key in keys:
-        counts[owner(key, shards)] += 1
-    return counts
+def per_shard(verdicts: dict[str, Any], shards: int) -> list[dict[str, Any]]:
+    """A population detector's verdicts (account -> verdict) split by the shard that owns each account."""
+    out: list[dict[str, Any]] = [{} for _ in range(shards)]
+    for account, verdict in verdicts.items():
+        out[owner(account, shards)][account] = verdict
+    return out
 
 
 class _LinkBook:
@@ -107,9 +107,6 @@ class _LinkBook:
                 self.lags.append(self.count.get(account, as_of) - as_of)
             self.verdict[account] = (score, flagged)
         self.published = round_
-
-    def is_flagged(self, account: str) -> bool:
-        return self.verdict.get(account, (0, False))[1]
 
 
 class Shard:
@@ -301,10 +298,8 @@ class LocalTier:
         for name, linker in self.linkers.items():
             if sum(sh.detectors[name].since for sh in self.shards) >= self.every[name]:
                 linker.ingest([sh.pull(name, linker.pulls + 1) for sh in self.shards])
-                updates = linker.verdicts()
-                for i, sh in enumerate(self.shards):
-                    sh.publish(name, linker.pulls,
-                               {a: u for a, u in updates.items() if owner(a, len(self.shards)) == i})
+                for sh, verdicts in zip(self.shards, per_shard(linker.verdicts(), len(self.shards))):
+                    sh.publish(name, linker.pulls, verdicts)
         return out
 
     def admit(self, request_id: str, key: str, n: int) -> Admission:

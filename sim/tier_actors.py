@@ -30,7 +30,7 @@ from concurrent.futures import Future
 import ray
 
 from . import detectors
-from .tier import Durable, Linker, Shard, by_owner, needed, owner
+from .tier import Durable, Linker, Shard, by_owner, needed, owner, per_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _tier_spec(spec):
     from types import SimpleNamespace
 
     names = _stateful(spec)
-    return SimpleNamespace(detectors=names, shards=spec.shards, rules={}, limits=getattr(spec, "limits", None),
+    return SimpleNamespace(detectors=names, shards=spec.shards, limits=getattr(spec, "limits", None),
                            detector_models={n: m for n, m in spec.detector_models.items() if n in names})
 
 
@@ -166,9 +166,8 @@ class LinkerActor:
         handles = [_actor(shard_name(self.app, i)) for i in range(self.shards)]
         pulled = ray.get([h.pull.remote(self.name, round_) for h in handles])
         self.durable.apply("ingest", pulled)
-        verdicts = linker.verdicts()
-        ray.get([h.publish.remote(self.name, round_, {a: v for a, v in verdicts.items() if owner(a, self.shards) == i})
-                 for i, h in enumerate(handles)])
+        ray.get([h.publish.remote(self.name, round_, verdicts)
+                 for h, verdicts in zip(handles, per_shard(linker.verdicts(), self.shards))])
 
     def stats(self):
         return {"pid": os.getpid(), "pulls": self.durable.obj.pulls, "restored": self.durable.restored}

@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{run}: {name}: threshold {done['threshold']:.4g}, calibrated as the run calibrates: for "
                           f"target_fpr={values['target_fpr']} on the benign images of the victim's calibration split")
                     settings = {**settings, "threshold": round(done["threshold"], 6)}
+                if done["gaps"]:
+                    shown_gaps = ", ".join(f"{k} at {v}" for k, v in list(done["gaps"].items())[:5])
+                    print(f"{run}: {name}: {len(done['gaps'])} keys' histories in the run's detection tier hold "
+                          f"queries the log lacks (scored, then not logged: a Serve replica killed mid-request), "
+                          f"so the replay is exact for them only up to the first: {shown_gaps}"
+                          + (", …" if len(done["gaps"]) > 5 else ""))
                 replays[name] = {**done, "about": f"{args.replay} ({_brief(settings)}"
                                  + (f", in the order of {args.order}" if args.order else "") + ")"}
             path = write_report(run, replays)

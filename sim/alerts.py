@@ -53,8 +53,9 @@ def from_log(table: pa.Table) -> pa.Table:
             continue
         stateful = (f"{name}_seq" in table.column_names  # (a log of schema 3 and older has no _seq: per request)
                     and table.column(f"{name}_seq").null_count < table.num_rows)
-        if stateful:  # flagged for good: the account's first flagged query
-            first = flagged.drop_duplicates("account_id")
+        if stateful:  # flagged for good: the account's first flagged query, in its key's order in the tier (two
+            # requests of one account may reach the log in the other order)
+            first = flagged.sort_values(f"{name}_seq", kind="stable").drop_duplicates("account_id")
             parts.append(first.assign(source=name, kind="detector", score=first[f"{name}_score"], flagged=1))
         else:  # single queries: one alert per request
             per = flagged.groupby("request_id", sort=False).agg(

@@ -330,10 +330,11 @@ class VictimService:
         Malformed (not a counter, not a challenge id): 400, and the challenge stays open.
         ``seconds``: the client's solving time, as it reports it (logged)."""
         start = time.perf_counter()
+        request_id = new_request_id()
         try:
             account = self._account(api_key)
             _check_solution(challenge_id, counter, seconds)
-            item = self.tier.take(account.account_id, challenge_id) if self.tier is not None else None
+            item = self.tier.take(account.account_id, challenge_id, request_id) if self.tier is not None else None
             if item is None:
                 raise RequestError(404, f"unknown or expired challenge {shown(challenge_id)} for this account")
         except RequestError as exc:
@@ -342,7 +343,6 @@ class VictimService:
         x, clean, bits = item["x"], item["clean"], item["pow_bits"]
         n = len(x)
         share = None if seconds is None else np.full(n, float(seconds) * (bits / max(bits.sum(), 1)))  # no overflow
-        request_id = new_request_id()
         with self._lock:  # defenses may hold state (a random generator): one request at a time, as in query
             if ok:
                 returned = self._defend(clean, x, item["perturb"])
@@ -418,7 +418,11 @@ class VictimService:
 
     # -- internals -----------------------------------------------------------------------------
     def _write(self, **rows) -> None:
-        """One request's rows into the log (under the lock); a failure stops the service answering (503)."""
+        """One request's rows into the log (under the lock); a failure stops the service answering (503). A request
+        that waited for the lock while another's write failed writes nothing: a failed write may leave a torn record,
+        behind which no reader would find its rows."""
+        if self.log_error is not None:
+            raise _LogFailed
         try:
             self.writer.write(**rows)
         except OSError as exc:  # pyarrow's I/O errors are OSErrors too

@@ -136,6 +136,7 @@ class Shard:
         self.pending_queries = 0
         self.pending_of: dict[str, int] = {}  # account -> the queries its open challenges hold
         self.recent: OrderedDict[str, dict[str, Detection]] = OrderedDict()  # request id -> its verdicts
+        self.taken: OrderedDict[str, tuple[str, dict]] = OrderedDict()  # challenge id -> (taker's request id, it)
         self.recent_size = recent
 
     def score(self, request_id: str, items: list[tuple[str, str]], x: np.ndarray, labels: np.ndarray,
@@ -174,12 +175,13 @@ class Shard:
         return done
 
     # -- proof of work ---------------------------------------------------------------------------
-    def issue(self, challenge_id: str, item: dict) -> None:
-        """Hold a challenge (``item``: its account, nonce, bits, the challenged queries) until it is solved or
-        expires (``pending_ttl_s``). Beyond ``max_pending`` challenged queries, the oldest challenges of the account
-        holding the most go first (never the one just issued), so that one account's unsolved challenges cannot push
-        out another's."""
-        now = time.time()
+    def issue(self, challenge_id: str, item: dict, now: float) -> None:
+        """Hold a challenge (``item``: its account, nonce, bits, the challenged queries) from time ``now`` until it
+        is solved or expires (``pending_ttl_s``). Beyond ``max_pending`` challenged queries, the oldest challenges of
+        the account holding the most go first (never the one just issued), so that one account's unsolved challenges
+        cannot push out another's. Issuing an open challenge again (a call retried after a restart) changes nothing."""
+        if challenge_id in self.pending:
+            return
         account = item["account"]
         self.pending[challenge_id] = {**item, "expires": now + self.pending_ttl_s}
         self.pending_queries += len(item["x"])
@@ -197,13 +199,22 @@ class Shard:
                 break
             self._drop(oldest)
 
-    def take(self, challenge_id: str, account_id: str) -> dict | None:
-        """The open challenge ``challenge_id`` of ``account_id``, removed (a challenge is answered once); None if
-        there is none (unknown, another account's, expired)."""
+    def take(self, challenge_id: str, account_id: str, now: float, request_id: str) -> dict | None:
+        """The open challenge ``challenge_id`` of ``account_id`` at time ``now``, removed (a challenge is answered
+        once); None if there is none (unknown, another account's, expired, taken). The same request taking it again
+        (a call retried after a restart) gets it again: the last ``recent`` challenges taken are remembered with the
+        request that took them."""
+        taker, item = self.taken.get(challenge_id, (None, None))
+        if item is not None:
+            return item if taker == request_id and item["account"] == account_id else None
         item = self.pending.get(challenge_id)
-        if item is None or item["account"] != account_id or item["expires"] < time.time():
+        if item is None or item["account"] != account_id or item["expires"] < now:
             return None
-        return self._drop(challenge_id)
+        item = self._drop(challenge_id)
+        self.taken[challenge_id] = (request_id, item)
+        if len(self.taken) > self.recent_size:
+            self.taken.popitem(last=False)
+        return item
 
     def _drop(self, challenge_id: str) -> dict:
         item = self.pending.pop(challenge_id)
@@ -308,11 +319,12 @@ class LocalTier:
 
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
         with self._lock:
-            self.shards[owner(account_id, len(self.shards))].issue(challenge_id, item)
+            self.shards[owner(account_id, len(self.shards))].issue(challenge_id, item, time.time())
 
-    def take(self, account_id: str, challenge_id: str) -> dict | None:
+    def take(self, account_id: str, challenge_id: str, request_id: str) -> dict | None:
         with self._lock:
-            return self.shards[owner(account_id, len(self.shards))].take(challenge_id, account_id)
+            return self.shards[owner(account_id, len(self.shards))].take(challenge_id, account_id, time.time(),
+                                                                          request_id)
 
     def stats(self) -> list[dict]:
         return [s.stats() for s in self.shards]
@@ -326,38 +338,50 @@ def by_owner(items: list[tuple[str, str]], shards: int) -> dict[int, list[tuple[
 
 
 class Journal:
-    """A shard's durable record in a local directory: ``snapshot.pkl`` (the whole state, replaced atomically) and
-    ``journal.pkl`` (the changes since, one pickle each, flushed to the operating system before the change's result
-    is returned: a process killed with SIGKILL loses none of them)."""
+    """A shard's durable record in a local directory: ``snapshot.pkl`` (the whole state, replaced atomically, with the
+    number of the journal that follows it) and ``journal-G.pkl`` (the changes since, one pickle each, flushed to the
+    operating system before the change's result is returned: a process killed with SIGKILL loses none of them). A
+    snapshot opens the next journal before it names it, and removes the old one only after: killed anywhere in
+    between, the process comes back with the snapshot and the journal it names, and never replays a change the
+    snapshot holds already."""
 
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.snapshot_path = os.path.join(directory, "snapshot.pkl")
-        self.journal_path = os.path.join(directory, "journal.pkl")
+        self.generation = 0  # the journal in use: journal-<generation>.pkl
         self._out = None
         self.journal_bytes = 0  # the journal's size: the changes since the snapshot
         self.snapshot_bytes = 0  # the last snapshot's size
 
+    def path(self, generation: int | None = None) -> str:
+        """The journal of ``generation`` (default: the one in use)."""
+        return os.path.join(self.directory, f"journal-{self.generation if generation is None else generation}.pkl")
+
     def load(self) -> tuple[Any, list]:
         """(the last snapshot or None, the changes recorded after it); a torn last record is dropped, and cut off
-        the file, so that the changes journaled after a restart are read after the next one too."""
+        the file, so that the changes journaled after a restart are read after the next one too. Journals the
+        snapshot does not name (left by a snapshot cut short) are removed."""
         state = None
         if os.path.exists(self.snapshot_path):
             with open(self.snapshot_path, "rb") as fh:
-                state = pickle.load(fh)
+                self.generation, state = pickle.load(fh)
             self.snapshot_bytes = os.path.getsize(self.snapshot_path)
+        for name in os.listdir(self.directory):
+            if name.startswith("journal-") and name.endswith(".pkl") and name != os.path.basename(self.path()):
+                os.remove(os.path.join(self.directory, name))
         ops = []
-        if os.path.exists(self.journal_path):
-            with open(self.journal_path, "rb") as fh:
+        path = self.path()
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
                 while True:
                     whole = fh.tell()  # the end of the last whole record
                     try:
                         ops.append(pickle.load(fh))
                     except (EOFError, pickle.UnpicklingError, ValueError, AttributeError):
                         break
-            if whole < os.path.getsize(self.journal_path):
-                os.truncate(self.journal_path, whole)
+            if whole < os.path.getsize(path):
+                os.truncate(path, whole)
             self.journal_bytes = whole
         return state, ops
 
@@ -365,7 +389,7 @@ class Journal:
         """Record one change; one that cannot be written whole (a full disk) is cut off again, so that the journal
         never holds a torn record, behind which :meth:`load` would not read the later ones."""
         if self._out is None:
-            self._out = open(self.journal_path, "ab")
+            self._out = open(self.path(), "ab")
         end = self._out.tell()  # the file's size: every record before was flushed
         try:
             pickle.dump(op, self._out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -376,19 +400,33 @@ class Journal:
             with contextlib.suppress(OSError):
                 out.close()  # its buffer cannot be written either, and goes with it
             with contextlib.suppress(OSError):
-                os.truncate(self.journal_path, end)
+                os.truncate(self.path(), end)
             raise
 
     def snapshot(self, state) -> None:
+        """Write ``state`` whole and start the next journal; where this fails, the last snapshot and the journal in
+        use stay as they were."""
+        following = self.generation + 1
+        out = open(self.path(following), "wb")  # empty: named by the snapshot below, the moment it is in place
         tmp = self.snapshot_path + ".tmp"
-        with open(tmp, "wb") as fh:
-            pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.snapshot_path)  # the new snapshot holds everything the journal held
+        try:
+            with open(tmp, "wb") as fh:
+                pickle.dump((following, state), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, self.snapshot_path)  # the new snapshot holds everything the old journal held
+        except BaseException:
+            out.close()
+            with contextlib.suppress(OSError):
+                os.remove(self.path(following))
+            raise
+        old, self._out, done = self._out, out, self.path()
+        self.generation = following
         self.snapshot_bytes = os.path.getsize(self.snapshot_path)
-        if self._out is not None:
-            self._out.close()
-        self._out = open(self.journal_path, "wb")
         self.journal_bytes = 0
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+        with contextlib.suppress(OSError):
+            os.remove(done)
 
 
 class Durable:

@@ -91,6 +91,15 @@ def _preload() -> None:
     import scipy.stats  # noqa: F401
 
 
+def _sendable(exc: Exception) -> Exception:
+    """``exc`` if it pickles, else a RuntimeError (an OSError where it was one) saying what it was."""
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:  # noqa: BLE001 -- a user's detector may raise what does not pickle
+        return (OSError if isinstance(exc, OSError) else RuntimeError)(f"{type(exc).__name__}: {exc}")
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ShardActor:
     def __init__(self, app: str, index: int, spec, directory: str):
@@ -101,34 +110,52 @@ class ShardActor:
         if self.durable.restored["snapshot"] or self.durable.restored["changes"]:
             log.warning("%s restored: %s", shard_name(app, index), self.durable.restored)
         self.links = _links(spec)
-        self.told = dict.fromkeys(self.links, 0)  # linking queries recorded when the linker was last told
+        self.told = dict.fromkeys(self.links, (0, 0))  # (linking rounds that pulled, queries since) last told
+        self.linkers: dict = {}  # linking detector -> its linker's handle, looked up once
 
     def score(self, requests: bytes) -> bytes:
-        """Requests' items on this shard, in order (see :class:`RayTier`): pickled both ways."""
-        return pickle.dumps([self._score(*request) for request in pickle.loads(requests)],
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        """Requests' items on this shard, in order (see :class:`RayTier`): pickled both ways. A request whose scoring
+        raises gets the exception in place of its verdicts, and the others of the call their verdicts."""
+        out = []
+        for request in pickle.loads(requests):
+            try:
+                out.append(self._score(*request))
+            except Exception as exc:  # noqa: BLE001 -- the request's caller raises it
+                out.append(_sendable(exc))
+        return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _score(self, request_id, items, x, labels, probs) -> dict:
         out = self.durable.apply("score", request_id, items, x, labels, probs)
         for name, every in self.links.items():
-            since = self.durable.obj.detectors[name].since
-            if since < self.told[name]:  # the linker pulled meanwhile
-                self.told[name] = 0
-            if since - self.told[name] >= max(1, every // (2 * self.shards)):
-                # fire and forget, never retried: a lost tick only delays the next round (the next one carries
-                # the count so far)
-                _actor(linker_name(self.app, name)).tick.options(max_task_retries=0).remote(self.index, since)
-                self.told[name] = since
+            book = self.durable.obj.detectors[name]
+            pulled, told = self.told[name]
+            if book.pulled != pulled:  # the linker pulled since: count from 0
+                told = 0
+            if book.since - told >= max(1, every // (2 * self.shards)):
+                self.told[name] = (book.pulled, book.since)
+                self._tick(name, book.pulled, book.since)
         return out
+
+    def _tick(self, name: str, pulled: int, since: int) -> None:
+        """Tell linking detector ``name``'s linker how many queries this shard recorded since the round that pulled it
+        last. Fire and forget, never retried: a lost tick only delays the next round (the next one carries the
+        count so far), and a linker that cannot be reached costs the requests nothing."""
+        try:
+            if name not in self.linkers:
+                self.linkers[name] = _actor(linker_name(self.app, name))
+            self.linkers[name].tick.options(max_task_retries=0).remote(self.index, since, pulled)
+        except Exception as exc:  # noqa: BLE001 -- the verdicts are recorded; linking catches up at the next tick
+            self.linkers.pop(name, None)
+            log.warning("%s: linker %s not told (%s)", shard_name(self.app, self.index), name, exc)
 
     def admit(self, request_id, key, n):
         return self.durable.apply("admit", request_id, key, n, time.time())  # the time is journaled: replays exactly
 
     def issue(self, challenge_id, item):
-        return self.durable.apply("issue", challenge_id, item)
+        return self.durable.apply("issue", challenge_id, item, time.time())  # journaled with its time, as admit
 
-    def take(self, challenge_id, account_id):
-        return self.durable.apply("take", challenge_id, account_id)
+    def take(self, challenge_id, account_id, request_id):
+        return self.durable.apply("take", challenge_id, account_id, time.time(), request_id)
 
     def pull(self, name, round_):
         return self.durable.apply("pull", name, round_)
@@ -154,18 +181,21 @@ class LinkerActor:
                                ("ingest",), every=20)
         self.since: dict[int, int] = {}
 
-    def tick(self, shard: int, since: int) -> None:
-        """Shard ``shard`` has recorded ``since`` linking queries since the last pull; once the shards together
-        have ``every``, pull, re-cluster and publish."""
+    def tick(self, shard: int, since: int, pulled: int) -> None:
+        """Shard ``shard`` has recorded ``since`` linking queries since round ``pulled`` pulled it; once the shards
+        together have ``every``, pull, re-cluster and publish. A tick sent before the last round pulled its shard
+        (it waited here while that round ran) counts queries the round took, and is ignored."""
+        linker = self.durable.obj
+        if pulled < linker.pulls:
+            return
         self.since[shard] = since
         if sum(self.since.values()) < self.every:
             return
         self.since = {}
-        linker = self.durable.obj
         round_ = linker.pulls + 1  # the same round again if the linker crashed before ingesting it
         handles = [_actor(shard_name(self.app, i)) for i in range(self.shards)]
-        pulled = ray.get([h.pull.remote(self.name, round_) for h in handles])
-        self.durable.apply("ingest", pulled)
+        rows = ray.get([h.pull.remote(self.name, round_) for h in handles])
+        self.durable.apply("ingest", rows)
         ray.get([h.publish.remote(self.name, round_, verdicts)
                  for h, verdicts in zip(handles, per_shard(linker.verdicts(), self.shards))])
 
@@ -217,7 +247,10 @@ class _Line:
                     future.set_exception(exc)
             else:
                 for (_, future), answer in zip(batch, answers):
-                    future.set_result(answer)
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
 
 
 class RayTier:
@@ -242,8 +275,9 @@ class RayTier:
     def issue(self, account_id: str, challenge_id: str, item: dict) -> None:
         ray.get(self.handles[owner(account_id, len(self.handles))].issue.remote(challenge_id, item))
 
-    def take(self, account_id: str, challenge_id: str) -> dict | None:
-        return ray.get(self.handles[owner(account_id, len(self.handles))].take.remote(challenge_id, account_id))
+    def take(self, account_id: str, challenge_id: str, request_id: str) -> dict | None:
+        return ray.get(self.handles[owner(account_id, len(self.handles))].take.remote(challenge_id, account_id,
+                                                                                       request_id))
 
 
 def start(spec, app: str) -> list:

@@ -2,6 +2,7 @@
 hit, derived from the query log."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from sim import alerts, data, detectors, models, querylog
@@ -47,6 +48,13 @@ def test_alerts_record_each_flag_and_each_limit_hit_with_the_accounts_queries_so
     assert table.column("time").to_pylist() == sorted(table.column("time").to_pylist())
     summary = {s["source"]: s for s in alerts.summary(table)}
     assert summary["prada"]["accounts"] == 1 and summary["quota"]["alerts"] == 3
+    # two requests of one account may reach the log in the other order than its shard scored them: the alert is the
+    # first flagged query in the shard's order
+    stamps = log.column("timestamp").cast(pa.int64()).to_numpy()
+    flipped = log.set_column(log.schema.get_field_index("timestamp"), "timestamp",
+                             pa.array(stamps.max() + stamps.min() - stamps).cast(log.schema.field("timestamp").type))
+    alert = [a for a in alerts.from_log(flipped).to_pylist() if a["source"] == "prada"]
+    assert len(alert) == 1 and alert[0]["request_id"] == att.column("request_id")[first].as_py()
     # a log of schema 3 and older has no per-key positions: its detectors' alerts are per request, as a stateless one's
     older = alerts.from_log(log.drop_columns(["prada_seq", "msp_seq"]))
     requests = log.filter(pc.fill_null(log.column("prada_flagged"), False)).column("request_id").unique()

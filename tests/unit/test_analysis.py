@@ -205,7 +205,17 @@ def test_queries_a_limit_refused_are_neither_scored_nor_replayed_nor_counted_as_
     online = rows.column("prada_flagged").to_numpy(zero_copy_only=False)
     for order in (None, "prada"):
         again = analysis.replay(table, "prada", {"min_pool": 5}, order=order)
-        assert np.array_equal(again["flags"], online)
+        assert np.array_equal(again["flags"], online) and again["gaps"] == {}
+    # a request the tier scored and no row records (a Serve replica killed before writing it): the replay names the
+    # account and the first position its log lacks
+    import pyarrow.compute as pc
+
+    seq = rows.column("prada_seq").to_numpy(zero_copy_only=False)
+    accounts_of = np.asarray(rows.column("account_id").to_pylist())
+    lost = rows.column("request_id")[int(np.flatnonzero((accounts_of == "solo-0000") & (seq == 10))[0])]
+    gapped = analysis.replay(table.filter(pc.not_equal(table.column("request_id"), lost)), "prada", {"min_pool": 5},
+                             order="prada")
+    assert gapped["gaps"] == {"solo-0000": 10}
     report = analysis.replication_report(table, None)
     solo = report["attackers"][0]
     assert (solo["queries"], solo["answered"], solo["refused"]) == (80, 80, 0)

@@ -327,6 +327,46 @@ def test_once_the_log_cannot_be_written_nothing_more_is_answered(service, monkey
     assert querylog.read(str(path)).num_rows == 2
 
 
+def test_a_request_waiting_for_the_log_when_a_write_fails_writes_nothing(service, monkeypatch):
+    """Two requests at once: B passes the check of the log's health while A is writing, and waits for the writer;
+    A's write fails (it may leave a torn record, behind which no reader would find B's rows). B must not write after
+    it: it gets 503 too, and nothing more reaches the writer."""
+    import errno
+    import threading
+
+    svc, _ = service
+    x = data.load("mnist5k").x_test[:2]
+
+    class Watched:  # the service's lock, telling when a second request waits for it
+        def __init__(self):
+            self.lock, self.waiting = threading.Lock(), threading.Event()
+
+        def __enter__(self):
+            if self.lock.locked():
+                self.waiting.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    svc._lock = Watched()
+    writes, replies = [], {}
+
+    def full(**rows):
+        writes.append(rows["request_id"])
+        if len(writes) == 1:  # A, holding the lock: B starts now, passes the check, and waits for the lock
+            other = threading.Thread(target=lambda: replies.setdefault("B", svc.query("k-att", x)))
+            other.start()
+            assert svc._lock.waiting.wait(60)
+            replies["thread"] = other
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(svc.writer, "write", full)
+    replies["A"] = svc.query("k-ben", x)
+    replies["thread"].join(60)
+    assert replies["A"].status == replies["B"].status == 503 and len(writes) == 1
+
+
 def test_once_the_detection_tier_cannot_journal_its_state_nothing_more_is_answered(service, monkeypatch):
     """The tier's journal lives under the run directory too: a shard that cannot record what it scored fails the
     request, which gets 503, as does every later one; nothing is answered that the detectors did not record."""

@@ -121,8 +121,8 @@ def test_a_shard_restarted_from_its_journal_and_snapshot_has_exactly_the_state_i
     for r, (acct, x, y) in enumerate(requests[:40]):
         verdicts[r] = reference.score(f"r{r}", [("prada", acct)], x, y, None)["prada"]
         durable.apply("score", f"r{r}", [("prada", acct)], x, y, None)
-    durable.apply("issue", "ch-1", {"account": "acct-1", "x": requests[0][1][:2]})
-    reference.issue("ch-1", {"account": "acct-1", "x": requests[0][1][:2]})
+    durable.apply("issue", "ch-1", {"account": "acct-1", "x": requests[0][1][:2]}, 100.0)
+    reference.issue("ch-1", {"account": "acct-1", "x": requests[0][1][:2]}, 100.0)
     journaled = durable.since  # the changes since its last snapshot (snapshots wait for the journal to grow too)
     assert 0 < journaled < 41
     # as if killed: no close; a new one starts from the same directory: the snapshot, then the journal's changes
@@ -138,7 +138,7 @@ def test_a_shard_restarted_from_its_journal_and_snapshot_has_exactly_the_state_i
         b = restarted.apply("score", f"r{r}", [("prada", acct)], x, y, None)["prada"]
         assert np.array_equal(a.seq, b.seq) and np.array_equal(a.flags, b.flags)
         np.testing.assert_array_equal(a.scores, b.scores)
-    assert restarted.apply("take", "ch-1", "acct-1")["account"] == "acct-1"
+    assert restarted.apply("take", "ch-1", "acct-1", 101.0, "req-1")["account"] == "acct-1"
 
 
 def test_a_restored_shard_counts_its_journaled_changes_toward_the_next_snapshot(tmp_path):
@@ -194,7 +194,7 @@ def test_changes_journaled_after_a_torn_record_survive_the_next_restart(tmp_path
     durable = tier.Durable(_Ledger, str(tmp_path), ("add",), every=10**6)
     for i in range(4):
         durable.apply("add", i)
-    path = os.path.join(str(tmp_path), "journal.pkl")
+    path = durable.journal.path()
     os.truncate(path, os.path.getsize(path) - 12)  # killed while writing the fourth
     once = tier.Durable(_Ledger, str(tmp_path), ("add",), every=10**6)
     assert once.obj.items == [0, 1, 2]
@@ -203,11 +203,44 @@ def test_changes_journaled_after_a_torn_record_survive_the_next_restart(tmp_path
     assert twice.obj.items == [0, 1, 2, "after"] and twice.restored == {"snapshot": False, "changes": 4}
 
 
+def test_a_snapshot_cut_short_anywhere_replays_no_change_twice_and_loses_none(tmp_path):
+    """A snapshot opens the next journal, puts the snapshot in place, then removes the old journal. Killed before the
+    snapshot is in place, the restart has the old snapshot and the whole old journal; killed after it, the new
+    snapshot alone (the old journal's changes are in it: replaying them would apply them twice). A snapshot that
+    cannot be written leaves the journal in use working."""
+    directory = str(tmp_path)
+    durable = tier.Durable(_Ledger, directory, ("add",), every=10**6)
+    for i in range(5):
+        durable.apply("add", i)
+    old_path = durable.journal.path()
+    with open(old_path, "rb") as fh:
+        old_journal = fh.read()
+    durable.journal.snapshot(durable.obj)
+    assert not os.path.exists(old_path)
+    with open(old_path, "wb") as fh:  # as if killed after the snapshot was in place, before the old journal went
+        fh.write(old_journal)
+    after = tier.Durable(_Ledger, directory, ("add",), every=10**6)
+    assert after.obj.items == [0, 1, 2, 3, 4] and after.restored == {"snapshot": True, "changes": 0}
+    assert not os.path.exists(old_path)
+    after.apply("add", 5)
+    open(after.journal.path(after.journal.generation + 1), "wb").close()  # killed before the next snapshot was in place
+    again = tier.Durable(_Ledger, directory, ("add",), every=10**6)
+    assert again.obj.items == [0, 1, 2, 3, 4, 5] and again.restored == {"snapshot": True, "changes": 1}
+    journals = sorted(n for n in os.listdir(directory) if n.startswith("journal-"))
+    assert journals == [os.path.basename(again.journal.path())]
+    os.mkdir(again.journal.snapshot_path + ".tmp")  # the snapshot cannot be written
+    with pytest.raises(OSError):
+        again.journal.snapshot(again.obj)
+    again.apply("add", 6)
+    last = tier.Durable(_Ledger, directory, ("add",), every=10**6)
+    assert last.obj.items == [0, 1, 2, 3, 4, 5, 6] and last.restored == {"snapshot": True, "changes": 2}
+
+
 def test_a_torn_last_journal_record_is_dropped(tmp_path):
     durable = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES, every=100)
     for r, (acct, x, y) in enumerate(_stream(n_requests=5)):
         durable.apply("score", f"r{r}", [("prada", acct)], x, y, None)
-    path = os.path.join(str(tmp_path), "journal.pkl")
+    path = durable.journal.path()
     os.truncate(path, os.path.getsize(path) - 100)  # killed in the middle of writing the fifth change
     restarted = tier.Durable(lambda: tier.Shard(_prada()), str(tmp_path), tier.Shard.CHANGES)
     assert restarted.restored == {"snapshot": False, "changes": 4} and restarted.obj.requests == 4
@@ -247,9 +280,24 @@ def test_challenges_are_held_by_the_accounts_shard_and_answered_once():
     local.issue("acct-7", "ch", item)
     holder = tier.owner("acct-7", 3)
     assert [len(s.pending) for s in local.shards] == [int(i == holder) for i in range(3)]
-    assert local.take("acct-8", "ch") is None  # not another account's to redeem
-    assert local.take("acct-7", "ch")["x"].shape == (2, 1, 28, 28)
-    assert local.take("acct-7", "ch") is None  # spent
+    assert local.take("acct-8", "ch", "req-1") is None  # not another account's to redeem
+    assert local.take("acct-7", "ch", "req-2")["x"].shape == (2, 1, 28, 28)
+    assert local.take("acct-7", "ch", "req-3") is None  # spent
+
+
+def test_a_retried_issue_or_take_changes_nothing_more():
+    """Ray runs a call in flight to a shard that died again once the shard is back: an issue retried holds one
+    challenge, counted once; a take retried by the request that took the challenge gets it again, and any other
+    request still finds it spent."""
+    shard = tier.Shard({})
+    x = np.zeros((3, 1, 4, 4), np.uint8)
+    shard.issue("ch", {"account": "a", "x": x}, 100.0)
+    shard.issue("ch", {"account": "a", "x": x}, 100.5)
+    assert shard.pending_queries == 3 and shard.pending_of == {"a": 3} and shard.pending["ch"]["expires"] == 700.0
+    first = shard.take("ch", "a", 101.0, "req-1")
+    assert first["x"].shape == (3, 1, 4, 4) and shard.pending_queries == 0 and not shard.pending_of
+    assert shard.take("ch", "a", 102.0, "req-1") is first
+    assert shard.take("ch", "a", 102.0, "req-2") is None and shard.take("ch", "b", 102.0, "req-1") is None
 
 
 def test_linking_through_the_tier_flags_what_inline_linking_flags():
@@ -326,27 +374,20 @@ def test_a_population_detector_of_ones_own_is_fed_every_account_and_its_verdicts
     assert sharded.linkers["crowd"].linker.counts == {"a": 8, "b": 1, "g": 1}  # one instance saw every account
 
 
-def test_a_challenge_expires_after_its_ttl_and_is_dropped_by_the_next_issue(monkeypatch):
+def test_a_challenge_expires_after_its_ttl_and_is_dropped_by_the_next_issue():
     """A challenge can be redeemed until ``pending_ttl_s`` after it was issued, not later (an expired puzzle is no
-    longer worth its answer); the next issue drops it from the pending store. The shard's clock is set by hand."""
-    from types import SimpleNamespace
-
-    clock = [100.0]
-    monkeypatch.setattr(tier, "time", SimpleNamespace(time=lambda: clock[0]))
+    longer worth its answer); the next issue drops it from the pending store. The times are the callers'."""
     shard = tier.Shard({}, pending_ttl_s=10.0)
     x = np.zeros((2, 1, 4, 4), np.uint8)
-    shard.issue("ch-a", {"account": "a", "x": x})
-    shard.issue("ch-b", {"account": "a", "x": x})
-    clock[0] = 110.0  # exactly the TTL: still open
-    assert shard.take("ch-a", "a")["account"] == "a"
-    clock[0] = 110.5  # past it: gone, though nothing has removed it yet
-    assert shard.take("ch-b", "a") is None
+    shard.issue("ch-a", {"account": "a", "x": x}, 100.0)
+    shard.issue("ch-b", {"account": "a", "x": x}, 100.0)
+    assert shard.take("ch-a", "a", 110.0, "r1")["account"] == "a"  # exactly the TTL: still open
+    assert shard.take("ch-b", "a", 110.5, "r2") is None  # past it: gone, though nothing has removed it yet
     assert list(shard.pending) == ["ch-b"] and shard.pending_queries == 2
-    shard.issue("ch-c", {"account": "a", "x": x[:1]})  # issuing at 110.5 drops what expired
+    shard.issue("ch-c", {"account": "a", "x": x[:1]}, 110.5)  # issuing at 110.5 drops what expired
     assert list(shard.pending) == ["ch-c"] and shard.pending_queries == 1
     assert shard.stats()["pending_challenges"] == 1
-    clock[0] = 120.5
-    assert shard.take("ch-c", "a")["x"].shape == (1, 1, 4, 4)  # issued at 110.5: open until 120.5
+    assert shard.take("ch-c", "a", 120.5, "r3")["x"].shape == (1, 1, 4, 4)  # issued at 110.5: open until 120.5
     assert shard.pending_queries == 0 and not shard.pending
 
 
@@ -355,14 +396,14 @@ def test_pending_challenges_beyond_max_pending_queries_push_out_the_oldest():
     ones (which then cannot be redeemed) until it fits, and ``pending_queries`` counts what is held."""
     shard = tier.Shard({}, max_pending=3)
     two = np.zeros((2, 1, 4, 4), np.uint8)
-    shard.issue("ch-1", {"account": "a", "x": two})
-    shard.issue("ch-2", {"account": "b", "x": two[:1]})  # 3 queries: exactly the limit, both kept
+    shard.issue("ch-1", {"account": "a", "x": two}, 0.0)
+    shard.issue("ch-2", {"account": "b", "x": two[:1]}, 0.0)  # 3 queries: exactly the limit, both kept
     assert list(shard.pending) == ["ch-1", "ch-2"] and shard.pending_queries == 3
-    shard.issue("ch-3", {"account": "a", "x": two})  # 5 > 3: the oldest, ch-1, goes; 3 left fit
+    shard.issue("ch-3", {"account": "a", "x": two}, 0.0)  # 5 > 3: the oldest, ch-1, goes; 3 left fit
     assert list(shard.pending) == ["ch-2", "ch-3"] and shard.pending_queries == 3
-    assert shard.take("ch-1", "a") is None  # pushed out
-    assert shard.take("ch-3", "a")["x"].shape == (2, 1, 4, 4) and shard.pending_queries == 1
-    shard.issue("ch-4", {"account": "c", "x": np.zeros((3, 1, 4, 4), np.uint8)})  # 4 > 3: ch-2 goes
+    assert shard.take("ch-1", "a", 0.0, "r") is None  # pushed out
+    assert shard.take("ch-3", "a", 0.0, "r")["x"].shape == (2, 1, 4, 4) and shard.pending_queries == 1
+    shard.issue("ch-4", {"account": "c", "x": np.zeros((3, 1, 4, 4), np.uint8)}, 0.0)  # 4 > 3: ch-2 goes
     assert list(shard.pending) == ["ch-4"] and shard.pending_queries == 3
 
 
@@ -371,14 +412,14 @@ def test_one_accounts_unsolved_challenges_cannot_push_out_anothers():
     go, and another account's open challenge stays redeemable; so does the challenge just issued."""
     shard = tier.Shard({}, max_pending=10)
     x = np.zeros((4, 1, 4, 4), np.uint8)
-    shard.issue("ch-c", {"account": "c", "x": x[:2]})
+    shard.issue("ch-c", {"account": "c", "x": x[:2]}, 0.0)
     for i in range(50):
-        shard.issue(f"ch-a{i}", {"account": "a", "x": x})
+        shard.issue(f"ch-a{i}", {"account": "a", "x": x}, 0.0)
     assert list(shard.pending) == ["ch-c", "ch-a48", "ch-a49"] and shard.pending_queries == 10
     assert shard.pending_of == {"c": 2, "a": 8}
-    shard.issue("ch-b", {"account": "b", "x": x})  # a holds the most: its oldest goes, not c's
+    shard.issue("ch-b", {"account": "b", "x": x}, 0.0)  # a holds the most: its oldest goes, not c's
     assert list(shard.pending) == ["ch-c", "ch-a49", "ch-b"] and shard.pending_of == {"c": 2, "a": 4, "b": 4}
-    assert shard.take("ch-c", "c")["x"].shape == (2, 1, 4, 4) and shard.pending_of == {"a": 4, "b": 4}
+    assert shard.take("ch-c", "c", 0.0, "r")["x"].shape == (2, 1, 4, 4) and shard.pending_of == {"a": 4, "b": 4}
 
 
 def _link_shard():
@@ -432,3 +473,32 @@ def test_linking_flags_arrive_with_their_lag_and_a_retried_publish_changes_nothi
     det = shard.detectors["link"]
     assert det.published == 2 and det.verdict == {"a": (0.8, True), "b": (0.97, False)}
     assert shard.stats()["link_lags"] == [5]
+
+
+def test_a_request_that_fails_in_a_shard_call_fails_alone(tmp_path, monkeypatch):
+    """Requests that meet on the way to a shard share one call (the replica's line to it); one whose scoring raises
+    gets its own error, and the others of the call their verdicts (they were scored: failing them too would answer
+    nothing for queries their keys' histories hold). The shard actor's class and the line run here without Ray."""
+    import pickle
+    from types import SimpleNamespace
+
+    from sim import tier_actors
+
+    spec = SimpleNamespace(detectors={"prada": {"kind": "prada", "params": {"min_pool": 20}}}, detector_models={},
+                           limits=None, shards=1)
+    shard = tier_actors.ShardActor.__ray_actor_class__("app", 0, spec, str(tmp_path))
+    (a, xa, ya), (b, xb, yb) = _stream(n_requests=2)
+    calls = [("r1", [("prada", a)], xa, ya, None), ("r2", [("no-such-detector", b)], xb, yb, None),
+             ("r3", [("prada", b)], xb, yb, None)]
+    answers = pickle.loads(shard.score(pickle.dumps(calls)))  # one call, three requests
+    assert answers[0]["prada"].seq.tolist() == list(range(len(xa))) and isinstance(answers[1], KeyError)
+    assert answers[2]["prada"].seq.tolist() == list(range(len(xb)))
+    # through a replica's line (however it groups them into calls): each caller gets its own outcome
+    monkeypatch.setattr(tier_actors.ray, "get", lambda ref: ref)  # the "call" returns its answer itself
+    line = tier_actors._Line(SimpleNamespace(score=SimpleNamespace(remote=shard.score)))
+    again = [(f"{rid}-again", items, x, y, p) for rid, items, x, y, p in calls]
+    futures = [line.submit(c) for c in again]
+    assert futures[0].result(timeout=30)["prada"].seq[0] == len(xa)
+    assert futures[2].result(timeout=30)["prada"].seq[0] == len(xb)
+    with pytest.raises(KeyError):
+        futures[1].result(timeout=30)

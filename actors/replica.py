@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sim import models
-from sim.adversarial import robust_accuracy
+from sim.adversarial import robust_accuracy_on
 from sim.config import ReplicaConfig
 from sim.querylog import input_digest
 from sim.training import accuracy, device_of, fidelity, predict_probs, to_float, train_classifier
@@ -84,8 +84,6 @@ def score(model: nn.Module, eval_set: tuple, robustness: dict | None = None) -> 
     pred = predict_probs(model, x).argmax(1)
     out = {"test_accuracy": round(accuracy(pred, y), 4), "fidelity": round(fidelity(pred, victim_labels), 4)}
     if robustness is not None:
-        settings = dict(robustness)
-        n = settings.pop("samples")
-        out["robust_accuracy"] = round(robust_accuracy(model, x[:n], y[:n], **settings), 4)
+        out["robust_accuracy"] = round(robust_accuracy_on(model, x, y, robustness), 4)
     model.train(training)
     return out

@@ -74,3 +74,12 @@ def robust_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, *, eps: floa
         with torch.no_grad():
             right.append(scored.eval()(adv.to(scored_dev)).argmax(1).cpu().numpy())
     return accuracy(np.concatenate(right), labels.numpy()) if right else float("nan")
+
+
+def robust_accuracy_on(model: nn.Module, x: np.ndarray, y: np.ndarray, robustness: dict,
+                       scored: nn.Module | None = None) -> float:
+    """:func:`robust_accuracy` on the first ``robustness["samples"]`` images, with the rest of ``robustness`` (the
+    PGD settings) as its parameters."""
+    settings = dict(robustness)
+    n = settings.pop("samples")
+    return robust_accuracy(model, x[:n], y[:n], **settings, scored=scored)

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from . import defenses, querylog
 from . import summary as S
-from .adversarial import robust_accuracy
+from .adversarial import robust_accuracy_on
 from .config import ScenarioConfig
 from .plan import Plan, derive_seed
 from .training import accuracy
@@ -72,9 +72,8 @@ def measure_victim(cfg, victim, eval_x: np.ndarray, eval_y: np.ndarray) -> dict:
     settings = robustness_settings(cfg)
     if settings is not None:
         out["robustness"] = dict(settings)
-        n = settings.pop("samples")
-        out["robust_accuracy"] = round(robust_accuracy(victim.differentiable, eval_x[:n], eval_y[:n], **settings,
-                                                       scored=victim.model), 4)
+        out["robust_accuracy"] = round(robust_accuracy_on(victim.differentiable, eval_x, eval_y, settings,
+                                                          scored=victim.model), 4)
     return out
 
 

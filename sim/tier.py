@@ -118,6 +118,7 @@ class Shard:
     positions in the key's history (``seq``) and whether the key was flagged before the request."""
 
     CHANGES = ("score", "admit", "issue", "take", "pull", "publish")  # the methods that change it (journaled)
+    TAKEN = 128  # challenges taken that a retried take can get again: more than the calls in flight at a restart
 
     def __init__(self, detectors: dict[str, Detector], *, limits: Limits | None = None, max_pending: int = 100_000,
                  pending_ttl_s: float = 600.0, recent: int = 4096):
@@ -202,8 +203,8 @@ class Shard:
     def take(self, challenge_id: str, account_id: str, now: float, request_id: str) -> dict | None:
         """The open challenge ``challenge_id`` of ``account_id`` at time ``now``, removed (a challenge is answered
         once); None if there is none (unknown, another account's, expired, taken). The same request taking it again
-        (a call retried after a restart) gets it again: the last ``recent`` challenges taken are remembered with the
-        request that took them."""
+        (a call retried after a restart) gets it again: the last :attr:`TAKEN` challenges taken (they hold their
+        images: fewer than the verdicts) are remembered with the request that took them."""
         taker, item = self.taken.get(challenge_id, (None, None))
         if item is not None:
             return item if taker == request_id and item["account"] == account_id else None
@@ -212,7 +213,7 @@ class Shard:
             return None
         item = self._drop(challenge_id)
         self.taken[challenge_id] = (request_id, item)
-        if len(self.taken) > self.recent_size:
+        if len(self.taken) > self.TAKEN:
             self.taken.popitem(last=False)
         return item
 

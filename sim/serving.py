@@ -92,11 +92,14 @@ class VictimDeployment:
                     seconds: float | None = None) -> Reply:
         return await asyncio.to_thread(self.service.solve, api_key, challenge_id, counter, actor_id, seconds)
 
-    def reconfigure(self, config: dict) -> None:
+    async def reconfigure(self, config: dict) -> None:
         """Serve's live update (``user_config``): ``{"defense": spec}`` swaps the output defense in every
-        replica without restarting it. The spec was checked by :func:`update_defense` before."""
+        replica without restarting it. The spec was checked by :func:`update_defense` before. The new defense is built
+        and swapped in off the event loop, which keeps taking requests meanwhile (building MAD's surrogate takes a
+        while, and the swap waits for the request that holds the service's lock)."""
         if "defense" in config and config["defense"] != self.defense:  # Serve also calls it right after __init__
-            self.service.set_defense(build_defense(self.spec, config["defense"]))
+            defense = await asyncio.to_thread(build_defense, self.spec, config["defense"])
+            await asyncio.to_thread(self.service.set_defense, defense)
             self.defense = config["defense"]
         if "keys" in config:
             added = {k: Account(**fields) for k, fields in config["keys"].get("added", {}).items()}

@@ -163,8 +163,7 @@ def ray_session(cfg: ScenarioConfig):
             raise SimError(f"{where}: no Ray cluster found ({first_line(exc)}){token}; "
                            f"expected a running cluster's HOST:PORT or 'auto'") from None
         _check_cluster_reaches_us(where)
-        alive = [n for n in ray.nodes() if n.get("Alive")]
-        print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}: {len(alive)} nodes, "
+        print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}: {len(_alive_nodes())} nodes, "
               f"{ray.cluster_resources().get('CPU', 0):g} CPUs", file=sys.stderr, flush=True)
     else:
         init_local_ray(cfg.ray.num_cpus, cfg.ray.object_store_mb)
@@ -558,14 +557,13 @@ def _run(cfg, ds, plan, log_dir, run_id, start, progress, quiet, victim, app, on
         timings["replica_seconds"] = round(time.perf_counter() - t0, 2)
     progress["phase"] = "evaluation"
     keep = plan.eval_indices(len(ds.x_test))
-    outcome = Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
-                      defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
-                      victim_measures=measure_victim(cfg, victim, ds.x_test[keep], ds.y_test[keep]),
-                      nodes=len(nodes), serve=Serve(app=app, port=port, url=f"http://127.0.0.1:{port}/{app}"
-                                                    if port else None, tier=tier,
-                                                    replicas=None if cfg.serve.autoscaling else cfg.serve.replicas),
-                      timings=timings)
-    return outcome
+    return Outcome(run_id=run_id, victim=victim, plan=plan, replicas=replicas, log=table, logged=logged,
+                   defended=defended_test_set(cfg, victim, defense_models, clean_test), detectors=dets.info,
+                   victim_measures=measure_victim(cfg, victim, ds.x_test[keep], ds.y_test[keep]),
+                   nodes=len(nodes), serve=Serve(app=app, port=port, url=f"http://127.0.0.1:{port}/{app}"
+                                                 if port else None, tier=tier,
+                                                 replicas=None if cfg.serve.autoscaling else cfg.serve.replicas),
+                   timings=timings)
 
 
 def _remote_keys(cfg: ScenarioConfig, plan: Plan) -> str:

@@ -8,13 +8,15 @@ the zoo.
 
 from __future__ import annotations
 
-import numpy as np
-from torch import nn
+from typing import TYPE_CHECKING
 
-from ..models import from_bytes
+import numpy as np
+
 from ..registry import register
-from ..training import predict_probs
 from .base import Detection, Param, StatelessDetector
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register("detector")
@@ -33,7 +35,11 @@ class MaxSoftmax(StatelessDetector):
         super().__init__(models, **params)
         if self.values["model"] == "oe" and models is None:
             raise ValueError("msp with model=oe needs the outlier-exposure model (models=, see MaxSoftmax.prepare)")
-        self.model = from_bytes(models) if isinstance(models, bytes) else models
+        if isinstance(models, bytes):
+            from ..models import from_bytes
+
+            models = from_bytes(models)
+        self.model = models
 
     @classmethod
     def prepare(cls, params, ctx) -> bytes | None:
@@ -48,6 +54,8 @@ class MaxSoftmax(StatelessDetector):
     def score(self, account_id: str, inputs: np.ndarray, labels: np.ndarray,
               probs: np.ndarray | None = None) -> Detection:
         if self.model is not None:
+            from ..training import predict_probs
+
             probs = predict_probs(self.model, inputs)
         elif probs is None:
             raise ValueError("msp needs the victim's probabilities of the queries")

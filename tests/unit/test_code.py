@@ -54,6 +54,24 @@ print(sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
     assert imported == "[]"
 
 
+def test_a_detection_tier_actor_starts_without_torch():
+    """A shard or linker builds its detectors through the registry, which imports every built-in detector module:
+    none of them imports torch until a detector with a model is made (SAME's and msp's models live apart), so a
+    shard that Ray starts or restarts costs a second or so rather than the four more torch takes on two cores."""
+    code = """
+import sys
+from sim import detectors, limits, tier, tier_actors
+tier_actors._preload()
+assert "same" in detectors.names() and "msp" in detectors.names()
+shard = tier.Shard(detectors.build_named({"p": {"kind": "prada"}, "l": {"kind": "link"}}, {}),
+                   limits=limits.Limits(quota=10))
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_the_benchmarks_call_each_others_helpers_as_they_are_defined():
     """The benchmarks run on demand, not in the suite: a call from one into another's helper (defenses.py into
     serving.py's ``served``) with a keyword the helper lacks would fail only then. Checked here from the source."""

@@ -529,8 +529,7 @@ def test_to_a_device_moves_every_model_a_component_computes_with():
     import torch
 
     from sim import detectors, models
-    from sim.detectors.mae import MAE
-    from sim.detectors.same import SameModels
+    from sim.detectors._same_models import MAE, SameModels
 
     net = models.build("lenet", (1, 28, 28), 10)
     dtypes = lambda *ms: {p.dtype for m in ms for p in m.parameters()}  # noqa: E731

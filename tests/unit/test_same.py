@@ -5,8 +5,8 @@ import pytest
 
 from actors.attacks.dfme import DFME
 from sim import data, detectors, models
-from sim.detectors.mae import MAE
-from sim.detectors.same import Same, SameModels, train_same
+from sim.detectors._same_models import MAE, SameModels, train_same
+from sim.detectors.same import Same
 from sim.errors import ConfigError
 from sim.training import predict_probs, train_classifier
 
@@ -83,7 +83,7 @@ def test_mae_shape_errors_name_the_field():
 
 def test_same_code_kl_is_victim_against_auxiliary_averaged_over_classes():
     """KL((1/2, 1/2, 0) || (1/4, 1/4, 1/2)) = ln 2 (the zero class adds nothing), averaged over 3 classes."""
-    from sim.detectors.same import kl_per_class
+    from sim.detectors._same_models import kl_per_class
 
     np.testing.assert_allclose(kl_per_class([[0.5, 0.5, 0.0]], [[0.25, 0.25, 0.5]]), [np.log(2) / 3])
     assert kl_per_class([[0.2, 0.8]], [[0.2, 0.8]])[0] == 0
@@ -114,7 +114,7 @@ def tiny_code(tiny):
 
 
 def test_same_code_scores_alpha_mse_plus_kl_on_raw_scales(tiny_code):
-    from sim.detectors.same import kl_per_class
+    from sim.detectors._same_models import kl_per_class
     from sim.training import to_float
 
     ds, victim, models_ = tiny_code
@@ -139,7 +139,7 @@ def test_same_code_auxiliary_model_learns_the_true_labels_from_masked_reconstruc
 def test_same_code_without_full_view_reconstructs_each_patch_from_views_that_hide_it(tiny_code):
     """without=[full_view] changes the scoring only: the MSE and the KL against the default partitioned
     reconstruction, mixed as the code mixes them; the same models serve both."""
-    from sim.detectors.same import kl_per_class
+    from sim.detectors._same_models import kl_per_class
     from sim.training import to_float
 
     ds, victim, models_ = tiny_code
@@ -167,7 +167,7 @@ def test_same_code_models_and_detector_agree_on_the_training_choices_turned_off(
 
 def test_same_code_without_all_pixel_loss_trains_the_mae_on_masked_patches_with_the_code_s_optimizer(tiny,
                                                                                                       monkeypatch):
-    import sim.detectors.same as same_module
+    import sim.detectors._same_models as same_module
 
     ds, victim, _ = tiny
     seen = []

@@ -1,4 +1,6 @@
-"""A small masked autoencoder (He et al. 2022) for SAME: ViT-style patches, sized to train on a CPU.
+"""SAME's models (:mod:`.same`): a small masked autoencoder (He et al. 2022), ViT-style patches sized to train on a
+CPU, and the auxiliary model beside it; how both train, and the two signals they give. Torch lives here, apart from
+the detector's class, so that what only scores with other detectors (a detection tier's shard) never imports it.
 
 Training masks a random ``mask_ratio`` of each image's patches, encodes only the visible ones, and
 learns to predict the masked patches' pixels (MSE on the masked patches only).
@@ -14,14 +16,19 @@ pixel of the reconstruction is copied from the input.
 
 from __future__ import annotations
 
-from typing import Callable
+import io
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from .. import models
 from ..errors import ConfigError
-from ..training import device_of, fixed_threads, to_float
+from ..training import device_of, fixed_threads, predict_probs, to_float, train_classifier
+from .base import calibration_split
+from .same import trained_without
 
 
 def _blocks(dim: int, heads: int, depth: int) -> nn.TransformerEncoder:
@@ -164,3 +171,126 @@ def train_mae(mae: MAE, x: np.ndarray, *, epochs: int, batch_size: int = 128, lr
             on_epoch(epoch + 1, total / len(patches))
     mae.eval()
     return mae
+
+
+@dataclass
+class SameModels:
+    """The trained MAE and auxiliary model, with the calibration statistics of both signals."""
+
+    mae: MAE
+    aux: nn.Module
+    mae_config: dict[str, Any]
+    aux_arch: str
+    num_classes: int
+    stats: dict[str, float]  # r_mean, r_std, d_mean, d_std
+    variant: str = "default"  # same_code: full-view reconstruction and the KL deviation
+    without: tuple[str, ...] = ()  # same_code's training choices turned off (all_pixel_loss)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"mae_config": self.mae_config, "mae": self.mae.state_dict(), "aux_arch": self.aux_arch,
+                    "num_classes": self.num_classes, "aux": self.aux.state_dict(), "stats": self.stats,
+                    "variant": self.variant, "without": list(self.without)}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "SameModels":
+        d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        mae = MAE(**d["mae_config"])
+        mae.load_state_dict(d["mae"])
+        aux = models.build(d["aux_arch"], tuple(d["mae_config"]["input_shape"]), d["num_classes"])
+        aux.load_state_dict(d["aux"])
+        return cls(mae.eval(), aux.eval(), d["mae_config"], d["aux_arch"], d["num_classes"],
+                   {k: float(v) for k, v in d["stats"].items()}, d.get("variant", "default"),
+                   tuple(d.get("without", ())))
+
+    def signals(self, x: np.ndarray, probs: np.ndarray, full_view: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (reconstruction error, deviation) of images ``x`` whose victim probabilities are ``probs``: the
+        deviation is the total-variation distance, or (same_code) KL(victim || auxiliary) averaged over classes.
+        ``full_view``: reconstruct with every patch visible (default: with same_code)."""
+        full = self.variant == "same_code" if full_view is None else full_view
+        recon = self.mae.reconstruct_full(x) if full else self.mae.reconstruct(x)
+        r = ((to_float(x) - recon) ** 2).flatten(1).mean(1).numpy()
+        g = predict_probs(self.aux, recon)
+        p = np.asarray(probs, np.float64)
+        if self.variant == "same_code":
+            d = kl_per_class(p, g)
+        else:
+            d = 0.5 * np.abs(p - g).sum(1)
+        return r.astype(np.float64), d
+
+
+def kl_per_class(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise KL(p || q) divided by the number of classes, as torch's KLDivLoss(reduction="none") averaged over
+    them in SAME's code (0 log 0 = 0)."""
+    p, q = np.asarray(p, np.float64), np.clip(np.asarray(q, np.float64), 1e-30, None)
+    terms = np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - np.log(q)), 0.0)
+    return terms.mean(1)
+
+
+def train_aux_on_masked(aux: nn.Module, mae: MAE, x: np.ndarray, labels: np.ndarray, *, epochs: int,
+                        batch_size: int, seed: int, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """SAME's code's auxiliary model: each batch reconstructed under a fresh random mask per image, the classifier
+    trained on the reconstructions with the true labels (SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(aux.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sched = schedule(opt, epochs, warmup=0)
+    dev = device_of(aux)
+    patches, y = mae.patchify(to_float(x)), torch.as_tensor(labels).long()
+    mae.eval()
+    aux.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(patches), generator=gen)
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            with torch.no_grad():
+                recon = mae.unpatchify(mae(patches[idx].to(dev), mae.random_keep(len(idx), gen).to(dev)))
+            loss = F.cross_entropy(aux(recon), y[idx].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, total / len(patches))
+    return aux.eval()
+
+
+@fixed_threads
+def train_same(victim: nn.Module, victim_arch: str, x_train: np.ndarray, num_classes: int, *, seed: int,
+               mae_config: dict[str, Any], epochs: int, aux_epochs: int, batch_size: int = 128,
+               lr: float = 1e-3, on_epoch: Callable[[str, int, float], None] | None = None,
+               device: str = "cpu", variant: str = "default", warmup: int = 0,
+               y_train: np.ndarray | None = None, without: tuple[str, ...] = ()) -> SameModels:
+    """Train SAME's MAE and auxiliary model on ``x_train`` (uint8) less a calibration slice, on ``device``, and
+    measure both signals on that slice; both are returned on the CPU. ``on_epoch(stage, epoch, loss)`` reports
+    progress ('mae' then 'aux'). ``variant="same_code"`` trains them as the authors' code does (module docstring;
+    it needs the true labels ``y_train``; ``without``: the choices of it turned off)."""
+    fit, calib = calibration_split(len(x_train), seed)
+    cfg = {"input_shape": list(x_train.shape[1:]), **mae_config}
+    torch.manual_seed(seed)
+    mae = MAE(**cfg).to(device)
+    code = variant == "same_code"
+    train_mae(mae, x_train[fit], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup=warmup,
+              loss_on="all" if code and "all_pixel_loss" not in without else "masked",
+              betas=(0.9, 0.95) if code else None,
+              on_epoch=on_epoch and (lambda e, loss: on_epoch("mae", e, loss)))
+    torch.manual_seed(seed + 1)
+    aux = models.build(victim_arch, tuple(x_train.shape[1:]), num_classes).to(device)
+    aux_progress = on_epoch and (lambda e, loss: on_epoch("aux", e, loss))
+    if code:
+        train_aux_on_masked(aux, mae, x_train[fit], y_train[fit], epochs=aux_epochs, batch_size=batch_size,
+                            seed=seed + 1, on_epoch=aux_progress)
+    else:
+        recon = mae.reconstruct(x_train[fit])
+        targets = predict_probs(victim, x_train[fit])
+        train_classifier(aux, recon, targets, epochs=aux_epochs, seed=seed + 1, on_epoch=aux_progress)
+    out = SameModels(mae.cpu(), aux.cpu().eval(), cfg, victim_arch, num_classes, {}, variant,
+                     trained_without(without))
+    r, d = out.signals(x_train[calib], predict_probs(victim, x_train[calib]))
+    out.stats = {"r_mean": float(r.mean()), "r_std": float(r.std() + 1e-12),
+                 "d_mean": float(d.mean()), "d_std": float(d.std() + 1e-12)}
+    return out

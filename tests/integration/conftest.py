@@ -10,11 +10,14 @@ import pytest  # noqa: E402
 
 from sim.serving import free_port  # noqa: E402
 
+# tiny budgets; the two benign accounts in one client actor (every actor is a process, seconds to start on two cores)
 SMALL = [
     "victim.epochs=2",
     "attackers.single.budget=160",
     "attackers.single.replica.epochs=2",
     "benign.queries=40",
+    "benign.users=1",
+    "benign.accounts=2",
 ]
 
 

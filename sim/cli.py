@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_sweep(scenario, overrides)
         if scenario is None:
             raise SimError("scenario=NAME is required (see python -m sim help)")
+        from .config import load
+
+        load(scenario, overrides)  # a mistaken name or key is one line in a second, before Ray and torch load
         if mode == "serve":
             return serve_forever(scenario, overrides)
         from .engine import run

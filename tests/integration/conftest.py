@@ -21,6 +21,9 @@ SMALL = [
 ]
 
 
+REQUEST_TIMEOUT_S = 15
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
@@ -35,7 +38,8 @@ def ray_serve():
 
     init_local_ray(num_cpus=2, object_store_mb=300)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 30})
+    # a request unfinished after 15 s is answered 408 (test_hardening waits for that): far above any test's latency
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     yield port
     ray.shutdown()
 

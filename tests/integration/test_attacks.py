@@ -5,6 +5,8 @@ import pytest
 
 import sim
 
+from .conftest import SMALL
+
 TINY = ["victim.epochs=2", "benign.queries=40", "detectors.prada.min_pool=50"]
 
 
@@ -37,25 +39,38 @@ def test_jacobian_scenarios_run_end_to_end(ray_serve, cache_dir, tmp_path, scena
     assert att.replica is not None
 
 
-def test_label_only_knockoff_trains_on_hard_labels(ray_serve, small_overrides):
-    s = sim.run("label_only_knockoff", small_overrides + ["attackers.single.replica.epochs=6"], quiet=True)
-    (att,) = s.attackers
+@pytest.fixture(scope="module")
+def knockoff_variants(ray_serve, cache_dir, tmp_path_factory):
+    """One run of the label-only scenario with two more Knockoff attackers beside its own (one deployment, not
+    three): one whose budget exceeds the pool (sampled with replacement and augmented), one adaptive over two
+    actors."""
+    return sim.run("label_only_knockoff", [
+        f"cache_dir={cache_dir}", f"run_dir={tmp_path_factory.mktemp('variants') / 'run'}", *SMALL,
+        "attackers.single.replica.epochs=6",
+        "attackers.beyond.attack=knockoff", "attackers.beyond.budget=1900",  # the pool has 1,797
+        "attackers.beyond.sample_with_replacement=true", "attackers.beyond.augment=true",
+        "attackers.beyond.replica.epochs=1",
+        "attackers.adaptive.attack=knockoff", "attackers.adaptive.budget=160", "attackers.adaptive.strategy=adaptive",
+        "attackers.adaptive.actors=2", "attackers.adaptive.accounts=2", "attackers.adaptive.batch_size=16",
+        "attackers.adaptive.replica.epochs=8"], quiet=True)
+
+
+def test_label_only_knockoff_trains_on_hard_labels(knockoff_variants):
+    att = knockoff_variants.attacker("single")
     assert att.labels == "hard" and att.queries == 160
     assert att.replica.test_accuracy > 0.2
+    assert knockoff_variants.queries.logged == knockoff_variants.queries.total == 160 + 1900 + 160 + 2 * 40
 
 
-def test_knockoff_budget_beyond_the_pool_with_replacement_and_augmentation(ray_serve, small_overrides):
-    s = sim.run("single_knockoff", small_overrides + [
-        "attackers.single.budget=1900", "attackers.single.sample_with_replacement=true",  # the pool has 1,797
-        "attackers.single.augment=true", "attackers.single.replica.epochs=1", "benign.users=0"], quiet=True)
-    assert s.attackers[0].queries == 1900 and s.queries.logged == 1900
+def test_knockoff_budget_beyond_the_pool_with_replacement_and_augmentation(knockoff_variants):
+    att = knockoff_variants.attacker("beyond")
+    assert att.labels == "soft" and att.queries == 1900 and att.params["sample_with_replacement"]
+    assert att.replica is not None
 
 
-def test_adaptive_knockoff_runs_over_two_actors(ray_serve, small_overrides):
-    s = sim.run("single_knockoff", small_overrides + [
-        "attackers.single.strategy=adaptive", "attackers.single.actors=2", "attackers.single.accounts=2",
-        "attackers.single.batch_size=16", "attackers.single.replica.epochs=8", "benign.users=0"], quiet=True)
-    att = s.attackers[0]
+def test_adaptive_knockoff_runs_over_two_actors(knockoff_variants):
+    att = knockoff_variants.attacker("adaptive")
+    assert att.params["strategy"] == "adaptive" and len(att.stats) == 2  # one entry per actor
     assert att.queries == 160 and att.replica.test_accuracy > 0.2
 
 

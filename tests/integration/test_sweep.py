@@ -1,4 +1,5 @@
-"""Sweeps end to end through the CLI: a tiny sweep interrupted and resumed; a sweep over a two-node cluster."""
+"""Sweeps end to end: a tiny sweep through the CLI, interrupted and resumed; ASHA in process (a sweep over a two-node
+cluster: test_cluster.py)."""
 
 import json
 import os
@@ -94,30 +95,6 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     assert analysed.returncode == 0, analysed.stderr[-2000:]
     assert "3 trials" in analysed.stdout and all((sweep_dir / "runs" / r["trial_id"] / "report.md").exists()
                                                  for r in table)
-
-
-def test_sweep_spreads_trials_over_a_two_node_cluster(cache_dir, tmp_path):
-    """Each node has 2 logical CPUs and each trial reserves 1.5, so the two trials must run on different
-    nodes; the sweep directory is a URI."""
-    launcher = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cluster_launcher.py"), "2"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env=env_without_ray_address())
-    try:
-        address = json.loads(launcher.stdout.readline())["address"]
-        env = {**env_without_ray_address(), "RAY_ADDRESS": address}
-        proc = _sweep("sweep=random_noise_eps", "scenario=single_knockoff",
-                      "sweep.space={random_noise: {eps: [0.5, 1.0]}}",
-                      "sweep.trial_cpus=1.5", "sweep.max_concurrent=2", f"sweep.dir=file://{tmp_path}/sweep",
-                      "ray.address=auto", f"cache_dir={cache_dir}", *SMALL, "benign.users=0",
-                      "detectors.prada.enabled=false", env=env)
-        out, err = proc.communicate(timeout=500)
-        assert proc.returncode == 0, err[-3000:]
-        table = pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist()
-        assert [r["status"] for r in table] == ["done", "done"]
-        assert len({r["node_id"] for r in table}) == 2
-    finally:
-        launcher.stdin.close()
-        launcher.wait(timeout=120)
 
 
 def test_asha_stops_the_weakest_defense_early(ray_serve, cache_dir, tmp_path):

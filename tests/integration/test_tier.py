@@ -229,13 +229,16 @@ def test_crowd_on_a_tiny_budget(ray_serve, cache_dir, tmp_path):
     attackers = [c for c in plan.clients if c.attacker is not None]
     assert len(attackers) == 16 and sum(len(c.accounts) for c in attackers) == 1001
     assert len(plan.clients) - len(attackers) == 8
-    # run with fewer actors and tiny budgets (every actor is a process; two cores start them slowly)
+    # run with fewer actors and tiny budgets (every actor is a process, seconds to start on two cores, and those of
+    # JBDA and adaptive Knockoff import torch and train as they query): one attacker over two actors, the two benign
+    # accounts in one
     small = [f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}", "victim.epochs=2", "benign.queries=30",
-             "benign.users=2", "attackers.single.budget=96", "attackers.knockoff_sybils.budget=300",
-             "attackers.knockoff_sybils.accounts=100", "attackers.jbda_sybils.budget=300",
-             "attackers.jbda_sybils.accounts=100", "attackers.adaptive.budget=200", "attackers.adaptive.accounts=20",
-             "detectors.link.every=200",
-             *(f"attackers.{a}.actors=2" for a in ("knockoff_sybils", "jbda_sybils", "adaptive")),
+             "benign.users=1", "benign.accounts=2", "attackers.single.budget=96",
+             "attackers.knockoff_sybils.budget=300", "attackers.knockoff_sybils.accounts=100",
+             "attackers.jbda_sybils.budget=300", "attackers.jbda_sybils.accounts=100",
+             "attackers.jbda_sybils.jacobian.substitute_epochs=2", "attackers.adaptive.budget=200",
+             "attackers.adaptive.accounts=20", "detectors.link.every=200", "attackers.knockoff_sybils.actors=2",
+             *(f"attackers.{a}.actors=1" for a in ("jbda_sybils", "adaptive")),
              *(f"attackers.{a}.replica.epochs=1" for a in ("single", "knockoff_sybils", "jbda_sybils", "adaptive"))]
     s = sim.run("crowd", small, quiet=True)
     assert s.queries.logged == s.queries.total == 96 + 300 + 300 + 200 + 2 * 30

@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+import compileall  # noqa: E402
 import importlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -10,7 +11,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "mypkg"
+ROOT = Path(__file__).resolve().parents[1]
+# The project's bytecode, compiled once for the hundreds of processes the tests start (Ray's workers, the CLI's runs):
+# where PYTHONDONTWRITEBYTECODE is set (this machine sets it), each would compile every module it imports again
+for package in ("sim", "actors", "analysis"):
+    compileall.compile_dir(ROOT / package, quiet=1)
+
+EXAMPLE = ROOT / "docs" / "examples" / "mypkg"
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import socket
+import time
 
 import torch
 from ray import serve
@@ -218,13 +219,27 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
 
 
 def delete(spec: VictimSpec, app_name: str) -> dict | None:
-    """Delete the victim app and its detection tier; returns what the tier's shards held and did (None: no
-    tier, or it could not be read)."""
+    """Delete the victim app and its detection tier, once its replicas have stopped (and closed their logs); returns
+    what the tier's shards held and did (None: no tier, or it could not be read)."""
     tier = tier_actors.stats(spec, app_name)
-    serve.delete(app_name)
+    serve.delete(app_name, _blocking=False)
+    _wait_until_deleted(app_name)
     tier_actors.stop(app_name)
     _OPTIONS.pop(app_name, None)
     return tier
+
+
+DELETE_POLL_S = 0.1
+
+
+def _wait_until_deleted(app_name: str, timeout_s: float = 60.0) -> None:
+    """Until the app is gone, looking every ``DELETE_POLL_S``: serve.delete's own wait looks once a second, which
+    cost every run half a second on average (a TimeoutError, as serve.delete's, after ``timeout_s``)."""
+    start = time.monotonic()
+    while app_name in serve.status().applications:
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"Application {app_name} was not deleted after {timeout_s:g}s.")
+        time.sleep(DELETE_POLL_S)
 
 
 def update_defense(spec: VictimSpec, app_name: str, defense: dict, **options) -> VictimSpec:

@@ -27,7 +27,13 @@ def _sweep(*args, **kwargs):
                             text=True, **kwargs)
 
 
-def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir, tmp_path):
+def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(ray_serve, cache_dir, tmp_path, capsys):
+    """Started with the CLI in a process (and a Ray) of its own and stopped there with SIGTERM once a trial has
+    finished; resumed with the CLI's own entry point in this process, on the session's Ray (a Ray, a Serve and the
+    imports fewer: half a minute here)."""
+    from analysis.__main__ import main as analysis_main
+    from sim.cli import main
+
     sweep_dir = tmp_path / "sweep"
     args = [*TINY, f"cache_dir={cache_dir}", f"sweep.dir={sweep_dir}", "ray.num_cpus=2"]
     proc = _sweep(*args, env=env_without_ray_address())
@@ -61,10 +67,9 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert any(s["status"] == "unfinished" for s in state["trials"].values()) or len(state["trials"]) < 3
 
-    resumed = _sweep("sweep=mad_eps", f"sweep.dir={sweep_dir}", "resume=true", env=env_without_ray_address())
-    out, err = resumed.communicate(timeout=500)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "3 trials, 3 done" in out
+    capsys.readouterr()
+    assert main(["sweep=mad_eps", f"sweep.dir={sweep_dir}", "resume=true"]) == 0, capsys.readouterr().err[-3000:]
+    assert "3 trials, 3 done" in capsys.readouterr().out
     # the finished trial was not run again: same run, same summary
     assert json.loads((sweep_dir / "runs" / first / "summary.json").read_text()) == before
     table = pq.read_table(sweep_dir / "results.parquet").to_pylist()
@@ -90,11 +95,9 @@ def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(cache_dir,
     assert [p["replica_epoch"] for p in progress] == [1, 2]
     assert progress[-1]["run_dir"].endswith(first)
 
-    analysed = subprocess.run([sys.executable, "-m", "analysis", str(sweep_dir)], capture_output=True, text=True,
-                              timeout=300)
-    assert analysed.returncode == 0, analysed.stderr[-2000:]
-    assert "3 trials" in analysed.stdout and all((sweep_dir / "runs" / r["trial_id"] / "report.md").exists()
-                                                 for r in table)
+    assert analysis_main([str(sweep_dir)]) == 0
+    assert "3 trials" in capsys.readouterr().out and all((sweep_dir / "runs" / r["trial_id"] / "report.md").exists()
+                                                         for r in table)
 
 
 def test_asha_stops_the_weakest_defense_early(ray_serve, cache_dir, tmp_path):

@@ -91,6 +91,21 @@ class ProgressBoard:
 
 
 @ray.remote(num_cpus=0.5)
+def warm_up_replica_worker() -> None:
+    """Imports what :func:`train_replica_task` imports and takes one optimizer step (torch loads its compiler stack
+    on a process's first step): run while the victim deploys and the clients query, it leaves an idle worker that Ray
+    hands the replica tasks later, so that they start training at once instead of spending seconds of CPU first."""
+    import torch
+
+    from . import replica  # noqa: F401
+
+    weight = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.sum().backward()
+    optimizer.step()
+
+
+@ray.remote(num_cpus=0.5)
 def train_replica_task(job: dict, eval_set: tuple, board=None, clean: dict | None = None, *parts) -> dict:
     """:func:`actors.replica.train_replica` on the transfer sets ``parts`` ((images, returned probabilities) of
     each actor), or, with ``job["on_clean"]``, on the victim's clean answers to the same images (``clean``: the

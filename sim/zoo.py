@@ -186,7 +186,7 @@ def _cached(path: Path, model: nn.Module, train, threads: int) -> tuple[dict, bo
             return ckpt, False
         with training_threads(threads):
             fields = train(model)
-        tmp = path.with_suffix(".tmp")
+        tmp = _scratch(path)
         torch.save({"state_dict": model.state_dict(), **fields}, tmp)
         tmp.replace(path)
         return fields, True
@@ -231,6 +231,12 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
     return Victim(model, cfg.arch, ds, float(fields["test_accuracy"]), path, now,
                   float(fields.get("train_seconds", 0.0)), cfg.training,
                   None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
+
+
+def _scratch(path: Path) -> Path:
+    """Where a cache entry is written before it is renamed into place: this process's own file, so that runs
+    filling the same cache at once (concurrent runs, a sweep's trials) never write into one another's."""
+    return path.with_suffix(f".{os.getpid()}.tmp")
 
 
 def load_data(cfg: VictimConfig, data_cfg: DataConfig) -> data.Dataset:
@@ -358,7 +364,7 @@ def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_
                 int8 = quantize.convert(quantize.freeze(twin))
             fields = {"config": cfg.model_dump(), "seed": seed, "train_seconds": time.perf_counter() - start,
                       "test_accuracy": accuracy(predict_probs(int8, ds.x_test).argmax(1), ds.y_test)}
-            tmp = path.with_suffix(".tmp")
+            tmp = _scratch(path)
             with quantize.quiet():
                 torch.save({"int8": int8.state_dict(), "twin": twin.state_dict(), **fields}, tmp)
             tmp.replace(path)
@@ -430,7 +436,7 @@ class ModelContext:
                 return path.read_bytes()
             with training_threads(train_threads(self.victim_config)):
                 blob = make()
-            tmp = path.with_suffix(".tmp")
+            tmp = _scratch(path)
             tmp.write_bytes(blob)
             tmp.replace(path)
             return blob

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -80,35 +81,48 @@ def _check_interrupted(run_dir, phase: str) -> "querylog.pa.Table":
     return rows
 
 
-def test_a_second_ctrl_c_stops_the_run_at_once(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory, cache_dir) -> dict:
+    """The three runs below, each in a process (and a Ray) of its own, started at once and signalled as each test
+    says: each spends most of its time starting Ray and Serve, much of it waiting, so together they take not much
+    longer than one. Name -> (run directory, exit status, seconds from the signal to the exit, output, writers)."""
+    root = tmp_path_factory.mktemp("signalled")
+    runs = {  # name: (extra arguments, marker, how the signal goes)
+        # twice right after Serve started (the second lands in the cleanup, which it cuts short)
+        "twice": ([], "Started Serve", {"twice": True}),
+        "term": ([], "training replicas", {"term": "process"}),
+        # a rate limit keeps the queries going for seconds (unpaced, 480 can be done between two progress updates),
+        # and the signal goes once the bar shows 1 to 99%
+        "group": (["serve.rate=40"], r"querying: +[1-9]\d?%", {"term": "group"}),
+    }
+    writers = {"log": str(root / "group" / "queries")}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {name: pool.submit(_interrupt, [*RUN, f"run_dir={root / name}", f"cache_dir={cache_dir}", *extra],
+                                     marker, **how, **({"writers": writers} if name == "group" else {}))
+                   for name, (extra, marker, how) in runs.items()}
+        return {name: (root / name, *future.result(), writers) for name, future in futures.items()}
+
+
+def test_a_second_ctrl_c_stops_the_run_at_once(signalled):
     """The signal itself, in a process of its own: twice right after Serve started (the second lands in the cleanup,
     which it cuts short)."""
-    twice_dir = tmp_path / "twice"
-    status, seconds, out = _interrupt([*RUN, f"run_dir={twice_dir}", f"cache_dir={cache_dir}"], "Started Serve",
-                                      twice=True)
+    twice_dir, status, seconds, out, _ = signalled["twice"]
     assert status == 130 and seconds < 15 and "stopped at once" in out, out[-2000:]  # not waiting for the cleanup
     querylog.read(str(twice_dir / "queries"))  # the log as it was left: readable
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, cache_dir):
+def test_sigterm_stops_a_run_as_ctrl_c_does(signalled):
     """Ray's driver would exit at once on SIGTERM; the run cleans up instead and says where it stopped."""
-    run_dir = tmp_path / "term"
-    status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}"], "training replicas",
-                                      term="process")
+    run_dir, status, seconds, out, _ = signalled["term"]
     assert status == 130 and "interrupted during replica training" in out and "SIGTERM received" not in out, out[-2000:]
     assert _check_interrupted(run_dir, "replica training").num_rows == 400 + 2 * 40
 
 
-def test_sigterm_to_the_whole_process_group_stops_ray_too_and_the_run_still_keeps_its_log(tmp_path, cache_dir):
+def test_sigterm_to_the_whole_process_group_stops_ray_too_and_the_run_still_keeps_its_log(signalled):
     """timeout, systemd and batch schedulers signal every process of the job: Ray's own (which Ray shields from
     SIGINT only) stop at once, so the run cleans up what needs no Ray: it compacts the streams the replicas wrote
     and marks its summary, in seconds (not after Ray's minute of trying to reach its GCS)."""
-    run_dir = tmp_path / "group"
-    # a rate limit keeps the queries going for seconds (unpaced, 480 can be done between two progress updates),
-    # and the signal goes once the bar shows 1 to 99%
-    writers = {"log": str(run_dir / "queries")}
-    status, seconds, out = _interrupt([*RUN, f"run_dir={run_dir}", f"cache_dir={cache_dir}", "serve.rate=40"],
-                                      r"querying: +[1-9]\d?%", term="group", writers=writers)
+    run_dir, status, seconds, out, writers = signalled["group"]
     assert status == 130 and "interrupted during querying" in out and seconds < 30, out[-2000:]
     # the Serve replica, in a process group of its own, outlived Ray's processes: it was stopped before the log was
     # compacted, not left answering and writing rows into a stream the compaction had deleted

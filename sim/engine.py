@@ -766,8 +766,8 @@ def _rebuild_from_log(plan: Plan, died: dict[str, str], log_dir: str, input_shap
 
 
 def _warm_up_replica_worker(cfg: ScenarioConfig) -> None:
-    """A worker for the replica tasks, readied while the victim deploys and the clients query (on two cores here:
-    a replica phase of 7-9 s became under 1 s in a small run); nothing waits for it."""
+    """A worker for the replica tasks, readied while the victim deploys and the clients query (a fresh worker
+    spends seconds of CPU importing torch before it trains); nothing waits for it."""
     from actors.remote import warm_up_replica_worker
 
     warm_up_replica_worker.options(scheduling_strategy="DEFAULT", runtime_env=plugin_env(cfg) or None).remote()

@@ -88,19 +88,18 @@ def signalled(tmp_path_factory, cache_dir) -> dict:
     longer than one. Name -> (run directory, exit status, seconds from the signal to the exit, output, writers)."""
     root = tmp_path_factory.mktemp("signalled")
     runs = {  # name: (extra arguments, marker, how the signal goes)
-        # twice right after Serve started (the second lands in the cleanup, which it cuts short)
         "twice": ([], "Started Serve", {"twice": True}),
         "term": ([], "training replicas", {"term": "process"}),
         # a rate limit keeps the queries going for seconds (unpaced, 480 can be done between two progress updates),
         # and the signal goes once the bar shows 1 to 99%
-        "group": (["serve.rate=40"], r"querying: +[1-9]\d?%", {"term": "group"}),
+        "group": (["serve.rate=40"], r"querying: +[1-9]\d?%",
+                  {"term": "group", "writers": {"log": str(root / "group" / "queries")}}),
     }
-    writers = {"log": str(root / "group" / "queries")}
     with ThreadPoolExecutor(len(runs)) as pool:
-        futures = {name: pool.submit(_interrupt, [*RUN, f"run_dir={root / name}", f"cache_dir={cache_dir}", *extra],
-                                     marker, **how, **({"writers": writers} if name == "group" else {}))
+        futures = {name: (pool.submit(_interrupt, [*RUN, f"run_dir={root / name}", f"cache_dir={cache_dir}", *extra],
+                                      marker, **how), how.get("writers"))
                    for name, (extra, marker, how) in runs.items()}
-        return {name: (root / name, *future.result(), writers) for name, future in futures.items()}
+        return {name: (root / name, *future.result(), writers) for name, (future, writers) in futures.items()}
 
 
 def test_a_second_ctrl_c_stops_the_run_at_once(signalled):

@@ -29,8 +29,8 @@ def _sweep(*args, **kwargs):
 
 def test_tiny_sweep_interrupted_then_resumed_redoes_no_finished_trial(ray_serve, cache_dir, tmp_path, capsys):
     """Started with the CLI in a process (and a Ray) of its own and stopped there with SIGTERM once a trial has
-    finished; resumed with the CLI's own entry point in this process, on the session's Ray (a Ray, a Serve and the
-    imports fewer: half a minute here)."""
+    finished; resumed with the CLI's own entry point in this process, on the session's Ray (a Ray, a Serve and a set of
+    imports fewer)."""
     from analysis.__main__ import main as analysis_main
     from sim.cli import main
 

@@ -219,14 +219,20 @@ def deploy(spec: VictimSpec, app_name: str, *, replicas: int = 1, replica_cpus: 
 
 
 def delete(spec: VictimSpec, app_name: str) -> dict | None:
-    """Delete the victim app and its detection tier, once its replicas have stopped (and closed their logs); returns
-    what the tier's shards held and did (None: no tier, or it could not be read)."""
+    """Delete the victim app and its detection tier (:func:`remove`); returns what the tier's shards held and did
+    (None: no tier, or it could not be read)."""
     tier = tier_actors.stats(spec, app_name)
+    remove(app_name)
+    return tier
+
+
+def remove(app_name: str) -> None:
+    """Delete an app, once its replicas have stopped (and closed their logs), and its detection tier; an app or a
+    tier that is gone already is no error."""
     serve.delete(app_name, _blocking=False)
     _wait_until_deleted(app_name)
     tier_actors.stop(app_name)
     _OPTIONS.pop(app_name, None)
-    return tier
 
 
 DELETE_POLL_S = 0.1

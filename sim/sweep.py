@@ -549,14 +549,10 @@ def _execute(cfg: SweepConfig, base: config_mod.ScenarioConfig, sweep_dir: str, 
         grid = tuner.fit()
         trials = tune.ExperimentAnalysis(tune_dir).trials
         # after Ctrl-C, Tune kills the trials still running after 10 s, before they delete their Serve apps
-        from ray import serve
-
-        from . import tier_actors
+        from .serving import remove
 
         for app in {f"{base.victim.name}-{t.trial_id}" for t in trials}:
-            if app in serve.status().applications:
-                serve.delete(app)
-            tier_actors.stop(app)
+            remove(app)
     seconds = time.perf_counter() - started
     errors = {os.path.basename(str(r.path)): r.error for r in grid if r.error}
     statuses = {}

@@ -63,11 +63,12 @@ def gradient_angles(model: nn.Module, x: np.ndarray, returned: np.ndarray, clean
     dev = device_of(model)
     out = []
     for i in range(len(x)):
-        grads = []
+        logits, grads = model(to_float(x[i:i + 1]).to(dev)), []  # one forward pass for both targets
         for target in (returned[i:i + 1], clean[i:i + 1]):
             t = torch.as_tensor(target).to(dev)
-            loss = F.cross_entropy(model(to_float(x[i:i + 1]).to(dev)), t.long() if t.ndim == 1 else t.float())
-            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+            loss = F.cross_entropy(logits, t.long() if t.ndim == 1 else t.float())
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+                         .double())
         a, b = grads
         cos = (a @ b) / (a.norm() * b.norm()).clamp_min(1e-300)
         out.append(float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))))

@@ -624,7 +624,37 @@ def cpu_table(rows: list[dict]) -> list[str]:
         cpu = r["cpu_us_per_image"]
         cells = [f"{cpu.get(g, 0.0):,.0f}" for g in groups] + [f"{sum(cpu.values()):,.0f}"]
         lines.append(f"| {_configuration(r)} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + [""] + _fixed_and_own(rows)
+
+
+SERVICE = ("replicas", "shards", "linkers")  # the service's own processes; the rest is its load and Ray's
+
+
+def _fixed_and_own(rows: list[dict]) -> list[str]:
+    """What the CPU table says of PRADA's cost (log on, one account per client, PRADA off and on): the cores the
+    clients and Ray's own processes kept busy, per second, and the ratio the service's own CPU per image predicts."""
+    off, on = (next((r for r in rows if r["log"] and r["prada"] is prada and r.get("accounts", 1) == 1
+                     and "images_per_s" in r), None) for prada in (False, True))
+    if off is None or on is None:
+        return []
+
+    def cores(row, *groups) -> float:  # cores kept busy by these groups while the clients ran
+        return sum(row["cpu_us_per_image"].get(g, 0.0) for g in groups) * row["images_per_s"] / 1e6
+
+    def own(row) -> float:
+        return sum(row["cpu_us_per_image"].get(g, 0.0) for g in SERVICE)
+
+    rest = ("clients", "Ray and the rest")
+    busy = (f"log on, one account per client: {cores(off, *rest):.2f} cores with PRADA off, {cores(on, *rest):.2f} "
+            f"with it on; the clients alone {cores(off, 'clients'):.2f} and {cores(on, 'clients'):.2f}")
+    if abs(cores(on, *rest) - cores(off, *rest)) > 0.15 * cores(off, *rest):
+        return [f"The clients and Ray's own processes kept different shares of the cores busy with PRADA off and on "
+                f"({busy}), so PRADA's ratio is not the service's own CPU alone.", ""]
+    return [f"The clients and Ray's own processes kept about the same share of the cores busy whatever was served "
+            f"({busy}): their CPU per image grows as the images per second fall, and is not what PRADA costs. With "
+            f"it fixed, PRADA's ratio is the service's own CPU per image (replicas, shards) without PRADA over that "
+            f"with it: {own(off):,.0f} ÷ {own(on):,.0f} = **{own(off) / own(on):.2f}**, beside the ratio measured "
+            f"in the same rounds above. To raise it is to cut what the replicas and the shards spend per image.", ""]
 
 
 def table(result: dict) -> str:

@@ -41,6 +41,21 @@ def test_the_cpu_table_totals_each_configuration(serving):
     assert serving.cpu_table([{"log": True, "prada": False}]) == []  # results from before the table existed
 
 
+def test_the_cpu_table_says_what_ratio_the_services_own_cpu_predicts(serving):
+    """With the clients and Ray keeping the same cores busy per second, throughput is (cores - that) / the service's
+    CPU per image, so PRADA's ratio is the replicas' and shards' CPU per image off over on."""
+    def row(prada, rate, cpu):
+        return {"log": True, "prada": prada, "accounts": 1, "images_per_s": rate, "cpu_us_per_image": cpu}
+    off = row(False, 8000.0, {"replicas": 200.0, "clients": 40.0, "Ray and the rest": 10.0})  # 0.4 cores beside
+    on = row(True, 5000.0, {"replicas": 250.0, "shards": 70.0, "clients": 64.0, "Ray and the rest": 16.0})  # 0.4
+    text = " ".join(serving.cpu_table([off, on]))
+    assert "0.40 cores with PRADA off, 0.40 with it on; the clients alone 0.32 and 0.32" in text
+    assert "200 ÷ 320 = **0.62**" in text
+    on["images_per_s"] = 2500.0  # the clients' and Ray's CPU halved: not fixed, no prediction
+    text = " ".join(serving.cpu_table([off, on]))
+    assert "kept different shares of the cores busy" in text and "÷" not in text
+
+
 def test_the_pipeline_report_says_how_long_the_histories_were(serving):
     """PRADA's test runs once an account holds min_pool distances, so the report gives each PRADA row's queries per
     account in a window: images/s x seconds / (clients x accounts per client)."""

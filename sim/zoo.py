@@ -186,9 +186,7 @@ def _cached(path: Path, model: nn.Module, train, threads: int) -> tuple[dict, bo
             return ckpt, False
         with training_threads(threads):
             fields = train(model)
-        tmp = _scratch(path)
-        torch.save({"state_dict": model.state_dict(), **fields}, tmp)
-        tmp.replace(path)
+        _store(path, lambda tmp: torch.save({"state_dict": model.state_dict(), **fields}, tmp))
         return fields, True
 
 
@@ -233,10 +231,13 @@ def get_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_dir: st
                   None if fields.get("dp_epsilon") is None else float(fields["dp_epsilon"]))
 
 
-def _scratch(path: Path) -> Path:
-    """Where a cache entry is written before it is renamed into place: this process's own file, so that runs
-    filling the same cache at once (concurrent runs, a sweep's trials) never write into one another's."""
-    return path.with_suffix(f".{os.getpid()}.tmp")
+def _store(path: Path, write) -> None:
+    """A cache entry, written by ``write(file)`` into a file of this process's own and then renamed into place: a
+    reader never sees it half written, and runs filling the same cache at once (concurrent runs, a sweep's trials)
+    never write into one another's file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def load_data(cfg: VictimConfig, data_cfg: DataConfig) -> data.Dataset:
@@ -364,10 +365,9 @@ def _quantized_victim(cfg: VictimConfig, data_cfg: DataConfig, seed: int, cache_
                 int8 = quantize.convert(quantize.freeze(twin))
             fields = {"config": cfg.model_dump(), "seed": seed, "train_seconds": time.perf_counter() - start,
                       "test_accuracy": accuracy(predict_probs(int8, ds.x_test).argmax(1), ds.y_test)}
-            tmp = _scratch(path)
             with quantize.quiet():
-                torch.save({"int8": int8.state_dict(), "twin": twin.state_dict(), **fields}, tmp)
-            tmp.replace(path)
+                _store(path, lambda tmp: torch.save({"int8": int8.state_dict(), "twin": twin.state_dict(), **fields},
+                                                    tmp))
             now = True
     return Victim(int8, cfg.arch, ds, float(fields["test_accuracy"]), path, now or base.trained_now,
                   float(fields["train_seconds"]) + base.train_seconds, cfg.training, base.dp_epsilon,
@@ -436,7 +436,5 @@ class ModelContext:
                 return path.read_bytes()
             with training_threads(train_threads(self.victim_config)):
                 blob = make()
-            tmp = _scratch(path)
-            tmp.write_bytes(blob)
-            tmp.replace(path)
+            _store(path, lambda tmp: tmp.write_bytes(blob))
             return blob
